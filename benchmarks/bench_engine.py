@@ -1,0 +1,104 @@
+"""Engine overhead on a CIFAR-style ResNet56, batch 128, 32x32x3, as ratios measured in one run.
+
+    python benchmarks/bench_engine.py [--rounds 9] [--json out.json]
+
+Prints, as medians over alternating rounds (the CPU's speed drifts, so every variant is timed next to its
+baseline in the same round):
+- fault-free quantized forward / float forward           (target <= 1.10)
+- BER 1e-5 activation-fault forward / float forward      (target <= 1.10)
+The fault forward includes drawing the trial's faults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from pytest_hwfault import FaultModel, quantize
+from pytest_hwfault.cifar_resnet import resnet56
+from pytest_hwfault.faults import sample_pattern, trial_generator
+
+
+def _time(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--ber", type=float, default=1e-5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", help="save the results to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    model = resnet56().eval()
+    x = torch.randn(args.batch, 3, 32, 32)
+    qmodel = quantize(model, x)
+    fault_model = FaultModel("act", args.ber)
+    targets = qmodel.targets(fault_model.site)
+    trial = iter(range(10**9))
+
+    def float_forward() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    def quantized_forward() -> None:
+        qmodel(x)
+
+    flips: list[int] = []
+
+    def faulty_forward() -> None:
+        pattern = sample_pattern(fault_model, targets, len(x), trial_generator(0, "bench", next(trial)))
+        flips.append(len(pattern))
+        qmodel(x, pattern)
+
+    variants = {"float": float_forward, "quantized": quantized_forward, "act_faults": faulty_forward}
+    for fn in variants.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            times[name].append(_time(fn))
+    ratios = {
+        "quantized_vs_float": statistics.median(q / f for q, f in zip(times["quantized"], times["float"])),
+        "act_ber_vs_float": statistics.median(a / f for a, f in zip(times["act_faults"], times["float"])),
+    }
+    result = {
+        "benchmark": "engine",
+        "model": "resnet56",
+        "batch": args.batch,
+        "ber": args.ber,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "median_seconds": {k: statistics.median(v) for k, v in times.items()},
+        "ratios": ratios,
+        "mean_flips_per_batch": statistics.mean(flips),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
+    med = result["median_seconds"]
+    print(f"ResNet56, batch {args.batch}, {args.threads} threads, {args.rounds} alternating rounds (median)")
+    print(f"  float forward            {med['float'] * 1e3:8.1f} ms  ({args.batch / med['float']:.0f} img/s)")
+    print(f"  quantized forward        {med['quantized'] * 1e3:8.1f} ms  ratio {ratios['quantized_vs_float']:.3f}x")
+    print(f"  act faults, BER {args.ber:g}  {med['act_faults'] * 1e3:8.1f} ms  ratio {ratios['act_ber_vs_float']:.3f}x"
+          f"  ({result['mean_flips_per_batch']:.0f} flips/batch)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""pytest-hwfault: gate quantized neural networks on their accuracy under hardware bit flips."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Fault",
+    "FaultModel",
+    "FaultPattern",
+    "Kind",
+    "QuantizedModel",
+    "Site",
+    "accuracy",
+    "quantize",
+]
+
+if TYPE_CHECKING:
+    from .bits import Kind
+    from .evaluate import accuracy
+    from .faults import Fault, FaultModel, FaultPattern, Site
+    from .quantize import QuantizedModel, quantize
+
+_LAZY = {
+    "Kind": "bits",
+    "accuracy": "evaluate",
+    "Fault": "faults",
+    "FaultModel": "faults",
+    "FaultPattern": "faults",
+    "Site": "faults",
+    "QuantizedModel": "quantize",
+    "quantize": "quantize",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import torch-heavy parts on first use, so that loading the plugin stays cheap."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pytest_hwfault' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,307 @@
+"""Fault models and fault patterns: what goes wrong, as plain data.
+
+A `FaultPattern` is the one language of the project: sampling produces it, the injector consumes it, a campaign
+exports it, the hypothesis search shrinks it, and a user pastes it into a test to replay a failure. It lists
+single-bit faults on integer codes; a `FaultModel` (a bit error rate at one site) is a recipe for drawing one.
+
+Sampling never builds a mask of every bit: per target it draws the number of faulty bits from
+Binomial(n_bits, ber) and then that many distinct bit positions, so the cost grows with the number of faults.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from .bits import KIND_CODES, KINDS_BY_CODE, Kind, check_width
+
+ACC_BITS = 32
+
+
+class Site(str, Enum):
+    """Where in the accelerator a fault strikes."""
+
+    ACT = "act"  # output codes of a quantized layer, per image
+    WEIGHT = "weight"  # weight codes, shared by every image of a trial
+    ACC = "acc"  # int32 accumulator of a conv/linear before requantization, per image
+    INPUT = "input"  # input codes of a quantized layer, per image
+
+    @property
+    def transient(self) -> bool:
+        return self is not Site.WEIGHT
+
+
+def parse_site(value: object, argument: str = "site") -> Site:
+    try:
+        return Site(value)
+    except ValueError:
+        allowed = ", ".join(repr(s.value) for s in Site)
+        raise ValueError(f"{argument}={value!r} is not a fault site; allowed: {allowed}") from None
+
+
+def parse_kind(value: object, argument: str = "kind") -> Kind:
+    try:
+        return Kind(value)
+    except ValueError:
+        allowed = ", ".join(repr(k.value) for k in Kind)
+        raise ValueError(f"{argument}={value!r} is not a fault kind; allowed: {allowed}") from None
+
+
+LayerSelector = str | type
+
+
+@dataclass(frozen=True)
+class FaultTarget:
+    """One place faults can land: a site of one layer, with its number of codes and their width."""
+
+    site: Site
+    layer: str
+    numel: int  # codes per image at transient sites; codes in the weight tensor at the weight site
+    bits: int
+
+
+@dataclass(frozen=True)
+class FaultModel:
+    """Independent bit faults at rate `ber` on every selected code bit of one site."""
+
+    site: Site
+    ber: float
+    kind: Kind = Kind.FLIP
+    bit_positions: tuple[int, ...] | None = None  # None: every bit of the code
+    layers: tuple[LayerSelector, ...] | None = None  # None: every quantized layer
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "site", parse_site(self.site))
+        object.__setattr__(self, "kind", parse_kind(self.kind))
+        if isinstance(self.ber, bool) or not isinstance(self.ber, (int, float)) or not 0.0 <= self.ber <= 1.0:
+            raise ValueError(f"ber={self.ber!r} must be a number in [0, 1]")
+        object.__setattr__(self, "ber", float(self.ber))
+        if self.bit_positions is not None:
+            positions = tuple(self.bit_positions)
+            if not positions or any(
+                isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < ACC_BITS for b in positions
+            ):
+                raise ValueError(
+                    f"bit_positions={self.bit_positions!r} must be a non-empty list of bit indices in [0, {ACC_BITS})"
+                )
+            if len(set(positions)) != len(positions):
+                raise ValueError(f"bit_positions={self.bit_positions!r} repeats a bit")
+            object.__setattr__(self, "bit_positions", tuple(sorted(positions)))
+        if self.layers is not None:
+            layers = (self.layers,) if isinstance(self.layers, (str, type)) else tuple(self.layers)
+            object.__setattr__(self, "layers", layers)
+
+    def positions_for(self, target: FaultTarget) -> tuple[int, ...]:
+        if self.bit_positions is None:
+            return tuple(range(target.bits))
+        too_high = [b for b in self.bit_positions if b >= target.bits]
+        if too_high:
+            raise ValueError(
+                f"bit_positions {too_high} do not exist in the {target.bits}-bit {target.site.value} codes of layer "
+                f"{target.layer!r}; allowed: 0..{target.bits - 1}"
+            )
+        return self.bit_positions
+
+    def describe(self) -> str:
+        bits = "all bits" if self.bit_positions is None else f"bits {list(self.bit_positions)}"
+        return f"{self.kind.value} at site={self.site.value}, ber={self.ber:g}, {bits}"
+
+
+def select_layers(names: Sequence[str], types: Sequence[type], selectors: Iterable[LayerSelector] | None) -> list[str]:
+    """Names (in execution order) matching any glob or module type; every selector must match something."""
+    if selectors is None:
+        return list(names)
+    chosen: set[str] = set()
+    for selector in selectors:
+        if isinstance(selector, str):
+            hits = {n for n in names if fnmatch.fnmatchcase(n, selector)}
+        elif isinstance(selector, type):
+            hits = {n for n, t in zip(names, types) if issubclass(t, selector)}
+        else:
+            raise TypeError(f"layers entries must be glob strings or module types, got {selector!r}")
+        if not hits:
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            raise ValueError(f"layers selector {selector!r} matched no quantized layer; layers are: {shown}")
+        chosen |= hits
+    return [n for n in names if n in chosen]
+
+
+@dataclass(frozen=True, order=True)
+class Fault:
+    """One single-bit fault. `index` is the flat index of the code within one image's tensor (transient sites) or
+    within the weight tensor; `image` is the image's position in the evaluated data (None for weights)."""
+
+    site: str
+    layer: str
+    index: int
+    bit: int
+    kind: str = "flip"
+    image: int | None = None
+
+    def __repr__(self) -> str:
+        image = "" if self.image is None else f", image={self.image}"
+        return f"Fault({self.site!r}, {self.layer!r}, {self.index}, {self.bit}, {self.kind!r}{image})"
+
+
+@dataclass
+class LayerFaults:
+    """The faults of one (site, layer) as parallel int64 tensors, sorted by image (stable)."""
+
+    image: torch.Tensor
+    index: torch.Tensor
+    bit: torch.Tensor
+    kind: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.index.numel())
+
+    def for_images(self, start: int, stop: int) -> LayerFaults | None:
+        """The faults of images [start, stop), with images renumbered from 0; None when there are none."""
+        lo = int(torch.searchsorted(self.image, start, side="left"))
+        hi = int(torch.searchsorted(self.image, stop, side="left"))
+        if lo == hi:
+            return None
+        return LayerFaults(self.image[lo:hi] - start, self.index[lo:hi], self.bit[lo:hi], self.kind[lo:hi])
+
+    def to(self, device: torch.device | str) -> LayerFaults:
+        return LayerFaults(*(t.to(device) for t in (self.image, self.index, self.bit, self.kind)))
+
+
+def _layer_faults(image: torch.Tensor, index: torch.Tensor, bit: torch.Tensor, kind: torch.Tensor) -> LayerFaults:
+    order = torch.sort(image, stable=True).indices
+    return LayerFaults(image[order], index[order], bit[order], kind[order])
+
+
+@dataclass
+class FaultPattern:
+    """An exact, replayable set of faults, grouped by (site, layer)."""
+
+    groups: dict[tuple[Site, str], LayerFaults] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+    def __bool__(self) -> bool:
+        return len(self) > 0
+
+    @classmethod
+    def from_faults(cls, faults: Iterable[Fault | tuple]) -> FaultPattern:
+        """Build a pattern from `Fault`s or (site, layer, index, bit, kind[, image]) tuples, in the order given:
+        several faults on one code are applied in that order."""
+        rows: dict[tuple[Site, str], list[tuple[int, int, int, int]]] = {}
+        for item in faults:
+            fault = item if isinstance(item, Fault) else Fault(*item)
+            site = parse_site(fault.site)
+            kind = parse_kind(fault.kind)
+            if site.transient and fault.image is None:
+                raise ValueError(f"{fault!r}: a fault at transient site {site.value!r} needs an image")
+            if not site.transient and fault.image is not None:
+                raise ValueError(f"{fault!r}: weight faults are shared by every image; give no image")
+            if fault.index < 0 or fault.bit < 0 or (fault.image is not None and fault.image < 0):
+                raise ValueError(f"{fault!r}: index, bit and image must be non-negative")
+            rows.setdefault((site, fault.layer), []).append(
+                (-1 if fault.image is None else fault.image, fault.index, fault.bit, KIND_CODES[kind])
+            )
+        groups = {}
+        for key, values in rows.items():
+            t = torch.tensor(values, dtype=torch.int64).reshape(-1, 4)
+            groups[key] = _layer_faults(t[:, 0], t[:, 1], t[:, 2], t[:, 3])
+        return cls(groups)
+
+    def faults(self) -> Iterator[Fault]:
+        for (site, layer), g in self.groups.items():
+            for image, index, bit, kind in zip(g.image.tolist(), g.index.tolist(), g.bit.tolist(), g.kind.tolist()):
+                yield Fault(site.value, layer, index, bit, KINDS_BY_CODE[kind].value, None if image < 0 else image)
+
+    def to_list(self) -> list[Fault]:
+        return list(self.faults())
+
+    def to_json(self) -> list[list]:
+        return [[f.site, f.layer, f.index, f.bit, f.kind, f.image] for f in self.faults()]
+
+    @classmethod
+    def from_json(cls, rows: Iterable[Sequence]) -> FaultPattern:
+        return cls.from_faults(Fault(*row) for row in rows)
+
+    def images_with_faults(self) -> torch.Tensor:
+        """Sorted indices of the images that hold at least one transient fault."""
+        parts = [g.image for (site, _), g in self.groups.items() if site.transient]
+        if not parts:
+            return torch.empty(0, dtype=torch.int64)
+        return torch.unique(torch.cat(parts))
+
+    def has_weight_faults(self) -> bool:
+        return any(not site.transient and len(g) for (site, _), g in self.groups.items())
+
+
+def distinct_positions(total: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` distinct integers drawn uniformly from [0, total), at a cost that grows with `count`."""
+    if count > total:
+        raise ValueError(f"cannot draw {count} distinct positions out of {total}")
+    if count == 0:
+        return torch.empty(0, dtype=torch.int64)
+    if count * 4 > total:
+        return torch.randperm(total, generator=generator)[:count]
+    drawn = torch.unique(torch.randint(total, (count,), generator=generator, dtype=torch.int64))
+    while drawn.numel() < count:
+        extra = torch.randint(total, (count - drawn.numel(),), generator=generator, dtype=torch.int64)
+        drawn = torch.unique(torch.cat([drawn, extra]))
+    # unique() sorts; shuffle by a permutation of the k positions so no order is implied (cost O(k)).
+    return drawn[torch.randperm(count, generator=generator)]
+
+
+def binomial_count(n: int, p: float, generator: torch.Generator) -> int:
+    if n == 0 or p == 0.0:
+        return 0
+    if p == 1.0:
+        return n
+    count = torch.binomial(torch.tensor([float(n)], dtype=torch.float64), torch.tensor([p], dtype=torch.float64),
+                           generator=generator)
+    return min(int(count.item()), n)
+
+
+def sample_pattern(
+    model: FaultModel, targets: Sequence[FaultTarget], n_images: int, generator: torch.Generator
+) -> FaultPattern:
+    """Draw one trial's faults for `n_images` images. Pure function of the generator's state and the arguments."""
+    groups: dict[tuple[Site, str], LayerFaults] = {}
+    kind_code = KIND_CODES[model.kind]
+    for target in targets:
+        check_width(target.bits)
+        positions = torch.tensor(model.positions_for(target), dtype=torch.int64)
+        per_image = target.numel * positions.numel()
+        images = n_images if target.site.transient else 1
+        total = per_image * images
+        count = binomial_count(total, model.ber, generator)
+        if count == 0:
+            continue
+        flat = distinct_positions(total, count, generator)
+        image = flat // per_image if target.site.transient else torch.full_like(flat, -1)
+        rest = flat % per_image
+        groups[(target.site, target.layer)] = _layer_faults(
+            image, rest // positions.numel(), positions[rest % positions.numel()], torch.full_like(flat, kind_code)
+        )
+    return FaultPattern(groups)
+
+
+def expected_faults(model: FaultModel, targets: Sequence[FaultTarget], n_images: int) -> float:
+    """Mean number of faulty bits per trial: what a BER means in counts."""
+    total = 0
+    for t in targets:
+        total += t.numel * len(model.positions_for(t)) * (n_images if t.site.transient else 1)
+    return total * model.ber
+
+
+def trial_seed(base_seed: int, campaign_id: str, trial: int) -> int:
+    """Seed of one trial: a hash of (base seed, campaign id, trial index) and nothing else."""
+    digest = hashlib.blake2b(f"{base_seed}\x1f{campaign_id}\x1f{trial}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & ((1 << 63) - 1)
+
+
+def trial_generator(base_seed: int, campaign_id: str, trial: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(trial_seed(base_seed, campaign_id, trial))

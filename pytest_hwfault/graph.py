@@ -1,0 +1,118 @@
+"""What the model's graph tells the quantizer, found by tracing it with torch.fx.
+
+- BatchNorm directly after a conv/linear is folded into it, as an inference accelerator does. Folding changes the
+  weights that get quantized (and so the scales), which is what hardware actually stores.
+- A layer whose input is another quantized layer's output, passed only through ops that keep values on its code
+  grid (ReLU, max-pooling, reshapes), reads those very codes: it shares their scale and needs no requantization.
+
+A model that fx cannot trace keeps its BatchNorm layers in float after the quantized layer and requantizes every
+layer input; `QuantizedModel.bn_kept` and `QuantizedModel.fold_error` say so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[list[tuple[str, str]], list[str], str | None]:
+    """Fold, in place on `model` (a private copy in eval mode), every BN whose only input is a conv/linear output
+    used by nothing else. Returns (folded (layer, bn) pairs, BN modules kept, why tracing failed or None)."""
+    all_bn = [name for name, m in model.named_modules() if isinstance(m, _BN)]
+    if not all_bn:
+        return [], [], None
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # any tracing failure means: keep BN, and say why
+        return [], all_bn, f"{type(exc).__name__}: {exc}".splitlines()[0]
+    modules = dict(model.named_modules())
+    uses: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            uses[node.target] = uses.get(node.target, 0) + 1
+    folded: list[tuple[str, str]] = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _BN):
+            continue
+        producer = node.args[0] if node.args else None
+        if not isinstance(producer, torch.fx.Node) or producer.op != "call_module" or len(producer.users) != 1:
+            continue
+        layer, bn = modules[producer.target], modules[node.target]
+        if uses[producer.target] != 1 or uses[node.target] != 1 or not bn.track_running_stats:
+            continue
+        assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+        if isinstance(layer, _CONV) and layer.weight.shape[0] == bn.num_features:
+            w, b = fuse_conv_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
+                                        bn.weight, bn.bias)
+        elif isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d) and layer.out_features == bn.num_features:
+            w, b = fuse_linear_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
+                                          bn.weight, bn.bias)
+        else:
+            continue
+        layer.weight = nn.Parameter(w.detach(), requires_grad=False)
+        layer.bias = nn.Parameter(b.detach(), requires_grad=False)
+        _set_submodule(model, str(node.target), nn.Identity())
+        folded.append((str(producer.target), str(node.target)))
+    folded_bn = {bn for _, bn in folded}
+    return folded, [name for name in all_bn if name not in folded_bn], None
+
+
+_GRID_MODULES = (nn.ReLU, nn.Identity, nn.Flatten, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+_GRID_FUNCTIONS = {F.relu, torch.relu, torch.relu_, torch.flatten, torch.reshape, F.max_pool1d, F.max_pool2d,
+                   F.max_pool3d}
+_GRID_METHODS = {"relu", "relu_", "view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze"}
+
+
+def _keeps_grid(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Ops whose output values are a subset of their first input's values (or zero), in eval mode."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        return isinstance(module, _GRID_MODULES) and not isinstance(module, nn.ReLU6)
+    if node.op == "call_function":
+        return node.target in _GRID_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _GRID_METHODS
+    return False
+
+
+def input_producers(model: nn.Module, layers: Collection[str]) -> dict[str, str]:
+    """For each of `layers` whose first input is, through grid-keeping ops only, the output of another of
+    `layers`, the name of that producer. Empty when the model cannot be traced."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:
+        return {}
+    modules = dict(model.named_modules())
+    producers: dict[str, str] = {}
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    for node in graph.nodes:
+        if node.op != "call_module" or str(node.target) not in layers or not node.args:
+            continue
+        source = node.args[0]
+        while isinstance(source, torch.fx.Node) and _keeps_grid(source, modules) and source.args:
+            source = source.args[0]
+        if (
+            isinstance(source, torch.fx.Node)
+            and source.op == "call_module"
+            and str(source.target) in layers
+            and calls[str(source.target)] == 1
+            and calls[str(node.target)] == 1
+        ):
+            producers[str(node.target)] = str(source.target)
+    return producers

@@ -1,0 +1,537 @@
+"""Quantize any PyTorch model into a fault-injectable *view*, leaving the user's module untouched.
+
+What is quantized, and where (see also docs/architecture.md):
+
+- The view works on a private deep copy of the model in eval mode; the user's parameters, buffers, hooks and
+  training flag are never touched.
+- BatchNorm that directly follows a conv/linear (found by torch.fx tracing) is folded into it first, as an
+  accelerator does. A model that fx cannot trace keeps its BatchNorm in float after the quantized layer
+  (`QuantizedModel.bn_kept` lists them, `fold_error` says why).
+- Every Conv1d/2d/3d and Linear module becomes a quantized layer:
+  * weights: symmetric signed int-N codes, per output channel or per tensor;
+  * input: the tensor entering the layer is quantized to symmetric signed int-N codes with a calibrated scale
+    (the codes the accelerator reads from its activation buffer: fault site ``input``);
+  * bias: int32 codes at the accumulator scale (weight scale x input scale);
+  * accumulator: the conv/linear result, an int32 code at the accumulator scale (fault site ``acc``);
+  * output: requantized to symmetric signed int-N codes with a calibrated scale, saturating (fault site ``act``).
+- A layer whose input is another quantized layer's output passed only through ReLU, max-pooling or reshapes
+  reads those codes as they are (same scale, no requantization), as an accelerator reads its output buffer.
+- Everything between quantized layers stays as the model wrote it and runs in float on dequantized values: ReLU
+  (module or functional), pooling, residual additions, concatenations, kept BatchNorm. A residual addition
+  therefore sums two dequantized tensors, and the next layer's input quantization re-grids the result.
+- Codes are symmetric with the restricted range [-(2^(N-1)-1), 2^(N-1)-1]; a fault may produce -2^(N-1).
+- Dequantized value == code x scale exactly, in float32.
+- Scales come from calibration over the data given: torch.ao observers (MinMax / PerChannelMinMax) for
+  ``calibration="max"``; the given percentile of |x| for ``calibration="percentile"``, whose clip rate (the share
+  of calibration values beyond the quantization range) is then reported per layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
+
+from .data import iter_batches
+from .faults import ACC_BITS, FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site, select_layers
+from .graph import fold_batchnorm, input_producers
+from .inject import check_bounds, corrupt_codes, inject_transient, output_channel
+
+QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
+ACT_GRANULARITIES = ("per_tensor",)
+CALIBRATIONS = ("max", "percentile")
+MAX_LAYER_BITS = 16
+_PERCENTILE_SAMPLES_PER_BATCH = 1 << 16
+
+
+class NoQuantizableLayerError(ValueError):
+    pass
+
+
+@dataclass
+class QuantLayer:
+    """One quantized conv/linear layer: its codes, scales and shapes."""
+
+    name: str
+    module_type: str
+    module: nn.Module = field(repr=False)
+    bits: int
+    weight_codes: torch.Tensor = field(repr=False)  # int32, the weight's shape
+    weight_scale: torch.Tensor = field(repr=False)  # float32 [out_channels] (all equal when per-tensor)
+    input_scale: float
+    act_scale: float
+    input_shape: tuple[int, ...]  # per image
+    output_shape: tuple[int, ...]  # per image
+    channel_axis: int  # of the per-image output: 0 for conv, -1 for linear
+    input_source: str | None = None  # the quantized layer whose output codes this layer reads directly
+    act_clip_rate: float = 0.0
+    input_clip_rate: float = 0.0
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def acc_scale(self) -> torch.Tensor:
+        return self.weight_scale * self.input_scale
+
+    def numel(self, site: Site) -> int:
+        if site is Site.WEIGHT:
+            return self.weight_codes.numel()
+        shape = self.input_shape if site is Site.INPUT else self.output_shape
+        return math.prod(shape)
+
+    def site_bits(self, site: Site) -> int:
+        return ACC_BITS if site is Site.ACC else self.bits
+
+    def scale_of(self, site: Site) -> float:
+        """A representative scale of one site (max over channels where per-channel)."""
+        if site is Site.ACT:
+            return self.act_scale
+        if site is Site.INPUT:
+            return self.input_scale
+        scale = self.weight_scale if site is Site.WEIGHT else self.acc_scale
+        return float(scale.max())
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.module_type,
+            "bits": self.bits,
+            "weight_scale_max": float(self.weight_scale.max()),
+            "weight_scale_mean": float(self.weight_scale.mean()),
+            "input_scale": self.input_scale,
+            "act_scale": self.act_scale,
+            "act_clip_rate": self.act_clip_rate,
+            "input_clip_rate": self.input_clip_rate,
+            "input_source": self.input_source,
+            "output_shape": list(self.output_shape),
+        }
+
+
+@dataclass
+class _Runtime:
+    """What the hooks of one forward pass read: whether to quantize, and this batch's transient faults."""
+
+    quantize: bool = True
+    batch: dict[tuple[Site, str], LayerFaults] = field(default_factory=dict)
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
+
+
+def _symmetric_scale(absmax: float, qmax: int) -> float:
+    return max(absmax, 1e-12) / qmax
+
+
+class _ActStats:
+    """Calibration statistics of one tensor stream: torch's MinMaxObserver, or a subsample for percentiles."""
+
+    def __init__(self, calibration: str, bits: int) -> None:
+        qmax = (1 << (bits - 1)) - 1
+        self.observer = MinMaxObserver(
+            dtype=torch.qint8 if bits <= 8 else torch.qint32,
+            qscheme=torch.per_tensor_symmetric,
+            quant_min=-qmax,
+            quant_max=qmax,
+        )
+        self.percentile_sample: list[torch.Tensor] | None = [] if calibration == "percentile" else None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        self.observer(x)
+        if self.percentile_sample is not None:
+            flat = x.abs().reshape(-1)
+            stride = max(1, flat.numel() // _PERCENTILE_SAMPLES_PER_BATCH)
+            self.percentile_sample.append(flat[::stride].cpu())
+
+    def scale(self, qmax: int, percentile: float) -> float:
+        if self.percentile_sample is not None:
+            sample = torch.cat(self.percentile_sample).double()
+            absmax = float(torch.quantile(sample, percentile / 100.0)) if sample.numel() < (1 << 24) else float(
+                torch.kthvalue(sample, max(1, int(sample.numel() * percentile / 100.0))).values
+            )
+            return _symmetric_scale(absmax, qmax)
+        return float(self.observer.calculate_qparams()[0])
+
+
+def _weight_codes(weight: torch.Tensor, bits: int, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+    qmax = (1 << (bits - 1)) - 1
+    dtype = torch.qint8 if bits <= 8 else torch.qint32
+    w = weight.detach().float()
+    if granularity == "per_channel":
+        obs: nn.Module = PerChannelMinMaxObserver(
+            ch_axis=0, dtype=dtype, qscheme=torch.per_channel_symmetric, quant_min=-qmax, quant_max=qmax
+        )
+        obs(w)
+        scale = obs.calculate_qparams()[0].float()  # type: ignore[operator]
+    else:
+        obs = MinMaxObserver(dtype=dtype, qscheme=torch.per_tensor_symmetric, quant_min=-qmax, quant_max=qmax)
+        obs(w)
+        scale = obs.calculate_qparams()[0].float().expand(w.shape[0]).clone()  # type: ignore[operator]
+    view = scale.reshape(-1, *([1] * (w.dim() - 1)))
+    codes = torch.clamp(torch.round(w / view), -qmax, qmax).to(torch.int32)
+    return codes, scale
+
+
+def fake_quantize(x: torch.Tensor, scale: float, qmax: int, in_place: bool) -> torch.Tensor:
+    """code x scale with code = clamp(round(x / scale), -qmax, qmax). Four vectorised passes; torch's own
+    fake_quantize_per_tensor_affine is an order of magnitude slower on CPU (it also builds a gradient mask)."""
+    out = x.mul_(1.0 / scale) if in_place else torch.mul(x, 1.0 / scale)
+    return out.round_().clamp_(-qmax, qmax).mul_(scale)
+
+
+def state_checksum(module: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, names and bytes: bit-exact identity of a model's state."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        t = tensor.detach().cpu().contiguous()
+        digest.update(str(t.dtype).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+class QuantizedModel:
+    """A quantized, fault-injectable view of a model. Call it like the model: ``qmodel(x, faults=pattern)``."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        layers: dict[str, QuantLayer],
+        config: dict[str, Any],
+        folded: list[tuple[str, str]],
+        bn_kept: list[str],
+        fold_error: str | None,
+        source_name: str,
+    ) -> None:
+        self.module = module
+        self.layers = layers
+        self.config = config
+        self.folded = folded
+        self.bn_kept = bn_kept
+        self.fold_error = fold_error
+        self.source_name = source_name
+        self._runtime = _Runtime()
+        self._handles = [h for layer in layers.values() for h in self._install(layer)]
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def _install(self, layer: QuantLayer) -> list[Any]:
+        runtime, qmax, name = self._runtime, layer.qmax, layer.name
+        input_scale, act_scale = layer.input_scale, layer.act_scale
+        input_scale_t = torch.tensor([input_scale])
+        act_scale_t = torch.tensor([act_scale])
+
+        def quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            if not runtime.quantize:
+                return None
+            faults = runtime.batch.get((Site.INPUT, name))
+            if layer.input_source is not None:  # already the producer's codes: requantizing is the identity
+                if faults is None:
+                    return None
+                x = args[0].clone()  # the producer's output may feed other consumers, which must not see these
+            else:
+                x = fake_quantize(args[0], input_scale, qmax, in_place=False)
+            if faults is not None:
+                x = inject_transient(x, faults, input_scale_t.to(x.device), layer.bits, None, on_grid=True)
+            return (x, *args[1:])
+
+        def quantize_output(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
+            if not runtime.quantize:
+                return None
+            faults = runtime.batch.get((Site.ACC, name))
+            if faults is not None:
+                channel = output_channel(faults.index, layer.output_shape, layer.channel_axis)
+                out = inject_transient(out, faults, layer.acc_scale.to(out.device), ACC_BITS, channel, on_grid=False)
+            out = fake_quantize(out, act_scale, qmax, in_place=True)  # `out` is the layer's own fresh result
+            faults = runtime.batch.get((Site.ACT, name))
+            if faults is not None:
+                out = inject_transient(out, faults, act_scale_t.to(out.device), layer.bits, None, on_grid=True)
+            return out
+
+        return [
+            layer.module.register_forward_pre_hook(quantize_input),
+            layer.module.register_forward_hook(quantize_output),
+        ]
+
+    # -- running -------------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.layers.values())).weight_scale.device
+
+    def to(self, device: torch.device | str) -> QuantizedModel:
+        device = torch.device(device)
+        self.module.to(device)
+        for layer in self.layers.values():
+            layer.weight_codes = layer.weight_codes.to(device)
+            layer.weight_scale = layer.weight_scale.to(device)
+        return self
+
+    def __call__(self, x: torch.Tensor, faults: FaultPattern | None = None, image_offset: int = 0) -> torch.Tensor:
+        return self.forward(x, faults, image_offset)
+
+    def forward(self, x: torch.Tensor, faults: FaultPattern | None = None, image_offset: int = 0) -> torch.Tensor:
+        """Quantized forward of a batch whose first image is image `image_offset` of the faults' numbering."""
+        if faults is not None and faults.has_weight_faults():
+            with self.weight_faults(faults):
+                return self._forward(x, faults, image_offset)
+        return self._forward(x, faults, image_offset)
+
+    def _forward(self, x: torch.Tensor, faults: FaultPattern | None, image_offset: int) -> torch.Tensor:
+        device = self.device
+        batch: dict[tuple[Site, str], LayerFaults] = {}
+        if faults is not None:
+            for (site, name), group in faults.groups.items():
+                if site.transient:
+                    part = group.for_images(image_offset, image_offset + len(x))
+                    if part is not None:
+                        check_bounds(part, self.layers[name].numel(site), f"site {site.value!r} of layer {name!r}")
+                        batch[(site, name)] = part.to(device)
+        self._runtime.batch = batch
+        try:
+            with torch.inference_mode():
+                return self.module(x.to(device))
+        finally:
+            self._runtime.batch = {}
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The (BN-folded) float model, for the float baseline accuracy."""
+        self._runtime.quantize = False
+        try:
+            with torch.inference_mode():
+                return self.module(x.to(self.device))
+        finally:
+            self._runtime.quantize = True
+
+    @contextmanager
+    def weight_faults(self, pattern: FaultPattern) -> Iterator[None]:
+        """Apply the pattern's weight faults in place for the duration of the block, then restore every touched
+        weight bit-exactly, also when the block raises. Cost: proportional to the number of faults."""
+        saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for (site, name), group in pattern.groups.items():
+                    if site.transient:
+                        continue
+                    layer = self._layer(name)
+                    check_bounds(group, layer.numel(Site.WEIGHT), f"the weights of layer {name!r}")
+                    weight = layer.module.weight
+                    flat = weight.view(-1)
+                    index = group.index.to(weight.device)
+                    touched = torch.unique(index)
+                    saved.append((flat, touched, flat[touched].clone()))
+                    channel = index // (flat.numel() // weight.shape[0])
+                    corrupt_codes(flat, index, group.bit.to(weight.device), group.kind.to(weight.device),
+                                  layer.weight_scale[channel], layer.bits, on_grid=True)
+            yield
+        finally:
+            with torch.no_grad():
+                for flat, touched, original in reversed(saved):
+                    flat[touched] = original
+
+    # -- describing ----------------------------------------------------------------------------------------------
+    def _layer(self, name: str) -> QuantLayer:
+        try:
+            return self.layers[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a quantized layer of {self.source_name}; layers: {list(self.layers)}") from None
+
+    def select(self, selectors: tuple[LayerSelector, ...] | None) -> list[str]:
+        names = list(self.layers)
+        types = [type(layer.module) for layer in self.layers.values()]
+        return select_layers(names, types, selectors)
+
+    def targets(self, site: Site, layers: tuple[LayerSelector, ...] | None = None) -> list[FaultTarget]:
+        site = Site(site)
+        return [
+            FaultTarget(site, name, self.layers[name].numel(site), self.layers[name].site_bits(site))
+            for name in self.select(layers)
+        ]
+
+    def validate(self, pattern: FaultPattern, n_images: int) -> None:
+        """Raise a clear error if a pattern does not fit this model and `n_images` images."""
+        for (site, name), group in pattern.groups.items():
+            layer = self._layer(name)
+            check_bounds(group, layer.numel(site), f"site {site.value!r} of layer {name!r}")
+            if len(group) and int(group.bit.max()) >= layer.site_bits(site):
+                raise ValueError(f"bit {int(group.bit.max())} does not exist in the {layer.site_bits(site)}-bit "
+                                 f"{site.value} codes of layer {name!r}")
+            if site.transient and len(group) and int(group.image.max()) >= n_images:
+                raise IndexError(f"fault on image {int(group.image.max())} but only {n_images} images are evaluated")
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [layer.summary() for layer in self.layers.values()]
+
+    def __repr__(self) -> str:
+        return (f"QuantizedModel({self.source_name}, {len(self.layers)} layers, bits={self.config['bits']}, "
+                f"bn_folded={len(self.folded)}, bn_kept={len(self.bn_kept)})")
+
+
+def quantize(
+    model: nn.Module,
+    calibration_data: Any,
+    *,
+    bits: int = 8,
+    weight_granularity: str = "per_channel",
+    act_granularity: str = "per_tensor",
+    calibration: str = "max",
+    percentile: float = 99.99,
+    fold_bn: bool = True,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+) -> QuantizedModel:
+    """Calibrate scales over `calibration_data` and return a quantized view of `model` (which is not modified).
+
+    `calibration_data` may be a tensor of inputs, an (X, y) pair, a DataLoader or a Dataset.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= MAX_LAYER_BITS:
+        raise ValueError(f"bits={bits!r} must be an integer in [2, {MAX_LAYER_BITS}]")
+    _check_choice("weight_granularity", weight_granularity, WEIGHT_GRANULARITIES)
+    _check_choice("act_granularity", act_granularity, ACT_GRANULARITIES)
+    _check_choice("calibration", calibration, CALIBRATIONS)
+    if not 50.0 < percentile <= 100.0:
+        raise ValueError(f"percentile={percentile!r} must be in (50, 100]")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
+    source_name = type(model).__qualname__
+
+    work = copy.deepcopy(model).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    if device is None:
+        first = next(work.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    work.to(device)
+    folded, bn_kept, fold_error = fold_batchnorm(work) if fold_bn else ([], [], None)
+
+    candidates = {name: m for name, m in work.named_modules() if isinstance(m, QUANTIZABLE)}
+    if not candidates:
+        kinds = sorted({type(m).__qualname__ for m in work.modules()} - {type(work).__qualname__})
+        raise NoQuantizableLayerError(
+            f"{source_name} has no quantizable layer: looked for modules of type "
+            f"{', '.join(t.__name__ for t in QUANTIZABLE)}; "
+            f"found only: {', '.join(kinds) or 'no submodules'}"
+        )
+
+    qmax = (1 << (bits - 1)) - 1
+    stats_in = {name: _ActStats(calibration, bits) for name in candidates}
+    stats_out = {name: _ActStats(calibration, bits) for name in candidates}
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    calls: dict[str, int] = {}
+    order: list[str] = []
+
+    def observe(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            if not isinstance(out, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
+                return
+            if name not in shapes:
+                order.append(name)
+                shapes[name] = (tuple(args[0].shape[1:]), tuple(out.shape[1:]))
+            calls[name] = calls.get(name, 0) + 1
+            stats_in[name].update(args[0])
+            stats_out[name].update(out)
+
+        return hook
+
+    handles = [m.register_forward_hook(observe(name)) for name, m in candidates.items()]
+    batches = 0
+    try:
+        with torch.no_grad():
+            for x, _ in iter_batches(calibration_data, batch_size):
+                work(x.to(device))
+                batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if batches == 0:
+        raise ValueError("calibration_data is empty: give at least one batch of inputs")
+    shared = [n for n in order if calls[n] != batches]
+    if shared:
+        raise ValueError(f"layers {shared} run more than once per forward pass; a module reused within one "
+                         "forward cannot have per-call fault indices. Give each use its own module.")
+
+    producers = input_producers(work, set(order))
+    act_scales = {name: stats_out[name].scale(qmax, percentile) for name in order}
+    layers: dict[str, QuantLayer] = {}
+    for name in order:
+        module = candidates[name]
+        source = producers.get(name)
+        in_scale = act_scales[source] if source else stats_in[name].scale(qmax, percentile)
+        act_scale = act_scales[name]
+        codes, w_scale = _weight_codes(module.weight, bits, weight_granularity)
+        w_scale = w_scale.to(device)
+        view = w_scale.reshape(-1, *([1] * (codes.dim() - 1)))
+        with torch.no_grad():
+            module.weight.copy_(codes.to(device).float() * view)
+            if getattr(module, "bias", None) is not None:
+                acc_scale = w_scale * in_scale
+                bias_codes = torch.clamp(torch.round(module.bias / acc_scale), -(2**31), 2**31 - 1)
+                module.bias.copy_(bias_codes * acc_scale)
+        layers[name] = QuantLayer(
+            name=name,
+            module_type=type(module).__qualname__,
+            module=module,
+            bits=bits,
+            weight_codes=codes.to(device),
+            weight_scale=w_scale,
+            input_scale=in_scale,
+            act_scale=act_scale,
+            input_shape=shapes[name][0],
+            output_shape=shapes[name][1],
+            channel_axis=-1 if isinstance(module, nn.Linear) else 0,
+            input_source=source,
+        )
+    if calibration == "percentile":
+        _measure_clip_rates(work, layers, calibration_data, batch_size, device)
+
+    config = {
+        "bits": bits,
+        "weight_granularity": weight_granularity,
+        "act_granularity": act_granularity,
+        "calibration": calibration,
+        "percentile": percentile if calibration == "percentile" else None,
+        "fold_bn": fold_bn,
+    }
+    return QuantizedModel(work, layers, config, folded, bn_kept, fold_error, source_name)
+
+
+def _measure_clip_rates(
+    work: nn.Module, layers: dict[str, QuantLayer], data: Any, batch_size: int, device: torch.device | str
+) -> None:
+    """Share of calibration values beyond each layer's quantization range, measured on the model with quantized
+    weights and float activations (the hooks that quantize activations are not installed yet)."""
+    counts = {name: [0, 0, 0, 0] for name in layers}  # clipped inputs, inputs, clipped outputs, outputs
+
+    def count(layer: QuantLayer) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            c = counts[layer.name]
+            c[0] += int((args[0].abs() > (layer.qmax + 0.5) * layer.input_scale).sum())
+            c[1] += args[0].numel()
+            c[2] += int((out.abs() > (layer.qmax + 0.5) * layer.act_scale).sum())
+            c[3] += out.numel()
+
+        return hook
+
+    handles = [layer.module.register_forward_hook(count(layer)) for layer in layers.values()]
+    try:
+        with torch.no_grad():
+            for x, _ in iter_batches(data, batch_size):
+                work(x.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    for name, layer in layers.items():
+        clipped_in, n_in, clipped_out, n_out = counts[name]
+        layer.input_clip_rate = clipped_in / max(1, n_in)
+        layer.act_clip_rate = clipped_out / max(1, n_out)
