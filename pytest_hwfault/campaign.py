@@ -1,0 +1,318 @@
+"""Statistical fault campaigns: deterministic trials, mergeable results, sequential verdicts.
+
+Trial i of a campaign draws its faults from a generator seeded by (base seed, campaign id, i) alone, so a trial's
+outcome does not depend on which process computes it or when. A result is a set of trial outcomes; its verdict is
+defined on the contiguous prefix [0, T) of trials, looked at only at the plan's checkpoints: the first checkpoint
+that decides wins, and trials past it are ignored. Any executor (one process, xdist shards, CI machines) that
+computes any superset of that prefix therefore reports the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .evaluate import Predictions, predict
+from .faults import FaultModel, FaultPattern, sample_pattern, trial_generator
+from .quantize import QuantizedModel
+from .spec import CampaignSpec
+from .stats import Decision, SequentialPlan, Threshold, Verdict
+
+RESULT_SCHEMA = 1
+INCOMPLETE = "incomplete"  # verdict of a campaign whose trials stop short of its next checkpoint (a lost shard)
+
+
+def _pack(mask: torch.Tensor) -> str:
+    """Per-image booleans as a hex string (bit i of byte i//8 is image i)."""
+    bits = mask.to(torch.uint8).cpu()
+    pad = (-len(bits)) % 8
+    bits = torch.cat([bits, torch.zeros(pad, dtype=torch.uint8)]).reshape(-1, 8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
+    return bytes((bits.to(torch.int32) * weights).sum(1).to(torch.uint8).tolist()).hex()
+
+
+def unpack_mask(hexstr: str, images: int) -> list[bool]:
+    data = bytes.fromhex(hexstr)
+    return [bool(data[i // 8] >> (i % 8) & 1) for i in range(images)]
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """The outcome of one trial, as JSON-safe builtins."""
+
+    trial: int
+    images: int
+    correct: int
+    critical: int  # images whose prediction differs from the fault-free quantized prediction
+    nonfinite: int  # images whose logits held NaN or Inf (counted as misclassified)
+    faults: int  # faults injected
+    faulty_images: int  # images holding at least one fault (all of them for weight faults)
+    correct_mask: str  # per-image correctness, packed (see unpack_mask)
+    layer_faults: dict[str, int] = field(default_factory=dict)
+    layer_exposure: dict[str, float] = field(default_factory=dict)  # images (or trials) hit in this layer
+    layer_damage: dict[str, float] = field(default_factory=dict)  # of those, the critical ones
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.images
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrialResult:
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a campaign result says at its deciding checkpoint."""
+
+    verdict: str  # pass, fail, inconclusive (budget spent) or incomplete (trials missing before a decision)
+    trials: int  # trials the numbers below are computed on (a prefix)
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    required: float
+    method: str
+    critical_rate: float
+    nonfinite: int
+    faults_per_trial: float
+    complete: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class CampaignResult:
+    """A (possibly partial) set of trial outcomes of one campaign, plus its fault-free baselines."""
+
+    campaign_id: str
+    name: str
+    spec: CampaignSpec
+    images: int
+    float_accuracy: float
+    quantized_accuracy: float
+    layers: list[dict[str, Any]]
+    trials: dict[int, TrialResult] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    # -- merging -------------------------------------------------------------------------------------------------
+    def merge(self, other: CampaignResult) -> CampaignResult:
+        """Union of the trials of two partial results of the same campaign; order does not matter."""
+        if other.campaign_id != self.campaign_id:
+            raise ValueError(f"cannot merge campaign {other.campaign_id} ({other.name}) into {self.campaign_id}")
+        for attr in ("images", "float_accuracy", "quantized_accuracy"):
+            if getattr(self, attr) != getattr(other, attr):
+                raise ValueError(f"partial results of {self.name} disagree on {attr}: "
+                                 f"{getattr(self, attr)} vs {getattr(other, attr)}")
+        trials = dict(self.trials)
+        for index, trial in other.trials.items():
+            if index in trials and trials[index] != trial:
+                raise ValueError(f"trial {index} of {self.name} differs between partial results: not the same seed?")
+            trials[index] = trial
+        return CampaignResult(self.campaign_id, self.name, self.spec, self.images, self.float_accuracy,
+                              self.quantized_accuracy, self.layers, dict(sorted(trials.items())),
+                              max(self.seconds, other.seconds))
+
+    def contiguous(self) -> int:
+        """T such that trials 0..T-1 are all present."""
+        t = 0
+        while t in self.trials:
+            t += 1
+        return t
+
+    # -- deciding ------------------------------------------------------------------------------------------------
+    def plan(self) -> SequentialPlan:
+        return SequentialPlan(confidence=self.spec.confidence, first=self.spec.first, budget=self.spec.budget)
+
+    def required_accuracy(self) -> float:
+        threshold = Threshold(min_acc=self.spec.min_acc, max_drop=self.spec.max_drop)
+        return threshold.required_accuracy(self.quantized_accuracy)
+
+    def _decision(self, plan: SequentialPlan, trials: int, required: float) -> Decision:
+        chosen = [self.trials[i] for i in range(trials)]
+        if self.spec.transient:
+            return plan.decide_binomial(sum(t.correct for t in chosen), sum(t.images for t in chosen), trials,
+                                        required)
+        return plan.decide_bounded([t.accuracy for t in chosen], required)
+
+    def outcome(self) -> Outcome:
+        """The verdict at the first checkpoint that decides, computed on exactly that prefix of trials."""
+        plan, required, available = self.plan(), self.required_accuracy(), self.contiguous()
+        decision: Decision | None = None
+        used = 0
+        for checkpoint in plan.checkpoints():
+            if checkpoint > available:
+                return self._outcome(INCOMPLETE, used, decision, required, complete=False)
+            decision, used = self._decision(plan, checkpoint, required), checkpoint
+            if decision.verdict is not Verdict.INCONCLUSIVE:
+                return self._outcome(decision.verdict.value, used, decision, required, complete=True)
+        return self._outcome(Verdict.INCONCLUSIVE.value, used, decision, required, complete=True)
+
+    def decided(self) -> bool:
+        """True once no further trial can change the outcome."""
+        return self.outcome().complete
+
+    def next_checkpoint(self) -> int | None:
+        available = self.contiguous()
+        for checkpoint in self.plan().checkpoints():
+            if checkpoint > available:
+                return checkpoint
+        return None
+
+    def _outcome(self, verdict: str, used: int, decision: Decision | None, required: float,
+                 complete: bool) -> Outcome:
+        chosen = [self.trials[i] for i in range(used)]
+        images = sum(t.images for t in chosen)
+        return Outcome(
+            verdict=verdict,
+            trials=used,
+            accuracy=decision.estimate if decision else float("nan"),
+            ci_low=decision.ci_low if decision else 0.0,
+            ci_high=decision.ci_high if decision else 1.0,
+            confidence=self.spec.confidence,
+            required=required,
+            method=decision.method if decision else "",
+            critical_rate=sum(t.critical for t in chosen) / images if images else float("nan"),
+            nonfinite=sum(t.nonfinite for t in chosen),
+            faults_per_trial=sum(t.faults for t in chosen) / used if used else 0.0,
+            complete=complete,
+        )
+
+    def layer_vulnerability(self, trials: int | None = None) -> list[dict[str, Any]]:
+        """Per layer: faults, and the share of fault-hit images (trials, for weights) that became critical.
+
+        An image hit in several layers is credited to each of them, so this ranks layers; it is not a causal
+        decomposition."""
+        used = self.outcome().trials if trials is None else trials
+        faults: dict[str, int] = {}
+        exposure: dict[str, float] = {}
+        damage: dict[str, float] = {}
+        for i in range(used):
+            t = self.trials[i]
+            for name, count in t.layer_faults.items():
+                faults[name] = faults.get(name, 0) + count
+                exposure[name] = exposure.get(name, 0.0) + t.layer_exposure.get(name, 0.0)
+                damage[name] = damage.get(name, 0.0) + t.layer_damage.get(name, 0.0)
+        rows = []
+        for layer in self.layers:
+            name = layer["name"]
+            hit = exposure.get(name, 0.0)
+            rows.append({**layer, "faults": faults.get(name, 0),
+                         "vulnerability": damage.get(name, 0.0) / hit if hit else 0.0})
+        return rows
+
+    # -- serialising ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": RESULT_SCHEMA,
+            "campaign_id": self.campaign_id,
+            "name": self.name,
+            "spec": self.spec.to_dict(),
+            "images": self.images,
+            "float_accuracy": self.float_accuracy,
+            "quantized_accuracy": self.quantized_accuracy,
+            "layers": self.layers,
+            "trials": [self.trials[i].to_dict() for i in sorted(self.trials)],
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CampaignResult:
+        if data.get("schema") != RESULT_SCHEMA:
+            raise ValueError(f"campaign result schema {data.get('schema')!r} is not {RESULT_SCHEMA}")
+        trials = {t["trial"]: TrialResult.from_dict(t) for t in data["trials"]}
+        return cls(data["campaign_id"], data["name"], CampaignSpec.from_dict(data["spec"]), data["images"],
+                   data["float_accuracy"], data["quantized_accuracy"], list(data["layers"]), trials,
+                   data.get("seconds", 0.0))
+
+
+class Campaign:
+    """Runs the trials of one campaign on one quantized model and evaluation set."""
+
+    def __init__(self, qmodel: QuantizedModel, inputs: torch.Tensor, labels: torch.Tensor, spec: CampaignSpec,
+                 name: str, *, batch_size: int = 256) -> None:
+        if spec.bits != qmodel.config["bits"]:
+            raise ValueError(f"campaign asks for bits={spec.bits} but the model was quantized to "
+                             f"{qmodel.config['bits']} bits")
+        if spec.samples is not None:
+            inputs, labels = inputs[: spec.samples], labels[: spec.samples]
+        self.qmodel, self.inputs, self.labels, self.spec, self.name = qmodel, inputs, labels, spec, name
+        self.batch_size = batch_size
+        self.campaign_id = spec.campaign_id(name)
+        self.fault_model = FaultModel(spec.site, spec.ber, spec.kind, spec.bit_positions, spec.layers)
+        self.targets = qmodel.targets(self.fault_model.site, self.fault_model.layers)
+        golden = predict(qmodel, inputs, batch_size=batch_size)
+        self.golden = golden.predicted
+        self.quantized_accuracy = float(golden.correct(labels).float().mean())
+        self.float_accuracy = float(
+            predict(qmodel, inputs, quantized=False, batch_size=batch_size).correct(labels).float().mean())
+
+    def empty_result(self) -> CampaignResult:
+        return CampaignResult(self.campaign_id, self.name, self.spec, len(self.inputs), self.float_accuracy,
+                              self.quantized_accuracy, self.qmodel.summary())
+
+    def pattern(self, trial: int) -> FaultPattern:
+        """The exact faults of trial `trial`: replayable, exportable."""
+        return sample_pattern(self.fault_model, self.targets, len(self.inputs),
+                              trial_generator(self.spec.seed, self.campaign_id, trial))
+
+    def trial(self, index: int) -> TrialResult:
+        pattern = self.pattern(index)
+        outcome: Predictions = predict(self.qmodel, self.inputs, pattern, batch_size=self.batch_size)
+        correct = outcome.correct(self.labels)
+        critical = outcome.predicted != self.golden
+        layer_faults: dict[str, int] = {}
+        exposure: dict[str, float] = {}
+        damage: dict[str, float] = {}
+        for (site, layer), group in pattern.groups.items():
+            layer_faults[layer] = layer_faults.get(layer, 0) + len(group)
+            if site.transient:
+                hit = torch.unique(group.image)
+                exposure[layer] = exposure.get(layer, 0.0) + float(hit.numel())
+                damage[layer] = damage.get(layer, 0.0) + float(critical[hit].sum())
+            else:
+                exposure[layer] = 1.0
+                damage[layer] = float(critical.float().mean())
+        faulty_images = len(self.inputs) if pattern.has_weight_faults() else int(pattern.images_with_faults().numel())
+        return TrialResult(
+            trial=index,
+            images=len(self.inputs),
+            correct=int(correct.sum()),
+            critical=int(critical.sum()),
+            nonfinite=int(outcome.nonfinite.sum()),
+            faults=len(pattern),
+            faulty_images=faulty_images,
+            correct_mask=_pack(correct),
+            layer_faults=layer_faults,
+            layer_exposure=exposure,
+            layer_damage=damage,
+        )
+
+    def run(
+        self,
+        trials: Iterable[int] | None = None,
+        *,
+        on_trial: Callable[[CampaignResult], None] | None = None,
+        should_stop: Callable[[CampaignResult], bool] | None = None,
+    ) -> CampaignResult:
+        """Run `trials` (default: 0, 1, ... up to the budget) in order, stopping as soon as the result decides
+        (or `should_stop` says so). Returns the trials computed, which may run past the deciding checkpoint
+        only when an external `trials` order asks for it."""
+        result = self.empty_result()
+        start = time.perf_counter()
+        for index in range(self.spec.budget) if trials is None else trials:
+            result.trials[index] = self.trial(index)
+            result.seconds = time.perf_counter() - start
+            if on_trial is not None:
+                on_trial(result)
+            if result.decided() or (should_stop is not None and should_stop(result)):
+                break
+        return result
