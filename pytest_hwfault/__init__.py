@@ -15,12 +15,14 @@ __all__ = [
     "Site",
     "accuracy",
     "quantize",
+    "resilience",
 ]
 
 if TYPE_CHECKING:
     from .bits import Kind
     from .evaluate import accuracy
     from .faults import Fault, FaultModel, FaultPattern, Site
+    from .marker import resilience
     from .quantize import QuantizedModel, quantize
 
 _LAZY = {
@@ -32,6 +34,7 @@ _LAZY = {
     "Site": "faults",
     "QuantizedModel": "quantize",
     "quantize": "quantize",
+    "resilience": "marker",
 }
 
 

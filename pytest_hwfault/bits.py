@@ -60,7 +60,8 @@ def apply_bit_faults(codes: torch.Tensor, bit: torch.Tensor, kind: torch.Tensor,
     flipped = raw ^ mask
     cleared = raw & ~mask
     set_ = raw | mask
-    out = torch.where(kind == KIND_CODES[Kind.FLIP], flipped, torch.where(kind == KIND_CODES[Kind.STUCK0], cleared, set_))
+    stuck = torch.where(kind == KIND_CODES[Kind.STUCK0], cleared, set_)
+    out = torch.where(kind == KIND_CODES[Kind.FLIP], flipped, stuck)
     return to_signed(out, bits)
 
 

@@ -345,7 +345,8 @@ class QuantizedModel:
         try:
             return self.layers[name]
         except KeyError:
-            raise KeyError(f"{name!r} is not a quantized layer of {self.source_name}; layers: {list(self.layers)}") from None
+            known = list(self.layers)
+            raise KeyError(f"{name!r} is not a quantized layer of {self.source_name}; layers: {known}") from None
 
     def select(self, selectors: tuple[LayerSelector, ...] | None) -> list[str]:
         names = list(self.layers)

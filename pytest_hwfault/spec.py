@@ -137,3 +137,30 @@ class CampaignSpec:
         """Stable across processes and runs: a hash of the caller's name (a test's nodeid) and the spec."""
         payload = json.dumps({"name": name, "spec": self.to_dict()}, sort_keys=True)
         return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
+
+
+LIST_ARGUMENTS = ("ber", "site")
+MARKER_ARGUMENTS = tuple(f.name for f in fields(CampaignSpec))
+
+
+def expand(kwargs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> list[CampaignSpec]:
+    """The campaigns a `resilience(...)` marker asks for: one per (site, ber) pair when lists are given.
+
+    `defaults` (from the command line or ini) fill in what the marker leaves out."""
+    unknown = sorted(set(kwargs) - set(MARKER_ARGUMENTS))
+    if unknown:
+        raise SpecError(unknown[0], f"unknown resilience argument; allowed: {', '.join(MARKER_ARGUMENTS)}")
+    for required in ("ber", "site"):
+        if required not in kwargs:
+            raise SpecError(required, "is required, e.g. resilience(ber=1e-5, site='act', min_acc=0.8)")
+    merged = {**(defaults or {}), **kwargs}
+    axes: dict[str, list[Any]] = {}
+    for name in LIST_ARGUMENTS:
+        value = merged[name]
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        if not values:
+            raise SpecError(name, "is an empty list")
+        if len(set(map(repr, values))) != len(values):
+            raise SpecError(name, f"{value!r} repeats a value")
+        axes[name] = values
+    return [CampaignSpec(**{**merged, "site": site, "ber": ber}) for site in axes["site"] for ber in axes["ber"]]

@@ -1,0 +1,406 @@
+"""The pytest plugin: options, the `resilience` marker, the `hwfault` fixture and reporting hooks.
+
+Only wiring lives here; campaigns run in `gate`/`campaign`, reports are built in `report`. torch is imported only
+when a resilience test actually runs, so `pytest` stays fast for suites that never pass --hwfault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .marker import MARKER, MARKER_HELP
+from .spec import CampaignSpec, SpecError, expand
+
+if TYPE_CHECKING:
+    from .campaign import CampaignResult
+    from .gate import ModelCache
+
+SKIP_REASON = "pass --hwfault to run hardware-fault campaigns"
+SPEC_FIXTURE = "_hwfault_spec"
+
+OPT_ENABLE = "--hwfault"
+OPT_SEED = "--hwfault-seed"
+OPT_BUDGET = "--hwfault-budget"
+OPT_CONFIDENCE = "--hwfault-confidence"
+OPT_DEVICE = "--hwfault-device"
+OPT_REPORT = "--hwfault-report"
+OPT_INCONCLUSIVE = "--hwfault-inconclusive"
+OPT_SAVE = "--hwfault-save"
+OPT_COMPARE = "--hwfault-compare"
+OPT_TOLERANCE = "--hwfault-compare-tolerance"
+OPT_STORAGE = "--hwfault-storage"
+DEVICES = ("cpu", "cuda", "auto")
+INCONCLUSIVE_POLICIES = ("fail", "pass")
+
+
+# -- argument parsers: reject bad values while options are parsed -------------------------------------------------
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected a non-negative integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative; expected a non-negative integer")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 trials; expected a positive integer")
+    return value
+
+
+def _confidence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected a confidence in [0.5, 1)") from None
+    if not 0.5 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside [0.5, 1); e.g. 0.95")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected an accuracy drop in [0, 1]") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside [0, 1]")
+    return value
+
+
+def _choice(allowed: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of: {', '.join(allowed)}")
+        return text
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def _name(text: str) -> str:
+    if not text or "/" in text or "\\" in text or text.startswith("."):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a plain baseline name (no slashes, not hidden)")
+    return text
+
+
+# option, ini key, parser, default, help
+_VALUED_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], Any, str], ...] = (
+    (OPT_SEED, "hwfault_seed", _non_negative_int, 0, "base seed of every campaign whose marker sets none"),
+    (OPT_BUDGET, "hwfault_budget", _positive_int, 64, "maximum trials of a campaign whose marker sets no budget"),
+    (OPT_CONFIDENCE, "hwfault_confidence", _confidence, 0.95, "confidence of campaigns whose marker sets none"),
+    (OPT_DEVICE, "hwfault_device", _choice(DEVICES), "auto", "device of the campaigns: cpu, cuda or auto"),
+    (OPT_REPORT, "hwfault_report", str, None, "write the campaigns' JSON report to this path"),
+    (OPT_INCONCLUSIVE, "hwfault_inconclusive", _choice(INCONCLUSIVE_POLICIES), "fail",
+     "how a campaign that spends its budget without a verdict counts: fail (default) or pass"),
+    (OPT_SAVE, "hwfault_save", _name, None, "save this run's results as baseline NAME"),
+    (OPT_COMPARE, "hwfault_compare", _name, None, "fail campaigns whose accuracy regressed against baseline NAME"),
+    (OPT_TOLERANCE, "hwfault_compare_tolerance", _tolerance, 0.01,
+     "accuracy drop against the baseline that still passes (default 0.01)"),
+    (OPT_STORAGE, "hwfault_storage", str, ".hwfault", "directory of saved baselines (default .hwfault)"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    enabled: bool
+    seed: int
+    budget: int
+    confidence: float
+    device: str
+    report: str | None
+    inconclusive: str
+    save: str | None
+    compare: str | None
+    compare_tolerance: float
+    storage: str
+
+    def marker_defaults(self) -> dict[str, Any]:
+        return {"seed": self.seed, "budget": self.budget, "confidence": self.confidence}
+
+
+@dataclass
+class SessionState:
+    """What one process keeps for the whole session."""
+
+    cache: ModelCache | None = None
+    baseline: dict[str, Any] | None = None
+
+
+SETTINGS_KEY = pytest.StashKey[Settings]()
+STATE_KEY = pytest.StashKey[SessionState]()
+ITEM_RECORDS_KEY = pytest.StashKey[list]()
+
+
+def _dest(option: str) -> str:
+    return option.lstrip("-").replace("-", "_")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("hwfault", "hardware-fault resilience campaigns (pytest-hwfault)")
+    group.addoption(OPT_ENABLE, action="store_true", default=None, dest="hwfault",
+                    help="run the campaigns of tests marked @resilience (otherwise they are skipped)")
+    parser.addini("hwfault", type="bool", default=False, help="run hardware-fault campaigns as if --hwfault")
+    for option, ini, parse, _default, text in _VALUED_OPTIONS:
+        group.addoption(option, dest=_dest(option), type=parse, default=None, help=f"{text} [ini: {ini}]")
+        parser.addini(ini, help=text, default=None)
+
+
+def _settings(config: pytest.Config) -> Settings:
+    values: dict[str, Any] = {}
+    for option, ini, parse, default, _ in _VALUED_OPTIONS:
+        value = config.getoption(_dest(option))
+        if value is None:
+            raw = config.getini(ini)
+            if raw not in (None, "", []):
+                try:
+                    value = parse(str(raw).strip())
+                except argparse.ArgumentTypeError as exc:
+                    raise pytest.UsageError(f"ini option {ini} = {raw!r}: {exc}") from None
+        values[_dest(option).removeprefix("hwfault_")] = default if value is None else value
+    enabled = config.getoption("hwfault")
+    return Settings(enabled=bool(config.getini("hwfault")) if enabled is None else True, **values)
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER_HELP)
+    settings = _settings(config)
+    config.stash[SETTINGS_KEY] = settings
+    config.stash[STATE_KEY] = SessionState()
+    config.pluginmanager.register(ResultCollector(config), "hwfault-results")
+    if settings.enabled and _is_worker(config):
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+
+
+# -- collection: expand and check markers, skip without --hwfault ---------------------------------------------
+def _marker_error(nodeid: str, exc: SpecError | str) -> pytest.Collector.CollectError:
+    if isinstance(exc, SpecError):
+        return pytest.Collector.CollectError(f"{nodeid}: @resilience argument {exc}")
+    return pytest.Collector.CollectError(f"{nodeid}: {exc}")
+
+
+def _specs(config: pytest.Config, nodeid: str, marker: pytest.Mark) -> list[CampaignSpec]:
+    if marker.args:
+        raise _marker_error(nodeid, f"@resilience takes keyword arguments only, got positional {marker.args!r}")
+    try:
+        return expand(marker.kwargs, config.stash[SETTINGS_KEY].marker_defaults())
+    except SpecError as exc:
+        raise _marker_error(nodeid, exc) from None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker(MARKER)
+    if marker is None:
+        return
+    nodeid = metafunc.definition.nodeid
+    specs = _specs(metafunc.config, nodeid, marker)
+    if "hwfault" not in metafunc.fixturenames:
+        raise _marker_error(nodeid, "uses @resilience but does not request the `hwfault` fixture, "
+                                    "so no campaign would run; add a `hwfault` argument and call hwfault.assess()")
+    if len(specs) > 1:
+        metafunc.parametrize(SPEC_FIXTURE, specs, ids=[spec.label() for spec in specs])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.stash[SETTINGS_KEY].enabled:
+        return
+    skip = pytest.mark.skip(reason=SKIP_REASON)
+    for item in items:
+        if item.get_closest_marker(MARKER) is not None:
+            item.add_marker(skip)
+
+
+# -- the fixture ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def _hwfault_spec(request: pytest.FixtureRequest) -> CampaignSpec | None:
+    """The campaign of a test with one (site, ber); tests with lists are parametrized over this fixture."""
+    marker = request.node.get_closest_marker(MARKER)
+    return None if marker is None else _specs(request.config, request.node.nodeid, marker)[0]
+
+
+class HwFault:
+    """The `hwfault` fixture: runs the campaign the marker describes and fails the test when the gate fails."""
+
+    def __init__(self, item: pytest.Item, spec: CampaignSpec | None) -> None:
+        self._item = item
+        self._config = item.config
+        self._settings = item.config.stash[SETTINGS_KEY]
+        self._state = item.config.stash[STATE_KEY]
+        self.spec = spec
+        item.stash[ITEM_RECORDS_KEY] = []
+
+    # engine access for custom assertions
+    def quantize(self, model: Any, calibration_data: Any, **options: Any) -> Any:
+        """Quantize once per process (cached on the model's state, the data and the options)."""
+        import torch
+
+        from .data import iter_batches
+
+        inputs = torch.cat([x for x, _ in iter_batches(calibration_data)])
+        bits = options.pop("bits", 8)
+        return self._cache().get(model, inputs, self._device(), bits, options)
+
+    def accuracy(self, model: Any, data: Any, faults: Any = None, **kwargs: Any) -> float:
+        from .evaluate import accuracy
+        from .quantize import QuantizedModel
+
+        qmodel = model if isinstance(model, QuantizedModel) else self.quantize(model, data)
+        return accuracy(qmodel, data, faults, **kwargs)
+
+    def _cache(self) -> ModelCache:
+        if self._state.cache is None:
+            from .gate import ModelCache
+
+            self._state.cache = ModelCache()
+        return self._state.cache
+
+    def _device(self) -> Any:
+        from .gate import resolve_device
+
+        try:
+            return resolve_device(self._settings.device)
+        except RuntimeError as exc:
+            pytest.fail(f"{self._item.nodeid}: {exc}", pytrace=False)
+
+    def _reproduce(self, spec: CampaignSpec) -> str:
+        return shlex.join(["pytest", self._item.nodeid, OPT_ENABLE, f"{OPT_SEED}={spec.seed}",
+                           f"{OPT_BUDGET}={spec.budget}", f"{OPT_CONFIDENCE}={spec.confidence}"])
+
+    def _progress(self, label: str) -> Callable[[CampaignResult], None] | None:
+        reporter = self._config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None or self._config.get_verbosity() < 1 or _is_worker(self._config):
+            return None
+        checkpoints: set[int] = set()
+
+        def show(result: CampaignResult) -> None:
+            if not checkpoints:
+                checkpoints.update(result.plan().checkpoints())
+            done = result.contiguous()
+            if done in checkpoints:
+                o = result.outcome()
+                reporter.ensure_newline()
+                reporter.write_line(f"    hwfault {label}: {done}/{result.spec.budget} trials, accuracy "
+                                    f"{o.accuracy:.4f} [{o.ci_low:.4f}, {o.ci_high:.4f}] vs {o.required:.4f}")
+
+        return show
+
+    def assess(self, model: Any, data: Any, *, calibration_data: Any = None,
+               quantize_options: dict[str, Any] | None = None, **overrides: Any) -> CampaignResult:
+        """Run the campaign of the marker (with `overrides`, any marker argument) and gate on its verdict."""
+        nodeid = self._item.nodeid
+        try:
+            if self.spec is None:
+                spec = CampaignSpec(**{**self._settings.marker_defaults(), **overrides})
+            else:
+                spec = self.spec.with_overrides(**overrides)
+        except (SpecError, TypeError) as exc:
+            pytest.fail(f"{nodeid}: hwfault.assess() argument {exc}", pytrace=False)
+        from .gate import assess
+        from .report import campaign_record, failure_message
+
+        records = self._item.stash[ITEM_RECORDS_KEY]
+        name = nodeid if not records else f"{nodeid}#{len(records)}"
+        result = assess(model, data, spec, name, cache=self._cache(), device=self._device(),
+                        calibration_data=calibration_data, quantize_options=quantize_options,
+                        on_trial=self._progress(spec.label()))
+        record = campaign_record(result, nodeid)
+        records.append(record)
+        verdict = record["verdict"]
+        if verdict == "fail" or verdict == "incomplete" or (
+            verdict == "inconclusive" and self._settings.inconclusive == "fail"
+        ):
+            pytest.fail(failure_message(record, self._reproduce(spec)), pytrace=False)
+        self._check_baseline(record)
+        return result
+
+    def _check_baseline(self, record: dict[str, Any]) -> None:
+        if self._settings.compare is None:
+            return
+        from .report import build_report, compare_to_baseline, load_baseline
+
+        if self._state.baseline is None:
+            self._state.baseline = load_baseline(Path(self._settings.storage), self._settings.compare)
+        regressions = compare_to_baseline(build_report([record], {}), self._state.baseline,
+                                          self._settings.compare_tolerance)
+        if regressions:
+            r = regressions[0]
+            pytest.fail(
+                f"{r.nodeid} [{r.label}]: accuracy under faults regressed against baseline "
+                f"{self._settings.compare!r}: {r.accuracy:.4f} < {r.baseline_accuracy:.4f} - tolerance "
+                f"{r.tolerance:g}", pytrace=False)
+
+
+@pytest.fixture
+def hwfault(request: pytest.FixtureRequest, _hwfault_spec: CampaignSpec | None) -> HwFault:
+    """Run hardware-fault campaigns: ``hwfault.assess(model, data)`` gates the test on the @resilience marker."""
+    return HwFault(request.node, _hwfault_spec)
+
+
+# -- results: carried on test reports, so xdist workers hand them to the controller ---------------------------
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if call.when != "call" or item.get_closest_marker(MARKER) is None:
+        return report
+    records = item.stash.get(ITEM_RECORDS_KEY, None)
+    if records:
+        report.hwfault = records
+    elif report.passed and item.config.stash[SETTINGS_KEY].enabled and records is not None:
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid}: the @resilience gate never ran: the test passed without calling "
+                           "hwfault.assess(model, data)")
+    return report
+
+
+class ResultCollector:
+    """Gathers campaign records from test reports (local or replayed from xdist workers) and reports them.
+
+    Registered on every process; on xdist workers it only forwards, the controller writes reports."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.records: list[dict[str, Any]] = []
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        records = getattr(report, "hwfault", None)
+        if records and report.when == "call":
+            self.records.extend(records)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.records or _is_worker(self.config):
+            return
+        from .report import format_table
+
+        terminalreporter.write_sep("-", "hwfault campaigns")
+        for line in format_table(self.records):
+            terminalreporter.write_line(line)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        settings = self.config.stash[SETTINGS_KEY]
+        if _is_worker(self.config) or not settings.enabled or not (settings.report or settings.save):
+            return
+        from .report import build_report, environment, save_baseline, write_report
+
+        report = build_report(self.records, environment())
+        if settings.report:
+            write_report(Path(settings.report), report)
+        if settings.save:
+            save_baseline(Path(settings.storage), settings.save, report)
