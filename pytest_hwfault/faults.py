@@ -268,24 +268,44 @@ def binomial_count(n: int, p: float, generator: torch.Generator) -> int:
 def sample_pattern(
     model: FaultModel, targets: Sequence[FaultTarget], n_images: int, generator: torch.Generator
 ) -> FaultPattern:
-    """Draw one trial's faults for `n_images` images. Pure function of the generator's state and the arguments."""
-    groups: dict[tuple[Site, str], LayerFaults] = {}
-    kind_code = KIND_CODES[model.kind]
+    """Draw one trial's faults for `n_images` images. Pure function of the generator's state and the arguments.
+
+    All targets' bits form one space: one Binomial(total bits, ber) count, that many distinct positions, then each
+    position is decoded to (target, image, code index, bit) with vectorised arithmetic, whatever the number of
+    layers."""
+    if not targets:
+        return FaultPattern()
+    positions = [model.positions_for(t) for t in targets]
     for target in targets:
         check_width(target.bits)
-        positions = torch.tensor(model.positions_for(target), dtype=torch.int64)
-        per_image = target.numel * positions.numel()
-        images = n_images if target.site.transient else 1
-        total = per_image * images
-        count = binomial_count(total, model.ber, generator)
-        if count == 0:
-            continue
-        flat = distinct_positions(total, count, generator)
-        image = flat // per_image if target.site.transient else torch.full_like(flat, -1)
-        rest = flat % per_image
-        groups[(target.site, target.layer)] = _layer_faults(
-            image, rest // positions.numel(), positions[rest % positions.numel()], torch.full_like(flat, kind_code)
-        )
+    widths = torch.tensor([len(p) for p in positions], dtype=torch.int64)
+    per_image = torch.tensor([t.numel for t in targets], dtype=torch.int64) * widths
+    images = torch.tensor([n_images if t.site.transient else 1 for t in targets], dtype=torch.int64)
+    ends = torch.cumsum(per_image * images, 0)
+    count = binomial_count(int(ends[-1]), model.ber, generator)
+    if count == 0:
+        return FaultPattern()
+    flat = distinct_positions(int(ends[-1]), count, generator)
+    which = torch.searchsorted(ends, flat, right=True)
+    local = flat - (ends - per_image * images)[which]
+    image = local // per_image[which]
+    rest = local % per_image[which]
+    table = torch.full((len(targets), int(widths.max())), -1, dtype=torch.int64)
+    for row, p in enumerate(positions):
+        table[row, : len(p)] = torch.tensor(p, dtype=torch.int64)
+    bit = table[which, rest % widths[which]]
+    index = rest // widths[which]
+    transient = torch.tensor([t.site.transient for t in targets])[which]
+    image = torch.where(transient, image, torch.full_like(image, -1))
+    order = torch.sort(which * (n_images + 1) + image + 1, stable=True).indices
+    which, image, index, bit = which[order], image[order], index[order], bit[order]
+    kind = torch.full_like(which, KIND_CODES[model.kind])
+    counts = torch.bincount(which, minlength=len(targets)).tolist()
+    groups: dict[tuple[Site, str], LayerFaults] = {}
+    parts = zip(*(torch.split(t, counts) for t in (image, index, bit, kind)))
+    for target, n, (im, ix, b, k) in zip(targets, counts, parts):
+        if n:
+            groups[(target.site, target.layer)] = LayerFaults(im, ix, b, k)
     return FaultPattern(groups)
 
 

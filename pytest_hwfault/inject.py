@@ -3,83 +3,97 @@
 Codes are never materialised for a whole tensor: a fake-quantized tensor holds code x scale exactly, so the code of
 one element is recovered as round(value / scale) and only the faulty elements are read and rewritten. The cost of
 injection therefore grows with the number of faults, not with the size of the tensors.
+
+Several faults on one code compose: a sequence of bit flips and stuck-at bits is one map
+``raw -> ((raw & keep) | set) ^ flip`` on the code's raw bits. `compose` folds a fault list into one such `Edit`
+per code ahead of the forward pass, so the hook itself runs a handful of vectorised ops per layer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .bits import apply_bit_faults
+from .bits import KIND_CODES, Kind, to_signed, to_unsigned
 from .faults import LayerFaults
 
+_FLIP, _STUCK0, _STUCK1 = KIND_CODES[Kind.FLIP], KIND_CODES[Kind.STUCK0], KIND_CODES[Kind.STUCK1]
 
-def _ranks(linear: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """For each fault, how many earlier faults (in pattern order) hit the same code; and the largest such rank."""
-    if linear.numel() < 2:
-        return torch.zeros_like(linear), 0
+
+@dataclass
+class Edit:
+    """Per faulty code (flat position `linear`, unique): raw -> ((raw & keep) | set) ^ flip, then x `scale`."""
+
+    linear: torch.Tensor
+    keep: torch.Tensor
+    set: torch.Tensor
+    flip: torch.Tensor
+    scale: torch.Tensor
+
+    def to(self, device: torch.device) -> Edit:
+        return Edit(*(t.to(device) for t in (self.linear, self.keep, self.set, self.flip, self.scale)))
+
+
+def _ranks(linear: torch.Tensor) -> torch.Tensor:
+    """For each fault, how many earlier faults (in pattern order) hit the same code."""
     order = torch.sort(linear, stable=True).indices
     sorted_lin = linear[order]
     starts = torch.ones_like(sorted_lin, dtype=torch.bool)
     starts[1:] = sorted_lin[1:] != sorted_lin[:-1]
     positions = torch.arange(linear.numel(), device=linear.device)
     group_start = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), 0).values
-    rank_sorted = positions - group_start
-    ranks = torch.empty_like(rank_sorted)
-    ranks[order] = rank_sorted
-    return ranks, int(rank_sorted.max())
+    ranks = torch.empty_like(positions)
+    ranks[order] = positions - group_start
+    return ranks
 
 
-def corrupt_codes(
-    flat: torch.Tensor,
-    linear: torch.Tensor,
-    bit: torch.Tensor,
-    kind: torch.Tensor,
-    scale: torch.Tensor,
-    bits: int,
-    on_grid: bool = True,
-) -> None:
-    """In place on `flat`: apply one fault per entry of `linear`, in order, to the code stored at that position.
+def compose(linear: torch.Tensor, bit: torch.Tensor, kind: torch.Tensor, scale: torch.Tensor) -> Edit:
+    """Fold faults (applied in list order) into one edit per distinct code. `scale` is per fault."""
+    unique, inverse = torch.unique(linear, return_inverse=True)
+    mask = torch.ones_like(bit) << bit
+    if unique.numel() == linear.numel():  # one fault per code: no composition needed
+        order = torch.empty_like(inverse)
+        order[inverse] = torch.arange(inverse.numel(), device=inverse.device)
+        mask, kind, scale = mask[order], kind[order], scale[order]
+        zero = torch.zeros_like(mask)
+        return Edit(unique, torch.where(kind == _FLIP, ~zero, ~mask), torch.where(kind == _STUCK1, mask, zero),
+                    torch.where(kind == _FLIP, mask, zero), scale)
+    keep = torch.full_like(unique, -1)
+    set_, flip = torch.zeros_like(unique), torch.zeros_like(unique)
+    code_scale = torch.empty(unique.numel(), dtype=scale.dtype, device=scale.device)
+    code_scale[inverse] = scale
+    ranks = _ranks(linear)
+    for rank in range(int(ranks.max()) + 1):
+        select = ranks == rank
+        u, m, k = inverse[select], mask[select], kind[select]
+        is_flip = k == _FLIP
+        flip[u] = torch.where(is_flip, flip[u] ^ m, flip[u] & ~m)
+        keep[u] = torch.where(is_flip, keep[u], keep[u] & ~m)
+        set_[u] = torch.where(is_flip, set_[u], torch.where(k == _STUCK1, set_[u] | m, set_[u] & ~m))
+    return Edit(unique, keep, set_, flip, code_scale)
 
-    `scale` is the scale of each faulty element. With `on_grid` the value is rewritten as new_code x scale
-    (activation, input and weight codes); otherwise the code's change is added to the value, which keeps the
-    float rounding residue of a reconstructed accumulator.
+
+def apply_edit(flat: torch.Tensor, edit: Edit, bits: int, on_grid: bool = True) -> None:
+    """In place on `flat`: rewrite the edited codes.
+
+    With `on_grid` the value is rewritten as new_code x scale (activation, input and weight codes); otherwise the
+    code's change is added to the value, which keeps the float rounding residue of a reconstructed accumulator.
     """
-    ranks, top = _ranks(linear)
-    for rank in range(top + 1):
-        select = ranks == rank if top else slice(None)
-        lin, s = linear[select], scale[select]
-        values = flat[lin]
-        codes = torch.round(values / s).to(torch.int64)
-        new = apply_bit_faults(codes, bit[select], kind[select], bits)
-        if on_grid:
-            flat[lin] = (new.to(flat.dtype) * s).to(flat.dtype)
-        else:
-            flat[lin] = values + ((new - codes).to(flat.dtype) * s).to(flat.dtype)
+    values = flat[edit.linear]
+    codes = torch.round(values / edit.scale).to(torch.int64)
+    raw = ((to_unsigned(codes, bits) & edit.keep) | edit.set) ^ edit.flip
+    new = to_signed(raw, bits)
+    if on_grid:
+        flat[edit.linear] = new.to(flat.dtype) * edit.scale
+    else:
+        flat[edit.linear] = values + (new - codes).to(flat.dtype) * edit.scale
 
 
 def check_bounds(faults: LayerFaults, numel: int, what: str) -> None:
     if len(faults) and int(faults.index.max()) >= numel:
         bad = int(faults.index.max())
         raise IndexError(f"fault index {bad} is out of range for {what}: allowed 0..{numel - 1}")
-
-
-def inject_transient(
-    tensor: torch.Tensor,
-    faults: LayerFaults,
-    scale: torch.Tensor,
-    bits: int,
-    channel_of: torch.Tensor | None,
-    on_grid: bool,
-) -> torch.Tensor:
-    """Faults of a batch on a per-image tensor. `scale` is a 1-element tensor (per-tensor) or per-channel, in
-    which case `channel_of` maps each fault's per-image index to its channel."""
-    out = tensor.contiguous()
-    per_image = out[0].numel()
-    flat = out.view(-1)
-    linear = faults.image * per_image + faults.index
-    per_fault_scale = scale.expand(linear.numel()) if channel_of is None else scale[channel_of]
-    corrupt_codes(flat, linear, faults.bit, faults.kind, per_fault_scale, bits, on_grid)
-    return out
 
 
 def output_channel(index: torch.Tensor, shape: tuple[int, ...], channel_axis: int) -> torch.Tensor:

@@ -286,7 +286,8 @@ class HwFault:
 
     def _progress(self, label: str) -> Callable[[CampaignResult], None] | None:
         reporter = self._config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is None or self._config.get_verbosity() < 1 or _is_worker(self._config):
+        capture = self._config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None or capture is None or self._config.get_verbosity() < 1 or _is_worker(self._config):
             return None
         checkpoints: set[int] = set()
 
@@ -296,9 +297,10 @@ class HwFault:
             done = result.contiguous()
             if done in checkpoints:
                 o = result.outcome()
-                reporter.ensure_newline()
-                reporter.write_line(f"    hwfault {label}: {done}/{result.spec.budget} trials, accuracy "
-                                    f"{o.accuracy:.4f} [{o.ci_low:.4f}, {o.ci_high:.4f}] vs {o.required:.4f}")
+                with capture.global_and_fixture_disabled():
+                    reporter.ensure_newline()
+                    reporter.write_line(f"    hwfault {label}: {done}/{result.spec.budget} trials, accuracy "
+                                        f"{o.accuracy:.4f} [{o.ci_low:.4f}, {o.ci_high:.4f}] vs {o.required:.4f}")
 
         return show
 

@@ -43,7 +43,7 @@ from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 from .data import iter_batches
 from .faults import ACC_BITS, FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site, select_layers
 from .graph import fold_batchnorm, input_producers
-from .inject import check_bounds, corrupt_codes, inject_transient, output_channel
+from .inject import Edit, apply_edit, check_bounds, compose, output_channel
 
 QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
@@ -123,7 +123,7 @@ class _Runtime:
     """What the hooks of one forward pass read: whether to quantize, and this batch's transient faults."""
 
     quantize: bool = True
-    batch: dict[tuple[Site, str], LayerFaults] = field(default_factory=dict)
+    batch: dict[tuple[Site, str], Edit] = field(default_factory=dict)
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -228,42 +228,70 @@ class QuantizedModel:
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def _install(self, layer: QuantLayer) -> list[Any]:
-        runtime, qmax, name = self._runtime, layer.qmax, layer.name
+        runtime, qmax, name, bits = self._runtime, layer.qmax, layer.name, layer.bits
         input_scale, act_scale = layer.input_scale, layer.act_scale
-        input_scale_t = torch.tensor([input_scale])
-        act_scale_t = torch.tensor([act_scale])
 
         def quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
             if not runtime.quantize:
                 return None
-            faults = runtime.batch.get((Site.INPUT, name))
+            edit = runtime.batch.get((Site.INPUT, name))
             if layer.input_source is not None:  # already the producer's codes: requantizing is the identity
-                if faults is None:
+                if edit is None:
                     return None
-                x = args[0].clone()  # the producer's output may feed other consumers, which must not see these
+                x = args[0].contiguous().clone()  # other consumers of the producer's output must not see these
             else:
-                x = fake_quantize(args[0], input_scale, qmax, in_place=False)
-            if faults is not None:
-                x = inject_transient(x, faults, input_scale_t.to(x.device), layer.bits, None, on_grid=True)
+                x = fake_quantize(args[0].contiguous(), input_scale, qmax, in_place=False)
+            if edit is not None:
+                apply_edit(x.view(-1), edit, bits)
             return (x, *args[1:])
 
         def quantize_output(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
             if not runtime.quantize:
                 return None
-            faults = runtime.batch.get((Site.ACC, name))
-            if faults is not None:
-                channel = output_channel(faults.index, layer.output_shape, layer.channel_axis)
-                out = inject_transient(out, faults, layer.acc_scale.to(out.device), ACC_BITS, channel, on_grid=False)
+            out = out.contiguous()
+            edit = runtime.batch.get((Site.ACC, name))
+            if edit is not None:
+                apply_edit(out.view(-1), edit, ACC_BITS, on_grid=False)
             out = fake_quantize(out, act_scale, qmax, in_place=True)  # `out` is the layer's own fresh result
-            faults = runtime.batch.get((Site.ACT, name))
-            if faults is not None:
-                out = inject_transient(out, faults, act_scale_t.to(out.device), layer.bits, None, on_grid=True)
+            edit = runtime.batch.get((Site.ACT, name))
+            if edit is not None:
+                apply_edit(out.view(-1), edit, bits)
             return out
 
         return [
             layer.module.register_forward_pre_hook(quantize_input),
             layer.module.register_forward_hook(quantize_output),
         ]
+
+    def _edit(self, site: Site, layer: QuantLayer, faults: LayerFaults, per_image: int) -> Edit:
+        """The edit of one (site, layer) for one batch (images renumbered from 0), on the model's device."""
+        device = self.device
+        faults = faults.to(device)
+        if site is Site.ACC:
+            scale = layer.acc_scale[output_channel(faults.index, layer.output_shape, layer.channel_axis)]
+        elif site is Site.WEIGHT:
+            scale = layer.weight_scale[faults.index // (layer.weight_codes.numel() // layer.weight_codes.shape[0])]
+        else:
+            value = layer.input_scale if site is Site.INPUT else layer.act_scale
+            scale = torch.full((len(faults),), value, dtype=torch.float32, device=device)
+        linear = faults.index if site is Site.WEIGHT else faults.image * per_image + faults.index
+        return compose(linear, faults.bit, faults.kind, scale)
+
+    def prepare(self, faults: FaultPattern | None, start: int, stop: int) -> dict[tuple[Site, str], Edit]:
+        """The transient faults of images [start, stop), as edits the hooks apply."""
+        batch: dict[tuple[Site, str], Edit] = {}
+        if faults is None:
+            return batch
+        for (site, name), group in faults.groups.items():
+            if not site.transient:
+                continue
+            layer = self._layer(name)
+            part = group.for_images(start, stop)
+            if part is not None:
+                numel = layer.numel(site)
+                check_bounds(part, numel, f"site {site.value!r} of layer {name!r}")
+                batch[(site, name)] = self._edit(site, layer, part, numel)
+        return batch
 
     # -- running -------------------------------------------------------------------------------------------------
     @property
@@ -289,19 +317,14 @@ class QuantizedModel:
         return self._forward(x, faults, image_offset)
 
     def _forward(self, x: torch.Tensor, faults: FaultPattern | None, image_offset: int) -> torch.Tensor:
-        device = self.device
-        batch: dict[tuple[Site, str], LayerFaults] = {}
-        if faults is not None:
-            for (site, name), group in faults.groups.items():
-                if site.transient:
-                    part = group.for_images(image_offset, image_offset + len(x))
-                    if part is not None:
-                        check_bounds(part, self.layers[name].numel(site), f"site {site.value!r} of layer {name!r}")
-                        batch[(site, name)] = part.to(device)
-        self._runtime.batch = batch
+        return self.run_batch(x, self.prepare(faults, image_offset, image_offset + len(x)))
+
+    def run_batch(self, x: torch.Tensor, edits: dict[tuple[Site, str], Edit]) -> torch.Tensor:
+        """Quantized forward of one batch with prepared transient edits (see `prepare`)."""
+        self._runtime.batch = edits
         try:
             with torch.inference_mode():
-                return self.module(x.to(device))
+                return self.module(x.to(self.device))
         finally:
             self._runtime.batch = {}
 
@@ -326,14 +349,10 @@ class QuantizedModel:
                         continue
                     layer = self._layer(name)
                     check_bounds(group, layer.numel(Site.WEIGHT), f"the weights of layer {name!r}")
-                    weight = layer.module.weight
-                    flat = weight.view(-1)
-                    index = group.index.to(weight.device)
-                    touched = torch.unique(index)
-                    saved.append((flat, touched, flat[touched].clone()))
-                    channel = index // (flat.numel() // weight.shape[0])
-                    corrupt_codes(flat, index, group.bit.to(weight.device), group.kind.to(weight.device),
-                                  layer.weight_scale[channel], layer.bits, on_grid=True)
+                    edit = self._edit(Site.WEIGHT, layer, group, 0)
+                    flat = layer.module.weight.view(-1)
+                    saved.append((flat, edit.linear, flat[edit.linear].clone()))
+                    apply_edit(flat, edit, layer.bits)
             yield
         finally:
             with torch.no_grad():

@@ -1,0 +1,271 @@
+"""End-to-end tests of the pytest plugin, each in a fresh pytest subprocess (pytester)."""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+# A conftest for the inner runs: a small conv net trained on scikit-learn's digits, once per inner session.
+DIGITS_CONFTEST = '''
+import pytest, torch
+from torch import nn
+from sklearn.datasets import load_digits
+
+@pytest.fixture(scope="session")
+def digits():
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
+    y = torch.tensor(d.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[order], y[order]
+
+@pytest.fixture(scope="session")
+def model(digits):
+    x, y = digits
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.Flatten(), nn.Linear(8 * 64, 10))
+        opt = torch.optim.Adam(net.parameters(), 2e-2)
+        for _ in range(60):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x[:1200]), y[:1200]).backward()
+            opt.step()
+    return net.eval()
+
+@pytest.fixture(scope="session")
+def val_data(digits):
+    x, y = digits
+    return x[1200:1500], y[1200:1500]
+'''
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeconftest(DIGITS_CONFTEST)
+    return pytester
+
+
+def _run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", *args)
+
+
+GATES = '''
+from pytest_hwfault import resilience
+
+@resilience(ber=1e-4, site="act", min_acc=0.5, budget=16)
+def test_passes(hwfault, model, val_data):
+    result = hwfault.assess(model, val_data)
+    assert result.outcome().verdict == "pass"
+
+@resilience(ber=1e-4, site="act", min_acc=0.995, budget=16)
+def test_fails(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+'''
+
+
+def test_skipped_without_option(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_gates=GATES)
+    result = _run(suite, "-rs")
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines(["*pass --hwfault to run hardware-fault campaigns*"])
+
+
+def test_passing_and_failing_gates(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_gates=GATES)
+    report = suite.path / "report.json"
+    junit = suite.path / "junit.xml"
+    result = _run(suite, "--hwfault", "-rA", f"--hwfault-report={report}", f"--junitxml={junit}")
+    result.assert_outcomes(passed=1, failed=1)
+    assert result.ret == 1
+    out = result.stdout.str()
+    # the failure message a person can act on
+    failed_block = out[out.index("test_fails"):]
+    for piece in ("site=act", "BER=0.0001", "8-bit", "kind=flip", "trials", "min_acc=0.995", "float",
+                  "quantized", "most vulnerable layers", "act scale", "seed",
+                  "pytest test_gates.py::test_fails --hwfault"):
+        assert piece in failed_block, piece
+    assert "Traceback" not in out
+    assert re.search(r"FAILED test_gates.py::test_fails", out)
+    # summary table
+    result.stdout.fnmatch_lines(["*hwfault campaigns*", "*test_passes*act*PASS*", "*test_fails*act*FAIL*"])
+    # junitxml: one failed testcase with the message
+    cases = {c.get("name"): c for c in ET.parse(junit).getroot().iter("testcase")}
+    assert cases["test_fails"].find("failure") is not None
+    assert cases["test_passes"].find("failure") is None
+    # JSON report and its schema
+    data = json.loads(report.read_text())
+    assert data["schema"] == "pytest-hwfault/report" and data["version"] == 1
+    assert {"torch", "plugin", "machine"} <= set(data["environment"])
+    by_test = {c["nodeid"].split("::")[-1]: c for c in data["campaigns"]}
+    assert by_test["test_passes"]["verdict"] == "pass" and by_test["test_fails"]["verdict"] == "fail"
+    record = by_test["test_fails"]
+    for key in ("nodeid", "site", "ber", "bits", "kind", "trials", "float_accuracy", "quantized_accuracy",
+                "accuracy", "ci_low", "ci_high", "confidence", "threshold", "verdict", "seed", "layers"):
+        assert key in record, key
+    assert record["ci_high"] < 0.995 <= 1.0
+    assert record["layers"] and {"name", "act_scale", "vulnerability"} <= set(record["layers"][0])
+
+
+def test_lists_expand_into_campaigns(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_lists='''
+import pytest
+
+@pytest.mark.resilience(ber=[1e-5, 1e-4], site=["act", "weight"], max_drop=0.5, budget=16)
+def test_grid(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+''')
+    result = _run(suite, "--hwfault", "-v", "--strict-markers")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines([
+        "*test_grid?act-ber1e-05? PASSED*",
+        "*test_grid?act-ber0.0001? PASSED*",
+        "*test_grid?weight-ber1e-05? PASSED*",
+        "*test_grid?weight-ber0.0001? PASSED*",
+    ])
+
+
+BAD_MARKERS = {
+    "ber": "@resilience(ber=2.0, site='act', min_acc=0.5)",
+    "site": "@resilience(ber=1e-5, site='memory', min_acc=0.5)",
+    "min_acc": "@resilience(ber=1e-5, site='act', min_acc=0.5, max_drop=0.1)",
+    "bits": "@resilience(ber=1e-5, site='act', min_acc=0.5, bits=1)",
+    "kind": "@resilience(ber=1e-5, site='act', min_acc=0.5, kind='toggle')",
+    "bit_positions": "@resilience(ber=1e-5, site='act', min_acc=0.5, bit_positions=[8])",
+    "layers": "@resilience(ber=1e-5, site='act', min_acc=0.5, layers=[3])",
+    "confidence": "@resilience(ber=1e-5, site='act', min_acc=0.5, confidence=1.5)",
+    "budget": "@resilience(ber=1e-5, site='act', min_acc=0.5, budget=0)",
+    "samples": "@resilience(ber=1e-5, site='act', min_acc=0.5, samples=-3)",
+    "seed": "@resilience(ber=1e-5, site='act', min_acc=0.5, seed='x')",
+    "colour": "@resilience(ber=1e-5, site='act', min_acc=0.5, colour='red')",
+}
+
+
+def test_every_bad_marker_argument_is_a_clean_collection_error(suite: pytest.Pytester) -> None:
+    for argument, decorator in BAD_MARKERS.items():
+        suite.makepyfile(**{f"test_bad_{argument}": f'''
+import pytest
+resilience = pytest.mark.resilience
+
+{decorator}
+def test_gate(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+'''})
+    result = _run(suite, "--hwfault")
+    out = result.stdout.str()
+    assert result.ret == 2  # collection errors interrupt the session
+    for argument in BAD_MARKERS:
+        line = next((x for x in out.splitlines() if f"test_bad_{argument}.py::test_gate" in x
+                     and "@resilience argument" in x), None)
+        assert line is not None, f"no clean error for {argument}:\n{out}"
+        assert f"argument {argument}:" in line
+    assert "Traceback" not in out and "spec.py" not in out
+
+
+def test_eager_marker_check_at_import(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_eager='''
+from pytest_hwfault import resilience
+
+@resilience(ber=1e-5, site="act")
+def test_gate(hwfault):
+    pass
+''')
+    result = _run(suite)
+    assert result.ret == 2
+    result.stdout.fnmatch_lines(["*min_acc: give exactly one of min_acc*"])
+
+
+def test_marker_without_fixture_and_gate_never_run(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_nofixture='''
+import pytest
+
+@pytest.mark.resilience(ber=1e-5, site="act", min_acc=0.5)
+def test_gate(model):
+    pass
+''', test_noassess='''
+import pytest
+
+@pytest.mark.resilience(ber=1e-5, site="act", min_acc=0.5)
+def test_gate(hwfault):
+    pass
+''')
+    result = _run(suite, "--hwfault")
+    result.stdout.fnmatch_lines(["*test_nofixture.py::test_gate: uses @resilience but does not request*"])
+    result = _run(suite, "--hwfault", "test_noassess.py")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*never ran*hwfault.assess*"])
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--hwfault-confidence=2", "outside [0.5, 1)"),
+        ("--hwfault-confidence=abc", "not a number"),
+        ("--hwfault-budget=0", "expected a positive integer"),
+        ("--hwfault-seed=-1", "non-negative"),
+        ("--hwfault-device=tpu", "not one of: cpu, cuda, auto"),
+        ("--hwfault-inconclusive=maybe", "not one of: fail, pass"),
+        ("--hwfault-compare-tolerance=3", "outside [0, 1]"),
+        ("--hwfault-save=../x", "plain baseline name"),
+    ],
+)
+def test_bad_cli_values_are_refused_when_parsed(pytester: pytest.Pytester, option: str, message: str) -> None:
+    result = _run(pytester, option)
+    assert result.ret == 4  # usage error
+    name = option.split("=")[0]
+    pattern = message.replace("[", "?").replace("]", "?")
+    result.stderr.fnmatch_lines([f"*argument {name}:*{pattern}*"])
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nhwfault_budget = many\n")
+    result = _run(pytester)
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["*hwfault_budget*many*not an integer*"])
+
+
+def test_strict_markers_and_ini_enable(suite: pytest.Pytester) -> None:
+    suite.makeini("[pytest]\nhwfault = true\nhwfault_budget = 8\n")
+    suite.makepyfile(test_gates=GATES.replace(", budget=16", ""))
+    result = _run(suite, "--strict-markers", "-v")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*test_passes*", "*hwfault act-ber0.0001: 4/8 trials, accuracy*"])
+    assert "Captured stdout call" not in result.stdout.str()  # progress goes to the terminal, not the capture
+
+
+def test_baseline_compare_fails_on_regression(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_base='''
+from pytest_hwfault import resilience
+
+@resilience(ber=1e-4, site="act", min_acc=0.1, budget=8, first=8)
+def test_gate(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+''')
+    # the campaign id depends on the test and its spec: keep both and make the model worse instead
+    saved = _run(suite, "--hwfault", "--hwfault-save=v1")
+    saved.assert_outcomes(passed=1)
+    assert (suite.path / ".hwfault" / "v1.json").is_file()
+    same = _run(suite, "--hwfault", "--hwfault-compare=v1")
+    same.assert_outcomes(passed=1)
+    # a regressed model: corrupt the trained net inside the conftest's model fixture
+    suite.makeconftest(DIGITS_CONFTEST.replace("return net.eval()",
+                                               "net[0].weight.data.mul_(0.3)\n    return net.eval()"))
+    worse = _run(suite, "--hwfault", "--hwfault-compare=v1", "--hwfault-compare-tolerance=0.01")
+    worse.assert_outcomes(failed=1)
+    worse.stdout.fnmatch_lines(["*regressed against baseline 'v1'*"])
+    missing = _run(suite, "--hwfault", "--hwfault-compare=nope")
+    missing.assert_outcomes(failed=1)
+
+
+def test_readme_example_runs_as_written(pytester: pytest.Pytester) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    example = next(b for b in blocks if "def test_release_candidate" in b)
+    pytester.makepyfile(test_release=example)
+    result = _run(pytester, "test_release.py", "--hwfault", "-v")
+    result.assert_outcomes(passed=1)
