@@ -121,6 +121,13 @@ class CampaignResult:
                               self.quantized_accuracy, self.layers, dict(sorted(trials.items())),
                               max(self.seconds, other.seconds))
 
+    def trimmed(self) -> CampaignResult:
+        """Only the trials the outcome is computed on: the same result however many extra trials ran."""
+        keep = self.outcome().trials if self.decided() else self.contiguous()
+        return CampaignResult(self.campaign_id, self.name, self.spec, self.images, self.float_accuracy,
+                              self.quantized_accuracy, self.layers, {i: self.trials[i] for i in range(keep)},
+                              self.seconds)
+
     def contiguous(self) -> int:
         """T such that trials 0..T-1 are all present."""
         t = 0
@@ -300,19 +307,17 @@ class Campaign:
         self,
         trials: Iterable[int] | None = None,
         *,
-        on_trial: Callable[[CampaignResult], None] | None = None,
-        should_stop: Callable[[CampaignResult], bool] | None = None,
+        on_trial: Callable[[CampaignResult, TrialResult], None] | None = None,
     ) -> CampaignResult:
-        """Run `trials` (default: 0, 1, ... up to the budget) in order, stopping as soon as the result decides
-        (or `should_stop` says so). Returns the trials computed, which may run past the deciding checkpoint
-        only when an external `trials` order asks for it."""
+        """Run `trials` (default: 0, 1, ... up to the budget) in the order given, stopping as soon as the
+        result decides."""
         result = self.empty_result()
         start = time.perf_counter()
         for index in range(self.spec.budget) if trials is None else trials:
-            result.trials[index] = self.trial(index)
+            trial = result.trials[index] = self.trial(index)
             result.seconds = time.perf_counter() - start
             if on_trial is not None:
-                on_trial(result)
-            if result.decided() or (should_stop is not None and should_stop(result)):
+                on_trial(result, trial)
+            if result.decided():
                 break
         return result

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .campaign import Campaign, CampaignResult
+from .campaign import Campaign, CampaignResult, TrialResult
 from .data import as_tensors, iter_batches
 from .quantize import QuantizedModel, quantize, state_checksum
+from .sharding import RunDir, Slice
 from .spec import CampaignSpec
 
 DEFAULT_CALIBRATION_SAMPLES = 512
@@ -54,6 +57,22 @@ class ModelCache:
         return qmodel
 
 
+@dataclass(frozen=True)
+class Execution:
+    """How this process takes part in a campaign: its xdist shard and CI slice, and the shared run directory."""
+
+    shard: int = 1
+    shards: int = 1
+    ci_slice: Slice = Slice()
+    run_root: Path | None = None
+
+
+@dataclass
+class Assessment:
+    result: CampaignResult
+    final: bool  # True when `result` carries the campaign's verdict; False for a shard's partial share
+
+
 def assess(
     model: nn.Module | QuantizedModel,
     data: Any,
@@ -64,10 +83,10 @@ def assess(
     device: torch.device,
     calibration_data: Any = None,
     quantize_options: dict[str, Any] | None = None,
-    on_trial: Callable[[CampaignResult], None] | None = None,
-    trials: Any = None,
-) -> CampaignResult:
-    """Quantize (or reuse) `model`, then run the campaign `spec` on `data` until it decides.
+    on_trial: Callable[[CampaignResult, TrialResult], None] | None = None,
+    execution: Execution = Execution(),
+) -> Assessment:
+    """Quantize (or reuse) `model`, then run this process's part of the campaign `spec` on `data`.
 
     Calibration uses `calibration_data` when given, else the first DEFAULT_CALIBRATION_SAMPLES images of `data`.
     """
@@ -81,4 +100,31 @@ def assess(
             calibration = torch.cat([x for x, _ in iter_batches(calibration_data)])
         qmodel = cache.get(model, calibration, device, spec.bits, dict(quantize_options or {}))
     campaign = Campaign(qmodel, inputs, labels, spec, name)
-    return campaign.run(trials, on_trial=on_trial)
+    allowed = execution.ci_slice.trials(spec.budget)
+    whole = execution.ci_slice.count == 1
+    if execution.shards == 1 or execution.run_root is None or not execution.run_root.is_dir():
+        if execution.shard > 1:  # no shared run directory (a remote gateway): shard 1 runs everything
+            return Assessment(campaign.empty_result(), final=False)
+        result = campaign.run(allowed, on_trial=on_trial)
+        return Assessment(result.trimmed() if whole else result, final=whole)
+    run_dir = RunDir(execution.run_root, campaign.campaign_id)
+    shared = campaign.empty_result()
+
+    def claims() -> Iterator[int]:
+        while not run_dir.collect(shared).decided():
+            index = run_dir.claim(allowed)
+            if index is None:
+                return
+            yield index
+
+    mine = campaign.empty_result()
+    start = time.perf_counter()
+    for index in claims():
+        trial = mine.trials[index] = campaign.trial(index)
+        run_dir.publish(trial)
+    mine.seconds = time.perf_counter() - start
+    if run_dir.finish(execution.shard, execution.shards):
+        merged = run_dir.collect(campaign.empty_result())
+        merged.seconds = mine.seconds
+        return Assessment(merged.trimmed() if whole else merged, final=whole)
+    return Assessment(mine, final=False)

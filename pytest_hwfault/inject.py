@@ -74,34 +74,15 @@ def compose(linear: torch.Tensor, bit: torch.Tensor, kind: torch.Tensor, scale: 
     return Edit(unique, keep, set_, flip, code_scale)
 
 
-def apply_edit(flat: torch.Tensor, edit: Edit, bits: int, on_grid: bool = True) -> None:
-    """In place on `flat`: rewrite the edited codes.
-
-    With `on_grid` the value is rewritten as new_code x scale (activation, input and weight codes); otherwise the
-    code's change is added to the value, which keeps the float rounding residue of a reconstructed accumulator.
-    """
-    values = flat[edit.linear]
-    codes = torch.round(values / edit.scale).to(torch.int64)
+def apply_edit(flat: torch.Tensor, edit: Edit, bits: int) -> None:
+    """In place on `flat`, whose values are code x scale (scale 1 for tensors that hold the codes themselves):
+    rewrite the edited codes."""
+    codes = torch.round(flat[edit.linear] / edit.scale).to(torch.int64)
     raw = ((to_unsigned(codes, bits) & edit.keep) | edit.set) ^ edit.flip
-    new = to_signed(raw, bits)
-    if on_grid:
-        flat[edit.linear] = new.to(flat.dtype) * edit.scale
-    else:
-        flat[edit.linear] = values + (new - codes).to(flat.dtype) * edit.scale
+    flat[edit.linear] = to_signed(raw, bits).to(flat.dtype) * edit.scale
 
 
 def check_bounds(faults: LayerFaults, numel: int, what: str) -> None:
     if len(faults) and int(faults.index.max()) >= numel:
         bad = int(faults.index.max())
         raise IndexError(f"fault index {bad} is out of range for {what}: allowed 0..{numel - 1}")
-
-
-def output_channel(index: torch.Tensor, shape: tuple[int, ...], channel_axis: int) -> torch.Tensor:
-    """Channel of each per-image flat index, for an output of per-image `shape` with channels on `channel_axis`
-    (0 for conv outputs (C, ...), -1 for linear outputs (..., F))."""
-    if channel_axis == -1:
-        return index % shape[-1]
-    inner = 1
-    for d in shape[1:]:
-        inner *= d
-    return index // inner

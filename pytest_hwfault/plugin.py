@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .marker import MARKER, MARKER_HELP
+from .sharding import Slice, campaign_name, shard_id
 from .spec import CampaignSpec, SpecError, expand
 
 if TYPE_CHECKING:
@@ -25,6 +29,8 @@ if TYPE_CHECKING:
 
 SKIP_REASON = "pass --hwfault to run hardware-fault campaigns"
 SPEC_FIXTURE = "_hwfault_spec"
+SHARD_FIXTURE = "_hwfault_shard"
+RUN_ROOT_KEY = "hwfault_run_root"
 
 OPT_ENABLE = "--hwfault"
 OPT_SEED = "--hwfault-seed"
@@ -37,6 +43,7 @@ OPT_SAVE = "--hwfault-save"
 OPT_COMPARE = "--hwfault-compare"
 OPT_TOLERANCE = "--hwfault-compare-tolerance"
 OPT_STORAGE = "--hwfault-storage"
+OPT_SHARD = "--hwfault-shard"
 DEVICES = ("cpu", "cuda", "auto")
 INCONCLUSIVE_POLICIES = ("fail", "pass")
 
@@ -89,6 +96,13 @@ def _choice(allowed: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
+def _slice(text: str) -> Slice:
+    try:
+        return Slice.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; expected K/M with 1 <= K <= M, e.g. 2/4") from None
+
+
 def _name(text: str) -> str:
     if not text or "/" in text or "\\" in text or text.startswith("."):
         raise argparse.ArgumentTypeError(f"{text!r} is not a plain baseline name (no slashes, not hidden)")
@@ -109,6 +123,9 @@ _VALUED_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], Any, str], ...] = (
     (OPT_TOLERANCE, "hwfault_compare_tolerance", _tolerance, 0.01,
      "accuracy drop against the baseline that still passes (default 0.01)"),
     (OPT_STORAGE, "hwfault_storage", str, ".hwfault", "directory of saved baselines (default .hwfault)"),
+    (OPT_SHARD, "hwfault_shard", _slice, Slice(),
+     "compute only part K/M of every campaign (a CI matrix job); merge the reports with "
+     "python -m pytest_hwfault.report merge"),
 )
 
 
@@ -125,6 +142,7 @@ class Settings:
     compare: str | None
     compare_tolerance: float
     storage: str
+    shard: Slice
 
     def marker_defaults(self) -> dict[str, Any]:
         return {"seed": self.seed, "budget": self.budget, "confidence": self.confidence}
@@ -141,6 +159,7 @@ class SessionState:
 SETTINGS_KEY = pytest.StashKey[Settings]()
 STATE_KEY = pytest.StashKey[SessionState]()
 ITEM_RECORDS_KEY = pytest.StashKey[list]()
+RUN_ROOT_STASH = pytest.StashKey[Path]()
 
 
 def _dest(option: str) -> str:
@@ -183,6 +202,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SETTINGS_KEY] = settings
     config.stash[STATE_KEY] = SessionState()
     config.pluginmanager.register(ResultCollector(config), "hwfault-results")
+    if settings.enabled and not _is_worker(config) and config.pluginmanager.hasplugin("xdist"):
+        run_root = Path(tempfile.mkdtemp(prefix="hwfault-run-"))
+        config.stash[RUN_ROOT_STASH] = run_root
+        config.pluginmanager.register(XdistHooks(run_root), "hwfault-xdist")
     if settings.enabled and _is_worker(config):
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
         import torch
@@ -217,6 +240,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                                     "so no campaign would run; add a `hwfault` argument and call hwfault.assess()")
     if len(specs) > 1:
         metafunc.parametrize(SPEC_FIXTURE, specs, ids=[spec.label() for spec in specs])
+    shards = _shard_count(metafunc.config)
+    if shards > 1 and metafunc.config.stash[SETTINGS_KEY].enabled:
+        metafunc.parametrize(SHARD_FIXTURE, range(1, shards + 1), ids=[shard_id(k, shards) for k in
+                                                                        range(1, shards + 1)])
+
+
+def _shard_count(config: pytest.Config) -> int:
+    """Shards per campaign: the number of xdist workers, read from the environment xdist gives every worker,
+    so that collection is identical on all of them."""
+    if not _is_worker(config):
+        return 1
+    return max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -236,11 +271,18 @@ def _hwfault_spec(request: pytest.FixtureRequest) -> CampaignSpec | None:
     return None if marker is None else _specs(request.config, request.node.nodeid, marker)[0]
 
 
+@pytest.fixture
+def _hwfault_shard() -> int:
+    """This item's shard of its campaign (1 when campaigns are not sharded)."""
+    return 1
+
+
 class HwFault:
     """The `hwfault` fixture: runs the campaign the marker describes and fails the test when the gate fails."""
 
-    def __init__(self, item: pytest.Item, spec: CampaignSpec | None) -> None:
+    def __init__(self, item: pytest.Item, spec: CampaignSpec | None, shard: int) -> None:
         self._item = item
+        self._shard = shard
         self._config = item.config
         self._settings = item.config.stash[SETTINGS_KEY]
         self._state = item.config.stash[STATE_KEY]
@@ -281,17 +323,17 @@ class HwFault:
             pytest.fail(f"{self._item.nodeid}: {exc}", pytrace=False)
 
     def _reproduce(self, spec: CampaignSpec) -> str:
-        return shlex.join(["pytest", self._item.nodeid, OPT_ENABLE, f"{OPT_SEED}={spec.seed}",
+        return shlex.join(["pytest", campaign_name(self._item.nodeid), OPT_ENABLE, f"{OPT_SEED}={spec.seed}",
                            f"{OPT_BUDGET}={spec.budget}", f"{OPT_CONFIDENCE}={spec.confidence}"])
 
-    def _progress(self, label: str) -> Callable[[CampaignResult], None] | None:
+    def _progress(self, label: str) -> Callable[[CampaignResult, Any], None] | None:
         reporter = self._config.pluginmanager.get_plugin("terminalreporter")
         capture = self._config.pluginmanager.get_plugin("capturemanager")
         if reporter is None or capture is None or self._config.get_verbosity() < 1 or _is_worker(self._config):
             return None
         checkpoints: set[int] = set()
 
-        def show(result: CampaignResult) -> None:
+        def show(result: CampaignResult, trial: Any) -> None:
             if not checkpoints:
                 checkpoints.update(result.plan().checkpoints())
             done = result.contiguous()
@@ -315,23 +357,32 @@ class HwFault:
                 spec = self.spec.with_overrides(**overrides)
         except (SpecError, TypeError) as exc:
             pytest.fail(f"{nodeid}: hwfault.assess() argument {exc}", pytrace=False)
-        from .gate import assess
+        from .gate import Execution, assess
         from .report import campaign_record, failure_message
 
         records = self._item.stash[ITEM_RECORDS_KEY]
-        name = nodeid if not records else f"{nodeid}#{len(records)}"
-        result = assess(model, data, spec, name, cache=self._cache(), device=self._device(),
-                        calibration_data=calibration_data, quantize_options=quantize_options,
-                        on_trial=self._progress(spec.label()))
-        record = campaign_record(result, nodeid)
+        base = campaign_name(nodeid)
+        name = base if not records else f"{base}#{len(records)}"
+        run_root = getattr(self._config, "workerinput", {}).get(RUN_ROOT_KEY)
+        execution = Execution(shard=self._shard, shards=_shard_count(self._config), ci_slice=self._settings.shard,
+                              run_root=Path(run_root) if run_root else None)
+        start = time.perf_counter()
+        assessment = assess(model, data, spec, name, cache=self._cache(), device=self._device(),
+                            calibration_data=calibration_data, quantize_options=quantize_options,
+                            on_trial=self._progress(spec.label()), execution=execution)
+        record = campaign_record(assessment.result, base)
+        record["seconds"] = time.perf_counter() - start
+        record["shard"] = [execution.shard, execution.shards]
         records.append(record)
+        if not assessment.final:  # a shard's share: the campaign's last shard carries the verdict
+            return assessment.result
         verdict = record["verdict"]
         if verdict == "fail" or verdict == "incomplete" or (
             verdict == "inconclusive" and self._settings.inconclusive == "fail"
         ):
             pytest.fail(failure_message(record, self._reproduce(spec)), pytrace=False)
         self._check_baseline(record)
-        return result
+        return assessment.result
 
     def _check_baseline(self, record: dict[str, Any]) -> None:
         if self._settings.compare is None:
@@ -351,9 +402,9 @@ class HwFault:
 
 
 @pytest.fixture
-def hwfault(request: pytest.FixtureRequest, _hwfault_spec: CampaignSpec | None) -> HwFault:
+def hwfault(request: pytest.FixtureRequest, _hwfault_spec: CampaignSpec | None, _hwfault_shard: int) -> HwFault:
     """Run hardware-fault campaigns: ``hwfault.assess(model, data)`` gates the test on the @resilience marker."""
-    return HwFault(request.node, _hwfault_spec)
+    return HwFault(request.node, _hwfault_spec, _hwfault_shard)
 
 
 # -- results: carried on test reports, so xdist workers hand them to the controller ---------------------------
@@ -373,9 +424,9 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 class ResultCollector:
-    """Gathers campaign records from test reports (local or replayed from xdist workers) and reports them.
+    """Gathers campaign records from test reports (local, or replayed from xdist workers) and reports them.
 
-    Registered on every process; on xdist workers it only forwards, the controller writes reports."""
+    Registered on every process; only the controller (or a lone process) prints and writes reports."""
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
@@ -386,23 +437,77 @@ class ResultCollector:
         if records and report.when == "call":
             self.records.extend(records)
 
+    def campaigns(self) -> list[dict[str, Any]]:
+        """One record per campaign: shards merged; a campaign with a lost shard is incomplete."""
+        from .report import build_report, merge_reports
+
+        if not self.records:
+            return []
+        seen: dict[str, set[int]] = {}
+        expected: dict[str, int] = {}
+        for record in self.records:
+            index, count = record.get("shard", [1, 1])
+            seen.setdefault(record["campaign_id"], set()).add(index)
+            expected[record["campaign_id"]] = count
+        merged = merge_reports([build_report(self.records, {})])["campaigns"]
+        for record in merged:
+            lost = sorted(set(range(1, expected[record["campaign_id"]] + 1)) - seen[record["campaign_id"]])
+            if lost:
+                record["verdict"] = "incomplete"
+                record["lost_shards"] = lost
+        return merged
+
+    def _incomplete_is_failure(self) -> bool:
+        return self.config.stash[SETTINGS_KEY].shard.count == 1  # a CI slice is incomplete by design
+
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not self.records or _is_worker(self.config):
+        if _is_worker(self.config):
+            return
+        campaigns = self.campaigns()
+        if not campaigns:
             return
         from .report import format_table
 
         terminalreporter.write_sep("-", "hwfault campaigns")
-        for line in format_table(self.records):
+        for line in format_table(campaigns):
             terminalreporter.write_line(line)
+        for record in campaigns:
+            if record.get("lost_shards"):
+                terminalreporter.write_line(
+                    f"hwfault: {record['nodeid']} [{record['label']}] lost shard(s) {record['lost_shards']} "
+                    "(a worker crashed): the campaign is incomplete and fails", red=True)
 
+    @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         settings = self.config.stash[SETTINGS_KEY]
-        if _is_worker(self.config) or not settings.enabled or not (settings.report or settings.save):
+        if _is_worker(self.config) or not settings.enabled:
+            return
+        campaigns = self.campaigns()
+        if self._incomplete_is_failure() and any(r["verdict"] == "incomplete" for r in campaigns):
+            if session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if not (settings.report or settings.save):
             return
         from .report import build_report, environment, save_baseline, write_report
 
-        report = build_report(self.records, environment())
+        report = build_report(campaigns, environment())
         if settings.report:
             write_report(Path(settings.report), report)
         if settings.save:
             save_baseline(Path(settings.storage), settings.save, report)
+
+
+class XdistHooks:
+    """Registered only when pytest-xdist is active: hands every worker the shared run directory."""
+
+    def __init__(self, run_root: Path) -> None:
+        self.run_root = run_root
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput[RUN_ROOT_KEY] = str(self.run_root)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    run_root = config.stash.get(RUN_ROOT_STASH, None)
+    if run_root is not None:
+        shutil.rmtree(run_root, ignore_errors=True)

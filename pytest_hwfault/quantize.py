@@ -2,20 +2,23 @@
 
 What is quantized, and where (see also docs/architecture.md):
 
-- The view works on a private deep copy of the model in eval mode; the user's parameters, buffers, hooks and
-  training flag are never touched.
+- The view works on a private deep copy of the model in eval mode (and a second, float copy for the float
+  baseline); the user's parameters, buffers, hooks and training flag are never touched.
 - BatchNorm that directly follows a conv/linear (found by torch.fx tracing) is folded into it first, as an
   accelerator does. A model that fx cannot trace keeps its BatchNorm in float after the quantized layer
   (`QuantizedModel.bn_kept` lists them, `fold_error` says why).
-- Every Conv1d/2d/3d and Linear module becomes a quantized layer:
-  * weights: symmetric signed int-N codes, per output channel or per tensor;
+- Every Conv1d/2d/3d and Linear module becomes a quantized layer that computes in integers, as the accelerator:
   * input: the tensor entering the layer is quantized to symmetric signed int-N codes with a calibrated scale
     (the codes the accelerator reads from its activation buffer: fault site ``input``);
+  * weights: symmetric signed int-N codes, per output channel or per tensor (fault site ``weight``);
   * bias: int32 codes at the accumulator scale (weight scale x input scale);
-  * accumulator: the conv/linear result, an int32 code at the accumulator scale (fault site ``acc``);
-  * output: requantized to symmetric signed int-N codes with a calibrated scale, saturating (fault site ``act``).
+  * accumulator: the conv/linear of input codes with weight codes, an exact integer (fault site ``acc``);
+  * output: the accumulator requantized (x weight scale x input scale / act scale, rounded, saturated) to
+    symmetric signed int-N codes, handed on as code x act scale (fault site ``act``).
+  The layer's module holds integer codes as float32, so its sums are exact (independent of thread count and
+  batch composition) while every partial sum stays below 2^24: guaranteed for int8 with fan-in <= 1040.
 - A layer whose input is another quantized layer's output passed only through ReLU, max-pooling or reshapes
-  reads those codes as they are (same scale, no requantization), as an accelerator reads its output buffer.
+  reads those codes as they are (same scale), as an accelerator reads its output buffer.
 - Everything between quantized layers stays as the model wrote it and runs in float on dequantized values: ReLU
   (module or functional), pooling, residual additions, concatenations, kept BatchNorm. A residual addition
   therefore sums two dequantized tensors, and the next layer's input quantization re-grids the result.
@@ -43,7 +46,7 @@ from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 from .data import iter_batches
 from .faults import ACC_BITS, FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site, select_layers
 from .graph import fold_batchnorm, input_producers
-from .inject import Edit, apply_edit, check_bounds, compose, output_channel
+from .inject import Edit, apply_edit, check_bounds, compose
 
 QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
@@ -84,6 +87,13 @@ class QuantLayer:
     def acc_scale(self) -> torch.Tensor:
         return self.weight_scale * self.input_scale
 
+    def requant_multiplier(self) -> torch.Tensor:
+        """acc_scale / act_scale per output channel, shaped to broadcast over the layer's output."""
+        m = (self.weight_scale.double() * self.input_scale / self.act_scale).float()
+        if self.channel_axis == -1:
+            return m
+        return m.reshape(-1, *([1] * (len(self.output_shape) - 1)))
+
     def numel(self, site: Site) -> int:
         if site is Site.WEIGHT:
             return self.weight_codes.numel()
@@ -120,9 +130,8 @@ class QuantLayer:
 
 @dataclass
 class _Runtime:
-    """What the hooks of one forward pass read: whether to quantize, and this batch's transient faults."""
+    """What the hooks of one forward pass read: this batch's transient faults."""
 
-    quantize: bool = True
     batch: dict[tuple[Site, str], Edit] = field(default_factory=dict)
 
 
@@ -185,13 +194,6 @@ def _weight_codes(weight: torch.Tensor, bits: int, granularity: str) -> tuple[to
     return codes, scale
 
 
-def fake_quantize(x: torch.Tensor, scale: float, qmax: int, in_place: bool) -> torch.Tensor:
-    """code x scale with code = clamp(round(x / scale), -qmax, qmax). Four vectorised passes; torch's own
-    fake_quantize_per_tensor_affine is an order of magnitude slower on CPU (it also builds a gradient mask)."""
-    out = x.mul_(1.0 / scale) if in_place else torch.mul(x, 1.0 / scale)
-    return out.round_().clamp_(-qmax, qmax).mul_(scale)
-
-
 def state_checksum(module: nn.Module) -> str:
     """SHA-256 over every parameter and buffer, names and bytes: bit-exact identity of a model's state."""
     digest = hashlib.sha256()
@@ -209,6 +211,7 @@ class QuantizedModel:
     def __init__(
         self,
         module: nn.Module,
+        float_module: nn.Module,
         layers: dict[str, QuantLayer],
         config: dict[str, Any],
         folded: list[tuple[str, str]],
@@ -217,6 +220,7 @@ class QuantizedModel:
         source_name: str,
     ) -> None:
         self.module = module
+        self.float_module = float_module
         self.layers = layers
         self.config = config
         self.folded = folded
@@ -229,51 +233,46 @@ class QuantizedModel:
     # -- hooks ---------------------------------------------------------------------------------------------------
     def _install(self, layer: QuantLayer) -> list[Any]:
         runtime, qmax, name, bits = self._runtime, layer.qmax, layer.name, layer.bits
-        input_scale, act_scale = layer.input_scale, layer.act_scale
+        inv_input_scale, act_scale = 1.0 / layer.input_scale, layer.act_scale
+        requant = layer.requant_multiplier()
 
-        def quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-            if not runtime.quantize:
-                return None
+        def to_input_codes(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            x = torch.mul(args[0], inv_input_scale).round_()
+            if layer.input_source is None:  # a producer's codes are in range already
+                x.clamp_(-qmax, qmax)
             edit = runtime.batch.get((Site.INPUT, name))
-            if layer.input_source is not None:  # already the producer's codes: requantizing is the identity
-                if edit is None:
-                    return None
-                x = args[0].contiguous().clone()  # other consumers of the producer's output must not see these
-            else:
-                x = fake_quantize(args[0].contiguous(), input_scale, qmax, in_place=False)
             if edit is not None:
+                x = x.contiguous()
                 apply_edit(x.view(-1), edit, bits)
             return (x, *args[1:])
 
-        def quantize_output(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
-            if not runtime.quantize:
-                return None
-            out = out.contiguous()
+        def requantize(module: nn.Module, args: tuple[Any, ...], acc: torch.Tensor) -> torch.Tensor:
             edit = runtime.batch.get((Site.ACC, name))
             if edit is not None:
-                apply_edit(out.view(-1), edit, ACC_BITS, on_grid=False)
-            out = fake_quantize(out, act_scale, qmax, in_place=True)  # `out` is the layer's own fresh result
+                acc = acc.contiguous()
+                apply_edit(acc.view(-1), edit, ACC_BITS)
+            # In place on the layer's own fresh result. Four vectorised passes: torch's
+            # fake_quantize_per_tensor_affine is ~10x slower on CPU (it also builds a gradient mask).
+            out = acc.mul_(requant).round_().clamp_(-qmax, qmax).mul_(act_scale)
             edit = runtime.batch.get((Site.ACT, name))
             if edit is not None:
+                out = out.contiguous()
                 apply_edit(out.view(-1), edit, bits)
             return out
 
         return [
-            layer.module.register_forward_pre_hook(quantize_input),
-            layer.module.register_forward_hook(quantize_output),
+            layer.module.register_forward_pre_hook(to_input_codes),
+            layer.module.register_forward_hook(requantize),
         ]
 
     def _edit(self, site: Site, layer: QuantLayer, faults: LayerFaults, per_image: int) -> Edit:
-        """The edit of one (site, layer) for one batch (images renumbered from 0), on the model's device."""
+        """The edit of one (site, layer) for one batch (images renumbered from 0), on the model's device.
+
+        Input, accumulator and weight codes are held as integers (scale 1); outputs as code x act scale."""
         device = self.device
         faults = faults.to(device)
-        if site is Site.ACC:
-            scale = layer.acc_scale[output_channel(faults.index, layer.output_shape, layer.channel_axis)]
-        elif site is Site.WEIGHT:
-            scale = layer.weight_scale[faults.index // (layer.weight_codes.numel() // layer.weight_codes.shape[0])]
-        else:
-            value = layer.input_scale if site is Site.INPUT else layer.act_scale
-            scale = torch.full((len(faults),), value, dtype=torch.float32, device=device)
+        scale = torch.full((len(faults),), layer.act_scale if site is Site.ACT else 1.0, dtype=torch.float32,
+                           device=device)
         linear = faults.index if site is Site.WEIGHT else faults.image * per_image + faults.index
         return compose(linear, faults.bit, faults.kind, scale)
 
@@ -301,6 +300,7 @@ class QuantizedModel:
     def to(self, device: torch.device | str) -> QuantizedModel:
         device = torch.device(device)
         self.module.to(device)
+        self.float_module.to(device)
         for layer in self.layers.values():
             layer.weight_codes = layer.weight_codes.to(device)
             layer.weight_scale = layer.weight_scale.to(device)
@@ -329,13 +329,9 @@ class QuantizedModel:
             self._runtime.batch = {}
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The (BN-folded) float model, for the float baseline accuracy."""
-        self._runtime.quantize = False
-        try:
-            with torch.inference_mode():
-                return self.module(x.to(self.device))
-        finally:
-            self._runtime.quantize = True
+        """The float model (a private eval-mode copy), for the float baseline accuracy."""
+        with torch.inference_mode():
+            return self.float_module(x.to(self.device))
 
     @contextmanager
     def weight_faults(self, pattern: FaultPattern) -> Iterator[None]:
@@ -350,7 +346,7 @@ class QuantizedModel:
                     layer = self._layer(name)
                     check_bounds(group, layer.numel(Site.WEIGHT), f"the weights of layer {name!r}")
                     edit = self._edit(Site.WEIGHT, layer, group, 0)
-                    flat = layer.module.weight.view(-1)
+                    flat = layer.module.weight.view(-1)  # holds the integer codes
                     saved.append((flat, edit.linear, flat[edit.linear].clone()))
                     apply_edit(flat, edit, layer.bits)
             yield
@@ -433,6 +429,7 @@ def quantize(
         first = next(work.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     work.to(device)
+    float_module = copy.deepcopy(work)
     folded, bn_kept, fold_error = fold_batchnorm(work) if fold_bn else ([], [], None)
 
     candidates = {name: m for name, m in work.named_modules() if isinstance(m, QUANTIZABLE)}
@@ -491,13 +488,6 @@ def quantize(
         act_scale = act_scales[name]
         codes, w_scale = _weight_codes(module.weight, bits, weight_granularity)
         w_scale = w_scale.to(device)
-        view = w_scale.reshape(-1, *([1] * (codes.dim() - 1)))
-        with torch.no_grad():
-            module.weight.copy_(codes.to(device).float() * view)
-            if getattr(module, "bias", None) is not None:
-                acc_scale = w_scale * in_scale
-                bias_codes = torch.clamp(torch.round(module.bias / acc_scale), -(2**31), 2**31 - 1)
-                module.bias.copy_(bias_codes * acc_scale)
         layers[name] = QuantLayer(
             name=name,
             module_type=type(module).__qualname__,
@@ -514,6 +504,13 @@ def quantize(
         )
     if calibration == "percentile":
         _measure_clip_rates(work, layers, calibration_data, batch_size, device)
+    with torch.no_grad():  # the copy now computes on integer codes: exact sums, whatever the thread count
+        for layer in layers.values():
+            bias = getattr(layer.module, "bias", None)
+            if bias is not None:
+                bias_codes = torch.round(bias / layer.acc_scale.reshape(bias.shape))
+                bias.copy_(torch.clamp(bias_codes, -(2**31), 2**31 - 1))
+            layer.module.weight.copy_(layer.weight_codes.float())
 
     config = {
         "bits": bits,
@@ -523,14 +520,13 @@ def quantize(
         "percentile": percentile if calibration == "percentile" else None,
         "fold_bn": fold_bn,
     }
-    return QuantizedModel(work, layers, config, folded, bn_kept, fold_error, source_name)
+    return QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name)
 
 
 def _measure_clip_rates(
     work: nn.Module, layers: dict[str, QuantLayer], data: Any, batch_size: int, device: torch.device | str
 ) -> None:
-    """Share of calibration values beyond each layer's quantization range, measured on the model with quantized
-    weights and float activations (the hooks that quantize activations are not installed yet)."""
+    """Share of calibration values beyond each layer's quantization range, measured on the float model."""
     counts = {name: [0, 0, 0, 0] for name in layers}  # clipped inputs, inputs, clipped outputs, outputs
 
     def count(layer: QuantLayer) -> Any:

@@ -6,21 +6,19 @@ How a campaign is judged
 ------------------------
 A campaign runs trials 0, 1, 2, ...; each trial evaluates M images under freshly sampled faults. A
 :class:`SequentialPlan` fixes, *before* the campaign starts, the trial counts (checkpoints) at which the verdict is
-evaluated and the error probability ``alpha_k`` spent at look ``k``.
-
-Anytime-valid guarantee. Look ``k`` uses an interval at level ``1 - alpha_k`` with
-``sum_k alpha_k <= alpha = 1 - confidence``. By the union bound over the finite set of checkpoints, the probability
-that *any* look's interval misses the true accuracy is at most ``alpha``. A wrong PASS (``ci_low >= required`` while
-the true accuracy is below ``required``) or a wrong FAIL (``ci_high < required`` while it is at or above) needs such
-a miss, so the probability that any look gives a wrong verdict is at most ``alpha``, however early the campaign stops
-and whichever look it stops at. (Each wrong direction needs a miss on one particular side of a two-sided interval, so
-it is in fact at most ``alpha / 2``; the reported ``[ci_low, ci_high]`` form an honest two-sided confidence sequence
-at level ``confidence``.) Judging every look at the full ``alpha`` instead inflates the error well above ``alpha``
-(about 2 alpha per direction with 7 looks near the threshold; tests/test_sequential_simulation.py shows it).
+evaluated; the campaign stops at the first checkpoint whose verdict is PASS or FAIL. A wrong PASS (the interval lies
+at or above ``required`` while the true accuracy is below it) or a wrong FAIL (the interval lies below ``required``
+while the true accuracy is at or above it) needs an interval that misses the true accuracy, so both gates below bound
+the probability that *any* look gives a wrong verdict by ``alpha = 1 - confidence``, however early the campaign stops
+and whichever look it stops at. (Each wrong direction needs a miss on one particular side, so it is in fact at most
+``alpha / 2``.) Judging every look with a fixed-n interval at the full ``alpha`` instead inflates the error well above
+``alpha`` (about 2 alpha per direction with 7 looks near the threshold; tests/test_sequential_simulation.py shows it).
 
 Transient sites ("act", "acc", "input"): image outcomes are pooled as one binomial count (successes = correct images,
-n = trials * M), judged with an exact Clopper-Pearson interval. Pooling is conservative when images differ in how
-often they survive: with independent per-image Bernoulli(p_i) outcomes the variance
+n = trials * M), judged with an exact Clopper-Pearson interval. A fixed-n interval is valid at one look only, so the
+plan spends alpha across looks: look ``k`` uses level ``1 - alpha_k`` with ``sum_k alpha_k <= alpha``, and the union
+bound over the checkpoints gives the guarantee above. Pooling is conservative when images differ in how often they
+survive: with independent per-image Bernoulli(p_i) outcomes the variance
 ``sum p_i (1 - p_i) = n p(1-p) - sum (p_i - p)^2`` never exceeds the binomial variance at the pooled mean p, and
 Hoeffding (1956) shows the binomial also has the heavier tails beyond one unit from the mean, which is where the
 interval's bounds sit. This needs transient faults drawn independently per image.
@@ -28,18 +26,30 @@ interval's bounds sit. This needs transient faults drawn independently per image
 Persistent site ("weight"): one sampled fault set is shared by all M images of a trial, so the images' outcomes are
 correlated (a fault that breaks one image tends to break many). Pooling them would overstate the information by up to
 a factor M. The trial is therefore the unit: the observations are per-trial accuracies in [0, 1], i.i.d. across
-trials, judged with a bound that holds for any distribution on [0, 1] (empirical Bernstein intersected with the
-relative-entropy form of Hoeffding's bound).
+trials, and they are judged with a *confidence sequence* (CS) that holds for any distribution on [0, 1]: the
+betting CS of Waudby-Smith & Ramdas ("Estimating means of bounded random variables by betting", JRSS-B 2023;
+hedged capital process with predictable plug-in bets, see :meth:`SequentialPlan.decide_bounded`). A CS is a sequence
+of intervals ``CS_1, CS_2, ...`` with ``P(exists n >= 1: mean not in CS_n) <= alpha``: the guarantee is uniform over
+*all* trial counts at once (Ville's inequality for a nonnegative supermartingale), not over a finite list of looks.
+So the weight site spends no alpha across looks: every look uses the full ``alpha``, looking at checkpoints only is
+merely a subset of the times already covered, and a campaign may stop at any look (even one chosen by peeking at the
+data) without voiding the guarantee. This is what makes small budgets (64-256 trials) decisive: a 3-point gap at 99%
+used to need about 2,000 trials with empirical Bernstein bounds and alpha spending, and needs about 250 now
+(benchmarks/bench_sequential.py).
 
 Fixed-size planning (Leveugle et al., DATE 2009) is provided for comparison and for single-fault enumerations.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from itertools import accumulate, chain, repeat
+from operator import add, mul, neg, sub, truediv
 from typing import Any
 
 __all__ = [
@@ -252,36 +262,6 @@ def _t_quantile(p: float, df: float) -> float:
     return math.sqrt(df * (1.0 - x) / x)
 
 
-def _bernoulli_kl(p: float, q: float) -> float:
-    """KL(Bernoulli(p) || Bernoulli(q)); infinite when q sits on a boundary that p does not."""
-    total = 0.0
-    if p > 0.0:
-        if q <= 0.0:
-            return math.inf
-        total += p * math.log(p / q)
-    if p < 1.0:
-        if q >= 1.0:
-            return math.inf
-        total += (1.0 - p) * math.log((1.0 - p) / (1.0 - q))
-    return total
-
-
-def _kl_bound(mean: float, level: float, upper: bool) -> float:
-    """Farthest q on one side of mean with kl(mean, q) <= level (bisection; kl grows monotonically away from mean)."""
-    near, far = mean, (1.0 if upper else 0.0)
-    if _bernoulli_kl(mean, far) <= level:
-        return far
-    for _ in range(100):
-        mid = 0.5 * (near + far)
-        if _bernoulli_kl(mean, mid) <= level:
-            near = mid
-        else:
-            far = mid
-        if abs(far - near) <= 1e-15:
-            break
-    return near
-
-
 # --------------------------------------------------------------------------------------------------------------
 # intervals
 
@@ -325,6 +305,189 @@ def t_interval(values: Sequence[float], confidence: float) -> tuple[float, float
     var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
     half = _t_quantile(0.5 + 0.5 * confidence, n - 1) * math.sqrt(var / n)
     return min(1.0, max(0.0, mean - half)), min(1.0, max(0.0, mean + half))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# betting confidence sequence for the mean of [0, 1]-valued i.i.d. observations (Waudby-Smith & Ramdas 2023)
+
+# c: the bet against a candidate mean m is capped at c / m (lower side) or c / (1 - m) (upper side), so every wealth
+# factor is at least 1 - c > 0 whatever the observation. The paper suggests 1/2 or 3/4; a larger c pays off when the
+# trials are nearly constant (the cap is then what limits the bet: 3 points above 0.80 at 95% takes 128 trials instead
+# of 256) and costs a little when a minority of catastrophic trials hits a large bet (tests/test_sequential_simulation
+# and benchmarks/bench_sequential.py show both).
+_BET_TRUNCATION = 0.85
+_PRIOR_MEAN = 0.5  # one fake observation with mean 1/2 and variance 1/4 regularizes the plug-in estimates
+_PRIOR_VAR = 0.25
+_CS_XTOL = 1e-7  # bisection/Brent tolerance on the CS bounds; the reported bound is always on the conservative side
+_GUESS_SCALE, _GUESS_STEP = 0.7, 0.3  # root finder's start: bound ~ mean -/+ scale * width; first step, in widths
+_LOG_MAX_FLOAT = math.log(sys.float_info.max)
+_EPS = sys.float_info.epsilon
+
+
+_LOG1P_COUNTS: list[float] = []
+
+
+def _log1p_counts(n: int) -> list[float]:
+    """[ln 2, ln 3, ..., ln(1+n)], cached (the campaign asks for the same prefixes at every checkpoint)."""
+    if len(_LOG1P_COUNTS) < n:
+        _LOG1P_COUNTS.extend(map(math.log1p, range(len(_LOG1P_COUNTS) + 1, n + 1)))
+    return _LOG1P_COUNTS[:n]
+
+
+class _CapitalProcesses:
+    """The two capital processes of the hedged betting CS on fixed observations, as functions of the candidate mean.
+
+    Bets are the paper's predictable plug-in ``lambda_t = sqrt(2 ln(2/alpha) / (sigma2_{t-1} t ln(1+t)))`` with the
+    regularized running mean ``mu_t = (1/2 + sum_{i<=t} x_i) / (t+1)`` and variance
+    ``sigma2_t = (1/4 + sum_{i<=t} (x_i - mu_i)^2) / (t+1)`` (one fake observation with mean 1/2 and variance 1/4;
+    sigma2_0 = 1/4). Bet t uses x_1..x_{t-1} only, which is what makes the capital processes martingales.
+    ``sigma2_{t-1} t = S_{t-1}`` with S the nondecreasing running sum of squares (prior included), so the bets
+    decrease strictly with t: the bets that the m-dependent cap c/m (or c/(1-m)) truncates form a prefix, which lets
+    each evaluation run as a few C-level passes over the data (pure Python, no per-element branches).
+    """
+
+    def __init__(self, values: Sequence[float], alpha: float) -> None:
+        xs = list(values)
+        n = len(xs)
+        mus = map(truediv, map(add, repeat(_PRIOR_MEAN, n), accumulate(xs)), range(2, n + 2))
+        devs = list(map(sub, xs, mus))
+        squares = list(accumulate(map(mul, devs, devs), initial=_PRIOR_VAR))  # S_0 .. S_n
+        scale = 2.0 * math.log(2.0 / alpha)
+        denominators = map(mul, squares[:-1], _log1p_counts(n))  # sigma2_{t-1} t ln(1+t)
+        self.bets = list(map(math.sqrt, map(truediv, repeat(scale, n), denominators)))
+        self.xs = xs
+        self.variance = squares[-1] / (n + 1)  # sigma2_n, for the root finder's starting guesses
+        bet_x = list(map(mul, self.bets, xs))
+        self._one_plus = list(map(add, repeat(1.0, n), bet_x))  # 1 + lambda_i x_i
+        self._one_minus = list(map(sub, repeat(1.0, n), bet_x))  # 1 - lambda_i x_i
+
+    def log_sup_wealth(self, m: float, upper: bool) -> float:
+        """``ln max_{1<=s<=n} K_s(m)`` for one side (lower: evidence that the mean exceeds m; upper: that it is below).
+
+        ``K+_s(m) = prod_{i<=s} (1 + min(lambda_i, c/m) (x_i - m))``,
+        ``K-_s(m) = prod_{i<=s} (1 + min(lambda_i, c/(1-m)) (m - x_i))``. Every factor is >= 1 - c > 0. K+ is
+        nonincreasing in m (where the cap binds its factor is ``1 - c + c x_i / m``), K- nondecreasing, and so are
+        their running maxima: each side's rejected candidates form an interval ending at 0 (resp. 1).
+        """
+        xs, bets = self.xs, self.bets
+        n = len(xs)
+        room = 1.0 - m if upper else m
+        cap = _BET_TRUNCATION / room if room > 0.0 else math.inf
+        j = bisect.bisect_left(bets, -cap, key=neg)  # bets[:j] exceed the cap and are truncated to it
+        factors: Iterable[float]
+        if upper:  # 1 + cap (m - x) on the prefix, (1 - lambda x) + lambda m on the rest
+            capped = map(add, repeat(1.0 + cap * m, j), map(mul, repeat(-cap, j), xs[:j])) if j else ()
+            factors = chain(capped, map(add, self._one_minus[j:], map(mul, bets[j:], repeat(m, n - j))))
+        else:  # 1 + cap (x - m) on the prefix, (1 + lambda x) - lambda m on the rest
+            capped = map(add, repeat(1.0 - cap * m, j), map(mul, repeat(cap, j), xs[:j])) if j else ()
+            factors = chain(capped, map(sub, self._one_plus[j:], map(mul, bets[j:], repeat(m, n - j))))
+        wealth = max(accumulate(factors, mul))
+        # wealth >= K_1 >= 1 - c > 0 cannot underflow to 0; an overflow to inf is clipped to the largest float
+        return min(math.log(wealth), _LOG_MAX_FLOAT)
+
+
+def _brent_rejected_end(g: Callable[[float], float], rej: float, g_rej: float, acc: float, g_acc: float) -> float:
+    """Boundary of ``{u: g(u) >= 0}`` between ``rej`` (``g >= 0``) and ``acc`` (``g < 0``), g monotone in between.
+
+    Brent's method (zeroin: inverse quadratic / secant steps, bisection when they stall), stopped once the bracket is
+    narrower than ``_CS_XTOL``. Returns the bracket's *rejected* end, so the reported bound never leaves the set of
+    candidates the capital process rejects: it errs, by at most the tolerance, on the conservative side.
+    """
+    a, fa, b, fb = rej, g_rej, acc, g_acc  # b: latest iterate, a: previous one, c: b's opposite end of the bracket
+    c, fc = a, fa
+    d = e = b - a
+    for iteration in range(200):
+        if (fb >= 0.0) == (fc >= 0.0):  # restore the bracket: b and c on opposite sides
+            c, fc = a, fa
+            d = e = b - a
+        if abs(fc) < abs(fb):
+            a, fa, b, fb, c, fc = b, fb, c, fc, b, fb
+        tol = 2.0 * _EPS * abs(b) + 0.5 * _CS_XTOL
+        half = 0.5 * (c - b)
+        if abs(half) <= tol or iteration == 199:
+            break
+        if abs(e) >= tol and abs(fa) > abs(fb):
+            s = fb / fa
+            if a == c:  # secant
+                p, q = 2.0 * half * s, 1.0 - s
+            else:  # inverse quadratic interpolation
+                q, r = fa / fc, fb / fc
+                p = s * (2.0 * half * q * (q - r) - (b - a) * (r - 1.0))
+                q = (q - 1.0) * (r - 1.0) * (s - 1.0)
+            if p > 0.0:
+                q = -q
+            else:
+                p = -p
+            if 2.0 * p < min(3.0 * half * q - abs(tol * q), abs(e * q)):
+                e, d = d, p / q
+            else:
+                d = e = half
+        else:
+            d = e = half
+        a, fa = b, fb
+        b = b + d if abs(d) > tol else b + math.copysign(tol, half)
+        fb = g(b)
+    return b if fb >= 0.0 else c
+
+
+def _cs_end(g: Callable[[float], float], u_out: float, u_in: float, u_known: float, g_known: float, u_guess: float,
+            step: float) -> float:
+    """sup of ``{u in [u_out, u_in]: g(u) >= 0}`` for g nonincreasing with ``g(u_in) < 0``, as a rejected point.
+
+    ``u_out`` itself when g(u_out) < 0 (nothing rejected: the CS reaches that end of [0, 1]). ``u_known`` is a point
+    already evaluated (the requirement); the search starts at ``u_guess`` and widens by doubling steps until it
+    brackets the boundary, then hands over to Brent.
+    """
+    rej: tuple[float, float] | None = (u_known, g_known) if g_known >= 0.0 else None
+    acc: tuple[float, float] | None = None if g_known >= 0.0 else (u_known, g_known)
+    u = min(max(u_guess, u_out), u_in)
+    while rej is None or acc is None:
+        if rej is not None and u <= rej[0]:
+            u = min(rej[0] + step, acc[0] if acc is not None else u_in)
+        elif acc is not None and u >= acc[0]:
+            u = max(acc[0] - step, u_out)
+        gu = g(u)
+        if gu >= 0.0:
+            rej = (u, gu)
+            u = u + step
+        elif u <= u_out:
+            return u_out
+        else:
+            acc = (u, gu)
+            u = u - step
+        u = min(max(u, u_out), u_in)
+        step *= 2.0
+    return _brent_rejected_end(g, rej[0], rej[1], acc[0], acc[1])
+
+
+def _betting_cs(values: Sequence[float], alpha: float, required: float) -> tuple[float, float, bool, bool]:
+    """Hedged betting CS at n = len(values), intersected over all s <= n, and whether it excludes ``required``.
+
+    Returns ``(low, high, above, below)``: ``above`` when every m <= required is rejected (the CS lies above
+    ``required``), ``below`` when every m >= required is. ``low > high`` means the CS is empty (see decide_bounded).
+    """
+    proc = _CapitalProcesses(values, alpha)
+    level = math.log(2.0 / alpha)  # theta = 1/2: a side rejects m once theta K(m) >= 1/alpha
+
+    def lower(u: float) -> float:  # u = m
+        return proc.log_sup_wealth(u, upper=False) - level
+
+    def upper(u: float) -> float:  # u = -m, so that rejection is again "u small"
+        return proc.log_sup_wealth(-u, upper=True) - level
+
+    n = len(values)
+    mean = math.fsum(values) / n
+    # starting guesses for the bounds: a Bernstein-like width, plus the cap's 1/n term
+    spread = math.sqrt(2.0 * proc.variance * level / n)
+    w_low = _GUESS_SCALE * (spread + level * mean / (_BET_TRUNCATION * n)) + 1e-6
+    w_high = _GUESS_SCALE * (spread + level * (1.0 - mean) / (_BET_TRUNCATION * n)) + 1e-6
+    g_req = lower(required)
+    above = g_req >= 0.0
+    low = _cs_end(lower, 0.0, 1.0, required, g_req, mean - w_low, _GUESS_STEP * w_low)
+    g_req = upper(-required)
+    below = g_req >= 0.0
+    high = -_cs_end(upper, -1.0, 0.0, -required, g_req, -(mean + w_high), _GUESS_STEP * w_high)
+    return low, high, above, below
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -422,8 +585,9 @@ class Threshold:
 class Decision:
     """The verdict at one look, with the interval that produced it.
 
-    ``ci_low``/``ci_high`` are the bounds at this look's level ``1 - alpha_k``; the sequence of them over all looks
-    is simultaneously valid at ``confidence`` (the plan's overall level), which is what is stored here.
+    ``ci_low``/``ci_high``: for the binomial gate, the Clopper-Pearson bounds at this look's level ``1 - alpha_k``;
+    for the bounded (weight) gate, the betting confidence sequence at this look. Either way the sequence of them over
+    all looks is simultaneously valid at ``confidence`` (the plan's overall level), which is what is stored here.
     """
 
     verdict: Verdict
@@ -476,11 +640,15 @@ def _verdict(ci_low: float, ci_high: float, required: float) -> Verdict:
 
 
 _SCHEDULES = ("doubling", "fixed")
+BETTING_METHOD = "betting-cs (hedged, Waudby-Smith & Ramdas 2023)"
 
 
 @dataclass(frozen=True)
 class SequentialPlan:
-    """Checkpoints (trial counts) at which the verdict is evaluated, and the alpha spent at each.
+    """Checkpoints (trial counts) at which the verdict is evaluated, and the alpha spent at each (binomial gate).
+
+    Alpha spending applies to :meth:`decide_binomial` only; :meth:`decide_bounded` uses a confidence sequence that is
+    valid at every trial count at once and therefore judges every look at the full alpha.
 
     Alpha spending: look k spends ``alpha_k = alpha * 6 / (pi^2 (k+1)^2)``, whose sum over all k >= 0 is exactly
     alpha (Basel series), so any number of looks stays within alpha. It was chosen over ``alpha / 2^(k+1)`` because
@@ -557,43 +725,66 @@ class SequentialPlan:
         )
 
     def decide_bounded(self, values: Sequence[float], required: float) -> Decision:
-        """Weight site: per-trial accuracies in [0, 1], one observation per trial.
+        """Weight site: per-trial accuracies in [0, 1], one i.i.d. observation per trial, judged with a betting
+        confidence sequence (Waudby-Smith & Ramdas, "Estimating means of bounded random variables by betting",
+        JRSS-B 2023: hedged capital process with predictable plug-in bets, their Section 4).
 
-        The look's alpha_k is split evenly between two bounds that hold for any distribution on [0, 1], and their
-        intersection is reported (valid by the union bound):
-        - empirical Bernstein (Maurer & Pontil 2009, Thm 4), tight once the per-trial spread is small and n large;
-        - Hoeffding's relative-entropy bound (Hoeffding 1963, Thm 1), tight for small n and means near 0 or 1. It
-          implies the familiar sqrt(ln(2/delta) / 2n) form (Pinsker), so it is never wider.
+        Construction, for a candidate mean m and with c = 0.85, theta = 1/2:
 
-        Distribution-free bounds are expensive: Maurer-Pontil's 7 ln(8/alpha_k) / (3(n-1)) term alone must fall
-        below the gap to the threshold, so a 3-point gap at 99% takes about 2,000 trials whatever the spread
-        (benchmarks/bench_sequential.py). Some of that is inherent (a few catastrophic trials can hide behind many
-        good ones, so tens of trials never suffice without assumptions); betting confidence sequences
-        (Waudby-Smith & Ramdas 2023) would be tighter, at the cost of a more complex computation.
+        - bets ``lambda_t = sqrt(2 ln(2/alpha) / (sigma2_{t-1} t ln(1+t)))`` from the regularized running mean and
+          variance of x_1..x_{t-1} (one fake observation with mean 1/2 and variance 1/4), so they are predictable;
+        - ``K+_s(m) = prod_{i<=s} (1 + min(lambda_i, c/m) (x_i - m))`` and
+          ``K-_s(m) = prod_{i<=s} (1 - min(lambda_i, c/(1-m)) (x_i - m))``: every factor is >= 1 - c > 0, and when
+          the mean really is m (and the trials are i.i.d., or merely have conditional mean m given the past) both
+          are nonnegative martingales with initial value 1;
+        - m is rejected at time s when ``max(theta K+_s(m), (1-theta) K-_s(m)) >= 1/alpha``. This hedged process is at
+          most ``theta K+ + (1-theta) K-``, itself a nonnegative martingale started at 1, so by Ville's inequality
+          ``P(exists s: the true mean is rejected at s) <= alpha``;
+        - the reported ``[ci_low, ci_high]`` at n is the set of m not rejected at *any* s <= n (the running
+          intersection of the paper's C_s, still a confidence sequence, and nested: it only shrinks as trials
+          arrive). K+ is nonincreasing and K- nondecreasing in m, so that set is an interval; its ends are found by
+          Brent's method to 1e-7, rounded to the conservative side.
+
+        Guarantee: ``P(exists n: mean not in [ci_low, ci_high] at n) <= alpha``, uniformly over all trial counts.
+        A wrong PASS needs the true mean rejected by K+ (probability <= theta alpha = alpha/2 by Ville), a wrong FAIL
+        by K- (<= alpha/2), so the probability that any look, at any time and under any stopping rule, gives a
+        wrong verdict is <= alpha. Hence, unlike :meth:`decide_binomial`, no alpha is spent across looks: every
+        look uses the full alpha. ``len(values)`` must still be a checkpoint (ValueError otherwise), because the
+        campaign's verdict is defined on the prefix up to its first decisive checkpoint; for the CS that restriction
+        is harmless (it is valid at every n), and the checkpoints' alpha_k are simply not used.
+
+        Cost: O(n) per evaluation of the capital processes, about 10-20 evaluations per call (two at ``required``
+        decide the verdict, the rest locate the bounds).
+
+        What distribution-freeness costs: nothing can rule out a minority of catastrophic trials that has not shown
+        up yet, so PASS needs enough trials for that to be unlikely. Trials that all read x against a requirement
+        m < x could come from a law putting mass 1 - m/x at 0 (mean m); the first n trials miss that mass with
+        probability (m/x)^n, so no test with error <= alpha/2 can PASS before n >= ln(2/alpha) / ln(x/m) (3 points
+        above 0.80 at 95%: about 100 trials; the cap c puts this method at about 118). FAIL is cheaper, since the
+        hidden mass would sit at 1, close to the data.
+
+        An empty CS (the two sides rejecting every m, possible only with probability <= alpha, or when the trials
+        are not i.i.d.) is reported as [0, 1], i.e. INCONCLUSIVE.
         """
         look = self._look(len(values))
         _check_probability(required, "required", open_interval=False)
-        for v in values:
-            _check_probability(v, "each value", open_interval=False)
-        n = len(values)
-        alpha_k = self.alpha_at(look)
-        mean = math.fsum(values) / n
-        # Hoeffding-KL, two-sided at alpha_k / 2: each side alpha_k / 4.
-        level = math.log(4.0 / alpha_k) / n
-        low, high = _kl_bound(mean, level, upper=False), _kl_bound(mean, level, upper=True)
-        if n >= 2:
-            # Maurer-Pontil: E X <= mean + sqrt(2 V ln(2/d) / n) + 7 ln(2/d) / (3 (n-1)), per side d = alpha_k / 4.
-            var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-            log_term = math.log(8.0 / alpha_k)
-            half = math.sqrt(2.0 * var * log_term / n) + 7.0 * log_term / (3.0 * (n - 1))
-            low, high = max(low, mean - half), min(high, mean + half)
+        # fast range check: min/max may skip a NaN, the sum does not
+        total = math.fsum(values) if 0.0 <= min(values) and max(values) <= 1.0 else math.nan
+        if math.isnan(total):
+            for v in values:
+                _check_probability(v, "each value", open_interval=False)
+        low, high, above, below = _betting_cs(values, self.alpha, required)
+        if below:  # every m >= required is rejected: the CS lies strictly below required
+            high = min(high, math.nextafter(required, -math.inf))
+        if low > high:
+            low, high = 0.0, 1.0
         low, high = max(0.0, low), min(1.0, high)
         return Decision(
             verdict=_verdict(low, high, required),
-            estimate=mean,
+            estimate=total / len(values),
             ci_low=low,
             ci_high=high,
             confidence=self.confidence,
             look=look,
-            method="empirical-bernstein+hoeffding-kl+alpha-spending",
+            method=BETTING_METHOD,
         )

@@ -26,8 +26,10 @@ def digits():
 @pytest.fixture(scope="session")
 def model(digits):
     x, y = digits
+    threads = torch.get_num_threads()
     with torch.random.fork_rng():
         torch.manual_seed(0)
+        torch.set_num_threads(1)  # float training differs with the thread count; xdist workers use fewer
         net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                             nn.Flatten(), nn.Linear(8 * 64, 10))
         opt = torch.optim.Adam(net.parameters(), 2e-2)
@@ -35,6 +37,7 @@ def model(digits):
             opt.zero_grad()
             nn.functional.cross_entropy(net(x[:1200]), y[:1200]).backward()
             opt.step()
+    torch.set_num_threads(threads)
     return net.eval()
 
 @pytest.fixture(scope="session")
