@@ -431,7 +431,8 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Union of partial reports: records of the same campaign are recomputed from the union of their trials.
 
     Since a verdict depends only on the trial outcomes (each trial is seeded by its index), the merged record equals
-    the one a single full run would give, whatever the order of the inputs. A campaign that some shards lack keeps its
+    the one a single full run would give, whatever the order of the inputs (trials past the deciding checkpoint
+    are dropped, as a single run never computes them). A campaign that some shards lack keeps its
     partial result and so may stay "incomplete"."""
     if not reports:
         raise ReportError("nothing to merge: no reports given")
@@ -458,7 +459,8 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
         except (ValueError, KeyError, TypeError) as error:
             raise ReportError(f"cannot merge campaign {campaign_id} of {nodeids[0]} "
                               f"[{group[0]['label']}]: {error}") from None
-        records.append(campaign_record(merged, nodeids[0]))
+        # keep only the trials the outcome is computed on: shards may have run past the deciding checkpoint
+        records.append(campaign_record(merged.trimmed() if merged.decided() else merged, nodeids[0]))
     return build_report(records, _merged_environment(reports))
 
 

@@ -94,7 +94,10 @@ def _report(indices: dict[str, list[int]] | None = None, skip: tuple[str, ...] =
         if nodeid in skip:
             continue
         chosen = None if indices is None else indices.get(nodeid, list(range(len(corrects))))
-        records.append(rp.campaign_record(_result(spec, corrects, nodeid=nodeid, indices=chosen), nodeid))
+        result = _result(spec, corrects, nodeid=nodeid, indices=chosen)
+        if chosen is None:  # a single full run stops at the deciding checkpoint
+            result = result.trimmed()
+        records.append(rp.campaign_record(result, nodeid))
     return rp.build_report(records, dict(ENV))
 
 
@@ -445,7 +448,7 @@ def test_failure_message_for_max_drop_and_weight_site() -> None:
     assert "site=weight, BER=1e-05" in text and "float 0.9500, quantized 0.9000" in text
     assert "[weight-ber1e-05]" in text
     # 64 per-trial accuracies around 0.65 cannot exclude 0.8: the trial, not the image, is the unit here
-    record = rp.campaign_record(_result(WEIGHT_SPEC, [60, 70] * 32, quantized=0.9), "t.py::w")
+    record = rp.campaign_record(_result(WEIGHT_SPEC, [79, 81] * 32, quantized=0.9), "t.py::w")
     assert record["verdict"] == "inconclusive"
     text = rp.failure_message(record, "pytest t.py::w")
     assert "for site='weight' each trial is one observation, so raise budget=" in text and "samples=" not in text

@@ -1,0 +1,131 @@
+"""One campaign over xdist workers and CI shards: the same numbers for any split (pytester, subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from suites import DIGITS_CONFTEST
+
+pytest.importorskip("xdist")
+
+SUITE = '''
+from pytest_hwfault import resilience
+
+@resilience(ber=[1e-4, 3e-3], site=["act", "acc"], min_acc=0.9, budget=32)
+def test_grid(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+
+@resilience(ber=1e-3, site="act", min_acc=0.97, budget=16)
+def test_strict(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+'''
+
+NUMBERS = ("verdict", "trials", "accuracy", "ci_low", "ci_high", "float_accuracy", "quantized_accuracy",
+           "critical_rate", "nonfinite", "faults_per_trial")
+
+
+def _numbers(path: Path) -> dict[str, dict]:
+    campaigns = json.loads(path.read_text())["campaigns"]
+    return {c["campaign_id"]: {**{k: c[k] for k in NUMBERS}, "raw": c["result"]["trials"]} for c in campaigns}
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.makeconftest(DIGITS_CONFTEST)
+    pytester.makepyfile(test_suite=SUITE)
+    return pytester
+
+
+def _run(pytester: pytest.Pytester, report: str, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", "--hwfault", f"--hwfault-report={report}",
+                                         *args)
+
+
+def test_same_numbers_for_any_number_of_workers(suite: pytest.Pytester) -> None:
+    results = {}
+    for label, args in {"n0": ("-n", "0"), "n2": ("-n", "2"), "n3": ("-n", "3", "--dist", "worksteal"),
+                        "noxdist": ("-p", "no:xdist")}.items():
+        run = _run(suite, f"{label}.json", *args)
+        assert run.ret == 1, run.stdout.str()  # some gates fail
+        results[label] = _numbers(suite.path / f"{label}.json")
+        failing = sum(c["verdict"] != "pass" for c in results[label].values())
+        if label in ("n2", "n3"):
+            count = 2 if label == "n2" else 3
+            outcome = run.parseoutcomes()
+            # every campaign is `count` shard items; a failing gate is exactly one failed item
+            assert outcome["failed"] == failing and outcome["passed"] == 5 * count - failing, outcome
+            run.stdout.fnmatch_lines([f"PASSED test_suite.py::test_grid?act-ber0.0001-shard1of{count}?"])
+    assert len(results["n0"]) == 5
+    assert {"pass", "fail"} <= {c["verdict"] for c in results["n0"].values()}
+    for label in ("n2", "n3", "noxdist"):
+        assert results[label] == results["n0"], label
+
+
+def test_ci_shards_merge_to_the_single_run(suite: pytest.Pytester) -> None:
+    full = _run(suite, "full.json")
+    part1 = _run(suite, "p1.json", "--hwfault-shard=1/2")
+    part2 = _run(suite, "p2.json", "--hwfault-shard", "2/2")
+    assert full.ret == 1
+    assert part1.ret == 0 and part2.ret == 0  # a CI slice defers its verdicts to the merge
+    part1.stdout.fnmatch_lines(["*INCOMPLETE*"])
+    merge = subprocess.run(
+        [sys.executable, "-m", "pytest_hwfault.report", "merge", "p1.json", "p2.json", "-o", "merged.json"],
+        cwd=suite.path, capture_output=True, text=True,
+    )
+    assert merge.returncode == 1, merge.stdout + merge.stderr  # test_strict fails: the merged gate fails
+    merged = _numbers(suite.path / "merged.json")
+    single = _numbers(suite.path / "full.json")
+    assert merged == single
+
+
+def test_gateways_give_the_same_numbers(suite: pytest.Pytester) -> None:
+    single = _run(suite, "single.json", "-n", "0")
+    gateways = _run(suite, "tx.json", "--tx", "2*popen", "--dist", "load")
+    assert single.ret == gateways.ret == 1
+    assert _numbers(suite.path / "tx.json") == _numbers(suite.path / "single.json")
+
+
+def test_lost_shard_fails_the_campaign(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(DIGITS_CONFTEST + '''
+
+class Bomb(nn.Module):
+    """Kills its process at its 6th forward pass (calibration and baselines come first)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.armed = False
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.armed and self.calls > 6:
+            import os
+            os._exit(3)
+        return self.net(x)
+''')
+    pytester.makepyfile(test_crash='''
+import time
+from conftest import Bomb
+from pytest_hwfault import resilience
+
+@resilience(ber=1e-3, site="act", min_acc=0.5, budget=64, first=64)
+def test_gate(hwfault, model, val_data, request):
+    bomb = Bomb(model)
+    bomb.armed = request.node.name.endswith("shard2of2]")
+    if not bomb.armed:
+        time.sleep(2)  # let the other shard claim trials first
+    hwfault.assess(bomb, val_data)
+''')
+    run = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--hwfault", "-n", "2",
+                                        "--hwfault-report=crash.json")
+    assert run.ret != 0
+    out = run.stdout.str()
+    assert "crashed" in out
+    run.stdout.fnmatch_lines(["*lost shard(s) [[]2[]]*incomplete and fails*"])
+    campaigns = json.loads((pytester.path / "crash.json").read_text())["campaigns"]
+    assert len(campaigns) == 1 and campaigns[0]["verdict"] == "incomplete"
