@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .evaluate import accuracy
     from .faults import Fault, FaultModel, FaultPattern, Site
     from .marker import resilience
-    from .quantize import QuantizedModel, quantize
+    from .quantization import QuantizedModel, quantize
 
 _LAZY = {
     "Kind": "bits",
@@ -32,8 +32,8 @@ _LAZY = {
     "FaultModel": "faults",
     "FaultPattern": "faults",
     "Site": "faults",
-    "QuantizedModel": "quantize",
-    "quantize": "quantize",
+    "QuantizedModel": "quantization",
+    "quantize": "quantization",
     "resilience": "marker",
 }
 

@@ -18,7 +18,7 @@ import torch
 
 from .evaluate import Predictions, predict
 from .faults import FaultModel, FaultPattern, sample_pattern, trial_generator
-from .quantize import QuantizedModel
+from .quantization import QuantizedModel
 from .spec import CampaignSpec
 from .stats import Decision, SequentialPlan, Threshold, Verdict
 
@@ -245,7 +245,7 @@ class Campaign:
     """Runs the trials of one campaign on one quantized model and evaluation set."""
 
     def __init__(self, qmodel: QuantizedModel, inputs: torch.Tensor, labels: torch.Tensor, spec: CampaignSpec,
-                 name: str, *, batch_size: int = 256) -> None:
+                 name: str, *, batch_size: int = 256, drop_fault_free: bool = True) -> None:
         if spec.bits != qmodel.config["bits"]:
             raise ValueError(f"campaign asks for bits={spec.bits} but the model was quantized to "
                              f"{qmodel.config['bits']} bits")
@@ -253,11 +253,12 @@ class Campaign:
             inputs, labels = inputs[: spec.samples], labels[: spec.samples]
         self.qmodel, self.inputs, self.labels, self.spec, self.name = qmodel, inputs, labels, spec, name
         self.batch_size = batch_size
+        self.drop_fault_free = drop_fault_free
         self.campaign_id = spec.campaign_id(name)
         self.fault_model = FaultModel(spec.site, spec.ber, spec.kind, spec.bit_positions, spec.layers)
         self.targets = qmodel.targets(self.fault_model.site, self.fault_model.layers)
         golden = predict(qmodel, inputs, batch_size=batch_size)
-        self.golden = golden.predicted
+        self.golden, self.golden_nonfinite = golden.predicted, golden.nonfinite
         self.quantized_accuracy = float(golden.correct(labels).float().mean())
         self.float_accuracy = float(
             predict(qmodel, inputs, quantized=False, batch_size=batch_size).correct(labels).float().mean())
@@ -271,9 +272,23 @@ class Campaign:
         return sample_pattern(self.fault_model, self.targets, len(self.inputs),
                               trial_generator(self.spec.seed, self.campaign_id, trial))
 
+    def _predict(self, pattern: FaultPattern) -> Predictions:
+        """Predictions under `pattern`. Fault dropping: with transient faults only, an image that holds no fault
+        keeps its fault-free prediction and only the faulty images run (bit-identical, since quantized layers
+        compute exact integer sums whatever the batch)."""
+        if not self.drop_fault_free or pattern.has_weight_faults():
+            return predict(self.qmodel, self.inputs, pattern, batch_size=self.batch_size)
+        faulty = pattern.images_with_faults()
+        predicted, nonfinite = self.golden.clone(), self.golden_nonfinite.clone()
+        if len(faulty):
+            part = predict(self.qmodel, self.inputs[faulty], pattern.restricted_to(faulty),
+                           batch_size=self.batch_size)
+            predicted[faulty], nonfinite[faulty] = part.predicted, part.nonfinite
+        return Predictions(predicted, nonfinite)
+
     def trial(self, index: int) -> TrialResult:
         pattern = self.pattern(index)
-        outcome: Predictions = predict(self.qmodel, self.inputs, pattern, batch_size=self.batch_size)
+        outcome = self._predict(pattern)
         correct = outcome.correct(self.labels)
         critical = outcome.predicted != self.golden
         layer_faults: dict[str, int] = {}

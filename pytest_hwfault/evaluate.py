@@ -9,7 +9,7 @@ import torch
 
 from .data import as_tensors
 from .faults import FaultModel, FaultPattern, sample_pattern
-from .quantize import QuantizedModel
+from .quantization import QuantizedModel
 
 DEFAULT_BATCH_SIZE = 256
 

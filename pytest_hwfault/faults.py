@@ -235,6 +235,20 @@ class FaultPattern:
             return torch.empty(0, dtype=torch.int64)
         return torch.unique(torch.cat(parts))
 
+    def restricted_to(self, images: torch.Tensor) -> FaultPattern:
+        """The transient faults of `images` (sorted indices), renumbered to their positions in `images`: the
+        pattern of a forward pass over just those images. Weight faults are kept as they are."""
+        groups: dict[tuple[Site, str], LayerFaults] = {}
+        for key, g in self.groups.items():
+            if not key[0].transient:
+                groups[key] = g
+                continue
+            position = torch.searchsorted(images, g.image)
+            inside = (position < len(images)) & (images[position.clamp(max=len(images) - 1)] == g.image)
+            if bool(inside.any()):
+                groups[key] = LayerFaults(position[inside], g.index[inside], g.bit[inside], g.kind[inside])
+        return FaultPattern(groups)
+
     def has_weight_faults(self) -> bool:
         return any(not site.transient and len(g) for (site, _), g in self.groups.items())
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from .campaign import Campaign, CampaignResult, TrialResult
 from .data import as_tensors, iter_batches
-from .quantize import QuantizedModel, quantize, state_checksum
+from .quantization import QuantizedModel, quantize, state_checksum
 from .sharding import RunDir, Slice
 from .spec import CampaignSpec
 

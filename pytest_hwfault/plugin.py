@@ -302,7 +302,7 @@ class HwFault:
 
     def accuracy(self, model: Any, data: Any, faults: Any = None, **kwargs: Any) -> float:
         from .evaluate import accuracy
-        from .quantize import QuantizedModel
+        from .quantization import QuantizedModel
 
         qmodel = model if isinstance(model, QuantizedModel) else self.quantize(model, data)
         return accuracy(qmodel, data, faults, **kwargs)
