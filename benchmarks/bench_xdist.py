@@ -1,0 +1,110 @@
+"""Wall time of one ResNet-sized campaign run by `pytest -n 2` against `pytest -n 0`, in one run.
+
+    python benchmarks/bench_xdist.py [--rounds 3] [--depth 56] [--trials 32] [--json out.json]
+
+The suite is written to a temporary directory: one @resilience test on a CIFAR-style ResNet (random init, BN
+statistics from a few batches) over 256 images, with `first == budget` so every run computes exactly `--trials`
+trials whatever the verdict. Each round times both commands back to back (the CPU's speed drifts); the figure is
+the median of the per-round ratios. Both include pytest start-up, quantization and the golden run (per worker
+under xdist), as a user's CI would pay them. Target: -n 2 at least 1.7x faster than -n 0 on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFTEST = '''
+import pytest, torch
+from pytest_hwfault.cifar_resnet import CifarResNet
+
+@pytest.fixture(scope="session")
+def model():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same model in every process, whatever its thread count
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = CifarResNet({depth}).train()
+        with torch.no_grad():
+            for _ in range(3):
+                net(torch.randn(64, 3, 32, 32))
+    torch.set_num_threads(threads)
+    return net.eval()
+
+@pytest.fixture(scope="session")
+def val_data(model):
+    x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    return x, y
+'''
+
+SUITE = '''
+from pytest_hwfault import resilience
+
+@resilience(ber=1e-4, site="act", min_acc=0.0, budget={trials}, first={trials})
+def test_campaign(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+'''
+
+
+def _time(command: list[str], cwd: Path) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--depth", type=int, default=56)
+    parser.add_argument("--trials", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", help="save the results to this file")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="hwfault-bench-xdist-") as tmp:
+        root = Path(tmp)
+        (root / "conftest.py").write_text(CONFTEST.format(depth=args.depth))
+        (root / "test_campaign.py").write_text(SUITE.format(trials=args.trials))
+        base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--hwfault"]
+        commands = {"n0": [*base, "-n", "0"], f"n{args.workers}": [*base, "-n", str(args.workers)]}
+        times: dict[str, list[float]] = {k: [] for k in commands}
+        for _ in range(args.rounds):
+            for name, command in commands.items():
+                times[name].append(_time(command, root))
+    parallel = f"n{args.workers}"
+    speedups = [a / b for a, b in zip(times["n0"], times[parallel])]
+    result = {
+        "benchmark": "xdist",
+        "depth": args.depth,
+        "trials": args.trials,
+        "images": 256,
+        "workers": args.workers,
+        "cpus": os.cpu_count(),
+        "rounds": args.rounds,
+        "seconds": times,
+        "median_speedup": statistics.median(speedups),
+    }
+    print(f"ResNet{args.depth}, {args.trials} trials x 256 images, act BER 1e-4, {args.rounds} rounds, "
+          f"{os.cpu_count()} CPUs")
+    print(f"  pytest -n 0        median {statistics.median(times['n0']):7.1f} s")
+    print(f"  pytest -n {args.workers}        median {statistics.median(times[parallel]):7.1f} s")
+    print(f"  speed-up           median {result['median_speedup']:.2f}x  (target >= 1.7x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
