@@ -74,12 +74,14 @@ def compose(linear: torch.Tensor, bit: torch.Tensor, kind: torch.Tensor, scale: 
     return Edit(unique, keep, set_, flip, code_scale)
 
 
-def apply_edit(flat: torch.Tensor, edit: Edit, bits: int) -> None:
+def apply_edit(flat: torch.Tensor, edit: Edit, bits: int, zero_point: int = 0, signed: bool = True) -> None:
     """In place on `flat`, whose values are code x scale (scale 1 for tensors that hold the codes themselves):
-    rewrite the edited codes."""
+    rewrite the edited codes. The stored code is code + zero_point: two's complement when `signed`, else an
+    unsigned (affine, torch.ao quint8) code."""
     codes = torch.round(flat[edit.linear] / edit.scale).to(torch.int64)
-    raw = ((to_unsigned(codes, bits) & edit.keep) | edit.set) ^ edit.flip
-    flat[edit.linear] = to_signed(raw, bits).to(flat.dtype) * edit.scale
+    raw = ((to_unsigned(codes + zero_point, bits) & edit.keep) | edit.set) ^ edit.flip
+    stored = to_signed(raw, bits) if signed else raw
+    flat[edit.linear] = (stored - zero_point).to(flat.dtype) * edit.scale
 
 
 def check_bounds(faults: LayerFaults, numel: int, what: str) -> None:

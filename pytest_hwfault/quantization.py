@@ -22,6 +22,8 @@ What is quantized, and where (see also docs/architecture.md):
 - Everything between quantized layers stays as the model wrote it and runs in float on dequantized values: ReLU
   (module or functional), pooling, residual additions, concatenations, kept BatchNorm. A residual addition
   therefore sums two dequantized tensors, and the next layer's input quantization re-grids the result.
+- A model already quantized with torch.ao eager mode keeps its own int8 weight codes and scales and its quint8
+  activation scales and zero points (see `ao.py`).
 - Codes are symmetric with the restricted range [-(2^(N-1)-1), 2^(N-1)-1]; a fault may produce -2^(N-1).
 - Dequantized value == code x scale exactly, in float32.
 - Scales come from calibration over the data given: torch.ao observers (MinMax / PerChannelMinMax) for
@@ -43,6 +45,7 @@ import torch
 from torch import nn
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
+from .ao import AoLayer, convert_ao_modules, has_ao_modules
 from .data import iter_batches
 from .faults import ACC_BITS, FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site, select_layers
 from .graph import fold_batchnorm, input_producers
@@ -76,6 +79,13 @@ class QuantLayer:
     output_shape: tuple[int, ...]  # per image
     channel_axis: int  # of the per-image output: 0 for conv, -1 for linear
     input_source: str | None = None  # the quantized layer whose output codes this layer reads directly
+    # Code ranges, as code - zero point. Own quantization: symmetric signed, zero point 0. A torch.ao model's
+    # activations: unsigned quint8 codes q with (q - zero point) x scale; a fused ReLU clamps at the zero point.
+    input_range: tuple[int, int] | None = None
+    act_range: tuple[int, int] | None = None
+    input_zero_point: int = 0
+    act_zero_point: int = 0
+    signed_activations: bool = True
     act_clip_rate: float = 0.0
     input_clip_rate: float = 0.0
 
@@ -86,6 +96,12 @@ class QuantLayer:
     @property
     def acc_scale(self) -> torch.Tensor:
         return self.weight_scale * self.input_scale
+
+    def __post_init__(self) -> None:
+        if self.input_range is None:
+            self.input_range = (-self.qmax, self.qmax)
+        if self.act_range is None:
+            self.act_range = (-self.qmax, self.qmax)
 
     def requant_multiplier(self) -> torch.Tensor:
         """acc_scale / act_scale per output channel, shaped to broadcast over the layer's output."""
@@ -194,11 +210,35 @@ def _weight_codes(weight: torch.Tensor, bits: int, granularity: str) -> tuple[to
     return codes, scale
 
 
+def _plain_weight(module: nn.Module) -> None:
+    """Make the (private copy's) weight a plain parameter holding its current value: weight_norm recomputes
+    `.weight` at every call, which would undo the codes written into it."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module):
+        # Removing a parametrization from a deep copy deletes the property from the class that the copy shares
+        # with the user's module, which would break the user's model: refuse instead.
+        raise ValueError(
+            f"{type(module).__qualname__} has parametrized tensors {list(module.parametrizations.keys())} "  # type: ignore[union-attr]
+            "(weight_norm, spectral_norm, ...); quantize a copy after "
+            "torch.nn.utils.parametrize.remove_parametrizations(module, name, leave_parametrized=True)"
+        )
+    for hook in list(module._forward_pre_hooks.values()):
+        if type(hook).__name__ == "WeightNorm":  # torch.nn.utils.weight_norm (the deprecated form)
+            torch.nn.utils.remove_weight_norm(module, hook.name)
+
+
 def state_checksum(module: nn.Module) -> str:
     """SHA-256 over every parameter and buffer, names and bytes: bit-exact identity of a model's state."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
+        if not isinstance(tensor, torch.Tensor):  # e.g. the dtype entry of torch.ao packed parameters
+            digest.update(repr(tensor).encode())
+            continue
+        if tensor.is_quantized:
+            digest.update(repr(tensor.qscheme()).encode())
+            tensor = tensor.int_repr()
         t = tensor.detach().cpu().contiguous()
         digest.update(str(t.dtype).encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -232,18 +272,20 @@ class QuantizedModel:
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def _install(self, layer: QuantLayer) -> list[Any]:
-        runtime, qmax, name, bits = self._runtime, layer.qmax, layer.name, layer.bits
+        runtime, name, bits = self._runtime, layer.name, layer.bits
         inv_input_scale, act_scale = 1.0 / layer.input_scale, layer.act_scale
+        (in_low, in_high), (act_low, act_high) = layer.input_range or (0, 0), layer.act_range or (0, 0)
+        in_zero, act_zero, signed = layer.input_zero_point, layer.act_zero_point, layer.signed_activations
         requant = layer.requant_multiplier()
 
         def to_input_codes(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             x = torch.mul(args[0], inv_input_scale).round_()
             if layer.input_source is None:  # a producer's codes are in range already
-                x.clamp_(-qmax, qmax)
+                x.clamp_(in_low, in_high)
             edit = runtime.batch.get((Site.INPUT, name))
             if edit is not None:
                 x = x.contiguous()
-                apply_edit(x.view(-1), edit, bits)
+                apply_edit(x.view(-1), edit, bits, in_zero, signed)
             return (x, *args[1:])
 
         def requantize(module: nn.Module, args: tuple[Any, ...], acc: torch.Tensor) -> torch.Tensor:
@@ -253,11 +295,11 @@ class QuantizedModel:
                 apply_edit(acc.view(-1), edit, ACC_BITS)
             # In place on the layer's own fresh result. Four vectorised passes: torch's
             # fake_quantize_per_tensor_affine is ~10x slower on CPU (it also builds a gradient mask).
-            out = acc.mul_(requant).round_().clamp_(-qmax, qmax).mul_(act_scale)
+            out = acc.mul_(requant).round_().clamp_(act_low, act_high).mul_(act_scale)
             edit = runtime.batch.get((Site.ACT, name))
             if edit is not None:
                 out = out.contiguous()
-                apply_edit(out.view(-1), edit, bits)
+                apply_edit(out.view(-1), edit, bits, act_zero, signed)
             return out
 
         return [
@@ -429,10 +471,19 @@ def quantize(
         first = next(work.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     work.to(device)
+    ao_layers: dict[str, AoLayer] = {}
+    if has_ao_modules(work):  # already quantized with torch.ao: use its codes and scales
+        if bits != 8:
+            raise ValueError(f"bits={bits}: a torch.ao quantized model holds 8-bit codes; use bits=8")
+        ao_layers = convert_ao_modules(work, calibration_data, batch_size, device)
+        fold_bn = False
     float_module = copy.deepcopy(work)
     folded, bn_kept, fold_error = fold_batchnorm(work) if fold_bn else ([], [], None)
 
-    candidates = {name: m for name, m in work.named_modules() if isinstance(m, QUANTIZABLE)}
+    candidates = {name: m for name, m in work.named_modules()
+                  if isinstance(m, QUANTIZABLE) and (not ao_layers or name in ao_layers)}
+    for module in candidates.values():
+        _plain_weight(module)
     if not candidates:
         kinds = sorted({type(m).__qualname__ for m in work.modules()} - {type(work).__qualname__})
         raise NoQuantizableLayerError(
@@ -486,7 +537,21 @@ def quantize(
         source = producers.get(name)
         in_scale = act_scales[source] if source else stats_in[name].scale(qmax, percentile)
         act_scale = act_scales[name]
-        codes, w_scale = _weight_codes(module.weight, bits, weight_granularity)
+        ranges: dict[str, Any] = {}
+        if name in ao_layers:
+            ao = ao_layers[name]
+            codes, w_scale, act_scale = ao.weight_codes, ao.weight_scale, ao.act_scale
+            in_scale = ao.input_scale
+            upstream = ao_layers.get(source or "")
+            if upstream is None or (upstream.act_scale, upstream.act_zero_point) != (ao.input_scale,
+                                                                                     ao.input_zero_point):
+                source = None
+            ranges = {"input_range": (-ao.input_zero_point, 255 - ao.input_zero_point),
+                      "act_range": (0 if ao.fused_relu else -ao.act_zero_point, 255 - ao.act_zero_point),
+                      "input_zero_point": ao.input_zero_point, "act_zero_point": ao.act_zero_point,
+                      "signed_activations": False}
+        else:
+            codes, w_scale = _weight_codes(module.weight, bits, weight_granularity)
         w_scale = w_scale.to(device)
         layers[name] = QuantLayer(
             name=name,
@@ -501,16 +566,18 @@ def quantize(
             output_shape=shapes[name][1],
             channel_axis=-1 if isinstance(module, nn.Linear) else 0,
             input_source=source,
+            **ranges,
         )
-    if calibration == "percentile":
+    if calibration == "percentile" and not ao_layers:
         _measure_clip_rates(work, layers, calibration_data, batch_size, device)
     with torch.no_grad():  # the copy now computes on integer codes: exact sums, whatever the thread count
         for layer in layers.values():
+            # New parameters, not in-place copies: a module that shares the weight (tied embeddings) keeps floats.
             bias = getattr(layer.module, "bias", None)
             if bias is not None:
                 bias_codes = torch.round(bias / layer.acc_scale.reshape(bias.shape))
-                bias.copy_(torch.clamp(bias_codes, -(2**31), 2**31 - 1))
-            layer.module.weight.copy_(layer.weight_codes.float())
+                layer.module.bias = nn.Parameter(torch.clamp(bias_codes, -(2**31), 2**31 - 1), requires_grad=False)
+            layer.module.weight = nn.Parameter(layer.weight_codes.float(), requires_grad=False)
 
     config = {
         "bits": bits,
@@ -519,6 +586,7 @@ def quantize(
         "calibration": calibration,
         "percentile": percentile if calibration == "percentile" else None,
         "fold_bn": fold_bn,
+        "source": "torch.ao" if ao_layers else "calibrated",
     }
     return QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name)
 

@@ -1,0 +1,99 @@
+"""Models already quantized with torch.ao eager mode keep their own codes and scales."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.ao.quantization as tq
+from torch import nn
+
+from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
+from pytest_hwfault.quantization import state_checksum
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = tq.QuantStub()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.add = torch.ao.nn.quantized.FloatFunctional()
+        self.fc = nn.Linear(8 * 64, 10)
+        self.dequant = tq.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.quant(x)
+        x = self.relu(self.bn(self.conv(x)))
+        x = self.add.add(x, self.conv2(x))
+        return self.dequant(self.fc(x.flatten(1)))
+
+
+@pytest.fixture(scope="module")
+def ao_model(digits):  # noqa: ANN001, ANN201
+    x = digits.x_train.reshape(-1, 1, 8, 8)
+    with torch.random.fork_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        net = Net()
+        opt = torch.optim.Adam(net.parameters(), 1e-2)
+        for _ in range(60):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), digits.y_train).backward()
+            opt.step()
+        net.eval()
+        net.qconfig = tq.get_default_qconfig("fbgemm")
+        tq.fuse_modules(net, [["conv", "bn", "relu"]], inplace=True)
+        prepared = tq.prepare(net)
+        prepared(x[:500])
+        return tq.convert(prepared)
+
+
+def test_ao_codes_and_scales_are_used_and_outputs_match(ao_model, digits) -> None:  # noqa: ANN001
+    x = digits.x_test.reshape(-1, 1, 8, 8)
+    before = state_checksum(ao_model)
+    qmodel = quantize(ao_model, x[:256])
+    assert qmodel.config["source"] == "torch.ao" and list(qmodel.layers) == ["conv", "conv2", "fc"]
+    conv = qmodel.layers["conv"]
+    weight = ao_model.conv.weight()
+    assert torch.equal(conv.weight_codes, weight.int_repr().to(torch.int32))
+    assert torch.allclose(conv.weight_scale, weight.q_per_channel_scales().float())
+    assert conv.act_scale == pytest.approx(ao_model.conv.scale) and conv.act_zero_point == ao_model.conv.zero_point
+    assert conv.act_range == (0, 255 - ao_model.conv.zero_point)  # fused ReLU clamps at the zero point
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = ao_model(x)
+    ours = qmodel(x)
+    step = qmodel.layers["fc"].act_scale
+    # the same integer model: at most one output code apart (bias rounding ties), almost always equal
+    assert float((reference - ours).abs().max()) <= step * 1.001
+    assert float((reference == ours).float().mean()) > 0.98
+    assert torch.equal(reference.argmax(1), ours.argmax(1))
+    assert state_checksum(ao_model) == before
+
+
+def test_ao_activation_faults_flip_unsigned_codes(ao_model, digits) -> None:  # noqa: ANN001
+    x = digits.x_test[:4].reshape(-1, 1, 8, 8)
+    qmodel = quantize(ao_model, x)
+    layer = qmodel.layers["conv2"]
+    captured: list[torch.Tensor] = []
+    handle = layer.module.register_forward_hook(lambda m, a, out: captured.append(out.clone()))
+    clean = qmodel(x)
+    pattern = FaultPattern.from_faults([("act", "conv2", 5, 7, "flip", 0)])
+    faulty = qmodel(x, pattern)
+    handle.remove()
+    before, after = captured[0].reshape(4, -1)[0, 5], captured[1].reshape(4, -1)[0, 5]
+    stored = int(round(float(before) / layer.act_scale)) + layer.act_zero_point  # the quint8 code
+    flipped = stored ^ 0x80  # bit 7 of an unsigned code: +-128, no sign extension
+    assert int(round(float(after) / layer.act_scale)) + layer.act_zero_point == flipped
+    assert not torch.equal(clean, faulty)
+    for site in ("act", "weight", "acc", "input"):
+        assert 0.0 <= accuracy(qmodel, (x, digits.y_test[:4]), FaultModel(site, 1e-3), seed=1) <= 1.0
+
+
+def test_ao_model_needs_8_bits(ao_model, digits) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match="bits=4: a torch.ao quantized model holds 8-bit codes"):
+        quantize(ao_model, digits.x_test[:8].reshape(-1, 1, 8, 8), bits=4)

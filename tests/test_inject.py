@@ -1,0 +1,590 @@
+"""Fault injection through the quantized view, end to end: exact deltas, an integer reference model as the oracle,
+replay, campaigns that leave every model as they found it, and the evaluation helpers."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+from collections import Counter
+
+import pytest
+import torch
+from conftest import assert_requantized, input_codes, integer_acc, one_thread, seeded, watch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_bits import oracle
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pytest_hwfault.data import DataError
+from pytest_hwfault.evaluate import accuracy, predict
+from pytest_hwfault.faults import Fault, FaultModel, FaultPattern, Site, sample_pattern, trial_generator
+from pytest_hwfault.quantization import QuantizedModel, quantize, state_checksum
+
+SITES = ("act", "weight", "acc", "input")
+TORCH_PROPERTY = settings(max_examples=60, deadline=None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is much faster on a shared machine. Restored after this module."""
+    with one_thread():
+        yield
+
+
+def f32(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def _target(qmodel: QuantizedModel, site: str, layer: str):
+    return next(t for t in qmodel.targets(Site(site)) if t.layer == layer)
+
+
+def _ber_for(qmodel: QuantizedModel, site: str, n_images: int, faults: float) -> float:
+    targets = qmodel.targets(Site(site))
+    n_bits = sum(t.numel * t.bits for t in targets) * (n_images if Site(site).transient else 1)
+    return min(1.0, faults / n_bits)
+
+
+# -- single-layer models with an integer reference -------------------------------------------------------------------
+@functools.cache
+def single(kind: str, bits: int) -> tuple[QuantizedModel, torch.Tensor, nn.Module]:
+    """A one-layer model "0" (its output IS the act site) with bias and per-channel scales that differ; 4 inputs;
+    and the user's model (left as it was)."""
+    with seeded(100 + bits):
+        if kind == "linear":
+            layer: nn.Module = nn.Linear(8, 6)
+            calibration, x = torch.randn(64, 8) * 2, torch.randn(4, 8) * 2
+        elif kind == "conv":
+            layer = nn.Conv2d(2, 3, 3, padding=1)
+            calibration, x = torch.randn(32, 2, 5, 5), torch.randn(4, 2, 5, 5)
+        elif kind == "conv1d":
+            layer = nn.Conv1d(3, 4, 3, stride=2)
+            calibration, x = torch.randn(32, 3, 9), torch.randn(4, 3, 9)
+        else:
+            layer = nn.Conv3d(2, 3, 2, padding=1)
+            calibration, x = torch.randn(16, 2, 3, 3, 3), torch.randn(4, 2, 3, 3, 3)
+        with torch.no_grad():
+            out = layer.weight.shape[0]
+            layer.weight.mul_(torch.arange(1.0, out + 1).reshape(-1, *([1] * (layer.weight.dim() - 1))))
+    model = nn.Sequential(layer).eval()
+    return quantize(model, calibration, bits=bits), x, model
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv1d", "conv3d"])
+@pytest.mark.parametrize("bits", [4, 8, 12])
+def test_fault_free_output_matches_the_integer_reference(kind: str, bits: int) -> None:
+    qmodel, x, model = single(kind, bits)
+    acc, slack = integer_acc(model, qmodel, "0", input_codes(qmodel.layers["0"], x))
+    assert_requantized(qmodel, "0", qmodel(x), acc, slack)
+
+
+@TORCH_PROPERTY
+@given(
+    kind=st.sampled_from(["linear", "conv", "conv1d", "conv3d"]),
+    bits=st.sampled_from([4, 8]),
+    site=st.sampled_from(["acc", "input", "weight"]),
+    data=st.data(),
+)
+def test_one_fault_matches_the_integer_reference(kind: str, bits: int, site: str, data) -> None:
+    """Differential test: the engine against an integer model of the layer with the fault applied by the oracle."""
+    qmodel, x, model = single(kind, bits)
+    layer = qmodel.layers["0"]
+    target = _target(qmodel, site, "0")
+    index = data.draw(st.integers(0, target.numel - 1), label="index")
+    bit = data.draw(st.integers(0, target.bits - 1), label="bit")
+    fault_kind = data.draw(st.sampled_from(["flip", "stuck0", "stuck1"]), label="kind")
+    image = None if site == "weight" else data.draw(st.integers(0, len(x) - 1), label="image")
+    out = qmodel(x, faults=FaultPattern.from_faults([Fault(site, "0", index, bit, fault_kind, image)]))
+
+    in_codes = input_codes(layer, x)
+    weight_codes = layer.weight_codes.to(torch.int64).clone()
+    if site == "input":
+        flat = in_codes[image].view(-1)
+        flat[index] = oracle(int(flat[index]), bit, fault_kind, bits)
+    elif site == "weight":
+        flat = weight_codes.view(-1)
+        flat[index] = oracle(int(flat[index]), bit, fault_kind, bits)
+    acc, slack = integer_acc(model, qmodel, "0", in_codes, weight_codes)
+    if site == "acc":
+        flat = acc[image].view(-1)
+        flat[index] = oracle(int(flat[index]), bit, fault_kind, 32)
+    assert_requantized(qmodel, "0", out, acc, slack)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    width=st.integers(2, 16),
+    kind=st.sampled_from(["linear", "conv", "conv1d", "conv3d"]),
+    data=st.data(),
+)
+def test_one_act_flip_moves_the_value_by_the_twos_complement_delta_times_scale(width: int, kind: str, data) -> None:
+    qmodel, x, _ = single(kind, width)
+    layer = qmodel.layers["0"]
+    per_image = math.prod(layer.output_shape)
+    image = data.draw(st.integers(0, len(x) - 1), label="image")
+    index = data.draw(st.integers(0, per_image - 1), label="index")
+    bit = data.draw(st.integers(0, width - 1), label="bit")
+    clean = qmodel(x)
+    faulted = qmodel(x, faults=FaultPattern.from_faults([("act", "0", index, bit, "flip", image)]))
+    scale = layer.act_scale
+    value = clean[image].reshape(-1)[index]
+    code = int(torch.round(value / scale))
+    assert abs(code) <= layer.qmax
+    magnitude = 2**bit
+    was_set = (code % 2**width) // magnitude % 2 == 1
+    delta = (magnitude if was_set else -magnitude) if bit == width - 1 else (-magnitude if was_set else magnitude)
+    new_value = faulted[image].reshape(-1)[index]
+    assert torch.equal(new_value, f32(code + delta) * f32(scale))  # exactly the new code x scale, in float32
+    assert int(torch.round(new_value / scale)) - code == delta
+    # and as floats: the difference is delta x scale up to the float32 rounding of the two products
+    eps = torch.finfo(torch.float32).eps * (abs(float(value)) + abs(float(new_value)))
+    assert float(new_value.double() - value.double()) == pytest.approx(delta * scale, rel=1e-6, abs=eps)
+    # nothing else moved
+    changed = (faulted != clean).reshape(len(x), -1)
+    assert changed.sum() == 1 and bool(changed[image, index])
+
+
+# -- the same properties on a multi-layer model ----------------------------------------------------------------------
+def _draw_fault(qmodel: QuantizedModel, data, sites=SITES, kinds=("flip",), n_images: int = 8) -> Fault:
+    site = data.draw(st.sampled_from(sites), label="site")
+    layer = data.draw(st.sampled_from(list(qmodel.layers)), label="layer")
+    target = _target(qmodel, site, layer)
+    index = data.draw(st.integers(0, target.numel - 1), label="index")
+    bit = data.draw(st.integers(0, target.bits - 1), label="bit")
+    kind = data.draw(st.sampled_from(kinds), label="kind")
+    image = None if site == "weight" else data.draw(st.integers(0, n_images - 1), label="image")
+    return Fault(site, layer, index, bit, kind, image)
+
+
+@TORCH_PROPERTY
+@given(which=st.sampled_from(["mlp", "cnn"]), data=st.data())
+def test_a_fault_listed_twice_flips_back(which: str, data, q_mlp, q_cnn, digits) -> None:
+    qmodel = q_mlp if which == "mlp" else q_cnn
+    x = digits.x_test[:8]
+    fault = _draw_fault(qmodel, data)
+    clean = qmodel(x)
+    twice = qmodel(x, faults=FaultPattern.from_faults([fault, fault]))
+    assert torch.equal(twice, clean), fault
+
+
+@settings(max_examples=30, deadline=None)
+@given(which=st.sampled_from(["mlp", "cnn"]), data=st.data())
+def test_stuck_at_applied_twice_equals_once(which: str, data, q_mlp, q_cnn, digits) -> None:
+    qmodel = q_mlp if which == "mlp" else q_cnn
+    x = digits.x_test[:8]
+    fault = _draw_fault(qmodel, data, kinds=("stuck0", "stuck1"))
+    once = qmodel(x, faults=FaultPattern.from_faults([fault]))
+    twice = qmodel(x, faults=FaultPattern.from_faults([fault, fault]))
+    assert torch.equal(once, twice), fault
+
+
+@TORCH_PROPERTY
+@given(which=st.sampled_from(["mlp", "cnn"]), data=st.data())
+def test_faulted_layer_matches_the_oracle(which: str, data, q_mlp, q_cnn, trained_mlp, trained_cnn,
+                                          noisy_digits) -> None:
+    """Differential test on models with several layers (BN folded; a layer that reads its producer's codes):
+    an act fault leaves the oracle's code x act scale at its position and nothing else; an input or weight
+    fault gives the layer output of the integer reference fed the oracle's code."""
+    qmodel, model = (q_mlp, trained_mlp) if which == "mlp" else (q_cnn, trained_cnn)
+    x = noisy_digits[:8]
+    fault = _draw_fault(qmodel, data, sites=("act", "input", "weight"), kinds=("flip", "stuck0", "stuck1"))
+    layer = qmodel.layers[fault.layer]
+    pattern = FaultPattern.from_faults([fault])
+    with watch(qmodel, fault.layer) as clean:
+        qmodel(x)
+    with watch(qmodel, fault.layer) as faulted:
+        qmodel(x, faults=pattern)
+    assert torch.equal(faulted["raw"], clean["raw"])  # nothing upstream of the layer moved
+    if fault.site == "act":
+        before = clean["out"].reshape(len(x), -1)
+        after = faulted["out"].reshape(len(x), -1).clone()
+        code = int(torch.round(before[fault.image, fault.index] / layer.act_scale))
+        assert abs(code) <= layer.qmax
+        expected = f32(oracle(code, fault.bit, fault.kind, layer.bits)) * f32(layer.act_scale)
+        assert torch.equal(after[fault.image, fault.index], expected)
+        after[fault.image, fault.index] = before[fault.image, fault.index]
+        assert torch.equal(after, before)
+        return
+    in_codes = input_codes(layer, clean["raw"])
+    weight_codes = layer.weight_codes.to(torch.int64).clone()
+    if fault.site == "input":
+        flat = in_codes[fault.image].view(-1)
+    else:
+        flat = weight_codes.view(-1)
+    flat[fault.index] = oracle(int(flat[fault.index]), fault.bit, fault.kind, layer.bits)
+    acc, slack = integer_acc(model, qmodel, fault.layer, in_codes, weight_codes)
+    assert_requantized(qmodel, fault.layer, faulted["out"], acc, slack)
+    if fault.site == "weight":  # and the weight is back afterwards
+        with watch(qmodel, fault.layer) as again:
+            qmodel(x)
+        assert torch.equal(again["out"], clean["out"])
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_a_single_high_bit_fault_changes_the_output_at_every_site(site: str, q_cnn, digits) -> None:
+    # the counterpart of the "listed twice" property: one fault alone is not a no-op
+    x = digits.x_test[:8]
+    target = _target(q_cnn, site, "1")
+    fault = Fault(site, "1", target.numel // 2 + 3, target.bits - 2, "flip", None if site == "weight" else 2)
+    assert not torch.equal(q_cnn(x, faults=FaultPattern.from_faults([fault])), q_cnn(x))
+
+
+@pytest.mark.parametrize("site", ["act", "weight"])
+def test_faults_on_one_code_apply_in_the_order_listed(site: str) -> None:
+    qmodel, x, _ = single("linear", 8)
+    image = None if site == "weight" else 1
+    bit = 6
+
+    def run(*kinds: str) -> torch.Tensor:
+        return qmodel(x, faults=FaultPattern.from_faults([(site, "0", 4, bit, k, image) for k in kinds]))
+
+    assert torch.equal(run("stuck1", "flip"), run("stuck0"))
+    assert torch.equal(run("flip", "stuck1"), run("stuck1"))
+    assert torch.equal(run("stuck0", "flip", "flip"), run("stuck0"))
+    assert torch.equal(run("flip", "stuck0", "stuck1"), run("stuck1"))
+    assert not torch.equal(run("stuck0"), run("stuck1"))
+
+
+# -- replay ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("site", SITES)
+def test_exported_patterns_replay_bit_exactly(site: str, q_cnn, digits) -> None:
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    ber = _ber_for(q_cnn, site, len(x), faults=200)
+    pattern = sample_pattern(FaultModel(site, ber), q_cnn.targets(Site(site)), len(x), trial_generator(9, site, 0))
+    assert len(pattern) > 50
+    logits = q_cnn(x, faults=pattern)
+    assert not torch.equal(logits, q_cnn(x))
+    replays = [
+        FaultPattern.from_json(json.loads(json.dumps(pattern.to_json()))),
+        FaultPattern.from_faults(pattern.to_list()),
+        FaultPattern.from_faults(tuple(f) for f in pattern.to_json()),
+    ]
+    reference = predict(q_cnn, x, pattern, batch_size=64)
+    for replay in replays:
+        assert replay.to_json() == pattern.to_json()
+        assert torch.equal(q_cnn(x, faults=replay), logits)
+        again = predict(q_cnn, x, replay, batch_size=13)  # other batch boundaries: images keep their faults
+        assert torch.equal(again.predicted, reference.predicted)
+        assert accuracy(q_cnn, (x, y), replay) == accuracy(q_cnn, (x, y), pattern)
+
+
+def test_image_offset_places_a_batch_in_the_pattern(q_cnn, digits) -> None:
+    x = digits.x_test[:64]
+    pattern = sample_pattern(FaultModel("act", 3e-3), q_cnn.targets(Site.ACT), 64, torch.Generator().manual_seed(5))
+    full = q_cnn(x, faults=pattern)
+    for start in (0, 16, 40):
+        part = q_cnn(x[start : start + 16], faults=pattern, image_offset=start)
+        assert torch.equal(part, full[start : start + 16])
+    assert not torch.equal(q_cnn(x[16:32], faults=pattern), full[16:32])  # offset 0 reads other images' faults
+
+
+@pytest.mark.parametrize("site", ["act", "acc", "input"])
+def test_each_image_gets_its_own_faults(site: str, q_cnn, digits) -> None:
+    x = digits.x_test[:64]
+    ber = _ber_for(q_cnn, site, 64, faults=64 * 12)
+    pattern = sample_pattern(FaultModel(site, ber), q_cnn.targets(Site(site)), 64, torch.Generator().manual_seed(6))
+    assert pattern.images_with_faults().tolist() == list(range(64))
+    per_image = Counter(f.image for f in pattern.to_list())
+    assert len(set(per_image.values())) > 4
+    positions = {}
+    for f in pattern.to_list():
+        positions.setdefault(f.image, set()).add((f.layer, f.index, f.bit))
+    assert len({frozenset(p) for p in positions.values()}) == 64
+    clean, full = q_cnn(x), q_cnn(x, faults=pattern)
+    for k in (0, 31, 63):
+        alone = FaultPattern.from_faults([f for f in pattern.to_list() if f.image == k])
+        out = q_cnn(x, faults=alone)
+        assert torch.equal(out[k], full[k])
+        others = torch.arange(64) != k
+        assert torch.equal(out[others], clean[others])
+
+
+# -- campaigns leave every model as they found it --------------------------------------------------------------------
+def _hooks(model: nn.Module) -> list[str]:
+    return [
+        f"{name or '<root>'}.{attr}"
+        for name, m in model.named_modules()
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+        if getattr(m, attr, None)
+    ]
+
+
+@pytest.fixture
+def campaign_model(digits_cnn, digits):
+    """A user model left in training mode with trainable parameters, and its quantized view."""
+    user = digits_cnn.train()
+    for p in user.parameters():
+        p.requires_grad_(True)
+    before = state_checksum(user)
+    qmodel = quantize(user, digits.x_train[:512])
+    assert state_checksum(user) == before
+    return user, qmodel
+
+
+def _hook_counts(model: nn.Module) -> dict[str, int]:
+    return {name: len(m._forward_hooks) + len(m._forward_pre_hooks) for name, m in model.named_modules()}
+
+
+def _assert_user_model_untouched(user: nn.Module, checksum: str) -> None:
+    assert state_checksum(user) == checksum
+    assert _hooks(user) == []
+    assert all(m.training for m in user.modules())
+    assert all(p.requires_grad for p in user.parameters())
+
+
+def test_a_campaign_at_every_site_leaves_both_models_as_they_were(campaign_model, digits) -> None:
+    user, qmodel = campaign_model
+    user_sum, view_sum = state_checksum(user), state_checksum(qmodel.module)
+    view_hooks = _hook_counts(qmodel.module)
+    x, y = digits.x_test[:96], digits.y_test[:96]
+    clean = qmodel(x)
+    clean_accuracy = accuracy(qmodel, (x, y))
+    hurt = False
+    for site in SITES:
+        ber = _ber_for(qmodel, site, len(x), faults=150)
+        model = FaultModel(site, ber)
+        for trial in range(3):
+            pattern = sample_pattern(model, qmodel.targets(Site(site)), len(x), trial_generator(1, site, trial))
+            assert len(pattern) > 0
+            outcome = predict(qmodel, x, pattern, batch_size=40)
+            qmodel(x, faults=pattern)
+            hurt |= accuracy(qmodel, (x, y), model, seed=trial, batch_size=32) < clean_accuracy
+            assert outcome.predicted.shape == (len(x),)
+            assert state_checksum(qmodel.module) == view_sum, (site, trial)
+            assert state_checksum(user) == user_sum
+    assert hurt  # the campaign did inject something
+    assert torch.equal(qmodel(x), clean)
+    assert accuracy(qmodel, (x, y)) == clean_accuracy
+    _assert_user_model_untouched(user, user_sum)
+    assert _hook_counts(qmodel.module) == view_hooks  # no hook piles up on the view either
+
+
+def _weight_pattern(qmodel: QuantizedModel, seed: int = 3) -> FaultPattern:
+    ber = _ber_for(qmodel, "weight", 1, faults=100)
+    generator = torch.Generator().manual_seed(seed)
+    return sample_pattern(FaultModel("weight", ber), qmodel.targets(Site.WEIGHT), 1, generator)
+
+
+def test_weights_are_restored_when_the_block_raises(campaign_model, digits) -> None:
+    user, qmodel = campaign_model
+    user_sum, view_sum = state_checksum(user), state_checksum(qmodel.module)
+    x = digits.x_test[:32]
+    clean = qmodel(x)
+    pattern = _weight_pattern(qmodel)
+    with pytest.raises(RuntimeError, match="mid-trial"):
+        with qmodel.weight_faults(pattern):
+            assert state_checksum(qmodel.module) != view_sum  # the faults are really in the weights
+            assert not torch.equal(qmodel(x), clean)
+            raise RuntimeError("mid-trial")
+    assert state_checksum(qmodel.module) == view_sum
+    assert torch.equal(qmodel(x), clean)
+    _assert_user_model_untouched(user, user_sum)
+
+
+def test_weights_are_restored_when_the_forward_raises(campaign_model, digits) -> None:
+    user, qmodel = campaign_model
+    user_sum, view_sum = state_checksum(user), state_checksum(qmodel.module)
+    x = digits.x_test[:32]
+    clean = qmodel(x)
+    wrong = torch.randn(4, 65)  # the model expects 64 features
+    weights = _weight_pattern(qmodel)
+    mixed = FaultPattern.from_faults(weights.to_list() + [Fault("act", "1", 5, 6, "flip", 0)])
+    for pattern in (weights, mixed):
+        with pytest.raises(RuntimeError):
+            qmodel(wrong, faults=pattern)
+        assert state_checksum(qmodel.module) == view_sum
+        with pytest.raises(RuntimeError):
+            predict(qmodel, wrong, pattern)
+        assert state_checksum(qmodel.module) == view_sum
+        assert torch.equal(qmodel(x), clean)  # nor are transient faults left armed
+    _assert_user_model_untouched(user, user_sum)
+
+
+def test_weights_are_restored_when_a_pattern_does_not_fit(campaign_model, digits) -> None:
+    user, qmodel = campaign_model
+    view_sum = state_checksum(qmodel.module)
+    x = digits.x_test[:32]
+    clean = qmodel(x)
+    n_weights = _target(qmodel, "weight", "6").numel
+    # the first layer's faults are applied before the second layer's out-of-range index is found
+    bad = FaultPattern.from_faults([("weight", "1", 0, 7, "flip"), ("weight", "1", 5, 6, "flip"),
+                                    ("weight", "6", n_weights, 0, "flip")])
+    with pytest.raises(IndexError, match=rf"fault index {n_weights} is out of range"):
+        with qmodel.weight_faults(bad):
+            pass
+    assert state_checksum(qmodel.module) == view_sum
+    n_act = _target(qmodel, "act", "1").numel
+    late = FaultPattern.from_faults(_weight_pattern(qmodel).to_list() + [("act", "1", n_act, 0, "flip", 0)])
+    with pytest.raises(IndexError, match=r"out of range for site 'act' of layer '1'"):
+        qmodel(x, faults=late)
+    assert state_checksum(qmodel.module) == view_sum
+    assert torch.equal(qmodel(x), clean)
+
+
+def test_predict_validates_a_pattern_against_the_model(q_cnn, digits) -> None:
+    x = digits.x_test[:10]
+    n_act = _target(q_cnn, "act", "6").numel
+    cases = [
+        ([("act", "6", n_act, 0, "flip", 0)], IndexError, rf"fault index {n_act} is out of range for site 'act'"),
+        ([("act", "6", 0, 8, "flip", 0)], ValueError, r"bit 8 does not exist in the 8-bit act codes of layer '6'"),
+        ([("acc", "6", 0, 32, "flip", 0)], ValueError, r"bit 32 does not exist in the 32-bit acc codes"),
+        ([("weight", "1", 0, 8, "flip")], ValueError, r"bit 8 does not exist in the 8-bit weight codes"),
+        ([("input", "6", 0, 0, "flip", 10)], IndexError, r"fault on image 10 but only 10 images are evaluated"),
+        ([("act", "nope", 0, 0, "flip", 0)], KeyError, r"'nope' is not a quantized layer"),
+    ]
+    for faults, error, message in cases:
+        with pytest.raises(error, match=message):
+            predict(q_cnn, x, FaultPattern.from_faults(faults))
+
+
+# -- saturation and non-finite logits --------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv3d"])
+def test_high_accumulator_bits_saturate_at_requantization(kind: str) -> None:
+    qmodel, x, model = single(kind, 8)
+    layer = qmodel.layers["0"]
+    top = layer.qmax * layer.act_scale
+    acc, _ = integer_acc(model, qmodel, "0", input_codes(layer, x))
+    per_image = math.prod(layer.output_shape)
+    for bit in (24, 30, 31):
+        for index in (0, per_image // 2, per_image - 1):
+            out = qmodel(x, faults=FaultPattern.from_faults([("acc", "0", index, bit, "flip", 1)]))
+            assert float(out.abs().max()) <= top * (1 + 1e-6)
+            value = out[1].reshape(-1)[index]
+            code = int(acc[1].reshape(-1)[index])
+            sign = 1 if oracle(code, bit, "flip", 32) > code else -1
+            assert torch.equal(value, f32(sign * layer.qmax) * f32(layer.act_scale)), (bit, index)
+    # a dense rain of high-bit faults: every output stays in range and finite
+    pattern = sample_pattern(FaultModel("acc", 0.3, bit_positions=tuple(range(24, 32))), qmodel.targets(Site.ACC),
+                             len(x), torch.Generator().manual_seed(0))
+    out = qmodel(x, faults=pattern)
+    assert torch.isfinite(out).all() and float(out.abs().max()) <= top * (1 + 1e-6)
+    assert float(out.abs().max()) == pytest.approx(top, rel=1e-6)
+
+
+class LogHead(nn.Module):
+    """A float op after the last quantized layer: log(0) = -inf, log(negative) = nan."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x)
+
+
+def test_non_finite_logits_count_as_misclassified() -> None:
+    with seeded(30):
+        linear = nn.Linear(4, 3)
+        with torch.no_grad():
+            linear.weight.mul_(0.1)
+            linear.bias.fill_(5.0)
+        model = nn.Sequential(linear, LogHead())
+        x = torch.randn(8, 4)
+    qmodel = quantize(model, x)
+    clean = qmodel(x)
+    assert torch.isfinite(clean).all()
+    labels = clean.argmax(1)
+    assert accuracy(qmodel, (x, labels)) == 1.0
+    zero_code = [("act", "0", 0, b, "stuck0", 3) for b in range(8)]  # image 3: code 0 -> log(0) = -inf
+    negative = [("act", "0", 1, 7, "flip", 5)]  # image 5: sign bit -> log(negative) = nan
+    pattern = FaultPattern.from_faults(zero_code + negative)
+    logits = qmodel(x, faults=pattern)
+    assert torch.isneginf(logits[3, 0]) and torch.isnan(logits[5, 1])
+    outcome = predict(qmodel, x, pattern)
+    assert outcome.nonfinite.tolist() == [i in (3, 5) for i in range(8)]
+    assert outcome.predicted[3] == -1 and outcome.predicted[5] == -1
+    keep = torch.tensor([i not in (3, 5) for i in range(8)])
+    assert torch.equal(outcome.predicted[keep], labels[keep])
+    assert accuracy(qmodel, (x, labels), pattern) == 6 / 8
+    assert outcome.correct(labels).tolist() == keep.tolist()
+
+
+# -- evaluation helpers ----------------------------------------------------------------------------------------------
+def test_accuracy_accepts_every_data_form_alike(q_mlp, digits) -> None:
+    x, y = digits.x_test[:200], digits.y_test[:200]
+    dataset = TensorDataset(x, y)
+    forms = [(x, y), [x, y], dataset, DataLoader(dataset, batch_size=32, shuffle=False)]
+    model = FaultModel("act", 2e-3)
+    for faults in (None, model):
+        values = [accuracy(q_mlp, form, faults, seed=4) for form in forms]
+        assert len(set(values)) == 1, values
+    assert 0.85 < accuracy(q_mlp, (x, y)) <= 1.0
+    assert accuracy(q_mlp, (x, y), samples=50) == float((q_mlp(x[:50]).argmax(1) == y[:50]).float().mean())
+
+
+def test_a_shuffling_data_loader_is_rejected(q_mlp, digits) -> None:
+    loader = DataLoader(TensorDataset(digits.x_test, digits.y_test), batch_size=32, shuffle=True)
+    with pytest.raises(DataError, match=r"shuffle=True.*fixed image order"):
+        accuracy(q_mlp, loader)
+    with pytest.raises(DataError, match="needs labels"):
+        accuracy(q_mlp, digits.x_test)
+    with pytest.raises(DataError, match="different lengths"):
+        accuracy(q_mlp, (digits.x_test, digits.y_test[:-1]))
+    assert issubclass(DataError, TypeError)
+
+
+def test_accuracy_is_deterministic_in_its_seed(q_mlp, digits) -> None:
+    data = (digits.x_test, digits.y_test)
+    model = FaultModel("weight", 2e-3)
+    first = [accuracy(q_mlp, data, model, seed=s) for s in range(5)]
+    again = [accuracy(q_mlp, data, model, seed=s) for s in range(5)]
+    assert first == again
+    assert len(set(first)) > 1  # the seed picks the faults
+    assert min(first) < accuracy(q_mlp, data)
+    targets = q_mlp.targets(Site.WEIGHT)
+    p1 = sample_pattern(model, targets, 1, trial_generator(0, "c", 1))
+    p2 = sample_pattern(model, targets, 1, trial_generator(0, "c", 1))
+    p3 = sample_pattern(model, targets, 1, trial_generator(0, "c", 2))
+    assert p1.to_json() == p2.to_json() != p3.to_json()
+
+
+def test_a_root_module_layer_can_be_faulted() -> None:
+    with seeded(31):
+        model = nn.Linear(5, 4)
+        x = torch.randn(6, 5)
+    qmodel = quantize(model, x)
+    assert list(qmodel.layers) == [""]
+    clean = qmodel(x)
+    out = qmodel(x, faults=FaultPattern.from_faults([("act", "", 2, 6, "flip", 4)]))
+    assert (out != clean).sum() == 1 and out[4, 2] != clean[4, 2]
+    keep = copy.deepcopy(model.state_dict())
+    accuracy(qmodel, (x, clean.argmax(1)), FaultModel("weight", 0.05), seed=1)
+    assert all(torch.equal(v, keep[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("layer", ["1", "6"])
+def test_accumulator_bits_flipped_twice_restore_the_output_exactly(layer: str, q_cnn, digits) -> None:
+    # the int32 accumulator of hardware is restored exactly by a second flip, high bits included; the float
+    # reconstruction of the accumulator must not leave a rounding residue that moves an output code
+    x = digits.x_test[:8]
+    clean = q_cnn(x)
+    numel = _target(q_cnn, "acc", layer).numel
+    faults = [Fault("acc", layer, index, bit, "flip", image)
+              for bit in range(32) for image in range(8) for index in range(image, numel, max(1, numel // 12))]
+    pattern = FaultPattern.from_faults(faults + faults)
+    assert torch.equal(q_cnn(x, faults=pattern), clean)
+    for bit in (20, 26, 29, 30, 31):
+        one = [f for f in faults if f.bit == bit]
+        assert torch.equal(q_cnn(x, faults=FaultPattern.from_faults(one + one)), clean), bit
+
+
+def test_a_parametrized_weight_is_quantized_and_faulted_or_refused() -> None:
+    # weight_norm computes `weight` from two parametrization tensors at every call: writing into `module.weight`
+    # changes nothing that lasts. The engine must then either refuse the model clearly or still quantize and
+    # fault what the layer really uses; never silently run float weights with no-op weight faults.
+    from torch.nn.utils.parametrizations import weight_norm
+
+    with seeded(32):
+        model = nn.Sequential(weight_norm(nn.Linear(8, 6)), nn.ReLU(), nn.Linear(6, 3)).eval()
+        x = torch.randn(32, 8)
+    try:
+        qmodel = quantize(model, x)
+    except (ValueError, TypeError, NotImplementedError) as error:
+        assert "parametriz" in str(error).lower()
+        return
+    with torch.no_grad():
+        reference = model(x)
+    clean = qmodel(x)
+    assert (clean - reference).abs().max() < 0.05 * reference.abs().max()
+    n = _target(qmodel, "weight", "0").numel
+    sign_bits = FaultPattern.from_faults([("weight", "0", i, 7, "flip") for i in range(n)])
+    assert not torch.equal(qmodel(x, faults=sign_bits), clean), f"{n} sign-bit weight faults changed nothing"

@@ -1,0 +1,353 @@
+"""The quantized view (pytest_hwfault.quantization): exact codes and scales, calibration, BN folding, errors, and a user
+model that stays untouched."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from conftest import (
+    assert_requantized,
+    float_params,
+    input_codes,
+    integer_acc,
+    one_thread,
+    seeded,
+    watch,
+    weights_hold_codes,
+)
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pytest_hwfault.quantization import NoQuantizableLayerError, QuantizedModel, quantize, state_checksum
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is much faster on a shared machine. Restored after this module."""
+    with one_thread():
+        yield
+
+
+def _layer_io(qmodel: QuantizedModel, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """For every quantized layer: the float tensor entering it and what it hands on, in one fault-free pass."""
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    with contextlib.ExitStack() as stack:
+        for name in qmodel.layers:
+            seen[name] = stack.enter_context(watch(qmodel, name))
+        qmodel(x)
+    return seen
+
+
+# -- exactness -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 4, 8, 12, 16])
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+@pytest.mark.parametrize("which", ["mlp", "cnn"])
+def test_quantized_layers_compute_exactly_on_codes(which, granularity, bits, digits, noisy_digits, trained_mlp,
+                                                   trained_cnn):
+    model = trained_mlp if which == "mlp" else trained_cnn
+    qmodel = quantize(model, digits.x_train[:256], bits=bits, weight_granularity=granularity)
+    qmax = 2 ** (bits - 1) - 1
+    assert qmodel.config["bits"] == bits and qmodel.config["weight_granularity"] == granularity
+    for name, layer in qmodel.layers.items():
+        codes, scale = layer.weight_codes, layer.weight_scale
+        assert layer.bits == bits and layer.qmax == qmax
+        assert codes.shape == layer.module.weight.shape
+        assert not codes.is_floating_point()
+        assert scale.shape == (codes.shape[0],) and scale.dtype == torch.float32
+        assert int(codes.abs().max()) <= qmax
+        assert weights_hold_codes(layer), name
+        # the codes are the float (BN-folded) weights rounded on their scale
+        weight, _ = float_params(model, qmodel, name)
+        view = scale.reshape(-1, *([1] * (codes.dim() - 1)))
+        assert torch.equal(codes.to(torch.int64), torch.clamp(torch.round(weight / view), -qmax, qmax).to(torch.int64))
+        if granularity == "per_tensor":
+            assert torch.equal(scale, scale[:1].expand_as(scale))
+            assert int(codes.abs().max()) == qmax  # the largest weight lands on the top code
+        else:
+            # every output channel uses its whole range
+            per_channel_max = codes.reshape(codes.shape[0], -1).abs().amax(dim=1)
+            assert torch.equal(per_channel_max, torch.full_like(per_channel_max, qmax)), name
+    # every layer hands on exact codes x act scale, equal to the integer reference of its accumulator
+    for name, io in _layer_io(qmodel, noisy_digits).items():
+        layer = qmodel.layers[name]
+        codes = torch.round(io["out"] / layer.act_scale)
+        assert int(codes.abs().max()) <= qmax
+        acc, slack = integer_acc(model, qmodel, name, input_codes(layer, io["raw"]))
+        assert_requantized(qmodel, name, io["out"], acc, slack)
+
+
+def test_per_channel_and_per_tensor_scales_follow_the_weights() -> None:
+    with seeded(20):
+        model = nn.Sequential(nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3))
+        x = torch.randn(64, 12)
+    for bits in (4, 8):
+        qmax = 2 ** (bits - 1) - 1
+        per_channel = quantize(model, x, bits=bits, weight_granularity="per_channel")
+        per_tensor = quantize(model, x, bits=bits, weight_granularity="per_tensor")
+        for name in ("0", "2"):
+            w = model.get_submodule(name).weight.detach()
+            want_channel = w.abs().amax(dim=1) / qmax
+            want_tensor = w.abs().max() / qmax
+            got_channel = per_channel.layers[name].weight_scale
+            got_tensor = per_tensor.layers[name].weight_scale
+            assert got_channel.shape == got_tensor.shape == (w.shape[0],)
+            torch.testing.assert_close(got_channel, want_channel, rtol=1e-6, atol=0)
+            torch.testing.assert_close(got_tensor, want_tensor.expand(w.shape[0]), rtol=1e-6, atol=0)
+            assert len(set(got_channel.tolist())) > 1  # the channels really have different scales
+            assert len(set(got_tensor.tolist())) == 1
+            # codes are round(w / scale), clamped
+            codes = per_channel.layers[name].weight_codes
+            want_codes = torch.clamp(torch.round(w / got_channel[:, None]), -qmax, qmax)
+            assert torch.equal(codes.to(torch.int64), want_codes.to(torch.int64))
+
+
+def test_max_calibration_scales_cover_the_calibration_range() -> None:
+    with seeded(21):
+        model = nn.Sequential(nn.Linear(10, 5))
+        x = torch.randn(128, 10)
+    qmodel = quantize(model, x, bits=8)
+    layer = qmodel.layers["0"]
+    torch.testing.assert_close(torch.tensor(layer.input_scale), x.abs().max() / 127, rtol=1e-6, atol=0)
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(torch.tensor(layer.act_scale), out.abs().max() / 127, rtol=1e-6, atol=0)
+
+
+def test_percentile_calibration_clips_outliers_and_max_does_not() -> None:
+    with seeded(22):
+        model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+        x = torch.randn(512, 16)
+    x[3, 5] = 500.0  # one outlier in the calibration data
+    x[100, 0] = -400.0
+    by_max = quantize(model, x, calibration="max")
+    by_pct = quantize(model, x, calibration="percentile", percentile=99.9)
+    assert by_pct.config["calibration"] == "percentile" and by_pct.config["percentile"] == 99.9
+    assert by_max.config["percentile"] is None
+    first_max, first_pct = by_max.layers["0"], by_pct.layers["0"]
+    assert first_pct.input_clip_rate > 0 and first_pct.act_clip_rate > 0
+    assert first_pct.input_clip_rate <= 0.01 and first_pct.act_clip_rate <= 0.01  # 99.9th percentile
+    assert first_pct.input_scale < first_max.input_scale / 10
+    for layer in by_max.layers.values():
+        assert layer.input_clip_rate == 0.0 and layer.act_clip_rate == 0.0
+    assert by_pct.summary()[0]["input_clip_rate"] == first_pct.input_clip_rate
+    # clipped values saturate, they do not wrap: image 3's outlier reads as the top code
+    io = _layer_io(by_pct, x[:8])["0"]
+    in_codes = input_codes(first_pct, io["raw"])
+    assert int(in_codes[3, 5]) == 127
+    acc, slack = integer_acc(model, by_pct, "0", in_codes)
+    assert_requantized(by_pct, "0", io["out"], acc, slack)
+
+
+def test_calibration_data_forms_give_identical_scales(digits, digits_mlp) -> None:
+    x, y = digits.x_train[:300], digits.y_train[:300]
+    reference = quantize(digits_mlp, x, batch_size=64)
+    forms = [(x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=64, shuffle=False)]
+    for form in forms:
+        other = quantize(digits_mlp, form, batch_size=64)
+        for name, layer in reference.layers.items():
+            assert other.layers[name].act_scale == layer.act_scale
+            assert other.layers[name].input_scale == layer.input_scale
+            assert torch.equal(other.layers[name].weight_codes, layer.weight_codes)
+
+
+# -- structure -------------------------------------------------------------------------------------------------------
+def test_bn_is_folded_and_quantized_model_agrees_with_float(digits, digits_mlp, digits_cnn) -> None:
+    for model, folded in ((digits_mlp, [("0", "1")]), (digits_cnn, [("1", "2")])):
+        qmodel = quantize(model, digits.x_train[:512])
+        assert qmodel.folded == folded
+        assert qmodel.bn_kept == [] and qmodel.fold_error is None
+        with torch.no_grad():
+            reference = model(digits.x_test)
+        quantized = qmodel(digits.x_test)
+        agree = (quantized.argmax(1) == reference.argmax(1)).float().mean()
+        assert agree > 0.95
+        assert (quantized - reference).abs().mean() < 0.05 * reference.abs().mean()
+        assert repr(qmodel).startswith("QuantizedModel(Sequential, 2 layers, bits=8, bn_folded=1, bn_kept=0)")
+
+
+def test_summary_describes_layers_in_execution_order(q_mlp) -> None:
+    summary = q_mlp.summary()
+    assert [s["name"] for s in summary] == list(q_mlp.layers) == ["0", "3"]
+    assert [s["type"] for s in summary] == ["Linear", "Linear"]
+    assert [s["output_shape"] for s in summary] == [[32], [10]]
+    first, second = summary
+    assert first["input_source"] is None
+    # "3" reads "0"'s output codes through BN (folded) and ReLU: same scale, no requantization
+    assert second["input_source"] == "0"
+    assert second["input_scale"] == first["act_scale"]
+    for s in summary:
+        assert s["bits"] == 8
+        assert 0 < s["weight_scale_mean"] <= s["weight_scale_max"]
+        assert s["act_scale"] > 0 and s["input_scale"] > 0
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so its BatchNorm cannot be folded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, 1, 8, 8)
+        out = torch.relu(self.bn(self.conv(x)))
+        if x.sum() > 0:
+            out = out * 1.0
+        return self.fc(out.flatten(1))
+
+
+def _non_traceable(digits) -> nn.Module:
+    with seeded(23):
+        model = Branchy()
+        model.train()
+        with torch.no_grad():
+            model(digits.x_train[:256])  # give the BN non-trivial running statistics
+    return model.eval()
+
+
+def test_non_traceable_model_keeps_its_batchnorm(digits) -> None:
+    model = _non_traceable(digits)
+    qmodel = quantize(model, digits.x_train[:256])
+    assert qmodel.bn_kept == ["bn"]
+    assert qmodel.folded == []
+    assert isinstance(qmodel.fold_error, str) and qmodel.fold_error
+    assert list(qmodel.layers) == ["conv", "fc"]
+    assert all(s["input_source"] is None for s in qmodel.summary())
+    with torch.no_grad():
+        reference = model(digits.x_test[:128])
+    out = qmodel(digits.x_test[:128])
+    assert (out - reference).abs().max() < 0.1 * reference.abs().max()  # the kept BN really runs
+    assert (out.argmax(1) == reference.argmax(1)).float().mean() > 0.9
+
+
+def test_fold_bn_false_keeps_every_batchnorm_as_a_float_module(digits, digits_cnn) -> None:
+    qmodel = quantize(digits_cnn, digits.x_train[:256], fold_bn=False)
+    assert qmodel.folded == [] and qmodel.config["fold_bn"] is False
+    assert isinstance(qmodel.module.get_submodule("2"), nn.BatchNorm2d)
+
+
+def test_model_without_quantizable_layer_gets_a_clear_error() -> None:
+    with pytest.raises(NoQuantizableLayerError) as info:
+        quantize(nn.Sequential(nn.ReLU(), nn.Flatten()), torch.randn(4, 3))
+    message = str(info.value)
+    for kind in ("Conv1d", "Conv2d", "Conv3d", "Linear"):
+        assert kind in message
+    assert "Sequential has no quantizable layer" in message
+    assert "ReLU" in message and "Flatten" in message  # what was found instead
+    assert isinstance(info.value, ValueError)
+
+
+def test_a_module_used_twice_per_forward_is_rejected() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.fc(x)))
+
+    with pytest.raises(ValueError, match=r"\['fc'\] run more than once per forward pass"):
+        quantize(Twice(), torch.randn(8, 4))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"bits": 1}, ValueError, r"bits=1 must be an integer in \[2, 16\]"),
+        ({"bits": 17}, ValueError, r"bits=17 must be an integer in \[2, 16\]"),
+        ({"bits": True}, ValueError, r"bits=True"),
+        ({"bits": 8.0}, ValueError, r"bits=8.0"),
+        ({"weight_granularity": "per_row"}, ValueError, r"weight_granularity='per_row' is not supported"),
+        ({"act_granularity": "per_channel"}, ValueError, r"act_granularity='per_channel' is not supported"),
+        ({"calibration": "mse"}, ValueError, r"calibration='mse' is not supported; allowed: 'max', 'percentile'"),
+        ({"calibration": "percentile", "percentile": 50.0}, ValueError, r"percentile=50.0 must be in \(50, 100\]"),
+    ],
+)
+def test_quantize_rejects_bad_arguments(kwargs, error, message) -> None:
+    with pytest.raises(error, match=message):
+        quantize(nn.Linear(3, 2), torch.randn(4, 3), **kwargs)
+
+
+def test_quantize_rejects_a_non_module_and_empty_data() -> None:
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        quantize(lambda x: x, torch.randn(4, 3))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="calibration_data is empty"):
+        quantize(nn.Linear(3, 2), torch.empty(0, 3))
+
+
+# -- the user's model ------------------------------------------------------------------------------------------------
+def _hooks(model: nn.Module) -> list[str]:
+    found = []
+    for name, m in model.named_modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            if getattr(m, attr, None):
+                found.append(f"{name or '<root>'}.{attr}")
+    return found
+
+
+def test_quantize_leaves_the_users_model_untouched(digits, digits_cnn) -> None:
+    model = digits_cnn.train()  # in training mode: running BN in train mode would change its statistics
+    for p in model.parameters():
+        p.requires_grad_(True)
+    before = state_checksum(model)
+    state = copy.deepcopy(model.state_dict())
+    qmodel = quantize(model, digits.x_train[:512], calibration="percentile")
+    assert state_checksum(model) == before
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert all(m.training for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert _hooks(model) == []
+    # the view works on its own copy, in eval mode
+    assert qmodel.module is not model
+    assert not any(m.training for m in qmodel.module.modules() if not isinstance(m, nn.Identity))
+    assert all(p.data_ptr() not in {q.data_ptr() for q in model.parameters()} for p in qmodel.module.parameters())
+
+
+def test_state_checksum_is_bit_exact() -> None:
+    with seeded(24):
+        model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    first = state_checksum(model)
+    assert first == state_checksum(copy.deepcopy(model))
+    assert len(first) == 64 and int(first, 16) >= 0
+    with torch.no_grad():
+        model[0].weight.view(-1)[0] = torch.nextafter(model[0].weight.view(-1)[0], torch.tensor(10.0))
+    assert state_checksum(model) != first  # one ulp of one weight
+    other = copy.deepcopy(model)
+    other[1].num_batches_tracked += 1
+    assert state_checksum(other) != state_checksum(model)  # buffers count too
+
+
+class TiedEmbedding(nn.Module):
+    """Input embedding and output head share one weight, as in many language models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.head = nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.emb(tokens)))
+
+
+def test_a_weight_shared_with_an_unquantized_module_keeps_its_meaning_there() -> None:
+    # Only the Linear is quantized; the Embedding that shares its weight still runs in float on the private copy
+    # and must keep reading (about) the float weights, not whatever internal form the quantized layer stores.
+    with seeded(25):
+        model = TiedEmbedding().eval()
+        tokens = torch.randint(0, 10, (64,))
+    before = state_checksum(model)
+    qmodel = quantize(model, tokens)
+    assert list(qmodel.layers) == ["head"]
+    with torch.no_grad():
+        reference = model(tokens)
+    out = qmodel(tokens)
+    assert (out - reference).abs().max() < 0.05 * reference.abs().max()
+    assert (out.argmax(1) == reference.argmax(1)).float().mean() > 0.9
+    assert state_checksum(model) == before
