@@ -1,5 +1,10 @@
 """Simulated campaigns: the sequential plan's wrong-verdict rate stays within alpha, and peeking without
-alpha spending does not.
+alpha spending (binomial gate) or with a fixed-n interval (bounded gate) does not.
+
+Transient sites: Clopper-Pearson with alpha spending across looks. Weight site: the betting confidence sequence,
+valid at every trial count at once, judged at the full alpha at every look; here its coverage (the true mean inside
+the CS at every checkpoint of a stream), its wrong-verdict rate and its speed to a verdict are simulated, with the
+distribution-free limit on that speed.
 
 Every simulation is seeded (one ``random.Random`` per campaign, so two decision rules can be run on identical data)
 and sized to finish in a few seconds on one core. Rates are compared with binomial bounds at the 1e-3 level, so a
@@ -18,7 +23,7 @@ from functools import cache
 import pytest
 from scipy import stats as sps
 
-from pytest_hwfault.stats import SequentialPlan, Verdict, clopper_pearson_interval, t_interval
+from pytest_hwfault.stats import SequentialPlan, Verdict, _excludes, clopper_pearson_interval, t_interval
 
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE
@@ -171,10 +176,11 @@ BoundedDecide = Callable[[list[float]], Verdict]
 
 
 def _run_bounded(
-    sample: Callable[[random.Random], float], decide: BoundedDecide, seed: int, plan: SequentialPlan
+    sample: Callable[[random.Random], float], decide: BoundedDecide, seed: int, plan: SequentialPlan,
+    campaigns: int = CAMPAIGNS,
 ) -> list[tuple[Verdict, int]]:
     results = []
-    for campaign in range(CAMPAIGNS):
+    for campaign in range(campaigns):
         rng = random.Random(seed * 1_000_003 + campaign)
         values: list[float] = []
         verdict = Verdict.INCONCLUSIVE
@@ -210,7 +216,8 @@ def test_bounded_wrong_verdicts_within_alpha_near_threshold(required: float, wro
     results = _run_bounded(sample, lambda v: PLAN.decide_bounded(v, required).verdict, seed=17, plan=PLAN)
     n_wrong = sum(v is wrong for v, _ in results)
     assert n_wrong <= _upper_count(CAMPAIGNS, ALPHA / 2)
-    # The distribution-free bound is conservative: near the threshold it almost never commits within the budget.
+    # Within 1e-4 of the threshold no method can tell the sides apart in 256 trials (sd of the mean there: 0.01):
+    # the CS almost never commits, and then mostly by luck in either direction.
     assert sum(v is Verdict.INCONCLUSIVE for v, _ in results) >= 0.95 * CAMPAIGNS
 
 
@@ -239,3 +246,157 @@ def test_bounded_far_from_threshold_decides_early() -> None:
     results = _run_bounded(low_sample, lambda v: plan.decide_bounded(v, 0.5).verdict, seed=23, plan=plan)
     assert all(v is Verdict.FAIL for v, _ in results)
     assert sum(t for _, t in results) / len(results) <= plan.checkpoints()[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# weight site: coverage of the betting confidence sequence
+
+COVERAGE_STREAMS = 1000
+
+
+def _beta_law(a: float, b: float) -> Callable[[random.Random], float]:
+    return lambda rng: rng.betavariate(a, b)
+
+
+def _two_point_law(rng: random.Random) -> float:
+    """10% catastrophic trials at 0.2, the rest at 0.9 (mean 0.83): the skew that fools a t interval."""
+    return 0.2 if rng.random() < 0.1 else 0.9
+
+
+def _near_constant_law(center: float) -> Callable[[random.Random], float]:
+    return lambda rng: center + rng.uniform(-0.005, 0.005)
+
+
+COVERAGE_LAWS = [
+    pytest.param(_beta_law(8, 2), 0.8, id="beta(8,2)"),
+    pytest.param(_two_point_law, 0.83, id="two-point-10%-at-0.2"),
+    pytest.param(_near_constant_law(0.95), 0.95, id="0.95+-0.005"),
+]
+
+Misses = Callable[[list[float], float], bool]  # (observations so far, true mean) -> the interval misses the mean
+
+
+@cache
+def _streams_missing_the_mean(law: Callable[[random.Random], float], mean: float, misses: Misses, seed: int) -> int:
+    """Streams (of PLAN's budget) in which the interval misses the true mean at one checkpoint or more."""
+    missed = 0
+    for stream in range(COVERAGE_STREAMS):
+        rng = random.Random(seed * 1_000_003 + stream)
+        values = [law(rng) for _ in range(PLAN.budget)]
+        if any(misses(values[:checkpoint], mean) for checkpoint in PLAN.checkpoints()):
+            missed += 1
+    return missed
+
+
+def _betting_misses(values: list[float], mean: float) -> bool:
+    """The mean is outside the CS at n exactly when a capital process has rejected it at some s <= n; tests/
+    test_stats.py checks that decide_bounded's bounds are the edges of that set. Unlike decide_bounded, which reports
+    an empty CS as [0, 1], this counts an empty CS as the miss it is."""
+    return any(_excludes(values, ALPHA, mean))
+
+
+def _t_misses(values: list[float], mean: float) -> bool:
+    low, high = t_interval(values, CONFIDENCE)
+    return not low <= mean <= high
+
+
+@pytest.mark.parametrize(("law", "mean"), COVERAGE_LAWS)
+def test_betting_cs_covers_the_mean_at_every_checkpoint(law: Callable[[random.Random], float], mean: float) -> None:
+    """The documented guarantee, P(exists n: mean not in CS_n) <= alpha, with the full alpha at every look."""
+    missed = _streams_missing_the_mean(law, mean, _betting_misses, seed=29)
+    assert missed <= _upper_count(COVERAGE_STREAMS, ALPHA)
+
+
+def test_betting_cs_coverage_is_not_vacuous() -> None:
+    """On the two-point law the CS misses in about 2.3% of streams: about half of alpha is used, so the coverage
+    test above has little slack to hide a CS that is too narrow."""
+    missed = _streams_missing_the_mean(_two_point_law, 0.83, _betting_misses, seed=29)
+    assert _rate_lower_bound(missed, COVERAGE_STREAMS) > ALPHA / 5
+
+
+def test_betting_cs_coverage_through_decide_bounded() -> None:
+    """The same check through the public method on the first 200 two-point streams: the reported bounds miss the
+    mean exactly when the capital processes reject it."""
+    for stream in range(200):
+        rng = random.Random(29 * 1_000_003 + stream)
+        values = [_two_point_law(rng) for _ in range(PLAN.budget)]
+        for checkpoint in PLAN.checkpoints():
+            d = PLAN.decide_bounded(values[:checkpoint], 0.5)
+            assert (not d.ci_low <= 0.83 <= d.ci_high) == _betting_misses(values[:checkpoint], 0.83)
+
+
+def test_coverage_negative_control_t_interval_at_every_look() -> None:
+    """Same harness, same streams, with a 95% t interval at every look: four benign trials in a row (probability
+    0.66) give a zero-width interval at 0.9, so the miss rate is far above alpha."""
+    missed = _streams_missing_the_mean(_two_point_law, 0.83, _t_misses, seed=29)
+    assert _rate_lower_bound(missed, COVERAGE_STREAMS) > 5 * ALPHA
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# weight site: trials to a verdict, and the distribution-free limit on them
+
+DECISIVE_CAMPAIGNS = 200
+
+
+def _trials_to_verdict(center: float, required: float) -> list[tuple[Verdict, int]]:
+    """Campaigns of near-constant trial accuracies (center +- 0.005), 95%, looks at 4, 8, ..., 256 trials."""
+    sample = _near_constant_law(center)
+    results = []
+    for campaign in range(DECISIVE_CAMPAIGNS):
+        rng = random.Random(31 * 1_000_003 + campaign)
+        values: list[float] = []
+        verdict = Verdict.INCONCLUSIVE
+        for checkpoint in PLAN.checkpoints():
+            values.extend(sample(rng) for _ in range(checkpoint - len(values)))
+            verdict = PLAN.decide_bounded(values, required).verdict
+            if verdict is not Verdict.INCONCLUSIVE:
+                break
+        results.append((verdict, len(values)))
+    return results
+
+
+@pytest.mark.parametrize(
+    ("center", "expected", "max_trials"),
+    [
+        pytest.param(0.77, Verdict.FAIL, 64, id="3-points-below"),
+        pytest.param(0.70, Verdict.FAIL, 16, id="10-points-below"),
+        pytest.param(0.83, Verdict.PASS, 128, id="3-points-above"),
+        pytest.param(0.90, Verdict.PASS, 64, id="10-points-above"),
+    ],
+)
+def test_bounded_trials_to_verdict_near_constant_accuracies(center: float, expected: Verdict,
+                                                            max_trials: int) -> None:
+    """Every campaign decides, correctly, at ``max_trials`` against a 0.80 floor. The empirical-Bernstein/Hoeffding
+    gate with alpha spending that this replaced needed 1,024, 256, 1,024 and 256 trials for these four cases. PASS
+    takes longer than FAIL: the next test shows why no valid gate can PASS the 3- and 10-point cases by 64 and 16."""
+    results = _trials_to_verdict(center, REQUIRED)
+    assert all(v is expected for v, _ in results)
+    trials = [t for _, t in results]
+    assert max(trials) <= max_trials
+    assert sum(trials) / len(trials) == max_trials  # and not earlier: the doubling grid lands every campaign here
+
+
+@pytest.mark.parametrize(("center", "first_possible"), [(0.83, 128), (0.90, 32)])
+def test_no_valid_gate_passes_earlier(center: float, first_possible: int) -> None:
+    """The distribution-free limit. Mix the near-constant law P (mean ``center``) with a point mass at 0 of weight
+    q = 1 - 0.80/center + 1e-3: the mixture P' has mean below 0.80, and its first n trials all come from P with
+    probability (1-q)^n. A gate that PASSes P by n trials with probability pi therefore PASSes P' wrongly with
+    probability >= pi (1-q)^n; a wrong-PASS rate <= alpha/2 (half of alpha for each direction, as here) forces
+    pi <= alpha / (2 (1-q)^n). At the look before ``first_possible`` no such gate PASSes even half the time (one
+    that spent all of alpha on wrong PASSes: at most 56% and 34%); from ``first_possible`` on, nothing forbids PASSing
+    every time. This gate PASSes at 128 and 64 (previous test). And P' is not a straw man: run on it, the betting
+    gate PASSes wrongly within alpha/2."""
+    q = 1 - REQUIRED / center + 1e-3
+    looks = PLAN.checkpoints()
+    before = looks[looks.index(first_possible) - 1]
+    assert ALPHA / 2 / (1 - q) ** before < 0.5
+    assert ALPHA / (1 - q) ** before < 0.6
+    assert ALPHA / 2 / (1 - q) ** first_possible >= 1.0
+    sample = _near_constant_law(center)
+
+    def mixture(rng: random.Random) -> float:
+        return 0.0 if rng.random() < q else sample(rng)
+
+    results = _run_bounded(mixture, lambda v: PLAN.decide_bounded(v, REQUIRED).verdict, seed=37, plan=PLAN,
+                           campaigns=DECISIVE_CAMPAIGNS)
+    assert sum(v is Verdict.PASS for v, _ in results) <= _upper_count(DECISIVE_CAMPAIGNS, ALPHA / 2)

@@ -9,8 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
-from scipy.optimize import brentq
-from scipy.special import rel_entr
 
 from pytest_hwfault.stats import (
     Decision,
@@ -18,6 +16,8 @@ from pytest_hwfault.stats import (
     SequentialPlan,
     Threshold,
     Verdict,
+    _betting_cs,
+    _CapitalProcesses,
     clopper_pearson_interval,
     leveugle_margin,
     leveugle_sample_size,
@@ -356,47 +356,140 @@ def test_decide_binomial_trivial_requirements() -> None:
     assert plan.decide_binomial(256, 256, 4, 1.0).verdict is Verdict.INCONCLUSIVE  # never provably perfect
 
 
-def _hoeffding_half(n: int, delta: float) -> float:
-    return math.sqrt(math.log(2 / delta) / (2 * n))
+# ----------------------------------------------------------------------------------------------------------------
+# bounded (weight-site) gate: betting confidence sequence
+
+BET_CAP = 0.85  # c in the docstring of decide_bounded; the oracle below hard-codes the construction independently
+BETTING = "betting-cs (hedged, Waudby-Smith & Ramdas 2023)"
 
 
-def _maurer_pontil_half(values: list[float], delta: float) -> float:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return math.sqrt(2 * var * math.log(2 / delta) / n) + 7 * math.log(2 / delta) / (3 * (n - 1))
+def _reference_log_sup_wealth(values: list[float], alpha: float, m: float, side: int) -> float:
+    """Plain-loop transcription of the documented construction: ln max_s K_s(m) for side +1 (K+) or -1 (K-)."""
+    total, squares = 0.0, 0.25  # one fake observation: mean 1/2, variance 1/4
+    log_wealth, best = 0.0, -math.inf
+    for t, x in enumerate(values, start=1):
+        var_prev = squares / t  # sigma2_{t-1} = (1/4 + sum_{i<t} (x_i - mu_i)^2) / t
+        bet = math.sqrt(2 * math.log(2 / alpha) / (var_prev * t * math.log(1 + t)))
+        room = m if side > 0 else 1 - m
+        if room > 0:
+            bet = min(bet, BET_CAP / room)
+        log_wealth += math.log(1 + bet * side * (x - m))
+        best = max(best, log_wealth)
+        total += x
+        squares += (x - (0.5 + total) / (t + 1)) ** 2
+    return best
 
 
-def _kl(p: float, q: float) -> float:
-    """Bernoulli relative entropy via scipy's rel_entr (independent of the module's implementation)."""
-    return float(rel_entr(p, q) + rel_entr(1 - p, 1 - q))
+def _reference_rejects(values: list[float], alpha: float, m: float, side: int) -> bool:
+    """theta K >= 1/alpha with theta = 1/2, i.e. ln K >= ln(2/alpha)."""
+    return _reference_log_sup_wealth(values, alpha, m, side) >= math.log(2 / alpha)
 
 
-@settings(max_examples=100, deadline=None)
-@given(values=st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4).flatmap(
-    lambda head: st.lists(st.floats(0.0, 1.0), min_size=0, max_size=124).map(lambda tail: head + tail)
-))
-def test_decide_bounded_interval_within_both_textbook_bounds(values: list[float]) -> None:
-    # Plan with a checkpoint at every trial count, so any length is a look.
-    plan = SequentialPlan(confidence=0.9, first=1, budget=128, schedule="fixed")
-    n = len(values)
-    look = n - 1
-    alpha_k = plan.alpha_at(look)
-    d = plan.decide_bounded(values, 0.5)
-    mean = math.fsum(values) / n
-    assert d.estimate == pytest.approx(mean)
-    assert 0.0 <= d.ci_low <= mean + 1e-12 and mean - 1e-12 <= d.ci_high <= 1.0
-    # each of the two bounds gets alpha_k / 2 (two-sided), i.e. alpha_k / 4 per side
-    h = _hoeffding_half(n, alpha_k / 2)  # sqrt-Hoeffding is implied by the KL form used
-    e = _maurer_pontil_half(values, alpha_k / 4)
-    assert d.ci_low >= max(0.0, mean - min(h, e)) - 1e-9
-    assert d.ci_high <= min(1.0, mean + min(h, e)) + 1e-9
-    # and exactly the intersection of the KL-Hoeffding and Maurer-Pontil intervals (KL bound solved by brentq)
-    level = math.log(4 / alpha_k) / n
-    kl_low = 0.0 if _kl(mean, 0.0) <= level else brentq(lambda q: _kl(mean, q) - level, 0.0, mean)
-    kl_high = 1.0 if _kl(mean, 1.0) <= level else brentq(lambda q: _kl(mean, q) - level, mean, 1.0)
-    assert d.ci_low == pytest.approx(max(0.0, kl_low, mean - e), abs=1e-9)
-    assert d.ci_high == pytest.approx(min(1.0, kl_high, mean + e), abs=1e-9)
+def _reference_cs(values: list[float], alpha: float) -> tuple[float, float]:
+    """Bounds of the non-rejected m, by plain bisection (60 halvings) on the monotone rejection of each side."""
+    def boundary(side: int) -> float:
+        rejected, accepted = (0.0, 1.0) if side > 0 else (1.0, 0.0)
+        if not _reference_rejects(values, alpha, rejected, side):
+            return rejected
+        for _ in range(60):
+            mid = 0.5 * (rejected + accepted)
+            if _reference_rejects(values, alpha, mid, side):
+                rejected = mid
+            else:
+                accepted = mid
+        return rejected
+
+    return boundary(+1), boundary(-1)
+
+
+def _expected_verdict(low: float, high: float, required: float) -> Verdict:
+    return Verdict.PASS if low >= required else Verdict.FAIL if high < required else Verdict.INCONCLUSIVE
+
+
+def _single_look(n: int, confidence: float) -> SequentialPlan:
+    return SequentialPlan(confidence=confidence, first=n, budget=n)
+
+
+unit_values = st.lists(st.floats(0.0, 1.0), min_size=1, max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=unit_values, confidence=st.sampled_from([0.5, 0.8, 0.9, 0.95, 0.99]), required=st.floats(0.0, 1.0))
+def test_decide_bounded_matches_reference_implementation(values: list[float], confidence: float,
+                                                         required: float) -> None:
+    alpha = 1 - confidence
+    d = _single_look(len(values), confidence).decide_bounded(values, required)
+    ref_low, ref_high = _reference_cs(values, alpha)
+    if ref_low > ref_high + 1e-6:  # empty CS (probability <= alpha under the model): reported as [0, 1]
+        assert (d.ci_low, d.ci_high) == (0.0, 1.0)
+        assert d.verdict is _expected_verdict(0.0, 1.0, required)
+        return
+    assert d.ci_low == pytest.approx(ref_low, abs=1e-6)
+    assert d.ci_high == pytest.approx(ref_high, abs=1e-6)
+    # the verdict follows from whether `required` itself is rejected, not from the rounded bounds
+    # (required = 0 is a PASS whatever the data: every mean is >= 0)
+    if required == 0.0 or _reference_rejects(values, alpha, required, +1):
+        expected = Verdict.PASS
+    elif _reference_rejects(values, alpha, required, -1):
+        expected = Verdict.FAIL
+    else:
+        expected = Verdict.INCONCLUSIVE
+    assert d.verdict is expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=unit_values, confidence=levels, required=st.floats(0.0, 1.0))
+def test_decide_bounded_properties(values: list[float], confidence: float, required: float) -> None:
+    d = _single_look(len(values), confidence).decide_bounded(values, required)
+    assert 0.0 <= d.ci_low <= d.ci_high <= 1.0
+    assert d.verdict is _expected_verdict(d.ci_low, d.ci_high, required)
+    assert d.estimate == pytest.approx(math.fsum(values) / len(values), abs=1e-15)
+    assert (d.look, d.confidence, d.method) == (0, confidence, BETTING)
+    # the lower side can only reject m below some observation, the upper side m above some observation
+    assert d.ci_low <= max(values) and d.ci_high >= min(values)
+    # the reported bounds are those of the CS (empty: [0, 1]; a FAIL's upper bound strictly below `required`)
+    low, high, _, below = _betting_cs(values, 1 - confidence, required)
+    if low > high or (below and low > math.nextafter(required, -math.inf)):
+        assert (d.ci_low, d.ci_high) == (0.0, 1.0)
+    else:
+        assert (d.ci_low, d.ci_high) == (low, min(high, math.nextafter(required, -math.inf)) if below else high)
+
+
+@settings(max_examples=150, deadline=None)
+@given(value=st.floats(0.0, 1.0), n=st.integers(1, 300), confidence=levels)
+def test_decide_bounded_identical_observations(value: float, n: int, confidence: float) -> None:
+    """n identical observations: the CS contains their mean, and n more of them shrink it strictly."""
+    d1 = _single_look(n, confidence).decide_bounded([value] * n, 0.5)
+    d2 = _single_look(2 * n, confidence).decide_bounded([value] * (2 * n), 0.5)
+    assert d1.ci_low <= value <= d1.ci_high
+    assert d2.ci_low <= value <= d2.ci_high
+    assert d1.ci_low - 1e-7 <= d2.ci_low and d2.ci_high <= d1.ci_high + 1e-7
+    if (d1.ci_low, d1.ci_high) != (0.0, 1.0):  # once anything is ruled out, every further observation narrows it
+        assert d2.ci_high - d2.ci_low < d1.ci_high - d1.ci_low
+
+
+@settings(max_examples=150, deadline=None)
+@given(head=unit_values, tail=unit_values, confidence=levels)
+def test_betting_cs_is_nested(head: list[float], tail: list[float], confidence: float) -> None:
+    """The CS at n is intersected over all s <= n, so more observations never widen it (up to the root finder's
+    1e-7 tolerance): a miss at any earlier time is also a miss at n."""
+    low1, high1, _, _ = _betting_cs(head, 1 - confidence, 0.5)
+    low2, high2, _, _ = _betting_cs(head + tail, 1 - confidence, 0.5)
+    assert low2 >= low1 - 2e-7
+    assert high2 <= high1 + 2e-7
+
+
+def test_decide_bounded_spends_no_alpha_across_looks() -> None:
+    """The CS is valid at every n at once: the same 64 trials get the same interval whether they are the plan's first
+    look or its fifth, at the full confidence (the binomial gate, by contrast, widens later looks)."""
+    values = [0.8 + 0.1 * math.sin(i) for i in range(64)]
+    first = SequentialPlan(confidence=0.95, first=64, budget=256).decide_bounded(values, 0.8)
+    fifth = SequentialPlan(confidence=0.95, first=4, budget=256).decide_bounded(values, 0.8)
+    assert (first.look, fifth.look) == (0, 4)
+    assert (first.ci_low, first.ci_high, first.verdict) == (fifth.ci_low, fifth.ci_high, fifth.verdict)
+    binomial = [SequentialPlan(confidence=0.95, first=f, budget=256).decide_binomial(3000, 4096, 64, 0.7)
+                for f in (64, 4)]
+    assert binomial[1].ci_low < binomial[0].ci_low
 
 
 def test_decide_bounded_verdicts() -> None:
@@ -409,7 +502,49 @@ def test_decide_bounded_verdicts() -> None:
     mixed = [0.8, 0.9] * 8
     d = plan.decide_bounded(mixed, 0.85)
     assert d.verdict is Verdict.INCONCLUSIVE and d.look == 0
-    assert d.method == "empirical-bernstein+hoeffding-kl+alpha-spending"
+    assert d.method == BETTING
+    # trivial requirements: everything is >= 0; nothing is provably perfect
+    assert plan.decide_bounded([0.0] * 16, 0.0).verdict is Verdict.PASS
+    assert plan.decide_bounded([1.0] * 256, 1.0).verdict is Verdict.INCONCLUSIVE
+    # a FAIL's upper bound lies strictly below the requirement even when the boundary is within the tolerance of it
+    d = plan.decide_bounded(low, 0.6)
+    assert d.ci_high < 0.6
+
+
+def test_decide_bounded_sample_mean_can_lie_outside_the_cs() -> None:
+    """A CS keeps the evidence of every earlier time, so an unusual order can exclude the final sample mean: five
+    zeros already rule out a mean of 1/2 at 90% (a fair coin shows them with probability 1/32 < alpha / 2)."""
+    d = SequentialPlan(confidence=0.9, first=10, budget=10).decide_bounded([0.0] * 5 + [1.0] * 5, 0.5)
+    assert d.estimate == 0.5 and d.ci_high < 0.5 and d.verdict is Verdict.FAIL
+
+
+def test_decide_bounded_empty_cs_is_inconclusive() -> None:
+    """Two perfect trials followed by 39 failed ones: each side rejects what the other keeps. Under the model this
+    has probability <= alpha; it is reported as [0, 1], i.e. no verdict."""
+    values = [1.0] * 2 + [0.0] * 39
+    low, high, _, _ = _betting_cs(values, 0.1, 0.5)
+    assert low > high
+    d = SequentialPlan(confidence=0.9, first=41, budget=41).decide_bounded(values, 0.5)
+    assert (d.ci_low, d.ci_high, d.verdict) == (0.0, 1.0, Verdict.INCONCLUSIVE)
+    assert _reference_cs(values, 0.1)[0] > _reference_cs(values, 0.1)[1]
+
+
+def test_decide_bounded_cost_is_a_few_passes_over_the_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Speed, measured deterministically: the verdict and both bounds take a bounded number of O(n) evaluations of
+    the capital processes (each a few C-level passes over the trials), at small n and at n = 4096."""
+    calls = []
+    original = _CapitalProcesses.log_sup_wealth
+
+    def counting(self: _CapitalProcesses, m: float, upper: bool) -> float:
+        calls.append(m)
+        return original(self, m, upper)
+
+    monkeypatch.setattr(_CapitalProcesses, "log_sup_wealth", counting)
+    for n in (4, 64, 4096):
+        values = [min(1.0, max(0.0, 0.83 + 0.04 * math.sin(2.3 * i))) for i in range(n)]
+        calls.clear()
+        _single_look(n, 0.99).decide_bounded(values, 0.8)
+        assert len(calls) <= 24, (n, len(calls))
 
 
 def test_decide_bounded_validation() -> None:
