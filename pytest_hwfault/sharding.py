@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .campaign import CampaignResult, TrialResult
+if TYPE_CHECKING:  # the plugin imports this module at start-up: keep torch out of it
+    from .campaign import CampaignResult, TrialResult
 
 _SHARD_ID = re.compile(r"-?shard\d+of\d+")
 
@@ -93,6 +95,8 @@ class RunDir:
 
     def collect(self, into: CampaignResult) -> CampaignResult:
         """Add the trials published so far (and not yet in `into`) to `into`."""
+        from .campaign import TrialResult
+
         for entry in os.scandir(self.path / "trials"):
             if entry.name.endswith(".json"):
                 index = int(entry.name[:-5])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -33,6 +35,11 @@ def test_passes(hwfault, model, val_data):
 def test_fails(hwfault, model, val_data):
     hwfault.assess(model, val_data)
 '''
+
+
+def test_loading_the_plugin_imports_no_torch() -> None:
+    code = "import sys, pytest_hwfault.plugin, pytest_hwfault; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_skipped_without_option(suite: pytest.Pytester) -> None:

@@ -15,7 +15,7 @@ pytest.importorskip("xdist")
 SUITE = '''
 from pytest_hwfault import resilience
 
-@resilience(ber=[1e-4, 3e-3], site=["act", "acc"], min_acc=0.9, budget=32)
+@resilience(ber=3e-3, site=["act", "weight"], min_acc=0.9, budget=32)
 def test_grid(hwfault, model, val_data):
     hwfault.assess(model, val_data)
 
@@ -57,9 +57,9 @@ def test_same_numbers_for_any_number_of_workers(suite: pytest.Pytester) -> None:
             count = 2 if label == "n2" else 3
             outcome = run.parseoutcomes()
             # every campaign is `count` shard items; a failing gate is exactly one failed item
-            assert outcome["failed"] == failing and outcome["passed"] == 5 * count - failing, outcome
-            run.stdout.fnmatch_lines([f"PASSED test_suite.py::test_grid?act-ber0.0001-shard1of{count}?"])
-    assert len(results["n0"]) == 5
+            assert outcome["failed"] == failing and outcome["passed"] == 3 * count - failing, outcome
+            run.stdout.fnmatch_lines([f"PASSED test_suite.py::test_grid?act-ber0.003-shard1of{count}?"])
+    assert len(results["n0"]) == 3
     assert {"pass", "fail"} <= {c["verdict"] for c in results["n0"].values()}
     for label in ("n2", "n3", "noxdist"):
         assert results[label] == results["n0"], label
