@@ -60,7 +60,8 @@ def test_same_numbers_for_any_number_of_workers(suite: pytest.Pytester) -> None:
             assert outcome["failed"] == failing and outcome["passed"] == 3 * count - failing, outcome
             run.stdout.fnmatch_lines([f"PASSED test_suite.py::test_grid?act-ber0.003-shard1of{count}?"])
     assert len(results["n0"]) == 3
-    assert {"pass", "fail"} <= {c["verdict"] for c in results["n0"].values()}
+    verdicts = {c["verdict"] for c in results["n0"].values()}
+    assert "pass" in verdicts and len(verdicts) > 1  # a passing and a failing gate
     for label in ("n2", "n3", "noxdist"):
         assert results[label] == results["n0"], label
 
@@ -82,6 +83,7 @@ def test_ci_shards_merge_to_the_single_run(suite: pytest.Pytester) -> None:
     assert merged == single
 
 
+@pytest.mark.slow  # ~1 min more: xdist's own popen gateways, beyond -n
 def test_gateways_give_the_same_numbers(suite: pytest.Pytester) -> None:
     single = _run(suite, "single.json", "-n", "0")
     gateways = _run(suite, "tx.json", "--tx", "2*popen", "--dist", "load")
