@@ -79,7 +79,7 @@ class SearchSpec:
     examples: int = DEFAULT_EXAMPLES
     subset: int | None = DEFAULT_SUBSET
     samples: int | None = None
-    seed: int | None = 0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.site not in SEARCH_SITES:
@@ -98,7 +98,8 @@ class SearchSpec:
         if not _is_int(self.bits) or not 2 <= self.bits <= MAX_WIDTH:
             raise SpecError("bits", f"{self.bits!r} must be an integer code width in [2, {MAX_WIDTH}]")
         if self.bit_positions is not None:
-            positions = (self.bit_positions,) if _is_int(self.bit_positions) else tuple(self.bit_positions)
+            raw: Any = self.bit_positions
+            positions: tuple[Any, ...] = (raw,) if _is_int(raw) else tuple(raw)
             width = ACC_BITS if self.site == "acc" else self.bits
             if not positions or not all(_is_int(b) and 0 <= b < width for b in positions):
                 raise SpecError("bit_positions", f"{self.bit_positions!r} must be bit indices in [0, {width}) "
@@ -320,7 +321,7 @@ class FaultOracle:
     def _per_image_only(faults: Sequence[Fault]) -> bool:
         from .faults import Site
 
-        return all(Site(f.site).transient and f.image is not None for f in faults)
+        return bool(faults) and all(Site(f.site).transient and f.image is not None for f in faults)
 
     def _on_images(self, faults: Sequence[Fault], images: Sequence[int]) -> FaultPattern:
         """The pattern of `faults` over the given images of the data (sorted), renumbered 0..len(images)-1."""
@@ -400,15 +401,29 @@ class FaultOracle:
 
     # -- inside a user's @given test ---------------------------------------------------------------------------
     def faults_of(self, pattern: FaultPattern | Sequence[Fault]) -> tuple[Fault, ...]:
-        """The search representation of a pattern: drawn patterns keep their pinned faults once (image None)."""
-        from .faults import FaultPattern
+        """The search representation of a pattern: a transient fault on the same code and bit of every image of the
+        data becomes one fault with ``image=None`` (drawn patterns remember theirs)."""
+        from .faults import Fault, FaultPattern
         from .strategies import DrawnPattern
 
         if isinstance(pattern, DrawnPattern):
             return pattern.drawn
-        if isinstance(pattern, FaultPattern):
-            return tuple(pattern.to_list())
-        return tuple(pattern)
+        faults = tuple(pattern.to_list() if isinstance(pattern, FaultPattern) else pattern)
+        images: dict[tuple[str, str, int, int, str], set[int]] = {}
+        for f in faults:
+            if f.image is not None:
+                images.setdefault((f.site, f.layer, f.index, f.bit, f.kind), set()).add(f.image)
+        every = {key for key, seen in images.items() if len(seen) == len(self.inputs) == max(seen) + 1}
+        if not every:
+            return faults
+        collapsed: list[Fault] = []
+        for f in faults:
+            key = (f.site, f.layer, f.index, f.bit, f.kind)
+            if f.image is None or key not in every:
+                collapsed.append(f)
+            elif f.image == 0:
+                collapsed.append(Fault(*key))
+        return tuple(collapsed)
 
     def check(self, pattern: FaultPattern | Sequence[Fault]) -> None:
         """For a ``@given`` test: target the damage and fail with the report when `pattern` breaks the model."""
@@ -620,7 +635,7 @@ class SearchResult:
         verdict = f"FOUND {len(self.faults)} fault(s)" if self.found else "no failing pattern found"
         return (f"hwfault search site={self.spec.site} kind={self.spec.kind} max_flips={self.spec.max_flips}: "
                 f"{verdict} within {self.spec.examples} examples ({self.evaluations} model evaluations, "
-                f"largest subset drop {self.best_drop:.4f}, {self.seconds:.1f}s)")
+                f"largest screened drop {self.best_drop:.4f}, {self.seconds:.1f}s)")
 
 
 def search_settings(spec: SearchSpec, base: HypothesisSettings | None = None) -> HypothesisSettings:
@@ -700,7 +715,7 @@ def search_faults(
     examples: int = DEFAULT_EXAMPLES,
     subset: int | None = DEFAULT_SUBSET,
     samples: int | None = None,
-    seed: int | None = 0,
+    seed: int | None = None,
     name: str = "",
     settings: HypothesisSettings | None = None,
     database_key: bytes | None = None,
