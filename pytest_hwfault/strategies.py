@@ -204,7 +204,7 @@ class DrawnPattern(FaultPattern):
     def __repr__(self) -> str:
         return replay_expression(self.drawn, self.images)
 
-    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # hypothesis's "Falsifying example" printer
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # how hypothesis prints a failing example
         printer.text(repr(self))
 
 
