@@ -18,5 +18,10 @@ MARKER_HELP = (
 
 def resilience(**kwargs: Any) -> pytest.MarkDecorator:
     """``pytest.mark.resilience``, checked eagerly: a bad argument fails at import, naming it."""
-    expand(kwargs)
+    if "search" in kwargs:
+        from .search import expand_search
+
+        expand_search(kwargs)
+    else:
+        expand(kwargs)
     return getattr(pytest.mark, MARKER)(**kwargs)

@@ -159,6 +159,7 @@ class SessionState:
 SETTINGS_KEY = pytest.StashKey[Settings]()
 STATE_KEY = pytest.StashKey[SessionState]()
 ITEM_RECORDS_KEY = pytest.StashKey[list]()
+SEARCH_RECORDS_KEY = pytest.StashKey[list]()
 RUN_ROOT_STASH = pytest.StashKey[Path]()
 
 
@@ -224,6 +225,11 @@ def _specs(config: pytest.Config, nodeid: str, marker: pytest.Mark) -> list[Camp
     if marker.args:
         raise _marker_error(nodeid, f"@resilience takes keyword arguments only, got positional {marker.args!r}")
     try:
+        if "search" in marker.kwargs:  # a worst-case search, not a campaign (imports no torch)
+            from .search import expand_search
+
+            # no --hwfault-seed default: a seeded search turns hypothesis's example database off
+            return expand_search(marker.kwargs)  # type: ignore[return-value]
         return expand(marker.kwargs, config.stash[SETTINGS_KEY].marker_defaults())
     except SpecError as exc:
         raise _marker_error(nodeid, exc) from None
@@ -241,7 +247,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if len(specs) > 1:
         metafunc.parametrize(SPEC_FIXTURE, specs, ids=[spec.label() for spec in specs])
     shards = _shard_count(metafunc.config)
-    if shards > 1 and metafunc.config.stash[SETTINGS_KEY].enabled:
+    if shards > 1 and metafunc.config.stash[SETTINGS_KEY].enabled and "search" not in marker.kwargs:
         metafunc.parametrize(SHARD_FIXTURE, range(1, shards + 1), ids=[shard_id(k, shards) for k in
                                                                         range(1, shards + 1)])
 
@@ -288,6 +294,7 @@ class HwFault:
         self._state = item.config.stash[STATE_KEY]
         self.spec = spec
         item.stash[ITEM_RECORDS_KEY] = []
+        item.stash[SEARCH_RECORDS_KEY] = []
 
     # engine access for custom assertions
     def quantize(self, model: Any, calibration_data: Any, **options: Any) -> Any:
@@ -349,6 +356,11 @@ class HwFault:
     def assess(self, model: Any, data: Any, *, calibration_data: Any = None,
                quantize_options: dict[str, Any] | None = None, **overrides: Any) -> CampaignResult:
         """Run the campaign of the marker (with `overrides`, any marker argument) and gate on its verdict."""
+        from .search import SearchSpec
+
+        if isinstance(self.spec, SearchSpec):
+            return self.search(model, data, calibration_data=calibration_data,
+                               quantize_options=quantize_options, **overrides)
         nodeid = self._item.nodeid
         try:
             if self.spec is None:
@@ -384,6 +396,43 @@ class HwFault:
         self._check_baseline(record)
         return assessment.result
 
+    def search(self, model: Any, data: Any, *, calibration_data: Any = None,
+               quantize_options: dict[str, Any] | None = None, settings: Any = None, **overrides: Any) -> Any:
+        """Search for the smallest fault pattern that breaks the model: the marker's search (``search=...``), or
+        one given entirely by `overrides`; fails the test with the shrunk pattern and its replay when one is found.
+        `settings`: hypothesis settings to start from (default: the active profile)."""
+        from .search import SearchSpec, run_marker_search
+
+        nodeid = self._item.nodeid
+        try:
+            if isinstance(self.spec, SearchSpec):
+                spec = self.spec.with_overrides(**overrides)
+            else:
+                given = dict(overrides)
+                if "search" in given:
+                    given["site"] = given.pop("search")
+                spec = SearchSpec(**given)
+        except (SpecError, TypeError) as exc:
+            pytest.fail(f"{nodeid}: hwfault.search() argument {exc}", pytrace=False)
+        import torch
+
+        from .data import as_tensors, iter_batches
+        from .gate import DEFAULT_CALIBRATION_SAMPLES
+        from .quantization import QuantizedModel
+
+        inputs, labels = as_tensors(data, spec.samples)
+        if isinstance(model, QuantizedModel):
+            qmodel = model
+        else:
+            calibration = (inputs[:DEFAULT_CALIBRATION_SAMPLES] if calibration_data is None
+                           else torch.cat([x for x, _ in iter_batches(calibration_data)]))
+            qmodel = self._cache().get(model, calibration, self._device(), spec.bits, dict(quantize_options or {}))
+        result = run_marker_search(qmodel, inputs, labels, spec, nodeid=nodeid, settings=settings)
+        self._item.stash[SEARCH_RECORDS_KEY].append(result.to_dict())
+        if result.found:
+            pytest.fail(result.message, pytrace=False)
+        return result
+
     def _check_baseline(self, record: dict[str, Any]) -> None:
         if self._settings.compare is None:
             return
@@ -414,9 +463,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if call.when != "call" or item.get_closest_marker(MARKER) is None:
         return report
     records = item.stash.get(ITEM_RECORDS_KEY, None)
+    searches = item.stash.get(SEARCH_RECORDS_KEY, None)
+    if searches:
+        report.hwfault_search = searches
     if records:
         report.hwfault = records
-    elif report.passed and item.config.stash[SETTINGS_KEY].enabled and records is not None:
+    elif report.passed and item.config.stash[SETTINGS_KEY].enabled and records is not None and not searches:
         report.outcome = "failed"
         report.longrepr = (f"{item.nodeid}: the @resilience gate never ran: the test passed without calling "
                            "hwfault.assess(model, data)")

@@ -244,3 +244,31 @@ def test_readme_example_runs_as_written(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_release=example)
     result = _run(pytester, "test_release.py", "--hwfault", "-v")
     result.assert_outcomes(passed=1)
+
+
+def test_marker_driven_search(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_search_gate='''
+from pytest_hwfault import resilience
+
+@resilience(search="weight", max_flips=1, max_drop=0.9, examples=20)
+def test_robust_enough(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+
+@resilience(search="weight", max_flips=2, min_acc=0.975, examples=60)
+def test_breaks(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+
+@resilience(search="memory", max_flips=2, min_acc=0.5)
+def test_bad(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+''')
+    result = _run(suite, "--hwfault", "-rA", "test_search_gate.py", "--deselect", "test_search_gate.py::test_bad")
+    assert result.ret == 2  # the bad search argument fails the import (eager check), naming argument and values
+    result.stdout.fnmatch_lines(["*search: 'memory' is not a fault site; allowed: weight, act, input, acc*"])
+    suite.path.joinpath("test_search_gate.py").write_text(
+        suite.path.joinpath("test_search_gate.py").read_text().split("@resilience(search=\"memory\"")[0])
+    result = _run(suite, "--hwfault", "-rA", "test_search_gate.py")
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    assert "FaultPattern.from_faults([Fault('weight'" in out  # the replay literal of the shrunk pattern
+    assert "Traceback" not in out
