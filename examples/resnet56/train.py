@@ -241,7 +241,8 @@ def train(args: argparse.Namespace) -> dict:
         "epochs": args.epochs,
         "batch_size": batch_size,
         "optimizer": {"name": "SGD", "lr_max": LR, "momentum": MOMENTUM, "weight_decay": weight_decay,
-                      "schedule": "one-cycle (torch OneCycleLR, cosine in both phases): 15% warm-up from lr/10, then down to lr/1000",
+                      "schedule": "one-cycle (torch OneCycleLR, cosine in both phases): 15% warm-up from lr/10, "
+                                  "then down to lr/1000",
                       "decayed": "all parameters (BatchNorm weight and bias included)"},
         "augmentation": f"random crop (zero padding {pad})" + (", horizontal flip" if flip else ""),
         "pgd": {"eps": EPS, "eps_255": 8, "step": STEP, "step_255": 2, "steps": PGD_STEPS, "random_start": True,
