@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from .spec import SpecError
+from .spec import SpecError, check_bit_positions, check_layers, is_int, is_number
 
 if TYPE_CHECKING:
     import torch
@@ -48,18 +48,9 @@ DEFAULT_EXAMPLES = 200
 DEFAULT_SUBSET = 64
 DEFAULT_MAX_FLIPS = 4
 MAX_WIDTH = 16
-ACC_BITS = 32
 MARGIN_CLAMP = 1e6  # logit margins are clamped so that target() always sees finite numbers
 DROP_LABEL = "accuracy drop"
 MARGIN_LABEL = "logit margin loss"
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
 # -- what to search: validated eagerly, free of torch (the marker's twin of CampaignSpec) --------------------------
@@ -89,40 +80,27 @@ class SearchSpec:
                             "(allowed drop from the fault-free quantized accuracy)")
         for name in ("min_acc", "max_drop"):
             value = getattr(self, name)
-            if value is not None and (not _is_number(value) or not 0.0 <= float(value) <= 1.0):
+            if value is not None and (not is_number(value) or not 0.0 <= float(value) <= 1.0):
                 raise SpecError(name, f"{value!r} must be an accuracy in [0, 1]")
-        if not _is_int(self.max_flips) or self.max_flips < 1:
+        if not is_int(self.max_flips) or self.max_flips < 1:
             raise SpecError("max_flips", f"{self.max_flips!r} must be a positive number of faults")
         if self.kind not in SEARCH_KINDS:
             raise SpecError("kind", f"{self.kind!r} is not a fault kind; allowed: {', '.join(SEARCH_KINDS)}")
-        if not _is_int(self.bits) or not 2 <= self.bits <= MAX_WIDTH:
+        if not is_int(self.bits) or not 2 <= self.bits <= MAX_WIDTH:
             raise SpecError("bits", f"{self.bits!r} must be an integer code width in [2, {MAX_WIDTH}]")
-        if self.bit_positions is not None:
-            raw: Any = self.bit_positions
-            positions: tuple[Any, ...] = (raw,) if _is_int(raw) else tuple(raw)
-            width = ACC_BITS if self.site == "acc" else self.bits
-            if not positions or not all(_is_int(b) and 0 <= b < width for b in positions):
-                raise SpecError("bit_positions", f"{self.bit_positions!r} must be bit indices in [0, {width}) "
-                                f"for {width}-bit {self.site} codes")
-            if len(set(positions)) != len(positions):
-                raise SpecError("bit_positions", f"{self.bit_positions!r} repeats a bit")
-            object.__setattr__(self, "bit_positions", tuple(sorted(positions)))
-        if self.layers is not None:
-            layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
-            if not layers or not all(isinstance(glob, str) and glob for glob in layers):
-                raise SpecError("layers", f"{self.layers!r} must be a layer-name glob or a list of them")
-            object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "bit_positions", check_bit_positions(self.bit_positions, self.site, self.bits))
+        object.__setattr__(self, "layers", check_layers(self.layers))
         if not isinstance(self.per_image, bool):
             raise SpecError("per_image", f"{self.per_image!r} must be True or False")
         if self.per_image and self.site == "weight":
             raise SpecError("per_image", "weight faults strike every image; per_image=True needs a transient site")
-        if not _is_int(self.examples) or self.examples < 1:
+        if not is_int(self.examples) or self.examples < 1:
             raise SpecError("examples", f"{self.examples!r} must be a positive number of hypothesis examples")
         for name in ("subset", "samples"):
             value = getattr(self, name)
-            if value is not None and (not _is_int(value) or value < 1):
+            if value is not None and (not is_int(value) or value < 1):
                 raise SpecError(name, f"{value!r} must be a positive number of images, or None for all")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             raise SpecError("seed", f"{self.seed!r} must be a non-negative integer, or None for hypothesis's own "
                             "randomness (derandomized under its ci profile)")
 
@@ -269,7 +247,7 @@ class FaultOracle:
             raise ValueError("give exactly one of min_acc (absolute floor) or max_drop (allowed drop from the "
                              "fault-free quantized accuracy)")
         for name, value in (("min_acc", min_acc), ("max_drop", max_drop)):
-            if value is not None and (not _is_number(value) or not 0.0 <= float(value) <= 1.0):
+            if value is not None and (not is_number(value) or not 0.0 <= float(value) <= 1.0):
                 raise ValueError(f"{name}={value!r} must be an accuracy in [0, 1]")
         self.qmodel = qmodel
         self.inputs, self.labels = as_tensors(data, samples)

@@ -28,12 +28,35 @@ class SpecError(ValueError):
         self.argument = argument
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def check_bit_positions(value: Any, site: str, bits: int) -> tuple[int, ...] | None:
+    """`bit_positions` as a sorted tuple of distinct bit indices that exist in the site's codes."""
+    if value is None:
+        return None
+    positions: tuple[Any, ...] = (value,) if is_int(value) else tuple(value)
+    width = ACC_BITS if site == "acc" else bits
+    if not positions or not all(is_int(b) and 0 <= b < width for b in positions):
+        raise SpecError("bit_positions", f"{value!r} must be bit indices in [0, {width}) for {width}-bit {site} codes")
+    if len(set(positions)) != len(positions):
+        raise SpecError("bit_positions", f"{value!r} repeats a bit")
+    return tuple(sorted(positions))
+
+
+def check_layers(value: Any) -> tuple[str, ...] | None:
+    """`layers` as a tuple of non-empty layer-name globs."""
+    if value is None:
+        return None
+    layers = (value,) if isinstance(value, str) else tuple(value)
+    if not layers or not all(isinstance(glob, str) and glob for glob in layers):
+        raise SpecError("layers", f"{value!r} must be a layer-name glob or a list of them")
+    return layers
 
 
 @dataclass(frozen=True)
@@ -57,7 +80,7 @@ class CampaignSpec:
     def __post_init__(self) -> None:
         if self.site not in SITES:
             raise SpecError("site", f"{self.site!r} is not a fault site; allowed: {', '.join(SITES)}")
-        if not _is_number(self.ber) or not 0.0 < float(self.ber) <= 1.0:
+        if not is_number(self.ber) or not 0.0 < float(self.ber) <= 1.0:
             raise SpecError("ber", f"{self.ber!r} must be a bit error rate in (0, 1], e.g. 1e-5")
         object.__setattr__(self, "ber", float(self.ber))
         if (self.min_acc is None) == (self.max_drop is None):
@@ -65,37 +88,25 @@ class CampaignSpec:
                             "(allowed drop from the fault-free quantized accuracy)")
         for name in ("min_acc", "max_drop"):
             value = getattr(self, name)
-            if value is not None and (not _is_number(value) or not 0.0 <= float(value) <= 1.0):
+            if value is not None and (not is_number(value) or not 0.0 <= float(value) <= 1.0):
                 raise SpecError(name, f"{value!r} must be an accuracy in [0, 1]")
-        if not _is_int(self.bits) or not 2 <= self.bits <= MAX_WEIGHT_ACT_BITS:
+        if not is_int(self.bits) or not 2 <= self.bits <= MAX_WEIGHT_ACT_BITS:
             raise SpecError("bits", f"{self.bits!r} must be an integer code width in [2, {MAX_WEIGHT_ACT_BITS}]")
         if self.kind not in KINDS:
             raise SpecError("kind", f"{self.kind!r} is not a fault kind; allowed: {', '.join(KINDS)}")
-        if self.bit_positions is not None:
-            positions = (self.bit_positions,) if _is_int(self.bit_positions) else tuple(self.bit_positions)
-            width = ACC_BITS if self.site == "acc" else self.bits
-            if not positions or not all(_is_int(b) and 0 <= b < width for b in positions):
-                raise SpecError("bit_positions", f"{self.bit_positions!r} must be bit indices in [0, {width}) "
-                                f"for {width}-bit {self.site} codes")
-            if len(set(positions)) != len(positions):
-                raise SpecError("bit_positions", f"{self.bit_positions!r} repeats a bit")
-            object.__setattr__(self, "bit_positions", tuple(sorted(positions)))
-        if self.layers is not None:
-            layers = (self.layers,) if isinstance(self.layers, str) else tuple(self.layers)
-            if not layers or not all(isinstance(glob, str) and glob for glob in layers):
-                raise SpecError("layers", f"{self.layers!r} must be a layer-name glob or a list of them")
-            object.__setattr__(self, "layers", layers)
-        if not _is_number(self.confidence) or not 0.5 <= float(self.confidence) < 1.0:
+        object.__setattr__(self, "bit_positions", check_bit_positions(self.bit_positions, self.site, self.bits))
+        object.__setattr__(self, "layers", check_layers(self.layers))
+        if not is_number(self.confidence) or not 0.5 <= float(self.confidence) < 1.0:
             raise SpecError("confidence", f"{self.confidence!r} must be in [0.5, 1), e.g. 0.95")
-        if not _is_int(self.budget) or self.budget < 1:
+        if not is_int(self.budget) or self.budget < 1:
             raise SpecError("budget", f"{self.budget!r} must be a positive number of trials")
-        if not _is_int(self.first) or not 1 <= self.first:
+        if not is_int(self.first) or not 1 <= self.first:
             raise SpecError("first", f"{self.first!r} must be a positive number of trials")
         if self.first > self.budget:
             object.__setattr__(self, "first", self.budget)
-        if self.samples is not None and (not _is_int(self.samples) or self.samples < 1):
+        if self.samples is not None and (not is_int(self.samples) or self.samples < 1):
             raise SpecError("samples", f"{self.samples!r} must be a positive number of images, or None for all")
-        if not _is_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise SpecError("seed", f"{self.seed!r} must be a non-negative integer")
 
     # -- derived -------------------------------------------------------------------------------------------------
