@@ -520,9 +520,11 @@ def leveugle_sample_size(
 ) -> SampleSize:
     """n = N / (1 + e^2 (N-1) / (t^2 p (1-p))), rounded up; p = 0.5 is the worst case.
 
-    Rounding forgives a relative excess of 1e-6 before rounding up: the published table has 9,581 for
-    N = 4,063,170 at 95% / 1%, where the formula gives 9,581.004. The achieved margin then exceeds the requested one
-    by at most 5e-7 relative, far below the precision of the normal approximation itself.
+    The margin is forgiven a relative excess of 1e-6 before rounding up: the published table has 9,581 for
+    N = 4,063,170 at 95% / 1%, where the exact formula gives 9,581.004. The forgiveness is applied to the margin, not
+    to n, because with the finite-population correction a small relative change in n can move the margin by more
+    (when n is a large share of N). So the achieved margin never exceeds the requested one by more than 1e-6 relative,
+    far below the precision of the normal approximation itself, and n is the smallest size that achieves that.
     """
     if population < 1:
         raise ValueError(f"population must be >= 1, got {population!r}")
@@ -530,8 +532,9 @@ def leveugle_sample_size(
     _check_probability(margin, "margin", open_interval=True)
     _check_probability(p, "p", open_interval=True)
     t = normal_quantile(0.5 + 0.5 * confidence)
-    raw = population / (1.0 + margin * margin * (population - 1) / (t * t * p * (1.0 - p)))
-    n = max(1, min(population, math.ceil(raw * (1.0 - 1e-6))))
+    forgiven = margin * (1.0 + 1e-6)
+    raw = population / (1.0 + forgiven * forgiven * (population - 1) / (t * t * p * (1.0 - p)))
+    n = max(1, min(population, math.ceil(raw)))
     return SampleSize(n=n, population=population, confidence=confidence, margin=margin, p=p)
 
 

@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 
@@ -136,11 +136,13 @@ def test_leveugle_small_population_is_capped() -> None:
     margin=st.floats(0.001, 0.2),
     p=st.floats(0.01, 0.99),
 )
+# n is 2/3 of N here, where a 1e-6 relative slack in n moved the margin by 1.3e-6 (found by CI)
+@example(population=131071, confidence=0.850558611761707, margin=0.001, p=0.850558611761707)
 def test_leveugle_margin_round_trips(population: int, confidence: float, margin: float, p: float) -> None:
     size = leveugle_sample_size(population, confidence, margin, p)
     assert 1 <= size.n <= population
     achieved = leveugle_margin(population, size.n, confidence, p)
-    assert achieved <= margin * (1 + 1e-6)  # rounding forgives a 1e-6 relative excess in n (see docstring)
+    assert achieved <= margin * (1 + 1e-6) * (1 + 1e-12)  # a 1e-6 relative excess is forgiven (see docstring)
     if size.n > 1:  # and n is the smallest such size
         assert leveugle_margin(population, size.n - 1, confidence, p) > margin
 
