@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bits import KIND_CODES, Kind, to_signed, to_unsigned
+from .bits import KIND_CODES, Kind
 from .faults import LayerFaults
 
 _FLIP, _STUCK0, _STUCK1 = KIND_CODES[Kind.FLIP], KIND_CODES[Kind.STUCK0], KIND_CODES[Kind.STUCK1]
@@ -77,11 +77,18 @@ def compose(linear: torch.Tensor, bit: torch.Tensor, kind: torch.Tensor, scale: 
 def apply_edit(flat: torch.Tensor, edit: Edit, bits: int, zero_point: int = 0, signed: bool = True) -> None:
     """In place on `flat`, whose values are code x scale (scale 1 for tensors that hold the codes themselves):
     rewrite the edited codes. The stored code is code + zero_point: two's complement when `signed`, else an
-    unsigned (affine, torch.ao quint8) code."""
+    unsigned (affine, torch.ao quint8) code. Runs in every faulty layer of every forward, so it is a handful of
+    in-place ops on the faulty codes only."""
     codes = torch.round(flat[edit.linear] / edit.scale).to(torch.int64)
-    raw = ((to_unsigned(codes + zero_point, bits) & edit.keep) | edit.set) ^ edit.flip
-    stored = to_signed(raw, bits) if signed else raw
-    flat[edit.linear] = (stored - zero_point).to(flat.dtype) * edit.scale
+    if zero_point:
+        codes += zero_point
+    # raw bits -> ((raw & keep) | set) ^ flip, on the low `bits` bits (two's complement of a negative code)
+    raw = codes.bitwise_and_((1 << bits) - 1).bitwise_and_(edit.keep).bitwise_or_(edit.set).bitwise_xor_(edit.flip)
+    if signed:  # sign-extend: subtract 2^bits where the top bit is set
+        raw -= raw.bitwise_right_shift(bits - 1).bitwise_left_shift_(bits)
+    if zero_point:
+        raw -= zero_point
+    flat[edit.linear] = raw.to(flat.dtype).mul_(edit.scale)
 
 
 def check_bounds(faults: LayerFaults, numel: int, what: str) -> None:

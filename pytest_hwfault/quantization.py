@@ -11,7 +11,8 @@ What is quantized, and where (see also docs/architecture.md):
   * input: the tensor entering the layer is quantized to symmetric signed int-N codes with a calibrated scale
     (the codes the accelerator reads from its activation buffer: fault site ``input``);
   * weights: symmetric signed int-N codes, per output channel or per tensor (fault site ``weight``);
-  * bias: int32 codes at the accumulator scale (weight scale x input scale);
+  * bias: int32 codes at the accumulator scale (weight scale x input scale), added to the accumulator by the
+    engine after the conv/linear (`QuantLayer.bias_codes`; the module itself has no bias);
   * accumulator: the conv/linear of input codes with weight codes, an exact integer (fault site ``acc``);
   * output: the accumulator requantized (x weight scale x input scale / act scale, rounded, saturated) to
     symmetric signed int-N codes, handed on as code x act scale (fault site ``act``).
@@ -88,6 +89,9 @@ class QuantLayer:
     signed_activations: bool = True
     act_clip_rate: float = 0.0
     input_clip_rate: float = 0.0
+    # int32 bias codes at the accumulator scale (float32, shaped to broadcast over a batch of outputs), added to
+    # the accumulator by the engine: None when the layer has no bias.
+    bias_codes: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def qmax(self) -> int:
@@ -146,9 +150,26 @@ class QuantLayer:
 
 @dataclass
 class _Runtime:
-    """What the hooks of one forward pass read: this batch's transient faults."""
+    """What the hooks of one forward pass read: this batch's transient faults, and scratch buffers."""
 
     batch: dict[tuple[Site, str], Edit] = field(default_factory=dict)
+    scratch: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = field(default_factory=dict)
+
+    def input_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """A reusable tensor shaped like `like`, for a layer's input codes.
+
+        A fresh 8 MB tensor costs ~6x an in-place pass over it on CPU (the allocator returns the pages and they
+        fault back in); one buffer per per-image shape serves every layer, because a layer's input codes are dead
+        once its conv/linear has run, and each layer runs once per forward. Only in inference mode: autograd would
+        keep the input for backward."""
+        if not torch.is_inference_mode_enabled():
+            return torch.empty_like(like, memory_format=torch.contiguous_format)
+        key = (tuple(like.shape[1:]), like.dtype, like.device)
+        buffer = self.scratch.get(key)
+        if buffer is None or buffer.shape[0] < like.shape[0]:
+            buffer = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+            self.scratch[key] = buffer
+        return buffer[: like.shape[0]]
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -279,7 +300,7 @@ class QuantizedModel:
         requant = layer.requant_multiplier()
 
         def to_input_codes(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            x = torch.mul(args[0], inv_input_scale).round_()
+            x = torch.mul(args[0], inv_input_scale, out=runtime.input_buffer(args[0])).round_()
             if layer.input_source is None:  # a producer's codes are in range already
                 x.clamp_(in_low, in_high)
             edit = runtime.batch.get((Site.INPUT, name))
@@ -289,6 +310,9 @@ class QuantizedModel:
             return (x, *args[1:])
 
         def requantize(module: nn.Module, args: tuple[Any, ...], acc: torch.Tensor) -> torch.Tensor:
+            # The bias is added here, in place, not inside the conv: oneDNN's fused bias costs ~10x this pass.
+            if layer.bias_codes is not None:
+                acc.add_(layer.bias_codes)
             edit = runtime.batch.get((Site.ACC, name))
             if edit is not None:
                 acc = acc.contiguous()
@@ -319,20 +343,43 @@ class QuantizedModel:
         return compose(linear, faults.bit, faults.kind, scale)
 
     def prepare(self, faults: FaultPattern | None, start: int, stop: int) -> dict[tuple[Site, str], Edit]:
-        """The transient faults of images [start, stop), as edits the hooks apply."""
-        batch: dict[tuple[Site, str], Edit] = {}
+        """The transient faults of images [start, stop), as edits the hooks apply.
+
+        Done for all layers at once: a BER campaign spreads a few faults over every layer, and per-layer tensor
+        ops (~60 per layer, a few microseconds each) would cost more than the faults themselves."""
         if faults is None:
-            return batch
-        for (site, name), group in faults.groups.items():
-            if not site.transient:
-                continue
-            layer = self._layer(name)
-            part = group.for_images(start, stop)
-            if part is not None:
-                numel = layer.numel(site)
-                check_bounds(part, numel, f"site {site.value!r} of layer {name!r}")
-                batch[(site, name)] = self._edit(site, layer, part, numel)
-        return batch
+            return {}
+        keys = [key for key, group in faults.groups.items() if key[0].transient and len(group)]
+        if not keys:
+            return {}
+        device = self.device
+        layers = [self._layer(name) for _, name in keys]
+        groups = [faults.groups[key] for key in keys]
+        sizes = torch.tensor([len(g) for g in groups], device=device)
+        group_id = torch.repeat_interleave(torch.arange(len(keys), device=device), sizes)
+        image, index, bit, kind = (torch.cat([getattr(g, f) for g in groups]).to(device)
+                                   for f in ("image", "index", "bit", "kind"))
+        in_batch = (image >= start) & (image < stop)
+        if not bool(in_batch.all()):
+            group_id, image, index, bit, kind = (t[in_batch] for t in (group_id, image, index, bit, kind))
+        numel_of = [layer.numel(site) for layer, (site, _) in zip(layers, keys)]
+        numel = torch.tensor(numel_of, device=device)[group_id]
+        out_of_range = index >= numel
+        if bool(out_of_range.any()):
+            g = int(group_id[out_of_range][0])
+            check_bounds(faults.groups[keys[g]], numel_of[g], f"site {keys[g][0].value!r} of layer {keys[g][1]!r}")
+        # One key space for every (layer, code): layer g's codes of this batch occupy [g * span, (g + 1) * span).
+        span = max(numel_of) * (stop - start)
+        if span * len(keys) >= 1 << 62:
+            raise ValueError(f"{len(keys)} layers of up to {max(numel_of)} codes x {stop - start} images exceed "
+                             "int64 positions; use a smaller batch")
+        scales = torch.tensor([layer.act_scale if site is Site.ACT else 1.0 for layer, (site, _) in zip(layers, keys)],
+                              dtype=torch.float32, device=device)
+        edit = compose(group_id * span + (image - start) * numel + index, bit, kind, scales[group_id])
+        counts = torch.bincount(torch.div(edit.linear, span, rounding_mode="floor"), minlength=len(keys)).tolist()
+        edit.linear = edit.linear % span
+        parts = [torch.split(t, counts) for t in (edit.linear, edit.keep, edit.set, edit.flip, edit.scale)]
+        return {key: Edit(*(p[g] for p in parts)) for g, key in enumerate(keys) if counts[g]}
 
     # -- running -------------------------------------------------------------------------------------------------
     @property
@@ -346,6 +393,8 @@ class QuantizedModel:
         for layer in self.layers.values():
             layer.weight_codes = layer.weight_codes.to(device)
             layer.weight_scale = layer.weight_scale.to(device)
+            if layer.bias_codes is not None:
+                layer.bias_codes = layer.bias_codes.to(device)
         return self
 
     def __call__(self, x: torch.Tensor, faults: FaultPattern | None = None, image_offset: int = 0) -> torch.Tensor:
@@ -575,8 +624,10 @@ def quantize(
             # New parameters, not in-place copies: a module that shares the weight (tied embeddings) keeps floats.
             bias = getattr(layer.module, "bias", None)
             if bias is not None:
-                bias_codes = torch.round(bias / layer.acc_scale.reshape(bias.shape))
-                layer.module.bias = nn.Parameter(torch.clamp(bias_codes, -(2**31), 2**31 - 1), requires_grad=False)
+                bias_codes = torch.clamp(torch.round(bias / layer.acc_scale.reshape(bias.shape)), -(2**31), 2**31 - 1)
+                shape = (-1,) if layer.channel_axis == -1 else (-1, *([1] * (len(layer.output_shape) - 1)))
+                layer.bias_codes = bias_codes.float().reshape(shape)
+                layer.module.bias = None  # the engine adds bias_codes to the accumulator
             layer.module.weight = nn.Parameter(layer.weight_codes.float(), requires_grad=False)
 
     config = {

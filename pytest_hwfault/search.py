@@ -477,8 +477,9 @@ def _clean_codes(qmodel: QuantizedModel, site: Any, layer: str, x: torch.Tensor)
     module = q.module
     if site is Site.INPUT:
         handle = module.register_forward_pre_hook(lambda m, a: seen.__setitem__("codes", a[0].detach().clone()))
-    elif site is Site.ACC:
-        handle = module.register_forward_hook(lambda m, a, o: seen.__setitem__("codes", o.detach().clone()),
+    elif site is Site.ACC:  # the module's own output lacks the bias, which the engine adds next
+        bias = q.bias_codes if q.bias_codes is not None else 0.0
+        handle = module.register_forward_hook(lambda m, a, o: seen.__setitem__("codes", o.detach() + bias),
                                               prepend=True)
     else:
         handle = module.register_forward_hook(
