@@ -64,6 +64,15 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _late_start_info(campaigns: dict[str, Campaign]) -> dict[str, Any]:
+    for campaign in campaigns.values():
+        cache = campaign.late_start()
+        if cache is not None:
+            return {"cuts": len(cache.cuts), "cache_mib": round(cache.cache_bytes / 2**20, 1),
+                    "budget_mib": round(cache.budget_bytes / 2**20, 1)}
+    return {"cuts": 0}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
@@ -72,6 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--weight-bers", type=float, nargs="*", default=list(WEIGHT_BERS))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-late-start", action="store_true", help="fault dropping only, every re-run from layer 0")
+    parser.add_argument("--compare-late-start", action="store_true",
+                        help="also time every act BER without late start, paired in the same rounds")
     parser.add_argument("--json", help="save the results to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -88,7 +100,11 @@ def main(argv: list[str] | None = None) -> dict:
             name = f"{site} {ber:g}"
             spec = CampaignSpec(site=site, ber=ber, max_drop=1.0, seed=args.seed)
             campaigns[name] = Campaign(qmodel, x, y, spec, f"bench_ber_sweep-{site}-{ber:g}", batch_size=args.batch,
-                                       drop_fault_free=True)
+                                       drop_fault_free=True, late_start=not args.no_late_start)
+            if site == "act" and args.compare_late_start and not args.no_late_start:
+                campaigns[f"{name} no-late-start"] = Campaign(
+                    qmodel, x, y, spec, f"bench_ber_sweep-{site}-{ber:g}", batch_size=args.batch,
+                    drop_fault_free=True, late_start=False)  # same name, so the same faults per trial
 
     def baseline() -> float:
         start = time.perf_counter()
@@ -125,10 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows: dict[str, dict[str, Any]] = {}
     for name, s in stats.items():
-        site, ber = name.split()
+        site, ber, *variant = name.split()
         rows[name] = {
             "site": site,
             "ber": float(ber),
+            "late_start": site == "act" and not variant and not args.no_late_start,
             "ratio_vs_fault_free": statistics.median(s["ratio"]),
             "median_trial_seconds": statistics.median(s["trial"]),
             "median_fault_free_seconds": statistics.median(s["baseline"]),
@@ -139,13 +156,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"ResNet56 int8, {args.batch} images, {args.threads} threads, {args.rounds} alternating rounds "
           f"(median of per-round trial / fault-free quantized forward)")
-    print(f"  {'site':<7} {'BER':>6} {'trial ms':>9} {'fault-free ms':>14} {'ratio':>8} {'faults/trial':>13} "
-          f"{'images re-run':>14}")
+    print(f"  {'site':<7} {'BER':>6} {'late':>5} {'trial ms':>9} {'fault-free ms':>14} {'ratio':>8} "
+          f"{'faults/trial':>13} {'images re-run':>14}")
     for row in rows.values():
-        print(f"  {row['site']:<7} {row['ber']:>6.0e} {row['median_trial_seconds'] * 1e3:9.1f} "
+        print(f"  {row['site']:<7} {row['ber']:>6.0e} {'yes' if row['late_start'] else 'no':>5} "
+              f"{row['median_trial_seconds'] * 1e3:9.1f} "
               f"{row['median_fault_free_seconds'] * 1e3:14.1f} {row['ratio_vs_fault_free']:7.3f}x "
               f"{row['mean_faults_per_trial']:13.1f} {row['mean_images_rerun']:9.1f}/{args.batch}")
 
+    late = _late_start_info(campaigns)
+    print(f"late start: {late}")
     summary: dict[str, Any] = {}
     act_low = rows.get("act 1e-08")
     if act_low is not None:
@@ -166,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": args.rounds,
         "seed": args.seed,
         "drop_fault_free": True,
+        "late_start": _late_start_info(campaigns),
         "variants": rows,
         "summary": summary,
         "targets": {"act_1e-8_vs_fault_free_max": TARGET_ACT_1E8, "weight_vs_fault_free_max": TARGET_WEIGHT},

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from .evaluate import Predictions, predict
+from .evaluate import Predictions, decide, predict
 from .faults import FaultModel, FaultPattern, sample_pattern, trial_generator
+from .late_start import DEFAULT_CACHE_BYTES, LateStart
 from .quantization import QuantizedModel
 from .spec import CampaignSpec
 from .stats import Decision, SequentialPlan, Threshold, Verdict
@@ -245,7 +246,8 @@ class Campaign:
     """Runs the trials of one campaign on one quantized model and evaluation set."""
 
     def __init__(self, qmodel: QuantizedModel, inputs: torch.Tensor, labels: torch.Tensor, spec: CampaignSpec,
-                 name: str, *, batch_size: int = 256, drop_fault_free: bool = True) -> None:
+                 name: str, *, batch_size: int = 256, drop_fault_free: bool = True, late_start: bool = True,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         if spec.bits != qmodel.config["bits"]:
             raise ValueError(f"campaign asks for bits={spec.bits} but the model was quantized to "
                              f"{qmodel.config['bits']} bits")
@@ -254,6 +256,8 @@ class Campaign:
         self.qmodel, self.inputs, self.labels, self.spec, self.name = qmodel, inputs, labels, spec, name
         self.batch_size = batch_size
         self.drop_fault_free = drop_fault_free
+        self.use_late_start, self.cache_bytes = late_start, cache_bytes
+        self._late_start: LateStart | None = None
         self.campaign_id = spec.campaign_id(name)
         self.fault_model = FaultModel(spec.site, spec.ber, spec.kind, spec.bit_positions, spec.layers)
         self.targets = qmodel.targets(self.fault_model.site, self.fault_model.layers)
@@ -280,11 +284,33 @@ class Campaign:
             return predict(self.qmodel, self.inputs, pattern, batch_size=self.batch_size)
         faulty = pattern.images_with_faults()
         predicted, nonfinite = self.golden.clone(), self.golden_nonfinite.clone()
-        if len(faulty):
-            part = predict(self.qmodel, self.inputs[faulty], pattern.restricted_to(faulty),
+        if not len(faulty):
+            return Predictions(predicted, nonfinite)
+        own = pattern.restricted_to(faulty)
+        self.qmodel.validate(own, len(faulty))
+        from_start = torch.ones(len(faulty), dtype=torch.bool)
+        late_start = self.late_start()
+        if late_start is not None:  # late start: resume each image at the cut before its first fault
+            for members, logits in late_start.logits(faulty, own):
+                part = decide(logits)
+                predicted[faulty[members]], nonfinite[faulty[members]] = part.predicted, part.nonfinite
+                from_start[members] = False
+        rest = from_start.nonzero().reshape(-1)
+        if len(rest):
+            part = predict(self.qmodel, self.inputs[faulty[rest]], own.restricted_to(rest),
                            batch_size=self.batch_size)
-            predicted[faulty], nonfinite[faulty] = part.predicted, part.nonfinite
+            predicted[faulty[rest]], nonfinite[faulty[rest]] = part.predicted, part.nonfinite
         return Predictions(predicted, nonfinite)
+
+    def late_start(self) -> LateStart | None:
+        """The late-start cache of this campaign's images, built at first use; None when off or unsupported
+        (`LateStart.disabled_reason` says why)."""
+        if not (self.use_late_start and self.drop_fault_free):
+            return None
+        if self._late_start is None:
+            self._late_start = LateStart(self.qmodel, self.inputs, budget_bytes=self.cache_bytes,
+                                         batch_size=self.batch_size)
+        return self._late_start if self._late_start.enabled else None
 
     def trial(self, index: int) -> TrialResult:
         pattern = self.pattern(index)

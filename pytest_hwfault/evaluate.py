@@ -25,7 +25,12 @@ class Predictions:
         return (self.predicted == labels.to(self.predicted.device)) & ~self.nonfinite
 
 
-def _decide(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def decide(logits: torch.Tensor) -> Predictions:
+    """Predictions of a batch of logits."""
+    return Predictions(*decide_logits(logits))
+
+
+def decide_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted class per row; a row with NaN/Inf counts as misclassified (predicted -1), never crashes."""
     logits = logits.reshape(len(logits), -1)
     nonfinite = ~torch.isfinite(logits).all(dim=1)
@@ -50,7 +55,7 @@ def predict(
         for start in range(0, len(inputs), batch_size):
             x = inputs[start : start + batch_size]
             logits = qmodel._forward(x, faults, start) if quantized else qmodel.float_forward(x)
-            p, n = _decide(logits)
+            p, n = decide_logits(logits)
             predicted.append(p.cpu())
             nonfinite.append(n.cpu())
 

@@ -412,10 +412,15 @@ class QuantizedModel:
 
     def run_batch(self, x: torch.Tensor, edits: dict[tuple[Site, str], Edit]) -> torch.Tensor:
         """Quantized forward of one batch with prepared transient edits (see `prepare`)."""
+        return self.run_graph(self.module, (x.to(self.device),), edits)
+
+    def run_graph(self, module: nn.Module, args: tuple[Any, ...], edits: dict[tuple[Site, str], Edit]) -> Any:
+        """Call `module` (a graph over this view's layers, such as a torch.fx suffix of it) with prepared transient
+        edits active, as `run_batch` does for the whole model."""
         self._runtime.batch = edits
         try:
             with torch.inference_mode():
-                return self.module(x.to(self.device))
+                return module(*args)
         finally:
             self._runtime.batch = {}
 

@@ -1,0 +1,251 @@
+"""Late start: a faulty image's forward pass resumes just before its first faulty layer, from cached fault-free values.
+
+Fault dropping skips the images that hold no fault. Late start skips, for the others, every layer before the first
+fault: those layers compute exactly what the fault-free pass computed, because the engine's layers sum integers
+exactly whatever the batch, so the result is bit-identical to a full forward pass.
+
+How (torch.fx): the quantized model's graph is cut just before chosen quantized layers. A cut's *live set* is every
+value computed before the cut and read at or after it (in a ResNet, the block's input: one tensor). One fault-free
+pass over the campaign's images stores the live values of every chosen cut; a faulty image then runs the graph's
+suffix from the latest cut at or before its first faulty layer, on those stored values.
+
+Memory policy: the cache holds live values for every image of the campaign, on the model's device, and never
+exceeds its budget (`DEFAULT_CACHE_BYTES`, 256 MiB, unless the campaign is given another). Candidate cuts are the
+quantized layers after the first whose live values are all per-image tensors; the cache takes as many of them as
+fit, evenly spaced over the layer order (so an image's wasted prefix is bounded by the spacing). A model that fx
+cannot trace, or a budget too small for a single cut, runs without late start; `LateStart.disabled_reason` says
+why.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .faults import FaultPattern
+from .quantization import QuantizedModel
+
+DEFAULT_CACHE_BYTES = 256 << 20
+# What resuming one more group of images costs, in images: each group pays every layer's fixed per-call cost (hooks,
+# op dispatch, small-batch inefficiency) once. Measured order of magnitude on a CPU ResNet56 forward.
+BUCKET_OVERHEAD_IMAGES = 4
+
+
+@dataclass
+class Cut:
+    """A point just before quantized layer `layer` (its position in execution order), where a pass can resume."""
+
+    layer: str
+    position: int
+    live: list[str]  # fx node names whose values the suffix reads
+    bytes_per_image: int
+    suffix: fx.GraphModule | None = field(default=None, repr=False)
+
+
+def _cut_positions(nodes: list[fx.Node], layer_nodes: dict[str, int]) -> dict[str, list[fx.Node]]:
+    """For each quantized layer, the nodes computed before it and still read at or after it."""
+    index = {node: i for i, node in enumerate(nodes)}
+    last_use = {node: max((index[user] for user in node.users), default=-1) for node in nodes}
+    live: dict[str, list[fx.Node]] = {}
+    for name, at in layer_nodes.items():
+        live[name] = [n for n in nodes[:at] if n.op != "get_attr" and last_use[n] >= at]
+    return live
+
+
+def _suffix_module(root: torch.nn.Module, graph: fx.Graph, start: fx.Node, live: list[fx.Node]) -> fx.GraphModule:
+    """A module running `graph` from node `start` to its output, taking the `live` values as arguments."""
+    suffix = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in live:
+        env[node] = suffix.placeholder(f"live_{node.name}")
+    started = False
+    for node in graph.nodes:
+        started = started or node is start
+        if node.op == "get_attr" or (started and node.op != "placeholder"):
+            env[node] = suffix.node_copy(node, lambda n: env[n])
+    module = fx.GraphModule(root, suffix)
+    module.graph.eliminate_dead_code()
+    module.recompile()
+    return module
+
+
+def _capture_module(traced: fx.GraphModule, names: list[str]) -> fx.GraphModule:
+    """A module returning the values of the named nodes (a prefix of the graph: nothing after them runs)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in traced.graph.nodes:
+        if node.op == "output":
+            break
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    by_name = {node.name: new for node, new in env.items()}
+    graph.output(tuple(by_name[name] for name in names))
+    module = fx.GraphModule(traced, graph)
+    module.graph.eliminate_dead_code()  # nothing after the last wanted value runs
+    module.recompile()
+    return module
+
+
+def _select_evenly(candidates: list[Cut], allowed_bytes_per_image: int) -> list[Cut]:
+    """As many candidates as fit the per-image byte allowance, spread evenly over the list."""
+    for count in range(len(candidates), 0, -1):
+        picks = sorted({round(i * (len(candidates) - 1) / max(1, count - 1)) for i in range(count)})
+        chosen = [candidates[i] for i in picks]
+        if sum(c.bytes_per_image for c in chosen) <= allowed_bytes_per_image:
+            return chosen
+    return []
+
+
+class LateStart:
+    """Cached fault-free live values of a campaign's images, and the graph suffixes that resume from them."""
+
+    def __init__(self, qmodel: QuantizedModel, inputs: torch.Tensor, *, budget_bytes: int = DEFAULT_CACHE_BYTES,
+                 batch_size: int = 256) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes={budget_bytes!r} must be >= 0")
+        self.qmodel, self.batch_size, self.budget_bytes = qmodel, batch_size, budget_bytes
+        self.cuts: list[Cut] = []
+        self.cache: dict[str, torch.Tensor] = {}
+        self.disabled_reason: str | None = None
+        self.resumed_images = 0  # images resumed at a cut, over every call
+        self.layers_skipped = 0  # quantized layers those images did not rerun
+        self.layer_position = {name: i for i, name in enumerate(qmodel.layers)}
+        try:
+            self._build(inputs)
+        except _Unsupported as exc:
+            self.cuts, self.cache, self.disabled_reason = [], {}, str(exc)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cuts)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.cache.values())
+
+    # -- building --------------------------------------------------------------------------------------------------
+    def _build(self, inputs: torch.Tensor) -> None:
+        try:
+            traced = fx.symbolic_trace(self.qmodel.module)
+        except Exception as exc:  # any tracing failure: no late start, and say why
+            reason = f"torch.fx cannot trace the model: {type(exc).__name__}: {exc}".splitlines()[0]
+            raise _Unsupported(reason) from None
+        nodes = list(traced.graph.nodes)
+        at = {str(n.target): i for i, n in enumerate(nodes) if n.op == "call_module" and str(n.target) in
+              self.qmodel.layers}
+        if set(at) != set(self.qmodel.layers) or len(inputs) == 0:
+            raise _Unsupported("the traced graph does not call every quantized layer exactly once")
+        order = sorted(at, key=at.__getitem__)
+        self.layer_position = {name: i for i, name in enumerate(order)}
+        live_nodes = _cut_positions(nodes, at)
+        shapes = self._live_shapes(traced, inputs[:1], {n for name in order[1:] for n in live_nodes[name]})
+        candidates = []
+        for name in order[1:]:
+            live = live_nodes[name]
+            if not all(n.name in shapes for n in live):
+                continue
+            size = sum(math.prod(shapes[n.name][0]) * shapes[n.name][1].itemsize for n in live)
+            candidates.append(Cut(name, self.layer_position[name], [n.name for n in live], size))
+        chosen = _select_evenly(candidates, self.budget_bytes // len(inputs))
+        if not chosen:
+            raise _Unsupported(f"no cut fits a cache of {self.budget_bytes} bytes for {len(inputs)} images"
+                               if candidates else "no cut has only per-image tensors live across it")
+        by_name = {n.name: n for n in nodes}
+        for cut in chosen:
+            cut.suffix = _suffix_module(traced, traced.graph, nodes[at[cut.layer]], [by_name[v] for v in cut.live])
+        self.cuts = chosen
+        self._fill_cache(traced, inputs, sorted({v for cut in chosen for v in cut.live}))
+
+    def _live_shapes(self, traced: fx.GraphModule, one: torch.Tensor, wanted: set[fx.Node]
+                     ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per-image shape and dtype of each wanted value that is a tensor with one row per image."""
+        names = sorted(n.name for n in wanted)
+        outputs = self.qmodel.run_graph(_capture_module(traced, names), (one.to(self.qmodel.device),), {})
+        shapes = {}
+        for name, value in zip(names, outputs):
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 1:
+                shapes[name] = (tuple(value.shape[1:]), value.dtype)
+        return shapes
+
+    def _fill_cache(self, traced: fx.GraphModule, inputs: torch.Tensor, names: list[str]) -> None:
+        device, capture = self.qmodel.device, _capture_module(traced, names)
+        for start in range(0, len(inputs), self.batch_size):
+            x = inputs[start : start + self.batch_size].to(device)
+            for name, value in zip(names, self.qmodel.run_graph(capture, (x,), {})):
+                if name not in self.cache:
+                    self.cache[name] = torch.empty((len(inputs), *value.shape[1:]), dtype=value.dtype, device=device)
+                self.cache[name][start : start + len(x)] = value  # a copy: later in-place ops cannot reach it
+
+    # -- running ---------------------------------------------------------------------------------------------------
+    def first_faulty_layer(self, pattern: FaultPattern, n_images: int) -> torch.Tensor:
+        """Per image (of the pattern's numbering), the position of its first faulty layer; len(layers) if none."""
+        first = torch.full((n_images,), len(self.layer_position), dtype=torch.int64)
+        for (site, layer), group in pattern.groups.items():
+            if site.transient and len(group):
+                position = torch.full_like(group.image, self.layer_position[layer])
+                first.scatter_reduce_(0, group.image, position, reduce="amin")
+        return first
+
+    def logits(self, images: torch.Tensor, pattern: FaultPattern) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(positions in `images`, logits) per resumed group, for the campaign images `images` (sorted) under
+        `pattern` (transient faults only, numbered by position in `images`). Images left out run from the start
+        (the caller does that)."""
+        if not self.cuts:
+            return []
+        first = self.first_faulty_layer(pattern, len(images))
+        positions = [c.position for c in self.cuts]
+        # latest cut at or before the first fault: 0 = none (from the start), k = self.cuts[k - 1]
+        admissible = torch.searchsorted(torch.tensor(positions), first, side="right")
+        assigned = self._plan(admissible, [0, *positions])
+        out = []
+        for k in sorted(set(assigned.tolist()) - {0}):
+            members = (assigned == k).nonzero().reshape(-1)
+            cut = self.cuts[k - 1]
+            self.resumed_images += len(members)
+            self.layers_skipped += len(members) * cut.position
+            out.append((members, self._resume(cut, images[members], pattern.restricted_to(members))))
+        return out
+
+    def _plan(self, admissible: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        """Which start each image runs from: any start at or before its admissible one is exact, so images are
+        grouped to minimise (layers run) x (images + BUCKET_OVERHEAD_IMAGES) summed over groups, by dynamic
+        programming over the admissible starts that occur. Many tiny groups would each pay the per-layer cost of
+        a forward pass; one group from the start would rerun every early layer."""
+        total = len(self.layer_position)
+        present = sorted(set(admissible.tolist()))
+        counts = [int((admissible == k).sum()) for k in present]
+        best = [0.0] + [math.inf] * len(present)  # best[e]: cost of the groups covering present[:e]
+        choice = [0] * (len(present) + 1)
+        prefix = [0]
+        for c in counts:
+            prefix.append(prefix[-1] + c)
+        for e in range(1, len(present) + 1):
+            for s in range(e):
+                cost = best[s] + (total - starts[present[s]]) * (prefix[e] - prefix[s] + BUCKET_OVERHEAD_IMAGES)
+                if cost < best[e]:
+                    best[e], choice[e] = cost, s
+        assigned_start = {}
+        e = len(present)
+        while e > 0:
+            s = choice[e]
+            for k in present[s:e]:
+                assigned_start[k] = present[s]
+            e = s
+        return torch.tensor([assigned_start[k] for k in admissible.tolist()], dtype=torch.int64)
+
+    def _resume(self, cut: Cut, images: torch.Tensor, pattern: FaultPattern) -> torch.Tensor:
+        assert cut.suffix is not None
+        device = self.qmodel.device
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            rows = images[start : start + self.batch_size].to(device)
+            live = tuple(self.cache[name].index_select(0, rows) for name in cut.live)  # copies
+            edits = self.qmodel.prepare(pattern, start, start + len(rows))
+            parts.append(self.qmodel.run_graph(cut.suffix, live, edits))
+        return torch.cat(parts)
+
+
+class _Unsupported(Exception):
+    pass

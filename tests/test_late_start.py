@@ -1,0 +1,122 @@
+"""Late start: resuming faulty images at the cut before their first fault gives bit-identical trials."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import Digits, _train, seeded
+from torch import nn
+
+from pytest_hwfault import quantize
+from pytest_hwfault.campaign import Campaign
+from pytest_hwfault.late_start import LateStart
+from pytest_hwfault.spec import CampaignSpec
+
+
+class Block(nn.Module):
+    """A torchvision-style residual block: in-place ReLU and an in-place residual sum, which must not reach the
+    cached values."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class SmallResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8),
+                                  nn.ReLU())
+        self.blocks = nn.Sequential(Block(8), Block(8), Block(8))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if h.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            h = h.relu()
+        return self.fc2(h)
+
+
+@pytest.fixture(scope="module")
+def resnet(digits: Digits):  # noqa: ANN201
+    with seeded(11):
+        model = SmallResNet()
+    model = _train(model, digits, steps=40, seed=12)
+    return quantize(model, digits.x_train[:256]), digits.x_test[:160], digits.y_test[:160]
+
+
+@pytest.mark.parametrize(("site", "ber"), [("act", 2e-4), ("act", 3e-5), ("acc", 2e-5), ("input", 2e-4)])
+def test_late_start_is_bit_identical(resnet, site: str, ber: float) -> None:  # noqa: ANN001
+    qmodel, x, y = resnet
+    spec = CampaignSpec(site=site, ber=ber, min_acc=0.5, budget=6, first=6, seed=3)
+    plain = Campaign(qmodel, x, y, spec, "t", batch_size=64, drop_fault_free=False)
+    dropping = Campaign(qmodel, x, y, spec, "t", batch_size=64, late_start=False)
+    late = Campaign(qmodel, x, y, spec, "t", batch_size=64)
+    few_cuts = Campaign(qmodel, x, y, spec, "t", batch_size=64, cache_bytes=2 * 8 * 64 * 4 * len(x))
+    expected = [plain.trial(i) for i in range(6)]
+    assert [dropping.trial(i) for i in range(6)] == expected
+    assert [late.trial(i) for i in range(6)] == expected
+    assert [few_cuts.trial(i) for i in range(6)] == expected
+    assert [late.trial(i) for i in range(6)] == expected  # the cache survives the suffix's in-place ops
+    cache = late.late_start()
+    assert cache is not None and cache.resumed_images > 0 and cache.layers_skipped > 0
+    few = few_cuts.late_start()
+    assert few is not None and 1 <= len(few.cuts) < len(cache.cuts)
+
+
+def test_cache_respects_its_budget_and_spreads_cuts(resnet) -> None:  # noqa: ANN001
+    qmodel, x, _ = resnet
+    full = LateStart(qmodel, x, budget_bytes=1 << 30)
+    assert [c.layer for c in full.cuts] == list(qmodel.layers)[1:]  # every layer after the first can be a cut
+    assert all(len(c.live) >= 1 for c in full.cuts)
+    for budget in (full.cache_bytes // 2, full.cache_bytes // 4):
+        part = LateStart(qmodel, x, budget_bytes=budget)
+        assert 0 < part.cache_bytes <= budget and part.enabled
+        positions = [c.position for c in part.cuts]
+        gaps = [b - a for a, b in zip(positions, positions[1:])]
+        assert max(gaps) - min(gaps) <= 1  # evenly spaced
+    none = LateStart(qmodel, x, budget_bytes=100)
+    assert not none.enabled and "no cut fits a cache of 100 bytes" in str(none.disabled_reason)
+
+
+def test_untraceable_model_runs_without_late_start(digits: Digits) -> None:
+    with seeded(5):
+        model = Untraceable().eval()
+    qmodel = quantize(model, digits.x_train[:64])
+    late = LateStart(qmodel, digits.x_test[:32])
+    assert not late.enabled and "torch.fx cannot trace" in str(late.disabled_reason)
+    spec = CampaignSpec(site="act", ber=1e-3, min_acc=0.5, budget=3, first=3)
+    campaign = Campaign(qmodel, digits.x_test[:32], digits.y_test[:32], spec, "t")
+    plain = Campaign(qmodel, digits.x_test[:32], digits.y_test[:32], spec, "t", drop_fault_free=False)
+    assert [campaign.trial(i) for i in range(3)] == [plain.trial(i) for i in range(3)]
+    assert campaign.late_start() is None
+
+
+def test_first_faulty_layer(resnet) -> None:  # noqa: ANN001
+    from pytest_hwfault.faults import FaultPattern
+
+    qmodel, x, _ = resnet
+    late = LateStart(qmodel, x[:4])
+    names = list(qmodel.layers)
+    pattern = FaultPattern.from_faults([("act", names[3], 0, 1, "flip", 0), ("acc", names[1], 5, 2, "flip", 0),
+                                        ("input", names[5], 2, 0, "stuck1", 2)])
+    assert late.first_faulty_layer(pattern, 4).tolist() == [1, len(names), 5, len(names)]
