@@ -52,10 +52,10 @@ def has_ao_modules(model: nn.Module) -> bool:
     return any(type(m).__module__.startswith((package, "torch.ao.nn.intrinsic.quantized")) for m in model.modules())
 
 
-def _float_twin(module: nn.Module) -> nn.Module:
+def _float_twin(module: Any) -> nn.Module:  # an ao Conv/Linear: its attributes are untyped
     """A float conv/linear with the ao module's geometry; its weights are set from codes later."""
     if isinstance(module, torch.ao.nn.quantized.Linear):
-        twin: nn.Module = nn.Linear(module.in_features, module.out_features, bias=True)
+        twin: Any = nn.Linear(module.in_features, module.out_features, bias=True)
     else:
         kind = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(module.kernel_size)]
         twin = kind(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
@@ -67,7 +67,7 @@ def _float_twin(module: nn.Module) -> nn.Module:
     return twin.requires_grad_(False)
 
 
-def _weight(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _weight(module: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     weight = module.weight()
     if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
         scale, zero = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
@@ -85,7 +85,7 @@ def convert_ao_modules(work: nn.Module, calibration_data: Any, batch_size: int,
     """In place on `work` (a private copy): replace ao modules by float ones; return each layer's parameters."""
     types = _ao_types()
     names = dict(work.named_modules())
-    layers = {n: m for n, m in names.items() if isinstance(m, types["layer"])}
+    layers: dict[str, Any] = {n: m for n, m in names.items() if isinstance(m, types["layer"])}
     inputs: dict[str, tuple[float, int]] = {}
 
     def capture(name: str) -> Any:
@@ -116,7 +116,8 @@ def convert_ao_modules(work: nn.Module, calibration_data: Any, batch_size: int,
             if name not in inputs:
                 raise ValueError(f"ao layer {name!r} did not run on the calibration data")
             codes, scale = _weight(module, name)
-            found[name] = AoLayer(codes, scale, *inputs[name], float(module.scale), int(module.zero_point),
+            layer: Any = module  # an ao Conv/Linear: its attributes are untyped
+            found[name] = AoLayer(codes, scale, *inputs[name], float(layer.scale), int(layer.zero_point),
                                   isinstance(module, types["fused_relu"]))
             replacement: nn.Module = _float_twin(module)
         elif isinstance(module, types["identity"]):

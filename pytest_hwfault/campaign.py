@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from .bits import Kind
 from .evaluate import Predictions, decide, predict
-from .faults import FaultModel, FaultPattern, sample_pattern, trial_generator
+from .faults import FaultModel, FaultPattern, Site, sample_pattern, trial_generator
 from .late_start import DEFAULT_CACHE_BYTES, LateStart
 from .quantization import QuantizedModel
 from .spec import CampaignSpec
@@ -259,7 +260,7 @@ class Campaign:
         self.use_late_start, self.cache_bytes = late_start, cache_bytes
         self._late_start: LateStart | None = None
         self.campaign_id = spec.campaign_id(name)
-        self.fault_model = FaultModel(spec.site, spec.ber, spec.kind, spec.bit_positions, spec.layers)
+        self.fault_model = FaultModel(Site(spec.site), spec.ber, Kind(spec.kind), spec.bit_positions, spec.layers)
         self.targets = qmodel.targets(self.fault_model.site, self.fault_model.layers)
         golden = predict(qmodel, inputs, batch_size=batch_size)
         self.golden, self.golden_nonfinite = golden.predicted, golden.nonfinite

@@ -50,7 +50,7 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[torch.Tenso
         for item in data:
             yield _split_item(item)
     elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
-        n = len(data)  # type: ignore[arg-type]
+        n = len(data)
         for start in range(0, n, batch_size):
             items = [_split_item(data[i]) for i in range(start, min(n, start + batch_size))]
             xs = torch.stack([x for x, _ in items])

@@ -50,10 +50,11 @@ def fold_batchnorm(model: nn.Module) -> tuple[list[tuple[str, str]], list[str], 
         producer = node.args[0] if node.args else None
         if not isinstance(producer, torch.fx.Node) or producer.op != "call_module" or len(producer.users) != 1:
             continue
-        layer, bn = modules[producer.target], modules[node.target]
-        if uses[producer.target] != 1 or uses[node.target] != 1 or not bn.track_running_stats:
+        layer, bn = modules[str(producer.target)], modules[str(node.target)]
+        if uses[str(producer.target)] != 1 or uses[str(node.target)] != 1 or not bn.track_running_stats:
             continue
         assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+        assert bn.running_mean is not None and bn.running_var is not None  # track_running_stats
         if isinstance(layer, _CONV) and layer.weight.shape[0] == bn.num_features:
             w, b = fuse_conv_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
                                         bn.weight, bn.bias)

@@ -225,7 +225,7 @@ def _weight_codes(weight: torch.Tensor, bits: int, granularity: str) -> tuple[to
     else:
         obs = MinMaxObserver(dtype=dtype, qscheme=torch.per_tensor_symmetric, quant_min=-qmax, quant_max=qmax)
         obs(w)
-        scale = obs.calculate_qparams()[0].float().expand(w.shape[0]).clone()  # type: ignore[operator]
+        scale = obs.calculate_qparams()[0].float().expand(w.shape[0]).clone()
     view = scale.reshape(-1, *([1] * (w.dim() - 1)))
     codes = torch.clamp(torch.round(w / view), -qmax, qmax).to(torch.int32)
     return codes, scale
@@ -240,10 +240,11 @@ def _plain_weight(module: nn.Module) -> None:
         # Removing a parametrization from a deep copy deletes the property from the class that the copy shares
         # with the user's module, which would break the user's model: refuse instead.
         raise ValueError(
-            f"{type(module).__qualname__} has parametrized tensors {list(module.parametrizations.keys())} "  # type: ignore[union-attr]
+            f"{type(module).__qualname__} has parametrized tensors {list(module.parametrizations.keys())} "  # type: ignore[union-attr,operator]
             "(weight_norm, spectral_norm, ...); quantize a copy after "
             "torch.nn.utils.parametrize.remove_parametrizations(module, name, leave_parametrized=True)"
         )
+    hook: Any
     for hook in list(module._forward_pre_hooks.values()):
         if type(hook).__name__ == "WeightNorm":  # torch.nn.utils.weight_norm (the deprecated form)
             torch.nn.utils.remove_weight_norm(module, hook.name)
@@ -442,7 +443,9 @@ class QuantizedModel:
                     layer = self._layer(name)
                     check_bounds(group, layer.numel(Site.WEIGHT), f"the weights of layer {name!r}")
                     edit = self._edit(Site.WEIGHT, layer, group, 0)
-                    flat = layer.module.weight.view(-1)  # holds the integer codes
+                    weight = layer.module.weight
+                    assert isinstance(weight, torch.Tensor)
+                    flat = weight.view(-1)  # holds the integer codes
                     saved.append((flat, edit.linear, flat[edit.linear].clone()))
                     apply_edit(flat, edit, layer.bits)
             yield
@@ -605,6 +608,7 @@ def quantize(
                       "input_zero_point": ao.input_zero_point, "act_zero_point": ao.act_zero_point,
                       "signed_activations": False}
         else:
+            assert isinstance(module.weight, torch.Tensor)
             codes, w_scale = _weight_codes(module.weight, bits, weight_granularity)
         w_scale = w_scale.to(device)
         layers[name] = QuantLayer(
@@ -632,7 +636,7 @@ def quantize(
                 bias_codes = torch.clamp(torch.round(bias / layer.acc_scale.reshape(bias.shape)), -(2**31), 2**31 - 1)
                 shape = (-1,) if layer.channel_axis == -1 else (-1, *([1] * (len(layer.output_shape) - 1)))
                 layer.bias_codes = bias_codes.float().reshape(shape)
-                layer.module.bias = None  # the engine adds bias_codes to the accumulator
+                setattr(layer.module, "bias", None)  # noqa: B010 - the engine adds bias_codes to the accumulator
             layer.module.weight = nn.Parameter(layer.weight_codes.float(), requires_grad=False)
 
     config = {
