@@ -14,6 +14,7 @@ from torch import nn
 
 from .campaign import Campaign, CampaignResult, TrialResult
 from .data import as_tensors, iter_batches
+from .late_start import DEFAULT_CACHE_BYTES
 from .quantization import QuantizedModel, quantize, state_checksum
 from .sharding import RunDir, Slice
 from .spec import CampaignSpec
@@ -85,10 +86,12 @@ def assess(
     quantize_options: dict[str, Any] | None = None,
     on_trial: Callable[[CampaignResult, TrialResult], None] | None = None,
     execution: Execution = Execution(),
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Assessment:
     """Quantize (or reuse) `model`, then run this process's part of the campaign `spec` on `data`.
 
     Calibration uses `calibration_data` when given, else the first DEFAULT_CALIBRATION_SAMPLES images of `data`.
+    `cache_bytes` bounds the late-start cache (0: no late start).
     """
     inputs, labels = as_tensors(data, spec.samples)
     if isinstance(model, QuantizedModel):
@@ -99,7 +102,7 @@ def assess(
         else:
             calibration = torch.cat([x for x, _ in iter_batches(calibration_data)])
         qmodel = cache.get(model, calibration, device, spec.bits, dict(quantize_options or {}))
-    campaign = Campaign(qmodel, inputs, labels, spec, name)
+    campaign = Campaign(qmodel, inputs, labels, spec, name, late_start=cache_bytes > 0, cache_bytes=cache_bytes)
     allowed = execution.ci_slice.trials(spec.budget)
     whole = execution.ci_slice.count == 1
     if execution.shards == 1 or execution.run_root is None or not execution.run_root.is_dir():

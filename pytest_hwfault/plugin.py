@@ -44,6 +44,7 @@ OPT_COMPARE = "--hwfault-compare"
 OPT_TOLERANCE = "--hwfault-compare-tolerance"
 OPT_STORAGE = "--hwfault-storage"
 OPT_SHARD = "--hwfault-shard"
+OPT_CACHE = "--hwfault-cache-mb"
 DEVICES = ("cpu", "cuda", "auto")
 INCONCLUSIVE_POLICIES = ("fail", "pass")
 
@@ -126,6 +127,8 @@ _VALUED_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], Any, str], ...] = (
     (OPT_SHARD, "hwfault_shard", _slice, Slice(),
      "compute only part K/M of every campaign (a CI matrix job); merge the reports with "
      "python -m pytest_hwfault.report merge"),
+    (OPT_CACHE, "hwfault_cache_mb", _non_negative_int, 256,
+     "memory (MiB) per campaign for late start's cache of fault-free values; 0 turns late start off"),
 )
 
 
@@ -143,6 +146,7 @@ class Settings:
     compare_tolerance: float
     storage: str
     shard: Slice
+    cache_mb: int
 
     def marker_defaults(self) -> dict[str, Any]:
         return {"seed": self.seed, "budget": self.budget, "confidence": self.confidence}
@@ -381,7 +385,8 @@ class HwFault:
         start = time.perf_counter()
         assessment = assess(model, data, spec, name, cache=self._cache(), device=self._device(),
                             calibration_data=calibration_data, quantize_options=quantize_options,
-                            on_trial=self._progress(spec.label()), execution=execution)
+                            on_trial=self._progress(spec.label()), execution=execution,
+                            cache_bytes=self._settings.cache_mb << 20)
         record = campaign_record(assessment.result, base)
         record["seconds"] = time.perf_counter() - start
         record["shard"] = [execution.shard, execution.shards]

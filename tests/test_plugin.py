@@ -86,6 +86,24 @@ def test_passing_and_failing_gates(suite: pytest.Pytester) -> None:
     assert record["layers"] and {"name", "act_scale", "vulnerability"} <= set(record["layers"][0])
 
 
+def test_late_start_cache_option_leaves_numbers_unchanged(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_gate='''
+from pytest_hwfault import resilience
+
+@resilience(ber=[3e-5, 1e-3], site="act", min_acc=0.5, budget=8, first=8)
+def test_gate(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+''')
+    records = []
+    for option in ("--hwfault-cache-mb=0", "--hwfault-cache-mb=64"):
+        report = suite.path / f"report{option[-2:]}.json"
+        _run(suite, "--hwfault", option, f"--hwfault-report={report}").assert_outcomes(passed=2)
+        campaigns = json.loads(report.read_text())["campaigns"]
+        records.append([{k: c[k] for k in ("nodeid", "trials", "accuracy", "ci_low", "ci_high", "verdict")}
+                        for c in campaigns])
+    assert records[0] == records[1]
+
+
 def test_lists_expand_into_campaigns(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_lists='''
 import pytest
@@ -186,6 +204,7 @@ def test_gate(hwfault):
         ("--hwfault-inconclusive=maybe", "not one of: fail, pass"),
         ("--hwfault-compare-tolerance=3", "outside [0, 1]"),
         ("--hwfault-save=../x", "plain baseline name"),
+        ("--hwfault-cache-mb=-5", "non-negative"),
     ],
 )
 def test_bad_cli_values_are_refused_when_parsed(pytester: pytest.Pytester, option: str, message: str) -> None:
@@ -250,11 +269,11 @@ def test_marker_driven_search(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_search_gate='''
 from pytest_hwfault import resilience
 
-@resilience(search="weight", max_flips=1, max_drop=0.9, examples=20)
+@resilience(search="weight", max_flips=1, max_drop=0.9, examples=20, seed=0)
 def test_robust_enough(hwfault, model, val_data):
     hwfault.assess(model, val_data)
 
-@resilience(search="weight", max_flips=2, min_acc=0.975, examples=60)
+@resilience(search="weight", max_flips=2, min_acc=0.975, examples=60, seed=0)
 def test_breaks(hwfault, model, val_data):
     hwfault.assess(model, val_data)
 
