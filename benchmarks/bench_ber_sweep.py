@@ -21,20 +21,16 @@ Targets: act BER 1e-8 trial <= 0.25x the fault-free forward; weight trial <= 1.0
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
-from importlib import metadata
 from typing import Any
 
 import torch
-from torch import nn
+from _common import environment, save_json  # benchmarks/_common.py, beside this script
 
 from pytest_hwfault import quantize
 from pytest_hwfault.campaign import Campaign
-from pytest_hwfault.cifar_resnet import resnet56
+from pytest_hwfault.cifar_resnet import recalibrate_bn, resnet56
 from pytest_hwfault.evaluate import predict
 from pytest_hwfault.spec import CampaignSpec
 
@@ -42,26 +38,6 @@ ACT_BERS = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 WEIGHT_BERS = (1e-6, 1e-5)
 TARGET_ACT_1E8 = 0.25
 TARGET_WEIGHT = 1.05
-
-
-def recalibrate_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Give a randomly initialised model's BatchNorm layers the statistics of `x` (cumulative average), so that
-    activations neither vanish nor explode through 56 layers, as in a trained model; return it in eval mode."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _late_start_info(campaigns: dict[str, Campaign]) -> dict[str, Any]:
@@ -192,18 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
         "targets": {"act_1e-8_vs_fault_free_max": TARGET_ACT_1E8, "weight_vs_fault_free_max": TARGET_WEIGHT},
         "meets_targets": {k: v <= (TARGET_ACT_1E8 if k.startswith("act") else TARGET_WEIGHT)
                           for k, v in summary.items()},
-        "versions": {"torch": torch.__version__, "pytest-hwfault": _version("pytest-hwfault"),
-                     "python": platform.python_version()},
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "platform": platform.platform(),
-        "node": platform.node(),
-        "cpu_count": os.cpu_count(),
+        **environment(),
     }
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    save_json(args.json, result)
     return result
 
 

@@ -12,13 +12,12 @@ The fault forward includes drawing the trial's faults.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from _common import environment, save_json  # benchmarks/_common.py, beside this script
 
 from pytest_hwfault import FaultModel, quantize
 from pytest_hwfault.cifar_resnet import resnet56
@@ -97,9 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         "median_seconds": {k: statistics.median(v) for k, v in times.items()},
         "ratios": ratios,
         "mean_flips_per_batch": statistics.mean(flips),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "processor": platform.processor(),
+        **environment(),
     }
     med = result["median_seconds"]
     print(f"ResNet56, batch {args.batch}, {args.threads} threads, {args.rounds} rounds of order-alternating pairs "
@@ -108,9 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  quantized forward        {med['quantized'] * 1e3:8.1f} ms  ratio {ratios['quantized_vs_float']:.3f}x")
     print(f"  act faults, BER {args.ber:g}  {med['act_faults'] * 1e3:8.1f} ms  ratio {ratios['act_ber_vs_float']:.3f}x"
           f"  ({result['mean_flips_per_batch']:.0f} flips/batch)")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    save_json(args.json, result)
     return result
 
 

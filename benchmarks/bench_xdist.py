@@ -15,7 +15,6 @@ every core through torch's intra-op threads (the plugin gives each xdist worker 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -23,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import environment, save_json  # benchmarks/_common.py, beside this script
 
 CONFTEST = '''
 import pytest, torch
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": times,
         "median_speedup": statistics.median(speedups),
         "median_speedup_vs_one_thread": statistics.median(worker_scaling),
+        **environment(),
     }
     print(f"ResNet{args.depth}, {args.trials} trials x 256 images, act BER 1e-4, {args.rounds} rounds, "
           f"{os.cpu_count()} CPUs")
@@ -111,8 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  speed-up -n {args.workers} vs -n 0             median {result['median_speedup']:.2f}x  (target >= 1.7x)")
     print(f"  speed-up -n {args.workers} vs -n 0 on 1 thread median {result['median_speedup_vs_one_thread']:.2f}x  "
           "(how xdist workers scale)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    save_json(args.json, result)
     return result
 
 

@@ -36,10 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
-import os
-import platform
 import random
 import statistics
 import sys
@@ -47,14 +44,14 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any
 
 import torch
+from _common import environment, save_json  # benchmarks/_common.py, beside this script
 from torch import nn
 
 from pytest_hwfault import FaultModel, quantize
-from pytest_hwfault.cifar_resnet import resnet56
+from pytest_hwfault.cifar_resnet import recalibrate_bn, resnet56
 from pytest_hwfault.faults import sample_pattern, trial_generator
 
 BITS = 8
@@ -82,29 +79,9 @@ def _error(peer: str, stage: str, exc: BaseException) -> dict[str, str]:
     return {"peer": peer, "stage": stage, "error": f"{type(exc).__name__}: {exc}", "traceback": "".join(lines[-6:])}
 
 
-def recalibrate_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Give a randomly initialised model's BatchNorm layers the statistics of `x` (cumulative average), so that
-    activations neither vanish nor explode through 56 layers, as in a trained model; return it in eval mode."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
-
-
 def _changed(out: torch.Tensor, ref: torch.Tensor) -> int:
     """Images whose logits differ: a check that a variant's faults reach the output at all."""
     return int((out != ref).reshape(len(out), -1).any(dim=1).sum())
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 # -- our engine -----------------------------------------------------------------------------------------------------
@@ -413,18 +390,9 @@ def main(argv: list[str] | None = None) -> dict:
             "our_flips_per_s_vs_mrfi": None if mrfi_ratio is None else mrfi_ratio >= TARGET_FLIPS_VS_MRFI,
         },
         "failures": failures,
-        "versions": {"torch": torch.__version__, "pytorchfi": _version("pytorchfi"), "mrfi": _version("mrfi"),
-                     "pytest-hwfault": _version("pytest-hwfault"), "python": platform.python_version()},
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "platform": platform.platform(),
-        "node": platform.node(),
-        "cpu_count": os.cpu_count(),
+        **environment("pytorchfi", "mrfi"),
     }
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    save_json(args.json, result)
     return result
 
 

@@ -61,6 +61,20 @@ class CifarResNet(nn.Module):
         return self.fc(out)
 
 
+def recalibrate_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Give an untrained model's BatchNorm layers the statistics of `x` (cumulative average), so that activations
+    neither vanish nor explode through many layers, as in a trained model; return it in eval mode. For the
+    random-init models of benchmarks and tests."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
 def resnet20(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(20, num_classes)
 

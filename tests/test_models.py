@@ -9,7 +9,7 @@ import torchvision
 from conftest import one_thread, seeded, weights_hold_codes
 from torch import nn
 
-from pytest_hwfault.cifar_resnet import resnet56
+from pytest_hwfault.cifar_resnet import recalibrate_bn, resnet56
 from pytest_hwfault.evaluate import accuracy, predict
 from pytest_hwfault.faults import FaultModel, FaultPattern, Site, sample_pattern
 from pytest_hwfault.quantization import QuantizedModel, quantize, state_checksum
@@ -24,19 +24,6 @@ def _one_thread():
         yield
 
 
-def _recalibrate_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Give an untrained model's BatchNorm layers the statistics of `x` (so activations neither vanish nor explode,
-    as in a trained model), then put it in eval mode."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
-
-
 def _build(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     size = 32 if name == "resnet56" else 64
     with seeded(40):
@@ -47,7 +34,7 @@ def _build(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         }[name]()
         calibration = torch.randn(8, 3, size, size)
         x = torch.randn(2, 3, size, size)
-    return _recalibrate_bn(model, calibration), calibration, x
+    return recalibrate_bn(model, calibration), calibration, x
 
 
 @pytest.fixture(scope="module", params=["resnet18", "mobilenet_v2", "resnet56"])
@@ -244,7 +231,7 @@ def test_small_models_of_other_kinds_quantize_and_take_faults(name: str) -> None
     with seeded(41):
         model = cls()
         calibration, x = torch.randn(32, *shape), torch.randn(6, *shape).abs()  # abs: Branchy takes its branch
-    model = _recalibrate_bn(model, calibration)
+    model = recalibrate_bn(model, calibration)
     before = state_checksum(model)
     qmodel = quantize(model, calibration)
     if name == "branchy":
