@@ -288,10 +288,10 @@ class Campaign:
         if not len(faulty):
             return Predictions(predicted, nonfinite)
         own = pattern.restricted_to(faulty)
-        self.qmodel.validate(own, len(faulty))
         from_start = torch.ones(len(faulty), dtype=torch.bool)
         late_start = self.late_start()
         if late_start is not None:  # late start: resume each image at the cut before its first fault
+            self.qmodel.validate(own, len(faulty))  # (predict() validates what runs from the start)
             for members, logits in late_start.logits(faulty, own):
                 part = decide(logits.cpu())  # golden predictions live on the CPU
                 predicted[faulty[members]], nonfinite[faulty[members]] = part.predicted, part.nonfinite

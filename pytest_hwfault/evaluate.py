@@ -26,16 +26,12 @@ class Predictions:
 
 
 def decide(logits: torch.Tensor) -> Predictions:
-    """Predictions of a batch of logits."""
-    return Predictions(*decide_logits(logits))
-
-
-def decide_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted class per row; a row with NaN/Inf counts as misclassified (predicted -1), never crashes."""
+    """Predicted class per row of a batch of logits; a row with NaN/Inf counts as misclassified (predicted -1),
+    never crashes."""
     logits = logits.reshape(len(logits), -1)
     nonfinite = ~torch.isfinite(logits).all(dim=1)
     predicted = torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0).argmax(dim=1)
-    return torch.where(nonfinite, torch.full_like(predicted, -1), predicted), nonfinite
+    return Predictions(torch.where(nonfinite, torch.full_like(predicted, -1), predicted), nonfinite)
 
 
 def predict(
@@ -55,9 +51,9 @@ def predict(
         for start in range(0, len(inputs), batch_size):
             x = inputs[start : start + batch_size]
             logits = qmodel._forward(x, faults, start) if quantized else qmodel.float_forward(x)
-            p, n = decide_logits(logits)
-            predicted.append(p.cpu())
-            nonfinite.append(n.cpu())
+            part = decide(logits)
+            predicted.append(part.predicted.cpu())
+            nonfinite.append(part.nonfinite.cpu())
 
     if faults is not None and faults.has_weight_faults():
         with qmodel.weight_faults(faults):

@@ -20,7 +20,9 @@ why.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 from torch import fx
@@ -66,7 +68,12 @@ def _suffix_module(root: torch.nn.Module, graph: fx.Graph, start: fx.Node, live:
         started = started or node is start
         if node.op == "get_attr" or (started and node.op != "placeholder"):
             env[node] = suffix.node_copy(node, lambda n: env[n])
-    module = fx.GraphModule(root, suffix)
+    return _compiled(root, suffix)
+
+
+def _compiled(root: torch.nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """`graph` as a module over `root`'s submodules, without the nodes nothing reads."""
+    module = fx.GraphModule(root, graph)
     module.graph.eliminate_dead_code()
     module.recompile()
     return module
@@ -82,10 +89,7 @@ def _capture_module(traced: fx.GraphModule, names: list[str]) -> fx.GraphModule:
         env[node] = graph.node_copy(node, lambda n: env[n])
     by_name = {node.name: new for node, new in env.items()}
     graph.output(tuple(by_name[name] for name in names))
-    module = fx.GraphModule(traced, graph)
-    module.graph.eliminate_dead_code()  # nothing after the last wanted value runs
-    module.recompile()
-    return module
+    return _compiled(traced, graph)  # nothing after the last wanted value runs
 
 
 def _select_evenly(candidates: list[Cut], allowed_bytes_per_image: int) -> list[Cut]:
@@ -111,7 +115,7 @@ class LateStart:
         self.disabled_reason: str | None = None
         self.resumed_images = 0  # images resumed at a cut, over every call
         self.layers_skipped = 0  # quantized layers those images did not rerun
-        self.layer_position = {name: i for i, name in enumerate(qmodel.layers)}
+        self.layer_position = {name: i for i, name in enumerate(qmodel.layers)}  # execution order
         try:
             self._build(inputs)
         except _Unsupported as exc:
@@ -135,10 +139,9 @@ class LateStart:
         nodes = list(traced.graph.nodes)
         at = {str(n.target): i for i, n in enumerate(nodes) if n.op == "call_module" and str(n.target) in
               self.qmodel.layers}
-        if set(at) != set(self.qmodel.layers) or len(inputs) == 0:
-            raise _Unsupported("the traced graph does not call every quantized layer exactly once")
         order = sorted(at, key=at.__getitem__)
-        self.layer_position = {name: i for i, name in enumerate(order)}
+        if order != list(self.layer_position) or len(inputs) == 0:
+            raise _Unsupported("the traced graph does not call every quantized layer once, in the order they ran")
         live_nodes = _cut_positions(nodes, at)
         shapes = self._live_shapes(traced, inputs[:1], {n for name in order[1:] for n in live_nodes[name]})
         candidates = []
@@ -214,13 +217,11 @@ class LateStart:
         programming over the admissible starts that occur. Many tiny groups would each pay the per-layer cost of
         a forward pass; one group from the start would rerun every early layer."""
         total = len(self.layer_position)
-        present = sorted(set(admissible.tolist()))
-        counts = [int((admissible == k).sum()) for k in present]
+        per_start = Counter(admissible.tolist())
+        present = sorted(per_start)
+        prefix = [0, *accumulate(per_start[k] for k in present)]  # images admissible at present[:e]
         best = [0.0] + [math.inf] * len(present)  # best[e]: cost of the groups covering present[:e]
         choice = [0] * (len(present) + 1)
-        prefix = [0]
-        for c in counts:
-            prefix.append(prefix[-1] + c)
         for e in range(1, len(present) + 1):
             for s in range(e):
                 cost = best[s] + (total - starts[present[s]]) * (prefix[e] - prefix[s] + BUCKET_OVERHEAD_IMAGES)

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from .spec import SpecError, check_bit_positions, check_layers, is_int, is_number
+from .spec import SpecError, check_bit_positions, check_layers, is_int, is_number, one_threshold
 
 if TYPE_CHECKING:
     import torch
@@ -125,11 +125,7 @@ class SearchSpec:
         for key in overrides:
             if key not in known:
                 raise SpecError(key, f"unknown search argument; allowed: {', '.join(SEARCH_ARGUMENTS)}")
-        if "min_acc" in overrides and "max_drop" not in overrides:
-            overrides["max_drop"] = None
-        if "max_drop" in overrides and "min_acc" not in overrides:
-            overrides["min_acc"] = None
-        return replace(self, **overrides)
+        return replace(self, **one_threshold(overrides))
 
     def question(self) -> dict[str, Any]:
         """What defines the search's question, not how hard it looks (examples, seed, subset): the database key."""

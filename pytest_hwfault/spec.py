@@ -59,6 +59,15 @@ def check_layers(value: Any) -> tuple[str, ...] | None:
     return layers
 
 
+def one_threshold(overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` where setting one of min_acc / max_drop clears the other: a spec holds exactly one."""
+    if "min_acc" in overrides and "max_drop" not in overrides:
+        overrides["max_drop"] = None
+    if "max_drop" in overrides and "min_acc" not in overrides:
+        overrides["min_acc"] = None
+    return overrides
+
+
 @dataclass(frozen=True)
 class CampaignSpec:
     """One statistical fault campaign: a fault model, a threshold, and how hard to look."""
@@ -138,11 +147,7 @@ class CampaignSpec:
         for key in overrides:
             if key not in known:
                 raise SpecError(key, f"unknown campaign argument; allowed: {', '.join(sorted(known))}")
-        if "min_acc" in overrides and "max_drop" not in overrides:
-            overrides["max_drop"] = None
-        if "max_drop" in overrides and "min_acc" not in overrides:
-            overrides["min_acc"] = None
-        return replace(self, **overrides)
+        return replace(self, **one_threshold(overrides))
 
     def campaign_id(self, name: str) -> str:
         """Stable across processes and runs: a hash of the caller's name (a test's nodeid) and the spec."""
