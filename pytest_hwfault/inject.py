@@ -11,7 +11,8 @@ per code ahead of the forward pass, so the hook itself runs a handful of vectori
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import torch
 
@@ -23,16 +24,55 @@ _FLIP, _STUCK0, _STUCK1 = KIND_CODES[Kind.FLIP], KIND_CODES[Kind.STUCK0], KIND_C
 
 @dataclass
 class Edit:
-    """Per faulty code (flat position `linear`, unique): raw -> ((raw & keep) | set) ^ flip, then x `scale`."""
+    """Per faulty code (flat position `linear`, unique): raw -> ((raw & keep) | set) ^ flip, then x `scale`.
+
+    `strides`: the memory layout the positions are in. None: plain flat indices (a contiguous tensor's
+    `view(-1)`). Otherwise the positions are memory offsets in a dense tensor with these strides, so that a
+    channels-last tensor is edited where it lies, without a layout copy; `apply_edit_to` checks the layout."""
 
     linear: torch.Tensor
     keep: torch.Tensor
     set: torch.Tensor
     flip: torch.Tensor
     scale: torch.Tensor
+    strides: tuple[int, ...] | None = None
 
     def to(self, device: torch.device) -> Edit:
-        return Edit(*(t.to(device) for t in (self.linear, self.keep, self.set, self.flip, self.scale)))
+        return Edit(self.linear.to(device), self.keep.to(device), self.set.to(device), self.flip.to(device),
+                    self.scale.to(device), strides=self.strides)
+
+
+@lru_cache(maxsize=4096)
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+@lru_cache(maxsize=4096)
+def is_dense(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether a tensor of this shape and strides covers its memory span exactly once, in some dimension order
+    (contiguous, channels-last, ...): then memory offsets and elements correspond one to one."""
+    dims = sorted((stride, size) for size, stride in zip(shape, strides) if size != 1)
+    step = 1
+    for stride, size in dims:
+        if stride != step:
+            return False
+        step *= size
+    return True
+
+
+def relayout(positions: torch.Tensor, shape: tuple[int, ...], source: tuple[int, ...], target: tuple[int, ...]
+             ) -> torch.Tensor:
+    """Memory offsets of elements in a dense tensor of `shape` with strides `source`, as offsets in one with
+    strides `target`."""
+    out = torch.zeros_like(positions)
+    for size, src, dst in zip(shape, source, target):
+        if size != 1:
+            out += torch.div(positions, src, rounding_mode="floor").remainder_(size).mul_(dst)
+    return out
 
 
 def _ranks(linear: torch.Tensor) -> torch.Tensor:
@@ -89,6 +129,28 @@ def apply_edit(flat: torch.Tensor, edit: Edit, bits: int, zero_point: int = 0, s
     if zero_point:
         raw -= zero_point
     flat[edit.linear] = raw.to(flat.dtype).mul_(edit.scale)
+
+
+def apply_edit_to(tensor: torch.Tensor, edit: Edit, bits: int, zero_point: int = 0, signed: bool = True
+                  ) -> torch.Tensor:
+    """`apply_edit` on a whole tensor in whatever memory layout it has, in place; returns the edited tensor (a
+    contiguous copy only for a tensor that is not dense). The positions are mapped to the tensor's layout when
+    it is not the one the edit was prepared for (a few vectorised ops on the faulty codes)."""
+    strides = tensor.stride()
+    if edit.strides is None:
+        if tensor.is_contiguous():
+            apply_edit(tensor.view(-1), edit, bits, zero_point, signed)
+            return tensor
+        edit = replace(edit, strides=contiguous_strides(tuple(tensor.shape)))
+    assert edit.strides is not None
+    shape = tuple(tensor.shape)
+    if not is_dense(shape, strides):
+        tensor = tensor.contiguous()
+        strides = tensor.stride()
+    if strides != edit.strides:
+        edit = replace(edit, linear=relayout(edit.linear, shape, edit.strides, strides), strides=strides)
+    apply_edit(tensor.as_strided((tensor.numel(),), (1,)), edit, bits, zero_point, signed)
+    return tensor
 
 
 def check_bounds(faults: LayerFaults, numel: int, what: str) -> None:

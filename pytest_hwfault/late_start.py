@@ -177,8 +177,9 @@ class LateStart:
         for start in range(0, len(inputs), self.batch_size):
             x = inputs[start : start + self.batch_size].to(device)
             for name, value in zip(names, self.qmodel.run_graph(capture, (x,), {})):
-                if name not in self.cache:
-                    self.cache[name] = torch.empty((len(inputs), *value.shape[1:]), dtype=value.dtype, device=device)
+                if name not in self.cache:  # in the value's own memory layout (channels-last, typically)
+                    rows = value[:1].expand(len(inputs), *value.shape[1:])
+                    self.cache[name] = torch.empty_like(rows, memory_format=_layout_of(value))
                 self.cache[name][start : start + len(x)] = value  # a copy: later in-place ops cannot reach it
 
     # -- running ---------------------------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ class LateStart:
         parts = []
         for start in range(0, len(images), self.batch_size):
             rows = images[start : start + self.batch_size].to(device)
-            live = tuple(self.cache[name].index_select(0, rows) for name in cut.live)  # copies
+            live = tuple(self.cache[name][rows] for name in cut.live)  # copies, in the cache's memory layout
             edits = self.qmodel.prepare(pattern, start, start + len(rows))
             parts.append(self.qmodel.run_graph(cut.suffix, live, edits))
         return torch.cat(parts)
@@ -250,3 +251,10 @@ class LateStart:
 
 class _Unsupported(Exception):
     pass
+
+
+def _layout_of(value: torch.Tensor) -> torch.memory_format:
+    for layout, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if value.dim() == rank and value.is_contiguous(memory_format=layout) and not value.is_contiguous():
+            return layout
+    return torch.contiguous_format

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pytest_hwfault.data import DataError
 from pytest_hwfault.evaluate import accuracy, predict
 from pytest_hwfault.faults import Fault, FaultModel, FaultPattern, Site, sample_pattern, trial_generator
+from pytest_hwfault.inject import Edit, apply_edit, apply_edit_to, compose, contiguous_strides, is_dense, relayout
 from pytest_hwfault.quantization import QuantizedModel, quantize, state_checksum
 
 SITES = ("act", "weight", "acc", "input")
@@ -246,6 +247,67 @@ def test_faults_on_one_code_apply_in_the_order_listed(site: str) -> None:
     assert torch.equal(run("stuck0", "flip", "flip"), run("stuck0"))
     assert torch.equal(run("flip", "stuck0", "stuck1"), run("stuck1"))
     assert not torch.equal(run("stuck0"), run("stuck1"))
+
+
+# -- memory layout ---------------------------------------------------------------------------------------------------
+@st.composite
+def _laid_out_codes(draw):  # noqa: ANN001, ANN202
+    """Integer codes of a random shape, stored in a random dimension order (dense, usually not contiguous)."""
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=5)))
+    order = draw(st.permutations(range(len(shape))))
+    with seeded(draw(st.integers(0, 2**16))):
+        codes = torch.randint(-127, 128, shape).float()
+    laid_out = codes.permute(*order).contiguous().permute(*sorted(range(len(shape)), key=order.__getitem__))
+    assert torch.equal(laid_out, codes)
+    return codes, laid_out
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=_laid_out_codes(), data=st.data())
+def test_an_edit_lands_on_the_same_elements_in_every_memory_layout(case, data) -> None:
+    codes, laid_out = case
+    n = codes.numel()
+    linear = torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=min(n, 6), unique=True)))
+    bit = torch.tensor(data.draw(st.lists(st.integers(0, 7), min_size=len(linear), max_size=len(linear))))
+    kind = torch.tensor(data.draw(st.lists(st.integers(0, 2), min_size=len(linear), max_size=len(linear))))
+    edit = compose(linear, bit, kind, torch.ones(len(linear)))
+    expected = codes.clone()
+    apply_edit(expected.view(-1), edit, 8)
+    # positions in row-major order (no layout given): mapped to the tensor's layout when applied
+    got = apply_edit_to(laid_out.clone(), edit, 8)
+    assert torch.equal(got, expected)
+    # positions already in the tensor's layout, as `prepare` gives them after a forward pass
+    shape, strides = tuple(codes.shape), laid_out.stride()
+    placed = Edit(relayout(edit.linear, shape, contiguous_strides(shape), strides), edit.keep, edit.set, edit.flip,
+                  edit.scale, strides=strides)
+    target = laid_out.clone(memory_format=torch.preserve_format)
+    assert apply_edit_to(target, placed, 8) is target and target.stride() == strides  # edited where it lies
+    assert torch.equal(target, expected)
+    # a layout other than the one the positions were placed in, and a tensor that is not dense
+    assert torch.equal(apply_edit_to(codes.clone(), placed, 8), expected)
+    for positions in (placed, edit):
+        wide = torch.zeros(*shape[:-1], 2 * shape[-1])
+        wide[..., ::2] = codes
+        gappy = wide[..., ::2]  # every other element of its memory
+        assert is_dense(shape, gappy.stride()) == (n == 1)
+        assert torch.equal(apply_edit_to(gappy, positions, 8), expected)
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_results_do_not_depend_on_the_memory_layout(site: str, trained_cnn, digits) -> None:
+    x = digits.x_test[:48]
+    layouts = {fmt: quantize(trained_cnn, digits.x_train[:512], memory_format=fmt)
+               for fmt in ("preserve", "channels_last")}
+    ber = _ber_for(layouts["preserve"], site, len(x), faults=300)
+    patterns = [sample_pattern(FaultModel(site, ber), layouts["preserve"].targets(Site(site)), len(x),
+                               trial_generator(4, site, t)) for t in range(3)]
+    # the first pattern runs before any forward pass (no layout seen yet), the others after one
+    runs = {fmt: [qmodel(x, faults=p) for p in patterns] + [qmodel(x)] for fmt, qmodel in layouts.items()}
+    for a, b in zip(runs["preserve"], runs["channels_last"]):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs["preserve"][0], runs["preserve"][-1])
+    seen = {fmt: qmodel._runtime.output_strides["1"] for fmt, qmodel in layouts.items()}
+    assert seen == {"preserve": (8 * 64, 64, 8, 1), "channels_last": (8 * 64, 1, 8 * 8, 8)}
 
 
 # -- replay ----------------------------------------------------------------------------------------------------------

@@ -57,11 +57,15 @@ class Untraceable(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def resnet(digits: Digits):  # noqa: ANN201
+def trained_resnet(digits: Digits) -> nn.Module:
     with seeded(11):
         model = SmallResNet()
-    model = _train(model, digits, steps=40, seed=12)
-    return quantize(model, digits.x_train[:256]), digits.x_test[:160], digits.y_test[:160]
+    return _train(model, digits, steps=40, seed=12)
+
+
+@pytest.fixture(scope="module")
+def resnet(trained_resnet: nn.Module, digits: Digits):  # noqa: ANN201
+    return quantize(trained_resnet, digits.x_train[:256]), digits.x_test[:160], digits.y_test[:160]
 
 
 @pytest.mark.parametrize(("site", "ber"), [("act", 2e-4), ("act", 3e-5), ("acc", 2e-5), ("input", 2e-4)])
@@ -81,6 +85,24 @@ def test_late_start_is_bit_identical(resnet, site: str, ber: float) -> None:  # 
     assert cache is not None and cache.resumed_images > 0 and cache.layers_skipped > 0
     few = few_cuts.late_start()
     assert few is not None and 1 <= len(few.cuts) < len(cache.cuts)
+
+
+@pytest.mark.parametrize("site", ["act", "acc", "input"])
+def test_trials_do_not_depend_on_the_memory_layout(trained_resnet: nn.Module, digits: Digits, site: str) -> None:
+    """Channels-last tensors in the cache, in the resumed suffixes and under the faults give the same trials."""
+    x, y = digits.x_test[:160], digits.y_test[:160]
+    spec = CampaignSpec(site=site, ber=1e-4, min_acc=0.5, budget=4, first=4, seed=8)
+    trials = {}
+    for fmt in ("preserve", "channels_last"):
+        campaign = Campaign(quantize(trained_resnet, digits.x_train[:256], memory_format=fmt), x, y, spec, "t",
+                            batch_size=64)
+        trials[fmt] = [campaign.trial(i) for i in range(4)]
+        cache = campaign.late_start()
+        assert cache is not None and cache.resumed_images > 0
+        assert all(t.is_contiguous(memory_format=torch.channels_last) == (fmt == "channels_last")
+                   for t in cache.cache.values() if t.dim() == 4 and t.shape[1] > 1)
+    assert trials["preserve"] == trials["channels_last"]
+    assert any(t.critical > 0 for t in trials["preserve"])  # the faults changed predictions
 
 
 def test_cache_respects_its_budget_and_spreads_cuts(resnet) -> None:  # noqa: ANN001

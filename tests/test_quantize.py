@@ -266,6 +266,8 @@ def test_a_module_used_twice_per_forward_is_rejected() -> None:
         ({"act_granularity": "per_channel"}, ValueError, r"act_granularity='per_channel' is not supported"),
         ({"calibration": "mse"}, ValueError, r"calibration='mse' is not supported; allowed: 'max', 'percentile'"),
         ({"calibration": "percentile", "percentile": 50.0}, ValueError, r"percentile=50.0 must be in \(50, 100\]"),
+        ({"memory_format": "nhwc"}, ValueError,
+         r"memory_format='nhwc' is not supported; allowed: 'auto', 'channels_last', 'preserve'"),
     ],
 )
 def test_quantize_rejects_bad_arguments(kwargs, error, message) -> None:
