@@ -262,7 +262,12 @@ class Campaign:
         self.campaign_id = spec.campaign_id(name)
         self.fault_model = FaultModel(Site(spec.site), spec.ber, Kind(spec.kind), spec.bit_positions, spec.layers)
         self.targets = qmodel.targets(self.fault_model.site, self.fault_model.layers)
-        golden = predict(qmodel, inputs, batch_size=batch_size)
+        # Transient faults resume from late start's cache; the pass that fills it is also the golden run.
+        cache = self.late_start() if self.fault_model.site.transient else None
+        if cache is not None and cache.fault_free_output is not None:
+            golden = decide(cache.fault_free_output.cpu())
+        else:
+            golden = predict(qmodel, inputs, batch_size=batch_size)
         self.golden, self.golden_nonfinite = golden.predicted, golden.nonfinite
         self.quantized_accuracy = float(golden.correct(labels).float().mean())
         self.float_accuracy = float(
@@ -304,8 +309,8 @@ class Campaign:
         return Predictions(predicted, nonfinite)
 
     def late_start(self) -> LateStart | None:
-        """The late-start cache of this campaign's images, built at first use; None when off or unsupported
-        (`LateStart.disabled_reason` says why)."""
+        """The late-start cache of this campaign's images (built with the campaign when its site is transient,
+        else at first use); None when off or unsupported (`LateStart.disabled_reason` says why)."""
         if not (self.use_late_start and self.drop_fault_free):
             return None
         if self._late_start is None:

@@ -79,16 +79,23 @@ def _compiled(root: torch.nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return module
 
 
-def _capture_module(traced: fx.GraphModule, names: list[str]) -> fx.GraphModule:
-    """A module returning the values of the named nodes (a prefix of the graph: nothing after them runs)."""
+def _capture_module(traced: fx.GraphModule, names: list[str], with_output: bool = False) -> fx.GraphModule:
+    """A module returning the values of the named nodes (a prefix of the graph: nothing after them runs), and
+    with `with_output` the model's own output last."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    output: fx.Node | None = None
     for node in traced.graph.nodes:
         if node.op == "output":
+            output = node
             break
         env[node] = graph.node_copy(node, lambda n: env[n])
     by_name = {node.name: new for node, new in env.items()}
-    graph.output(tuple(by_name[name] for name in names))
+    values = [by_name[name] for name in names]
+    if with_output:
+        assert output is not None
+        values.append(fx.node.map_arg(output.args[0], lambda n: env[n]))  # type: ignore[arg-type]
+    graph.output(tuple(values))
     return _compiled(traced, graph)  # nothing after the last wanted value runs
 
 
@@ -113,6 +120,9 @@ class LateStart:
         self.cuts: list[Cut] = []
         self.cache: dict[str, torch.Tensor] = {}
         self.disabled_reason: str | None = None
+        # The model's fault-free output for every image, from the pass that fills the cache: a campaign's golden
+        # run comes for free. None when late start is off or the output is not one tensor.
+        self.fault_free_output: torch.Tensor | None = None
         self.resumed_images = 0  # images resumed at a cut, over every call
         self.layers_skipped = 0  # quantized layers those images did not rerun
         self.layer_position = {name: i for i, name in enumerate(qmodel.layers)}  # execution order
@@ -173,14 +183,22 @@ class LateStart:
         return shapes
 
     def _fill_cache(self, traced: fx.GraphModule, inputs: torch.Tensor, names: list[str]) -> None:
-        device, capture = self.qmodel.device, _capture_module(traced, names)
+        """One fault-free pass over every image: the live values of the cuts, and the model's output."""
+        device, capture = self.qmodel.device, _capture_module(traced, names, with_output=True)
+        outputs: list[torch.Tensor] | None = []
         for start in range(0, len(inputs), self.batch_size):
             x = inputs[start : start + self.batch_size].to(device)
-            for name, value in zip(names, self.qmodel.run_graph(capture, (x,), {})):
+            *values, output = self.qmodel.run_graph(capture, (x,), {})
+            for name, value in zip(names, values):
                 if name not in self.cache:  # in the value's own memory layout (channels-last, typically)
                     rows = value[:1].expand(len(inputs), *value.shape[1:])
                     self.cache[name] = torch.empty_like(rows, memory_format=_layout_of(value))
                 self.cache[name][start : start + len(x)] = value  # a copy: later in-place ops cannot reach it
+            if outputs is not None and isinstance(output, torch.Tensor) and output.dim() and len(output) == len(x):
+                outputs.append(output)
+            else:
+                outputs = None
+        self.fault_free_output = torch.cat(outputs) if outputs else None
 
     # -- running ---------------------------------------------------------------------------------------------------
     def first_faulty_layer(self, pattern: FaultPattern, n_images: int) -> torch.Tensor:

@@ -105,6 +105,23 @@ def test_trials_do_not_depend_on_the_memory_layout(trained_resnet: nn.Module, di
     assert any(t.critical > 0 for t in trials["preserve"])  # the faults changed predictions
 
 
+def test_the_pass_that_fills_the_cache_is_the_golden_run(resnet) -> None:  # noqa: ANN001
+    qmodel, x, y = resnet
+    spec = CampaignSpec(site="act", ber=1e-4, min_acc=0.5, budget=2, first=2, seed=1)
+    first_layer = next(iter(qmodel.layers.values())).module
+    images_run: list[int] = []
+    handle = first_layer.register_forward_hook(lambda module, args, out: images_run.append(len(out)))
+    try:
+        late = Campaign(qmodel, x, y, spec, "t", batch_size=64)
+    finally:
+        handle.remove()
+    assert sum(images_run) == 1 + len(x)  # one image to learn the live shapes, then each image once
+    plain = Campaign(qmodel, x, y, spec, "t", batch_size=64, late_start=False)
+    assert torch.equal(late.golden, plain.golden) and torch.equal(late.golden_nonfinite, plain.golden_nonfinite)
+    assert late.quantized_accuracy == plain.quantized_accuracy
+    assert [late.trial(i) for i in range(2)] == [plain.trial(i) for i in range(2)]
+
+
 def test_cache_respects_its_budget_and_spreads_cuts(resnet) -> None:  # noqa: ANN001
     qmodel, x, _ = resnet
     full = LateStart(qmodel, x, budget_bytes=1 << 30)
