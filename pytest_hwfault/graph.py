@@ -4,6 +4,8 @@
   weights that get quantized (and so the scales), which is what hardware actually stores.
 - A layer whose input is another quantized layer's output, passed only through ops that keep values on its code
   grid (ReLU, max-pooling, reshapes), reads those very codes: it shares their scale and needs no requantization.
+- A producer whose output goes *only* to such readers (through such ops) hands its codes on as they are, never
+  dequantized, as an accelerator's output buffer feeds the next layer: this saves three elementwise passes.
 
 A model that fx cannot trace keeps its BatchNorm layers in float after the quantized layer and requantizes every
 layer input; `QuantizedModel.bn_kept` and `QuantizedModel.fold_error` say so.
@@ -12,6 +14,7 @@ layer input; `QuantizedModel.bn_kept` and `QuantizedModel.fold_error` say so.
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -89,22 +92,33 @@ def _keeps_grid(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-def input_producers(model: nn.Module, layers: Collection[str]) -> dict[str, str]:
+@dataclass
+class CodeLinks:
+    """How quantized layers pass codes to each other (see the module docstring)."""
+
+    producers: dict[str, str] = field(default_factory=dict)  # reader layer -> the layer whose codes it reads
+    codes_only: set[str] = field(default_factory=set)  # producers whose every use reads their codes
+
+
+def code_links(model: nn.Module, layers: Collection[str]) -> CodeLinks:
     """For each of `layers` whose first input is, through grid-keeping ops only, the output of another of
-    `layers`, the name of that producer. Empty when the model cannot be traced."""
+    `layers`, the name of that producer; and the producers that only such readers use. Empty when the model cannot
+    be traced."""
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception:
-        return {}
+        return CodeLinks()
     modules = dict(model.named_modules())
-    producers: dict[str, str] = {}
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    layer_nodes: dict[str, torch.fx.Node] = {}
+    links = CodeLinks()
     for node in graph.nodes:
         if node.op != "call_module" or str(node.target) not in layers or not node.args:
             continue
+        layer_nodes[str(node.target)] = node
         source = node.args[0]
         while isinstance(source, torch.fx.Node) and _keeps_grid(source, modules) and source.args:
             source = source.args[0]
@@ -115,5 +129,28 @@ def input_producers(model: nn.Module, layers: Collection[str]) -> dict[str, str]
             and calls[str(source.target)] == 1
             and calls[str(node.target)] == 1
         ):
-            producers[str(node.target)] = str(source.target)
-    return producers
+            links.producers[str(node.target)] = str(source.target)
+    for producer in set(links.producers.values()):
+        if _only_read_as_codes(layer_nodes[producer], producer, links.producers, modules):
+            links.codes_only.add(producer)
+    return links
+
+
+def _only_read_as_codes(node: torch.fx.Node, producer: str, producers: dict[str, str],
+                        modules: dict[str, nn.Module]) -> bool:
+    """Whether every use of `node`'s value, followed through grid-keeping ops, is a layer reading `producer`'s
+    codes as its only input."""
+    pending = [node]
+    while pending:
+        value = pending.pop()
+        for user in value.users:
+            only_first = bool(user.args) and user.args[0] is value and value not in user.args[1:] and not any(
+                arg is value for arg in user.kwargs.values())
+            if not only_first:
+                return False
+            if user.op == "call_module" and producers.get(str(user.target)) == producer:
+                continue
+            if not _keeps_grid(user, modules):
+                return False
+            pending.append(user)
+    return True

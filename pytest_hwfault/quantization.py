@@ -19,10 +19,13 @@ What is quantized, and where (see also docs/architecture.md):
   The layer's module holds integer codes as float32, so its sums are exact (independent of thread count and
   batch composition) while every partial sum stays below 2^24: guaranteed for int8 with fan-in <= 1040.
 - A layer whose input is another quantized layer's output passed only through ReLU, max-pooling or reshapes
-  reads those codes as they are (same scale), as an accelerator reads its output buffer.
+  reads those codes as they are (same scale), as an accelerator reads its output buffer. Where such readers are
+  the producer's only users, the producer hands its codes on without dequantizing them
+  (`QuantLayer.hands_on_codes`; `dequantize_output`/`dequantize_input` give values for hooks of your own).
 - Everything between quantized layers stays as the model wrote it and runs in float on dequantized values: ReLU
   (module or functional), pooling, residual additions, concatenations, kept BatchNorm. A residual addition
-  therefore sums two dequantized tensors, and the next layer's input quantization re-grids the result.
+  therefore sums two dequantized tensors, and the next layer's input quantization re-grids the result. (Between a
+  producer that hands on codes and its readers, ReLU, max-pooling and reshapes run on the codes: same result.)
 - A model already quantized with torch.ao eager mode keeps its own int8 weight codes and scales and its quint8
   activation scales and zero points (see `ao.py`).
 - Codes are symmetric with the restricted range [-(2^(N-1)-1), 2^(N-1)-1]; a fault may produce -2^(N-1).
@@ -50,7 +53,7 @@ from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 from .ao import AoLayer, convert_ao_modules, has_ao_modules
 from .data import iter_batches
 from .faults import ACC_BITS, FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site, select_layers
-from .graph import fold_batchnorm, input_producers
+from .graph import code_links, fold_batchnorm
 from .inject import Edit, apply_edit, apply_edit_to, check_bounds, compose, contiguous_strides, is_dense
 
 QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -82,6 +85,10 @@ class QuantLayer:
     output_shape: tuple[int, ...]  # per image
     channel_axis: int  # of the per-image output: 0 for conv, -1 for linear
     input_source: str | None = None  # the quantized layer whose output codes this layer reads directly
+    # Whether the module hands on its output codes as they are (every reader of its output reads codes), and
+    # whether the tensor entering the module holds its input codes already (handed on so by `input_source`).
+    hands_on_codes: bool = False
+    reads_codes: bool = False
     # Code ranges, as code - zero point. Own quantization: symmetric signed, zero point 0. A torch.ao model's
     # activations: unsigned quint8 codes q with (q - zero point) x scale; a fused ReLU clamps at the zero point.
     input_range: tuple[int, int] | None = None
@@ -116,6 +123,19 @@ class QuantLayer:
             return m
         return m.reshape(-1, *([1] * (len(self.output_shape) - 1)))
 
+    @property
+    def handed_on_scale(self) -> float:
+        """The scale of what the module hands on: 1 when it hands on codes, else the activation scale."""
+        return 1.0 if self.hands_on_codes else self.act_scale
+
+    def dequantize_output(self, out: torch.Tensor) -> torch.Tensor:
+        """What the module handed on, as values (code x act scale)."""
+        return out * self.act_scale if self.hands_on_codes else out
+
+    def dequantize_input(self, received: torch.Tensor) -> torch.Tensor:
+        """The tensor entering the module (before the engine's hooks), as values."""
+        return received * self.input_scale if self.reads_codes else received
+
     def numel(self, site: Site) -> int:
         if site is Site.WEIGHT:
             return self.weight_codes.numel()
@@ -146,6 +166,7 @@ class QuantLayer:
             "act_clip_rate": self.act_clip_rate,
             "input_clip_rate": self.input_clip_rate,
             "input_source": self.input_source,
+            "hands_on_codes": self.hands_on_codes,
             "output_shape": list(self.output_shape),
         }
 
@@ -351,8 +372,11 @@ class QuantizedModel:
         in_zero, act_zero, signed = layer.input_zero_point, layer.act_zero_point, layer.signed_activations
         requant = layer.requant_multiplier()
         image_rank, image_layout = _IMAGE_LAYOUTS.get(type(layer.module), (0, None))
+        hands_on_codes = layer.hands_on_codes
 
         def to_input_codes(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            if layer.reads_codes:
+                return read_codes(args)
             # The codes are written in the layer's compute layout while they are computed: no extra pass.
             layout = image_layout if runtime.channels_last and args[0].dim() == image_rank else None
             x = torch.mul(args[0], inv_input_scale, out=runtime.input_buffer(args[0], layout)).round_()
@@ -360,6 +384,16 @@ class QuantizedModel:
                 x.clamp_(in_low, in_high)
             runtime.input_strides[name] = x.stride()
             edit = runtime.batch.get((Site.INPUT, name))
+            if edit is not None:
+                x = apply_edit_to(x, edit, bits, in_zero, signed)
+            return (x, *args[1:])
+
+        def read_codes(args: tuple[Any, ...]) -> tuple[Any, ...]:
+            x = args[0]
+            edit = runtime.batch.get((Site.INPUT, name))
+            if edit is not None:  # the codes may have other readers: edit this layer's own copy
+                x = runtime.input_buffer(x, None).copy_(x)
+            runtime.input_strides[name] = x.stride()
             if edit is not None:
                 x = apply_edit_to(x, edit, bits, in_zero, signed)
             return (x, *args[1:])
@@ -374,7 +408,9 @@ class QuantizedModel:
                 acc = apply_edit_to(acc, edit, ACC_BITS)
             # In place on the layer's own fresh result. Four vectorised passes: torch's
             # fake_quantize_per_tensor_affine is ~10x slower on CPU (it also builds a gradient mask).
-            out = acc.mul_(requant).round_().clamp_(act_low, act_high).mul_(act_scale)
+            out = acc.mul_(requant).round_().clamp_(act_low, act_high)
+            if not hands_on_codes:
+                out.mul_(act_scale)
             edit = runtime.batch.get((Site.ACT, name))
             if edit is not None:
                 out = apply_edit_to(out, edit, bits, act_zero, signed)
@@ -388,10 +424,11 @@ class QuantizedModel:
     def _edit(self, site: Site, layer: QuantLayer, faults: LayerFaults, per_image: int) -> Edit:
         """The edit of one (site, layer) for one batch (images renumbered from 0), on the model's device.
 
-        Input, accumulator and weight codes are held as integers (scale 1); outputs as code x act scale."""
+        Input, accumulator and weight codes are held as integers (scale 1); outputs as code x act scale, or as
+        codes where the layer hands its codes on."""
         device = self.device
         faults = faults.to(device)
-        scale = torch.full((len(faults),), layer.act_scale if site is Site.ACT else 1.0, dtype=torch.float32,
+        scale = torch.full((len(faults),), layer.handed_on_scale if site is Site.ACT else 1.0, dtype=torch.float32,
                            device=device)
         linear = faults.index if site is Site.WEIGHT else faults.image * per_image + faults.index
         return compose(linear, faults.bit, faults.kind, scale)
@@ -427,8 +464,8 @@ class QuantizedModel:
         if span * len(keys) >= 1 << 62:
             raise ValueError(f"{len(keys)} layers of up to {max(numel_of)} codes x {stop - start} images exceed "
                              "int64 positions; use a smaller batch")
-        scales = torch.tensor([layer.act_scale if site is Site.ACT else 1.0 for layer, (site, _) in zip(layers, keys)],
-                              dtype=torch.float32, device=device)
+        scales = torch.tensor([layer.handed_on_scale if site is Site.ACT else 1.0
+                               for layer, (site, _) in zip(layers, keys)], dtype=torch.float32, device=device)
         edit = compose(group_id * span + (image - start) * numel + index, bit, kind, scales[group_id])
         group = torch.div(edit.linear, span, rounding_mode="floor")
         counts = torch.bincount(group, minlength=len(keys)).tolist()
@@ -577,6 +614,7 @@ def quantize(
     device: torch.device | str | None = None,
     batch_size: int = 256,
     memory_format: str = "auto",
+    pass_codes: bool = True,
 ) -> QuantizedModel:
     """Calibrate scales over `calibration_data` and return a quantized view of `model` (which is not modified).
 
@@ -586,6 +624,9 @@ def quantize(
     ~20% faster so on a CPU: ResNet56, batch 128, 2 threads); "preserve": tensors keep the layout the model gives
     them; "auto" (default): channels-last on the CPU, preserve elsewhere. No result depends on it (the sums in a
     quantized layer are exact), and fault positions always count elements in logical, row-major (NCHW) order.
+    `pass_codes`: a layer whose output only feeds layers that read its codes hands the codes on as they are
+    (saves three elementwise passes per such pair); False makes every layer hand on values (code x scale), for
+    forward hooks of your own that expect values. No result depends on it.
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= MAX_LAYER_BITS:
         raise ValueError(f"bits={bits!r} must be an integer in [2, {MAX_LAYER_BITS}]")
@@ -593,6 +634,8 @@ def quantize(
     _check_choice("act_granularity", act_granularity, ACT_GRANULARITIES)
     _check_choice("calibration", calibration, CALIBRATIONS)
     _check_choice("memory_format", memory_format, MEMORY_FORMATS)
+    if not isinstance(pass_codes, bool):
+        raise ValueError(f"pass_codes={pass_codes!r} must be True or False")
     if not 50.0 < percentile <= 100.0:
         raise ValueError(f"percentile={percentile!r} must be in (50, 100]")
     if not isinstance(model, nn.Module):
@@ -664,7 +707,8 @@ def quantize(
         raise ValueError(f"layers {shared} run more than once per forward pass; a module reused within one "
                          "forward cannot have per-call fault indices. Give each use its own module.")
 
-    producers = input_producers(work, set(order))
+    links = code_links(work, set(order))
+    producers = links.producers
     act_scales = {name: stats_out[name].scale(qmax, percentile) for name in order}
     layers: dict[str, QuantLayer] = {}
     for name in order:
@@ -704,6 +748,12 @@ def quantize(
             input_source=source,
             **ranges,
         )
+    for producer in links.codes_only if pass_codes else ():  # every use reads its codes: hand them on as they are
+        readers = [layers[reader] for reader, source in producers.items() if source == producer]
+        if all(reader.input_source == producer for reader in readers):
+            layers[producer].hands_on_codes = True
+            for reader in readers:
+                reader.reads_codes = True
     if calibration == "percentile" and not ao_layers:
         _measure_clip_rates(work, layers, calibration_data, batch_size, device)
     with torch.no_grad():  # the copy now computes on integer codes: exact sums, whatever the thread count
@@ -725,6 +775,7 @@ def quantize(
         "percentile": percentile if calibration == "percentile" else None,
         "fold_bn": fold_bn,
         "memory_format": memory_format,
+        "pass_codes": pass_codes,
         "source": "torch.ao" if ao_layers else "calibrated",
     }
     return QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name)

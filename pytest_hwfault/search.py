@@ -479,7 +479,7 @@ def _clean_codes(qmodel: QuantizedModel, site: Any, layer: str, x: torch.Tensor)
                                               prepend=True)
     else:
         handle = module.register_forward_hook(
-            lambda m, a, o: seen.__setitem__("codes", (o.detach() / q.act_scale).round()))
+            lambda m, a, o: seen.__setitem__("codes", (o.detach() / q.handed_on_scale).round()))
     try:
         qmodel(x[None])
     finally:

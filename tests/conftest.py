@@ -228,10 +228,13 @@ def watch(qmodel, name: str) -> Iterator[dict[str, torch.Tensor]]:
     """The float tensor entering layer `name` ("raw", seen before the engine's own hooks) and what the layer hands on
     ("out", seen after them)."""
     seen: dict[str, torch.Tensor] = {}
-    module = qmodel.layers[name].module
-    handles = [
-        module.register_forward_pre_hook(lambda m, a: seen.__setitem__("raw", a[0].detach().clone()), prepend=True),
-        module.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o.detach().clone())),
+    layer = qmodel.layers[name]
+    module = layer.module
+    handles = [  # as values, also where the engine passes codes from layer to layer
+        module.register_forward_pre_hook(
+            lambda m, a: seen.__setitem__("raw", layer.dequantize_input(a[0].detach().clone())), prepend=True),
+        module.register_forward_hook(
+            lambda m, a, o: seen.__setitem__("out", layer.dequantize_output(o.detach().clone()))),
     ]
     try:
         yield seen

@@ -80,7 +80,7 @@ def test_ao_activation_faults_flip_unsigned_codes(ao_model, digits) -> None:  # 
     qmodel = quantize(ao_model, x)
     layer = qmodel.layers["conv2"]
     captured: list[torch.Tensor] = []
-    handle = layer.module.register_forward_hook(lambda m, a, out: captured.append(out.clone()))
+    handle = layer.module.register_forward_hook(lambda m, a, out: captured.append(layer.dequantize_output(out)))
     clean = qmodel(x)
     pattern = FaultPattern.from_faults([("act", "conv2", 5, 7, "flip", 0)])
     faulty = qmodel(x, pattern)

@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_requantized, input_codes, integer_acc, one_thread, seeded, watch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -294,20 +295,62 @@ def test_an_edit_lands_on_the_same_elements_in_every_memory_layout(case, data) -
 
 
 @pytest.mark.parametrize("site", SITES)
-def test_results_do_not_depend_on_the_memory_layout(site: str, trained_cnn, digits) -> None:
+def test_results_do_not_depend_on_the_memory_layout_or_code_passing(site: str, trained_cnn, digits) -> None:
     x = digits.x_test[:48]
-    layouts = {fmt: quantize(trained_cnn, digits.x_train[:512], memory_format=fmt)
-               for fmt in ("preserve", "channels_last")}
-    ber = _ber_for(layouts["preserve"], site, len(x), faults=300)
-    patterns = [sample_pattern(FaultModel(site, ber), layouts["preserve"].targets(Site(site)), len(x),
+    options = {"preserve": {"memory_format": "preserve"}, "channels_last": {"memory_format": "channels_last"},
+               "values": {"memory_format": "channels_last", "pass_codes": False}}
+    views = {name: quantize(trained_cnn, digits.x_train[:512], **kwargs) for name, kwargs in options.items()}
+    ber = _ber_for(views["preserve"], site, len(x), faults=300)
+    patterns = [sample_pattern(FaultModel(site, ber), views["preserve"].targets(Site(site)), len(x),
                                trial_generator(4, site, t)) for t in range(3)]
     # the first pattern runs before any forward pass (no layout seen yet), the others after one
-    runs = {fmt: [qmodel(x, faults=p) for p in patterns] + [qmodel(x)] for fmt, qmodel in layouts.items()}
-    for a, b in zip(runs["preserve"], runs["channels_last"]):
-        assert torch.equal(a, b)
+    runs = {name: [qmodel(x, faults=p) for p in patterns] + [qmodel(x)] for name, qmodel in views.items()}
+    for name in ("channels_last", "values"):
+        for a, b in zip(runs["preserve"], runs[name]):
+            assert torch.equal(a, b)
     assert not torch.equal(runs["preserve"][0], runs["preserve"][-1])
-    seen = {fmt: qmodel._runtime.output_strides["1"] for fmt, qmodel in layouts.items()}
-    assert seen == {"preserve": (8 * 64, 64, 8, 1), "channels_last": (8 * 64, 1, 8 * 8, 8)}
+    seen = {name: qmodel._runtime.output_strides["1"] for name, qmodel in views.items()}
+    assert seen == {"preserve": (8 * 64, 64, 8, 1), "channels_last": (8 * 64, 1, 8 * 8, 8),
+                    "values": (8 * 64, 1, 8 * 8, 8)}
+    # conv "1" feeds only (through ReLU, max-pooling and a flatten) linear "6", which reads its codes
+    handing_on = {name: [n for n, layer in qmodel.layers.items() if layer.hands_on_codes]
+                  for name, qmodel in views.items()}
+    assert handing_on == {"preserve": ["1"], "channels_last": ["1"], "values": []}
+    assert views["preserve"].layers["6"].reads_codes and not views["values"].layers["6"].reads_codes
+
+
+class Branching(nn.Module):
+    """One conv's codes read by two convs (which hand on values: a concatenation follows them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.left, self.right = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.head = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(torch.relu(self.stem(x.reshape(-1, 1, 8, 8))), 2)
+        both = torch.cat([self.left(h), self.right(h)], 1)
+        return self.head(both.flatten(1))
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_a_layer_reading_shared_codes_edits_its_own_copy(site: str, digits) -> None:
+    with seeded(21):
+        model = Branching().eval()
+    x = digits.x_test[:32]
+    views = {passing: quantize(model, digits.x_train[:256], pass_codes=passing) for passing in (True, False)}
+    layers = views[True].layers
+    assert layers["stem"].hands_on_codes and layers["left"].reads_codes and layers["right"].reads_codes
+    assert not any(layer.hands_on_codes for name, layer in layers.items() if name != "stem")
+    image, high = (None if site == "weight" else 3), (24 if site == "acc" else 6)
+    # an input fault of "left" must not reach "right", which reads the same codes
+    pattern = FaultPattern.from_faults([(site, "left", 5, high, "flip", image),
+                                        (site, "stem", 9, high + 1, "flip", image)])
+    outputs = {passing: qmodel(x, faults=pattern) for passing, qmodel in views.items()}
+    assert torch.equal(outputs[True], outputs[False])
+    assert not torch.equal(outputs[True], views[True](x))
+    assert torch.equal(views[True](x), views[False](x))
 
 
 # -- replay ----------------------------------------------------------------------------------------------------------

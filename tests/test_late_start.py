@@ -88,21 +88,26 @@ def test_late_start_is_bit_identical(resnet, site: str, ber: float) -> None:  # 
 
 
 @pytest.mark.parametrize("site", ["act", "acc", "input"])
-def test_trials_do_not_depend_on_the_memory_layout(trained_resnet: nn.Module, digits: Digits, site: str) -> None:
-    """Channels-last tensors in the cache, in the resumed suffixes and under the faults give the same trials."""
+def test_trials_do_not_depend_on_the_memory_layout_or_code_passing(trained_resnet: nn.Module, digits: Digits,
+                                                                    site: str) -> None:
+    """Channels-last tensors in the cache, in the resumed suffixes and under the faults, and codes handed from
+    layer to layer (also across cuts) give the same trials."""
     x, y = digits.x_test[:160], digits.y_test[:160]
     spec = CampaignSpec(site=site, ber=1e-4, min_acc=0.5, budget=4, first=4, seed=8)
     trials = {}
-    for fmt in ("preserve", "channels_last"):
-        campaign = Campaign(quantize(trained_resnet, digits.x_train[:256], memory_format=fmt), x, y, spec, "t",
-                            batch_size=64)
-        trials[fmt] = [campaign.trial(i) for i in range(4)]
+    for fmt, pass_codes in (("preserve", False), ("channels_last", True), ("preserve", True)):
+        qmodel = quantize(trained_resnet, digits.x_train[:256], memory_format=fmt, pass_codes=pass_codes)
+        assert [n for n, layer in qmodel.layers.items() if layer.hands_on_codes] == (
+            ["blocks.0.conv1", "blocks.1.conv1", "blocks.2.conv1"] if pass_codes else [])
+        campaign = Campaign(qmodel, x, y, spec, "t", batch_size=64)
+        trials[fmt, pass_codes] = [campaign.trial(i) for i in range(4)]
         cache = campaign.late_start()
         assert cache is not None and cache.resumed_images > 0
         assert all(t.is_contiguous(memory_format=torch.channels_last) == (fmt == "channels_last")
                    for t in cache.cache.values() if t.dim() == 4 and t.shape[1] > 1)
-    assert trials["preserve"] == trials["channels_last"]
-    assert any(t.critical > 0 for t in trials["preserve"])  # the faults changed predictions
+    reference = trials["preserve", False]
+    assert trials["channels_last", True] == reference and trials["preserve", True] == reference
+    assert any(t.critical > 0 for t in reference)  # the faults changed predictions
 
 
 def test_the_pass_that_fills_the_cache_is_the_golden_run(resnet) -> None:  # noqa: ANN001

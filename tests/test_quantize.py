@@ -268,6 +268,7 @@ def test_a_module_used_twice_per_forward_is_rejected() -> None:
         ({"calibration": "percentile", "percentile": 50.0}, ValueError, r"percentile=50.0 must be in \(50, 100\]"),
         ({"memory_format": "nhwc"}, ValueError,
          r"memory_format='nhwc' is not supported; allowed: 'auto', 'channels_last', 'preserve'"),
+        ({"pass_codes": "yes"}, ValueError, r"pass_codes='yes' must be True or False"),
     ],
 )
 def test_quantize_rejects_bad_arguments(kwargs, error, message) -> None:

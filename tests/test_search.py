@@ -381,7 +381,8 @@ def test_transient_fault_details_match_the_faulty_forward(models: Models) -> Non
     q, (x, _) = models.planted, models.val
     faults = (Fault("act", "0", 5, 6, "flip"), Fault("act", "0", 5, 1, "flip"), Fault("acc", "2", 2, 20, "flip"))
     seen: dict[str, torch.Tensor] = {}
-    handle = q.layers["0"].module.register_forward_hook(lambda m, a, o: seen.__setitem__("act", o.detach().clone()))
+    layer = q.layers["0"]
+    handle = layer.module.register_forward_hook(lambda m, a, o: seen.__setitem__("act", layer.dequantize_output(o)))
     try:
         q(x[:1], pattern_of(faults[:2], images=1))
     finally:
