@@ -17,7 +17,8 @@ What is quantized, and where (see also docs/architecture.md):
   * output: the accumulator requantized (x weight scale x input scale / act scale, rounded, saturated) to
     symmetric signed int-N codes, handed on as code x act scale (fault site ``act``).
   The layer's module holds integer codes as float32, so its sums are exact (independent of thread count and
-  batch composition) while every partial sum stays below 2^24: guaranteed for int8 with fan-in <= 1040.
+  batch composition) while every partial sum stays below 2^24: guaranteed for int8 with fan-in <= 1040. On a
+  CUDA device, TF32 is switched off during the quantized forward (`exact_float32`).
 - A layer whose input is another quantized layer's output passed only through ReLU, max-pooling or reshapes
   reads those codes as they are (same scale), as an accelerator reads its output buffer. Where such readers are
   the producer's only users, the producer hands its codes on without dequantizing them
@@ -58,9 +59,9 @@ from .inject import Edit, apply_edit, apply_edit_to, check_bounds, compose, cont
 
 QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
-MEMORY_FORMATS = ("auto", "channels_last", "preserve")
 ACT_GRANULARITIES = ("per_tensor",)
 CALIBRATIONS = ("max", "percentile")
+MEMORY_FORMATS = ("auto", "channels_last", "preserve")
 MAX_LAYER_BITS = 16
 _PERCENTILE_SAMPLES_PER_BATCH = 1 << 16
 
@@ -201,6 +202,21 @@ class _Runtime:
             buffer = torch.empty_like(like, memory_format=layout)
             self.scratch[key] = buffer
         return buffer[: like.shape[0]]
+
+
+@contextmanager
+def exact_float32(device: torch.device) -> Iterator[None]:
+    """TF32 off for the block on a CUDA device: cuDNN convolutions use TF32 by default on Ampere and later GPUs,
+    which keeps 10 mantissa bits of each input, so codes wider than 11 bits would not be summed exactly."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # Per layer type: the input rank of a batch of images, and the channels-last layout for it.
@@ -524,7 +540,7 @@ class QuantizedModel:
         edits active, as `run_batch` does for the whole model."""
         self._runtime.batch = edits
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), exact_float32(self.device):
                 return module(*args)
         finally:
             self._runtime.batch = {}

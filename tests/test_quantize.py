@@ -354,3 +354,21 @@ def test_a_weight_shared_with_an_unquantized_module_keeps_its_meaning_there() ->
     assert (out - reference).abs().max() < 0.05 * reference.abs().max()
     assert (out.argmax(1) == reference.argmax(1)).float().mean() > 0.9
     assert state_checksum(model) == before
+
+
+def test_tf32_is_off_during_a_cuda_forward_and_restored_after() -> None:
+    """TF32 keeps 10 mantissa bits: 12-bit and wider codes would not be summed exactly (no GPU needed to check the
+    switch itself)."""
+    from pytest_hwfault.quantization import exact_float32
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with exact_float32(torch.device("cpu")):
+            assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with pytest.raises(RuntimeError, match="mid-forward"), exact_float32(torch.device("cuda")):
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+            raise RuntimeError("mid-forward")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
