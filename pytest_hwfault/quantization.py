@@ -228,24 +228,45 @@ def _in_layouts(positions: torch.Tensor, group: torch.Tensor, shapes: list[tuple
                 layouts: list[tuple[int, ...]]) -> torch.Tensor:
     """Row-major positions of each group's tensor (of `shapes`) as memory offsets in its layout (`layouts`),
     vectorised over all groups; unchanged where every layout is contiguous."""
-    tables = _layout_tables(tuple(shapes), tuple(layouts), positions.device)
-    if tables is None:
+    plan = _layout_plan(tuple(shapes), tuple(layouts), positions.device)
+    if plan is None:
         return positions
-    sizes, source, target = tables.index_select(2, group)  # one gather: [3, rank, faults]
+    if isinstance(plan, tuple):  # every layout row-major or channels-last: (image, channel, spatial) arithmetic
+        per_image, channels = (t[group] for t in plan)
+        image = torch.div(positions, per_image, rounding_mode="floor")
+        index = positions - image * per_image
+        spatial = torch.div(per_image, channels, rounding_mode="floor")
+        channel = torch.div(index, spatial, rounding_mode="floor")
+        return image.mul_(per_image).add_(index.sub_(channel * spatial).mul_(channels)).add_(channel)
+    sizes, source, target = plan.index_select(2, group)  # any dense layouts: [3, rank, faults]
     out = torch.zeros_like(positions)
     for d in range(sizes.shape[0]):
         out += torch.div(positions, source[d], rounding_mode="floor").remainder_(sizes[d]).mul_(target[d])
     return out
 
 
+def _channels_last_strides(shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    if len(shape) not in (4, 5):
+        return None
+    channels, spatial = shape[1], shape[2:]
+    strides = [channels * math.prod(spatial), 1] + [channels * math.prod(spatial[i + 1:]) for i in range(len(spatial))]
+    return tuple(strides)
+
+
 @lru_cache(maxsize=64)
-def _layout_tables(shapes: tuple[tuple[int, ...], ...], layouts: tuple[tuple[int, ...], ...], device: torch.device
-                   ) -> torch.Tensor | None:
-    """[3, rank, groups]: each group's sizes, row-major strides and layout strides, padded to one rank (None: all
-    row-major). Cached: a campaign asks for the same few tables at every trial."""
+def _layout_plan(shapes: tuple[tuple[int, ...], ...], layouts: tuple[tuple[int, ...], ...], device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None:
+    """How to map row-major positions to the groups' layouts. None: all row-major. Per group (elements per image,
+    channels) when each layout is row-major (channels 1) or channels-last, the common case and ~5x cheaper at
+    high fault counts. Else [3, rank, groups]: sizes, row-major strides and layout strides, padded to one rank.
+    Cached: a campaign asks for the same few plans at every trial."""
     contiguous = [contiguous_strides(shape) for shape in shapes]
     if list(layouts) == contiguous:
         return None
+    if all(lay in (row, _channels_last_strides(shape)) for shape, lay, row in zip(shapes, layouts, contiguous)):
+        per_image = [math.prod(shape[1:]) for shape in shapes]
+        channels = [1 if lay == row else shape[1] for shape, lay, row in zip(shapes, layouts, contiguous)]
+        return torch.tensor(per_image, device=device), torch.tensor(channels, device=device)
     rank = max(map(len, shapes))
 
     def table(rows: list[tuple[int, ...]] | tuple[tuple[int, ...], ...], pad: int) -> list[list[int]]:

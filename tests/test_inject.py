@@ -319,6 +319,42 @@ def test_results_do_not_depend_on_the_memory_layout_or_code_passing(site: str, t
     assert views["preserve"].layers["6"].reads_codes and not views["values"].layers["6"].reads_codes
 
 
+class Transposed(nn.Module):
+    """A Linear reading a transposed tensor (dense, neither row-major nor channels-last), or, with `contiguous`
+    set, a row-major copy of it: the same values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.contiguous = False
+        self.fc1, self.fc2 = nn.Linear(8, 6), nn.Linear(6 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, 8, 8).transpose(1, 2)
+        h = torch.relu(self.fc1(h.contiguous() if self.contiguous else h))
+        return self.fc2(h.flatten(1))
+
+
+@pytest.mark.parametrize("site", ["input", "act", "acc"])
+def test_faults_land_on_the_same_elements_of_a_transposed_tensor(site: str, digits) -> None:
+    with seeded(22):
+        qmodel = quantize(Transposed().eval(), digits.x_train[:256])
+    x = digits.x_test[:32]
+    ber = _ber_for(qmodel, site, len(x), faults=400)
+    pattern = sample_pattern(FaultModel(site, ber), qmodel.targets(Site(site)), len(x), trial_generator(5, site, 0))
+
+    def run(contiguous: bool) -> torch.Tensor:
+        qmodel.module.contiguous = contiguous  # the view's private copy: read at every forward
+        return qmodel(x, faults=pattern)
+
+    first = run(False)  # no layout recorded yet: the hook maps the positions
+    assert qmodel._runtime.input_strides["fc1"] == (64, 1, 8)
+    assert torch.equal(run(False), first)  # positions prepared in the recorded transposed layout
+    assert torch.equal(run(True), first)  # prepared for the transposed layout, applied to a row-major tensor
+    assert qmodel._runtime.input_strides["fc1"] == (64, 8, 1)
+    assert torch.equal(run(True), first)
+    assert not torch.equal(first, qmodel(x))
+
+
 class Branching(nn.Module):
     """One conv's codes read by two convs (which hand on values: a concatenation follows them)."""
 
