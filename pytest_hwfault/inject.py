@@ -11,8 +11,10 @@ per code ahead of the forward pass, so the hook itself runs a handful of vectori
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Any
 
 import torch
 
@@ -64,13 +66,14 @@ def is_dense(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
     return True
 
 
-def relayout(positions: torch.Tensor, shape: tuple[int, ...], source: tuple[int, ...], target: tuple[int, ...]
+def relayout(positions: torch.Tensor, shape: Sequence[Any], source: Sequence[Any], target: Sequence[Any]
              ) -> torch.Tensor:
     """Memory offsets of elements in a dense tensor of `shape` with strides `source`, as offsets in one with
-    strides `target`."""
+    strides `target`. Sizes and strides are ints, or tensors holding one per position (positions of several
+    tensors at once)."""
     out = torch.zeros_like(positions)
     for size, src, dst in zip(shape, source, target):
-        if size != 1:
+        if not isinstance(size, int) or size != 1:
             out += torch.div(positions, src, rounding_mode="floor").remainder_(size).mul_(dst)
     return out
 
@@ -136,19 +139,13 @@ def apply_edit_to(tensor: torch.Tensor, edit: Edit, bits: int, zero_point: int =
     """`apply_edit` on a whole tensor in whatever memory layout it has, in place; returns the edited tensor (a
     contiguous copy only for a tensor that is not dense). The positions are mapped to the tensor's layout when
     it is not the one the edit was prepared for (a few vectorised ops on the faulty codes)."""
-    strides = tensor.stride()
-    if edit.strides is None:
-        if tensor.is_contiguous():
-            apply_edit(tensor.view(-1), edit, bits, zero_point, signed)
-            return tensor
-        edit = replace(edit, strides=contiguous_strides(tuple(tensor.shape)))
-    assert edit.strides is not None
-    shape = tuple(tensor.shape)
+    shape, strides = tuple(tensor.shape), tensor.stride()
+    placed_for = edit.strides if edit.strides is not None else contiguous_strides(shape)
     if not is_dense(shape, strides):
         tensor = tensor.contiguous()
         strides = tensor.stride()
-    if strides != edit.strides:
-        edit = replace(edit, linear=relayout(edit.linear, shape, edit.strides, strides), strides=strides)
+    if strides != placed_for:
+        edit = replace(edit, linear=relayout(edit.linear, shape, placed_for, strides))
     apply_edit(tensor.as_strided((tensor.numel(),), (1,)), edit, bits, zero_point, signed)
     return tensor
 

@@ -28,7 +28,7 @@ import torch
 from torch import fx
 
 from .faults import FaultPattern
-from .quantization import QuantizedModel
+from .quantization import CHANNELS_LAST, QuantizedModel
 
 DEFAULT_CACHE_BYTES = 256 << 20
 # What resuming one more group of images costs, in images: each group pays every layer's fixed per-call cost (hooks,
@@ -191,8 +191,8 @@ class LateStart:
             *values, output = self.qmodel.run_graph(capture, (x,), {})
             for name, value in zip(names, values):
                 if name not in self.cache:  # in the value's own memory layout (channels-last, typically)
-                    rows = value[:1].expand(len(inputs), *value.shape[1:])
-                    self.cache[name] = torch.empty_like(rows, memory_format=_layout_of(value))
+                    self.cache[name] = torch.empty((len(inputs), *value.shape[1:]), dtype=value.dtype,
+                                                   device=device, memory_format=_layout_of(value))
                 self.cache[name][start : start + len(x)] = value  # a copy: later in-place ops cannot reach it
             if outputs is not None and isinstance(output, torch.Tensor) and output.dim() and len(output) == len(x):
                 outputs.append(output)
@@ -272,7 +272,7 @@ class _Unsupported(Exception):
 
 
 def _layout_of(value: torch.Tensor) -> torch.memory_format:
-    for layout, rank in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
-        if value.dim() == rank and value.is_contiguous(memory_format=layout) and not value.is_contiguous():
-            return layout
+    layout = CHANNELS_LAST.get(value.dim())
+    if layout is not None and value.is_contiguous(memory_format=layout) and not value.is_contiguous():
+        return layout
     return torch.contiguous_format

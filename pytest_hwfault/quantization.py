@@ -55,7 +55,7 @@ from .ao import AoLayer, convert_ao_modules, has_ao_modules
 from .data import iter_batches
 from .faults import ACC_BITS, FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site, select_layers
 from .graph import code_links, fold_batchnorm
-from .inject import Edit, apply_edit, apply_edit_to, check_bounds, compose, contiguous_strides, is_dense
+from .inject import Edit, apply_edit, apply_edit_to, check_bounds, compose, contiguous_strides, is_dense, relayout
 
 QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
@@ -219,9 +219,9 @@ def exact_float32(device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-# Per layer type: the input rank of a batch of images, and the channels-last layout for it.
-_IMAGE_LAYOUTS: dict[type[nn.Module], tuple[int, torch.memory_format]] = {
-    nn.Conv2d: (4, torch.channels_last), nn.Conv3d: (5, torch.channels_last_3d)}
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by the rank of a batch of images
+# Per layer type: the channels-last layout of a batch of its images.
+_IMAGE_LAYOUTS: dict[type[nn.Module], torch.memory_format] = {nn.Conv2d: CHANNELS_LAST[4], nn.Conv3d: CHANNELS_LAST[5]}
 
 
 def _in_layouts(positions: torch.Tensor, group: torch.Tensor, shapes: list[tuple[int, ...]],
@@ -238,11 +238,7 @@ def _in_layouts(positions: torch.Tensor, group: torch.Tensor, shapes: list[tuple
         spatial = torch.div(per_image, channels, rounding_mode="floor")
         channel = torch.div(index, spatial, rounding_mode="floor")
         return image.mul_(per_image).add_(index.sub_(channel * spatial).mul_(channels)).add_(channel)
-    sizes, source, target = plan.index_select(2, group)  # any dense layouts: [3, rank, faults]
-    out = torch.zeros_like(positions)
-    for d in range(sizes.shape[0]):
-        out += torch.div(positions, source[d], rounding_mode="floor").remainder_(sizes[d]).mul_(target[d])
-    return out
+    return relayout(positions, *plan.index_select(2, group))  # any dense layouts: per fault, [rank] each
 
 
 def _channels_last_strides(shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -408,28 +404,20 @@ class QuantizedModel:
         (in_low, in_high), (act_low, act_high) = layer.input_range or (0, 0), layer.act_range or (0, 0)
         in_zero, act_zero, signed = layer.input_zero_point, layer.act_zero_point, layer.signed_activations
         requant = layer.requant_multiplier()
-        image_rank, image_layout = _IMAGE_LAYOUTS.get(type(layer.module), (0, None))
-        hands_on_codes = layer.hands_on_codes
+        image_layout = _IMAGE_LAYOUTS.get(type(layer.module))
+        hands_on_codes, reads_codes = layer.hands_on_codes, layer.reads_codes
 
         def to_input_codes(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            if layer.reads_codes:
-                return read_codes(args)
-            # The codes are written in the layer's compute layout while they are computed: no extra pass.
-            layout = image_layout if runtime.channels_last and args[0].dim() == image_rank else None
-            x = torch.mul(args[0], inv_input_scale, out=runtime.input_buffer(args[0], layout)).round_()
-            if layer.input_source is None:  # a producer's codes are in range already
-                x.clamp_(in_low, in_high)
-            runtime.input_strides[name] = x.stride()
-            edit = runtime.batch.get((Site.INPUT, name))
-            if edit is not None:
-                x = apply_edit_to(x, edit, bits, in_zero, signed)
-            return (x, *args[1:])
-
-        def read_codes(args: tuple[Any, ...]) -> tuple[Any, ...]:
             x = args[0]
             edit = runtime.batch.get((Site.INPUT, name))
-            if edit is not None:  # the codes may have other readers: edit this layer's own copy
-                x = runtime.input_buffer(x, None).copy_(x)
+            if reads_codes:  # the producer's codes as they are; others may read them too, so edit a copy
+                if edit is not None:
+                    x = runtime.input_buffer(x, None).copy_(x)
+            else:  # written in the layer's compute layout while they are computed: no extra pass
+                layout = image_layout if runtime.channels_last and CHANNELS_LAST.get(x.dim()) is image_layout else None
+                x = torch.mul(x, inv_input_scale, out=runtime.input_buffer(x, layout)).round_()
+                if layer.input_source is None:  # a producer's codes are in range already
+                    x.clamp_(in_low, in_high)
             runtime.input_strides[name] = x.stride()
             if edit is not None:
                 x = apply_edit_to(x, edit, bits, in_zero, signed)
@@ -458,17 +446,10 @@ class QuantizedModel:
             layer.module.register_forward_hook(requantize),
         ]
 
-    def _edit(self, site: Site, layer: QuantLayer, faults: LayerFaults, per_image: int) -> Edit:
-        """The edit of one (site, layer) for one batch (images renumbered from 0), on the model's device.
-
-        Input, accumulator and weight codes are held as integers (scale 1); outputs as code x act scale, or as
-        codes where the layer hands its codes on."""
-        device = self.device
-        faults = faults.to(device)
-        scale = torch.full((len(faults),), layer.handed_on_scale if site is Site.ACT else 1.0, dtype=torch.float32,
-                           device=device)
-        linear = faults.index if site is Site.WEIGHT else faults.image * per_image + faults.index
-        return compose(linear, faults.bit, faults.kind, scale)
+    def _weight_edit(self, faults: LayerFaults) -> Edit:
+        """The edit of one layer's weight codes (held as integers: scale 1), on the model's device."""
+        faults = faults.to(self.device)
+        return compose(faults.index, faults.bit, faults.kind, torch.ones(len(faults), device=self.device))
 
     def prepare(self, faults: FaultPattern | None, start: int, stop: int) -> dict[tuple[Site, str], Edit]:
         """The transient faults of images [start, stop), as edits the hooks apply.
@@ -570,8 +551,8 @@ class QuantizedModel:
         """The float model (a private eval-mode copy), for the float baseline accuracy; image batches go in in the
         layout the quantized view computes in."""
         x = x.to(self.device)
-        if self._runtime.channels_last and x.dim() in (4, 5):
-            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        if self._runtime.channels_last and x.dim() in CHANNELS_LAST:
+            x = x.contiguous(memory_format=CHANNELS_LAST[x.dim()])
         with torch.inference_mode():
             return self.float_module(x)
 
@@ -587,7 +568,7 @@ class QuantizedModel:
                         continue
                     layer = self._layer(name)
                     check_bounds(group, layer.numel(Site.WEIGHT), f"the weights of layer {name!r}")
-                    edit = self._edit(Site.WEIGHT, layer, group, 0)
+                    edit = self._weight_edit(group)
                     weight = layer.module.weight
                     assert isinstance(weight, torch.Tensor)
                     flat = weight.view(-1)  # holds the integer codes

@@ -7,7 +7,7 @@ of the test process is left as it was.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -57,7 +57,10 @@ def digits() -> Digits:
     return Digits(x_t[:1400], y_t[:1400], x_t[1400:], y_t[1400:])
 
 
-def _train(model: nn.Module, data: Digits, steps: int, seed: int) -> nn.Module:
+def trained(build: Callable[[], nn.Module], data: Digits, *, init_seed: int, steps: int, seed: int) -> nn.Module:
+    """`build()` initialised under `init_seed`, then trained `steps` full-batch Adam steps under `seed`."""
+    with seeded(init_seed):
+        model = build()
     with seeded(seed), one_thread():
         optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
         model.train()
@@ -90,17 +93,13 @@ def build_cnn() -> nn.Sequential:
 @pytest.fixture(scope="session")
 def trained_mlp(digits: Digits) -> nn.Module:
     """The trained MLP, shared by the session: read it, never change it (see `digits_mlp`)."""
-    with seeded(1):
-        model = build_mlp()
-    return _train(model, digits, steps=60, seed=2)
+    return trained(build_mlp, digits, init_seed=1, steps=60, seed=2)
 
 
 @pytest.fixture(scope="session")
 def trained_cnn(digits: Digits) -> nn.Module:
     """The trained CNN, shared by the session: read it, never change it (see `digits_cnn`)."""
-    with seeded(3):
-        model = build_cnn()
-    return _train(model, digits, steps=60, seed=4)
+    return trained(build_cnn, digits, init_seed=3, steps=60, seed=4)
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Digits, _train, seeded
+from conftest import Digits, seeded, trained
 from torch import nn
 
 from pytest_hwfault import quantize
@@ -58,9 +58,7 @@ class Untraceable(nn.Module):
 
 @pytest.fixture(scope="module")
 def trained_resnet(digits: Digits) -> nn.Module:
-    with seeded(11):
-        model = SmallResNet()
-    return _train(model, digits, steps=40, seed=12)
+    return trained(SmallResNet, digits, init_seed=11, steps=40, seed=12)
 
 
 @pytest.fixture(scope="module")
