@@ -493,7 +493,7 @@ def test_format_table_is_aligned() -> None:
     starts = [header.index(name) for name in ("site", "accuracy", "threshold", "verdict")]
     for line, record in zip(lines[2:], records):
         assert line[starts[0]:].startswith(record["site"])
-        assert line[starts[1]:].startswith(rp._accuracy_text(record))
+        assert line[starts[1]:].startswith(rp.text._accuracy_text(record))
         assert line[starts[3]:].startswith(record["verdict"].upper())
         assert line.endswith(f"{record['seconds']:.1f}s")
         for column, value in (("BER", f"{record['ber']:g}"), ("trials", str(record["trials"]))):  # right-aligned
@@ -525,11 +525,11 @@ def test_plot_report_writes_png(tmp_path: Path) -> None:
 
 def test_layer_panels_one_per_model() -> None:
     report = _report()
-    tables = rp._layer_tables(report["campaigns"])
+    tables = rp.plot._layer_tables(report["campaigns"])
     assert len(tables) == 1  # both test functions show the same quantized model
     assert tables[0][0] == "test_resnet.py::test_resilience, test_weights.py::test_weight_faults"
     report["campaigns"][3]["layers"][0]["act_scale"] = 0.5
-    assert [title for title, _ in rp._layer_tables(report["campaigns"])] == [
+    assert [title for title, _ in rp.plot._layer_tables(report["campaigns"])] == [
         "test_resnet.py::test_resilience", "test_weights.py::test_weight_faults"]
 
 

@@ -1,0 +1,377 @@
+"""The report document: campaign records, the JSON schema and its validator, atomic write, validated load.
+
+A report is plain JSON so that CI shards, other machines and later sessions can read it without running a model.
+Each campaign record carries both the numbers a person reads (verdict, accuracy and interval, per-layer scales) and
+the raw trials (``result``), so partial reports can be merged exactly (see :mod:`.merge`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import numbers
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..spec import KINDS, SITES
+
+if TYPE_CHECKING:
+    from ..campaign import CampaignResult
+
+REPORT_SCHEMA = "pytest-hwfault/report"
+REPORT_VERSION = 1
+VERDICTS = ("pass", "fail", "inconclusive", "incomplete")
+
+
+class ReportError(ValueError):
+    """A report that cannot be read, validated, merged or compared; the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# records
+
+
+def _json_safe(value: Any) -> Any:
+    """Strict-JSON builtins: non-finite floats become None (JSON has no NaN), tuples lists, unknown objects text."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    if isinstance(value, Mapping):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return str(value)
+
+
+def _missing_trials(present: Sequence[int] | Mapping[int, Any], upto: int | None) -> list[int]:
+    """Trial indices below the next checkpoint that no shard computed: what an incomplete campaign waits for."""
+    if upto is None:
+        return []
+    return [i for i in range(upto) if i not in present]
+
+
+def campaign_record(result: CampaignResult, nodeid: str) -> dict[str, Any]:
+    """One JSON-safe record: the verdict and numbers a person reads, plus the raw trials for exact merging."""
+    spec = result.spec
+    outcome = result.outcome()
+    next_checkpoint = None if outcome.complete else result.next_checkpoint()  # what an incomplete one waits for
+    record = {
+        "nodeid": nodeid,
+        "campaign_id": result.campaign_id,
+        "name": result.name,
+        "label": spec.label(),
+        "site": spec.site,
+        "ber": spec.ber,
+        "bits": spec.bits,
+        "kind": spec.kind,
+        "bit_positions": None if spec.bit_positions is None else list(spec.bit_positions),
+        "images": result.images,
+        "trials": outcome.trials,
+        "budget": spec.budget,
+        "float_accuracy": result.float_accuracy,
+        "quantized_accuracy": result.quantized_accuracy,
+        "accuracy": outcome.accuracy,
+        "ci_low": outcome.ci_low,
+        "ci_high": outcome.ci_high,
+        "confidence": outcome.confidence,
+        "method": outcome.method,
+        "threshold": {"min_acc": spec.min_acc, "max_drop": spec.max_drop, "required": outcome.required},
+        "verdict": outcome.verdict,
+        "complete": outcome.complete,
+        "contiguous": result.contiguous(),
+        "next_checkpoint": next_checkpoint,
+        "missing_trials": _missing_trials(result.trials, next_checkpoint),
+        "seed": spec.seed,
+        "seconds": result.seconds,
+        "critical_rate": outcome.critical_rate,
+        "nonfinite": outcome.nonfinite,
+        "faults_per_trial": outcome.faults_per_trial,
+        "layers": result.layer_vulnerability(),
+        "result": result.to_dict(),
+    }
+    return dict(_json_safe(record))
+
+
+def environment() -> dict[str, Any]:
+    """Where the numbers came from, so that a surprising report can be traced to a machine and versions."""
+    from .. import __version__
+
+    torch_version: str | None
+    if "torch" in sys.modules:  # already paid for: ask it directly
+        torch_version = str(sys.modules["torch"].__version__)
+    else:  # do not import torch (seconds) just to name its version
+        try:
+            from importlib.metadata import version
+
+            torch_version = version("torch")
+        except Exception:  # any failure means "unknown", never a broken report
+            torch_version = None
+    return {
+        "machine": {
+            "node": platform.node(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "plugin": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def build_report(records: list[dict[str, Any]], env: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report document; records are sorted so that reports of the same campaigns compare equal.
+
+    ``env`` defaults to :func:`environment` of this process."""
+    return {
+        "schema": REPORT_SCHEMA,
+        "version": REPORT_VERSION,
+        "environment": environment() if env is None else env,
+        "campaigns": sorted(records, key=lambda r: (r["nodeid"], r["campaign_id"])),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# schema and validation
+
+_NUMBER: dict[str, Any] = {"type": "number"}
+_PROBABILITY: dict[str, Any] = {"type": "number", "minimum": 0, "maximum": 1}
+_COUNT: dict[str, Any] = {"type": "integer", "minimum": 0}
+
+REPORT_JSON_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "$id": "urn:pytest-hwfault:report:1",
+    "title": "pytest-hwfault report",
+    "description": "Fault-injection campaigns run by pytest-hwfault, with their verdicts and raw trials.",
+    "type": "object",
+    "required": ["schema", "version", "environment", "campaigns"],
+    "properties": {
+        "schema": {"const": REPORT_SCHEMA},
+        "version": {"const": REPORT_VERSION},
+        "environment": {"type": "object"},
+        "campaigns": {"type": "array", "items": {"$ref": "#/$defs/campaign"}},
+    },
+    "$defs": {
+        "campaign": {
+            "type": "object",
+            "required": [
+                "nodeid", "campaign_id", "label", "site", "ber", "bits", "kind", "trials", "float_accuracy",
+                "quantized_accuracy", "accuracy", "ci_low", "ci_high", "confidence", "threshold", "verdict", "seed",
+                "seconds", "critical_rate", "nonfinite", "faults_per_trial", "layers", "result",
+            ],
+            "properties": {
+                "nodeid": {"type": "string"},
+                "campaign_id": {"type": "string", "minLength": 1},
+                "name": {"type": "string"},
+                "label": {"type": "string"},
+                "site": {"enum": list(SITES)},
+                "ber": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                "bits": {"type": "integer", "minimum": 1},
+                "kind": {"enum": list(KINDS)},
+                "bit_positions": {"type": ["array", "null"], "items": _COUNT},
+                "images": _COUNT,
+                "trials": _COUNT,
+                "budget": {"type": "integer", "minimum": 1},
+                "float_accuracy": _PROBABILITY,
+                "quantized_accuracy": _PROBABILITY,
+                "accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "ci_low": _PROBABILITY,
+                "ci_high": _PROBABILITY,
+                "confidence": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                "method": {"type": "string"},
+                "threshold": {"$ref": "#/$defs/threshold"},
+                "verdict": {"enum": list(VERDICTS)},
+                "complete": {"type": "boolean"},
+                "contiguous": _COUNT,
+                "next_checkpoint": {"type": ["integer", "null"], "minimum": 1},
+                "missing_trials": {"type": "array", "items": _COUNT},
+                "seed": _COUNT,
+                "seconds": {"type": "number", "minimum": 0},
+                "critical_rate": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "nonfinite": _COUNT,
+                "faults_per_trial": {"type": "number", "minimum": 0},
+                "layers": {"type": "array", "items": {"$ref": "#/$defs/layer"}},
+                "result": {"$ref": "#/$defs/result"},
+            },
+        },
+        "threshold": {
+            "type": "object",
+            "required": ["min_acc", "max_drop", "required"],
+            "properties": {
+                "min_acc": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "max_drop": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "required": _PROBABILITY,
+            },
+        },
+        "layer": {
+            "type": "object",
+            "required": ["name", "vulnerability", "faults"],
+            "properties": {
+                "name": {"type": "string"},
+                "type": {"type": "string"},
+                "weight_scale_max": {"type": ["number", "null"]},
+                "act_scale": {"type": ["number", "null"]},
+                "input_scale": {"type": ["number", "null"]},
+                "vulnerability": _PROBABILITY,
+                "faults": _COUNT,
+            },
+        },
+        "result": {
+            "description": "CampaignResult.to_dict(): the raw trials, merged exactly across partial reports.",
+            "type": "object",
+            "required": ["schema", "campaign_id", "name", "spec", "images", "float_accuracy", "quantized_accuracy",
+                         "layers", "trials"],
+            "properties": {
+                "schema": {"type": "integer"},
+                "campaign_id": {"type": "string"},
+                "name": {"type": "string"},
+                "spec": {"type": "object"},
+                "images": _COUNT,
+                "float_accuracy": _PROBABILITY,
+                "quantized_accuracy": _PROBABILITY,
+                "layers": {"type": "array", "items": {"type": "object"}},
+                "trials": {"type": "array", "items": {"type": "object", "required": ["trial"],
+                                                      "properties": {"trial": _COUNT}}},
+            },
+        },
+    },
+}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _is_type(value: Any, kind: str) -> bool:
+    actual = _json_type(value)
+    if kind == "number":
+        return actual in ("integer", "number") and math.isfinite(value)
+    if kind == "integer" and actual == "number":
+        return math.isfinite(value) and float(value).is_integer()  # JSON Schema: 1.0 is an integer
+    return actual == kind
+
+
+def _check(value: Any, schema: Mapping[str, Any], path: str) -> None:
+    """The subset of JSON Schema that REPORT_JSON_SCHEMA uses, so validation needs no jsonschema package."""
+    if "$ref" in schema:
+        schema = REPORT_JSON_SCHEMA["$defs"][schema["$ref"].rsplit("/", 1)[1]]
+    if "const" in schema and (value != schema["const"] or _json_type(value) != _json_type(schema["const"])):
+        raise ReportError(f"{path}: {value!r} is not {schema['const']!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise ReportError(f"{path}: {value!r} is not one of {', '.join(map(str, schema['enum']))}")
+    if "type" in schema:
+        kinds = [schema["type"]] if isinstance(schema["type"], str) else list(schema["type"])
+        if not any(_is_type(value, kind) for kind in kinds):
+            raise ReportError(f"{path}: expected {' or '.join(kinds)}, got {_json_type(value)} {value!r:.60}")
+    if _is_type(value, "number"):
+        if "minimum" in schema and value < schema["minimum"]:
+            raise ReportError(f"{path}: {value!r} is below the minimum {schema['minimum']}")
+        if "maximum" in schema and value > schema["maximum"]:
+            raise ReportError(f"{path}: {value!r} is above the maximum {schema['maximum']}")
+        if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            raise ReportError(f"{path}: {value!r} must be greater than {schema['exclusiveMinimum']}")
+        if "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
+            raise ReportError(f"{path}: {value!r} must be less than {schema['exclusiveMaximum']}")
+    if isinstance(value, str) and len(value) < schema.get("minLength", 0):
+        raise ReportError(f"{path}: must not be empty")
+    if isinstance(value, dict):
+        for key in schema.get("required", ()):
+            if key not in value:
+                raise ReportError(f"{path}.{key}: missing required key")
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                _check(value[key], sub, f"{path}.{key}")
+    if isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            _check(item, schema["items"], f"{path}[{index}]")
+
+
+def validate_report(report: Any) -> None:
+    """Raise ReportError naming the JSON path of the first problem, so a broken shard is found before it is merged."""
+    if not isinstance(report, dict):
+        raise ReportError(f"$: expected a report object, got {_json_type(report)}")
+    if report.get("schema") != REPORT_SCHEMA:
+        raise ReportError(f"$.schema: {report.get('schema')!r} is not {REPORT_SCHEMA!r}; not a pytest-hwfault report")
+    version = report.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > REPORT_VERSION:
+        raise ReportError(f"$.version: report version {version} is newer than this pytest-hwfault understands "
+                          f"({REPORT_VERSION}); upgrade pytest-hwfault")
+    _check(report, REPORT_JSON_SCHEMA, "$")
+    for index, record in enumerate(report["campaigns"]):
+        path = f"$.campaigns[{index}]"
+        if record["result"]["campaign_id"] != record["campaign_id"]:
+            raise ReportError(f"{path}.result.campaign_id: {record['result']['campaign_id']!r} does not match "
+                              f"campaign_id {record['campaign_id']!r}")
+        if record["ci_low"] > record["ci_high"]:
+            raise ReportError(f"{path}.ci_low: {record['ci_low']!r} is above ci_high {record['ci_high']!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# files
+
+
+def write_report(path: str | os.PathLike[str], report: dict[str, Any]) -> Path:
+    """Validate, then write strict JSON atomically, so that a reader never sees half a report."""
+    target = Path(path)
+    try:
+        validate_report(report)
+    except ReportError as error:
+        raise ReportError(f"{target}: refusing to write an invalid report: {error}") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=1, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a report; every problem (missing file, bad JSON, wrong schema) is a ReportError."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ReportError(f"{source}: no such report file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ReportError(f"{source}: cannot read: {error}") from None
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ReportError(f"{source}: not valid JSON: {error}") from None
+    try:
+        validate_report(report)
+    except ReportError as error:
+        raise ReportError(f"{source}: {error}") from None
+    return dict(report)
+

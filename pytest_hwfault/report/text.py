@@ -1,0 +1,149 @@
+"""Text for people: the terminal summary table and the failure message of a gate that did not pass."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+TOP_LAYERS = 3  # most vulnerable layers named in a failure message
+
+
+
+def _short_nodeid(nodeid: str, width: int = 56) -> str:
+    """Drop the test file's directories, then elide the middle, keeping the file::function head and the id tail."""
+    path, sep, rest = nodeid.partition("::")
+    text = path.rsplit("/", 1)[-1] + sep + rest
+    if len(text) <= width:
+        return text
+    head = (width - 3) // 2
+    return text[:head] + "..." + text[len(text) - (width - 3 - head):]
+
+
+def _num(value: Any, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _threshold_text(record: Mapping[str, Any]) -> str:
+    threshold = record["threshold"]
+    if threshold["min_acc"] is not None:
+        return f"min_acc={threshold['min_acc']:g}"
+    return f"max_drop={threshold['max_drop']:g} (>={threshold['required']:.4f})"
+
+
+def _accuracy_text(record: Mapping[str, Any]) -> str:
+    if record["accuracy"] is None:
+        return "n/a"
+    return f"{record['accuracy']:.4f} [{record['ci_low']:.4f}, {record['ci_high']:.4f}]"
+
+
+_TABLE_COLUMNS = (  # header, right-aligned
+    ("test", False), ("site", False), ("BER", True), ("trials", True), ("accuracy [lo, hi]", False),
+    ("threshold", False), ("verdict", False), ("time", True),
+)
+
+
+def format_table(records: list[dict[str, Any]]) -> list[str]:
+    """Terminal summary, one aligned row per campaign, for the pytest summary and the CLI."""
+    rows = [[
+        _short_nodeid(record["nodeid"]),
+        record["site"],
+        f"{record['ber']:g}",
+        str(record["trials"]),
+        _accuracy_text(record),
+        _threshold_text(record),
+        record["verdict"].upper(),
+        f"{record['seconds']:.1f}s",
+    ] for record in records]
+    header = [name for name, _ in _TABLE_COLUMNS]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.rjust(width) if right else cell.ljust(width)
+                         for cell, width, (_, right) in zip(cells, widths, _TABLE_COLUMNS)).rstrip()
+
+    return [line(header), line(["-" * width for width in widths]), *(line(row) for row in rows)]
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """[3, 5, 6, 7] -> "3, 5-7": missing trials are usually whole blocks of a lost shard."""
+    blocks: list[list[int]] = []
+    for i in sorted(indices):
+        if blocks and i == blocks[-1][1] + 1:
+            blocks[-1][1] = i
+        else:
+            blocks.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in blocks)
+
+
+def _most_vulnerable(record: Mapping[str, Any], count: int = TOP_LAYERS) -> list[dict[str, Any]]:
+    hit = [layer for layer in record["layers"] if layer.get("faults", 0) > 0]
+    return sorted(hit, key=lambda layer: (-layer["vulnerability"], -layer["faults"], layer["name"]))[:count]
+
+
+def failure_message(record: dict[str, Any], reproduce: str) -> str:
+    """Everything a person needs to act on a gate that did not pass, ending with the command that reproduces it."""
+    verdict = record["verdict"]
+    threshold = record["threshold"]
+    headline = {
+        "pass": "accuracy under faults meets the threshold",
+        "fail": "accuracy under faults is below the threshold",
+        "inconclusive": "the trial budget was spent without a decision",
+        "incomplete": "trials are missing, so no decision could be made",
+    }.get(verdict, verdict)
+    label = "" if record["label"] in record["nodeid"] else f" [{record['label']}]"  # parametrized ids name it
+    lines = [f"hwfault {verdict.upper()}: {record['nodeid']}{label}: {headline}"]
+
+    def row(key: str, text: str) -> None:
+        lines.append(f"  {key:<13}{text}")
+
+    positions = "" if not record.get("bit_positions") else f", bit positions {record['bit_positions']}"
+    row("fault model", f"site={record['site']}, BER={record['ber']:g}, {record['bits']}-bit codes, "
+                       f"kind={record['kind']}{positions}")
+    budget = f" of budget {record['budget']}" if "budget" in record else ""
+    images = f", {record['images']} images each" if "images" in record else ""
+    row("trials", f"{record['trials']}{budget}{images}")
+    if record["accuracy"] is None:
+        row("accuracy", "n/a (no checkpoint reached)")
+    else:
+        method = f" ({record['method']})" if record.get("method") else ""
+        row("accuracy", f"{record['accuracy']:.4f} [{record['ci_low']:.4f}, {record['ci_high']:.4f}] at "
+                        f"{record['confidence']:.0%} confidence{method}")
+    if threshold["min_acc"] is not None:
+        row("threshold", f"min_acc={threshold['min_acc']:g}: required accuracy >= {threshold['required']:.4f}")
+    else:
+        row("threshold", f"max_drop={threshold['max_drop']:g} from the quantized accuracy: required accuracy "
+                         f">= {threshold['required']:.4f}")
+    row("fault-free", f"float {record['float_accuracy']:.4f}, quantized {record['quantized_accuracy']:.4f}")
+    if record["trials"]:
+        row("damage", f"{_num(record['critical_rate'], '.2%')} of images changed prediction, "
+                      f"{record['nonfinite']} with non-finite logits, {record['faults_per_trial']:.3g} faults/trial")
+    top = _most_vulnerable(record)
+    if top:
+        lines.append("  most vulnerable layers (share of fault-hit images that became critical):")
+        for rank, layer in enumerate(top, 1):
+            lines.append(f"    {rank}. {layer['name']} ({layer.get('type', '?')}): vulnerability "
+                         f"{layer['vulnerability']:.3f}, act scale {_num(layer.get('act_scale'), '.4g')}, "
+                         f"max weight scale {_num(layer.get('weight_scale_max'), '.4g')}, {layer['faults']} faults")
+    else:
+        row("layers", "no faults landed in the trials used")
+    if verdict == "fail":
+        lines.append(f"  the upper confidence bound {record['ci_high']:.4f} is below the required "
+                     f"{threshold['required']:.4f}: protect the layers above (clipping, ECC) or lower the BER.")
+    elif verdict == "inconclusive":
+        unit = ("for site='weight' each trial is one observation, so raise budget=" if record["site"] == "weight"
+                else "raise budget= (more trials) or samples= (more images per trial)")
+        lines.append(f"  the interval still contains the required accuracy {threshold['required']:.4f} after all "
+                     f"{record['trials']} trials: {unit} to narrow it.")
+    elif verdict == "incomplete":
+        missing = record.get("missing_trials") or []
+        contiguous = record.get("contiguous", record["trials"])
+        needed = record.get("next_checkpoint")
+        present = f"only the first {contiguous} trials (0..{contiguous - 1}) are present" if contiguous else \
+            "trial 0 is missing"
+        lines.append(f"  {present}, but the next checkpoint needs {needed}; missing: {_ranges(missing) or 'unknown'}.")
+        lines.append("  an incomplete campaign is never passed: merge the reports of all shards "
+                     "(python -m pytest_hwfault.report merge ...) or rerun without --hwfault-shard.")
+    row("seed", str(record["seed"]))
+    row("reproduce", reproduce)
+    return "\n".join(lines)
+
