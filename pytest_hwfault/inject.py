@@ -11,15 +11,13 @@ per code ahead of the forward pass, so the hook itself runs a handful of vectori
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
-from typing import Any
 
 import torch
 
 from .bits import KIND_CODES, Kind
 from .faults import LayerFaults
+from .layout import contiguous_strides, is_dense, relayout
 
 _FLIP, _STUCK0, _STUCK1 = KIND_CODES[Kind.FLIP], KIND_CODES[Kind.STUCK0], KIND_CODES[Kind.STUCK1]
 
@@ -42,40 +40,6 @@ class Edit:
     def to(self, device: torch.device) -> Edit:
         return Edit(self.linear.to(device), self.keep.to(device), self.set.to(device), self.flip.to(device),
                     self.scale.to(device), strides=self.strides)
-
-
-@lru_cache(maxsize=4096)
-def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
-
-
-@lru_cache(maxsize=4096)
-def is_dense(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
-    """Whether a tensor of this shape and strides covers its memory span exactly once, in some dimension order
-    (contiguous, channels-last, ...): then memory offsets and elements correspond one to one."""
-    dims = sorted((stride, size) for size, stride in zip(shape, strides) if size != 1)
-    step = 1
-    for stride, size in dims:
-        if stride != step:
-            return False
-        step *= size
-    return True
-
-
-def relayout(positions: torch.Tensor, shape: Sequence[Any], source: Sequence[Any], target: Sequence[Any]
-             ) -> torch.Tensor:
-    """Memory offsets of elements in a dense tensor of `shape` with strides `source`, as offsets in one with
-    strides `target`. Sizes and strides are ints, or tensors holding one per position (positions of several
-    tensors at once)."""
-    out = torch.zeros_like(positions)
-    for size, src, dst in zip(shape, source, target):
-        if not isinstance(size, int) or size != 1:
-            out += torch.div(positions, src, rounding_mode="floor").remainder_(size).mul_(dst)
-    return out
 
 
 def _ranks(linear: torch.Tensor) -> torch.Tensor:

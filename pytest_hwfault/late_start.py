@@ -28,7 +28,8 @@ import torch
 from torch import fx
 
 from .faults import FaultPattern
-from .quantization import CHANNELS_LAST, QuantizedModel
+from .layout import CHANNELS_LAST
+from .qmodel import QuantizedModel
 
 DEFAULT_CACHE_BYTES = 256 << 20
 # What resuming one more group of images costs, in images: each group pays every layer's fixed per-call cost (hooks,

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from pytest_hwfault.data import DataError
 from pytest_hwfault.evaluate import accuracy, predict
 from pytest_hwfault.faults import Fault, FaultModel, FaultPattern, Site, sample_pattern, trial_generator
-from pytest_hwfault.inject import Edit, apply_edit, apply_edit_to, compose, contiguous_strides, is_dense, relayout
+from pytest_hwfault.inject import Edit, apply_edit, apply_edit_to, compose
+from pytest_hwfault.layout import contiguous_strides, is_dense, relayout
 from pytest_hwfault.quantization import QuantizedModel, quantize, state_checksum
 
 SITES = ("act", "weight", "acc", "input")

@@ -1,0 +1,434 @@
+"""The runtime view of a quantized model: `QuantizedModel` and its `QuantLayer`s (built by `quantization.quantize`).
+
+What one forward pass of the view does, per quantized layer (see `quantization` for what is quantized and how the
+scales are calibrated):
+
+- a forward pre-hook turns the tensor entering the layer into its input codes (or reads the codes a producer handed
+  on), written in the layer's compute layout (`layout.IMAGE_LAYOUTS`), and applies this batch's ``input`` faults;
+- the layer's module (holding integer weight codes as float32) computes the exact accumulator; a forward hook adds
+  the bias codes, applies ``acc`` faults, requantizes to output codes, applies ``act`` faults, and hands on codes or
+  values (`QuantLayer.hands_on_codes`);
+- ``weight`` faults are written into the module's weight codes for a whole pass and restored bit-exactly after it
+  (`QuantizedModel.weight_faults`).
+
+Transient faults reach the hooks as `inject.Edit`s prepared once per batch for every layer at once
+(`QuantizedModel.prepare`), their positions placed in the memory layout each tensor had in the last forward pass
+(`layout.in_layouts`). On a CUDA device, TF32 is switched off during the quantized forward (`exact_float32`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .faults import FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site, select_layers
+from .inject import Edit, apply_edit, apply_edit_to, check_bounds, compose
+from .layout import CHANNELS_LAST, IMAGE_LAYOUTS, contiguous_strides, in_layouts, is_dense
+from .spec import ACC_BITS
+
+
+class QuantizedModel:
+    """A quantized, fault-injectable view of a model. Call it like the model: ``qmodel(x, faults=pattern)``."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        float_module: nn.Module,
+        layers: dict[str, QuantLayer],
+        config: dict[str, Any],
+        folded: list[tuple[str, str]],
+        bn_kept: list[str],
+        fold_error: str | None,
+        source_name: str,
+    ) -> None:
+        self.module = module
+        self.float_module = float_module
+        self.layers = layers
+        self.config = config
+        self.folded = folded
+        self.bn_kept = bn_kept
+        self.fold_error = fold_error
+        self.source_name = source_name
+        self._runtime = _Runtime()
+        self._handles = [h for layer in layers.values() for h in self._install(layer)]
+        self._choose_layout()
+
+    def _choose_layout(self) -> None:
+        policy = self.config.get("memory_format", "preserve")
+        self._runtime.channels_last = policy == "channels_last" or (policy == "auto" and self.device.type == "cpu")
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def _install(self, layer: QuantLayer) -> list[Any]:
+        runtime, name, bits = self._runtime, layer.name, layer.bits
+        inv_input_scale, act_scale = 1.0 / layer.input_scale, layer.act_scale
+        (in_low, in_high), (act_low, act_high) = layer.input_range or (0, 0), layer.act_range or (0, 0)
+        in_zero, act_zero, signed = layer.input_zero_point, layer.act_zero_point, layer.signed_activations
+        requant = layer.requant_multiplier()
+        image_layout = IMAGE_LAYOUTS.get(type(layer.module))
+        hands_on_codes, reads_codes = layer.hands_on_codes, layer.reads_codes
+
+        def to_input_codes(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            x = args[0]
+            edit = runtime.batch.get((Site.INPUT, name))
+            if reads_codes:  # the producer's codes as they are; others may read them too, so edit a copy
+                if edit is not None:
+                    x = runtime.input_buffer(x, None).copy_(x)
+            else:  # written in the layer's compute layout while they are computed: no extra pass
+                layout = image_layout if runtime.channels_last and CHANNELS_LAST.get(x.dim()) is image_layout else None
+                x = torch.mul(x, inv_input_scale, out=runtime.input_buffer(x, layout)).round_()
+                if layer.input_source is None:  # a producer's codes are in range already
+                    x.clamp_(in_low, in_high)
+            runtime.input_strides[name] = x.stride()
+            if edit is not None:
+                x = apply_edit_to(x, edit, bits, in_zero, signed)
+            return (x, *args[1:])
+
+        def requantize(module: nn.Module, args: tuple[Any, ...], acc: torch.Tensor) -> torch.Tensor:
+            # The bias is added here, in place, not inside the conv: oneDNN's fused bias costs ~10x this pass.
+            if layer.bias_codes is not None:
+                acc.add_(layer.bias_codes)
+            runtime.output_strides[name] = acc.stride()
+            edit = runtime.batch.get((Site.ACC, name))
+            if edit is not None:
+                acc = apply_edit_to(acc, edit, ACC_BITS)
+            # In place on the layer's own fresh result. Four vectorised passes: torch's
+            # fake_quantize_per_tensor_affine is ~10x slower on CPU (it also builds a gradient mask).
+            out = acc.mul_(requant).round_().clamp_(act_low, act_high)
+            if not hands_on_codes:
+                out.mul_(act_scale)
+            edit = runtime.batch.get((Site.ACT, name))
+            if edit is not None:
+                out = apply_edit_to(out, edit, bits, act_zero, signed)
+            return out
+
+        return [
+            layer.module.register_forward_pre_hook(to_input_codes),
+            layer.module.register_forward_hook(requantize),
+        ]
+
+    def _weight_edit(self, faults: LayerFaults) -> Edit:
+        """The edit of one layer's weight codes (held as integers: scale 1), on the model's device."""
+        faults = faults.to(self.device)
+        return compose(faults.index, faults.bit, faults.kind, torch.ones(len(faults), device=self.device))
+
+    def prepare(self, faults: FaultPattern | None, start: int, stop: int) -> dict[tuple[Site, str], Edit]:
+        """The transient faults of images [start, stop), as edits the hooks apply.
+
+        Done for all layers at once: a BER campaign spreads a few faults over every layer, and per-layer tensor
+        ops (~60 per layer, a few microseconds each) would cost more than the faults themselves."""
+        if faults is None:
+            return {}
+        keys = [key for key, group in faults.groups.items() if key[0].transient and len(group)]
+        if not keys:
+            return {}
+        device = self.device
+        layers = [self._layer(name) for _, name in keys]
+        groups = [faults.groups[key] for key in keys]
+        sizes = torch.tensor([len(g) for g in groups], device=device)
+        group_id = torch.repeat_interleave(torch.arange(len(keys), device=device), sizes)
+        image, index, bit, kind = (torch.cat([getattr(g, f) for g in groups]).to(device)
+                                   for f in ("image", "index", "bit", "kind"))
+        in_batch = (image >= start) & (image < stop)
+        if not bool(in_batch.all()):
+            group_id, image, index, bit, kind = (t[in_batch] for t in (group_id, image, index, bit, kind))
+        numel_of = [layer.numel(site) for layer, (site, _) in zip(layers, keys)]
+        numel = torch.tensor(numel_of, device=device)[group_id]
+        out_of_range = index >= numel
+        if bool(out_of_range.any()):
+            g = int(group_id[out_of_range][0])
+            check_bounds(faults.groups[keys[g]], numel_of[g], f"site {keys[g][0].value!r} of layer {keys[g][1]!r}")
+        # One key space for every (layer, code): layer g's codes of this batch occupy [g * span, (g + 1) * span).
+        span = max(numel_of) * (stop - start)
+        if span * len(keys) >= 1 << 62:
+            raise ValueError(f"{len(keys)} layers of up to {max(numel_of)} codes x {stop - start} images exceed "
+                             "int64 positions; use a smaller batch")
+        scales = torch.tensor([layer.handed_on_scale if site is Site.ACT else 1.0
+                               for layer, (site, _) in zip(layers, keys)], dtype=torch.float32, device=device)
+        edit = compose(group_id * span + (image - start) * numel + index, bit, kind, scales[group_id])
+        group = torch.div(edit.linear, span, rounding_mode="floor")
+        counts = torch.bincount(group, minlength=len(keys)).tolist()
+        shapes = [(stop - start, *(layer.input_shape if site is Site.INPUT else layer.output_shape))
+                  for layer, (site, _) in zip(layers, keys)]
+        layouts = [self._expected_strides(site, name, shape) for (site, name), shape in zip(keys, shapes)]
+        edit.linear = in_layouts(edit.linear % span, group, shapes, layouts)
+        linear, keep, set_, flip, scale = (torch.split(t, counts) for t in (edit.linear, edit.keep, edit.set,
+                                                                           edit.flip, edit.scale))
+        return {key: Edit(linear[g], keep[g], set_[g], flip[g], scale[g], strides=layouts[g])
+                for g, key in enumerate(keys) if counts[g]}
+
+    def _expected_strides(self, site: Site, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The strides the (site, layer) tensor had in the last forward pass, if dense; else contiguous ones."""
+        seen = (self._runtime.input_strides if site is Site.INPUT else self._runtime.output_strides).get(name)
+        if seen is not None and len(seen) == len(shape) and is_dense(shape, seen):
+            return seen
+        return contiguous_strides(shape)
+
+    # -- running -------------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.layers.values())).weight_scale.device
+
+    def to(self, device: torch.device | str) -> QuantizedModel:
+        device = torch.device(device)
+        self.module.to(device)
+        self.float_module.to(device)
+        for layer in self.layers.values():
+            layer.weight_codes = layer.weight_codes.to(device)
+            layer.weight_scale = layer.weight_scale.to(device)
+            if layer.bias_codes is not None:
+                layer.bias_codes = layer.bias_codes.to(device)
+        self._choose_layout()
+        return self
+
+    def __call__(self, x: torch.Tensor, faults: FaultPattern | None = None, image_offset: int = 0) -> torch.Tensor:
+        return self.forward(x, faults, image_offset)
+
+    def forward(self, x: torch.Tensor, faults: FaultPattern | None = None, image_offset: int = 0) -> torch.Tensor:
+        """Quantized forward of a batch whose first image is image `image_offset` of the faults' numbering."""
+        if faults is not None and faults.has_weight_faults():
+            with self.weight_faults(faults):
+                return self._forward(x, faults, image_offset)
+        return self._forward(x, faults, image_offset)
+
+    def _forward(self, x: torch.Tensor, faults: FaultPattern | None, image_offset: int) -> torch.Tensor:
+        return self.run_batch(x, self.prepare(faults, image_offset, image_offset + len(x)))
+
+    def run_batch(self, x: torch.Tensor, edits: dict[tuple[Site, str], Edit]) -> torch.Tensor:
+        """Quantized forward of one batch with prepared transient edits (see `prepare`)."""
+        return self.run_graph(self.module, (x.to(self.device),), edits)
+
+    def run_graph(self, module: nn.Module, args: tuple[Any, ...], edits: dict[tuple[Site, str], Edit]) -> Any:
+        """Call `module` (a graph over this view's layers, such as a torch.fx suffix of it) with prepared transient
+        edits active, as `run_batch` does for the whole model."""
+        self._runtime.batch = edits
+        try:
+            with torch.inference_mode(), exact_float32(self.device):
+                return module(*args)
+        finally:
+            self._runtime.batch = {}
+
+    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The float model (a private eval-mode copy), for the float baseline accuracy; image batches go in in the
+        layout the quantized view computes in."""
+        x = x.to(self.device)
+        if self._runtime.channels_last and x.dim() in CHANNELS_LAST:
+            x = x.contiguous(memory_format=CHANNELS_LAST[x.dim()])
+        with torch.inference_mode():
+            return self.float_module(x)
+
+    @contextmanager
+    def weight_faults(self, pattern: FaultPattern) -> Iterator[None]:
+        """Apply the pattern's weight faults in place for the duration of the block, then restore every touched
+        weight bit-exactly, also when the block raises. Cost: proportional to the number of faults."""
+        saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for (site, name), group in pattern.groups.items():
+                    if site.transient:
+                        continue
+                    layer = self._layer(name)
+                    check_bounds(group, layer.numel(Site.WEIGHT), f"the weights of layer {name!r}")
+                    edit = self._weight_edit(group)
+                    weight = layer.module.weight
+                    assert isinstance(weight, torch.Tensor)
+                    flat = weight.view(-1)  # holds the integer codes
+                    saved.append((flat, edit.linear, flat[edit.linear].clone()))
+                    apply_edit(flat, edit, layer.bits)
+            yield
+        finally:
+            with torch.no_grad():
+                for flat, touched, original in reversed(saved):
+                    flat[touched] = original
+
+    # -- describing ----------------------------------------------------------------------------------------------
+    def _layer(self, name: str) -> QuantLayer:
+        try:
+            return self.layers[name]
+        except KeyError:
+            known = list(self.layers)
+            raise KeyError(f"{name!r} is not a quantized layer of {self.source_name}; layers: {known}") from None
+
+    def select(self, selectors: tuple[LayerSelector, ...] | None) -> list[str]:
+        names = list(self.layers)
+        types = [type(layer.module) for layer in self.layers.values()]
+        return select_layers(names, types, selectors)
+
+    def targets(self, site: Site, layers: tuple[LayerSelector, ...] | None = None) -> list[FaultTarget]:
+        site = Site(site)
+        return [
+            FaultTarget(site, name, self.layers[name].numel(site), self.layers[name].site_bits(site))
+            for name in self.select(layers)
+        ]
+
+    def validate(self, pattern: FaultPattern, n_images: int) -> None:
+        """Raise a clear error if a pattern does not fit this model and `n_images` images."""
+        for (site, name), group in pattern.groups.items():
+            layer = self._layer(name)
+            check_bounds(group, layer.numel(site), f"site {site.value!r} of layer {name!r}")
+            if len(group) and int(group.bit.max()) >= layer.site_bits(site):
+                raise ValueError(f"bit {int(group.bit.max())} does not exist in the {layer.site_bits(site)}-bit "
+                                 f"{site.value} codes of layer {name!r}")
+            if site.transient and len(group) and int(group.image.max()) >= n_images:
+                raise IndexError(f"fault on image {int(group.image.max())} but only {n_images} images are evaluated")
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [layer.summary() for layer in self.layers.values()]
+
+    def __repr__(self) -> str:
+        return (f"QuantizedModel({self.source_name}, {len(self.layers)} layers, bits={self.config['bits']}, "
+                f"bn_folded={len(self.folded)}, bn_kept={len(self.bn_kept)})")
+
+
+@dataclass
+class QuantLayer:
+    """One quantized conv/linear layer: its codes, scales and shapes."""
+
+    name: str
+    module_type: str
+    module: nn.Module = field(repr=False)
+    bits: int
+    weight_codes: torch.Tensor = field(repr=False)  # int32, the weight's shape
+    weight_scale: torch.Tensor = field(repr=False)  # float32 [out_channels] (all equal when per-tensor)
+    input_scale: float
+    act_scale: float
+    input_shape: tuple[int, ...]  # per image
+    output_shape: tuple[int, ...]  # per image
+    channel_axis: int  # of the per-image output: 0 for conv, -1 for linear
+    input_source: str | None = None  # the quantized layer whose output codes this layer reads directly
+    # Whether the module hands on its output codes as they are (every reader of its output reads codes), and
+    # whether the tensor entering the module holds its input codes already (handed on so by `input_source`).
+    hands_on_codes: bool = False
+    reads_codes: bool = False
+    # Code ranges, as code - zero point. Own quantization: symmetric signed, zero point 0. A torch.ao model's
+    # activations: unsigned quint8 codes q with (q - zero point) x scale; a fused ReLU clamps at the zero point.
+    input_range: tuple[int, int] | None = None
+    act_range: tuple[int, int] | None = None
+    input_zero_point: int = 0
+    act_zero_point: int = 0
+    signed_activations: bool = True
+    act_clip_rate: float = 0.0
+    input_clip_rate: float = 0.0
+    # int32 bias codes at the accumulator scale (float32, shaped to broadcast over a batch of outputs), added to
+    # the accumulator by the engine: None when the layer has no bias.
+    bias_codes: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def acc_scale(self) -> torch.Tensor:
+        return self.weight_scale * self.input_scale
+
+    def __post_init__(self) -> None:
+        if self.input_range is None:
+            self.input_range = (-self.qmax, self.qmax)
+        if self.act_range is None:
+            self.act_range = (-self.qmax, self.qmax)
+
+    def requant_multiplier(self) -> torch.Tensor:
+        """acc_scale / act_scale per output channel, shaped to broadcast over the layer's output."""
+        m = (self.weight_scale.double() * self.input_scale / self.act_scale).float()
+        if self.channel_axis == -1:
+            return m
+        return m.reshape(-1, *([1] * (len(self.output_shape) - 1)))
+
+    @property
+    def handed_on_scale(self) -> float:
+        """The scale of what the module hands on: 1 when it hands on codes, else the activation scale."""
+        return 1.0 if self.hands_on_codes else self.act_scale
+
+    def dequantize_output(self, out: torch.Tensor) -> torch.Tensor:
+        """What the module handed on, as values (code x act scale)."""
+        return out * self.act_scale if self.hands_on_codes else out
+
+    def dequantize_input(self, received: torch.Tensor) -> torch.Tensor:
+        """The tensor entering the module (before the engine's hooks), as values."""
+        return received * self.input_scale if self.reads_codes else received
+
+    def numel(self, site: Site) -> int:
+        if site is Site.WEIGHT:
+            return self.weight_codes.numel()
+        shape = self.input_shape if site is Site.INPUT else self.output_shape
+        return math.prod(shape)
+
+    def site_bits(self, site: Site) -> int:
+        return ACC_BITS if site is Site.ACC else self.bits
+
+    def scale_of(self, site: Site) -> float:
+        """A representative scale of one site (max over channels where per-channel)."""
+        if site is Site.ACT:
+            return self.act_scale
+        if site is Site.INPUT:
+            return self.input_scale
+        scale = self.weight_scale if site is Site.WEIGHT else self.acc_scale
+        return float(scale.max())
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.module_type,
+            "bits": self.bits,
+            "weight_scale_max": float(self.weight_scale.max()),
+            "weight_scale_mean": float(self.weight_scale.mean()),
+            "input_scale": self.input_scale,
+            "act_scale": self.act_scale,
+            "act_clip_rate": self.act_clip_rate,
+            "input_clip_rate": self.input_clip_rate,
+            "input_source": self.input_source,
+            "hands_on_codes": self.hands_on_codes,
+            "output_shape": list(self.output_shape),
+        }
+
+
+@dataclass
+class _Runtime:
+    """What the hooks of one forward pass read: this batch's transient faults, and scratch buffers; and what they
+    leave for the next batch: the strides of each layer's input and output tensors in the last forward pass, so
+    that `prepare` can place the next faults in the memory layout the tensors will have."""
+
+    batch: dict[tuple[Site, str], Edit] = field(default_factory=dict)
+    scratch: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
+    input_strides: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    output_strides: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    channels_last: bool = False  # image layers compute channels-last (see `quantize`'s `memory_format`)
+
+    def input_buffer(self, like: torch.Tensor, layout: torch.memory_format | None) -> torch.Tensor:
+        """A reusable tensor shaped like `like`, for a layer's input codes: in memory `layout`, or laid out like
+        `like` when None.
+
+        A fresh 8 MB tensor costs ~6x an in-place pass over it on CPU (the allocator returns the pages and they
+        fault back in); one buffer per per-image shape and layout serves every layer, because a layer's input
+        codes are dead once its conv/linear has run, and each layer runs once per forward. Only in inference mode:
+        autograd would keep the input for backward."""
+        layout = layout or torch.preserve_format
+        if not torch.is_inference_mode_enabled():
+            return torch.empty_like(like, memory_format=layout)
+        key = (tuple(like.shape[1:]), layout, like.stride()[1:], like.dtype, like.device)
+        buffer = self.scratch.get(key)
+        if buffer is None or buffer.shape[0] < like.shape[0]:
+            buffer = torch.empty_like(like, memory_format=layout)
+            self.scratch[key] = buffer
+        return buffer[: like.shape[0]]
+
+
+@contextmanager
+def exact_float32(device: torch.device) -> Iterator[None]:
+    """TF32 off for the block on a CUDA device: cuDNN convolutions use TF32 by default on Ampere and later GPUs,
+    which keeps 10 mantissa bits of each input, so codes wider than 11 bits would not be summed exactly."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
