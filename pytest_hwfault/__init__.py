@@ -19,19 +19,19 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .bits import Kind
     from .evaluate import accuracy
-    from .faults import Fault, FaultModel, FaultPattern, Site
+    from .faults import Fault, FaultModel, FaultPattern
     from .marker import resilience
     from .quantization import QuantizedModel, quantize
+    from .spec import Kind, Site
 
 _LAZY = {
-    "Kind": "bits",
+    "Kind": "spec",
     "accuracy": "evaluate",
     "Fault": "faults",
     "FaultModel": "faults",
     "FaultPattern": "faults",
-    "Site": "faults",
+    "Site": "spec",
     "QuantizedModel": "quantization",
     "quantize": "quantization",
     "resilience": "marker",

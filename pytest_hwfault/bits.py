@@ -7,21 +7,11 @@ functions, so that "flip bit 7 of an int8 code" means exactly what it means on s
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 
-MAX_CODE_BITS = 32
+from .spec import ACC_BITS, Kind
 
-
-class Kind(str, Enum):
-    """What a fault does to its bit."""
-
-    FLIP = "flip"
-    STUCK0 = "stuck0"
-    STUCK1 = "stuck1"
-
-
+MAX_CODE_BITS = ACC_BITS  # the accumulator's codes are the widest
 KIND_CODES: dict[Kind, int] = {Kind.FLIP: 0, Kind.STUCK0: 1, Kind.STUCK1: 2}
 KINDS_BY_CODE: tuple[Kind, ...] = (Kind.FLIP, Kind.STUCK0, Kind.STUCK1)
 
@@ -29,12 +19,6 @@ KINDS_BY_CODE: tuple[Kind, ...] = (Kind.FLIP, Kind.STUCK0, Kind.STUCK1)
 def check_width(bits: int) -> None:
     if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= MAX_CODE_BITS:
         raise ValueError(f"bits must be an integer in [2, {MAX_CODE_BITS}], got {bits!r}")
-
-
-def code_range(bits: int) -> tuple[int, int]:
-    """The full two's-complement range of a `bits`-wide code."""
-    check_width(bits)
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
 def to_unsigned(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -14,26 +14,11 @@ import fnmatch
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 
-from .bits import KIND_CODES, KINDS_BY_CODE, Kind, check_width
-
-ACC_BITS = 32
-
-
-class Site(str, Enum):
-    """Where in the accelerator a fault strikes."""
-
-    ACT = "act"  # output codes of a quantized layer, per image
-    WEIGHT = "weight"  # weight codes, shared by every image of a trial
-    ACC = "acc"  # int32 accumulator of a conv/linear before requantization, per image
-    INPUT = "input"  # input codes of a quantized layer, per image
-
-    @property
-    def transient(self) -> bool:
-        return self is not Site.WEIGHT
+from .bits import KIND_CODES, KINDS_BY_CODE, check_width
+from .spec import ACC_BITS, Kind, Site
 
 
 def parse_site(value: object, argument: str = "site") -> Site:
@@ -106,10 +91,6 @@ class FaultModel:
                 f"{target.layer!r}; allowed: 0..{target.bits - 1}"
             )
         return self.bit_positions
-
-    def describe(self) -> str:
-        bits = "all bits" if self.bit_positions is None else f"bits {list(self.bit_positions)}"
-        return f"{self.kind.value} at site={self.site.value}, ber={self.ber:g}, {bits}"
 
 
 def select_layers(names: Sequence[str], types: Sequence[type], selectors: Iterable[LayerSelector] | None) -> list[str]:
@@ -321,14 +302,6 @@ def sample_pattern(
         if n:
             groups[(target.site, target.layer)] = LayerFaults(im, ix, b, k)
     return FaultPattern(groups)
-
-
-def expected_faults(model: FaultModel, targets: Sequence[FaultTarget], n_images: int) -> float:
-    """Mean number of faulty bits per trial: what a BER means in counts."""
-    total = 0
-    for t in targets:
-        total += t.numel * len(model.positions_for(t)) * (n_images if t.site.transient else 1)
-    return total * model.ber
 
 
 def trial_seed(base_seed: int, campaign_id: str, trial: int) -> int:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from .spec import expand
+from .spec import expand, expand_search
 
 MARKER = "resilience"
 MARKER_HELP = (
@@ -19,8 +19,6 @@ MARKER_HELP = (
 def resilience(**kwargs: Any) -> pytest.MarkDecorator:
     """``pytest.mark.resilience``, checked eagerly: a bad argument fails at import, naming it."""
     if "search" in kwargs:
-        from .search import expand_search
-
         expand_search(kwargs)
     else:
         expand(kwargs)

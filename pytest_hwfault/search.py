@@ -19,151 +19,38 @@ Two ways in:
 - driven by the plugin or a plain test: ``search_faults(qmodel, data, ...)`` / ``run_marker_search(...)``, which run
   ``hypothesis.find`` under a stable ``database_key``, so that the stored counterexample is replayed first next time.
 
-This module imports neither torch nor hypothesis when it is imported (the plugin needs only `SearchSpec` and
-`expand_search` at collection); the engine is imported when a search runs.
+What a search asks for (`SearchSpec`, `expand_search`) lives in `spec.py`, beside `CampaignSpec`; the failure
+report's per-fault explanation and replay live in `explain.py`. This module imports neither torch nor hypothesis
+when it is imported; the engine is imported when a search runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .spec import SpecError, check_bit_positions, check_layers, is_int, is_number, one_threshold
+# What a search asks for, re-exported from spec.py where it lives (`from pytest_hwfault.search import SearchSpec`).
+from .spec import DEFAULT_EXAMPLES as DEFAULT_EXAMPLES
+from .spec import DEFAULT_MAX_FLIPS, DEFAULT_SUBSET, SearchSpec, check_threshold
+from .spec import SEARCH_ARGUMENTS as SEARCH_ARGUMENTS
+from .spec import SpecError as SpecError
+from .spec import expand_search as expand_search
 
 if TYPE_CHECKING:
     import torch
     from hypothesis import settings as HypothesisSettings
 
+    from .explain import FaultDetail
     from .faults import Fault, FaultPattern
-    from .quantization import QuantizedModel
+    from .qmodel import QuantizedModel
 
-SEARCH_SITES = ("weight", "act", "input", "acc")
-SEARCH_KINDS = ("flip", "stuck0", "stuck1", "stuck")  # "stuck": stuck at either value, drawn
-DEFAULT_EXAMPLES = 200
-DEFAULT_SUBSET = 64
-DEFAULT_MAX_FLIPS = 4
-MAX_WIDTH = 16
 MARGIN_CLAMP = 1e6  # logit margins are clamped so that target() always sees finite numbers
 DROP_LABEL = "accuracy drop"
 MARGIN_LABEL = "logit margin loss"
-
-
-# -- what to search: validated eagerly, free of torch (the marker's twin of CampaignSpec) --------------------------
-@dataclass(frozen=True)
-class SearchSpec:
-    """One worst-case fault search: a site, a fault budget, a threshold, and how hard to look."""
-
-    site: str = "weight"
-    min_acc: float | None = None
-    max_drop: float | None = None
-    max_flips: int = DEFAULT_MAX_FLIPS
-    kind: str = "flip"
-    bits: int = 8
-    bit_positions: tuple[int, ...] | None = None
-    layers: tuple[str, ...] | None = None
-    per_image: bool = False
-    examples: int = DEFAULT_EXAMPLES
-    subset: int | None = DEFAULT_SUBSET
-    samples: int | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.site not in SEARCH_SITES:
-            raise SpecError("search", f"{self.site!r} is not a fault site; allowed: {', '.join(SEARCH_SITES)}")
-        if (self.min_acc is None) == (self.max_drop is None):
-            raise SpecError("min_acc", "give exactly one of min_acc (absolute floor) or max_drop "
-                            "(allowed drop from the fault-free quantized accuracy)")
-        for name in ("min_acc", "max_drop"):
-            value = getattr(self, name)
-            if value is not None and (not is_number(value) or not 0.0 <= float(value) <= 1.0):
-                raise SpecError(name, f"{value!r} must be an accuracy in [0, 1]")
-        if not is_int(self.max_flips) or self.max_flips < 1:
-            raise SpecError("max_flips", f"{self.max_flips!r} must be a positive number of faults")
-        if self.kind not in SEARCH_KINDS:
-            raise SpecError("kind", f"{self.kind!r} is not a fault kind; allowed: {', '.join(SEARCH_KINDS)}")
-        if not is_int(self.bits) or not 2 <= self.bits <= MAX_WIDTH:
-            raise SpecError("bits", f"{self.bits!r} must be an integer code width in [2, {MAX_WIDTH}]")
-        object.__setattr__(self, "bit_positions", check_bit_positions(self.bit_positions, self.site, self.bits))
-        object.__setattr__(self, "layers", check_layers(self.layers))
-        if not isinstance(self.per_image, bool):
-            raise SpecError("per_image", f"{self.per_image!r} must be True or False")
-        if self.per_image and self.site == "weight":
-            raise SpecError("per_image", "weight faults strike every image; per_image=True needs a transient site")
-        if not is_int(self.examples) or self.examples < 1:
-            raise SpecError("examples", f"{self.examples!r} must be a positive number of hypothesis examples")
-        for name in ("subset", "samples"):
-            value = getattr(self, name)
-            if value is not None and (not is_int(value) or value < 1):
-                raise SpecError(name, f"{value!r} must be a positive number of images, or None for all")
-        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
-            raise SpecError("seed", f"{self.seed!r} must be a non-negative integer, or None for hypothesis's own "
-                            "randomness (derandomized under its ci profile)")
-
-    def label(self) -> str:
-        """Readable id used in test ids: ``search-weight``."""
-        return f"search-{self.site}" + ("" if self.kind == "flip" else f"-{self.kind}")
-
-    def kinds(self) -> tuple[str, ...]:
-        return ("stuck0", "stuck1") if self.kind == "stuck" else (self.kind,)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("bit_positions", "layers"):
-            if data[key] is not None:
-                data[key] = list(data[key])
-        return data
-
-    def with_overrides(self, **overrides: Any) -> SearchSpec:
-        if "search" in overrides:
-            overrides["site"] = overrides.pop("search")
-        known = {f.name for f in fields(self)}
-        for key in overrides:
-            if key not in known:
-                raise SpecError(key, f"unknown search argument; allowed: {', '.join(SEARCH_ARGUMENTS)}")
-        return replace(self, **one_threshold(overrides))
-
-    def question(self) -> dict[str, Any]:
-        """What defines the search's question, not how hard it looks (examples, seed, subset): the database key."""
-        data = self.to_dict()
-        for budget in ("examples", "seed", "subset"):
-            del data[budget]
-        return data
-
-
-# The marker says `search="weight"` (or a list of sites, one test each) where a campaign says `site=`.
-SEARCH_ARGUMENTS = ("search", *(f.name for f in fields(SearchSpec) if f.name != "site"))
-
-
-def is_search_marker(kwargs: Mapping[str, Any]) -> bool:
-    return "search" in kwargs
-
-
-def expand_search(kwargs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> list[SearchSpec]:
-    """The searches a ``resilience(search=..., ...)`` marker asks for: one per site when `search` is a list.
-
-    `defaults` (e.g. the plugin's ``{"seed": ..., "budget": ..., "confidence": ...}``) fill in what the marker
-    leaves out; keys that a search does not take are ignored."""
-    unknown = sorted(set(kwargs) - set(SEARCH_ARGUMENTS))
-    if unknown:
-        hint = " (ber and site belong to campaigns; a search marker names its site with search=)" if {
-            "ber", "site"} & set(unknown) else ""
-        raise SpecError(unknown[0], f"unknown argument of a search marker{hint}; allowed: "
-                        f"{', '.join(SEARCH_ARGUMENTS)}")
-    known = {f.name for f in fields(SearchSpec)}
-    merged = {k: v for k, v in (defaults or {}).items() if k in known and k != "site"}
-    merged.update({k: v for k, v in kwargs.items() if k != "search"})
-    value = kwargs["search"]
-    sites = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not sites:
-        raise SpecError("search", "is an empty list")
-    if len(set(map(repr, sites))) != len(sites):
-        raise SpecError("search", f"{value!r} repeats a site")
-    return [SearchSpec(site=site, **merged) for site in sites]
 
 
 def search_database_key(name: str, spec: SearchSpec, qmodel: QuantizedModel | None = None) -> bytes:
@@ -239,12 +126,7 @@ class FaultOracle:
     ) -> None:
         from .data import as_tensors
 
-        if (min_acc is None) == (max_drop is None):
-            raise ValueError("give exactly one of min_acc (absolute floor) or max_drop (allowed drop from the "
-                             "fault-free quantized accuracy)")
-        for name, value in (("min_acc", min_acc), ("max_drop", max_drop)):
-            if value is not None and (not is_number(value) or not 0.0 <= float(value) <= 1.0):
-                raise ValueError(f"{name}={value!r} must be an accuracy in [0, 1]")
+        check_threshold(min_acc, max_drop)
         self.qmodel = qmodel
         self.inputs, self.labels = as_tensors(data, samples)
         if len(self.inputs) == 0:
@@ -299,8 +181,8 @@ class FaultOracle:
 
     def _on_images(self, faults: Sequence[Fault], images: Sequence[int]) -> FaultPattern:
         """The pattern of `faults` over the given images of the data (sorted), renumbered 0..len(images)-1."""
+        from .explain import pattern_of
         from .faults import Fault
-        from .strategies import pattern_of
 
         position = {image: i for i, image in enumerate(images)}
         kept = []
@@ -313,7 +195,7 @@ class FaultOracle:
 
     def full_pattern(self, faults: Sequence[Fault]) -> FaultPattern:
         """The exact pattern of `faults` over all the data (what `accuracy(qmodel, data, faults=...)` replays)."""
-        from .strategies import pattern_of
+        from .explain import pattern_of
 
         return pattern_of(faults, len(self.inputs))
 
@@ -407,10 +289,14 @@ class FaultOracle:
 
     # -- explaining a pattern -----------------------------------------------------------------------------------
     def details(self, faults: Sequence[Fault]) -> list[FaultDetail]:
+        from .explain import describe_faults
+
         return describe_faults(self.qmodel, faults, self.inputs)
 
     def report(self, faults: Sequence[Fault], header: str | None = None) -> str:
         """The failure message: the pattern fault by fault, the accuracies, and the replay."""
+        from .explain import format_details, replay_lines
+
         accuracy = self.accuracy(faults)
         n = len(self.inputs)
         lines = [header or f"hwfault: {len(faults)} fault(s) take the accuracy to {accuracy:.4f}, below the "
@@ -422,141 +308,6 @@ class FaultOracle:
         lines.append("  replay:")
         lines.extend("    " + line for line in replay_lines(faults, n, self.required, accuracy))
         return "\n".join(lines)
-
-
-# -- per-fault explanation -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FaultDetail:
-    """One fault, in the numbers a person checks: where, which bit, the code and value before and after."""
-
-    fault: Fault
-    position: tuple[int, ...]  # multi-index into the weight tensor, or into one image's tensor
-    width: int
-    code_before: int
-    code_after: int
-    scale: float
-    image: int | None  # the image whose codes are shown (transient sites); None for weights
-    every_image: bool  # transient fault pinned to every image (before/after shown for `image`)
-
-    @property
-    def value_before(self) -> float:
-        return self.code_before * self.scale
-
-    @property
-    def value_after(self) -> float:
-        return self.code_after * self.scale
-
-    def to_dict(self) -> dict[str, Any]:
-        f = self.fault
-        return {"site": f.site, "layer": f.layer, "index": f.index, "position": list(self.position), "bit": f.bit,
-                "kind": f.kind, "image": f.image, "every_image": self.every_image, "shown_image": self.image,
-                "code_before": self.code_before, "code_after": self.code_after, "value_before": self.value_before,
-                "value_after": self.value_after, "scale": self.scale}
-
-
-def _unravel(index: int, shape: Sequence[int]) -> tuple[int, ...]:
-    position = []
-    for size in reversed(shape):
-        position.append(index % size)
-        index //= size
-    return tuple(reversed(position))
-
-
-def _clean_codes(qmodel: QuantizedModel, site: Any, layer: str, x: torch.Tensor) -> torch.Tensor:
-    """Fault-free codes of one image at a transient site of `layer`, flat: read with hooks placed around the
-    engine's own (the accumulator before requantization, the output codes after it, the input codes after
-    quantization)."""
-    from .faults import Site
-
-    q = qmodel.layers[layer]
-    seen: dict[str, torch.Tensor] = {}
-    module = q.module
-    if site is Site.INPUT:
-        handle = module.register_forward_pre_hook(lambda m, a: seen.__setitem__("codes", a[0].detach().clone()))
-    elif site is Site.ACC:  # the module's own output lacks the bias, which the engine adds next
-        bias = q.bias_codes if q.bias_codes is not None else 0.0
-        handle = module.register_forward_hook(lambda m, a, o: seen.__setitem__("codes", o.detach() + bias),
-                                              prepend=True)
-    else:
-        handle = module.register_forward_hook(
-            lambda m, a, o: seen.__setitem__("codes", (o.detach() / q.handed_on_scale).round()))
-    try:
-        qmodel(x[None])
-    finally:
-        handle.remove()
-    return seen["codes"].reshape(-1).round().to(dtype=seen["codes"].dtype)
-
-
-def describe_faults(qmodel: QuantizedModel, faults: Sequence[Fault], inputs: torch.Tensor | None = None
-                    ) -> list[FaultDetail]:
-    """Per fault: its position, code before and after (faults on one code compose in order), dequantized values and
-    scale. At transient sites the codes are those of the fault's image (image 0 when it strikes every image)."""
-    from .bits import Kind, fault_delta
-    from .faults import Site
-
-    details = []
-    current: dict[tuple[str, str, int, int | None], int] = {}
-    clean: dict[tuple[str, str, int | None], Any] = {}
-    for fault in faults:
-        site = Site(fault.site)
-        q = qmodel.layers[fault.layer]
-        width = q.site_bits(site)
-        shown = None if not site.transient else (fault.image if fault.image is not None else 0)
-        if site is Site.WEIGHT:
-            shape: Sequence[int] = tuple(q.weight_codes.shape)
-            channel = fault.index // max(1, math.prod(shape[1:]))
-            scale = float(q.weight_scale[channel])
-            codes = q.weight_codes.reshape(-1)
-        else:
-            shape = q.input_shape if site is Site.INPUT else q.output_shape
-            if inputs is None:
-                raise ValueError("describing transient faults needs the inputs")
-            key = (fault.site, fault.layer, shown)
-            if key not in clean:
-                clean[key] = _clean_codes(qmodel, site, fault.layer, inputs[shown or 0])
-            codes = clean[key]
-            if site is Site.INPUT:
-                scale = q.input_scale
-            elif site is Site.ACT:
-                scale = q.act_scale
-            else:
-                axis = q.channel_axis
-                channel = (fault.index % shape[-1] if axis == -1
-                           else fault.index // max(1, math.prod(shape[1:])))
-                scale = float(q.acc_scale[channel])
-        slot = (fault.site, fault.layer, fault.index, shown)
-        before = current.get(slot, int(codes[fault.index]))
-        after = before + fault_delta(before, fault.bit, Kind(fault.kind), width)
-        current[slot] = after
-        details.append(FaultDetail(fault, _unravel(fault.index, shape), width, before, after, scale, shown,
-                                   site.transient and fault.image is None))
-    return details
-
-
-def format_details(details: Sequence[FaultDetail]) -> list[str]:
-    rows = [("#", "site", "layer", "index [position]", "bit", "kind", "code before -> after",
-             "value before -> after", "scale", "image")]
-    for i, d in enumerate(details, 1):
-        f = d.fault
-        sign = " (sign)" if f.bit == d.width - 1 else ""
-        image = "-" if d.image is None else (f"every (shown: {d.image})" if d.every_image else str(d.image))
-        rows.append((str(i), f.site, repr(f.layer), f"{f.index} {list(d.position)}", f"{f.bit}{sign}", f.kind,
-                     f"{d.code_before} -> {d.code_after}", f"{d.value_before:.6g} -> {d.value_after:.6g}",
-                     f"{d.scale:.6g}", image))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-
-
-def replay_lines(faults: Sequence[Fault], images: int, required: float, accuracy: float) -> list[str]:
-    from .strategies import replay_expression
-
-    expression = replay_expression(faults, images)
-    imports = "from pytest_hwfault import Fault, FaultPattern, accuracy"
-    if expression.startswith("pattern_of("):
-        imports += "\nfrom pytest_hwfault.strategies import pattern_of"
-        expression = expression.replace(f"images={images})", "images=len(x))")
-    return [*imports.splitlines(), f"pattern = {expression}",
-            f"assert accuracy(qmodel, (x, y), faults=pattern) >= {required:.4f}  # {accuracy:.4f} here"]
 
 
 # -- the plugin-driven search ---------------------------------------------------------------------------------------
@@ -583,7 +334,7 @@ class SearchResult:
 
     @property
     def pattern(self) -> FaultPattern | None:
-        from .strategies import pattern_of
+        from .explain import pattern_of
 
         return pattern_of(self.faults, self.images) if self.found else None
 
@@ -592,7 +343,7 @@ class SearchResult:
         return self.screened + self.confirmed
 
     def replay(self) -> str:
-        from .strategies import replay_expression
+        from .explain import replay_expression
 
         return replay_expression(self.faults, self.images)
 

@@ -1,8 +1,12 @@
-"""What one campaign asks for, validated eagerly, as plain data (no torch, no pytest).
+"""What a campaign or a worst-case search asks for, validated eagerly, as plain data (no torch, no pytest).
 
-The `resilience` marker, the `hwfault.assess(...)` overrides and the JSON report all speak `CampaignSpec`. Every
-check raises `SpecError`, which names the argument and what is allowed, so the plugin can report it against the
-test at collection time.
+The `resilience` marker, the `hwfault.assess(...)` overrides and the JSON report all speak `CampaignSpec`; a
+``resilience(search=...)`` marker speaks `SearchSpec`. Every check raises `SpecError`, which names the argument and
+what is allowed, so the plugin can report it against the test at collection time.
+
+This module is also the one home of the fault vocabulary the other modules derive from: the fault sites (`Site`,
+`SITES`), the fault kinds (`Kind`, `KINDS`), the code widths (`MAX_WEIGHT_ACT_BITS`, `ACC_BITS`) and the search's
+default fault budget (`DEFAULT_MAX_FLIPS`).
 """
 
 from __future__ import annotations
@@ -12,12 +16,42 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
+from enum import Enum
 from typing import Any
 
-SITES = ("act", "weight", "acc", "input")
-KINDS = ("flip", "stuck0", "stuck1")
-MAX_WEIGHT_ACT_BITS = 16
-ACC_BITS = 32
+
+class Site(str, Enum):
+    """Where in the accelerator a fault strikes."""
+
+    ACT = "act"  # output codes of a quantized layer, per image
+    WEIGHT = "weight"  # weight codes, shared by every image of a trial
+    ACC = "acc"  # int32 accumulator of a conv/linear before requantization, per image
+    INPUT = "input"  # input codes of a quantized layer, per image
+
+    @property
+    def transient(self) -> bool:
+        return self is not Site.WEIGHT
+
+
+class Kind(str, Enum):
+    """What a fault does to its bit."""
+
+    FLIP = "flip"
+    STUCK0 = "stuck0"
+    STUCK1 = "stuck1"
+
+
+SITES = tuple(site.value for site in Site)
+KINDS = tuple(kind.value for kind in Kind)
+MAX_WEIGHT_ACT_BITS = 16  # the widest weight, input and output codes
+ACC_BITS = 32  # the accumulator's codes: the widest code of all
+# A search's sites as its marker lists them (weight, its default, first), and its kinds: "stuck" is stuck at
+# either value, drawn.
+SEARCH_SITES = (Site.WEIGHT.value, Site.ACT.value, Site.INPUT.value, Site.ACC.value)
+SEARCH_KINDS = (*KINDS, "stuck")
+DEFAULT_MAX_FLIPS = 4
+DEFAULT_EXAMPLES = 200
+DEFAULT_SUBSET = 64
 
 
 class SpecError(ValueError):
@@ -59,6 +93,16 @@ def check_layers(value: Any) -> tuple[str, ...] | None:
     return layers
 
 
+def check_threshold(min_acc: Any, max_drop: Any) -> None:
+    """The release requirement: exactly one of min_acc (absolute floor) or max_drop (allowed drop), an accuracy."""
+    if (min_acc is None) == (max_drop is None):
+        raise SpecError("min_acc", "give exactly one of min_acc (absolute floor) or max_drop "
+                        "(allowed drop from the fault-free quantized accuracy)")
+    for name, value in (("min_acc", min_acc), ("max_drop", max_drop)):
+        if value is not None and (not is_number(value) or not 0.0 <= float(value) <= 1.0):
+            raise SpecError(name, f"{value!r} must be an accuracy in [0, 1]")
+
+
 def one_threshold(overrides: dict[str, Any]) -> dict[str, Any]:
     """`overrides` where setting one of min_acc / max_drop clears the other: a spec holds exactly one."""
     if "min_acc" in overrides and "max_drop" not in overrides:
@@ -66,6 +110,15 @@ def one_threshold(overrides: dict[str, Any]) -> dict[str, Any]:
     if "max_drop" in overrides and "min_acc" not in overrides:
         overrides["min_acc"] = None
     return overrides
+
+
+def _record(spec: CampaignSpec | SearchSpec) -> dict[str, Any]:
+    """A spec as JSON-ready data: its fields, with tuples as lists."""
+    data = asdict(spec)
+    for key in ("bit_positions", "layers"):
+        if data[key] is not None:
+            data[key] = list(data[key])
+    return data
 
 
 @dataclass(frozen=True)
@@ -92,13 +145,7 @@ class CampaignSpec:
         if not is_number(self.ber) or not 0.0 < float(self.ber) <= 1.0:
             raise SpecError("ber", f"{self.ber!r} must be a bit error rate in (0, 1], e.g. 1e-5")
         object.__setattr__(self, "ber", float(self.ber))
-        if (self.min_acc is None) == (self.max_drop is None):
-            raise SpecError("min_acc", "give exactly one of min_acc (absolute floor) or max_drop "
-                            "(allowed drop from the fault-free quantized accuracy)")
-        for name in ("min_acc", "max_drop"):
-            value = getattr(self, name)
-            if value is not None and (not is_number(value) or not 0.0 <= float(value) <= 1.0):
-                raise SpecError(name, f"{value!r} must be an accuracy in [0, 1]")
+        check_threshold(self.min_acc, self.max_drop)
         if not is_int(self.bits) or not 2 <= self.bits <= MAX_WEIGHT_ACT_BITS:
             raise SpecError("bits", f"{self.bits!r} must be an integer code width in [2, {MAX_WEIGHT_ACT_BITS}]")
         if self.kind not in KINDS:
@@ -128,11 +175,7 @@ class CampaignSpec:
         return f"{self.site}-ber{self.ber:g}" + ("" if self.kind == "flip" else f"-{self.kind}")
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("bit_positions", "layers"):
-            if data[key] is not None:
-                data[key] = list(data[key])
-        return data
+        return _record(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CampaignSpec:
@@ -180,3 +223,102 @@ def expand(kwargs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None)
             raise SpecError(name, f"{value!r} repeats a value")
         axes[name] = values
     return [CampaignSpec(**{**merged, "site": site, "ber": ber}) for site in axes["site"] for ber in axes["ber"]]
+
+
+# -- what a worst-case search asks for (the search marker's twin of CampaignSpec) ------------------------------------
+@dataclass(frozen=True)
+class SearchSpec:
+    """One worst-case fault search: a site, a fault budget, a threshold, and how hard to look."""
+
+    site: str = "weight"
+    min_acc: float | None = None
+    max_drop: float | None = None
+    max_flips: int = DEFAULT_MAX_FLIPS
+    kind: str = "flip"
+    bits: int = 8
+    bit_positions: tuple[int, ...] | None = None
+    layers: tuple[str, ...] | None = None
+    per_image: bool = False
+    examples: int = DEFAULT_EXAMPLES
+    subset: int | None = DEFAULT_SUBSET
+    samples: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.site not in SEARCH_SITES:
+            raise SpecError("search", f"{self.site!r} is not a fault site; allowed: {', '.join(SEARCH_SITES)}")
+        check_threshold(self.min_acc, self.max_drop)
+        if not is_int(self.max_flips) or self.max_flips < 1:
+            raise SpecError("max_flips", f"{self.max_flips!r} must be a positive number of faults")
+        if self.kind not in SEARCH_KINDS:
+            raise SpecError("kind", f"{self.kind!r} is not a fault kind; allowed: {', '.join(SEARCH_KINDS)}")
+        if not is_int(self.bits) or not 2 <= self.bits <= MAX_WEIGHT_ACT_BITS:
+            raise SpecError("bits", f"{self.bits!r} must be an integer code width in [2, {MAX_WEIGHT_ACT_BITS}]")
+        object.__setattr__(self, "bit_positions", check_bit_positions(self.bit_positions, self.site, self.bits))
+        object.__setattr__(self, "layers", check_layers(self.layers))
+        if not isinstance(self.per_image, bool):
+            raise SpecError("per_image", f"{self.per_image!r} must be True or False")
+        if self.per_image and self.site == "weight":
+            raise SpecError("per_image", "weight faults strike every image; per_image=True needs a transient site")
+        if not is_int(self.examples) or self.examples < 1:
+            raise SpecError("examples", f"{self.examples!r} must be a positive number of hypothesis examples")
+        for name in ("subset", "samples"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < 1):
+                raise SpecError(name, f"{value!r} must be a positive number of images, or None for all")
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
+            raise SpecError("seed", f"{self.seed!r} must be a non-negative integer, or None for hypothesis's own "
+                            "randomness (derandomized under its ci profile)")
+
+    def label(self) -> str:
+        """Readable id used in test ids: ``search-weight``."""
+        return f"search-{self.site}" + ("" if self.kind == "flip" else f"-{self.kind}")
+
+    def kinds(self) -> tuple[str, ...]:
+        return ("stuck0", "stuck1") if self.kind == "stuck" else (self.kind,)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _record(self)
+
+    def with_overrides(self, **overrides: Any) -> SearchSpec:
+        if "search" in overrides:
+            overrides["site"] = overrides.pop("search")
+        known = {f.name for f in fields(self)}
+        for key in overrides:
+            if key not in known:
+                raise SpecError(key, f"unknown search argument; allowed: {', '.join(SEARCH_ARGUMENTS)}")
+        return replace(self, **one_threshold(overrides))
+
+    def question(self) -> dict[str, Any]:
+        """What defines the search's question, not how hard it looks (examples, seed, subset): the database key."""
+        data = self.to_dict()
+        for budget in ("examples", "seed", "subset"):
+            del data[budget]
+        return data
+
+
+# The marker says `search="weight"` (or a list of sites, one test each) where a campaign says `site=`.
+SEARCH_ARGUMENTS = ("search", *(f.name for f in fields(SearchSpec) if f.name != "site"))
+
+
+def expand_search(kwargs: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> list[SearchSpec]:
+    """The searches a ``resilience(search=..., ...)`` marker asks for: one per site when `search` is a list.
+
+    `defaults` (e.g. the plugin's ``{"seed": ..., "budget": ..., "confidence": ...}``) fill in what the marker
+    leaves out; keys that a search does not take are ignored."""
+    unknown = sorted(set(kwargs) - set(SEARCH_ARGUMENTS))
+    if unknown:
+        hint = " (ber and site belong to campaigns; a search marker names its site with search=)" if {
+            "ber", "site"} & set(unknown) else ""
+        raise SpecError(unknown[0], f"unknown argument of a search marker{hint}; allowed: "
+                        f"{', '.join(SEARCH_ARGUMENTS)}")
+    known = {f.name for f in fields(SearchSpec)}
+    merged = {k: v for k, v in (defaults or {}).items() if k in known and k != "site"}
+    merged.update({k: v for k, v in kwargs.items() if k != "search"})
+    value = kwargs["search"]
+    sites = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not sites:
+        raise SpecError("search", "is an empty list")
+    if len(set(map(repr, sites))) != len(sites):
+        raise SpecError("search", f"{value!r} repeats a site")
+    return [SearchSpec(site=site, **merged) for site in sites]

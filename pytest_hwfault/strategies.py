@@ -25,18 +25,18 @@ flips change this image's prediction?", whose accuracy drop is at most k images.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from hypothesis import strategies as st
 
-from .bits import KIND_CODES, Kind
-from .faults import Fault, FaultPattern, LayerFaults, LayerSelector, Site, parse_kind, parse_site
-from .quantization import QuantizedModel
-
-DEFAULT_MAX_FLIPS = 4
+# pattern_of and replay_expression live in explain.py (which needs no hypothesis); importable from here as well.
+from .explain import pattern_of as pattern_of
+from .explain import replay_expression
+from .faults import Fault, FaultPattern, LayerSelector, Site, parse_kind, parse_site
+from .qmodel import QuantizedModel
+from .spec import DEFAULT_MAX_FLIPS, Kind
 
 
 def _layer_selectors(layers: LayerSelector | Iterable[LayerSelector] | None) -> tuple[LayerSelector, ...] | None:
@@ -145,52 +145,6 @@ def fault_lists(
         images = _check_count("images", images, 1)
     one = _one_fault(space, images, per_image)
     return st.lists(one, min_size=min_flips, max_size=max_flips, unique_by=_fault_key).map(tuple)
-
-
-def pattern_of(faults: Iterable[Fault], images: int | None = None) -> FaultPattern:
-    """The exact `FaultPattern` of search faults over `images` evaluated images: a transient fault without an image
-    strikes its code on each of images 0..images-1; every other fault is kept as it is. Faults on one code are
-    applied in the order given."""
-    rows: dict[tuple[Site, str], list[tuple[int, int, int, int]]] = {}
-    pinned: set[tuple[Site, str]] = set()
-    for fault in faults:
-        site = parse_site(fault.site)
-        code = KIND_CODES[parse_kind(fault.kind)]
-        key = (site, fault.layer)
-        if fault.index < 0 or fault.bit < 0 or (fault.image is not None and fault.image < 0):
-            raise ValueError(f"{fault!r}: index, bit and image must be non-negative")
-        if not site.transient and fault.image is not None:
-            raise ValueError(f"{fault!r}: weight faults are shared by every image; give no image")
-        if site.transient and fault.image is None:
-            if images is None:
-                raise ValueError(f"{fault!r} strikes every image: give the number of evaluated images")
-            pinned.add(key)
-            rows.setdefault(key, []).append((-2, fault.index, fault.bit, code))
-        else:
-            rows.setdefault(key, []).append((-1 if fault.image is None else fault.image, fault.index, fault.bit, code))
-    groups: dict[tuple[Site, str], LayerFaults] = {}
-    for key, values in rows.items():
-        table = torch.tensor(values, dtype=torch.int64).reshape(-1, 4)
-        table = torch.cat([table, torch.arange(len(table), dtype=torch.int64)[:, None]], dim=1)  # list order
-        if key in pinned:
-            assert images is not None
-            every = table[:, 0] == -2
-            spread = table[every].repeat(images, 1)  # each pinned fault once per image
-            spread[:, 0] = torch.arange(images, dtype=torch.int64).repeat_interleave(int(every.sum()))
-            table = torch.cat([table[~every], spread])
-            table = table[torch.sort(table[:, 4], stable=True).indices]
-        t = table[torch.sort(table[:, 0], stable=True).indices]  # by image; list order within an image
-        groups[key] = LayerFaults(*(t[:, c].contiguous() for c in range(4)))
-    return FaultPattern(groups)
-
-
-def replay_expression(faults: Sequence[Fault], images: int | None = None) -> str:
-    """Python source that rebuilds the pattern: ``FaultPattern.from_faults([...])``, or ``pattern_of([...],
-    images=N)`` when a transient fault strikes every image."""
-    listed = "[" + ", ".join(repr(f) for f in faults) + "]"
-    if any(Site(f.site).transient and f.image is None for f in faults):
-        return f"pattern_of({listed}, images={images if images is not None else 'len(x)'})"
-    return f"FaultPattern.from_faults({listed})"
 
 
 @dataclass(repr=False, eq=False)

@@ -33,6 +33,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 from torch import nn
 
 from pytest_hwfault.evaluate import accuracy
+from pytest_hwfault.explain import describe_faults, pattern_of
 from pytest_hwfault.faults import Fault, FaultPattern
 from pytest_hwfault.quantization import QuantizedModel, quantize
 from pytest_hwfault.search import (
@@ -40,16 +41,13 @@ from pytest_hwfault.search import (
     MARGIN_LABEL,
     FaultOracle,
     FaultSearchFailure,
-    SearchSpec,
-    SpecError,
-    describe_faults,
-    expand_search,
     mutations,
     search_database_key,
     search_faults,
     subset_indices,
 )
-from pytest_hwfault.strategies import DrawnPattern, bit_flips, fault_lists, pattern_of, stuck_at
+from pytest_hwfault.spec import SearchSpec, SpecError, expand_search
+from pytest_hwfault.strategies import DrawnPattern, bit_flips, fault_lists, stuck_at
 
 TRAINED = 16
 DORMANT = 112
@@ -126,13 +124,7 @@ def plant_dormant_units(model: nn.Sequential, x: torch.Tensor, dormant: int, rea
     return planted
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is fastest, and much faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tiny tensors: one thread is fastest
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +257,31 @@ def test_pinned_activation_search_replays_with_pattern_of(models: Models) -> Non
     pattern = eval(expression, {"Fault": Fault, "FaultPattern": FaultPattern, "pattern_of": pattern_of})
     assert accuracy(models.planted, models.val, faults=pattern) == pytest.approx(result.accuracy)
     assert result.accuracy < result.required
+
+
+REPLAY_WITHOUT_HYPOTHESIS = """
+import sys
+sys.modules["hypothesis"] = None  # from here on, any import of hypothesis fails
+from pytest_hwfault import Fault, FaultPattern
+from pytest_hwfault.explain import pattern_of, replay_expression, replay_lines
+faults = [Fault("act", "0", 3, 6, "flip"), Fault("weight", "2", 1, 7, "flip")]
+rebuilt = eval(replay_expression(faults, 5), {"Fault": Fault, "FaultPattern": FaultPattern, "pattern_of": pattern_of})
+assert len(rebuilt) == 6 and len(pattern_of(faults, 5)) == 6  # the act fault once per image, the weight fault once
+scope = {"x": [0] * 5}
+exec("\\n".join(replay_lines(faults, 5, 0.5, 0.25)[:-1]), scope)  # the printed replay, but for its assert
+assert scope["pattern"].to_json() == rebuilt.to_json()
+print("replayed")
+"""
+
+
+def test_a_found_pattern_replays_without_hypothesis() -> None:
+    """`pattern_of`, `replay_expression` and the replay a report prints need no hypothesis."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", REPLAY_WITHOUT_HYPOTHESIS], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "replayed", done.stderr
 
 
 def test_per_image_transient_search_is_exact(models: Models) -> None:
