@@ -37,6 +37,62 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def single_threaded() -> Iterator[None]:
+    """A test module's tests on one intra-op thread, restored after the module: tiny tensors run much faster so on
+    a shared machine. A module opts in with ``pytestmark = pytest.mark.usefixtures("single_threaded")``."""
+    with one_thread():
+        yield
+
+
+# -- the oracle: two's complement from first principles, with Python ints only --------------------------------------
+def oracle_digits(code: int, width: int) -> list[int]:
+    """The `width` low binary digits of `code` modulo 2**width, least significant first."""
+    raw = code % (2**width)
+    digits = []
+    for _ in range(width):
+        raw, digit = divmod(raw, 2)
+        digits.append(digit)
+    return digits
+
+
+def oracle_value(digits: list[int]) -> int:
+    """The signed value of a two's-complement digit list (least significant first): the top digit weighs -2**(w-1)."""
+    width = len(digits)
+    return sum(d * 2**i for i, d in enumerate(digits[:-1])) - digits[-1] * 2 ** (width - 1)
+
+
+def oracle(code: int, bit: int, kind: str, width: int) -> int:
+    """The signed code after one fault of `kind` on bit `bit` of a `width`-bit register holding `code`."""
+    digits = oracle_digits(code, width)
+    if kind == "flip":
+        digits[bit] = 1 - digits[bit]
+    elif kind == "stuck0":
+        digits[bit] = 0
+    elif kind == "stuck1":
+        digits[bit] = 1
+    else:  # pragma: no cover - the strategies draw only the three kinds
+        raise AssertionError(kind)
+    return oracle_value(digits)
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it, so its BatchNorm cannot be folded. Takes batches of
+    `in_channels` x 8 x 8 images (or their flat vectors)."""
+
+    def __init__(self, in_channels: int = 3, channels: int = 6, classes: int = 5) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.fc = nn.Linear(channels * 8 * 8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, self.conv.in_channels, 8, 8)
+        out = torch.relu(self.bn(self.conv(x)))
+        if x.sum() > 0:
+            out = out + 1.0
+        return self.fc(out.flatten(1))
+
+
 @dataclass(frozen=True)
 class Digits:
     x_train: torch.Tensor  # float32 [N, 64], pixel values scaled to [0, 1]

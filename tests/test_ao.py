@@ -10,6 +10,7 @@ import torch.ao.quantization as tq
 from torch import nn
 
 from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
+from pytest_hwfault.faults import sample_pattern
 from pytest_hwfault.quantization import state_checksum
 
 
@@ -90,8 +91,15 @@ def test_ao_activation_faults_flip_unsigned_codes(ao_model, digits) -> None:  # 
     flipped = stored ^ 0x80  # bit 7 of an unsigned code: +-128, no sign extension
     assert int(round(float(after) / layer.act_scale)) + layer.act_zero_point == flipped
     assert not torch.equal(clean, faulty)
+    y = digits.y_test[:4]
     for site in ("act", "weight", "acc", "input"):
-        assert 0.0 <= accuracy(qmodel, (x, digits.y_test[:4]), FaultModel(site, 1e-3), seed=1) <= 1.0
+        # `accuracy` draws one trial with torch.Generator().manual_seed(seed): the same pattern, drawn here, is not
+        # empty, and the accuracy is that of the faulty outputs, counted image by image
+        model = FaultModel(site, 1e-3)
+        pattern = sample_pattern(model, qmodel.targets(model.site), len(x), torch.Generator().manual_seed(1))
+        assert len(pattern) > 0, site
+        expected = sum(int(row.argmax()) == int(label) for row, label in zip(qmodel(x, pattern), y)) / len(x)
+        assert accuracy(qmodel, (x, y), model, seed=1) == expected, site
 
 
 def test_ao_model_needs_8_bits(ao_model, digits) -> None:  # noqa: ANN001

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import oracle, oracle_digits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,37 +13,6 @@ from pytest_hwfault.bits import Kind, apply_bit_faults, fault_delta, to_signed, 
 KIND_CODE = {"flip": 0, "stuck0": 1, "stuck1": 2}  # the documented kind codes of apply_bit_faults
 KINDS = tuple(KIND_CODE)
 PROPERTY = settings(max_examples=75, deadline=None)
-
-
-# -- the oracle: two's complement from first principles, with Python ints only --------------------------------------
-def oracle_digits(code: int, width: int) -> list[int]:
-    """The `width` low binary digits of `code` modulo 2**width, least significant first."""
-    raw = code % (2**width)
-    digits = []
-    for _ in range(width):
-        raw, digit = divmod(raw, 2)
-        digits.append(digit)
-    return digits
-
-
-def oracle_value(digits: list[int]) -> int:
-    """The signed value of a two's-complement digit list (least significant first): the top digit weighs -2**(w-1)."""
-    width = len(digits)
-    return sum(d * 2**i for i, d in enumerate(digits[:-1])) - digits[-1] * 2 ** (width - 1)
-
-
-def oracle(code: int, bit: int, kind: str, width: int) -> int:
-    """The signed code after one fault of `kind` on bit `bit` of a `width`-bit register holding `code`."""
-    digits = oracle_digits(code, width)
-    if kind == "flip":
-        digits[bit] = 1 - digits[bit]
-    elif kind == "stuck0":
-        digits[bit] = 0
-    elif kind == "stuck1":
-        digits[bit] = 1
-    else:  # pragma: no cover - the strategies draw only the three kinds
-        raise AssertionError(kind)
-    return oracle_value(digits)
 
 
 def test_oracle_itself() -> None:

@@ -12,7 +12,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import one_thread
 from scipy import stats
 
 from pytest_hwfault.bits import Kind
@@ -30,11 +29,7 @@ from pytest_hwfault.faults import (
 ALPHA = 1e-3  # every goodness-of-fit test below runs on a fixed seed; this only says how strict each one is
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared machine. Restored after this module."""
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tiny tensors: one thread is fastest
 
 
 def _binomial_gof_pvalue(counts: list[int], n: int, p: float) -> float:

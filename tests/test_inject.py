@@ -12,10 +12,9 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_requantized, input_codes, integer_acc, one_thread, seeded, watch
+from conftest import assert_requantized, input_codes, integer_acc, oracle, seeded, watch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_bits import oracle
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -30,11 +29,7 @@ SITES = ("act", "weight", "acc", "input")
 TORCH_PROPERTY = settings(max_examples=60, deadline=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared machine. Restored after this module."""
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tiny tensors: one thread is fastest
 
 
 def f32(value: float) -> torch.Tensor:

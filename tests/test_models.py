@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from conftest import one_thread, seeded, weights_hold_codes
+from conftest import Branchy, one_thread, seeded, weights_hold_codes
 from torch import nn
 
 from pytest_hwfault.cifar_resnet import recalibrate_bn, resnet56
@@ -17,11 +17,7 @@ from pytest_hwfault.quantization import QuantizedModel, quantize, state_checksum
 SITES = ("act", "weight", "acc", "input")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: much faster than two on a shared two-core machine. Restored after this module."""
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tiny tensors: one thread is fastest
 
 
 def _build(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -200,22 +196,6 @@ class Conv3dNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(torch.relu(self.bn1(self.conv1(x))))
         return self.fc(torch.relu(self.conv2(x)).flatten(1))
-
-
-class Branchy(nn.Module):
-    """Data-dependent control flow: torch.fx cannot trace it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn = nn.BatchNorm2d(6)
-        self.fc = nn.Linear(6 * 8 * 8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn(self.conv(x)))
-        if x.sum() > 0:
-            out = out + 1.0
-        return self.fc(out.flatten(1))
 
 
 SMALL = {

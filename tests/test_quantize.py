@@ -9,11 +9,11 @@ import copy
 import pytest
 import torch
 from conftest import (
+    Branchy,
     assert_requantized,
     float_params,
     input_codes,
     integer_acc,
-    one_thread,
     seeded,
     watch,
     weights_hold_codes,
@@ -23,12 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pytest_hwfault.quantization import NoQuantizableLayerError, QuantizedModel, quantize, state_checksum
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster on a shared machine. Restored after this module."""
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tiny tensors: one thread is fastest
 
 
 def _layer_io(qmodel: QuantizedModel, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
@@ -184,26 +179,9 @@ def test_summary_describes_layers_in_execution_order(q_mlp) -> None:
         assert s["act_scale"] > 0 and s["input_scale"] > 0
 
 
-class Branchy(nn.Module):
-    """Data-dependent control flow: torch.fx cannot trace it, so its BatchNorm cannot be folded."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4 * 8 * 8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(-1, 1, 8, 8)
-        out = torch.relu(self.bn(self.conv(x)))
-        if x.sum() > 0:
-            out = out * 1.0
-        return self.fc(out.flatten(1))
-
-
 def _non_traceable(digits) -> nn.Module:
     with seeded(23):
-        model = Branchy()
+        model = Branchy(in_channels=1, channels=4, classes=10)
         model.train()
         with torch.no_grad():
             model(digits.x_train[:256])  # give the BN non-trivial running statistics
