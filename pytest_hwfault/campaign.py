@@ -17,7 +17,15 @@ from typing import Any
 import torch
 
 from .bits import Kind
-from .evaluate import Predictions, decide, predict
+from .evaluate import (
+    EvaluationError,
+    Predictions,
+    baseline_floor,
+    chance_accuracy,
+    check_classification,
+    decide,
+    predict,
+)
 from .faults import FaultModel, FaultPattern, Site, sample_pattern, trial_generator
 from .late_start import DEFAULT_CACHE_BYTES, LateStart
 from .quantization import QuantizedModel
@@ -104,31 +112,44 @@ class CampaignResult:
     layers: list[dict[str, Any]]
     trials: dict[int, TrialResult] = field(default_factory=dict)
     seconds: float = 0.0
+    identity: dict[str, str] = field(default_factory=dict)  # fingerprints of the model and data it was run on
 
     # -- merging -------------------------------------------------------------------------------------------------
     def merge(self, other: CampaignResult) -> CampaignResult:
         """Union of the trials of two partial results of the same campaign; order does not matter."""
         if other.campaign_id != self.campaign_id:
             raise ValueError(f"cannot merge campaign {other.campaign_id} ({other.name}) into {self.campaign_id}")
+        if other.spec != self.spec:
+            changed = {k: (v, other.spec.to_dict()[k]) for k, v in self.spec.to_dict().items()
+                       if other.spec.to_dict()[k] != v}
+            raise ValueError(f"partial results of {self.name} disagree on the campaign's settings "
+                             + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in changed.items()))
+        for key in sorted(set(self.identity) & set(other.identity)):
+            if self.identity[key] != other.identity[key]:
+                raise ValueError(f"partial results of {self.name} were run on different {key}s (fingerprint "
+                                 f"{self.identity[key][:12]} vs {other.identity[key][:12]}): build the model and "
+                                 "data deterministically (seeded, thread-count independent) in every part")
         for attr in ("images", "float_accuracy", "quantized_accuracy"):
             if getattr(self, attr) != getattr(other, attr):
                 raise ValueError(f"partial results of {self.name} disagree on {attr}: "
-                                 f"{getattr(self, attr)} vs {getattr(other, attr)}")
+                                 f"{getattr(self, attr)} vs {getattr(other, attr)}: they were run on different "
+                                 "models or data")
         trials = dict(self.trials)
         for index, trial in other.trials.items():
             if index in trials and trials[index] != trial:
-                raise ValueError(f"trial {index} of {self.name} differs between partial results: not the same seed?")
+                raise ValueError(f"trial {index} of {self.name} differs between partial results, although trials are "
+                                 "deterministic: the parts ran different models, data or plugin versions")
             trials[index] = trial
         return CampaignResult(self.campaign_id, self.name, self.spec, self.images, self.float_accuracy,
                               self.quantized_accuracy, self.layers, dict(sorted(trials.items())),
-                              max(self.seconds, other.seconds))
+                              max(self.seconds, other.seconds), self.identity or other.identity)
 
     def trimmed(self) -> CampaignResult:
         """Only the trials the outcome is computed on: the same result however many extra trials ran."""
         keep = self.outcome().trials if self.decided() else self.contiguous()
         return CampaignResult(self.campaign_id, self.name, self.spec, self.images, self.float_accuracy,
                               self.quantized_accuracy, self.layers, {i: self.trials[i] for i in range(keep)},
-                              self.seconds)
+                              self.seconds, self.identity)
 
     def contiguous(self) -> int:
         """T such that trials 0..T-1 are all present."""
@@ -231,6 +252,7 @@ class CampaignResult:
             "layers": self.layers,
             "trials": [self.trials[i].to_dict() for i in sorted(self.trials)],
             "seconds": self.seconds,
+            "identity": self.identity,
         }
 
     @classmethod
@@ -240,14 +262,15 @@ class CampaignResult:
         trials = {t["trial"]: TrialResult.from_dict(t) for t in data["trials"]}
         return cls(data["campaign_id"], data["name"], CampaignSpec.from_dict(data["spec"]), data["images"],
                    data["float_accuracy"], data["quantized_accuracy"], list(data["layers"]), trials,
-                   data.get("seconds", 0.0))
+                   data.get("seconds", 0.0), dict(data.get("identity") or {}))
 
 
 class Campaign:
     """Runs the trials of one campaign on one quantized model and evaluation set."""
 
     def __init__(self, qmodel: QuantizedModel, inputs: torch.Tensor, labels: torch.Tensor, spec: CampaignSpec,
-                 name: str, *, batch_size: int = 256, drop_fault_free: bool = True, late_start: bool = True,
+                 name: str, *, identity: dict[str, str] | None = None, batch_size: int = 256,
+                 drop_fault_free: bool = True, late_start: bool = True,
                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         if spec.bits != qmodel.config["bits"]:
             raise ValueError(f"campaign asks for bits={spec.bits} but the model was quantized to "
@@ -268,14 +291,23 @@ class Campaign:
             golden = decide(cache.fault_free_output.cpu())
         else:
             golden = predict(qmodel, inputs, batch_size=batch_size)
+        check_classification(golden, labels)
         self.golden, self.golden_nonfinite = golden.predicted, golden.nonfinite
         self.quantized_accuracy = float(golden.correct(labels).float().mean())
         self.float_accuracy = float(
             predict(qmodel, inputs, quantized=False, batch_size=batch_size).correct(labels).float().mean())
+        self.identity = dict(identity or {})
+        if spec.max_drop is not None and self.quantized_accuracy < baseline_floor(labels):
+            raise EvaluationError(
+                f"max_drop={spec.max_drop:g} is measured from the fault-free quantized accuracy, which is "
+                f"{self.quantized_accuracy:.4f} (float {self.float_accuracy:.4f}): not above chance "
+                f"({baseline_floor(labels):.4f} needed; the most frequent label alone scores "
+                f"{chance_accuracy(labels):.4f}), so any drop would pass. Check the "
+                "model, its labels and its quantization (hwfault.quantize(...).summary()), or gate with min_acc=")
 
     def empty_result(self) -> CampaignResult:
         return CampaignResult(self.campaign_id, self.name, self.spec, len(self.inputs), self.float_accuracy,
-                              self.quantized_accuracy, self.qmodel.summary())
+                              self.quantized_accuracy, self.qmodel.summary(), identity=dict(self.identity))
 
     def pattern(self, trial: int) -> FaultPattern:
         """The exact faults of trial `trial`: replayable, exportable."""

@@ -63,6 +63,16 @@ def iter_batches(data: Any, batch_size: int = 256) -> Iterator[tuple[torch.Tenso
         )
 
 
+def check_finite(inputs: torch.Tensor, what: str) -> None:
+    """Refuse NaN or Inf inputs: faults cannot be told apart from garbage that was there before them."""
+    if inputs.is_floating_point() or inputs.is_complex():
+        bad = ~torch.isfinite(inputs.reshape(len(inputs), -1)).all(dim=1) if inputs.dim() else ~torch.isfinite(inputs)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0]) if inputs.dim() else 0
+            raise DataError(f"{what} hold NaN or Inf values ({int(bad.sum())} of {len(inputs)} images, the first "
+                            f"at index {first}): clean or drop them before gating")
+
+
 def as_tensors(data: Any, samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `samples` (all when None) labelled examples of `data`, as (X, y) tensors on the CPU."""
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):

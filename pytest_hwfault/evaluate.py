@@ -12,6 +12,11 @@ from .faults import FaultModel, FaultPattern, sample_pattern
 from .quantization import QuantizedModel
 
 DEFAULT_BATCH_SIZE = 256
+BASELINE_MARGIN = 0.1  # a max_drop gate needs fault-free accuracy above chance by this share of the headroom
+
+
+class EvaluationError(ValueError):
+    """The model's outputs or the labels cannot be judged as a classification: no verdict would mean anything."""
 
 
 @dataclass
@@ -20,6 +25,7 @@ class Predictions:
 
     predicted: torch.Tensor  # int64 [M]; -1 where the logits were not finite
     nonfinite: torch.Tensor  # bool [M]
+    output_shape: tuple[int, ...] = ()  # the model's output per image, e.g. (classes,)
 
     def correct(self, labels: torch.Tensor) -> torch.Tensor:
         return (self.predicted == labels.to(self.predicted.device)) & ~self.nonfinite
@@ -28,10 +34,45 @@ class Predictions:
 def decide(logits: torch.Tensor) -> Predictions:
     """Predicted class per row of a batch of logits; a row with NaN/Inf counts as misclassified (predicted -1),
     never crashes."""
+    if not isinstance(logits, torch.Tensor):
+        raise EvaluationError(f"the model returned {type(logits).__qualname__}; a gate needs a tensor of class "
+                              "logits [N, classes]")
+    shape = tuple(logits.shape[1:])
     logits = logits.reshape(len(logits), -1)
     nonfinite = ~torch.isfinite(logits).all(dim=1)
     predicted = torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0).argmax(dim=1)
-    return Predictions(torch.where(nonfinite, torch.full_like(predicted, -1), predicted), nonfinite)
+    return Predictions(torch.where(nonfinite, torch.full_like(predicted, -1), predicted), nonfinite, shape)
+
+
+def check_classification(golden: Predictions, labels: torch.Tensor) -> None:
+    """Refuse what no accuracy can be computed on: outputs that are not [N, classes] logits, labels that are not
+    class indices of those outputs."""
+    if len(golden.output_shape) != 1 or golden.output_shape[0] < 2:
+        shown = ", ".join(map(str, ("N", *golden.output_shape)))
+        raise EvaluationError(f"the model's output has shape [{shown}]; a gate needs class logits of shape "
+                              "[N, classes] (at least 2 classes): return logits from forward (flatten or pool "
+                              "spatial maps, pick the logits out of a tuple or dict in a wrapper module)")
+    classes = golden.output_shape[0]
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise EvaluationError(f"the labels are {labels.dtype} of shape {list(labels.shape)}; a gate needs one "
+                              "integer class index per image (not one-hot, not floats)")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= classes:
+        outside = int(((labels < 0) | (labels >= classes)).sum())
+        raise EvaluationError(f"{outside} of {len(labels)} labels lie outside the model's {classes} output classes "
+                              f"(labels range over [{low}, {high}], logits over [0, {classes - 1}]): the labels "
+                              "do not belong to this model's outputs")
+
+
+def chance_accuracy(labels: torch.Tensor) -> float:
+    """Accuracy of always predicting the most frequent label: what a model that learned nothing reaches."""
+    return float(torch.bincount(labels.reshape(-1).to(torch.int64)).max()) / len(labels)
+
+
+def baseline_floor(labels: torch.Tensor) -> float:
+    """The fault-free accuracy a max_drop gate needs: chance plus BASELINE_MARGIN of the headroom above it."""
+    chance = chance_accuracy(labels)
+    return chance + BASELINE_MARGIN * (1.0 - chance)
 
 
 def predict(
@@ -46,6 +87,7 @@ def predict(
     if faults is not None:
         qmodel.validate(faults, len(inputs))
     predicted, nonfinite = [], []
+    shapes: set[tuple[int, ...]] = set()
 
     def run() -> None:
         for start in range(0, len(inputs), batch_size):
@@ -54,13 +96,14 @@ def predict(
             part = decide(logits)
             predicted.append(part.predicted.cpu())
             nonfinite.append(part.nonfinite.cpu())
+            shapes.add(part.output_shape)
 
     if faults is not None and faults.has_weight_faults():
         with qmodel.weight_faults(faults):
             run()
     else:
         run()
-    return Predictions(torch.cat(predicted), torch.cat(nonfinite))
+    return Predictions(torch.cat(predicted), torch.cat(nonfinite), shapes.pop() if len(shapes) == 1 else ())
 
 
 def accuracy(
@@ -81,8 +124,3 @@ def accuracy(
     outcome = predict(qmodel, x, faults, batch_size=batch_size)
     return float(outcome.correct(y).float().mean())
 
-
-def float_accuracy(qmodel: QuantizedModel, data: Any, *, samples: int | None = None,
-                   batch_size: int = DEFAULT_BATCH_SIZE) -> float:
-    x, y = as_tensors(data, samples)
-    return float(predict(qmodel, x, quantized=False, batch_size=batch_size).correct(y).float().mean())

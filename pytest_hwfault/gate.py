@@ -1,10 +1,12 @@
-"""Run the campaign a gate asks for, reusing quantized models: the plugin's engine room, free of pytest."""
+"""Run the campaign a gate asks for, reusing quantized models: the plugin's engine room, free of pytest.
+
+`prepare` is the one place where a gate's data and model are made ready (tensors checked, calibration chosen, the
+model quantized once per process); `assess`, the fixture's `quantize` and its `search` all go through it.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,22 +15,14 @@ import torch
 from torch import nn
 
 from .campaign import Campaign, CampaignResult, TrialResult
-from .data import as_tensors, iter_batches
+from .data import as_tensors, check_finite, iter_batches
+from .identity import model_fingerprint, tensor_fingerprint
 from .late_start import DEFAULT_CACHE_BYTES
-from .quantization import QuantizedModel, quantize, state_checksum
-from .sharding import RunDir, Slice
+from .quantization import QuantizedModel, quantize
+from .sharding import RunDir, Slice, take_part
 from .spec import CampaignSpec
 
 DEFAULT_CALIBRATION_SAMPLES = 512
-
-
-def tensor_fingerprint(*tensors: torch.Tensor) -> str:
-    digest = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -41,21 +35,61 @@ def resolve_device(choice: str) -> torch.device:
 
 @dataclass
 class ModelCache:
-    """Quantized views by (model state, calibration data, quantization options): quantize once per process."""
+    """Quantized views by (model architecture and state, calibration data, quantization options): quantize once
+    per process. The architecture is part of the key: equal weights do not make equal models."""
 
     entries: dict[tuple[str, ...], QuantizedModel] = field(default_factory=dict)
     hits: int = 0
 
     def get(self, model: nn.Module, calibration: torch.Tensor, device: torch.device, bits: int,
-            options: dict[str, Any]) -> QuantizedModel:
-        key = (type(model).__qualname__, state_checksum(model), tensor_fingerprint(calibration), str(device),
-               str(bits), repr(sorted(options.items())))
+            options: dict[str, Any], fingerprint: str | None = None) -> QuantizedModel:
+        key = (fingerprint or model_fingerprint(model), tensor_fingerprint(calibration), str(device), str(bits),
+               repr(sorted(options.items())))
         if key in self.entries:
             self.hits += 1
             return self.entries[key]
         qmodel = quantize(model, calibration, bits=bits, device=device, **options)
         self.entries[key] = qmodel
         return qmodel
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A gate's model and data, ready for a campaign or a search."""
+
+    qmodel: QuantizedModel
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    identity: dict[str, str]  # fingerprints of the model and the evaluation data; shards must agree on them
+
+
+def calibration_tensor(calibration_data: Any) -> torch.Tensor:
+    """The inputs of `calibration_data` (a tensor, (X, y), a DataLoader or a Dataset), checked finite."""
+    calibration = torch.cat([x for x, _ in iter_batches(calibration_data)])
+    check_finite(calibration, "the calibration data")
+    return calibration
+
+
+def quantized(model: nn.Module | QuantizedModel, calibration: torch.Tensor, *, cache: ModelCache,
+              device: torch.device, bits: int, options: dict[str, Any] | None = None,
+              fingerprint: str | None = None) -> QuantizedModel:
+    """`model` itself when it is already a quantized view, else its cached quantized view."""
+    if isinstance(model, QuantizedModel):
+        return model
+    return cache.get(model, calibration, device, bits, dict(options or {}), fingerprint)
+
+
+def prepare(model: nn.Module | QuantizedModel, data: Any, *, samples: int | None, bits: int, cache: ModelCache,
+            device: torch.device, calibration_data: Any = None,
+            quantize_options: dict[str, Any] | None = None) -> Prepared:
+    inputs, labels = as_tensors(data, samples)
+    check_finite(inputs, "the evaluation inputs")
+    fingerprint = model_fingerprint(model.module if isinstance(model, QuantizedModel) else model)
+    calibration = (inputs[:DEFAULT_CALIBRATION_SAMPLES] if calibration_data is None
+                   else calibration_tensor(calibration_data))
+    qmodel = quantized(model, calibration, cache=cache, device=device, bits=bits,
+                       options=quantize_options, fingerprint=fingerprint)
+    return Prepared(qmodel, inputs, labels, {"model": fingerprint, "data": tensor_fingerprint(inputs, labels)})
 
 
 @dataclass(frozen=True)
@@ -71,7 +105,8 @@ class Execution:
 @dataclass
 class Assessment:
     result: CampaignResult
-    final: bool  # True when `result` carries the campaign's verdict; False for a shard's partial share
+    final: bool  # True when this process carries the campaign's verdict; False for a shard's share
+    problem: str | None = None  # why the campaign cannot be judged (its shards saw different models or data)
 
 
 def assess(
@@ -91,18 +126,13 @@ def assess(
     """Quantize (or reuse) `model`, then run this process's part of the campaign `spec` on `data`.
 
     Calibration uses `calibration_data` when given, else the first DEFAULT_CALIBRATION_SAMPLES images of `data`.
-    `cache_bytes` bounds the late-start cache (0: no late start).
+    `cache_bytes` bounds the late-start cache (0: no late start). Under xdist every shard returns the campaign's
+    decided result (so the test's own code sees the same numbers on every shard); one of them carries the verdict.
     """
-    inputs, labels = as_tensors(data, spec.samples)
-    if isinstance(model, QuantizedModel):
-        qmodel = model
-    else:
-        if calibration_data is None:
-            calibration = inputs[:DEFAULT_CALIBRATION_SAMPLES]
-        else:
-            calibration = torch.cat([x for x, _ in iter_batches(calibration_data)])
-        qmodel = cache.get(model, calibration, device, spec.bits, dict(quantize_options or {}))
-    campaign = Campaign(qmodel, inputs, labels, spec, name, late_start=cache_bytes > 0, cache_bytes=cache_bytes)
+    prepared = prepare(model, data, samples=spec.samples, bits=spec.bits, cache=cache, device=device,
+                       calibration_data=calibration_data, quantize_options=quantize_options)
+    campaign = Campaign(prepared.qmodel, prepared.inputs, prepared.labels, spec, name, identity=prepared.identity,
+                        late_start=cache_bytes > 0, cache_bytes=cache_bytes)
     allowed = execution.ci_slice.trials(spec.budget)
     whole = execution.ci_slice.count == 1
     if execution.shards == 1 or execution.run_root is None or not execution.run_root.is_dir():
@@ -110,24 +140,7 @@ def assess(
             return Assessment(campaign.empty_result(), final=False)
         result = campaign.run(allowed, on_trial=on_trial)
         return Assessment(result.trimmed() if whole else result, final=whole)
-    run_dir = RunDir(execution.run_root, campaign.campaign_id)
-    shared = campaign.empty_result()
-
-    def claims() -> Iterator[int]:
-        while not run_dir.collect(shared).decided():
-            index = run_dir.claim(allowed)
-            if index is None:
-                return
-            yield index
-
-    mine = campaign.empty_result()
-    start = time.perf_counter()
-    for index in claims():
-        trial = mine.trials[index] = campaign.trial(index)
-        run_dir.publish(trial)
-    mine.seconds = time.perf_counter() - start
-    if run_dir.finish(execution.shard, execution.shards):
-        merged = run_dir.collect(campaign.empty_result())
-        merged.seconds = mine.seconds
-        return Assessment(merged.trimmed() if whole else merged, final=whole)
-    return Assessment(mine, final=False)
+    part = take_part(RunDir(execution.run_root, campaign.campaign_id), campaign, allowed, execution.shard,
+                     execution.shards)
+    result = part.result.trimmed() if whole and part.problem is None else part.result
+    return Assessment(result, final=part.last and whole, problem=part.problem)

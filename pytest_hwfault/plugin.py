@@ -12,7 +12,8 @@ import shlex
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ import pytest
 from .marker import MARKER, MARKER_HELP
 from .sharding import Slice, campaign_name, shard_id
 from .spec import CampaignSpec, SpecError, expand
+from .verdicts import VerdictPolicy
 
 if TYPE_CHECKING:
     from .campaign import CampaignResult
@@ -45,6 +47,8 @@ OPT_TOLERANCE = "--hwfault-compare-tolerance"
 OPT_STORAGE = "--hwfault-storage"
 OPT_SHARD = "--hwfault-shard"
 OPT_CACHE = "--hwfault-cache-mb"
+OPT_ALLOW_NEW = "--hwfault-compare-allow-new"
+DEFAULT_TOLERANCE = 0.01  # = report.baseline.DEFAULT_TOLERANCE (a test keeps them equal; importing it costs start-up)
 DEVICES = ("cpu", "cuda", "auto")
 INCONCLUSIVE_POLICIES = ("fail", "pass")
 
@@ -78,13 +82,9 @@ def _confidence(text: str) -> float:
 
 
 def _tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected an accuracy drop in [0, 1]") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is outside [0, 1]")
-    return value
+    from .report.baseline import parse_tolerance
+
+    return parse_tolerance(text)
 
 
 def _choice(allowed: tuple[str, ...]) -> Callable[[str], str]:
@@ -105,9 +105,13 @@ def _slice(text: str) -> Slice:
 
 
 def _name(text: str) -> str:
-    if not text or "/" in text or "\\" in text or text.startswith("."):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a plain baseline name (no slashes, not hidden)")
-    return text
+    from .report import ReportError
+    from .report.baseline import check_name
+
+    try:
+        return check_name(text)
+    except ReportError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # option, ini key, parser, default, help
@@ -121,8 +125,8 @@ _VALUED_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], Any, str], ...] = (
      "how a campaign that spends its budget without a verdict counts: fail (default) or pass"),
     (OPT_SAVE, "hwfault_save", _name, None, "save this run's results as baseline NAME"),
     (OPT_COMPARE, "hwfault_compare", _name, None, "fail campaigns whose accuracy regressed against baseline NAME"),
-    (OPT_TOLERANCE, "hwfault_compare_tolerance", _tolerance, 0.01,
-     "accuracy drop against the baseline that still passes (default 0.01)"),
+    (OPT_TOLERANCE, "hwfault_compare_tolerance", _tolerance, DEFAULT_TOLERANCE,
+     f"accuracy drop against the baseline that still passes (default {DEFAULT_TOLERANCE:g})"),
     (OPT_STORAGE, "hwfault_storage", str, ".hwfault", "directory of saved baselines (default .hwfault)"),
     (OPT_SHARD, "hwfault_shard", _slice, Slice(),
      "compute only part K/M of every campaign (a CI matrix job); merge the reports with "
@@ -147,9 +151,13 @@ class Settings:
     storage: str
     shard: Slice
     cache_mb: int
+    compare_allow_new: bool = False
 
     def marker_defaults(self) -> dict[str, Any]:
         return {"seed": self.seed, "budget": self.budget, "confidence": self.confidence}
+
+    def policy(self) -> VerdictPolicy:
+        return VerdictPolicy(inconclusive_passes=self.inconclusive == "pass", partial=self.shard.count > 1)
 
 
 @dataclass
@@ -165,6 +173,8 @@ STATE_KEY = pytest.StashKey[SessionState]()
 ITEM_RECORDS_KEY = pytest.StashKey[list]()
 SEARCH_RECORDS_KEY = pytest.StashKey[list]()
 RUN_ROOT_STASH = pytest.StashKey[Path]()
+MARKER_PROBLEM_KEY = pytest.StashKey[str]()
+CALLED_KEY = pytest.StashKey[bool]()  # hwfault.assess()/search() was called, even if it then refused
 
 
 def _dest(option: str) -> str:
@@ -179,6 +189,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     for option, ini, parse, _default, text in _VALUED_OPTIONS:
         group.addoption(option, dest=_dest(option), type=parse, default=None, help=f"{text} [ini: {ini}]")
         parser.addini(ini, help=text, default=None)
+    group.addoption(OPT_ALLOW_NEW, action="store_true", default=None, dest=_dest(OPT_ALLOW_NEW),
+                    help="with --hwfault-compare: campaigns the baseline lacks pass (default: they fail, since "
+                         "nothing was compared) [ini: hwfault_compare_allow_new]")
+    parser.addini("hwfault_compare_allow_new", type="bool", default=False,
+                  help="campaigns missing from the --hwfault-compare baseline pass")
 
 
 def _settings(config: pytest.Config) -> Settings:
@@ -194,7 +209,35 @@ def _settings(config: pytest.Config) -> Settings:
                     raise pytest.UsageError(f"ini option {ini} = {raw!r}: {exc}") from None
         values[_dest(option).removeprefix("hwfault_")] = default if value is None else value
     enabled = config.getoption("hwfault")
-    return Settings(enabled=bool(config.getini("hwfault")) if enabled is None else True, **values)
+    allow_new = config.getoption(_dest(OPT_ALLOW_NEW))
+    return Settings(enabled=bool(config.getini("hwfault")) if enabled is None else True,
+                    compare_allow_new=bool(config.getini("hwfault_compare_allow_new")) if allow_new is None else True,
+                    **values)
+
+
+def _check_settings(settings: Settings) -> None:
+    """Refuse, before any campaign runs, what could only fail (or silently do nothing) at the end."""
+    if settings.shard.count > 1:
+        for option, value in ((OPT_COMPARE, settings.compare), (OPT_SAVE, settings.save)):
+            if value is not None:
+                raise pytest.UsageError(
+                    f"{option}={value} with {OPT_SHARD}={settings.shard.index}/{settings.shard.count}: a slice holds "
+                    "no final result to compare or save; merge the slices' reports (python -m pytest_hwfault.report "
+                    "merge part-*.json -o merged.json), then compare the merged report "
+                    "(python -m pytest_hwfault.report compare merged.json BASELINE.json)")
+    from .report import ReportError
+    from .report.baseline import load_baseline
+    from .report.document import check_writable
+
+    try:
+        if settings.report:
+            check_writable(settings.report, f"report ({OPT_REPORT})")
+        if settings.save:
+            check_writable(Path(settings.storage) / f"{settings.save}.json", f"baseline ({OPT_SAVE})")
+        if settings.compare:
+            load_baseline(Path(settings.storage), settings.compare)
+    except ReportError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -205,6 +248,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     settings = _settings(config)
     config.stash[SETTINGS_KEY] = settings
+    if settings.enabled and not _is_worker(config):
+        _check_settings(settings)
     config.stash[STATE_KEY] = SessionState()
     config.pluginmanager.register(ResultCollector(config), "hwfault-results")
     if settings.enabled and not _is_worker(config) and config.pluginmanager.hasplugin("xdist"):
@@ -230,7 +275,7 @@ def _specs(config: pytest.Config, nodeid: str, marker: pytest.Mark) -> list[Camp
         raise _marker_error(nodeid, f"@resilience takes keyword arguments only, got positional {marker.args!r}")
     try:
         if "search" in marker.kwargs:  # a worst-case search, not a campaign (imports no torch)
-            from .search import expand_search
+            from .spec import expand_search
 
             # no --hwfault-seed default: a seeded search turns hypothesis's example database off
             return expand_search(marker.kwargs)  # type: ignore[return-value]
@@ -252,8 +297,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(SPEC_FIXTURE, specs, ids=[spec.label() for spec in specs])
     shards = _shard_count(metafunc.config)
     if shards > 1 and metafunc.config.stash[SETTINGS_KEY].enabled and "search" not in marker.kwargs:
-        metafunc.parametrize(SHARD_FIXTURE, range(1, shards + 1), ids=[shard_id(k, shards) for k in
-                                                                        range(1, shards + 1)])
+        metafunc.parametrize(SHARD_FIXTURE, [(k, shards) for k in range(1, shards + 1)],
+                             ids=[shard_id(k, shards) for k in range(1, shards + 1)])
 
 
 def _shard_count(config: pytest.Config) -> int:
@@ -264,13 +309,45 @@ def _shard_count(config: pytest.Config) -> int:
     return max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 
+def _item_marker_problem(item: pytest.Item) -> str | None:
+    """A marker the function-level checks never saw (applied through ``pytest.param(..., marks=...)``): check it
+    here, and refuse lists, which only a function-level marker can expand into campaigns."""
+    marker = item.get_closest_marker(MARKER)
+    if marker is None:
+        return None
+    try:
+        specs = _specs(item.config, item.nodeid, marker)
+    except pytest.Collector.CollectError as exc:
+        return str(exc)
+    callspec = getattr(item, "callspec", None)
+    if len(specs) > 1 and (callspec is None or SPEC_FIXTURE not in callspec.params):
+        return (f"{item.nodeid}: @resilience argument ber/site: a list gives several campaigns, which only a marker "
+                "on the test function expands; in pytest.param(..., marks=resilience(...)) give one site and one "
+                "ber, or put the marker on the function")
+    if "hwfault" not in getattr(item, "fixturenames", ()):
+        return (f"{item.nodeid}: uses @resilience but does not request the `hwfault` fixture, so no campaign would "
+                "run; add a `hwfault` argument and call hwfault.assess()")
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.stash[SETTINGS_KEY].enabled:
-        return
+    enabled = config.stash[SETTINGS_KEY].enabled
     skip = pytest.mark.skip(reason=SKIP_REASON)
     for item in items:
-        if item.get_closest_marker(MARKER) is not None:
+        if item.get_closest_marker(MARKER) is None:
+            continue
+        problem = _item_marker_problem(item)
+        if problem is not None:
+            item.stash[MARKER_PROBLEM_KEY] = problem
+        elif not enabled:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    problem = item.stash.get(MARKER_PROBLEM_KEY, None)
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
 
 
 # -- the fixture ---------------------------------------------------------------------------------------------
@@ -282,34 +359,34 @@ def _hwfault_spec(request: pytest.FixtureRequest) -> CampaignSpec | None:
 
 
 @pytest.fixture
-def _hwfault_shard() -> int:
-    """This item's shard of its campaign (1 when campaigns are not sharded)."""
-    return 1
+def _hwfault_shard() -> tuple[int, int]:
+    """(this item's shard of its campaign, the campaign's shard count): (1, 1) when not sharded."""
+    return (1, 1)
 
 
 class HwFault:
     """The `hwfault` fixture: runs the campaign the marker describes and fails the test when the gate fails."""
 
-    def __init__(self, item: pytest.Item, spec: CampaignSpec | None, shard: int) -> None:
+    def __init__(self, item: pytest.Item, spec: CampaignSpec | None, shard: tuple[int, int]) -> None:
         self._item = item
-        self._shard = shard
+        self._shard, self._shards = shard
         self._config = item.config
         self._settings = item.config.stash[SETTINGS_KEY]
         self._state = item.config.stash[STATE_KEY]
         self.spec = spec
         item.stash[ITEM_RECORDS_KEY] = []
         item.stash[SEARCH_RECORDS_KEY] = []
+        item.stash[CALLED_KEY] = False
 
     # engine access for custom assertions
     def quantize(self, model: Any, calibration_data: Any, **options: Any) -> Any:
-        """Quantize once per process (cached on the model's state, the data and the options)."""
-        import torch
+        """Quantize once per process (cached on the model's architecture and state, the data and the options)."""
+        from .gate import calibration_tensor, quantized
 
-        from .data import iter_batches
-
-        inputs = torch.cat([x for x, _ in iter_batches(calibration_data)])
         bits = options.pop("bits", 8)
-        return self._cache().get(model, inputs, self._device(), bits, options)
+        with self._refusals("hwfault.quantize()"):
+            return quantized(model, calibration_tensor(calibration_data), cache=self._cache(),
+                             device=self._device(), bits=bits, options=options)
 
     def accuracy(self, model: Any, data: Any, faults: Any = None, **kwargs: Any) -> float:
         from .evaluate import accuracy
@@ -332,6 +409,23 @@ class HwFault:
             return resolve_device(self._settings.device)
         except RuntimeError as exc:
             pytest.fail(f"{self._item.nodeid}: {exc}", pytrace=False)
+
+    @contextmanager
+    def _refusals(self, call: str) -> Iterator[None]:
+        """Bad data or a model no verdict can be drawn on fail the test with the cause, not a traceback."""
+        from .data import DataError
+        from .evaluate import EvaluationError
+
+        try:
+            yield
+        except (DataError, EvaluationError) as exc:
+            pytest.fail(f"{self._item.nodeid}: {call} refused: {exc}", pytrace=False)
+
+    def _start(self, call: str) -> None:
+        """What every campaign or search call checks first."""
+        self._item.stash[CALLED_KEY] = True
+        if not self._settings.enabled:  # a test without the marker: as a marked one, it needs --hwfault
+            pytest.skip(f"{SKIP_REASON} ({call} was called)")
 
     def _reproduce(self, spec: CampaignSpec) -> str:
         return shlex.join(["pytest", campaign_name(self._item.nodeid), OPT_ENABLE, f"{OPT_SEED}={spec.seed}",
@@ -357,46 +451,62 @@ class HwFault:
 
         return show
 
+    def _campaign_spec(self, overrides: dict[str, Any]) -> CampaignSpec:
+        nodeid = self._item.nodeid
+        if self.spec is None:
+            missing = [name for name in ("site", "ber") if name not in overrides]
+            if "min_acc" not in overrides and "max_drop" not in overrides:
+                missing.append("min_acc or max_drop")
+            if missing:
+                pytest.fail(f"{nodeid}: hwfault.assess() has no campaign to run: the test has no @resilience marker "
+                            f"and the call lacks {', '.join(missing)}; mark the test, e.g. "
+                            "@resilience(ber=1e-5, site='act', min_acc=0.8), or pass those arguments",
+                            pytrace=False)
+        try:
+            if self.spec is None:
+                return CampaignSpec.from_dict({**self._settings.marker_defaults(), **overrides})
+            return self.spec.with_overrides(**overrides)
+        except SpecError as exc:
+            pytest.fail(f"{nodeid}: hwfault.assess() argument {exc}", pytrace=False)
+
     def assess(self, model: Any, data: Any, *, calibration_data: Any = None,
                quantize_options: dict[str, Any] | None = None, **overrides: Any) -> CampaignResult:
         """Run the campaign of the marker (with `overrides`, any marker argument) and gate on its verdict."""
-        from .search import SearchSpec
+        from .spec import SearchSpec
 
         if isinstance(self.spec, SearchSpec):
             return self.search(model, data, calibration_data=calibration_data,
                                quantize_options=quantize_options, **overrides)
-        nodeid = self._item.nodeid
-        try:
-            if self.spec is None:
-                spec = CampaignSpec(**{**self._settings.marker_defaults(), **overrides})
-            else:
-                spec = self.spec.with_overrides(**overrides)
-        except (SpecError, TypeError) as exc:
-            pytest.fail(f"{nodeid}: hwfault.assess() argument {exc}", pytrace=False)
+        self._start("hwfault.assess()")
+        spec = self._campaign_spec(overrides)
         from .gate import Execution, assess
         from .report import campaign_record, failure_message
 
         records = self._item.stash[ITEM_RECORDS_KEY]
-        base = campaign_name(nodeid)
+        base = campaign_name(self._item.nodeid)
         name = base if not records else f"{base}#{len(records)}"
         run_root = getattr(self._config, "workerinput", {}).get(RUN_ROOT_KEY)
-        execution = Execution(shard=self._shard, shards=_shard_count(self._config), ci_slice=self._settings.shard,
+        execution = Execution(shard=self._shard, shards=self._shards, ci_slice=self._settings.shard,
                               run_root=Path(run_root) if run_root else None)
         start = time.perf_counter()
-        assessment = assess(model, data, spec, name, cache=self._cache(), device=self._device(),
-                            calibration_data=calibration_data, quantize_options=quantize_options,
-                            on_trial=self._progress(spec.label()), execution=execution,
-                            cache_bytes=self._settings.cache_mb << 20)
-        record = campaign_record(assessment.result, base)
+        with self._refusals("hwfault.assess()"):
+            assessment = assess(model, data, spec, name, cache=self._cache(), device=self._device(),
+                                calibration_data=calibration_data, quantize_options=quantize_options,
+                                on_trial=self._progress(spec.label()), execution=execution,
+                                cache_bytes=self._settings.cache_mb << 20)
+        record = campaign_record(assessment.result, base, assessment.problem)
         record["seconds"] = time.perf_counter() - start
         record["shard"] = [execution.shard, execution.shards]
         records.append(record)
-        if not assessment.final:  # a shard's share: the campaign's last shard carries the verdict
+        policy = self._settings.policy()
+        if assessment.problem is not None:
+            pytest.fail(failure_message(record, self._reproduce(spec)), pytrace=False)
+        if not assessment.final:
+            if policy.fails(record["verdict"]):  # stop here, as the shard carrying the verdict fails here
+                pytest.skip(f"shard {execution.shard} of {execution.shards}: campaign {spec.label()} ends "
+                            f"{record['verdict']}; the shard of this campaign that finishes last reports it")
             return assessment.result
-        verdict = record["verdict"]
-        if verdict == "fail" or verdict == "incomplete" or (
-            verdict == "inconclusive" and self._settings.inconclusive == "fail"
-        ):
+        if policy.fails(record["verdict"]):
             pytest.fail(failure_message(record, self._reproduce(spec)), pytrace=False)
         self._check_baseline(record)
         return assessment.result
@@ -406,8 +516,10 @@ class HwFault:
         """Search for the smallest fault pattern that breaks the model: the marker's search (``search=...``), or
         one given entirely by `overrides`; fails the test with the shrunk pattern and its replay when one is found.
         `settings`: hypothesis settings to start from (default: the active profile)."""
-        from .search import SearchSpec, run_marker_search
+        from .search import run_marker_search
+        from .spec import SearchSpec
 
+        self._start("hwfault.search()")
         nodeid = self._item.nodeid
         try:
             if isinstance(self.spec, SearchSpec):
@@ -419,20 +531,14 @@ class HwFault:
                 spec = SearchSpec(**given)
         except (SpecError, TypeError) as exc:
             pytest.fail(f"{nodeid}: hwfault.search() argument {exc}", pytrace=False)
-        import torch
+        from .gate import prepare
 
-        from .data import as_tensors, iter_batches
-        from .gate import DEFAULT_CALIBRATION_SAMPLES
-        from .quantization import QuantizedModel
-
-        inputs, labels = as_tensors(data, spec.samples)
-        if isinstance(model, QuantizedModel):
-            qmodel = model
-        else:
-            calibration = (inputs[:DEFAULT_CALIBRATION_SAMPLES] if calibration_data is None
-                           else torch.cat([x for x, _ in iter_batches(calibration_data)]))
-            qmodel = self._cache().get(model, calibration, self._device(), spec.bits, dict(quantize_options or {}))
-        result = run_marker_search(qmodel, inputs, labels, spec, nodeid=nodeid, settings=settings)
+        with self._refusals("hwfault.search()"):
+            prepared = prepare(model, data, samples=spec.samples, bits=spec.bits, cache=self._cache(),
+                               device=self._device(), calibration_data=calibration_data,
+                               quantize_options=quantize_options)
+            result = run_marker_search(prepared.qmodel, prepared.inputs, prepared.labels, spec, nodeid=nodeid,
+                                       settings=settings)
         self._item.stash[SEARCH_RECORDS_KEY].append(result.to_dict())
         if result.found:
             pytest.fail(result.message, pytrace=False)
@@ -441,22 +547,23 @@ class HwFault:
     def _check_baseline(self, record: dict[str, Any]) -> None:
         if self._settings.compare is None:
             return
-        from .report import build_report, compare_to_baseline, load_baseline
+        from .report import ReportError, build_report, load_baseline
+        from .report.baseline import baseline_failures
 
         if self._state.baseline is None:
-            self._state.baseline = load_baseline(Path(self._settings.storage), self._settings.compare)
-        regressions = compare_to_baseline(build_report([record], {}), self._state.baseline,
-                                          self._settings.compare_tolerance)
-        if regressions:
-            r = regressions[0]
-            pytest.fail(
-                f"{r.nodeid} [{r.label}]: accuracy under faults regressed against baseline "
-                f"{self._settings.compare!r}: {r.accuracy:.4f} < {r.baseline_accuracy:.4f} - tolerance "
-                f"{r.tolerance:g}", pytrace=False)
+            try:
+                self._state.baseline = load_baseline(Path(self._settings.storage), self._settings.compare)
+            except ReportError as exc:
+                pytest.fail(f"{self._item.nodeid}: {OPT_COMPARE}: {exc}", pytrace=False)
+        failures = baseline_failures(build_report([record], {}), self._state.baseline,
+                                     self._settings.compare_tolerance, allow_new=self._settings.compare_allow_new)
+        if failures:
+            pytest.fail(f"against baseline {self._settings.compare!r}: " + "\n".join(failures), pytrace=False)
 
 
 @pytest.fixture
-def hwfault(request: pytest.FixtureRequest, _hwfault_spec: CampaignSpec | None, _hwfault_shard: int) -> HwFault:
+def hwfault(request: pytest.FixtureRequest, _hwfault_spec: CampaignSpec | None,
+            _hwfault_shard: tuple[int, int]) -> HwFault:
     """Run hardware-fault campaigns: ``hwfault.assess(model, data)`` gates the test on the @resilience marker."""
     return HwFault(request.node, _hwfault_spec, _hwfault_shard)
 
@@ -465,7 +572,7 @@ def hwfault(request: pytest.FixtureRequest, _hwfault_spec: CampaignSpec | None, 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
-    if call.when != "call" or item.get_closest_marker(MARKER) is None:
+    if call.when != "call":
         return report
     records = item.stash.get(ITEM_RECORDS_KEY, None)
     searches = item.stash.get(SEARCH_RECORDS_KEY, None)
@@ -473,7 +580,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.hwfault_search = searches
     if records:
         report.hwfault = records
-    elif report.passed and item.config.stash[SETTINGS_KEY].enabled and records is not None and not searches:
+    elif (report.passed and item.get_closest_marker(MARKER) is not None and item.config.stash[SETTINGS_KEY].enabled
+          and not item.stash.get(CALLED_KEY, False)):
         report.outcome = "failed"
         report.longrepr = (f"{item.nodeid}: the @resilience gate never ran: the test passed without calling "
                            "hwfault.assess(model, data)")
@@ -488,34 +596,37 @@ class ResultCollector:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.records: list[dict[str, Any]] = []
+        self.interrupted = False
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         records = getattr(report, "hwfault", None)
         if records and report.when == "call":
             self.records.extend(records)
 
-    def campaigns(self) -> list[dict[str, Any]]:
-        """One record per campaign: shards merged; a campaign with a lost shard is incomplete."""
-        from .report import build_report, merge_reports
+    def pytest_keyboard_interrupt(self) -> None:
+        self.interrupted = True
 
-        if not self.records:
-            return []
-        seen: dict[str, set[int]] = {}
-        expected: dict[str, int] = {}
+    def campaigns(self) -> list[dict[str, Any]]:
+        """One record per campaign: shards merged; a campaign with a lost shard is incomplete, one whose shards
+        cannot be merged (different models or data) is invalid."""
+        from .report import ReportError, build_report, merge_reports
+
+        groups: dict[str, list[dict[str, Any]]] = {}
         for record in self.records:
-            index, count = record.get("shard", [1, 1])
-            seen.setdefault(record["campaign_id"], set()).add(index)
-            expected[record["campaign_id"]] = count
-        merged = merge_reports([build_report(self.records, {})])["campaigns"]
-        for record in merged:
-            lost = sorted(set(range(1, expected[record["campaign_id"]] + 1)) - seen[record["campaign_id"]])
-            if lost:
+            groups.setdefault(record["campaign_id"], []).append(record)
+        merged = []
+        for group in groups.values():
+            try:
+                record = merge_reports([build_report(group, {})])["campaigns"][0]
+            except ReportError as exc:
+                record = {**group[0], "verdict": "invalid", "problem": str(exc)}
+            seen = {r.get("shard", [1, 1])[0] for r in group}
+            lost = sorted(set(range(1, group[0].get("shard", [1, 1])[1] + 1)) - seen)
+            if lost and record["verdict"] != "invalid":
                 record["verdict"] = "incomplete"
                 record["lost_shards"] = lost
-        return merged
-
-    def _incomplete_is_failure(self) -> bool:
-        return self.config.stash[SETTINGS_KEY].shard.count == 1  # a CI slice is incomplete by design
+            merged.append(record)
+        return sorted(merged, key=lambda r: (r["nodeid"], r["campaign_id"]))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if _is_worker(self.config):
@@ -524,15 +635,35 @@ class ResultCollector:
         if not campaigns:
             return
         from .report import format_table
+        from .report.text import printable
 
         terminalreporter.write_sep("-", "hwfault campaigns")
         for line in format_table(campaigns):
             terminalreporter.write_line(line)
         for record in campaigns:
+            where = printable(f"{record['nodeid']} [{record['label']}]")
             if record.get("lost_shards"):
                 terminalreporter.write_line(
-                    f"hwfault: {record['nodeid']} [{record['label']}] lost shard(s) {record['lost_shards']} "
-                    "(a worker crashed): the campaign is incomplete and fails", red=True)
+                    f"hwfault: {where} lost shard(s) {record['lost_shards']} (a worker crashed): the campaign is "
+                    "incomplete and fails", red=True)
+            if record.get("problem"):
+                terminalreporter.write_line(f"hwfault: {where} is invalid and fails: {printable(record['problem'])}",
+                                            red=True)
+
+    def _completed(self, session: pytest.Session) -> str | None:
+        """Why the session did not run to its end (so that its results are no baseline), or None."""
+        if self.interrupted or session.exitstatus == pytest.ExitCode.INTERRUPTED:
+            return "the session was interrupted"
+        if session.shouldfail or session.shouldstop:
+            return f"the session stopped early ({session.shouldfail or session.shouldstop})"
+        if session.exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+            return f"the session ended with {pytest.ExitCode(session.exitstatus).name}"
+        return None
+
+    def _say(self, text: str) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"hwfault: {text}", red=True)
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -540,18 +671,28 @@ class ResultCollector:
         if _is_worker(self.config) or not settings.enabled:
             return
         campaigns = self.campaigns()
-        if self._incomplete_is_failure() and any(r["verdict"] == "incomplete" for r in campaigns):
-            if session.exitstatus == pytest.ExitCode.OK:
-                session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        policy = settings.policy()
+        failed = any(policy.fails(r["verdict"]) for r in campaigns)
+        if failed and session.exitstatus == pytest.ExitCode.OK:  # e.g. a lost shard: no test of its own failed
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
         if not (settings.report or settings.save):
             return
-        from .report import build_report, environment, save_baseline, write_report
+        from .report import ReportError, build_report, environment, save_baseline, write_report
 
         report = build_report(campaigns, environment())
-        if settings.report:
-            write_report(Path(settings.report), report)
-        if settings.save:
-            save_baseline(Path(settings.storage), settings.save, report)
+        try:
+            if settings.report:
+                write_report(Path(settings.report), report)
+            if settings.save:
+                unfinished = self._completed(session)
+                if unfinished is None:
+                    save_baseline(Path(settings.storage), settings.save, report)
+                else:
+                    self._say(f"baseline {settings.save!r} not saved: {unfinished}; the previous one is kept")
+        except (ReportError, OSError) as exc:
+            self._say(f"could not write: {exc}")
+            if session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 class XdistHooks:

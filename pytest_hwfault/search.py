@@ -34,11 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 # What a search asks for, re-exported from spec.py where it lives (`from pytest_hwfault.search import SearchSpec`).
-from .spec import DEFAULT_EXAMPLES as DEFAULT_EXAMPLES
-from .spec import DEFAULT_MAX_FLIPS, DEFAULT_SUBSET, SearchSpec, check_threshold
-from .spec import SEARCH_ARGUMENTS as SEARCH_ARGUMENTS
-from .spec import SpecError as SpecError
-from .spec import expand_search as expand_search
+from .spec import DEFAULT_EXAMPLES, DEFAULT_MAX_FLIPS, DEFAULT_SUBSET, SearchSpec, check_threshold
 
 if TYPE_CHECKING:
     import torch

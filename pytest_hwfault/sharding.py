@@ -3,9 +3,11 @@
 A campaign's result is a function of its trial prefix, so executors only decide *which process computes which
 trial*. Under xdist every campaign becomes S shard items; the shards claim trial indices one at a time from a
 shared run directory (so an idle shard steals work and nobody computes far past the deciding checkpoint), publish
-each finished trial there, and stop as soon as the published prefix decides. The last shard to finish merges
-everything and carries the verdict. A CI shard (``--hwfault-shard K/M``) computes trials i with i % M == K-1 and
-leaves the verdict to ``python -m pytest_hwfault.report merge``.
+each finished trial there, and stop as soon as the published prefix decides, so every shard ends knowing the
+verdict; the last shard to finish carries it. Before any trial, each shard records the fingerprints of the model and
+data it built: shards that disagree fail the campaign instead of merging trials of different models. A CI shard
+(``--hwfault-shard K/M``) computes trials i with i % M == K-1 and leaves the verdict to
+``python -m pytest_hwfault.report merge``.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import fcntl
 import json
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the plugin imports this module at start-up: keep torch out of it
-    from .campaign import CampaignResult, TrialResult
+    from .campaign import Campaign, CampaignResult, TrialResult
 
 _SHARD_ID = re.compile(r"-?shard\d+of\d+")
 
@@ -62,7 +65,9 @@ class Slice:
 
 
 class RunDir:
-    """Files shared by the shards of one campaign: a claim counter, published trials, finished shards."""
+    """Files shared by the shards of one campaign: what they saw, a claim counter, published trials, finished
+    shards. Every write is atomic (a temporary file renamed into place), and a counter that cannot be read (a torn
+    write by a killed process) only costs duplicated trials, never a wrong one: trials are deterministic."""
 
     def __init__(self, root: Path, campaign_id: str) -> None:
         self.path = root / campaign_id
@@ -77,28 +82,52 @@ class RunDir:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def claim(self, allowed: list[int]) -> int | None:
-        """The next unclaimed trial of `allowed` (ascending), or None when all are taken."""
+    def _write(self, target: Path, text: str) -> None:
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+
+    def agree(self, identity: dict[str, Any]) -> str | None:
+        """Record what this shard saw (model and data fingerprints), or compare it with what the first shard
+        recorded. Returns the problem when they differ (and records it for the other shards), else None."""
+        with self._locked():
+            first = self.path / "identity.json"
+            if not first.exists():
+                self._write(first, json.dumps(identity, sort_keys=True))
+                return self.problem()
+            seen = json.loads(first.read_text())
+            if {k: seen.get(k) for k in IDENTITY_KEYS} != {k: identity.get(k) for k in IDENTITY_KEYS}:
+                self._write(self.path / "problem.txt", _mismatch(seen, identity))
+            return self.problem()
+
+    def problem(self) -> str | None:
+        path = self.path / "problem.txt"
+        return path.read_text() if path.exists() else None
+
+    def claim(self, allowed: list[int], done: Container[int] = ()) -> int | None:
+        """The next unclaimed trial of `allowed` (ascending) that is not in `done`, or None when all are taken."""
         with self._locked():
             counter = self.path / "claimed"
-            taken = int(counter.read_text()) if counter.exists() else 0
+            try:
+                taken = int(counter.read_text()) if counter.exists() else 0
+            except ValueError:  # torn: start over; published trials are skipped, the rest recomputed identically
+                taken = 0
+            while taken < len(allowed) and allowed[taken] in done:
+                taken += 1
             if taken >= len(allowed):
                 return None
-            counter.write_text(str(taken + 1))
+            self._write(counter, str(taken + 1))
             return allowed[taken]
 
     def publish(self, trial: TrialResult) -> None:
-        target = self.path / "trials" / f"{trial.trial}.json"
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(trial.to_dict()))
-        os.replace(tmp, target)
+        self._write(self.path / "trials" / f"{trial.trial}.json", json.dumps(trial.to_dict()))
 
     def collect(self, into: CampaignResult) -> CampaignResult:
         """Add the trials published so far (and not yet in `into`) to `into`."""
         from .campaign import TrialResult
 
         for entry in os.scandir(self.path / "trials"):
-            if entry.name.endswith(".json"):
+            if entry.name.endswith(".json") and not entry.name.startswith("."):
                 index = int(entry.name[:-5])
                 if index not in into.trials:
                     into.trials[index] = TrialResult.from_dict(json.loads(Path(entry.path).read_text()))
@@ -109,3 +138,55 @@ class RunDir:
         with self._locked():
             (self.path / f"done-{shard}").touch()
             return sum(1 for i in range(1, count + 1) if (self.path / f"done-{i}").exists()) == count
+
+
+IDENTITY_KEYS = ("model", "data")
+
+
+def _mismatch(first: dict[str, Any], other: dict[str, Any]) -> str:
+    def seen(identity: dict[str, Any]) -> str:
+        accuracy = identity.get("float_accuracy")
+        shown = "" if accuracy is None else f", float accuracy {accuracy:.4f}"
+        return (f"shard {identity.get('shard', '?')}: model {str(identity.get('model'))[:12]}, "
+                f"data {str(identity.get('data'))[:12]}{shown}")
+
+    what = " and ".join(k for k in IDENTITY_KEYS if first.get(k) != other.get(k))
+    return (f"the shards of this campaign saw different {'models' if what == 'model' else what}: "
+            f"{seen(first)}; {seen(other)}. Their trials cannot be merged into one verdict. Every xdist worker "
+            "builds the model and data itself, so building them must give the same result on every worker: seed "
+            "the model's construction (torch.manual_seed), keep training independent of the thread count "
+            "(torch.set_num_threads(1) while training; workers run fewer threads than -n 0), or load a "
+            "checkpoint.")
+
+
+@dataclass
+class Part:
+    """What one shard knows at the end: the campaign's trials (decided unless a CI slice or a problem), whether
+    it is the last shard to finish (the one that carries the verdict), and any problem."""
+
+    result: CampaignResult
+    last: bool
+    problem: str | None
+
+
+def take_part(run_dir: RunDir, campaign: Campaign, allowed: list[int], shard: int, count: int) -> Part:
+    """Claim, compute and publish trials until the published trials decide the campaign (or every allowed trial
+    is published). When every trial is claimed but some are still in flight on other shards, compute them too
+    (identically, as trials are deterministic): no shard ever waits for another, so a shard queued behind this
+    one on the same worker, or a crashed one, cannot stall it, and every shard ends knowing the verdict."""
+    shared = campaign.empty_result()
+    identity = {**shared.identity, "shard": shard, "float_accuracy": shared.float_accuracy}
+    problem = run_dir.agree(identity)
+    start = time.perf_counter()
+    while problem is None and not run_dir.collect(shared).decided():
+        index = run_dir.claim(allowed, shared.trials)
+        if index is None:  # all claimed: take over the ones still in flight elsewhere
+            index = next((i for i in allowed if i not in shared.trials), None)
+            if index is None:
+                break
+        trial = shared.trials[index] = campaign.trial(index)
+        run_dir.publish(trial)
+        problem = run_dir.problem()
+    shared.seconds = time.perf_counter() - start
+    last = run_dir.finish(shard, count)
+    return Part(shared, last, problem or run_dir.problem())

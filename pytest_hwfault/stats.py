@@ -53,6 +53,8 @@ from itertools import accumulate, chain, repeat
 from operator import add, mul, neg, sub, truediv
 from typing import Any
 
+from .spec import check_threshold
+
 __all__ = [
     "Decision",
     "SampleSize",
@@ -569,11 +571,7 @@ class Threshold:
     max_drop: float | None = None
 
     def __post_init__(self) -> None:
-        if (self.min_acc is None) == (self.max_drop is None):
-            raise ValueError("set exactly one of min_acc or max_drop (each in [0, 1])")
-        for name, value in (("min_acc", self.min_acc), ("max_drop", self.max_drop)):
-            if value is not None:
-                _check_probability(value, name, open_interval=False)
+        check_threshold(self.min_acc, self.max_drop)
 
     def required_accuracy(self, quantized_accuracy: float) -> float:
         """Accuracy the faulty model must reach; a drop below 0 is clipped (the requirement is then void)."""

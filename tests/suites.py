@@ -36,3 +36,153 @@ def val_data(digits):
     x, y = digits
     return x[1200:1500], y[1200:1500]
 '''
+
+# A conftest for the hostile-input suites: a small MLP on the digits, and variants of it and its data that no gate
+# may pass. Everything is seeded and trained on one thread, so every xdist worker builds the same models.
+MLP_CONFTEST = '''
+import os
+import pytest, torch
+from torch import nn
+from sklearn.datasets import load_digits
+
+
+def _train(net, x, y, steps=40):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            opt = torch.optim.Adam(net.parameters(), 2e-2)
+            for _ in range(steps):
+                opt.zero_grad()
+                nn.functional.cross_entropy(net(x), y).backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return net.eval()
+
+
+def mlp(act=None, seed=0, outputs=10):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(64, 32), act or nn.ReLU(), nn.Linear(32, outputs))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16
+    y = torch.tensor(d.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[order], y[order]
+
+
+@pytest.fixture(scope="session")
+def model(digits):
+    x, y = digits
+    return _train(mlp(), x[:1200], y[:1200])
+
+
+@pytest.fixture(scope="session")
+def val_data(digits):
+    x, y = digits
+    return x[1200:1500], y[1200:1500]
+'''
+
+# Gates that the plugin once passed without testing the model (issue 12); run with MLP_CONFTEST under -n 0 and -n 2.
+HOSTILE_SUITE = '''
+import pytest, torch
+from torch import nn
+from conftest import mlp, _train
+from pytest_hwfault import resilience
+
+
+def float_accuracy(net, data):
+    x, y = data
+    with torch.no_grad():
+        return float((net(x).argmax(1) == y).float().mean())
+
+
+# 1. two models with one state dict and different architectures are two models
+@resilience(ber=1e-4, site="act", min_acc=0.0, budget=4)
+def test_arch_relu(hwfault, model, val_data):
+    assert hwfault.assess(model, val_data).float_accuracy == float_accuracy(model, val_data)
+
+
+@resilience(ber=1e-4, site="act", min_acc=0.0, budget=4)
+def test_arch_hardtanh(hwfault, model, val_data):
+    other = mlp(nn.Hardtanh(0.0, 0.5))
+    other.load_state_dict(model.state_dict())
+    own = float_accuracy(other.eval(), val_data)
+    assert own != float_accuracy(model, val_data)  # the architectures really compute different functions
+    assert hwfault.assess(other, val_data).float_accuracy == own
+
+
+# 2. verdicts that xdist used to lose
+def test_unmarked_gate_fails(hwfault, model, val_data):
+    hwfault.assess(model, val_data, site="act", ber=1e-3, min_acc=0.999, budget=8)
+
+
+@pytest.mark.parametrize("ber", [pytest.param(1e-3, marks=pytest.mark.resilience(
+    ber=1e-3, site="act", min_acc=0.999, budget=8))])
+def test_param_marker_gate_fails(hwfault, model, val_data, ber):
+    hwfault.assess(model, val_data)
+
+
+@resilience(ber=1e-3, site="act", min_acc=0.999, budget=8)
+def test_two_calls_first_fails(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+    hwfault.assess(model, val_data, min_acc=0.0)
+
+
+# 3. shards that build different models (here: each shard seeds its own init)
+@resilience(ber=1e-4, site="act", min_acc=0.0, budget=8)
+def test_model_differs_per_shard(hwfault, digits, val_data, request):
+    x, y = digits
+    net = _train(mlp(seed=2 if "shard2" in request.node.name else 1), x[:1200], y[:1200], steps=10)
+    hwfault.assess(net, val_data)
+
+
+# 4. max_drop gates with nothing sane to drop from
+@resilience(ber=1e-4, site="act", max_drop=0.5, budget=8)
+def test_labels_out_of_range(hwfault, model, val_data):
+    x, y = val_data
+    hwfault.assess(model, (x, y + 10))
+
+
+@resilience(ber=1e-4, site="act", max_drop=0.5, budget=8)
+def test_fewer_logits_than_classes(hwfault, val_data):
+    hwfault.assess(mlp(outputs=5).eval(), val_data)
+
+
+@resilience(ber=1e-4, site="act", max_drop=0.5, budget=8)
+def test_output_not_logits(hwfault, val_data):
+    spatial = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 10, 3, padding=1))
+    hwfault.assess(spatial.eval(), val_data)
+
+
+@resilience(ber=1e-4, site="weight", max_drop=0.5, budget=8)
+def test_baseline_at_chance(hwfault, model, val_data):
+    x, y = val_data
+    hwfault.assess(model, (x, (y + 1) % 10))
+
+
+@resilience(ber=1e-4, site="act", max_drop=0.5, budget=8)
+def test_input_nan(hwfault, model, val_data):
+    x, y = val_data
+    x = x.clone()
+    x[3, 5] = float("nan")
+    hwfault.assess(model, (x, y))
+
+
+# 7. the fixture's contract
+def test_assess_without_campaign(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+
+
+@resilience(ber=1e-4, site="act", max_drop=0.5, budget=8)
+def test_refusal_checked_by_the_test(hwfault, model, val_data):
+    x, y = val_data
+    with pytest.raises(pytest.fail.Exception, match="outside the model's 10 output classes"):
+        hwfault.assess(model, (x, y + 10))
+'''

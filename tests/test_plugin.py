@@ -203,7 +203,7 @@ def test_gate(hwfault):
         ("--hwfault-device=tpu", "not one of: cpu, cuda, auto"),
         ("--hwfault-inconclusive=maybe", "not one of: fail, pass"),
         ("--hwfault-compare-tolerance=3", "outside [0, 1]"),
-        ("--hwfault-save=../x", "plain baseline name"),
+        ("--hwfault-save=../x", "no spaces or path separators"),
         ("--hwfault-cache-mb=-5", "non-negative"),
     ],
 )
@@ -251,9 +251,10 @@ def test_gate(hwfault, model, val_data):
                                                "net[0].weight.data.mul_(0.3)\n    return net.eval()"))
     worse = _run(suite, "--hwfault", "--hwfault-compare=v1", "--hwfault-compare-tolerance=0.01")
     worse.assert_outcomes(failed=1)
-    worse.stdout.fnmatch_lines(["*regressed against baseline 'v1'*"])
-    missing = _run(suite, "--hwfault", "--hwfault-compare=nope")
-    missing.assert_outcomes(failed=1)
+    worse.stdout.fnmatch_lines(["*against baseline 'v1': REGRESSION*test_gate*"])
+    missing = _run(suite, "--hwfault", "--hwfault-compare=nope")  # refused before any campaign runs
+    assert missing.ret == pytest.ExitCode.USAGE_ERROR
+    missing.stderr.fnmatch_lines(["*no baseline named 'nope'*available: v1*"])
 
 
 def test_readme_example_runs_as_written(pytester: pytest.Pytester) -> None:

@@ -413,7 +413,7 @@ def test_save_and_load_baseline(tmp_path: Path) -> None:
         rp.load_baseline(tmp_path / "baselines", "mian")
     with pytest.raises(rp.ReportError, match="available: none"):
         rp.load_baseline(tmp_path / "empty", "main")
-    with pytest.raises(rp.ReportError, match="no path separators"):
+    with pytest.raises(rp.ReportError, match="no spaces or path separators"):
         rp.save_baseline(tmp_path, "../escape", report)
 
 

@@ -579,10 +579,10 @@ def test_threshold_required_accuracy_and_describe() -> None:
     [
         ({}, "exactly one"),
         ({"min_acc": 0.8, "max_drop": 0.05}, "exactly one"),
-        ({"min_acc": 1.2}, r"min_acc must be in \[0, 1\]"),
-        ({"min_acc": -0.1}, r"min_acc must be in \[0, 1\]"),
-        ({"max_drop": 2.0}, r"max_drop must be in \[0, 1\]"),
-        ({"max_drop": math.nan}, r"max_drop must be in \[0, 1\]"),
+        ({"min_acc": 1.2}, r"min_acc: 1.2 must be an accuracy in \[0, 1\]"),
+        ({"min_acc": -0.1}, r"min_acc: -0.1 must be an accuracy in \[0, 1\]"),
+        ({"max_drop": 2.0}, r"max_drop: 2.0 must be an accuracy in \[0, 1\]"),
+        ({"max_drop": math.nan}, r"max_drop: nan must be an accuracy in \[0, 1\]"),
     ],
 )
 def test_threshold_validation(kwargs: dict[str, float], match: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from collections.abc import Mapping
@@ -12,6 +13,26 @@ from typing import Any
 from .document import ReportError, load_report, write_report
 
 _BASELINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+DEFAULT_TOLERANCE = 0.01  # allowed accuracy drop against a baseline, for the plugin and the CLI alike
+
+
+def parse_tolerance(text: str) -> float:
+    """An allowed accuracy drop in [0, 1], for option parsers (argparse's and pytest's)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected an accuracy drop in [0, 1]") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside [0, 1]")
+    return value
+
+
+def check_name(name: str) -> str:
+    """`name` if it is a plain baseline name (it becomes a file name), else ReportError saying what is allowed."""
+    if not _BASELINE_NAME.match(name):
+        raise ReportError(f"baseline name {name!r} must start with a letter or digit and hold only letters, digits, "
+                          "'.', '_' or '-' (no spaces or path separators)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -35,9 +56,7 @@ class Regression:
 
 
 def _baseline_path(directory: Path, name: str) -> Path:
-    if not _BASELINE_NAME.match(name):
-        raise ReportError(f"baseline name {name!r} must be letters, digits, '.', '_' or '-' (no path separators)")
-    return Path(directory) / f"{name}.json"
+    return Path(directory) / f"{check_name(name)}.json"
 
 
 def save_baseline(directory: Path, name: str, report: dict[str, Any]) -> Path:
@@ -102,3 +121,24 @@ def unmatched(report: dict[str, Any], baseline: dict[str, Any]) -> tuple[list[di
     gone = [record for record in baseline["campaigns"] if record["campaign_id"] not in matched_ids]
     return new, gone
 
+
+
+def baseline_failures(report: dict[str, Any], baseline: dict[str, Any], tolerance: float, *,
+                      allow_new: bool = False) -> list[str]:
+    """Why `report` does not hold up against `baseline`, one line per campaign: a regression, a campaign the
+    baseline lacks (unless `allow_new`), or one the baseline holds without an accuracy to compare with. Empty when
+    every campaign was compared and held."""
+    failures = [f"REGRESSION {regression}" for regression in compare_to_baseline(report, baseline, tolerance)]
+    match = _matcher(baseline)
+    for record in report["campaigns"]:
+        old = match(record)
+        where = f"{record['nodeid']} [{record['label']}]"
+        if old is None:
+            if not allow_new:
+                failures.append(f"NOT IN BASELINE {where}: the baseline holds no such campaign, so nothing was "
+                                "compared (allow new campaigns with --hwfault-compare-allow-new / --allow-new, or "
+                                "save a new baseline)")
+        elif old["accuracy"] is None:
+            failures.append(f"NO BASELINE ACCURACY {where}: the baseline's campaign has no accuracy (it was "
+                            f"{old['verdict']} there), so nothing was compared; save a complete baseline")
+    return failures

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..spec import KINDS, SITES
+from ..verdicts import VERDICTS
 
 if TYPE_CHECKING:
     from ..campaign import CampaignResult
 
 REPORT_SCHEMA = "pytest-hwfault/report"
 REPORT_VERSION = 1
-VERDICTS = ("pass", "fail", "inconclusive", "incomplete")
 
 
 class ReportError(ValueError):
@@ -60,8 +60,11 @@ def _missing_trials(present: Sequence[int] | Mapping[int, Any], upto: int | None
     return [i for i in range(upto) if i not in present]
 
 
-def campaign_record(result: CampaignResult, nodeid: str) -> dict[str, Any]:
-    """One JSON-safe record: the verdict and numbers a person reads, plus the raw trials for exact merging."""
+def campaign_record(result: CampaignResult, nodeid: str, problem: str | None = None) -> dict[str, Any]:
+    """One JSON-safe record: the verdict and numbers a person reads, plus the raw trials for exact merging.
+
+    A `problem` (e.g. the shards of the campaign saw different models) makes the campaign ``invalid``: whatever its
+    trials say, no verdict about one model can be drawn from them."""
     spec = result.spec
     outcome = result.outcome()
     next_checkpoint = None if outcome.complete else result.next_checkpoint()  # what an incomplete one waits for
@@ -86,7 +89,8 @@ def campaign_record(result: CampaignResult, nodeid: str) -> dict[str, Any]:
         "confidence": outcome.confidence,
         "method": outcome.method,
         "threshold": {"min_acc": spec.min_acc, "max_drop": spec.max_drop, "required": outcome.required},
-        "verdict": outcome.verdict,
+        "verdict": outcome.verdict if problem is None else "invalid",
+        "problem": problem,
         "complete": outcome.complete,
         "contiguous": result.contiguous(),
         "next_checkpoint": next_checkpoint,
@@ -193,6 +197,7 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
                 "method": {"type": "string"},
                 "threshold": {"$ref": "#/$defs/threshold"},
                 "verdict": {"enum": list(VERDICTS)},
+                "problem": {"type": ["string", "null"]},
                 "complete": {"type": "boolean"},
                 "contiguous": _COUNT,
                 "next_checkpoint": {"type": ["integer", "null"], "minimum": 1},
@@ -268,8 +273,13 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
+_LARGEST = 2**1023  # integers beyond a float's range are no accuracy, count or seed a report holds
+
+
 def _is_type(value: Any, kind: str) -> bool:
     actual = _json_type(value)
+    if actual == "integer" and not -_LARGEST < value < _LARGEST:
+        return False
     if kind == "number":
         return actual in ("integer", "number") and math.isfinite(value)
     if kind == "integer" and actual == "number":
@@ -330,21 +340,58 @@ def validate_report(report: Any) -> None:
                               f"campaign_id {record['campaign_id']!r}")
         if record["ci_low"] > record["ci_high"]:
             raise ReportError(f"{path}.ci_low: {record['ci_low']!r} is above ci_high {record['ci_high']!r}")
+        spec = record["result"]["spec"]
+        said = {**{key: record[key] for key in ("site", "ber", "bits", "kind", "seed")},
+                "min_acc": record["threshold"]["min_acc"], "max_drop": record["threshold"]["max_drop"]}
+        for key, value in said.items():
+            if key in spec and spec[key] != value:
+                raise ReportError(f"{path}: {key} {value!r} does not match the campaign's own setting "
+                                  f"{spec[key]!r} (result.spec.{key}): the record was altered")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # files
 
 
+def check_writable(path: str | os.PathLike[str], what: str = "report") -> None:
+    """Raise ReportError unless a file can be written at `path`: checked before any campaign runs, so that an
+    unwritable path is a usage error, not a traceback after an hour of campaigns."""
+    target = Path(path)
+    if target.is_dir():
+        raise ReportError(f"{target}: is a directory; give a file path for the {what}")
+    if target.exists() and not target.is_file():  # a device or FIFO: written in place, never replaced
+        if not os.access(target, os.W_OK):
+            raise ReportError(f"{target}: not writable")
+        return
+    ancestor = target.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ReportError(f"{target}: {ancestor} is not a directory, so the {what} cannot be written there")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".hwfault-probe.", dir=ancestor)
+    except OSError as error:
+        raise ReportError(f"{target}: cannot write in {ancestor}: {error.strerror or error}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def write_report(path: str | os.PathLike[str], report: dict[str, Any]) -> Path:
-    """Validate, then write strict JSON atomically, so that a reader never sees half a report."""
+    """Validate, then write strict JSON atomically, so that a reader never sees half a report. A target that
+    exists and is not a regular file (/dev/null, a FIFO) is written in place: only regular files are replaced."""
     target = Path(path)
     try:
         validate_report(report)
     except ReportError as error:
         raise ReportError(f"{target}: refusing to write an invalid report: {error}") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=1, allow_nan=False) + "\n"
+    if target.is_dir():
+        raise ReportError(f"{target}: is a directory")
+    if target.exists() and not target.is_file():
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -369,6 +416,10 @@ def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:
         report = json.loads(text)
     except json.JSONDecodeError as error:
         raise ReportError(f"{source}: not valid JSON: {error}") from None
+    except RecursionError:
+        raise ReportError(f"{source}: JSON nested too deeply to be a report") from None
+    except ValueError as error:  # e.g. an integer literal longer than Python converts
+        raise ReportError(f"{source}: not a report: {error}") from None
     try:
         validate_report(report)
     except ReportError as error:

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 TOP_LAYERS = 3  # most vulnerable layers named in a failure message
 
+
+
+def printable(text: str) -> str:
+    """`text` with control and format characters escaped (ESC as \\x1b, CR as \\r), so that a received report's
+    nodeids cannot move the cursor, repaint rows or hide text in a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if unicodedata.category(c)[0] != "C" else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 def _short_nodeid(nodeid: str, width: int = 56) -> str:
@@ -45,7 +55,7 @@ _TABLE_COLUMNS = (  # header, right-aligned
 def format_table(records: list[dict[str, Any]]) -> list[str]:
     """Terminal summary, one aligned row per campaign, for the pytest summary and the CLI."""
     rows = [[
-        _short_nodeid(record["nodeid"]),
+        printable(_short_nodeid(record["nodeid"])),
         record["site"],
         f"{record['ber']:g}",
         str(record["trials"]),
@@ -89,9 +99,10 @@ def failure_message(record: dict[str, Any], reproduce: str) -> str:
         "fail": "accuracy under faults is below the threshold",
         "inconclusive": "the trial budget was spent without a decision",
         "incomplete": "trials are missing, so no decision could be made",
+        "invalid": "the campaign's trials cannot be judged together",
     }.get(verdict, verdict)
     label = "" if record["label"] in record["nodeid"] else f" [{record['label']}]"  # parametrized ids name it
-    lines = [f"hwfault {verdict.upper()}: {record['nodeid']}{label}: {headline}"]
+    lines = [f"hwfault {verdict.upper()}: {printable(record['nodeid'] + label)}: {headline}"]
 
     def row(key: str, text: str) -> None:
         lines.append(f"  {key:<13}{text}")
@@ -121,11 +132,13 @@ def failure_message(record: dict[str, Any], reproduce: str) -> str:
     if top:
         lines.append("  most vulnerable layers (share of fault-hit images that became critical):")
         for rank, layer in enumerate(top, 1):
-            lines.append(f"    {rank}. {layer['name']} ({layer.get('type', '?')}): vulnerability "
+            lines.append(f"    {rank}. {printable(layer['name'])} ({layer.get('type', '?')}): vulnerability "
                          f"{layer['vulnerability']:.3f}, act scale {_num(layer.get('act_scale'), '.4g')}, "
                          f"max weight scale {_num(layer.get('weight_scale_max'), '.4g')}, {layer['faults']} faults")
     else:
         row("layers", "no faults landed in the trials used")
+    if record.get("problem"):
+        lines.append(f"  problem: {printable(record['problem'])}")
     if verdict == "fail":
         lines.append(f"  the upper confidence bound {record['ci_high']:.4f} is below the required "
                      f"{threshold['required']:.4f}: protect the layers above (clipping, ECC) or lower the BER.")
