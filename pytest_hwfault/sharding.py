@@ -150,8 +150,8 @@ def _mismatch(first: dict[str, Any], other: dict[str, Any]) -> str:
         return (f"shard {identity.get('shard', '?')}: model {str(identity.get('model'))[:12]}, "
                 f"data {str(identity.get('data'))[:12]}{shown}")
 
-    what = " and ".join(k for k in IDENTITY_KEYS if first.get(k) != other.get(k))
-    return (f"the shards of this campaign saw different {'models' if what == 'model' else what}: "
+    what = " and ".join({"model": "models", "data": "data"}[k] for k in IDENTITY_KEYS if first.get(k) != other.get(k))
+    return (f"the shards of this campaign saw different {what}: "
             f"{seen(first)}; {seen(other)}. Their trials cannot be merged into one verdict. Every xdist worker "
             "builds the model and data itself, so building them must give the same result on every worker: seed "
             "the model's construction (torch.manual_seed), keep training independent of the thread count "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -633,3 +634,145 @@ def test_report_module_imports_no_heavy_dependencies() -> None:
             "print(sorted(m for m in ('torch', 'matplotlib', 'pytest') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parts that cannot be of one run, hostile files and paths (issue 12: items 5, 6, 9, 10)
+
+
+def _with_spec_change(report: dict[str, Any], index: int, **changes: Any) -> dict[str, Any]:
+    """`report` with campaign `index` run under other settings, record and raw result alike (ids kept)."""
+    changed = copy.deepcopy(report)
+    record = changed["campaigns"][index]
+    record["result"]["spec"].update(changes)
+    for key in ("min_acc", "max_drop"):
+        if key in changes:
+            record["threshold"][key] = changes[key]
+    return changed
+
+
+def test_merge_refuses_parts_with_other_settings_in_either_order() -> None:
+    a, b = _split(lambda i: i % 2 == 0)
+    stricter = _with_spec_change(b, 0, min_acc=0.9)
+    for parts in ([a, stricter], [stricter, a]):
+        with pytest.raises(rp.ReportError, match=r"disagree on the campaign's settings min_acc: 0\.(8|9) vs"):
+            rp.merge_reports(parts)
+
+
+def test_a_record_that_contradicts_its_own_result_is_refused() -> None:
+    report = _report()
+    report["campaigns"][0]["threshold"]["min_acc"] = 0.5  # the record says one threshold, its trials another
+    with pytest.raises(rp.ReportError, match=r"min_acc 0.5 does not match the campaign's own setting 0.8"):
+        rp.validate_report(report)
+
+
+def test_merge_refuses_two_runs_of_one_test_with_different_seeds(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    seed7 = _report()
+    spec = CampaignSpec(**{**PASS_SPEC.to_dict(), "seed": 8})
+    nodeid = f"{NODE}[act-ber0.0001]"
+    seed8 = rp.build_report([rp.campaign_record(_result(spec, [95] * 16, nodeid=nodeid).trimmed(), nodeid)], ENV)
+    with pytest.raises(rp.ReportError, match=r"appears as 2 different campaigns \(seed: 7, 8\)"):
+        rp.merge_reports([seed7, seed8])
+    assert rp.main(["merge", _write(tmp_path, "a.json", seed7), _write(tmp_path, "b.json", seed8)]) == 2
+    assert "not parts of one run" in capsys.readouterr().err
+
+
+def test_merge_refuses_parts_of_other_versions_unless_allowed(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = _split(lambda i: i % 2 == 0)
+    b["environment"] = {**b["environment"], "torch": "2.13.0"}
+    with pytest.raises(rp.ReportError, match=r"different torch versions \(2.13.0, x\)"):
+        rp.merge_reports([a, b])
+    assert rp.merge_reports([a, b], allow_mixed_versions=True)["campaigns"] == _report()["campaigns"]
+    pa, pb = _write(tmp_path, "a.json", a), _write(tmp_path, "b.json", b)
+    assert rp.main(["merge", pa, pb]) == 2
+    assert "--allow-mixed-versions" in capsys.readouterr().err
+    assert rp.main(["merge", "--allow-mixed-versions", pa, pb]) == 1  # merged: one fail, one inconclusive
+
+
+def test_an_invalid_campaign_stays_invalid_and_fails_the_merge(tmp_path: Path) -> None:
+    a, b = _split(lambda i: i % 2 == 0)
+    a["campaigns"][0].update(verdict="invalid", problem="the shards of this campaign saw different models")
+    merged = rp.merge_reports([a, b])["campaigns"][0]
+    assert merged["verdict"] == "invalid" and "different models" in merged["problem"]
+    passing = {**a, "campaigns": [a["campaigns"][0]]}
+    assert rp.main(["merge", _write(tmp_path, "a.json", passing)]) == 1
+
+
+def test_the_cli_and_the_plugin_share_one_default_tolerance() -> None:
+    from pytest_hwfault import plugin
+    from pytest_hwfault.report import baseline, cli
+
+    args = cli._parser().parse_args(["compare", "r.json", "b.json"])
+    assert args.tolerance == baseline.DEFAULT_TOLERANCE == plugin.DEFAULT_TOLERANCE == 0.01
+    defaults = {option: default for option, _, _, default, _ in plugin._VALUED_OPTIONS}
+    assert defaults[plugin.OPT_TOLERANCE] == baseline.DEFAULT_TOLERANCE
+
+
+def test_cli_compare_fails_for_campaigns_it_could_not_compare(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    full = _report()
+    base = _write(tmp_path, "base.json", {**full, "campaigns": full["campaigns"][1:]})
+    current = _write(tmp_path, "cur.json", full)
+    assert rp.main(["compare", current, base]) == 1
+    assert "NOT IN BASELINE" in capsys.readouterr().out
+    assert rp.main(["compare", current, base, "--allow-new"]) == 0
+    blank = copy.deepcopy(full)
+    blank["campaigns"][0]["accuracy"] = None  # a baseline campaign with no accuracy compares nothing
+    assert rp.main(["compare", current, _write(tmp_path, "blank.json", blank)]) == 1
+    assert "NO BASELINE ACCURACY" in capsys.readouterr().out
+
+
+def test_control_characters_in_a_received_report_are_escaped(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    report = _report()
+    report["campaigns"][0]["nodeid"] = "t.py::test_x\x1b[2K\r\x1b[32mALL PASS\x1b[0m\u202e"
+    path = _write(tmp_path, "evil.json", report)
+    others = _write(tmp_path, "others.json", {**report, "campaigns": report["campaigns"][1:]})
+    for argv in (["show", "-v", path], ["merge", path], ["compare", path, others]):
+        rp.main(argv)
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\r" not in out and "\u202e" not in out, argv
+        assert "\\x1b[2K\\r" in out, argv
+
+
+def test_hostile_json_is_an_error_of_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps(_report()).replace('"images": 100', '"images": 1' + "0" * 400, 1))
+    for path in (deep, huge):
+        assert rp.main(["show", str(path)]) == 2, path
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err and path.name in err, err
+
+
+def test_writing_to_a_device_or_fifo_writes_in_place(tmp_path: Path) -> None:
+    import stat
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()))
+    reader.start()
+    rp.write_report(fifo, _report())
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # not replaced by a regular file
+    assert json.loads(received[0])["campaigns"] == _report()["campaigns"]
+    rp.write_report("/dev/null", _report())
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_unwritable_report_paths_are_found_before_the_run(tmp_path: Path) -> None:
+    from pytest_hwfault.report.document import check_writable
+
+    (tmp_path / "plain").write_text("x")
+    for path, message in ((tmp_path / "plain" / "r.json", "is not a directory"), ("/proc/x.json", "cannot write in"),
+                          (tmp_path, "is a directory")):
+        with pytest.raises(rp.ReportError, match=message):
+            check_writable(path)
+    check_writable(tmp_path / "new" / "deeper" / "r.json")  # directories are made when written
+    check_writable("/dev/null")
+    assert not list(tmp_path.glob(".hwfault-probe*"))

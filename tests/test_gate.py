@@ -1,0 +1,80 @@
+"""Unit tests of the gate's engine room: model identity, the quantize-once cache, input checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_hwfault.data import DataError
+from pytest_hwfault.gate import ModelCache, calibration_tensor, prepare, resolve_device
+from pytest_hwfault.identity import model_fingerprint
+
+CPU = torch.device("cpu")
+
+
+def _mlp(act: nn.Module | None = None) -> nn.Sequential:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 6), act or nn.ReLU(), nn.Linear(6, 3)).eval()
+
+
+class Scaled(nn.Module):
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.net = _mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.scale
+
+
+class Shifted(Scaled):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + self.scale
+
+
+def test_fingerprints_tell_apart_models_with_one_state_dict() -> None:
+    relu, hardtanh = _mlp(), _mlp(nn.Hardtanh(0.0, 0.5))
+    assert relu.state_dict().keys() == hardtanh.state_dict().keys()
+    models = [relu, hardtanh, _mlp(nn.Hardtanh(0.0, 0.6)), Scaled(2.0), Scaled(3.0), Shifted(2.0)]
+    assert len({model_fingerprint(m) for m in models}) == len(models)
+    assert model_fingerprint(copy.deepcopy(relu)) == model_fingerprint(relu)
+    with torch.no_grad():
+        relu[0].weight[0, 0] += 1e-6
+    assert model_fingerprint(relu) != model_fingerprint(_mlp())
+
+
+def test_the_cache_reuses_a_model_and_only_that_model() -> None:
+    cache = ModelCache()
+    x = torch.randn(32, 8)
+    relu = cache.get(_mlp(), x, CPU, 8, {})
+    assert cache.get(_mlp(), x, CPU, 8, {}) is relu and cache.hits == 1  # the same model, built again
+    other = _mlp(nn.Hardtanh(0.0, 0.5))
+    other.load_state_dict(_mlp().state_dict())
+    assert cache.get(other, x, CPU, 8, {}) is not relu
+    assert cache.get(_mlp(), x, CPU, 4, {}) is not relu
+    assert cache.get(_mlp(), x + 1, CPU, 8, {}) is not relu
+
+
+def test_prepare_refuses_non_finite_inputs_and_calibration() -> None:
+    x, y = torch.randn(20, 8), torch.randint(0, 3, (20,))
+    bad = x.clone()
+    bad[7, 2] = float("inf")
+    with pytest.raises(DataError, match=r"evaluation inputs hold NaN or Inf values \(1 of 20 images, the first at "
+                                        r"index 7\)"):
+        prepare(_mlp(), (bad, y), samples=None, bits=8, cache=ModelCache(), device=CPU)
+    with pytest.raises(DataError, match="calibration data hold NaN"):
+        calibration_tensor((bad, y))
+    prepared = prepare(_mlp(), (x, y), samples=10, bits=8, cache=ModelCache(), device=CPU)
+    assert len(prepared.inputs) == 10 and set(prepared.identity) == {"model", "data"}
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == CPU
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == CPU
+        with pytest.raises(RuntimeError, match="cuda"):
+            resolve_device("cuda")
