@@ -14,8 +14,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .quantization import state_checksum
-
 _PLAIN = (bool, int, float, str, type(None))
 
 
@@ -61,6 +59,23 @@ def structure_fingerprint(model: nn.Module) -> str:
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for hook in hooks.values():
                 _function_digest(hook, digest)
+    return digest.hexdigest()
+
+
+def state_checksum(module: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, names and bytes: bit-exact identity of a model's state."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        if not isinstance(tensor, torch.Tensor):  # e.g. the dtype entry of torch.ao packed parameters
+            digest.update(repr(tensor).encode())
+            continue
+        if tensor.is_quantized:
+            digest.update(repr(tensor.qscheme()).encode())
+            tensor = tensor.int_repr()
+        t = tensor.detach().cpu().contiguous()
+        digest.update(str(t.dtype).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

@@ -498,18 +498,18 @@ class HwFault:
         record["seconds"] = time.perf_counter() - start
         record["shard"] = [execution.shard, execution.shards]
         records.append(record)
-        policy = self._settings.policy()
         if assessment.problem is not None:
             pytest.fail(failure_message(record, self._reproduce(spec)), pytrace=False)
-        if not assessment.final:
-            if policy.fails(record["verdict"]):  # stop here, as the shard carrying the verdict fails here
-                pytest.skip(f"shard {execution.shard} of {execution.shards}: campaign {spec.label()} ends "
-                            f"{record['verdict']}; the shard of this campaign that finishes last reports it")
+        if not assessment.final and self._settings.shard.count > 1:
+            return assessment.result  # a CI slice: the merge of all slices carries the verdict
+        failure = (failure_message(record, self._reproduce(spec)) if self._settings.policy().fails(record["verdict"])
+                   else self._baseline_failure(record))
+        if failure is None:
             return assessment.result
-        if policy.fails(record["verdict"]):
-            pytest.fail(failure_message(record, self._reproduce(spec)), pytrace=False)
-        self._check_baseline(record)
-        return assessment.result
+        if not assessment.final:  # stop here too: the shard carrying the verdict fails here
+            pytest.skip(f"shard {execution.shard} of {execution.shards}: campaign {spec.label()} does not pass; "
+                        "the shard of this campaign that finishes last reports it")
+        pytest.fail(failure, pytrace=False)
 
     def search(self, model: Any, data: Any, *, calibration_data: Any = None,
                quantize_options: dict[str, Any] | None = None, settings: Any = None, **overrides: Any) -> Any:
@@ -544,9 +544,10 @@ class HwFault:
             pytest.fail(result.message, pytrace=False)
         return result
 
-    def _check_baseline(self, record: dict[str, Any]) -> None:
+    def _baseline_failure(self, record: dict[str, Any]) -> str | None:
+        """Why the campaign does not hold up against the --hwfault-compare baseline, or None."""
         if self._settings.compare is None:
-            return
+            return None
         from .report import ReportError, build_report, load_baseline
         from .report.baseline import baseline_failures
 
@@ -554,11 +555,10 @@ class HwFault:
             try:
                 self._state.baseline = load_baseline(Path(self._settings.storage), self._settings.compare)
             except ReportError as exc:
-                pytest.fail(f"{self._item.nodeid}: {OPT_COMPARE}: {exc}", pytrace=False)
+                return f"{self._item.nodeid}: {OPT_COMPARE}: {exc}"
         failures = baseline_failures(build_report([record], {}), self._state.baseline,
                                      self._settings.compare_tolerance, allow_new=self._settings.compare_allow_new)
-        if failures:
-            pytest.fail(f"against baseline {self._settings.compare!r}: " + "\n".join(failures), pytrace=False)
+        return f"against baseline {self._settings.compare!r}: " + "\n".join(failures) if failures else None
 
 
 @pytest.fixture
@@ -607,26 +607,10 @@ class ResultCollector:
         self.interrupted = True
 
     def campaigns(self) -> list[dict[str, Any]]:
-        """One record per campaign: shards merged; a campaign with a lost shard is incomplete, one whose shards
-        cannot be merged (different models or data) is invalid."""
-        from .report import ReportError, build_report, merge_reports
+        """One record per campaign: shards merged, lost shards and invalid merges marked."""
+        from .report.merge import merge_shard_records
 
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for record in self.records:
-            groups.setdefault(record["campaign_id"], []).append(record)
-        merged = []
-        for group in groups.values():
-            try:
-                record = merge_reports([build_report(group, {})])["campaigns"][0]
-            except ReportError as exc:
-                record = {**group[0], "verdict": "invalid", "problem": str(exc)}
-            seen = {r.get("shard", [1, 1])[0] for r in group}
-            lost = sorted(set(range(1, group[0].get("shard", [1, 1])[1] + 1)) - seen)
-            if lost and record["verdict"] != "invalid":
-                record["verdict"] = "incomplete"
-                record["lost_shards"] = lost
-            merged.append(record)
-        return sorted(merged, key=lambda r: (r["nodeid"], r["campaign_id"]))
+        return merge_shard_records(self.records)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if _is_worker(self.config):

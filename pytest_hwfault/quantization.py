@@ -39,7 +39,6 @@ What is quantized, and where (see also docs/architecture.md):
 from __future__ import annotations
 
 import copy
-import hashlib
 from typing import Any
 
 import torch
@@ -49,6 +48,7 @@ from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 from .ao import AoLayer, convert_ao_modules, has_ao_modules
 from .data import iter_batches
 from .graph import code_links, fold_batchnorm
+from .identity import state_checksum
 from .qmodel import QuantizedModel, QuantLayer, exact_float32
 from .spec import MAX_WEIGHT_ACT_BITS
 
@@ -353,19 +353,3 @@ def _measure_clip_rates(
         layer.input_clip_rate = clipped_in / max(1, n_in)
         layer.act_clip_rate = clipped_out / max(1, n_out)
 
-
-def state_checksum(module: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer, names and bytes: bit-exact identity of a model's state."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        if not isinstance(tensor, torch.Tensor):  # e.g. the dtype entry of torch.ao packed parameters
-            digest.update(repr(tensor).encode())
-            continue
-        if tensor.is_quantized:
-            digest.update(repr(tensor.qscheme()).encode())
-            tensor = tensor.int_repr()
-        t = tensor.detach().cpu().contiguous()
-        digest.update(str(t.dtype).encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()

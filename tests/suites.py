@@ -1,19 +1,26 @@
 """Source of the small suites that the pytester tests run in subprocesses."""
 
+
+def _digits_fixture(shape: str) -> str:
+    """The `digits` session fixture: scikit-learn's digits as [N, *shape] inputs in [0, 1], in a fixed order."""
+    return f'''
+@pytest.fixture(scope="session")
+def digits():
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, {shape}) / 16
+    y = torch.tensor(d.target)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[order], y[order]
+'''
+
+
 # A conftest for the inner runs: a small conv net trained on scikit-learn's digits, once per inner session.
 DIGITS_CONFTEST = '''
 import pytest, torch
 from torch import nn
 from sklearn.datasets import load_digits
 
-@pytest.fixture(scope="session")
-def digits():
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
-    y = torch.tensor(d.target)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return x[order], y[order]
-
+''' + _digits_fixture('1, 8, 8') + '''
 @pytest.fixture(scope="session")
 def model(digits):
     x, y = digits
@@ -68,14 +75,7 @@ def mlp(act=None, seed=0, outputs=10):
         return nn.Sequential(nn.Linear(64, 32), act or nn.ReLU(), nn.Linear(32, outputs))
 
 
-@pytest.fixture(scope="session")
-def digits():
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32) / 16
-    y = torch.tensor(d.target)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return x[order], y[order]
-
+''' + _digits_fixture('64') + '''
 
 @pytest.fixture(scope="session")
 def model(digits):

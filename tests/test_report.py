@@ -776,3 +776,20 @@ def test_unwritable_report_paths_are_found_before_the_run(tmp_path: Path) -> Non
     check_writable(tmp_path / "new" / "deeper" / "r.json")  # directories are made when written
     check_writable("/dev/null")
     assert not list(tmp_path.glob(".hwfault-probe*"))
+
+
+def test_shard_records_of_one_session_merge_with_lost_and_invalid_campaigns() -> None:
+    from pytest_hwfault.report.merge import merge_shard_records
+
+    a, b = _split(lambda i: i % 2 == 0)
+    first, second = copy.deepcopy(a["campaigns"][0]), copy.deepcopy(b["campaigns"][0])
+    first["shard"], second["shard"] = [1, 2], [2, 2]
+    whole = _report()["campaigns"][0]
+    assert merge_shard_records([first, second]) == [whole]
+    lost = merge_shard_records([first])[0]
+    assert lost["verdict"] == "incomplete" and lost["lost_shards"] == [2]
+    other = copy.deepcopy(second)
+    other["result"]["float_accuracy"] = other["float_accuracy"] = 0.5  # shard 2 ran another model
+    invalid = merge_shard_records([first, other])[0]
+    assert invalid["verdict"] == "invalid" and "disagree on float_accuracy" in invalid["problem"]
+    rp.validate_report(rp.build_report([invalid, lost], ENV))  # both are valid report records

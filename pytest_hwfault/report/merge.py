@@ -97,3 +97,24 @@ def merge_reports(reports: list[dict[str, Any]], *, allow_mixed_versions: bool =
                                        "; ".join(problems) or None))
     return build_report(records, _merged_environment(parts))
 
+
+
+def merge_shard_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One record per campaign from the records the shards of one session report (each carries ``shard``:
+    [index, count]). A campaign that lost a shard (its worker crashed) is ``incomplete`` with ``lost_shards``; one
+    whose shards cannot be merged (different models or data) is ``invalid`` with the ``problem``."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(record["campaign_id"], []).append(dict(record))
+    merged = []
+    for group in groups.values():
+        try:
+            record = merge_reports([build_report(group, {})])["campaigns"][0]
+        except ReportError as error:
+            record = {**group[0], "verdict": "invalid", "problem": str(error)}
+        count = max(r.get("shard", [1, 1])[1] for r in group)
+        lost = sorted(set(range(1, count + 1)) - {r.get("shard", [1, 1])[0] for r in group})
+        if lost and record["verdict"] != "invalid":
+            record.update(verdict="incomplete", lost_shards=lost)
+        merged.append(record)
+    return sorted(merged, key=lambda r: (r["nodeid"], r["campaign_id"]))
