@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .bits import Kind
+from .coverage import measure_coverage
 from .evaluate import (
     EvaluationError,
     Predictions,
@@ -113,6 +114,7 @@ class CampaignResult:
     trials: dict[int, TrialResult] = field(default_factory=dict)
     seconds: float = 0.0
     identity: dict[str, str] = field(default_factory=dict)  # fingerprints of the model and data it was run on
+    coverage: dict[str, Any] = field(default_factory=dict)  # coverage.Coverage.to_dict() of the quantized view
 
     # -- merging -------------------------------------------------------------------------------------------------
     def merge(self, other: CampaignResult) -> CampaignResult:
@@ -142,14 +144,15 @@ class CampaignResult:
             trials[index] = trial
         return CampaignResult(self.campaign_id, self.name, self.spec, self.images, self.float_accuracy,
                               self.quantized_accuracy, self.layers, dict(sorted(trials.items())),
-                              max(self.seconds, other.seconds), self.identity or other.identity)
+                              max(self.seconds, other.seconds), self.identity or other.identity,
+                              self.coverage or other.coverage)
 
     def trimmed(self) -> CampaignResult:
         """Only the trials the outcome is computed on: the same result however many extra trials ran."""
         keep = self.outcome().trials if self.decided() else self.contiguous()
         return CampaignResult(self.campaign_id, self.name, self.spec, self.images, self.float_accuracy,
                               self.quantized_accuracy, self.layers, {i: self.trials[i] for i in range(keep)},
-                              self.seconds, self.identity)
+                              self.seconds, self.identity, self.coverage)
 
     def contiguous(self) -> int:
         """T such that trials 0..T-1 are all present."""
@@ -253,6 +256,7 @@ class CampaignResult:
             "trials": [self.trials[i].to_dict() for i in sorted(self.trials)],
             "seconds": self.seconds,
             "identity": self.identity,
+            "coverage": self.coverage,
         }
 
     @classmethod
@@ -262,7 +266,7 @@ class CampaignResult:
         trials = {t["trial"]: TrialResult.from_dict(t) for t in data["trials"]}
         return cls(data["campaign_id"], data["name"], CampaignSpec.from_dict(data["spec"]), data["images"],
                    data["float_accuracy"], data["quantized_accuracy"], list(data["layers"]), trials,
-                   data.get("seconds", 0.0), dict(data.get("identity") or {}))
+                   data.get("seconds", 0.0), dict(data.get("identity") or {}), dict(data.get("coverage") or {}))
 
 
 class Campaign:
@@ -292,6 +296,12 @@ class Campaign:
         else:
             golden = predict(qmodel, inputs, batch_size=batch_size)
         check_classification(golden, labels)
+        self.coverage = measure_coverage(qmodel, inputs)
+        if not self.coverage.reaches(spec.min_coverage, spec.site):
+            raise EvaluationError(
+                f"min_coverage={spec.min_coverage:g}: {self.coverage.describe()}. A verdict would be about the "
+                f"quantized part only: lower min_coverage= to gate on it knowingly "
+                f"(min_coverage={self.coverage.accepting(spec.site):g} accepts it)")
         self.golden, self.golden_nonfinite = golden.predicted, golden.nonfinite
         self.quantized_accuracy = float(golden.correct(labels).float().mean())
         self.float_accuracy = float(
@@ -307,7 +317,8 @@ class Campaign:
 
     def empty_result(self) -> CampaignResult:
         return CampaignResult(self.campaign_id, self.name, self.spec, len(self.inputs), self.float_accuracy,
-                              self.quantized_accuracy, self.qmodel.summary(), identity=dict(self.identity))
+                              self.quantized_accuracy, self.qmodel.summary(), identity=dict(self.identity),
+                              coverage=self.coverage.to_dict())
 
     def pattern(self, trial: int) -> FaultPattern:
         """The exact faults of trial `trial`: replayable, exportable."""

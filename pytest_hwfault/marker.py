@@ -11,7 +11,8 @@ from .spec import expand, expand_search
 MARKER = "resilience"
 MARKER_HELP = (
     "resilience(ber, site, min_acc=None, max_drop=None, bits=8, kind='flip', bit_positions=None, layers=None, "
-    "confidence=0.95, budget=64, samples=None, seed=0): gate this test on accuracy under hardware bit flips; "
+    "confidence=0.95, budget=64, samples=None, seed=0, min_coverage=1.0): gate this test on accuracy under "
+    "hardware bit flips; "
     "run with --hwfault"
 )
 

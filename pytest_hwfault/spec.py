@@ -138,6 +138,7 @@ class CampaignSpec:
     first: int = 4
     samples: int | None = None
     seed: int = 0
+    min_coverage: float = 1.0  # share of the MACs (weights, for site="weight") faults must reach to judge at all
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
@@ -164,6 +165,10 @@ class CampaignSpec:
             raise SpecError("samples", f"{self.samples!r} must be a positive number of images, or None for all")
         if not is_int(self.seed) or self.seed < 0:
             raise SpecError("seed", f"{self.seed!r} must be a non-negative integer")
+        if not is_number(self.min_coverage) or not 0.0 <= float(self.min_coverage) <= 1.0:
+            raise SpecError("min_coverage", f"{self.min_coverage!r} must be a share in [0, 1] of the model's "
+                            "multiply-accumulates (of its weights, for site='weight') that faults must reach")
+        object.__setattr__(self, "min_coverage", float(self.min_coverage))
 
     # -- derived -------------------------------------------------------------------------------------------------
     @property

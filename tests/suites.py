@@ -175,6 +175,37 @@ def test_input_nan(hwfault, model, val_data):
     hwfault.assess(model, (x, y))
 
 
+# compute the faults cannot reach: a functional convolution with its own parameter stays in float
+class FunctionalStem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(8, 1, 3, 3) / 3)
+        self.head = nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        x = nn.functional.conv2d(x.reshape(-1, 1, 8, 8), self.kernel, padding=1)
+        return self.head(nn.functional.relu(x).flatten(1))
+
+
+@pytest.fixture(scope="session")
+def functional_stem(digits):
+    x, y = digits
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        net = FunctionalStem()
+    return _train(net, x[:1200], y[:1200])
+
+
+@resilience(ber=1e-4, site="act", min_acc=0.0, budget=4)
+def test_uncovered_compute_refused(hwfault, functional_stem, val_data):
+    hwfault.assess(functional_stem, val_data)
+
+
+@resilience(ber=1e-4, site="act", min_acc=0.0, budget=4, min_coverage=0.5)
+def test_uncovered_compute_accepted_knowingly(hwfault, functional_stem, val_data):
+    hwfault.assess(functional_stem, val_data)
+
+
 # 7. the fixture's contract
 def test_assess_without_campaign(hwfault, model, val_data):
     hwfault.assess(model, val_data)

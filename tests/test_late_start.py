@@ -9,6 +9,7 @@ from torch import nn
 
 from pytest_hwfault import quantize
 from pytest_hwfault.campaign import Campaign
+from pytest_hwfault.coverage import MEASURED_IMAGES
 from pytest_hwfault.late_start import LateStart
 from pytest_hwfault.spec import CampaignSpec
 
@@ -118,7 +119,8 @@ def test_the_pass_that_fills_the_cache_is_the_golden_run(resnet) -> None:  # noq
         late = Campaign(qmodel, x, y, spec, "t", batch_size=64)
     finally:
         handle.remove()
-    assert sum(images_run) == 1 + len(x)  # one image to learn the live shapes, then each image once
+    # one image to learn the live shapes, coverage's measuring pass, then each image once
+    assert sum(images_run) == 1 + MEASURED_IMAGES + len(x)
     plain = Campaign(qmodel, x, y, spec, "t", batch_size=64, late_start=False)
     assert torch.equal(late.golden, plain.golden) and torch.equal(late.golden_nonfinite, plain.golden_nonfinite)
     assert late.quantized_accuracy == plain.quantized_accuracy

@@ -54,6 +54,7 @@ REFUSED = {  # test -> what its failure must name
     "test_baseline_at_chance": "not above chance",
     "test_input_nan": "NaN or Inf",
     "test_assess_without_campaign": "has no campaign to run",
+    "test_uncovered_compute_refused": "min_coverage=1: faults reach 5",
 }
 
 
@@ -90,6 +91,12 @@ def test_no_gate_passes_a_model_it_did_not_test(mlp_suite: pytest.Pytester) -> N
     assert n0 == n2  # the same campaigns and numbers whatever the executor
     assert "test_hostile.py::test_two_calls_first_fails#1" not in n0  # the second call never ran, as in pytest
     assert n0["test_hostile.py::test_unmarked_gate_fails"]["verdict"] == "fail"  # unmarked gates are reported
+    # compute left in float is named in the report of a gate that accepts it knowingly
+    accepted = json.loads((mlp_suite.path / "n0.json").read_text())["campaigns"]
+    coverage = next(c for c in accepted if c["name"].endswith("accepted_knowingly"))["coverage"]
+    assert 0.5 < coverage["macs"] < 0.7 and coverage["weights"] < 1.0, coverage
+    assert coverage["uncovered"][0]["module"] == "" and coverage["uncovered"][0]["ops"] == ["aten.convolution"]
+    assert n0["test_hostile.py::test_uncovered_compute_accepted_knowingly"]["verdict"] == "pass"
 
 
 def test_unmarked_fixture_use_is_skipped_without_the_option(mlp_suite: pytest.Pytester) -> None:

@@ -101,6 +101,7 @@ def campaign_record(result: CampaignResult, nodeid: str, problem: str | None = N
         "nonfinite": outcome.nonfinite,
         "faults_per_trial": outcome.faults_per_trial,
         "layers": result.layer_vulnerability(),
+        "coverage": result.coverage or None,
         "result": result.to_dict(),
     }
     return dict(_json_safe(record))
@@ -198,6 +199,9 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
                 "threshold": {"$ref": "#/$defs/threshold"},
                 "verdict": {"enum": list(VERDICTS)},
                 "problem": {"type": ["string", "null"]},
+                "coverage": {"type": ["object", "null"],
+                             "description": "share of the MACs (macs) and weights (weights) faults can reach, "
+                                            "and what is left in float (uncovered, uncounted)"},
                 "shard": {"type": "array", "items": {"type": "integer", "minimum": 1},
                           "description": "[index, count] of the xdist shard that reported the record"},
                 "lost_shards": {"type": "array", "items": {"type": "integer", "minimum": 1}},

@@ -48,8 +48,30 @@ def _accuracy_text(record: Mapping[str, Any]) -> str:
 
 _TABLE_COLUMNS = (  # header, right-aligned
     ("test", False), ("site", False), ("BER", True), ("trials", True), ("accuracy [lo, hi]", False),
-    ("threshold", False), ("verdict", False), ("time", True),
+    ("threshold", False), ("reach", True), ("verdict", False), ("time", True),
 )
+
+
+def _reach(record: Mapping[str, Any]) -> str:
+    """The share of what faults at the record's site could hit that they reach ("?" when unknown)."""
+    coverage = record.get("coverage")
+    if not coverage:
+        return "n/a"
+    if coverage.get("uncounted"):
+        return "?"
+    return f"{coverage['weights' if record['site'] == 'weight' else 'macs']:.0%}"
+
+
+def coverage_text(coverage: Mapping[str, Any]) -> str:
+    """One line: what the faults reach and what they cannot."""
+    parts = [f"{row['module'] or '<model>'} ({', '.join(row['ops'])}: {row['share']:.1%})"
+             for row in coverage.get("uncovered", [])[:4]]
+    text = f"faults reach {coverage['macs']:.1%} of the MACs and {coverage['weights']:.1%} of the weights"
+    if parts:
+        text += "; left in float: " + "; ".join(parts)
+    if coverage.get("uncounted"):
+        text += f"; MACs not countable (coverage unknown) in: {', '.join(coverage['uncounted'])}"
+    return text
 
 
 def format_table(records: list[dict[str, Any]]) -> list[str]:
@@ -61,6 +83,7 @@ def format_table(records: list[dict[str, Any]]) -> list[str]:
         str(record["trials"]),
         _accuracy_text(record),
         _threshold_text(record),
+        _reach(record),
         record["verdict"].upper(),
         f"{record['seconds']:.1f}s",
     ] for record in records]
@@ -125,6 +148,8 @@ def failure_message(record: dict[str, Any], reproduce: str) -> str:
         row("threshold", f"max_drop={threshold['max_drop']:g} from the quantized accuracy: required accuracy "
                          f">= {threshold['required']:.4f}")
     row("fault-free", f"float {record['float_accuracy']:.4f}, quantized {record['quantized_accuracy']:.4f}")
+    if record.get("coverage"):
+        row("coverage", printable(coverage_text(record["coverage"])))
     if record["trials"]:
         row("damage", f"{_num(record['critical_rate'], '.2%')} of images changed prediction, "
                       f"{record['nonfinite']} with non-finite logits, {record['faults_per_trial']:.3g} faults/trial")
