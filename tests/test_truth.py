@@ -155,7 +155,17 @@ def test_z_interrupt():
 '''
 
 
+INTERRUPTIBLE = '''
+
+def pytest_configure(config):
+    import signal
+    # a shell's background job starts with SIGINT ignored, and Python then never raises KeyboardInterrupt
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+'''
+
+
 def test_baselines_never_pass_silently(mlp_suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    mlp_suite.makeconftest(MLP_CONFTEST + INTERRUPTIBLE)
     mlp_suite.makepyfile(test_gates=BASELINE_SUITE)
     saved = _run(mlp_suite, "--hwfault", "test_gates.py::test_a", "test_gates.py::test_c", "--hwfault-save=main")
     saved.assert_outcomes(passed=2)
