@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .marker import MARKER, MARKER_HELP
+from .report.baseline import DEFAULT_TOLERANCE
 from .sharding import Slice, campaign_name, shard_id
 from .spec import CampaignSpec, SpecError, expand
 from .verdicts import VerdictPolicy
@@ -48,7 +49,6 @@ OPT_STORAGE = "--hwfault-storage"
 OPT_SHARD = "--hwfault-shard"
 OPT_CACHE = "--hwfault-cache-mb"
 OPT_ALLOW_NEW = "--hwfault-compare-allow-new"
-DEFAULT_TOLERANCE = 0.01  # = report.baseline.DEFAULT_TOLERANCE (a test keeps them equal; importing it costs start-up)
 DEVICES = ("cpu", "cuda", "auto")
 INCONCLUSIVE_POLICIES = ("fail", "pass")
 

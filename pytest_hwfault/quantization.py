@@ -121,6 +121,9 @@ def quantize(
         ao_layers = convert_ao_modules(work, calibration_data, batch_size, device)
         fold_bn = False
     float_module = copy.deepcopy(work)
+    for name, ao in ao_layers.items():  # a fused ConvReLU/LinearReLU's float twin needs its ReLU back
+        if ao.fused_relu:
+            float_module.set_submodule(name, nn.Sequential(float_module.get_submodule(name), nn.ReLU()))
     folded, bn_kept, fold_error = fold_batchnorm(work) if fold_bn else ([], [], None)
 
     candidates = {name: m for name, m in work.named_modules()
