@@ -26,6 +26,7 @@ from .evaluate import (
     check_classification,
     decide,
     predict,
+    select_logits,
 )
 from .faults import FaultModel, FaultPattern, Site, sample_pattern, trial_generator
 from .late_start import DEFAULT_CACHE_BYTES, LateStart
@@ -341,7 +342,7 @@ class Campaign:
         if late_start is not None:  # late start: resume each image at the cut before its first fault
             self.qmodel.validate(own, len(faulty))  # (predict() validates what runs from the start)
             for members, logits in late_start.logits(faulty, own):
-                part = decide(logits.cpu())  # golden predictions live on the CPU
+                part = decide(select_logits(logits).cpu())  # golden predictions live on the CPU
                 predicted[faulty[members]], nonfinite[faulty[members]] = part.predicted, part.nonfinite
                 from_start[members] = False
         rest = from_start.nonzero().reshape(-1)

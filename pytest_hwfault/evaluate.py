@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +32,28 @@ class Predictions:
         return (self.predicted == labels.to(self.predicted.device)) & ~self.nonfinite
 
 
-def decide(logits: torch.Tensor) -> Predictions:
-    """Predicted class per row of a batch of logits; a row with NaN/Inf counts as misclassified (predicted -1),
-    never crashes."""
-    if not isinstance(logits, torch.Tensor):
-        raise EvaluationError(f"the model returned {type(logits).__qualname__}; a gate needs a tensor of class "
-                              "logits [N, classes]")
+def select_logits(output: Any) -> torch.Tensor:
+    """The class logits in what a model returns: the tensor itself; else ``logits`` (a key, as in a dict, or an
+    attribute, as in Hugging Face's ModelOutput); else the first element of a tuple or list (``(logits, aux)``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if isinstance(output.get("logits"), torch.Tensor):
+            return output["logits"]
+        raise EvaluationError(f"the model returned a {type(output).__qualname__} with keys {sorted(map(str, output))}"
+                              " and no 'logits': return the logits, or name them 'logits'")
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise EvaluationError(f"the model returned {type(output).__qualname__}; a gate needs class logits [N, classes]:"
+                          " a tensor, a mapping or object with 'logits', or a tuple whose first element they are")
+
+
+def decide(output: Any) -> Predictions:
+    """Predicted class per row of a batch of logits (`select_logits` finds them in what the model returned); a row
+    with NaN/Inf counts as misclassified (predicted -1), never crashes."""
+    logits = select_logits(output)
     shape = tuple(logits.shape[1:])
     logits = logits.reshape(len(logits), -1)
     nonfinite = ~torch.isfinite(logits).all(dim=1)

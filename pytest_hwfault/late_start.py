@@ -27,6 +27,7 @@ from itertools import accumulate
 import torch
 from torch import fx
 
+from .evaluate import select_logits
 from .faults import FaultPattern
 from .layout import CHANNELS_LAST
 from .qmodel import QuantizedModel
@@ -189,7 +190,8 @@ class LateStart:
         outputs: list[torch.Tensor] | None = []
         for start in range(0, len(inputs), self.batch_size):
             x = inputs[start : start + self.batch_size].to(device)
-            *values, output = self.qmodel.run_graph(capture, (x,), {})
+            *values, returned = self.qmodel.run_graph(capture, (x,), {})
+            output = select_logits(returned)
             for name, value in zip(names, values):
                 if name not in self.cache:  # in the value's own memory layout (channels-last, typically)
                     self.cache[name] = torch.empty((len(inputs), *value.shape[1:]), dtype=value.dtype,
@@ -264,7 +266,7 @@ class LateStart:
             rows = images[start : start + self.batch_size].to(device)
             live = tuple(self.cache[name][rows] for name in cut.live)  # copies, in the cache's memory layout
             edits = self.qmodel.prepare(pattern, start, start + len(rows))
-            parts.append(self.qmodel.run_graph(cut.suffix, live, edits))
+            parts.append(select_logits(self.qmodel.run_graph(cut.suffix, live, edits)))
         return torch.cat(parts)
 
 

@@ -160,9 +160,11 @@ class FaultOracle:
                                                                                             torch.Tensor]:
         import torch
 
+        from .evaluate import select_logits
+
         correct, margin = [], []
         for start in range(0, len(x), self.batch_size):
-            logits = self.qmodel(x[start : start + self.batch_size], pattern, image_offset=start)
+            logits = select_logits(self.qmodel(x[start : start + self.batch_size], pattern, image_offset=start))
             c, m = _margins(logits, y[start : start + self.batch_size])
             correct.append(c)
             margin.append(m)

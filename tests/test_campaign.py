@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from torch import nn
 
 from pytest_hwfault import quantize
 from pytest_hwfault.campaign import Campaign, CampaignResult
+from pytest_hwfault.evaluate import EvaluationError, decide
 from pytest_hwfault.faults import trial_seed
 from pytest_hwfault.spec import CampaignSpec, SpecError, expand
 
@@ -169,3 +172,42 @@ def test_spec_expansion_and_errors() -> None:
             expand(kwargs)
         assert info.value.argument == argument
     assert CampaignSpec(site="acc", ber=1e-5, min_acc=0.5, bit_positions=[31]).bit_positions == (31,)
+
+
+class _Heads(nn.Module):
+    """The same logits, returned as a tensor, a dict, a ModelOutput-like object or a tuple."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(5)
+            self.body = nn.Sequential(nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10))
+        self.form = form
+
+    def forward(self, x: torch.Tensor) -> Any:
+        logits = self.body(x)
+        if self.form == "dict":
+            return {"features": x, "logits": logits}
+        if self.form == "object":
+            return SimpleNamespace(logits=logits, hidden=x)
+        if self.form == "tuple":
+            return logits, x.mean(1)
+        return logits
+
+
+@pytest.mark.parametrize("site", ["act", "weight"])
+def test_outputs_other_than_a_tensor_give_the_logits_numbers(digits, site: str) -> None:  # noqa: ANN001
+    x, y = digits.x_test[:120], digits.y_test[:120]
+    spec = CampaignSpec(site=site, ber=2e-3, min_acc=0.0, budget=4)
+    results, golden = {}, {}
+    for form in ("tensor", "dict", "object", "tuple"):
+        campaign = Campaign(quantize(_Heads(form).eval(), x), x, y, spec, "t")
+        results[form] = campaign.run().to_dict() | {"seconds": 0, "identity": {}}
+        golden[form] = campaign.golden
+    assert results["dict"] == results["tuple"] == results["tensor"]
+    # torch.fx cannot trace a forward that builds an object, so its layers requantize their inputs on their own
+    # scales (no code passing, no late start): other numbers under faults, the same fault-free predictions here
+    assert torch.equal(golden["object"], golden["tensor"])
+    assert len(results["object"]["trials"]) == len(results["tensor"]["trials"])
+    with pytest.raises(EvaluationError, match=r"keys \['a', 'b'\] and no 'logits'"):
+        decide({"a": torch.zeros(2, 3), "b": torch.zeros(2, 3)})
