@@ -233,7 +233,8 @@ def quantize(
                 shape = (-1,) if layer.channel_axis == -1 else (-1, *([1] * (len(layer.output_shape) - 1)))
                 layer.bias_codes = bias_codes.float().reshape(shape)
                 setattr(layer.module, "bias", None)  # noqa: B010 - the engine adds bias_codes to the accumulator
-            layer.module.weight = nn.Parameter(layer.weight_codes.float(), requires_grad=False)
+            # row-major, whatever the model's layout (e.g. channels-last): weight faults index codes row-major
+            layer.module.weight = nn.Parameter(layer.weight_codes.float().contiguous(), requires_grad=False)
 
     config = {
         "bits": bits,

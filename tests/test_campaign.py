@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -211,3 +212,21 @@ def test_outputs_other_than_a_tensor_give_the_logits_numbers(digits, site: str) 
     assert len(results["object"]["trials"]) == len(results["tensor"]["trials"])
     with pytest.raises(EvaluationError, match=r"keys \['a', 'b'\] and no 'logits'"):
         decide({"a": torch.zeros(2, 3), "b": torch.zeros(2, 3)})
+
+
+def test_weight_faults_on_a_channels_last_model_land_as_on_its_contiguous_twin() -> None:
+    with torch.random.fork_rng():
+        torch.manual_seed(6)
+        model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
+        x = torch.randn(48, 3, 6, 6)
+    y = model(x).argmax(1).detach()
+    twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert not twin[2].weight.is_contiguous()  # a channels-last conv weight (fbgemm's fused weights are too)
+    spec = CampaignSpec(site="weight", ber=3e-3, min_acc=0.0, budget=4)
+    runs = [Campaign(quantize(m, x), x, y, spec, "t").run().to_dict() | {"seconds": 0, "identity": {}}
+            for m in (model, twin)]
+    # the float model's own channels-last convolutions sum in another order: calibrated scales may differ by an ulp
+    for ours, theirs in zip(runs[0]["layers"], runs[1]["layers"]):
+        assert ours["act_scale"] == pytest.approx(theirs["act_scale"], rel=1e-6)
+    assert runs[0]["trials"] == runs[1]["trials"] and sum(t["faults"] for t in runs[0]["trials"]) > 0
