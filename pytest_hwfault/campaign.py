@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .bits import Kind
-from .coverage import measure_coverage
+from .coverage import require_coverage
 from .evaluate import (
     EvaluationError,
     Predictions,
@@ -297,12 +297,7 @@ class Campaign:
         else:
             golden = predict(qmodel, inputs, batch_size=batch_size)
         check_classification(golden, labels)
-        self.coverage = measure_coverage(qmodel, inputs)
-        if not self.coverage.reaches(spec.min_coverage, spec.site):
-            raise EvaluationError(
-                f"min_coverage={spec.min_coverage:g}: {self.coverage.describe()}. A verdict would be about the "
-                f"quantized part only: lower min_coverage= to gate on it knowingly "
-                f"(min_coverage={self.coverage.accepting(spec.site):g} accepts it)")
+        self.coverage = require_coverage(qmodel, inputs, spec.min_coverage, spec.site)
         self.golden, self.golden_nonfinite = golden.predicted, golden.nonfinite
         self.quantized_accuracy = float(golden.correct(labels).float().mean())
         self.float_accuracy = float(

@@ -140,3 +140,16 @@ def measure_coverage(qmodel: QuantizedModel, inputs: torch.Tensor) -> Coverage:
                  for name, share in sorted(shares.items(), key=lambda item: (-item[1], item[0]))]
     return Coverage(macs=covered / total if total else 1.0, weights=_weight_share(qmodel),
                     total_macs=total // 2 // max(1, len(x)), uncovered=uncovered, uncounted=sorted(watcher.seen))
+
+
+def require_coverage(qmodel: QuantizedModel, inputs: torch.Tensor, minimum: float, site: str) -> Coverage:
+    """The view's coverage, or EvaluationError naming what is left in float when faults at `site` reach less
+    than `minimum` of it: a verdict would then be about the quantized part of the model only."""
+    from .evaluate import EvaluationError
+
+    coverage = measure_coverage(qmodel, inputs)
+    if not coverage.reaches(minimum, site):
+        raise EvaluationError(
+            f"min_coverage={minimum:g}: {coverage.describe()}. A verdict would be about the quantized part only: "
+            f"lower min_coverage= to gate on it knowingly (min_coverage={coverage.accepting(site):g} accepts it)")
+    return coverage

@@ -531,12 +531,14 @@ class HwFault:
                 spec = SearchSpec(**given)
         except (SpecError, TypeError) as exc:
             pytest.fail(f"{nodeid}: hwfault.search() argument {exc}", pytrace=False)
+        from .coverage import require_coverage
         from .gate import prepare
 
         with self._refusals("hwfault.search()"):
             prepared = prepare(model, data, samples=spec.samples, bits=spec.bits, cache=self._cache(),
                                device=self._device(), calibration_data=calibration_data,
                                quantize_options=quantize_options)
+            require_coverage(prepared.qmodel, prepared.inputs, spec.min_coverage, spec.site)
             result = run_marker_search(prepared.qmodel, prepared.inputs, prepared.labels, spec, nodeid=nodeid,
                                        settings=settings)
         self._item.stash[SEARCH_RECORDS_KEY].append(result.to_dict())

@@ -103,6 +103,15 @@ def check_threshold(min_acc: Any, max_drop: Any) -> None:
             raise SpecError(name, f"{value!r} must be an accuracy in [0, 1]")
 
 
+def check_min_coverage(value: Any) -> float:
+    """`min_coverage` as a float: the share of what faults could hit (MACs; weights for site="weight") that they
+    must reach for a verdict to be drawn at all."""
+    if not is_number(value) or not 0.0 <= float(value) <= 1.0:
+        raise SpecError("min_coverage", f"{value!r} must be a share in [0, 1] of the model's multiply-accumulates "
+                        "(of its weights, for site='weight') that faults must reach")
+    return float(value)
+
+
 def one_threshold(overrides: dict[str, Any]) -> dict[str, Any]:
     """`overrides` where setting one of min_acc / max_drop clears the other: a spec holds exactly one."""
     if "min_acc" in overrides and "max_drop" not in overrides:
@@ -165,10 +174,7 @@ class CampaignSpec:
             raise SpecError("samples", f"{self.samples!r} must be a positive number of images, or None for all")
         if not is_int(self.seed) or self.seed < 0:
             raise SpecError("seed", f"{self.seed!r} must be a non-negative integer")
-        if not is_number(self.min_coverage) or not 0.0 <= float(self.min_coverage) <= 1.0:
-            raise SpecError("min_coverage", f"{self.min_coverage!r} must be a share in [0, 1] of the model's "
-                            "multiply-accumulates (of its weights, for site='weight') that faults must reach")
-        object.__setattr__(self, "min_coverage", float(self.min_coverage))
+        object.__setattr__(self, "min_coverage", check_min_coverage(self.min_coverage))
 
     # -- derived -------------------------------------------------------------------------------------------------
     @property
@@ -248,6 +254,7 @@ class SearchSpec:
     subset: int | None = DEFAULT_SUBSET
     samples: int | None = None
     seed: int | None = None
+    min_coverage: float = 1.0
 
     def __post_init__(self) -> None:
         if self.site not in SEARCH_SITES:
@@ -274,6 +281,7 @@ class SearchSpec:
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             raise SpecError("seed", f"{self.seed!r} must be a non-negative integer, or None for hypothesis's own "
                             "randomness (derandomized under its ci profile)")
+        object.__setattr__(self, "min_coverage", check_min_coverage(self.min_coverage))
 
     def label(self) -> str:
         """Readable id used in test ids: ``search-weight``."""

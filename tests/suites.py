@@ -206,6 +206,11 @@ def test_uncovered_compute_accepted_knowingly(hwfault, functional_stem, val_data
     hwfault.assess(functional_stem, val_data)
 
 
+@resilience(search="weight", max_flips=1, max_drop=0.9, examples=5, seed=0)
+def test_uncovered_search_refused(hwfault, functional_stem, val_data):
+    hwfault.assess(functional_stem, val_data)
+
+
 # 7. the fixture's contract
 def test_assess_without_campaign(hwfault, model, val_data):
     hwfault.assess(model, val_data)

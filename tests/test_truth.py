@@ -55,6 +55,7 @@ REFUSED = {  # test -> what its failure must name
     "test_input_nan": "NaN or Inf",
     "test_assess_without_campaign": "has no campaign to run",
     "test_uncovered_compute_refused": "min_coverage=1: faults reach 5",
+    "test_uncovered_search_refused": "hwfault.search() refused: min_coverage=1: faults reach",
 }
 
 
