@@ -9,6 +9,7 @@ computes any superset of that prefix therefore reports the same numbers.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from .faults import FaultModel, FaultPattern, Site, sample_pattern, trial_genera
 from .late_start import DEFAULT_CACHE_BYTES, LateStart
 from .quantization import QuantizedModel
 from .spec import CampaignSpec
-from .stats import Decision, SequentialPlan, Threshold, Verdict
+from .stats import Decision, SequentialPlan, Threshold, Verdict, clopper_pearson_interval
 
 RESULT_SCHEMA = 1
 INCOMPLETE = "incomplete"  # verdict of a campaign whose trials stop short of its next checkpoint (a lost shard)
@@ -236,12 +237,26 @@ class CampaignResult:
                 exposure[name] = exposure.get(name, 0.0) + t.layer_exposure.get(name, 0.0)
                 damage[name] = damage.get(name, 0.0) + t.layer_damage.get(name, 0.0)
         rows = []
+        total = sum(faults.values())
         for layer in self.layers:
             name = layer["name"]
-            hit = exposure.get(name, 0.0)
-            rows.append({**layer, "faults": faults.get(name, 0),
-                         "vulnerability": damage.get(name, 0.0) / hit if hit else 0.0})
+            hit, harmed = exposure.get(name, 0.0), damage.get(name, 0.0)
+            low, high = self._vulnerability_interval(harmed, hit)
+            rows.append({**layer, "faults": faults.get(name, 0), "fault_share": faults.get(name, 0) / total if total
+                         else 0.0, "vulnerability": harmed / hit if hit else 0.0, "vulnerability_low": low,
+                         "vulnerability_high": high})
         return rows
+
+    def _vulnerability_interval(self, harmed: float, hit: float) -> tuple[float, float]:
+        """At the campaign's confidence: Clopper-Pearson over fault-hit images (transient sites: counts), Hoeffding
+        over fault-hit trials (weights: each trial's critical share, in [0, 1]); (0, 1) for a layer never hit."""
+        if not hit:
+            return 0.0, 1.0
+        if self.spec.transient:
+            return clopper_pearson_interval(int(round(harmed)), int(round(hit)), self.spec.confidence)
+        half = math.sqrt(math.log(2.0 / (1.0 - self.spec.confidence)) / (2.0 * hit))
+        mean = harmed / hit
+        return max(0.0, mean - half), min(1.0, mean + half)
 
     # -- serialising ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

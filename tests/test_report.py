@@ -435,7 +435,8 @@ def test_failure_message_for_a_fail() -> None:
         assert piece in text, piece
     layers = text[text.index("most vulnerable"):]
     assert layers.index("1. fc (Linear)") < layers.index("2. layer1.0.conv1") < layers.index("3. conv1 (Conv2d)")
-    assert "vulnerability 1.000, act scale 0.3, max weight scale 0.0031, 2 faults" in layers
+    # fc was hit on 2 images, both critical: Clopper-Pearson [0.025 ** (1/2), 1] at 95%
+    assert "vulnerability 1.000 [0.158, 1.000], act scale 0.3, max weight scale 0.0031, 2 faults" in layers
     assert "act scale 0.125, max weight scale 0.0042" in layers
     assert "layer2.0.conv2" not in text  # never hit
     assert text.rstrip().endswith("test_resilience[act-ber0.001]'")
@@ -793,3 +794,20 @@ def test_shard_records_of_one_session_merge_with_lost_and_invalid_campaigns() ->
     invalid = merge_shard_records([first, other])[0]
     assert invalid["verdict"] == "invalid" and "disagree on float_accuracy" in invalid["problem"]
     rp.validate_report(rp.build_report([invalid, lost], ENV))  # both are valid report records
+
+
+def test_layer_vulnerability_intervals_and_fault_shares() -> None:
+    transient = {row["name"]: row for row in _result(FAIL_SPEC, [50] * 16).trimmed().layer_vulnerability()}
+    # 4 trials: conv1 hit on 4 images (never critical), layer1.0.conv1 on 8 (4 critical), fc on 2 (both)
+    assert transient["conv1"]["vulnerability_high"] == pytest.approx(1 - 0.025 ** (1 / 4))
+    assert transient["conv1"]["vulnerability_low"] == 0.0
+    low, high = transient["layer1.0.conv1"]["vulnerability_low"], transient["layer1.0.conv1"]["vulnerability_high"]
+    assert low < 0.5 < high and transient["layer1.0.conv1"]["vulnerability"] == 0.5
+    assert (transient["layer2.0.conv2"]["vulnerability_low"], transient["layer2.0.conv2"]["vulnerability_high"]) \
+        == (0.0, 1.0)  # never hit: nothing is known
+    assert sum(row["fault_share"] for row in transient.values()) == pytest.approx(1.0)
+    assert transient["layer1.0.conv1"]["fault_share"] == pytest.approx(8 / 14)
+    weight = {row["name"]: row for row in _result(WEIGHT_SPEC, [20, 30] * 32).layer_vulnerability(trials=64)}
+    half = math.sqrt(math.log(2 / 0.05) / (2 * 64))  # Hoeffding over the 64 trials that hit layer1.0.conv1
+    assert weight["layer1.0.conv1"]["vulnerability_low"] == pytest.approx(0.5 - half)
+    assert weight["layer1.0.conv1"]["vulnerability_high"] == pytest.approx(0.5 + half)

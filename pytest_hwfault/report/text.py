@@ -157,8 +157,10 @@ def failure_message(record: dict[str, Any], reproduce: str) -> str:
     if top:
         lines.append("  most vulnerable layers (share of fault-hit images that became critical):")
         for rank, layer in enumerate(top, 1):
+            interval = (f" [{layer['vulnerability_low']:.3f}, {layer['vulnerability_high']:.3f}]"
+                        if "vulnerability_low" in layer else "")
             lines.append(f"    {rank}. {printable(layer['name'])} ({layer.get('type', '?')}): vulnerability "
-                         f"{layer['vulnerability']:.3f}, act scale {_num(layer.get('act_scale'), '.4g')}, "
+                         f"{layer['vulnerability']:.3f}{interval}, act scale {_num(layer.get('act_scale'), '.4g')}, "
                          f"max weight scale {_num(layer.get('weight_scale_max'), '.4g')}, {layer['faults']} faults")
     else:
         row("layers", "no faults landed in the trials used")
