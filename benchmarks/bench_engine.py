@@ -1,6 +1,11 @@
-"""Engine overhead on a CIFAR-style ResNet56, batch 128, 32x32x3, as ratios measured in one run.
+"""Engine overhead on a CIFAR-style ResNet56, batch 128, 32x32x3 (or a ViT-small-sized transformer), as ratios
+measured in one run.
 
-    python benchmarks/bench_engine.py [--rounds 9] [--json out.json]
+    python benchmarks/bench_engine.py [--rounds 9] [--model resnet56|vit_small] [--json out.json]
+
+`--model vit_small`: torchvision's VisionTransformer with ViT-S/16's width (12 layers, 6 heads, hidden 384, MLP 1536)
+on 32x32 images in 4x4 patches (65 tokens), batch 16 by default: every attention projection, both attention
+matmuls and the MLP run as quantized layers.
 
 Prints, as medians over alternating rounds (the CPU's speed drifts, so every variant is timed next to its
 baseline in the same round):
@@ -33,10 +38,20 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def _vit_small() -> torch.nn.Module:
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(image_size=32, patch_size=4, num_layers=12, num_heads=6, hidden_dim=384, mlp_dim=1536,
+                              num_classes=10)
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-initialises the head
+    return model
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--model", choices=("resnet56", "vit_small"), default="resnet56")
+    parser.add_argument("--batch", type=int, default=None, help="default: 128 (resnet56), 16 (vit_small)")
     parser.add_argument("--ber", type=float, default=1e-5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", help="save the results to this file")
@@ -44,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    model = resnet56().eval()
+    args.batch = args.batch or (128 if args.model == "resnet56" else 16)
+    model = (resnet56() if args.model == "resnet56" else _vit_small()).eval()
     x = torch.randn(args.batch, 3, 32, 32)
     qmodel = quantize(model, x)
     fault_model = FaultModel("act", args.ber)
@@ -106,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result = {
         "benchmark": "engine",
-        "model": "resnet56",
+        "model": args.model,
         "batch": args.batch,
         "ber": args.ber,
         "threads": args.threads,
@@ -117,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         **environment(),
     }
     med = result["median_seconds"]
-    print(f"ResNet56, batch {args.batch}, {args.threads} threads, {args.rounds} rounds of order-alternating pairs "
+    print(f"{args.model}, batch {args.batch}, {args.threads} threads, {args.rounds} rounds of order-alternating pairs "
           "(median)")
     print(f"  float forward            {med['float'] * 1e3:8.1f} ms  ({args.batch / med['float']:.0f} img/s)")
     print(f"  float, channels-last     {med['float_channels_last'] * 1e3:8.1f} ms  ratio "

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .spec import ACC_BITS, Kind
+from .spec import WIDE_ACC_BITS, Kind
 
-MAX_CODE_BITS = ACC_BITS  # the accumulator's codes are the widest
+MAX_CODE_BITS = WIDE_ACC_BITS  # the (wide) accumulator's codes are the widest
 KIND_CODES: dict[Kind, int] = {Kind.FLIP: 0, Kind.STUCK0: 1, Kind.STUCK1: 2}
 KINDS_BY_CODE: tuple[Kind, ...] = (Kind.FLIP, Kind.STUCK0, Kind.STUCK1)
 

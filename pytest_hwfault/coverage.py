@@ -1,10 +1,14 @@
 """What share of a model's multiply-accumulates and weights the faults of a quantized view can reach.
 
-The engine quantizes Conv1d/2d/3d and Linear modules; everything else (attention matmuls, recurrent cells,
-functional convolutions with their own parameters, fused fast paths) runs in float, where no fault lands. A gate
-that passed on such a model would be about its quantized part only, so the view's coverage is measured on the
-forward that campaigns run, by counting the MACs (torch's flop counter) of every module, and each campaign
-states it, and refuses to judge a model below its ``min_coverage``.
+The engine quantizes conv and linear modules, attention and recurrent modules (as their pieces, `decompose`) and
+functional MAC calls (`functional`); what it cannot make a layer of (a functional call on a weight computed in the
+forward, an op it does not know, a module whose options the rewrite does not reproduce) runs in float, where no
+fault lands. A gate that passed on such a model would be about its quantized part only, so the view's coverage is
+measured on the forward that campaigns run, by counting the MACs (torch's flop counter) of every module and
+functional layer, and each campaign states it, and refuses to judge a model below its ``min_coverage``.
+
+Weights: the share of the parameters read by multiply-accumulates that are held as codes. Parameters that feed
+no MAC (embedding tables, norms, position embeddings) are counted apart (`Coverage.unfaulted_parameters`).
 
 A MAC-heavy op the flop counter cannot count (a fused kernel without a formula) makes the coverage unknown: it is
 listed, and only ``min_coverage=0`` accepts it.
@@ -18,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
@@ -39,6 +45,9 @@ class Coverage:
     total_macs: int  # per image, counted
     uncovered: list[dict[str, Any]] = field(default_factory=list)  # {"module", "ops", "share"}, largest first
     uncounted: list[str] = field(default_factory=list)  # MAC ops whose MACs could not be counted
+    # parameter elements that feed no multiply-accumulate (embedding tables, norms, position embeddings): stored,
+    # but faults are not simulated there
+    unfaulted_parameters: int = 0
 
     @property
     def complete(self) -> bool:
@@ -65,25 +74,34 @@ class Coverage:
 
     def to_dict(self) -> dict[str, Any]:
         return {"macs": self.macs, "weights": self.weights, "total_macs": self.total_macs,
-                "uncovered": self.uncovered, "uncounted": self.uncounted}
+                "uncovered": self.uncovered, "uncounted": self.uncounted,
+                "unfaulted_parameters": self.unfaulted_parameters}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Coverage:
         return cls(float(data["macs"]), float(data["weights"]), int(data["total_macs"]),
-                   list(data.get("uncovered", [])), list(data.get("uncounted", [])))
+                   list(data.get("uncovered", [])), list(data.get("uncounted", [])),
+                   int(data.get("unfaulted_parameters", 0)))
 
 
-class _UncountedMacOps(TorchDispatchMode):
-    """Names the MAC-like aten ops that the flop counter has no formula for."""
+class _MacOps(TorchDispatchMode):
+    """Names the MAC-like aten ops that the flop counter has no formula for, and notes the storages every MAC op
+    reads (to tell the parameters that feed multiply-accumulates from embeddings, norms and biases)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen: set[str] = set()
+        self.uncounted: set[str] = set()
+        self.read: set[int] = set()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         packet = getattr(func, "_overloadpacket", func)
-        if packet not in flop_registry and not _decomposes(func) and _MAC_OP.search(str(packet).split(".", 1)[-1]):
-            self.seen.add(str(packet))
+        name = str(packet).split(".", 1)[-1]
+        if _MAC_OP.search(name):  # composite ops too: in inference mode they reach this mode undecomposed
+            if packet not in flop_registry and not _decomposes(func):
+                self.uncounted.add(str(packet))
+            for arg in pytree.tree_leaves((args, kwargs)):
+                if isinstance(arg, torch.Tensor):
+                    self.read.add(arg.untyped_storage().data_ptr())
         return func(*args, **(kwargs or {}))
 
 
@@ -95,51 +113,95 @@ def _decomposes(func: Any) -> bool:
         return False
 
 
-def _own_flops(counts: dict[str, dict[Any, int]]) -> dict[str, dict[str, int]]:
+def _own_flops(counts: dict[str, dict[Any, int]], adopted: dict[str, str]) -> dict[str, dict[str, int]]:
     """Flops per module excluding its submodules' (the counter credits every op to all enclosing modules), keyed
-    by qualified name ('' for the model itself)."""
-    tree = {name: ops for name, ops in counts.items() if name != "Global"}
+    by qualified name under the measuring root. `adopted`: modules that count as children of another (a
+    functional call's layer, of the module that made the call)."""
+    tree = {name.split(".", 1)[1]: ops for name, ops in counts.items() if "." in name}
+    children: dict[str, list[str]] = {}
+    for name in tree:  # the nearest enclosing module that ran (containers such as ModuleList never run)
+        parent = adopted.get(name, name.rpartition(".")[0])
+        while parent and parent not in tree:
+            parent = parent.rpartition(".")[0]
+        children.setdefault(parent, []).append(name)
     own: dict[str, dict[str, int]] = {}
     for name, ops in tree.items():
-        children = [child for child in tree if child.startswith(name + ".") and "." not in child[len(name) + 1:]]
-        left = {str(op): n - sum(tree[c].get(op, 0) for c in children) for op, n in ops.items()}
-        qualified = name.split(".", 1)[1] if "." in name else ""  # the counter prefixes the root's class name
-        own[qualified] = {op: n for op, n in left.items() if n > 0}
+        left = {str(op): n - sum(tree[c].get(op, 0) for c in children.get(name, [])) for op, n in ops.items()}
+        own[name] = {op: n for op, n in left.items() if n > 0}
     return own
 
 
-def _weight_share(qmodel: QuantizedModel) -> float:
-    quantized = {id(layer.module.weight) for layer in qmodel.layers.values()}
-    total = coded = 0
+class _Measured(nn.Module):
+    """The view's model and its functional layers under one root, so that the flop counter names them all."""
+
+    def __init__(self, model: nn.Module, functional: list[nn.Module]) -> None:
+        super().__init__()
+        self.model = model
+        self.functional = nn.ModuleDict({f"f{i}": m for i, m in enumerate(functional)})
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model(x)
+
+
+def _weight_shares(qmodel: QuantizedModel, read: set[int]) -> tuple[float, int]:
+    """The share of the weights read by multiply-accumulates that are held as codes (a weight computed in the
+    forward pass by a call left in float counts as not held), and the parameter elements that feed no
+    multiply-accumulate directly (embeddings, norms, biases, position embeddings), which faults do not reach."""
+    weights = [getattr(layer.module, "weight", None) for layer in qmodel.layers.values()]
+    coded = {id(w): w.numel() for w in weights if isinstance(w, torch.Tensor)}
+    stood_in = {call.weight for call in (qmodel.functional.calls if qmodel.functional else [])
+                if call.module is not None}  # a functional layer holds this parameter's codes
+    float_macs = other = 0
     for param in qmodel.module.parameters():
-        if param.dim() >= 2 and param.is_floating_point():
-            total += param.numel()
-            coded += param.numel() if id(param) in quantized else 0
-    return coded / total if total else 1.0
+        if id(param) in coded or id(param) in stood_in or not param.is_floating_point():
+            continue
+        if param.untyped_storage().data_ptr() in read:
+            float_macs += param.numel()
+        else:
+            other += param.numel()
+    computed = sum(call.weight_elements for call in (qmodel.functional.calls if qmodel.functional else []))
+    total = sum(coded.values()) + float_macs + computed
+    return (sum(coded.values()) / total if total else 1.0), other
 
 
 def measure_coverage(qmodel: QuantizedModel, inputs: torch.Tensor) -> Coverage:
     """Run the quantized view's fault-free forward on a couple of `inputs` and count where its MACs happen."""
     x = inputs[:MEASURED_IMAGES]
-    watcher = _UncountedMacOps()
+    calls = [call for call in (qmodel.functional.calls if qmodel.functional else []) if call.module is not None]
+    root = _Measured(qmodel.module, [call.module for call in calls])
+    watcher = _MacOps()
     counter = FlopCounterMode(display=False)
     # oneDNN's fused RNN kernels have no flop formula; the reference kernels do, and compute the same MACs
     mkldnn = torch._C._get_mkldnn_enabled()
     torch._C._set_mkldnn_enabled(False)
     try:
         with counter, watcher:
-            qmodel._forward(x, None, 0)
+            qmodel.run_graph(root, (x.to(qmodel.device),), {})
     finally:
         torch._C._set_mkldnn_enabled(mkldnn)
-    own = _own_flops(counter.get_flop_counts())
+    adopted = {f"functional.f{i}": ("model." + call.where).rstrip(".") for i, call in enumerate(calls)}
+    own = _own_flops(counter.get_flop_counts(), adopted)
+    modules = dict(root.named_modules())
+    layer_modules = {id(layer.module) for layer in qmodel.layers.values()}
     total = sum(sum(ops.values()) for ops in own.values())
-    covered = sum(sum(ops.values()) for name, ops in own.items() if name in qmodel.layers)
-    shares = {name: sum(ops.values()) / total for name, ops in own.items()
-              if name not in qmodel.layers and ops and total}
-    uncovered = [{"module": name, "ops": sorted(own[name]), "share": share}
-                 for name, share in sorted(shares.items(), key=lambda item: (-item[1], item[0]))]
-    return Coverage(macs=covered / total if total else 1.0, weights=_weight_share(qmodel),
-                    total_macs=total // 2 // max(1, len(x)), uncovered=uncovered, uncounted=sorted(watcher.seen))
+    covered = sum(sum(ops.values()) for name, ops in own.items() if id(modules.get(name)) in layer_modules)
+    reasons: dict[str, list[str]] = {}
+    for call in qmodel.functional.uncovered() if qmodel.functional else []:
+        where, _, op = call["call"].rpartition(": ")
+        reasons.setdefault("" if where == "<model>" else where, []).append(f"{op}: {call['reason']}")
+    uncovered = []
+    for name, ops in sorted(own.items(), key=lambda item: (-sum(item[1].values()), item[0])):
+        if id(modules.get(name)) in layer_modules or not ops or not total:
+            continue
+        user_name = name[len("model."):] if name.startswith("model.") else ("" if name == "model" else name)
+        entry: dict[str, Any] = {"module": user_name, "ops": sorted(ops), "share": sum(ops.values()) / total}
+        if user_name in reasons:
+            entry["why"] = sorted(set(reasons[user_name]))
+        uncovered.append(entry)
+    weights, other = _weight_shares(qmodel, watcher.read)
+    return Coverage(macs=covered / total if total else 1.0, weights=weights,
+                    total_macs=total // 2 // max(1, len(x)), uncovered=uncovered, uncounted=sorted(watcher.uncounted),
+                    unfaulted_parameters=other)
 
 
 def require_coverage(qmodel: QuantizedModel, inputs: torch.Tensor, minimum: float, site: str) -> Coverage:

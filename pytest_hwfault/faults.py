@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .bits import KIND_CODES, KINDS_BY_CODE, check_width
-from .spec import ACC_BITS, Kind, Site
+from .spec import WIDE_ACC_BITS, Kind, Site
 
 
 def parse_site(value: object, argument: str = "site") -> Site:
@@ -69,10 +69,11 @@ class FaultModel:
         if self.bit_positions is not None:
             positions = tuple(self.bit_positions)
             if not positions or any(
-                isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < ACC_BITS for b in positions
+                isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < WIDE_ACC_BITS for b in positions
             ):
                 raise ValueError(
-                    f"bit_positions={self.bit_positions!r} must be a non-empty list of bit indices in [0, {ACC_BITS})"
+                    f"bit_positions={self.bit_positions!r} must be a non-empty list of bit indices in "
+                    f"[0, {WIDE_ACC_BITS})"
                 )
             if len(set(positions)) != len(positions):
                 raise ValueError(f"bit_positions={self.bit_positions!r} repeats a bit")

@@ -143,6 +143,12 @@ class LateStart:
 
     # -- building --------------------------------------------------------------------------------------------------
     def _build(self, inputs: torch.Tensor) -> None:
+        if self.qmodel.functional:
+            raise _Unsupported("the model's functional layers run by call order, which a graph suffix cannot resume")
+        repeated = [name for name, layer in self.qmodel.layers.items() if layer.calls > 1]
+        if repeated:
+            raise _Unsupported(f"layer {repeated[0]!r} runs {self.qmodel.layers[repeated[0]].calls} times per forward "
+                               "pass: a graph suffix cannot resume between its calls")
         try:
             traced = fx.symbolic_trace(self.qmodel.module)
         except Exception as exc:  # any tracing failure: no late start, and say why

@@ -470,10 +470,13 @@ class HwFault:
             pytest.fail(f"{nodeid}: hwfault.assess() argument {exc}", pytrace=False)
 
     def assess(self, model: Any, data: Any, *, calibration_data: Any = None,
-               quantize_options: dict[str, Any] | None = None, **overrides: Any) -> CampaignResult:
-        """Run the campaign of the marker (with `overrides`, any marker argument) and gate on its verdict."""
+               quantize_options: dict[str, Any] | None = None, input_key: str | None = None,
+               label_key: str | None = None, **overrides: Any) -> CampaignResult:
+        """Run the campaign of the marker (with `overrides`, any marker argument) and gate on its verdict.
+        `input_key`/`label_key`: for data whose batches are dicts, the keys of the model's input and the label."""
         from .spec import SearchSpec
 
+        data, calibration_data = self._keyed("hwfault.assess()", data, calibration_data, input_key, label_key)
         if isinstance(self.spec, SearchSpec):
             return self.search(model, data, calibration_data=calibration_data,
                                quantize_options=quantize_options, **overrides)
@@ -511,14 +514,32 @@ class HwFault:
                         "the shard of this campaign that finishes last reports it")
         pytest.fail(failure, pytrace=False)
 
+    def _keyed(self, call: str, data: Any, calibration_data: Any, input_key: str | None, label_key: str | None
+               ) -> tuple[Any, Any]:
+        """Data and calibration data of dict batches, read by their keys."""
+        from .data import DataError, Keyed
+
+        if input_key is None and label_key is None or isinstance(data, Keyed):
+            return data, calibration_data
+        try:
+            data = Keyed(data, input_key, label_key)  # type: ignore[arg-type]
+            if calibration_data is not None and not isinstance(calibration_data, Keyed):
+                calibration_data = Keyed(calibration_data, input_key, None)  # type: ignore[arg-type]
+        except DataError as exc:
+            pytest.fail(f"{self._item.nodeid}: {call} {exc}", pytrace=False)
+        return data, calibration_data
+
     def search(self, model: Any, data: Any, *, calibration_data: Any = None,
-               quantize_options: dict[str, Any] | None = None, settings: Any = None, **overrides: Any) -> Any:
+               quantize_options: dict[str, Any] | None = None, settings: Any = None, input_key: str | None = None,
+               label_key: str | None = None, **overrides: Any) -> Any:
         """Search for the smallest fault pattern that breaks the model: the marker's search (``search=...``), or
         one given entirely by `overrides`; fails the test with the shrunk pattern and its replay when one is found.
-        `settings`: hypothesis settings to start from (default: the active profile)."""
+        `settings`: hypothesis settings to start from (default: the active profile). `input_key`/`label_key`: as
+        for `assess`."""
         from .search import run_marker_search
         from .spec import SearchSpec
 
+        data, calibration_data = self._keyed("hwfault.search()", data, calibration_data, input_key, label_key)
         self._start("hwfault.search()")
         nodeid = self._item.nodeid
         try:

@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ class QuantizedModel:
         bn_kept: list[str],
         fold_error: str | None,
         source_name: str,
+        functional: Any = None,
     ) -> None:
         self.module = module
         self.float_module = float_module
@@ -55,7 +57,11 @@ class QuantizedModel:
         self.bn_kept = bn_kept
         self.fold_error = fold_error
         self.source_name = source_name
+        self.functional = functional  # the functional calls that run as layers (`functional.FunctionalPlan`)
         self._runtime = _Runtime()
+        # a layer's own F.linear/F.conv call passes through the functional dispatch: it is known by its weight
+        self._layer_weights = {id(w) for w in (getattr(layer.module, "weight", None) for layer in layers.values())
+                               if isinstance(w, torch.Tensor)}
         self._handles = [h for layer in layers.values() for h in self._install(layer)]
         self._choose_layout()
 
@@ -65,44 +71,67 @@ class QuantizedModel:
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def _install(self, layer: QuantLayer) -> list[Any]:
-        runtime, name, bits = self._runtime, layer.name, layer.bits
-        inv_input_scale, act_scale = 1.0 / layer.input_scale, layer.act_scale
+        runtime, name, bits, acc_bits = self._runtime, layer.name, layer.bits, layer.acc_bits
+        inv_input_scales = [1.0 / layer.input_scale] + (
+            [1.0 / layer.second_input_scale] if layer.second_input_shape is not None else [])
+        operands, calls, act_scale = len(inv_input_scales), layer.calls, layer.act_scale
         (in_low, in_high), (act_low, act_high) = layer.input_range or (0, 0), layer.act_range or (0, 0)
         in_zero, act_zero, signed = layer.input_zero_point, layer.act_zero_point, layer.signed_activations
         requant = layer.requant_multiplier()
         image_layout = IMAGE_LAYOUTS.get(type(layer.module))
         hands_on_codes, reads_codes = layer.hands_on_codes, layer.reads_codes
+        wide = None if layer.compute_dtype == torch.float32 else layer.compute_dtype
+
+        def key(site: Site, part: int) -> tuple[Any, ...]:  # as `prepare` names the site's tensors
+            single = calls == 1 and (operands == 1 or site is not Site.INPUT)
+            return (site, name) if single else (site, name, part)
 
         def to_input_codes(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            x = args[0]
-            edit = runtime.batch.get((Site.INPUT, name))
-            if reads_codes:  # the producer's codes as they are; others may read them too, so edit a copy
+            call = runtime.calls.get(name, 0)
+            if call >= calls:
+                raise RuntimeError(f"layer {name!r} ran more than the {calls} time(s) per forward pass it ran while "
+                                   "it was calibrated: the model's control flow depends on its input")
+            codes = []
+            for operand, inv_scale in enumerate(inv_input_scales):
+                x, part = args[operand], call * operands + operand
+                edit = runtime.batch.get(key(Site.INPUT, part))
+                if reads_codes and operand == 0:  # the producer's codes as they are; others may read them too
+                    if edit is not None or wide is not None:
+                        x = runtime.input_buffer(x, None, wide, operand).copy_(x)
+                else:  # written in the layer's compute layout while they are computed: no extra pass
+                    layout = image_layout if runtime.channels_last and CHANNELS_LAST.get(x.dim()) is image_layout \
+                        else None
+                    if wide is None:
+                        x = torch.mul(x, inv_scale, out=runtime.input_buffer(x, layout, None, operand)).round_()
+                    else:  # the same float32 quantizer, then the codes in the wide compute dtype
+                        x = runtime.input_buffer(x, layout, wide, operand).copy_(torch.mul(x, inv_scale).round_())
+                    if layer.input_source is None or operand:  # a producer's codes are in range already
+                        x.clamp_(in_low, in_high)
+                runtime.strides[key(Site.INPUT, part)] = x.stride()
                 if edit is not None:
-                    x = runtime.input_buffer(x, None).copy_(x)
-            else:  # written in the layer's compute layout while they are computed: no extra pass
-                layout = image_layout if runtime.channels_last and CHANNELS_LAST.get(x.dim()) is image_layout else None
-                x = torch.mul(x, inv_input_scale, out=runtime.input_buffer(x, layout)).round_()
-                if layer.input_source is None:  # a producer's codes are in range already
-                    x.clamp_(in_low, in_high)
-            runtime.input_strides[name] = x.stride()
-            if edit is not None:
-                x = apply_edit_to(x, edit, bits, in_zero, signed)
-            return (x, *args[1:])
+                    x = apply_edit_to(x, edit, bits, in_zero, signed)
+                codes.append(x)
+            return (*codes, *args[operands:])
 
         def requantize(module: nn.Module, args: tuple[Any, ...], acc: torch.Tensor) -> torch.Tensor:
+            call = runtime.calls.get(name, 0)
+            runtime.calls[name] = call + 1
             # The bias is added here, in place, not inside the conv: oneDNN's fused bias costs ~10x this pass.
             if layer.bias_codes is not None:
                 acc.add_(layer.bias_codes)
-            runtime.output_strides[name] = acc.stride()
-            edit = runtime.batch.get((Site.ACC, name))
+            runtime.strides[key(Site.ACC, call)] = acc.stride()
+            edit = runtime.batch.get(key(Site.ACC, call))
             if edit is not None:
-                acc = apply_edit_to(acc, edit, ACC_BITS)
+                acc = apply_edit_to(acc, edit, acc_bits)
             # In place on the layer's own fresh result. Four vectorised passes: torch's
             # fake_quantize_per_tensor_affine is ~10x slower on CPU (it also builds a gradient mask).
             out = acc.mul_(requant).round_().clamp_(act_low, act_high)
+            if wide is not None:  # codes fit float32 exactly; values are code x scale in float32, as everywhere
+                out = out.float()
             if not hands_on_codes:
                 out.mul_(act_scale)
-            edit = runtime.batch.get((Site.ACT, name))
+            runtime.strides[key(Site.ACT, call)] = out.stride()
+            edit = runtime.batch.get(key(Site.ACT, call))
             if edit is not None:
                 out = apply_edit_to(out, edit, bits, act_zero, signed)
             return out
@@ -117,19 +146,21 @@ class QuantizedModel:
         faults = faults.to(self.device)
         return compose(faults.index, faults.bit, faults.kind, torch.ones(len(faults), device=self.device))
 
-    def prepare(self, faults: FaultPattern | None, start: int, stop: int) -> dict[tuple[Site, str], Edit]:
+    def prepare(self, faults: FaultPattern | None, start: int, stop: int) -> dict[tuple[Any, ...], Edit]:
         """The transient faults of images [start, stop), as edits the hooks apply.
 
         Done for all layers at once: a BER campaign spreads a few faults over every layer, and per-layer tensor
-        ops (~60 per layer, a few microseconds each) would cost more than the faults themselves."""
+        ops (~60 per layer, a few microseconds each) would cost more than the faults themselves. A site made of
+        several tensors (a layer that runs once per time step, a matmul's two operands) gets one edit per tensor
+        (`QuantLayer.parts`)."""
         if faults is None:
             return {}
-        keys = [key for key, group in faults.groups.items() if key[0].transient and len(group)]
-        if not keys:
+        entries = self._edit_groups(faults)
+        if not entries:
             return {}
         device = self.device
-        layers = [self._layer(name) for _, name in keys]
-        groups = [faults.groups[key] for key in keys]
+        keys = [key for key, _, _, _ in entries]
+        groups = [group for _, _, group, _ in entries]
         sizes = torch.tensor([len(g) for g in groups], device=device)
         group_id = torch.repeat_interleave(torch.arange(len(keys), device=device), sizes)
         image, index, bit, kind = (torch.cat([getattr(g, f) for g in groups]).to(device)
@@ -137,34 +168,56 @@ class QuantizedModel:
         in_batch = (image >= start) & (image < stop)
         if not bool(in_batch.all()):
             group_id, image, index, bit, kind = (t[in_batch] for t in (group_id, image, index, bit, kind))
-        numel_of = [layer.numel(site) for layer, (site, _) in zip(layers, keys)]
+        numel_of = [math.prod(shape) for _, _, _, shape in entries]
         numel = torch.tensor(numel_of, device=device)[group_id]
         out_of_range = index >= numel
         if bool(out_of_range.any()):
             g = int(group_id[out_of_range][0])
-            check_bounds(faults.groups[keys[g]], numel_of[g], f"site {keys[g][0].value!r} of layer {keys[g][1]!r}")
+            check_bounds(groups[g], numel_of[g], f"site {keys[g][0].value!r} of layer {keys[g][1]!r}")
         # One key space for every (layer, code): layer g's codes of this batch occupy [g * span, (g + 1) * span).
         span = max(numel_of) * (stop - start)
         if span * len(keys) >= 1 << 62:
             raise ValueError(f"{len(keys)} layers of up to {max(numel_of)} codes x {stop - start} images exceed "
                              "int64 positions; use a smaller batch")
-        scales = torch.tensor([layer.handed_on_scale if site is Site.ACT else 1.0
-                               for layer, (site, _) in zip(layers, keys)], dtype=torch.float32, device=device)
+        scales = torch.tensor([layer.handed_on_scale if key[0] is Site.ACT else 1.0
+                               for key, layer, _, _ in entries], dtype=torch.float32, device=device)
         edit = compose(group_id * span + (image - start) * numel + index, bit, kind, scales[group_id])
         group = torch.div(edit.linear, span, rounding_mode="floor")
         counts = torch.bincount(group, minlength=len(keys)).tolist()
-        shapes = [(stop - start, *(layer.input_shape if site is Site.INPUT else layer.output_shape))
-                  for layer, (site, _) in zip(layers, keys)]
-        layouts = [self._expected_strides(site, name, shape) for (site, name), shape in zip(keys, shapes)]
+        shapes = [(stop - start, *shape) for _, _, _, shape in entries]
+        layouts = [self._expected_strides(key, shape) for key, shape in zip(keys, shapes)]
         edit.linear = in_layouts(edit.linear % span, group, shapes, layouts)
         linear, keep, set_, flip, scale = (torch.split(t, counts) for t in (edit.linear, edit.keep, edit.set,
                                                                            edit.flip, edit.scale))
         return {key: Edit(linear[g], keep[g], set_[g], flip[g], scale[g], strides=layouts[g])
                 for g, key in enumerate(keys) if counts[g]}
 
-    def _expected_strides(self, site: Site, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The strides the (site, layer) tensor had in the last forward pass, if dense; else contiguous ones."""
-        seen = (self._runtime.input_strides if site is Site.INPUT else self._runtime.output_strides).get(name)
+    def _edit_groups(self, faults: FaultPattern) -> list[tuple[tuple[Any, ...], QuantLayer, LayerFaults,
+                                                                 tuple[int, ...]]]:
+        """(edit key, layer, its faults with indices local to that tensor, the tensor's per-image shape) for each
+        faulty tensor of a transient site."""
+        entries: list[tuple[tuple[Any, ...], QuantLayer, LayerFaults, tuple[int, ...]]] = []
+        for (site, name), group in faults.groups.items():
+            if not site.transient or not len(group):
+                continue
+            layer = self._layer(name)
+            parts = layer.parts(site)
+            if len(parts) == 1:
+                entries.append(((site, name), layer, group, parts[0]))
+                continue
+            check_bounds(group, layer.numel(site), f"site {site.value!r} of layer {name!r}")
+            starts = list(accumulate([0] + [math.prod(p) for p in parts[:-1]]))
+            part = torch.searchsorted(torch.tensor(starts[1:], device=group.index.device), group.index, right=True)
+            for p in torch.unique(part).tolist():
+                chosen = part == p
+                local = LayerFaults(group.image[chosen], group.index[chosen] - starts[p], group.bit[chosen],
+                                    group.kind[chosen])
+                entries.append(((site, name, p), layer, local, parts[p]))
+        return entries
+
+    def _expected_strides(self, key: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The strides the tensor of edit `key` had in the last forward pass, if dense; else contiguous ones."""
+        seen = self._runtime.strides.get(key)
         if seen is not None and len(seen) == len(shape) and is_dense(shape, seen):
             return seen
         return contiguous_strides(shape)
@@ -178,6 +231,8 @@ class QuantizedModel:
         device = torch.device(device)
         self.module.to(device)
         self.float_module.to(device)
+        for module in (self.functional.layers() if self.functional else {}).values():
+            module.to(device)
         for layer in self.layers.values():
             layer.weight_codes = layer.weight_codes.to(device)
             layer.weight_scale = layer.weight_scale.to(device)
@@ -191,6 +246,8 @@ class QuantizedModel:
 
     def forward(self, x: torch.Tensor, faults: FaultPattern | None = None, image_offset: int = 0) -> torch.Tensor:
         """Quantized forward of a batch whose first image is image `image_offset` of the faults' numbering."""
+        if faults is not None:
+            self._check_bits(faults)
         if faults is not None and faults.has_weight_faults():
             with self.weight_faults(faults):
                 return self._forward(x, faults, image_offset)
@@ -199,19 +256,26 @@ class QuantizedModel:
     def _forward(self, x: torch.Tensor, faults: FaultPattern | None, image_offset: int) -> torch.Tensor:
         return self.run_batch(x, self.prepare(faults, image_offset, image_offset + len(x)))
 
-    def run_batch(self, x: torch.Tensor, edits: dict[tuple[Site, str], Edit]) -> torch.Tensor:
+    def run_batch(self, x: torch.Tensor, edits: dict[tuple[Any, ...], Edit]) -> torch.Tensor:
         """Quantized forward of one batch with prepared transient edits (see `prepare`)."""
         return self.run_graph(self.module, (x.to(self.device),), edits)
 
-    def run_graph(self, module: nn.Module, args: tuple[Any, ...], edits: dict[tuple[Site, str], Edit]) -> Any:
+    def run_graph(self, module: nn.Module, args: tuple[Any, ...], edits: dict[tuple[Any, ...], Edit]) -> Any:
         """Call `module` (a graph over this view's layers, such as a torch.fx suffix of it) with prepared transient
         edits active, as `run_batch` does for the whole model."""
-        self._runtime.batch = edits
+        self._runtime.batch, self._runtime.calls = edits, {}
         try:
-            with torch.inference_mode(), exact_float32(self.device):
+            with torch.inference_mode(), exact_float32(self.device), self.dispatch():
                 return module(*args)
         finally:
-            self._runtime.batch = {}
+            self._runtime.batch, self._runtime.calls = {}, {}
+
+    def dispatch(self) -> Any:
+        """The context in which the model's functional multiply-accumulates run as this view's layers
+        (`functional.Dispatch`), and torch's fused attention fast path is off (its kernels bypass the layers)."""
+        from .functional import quantized_forward
+
+        return quantized_forward(self.functional, self._layer_weights)
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The float model (a private eval-mode copy), for the float baseline accuracy; image batches go in in the
@@ -263,17 +327,23 @@ class QuantizedModel:
         site = Site(site)
         return [
             FaultTarget(site, name, self.layers[name].numel(site), self.layers[name].site_bits(site))
-            for name in self.select(layers)
+            for name in self.select(layers) if self.layers[name].numel(site)  # a matmul of activations: no weight
         ]
 
-    def validate(self, pattern: FaultPattern, n_images: int) -> None:
-        """Raise a clear error if a pattern does not fit this model and `n_images` images."""
+    def _check_bits(self, pattern: FaultPattern) -> None:
+        """A fault's bit must exist in its site's codes (a "bit 6" flip of a 4-bit code would make code -65)."""
         for (site, name), group in pattern.groups.items():
             layer = self._layer(name)
-            check_bounds(group, layer.numel(site), f"site {site.value!r} of layer {name!r}")
             if len(group) and int(group.bit.max()) >= layer.site_bits(site):
                 raise ValueError(f"bit {int(group.bit.max())} does not exist in the {layer.site_bits(site)}-bit "
                                  f"{site.value} codes of layer {name!r}")
+
+    def validate(self, pattern: FaultPattern, n_images: int) -> None:
+        """Raise a clear error if a pattern does not fit this model and `n_images` images."""
+        self._check_bits(pattern)
+        for (site, name), group in pattern.groups.items():
+            layer = self._layer(name)
+            check_bounds(group, layer.numel(site), f"site {site.value!r} of layer {name!r}")
             if site.transient and len(group) and int(group.image.max()) >= n_images:
                 raise IndexError(f"fault on image {int(group.image.max())} but only {n_images} images are evaluated")
 
@@ -317,6 +387,14 @@ class QuantLayer:
     # int32 bias codes at the accumulator scale (float32, shaped to broadcast over a batch of outputs), added to
     # the accumulator by the engine: None when the layer has no bias.
     bias_codes: torch.Tensor | None = field(default=None, repr=False)
+    calls: int = 1  # runs per forward pass (a recurrent cell's hidden matmul: one per time step)
+    # A matmul of two activations: its second operand's per-image shape and scale (its weight_codes are empty and
+    # its weight_scale holds this scale, so that acc_scale is the product of the two input scales).
+    second_input_shape: tuple[int, ...] | None = None
+    second_input_scale: float = 1.0
+    acc_bits: int = ACC_BITS  # the accumulator's width (`spec.acc_bits_for`)
+    # float32 holds every partial sum exactly below 2^24; wider sums are computed in float64 (exact below 2^53)
+    compute_dtype: torch.dtype = torch.float32
 
     @property
     def qmax(self) -> int:
@@ -352,14 +430,23 @@ class QuantLayer:
         """The tensor entering the module (before the engine's hooks), as values."""
         return received * self.input_scale if self.reads_codes else received
 
-    def numel(self, site: Site) -> int:
+    def parts(self, site: Site) -> list[tuple[int, ...]]:
+        """The per-image shapes of the tensors that make up one site, in the order fault indices count them: per
+        call (a recurrent cell's hidden matmul runs once per time step), each operand (a matmul of two activations
+        reads two input-code tensors)."""
         if site is Site.WEIGHT:
-            return self.weight_codes.numel()
-        shape = self.input_shape if site is Site.INPUT else self.output_shape
-        return math.prod(shape)
+            return [tuple(self.weight_codes.shape)]
+        if site is Site.INPUT:
+            per_call = [self.input_shape] + ([self.second_input_shape] if self.second_input_shape is not None else [])
+        else:
+            per_call = [self.output_shape]
+        return per_call * self.calls
+
+    def numel(self, site: Site) -> int:
+        return sum(math.prod(shape) for shape in self.parts(site))
 
     def site_bits(self, site: Site) -> int:
-        return ACC_BITS if site is Site.ACC else self.bits
+        return self.acc_bits if site is Site.ACC else self.bits
 
     def scale_of(self, site: Site) -> float:
         """A representative scale of one site (max over channels where per-channel)."""
@@ -393,14 +480,15 @@ class _Runtime:
     leave for the next batch: the strides of each layer's input and output tensors in the last forward pass, so
     that `prepare` can place the next faults in the memory layout the tensors will have."""
 
-    batch: dict[tuple[Site, str], Edit] = field(default_factory=dict)
+    batch: dict[tuple[Any, ...], Edit] = field(default_factory=dict)
     scratch: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
-    input_strides: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    output_strides: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    strides: dict[tuple[Any, ...], tuple[int, ...]] = field(default_factory=dict)  # per edit key (see `prepare`)
+    calls: dict[str, int] = field(default_factory=dict)  # this forward pass: how often each layer ran so far
 
     channels_last: bool = False  # image layers compute channels-last (see `quantize`'s `memory_format`)
 
-    def input_buffer(self, like: torch.Tensor, layout: torch.memory_format | None) -> torch.Tensor:
+    def input_buffer(self, like: torch.Tensor, layout: torch.memory_format | None, dtype: torch.dtype | None = None,
+                     operand: int = 0) -> torch.Tensor:
         """A reusable tensor shaped like `like`, for a layer's input codes: in memory `layout`, or laid out like
         `like` when None.
 
@@ -408,13 +496,14 @@ class _Runtime:
         fault back in); one buffer per per-image shape and layout serves every layer, because a layer's input
         codes are dead once its conv/linear has run, and each layer runs once per forward. Only in inference mode:
         autograd would keep the input for backward."""
-        layout = layout or torch.preserve_format
+        layout, dtype = layout or torch.preserve_format, dtype or like.dtype
         if not torch.is_inference_mode_enabled():
-            return torch.empty_like(like, memory_format=layout)
-        key = (tuple(like.shape[1:]), layout, like.stride()[1:], like.dtype, like.device)
+            return torch.empty_like(like, memory_format=layout, dtype=dtype)
+        # a matmul's two operands are live at once: one buffer each
+        key = (tuple(like.shape[1:]), layout, like.stride()[1:], dtype, like.device, operand)
         buffer = self.scratch.get(key)
         if buffer is None or buffer.shape[0] < like.shape[0]:
-            buffer = torch.empty_like(like, memory_format=layout)
+            buffer = torch.empty_like(like, memory_format=layout, dtype=dtype)
             self.scratch[key] = buffer
         return buffer[: like.shape[0]]
 

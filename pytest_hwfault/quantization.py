@@ -39,6 +39,7 @@ What is quantized, and where (see also docs/architecture.md):
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -47,14 +48,16 @@ from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
 from .ao import AoLayer, convert_ao_modules, has_ao_modules
 from .data import iter_batches
+from .decompose import Einsum, MatMul, decompose
+from .functional import FunctionalPlan, discover, quantized_forward
 from .graph import code_links, fold_batchnorm
 from .identity import state_checksum
 from .qmodel import QuantizedModel, QuantLayer, exact_float32
-from .spec import MAX_WEIGHT_ACT_BITS
+from .spec import MAX_WEIGHT_ACT_BITS, acc_bits_for
 
 __all__ = ["NoQuantizableLayerError", "QuantLayer", "QuantizedModel", "exact_float32", "quantize", "state_checksum"]
 
-QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, MatMul)
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 ACT_GRANULARITIES = ("per_tensor",)
 CALIBRATIONS = ("max", "percentile")
@@ -124,56 +127,86 @@ def quantize(
     for name, ao in ao_layers.items():  # a fused ConvReLU/LinearReLU's float twin needs its ReLU back
         if ao.fused_relu:
             float_module.set_submodule(name, nn.Sequential(float_module.get_submodule(name), nn.ReLU()))
+    decomposed = [] if ao_layers else decompose(work)
     folded, bn_kept, fold_error = fold_batchnorm(work) if fold_bn else ([], [], None)
 
-    candidates = {name: m for name, m in work.named_modules()
-                  if isinstance(m, QUANTIZABLE) and (not ao_layers or name in ao_layers)}
+    candidates: dict[str, nn.Module] = {name: m for name, m in work.named_modules()
+                                        if isinstance(m, QUANTIZABLE) and (not ao_layers or name in ao_layers)}
     for module in candidates.values():
         _plain_weight(module)
+    first_batch = next(iter_batches(calibration_data, batch_size), None)
+    if first_batch is None:
+        raise ValueError("calibration_data is empty: give at least one batch of inputs")
+    plan = FunctionalPlan()
+    if not ao_layers:  # functional multiply-accumulates: one layer per call, by call order
+        # Only modules that run are layers: a module whose weight the model uses functionally (as
+        # nn.MultiheadAttention does with its out_proj) is that functional call's layer instead.
+        candidates = _called(work, first_batch[0].to(device), candidates)
+        plan = discover(work, first_batch[0].to(device), _weights_of(candidates))
+        candidates.update(plan.layers())
     if not candidates:
         kinds = sorted({type(m).__qualname__ for m in work.modules()} - {type(work).__qualname__})
         raise NoQuantizableLayerError(
             f"{source_name} has no quantizable layer: looked for modules of type "
-            f"{', '.join(t.__name__ for t in QUANTIZABLE)}; "
-            f"found only: {', '.join(kinds) or 'no submodules'}"
+            f"{', '.join(t.__name__ for t in QUANTIZABLE)}, attention and recurrent modules, and functional "
+            f"conv/linear/matmul/einsum/attention calls; found only: {', '.join(kinds) or 'no submodules'}"
         )
 
     qmax = (1 << (bits - 1)) - 1
     stats_in = {name: _ActStats(calibration, bits) for name in candidates}
+    stats_in2 = {name: _ActStats(calibration, bits) for name, m in candidates.items() if isinstance(m, MatMul)}
     stats_out = {name: _ActStats(calibration, bits) for name in candidates}
-    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
-    calls: dict[str, int] = {}
+    shapes: dict[str, list[tuple[int, ...]]] = {}  # per image: input, output (and a matmul's second input)
+    calls: dict[str, int] = {}  # this batch
+    calls_per_batch: dict[str, int] = {}
     order: list[str] = []
+    batch = [0]
 
     def observe(name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            if not isinstance(out, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
+            tensors = [*args[:2 if name in stats_in2 else 1], out]
+            if not all(isinstance(t, torch.Tensor) for t in tensors):
                 return
+            seen = [tuple(t.shape[1:]) for t in args[:len(tensors) - 1]] + [tuple(out.shape[1:])]
             if name not in shapes:
                 order.append(name)
-                shapes[name] = (tuple(args[0].shape[1:]), tuple(out.shape[1:]))
+                shapes[name] = seen
+            if seen != shapes[name] or any(t.dim() == 0 or t.shape[0] != batch[0] for t in tensors):
+                raise ValueError(
+                    f"layer {name!r} ({type(module).__qualname__}) ran on tensors shaped "
+                    f"{[tuple(t.shape) for t in tensors]} where a batch of {batch[0]} gave "
+                    f"{[(batch[0], *shape) for shape in shapes[name]]}: faults are placed per image, so every call "
+                    "of a layer needs the batch as its first dimension and one per-image shape")
             calls[name] = calls.get(name, 0) + 1
             stats_in[name].update(args[0])
+            if name in stats_in2:
+                stats_in2[name].update(args[1])
             stats_out[name].update(out)
 
         return hook
 
     handles = [m.register_forward_hook(observe(name)) for name, m in candidates.items()]
+    calibration_weights = _weights_of(candidates)
     batches = 0
     try:
         with torch.no_grad():
             for x, _ in iter_batches(calibration_data, batch_size):
-                work(x.to(device))
+                batch[0] = len(x)
+                with quantized_forward(plan, calibration_weights):  # one per forward pass: it counts the calls
+                    work(x.to(device))
+                if batches == 0:
+                    calls_per_batch = dict(calls)
+                elif calls != calls_per_batch:
+                    name = next(n for n in {*calls, *calls_per_batch} if calls.get(n) != calls_per_batch.get(n))
+                    raise ValueError(f"layer {name!r} ran {calls_per_batch.get(name, 0)} times in the first "
+                                     f"calibration batch and {calls.get(name, 0)} times in batch {batches + 1}: "
+                                     "faults are placed per call, so every forward pass must run each layer "
+                                     "equally often (pad sequences to one length)")
+                calls.clear()
                 batches += 1
     finally:
         for h in handles:
             h.remove()
-    if batches == 0:
-        raise ValueError("calibration_data is empty: give at least one batch of inputs")
-    shared = [n for n in order if calls[n] != batches]
-    if shared:
-        raise ValueError(f"layers {shared} run more than once per forward pass; a module reused within one "
-                         "forward cannot have per-call fault indices. Give each use its own module.")
 
     links = code_links(work, set(order))
     producers = links.producers
@@ -197,6 +230,10 @@ def quantize(
                       "act_range": (0 if ao.fused_relu else -ao.act_zero_point, 255 - ao.act_zero_point),
                       "input_zero_point": ao.input_zero_point, "act_zero_point": ao.act_zero_point,
                       "signed_activations": False}
+        elif isinstance(module, MatMul):  # two activations: the second operand's scale stands in the weight's
+            second = stats_in2[name].scale(qmax, percentile)
+            codes, w_scale = torch.zeros(0, dtype=torch.int32), torch.tensor([second], dtype=torch.float32)
+            ranges = {"second_input_shape": shapes[name][1], "second_input_scale": second}
         else:
             assert isinstance(module.weight, torch.Tensor)
             codes, w_scale = _weight_codes(module.weight, bits, weight_granularity)
@@ -211,11 +248,14 @@ def quantize(
             input_scale=in_scale,
             act_scale=act_scale,
             input_shape=shapes[name][0],
-            output_shape=shapes[name][1],
-            channel_axis=-1 if isinstance(module, nn.Linear) else 0,
+            output_shape=shapes[name][-1],
+            channel_axis=-1 if isinstance(module, (nn.Linear, MatMul)) else 0,
             input_source=source,
+            calls=calls_per_batch[name],
+            acc_bits=acc_bits_for(bits),
             **ranges,
         )
+
     for producer in links.codes_only if pass_codes else ():  # every use reads its codes: hand them on as they are
         readers = [layers[reader] for reader, source in producers.items() if source == producer]
         if all(reader.input_source == producer for reader in readers):
@@ -223,18 +263,20 @@ def quantize(
             for reader in readers:
                 reader.reads_codes = True
     if calibration == "percentile" and not ao_layers:
-        _measure_clip_rates(work, layers, calibration_data, batch_size, device)
+        _measure_clip_rates(work, layers, calibration_data, batch_size, device,
+                            lambda: quantized_forward(plan, calibration_weights))
     with torch.no_grad():  # the copy now computes on integer codes: exact sums, whatever the thread count
         for layer in layers.values():
             # New parameters, not in-place copies: a module that shares the weight (tied embeddings) keeps floats.
             bias = getattr(layer.module, "bias", None)
-            if bias is not None:
-                bias_codes = torch.clamp(torch.round(bias / layer.acc_scale.reshape(bias.shape)), -(2**31), 2**31 - 1)
-                shape = (-1,) if layer.channel_axis == -1 else (-1, *([1] * (len(layer.output_shape) - 1)))
-                layer.bias_codes = bias_codes.float().reshape(shape)
+            bias_codes = None if bias is None else _bias_codes(layer, bias)
+            dtype = layer.compute_dtype = _exact_dtype(layer, bias_codes)
+            if bias_codes is not None:
+                layer.bias_codes = bias_codes.to(dtype)
                 setattr(layer.module, "bias", None)  # noqa: B010 - the engine adds bias_codes to the accumulator
-            # row-major, whatever the model's layout (e.g. channels-last): weight faults index codes row-major
-            layer.module.weight = nn.Parameter(layer.weight_codes.float().contiguous(), requires_grad=False)
+            if not isinstance(layer.module, MatMul):
+                # row-major, whatever the model's layout (e.g. channels-last): weight faults index codes row-major
+                layer.module.weight = nn.Parameter(layer.weight_codes.to(dtype).contiguous(), requires_grad=False)
 
     config = {
         "bits": bits,
@@ -246,8 +288,67 @@ def quantize(
         "memory_format": memory_format,
         "pass_codes": pass_codes,
         "source": "torch.ao" if ao_layers else "calibrated",
+        "decomposed": decomposed,
     }
-    return QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name)
+    return QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name, plan)
+
+
+def _called(model: nn.Module, x: torch.Tensor, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The `modules` that run in a forward pass of `model` on `x`."""
+    ran: set[str] = set()
+    handles = [m.register_forward_pre_hook(lambda module, args, name=name: ran.add(name))
+               for name, m in modules.items()]
+    try:
+        with torch.no_grad(), quantized_forward(None):
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: m for name, m in modules.items() if name in ran}
+
+
+def _weights_of(modules: dict[str, nn.Module]) -> set[int]:
+    return {id(w) for w in (getattr(m, "weight", None) for m in modules.values()) if isinstance(w, torch.Tensor)}
+
+
+def _fan_in(layer: QuantLayer) -> int:
+    """Products summed into one accumulator."""
+    module = layer.module
+    if isinstance(module, Einsum):
+        inputs, _, output = module.equation.partition("->")
+        sizes = dict(zip(inputs.split(",")[0], (0, *layer.input_shape)))  # index 0 is the batch
+        sizes.update(zip(inputs.split(",")[-1], (0, *(layer.second_input_shape or ()))))
+        if "." in module.equation or not output:
+            return 1 << 30  # implicit or ellipsis: assume wide, compute in float64
+        return math.prod(size for index, size in sizes.items() if index not in output and size)
+    if isinstance(module, MatMul):
+        return layer.input_shape[-1]
+    assert isinstance(module.weight, torch.Tensor)
+    return module.weight[0].numel()
+
+
+def _exact_dtype(layer: QuantLayer, bias_codes: torch.Tensor | None) -> torch.dtype:
+    """float32 when no partial sum of the layer can reach 2^24 (codes and faulty codes of up to 2^(bits-1), or a
+    torch.ao model's unsigned range, and the bias), else float64 (exact below 2^53, beyond any 48-bit
+    accumulator)."""
+    top = 1 << (layer.bits - 1)
+    inputs = max(top, *(abs(v) for v in layer.input_range or (0,)))
+    bias = 0 if bias_codes is None or not bias_codes.numel() else int(bias_codes.abs().max())
+    return torch.float32 if _fan_in(layer) * inputs * top + bias < 1 << 24 else torch.float64
+
+
+def _bias_codes(layer: QuantLayer, bias: torch.Tensor) -> torch.Tensor:
+    """The bias as accumulator codes, shaped to broadcast over a batch of outputs; refused where it does not fit the
+    accumulator (a saturated bias would silently change the layer)."""
+    codes = torch.round(bias.double() / layer.acc_scale.double().reshape(bias.shape))
+    limit = 2 ** (layer.acc_bits - 1) - 1
+    if bool((codes.abs() > limit).any()):
+        raise ValueError(f"layer {layer.name!r}: its bias needs codes beyond the {layer.acc_bits}-bit accumulator "
+                         f"at scale {float(layer.acc_scale.min()):.3g} (|bias code| up to "
+                         f"{float(codes.abs().max()):.3g}): its weights or inputs are quantized too finely for "
+                         "its bias; use fewer bits")
+    shape = (-1,) if layer.channel_axis == -1 else (-1, *([1] * (len(layer.output_shape) - 1)))
+    return codes.reshape(shape)
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -329,7 +430,8 @@ def _weight_codes(weight: torch.Tensor, bits: int, granularity: str) -> tuple[to
 
 
 def _measure_clip_rates(
-    work: nn.Module, layers: dict[str, QuantLayer], data: Any, batch_size: int, device: torch.device | str
+    work: nn.Module, layers: dict[str, QuantLayer], data: Any, batch_size: int, device: torch.device | str,
+    forward_context: Any,
 ) -> None:
     """Share of calibration values beyond each layer's quantization range, measured on the float model."""
     counts = {name: [0, 0, 0, 0] for name in layers}  # clipped inputs, inputs, clipped outputs, outputs
@@ -348,7 +450,8 @@ def _measure_clip_rates(
     try:
         with torch.no_grad():
             for x, _ in iter_batches(data, batch_size):
-                work(x.to(device))
+                with forward_context():
+                    work(x.to(device))
     finally:
         for h in handles:
             h.remove()

@@ -44,7 +44,14 @@ class Kind(str, Enum):
 SITES = tuple(site.value for site in Site)
 KINDS = tuple(kind.value for kind in Kind)
 MAX_WEIGHT_ACT_BITS = 16  # the widest weight, input and output codes
-ACC_BITS = 32  # the accumulator's codes: the widest code of all
+ACC_BITS = 32  # the accumulator of codes up to 8 bits wide: int32
+WIDE_ACC_BITS = 48  # the accumulator of wider codes (as DSP multiply-accumulate units have): the widest code of all
+
+
+def acc_bits_for(bits: int) -> int:
+    """The accumulator width for `bits`-bit codes: int32 holds any int8 sum of fan-in < 133k, 48 bits any int16
+    sum of fan-in < 131k."""
+    return ACC_BITS if bits <= 8 else WIDE_ACC_BITS
 # A search's sites as its marker lists them (weight, its default, first), and its kinds: "stuck" is stuck at
 # either value, drawn.
 SEARCH_SITES = (Site.WEIGHT.value, Site.ACT.value, Site.INPUT.value, Site.ACC.value)
@@ -75,7 +82,7 @@ def check_bit_positions(value: Any, site: str, bits: int) -> tuple[int, ...] | N
     if value is None:
         return None
     positions: tuple[Any, ...] = (value,) if is_int(value) else tuple(value)
-    width = ACC_BITS if site == "acc" else bits
+    width = acc_bits_for(bits) if site == "acc" else bits
     if not positions or not all(is_int(b) and 0 <= b < width for b in positions):
         raise SpecError("bit_positions", f"{value!r} must be bit indices in [0, {width}) for {width}-bit {site} codes")
     if len(set(positions)) != len(positions):

@@ -81,9 +81,9 @@ def test_fault_model_normalises_its_fields() -> None:
         ({"site": "act", "ber": 1.5}, "must be a number in [0, 1]"),
         ({"site": "act", "ber": True}, "must be a number in [0, 1]"),
         ({"site": "act", "ber": "0.1"}, "must be a number in [0, 1]"),
-        ({"site": "act", "ber": 0.1, "bit_positions": []}, "non-empty list of bit indices in [0, 32)"),
-        ({"site": "act", "ber": 0.1, "bit_positions": [32]}, "non-empty list of bit indices in [0, 32)"),
-        ({"site": "act", "ber": 0.1, "bit_positions": [-1]}, "non-empty list of bit indices in [0, 32)"),
+        ({"site": "act", "ber": 0.1, "bit_positions": []}, "non-empty list of bit indices in [0, 48)"),
+        ({"site": "act", "ber": 0.1, "bit_positions": [48]}, "non-empty list of bit indices in [0, 48)"),
+        ({"site": "act", "ber": 0.1, "bit_positions": [-1]}, "non-empty list of bit indices in [0, 48)"),
         ({"site": "act", "ber": 0.1, "bit_positions": [1, 1]}, "repeats a bit"),
     ],
 )

@@ -305,7 +305,7 @@ def test_results_do_not_depend_on_the_memory_layout_or_code_passing(site: str, t
         for a, b in zip(runs["preserve"], runs[name]):
             assert torch.equal(a, b)
     assert not torch.equal(runs["preserve"][0], runs["preserve"][-1])
-    seen = {name: qmodel._runtime.output_strides["1"] for name, qmodel in views.items()}
+    seen = {name: qmodel._runtime.strides[(Site.ACT, "1")] for name, qmodel in views.items()}
     assert seen == {"preserve": (8 * 64, 64, 8, 1), "channels_last": (8 * 64, 1, 8 * 8, 8),
                     "values": (8 * 64, 1, 8 * 8, 8)}
     # conv "1" feeds only (through ReLU, max-pooling and a flatten) linear "6", which reads its codes
@@ -343,10 +343,10 @@ def test_faults_land_on_the_same_elements_of_a_transposed_tensor(site: str, digi
         return qmodel(x, faults=pattern)
 
     first = run(False)  # no layout recorded yet: the hook maps the positions
-    assert qmodel._runtime.input_strides["fc1"] == (64, 1, 8)
+    assert qmodel._runtime.strides[(Site.INPUT, "fc1")] == (64, 1, 8)
     assert torch.equal(run(False), first)  # positions prepared in the recorded transposed layout
     assert torch.equal(run(True), first)  # prepared for the transposed layout, applied to a row-major tensor
-    assert qmodel._runtime.input_strides["fc1"] == (64, 8, 1)
+    assert qmodel._runtime.strides[(Site.INPUT, "fc1")] == (64, 8, 1)
     assert torch.equal(run(True), first)
     assert not torch.equal(first, qmodel(x))
 

@@ -21,6 +21,7 @@ from conftest import (
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from pytest_hwfault.faults import FaultPattern, Site
 from pytest_hwfault.quantization import NoQuantizableLayerError, QuantizedModel, quantize, state_checksum
 
 pytestmark = pytest.mark.usefixtures("single_threaded")  # tiny tensors: one thread is fastest
@@ -37,7 +38,7 @@ def _layer_io(qmodel: QuantizedModel, x: torch.Tensor) -> dict[str, dict[str, to
 
 
 # -- exactness -------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", [2, 4, 8, 12, 16])
+@pytest.mark.parametrize("bits", range(2, 17))
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
 @pytest.mark.parametrize("which", ["mlp", "cnn"])
 def test_quantized_layers_compute_exactly_on_codes(which, granularity, bits, digits, noisy_digits, trained_mlp,
@@ -220,7 +221,8 @@ def test_model_without_quantizable_layer_gets_a_clear_error() -> None:
     assert isinstance(info.value, ValueError)
 
 
-def test_a_module_used_twice_per_forward_is_rejected() -> None:
+def test_a_module_used_twice_per_forward_has_one_fault_range_per_call() -> None:
+    """A re-used module is one layer (one stored weight) whose transient sites count each call's tensor in turn."""
     class Twice(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -229,8 +231,27 @@ def test_a_module_used_twice_per_forward_is_rejected() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(torch.relu(self.fc(x)))
 
-    with pytest.raises(ValueError, match=r"\['fc'\] run more than once per forward pass"):
-        quantize(Twice(), torch.randn(8, 4))
+    with seeded(3):
+        model, x = Twice().eval(), torch.randn(8, 4)
+    qmodel = quantize(model, x)
+    layer = qmodel.layers["fc"]
+    assert layer.calls == 2 and layer.numel(Site.ACT) == 8 and layer.numel(Site.WEIGHT) == 16
+    seen: list[torch.Tensor] = []
+    handle = layer.module.register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+    clean = qmodel(x)
+    first_clean = seen[-2]
+    # a top-bit flip in the second call's output is that call's code moved by 2^(bits-1), and nothing else
+    second = qmodel(x, faults=FaultPattern.from_faults([("act", "fc", 4 + 1, 7, "flip", 0)]))
+    assert torch.equal(seen[-2], first_clean)
+    moved = (second != clean).nonzero().tolist()
+    assert moved == [[0, 1]]
+    assert abs(round(float(second[0, 1] - clean[0, 1]) / layer.act_scale)) == 128
+    # the same flip in the first call's output changes what the second call reads
+    qmodel(x, faults=FaultPattern.from_faults([("act", "fc", 1, 7, "flip", 0)]))
+    assert not torch.equal(seen[-2], first_clean)
+    handle.remove()
+    with pytest.raises(IndexError, match=r"allowed 0..7"):
+        qmodel(x, faults=FaultPattern.from_faults([("act", "fc", 8, 0, "flip", 0)]))
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,8 @@ def test_no_gate_passes_a_model_it_did_not_test(mlp_suite: pytest.Pytester) -> N
     coverage = next(c for c in accepted if c["name"].endswith("accepted_knowingly"))["coverage"]
     assert 0.5 < coverage["macs"] < 0.7 and coverage["weights"] < 1.0, coverage
     assert coverage["uncovered"][0]["module"] == "" and coverage["uncovered"][0]["ops"] == ["aten.convolution"]
+    assert coverage["uncovered"][0]["why"] == ["conv2d: its weight or bias is computed in the forward pass, not a "
+                                               "parameter"]
     assert n0["test_hostile.py::test_uncovered_compute_accepted_knowingly"]["verdict"] == "pass"
 
 
@@ -227,4 +229,5 @@ def test_the_dev_extra_holds_what_the_suite_imports() -> None:
     root = Path(__file__).resolve().parents[1]
     dev = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["dev"]
     names = {requirement.split(">")[0].split("=")[0].split("<")[0].strip() for requirement in dev}
-    assert {"matplotlib", "hypothesis", "pytest-xdist", "scikit-learn", "jsonschema", "torchvision"} <= names
+    assert {"matplotlib", "hypothesis", "pytest-xdist", "scikit-learn", "jsonschema", "torchvision",
+            "transformers"} <= names

@@ -31,7 +31,12 @@ def test_kinds_agree() -> None:
 
 
 def test_widths_agree() -> None:
-    assert bits.MAX_CODE_BITS == spec.ACC_BITS == 32
+    assert bits.MAX_CODE_BITS == spec.WIDE_ACC_BITS == 48 and spec.ACC_BITS == 32
+    assert [spec.acc_bits_for(b) for b in (2, 8, 9, 16)] == [32, 32, 48, 48]
+    # the accumulator width a spec allows bit positions in follows the codes' width
+    with pytest.raises(spec.SpecError, match=r"bit indices in \[0, 32\) for 32-bit acc codes"):
+        spec.CampaignSpec(site="acc", ber=1e-3, min_acc=0.5, bits=8, bit_positions=[40])
+    assert spec.CampaignSpec(site="acc", ber=1e-3, min_acc=0.5, bits=16, bit_positions=[40]).bit_positions == (40,)
     widest = spec.MAX_WEIGHT_ACT_BITS
     assert spec.CampaignSpec(site="act", ber=1e-3, min_acc=0.5, bits=widest).bits == widest
     assert spec.SearchSpec(min_acc=0.5, bits=widest).bits == widest
@@ -41,11 +46,14 @@ def test_widths_agree() -> None:
         with pytest.raises(ValueError, match=rf"\[2, {widest}\]"):
             build(widest + 1)
     qmodel = quantize(nn.Linear(4, 2), torch.randn(8, 4), bits=widest)
-    assert {t.bits for t in qmodel.targets(faults.Site.ACC)} == {spec.ACC_BITS}
+    assert {t.bits for t in qmodel.targets(faults.Site.ACC)} == {spec.WIDE_ACC_BITS}  # 16-bit codes: 48-bit sums
     assert {t.bits for t in qmodel.targets(faults.Site.WEIGHT)} == {widest}
-    assert faults.FaultModel("acc", 1e-3, bit_positions=[spec.ACC_BITS - 1]).bit_positions == (spec.ACC_BITS - 1,)
-    with pytest.raises(ValueError, match=rf"\[0, {spec.ACC_BITS}\)"):
-        faults.FaultModel("acc", 1e-3, bit_positions=[spec.ACC_BITS])
+    int8 = quantize(nn.Linear(4, 2), torch.randn(8, 4), bits=8)
+    assert {t.bits for t in int8.targets(faults.Site.ACC)} == {spec.ACC_BITS}
+    top = spec.WIDE_ACC_BITS - 1
+    assert faults.FaultModel("acc", 1e-3, bit_positions=[top]).bit_positions == (top,)
+    with pytest.raises(ValueError, match=rf"\[0, {spec.WIDE_ACC_BITS}\)"):
+        faults.FaultModel("acc", 1e-3, bit_positions=[spec.WIDE_ACC_BITS])
 
 
 def test_max_flips_default_agrees() -> None:

@@ -64,13 +64,17 @@ def _reach(record: Mapping[str, Any]) -> str:
 
 def coverage_text(coverage: Mapping[str, Any]) -> str:
     """One line: what the faults reach and what they cannot."""
-    parts = [f"{row['module'] or '<model>'} ({', '.join(row['ops'])}: {row['share']:.1%})"
+    parts = [f"{row['module'] or '<model>'} ({', '.join(row['ops'])}: {row['share']:.1%}"
+             + (f"; {', '.join(row['why'])}" if row.get("why") else "") + ")"
              for row in coverage.get("uncovered", [])[:4]]
     text = f"faults reach {coverage['macs']:.1%} of the MACs and {coverage['weights']:.1%} of the weights"
     if parts:
         text += "; left in float: " + "; ".join(parts)
     if coverage.get("uncounted"):
         text += f"; MACs not countable (coverage unknown) in: {', '.join(coverage['uncounted'])}"
+    if coverage.get("unfaulted_parameters"):
+        text += (f"; {coverage['unfaulted_parameters']} parameter elements feed no MAC (embeddings, norms, biases) "
+                 "and are not faulted")
     return text
 
 

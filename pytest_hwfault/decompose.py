@@ -1,0 +1,277 @@
+"""Rewrite the fused multiply-accumulate modules of the private copy (attention, recurrent cells) into the pieces the
+engine quantizes: Linear layers and `MatMul`s of two activations, with the nonlinear glue (softmax, gates) in float.
+
+An accelerator runs attention and recurrent cells on the same int8 MAC arrays as convolutions; torch runs them as
+fused kernels (`_native_multi_head_attention`, `_VF.lstm`) that no hook can reach. The rewritten modules compute
+the same function (up to float rounding) with every MAC in a module of its own:
+
+- `nn.MultiheadAttention` -> `SplitMultiheadAttention`: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``
+  (Linear) and ``scores`` (q @ k^T) and ``context`` (softmax(scores) @ v), both `MatMul`s of two activations.
+  Heads stay a per-image dimension ([N, heads, L, head_dim]), so fault positions count within one image.
+- `nn.LSTM` / `nn.GRU` / `nn.RNN` -> `UnrolledRecurrent`: per layer and direction an ``ih`` Linear over the whole
+  sequence (one call) and an ``hh`` Linear (and an LSTM's ``proj``) that runs once per time step; the engine gives
+  such a layer one fault index range per step (`QuantLayer.calls`).
+
+Modules with options the rewrite does not reproduce (attention with ``add_bias_kv`` or ``add_zero_attn``) are left
+as they are: their MACs stay in float, and the view's coverage says so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class MatMul(nn.Module):
+    """``a @ b`` of two activations (torch.matmul broadcasting): a quantized layer with two input-code operands and
+    no weight."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with torch._C.DisableTorchFunction():  # the op itself, not a functional call to dispatch again
+            return torch.matmul(a, b)
+
+
+class Einsum(MatMul):
+    """``torch.einsum(equation, a, b)`` of two activations."""
+
+    def __init__(self, equation: str) -> None:
+        super().__init__()
+        self.equation = equation
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        with torch._C.DisableTorchFunction():
+            return torch.einsum(self.equation, a, b)
+
+    def extra_repr(self) -> str:
+        return repr(self.equation)
+
+
+def attention(scores: MatMul, context: MatMul, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None = None, is_causal: bool = False, scale: float | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T x scale + mask) v over [..., L, d] tensors, the two matmuls as layers; also the weights.
+    `mask`: boolean (True = attend) or additive, broadcast over the scores, as F.scaled_dot_product_attention."""
+    s = scores(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    weights = torch.softmax(s, dim=-1)
+    return context(weights, v), weights
+
+
+class ScaledDotProductAttention(nn.Module):
+    """F.scaled_dot_product_attention (no dropout: eval mode) as two `MatMul` layers around a float softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scores, self.context = MatMul(), MatMul()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+        return attention(self.scores, self.context, q, k, v, attn_mask, is_causal, scale)[0]
+
+
+class SplitMultiheadAttention(nn.Module):
+    """nn.MultiheadAttention with its projections as Linear layers and its two matmuls as `MatMul` layers."""
+
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
+        super().__init__()
+        e, heads = mha.embed_dim, mha.num_heads
+        self.embed_dim, self.num_heads, self.head_dim, self.batch_first = e, heads, e // heads, mha.batch_first
+        bias = mha.in_proj_bias is not None
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(e, e, bias), nn.Linear(mha.kdim, e, bias), \
+            nn.Linear(mha.vdim, e, bias)
+        with torch.no_grad():
+            if mha._qkv_same_embed_dim:
+                assert mha.in_proj_weight is not None
+                weights = mha.in_proj_weight.chunk(3)
+            else:
+                weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+            for proj, weight, index in zip((self.q_proj, self.k_proj, self.v_proj), weights, range(3)):
+                proj.weight.copy_(weight)
+                if bias:
+                    assert mha.in_proj_bias is not None and proj.bias is not None
+                    proj.bias.copy_(mha.in_proj_bias[index * e:(index + 1) * e])
+        self.out_proj = mha.out_proj
+        self.scores, self.context = MatMul(), MatMul()
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True, is_causal: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = (t.unsqueeze(0) for t in (query, key, value))
+        elif not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, length, source = query.shape[0], query.shape[1], key.shape[1]
+        heads, d = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(n, length, heads, d).transpose(1, 2)
+        k = self.k_proj(key).view(n, source, heads, d).transpose(1, 2)
+        v = self.v_proj(value).view(n, source, heads, d).transpose(1, 2)
+        mask = _attention_mask(attn_mask, key_padding_mask, n, heads, length, source, query.dtype)
+        causal = is_causal and attn_mask is None
+        out, weights = attention(self.scores, self.context, q, k, v, mask, causal)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, length, self.embed_dim))
+        if unbatched:
+            out, weights = out.squeeze(0), weights.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, weights.mean(dim=-3) if average_attn_weights else weights
+
+
+def _attention_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, n: int, heads: int,
+                    length: int, source: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """nn.MultiheadAttention's masks (True or -inf: do not attend) as one additive mask over [N, heads, L, S]."""
+    def additive(mask: torch.Tensor) -> torch.Tensor:
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+        return mask.to(dtype)
+
+    total = None
+    if attn_mask is not None:
+        total = additive(attn_mask)
+        if total.dim() == 3:  # [N * heads, L, S]
+            total = total.view(n, heads, length, source)
+    if key_padding_mask is not None:
+        padding = additive(key_padding_mask).view(n, 1, 1, source)
+        total = padding if total is None else total + padding
+    return total
+
+
+class _Cell(nn.Module):
+    """One layer and direction of a recurrent module: its gate matmuls."""
+
+    def __init__(self, ih: nn.Linear, hh: nn.Linear) -> None:
+        super().__init__()
+        self.ih, self.hh = ih, hh
+        self.proj: nn.Linear | None = None
+
+
+class UnrolledRecurrent(nn.Module):
+    """nn.LSTM / nn.GRU / nn.RNN as its gate matmuls, step by step (same equations as torch's documentation)."""
+
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.mode, self.num_layers, self.batch_first = rnn.mode, rnn.num_layers, rnn.batch_first
+        self.hidden_size, self.proj_size = rnn.hidden_size, getattr(rnn, "proj_size", 0)
+        self.directions = 2 if rnn.bidirectional else 1
+        gates = {"LSTM": 4, "GRU": 3}.get(rnn.mode, 1)
+        self.cells = nn.ModuleDict()
+        out_size = self.proj_size or self.hidden_size
+        for layer in range(rnn.num_layers):
+            for direction in range(self.directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction else "")
+                in_size = rnn.input_size if layer == 0 else out_size * self.directions
+                cell = _Cell(nn.Linear(in_size, gates * rnn.hidden_size, rnn.bias),
+                             nn.Linear(out_size, gates * rnn.hidden_size, rnn.bias))
+                with torch.no_grad():
+                    cell.ih.weight.copy_(getattr(rnn, "weight_ih" + suffix))
+                    cell.hh.weight.copy_(getattr(rnn, "weight_hh" + suffix))
+                    if rnn.bias:
+                        cell.ih.bias.copy_(getattr(rnn, "bias_ih" + suffix))
+                        cell.hh.bias.copy_(getattr(rnn, "bias_hh" + suffix))
+                if self.proj_size:
+                    cell.proj = nn.Linear(rnn.hidden_size, self.proj_size, bias=False)
+                    with torch.no_grad():
+                        cell.proj.weight.copy_(getattr(rnn, "weight_hr" + suffix))
+                self.cells[suffix[1:]] = cell
+
+    def forward(self, x: Any, hx: Any = None) -> tuple[torch.Tensor, Any]:
+        if isinstance(x, nn.utils.rnn.PackedSequence):
+            raise TypeError(f"the quantized view runs {self.mode} step by step on padded batches; a PackedSequence "
+                            "is not supported: pad the sequences (nn.utils.rnn.pad_packed_sequence)")
+        unbatched = x.dim() == 2
+        x = x.unsqueeze(0) if unbatched else (x if self.batch_first else x.transpose(0, 1))  # [N, T, features]
+        n = x.shape[0]
+        lstm = self.mode == "LSTM"
+        h0, c0 = (hx if lstm else (hx, None)) if hx is not None else (None, None)
+        if h0 is not None and unbatched:
+            h0, c0 = h0.unsqueeze(1), None if c0 is None else c0.unsqueeze(1)
+        last_h: list[torch.Tensor] = []
+        last_c: list[torch.Tensor] = []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(self.directions):
+                index = layer * self.directions + direction
+                cell = self.cells[f"l{layer}" + ("_reverse" if direction else "")]
+                assert isinstance(cell, _Cell)
+                h = h0[index] if h0 is not None else x.new_zeros(n, self.proj_size or self.hidden_size)
+                c = (c0[index] if c0 is not None else x.new_zeros(n, self.hidden_size)) if lstm else None
+                h, c, out = self._run(cell, x, h, c, reverse=bool(direction))
+                outputs.append(out)
+                last_h.append(h)
+                if c is not None:
+                    last_c.append(c)
+            x = torch.cat(outputs, dim=-1) if self.directions == 2 else outputs[0]
+        h_n = torch.stack(last_h)
+        out = x.squeeze(0) if unbatched else (x if self.batch_first else x.transpose(0, 1))
+        if unbatched:
+            h_n = h_n.squeeze(1)
+        if lstm:
+            c_n = torch.stack(last_c)
+            return out, (h_n, c_n.squeeze(1) if unbatched else c_n)
+        return out, h_n
+
+    def _run(self, cell: _Cell, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, reverse: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        gi = cell.ih(x)  # [N, T, gates x hidden]: the input's share of every gate, one call for the sequence
+        steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
+        outputs: list[torch.Tensor] = []
+        for t in steps:
+            gh = cell.hh(h)
+            if self.mode == "LSTM":
+                i, f, g, o = (gi[:, t] + gh).chunk(4, dim=1)
+                assert c is not None
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                if cell.proj is not None:
+                    h = cell.proj(h)
+            elif self.mode == "GRU":
+                ir, iz, in_ = gi[:, t].chunk(3, dim=1)
+                hr, hz, hn = gh.chunk(3, dim=1)
+                r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+                h = (1 - z) * torch.tanh(in_ + r * hn) + z * h
+            else:
+                h = torch.tanh(gi[:, t] + gh) if self.mode == "RNN_TANH" else torch.relu(gi[:, t] + gh)
+            outputs.append(h)
+        if reverse:
+            outputs.reverse()
+        return h, c, torch.stack(outputs, dim=1)
+
+
+def decompose(model: nn.Module) -> list[tuple[str, str]]:
+    """Replace, in place on `model` (a private copy), every attention and recurrent module the rewrite reproduces;
+    returns (name, original type) of each replaced module."""
+    replaced: list[tuple[str, str]] = []
+    for name, module in list(model.named_modules()):
+        new: nn.Module | None = None
+        if isinstance(module, nn.MultiheadAttention) and module.bias_k is None and not module.add_zero_attn:
+            new = SplitMultiheadAttention(module)
+        elif isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
+            new = UnrolledRecurrent(module)
+        if new is not None and name:
+            model.set_submodule(name, new)
+            replaced.append((name, type(module).__qualname__))
+    return replaced
+
+
+class FusedAttentionOff:
+    """torch's fused MHA / TransformerEncoder fast path off for the block: it would call the fused kernel
+    (`_native_multi_head_attention`), not the pieces."""
+
+    def __enter__(self) -> None:
+        self.saved = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+
+    def __exit__(self, *exc: object) -> None:
+        torch.backends.mha.set_fastpath_enabled(self.saved)
+
+

@@ -1,0 +1,333 @@
+"""Functional multiply-accumulates as layers of the view: F.linear / F.conv1d-3d with the model's own parameters,
+matmul / bmm / mm / einsum / ``@`` between activations (or an activation and a parameter), and
+F.scaled_dot_product_attention.
+
+A module can be hooked; a function call cannot. So the quantizer watches one forward pass (`discover`) and gives
+each functional MAC call, by its position in the sequence of such calls, a module of its own: a Linear or ConvNd
+holding a copy of the parameter it was called with, a `decompose.MatMul`/`Einsum` of two activations, or a
+`decompose.ScaledDotProductAttention` (two MatMuls). During every forward pass of the view, `Dispatch` (a
+TorchFunctionMode) counts the calls and hands the k-th one to its module, which the engine has quantized like any
+other layer. A model whose sequence of functional calls changes between forward passes is refused with the call
+that differed: its faults could not be placed the same way twice.
+
+Calls the engine cannot make per-image layers of (an operand without the batch dimension that is not a
+parameter, a weight computed in the forward, grouped-query attention) run as they are, in float, and the view's
+coverage counts them as uncovered.
+
+Calls made inside a quantized module (nn.Linear's own F.linear) are the layer itself and pass through: they are
+recognised by their weight, which is a layer's weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .decompose import Einsum, FusedAttentionOff, MatMul, ScaledDotProductAttention
+
+_OPS: dict[Any, str] = {
+    F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
+    torch.matmul: "matmul", torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul",
+    torch.Tensor.__rmatmul__: "rmatmul", torch.bmm: "bmm", torch.Tensor.bmm: "bmm", torch.mm: "mm",
+    torch.Tensor.mm: "mm", torch.einsum: "einsum", F.scaled_dot_product_attention: "scaled_dot_product_attention",
+}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONVS = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
+
+
+class CallOrderError(ValueError):
+    """The model made other functional calls than when it was quantized."""
+
+
+@dataclass
+class Call:
+    """One functional MAC call of the model's forward pass, and the module that runs it (None: runs in float)."""
+
+    op: str
+    where: str  # the innermost module of the model that made the call ('' for the model itself)
+    module: nn.Module | None = None
+    name: str | None = None  # its layer name, e.g. "encoder.layer.0.attention.self.matmul()"
+    weight: int | None = None  # id of the parameter a linear/conv/matmul call passed as its weight
+    reason: str | None = None  # why it runs in float
+    # a call left in float whose weight is computed in the forward pass: that weight's elements, which no fault
+    # reaches (they count against the weight coverage)
+    weight_elements: int = 0
+
+
+@dataclass
+class FunctionalPlan:
+    """Every functional MAC call of one forward pass, in order."""
+
+    calls: list[Call] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.calls)
+
+    def layers(self) -> dict[str, nn.Module]:
+        """Layer name -> quantized module (an attention call's are its two matmuls)."""
+        return {name: module for name, (module, _) in self.placed_layers().items()}
+
+    def placed_layers(self) -> dict[str, tuple[nn.Module, str]]:
+        """Layer name -> (quantized module, the model's module that makes the call)."""
+        layers: dict[str, tuple[nn.Module, str]] = {}
+        for call in self.calls:
+            if call.module is None or not call.name:
+                continue
+            if isinstance(call.module, ScaledDotProductAttention):
+                layers[f"{call.name}.scores"] = (call.module.scores, call.where)
+                layers[f"{call.name}.context"] = (call.module.context, call.where)
+            else:
+                layers[call.name] = (call.module, call.where)
+        return layers
+
+    def uncovered(self) -> list[dict[str, str]]:
+        return [{"call": f"{call.where or '<model>'}: {call.op}", "reason": call.reason or ""}
+                for call in self.calls if call.module is None]
+
+
+def _op(func: Any) -> str | None:
+    try:
+        return _OPS.get(func)
+    except TypeError:  # unhashable callables
+        return None
+
+
+def _arguments(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name."""
+    if op in _CONVS:
+        named = dict(zip(_CONV_ARGS, args))
+    elif op == "linear":
+        named = dict(zip(("input", "weight", "bias"), args))
+    elif op == "rmatmul":  # b.__rmatmul__(a) is a @ b
+        named = {"a": args[1], "b": args[0]}
+    elif op == "einsum":
+        operands = args[1:] if len(args) != 2 or not isinstance(args[1], (list, tuple)) else tuple(args[1])
+        named = {"equation": args[0], "operands": operands}
+    elif op == "scaled_dot_product_attention":
+        named = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"), args))
+    else:
+        named = dict(zip(("a", "b"), args))
+    named.update(kwargs)
+    if op == "rmatmul" and "other" in kwargs:
+        named["a"] = kwargs["other"]
+    return named
+
+
+def _per_image(n: int, *tensors: Any) -> bool:
+    return all(isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == n for t in tensors)
+
+
+def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: dict[int, str]
+                ) -> tuple[nn.Module | None, int | None, str | None]:
+    """The module that computes this call as a layer, the id of its weight parameter, or why there is none."""
+    if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[0] != n:
+        return None, None, "its result has no batch dimension"
+    if op == "linear" or op in _CONVS:
+        x, weight, bias = named.get("input"), named.get("weight"), named.get("bias")
+        if id(weight) not in parameters or (bias is not None and id(bias) not in parameters):
+            return None, None, "its weight or bias is computed in the forward pass, not a parameter"
+        if not _per_image(n, x):
+            return None, None, "its input has no batch dimension"
+        assert isinstance(weight, torch.Tensor)
+        module: nn.Module
+        if op == "linear":
+            module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        else:
+            groups = int(named.get("groups", 1))
+            module = _CONVS[op](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),  # type: ignore[arg-type]
+                                stride=named.get("stride", 1), padding=named.get("padding", 0),
+                                dilation=named.get("dilation", 1), groups=groups, bias=bias is not None)
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            if bias is not None:
+                assert isinstance(module.bias, torch.Tensor)
+                module.bias.copy_(bias)
+        return module.to(weight.device), id(weight), None
+    if op in ("matmul", "rmatmul", "bmm", "mm"):
+        a, b = named.get("a"), named.get("b")
+        if _per_image(n, a, b):
+            return MatMul(), None, None
+        if _per_image(n, a) and isinstance(b, torch.Tensor) and id(b) in parameters and b.dim() == 2:
+            linear = nn.Linear(b.shape[0], b.shape[1], bias=False)  # x @ W is F.linear(x, W^T)
+            with torch.no_grad():
+                linear.weight.copy_(b.T)
+            return linear.to(b.device), id(b), None
+        return None, None, "an operand without the batch dimension that is not a 2-D parameter"
+    if op == "einsum":
+        operands = named["operands"]
+        if len(operands) == 2 and _per_image(n, *operands):
+            return Einsum(str(named["equation"]).replace(" ", "")), None, None
+        return None, None, "einsum of other than two per-image operands"
+    if op == "scaled_dot_product_attention":
+        if named.get("enable_gqa", False):
+            return None, None, "grouped-query attention (enable_gqa=True)"
+        if float(named.get("dropout_p", 0.0)) != 0.0:
+            return None, None, "dropout_p > 0"
+        if not _per_image(n, named.get("query"), named.get("key"), named.get("value")):
+            return None, None, "an operand without the batch dimension"
+        return ScaledDotProductAttention(), None, None
+    return None, None, "not supported"
+
+
+def _computed_weight(op: str, named: dict[str, Any], n: int) -> int:
+    """Elements of the weight-like operand of a call left in float (no batch dimension: the same for every
+    image, so stored or computed from stored parameters), 0 when it has none."""
+    if op == "linear" or op in _CONVS:
+        weight = named.get("weight")
+        return weight.numel() if isinstance(weight, torch.Tensor) else 0
+    if op in ("matmul", "rmatmul", "bmm", "mm"):
+        operands = [named.get("a"), named.get("b")]
+        shared = [t for t in operands if isinstance(t, torch.Tensor) and not _per_image(n, t)]
+        return shared[0].numel() if len(shared) == 1 else 0
+    return 0
+
+
+def _invoke(call: Call, named: dict[str, Any]) -> Any:
+    """Run one dispatched call on its module."""
+    module = call.module
+    assert module is not None
+    op = call.op
+    if op == "linear" or op in _CONVS:
+        if id(named.get("weight")) != call.weight:
+            raise CallOrderError(f"functional call {call.name!r} was made with another weight than when the model was "
+                               "quantized: the model's functional calls must come in the same order every forward")
+        return module(named["input"])
+    if op in ("matmul", "rmatmul", "bmm", "mm"):
+        if call.weight is not None:
+            if id(named.get("b")) != call.weight:
+                raise CallOrderError(f"functional call {call.name!r} was made with another weight than when the "
+                                   "model was quantized")
+            return module(named["a"])
+        return module(named["a"], named["b"])
+    if op == "einsum":
+        return module(*named["operands"])
+    return module(named["query"], named["key"], named["value"], attn_mask=named.get("attn_mask"),
+                  is_causal=bool(named.get("is_causal", False)), scale=named.get("scale"))
+
+
+class _Discover(TorchFunctionMode):
+    """Records the functional MAC calls of one forward pass and makes a module for each it can."""
+
+    def __init__(self, model: nn.Module, batch: int, layer_weights: set[int]) -> None:
+        super().__init__()
+        self.batch, self.layer_weights = batch, layer_weights
+        self.parameters = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+        self.plan = FunctionalPlan()
+        self.stack: list[str] = []
+        self.names = {id(m): name for name, m in model.named_modules()}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        op = _op(func)
+        out = func(*args, **kwargs)
+        if op is None:
+            return out
+        named = _arguments(op, args, kwargs)
+        if id(named.get("weight")) in self.layer_weights:  # a quantized module's own call
+            return out
+        where = self.stack[-1] if self.stack else ""
+        module, weight, reason = _module_for(op, named, out, self.batch, self.parameters)
+        self.plan.calls.append(Call(op, where, module, None, weight, reason,
+                                    0 if module is not None else _computed_weight(op, named, self.batch)))
+        return out
+
+    @contextmanager
+    def watching(self) -> Iterator[FunctionalPlan]:
+        """Active for the block, with the innermost running module of the model tracked for naming."""
+        def enter(module: nn.Module, args: Any) -> None:
+            if id(module) in self.names:
+                self.stack.append(self.names[id(module)])
+
+        def leave(module: nn.Module, args: Any, out: Any) -> None:
+            if id(module) in self.names and self.stack:
+                self.stack.pop()
+
+        handles = [nn.modules.module.register_module_forward_pre_hook(enter),
+                   nn.modules.module.register_module_forward_hook(leave)]
+        try:
+            with self, FusedAttentionOff():
+                yield self.plan
+        finally:
+            for handle in handles:
+                handle.remove()
+        _name_calls(self.plan)
+
+
+def _name_calls(plan: FunctionalPlan) -> None:
+    """Layer names: the calling module's name and the op, e.g. "blocks.0.attn.matmul()", numbered from the second
+    call of one op in one module ("matmul_2()")."""
+    seen: dict[tuple[str, str], int] = {}
+    for call in plan.calls:
+        if call.module is None:
+            continue
+        op = "matmul" if call.op == "rmatmul" else call.op
+        count = seen[(call.where, op)] = seen.get((call.where, op), 0) + 1
+        stem = f"{op}()" if count == 1 else f"{op}_{count}()"
+        call.name = f"{call.where}.{stem}" if call.where else stem
+
+
+def discover(model: nn.Module, x: torch.Tensor, layer_weights: set[int]) -> FunctionalPlan:
+    """The functional MAC calls of `model`'s forward pass on the batch `x` (calls inside modules whose weight is in
+    `layer_weights` are those modules' own and are skipped)."""
+    watcher = _Discover(model, len(x), layer_weights)
+    with torch.no_grad(), watcher.watching() as plan:
+        model(x)
+    return plan
+
+
+class Dispatch(TorchFunctionMode):
+    """Routes the k-th functional MAC call of a forward pass to the module of `plan.calls[k]`."""
+
+    def __init__(self, plan: FunctionalPlan, layer_weights: set[int]) -> None:
+        super().__init__()
+        self.plan, self.layer_weights, self.count = plan, layer_weights, 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        op = _op(func)
+        if op is None:
+            return func(*args, **kwargs)
+        named = _arguments(op, args, kwargs)
+        if id(named.get("weight")) in self.layer_weights:
+            return func(*args, **kwargs)
+        k, calls = self.count, self.plan.calls
+        self.count += 1
+        if k >= len(calls) or calls[k].op != op:
+            expected = f"{calls[k].op} (from {calls[k].where or 'the model'})" if k < len(calls) else "no call"
+            raise CallOrderError(f"functional call {k} of this forward pass is {op}, where {expected} ran when the "
+                               "model was quantized: the view places faults by call order, so the model must make "
+                               "the same functional calls in every forward pass")
+        if calls[k].module is None:
+            return func(*args, **kwargs)
+        return _invoke(calls[k], named)
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        super().__exit__(exc_type, exc, tb)
+        if exc_type is None and self.count != len(self.plan.calls):
+            raise CallOrderError(f"this forward pass made {self.count} functional multiply-accumulate calls where "
+                                 f"{len(self.plan.calls)} ran when the model was quantized: the view places faults "
+                                 "by call order, so the model must make the same functional calls in every forward "
+                                 "pass")
+
+
+@contextmanager
+def quantized_forward(plan: FunctionalPlan | None, layer_weights: set[int] | None = None) -> Iterator[None]:
+    """The context of one forward pass of the view: the fused attention fast path off, and functional calls
+    dispatched to their layers when the model makes any (a TorchFunctionMode costs every torch call a Python
+    call, so models without functional layers run without one)."""
+    with FusedAttentionOff():
+        if plan:
+            with Dispatch(plan, layer_weights or set()):
+                yield
+        else:
+            yield
+
+
+__all__ = ["Call", "CallOrderError", "Dispatch", "FunctionalPlan", "discover", "quantized_forward"]

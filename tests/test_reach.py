@@ -1,0 +1,486 @@
+"""Faults reach every multiply-accumulate: attention (nn.MultiheadAttention, F.scaled_dot_product_attention),
+recurrent cells (LSTM/GRU gate matmuls, one fault range per time step), functional convs/linears/matmuls/einsums,
+on ordinary architectures with weights=None and small inputs. Each model is covered whole, and single faults in its
+attention projections, attention matmuls, recurrent gates and functional layers change the layer's output exactly
+as an integer reference of that layer predicts (plain integer arithmetic in float64 on the layer's public codes and
+scales, fed the tensors that entered it)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import oracle, seeded
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from pytest_hwfault.coverage import measure_coverage
+from pytest_hwfault.decompose import Einsum, MatMul
+from pytest_hwfault.faults import FaultPattern, Site
+from pytest_hwfault.quantization import quantize
+from pytest_hwfault.spec import SITES
+
+pytestmark = pytest.mark.usefixtures("single_threaded")  # tiny tensors: one thread is fastest
+
+
+# -- the models --------------------------------------------------------------------------------------------------------
+class TextClassifier(nn.Module):
+    """Token embedding, a two-layer nn.TransformerEncoder (torch's fused fast path applies to it in eval mode), mean
+    pooling and a head."""
+
+    def __init__(self, vocab: int = 40, width: int = 32, heads: int = 4, classes: int = 5) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
+class Recurrent(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase], **options: Any) -> None:
+        super().__init__()
+        self.rnn = cell(6, 12, batch_first=True, **options)
+        self.head = nn.Linear(12 * (2 if options.get("bidirectional") else 1), 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+class FunctionalOnly(nn.Module):
+    """Every MAC a functional call on the model's own parameters or between activations: F.conv2d, F.linear,
+    x @ W, torch.bmm and torch.einsum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(4, 3, 3, 3) / 4)
+        self.kernel_bias = nn.Parameter(torch.randn(4) / 10)
+        self.w1 = nn.Parameter(torch.randn(16, 64) / 8)
+        self.b1 = nn.Parameter(torch.randn(16) / 10)
+        self.w2 = nn.Parameter(torch.randn(16, 5) / 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(F.conv2d(x, self.kernel, self.kernel_bias, stride=2, padding=1))  # [N, 4, 4, 4]
+        g = h.flatten(2)  # [N, 4, 16]
+        mixed = torch.bmm(g, g.transpose(1, 2))  # [N, 4, 4]
+        h = torch.einsum("nij,njk->nik", mixed, g).flatten(1)  # [N, 64]
+        h = F.relu(F.linear(h, self.w1, self.b1))
+        return h @ self.w2
+
+
+class TwoHeads(nn.Module):
+    """A model that returns a dict: the gate reads its "logits"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(10, 16), nn.ReLU())
+        self.cls, self.aux = nn.Linear(16, 3), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.body(x)
+        return {"aux": self.aux(h), "logits": self.cls(h)}
+
+
+def _vit() -> tuple[nn.Module, torch.Tensor]:
+    from torchvision.models import VisionTransformer
+
+    model = VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              num_classes=5)
+    nn.init.normal_(model.heads.head.weight, std=0.3)  # torchvision zero-initialises the head
+    return model, torch.randn(6, 3, 16, 16)
+
+
+def _bert() -> tuple[nn.Module, torch.Tensor]:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    return transformers.BertForSequenceClassification(config), torch.randint(0, 60, (6, 10))
+
+
+BUILDERS = {
+    "vit": _vit,
+    "transformer": lambda: (TextClassifier(), torch.randint(0, 40, (6, 9))),
+    "lstm": lambda: (Recurrent(nn.LSTM, num_layers=2, bidirectional=True), torch.randn(6, 5, 6)),
+    "gru": lambda: (Recurrent(nn.GRU), torch.randn(6, 5, 6)),
+    "functional": lambda: (FunctionalOnly(), torch.randn(6, 3, 8, 8)),
+    "bert": _bert,
+}
+# per model: an attention projection, an attention matmul, a recurrent gate, functional layers
+PROBED = {
+    "vit": ["encoder.layers.encoder_layer_0.self_attention.q_proj",
+            "encoder.layers.encoder_layer_0.self_attention.scores",
+            "encoder.layers.encoder_layer_1.self_attention.context"],
+    "transformer": ["encoder.layers.0.self_attn.v_proj", "encoder.layers.1.self_attn.scores",
+                    "encoder.layers.0.self_attn.context"],
+    "lstm": ["rnn.cells.l0.hh", "rnn.cells.l1_reverse.hh", "rnn.cells.l0.ih"],
+    "gru": ["rnn.cells.l0.hh", "rnn.cells.l0.ih"],
+    "functional": ["conv2d()", "bmm()", "einsum()", "linear()", "matmul()"],
+    "bert": ["bert.encoder.layer.0.attention.self.query",
+             "bert.encoder.layer.0.attention.self.scaled_dot_product_attention().scores",
+             "bert.encoder.layer.1.attention.self.scaled_dot_product_attention().context"],
+}
+_VIEWS: dict[tuple[str, int], Any] = {}
+
+
+def view(name: str, bits: int = 8) -> tuple[Any, nn.Module, torch.Tensor]:
+    """(quantized view, the user's model, inputs), built once per model and width."""
+    key = (name, bits)
+    if key not in _VIEWS:
+        with seeded(7):
+            model, x = BUILDERS[name]()
+        model.eval()
+        _VIEWS[key] = (quantize(model, x, bits=bits, batch_size=4), model, x)  # calibrated over two batches
+    return _VIEWS[key]
+
+
+# -- coverage ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_every_multiply_accumulate_is_quantized(name: str) -> None:
+    qmodel, model, x = view(name)
+    coverage = measure_coverage(qmodel, x)
+    assert coverage.complete and coverage.uncovered == [] and coverage.uncounted == [], coverage.describe()
+    assert coverage.macs == 1.0 and coverage.weights == 1.0
+    assert all(coverage.reaches(1.0, site) for site in SITES)
+    for layer in PROBED[name]:
+        assert layer in qmodel.layers, list(qmodel.layers)
+    # the view computes the model's function: its logits follow the float model's
+    with torch.no_grad():
+        reference = _logits(model(x))
+    quantized = _logits(qmodel(x))
+    assert float((quantized - reference).abs().max()) < 0.1 * float(reference.abs().max()) + 1e-3
+    assert not torch.equal(quantized, reference)  # and it is quantized
+
+
+def _logits(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def test_attention_matmuls_have_two_input_sites_and_no_weight() -> None:
+    qmodel, _, x = view("transformer")
+    scores = qmodel.layers["encoder.layers.0.self_attn.scores"]
+    # [N, heads, L, d] @ [N, heads, d, L]: both operands' codes are the input site, in that order; no weight
+    assert scores.input_shape == (4, 9, 8) and scores.second_input_shape == (4, 8, 9)
+    assert scores.numel(Site.INPUT) == 2 * 4 * 9 * 8 and scores.numel(Site.WEIGHT) == 0
+    assert scores.output_shape == (4, 9, 9)
+    assert "encoder.layers.0.self_attn.scores" not in [t.layer for t in qmodel.targets(Site.WEIGHT)]
+    assert "encoder.layers.0.self_attn.scores" in [t.layer for t in qmodel.targets(Site.INPUT)]
+
+
+def test_a_recurrent_cell_runs_its_hidden_matmul_once_per_step() -> None:
+    qmodel, _, x = view("lstm")
+    hh, ih = qmodel.layers["rnn.cells.l0.hh"], qmodel.layers["rnn.cells.l0.ih"]
+    steps = x.shape[1]
+    assert hh.calls == steps and ih.calls == 1
+    assert hh.numel(Site.ACT) == steps * 4 * 12 and ih.numel(Site.ACT) == steps * 4 * 12
+    assert hh.numel(Site.WEIGHT) == 4 * 12 * 12  # one stored weight, whatever the steps
+
+
+def test_functional_layers_are_named_by_their_caller_and_op() -> None:
+    qmodel, _, _ = view("functional")
+    assert list(qmodel.layers) == ["conv2d()", "bmm()", "einsum()", "linear()", "matmul()"]
+    assert qmodel.layers["matmul()"].module_type == "Linear"  # x @ W: W's codes are a weight site
+    assert qmodel.layers["matmul()"].numel(Site.WEIGHT) == 16 * 5
+    assert qmodel.layers["bmm()"].numel(Site.WEIGHT) == 0
+
+
+def test_a_dict_output_is_gated_on_its_logits() -> None:
+    from pytest_hwfault.evaluate import predict
+
+    with seeded(2):
+        model, x = TwoHeads().eval(), torch.randn(20, 10)
+    qmodel = quantize(model, x)
+    assert measure_coverage(qmodel, x).complete
+    out = qmodel(x)
+    assert set(out) == {"aux", "logits"}
+    assert torch.equal(predict(qmodel, x).predicted, out["logits"].argmax(1))
+
+
+def test_a_model_whose_functional_calls_change_is_refused() -> None:
+    class Branching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.linear(x, self.w)
+            return F.linear(x, self.w) if bool(x.sum() > 0) else torch.relu(x)
+
+    with seeded(5):
+        model = Branching().eval()
+        x = torch.randn(64, 4)
+    positive = x[(model(x).sum(1) > 0)][:1]
+    x = torch.cat([positive, -positive.abs() * 100])  # first batch of one takes the branch, the second not
+    with pytest.raises(ValueError, match=r"functional .* calls? .* the model must make the same functional calls in "
+                                         r"every forward pass"):
+        quantize(model, x, batch_size=1)
+
+
+# -- single faults against an integer reference ------------------------------------------------------------------------
+@contextmanager
+def _capture(qmodel: Any, name: str) -> Iterator[dict[str, list[Any]]]:
+    """Per call of layer `name`: the float operands that entered it (before the engine's hooks) and what it handed
+    on (as values)."""
+    layer = qmodel.layers[name]
+    seen: dict[str, list[Any]] = {"in": [], "out": []}
+    operands = 2 if layer.second_input_shape is not None else 1
+
+    def before(module: nn.Module, args: tuple[Any, ...]) -> None:
+        raw = [a.detach().clone() for a in args[:operands]]
+        raw[0] = layer.dequantize_input(raw[0])
+        seen["in"].append(raw)
+
+    def after(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+        seen["out"].append(layer.dequantize_output(out.detach()).clone(memory_format=torch.contiguous_format))
+
+    handles = [layer.module.register_forward_pre_hook(before, prepend=True), layer.module.register_forward_hook(after)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _codes(values: torch.Tensor, scale: float, qmax: int) -> torch.Tensor:
+    """The quantizer: round(x x (1 / scale)) in float32, saturated."""
+    scaled = (values.float() * torch.tensor(1.0 / scale, dtype=torch.float32)).double()
+    return torch.clamp(torch.round(scaled), -qmax, qmax).contiguous()  # row-major, as fault indices count
+
+
+def _reference_acc(layer: Any, operands: list[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+    """The layer's exact integer accumulator (float64 holds these sums exactly) from its operand codes."""
+    module = layer.module
+    if isinstance(module, Einsum):
+        acc = torch.einsum(module.equation, *operands)
+    elif isinstance(module, MatMul):
+        acc = torch.matmul(*operands)
+    elif isinstance(module, nn.Linear):
+        acc = operands[0] @ weight.T
+    else:
+        conv = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(module)]
+        acc = conv(operands[0], weight, None, module.stride, module.padding, module.dilation, module.groups)
+    if layer.bias_codes is not None:
+        acc = acc + layer.bias_codes.double()
+    return acc
+
+
+def _assert_requantized(layer: Any, out: torch.Tensor, acc: torch.Tensor) -> None:
+    codes = torch.round(out.double() / layer.act_scale)
+    scale = layer.weight_scale.double() * layer.input_scale
+    if layer.channel_axis == 0:
+        scale = scale.reshape(-1, *([1] * (len(layer.output_shape) - 1)))
+    real = torch.clamp(acc * scale / layer.act_scale, -layer.qmax, layer.qmax)
+    bad = ((codes - real).abs() > 0.5 + 1e-4 + 4e-7 * real.abs()).nonzero().tolist()[:3]
+    assert not bad, [(i, float(codes[tuple(i)]), float(real[tuple(i)])) for i in bad]
+
+
+def check_one_fault(qmodel: Any, name: str, x: torch.Tensor, site: str, index: int, bit: int, kind: str,
+                    image: int) -> None:
+    """Run the fault; the layer's output at the faulty call must be the reference's, computed from the codes of the
+    tensors that entered it with the oracle's code at the fault."""
+    layer = qmodel.layers[name]
+    pattern = FaultPattern.from_faults([(site, name, index, bit, kind, None if site == "weight" else image)])
+    with _capture(qmodel, name) as clean:
+        qmodel(x)
+    with _capture(qmodel, name) as faulty:
+        qmodel(x, faults=pattern)
+    per_call = {s: sum(math.prod(p) for p in layer.parts(Site(s))) // layer.calls for s in ("input", "act", "acc")}
+    call = 0 if site == "weight" else index // per_call[site]
+    local = 0 if site == "weight" else index % per_call[site]
+    weight = layer.weight_codes.double().clone()
+    if site == "weight":
+        weight.view(-1)[index] = oracle(int(weight.view(-1)[index]), bit, kind, layer.bits)
+    scales = [layer.input_scale, layer.second_input_scale]
+    operands = [_codes(t, s, layer.qmax) for t, s in zip(faulty["in"][call], scales)]
+    if site == "input":
+        sizes = [math.prod(t.shape[1:]) for t in operands]
+        which = 0 if local < sizes[0] else 1
+        flat = operands[which][image].view(-1)
+        at = local - (sizes[0] if which else 0)
+        flat[at] = oracle(int(flat[at]), bit, kind, layer.bits)
+    acc = _reference_acc(layer, operands, weight).contiguous()
+    if site == "acc":
+        flat = acc[image].view(-1)
+        flat[local] = oracle(int(flat[local]), bit, kind, layer.acc_bits)
+    out = faulty["out"][call]
+    if site == "act":
+        expected = clean["out"][call].clone()
+        code = int(torch.round(expected[image].reshape(-1)[local] / layer.act_scale))
+        expected[image].view(-1)[local] = oracle(code, bit, kind, layer.bits) * torch.tensor(layer.act_scale)
+        assert torch.equal(out, expected)
+    else:
+        _assert_requantized(layer, out, acc)
+    for other in range(len(clean["out"])):  # earlier calls of the layer did not move
+        if other < call and site != "weight":
+            assert torch.equal(faulty["out"][other], clean["out"][other])
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(list(BUILDERS)), data=st.data())
+def test_one_fault_in_attention_recurrent_and_functional_layers_matches_the_reference(name: str, data) -> None:
+    qmodel, _, x = view(name)
+    layer_name = data.draw(st.sampled_from(PROBED[name]), label="layer")
+    layer = qmodel.layers[layer_name]
+    sites = [s for s in SITES if layer.numel(Site(s))]
+    site = data.draw(st.sampled_from(sites), label="site")
+    index = data.draw(st.integers(0, layer.numel(Site(site)) - 1), label="index")
+    bit = data.draw(st.integers(0, layer.site_bits(Site(site)) - 1), label="bit")
+    kind = data.draw(st.sampled_from(["flip", "stuck0", "stuck1"]), label="kind")
+    image = data.draw(st.integers(0, len(x) - 1), label="image")
+    check_one_fault(qmodel, layer_name, x, site, index, bit, kind, image)
+
+
+@pytest.mark.parametrize("name", ["transformer", "lstm"])
+@pytest.mark.parametrize("site", ["input", "act"])
+def test_a_fault_at_the_last_step_or_second_operand_is_placed_there(name: str, site: str) -> None:
+    """The last index of a site is the last call's (an LSTM's last step) or the second operand's last code."""
+    qmodel, _, x = view(name)
+    layer_name = PROBED[name][1]
+    layer = qmodel.layers[layer_name]
+    check_one_fault(qmodel, layer_name, x, site, layer.numel(Site(site)) - 1, layer.bits - 1, "flip", len(x) - 1)
+
+
+# -- every width -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", range(2, 17))
+def test_every_width_is_exact_on_an_attention_model(bits: int) -> None:
+    qmodel, _, x = view("transformer", bits)
+    for name, layer in qmodel.layers.items():
+        assert layer.acc_bits == (32 if bits <= 8 else 48)
+        with _capture(qmodel, name) as seen:
+            qmodel(x)
+        scales = [layer.input_scale, layer.second_input_scale]
+        for operands, out in zip(seen["in"], seen["out"]):
+            codes = [_codes(t, s, layer.qmax) for t, s in zip(operands, scales)]
+            _assert_requantized(layer, out, _reference_acc(layer, codes, layer.weight_codes.double()))
+    for name in PROBED["transformer"]:
+        layer = qmodel.layers[name]
+        check_one_fault(qmodel, name, x, "acc", layer.numel(Site.ACC) - 1, layer.acc_bits - 1, "flip", 0)
+
+
+# -- dict batches, end to end ------------------------------------------------------------------------------------------
+def _token_batches() -> tuple[list[dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    with seeded(11):
+        tokens = torch.randint(0, 40, (48, 9))
+        labels = torch.randint(0, 5, (48,))
+    items = [{"input_ids": t, "labels": y, "attention_mask": torch.ones(9)} for t, y in zip(tokens, labels)]
+    return items, tokens, labels
+
+
+def test_dict_batches_are_read_by_their_keys() -> None:
+    from torch.utils.data import DataLoader
+
+    from pytest_hwfault.data import DataError, Keyed, as_tensors
+
+    items, tokens, labels = _token_batches()
+    loader = DataLoader(items, batch_size=8)  # collates into dicts of batched tensors, as Hugging Face loaders do
+    x, y = as_tensors(Keyed(loader, "input_ids", "labels"))
+    assert torch.equal(x, tokens) and torch.equal(y, labels)
+    x, y = as_tensors(Keyed(items, "input_ids", "labels"), samples=10)  # a Dataset of dict items
+    assert torch.equal(x, tokens[:10]) and torch.equal(y, labels[:10])
+    with pytest.raises(DataError, match=r"batches are dicts \(keys \['attention_mask', 'input_ids', 'labels'\]\): "
+                                        r"pass input_key= and label_key="):
+        as_tensors(loader)
+    with pytest.raises(DataError, match=r"label_key='label' is not a key of the data's dict batches: \['attention"):
+        as_tensors(Keyed(loader, "input_ids", "label"))
+
+
+DICT_CONFTEST = '''
+import pytest, torch
+from torch import nn
+from torch.utils.data import DataLoader
+from contextlib import contextmanager
+
+@contextmanager
+def seeded(seed):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield
+
+''' + inspect.getsource(TextClassifier) + "\n\n" + inspect.getsource(_token_batches) + '''
+
+
+@pytest.fixture(scope="session")
+def text_model():
+    torch.manual_seed(0)
+    return TextClassifier().eval()
+
+
+@pytest.fixture(scope="session")
+def loader(text_model):
+    items, tokens, _ = _token_batches()
+    with torch.no_grad():
+        predicted = text_model(tokens).argmax(1)  # the float model's own predictions: accuracy 1.0
+    for item, label in zip(items, predicted):
+        item["labels"] = label
+    return DataLoader(items, batch_size=8)
+'''
+
+
+def test_a_transformer_on_dict_batches_is_gated_with_full_coverage(pytester: pytest.Pytester) -> None:
+    import json
+
+    pytester.makeconftest(DICT_CONFTEST)
+    pytester.makepyfile(test_text='''
+from pytest_hwfault import resilience
+
+@resilience(ber=1e-4, site=["act", "weight"], min_acc=0.2, budget=8)
+def test_text(hwfault, text_model, loader):
+    hwfault.assess(text_model, loader, input_key="input_ids", label_key="labels")
+
+@resilience(ber=1e-4, site="act", min_acc=0.2, budget=8)
+def test_without_keys(hwfault, text_model, loader):
+    hwfault.assess(text_model, loader)
+''')
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--hwfault", f"--hwfault-report={report}")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*test_without_keys*", "*pass input_key= and label_key=*"])
+    campaigns = json.loads(report.read_text())["campaigns"]
+    assert len(campaigns) == 2
+    for campaign in campaigns:
+        assert campaign["coverage"]["macs"] == 1.0 and campaign["coverage"]["weights"] == 1.0, campaign["coverage"]
+        assert campaign["coverage"]["uncovered"] == [] and campaign["verdict"] == "pass"
+        assert any("self_attn.scores" in layer["name"] for layer in campaign["layers"]), campaign["layers"][:3]
+
+
+def test_sixteen_bit_codes_keep_a_resnet18_exact_without_saturating_its_bias() -> None:
+    """int32 bias codes saturated in 7 of resnet18's 21 layers at 16 bits: a 48-bit accumulator holds them, and the
+    layers whose sums can pass 2^24 sum in float64."""
+    from torchvision.models import resnet18
+
+    with seeded(9):
+        model, x = resnet18(weights=None, num_classes=10).eval(), torch.randn(4, 3, 32, 32)
+        for module in model.modules():  # BatchNorm with statistics of its own, so that folding matters
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+                module.bias.data.normal_(0, 0.5)
+    qmodel = quantize(model, x, bits=16)
+    assert {layer.acc_bits for layer in qmodel.layers.values()} == {48}
+    assert {layer.compute_dtype for layer in qmodel.layers.values()} == {torch.float64}
+    biased = [layer for layer in qmodel.layers.values() if layer.bias_codes is not None]
+    assert len(biased) == 21 and max(float(layer.bias_codes.abs().max()) for layer in biased) > 2**31
+    with torch.no_grad():
+        reference = model(x)
+    assert float((qmodel(x) - reference).abs().max()) < 2e-3 * float(reference.abs().max())
+    for name, layer in qmodel.layers.items():
+        with _capture(qmodel, name) as seen:
+            qmodel(x)
+        codes = _codes(seen["in"][0][0], layer.input_scale, layer.qmax)
+        _assert_requantized(layer, seen["out"][0], _reference_acc(layer, [codes], layer.weight_codes.double()))
+
+
+def test_a_fault_on_a_bit_the_code_does_not_have_is_refused() -> None:
+    qmodel, _, x = view("functional", 4)
+    with pytest.raises(ValueError, match=r"bit 6 does not exist in the 4-bit act codes of layer 'linear\(\)'"):
+        qmodel(x, faults=FaultPattern.from_faults([("act", "linear()", 0, 6, "flip", 0)]))
+    with pytest.raises(ValueError, match=r"bit 32 does not exist in the 32-bit acc codes of layer 'bmm\(\)'"):
+        qmodel(x, faults=FaultPattern.from_faults([("acc", "bmm()", 0, 32, "flip", 0)]))
