@@ -19,6 +19,7 @@ import torch
 
 from .bits import Kind
 from .coverage import require_coverage
+from .data import Batch
 from .evaluate import (
     EvaluationError,
     Predictions,
@@ -288,7 +289,7 @@ class CampaignResult:
 class Campaign:
     """Runs the trials of one campaign on one quantized model and evaluation set."""
 
-    def __init__(self, qmodel: QuantizedModel, inputs: torch.Tensor, labels: torch.Tensor, spec: CampaignSpec,
+    def __init__(self, qmodel: QuantizedModel, inputs: Batch, labels: torch.Tensor, spec: CampaignSpec,
                  name: str, *, identity: dict[str, str] | None = None, batch_size: int = 256,
                  drop_fault_free: bool = True, late_start: bool = True,
                  cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:

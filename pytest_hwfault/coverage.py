@@ -27,6 +27,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from .data import as_args
 from .qmodel import QuantizedModel
 
 # aten ops that multiply-accumulate; the ones with a flop formula are counted, the others make coverage unknown
@@ -139,8 +140,8 @@ class _Measured(nn.Module):
         self.model = model
         self.functional = nn.ModuleDict({f"f{i}": m for i, m in enumerate(functional)})
 
-    def forward(self, x: torch.Tensor) -> Any:
-        return self.model(x)
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
 
 
 def _weight_shares(qmodel: QuantizedModel, read: set[int]) -> tuple[float, int]:
@@ -164,7 +165,7 @@ def _weight_shares(qmodel: QuantizedModel, read: set[int]) -> tuple[float, int]:
     return (sum(coded.values()) / total if total else 1.0), other
 
 
-def measure_coverage(qmodel: QuantizedModel, inputs: torch.Tensor) -> Coverage:
+def measure_coverage(qmodel: QuantizedModel, inputs: Any) -> Coverage:
     """Run the quantized view's fault-free forward on a couple of `inputs` and count where its MACs happen."""
     x = inputs[:MEASURED_IMAGES]
     calls = [call for call in (qmodel.functional.calls if qmodel.functional else []) if call.module is not None]
@@ -176,7 +177,8 @@ def measure_coverage(qmodel: QuantizedModel, inputs: torch.Tensor) -> Coverage:
     torch._C._set_mkldnn_enabled(False)
     try:
         with counter, watcher:
-            qmodel.run_graph(root, (x.to(qmodel.device),), {})
+            args, kwargs = as_args(x.to(qmodel.device))
+            qmodel.run_graph(root, args, {}, kwargs)
     finally:
         torch._C._set_mkldnn_enabled(mkldnn)
     adopted = {f"functional.f{i}": ("model." + call.where).rstrip(".") for i, call in enumerate(calls)}
@@ -204,7 +206,7 @@ def measure_coverage(qmodel: QuantizedModel, inputs: torch.Tensor) -> Coverage:
                     unfaulted_parameters=other)
 
 
-def require_coverage(qmodel: QuantizedModel, inputs: torch.Tensor, minimum: float, site: str) -> Coverage:
+def require_coverage(qmodel: QuantizedModel, inputs: Any, minimum: float, site: str) -> Coverage:
     """The view's coverage, or EvaluationError naming what is left in float when faults at `site` reach less
     than `minimum` of it: a verdict would then be about the quantized part of the model only."""
     from .evaluate import EvaluationError

@@ -22,55 +22,138 @@ def _describe(data: Any) -> str:
     return f"{type(data).__module__}.{type(data).__qualname__}"
 
 
+class Inputs:
+    """A batch of several input tensors (e.g. ``input_ids`` and ``attention_mask``), passed to the model as the
+    data gives them: positionally, or as keyword arguments when the data names them (dict batches). It indexes
+    like a tensor, by image, so that campaigns slice it as they slice a tensor of inputs."""
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], names: tuple[str, ...] | None = None) -> None:
+        if not tensors or any(len(t) != len(tensors[0]) for t in tensors):
+            raise DataError(f"the model's inputs have different batch sizes: {[len(t) for t in tensors]}")
+        self.tensors, self.names = tensors, names
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, index: Any) -> Inputs:
+        return Inputs(tuple(t[index] for t in self.tensors), self.names)
+
+    def to(self, device: torch.device | str) -> Inputs:
+        return Inputs(tuple(t.to(device) for t in self.tensors), self.names)
+
+    def call(self, module: Any) -> Any:
+        if self.names is None:
+            return module(*self.tensors)
+        return module(**dict(zip(self.names, self.tensors)))
+
+    def __repr__(self) -> str:
+        named = self.names or tuple(str(i) for i in range(len(self.tensors)))
+        return f"Inputs({', '.join(f'{n}: {tuple(t.shape)}' for n, t in zip(named, self.tensors))})"
+
+
+Batch = torch.Tensor | Inputs  # what a model is called with: one input tensor, or several
+
+
+def call_model(module: Any, x: Batch) -> Any:
+    """`module` called on a batch of inputs: ``module(x)``, or with each of several input tensors."""
+    return x.call(module) if isinstance(x, Inputs) else module(x)
+
+
+def as_args(x: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments a batch is passed to the model as."""
+    if not isinstance(x, Inputs):
+        return (x,), {}
+    if x.names is None:
+        return x.tensors, {}
+    return (), dict(zip(x.names, x.tensors))
+
+
+def concat(parts: list[Any]) -> Any:
+    """Batches joined along the image dimension."""
+    if isinstance(parts[0], Inputs):
+        return Inputs(tuple(torch.cat(ts) for ts in zip(*(p.tensors for p in parts))), parts[0].names)
+    return torch.cat(parts)
+
+
+def _stack(items: list[Any]) -> Any:
+    if isinstance(items[0], Inputs):
+        return Inputs(tuple(torch.stack(ts) for ts in zip(*(i.tensors for i in items))), items[0].names)
+    return torch.stack(items)
+
+
+Key = str | int
+
+
 @dataclass(frozen=True)
 class Keyed:
-    """Data whose batches (or items) are dicts, as Hugging Face datasets give them: the input is `input_key`'s
-    value, the label `label_key`'s (None: unlabelled, for calibration). `hwfault.assess(..., input_key=...,
-    label_key=...)` wraps its data so."""
+    """Data whose batches (or items) are dicts (as Hugging Face datasets give them) or tuples of more than an
+    (input, label) pair: the model's input is `input_key`'s value (several keys: several inputs, passed in that
+    order, by name for dict batches), the label `label_key`'s (None: unlabelled, for calibration).
+    `hwfault.assess(..., input_key=..., label_key=...)` wraps its data so."""
 
     data: Any
-    input_key: str
-    label_key: str | None = None
+    input_key: Key | tuple[Key, ...]
+    label_key: Key | None = None
 
     def __post_init__(self) -> None:
-        for name, key in (("input_key", self.input_key), ("label_key", self.label_key)):
-            if key is not None and not isinstance(key, str):
-                raise DataError(f"{name}={key!r} must be the name of a key of the data's dict batches")
         if self.input_key is None:
             raise DataError("input_key= is needed to read dict batches: the key of the model's input")
+        keys = self.input_key if isinstance(self.input_key, tuple) else (self.input_key,)
+        for name, key in [*(("input_key", k) for k in keys), ("label_key", self.label_key)]:
+            if key is not None and (isinstance(key, bool) or not isinstance(key, (str, int))):
+                raise DataError(f"{name}={key!r} must be a key (dict batches) or an index (tuple batches) of the "
+                                "data's batches")
+
+    def inputs(self) -> tuple[Key, ...]:
+        return self.input_key if isinstance(self.input_key, tuple) else (self.input_key,)
 
 
-def _from_dict(item: Mapping[str, Any], keys: Keyed | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if keys is None:
-        raise DataError(f"the data's batches are dicts (keys {sorted(map(str, item))}): pass input_key= and "
-                        "label_key= to hwfault.assess, e.g. input_key='input_ids', label_key='labels'")
-    for name, key in (("input_key", keys.input_key), ("label_key", keys.label_key)):
-        if key is not None and key not in item:
-            raise DataError(f"{name}={key!r} is not a key of the data's dict batches: {sorted(map(str, item))}")
-    label = None if keys.label_key is None else torch.as_tensor(item[keys.label_key])
-    return torch.as_tensor(item[keys.input_key]), label
+def _pick(item: Any, key: Key, name: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(item[key])
+    except (KeyError, IndexError, TypeError):
+        shown = sorted(map(str, item)) if isinstance(item, Mapping) else f"indices 0..{len(item) - 1}"
+        raise DataError(f"{name}={key!r} is not in the data's batches: {shown}") from None
 
 
-def _split_item(item: Any, keys: Keyed | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _keyed_item(item: Any, keys: Keyed) -> tuple[Batch, torch.Tensor | None]:
+    chosen = [_pick(item, key, "input_key") for key in keys.inputs()]
+    x: Batch = chosen[0]
+    if isinstance(keys.input_key, tuple):
+        named = all(isinstance(key, str) for key in keys.inputs())
+        x = Inputs(tuple(chosen), tuple(map(str, keys.inputs())) if named else None)
+    label = None if keys.label_key is None else _pick(item, keys.label_key, "label_key")
+    return x, label
+
+
+def _split_item(item: Any, keys: Keyed | None = None) -> tuple[Batch, torch.Tensor | None]:
+    if keys is not None and isinstance(item, (Mapping, tuple, list)):
+        return _keyed_item(item, keys)
     if isinstance(item, Mapping):
-        return _from_dict(item, keys)
+        raise DataError(f"the data's batches are dicts (keys {sorted(map(str, item))}): pass input_key= and "
+                        "label_key= to hwfault.assess, e.g. input_key='input_ids', label_key='labels' (several "
+                        "inputs: input_key=('input_ids', 'attention_mask'))")
     if isinstance(item, torch.Tensor):
         return item, None
-    if isinstance(item, (tuple, list)) and len(item) >= 2:
+    if isinstance(item, (tuple, list)) and len(item) == 2:
         x, y = item[0], item[1]
         return torch.as_tensor(x), torch.as_tensor(y)
+    if isinstance(item, (tuple, list)) and len(item) > 2:
+        raise DataError(f"the data's batches hold {len(item)} values, not an (input, label) pair: say which are "
+                        f"the model's inputs and which the label, e.g. input_key=(0, 1), label_key={len(item) - 1}")
     raise DataError(f"expected a tensor or an (input, label) pair, got {_describe(item)}")
 
 
 def iter_batches(data: Any, batch_size: int = 256, keys: Keyed | None = None
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+                 ) -> Iterator[tuple[Batch, torch.Tensor | None]]:
     """Yield (inputs, labels-or-None) batches from any supported data form, in a fixed order."""
     if isinstance(data, Keyed):
         yield from iter_batches(data.data, batch_size, data)
-    elif isinstance(data, torch.Tensor):
+    elif isinstance(data, (torch.Tensor, Inputs)):
         for start in range(0, len(data), batch_size):
             yield data[start : start + batch_size], None
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    elif (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], (torch.Tensor, Inputs))
+          and isinstance(data[1], torch.Tensor)):
         x, y = data
         if len(x) != len(y):
             raise DataError(f"(X, y) have different lengths: {len(x)} inputs, {len(y)} labels")
@@ -88,7 +171,7 @@ def iter_batches(data: Any, batch_size: int = 256, keys: Keyed | None = None
         n = len(data)
         for start in range(0, n, batch_size):
             items = [_split_item(data[i], keys) for i in range(start, min(n, start + batch_size))]
-            xs = torch.stack([x for x, _ in items])
+            xs = _stack([x for x, _ in items])
             ys = None if items[0][1] is None else torch.stack([torch.as_tensor(y) for _, y in items])
             yield xs, ys
     else:
@@ -98,8 +181,12 @@ def iter_batches(data: Any, batch_size: int = 256, keys: Keyed | None = None
         )
 
 
-def check_finite(inputs: torch.Tensor, what: str) -> None:
+def check_finite(inputs: Batch, what: str) -> None:
     """Refuse NaN or Inf inputs: faults cannot be told apart from garbage that was there before them."""
+    if isinstance(inputs, Inputs):
+        for tensor in inputs.tensors:
+            check_finite(tensor, what)
+        return
     if inputs.is_floating_point() or inputs.is_complex():
         bad = ~torch.isfinite(inputs.reshape(len(inputs), -1)).all(dim=1) if inputs.dim() else ~torch.isfinite(inputs)
         if bool(bad.any()):
@@ -108,7 +195,7 @@ def check_finite(inputs: torch.Tensor, what: str) -> None:
                             f"at index {first}): clean or drop them before gating")
 
 
-def as_tensors(data: Any, samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def as_tensors(data: Any, samples: int | None = None) -> tuple[Batch, torch.Tensor]:
     """The first `samples` (all when None) labelled examples of `data`, as (X, y) tensors on the CPU."""
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise ValueError(f"samples={samples!r} must be a positive integer or None")
@@ -116,12 +203,13 @@ def as_tensors(data: Any, samples: int | None = None) -> tuple[torch.Tensor, tor
         not isinstance(data, Keyed)
         and isinstance(data, (tuple, list))
         and len(data) == 2
-        and all(isinstance(t, torch.Tensor) for t in data)
+        and isinstance(data[0], (torch.Tensor, Inputs))
+        and isinstance(data[1], torch.Tensor)
         and len(data[0]) == len(data[1])
     ):
         x, y = data
         return (x, y) if samples is None else (x[:samples], y[:samples])
-    xs: list[torch.Tensor] = []
+    xs: list[Batch] = []
     ys: list[torch.Tensor] = []
     count = 0
     for x, y in iter_batches(data):
@@ -134,5 +222,5 @@ def as_tensors(data: Any, samples: int | None = None) -> tuple[torch.Tensor, tor
             break
     if not xs:
         raise DataError("the evaluation data is empty")
-    x_all, y_all = torch.cat(xs), torch.cat(ys)
+    x_all, y_all = concat(xs), torch.cat(ys)
     return (x_all, y_all) if samples is None else (x_all[:samples], y_all[:samples])

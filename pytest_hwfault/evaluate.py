@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .data import as_tensors
+from .data import Batch, as_tensors
 from .faults import FaultModel, FaultPattern, sample_pattern
 from .quantization import QuantizedModel
 
@@ -94,7 +94,7 @@ def baseline_floor(labels: torch.Tensor) -> float:
 
 def predict(
     qmodel: QuantizedModel,
-    inputs: torch.Tensor,
+    inputs: Batch,
     faults: FaultPattern | None = None,
     *,
     quantized: bool = True,

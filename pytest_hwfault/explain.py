@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .bits import KIND_CODES, fault_delta
+from .data import Batch
 from .faults import Fault, FaultPattern, LayerFaults, Site, parse_kind, parse_site
 from .spec import Kind
 
@@ -61,7 +62,7 @@ def _unravel(index: int, shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(position))
 
 
-def _clean_codes(qmodel: QuantizedModel, site: Any, layer: str, x: torch.Tensor) -> torch.Tensor:
+def _clean_codes(qmodel: QuantizedModel, site: Any, layer: str, x: Batch) -> torch.Tensor:
     """Fault-free codes of one image at a transient site of `layer`, flat: read with hooks placed around the
     engine's own (the accumulator before requantization, the output codes after it, the input codes after
     quantization)."""
@@ -84,7 +85,7 @@ def _clean_codes(qmodel: QuantizedModel, site: Any, layer: str, x: torch.Tensor)
     return seen["codes"].reshape(-1).round().to(dtype=seen["codes"].dtype)
 
 
-def describe_faults(qmodel: QuantizedModel, faults: Sequence[Fault], inputs: torch.Tensor | None = None
+def describe_faults(qmodel: QuantizedModel, faults: Sequence[Fault], inputs: Batch | None = None
                     ) -> list[FaultDetail]:
     """Per fault: its position, code before and after (faults on one code compose in order), dequantized values and
     scale. At transient sites the codes are those of the fault's image (image 0 when it strikes every image)."""

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .data import call_model
 from .decompose import Einsum, FusedAttentionOff, MatMul, ScaledDotProductAttention
 
 _OPS: dict[Any, str] = {
@@ -273,12 +274,12 @@ def _name_calls(plan: FunctionalPlan) -> None:
         call.name = f"{call.where}.{stem}" if call.where else stem
 
 
-def discover(model: nn.Module, x: torch.Tensor, layer_weights: set[int]) -> FunctionalPlan:
+def discover(model: nn.Module, x: Any, layer_weights: set[int]) -> FunctionalPlan:
     """The functional MAC calls of `model`'s forward pass on the batch `x` (calls inside modules whose weight is in
     `layer_weights` are those modules' own and are skipped)."""
     watcher = _Discover(model, len(x), layer_weights)
     with torch.no_grad(), watcher.watching() as plan:
-        model(x)
+        call_model(model, x)
     return plan
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .campaign import Campaign, CampaignResult, TrialResult
-from .data import as_tensors, check_finite, iter_batches
+from .data import Batch, Inputs, as_tensors, check_finite, concat, iter_batches
 from .identity import model_fingerprint, tensor_fingerprint
 from .late_start import DEFAULT_CACHE_BYTES
 from .quantization import QuantizedModel, quantize
@@ -41,10 +41,10 @@ class ModelCache:
     entries: dict[tuple[str, ...], QuantizedModel] = field(default_factory=dict)
     hits: int = 0
 
-    def get(self, model: nn.Module, calibration: torch.Tensor, device: torch.device, bits: int,
+    def get(self, model: nn.Module, calibration: Batch, device: torch.device, bits: int,
             options: dict[str, Any], fingerprint: str | None = None) -> QuantizedModel:
-        key = (fingerprint or model_fingerprint(model), tensor_fingerprint(calibration), str(device), str(bits),
-               repr(sorted(options.items())))
+        key = (fingerprint or model_fingerprint(model), tensor_fingerprint(*_tensors(calibration)), str(device),
+               str(bits), repr(sorted(options.items())))
         if key in self.entries:
             self.hits += 1
             return self.entries[key]
@@ -58,19 +58,19 @@ class Prepared:
     """A gate's model and data, ready for a campaign or a search."""
 
     qmodel: QuantizedModel
-    inputs: torch.Tensor
+    inputs: Batch
     labels: torch.Tensor
     identity: dict[str, str]  # fingerprints of the model and the evaluation data; shards must agree on them
 
 
-def calibration_tensor(calibration_data: Any) -> torch.Tensor:
+def calibration_tensor(calibration_data: Any) -> Batch:
     """The inputs of `calibration_data` (a tensor, (X, y), a DataLoader or a Dataset), checked finite."""
-    calibration = torch.cat([x for x, _ in iter_batches(calibration_data)])
+    calibration = concat([x for x, _ in iter_batches(calibration_data)])
     check_finite(calibration, "the calibration data")
     return calibration
 
 
-def quantized(model: nn.Module | QuantizedModel, calibration: torch.Tensor, *, cache: ModelCache,
+def quantized(model: nn.Module | QuantizedModel, calibration: Batch, *, cache: ModelCache,
               device: torch.device, bits: int, options: dict[str, Any] | None = None,
               fingerprint: str | None = None) -> QuantizedModel:
     """`model` itself when it is already a quantized view, else its cached quantized view."""
@@ -89,7 +89,12 @@ def prepare(model: nn.Module | QuantizedModel, data: Any, *, samples: int | None
                    else calibration_tensor(calibration_data))
     qmodel = quantized(model, calibration, cache=cache, device=device, bits=bits,
                        options=quantize_options, fingerprint=fingerprint)
-    return Prepared(qmodel, inputs, labels, {"model": fingerprint, "data": tensor_fingerprint(inputs, labels)})
+    return Prepared(qmodel, inputs, labels, {"model": fingerprint,
+                                             "data": tensor_fingerprint(*_tensors(inputs), labels)})
+
+
+def _tensors(batch: Batch) -> tuple[torch.Tensor, ...]:
+    return batch.tensors if isinstance(batch, Inputs) else (batch,)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from itertools import accumulate
 import torch
 from torch import fx
 
+from .data import Batch, as_args
 from .evaluate import select_logits
 from .faults import FaultPattern
 from .layout import CHANNELS_LAST
@@ -114,7 +115,7 @@ def _select_evenly(candidates: list[Cut], allowed_bytes_per_image: int) -> list[
 class LateStart:
     """Cached fault-free live values of a campaign's images, and the graph suffixes that resume from them."""
 
-    def __init__(self, qmodel: QuantizedModel, inputs: torch.Tensor, *, budget_bytes: int = DEFAULT_CACHE_BYTES,
+    def __init__(self, qmodel: QuantizedModel, inputs: Batch, *, budget_bytes: int = DEFAULT_CACHE_BYTES,
                  batch_size: int = 256) -> None:
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes={budget_bytes!r} must be >= 0")
@@ -142,7 +143,7 @@ class LateStart:
         return sum(t.numel() * t.element_size() for t in self.cache.values())
 
     # -- building --------------------------------------------------------------------------------------------------
-    def _build(self, inputs: torch.Tensor) -> None:
+    def _build(self, inputs: Batch) -> None:
         if self.qmodel.functional:
             raise _Unsupported("the model's functional layers run by call order, which a graph suffix cannot resume")
         repeated = [name for name, layer in self.qmodel.layers.items() if layer.calls > 1]
@@ -179,24 +180,26 @@ class LateStart:
         self.cuts = chosen
         self._fill_cache(traced, inputs, sorted({v for cut in chosen for v in cut.live}))
 
-    def _live_shapes(self, traced: fx.GraphModule, one: torch.Tensor, wanted: set[fx.Node]
+    def _live_shapes(self, traced: fx.GraphModule, one: Batch, wanted: set[fx.Node]
                      ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Per-image shape and dtype of each wanted value that is a tensor with one row per image."""
         names = sorted(n.name for n in wanted)
-        outputs = self.qmodel.run_graph(_capture_module(traced, names), (one.to(self.qmodel.device),), {})
+        args, kwargs = as_args(one.to(self.qmodel.device))
+        outputs = self.qmodel.run_graph(_capture_module(traced, names), args, {}, kwargs)
         shapes = {}
         for name, value in zip(names, outputs):
             if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 1:
                 shapes[name] = (tuple(value.shape[1:]), value.dtype)
         return shapes
 
-    def _fill_cache(self, traced: fx.GraphModule, inputs: torch.Tensor, names: list[str]) -> None:
+    def _fill_cache(self, traced: fx.GraphModule, inputs: Batch, names: list[str]) -> None:
         """One fault-free pass over every image: the live values of the cuts, and the model's output."""
         device, capture = self.qmodel.device, _capture_module(traced, names, with_output=True)
         outputs: list[torch.Tensor] | None = []
         for start in range(0, len(inputs), self.batch_size):
             x = inputs[start : start + self.batch_size].to(device)
-            *values, returned = self.qmodel.run_graph(capture, (x,), {})
+            args, kwargs = as_args(x)
+            *values, returned = self.qmodel.run_graph(capture, args, {}, kwargs)
             output = select_logits(returned)
             for name, value in zip(names, values):
                 if name not in self.cache:  # in the value's own memory layout (channels-last, typically)

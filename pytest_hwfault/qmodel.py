@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .data import Batch, Inputs, as_args, call_model
 from .faults import FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site, select_layers
 from .inject import Edit, apply_edit, apply_edit_to, check_bounds, compose
 from .layout import CHANNELS_LAST, IMAGE_LAYOUTS, contiguous_strides, in_layouts, is_dense
@@ -241,10 +242,10 @@ class QuantizedModel:
         self._choose_layout()
         return self
 
-    def __call__(self, x: torch.Tensor, faults: FaultPattern | None = None, image_offset: int = 0) -> torch.Tensor:
+    def __call__(self, x: Batch, faults: FaultPattern | None = None, image_offset: int = 0) -> torch.Tensor:
         return self.forward(x, faults, image_offset)
 
-    def forward(self, x: torch.Tensor, faults: FaultPattern | None = None, image_offset: int = 0) -> torch.Tensor:
+    def forward(self, x: Batch, faults: FaultPattern | None = None, image_offset: int = 0) -> torch.Tensor:
         """Quantized forward of a batch whose first image is image `image_offset` of the faults' numbering."""
         if faults is not None:
             self._check_bits(faults)
@@ -253,20 +254,22 @@ class QuantizedModel:
                 return self._forward(x, faults, image_offset)
         return self._forward(x, faults, image_offset)
 
-    def _forward(self, x: torch.Tensor, faults: FaultPattern | None, image_offset: int) -> torch.Tensor:
+    def _forward(self, x: Batch, faults: FaultPattern | None, image_offset: int) -> torch.Tensor:
         return self.run_batch(x, self.prepare(faults, image_offset, image_offset + len(x)))
 
-    def run_batch(self, x: torch.Tensor, edits: dict[tuple[Any, ...], Edit]) -> torch.Tensor:
+    def run_batch(self, x: Batch, edits: dict[tuple[Any, ...], Edit]) -> torch.Tensor:
         """Quantized forward of one batch with prepared transient edits (see `prepare`)."""
-        return self.run_graph(self.module, (x.to(self.device),), edits)
+        args, kwargs = as_args(x.to(self.device))
+        return self.run_graph(self.module, args, edits, kwargs)
 
-    def run_graph(self, module: nn.Module, args: tuple[Any, ...], edits: dict[tuple[Any, ...], Edit]) -> Any:
+    def run_graph(self, module: nn.Module, args: tuple[Any, ...], edits: dict[tuple[Any, ...], Edit],
+                  kwargs: dict[str, Any] | None = None) -> Any:
         """Call `module` (a graph over this view's layers, such as a torch.fx suffix of it) with prepared transient
         edits active, as `run_batch` does for the whole model."""
         self._runtime.batch, self._runtime.calls = edits, {}
         try:
             with torch.inference_mode(), exact_float32(self.device), self.dispatch():
-                return module(*args)
+                return module(*args, **(kwargs or {}))
         finally:
             self._runtime.batch, self._runtime.calls = {}, {}
 
@@ -277,10 +280,13 @@ class QuantizedModel:
 
         return quantized_forward(self.functional, self._layer_weights)
 
-    def float_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def float_forward(self, x: Batch) -> torch.Tensor:
         """The float model (a private eval-mode copy), for the float baseline accuracy; image batches go in in the
         layout the quantized view computes in."""
         x = x.to(self.device)
+        if isinstance(x, Inputs):
+            with torch.inference_mode():
+                return call_model(self.float_module, x)
         if self._runtime.channels_last and x.dim() in CHANNELS_LAST:
             x = x.contiguous(memory_format=CHANNELS_LAST[x.dim()])
         with torch.inference_mode():

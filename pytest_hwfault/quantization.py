@@ -47,7 +47,7 @@ from torch import nn
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
 from .ao import AoLayer, convert_ao_modules, has_ao_modules
-from .data import iter_batches
+from .data import Batch, call_model, iter_batches
 from .decompose import Einsum, MatMul, decompose
 from .functional import FunctionalPlan, discover, quantized_forward
 from .graph import code_links, fold_batchnorm
@@ -193,7 +193,7 @@ def quantize(
             for x, _ in iter_batches(calibration_data, batch_size):
                 batch[0] = len(x)
                 with quantized_forward(plan, calibration_weights):  # one per forward pass: it counts the calls
-                    work(x.to(device))
+                    call_model(work, x.to(device))
                 if batches == 0:
                     calls_per_batch = dict(calls)
                 elif calls != calls_per_batch:
@@ -293,14 +293,14 @@ def quantize(
     return QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name, plan)
 
 
-def _called(model: nn.Module, x: torch.Tensor, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+def _called(model: nn.Module, x: Batch, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """The `modules` that run in a forward pass of `model` on `x`."""
     ran: set[str] = set()
     handles = [m.register_forward_pre_hook(lambda module, args, name=name: ran.add(name))
                for name, m in modules.items()]
     try:
         with torch.no_grad(), quantized_forward(None):
-            model(x)
+            call_model(model, x)
     finally:
         for handle in handles:
             handle.remove()
@@ -451,7 +451,7 @@ def _measure_clip_rates(
         with torch.no_grad():
             for x, _ in iter_batches(data, batch_size):
                 with forward_context():
-                    work(x.to(device))
+                    call_model(work, x.to(device))
     finally:
         for h in handles:
             h.remove()

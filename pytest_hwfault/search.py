@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 # What a search asks for, re-exported from spec.py where it lives (`from pytest_hwfault.search import SearchSpec`).
+from .data import Batch
 from .spec import DEFAULT_EXAMPLES, DEFAULT_MAX_FLIPS, DEFAULT_SUBSET, SearchSpec, check_threshold
 
 if TYPE_CHECKING:
@@ -156,7 +157,7 @@ class FaultOracle:
             return f">= {self.required:.4f} (min_acc)"
         return f">= {self.required:.4f} (fault-free {self.baseline:.4f} - max_drop {self.max_drop:g})"
 
-    def _run(self, x: torch.Tensor, y: torch.Tensor, pattern: FaultPattern | None) -> tuple[torch.Tensor,
+    def _run(self, x: Batch, y: torch.Tensor, pattern: FaultPattern | None) -> tuple[torch.Tensor,
                                                                                             torch.Tensor]:
         import torch
 
@@ -375,7 +376,7 @@ def search_settings(spec: SearchSpec, base: HypothesisSettings | None = None) ->
 
 def run_marker_search(
     qmodel: QuantizedModel,
-    inputs: torch.Tensor,
+    inputs: Batch,
     labels: torch.Tensor,
     spec: SearchSpec,
     *,

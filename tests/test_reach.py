@@ -388,7 +388,7 @@ def test_dict_batches_are_read_by_their_keys() -> None:
     with pytest.raises(DataError, match=r"batches are dicts \(keys \['attention_mask', 'input_ids', 'labels'\]\): "
                                         r"pass input_key= and label_key="):
         as_tensors(loader)
-    with pytest.raises(DataError, match=r"label_key='label' is not a key of the data's dict batches: \['attention"):
+    with pytest.raises(DataError, match=r"label_key='label' is not in the data's batches: \['attention_mask'"):
         as_tensors(Keyed(loader, "input_ids", "label"))
 
 
@@ -484,3 +484,111 @@ def test_a_fault_on_a_bit_the_code_does_not_have_is_refused() -> None:
         qmodel(x, faults=FaultPattern.from_faults([("act", "linear()", 0, 6, "flip", 0)]))
     with pytest.raises(ValueError, match=r"bit 32 does not exist in the 32-bit acc codes of layer 'bmm\(\)'"):
         qmodel(x, faults=FaultPattern.from_faults([("acc", "bmm()", 0, 32, "flip", 0)]))
+
+
+# -- several input tensors per batch ------------------------------------------------------------------------------
+class Scaled(nn.Module):
+    """Two inputs: features and a per-image scale (traceable, so late start resumes it from cached values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)) * scale[:, None])
+
+
+def test_tuple_batches_of_several_inputs_are_passed_as_the_data_gives_them() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pytest_hwfault.data import DataError, Inputs, Keyed, as_tensors
+    from pytest_hwfault.evaluate import predict
+
+    with seeded(12):
+        model, x, scale = Scaled().eval(), torch.randn(40, 10), torch.rand(40) + 0.5
+        y = model(x, scale).argmax(1).detach()
+    loader = DataLoader(TensorDataset(x, scale, y), batch_size=16)
+    with pytest.raises(DataError, match=r"batches hold 3 values, not an \(input, label\) pair: .* "
+                                        r"input_key=\(0, 1\), label_key=2"):
+        as_tensors(loader)
+    inputs, labels = as_tensors(Keyed(loader, (0, 1), 2))
+    assert isinstance(inputs, Inputs) and inputs.names is None and len(inputs) == 40
+    assert torch.equal(inputs.tensors[0], x) and torch.equal(inputs.tensors[1], scale) and torch.equal(labels, y)
+    qmodel = quantize(model, inputs)
+    assert measure_coverage(qmodel, inputs).complete
+    with torch.no_grad():
+        reference = model(x, scale)
+    assert float((qmodel(inputs) - reference).abs().max()) < 0.05 * float(reference.abs().max())
+    assert torch.equal(predict(qmodel, inputs, batch_size=7).predicted, qmodel(inputs).argmax(1))
+
+
+def test_late_start_resumes_a_model_of_several_inputs_bit_exactly() -> None:
+    from pytest_hwfault.campaign import Campaign
+    from pytest_hwfault.data import Inputs
+    from pytest_hwfault.spec import CampaignSpec
+
+    with seeded(13):
+        model, x, scale = Scaled().eval(), torch.randn(64, 10), torch.rand(64) + 0.5
+        y = model(x, scale).argmax(1).detach()
+    inputs = Inputs((x, scale))
+    qmodel = quantize(model, inputs)
+    spec = CampaignSpec(site="act", ber=3e-3, min_acc=0.0, budget=4, first=4)
+    late = Campaign(qmodel, inputs, y, spec, "t", late_start=True)
+    assert late.late_start() is not None  # resumes from cached values of both inputs' paths
+    full = Campaign(qmodel, inputs, y, spec, "t", late_start=False)
+    for trial in range(4):
+        assert late.trial(trial) == full.trial(trial)
+
+
+def test_bert_with_an_attention_mask_from_dict_batches() -> None:
+    from torch.utils.data import DataLoader
+
+    from pytest_hwfault.data import Inputs, Keyed, as_tensors
+
+    model, _ = view("bert")[1], None
+    with seeded(14):
+        ids = torch.randint(0, 60, (8, 10))
+        mask = torch.ones(8, 10, dtype=torch.int64)
+        mask[::2, 6:] = 0  # padded sequences
+    items = [{"input_ids": i, "attention_mask": m, "labels": torch.tensor(0)} for i, m in zip(ids, mask)]
+    inputs, _ = as_tensors(Keyed(DataLoader(items, batch_size=4), ("input_ids", "attention_mask"), "labels"))
+    assert isinstance(inputs, Inputs) and inputs.names == ("input_ids", "attention_mask")
+    qmodel = quantize(model, inputs, batch_size=4)
+    assert measure_coverage(qmodel, inputs).complete
+    with torch.no_grad():
+        reference = model(ids, attention_mask=mask).logits
+    out = qmodel(inputs).logits
+    assert float((out - reference).abs().max()) < 0.05 * float(reference.abs().max())
+    # the mask reaches the quantized attention: tokens it hides do not change the classification at all, and do
+    # when no mask is passed
+    other = ids.clone()
+    other[::2, 6:] = (ids[::2, 6:] + 1) % 60
+    assert torch.equal(qmodel(Inputs((other, mask), inputs.names)).logits[::2], out[::2])
+    alone = [qmodel(Inputs((t,), ("input_ids",))).logits[::2] for t in (ids, other)]
+    assert not torch.equal(*alone)
+    name = "bert.encoder.layer.0.attention.self.scaled_dot_product_attention().scores"
+    layer = qmodel.layers[name]
+    for site in ("input", "act", "acc"):
+        check_one_fault(qmodel, name, inputs, site, layer.numel(Site(site)) // 2 + 3, 5, "flip", 6)
+
+
+@pytest.mark.parametrize("name", ["transformer", "lstm", "functional"])
+def test_results_do_not_depend_on_the_batch_split_or_the_thread_count(name: str) -> None:
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+    qmodel, _, x = view(name)
+    for site in SITES:
+        targets = qmodel.targets(Site(site))
+        bits = sum(t.numel * t.bits for t in targets) * (1 if site == "weight" else len(x))
+        pattern = sample_pattern(FaultModel(site, 40 / bits), targets, len(x), trial_generator(3, name, 0))
+        whole = _logits(qmodel(x, faults=pattern))
+        split = torch.cat([_logits(qmodel(x[:2], faults=pattern)),
+                           _logits(qmodel(x[2:], faults=pattern, image_offset=2))])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            two_threads = _logits(qmodel(x, faults=pattern))
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(whole, split) and torch.equal(whole, two_threads), site
+        assert not torch.equal(whole, _logits(qmodel(x))), site  # the faults did something
