@@ -8,6 +8,8 @@ the same function (up to float rounding) with every MAC in a module of its own:
 - `nn.MultiheadAttention` -> `SplitMultiheadAttention`: ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``
   (Linear) and ``scores`` (q @ k^T) and ``context`` (softmax(scores) @ v), both `MatMul`s of two activations.
   Heads stay a per-image dimension ([N, heads, L, head_dim]), so fault positions count within one image.
+- Hugging Face's GPT-2-style ``Conv1D`` (a transposed linear layer computed on the batch and sequence merged into
+  one dimension) -> `nn.Linear`.
 - `nn.LSTM` / `nn.GRU` / `nn.RNN` -> `UnrolledRecurrent`: per layer and direction an ``ih`` Linear over the whole
   sequence (one call) and an ``hh`` Linear (and an LSTM's ``proj``) that runs once per time step; the engine gives
   such a layer one fault index range per step (`QuantLayer.calls`).
@@ -247,6 +249,26 @@ class UnrolledRecurrent(nn.Module):
         return h, c, torch.stack(outputs, dim=1)
 
 
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's GPT-2-style ``Conv1D``: a linear layer with its weight transposed, computed as
+    ``addmm(bias, x.view(-1, nx), weight)``, which merges the batch with the sequence."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+            and isinstance(weight, torch.Tensor) and weight.dim() == 2)
+
+
+def _linear_of_conv1d(module: nn.Module) -> nn.Linear:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    bias = getattr(module, "bias", None)
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight.T)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear.to(weight.device)
+
+
 def decompose(model: nn.Module) -> list[tuple[str, str]]:
     """Replace, in place on `model` (a private copy), every attention and recurrent module the rewrite reproduces;
     returns (name, original type) of each replaced module."""
@@ -257,6 +279,8 @@ def decompose(model: nn.Module) -> list[tuple[str, str]]:
             new = SplitMultiheadAttention(module)
         elif isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
             new = UnrolledRecurrent(module)
+        elif _is_hf_conv1d(module):  # the same function as a Linear whose input keeps its batch dimension
+            new = _linear_of_conv1d(module)
         if new is not None and name:
             model.set_submodule(name, new)
             replaced.append((name, type(module).__qualname__))

@@ -106,6 +106,14 @@ def _bert() -> tuple[nn.Module, torch.Tensor]:
     return transformers.BertForSequenceClassification(config), torch.randint(0, 60, (6, 10))
 
 
+def _gpt2() -> tuple[nn.Module, torch.Tensor]:
+    """A small causal language model: GPT-2's Conv1D layers (addmm on batch and sequence merged) and causal SDPA."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=60, n_positions=16, n_embd=32, n_layer=2, n_head=4, num_labels=3,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    return transformers.GPT2ForSequenceClassification(config), torch.randint(1, 60, (6, 10))
+
+
 BUILDERS = {
     "vit": _vit,
     "transformer": lambda: (TextClassifier(), torch.randint(0, 40, (6, 9))),
@@ -113,6 +121,7 @@ BUILDERS = {
     "gru": lambda: (Recurrent(nn.GRU), torch.randn(6, 5, 6)),
     "functional": lambda: (FunctionalOnly(), torch.randn(6, 3, 8, 8)),
     "bert": _bert,
+    "gpt2": _gpt2,
 }
 # per model: an attention projection, an attention matmul, a recurrent gate, functional layers
 PROBED = {
@@ -127,6 +136,8 @@ PROBED = {
     "bert": ["bert.encoder.layer.0.attention.self.query",
              "bert.encoder.layer.0.attention.self.scaled_dot_product_attention().scores",
              "bert.encoder.layer.1.attention.self.scaled_dot_product_attention().context"],
+    "gpt2": ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.scaled_dot_product_attention().scores",
+             "transformer.h.0.attn.scaled_dot_product_attention().context", "transformer.h.1.mlp.c_proj"],
 }
 _VIEWS: dict[tuple[str, int], Any] = {}
 
