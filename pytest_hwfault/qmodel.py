@@ -78,7 +78,11 @@ class QuantizedModel:
         operands, calls, act_scale = len(inv_input_scales), layer.calls, layer.act_scale
         (in_low, in_high), (act_low, act_high) = layer.input_range or (0, 0), layer.act_range or (0, 0)
         in_zero, act_zero, signed = layer.input_zero_point, layer.act_zero_point, layer.signed_activations
-        requant = layer.requant_multiplier()
+        in_signed = signed if layer.signed_inputs is None else layer.signed_inputs
+        requant, bias_after = layer.requant_multiplier(), layer.float_bias_codes
+        # a deployed model's runtime scales its accumulator in float32: a wide (float64) sum is rounded to float32
+        # first, as its int32 -> float conversion does
+        runtime_float32 = layer.multiplier is not None
         image_layout = IMAGE_LAYOUTS.get(type(layer.module))
         hands_on_codes, reads_codes = layer.hands_on_codes, layer.reads_codes
         wide = None if layer.compute_dtype == torch.float32 else layer.compute_dtype
@@ -110,7 +114,7 @@ class QuantizedModel:
                         x.clamp_(in_low, in_high)
                 runtime.strides[key(Site.INPUT, part)] = x.stride()
                 if edit is not None:
-                    x = apply_edit_to(x, edit, bits, in_zero, signed)
+                    x = apply_edit_to(x, edit, bits, in_zero, in_signed)
                 codes.append(x)
             return (*codes, *args[operands:])
 
@@ -124,10 +128,15 @@ class QuantizedModel:
             edit = runtime.batch.get(key(Site.ACC, call))
             if edit is not None:
                 acc = apply_edit_to(acc, edit, acc_bits)
+            if wide is not None and runtime_float32:
+                acc = acc.float()
             # In place on the layer's own fresh result. Four vectorised passes: torch's
             # fake_quantize_per_tensor_affine is ~10x slower on CPU (it also builds a gradient mask).
-            out = acc.mul_(requant).round_().clamp_(act_low, act_high)
-            if wide is not None:  # codes fit float32 exactly; values are code x scale in float32, as everywhere
+            out = acc.mul_(requant)
+            if bias_after is not None:  # a runtime that adds its float bias after scaling (`deployed.BiasMode`)
+                out.add_(bias_after)
+            out = out.round_().clamp_(act_low, act_high)
+            if out.dtype != torch.float32:  # codes fit float32 exactly; values are code x scale in float32
                 out = out.float()
             if not hands_on_codes:
                 out.mul_(act_scale)
@@ -387,12 +396,18 @@ class QuantLayer:
     act_range: tuple[int, int] | None = None
     input_zero_point: int = 0
     act_zero_point: int = 0
-    signed_activations: bool = True
+    signed_activations: bool = True  # stored codes: two's complement (int8) or unsigned (uint8)
+    signed_inputs: bool | None = None  # the input codes' signedness where it differs from the output's
     act_clip_rate: float = 0.0
     input_clip_rate: float = 0.0
     # int32 bias codes at the accumulator scale (float32, shaped to broadcast over a batch of outputs), added to
     # the accumulator by the engine: None when the layer has no bias.
     bias_codes: torch.Tensor | None = field(default=None, repr=False)
+    # A deployed model's requantization as its runtime computes it (`deployed.BiasMode`): the per-channel float32
+    # multiplier acc_scale / act_scale in the runtime's arithmetic, and a float bias / act_scale added unrounded
+    # after scaling (shaped like bias_codes; None where the bias is integer or absent).
+    multiplier: torch.Tensor | None = field(default=None, repr=False)
+    float_bias_codes: torch.Tensor | None = field(default=None, repr=False)
     calls: int = 1  # runs per forward pass (a recurrent cell's hidden matmul: one per time step)
     # A matmul of two activations: its second operand's per-image shape and scale (its weight_codes are empty and
     # its weight_scale holds this scale, so that acc_scale is the product of the two input scales).
@@ -418,7 +433,8 @@ class QuantLayer:
 
     def requant_multiplier(self) -> torch.Tensor:
         """acc_scale / act_scale per output channel, shaped to broadcast over the layer's output."""
-        m = (self.weight_scale.double() * self.input_scale / self.act_scale).float()
+        m = self.multiplier if self.multiplier is not None else (
+            self.weight_scale.double() * self.input_scale / self.act_scale).float()
         if self.channel_axis == -1:
             return m
         return m.reshape(-1, *([1] * (len(self.output_shape) - 1)))
@@ -472,6 +488,9 @@ class QuantLayer:
             "weight_scale_mean": float(self.weight_scale.mean()),
             "input_scale": self.input_scale,
             "act_scale": self.act_scale,
+            "input_zero_point": self.input_zero_point,
+            "act_zero_point": self.act_zero_point,
+            "signed_activations": self.signed_activations,
             "act_clip_rate": self.act_clip_rate,
             "input_clip_rate": self.input_clip_rate,
             "input_source": self.input_source,

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
-from .ao import AoLayer, convert_ao_modules, has_ao_modules
+from .deployed import BiasMode, Deployed, DeployedLayer, detect, float32_multiplier, float_function, read
 from .data import Batch, call_model, iter_batches
 from .decompose import Einsum, MatMul, decompose
 from .functional import FunctionalPlan, discover, quantized_forward
@@ -106,27 +106,31 @@ def quantize(
         raise ValueError(f"pass_codes={pass_codes!r} must be True or False")
     if not 50.0 < percentile <= 100.0:
         raise ValueError(f"percentile={percentile!r} must be in (50, 100]")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__qualname__}")
-    source_name = type(model).__qualname__
-
-    work = copy.deepcopy(model).eval()
+    source = detect(model)
+    deployed: Deployed | None = None
+    if source is not None:  # a deployed int8 model: its own codes, scales and arithmetic (see deployed.py)
+        if bits != 8:
+            raise ValueError(f"bits={bits}: a deployed {source} model holds 8-bit codes; use bits=8")
+        deployed = read(model, source, calibration_data, batch_size, device or "cpu")
+        source_name = f"{type(model).__qualname__} ({source})"
+        work = deployed.module.eval()
+        device = device or "cpu"
+        fold_bn = False
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, a deployed int8 model (torch.ao, PT2E) or an ONNX model "
+                        f"(ModelProto or .onnx path), got {type(model).__qualname__}")
+    else:
+        source_name = type(model).__qualname__
+        work = copy.deepcopy(model).eval()
     for p in work.parameters():
         p.requires_grad_(False)
     if device is None:
         first = next(work.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     work.to(device)
-    ao_layers: dict[str, AoLayer] = {}
-    if has_ao_modules(work):  # already quantized with torch.ao: use its codes and scales
-        if bits != 8:
-            raise ValueError(f"bits={bits}: a torch.ao quantized model holds 8-bit codes; use bits=8")
-        ao_layers = convert_ao_modules(work, calibration_data, batch_size, device)
-        fold_bn = False
-    float_module = copy.deepcopy(work)
-    for name, ao in ao_layers.items():  # a fused ConvReLU/LinearReLU's float twin needs its ReLU back
-        if ao.fused_relu:
-            float_module.set_submodule(name, nn.Sequential(float_module.get_submodule(name), nn.ReLU()))
+    ao_layers: dict[str, DeployedLayer] = deployed.layers if deployed is not None else {}
+    float_module = float_function(deployed) if deployed is not None else copy.deepcopy(work)
+    float_module.to(device)
     decomposed = [] if ao_layers else decompose(work)
     folded, bn_kept, fold_error = fold_batchnorm(work) if fold_bn else ([], [], None)
 
@@ -223,13 +227,13 @@ def quantize(
             codes, w_scale, act_scale = ao.weight_codes, ao.weight_scale, ao.act_scale
             in_scale = ao.input_scale
             upstream = ao_layers.get(source or "")
-            if upstream is None or (upstream.act_scale, upstream.act_zero_point) != (ao.input_scale,
-                                                                                     ao.input_zero_point):
+            if upstream is None or (upstream.act_scale, upstream.act_zero_point, upstream.act_signed) != (
+                    ao.input_scale, ao.input_zero_point, ao.input_signed):
                 source = None
-            ranges = {"input_range": (-ao.input_zero_point, 255 - ao.input_zero_point),
-                      "act_range": (0 if ao.fused_relu else -ao.act_zero_point, 255 - ao.act_zero_point),
+            ranges = {"input_range": ao.input_range(), "act_range": ao.act_range(),
                       "input_zero_point": ao.input_zero_point, "act_zero_point": ao.act_zero_point,
-                      "signed_activations": False}
+                      "signed_activations": ao.act_signed, "signed_inputs": ao.input_signed,
+                      "multiplier": float32_multiplier(ao.input_scale, ao.weight_scale, ao.act_scale).to(device)}
         elif isinstance(module, MatMul):  # two activations: the second operand's scale stands in the weight's
             second = stats_in2[name].scale(qmax, percentile)
             codes, w_scale = torch.zeros(0, dtype=torch.int32), torch.tensor([second], dtype=torch.float32)
@@ -269,11 +273,20 @@ def quantize(
         for layer in layers.values():
             # New parameters, not in-place copies: a module that shares the weight (tied embeddings) keeps floats.
             bias = getattr(layer.module, "bias", None)
-            bias_codes = None if bias is None else _bias_codes(layer, bias)
+            runtime = ao_layers.get(layer.name)
+            bias_codes = None
+            if runtime is None:
+                bias_codes = None if bias is None else _bias_codes(layer, bias)
+            elif runtime.bias is not None and runtime.bias_mode is BiasMode.INTEGER:  # the runtime's int32 codes
+                bias_codes = _broadcast(layer, runtime.bias.to(device).double())
+            elif runtime.bias is not None:  # added unrounded after scaling, outside the accumulator
+                layer.float_bias_codes = _broadcast(
+                    layer, runtime.bias.to(device).float() / torch.tensor(layer.act_scale, dtype=torch.float32))
             dtype = layer.compute_dtype = _exact_dtype(layer, bias_codes)
             if bias_codes is not None:
                 layer.bias_codes = bias_codes.to(dtype)
-                setattr(layer.module, "bias", None)  # noqa: B010 - the engine adds bias_codes to the accumulator
+            if bias is not None:
+                setattr(layer.module, "bias", None)  # noqa: B010 - the engine adds the bias after the accumulator
             if not isinstance(layer.module, MatMul):
                 # row-major, whatever the model's layout (e.g. channels-last): weight faults index codes row-major
                 layer.module.weight = nn.Parameter(layer.weight_codes.to(dtype).contiguous(), requires_grad=False)
@@ -287,7 +300,8 @@ def quantize(
         "fold_bn": fold_bn,
         "memory_format": memory_format,
         "pass_codes": pass_codes,
-        "source": "torch.ao" if ao_layers else "calibrated",
+        "source": deployed.source if deployed is not None else "calibrated",
+        "deployed_notes": list(deployed.notes) if deployed is not None else [],
         "decomposed": decomposed,
     }
     return QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name, plan)
@@ -347,8 +361,13 @@ def _bias_codes(layer: QuantLayer, bias: torch.Tensor) -> torch.Tensor:
                          f"at scale {float(layer.acc_scale.min()):.3g} (|bias code| up to "
                          f"{float(codes.abs().max()):.3g}): its weights or inputs are quantized too finely for "
                          "its bias; use fewer bits")
+    return _broadcast(layer, codes)
+
+
+def _broadcast(layer: QuantLayer, per_channel: torch.Tensor) -> torch.Tensor:
+    """A per-output-channel tensor shaped to broadcast over a batch of the layer's outputs."""
     shape = (-1,) if layer.channel_axis == -1 else (-1, *([1] * (len(layer.output_shape) - 1)))
-    return codes.reshape(shape)
+    return per_channel.reshape(shape)
 
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -57,7 +57,7 @@ def test_ao_codes_and_scales_are_used_and_outputs_match(ao_model, digits) -> Non
     x = digits.x_test.reshape(-1, 1, 8, 8)
     before = state_checksum(ao_model)
     qmodel = quantize(ao_model, x[:256])
-    assert qmodel.config["source"] == "torch.ao" and list(qmodel.layers) == ["conv", "conv2", "fc"]
+    assert qmodel.config["source"] == "torch.ao eager" and list(qmodel.layers) == ["conv", "conv2", "fc"]
     conv = qmodel.layers["conv"]
     weight = ao_model.conv.weight()
     assert torch.equal(conv.weight_codes, weight.int_repr().to(torch.int32))
@@ -103,7 +103,7 @@ def test_ao_activation_faults_flip_unsigned_codes(ao_model, digits) -> None:  # 
 
 
 def test_ao_model_needs_8_bits(ao_model, digits) -> None:  # noqa: ANN001
-    with pytest.raises(ValueError, match="bits=4: a torch.ao quantized model holds 8-bit codes"):
+    with pytest.raises(ValueError, match="bits=4: a deployed torch.ao eager model holds 8-bit codes"):
         quantize(ao_model, digits.x_test[:8].reshape(-1, 1, 8, 8), bits=4)
 
 

@@ -1,0 +1,226 @@
+"""One notion of a deployed int8 model, whatever format it came in: what its runtime stores and how it computes.
+
+A reader (`ao.py` for torch.ao eager, `fx_reader.py` for torch.ao FX, `pt2e.py` for torchao PT2E, `onnx_reader.py`
+for ONNX QDQ) turns a deployed model into a `Deployed`:
+
+- `module`: a float torch module with the deployed model's function. Each multiply-accumulate layer named in
+  `layers` is a plain ``nn.Conv1d/2d/3d`` or ``nn.Linear`` (dequantized weights, float bias), which `quantize`
+  turns into an integer layer from the `DeployedLayer`'s codes; every place where the runtime re-grids a value
+  outside such a layer (after a residual add, a concatenation, a pooling) is a `Requantize` or `CodeAvgPool`
+  module, so the float graph between layers computes what the runtime computes;
+- `layers`: per multiply-accumulate layer, the codes and quantization parameters exactly as the runtime holds
+  them (`DeployedLayer`): weight codes and per-channel scales, input and output scale *and zero point*, signed or
+  unsigned activation codes, the bias and how the runtime adds it (`BiasMode`);
+- `float_module`: the model's float function (dequantized weights, activations not re-gridded), for the float
+  baseline; None when a reader cannot give it (the float accuracy is then reported as unavailable).
+
+Faults then hit the stored codes as the hardware holds them: an unsigned (uint8) code's bit 7 is worth
++-128 x scale with no sign extension, a signed one's is the sign bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMATS = ("torch.ao eager", "torch.ao fx", "pt2e", "onnx")
+
+
+class DeployedFormatError(ValueError):
+    """A deployed model holds something the reader cannot reproduce exactly; the message names the node and the
+    format."""
+
+
+class BiasMode(str, enum.Enum):
+    """How a runtime adds a layer's bias.
+
+    INTEGER: int32 bias codes at the accumulator scale are added to the int32 accumulator, which is then scaled by
+    acc_scale / act_scale (ONNX QLinearConv, onnxruntime; the project's own quantizer).
+    FLOAT: the int32 accumulator (no bias in it) is scaled to the output's scale and the float bias / act_scale is
+    added unrounded (fbgemm/x86 torch.ao kernels; a PT2E graph, whose conv adds a float bias)."""
+
+    INTEGER = "integer"
+    FLOAT = "float"
+
+
+@dataclass(frozen=True)
+class DeployedLayer:
+    """The codes and quantization parameters of one conv/linear layer of a deployed model, as its runtime holds
+    them. Codes of activations are stored codes q, meaning (q - zero_point) x scale."""
+
+    weight_codes: torch.Tensor  # int32 in the float module's weight shape
+    weight_scale: torch.Tensor  # float32 [out_channels] (a per-tensor scale repeated)
+    input_scale: float
+    input_zero_point: int
+    act_scale: float
+    act_zero_point: int
+    bias: torch.Tensor | None = None  # float32 [out_channels]: the value the runtime adds (see `bias_mode`)
+    bias_mode: BiasMode = BiasMode.FLOAT
+    input_signed: bool = False  # int8 (True) or uint8 (False) stored codes
+    act_signed: bool = False
+    relu: bool = False  # a fused ReLU: the output codes clamp at the zero point
+    bits: int = 8
+
+    def code_range(self, signed: bool) -> tuple[int, int]:
+        """The stored codes' range."""
+        return (-(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1) if signed else (0, (1 << self.bits) - 1)
+
+    def input_range(self) -> tuple[int, int]:
+        """Input codes as code - zero point."""
+        low, high = self.code_range(self.input_signed)
+        return low - self.input_zero_point, high - self.input_zero_point
+
+    def act_range(self) -> tuple[int, int]:
+        """Output codes as code - zero point; a fused ReLU clamps at the zero point."""
+        low, high = self.code_range(self.act_signed)
+        return (0 if self.relu else low - self.act_zero_point), high - self.act_zero_point
+
+
+@dataclass
+class Deployed:
+    """A deployed model read into the engine's form (see the module docstring)."""
+
+    module: nn.Module
+    layers: dict[str, DeployedLayer]
+    source: str  # one of FORMATS
+    float_module: nn.Module | None = None
+    # what the reader knows it does not reproduce exactly, or leaves outside the fault sites, in words
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.source not in FORMATS:
+            raise ValueError(f"source={self.source!r}; allowed: {', '.join(FORMATS)}")
+
+
+class Requantize(nn.Module):
+    """A runtime's re-gridding of a value outside a multiply-accumulate layer (after a residual add, a concat, a
+    quantize node): x -> (clamp(round(x / scale) + zero_point, low, high) - zero_point) x scale, rounding half to
+    even as every runtime here does. `divide`: x / scale (torch's quantize_per_tensor on a float tensor,
+    onnxruntime) or x x (1 / scale)."""
+
+    def __init__(self, scale: float, zero_point: int, low: int, high: int, *, divide: bool = True) -> None:
+        super().__init__()
+        self.scale, self.zero_point, self.low, self.high, self.divide = float(scale), int(zero_point), low, high, divide
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self.scale, dtype=torch.float32)
+        codes = torch.div(x, scale) if self.divide else torch.mul(x, 1.0 / scale)
+        return codes.round_().add_(self.zero_point).clamp_(self.low, self.high).sub_(self.zero_point).mul_(scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale!r}, zero_point={self.zero_point}, codes=[{self.low}, {self.high}]"
+
+
+class CodeAvgPool(nn.Module):
+    """An average pooling that a runtime computes on the integer codes of its input (torch's quantized avg pools):
+    the mean of (code - zero point) in exact arithmetic, rounded half to even onto the input's grid. A float
+    average of dequantized values would round ties (one output in ~64 for an 8x8 pool) either way."""
+
+    def __init__(self, pool: nn.Module, scale: float, zero_point: int, low: int, high: int) -> None:
+        super().__init__()
+        self.pool, self.scale, self.zero_point, self.low, self.high = pool, float(scale), int(zero_point), low, high
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self.scale, dtype=torch.float32)
+        codes = torch.div(x, scale).round_().double()  # code - zero point, recovered exactly from code x scale
+        mean = self.pool(codes).round_()
+        return mean.add_(self.zero_point).clamp_(self.low, self.high).sub_(self.zero_point).float().mul_(scale)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale!r}, zero_point={self.zero_point}"
+
+
+def float_function(deployed: Deployed) -> nn.Module:
+    """The deployed model's float function when the reader gave none: a copy of `module` whose re-gridding points
+    pass values through and whose fused ReLUs are explicit."""
+    if deployed.float_module is not None:
+        return deployed.float_module
+    module = copy.deepcopy(deployed.module)
+    for name, sub in list(module.named_modules()):
+        if isinstance(sub, Requantize):
+            module.set_submodule(name, nn.Identity())
+        elif isinstance(sub, CodeAvgPool):
+            module.set_submodule(name, sub.pool)
+    for name, layer in deployed.layers.items():
+        if layer.relu:
+            module.set_submodule(name, nn.Sequential(module.get_submodule(name), nn.ReLU()))
+    return module
+
+
+def is_onnx(model: Any) -> bool:
+    """An ONNX model: a ModelProto, or the path of an .onnx file."""
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        import os
+
+        return str(os.fspath(model)).endswith(".onnx")  # type: ignore[arg-type]
+    return type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx")
+
+
+def is_pt2e(model: Any) -> bool:
+    """A converted PT2E graph: it quantizes and dequantizes with the quantized_decomposed ops."""
+    graph = getattr(model, "graph", None)
+    if not isinstance(model, torch.fx.GraphModule) or graph is None:
+        return False
+    return any(node.op == "call_function" and "quantized_decomposed" in str(node.target) for node in graph.nodes)
+
+
+def is_ao_fx(model: Any) -> bool:
+    """A torch.ao FX `convert_fx` graph: it quantizes with torch.quantize_per_tensor and runs torch.ao modules."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return False
+    return any(node.op == "call_function" and node.target in (torch.quantize_per_tensor,
+                                                               torch.quantize_per_tensor_dynamic)
+               for node in model.graph.nodes)
+
+
+def detect(model: Any) -> str | None:
+    """The deployed format of `model`, or None for a float model the project quantizes itself."""
+    from .ao import has_ao_modules
+
+    if is_onnx(model):
+        return "onnx"
+    if is_pt2e(model):
+        return "pt2e"
+    if is_ao_fx(model):
+        return "torch.ao fx"
+    if isinstance(model, nn.Module) and has_ao_modules(model):
+        return "torch.ao eager"
+    return None
+
+
+def read(model: Any, source: str, calibration_data: Any, batch_size: int, device: torch.device | str) -> Deployed:
+    """Read a deployed model of format `source` (see `detect`) into the engine's form. The user's model is not
+    modified: readers work on a copy. Imports of optional packages (torchao, onnx) happen here, lazily."""
+    if source == "torch.ao eager":
+        from .ao import read_ao_eager
+
+        return read_ao_eager(copy.deepcopy(model).eval(), calibration_data, batch_size, device)
+    if source == "torch.ao fx":
+        from .fx_reader import read_ao_fx
+
+        return read_ao_fx(model, calibration_data, batch_size, device)
+    if source == "pt2e":
+        from .pt2e import read_pt2e
+
+        return read_pt2e(model, calibration_data, batch_size, device)
+    if source == "onnx":
+        from .onnx_reader import read_onnx
+
+        return read_onnx(model, calibration_data, batch_size, device)
+    raise ValueError(f"unknown deployed format {source!r}; allowed: {', '.join(FORMATS)}")
+
+
+def float32_multiplier(input_scale: float, weight_scale: torch.Tensor, act_scale: float) -> torch.Tensor:
+    """input_scale x weight_scale / act_scale per channel, in float32 arithmetic as the runtimes compute it."""
+    f32 = torch.float32
+    return torch.tensor(input_scale, dtype=f32) * weight_scale.to(f32) / torch.tensor(act_scale, dtype=f32)
+
+
+def is_finite_scale(value: float) -> bool:
+    return math.isfinite(value) and value > 0
