@@ -46,9 +46,9 @@ import torch
 from torch import nn
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
-from .deployed import BiasMode, Deployed, DeployedLayer, detect, float32_multiplier, float_function, read
 from .data import Batch, call_model, iter_batches
 from .decompose import Einsum, MatMul, decompose
+from .deployed import BiasMode, Deployed, DeployedLayer, detect, float32_multiplier, float_function, read
 from .functional import FunctionalPlan, discover, quantized_forward
 from .graph import code_links, fold_batchnorm
 from .identity import state_checksum
