@@ -8,15 +8,15 @@ FloatFunctional adds); the others trace it as it is (FX, torch.export, ONNX expo
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from conftest import Digits, trained
+from torch import nn
 
 
 class Block(nn.Module):
     def __init__(self, channels: int, eager: bool) -> None:
         super().__init__()
-        self.conv1, self.bn1, self.relu1 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU()
+        self.conv1, self.bn1 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.relu1 = nn.ReLU()
         self.conv2, self.bn2 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
         self.add = torch.ao.nn.quantized.FloatFunctional() if eager else None
         self.relu2 = nn.ReLU()
