@@ -118,6 +118,8 @@ class CampaignResult:
     seconds: float = 0.0
     identity: dict[str, str] = field(default_factory=dict)  # fingerprints of the model and data it was run on
     coverage: dict[str, Any] = field(default_factory=dict)  # coverage.Coverage.to_dict() of the quantized view
+    # where the codes came from: "calibrated" (quantized here) or the deployed format read (`deployed.FORMATS`)
+    model_format: str = "calibrated"
 
     # -- merging -------------------------------------------------------------------------------------------------
     def merge(self, other: CampaignResult) -> CampaignResult:
@@ -148,14 +150,14 @@ class CampaignResult:
         return CampaignResult(self.campaign_id, self.name, self.spec, self.images, self.float_accuracy,
                               self.quantized_accuracy, self.layers, dict(sorted(trials.items())),
                               max(self.seconds, other.seconds), self.identity or other.identity,
-                              self.coverage or other.coverage)
+                              self.coverage or other.coverage, self.model_format)
 
     def trimmed(self) -> CampaignResult:
         """Only the trials the outcome is computed on: the same result however many extra trials ran."""
         keep = self.outcome().trials if self.decided() else self.contiguous()
         return CampaignResult(self.campaign_id, self.name, self.spec, self.images, self.float_accuracy,
                               self.quantized_accuracy, self.layers, {i: self.trials[i] for i in range(keep)},
-                              self.seconds, self.identity, self.coverage)
+                              self.seconds, self.identity, self.coverage, self.model_format)
 
     def contiguous(self) -> int:
         """T such that trials 0..T-1 are all present."""
@@ -274,6 +276,7 @@ class CampaignResult:
             "seconds": self.seconds,
             "identity": self.identity,
             "coverage": self.coverage,
+            "model_format": self.model_format,
         }
 
     @classmethod
@@ -283,7 +286,8 @@ class CampaignResult:
         trials = {t["trial"]: TrialResult.from_dict(t) for t in data["trials"]}
         return cls(data["campaign_id"], data["name"], CampaignSpec.from_dict(data["spec"]), data["images"],
                    data["float_accuracy"], data["quantized_accuracy"], list(data["layers"]), trials,
-                   data.get("seconds", 0.0), dict(data.get("identity") or {}), dict(data.get("coverage") or {}))
+                   data.get("seconds", 0.0), dict(data.get("identity") or {}), dict(data.get("coverage") or {}),
+                   str(data.get("model_format", "calibrated")))
 
 
 class Campaign:
@@ -330,7 +334,7 @@ class Campaign:
     def empty_result(self) -> CampaignResult:
         return CampaignResult(self.campaign_id, self.name, self.spec, len(self.inputs), self.float_accuracy,
                               self.quantized_accuracy, self.qmodel.summary(), identity=dict(self.identity),
-                              coverage=self.coverage.to_dict())
+                              coverage=self.coverage.to_dict(), model_format=self.qmodel.config["source"])
 
     def pattern(self, trial: int) -> FaultPattern:
         """The exact faults of trial `trial`: replayable, exportable."""

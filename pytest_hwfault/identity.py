@@ -70,8 +70,13 @@ def state_checksum(module: nn.Module) -> str:
         if not isinstance(tensor, torch.Tensor):  # e.g. the dtype entry of torch.ao packed parameters
             digest.update(repr(tensor).encode())
             continue
-        if tensor.is_quantized:
+        if tensor.is_quantized:  # the codes and their grid: scales and zero points are the model too
             digest.update(repr(tensor.qscheme()).encode())
+            if tensor.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+                grid = (tensor.q_per_channel_scales(), tensor.q_per_channel_zero_points())
+            else:
+                grid = (torch.tensor([tensor.q_scale()]), torch.tensor([tensor.q_zero_point()]))
+            digest.update(tensor_fingerprint(*grid).encode())
             tensor = tensor.int_repr()
         t = tensor.detach().cpu().contiguous()
         digest.update(str(t.dtype).encode())
@@ -79,8 +84,13 @@ def state_checksum(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """Architecture and state together: equal only for models that compute the same function."""
+def model_fingerprint(model: Any) -> str:
+    """Architecture and state together: equal only for models that compute the same function. An ONNX model (a
+    ModelProto or an .onnx path) is its serialized bytes."""
+    from .deployed import is_onnx
+
+    if is_onnx(model):
+        return hashlib.sha256(_onnx_bytes(model)).hexdigest()
     return hashlib.sha256(f"{structure_fingerprint(model)}|{state_checksum(model)}".encode()).hexdigest()
 
 
@@ -92,3 +102,10 @@ def tensor_fingerprint(*tensors: torch.Tensor) -> str:
         digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def _onnx_bytes(model: Any) -> bytes:
+    if hasattr(model, "SerializeToString"):
+        return bytes(model.SerializeToString())
+    with open(model, "rb") as file:
+        return file.read()

@@ -62,6 +62,7 @@ WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 ACT_GRANULARITIES = ("per_tensor",)
 CALIBRATIONS = ("max", "percentile")
 MEMORY_FORMATS = ("auto", "channels_last", "preserve")
+ACT_SCHEMES = ("symmetric", "asymmetric")
 _PERCENTILE_SAMPLES_PER_BATCH = 1 << 16
 
 
@@ -83,6 +84,7 @@ def quantize(
     batch_size: int = 256,
     memory_format: str = "auto",
     pass_codes: bool = True,
+    act_scheme: str = "symmetric",
 ) -> QuantizedModel:
     """Calibrate scales over `calibration_data` and return a quantized view of `model` (which is not modified).
 
@@ -95,6 +97,11 @@ def quantize(
     `pass_codes`: a layer whose output only feeds layers that read its codes hands the codes on as they are
     (saves three elementwise passes per such pair); False makes every layer hand on values (code x scale), for
     forward hooks of your own that expect values. No result depends on it.
+    `act_scheme`: "symmetric" (default): signed int-N activation codes with zero point 0; "asymmetric": unsigned
+    codes q in [0, 2^N - 1] with a zero point, meaning (q - zero point) x scale (torch.ao's quint8, onnxruntime's
+    uint8), so a fault on the top bit moves a value by +-2^(N-1) x scale with no sign extension. The two operands
+    of a matmul of activations stay symmetric. A deployed int8 model (torch.ao, PT2E, ONNX; see `deployed.py`)
+    keeps its own scheme, codes and arithmetic whatever is asked here.
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= MAX_WEIGHT_ACT_BITS:
         raise ValueError(f"bits={bits!r} must be an integer in [2, {MAX_WEIGHT_ACT_BITS}]")
@@ -102,6 +109,7 @@ def quantize(
     _check_choice("act_granularity", act_granularity, ACT_GRANULARITIES)
     _check_choice("calibration", calibration, CALIBRATIONS)
     _check_choice("memory_format", memory_format, MEMORY_FORMATS)
+    _check_choice("act_scheme", act_scheme, ACT_SCHEMES)
     if not isinstance(pass_codes, bool):
         raise ValueError(f"pass_codes={pass_codes!r} must be True or False")
     if not 50.0 < percentile <= 100.0:
@@ -156,10 +164,11 @@ def quantize(
             f"conv/linear/matmul/einsum/attention calls; found only: {', '.join(kinds) or 'no submodules'}"
         )
 
-    qmax = (1 << (bits - 1)) - 1
-    stats_in = {name: _ActStats(calibration, bits) for name in candidates}
+    # asymmetric: unsigned codes with a zero point, except the two operands of a matmul of activations
+    affine = {name: act_scheme == "asymmetric" and not isinstance(m, MatMul) for name, m in candidates.items()}
+    stats_in = {name: _ActStats(calibration, bits, affine[name]) for name in candidates}
     stats_in2 = {name: _ActStats(calibration, bits) for name, m in candidates.items() if isinstance(m, MatMul)}
-    stats_out = {name: _ActStats(calibration, bits) for name in candidates}
+    stats_out = {name: _ActStats(calibration, bits, affine[name]) for name in candidates}
     shapes: dict[str, list[tuple[int, ...]]] = {}  # per image: input, output (and a matmul's second input)
     calls: dict[str, int] = {}  # this batch
     calls_per_batch: dict[str, int] = {}
@@ -214,14 +223,20 @@ def quantize(
 
     links = code_links(work, set(order))
     producers = links.producers
-    act_scales = {name: stats_out[name].scale(qmax, percentile) for name in order}
+    act_grids = {name: stats_out[name].grid(percentile) for name in order}
+    top = (1 << bits) - 1
     layers: dict[str, QuantLayer] = {}
     for name in order:
         module = candidates[name]
         source = producers.get(name)
-        in_scale = act_scales[source] if source else stats_in[name].scale(qmax, percentile)
-        act_scale = act_scales[name]
+        if source and affine[source] != affine[name]:  # a matmul of activations reads symmetric codes only
+            source = None
+        (in_scale, in_zero), (act_scale, act_zero) = act_grids[source] if source else stats_in[name].grid(
+            percentile), act_grids[name]
         ranges: dict[str, Any] = {}
+        if affine[name]:  # unsigned codes q meaning (q - zero point) x scale
+            ranges = {"input_range": (-in_zero, top - in_zero), "act_range": (-act_zero, top - act_zero),
+                      "input_zero_point": in_zero, "act_zero_point": act_zero, "signed_activations": False}
         if name in ao_layers:
             ao = ao_layers[name]
             codes, w_scale, act_scale = ao.weight_codes, ao.weight_scale, ao.act_scale
@@ -235,7 +250,7 @@ def quantize(
                       "signed_activations": ao.act_signed, "signed_inputs": ao.input_signed,
                       "multiplier": float32_multiplier(ao.input_scale, ao.weight_scale, ao.act_scale).to(device)}
         elif isinstance(module, MatMul):  # two activations: the second operand's scale stands in the weight's
-            second = stats_in2[name].scale(qmax, percentile)
+            second = stats_in2[name].grid(percentile)[0]
             codes, w_scale = torch.zeros(0, dtype=torch.int32), torch.tensor([second], dtype=torch.float32)
             ranges = {"second_input_shape": shapes[name][1], "second_input_scale": second}
         else:
@@ -300,6 +315,7 @@ def quantize(
         "fold_bn": fold_bn,
         "memory_format": memory_format,
         "pass_codes": pass_codes,
+        "act_scheme": act_scheme if deployed is None else None,
         "source": deployed.source if deployed is not None else "calibrated",
         "deployed_notes": list(deployed.notes) if deployed is not None else [],
         "decomposed": decomposed,
@@ -395,15 +411,17 @@ def _plain_weight(module: nn.Module) -> None:
 
 
 class _ActStats:
-    """Calibration statistics of one tensor stream: torch's MinMaxObserver, or a subsample for percentiles."""
+    """Calibration statistics of one tensor stream: torch's MinMaxObserver, or a subsample for percentiles; they
+    give a symmetric signed grid, or with `affine` an unsigned one with a zero point (torch's formulas)."""
 
-    def __init__(self, calibration: str, bits: int) -> None:
+    def __init__(self, calibration: str, bits: int, affine: bool = False) -> None:
         qmax = (1 << (bits - 1)) - 1
+        self.affine, self.bits = affine, bits
         self.observer = MinMaxObserver(
-            dtype=torch.qint8 if bits <= 8 else torch.qint32,
-            qscheme=torch.per_tensor_symmetric,
-            quant_min=-qmax,
-            quant_max=qmax,
+            dtype=(torch.quint8 if affine else torch.qint8) if bits <= 8 else torch.qint32,
+            qscheme=torch.per_tensor_affine if affine else torch.per_tensor_symmetric,
+            quant_min=0 if affine else -qmax,
+            quant_max=(1 << bits) - 1 if affine else qmax,
         )
         self.percentile_sample: list[torch.Tensor] | None = [] if calibration == "percentile" else None
 
@@ -411,18 +429,28 @@ class _ActStats:
         x = x.detach().float()
         self.observer(x)
         if self.percentile_sample is not None:
-            flat = x.abs().reshape(-1)
+            flat = (x if self.affine else x.abs()).reshape(-1)
             stride = max(1, flat.numel() // _PERCENTILE_SAMPLES_PER_BATCH)
             self.percentile_sample.append(flat[::stride].cpu())
 
-    def scale(self, qmax: int, percentile: float) -> float:
+    def grid(self, percentile: float) -> tuple[float, int]:
+        """(scale, zero point)."""
         if self.percentile_sample is not None:
             sample = torch.cat(self.percentile_sample).double()
-            absmax = float(torch.quantile(sample, percentile / 100.0)) if sample.numel() < (1 << 24) else float(
-                torch.kthvalue(sample, max(1, int(sample.numel() * percentile / 100.0))).values
-            )
-            return _symmetric_scale(absmax, qmax)
-        return float(self.observer.calculate_qparams()[0])
+            if not self.affine:
+                return _symmetric_scale(_quantile(sample, percentile), (1 << (self.bits - 1)) - 1), 0
+            low, high = -_quantile(-sample, percentile), _quantile(sample, percentile)
+            top = (1 << self.bits) - 1
+            scale = max(max(high, 0.0) - min(low, 0.0), 1e-12) / top
+            return scale, int(min(max(-round(min(low, 0.0) / scale), 0), top))
+        scale, zero_point = self.observer.calculate_qparams()
+        return float(scale), int(zero_point)
+
+
+def _quantile(sample: torch.Tensor, percentile: float) -> float:
+    if sample.numel() < (1 << 24):
+        return float(torch.quantile(sample, percentile / 100.0))
+    return float(torch.kthvalue(sample, max(1, int(sample.numel() * percentile / 100.0))).values)
 
 
 def _symmetric_scale(absmax: float, qmax: int) -> float:
@@ -458,9 +486,9 @@ def _measure_clip_rates(
     def count(layer: QuantLayer) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
             c = counts[layer.name]
-            c[0] += int((args[0].abs() > (layer.qmax + 0.5) * layer.input_scale).sum())
+            c[0] += _beyond(args[0], layer.input_range, layer.input_scale)
             c[1] += args[0].numel()
-            c[2] += int((out.abs() > (layer.qmax + 0.5) * layer.act_scale).sum())
+            c[2] += _beyond(out, layer.act_range, layer.act_scale)
             c[3] += out.numel()
 
         return hook
@@ -479,3 +507,9 @@ def _measure_clip_rates(
         layer.input_clip_rate = clipped_in / max(1, n_in)
         layer.act_clip_rate = clipped_out / max(1, n_out)
 
+
+
+def _beyond(x: torch.Tensor, code_range: tuple[int, int] | None, scale: float) -> int:
+    """How many values lie beyond a code range (as code - zero point) by more than half a step."""
+    low, high = code_range or (0, 0)
+    return int(((x < (low - 0.5) * scale) | (x > (high + 0.5) * scale)).sum())

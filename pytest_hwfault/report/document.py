@@ -102,6 +102,7 @@ def campaign_record(result: CampaignResult, nodeid: str, problem: str | None = N
         "faults_per_trial": outcome.faults_per_trial,
         "layers": result.layer_vulnerability(),
         "coverage": result.coverage or None,
+        "model_format": result.model_format,
         "result": result.to_dict(),
     }
     return dict(_json_safe(record))
@@ -202,6 +203,10 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
                 "coverage": {"type": ["object", "null"],
                              "description": "share of the MACs (macs) and weights (weights) faults can reach, "
                                             "and what is left in float (uncovered, uncounted)"},
+                "model_format": {"type": "string",
+                                 "description": "where the codes came from: 'calibrated' (quantized by the plugin) "
+                                                "or the deployed int8 format read: torch.ao eager, torch.ao fx, "
+                                                "pt2e, onnx"},
                 "shard": {"type": "array", "items": {"type": "integer", "minimum": 1},
                           "description": "[index, count] of the xdist shard that reported the record"},
                 "lost_shards": {"type": "array", "items": {"type": "integer", "minimum": 1}},

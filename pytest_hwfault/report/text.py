@@ -151,7 +151,11 @@ def failure_message(record: dict[str, Any], reproduce: str) -> str:
     else:
         row("threshold", f"max_drop={threshold['max_drop']:g} from the quantized accuracy: required accuracy "
                          f">= {threshold['required']:.4f}")
-    row("fault-free", f"float {record['float_accuracy']:.4f}, quantized {record['quantized_accuracy']:.4f}")
+    deployed = record.get("model_format", "calibrated") != "calibrated"
+    if deployed:
+        row("model", f"deployed {record['model_format']} int8 model: its own codes, scales and arithmetic")
+    float_kind = "float function of its int8 weights" if deployed else "float"
+    row("fault-free", f"{float_kind} {record['float_accuracy']:.4f}, quantized {record['quantized_accuracy']:.4f}")
     if record.get("coverage"):
         row("coverage", printable(coverage_text(record["coverage"])))
     if record["trials"]:
