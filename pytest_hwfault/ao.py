@@ -130,30 +130,29 @@ def replace_ao_modules(work: nn.Module, inputs: dict[str, tuple[float, int, bool
         if not name or any(name.startswith(f"{parent}.") for parent in replaced):  # e.g. packed parameters
             continue
         replacement: nn.Module | None = None
+        ao: Any = module  # ao modules' attributes are untyped
         if isinstance(module, types["layer"]):
             if name not in inputs:
                 raise DeployedFormatError(f"{source}: layer {name!r} did not run on the calibration data")
-            codes, scale = weight_codes(module, name, source)
-            layer: Any = module  # an ao Conv/Linear: its attributes are untyped
+            codes, weight_scale = weight_codes(module, name, source)
             in_scale, in_zero, in_signed = inputs[name]
-            bias = layer.bias()
-            found[name] = DeployedLayer(codes, scale, in_scale, in_zero, float(layer.scale), int(layer.zero_point),
+            bias = ao.bias()
+            found[name] = DeployedLayer(codes, weight_scale, in_scale, in_zero, float(ao.scale), int(ao.zero_point),
                                         bias=None if bias is None else bias.detach().float(),
                                         bias_mode=BiasMode.FLOAT, input_signed=in_signed, act_signed=False,
                                         relu=isinstance(module, types["fused_relu"]))
             replacement = float_twin(module)
         elif isinstance(module, types["quantize"]):
-            scale, zero, signed = float(module.scale), int(module.zero_point), module.dtype == torch.qint8
-            replacement = Requantize(scale, zero, *_range(signed))
+            replacement = Requantize(float(ao.scale), int(ao.zero_point), *_range(ao.dtype == torch.qint8))
         elif isinstance(module, types["dequantize"]):
             replacement = nn.Identity()
         elif isinstance(module, types["functional"]):
-            functional = torch.ao.nn.quantized.FloatFunctional()
-            functional.activation_post_process = Requantize(float(module.scale), int(module.zero_point), 0, 255)
+            functional: Any = torch.ao.nn.quantized.FloatFunctional()
+            functional.activation_post_process = Requantize(float(ao.scale), int(ao.zero_point), 0, 255)
             replacement = functional
         elif isinstance(module, _AVERAGING) and name in inputs:
-            scale, zero, signed = inputs[name]
-            replacement = CodeAvgPool(module, scale, zero, *_range(signed))
+            in_scale, in_zero, in_signed = inputs[name]
+            replacement = CodeAvgPool(module, in_scale, in_zero, *_range(in_signed))
         elif _is_ao(module):
             raise DeployedFormatError(
                 f"{source}: module {name!r} of type {type(module).__qualname__} is not supported; supported: "

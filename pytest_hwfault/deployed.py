@@ -158,7 +158,7 @@ def is_onnx(model: Any) -> bool:
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         import os
 
-        return str(os.fspath(model)).endswith(".onnx")  # type: ignore[arg-type]
+        return str(os.fspath(model)).endswith(".onnx")
     return type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx")
 
 
