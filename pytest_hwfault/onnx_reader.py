@@ -1,0 +1,641 @@
+"""Read an ONNX QDQ model (QuantizeLinear/DequantizeLinear around float ops, as onnxruntime's `quantize_static`
+writes it) as onnxruntime's CPU execution provider computes it.
+
+onnxruntime fuses each DequantizeLinear -> op -> QuantizeLinear group it can into an integer kernel; this reader
+reproduces each kernel's arithmetic (read in onnxruntime's MLAS sources and measured against onnxruntime 1.32):
+
+- Conv / Gemm / MatMul on a dequantized activation and a dequantized int8 initializer, followed by a
+  QuantizeLinear (possibly through Relu): a layer (`DeployedLayer`). QLinearConv / QGemm add the int32 bias codes
+  to the int32 accumulator (`BiasMode.INTEGER`), scale it by float32(x_scale x w_scale / y_scale) in float32,
+  round half to even, add the zero point and saturate. Where onnxruntime leaves such a group in float (a float
+  Conv between DequantizeLinear and QuantizeLinear), its float sum differs from the exact one by float32 rounding
+  only: outputs may differ by one code where the exact value sits within that rounding of a half code;
+- QLinearAdd (x86, AVX2/AVX-512 kernel): with ratios rA = float32(sA / sC), rB = float32(sB / sC) and
+  fixed = float32(zC) - (rA zA + rB zB), the output code is saturate(round_half_even(fma(qA, rA, fma(qB, rB,
+  fixed)))) on the stored codes qA, qB (`QLinearAdd`); an Add left in float is a float add re-gridded by its
+  QuantizeLinear (`deployed.Requantize`);
+- QLinearGlobalAveragePool: the int32 sum of (code - zero point) over the image, times float32(s_in / (s_out x
+  float32(N))) in float32, rounded half to even, plus the output zero point, saturated (`QLinearGlobalAvgPool`);
+- QLinearAveragePool: the float32 sum, in window order, of the dequantized values, divided by the element count,
+  then float32(y / s_out + z_out) rounded half to even and saturated (`QLinearAvgPool`);
+- QuantizeLinear on a float value: round_half_even(x / scale) + zero point, saturated (`deployed.Requantize`);
+  one on a value already on the same grid (after MaxPool, Flatten, Reshape) changes nothing and is dropped.
+
+Which groups onnxruntime fuses depends on its graph optimizer (an int8-activation model keeps some Conv and Add
+nodes in float): when onnxruntime is installed the reader asks it, by optimizing the model once and reading the
+kernels it chose; without it every fusible group is taken as fused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .deployed import BiasMode, Deployed, DeployedFormatError, DeployedLayer, Requantize
+
+SUPPORTED = ("QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Relu", "Add", "GlobalAveragePool",
+             "AveragePool", "MaxPool", "Flatten", "Reshape", "Clip", "Identity", "Concat", "Constant")
+
+
+def _code_range(signed: bool) -> tuple[int, int]:
+    return (-128, 127) if signed else (0, 255)
+
+
+def _codes(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """Stored codes of values (code - zero point) x scale, recovered exactly."""
+    return torch.div(x, torch.tensor(scale, dtype=torch.float32)).round_().add_(zero_point)
+
+
+def _values(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    return codes.sub(zero_point).float().mul_(torch.tensor(scale, dtype=torch.float32))
+
+
+def _fma32(a: torch.Tensor, b: float, c: torch.Tensor | float) -> torch.Tensor:
+    """float32 fused multiply-add: the product is exact in float64, one rounding to float32 at the end."""
+    return (a.double() * float(np.float32(b)) + (c.double() if isinstance(c, torch.Tensor) else float(c))).float()
+
+
+class QLinearAdd(nn.Module):
+    """onnxruntime's QLinearAdd (MLAS AVX2 kernel) on values (code - zero point) x scale (module docstring)."""
+
+    def __init__(self, a: tuple[float, int], b: tuple[float, int], c: tuple[float, int], signed: bool) -> None:
+        super().__init__()
+        (self.sa, self.za), (self.sb, self.zb), (self.sc, self.zc) = a, b, c
+        f32 = np.float32
+        self.ra, self.rb = float(f32(self.sa) / f32(self.sc)), float(f32(self.sb) / f32(self.sc))
+        self.fixed = float(f32(self.zc) - (f32(self.ra) * f32(self.za) + f32(self.rb) * f32(self.zb)))
+        self.low, self.high = _code_range(signed)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        qa, qb = _codes(a, self.sa, self.za), _codes(b, self.sb, self.zb)
+        out = _fma32(qa, self.ra, _fma32(qb, self.rb, self.fixed)).round_().clamp_(self.low, self.high)
+        return _values(out, self.sc, self.zc)
+
+    def extra_repr(self) -> str:
+        return f"a=({self.sa!r}, {self.za}), b=({self.sb!r}, {self.zb}), out=({self.sc!r}, {self.zc})"
+
+
+class QLinearGlobalAvgPool(nn.Module):
+    """onnxruntime's QLinearGlobalAveragePool (MLAS) on values (code - zero point) x scale."""
+
+    def __init__(self, inp: tuple[float, int], out: tuple[float, int], signed: bool) -> None:
+        super().__init__()
+        (self.si, self.zi), (self.so, self.zo) = inp, out
+        self.low, self.high = _code_range(signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f32 = np.float32
+        size = int(np.prod(x.shape[2:]))
+        scale = torch.tensor(f32(self.si) / (f32(self.so) * f32(size)), dtype=torch.float32)
+        acc = (_codes(x, self.si, self.zi) - self.zi).double().sum(dim=tuple(range(2, x.dim())), keepdim=True)
+        out = acc.float().mul_(scale).clamp_(self.low - self.zo, self.high - self.zo).round_()
+        return out.mul_(torch.tensor(self.so, dtype=torch.float32))
+
+    def extra_repr(self) -> str:
+        return f"in=({self.si!r}, {self.zi}), out=({self.so!r}, {self.zo})"
+
+
+class QLinearAvgPool(nn.Module):
+    """onnxruntime's QLinearAveragePool: a float32 sum in window order of dequantized values, divided by the
+    element count, quantized as float32(y / scale + zero point) rounded half to even."""
+
+    def __init__(self, kernel: list[int], stride: list[int], pads: list[int], include_pad: bool,
+                 out: tuple[float, int], signed: bool) -> None:
+        super().__init__()
+        self.kernel, self.stride = (kernel[0], kernel[1]), (stride[0], stride[1])
+        self.pads, self.include_pad = pads, include_pad
+        (self.so, self.zo), (self.low, self.high) = out, _code_range(signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        top, left, bottom, right = self.pads
+        padded = F.pad(x, (left, right, top, bottom))
+        cols = F.unfold(padded, self.kernel, stride=self.stride)  # [n, c * k, L], window positions row-major
+        k = self.kernel[0] * self.kernel[1]
+        cols = cols.reshape(n, c, k, -1)
+        total = cols[:, :, 0].clone()
+        for i in range(1, k):
+            total += cols[:, :, i]
+        if self.include_pad:
+            count = torch.full_like(total, float(k))
+        else:
+            ones = F.pad(torch.ones(1, 1, h, w, dtype=x.dtype, device=x.device), (left, right, top, bottom))
+            count = F.unfold(ones, self.kernel, stride=self.stride).sum(1).expand_as(total)
+        out_h = (h + top + bottom - self.kernel[0]) // self.stride[0] + 1
+        y = (total / count).div_(torch.tensor(self.so, dtype=torch.float32)).add_(self.zo).round_()
+        y = y.clamp_(self.low, self.high).sub_(self.zo).mul_(torch.tensor(self.so, dtype=torch.float32))
+        return y.reshape(n, c, out_h, -1)
+
+
+class Clamp(nn.Module):
+    def __init__(self, low: float | None, high: float | None) -> None:
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, self.low, self.high)
+
+    def extra_repr(self) -> str:
+        return f"low={self.low!r}, high={self.high!r}"
+
+
+class OnnxFlatten(nn.Module):
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        axis = self.axis % x.dim() if self.axis < 0 else self.axis
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+
+class OnnxReshape(nn.Module):
+    def __init__(self, shape: list[int]) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape([x.shape[i] if s == 0 else s for i, s in enumerate(self.shape)])
+
+
+class Concat(nn.Module):
+    def __init__(self, axis: int) -> None:
+        super().__init__()
+        self.axis = axis
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat(xs, self.axis)
+
+
+class Add(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class Constant(nn.Module):
+    """A constant operand (an initializer used as an activation)."""
+
+    def __init__(self, value: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("value", torch.from_numpy(np.array(value, dtype=np.float32)))
+
+    def forward(self) -> torch.Tensor:
+        value = self.value
+        assert isinstance(value, torch.Tensor)
+        return value
+
+
+@dataclass
+class _Grid:
+    scale: float
+    zero_point: int
+    signed: bool
+
+
+@dataclass
+class _Weight:
+    """A DequantizeLinear of an initializer: codes, per-channel scale and zero point along `axis`."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+    name: str
+
+    def values(self) -> np.ndarray:
+        shape = [1] * self.codes.ndim
+        if self.scale.size > 1:
+            shape[self.axis] = -1
+        scale, zero = self.scale.reshape(shape), self.zero_point.reshape(shape)
+        return ((self.codes.astype(np.int64) - zero) * scale.astype(np.float32)).astype(np.float32)
+
+
+def _attrs(node: Any) -> dict[str, Any]:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _runtime_kernels(model: Any) -> dict[str, str] | None:
+    """The op type onnxruntime's CPU provider runs for each node name, after its graph optimizations; None
+    without onnxruntime."""
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+        options.log_severity_level = 3
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            optimized = onnx.load(options.optimized_model_filepath)
+        except Exception:
+            return None
+    kernels: dict[str, str] = {}
+    for node in optimized.graph.node:
+        base = re.sub(r"_token_\d+$", "", node.name)
+        kernels.setdefault(base, node.op_type)
+    return kernels
+
+
+def _module_name(node: Any, index: int, taken: set[str]) -> str:
+    name = re.sub(r"[^0-9a-zA-Z_]", "_", node.name.strip("/")).strip("_") or f"{node.op_type}_{index}"
+    if name[0].isdigit():
+        name = f"n_{name}"
+    base, i = name, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+class _Builder:
+    """Turns the ONNX graph into an fx.GraphModule: `exact` re-grids as the runtime does; otherwise the float
+    function (quantize nodes only clamp to their range, integer kernels become their float ops)."""
+
+    def __init__(self, model: Any, kernels: dict[str, str] | None, exact: bool) -> None:
+        from onnx import numpy_helper
+
+        self.model, self.graph, self.kernels, self.exact = model, model.graph, kernels, exact
+        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
+        self.root = nn.Module()
+        self.fx = fx.Graph()
+        self.values: dict[str, fx.Node] = {}  # float activations
+        self.grids: dict[str, _Grid] = {}  # activations known to lie on a grid (dequantized codes)
+        self.weights: dict[str, _Weight] = {}
+        self.consumers: dict[str, list[Any]] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.skip: set[int] = set()
+        self.layers: dict[str, DeployedLayer] = {}
+        self.taken: set[str] = set()
+        self.notes: list[str] = []
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def error(self, node: Any, why: str) -> DeployedFormatError:
+        return DeployedFormatError(f"onnx: node {node.name!r} ({node.op_type}): {why}")
+
+    def const(self, name: str, node: Any) -> np.ndarray:
+        if name not in self.consts:
+            raise self.error(node, f"input {name!r} must be a constant (initializer or Constant node)")
+        return self.consts[name]
+
+    def add_module(self, module: nn.Module, node: Any, index: int, args: tuple[Any, ...]) -> fx.Node:
+        name = _module_name(node, index, self.taken)
+        self.root.add_module(name, module)
+        return self.fx.call_module(name, args)
+
+    def value(self, name: str, node: Any) -> fx.Node:
+        if name in self.values:
+            return self.values[name]
+        if name in self.consts:
+            const = Constant(self.consts[name])
+            self.values[name] = self.add_module(const, node, 0, ())
+            return self.values[name]
+        raise self.error(node, f"input {name!r} is not an activation this reader can compute")
+
+    def single_consumer(self, name: str, op_type: str) -> Any | None:
+        users = self.consumers.get(name, [])
+        outputs = {o.name for o in self.graph.output}
+        return users[0] if len(users) == 1 and users[0].op_type == op_type and name not in outputs else None
+
+    def q_params(self, node: Any) -> _Grid:
+        scale = self.const(node.input[1], node)
+        if len(node.input) > 2 and node.input[2]:
+            zero = self.const(node.input[2], node)
+        else:
+            zero = np.zeros((), dtype=np.uint8)
+        if scale.size != 1 or zero.size != 1:
+            raise self.error(node, "activations must be quantized per tensor")
+        if zero.dtype not in (np.int8, np.uint8):
+            raise self.error(node, f"activation codes of type {zero.dtype} are not supported (int8/uint8 only)")
+        return _Grid(float(scale.reshape(())), int(zero.reshape(())), zero.dtype == np.int8)
+
+    def fused(self, node: Any, kernel: str) -> bool:
+        if self.kernels is None or not node.name:
+            return True
+        return self.kernels.get(node.name) == kernel
+
+    def output_grid(self, name: str) -> tuple[_Grid, list[Any], bool] | None:
+        """The QuantizeLinear that re-grids activation `name` (possibly through a Relu): its grid, the nodes it
+        takes over, and whether a ReLU sits in between."""
+        relu = self.single_consumer(name, "Relu")
+        nodes: list[Any] = []
+        if relu is not None:
+            nodes.append(relu)
+            name = relu.output[0]
+        quant = self.single_consumer(name, "QuantizeLinear")
+        if quant is None:
+            return None
+        return self.q_params(quant), [*nodes, quant], relu is not None
+
+    # -- the walk ----------------------------------------------------------------------------------------------
+    def build(self) -> fx.GraphModule:
+        inputs = {i.name for i in self.graph.initializer}
+        for graph_input in self.graph.input:
+            if graph_input.name not in inputs:
+                self.values[graph_input.name] = self.fx.placeholder(re.sub(r"\W", "_", graph_input.name) or "x")
+        for index, node in enumerate(self.graph.node):
+            if id(node) in self.skip:
+                continue
+            handler = getattr(self, f"op_{node.op_type}", None)
+            if node.domain not in ("", "ai.onnx") or handler is None:
+                raise DeployedFormatError(
+                    f"onnx: node {node.name!r} of type {node.op_type!r} (domain {node.domain or 'ai.onnx'!r}) is "
+                    f"not supported; supported: {', '.join(SUPPORTED)}")
+            handler(node, index)
+        outputs = [self.value(o.name, self.graph.node[-1]) for o in self.graph.output]
+        self.fx.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        return fx.GraphModule(self.root, self.fx)
+
+    def set_quantized(self, name: str, node: fx.Node, grid: _Grid) -> None:
+        self.values[name] = node
+        self.grids[name] = grid
+
+    def op_Constant(self, node: Any, index: int) -> None:
+        from onnx import numpy_helper
+
+        value = _attrs(node).get("value")
+        if value is None:
+            raise self.error(node, "only Constant nodes with a tensor `value` are supported")
+        self.consts[node.output[0]] = numpy_helper.to_array(value)
+
+    def op_QuantizeLinear(self, node: Any, index: int) -> None:
+        grid = self.q_params(node)
+        source = node.input[0]
+        x = self.value(source, node)
+        known = self.grids.get(source)
+        low, high = _code_range(grid.signed)
+        if known is not None and (known.scale, known.zero_point, known.signed) == (grid.scale, grid.zero_point,
+                                                                                    grid.signed):
+            out = x  # already on this very grid
+        elif self.exact:
+            out = self.add_module(Requantize(grid.scale, grid.zero_point, low, high), node, index, (x,))
+        else:
+            out = self.add_module(Clamp((low - grid.zero_point) * grid.scale, (high - grid.zero_point) * grid.scale),
+                                  node, index, (x,))
+        self.set_quantized(node.output[0], out, grid)
+
+    def op_DequantizeLinear(self, node: Any, index: int) -> None:
+        source = node.input[0]
+        if source in self.consts:  # a weight or a bias
+            codes = self.consts[source]
+            scale = self.const(node.input[1], node)
+            zero = self.const(node.input[2], node) if len(node.input) > 2 and node.input[2] else \
+                np.zeros_like(scale, dtype=codes.dtype)
+            axis = int(_attrs(node).get("axis", 1))
+            weight = _Weight(codes, scale.astype(np.float32), zero, axis % max(codes.ndim, 1), source)
+            self.weights[node.output[0]] = weight
+            self.consts[node.output[0]] = weight.values()
+            return
+        if source not in self.grids:
+            raise self.error(node, f"dequantizes {source!r}, which no QuantizeLinear produced")
+        self.set_quantized(node.output[0], self.value(source, node), self.grids[source])
+
+    def keep_grid(self, node: Any, out: fx.Node) -> None:
+        self.values[node.output[0]] = out
+        if node.input[0] in self.grids:
+            self.grids[node.output[0]] = self.grids[node.input[0]]
+
+    def op_Identity(self, node: Any, index: int) -> None:
+        self.keep_grid(node, self.value(node.input[0], node))
+
+    def op_Relu(self, node: Any, index: int) -> None:
+        self.keep_grid(node, self.add_module(nn.ReLU(), node, index, (self.value(node.input[0], node),)))
+
+    def op_MaxPool(self, node: Any, index: int) -> None:
+        a = _attrs(node)
+        kernel = list(a["kernel_shape"])
+        pads = list(a.get("pads", [0] * 2 * len(kernel)))
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or pads[:len(kernel)] != pads[len(kernel):] \
+                or len(kernel) != 2 or a.get("storage_order", 0) or len(node.output) > 1:
+            raise self.error(node, "only 2-d MaxPool with symmetric explicit pads is supported")
+        pool = nn.MaxPool2d(tuple(kernel), tuple(a.get("strides", kernel)), tuple(pads[:2]),
+                            tuple(a.get("dilations", [1, 1])),
+                            ceil_mode=bool(a.get("ceil_mode", 0)))
+        self.keep_grid(node, self.add_module(pool, node, index, (self.value(node.input[0], node),)))
+
+    def op_Flatten(self, node: Any, index: int) -> None:
+        flat = OnnxFlatten(int(_attrs(node).get("axis", 1)))
+        self.keep_grid(node, self.add_module(flat, node, index, (self.value(node.input[0], node),)))
+
+    def op_Reshape(self, node: Any, index: int) -> None:
+        shape = [int(s) for s in self.const(node.input[1], node).reshape(-1)]
+        if _attrs(node).get("allowzero", 0):
+            raise self.error(node, "allowzero=1 is not supported")
+        self.keep_grid(node, self.add_module(OnnxReshape(shape), node, index, (self.value(node.input[0], node),)))
+
+    def op_Clip(self, node: Any, index: int) -> None:
+        a = _attrs(node)
+        low = a.get("min") if len(node.input) < 2 or not node.input[1] else float(self.const(node.input[1], node))
+        high = a.get("max") if len(node.input) < 3 or not node.input[2] else float(self.const(node.input[2], node))
+        self.values[node.output[0]] = self.add_module(Clamp(low, high), node, index,
+                                                      (self.value(node.input[0], node),))
+
+    def op_Concat(self, node: Any, index: int) -> None:
+        xs = tuple(self.value(name, node) for name in node.input)
+        self.values[node.output[0]] = self.add_module(Concat(int(_attrs(node)["axis"])), node, index, xs)
+
+    def op_Add(self, node: Any, index: int) -> None:
+        a_name, b_name = node.input[0], node.input[1]
+        target = self.output_grid(node.output[0])
+        a, b = self.value(a_name, node), self.value(b_name, node)
+        if (self.exact and target is not None and a_name in self.grids and b_name in self.grids
+                and self.fused(node, "QLinearAdd")):
+            grid, taken, relu = target
+            ga, gb = self.grids[a_name], self.grids[b_name]
+            if relu and grid.zero_point != _code_range(grid.signed)[0]:
+                pass  # a ReLU that the output range does not imply: runs in float
+            elif ga.signed == gb.signed == grid.signed:
+                add = QLinearAdd((ga.scale, ga.zero_point), (gb.scale, gb.zero_point), (grid.scale, grid.zero_point),
+                                 grid.signed)
+                self.skip.update(id(n) for n in taken)
+                self.set_quantized(taken[-1].output[0], self.add_module(add, node, index, (a, b)), grid)
+                return
+        self.values[node.output[0]] = self.add_module(Add(), node, index, (a, b))
+
+    def op_GlobalAveragePool(self, node: Any, index: int) -> None:
+        source = node.input[0]
+        x = self.value(source, node)
+        target = self.output_grid(node.output[0])
+        if self.exact and target is not None and not target[2] and source in self.grids \
+                and self.fused(node, "QLinearGlobalAveragePool"):
+            grid, taken, _ = target
+            known = self.grids[source]
+            pool = QLinearGlobalAvgPool((known.scale, known.zero_point), (grid.scale, grid.zero_point), grid.signed)
+            self.skip.update(id(n) for n in taken)
+            self.set_quantized(taken[-1].output[0], self.add_module(pool, node, index, (x,)), grid)
+            return
+        self.values[node.output[0]] = self.add_module(nn.AdaptiveAvgPool2d(1), node, index, (x,))
+
+    def op_AveragePool(self, node: Any, index: int) -> None:
+        a = _attrs(node)
+        kernel = list(a["kernel_shape"])
+        pads = list(a.get("pads", [0] * 2 * len(kernel)))
+        strides = list(a.get("strides", [1] * len(kernel)))
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or len(kernel) != 2 or a.get("ceil_mode", 0):
+            raise self.error(node, "only 2-d AveragePool with explicit pads and ceil_mode=0 is supported")
+        include_pad = bool(a.get("count_include_pad", 0))
+        source = node.input[0]
+        x = self.value(source, node)
+        target = self.output_grid(node.output[0])
+        if self.exact and target is not None and not target[2] and source in self.grids \
+                and self.fused(node, "QLinearAveragePool"):
+            grid, taken, _ = target
+            pool = QLinearAvgPool(kernel, strides, [pads[0], pads[1], pads[2], pads[3]], include_pad,
+                                  (grid.scale, grid.zero_point), grid.signed)
+            self.skip.update(id(n) for n in taken)
+            self.set_quantized(taken[-1].output[0], self.add_module(pool, node, index, (x,)), grid)
+            return
+        if pads[:2] != pads[2:]:
+            raise self.error(node, "a float AveragePool needs symmetric pads")
+        avg = nn.AvgPool2d((kernel[0], kernel[1]), (strides[0], strides[1]), (pads[0], pads[1]),
+                           count_include_pad=include_pad)
+        self.values[node.output[0]] = self.add_module(avg, node, index, (x,))
+
+    # -- multiply-accumulate layers --------------------------------------------------------------------------------
+    def op_Conv(self, node: Any, index: int) -> None:
+        a = _attrs(node)
+        weight = self.weights.get(node.input[1])
+        w = weight.values() if weight is not None else self.const(node.input[1], node)
+        if w.ndim != 4 or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise self.error(node, "only 2-d convolutions with explicit pads are supported")
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        if pads[:2] != pads[2:]:
+            raise self.error(node, f"asymmetric pads {pads} are not supported")
+        groups = int(a.get("group", 1))
+        conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), tuple(a.get("strides", [1, 1])),
+                         tuple(pads[:2]), tuple(a.get("dilations", [1, 1])), groups, bias=True)
+        self.mac(node, index, conv, weight, w, channel_axis=0)
+
+    def op_Gemm(self, node: Any, index: int) -> None:
+        a = _attrs(node)
+        if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
+            raise self.error(node, "only Gemm with alpha=beta=1 and transA=0 is supported")
+        weight = self.weights.get(node.input[1])
+        w = weight.values() if weight is not None else self.const(node.input[1], node)
+        trans = bool(a.get("transB", 0))
+        w_out = w if trans else w.T
+        linear = nn.Linear(w_out.shape[1], w_out.shape[0], bias=True)
+        self.mac(node, index, linear, weight, w_out, channel_axis=0 if trans else 1)
+
+    def op_MatMul(self, node: Any, index: int) -> None:
+        weight = self.weights.get(node.input[1])
+        if node.input[1] not in self.consts:
+            raise self.error(node, "only MatMul by a constant (weight) matrix is supported")
+        w = self.consts[node.input[1]]
+        if w.ndim != 2:
+            raise self.error(node, "only MatMul by a 2-d weight matrix is supported")
+        linear = nn.Linear(w.shape[0], w.shape[1], bias=True)
+        self.mac(node, index, linear, weight, np.ascontiguousarray(w.T), channel_axis=1)
+
+    def mac(self, node: Any, index: int, module: nn.Module, weight: _Weight | None, w: np.ndarray,
+            channel_axis: int) -> None:
+        """A conv/linear: a layer when its input is a dequantized activation, its weight a dequantized int8
+        initializer and its output quantized; else a float op."""
+        source = node.input[0]
+        x = self.value(source, node)
+        bias_weight = self.weights.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            bias = self.const(node.input[2], node).astype(np.float32).reshape(-1)
+        assert isinstance(module, (nn.Conv2d, nn.Linear))
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
+            assert module.bias is not None
+            module.bias.copy_(torch.from_numpy(bias) if bias is not None else torch.zeros_like(module.bias))
+        module.requires_grad_(False)
+        target = self.output_grid(node.output[0])
+        in_grid = self.grids.get(source)
+        if weight is None or in_grid is None or target is None or weight.codes.dtype != np.int8:
+            why = ("its weight is not a dequantized int8 initializer" if weight is None or weight.codes.dtype !=
+                   np.int8 else "its input is not a dequantized activation" if in_grid is None
+                   else "its output is not quantized")
+            self.notes.append(f"node {node.name!r} ({node.op_type}) runs in float, outside the fault sites: {why}")
+            out = self.add_module(module, node, index, (x,))
+            self.values[node.output[0]] = out
+            return
+        grid, taken, relu = target
+        if bool((weight.zero_point != 0).any()):
+            raise self.error(node, "asymmetric weights (non-zero weight zero points) are not supported; quantize "
+                                   "weights symmetrically (onnxruntime's default for QInt8 weights)")
+        out_channels = module.weight.shape[0]
+        scale = np.broadcast_to(weight.scale.reshape(-1), (out_channels,)) if weight.scale.size == 1 else \
+            weight.scale.reshape(-1)
+        if weight.scale.size > 1 and weight.axis != channel_axis:
+            raise self.error(node, f"per-channel weight scales along axis {weight.axis} (output channels are axis "
+                                   f"{channel_axis})")
+        codes = torch.from_numpy(weight.codes.astype(np.int32))
+        if isinstance(module, nn.Linear) and channel_axis == 1:
+            codes = codes.T.contiguous()
+        bias_codes, mode = None, BiasMode.FLOAT
+        if bias_weight is not None and bias_weight.codes.dtype == np.int32 and not bool(
+                (bias_weight.zero_point != 0).any()):
+            bias_codes, mode = torch.from_numpy(bias_weight.codes.astype(np.int32).reshape(-1)), BiasMode.INTEGER
+            expected = np.float32(in_grid.scale) * scale.astype(np.float32)
+            if not np.allclose(bias_weight.scale.reshape(-1), expected, rtol=1e-6, atol=0):
+                self.notes.append(f"layer of node {node.name!r}: the bias scale is not input scale x weight scale; "
+                                  "the int32 bias codes are added to the accumulator as they are, as QLinearConv "
+                                  "does")
+        elif bias is not None:
+            bias_codes = torch.from_numpy(bias)
+        name = _module_name(node, index, self.taken)
+        self.root.add_module(name, module)
+        out = self.fx.call_module(name, (x,))
+        act_low, _ = _code_range(grid.signed)
+        relu = relu and grid.zero_point != act_low  # a ReLU the output range does not imply
+        if not self.exact:
+            if relu:
+                out = self.add_module(nn.ReLU(), taken[0], index, (out,))
+            low, high = _code_range(grid.signed)
+            out = self.add_module(Clamp((low - grid.zero_point) * grid.scale, (high - grid.zero_point) * grid.scale),
+                                  taken[-1], index, (out,))
+        self.layers[name] = DeployedLayer(
+            weight_codes=codes.reshape(module.weight.shape), weight_scale=torch.from_numpy(scale.astype(np.float32)),
+            input_scale=in_grid.scale, input_zero_point=in_grid.zero_point, act_scale=grid.scale,
+            act_zero_point=grid.zero_point, bias=None if bias_codes is None else bias_codes.float(),
+            bias_mode=mode, input_signed=in_grid.signed, act_signed=grid.signed, relu=relu)
+        self.skip.update(id(n) for n in taken)
+        self.set_quantized(taken[-1].output[0], out, grid)
+
+
+def load(model: Any) -> Any:
+    """A ModelProto from a ModelProto or the path of an .onnx file."""
+    import onnx
+
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        return onnx.load(os.fspath(model))
+    return model
+
+
+def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.device | str) -> Deployed:
+    """Read an ONNX QDQ model (a ModelProto or an .onnx path) into the engine's form (see the module docstring).
+    The model is called like the torch model it came from: its graph inputs, as float tensors."""
+    proto = load(model)
+    kernels = _runtime_kernels(proto)
+    exact = _Builder(proto, kernels, exact=True)
+    module = exact.build()
+    float_builder = _Builder(proto, kernels, exact=False)
+    float_module = float_builder.build()
+    if not exact.layers:
+        raise DeployedFormatError("onnx: the model has no quantized Conv/Gemm/MatMul (DequantizeLinear of an int8 "
+                                  "weight, output QuantizeLinear): is it a QDQ model?")
+    notes = list(exact.notes)
+    if kernels is None:
+        notes.append("onnxruntime is not installed: every fusible QDQ group is taken as onnxruntime's integer "
+                     "kernel (QLinearAdd, QLinearGlobalAveragePool, QLinearAveragePool)")
+    notes.append("the float baseline is the float function of the QDQ model (dequantized weights, activations "
+                 "clamped to their quantized range but not rounded), not the float model it came from")
+    return Deployed(module.to(device), exact.layers, "onnx", float_module=float_module.to(device), notes=notes)
