@@ -5,7 +5,9 @@ exports it, the hypothesis search shrinks it, and a user pastes it into a test t
 single-bit faults on integer codes; a `FaultModel` (a bit error rate at one site) is a recipe for drawing one.
 
 Sampling never builds a mask of every bit: per target it draws the number of faulty bits from
-Binomial(n_bits, ber) and then that many distinct bit positions, so the cost grows with the number of faults.
+Binomial(n_bits, ber) and then that many distinct bit positions, so the cost grows with the number of faults. A
+multi-bit upset (`FaultModel.burst` = k) is one such draw of its first bit, expanded into k adjacent single-bit
+faults of the same code.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class FaultModel:
     kind: Kind = Kind.FLIP
     bit_positions: tuple[int, ...] | None = None  # None: every bit of the code
     layers: tuple[LayerSelector, ...] | None = None  # None: every quantized layer
+    # A multi-bit upset: each fault event changes `burst` adjacent bits of one code, from the drawn bit upwards;
+    # the drawn bit is one where the burst fits (of bit_positions, if given), and ber is the rate of events per bit.
+    burst: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "site", parse_site(self.site))
@@ -81,17 +86,27 @@ class FaultModel:
         if self.layers is not None:
             layers = (self.layers,) if isinstance(self.layers, (str, type)) else tuple(self.layers)
             object.__setattr__(self, "layers", layers)
+        if isinstance(self.burst, bool) or not isinstance(self.burst, int) or not 1 <= self.burst <= WIDE_ACC_BITS:
+            raise ValueError(f"burst={self.burst!r} must be a number of adjacent bits in [1, {WIDE_ACC_BITS}]")
 
     def positions_for(self, target: FaultTarget) -> tuple[int, ...]:
+        """The bits a fault event may start at in the target's codes."""
+        if self.burst > target.bits:
+            raise ValueError(f"burst={self.burst} does not fit the {target.bits}-bit {target.site.value} codes of "
+                             f"layer {target.layer!r}")
         if self.bit_positions is None:
-            return tuple(range(target.bits))
+            return tuple(range(target.bits - self.burst + 1))
         too_high = [b for b in self.bit_positions if b >= target.bits]
         if too_high:
             raise ValueError(
                 f"bit_positions {too_high} do not exist in the {target.bits}-bit {target.site.value} codes of layer "
                 f"{target.layer!r}; allowed: 0..{target.bits - 1}"
             )
-        return self.bit_positions
+        starts = tuple(b for b in self.bit_positions if b + self.burst <= target.bits)
+        if not starts:
+            raise ValueError(f"no bit of bit_positions {list(self.bit_positions)} leaves room for a burst of "
+                             f"{self.burst} bits in the {target.bits}-bit codes of layer {target.layer!r}")
+        return starts
 
 
 def select_layers(names: Sequence[str], types: Sequence[type], selectors: Iterable[LayerSelector] | None) -> list[str]:
@@ -295,6 +310,9 @@ def sample_pattern(
     image = torch.where(transient, image, torch.full_like(image, -1))
     order = torch.sort(which * (n_images + 1) + image + 1, stable=True).indices
     which, image, index, bit = which[order], image[order], index[order], bit[order]
+    if model.burst > 1:  # each event: the drawn bit and the burst - 1 bits above it, in the same code
+        which, image, index = (t.repeat_interleave(model.burst) for t in (which, image, index))
+        bit = bit.repeat_interleave(model.burst) + torch.arange(model.burst).repeat(count)
     kind = torch.full_like(which, KIND_CODES[model.kind])
     counts = torch.bincount(which, minlength=len(targets)).tolist()
     groups: dict[tuple[Site, str], LayerFaults] = {}

@@ -129,12 +129,27 @@ def one_threshold(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def _record(spec: CampaignSpec | SearchSpec) -> dict[str, Any]:
-    """A spec as JSON-ready data: its fields, with tuples as lists."""
+    """A spec as JSON-ready data: its fields, with tuples as lists. A single-bit campaign (burst 1) leaves `burst`
+    out, so that its campaign id is the one it had before bursts existed."""
     data = asdict(spec)
     for key in ("bit_positions", "layers"):
         if data[key] is not None:
             data[key] = list(data[key])
+    if data.get("burst") == 1:
+        del data["burst"]
     return data
+
+
+def check_burst(value: Any, site: str, bits: int, bit_positions: tuple[int, ...] | None) -> int:
+    """`burst` as the number of adjacent bits one fault event changes in one code (a multi-bit upset)."""
+    width = acc_bits_for(bits) if site == "acc" else bits
+    if not is_int(value) or not 1 <= value <= width:
+        raise SpecError("burst", f"{value!r} must be a number of adjacent bits in [1, {width}] for {width}-bit "
+                        f"{site} codes")
+    if bit_positions is not None and value > 1 and not any(b + value <= width for b in bit_positions):
+        raise SpecError("burst", f"a burst of {value} bits starts at one of bit_positions {list(bit_positions)}, "
+                        f"and none leaves room for it in {width}-bit {site} codes")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -155,6 +170,7 @@ class CampaignSpec:
     samples: int | None = None
     seed: int = 0
     min_coverage: float = 1.0  # share of the MACs (weights, for site="weight") faults must reach to judge at all
+    burst: int = 1  # adjacent bits one fault event changes in one code (a multi-bit upset); ber counts events
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
@@ -182,6 +198,7 @@ class CampaignSpec:
         if not is_int(self.seed) or self.seed < 0:
             raise SpecError("seed", f"{self.seed!r} must be a non-negative integer")
         object.__setattr__(self, "min_coverage", check_min_coverage(self.min_coverage))
+        object.__setattr__(self, "burst", check_burst(self.burst, self.site, self.bits, self.bit_positions))
 
     # -- derived -------------------------------------------------------------------------------------------------
     @property
@@ -190,7 +207,8 @@ class CampaignSpec:
 
     def label(self) -> str:
         """Readable id used in test ids: ``act-ber1e-05``."""
-        return f"{self.site}-ber{self.ber:g}" + ("" if self.kind == "flip" else f"-{self.kind}")
+        return (f"{self.site}-ber{self.ber:g}" + ("" if self.kind == "flip" else f"-{self.kind}")
+                + ("" if self.burst == 1 else f"-burst{self.burst}"))
 
     def to_dict(self) -> dict[str, Any]:
         return _record(self)

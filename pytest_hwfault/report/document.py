@@ -77,6 +77,7 @@ def campaign_record(result: CampaignResult, nodeid: str, problem: str | None = N
         "ber": spec.ber,
         "bits": spec.bits,
         "kind": spec.kind,
+        "burst": spec.burst,
         "bit_positions": None if spec.bit_positions is None else list(spec.bit_positions),
         "images": result.images,
         "trials": outcome.trials,
@@ -186,6 +187,8 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
                 "ber": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                 "bits": {"type": "integer", "minimum": 1},
                 "kind": {"enum": list(KINDS)},
+                "burst": {"type": "integer", "minimum": 1,
+                          "description": "adjacent bits one fault event changes in one code (1: single-bit faults)"},
                 "bit_positions": {"type": ["array", "null"], "items": _COUNT},
                 "images": _COUNT,
                 "trials": _COUNT,
@@ -356,7 +359,7 @@ def validate_report(report: Any) -> None:
         if record["ci_low"] > record["ci_high"]:
             raise ReportError(f"{path}.ci_low: {record['ci_low']!r} is above ci_high {record['ci_high']!r}")
         spec = record["result"]["spec"]
-        said = {**{key: record[key] for key in ("site", "ber", "bits", "kind", "seed")},
+        said = {**{key: record[key] for key in ("site", "ber", "bits", "kind", "seed") if key in record},
                 "min_acc": record["threshold"]["min_acc"], "max_drop": record["threshold"]["max_drop"]}
         for key, value in said.items():
             if key in spec and spec[key] != value:

@@ -135,8 +135,10 @@ def failure_message(record: dict[str, Any], reproduce: str) -> str:
         lines.append(f"  {key:<13}{text}")
 
     positions = "" if not record.get("bit_positions") else f", bit positions {record['bit_positions']}"
+    burst = record.get("burst", 1)
+    events = "" if burst == 1 else f", bursts of {burst} adjacent bits per event (BER counts events)"
     row("fault model", f"site={record['site']}, BER={record['ber']:g}, {record['bits']}-bit codes, "
-                       f"kind={record['kind']}{positions}")
+                       f"kind={record['kind']}{positions}{events}")
     budget = f" of budget {record['budget']}" if "budget" in record else ""
     images = f", {record['images']} images each" if "images" in record else ""
     row("trials", f"{record['trials']}{budget}{images}")
