@@ -22,7 +22,7 @@ def test_a_sampled_burst_is_k_adjacent_bits_of_one_code(bits: int, data: st.Data
     targets = [FaultTarget(site, f"l{i}", data.draw(st.integers(1, 40), "numel"), bits) for i in range(3)]
     seed = data.draw(st.integers(0, 2**32), "seed")
     pattern = sample_pattern(FaultModel(site, 0.05, burst=burst), targets, 3, torch.Generator().manual_seed(seed))
-    for (_, layer), group in pattern.groups.items():
+    for group in pattern.groups.values():
         assert len(group) % burst == 0
         rows = torch.stack([group.image, group.index, group.bit], 1).reshape(-1, burst, 3)
         # each event: one image, one code, bits start..start+k-1, all inside the code
