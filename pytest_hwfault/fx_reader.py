@@ -1,0 +1,278 @@
+"""Read a model quantized with torch.ao FX mode (`prepare_fx`/`convert_fx`) as its x86/fbgemm kernels compute it.
+
+A `convert_fx` result is a GraphModule that quantizes its input with ``torch.quantize_per_tensor``, runs quantized
+modules (torch.ao.nn.quantized(.intrinsic) Conv/Linear and their ReLU fusions), quantized functions
+(``torch.ops.quantized.add``/``add_relu``/``mul``/``mul_relu``/``cat`` with their output scale and zero point),
+float modules and functions on quantized tensors (ReLU, pooling, reshapes) and ``dequantize`` calls. On a private
+copy, the graph is rewritten into the engine's form (see deployed.py), with the arithmetic measured against torch's
+x86 kernels (as for the eager reader, ao.py):
+
+- ``quantize_per_tensor`` -> `Requantize` with its scale and zero point; ``dequantize`` -> nothing;
+- a quantized add/mul/cat -> the float op of the dequantized operands (then a ReLU for the fused ``_relu``
+  variants, as a clamp at the zero point) re-gridded to its own scale and zero point (`Requantize`);
+- an average pooling (module or function) on a quantized tensor -> `CodeAvgPool` (the mean of integer codes,
+  rounded half to even onto the input's grid);
+- quantized conv/linear modules -> float twins (`ao.float_twin`) with their `DeployedLayer`;
+- ReLU, max pooling, reshapes, flatten, identities on quantized tensors keep values on their grid and run as they
+  are; anything else that runs on a quantized tensor is refused (`DeployedFormatError`, naming the node).
+
+The grid of every quantized value (scale, zero point, signedness) is recorded by running the graph once on the
+first calibration batch, on the CPU (torch's quantized kernels are CPU kernels).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ao import _AVERAGING, _ao_types, float_twin, weight_codes
+from .data import iter_batches
+from .deployed import BiasMode, CodeAvgPool, Deployed, DeployedFormatError, DeployedLayer, Requantize
+
+SOURCE = "torch.ao fx"
+
+Grid = tuple[float, int, bool]  # scale, zero point, signed (qint8) codes
+
+
+def _grid(value: Any, node: torch.fx.Node) -> Grid | None:
+    """The grid of a quantized tensor, None for anything else; only 8-bit per-tensor grids are reproduced."""
+    if not isinstance(value, torch.Tensor) or not value.is_quantized:
+        return None
+    if value.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric) or value.dtype not in (
+            torch.quint8, torch.qint8):
+        raise DeployedFormatError(f"{SOURCE}: node {node.name!r} ({_describe(node)}) gives a {value.dtype} "
+                                  f"{value.qscheme()} tensor; only per-tensor quint8/qint8 activations are supported")
+    return float(value.q_scale()), int(value.q_zero_point()), value.dtype == torch.qint8
+
+
+def _range(signed: bool) -> tuple[int, int]:
+    return (-128, 127) if signed else (0, 255)
+
+
+def _describe(node: torch.fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_function" and "quantized" in str(node.target):
+        target = str(node.target)
+    return f"{node.op} {target}"
+
+
+def record_node_grids(work: torch.fx.GraphModule, calibration_data: Any, batch_size: int) -> dict[str, Grid]:
+    """One forward pass of the graph on the first calibration batch: the grid of every node's quantized output."""
+    grids: dict[str, Grid] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            out = super().run_node(n)
+            values = out if isinstance(out, (list, tuple)) else [out]
+            for value in values:
+                grid = _grid(value, n)
+                if grid is not None:
+                    grids.setdefault(n.name, grid)
+                    break
+            return out
+
+    for x, _ in iter_batches(calibration_data, batch_size):
+        inputs = x if isinstance(x, (list, tuple)) else (x,)
+        with torch.no_grad():
+            Recorder(work).run(*[t.to("cpu") if isinstance(t, torch.Tensor) else t for t in inputs])
+        break
+    else:
+        raise ValueError("calibration_data is empty: give at least one batch of inputs")
+    return grids
+
+
+class _FunctionalPool(nn.Module):
+    """A functional pooling call with its constant arguments, for `CodeAvgPool`."""
+
+    def __init__(self, function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.function, self.args, self.kwargs = function, args, kwargs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x, *self.args, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{getattr(self.function, '__name__', self.function)}, args={self.args}, kwargs={self.kwargs}"
+
+
+_POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                   F.adaptive_avg_pool3d, torch._C._nn.avg_pool2d, torch._C._nn.avg_pool3d,
+                   torch._C._nn.adaptive_avg_pool2d, torch._C._nn.adaptive_avg_pool3d, torch.avg_pool1d,
+                   torch.adaptive_avg_pool1d}
+
+# ops that keep a quantized tensor on its grid (checked: their output has their input's grid)
+_KEEP_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                 nn.AdaptiveMaxPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                 nn.Dropout3d)
+_KEEP_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
+                   torch.relu, F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+                   F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, torch.chunk, torch.split,
+                   operator.getitem, getattr, torch.nn.functional.max_pool2d_with_indices}
+_KEEP_METHODS = {"relu", "relu_", "flatten", "reshape", "view", "permute", "transpose", "contiguous", "squeeze",
+                 "unsqueeze", "size", "dim", "chunk", "split", "max_pool2d"}
+_SHAPE_ONLY = {"size", "dim"}
+
+
+def _regridding_ops() -> dict[Any, tuple[Any, bool]]:
+    """Quantized functions with an output scale and zero point: (float op, fused ReLU)."""
+    q = torch.ops.quantized
+    ops: dict[Any, tuple[Any, bool]] = {q.add: (torch.add, False), q.add_relu: (torch.add, True),
+                                        q.mul: (torch.mul, False), q.mul_relu: (torch.mul, True)}
+    return ops
+
+
+SUPPORTED = ("quantize_per_tensor, dequantize, quantized Conv1d/2d/3d and Linear modules (and their ReLU fusions), "
+             "torch.ops.quantized add/add_relu/mul/mul_relu/cat, average pooling, and ReLU, max pooling, reshapes "
+             "and identities running on quantized tensors")
+
+
+def _unsupported(node: torch.fx.Node, why: str) -> DeployedFormatError:
+    return DeployedFormatError(f"{SOURCE}: node {node.name!r} ({_describe(node)}) {why}; supported: {SUPPORTED}")
+
+
+def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, DeployedLayer]:
+    """In place on `work` (a private copy): the graph in the engine's form; returns each conv/linear layer's codes
+    and parameters, in graph order."""
+    types = _ao_types()
+    graph = work.graph
+    layers: dict[str, DeployedLayer] = {}
+    regridding = _regridding_ops()
+
+    def add_module(node: torch.fx.Node, suffix: str, module: nn.Module) -> str:
+        name = f"{node.name}_{suffix}"
+        while hasattr(work, name):
+            name += "_"
+        work.add_submodule(name, module)
+        return name
+
+    def input_grids(node: torch.fx.Node) -> list[Grid]:
+        return [grids[arg.name] for arg in node.all_input_nodes if arg.name in grids]
+
+    def requantize_after(node: torch.fx.Node, function: Any, args: tuple[Any, ...], relu: bool) -> None:
+        if node.name not in grids:
+            raise _unsupported(node, "did not give a quantized tensor on the calibration data")
+        scale, zero, signed = grids[node.name]
+        low, high = _range(signed)
+        regrid = add_module(node, "requantize", Requantize(scale, zero, max(low, zero) if relu else low, high))
+        with graph.inserting_before(node):
+            value = graph.call_function(function, args)
+            out = graph.call_module(regrid, (value,))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+
+    # the grids of each node's quantized inputs, from the graph as it was recorded (before any rewrite)
+    inputs = {node.name: input_grids(node) for node in graph.nodes}
+    for node in list(graph.nodes):
+        quantized_in = inputs[node.name]
+        if node.op == "call_function" and node.target is torch.quantize_per_tensor:
+            if node.name not in grids:
+                raise _unsupported(node, "did not run on the calibration data")
+            scale, zero, signed = grids[node.name]
+            regrid = add_module(node, "requantize", Requantize(scale, zero, *_range(signed)))
+            with graph.inserting_before(node):
+                out = graph.call_module(regrid, (node.args[0],))
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+        elif (node.op == "call_method" and node.target == "dequantize") or (
+                node.op == "call_function" and node.target is torch.dequantize):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target in regridding:
+            function, relu = regridding[node.target]
+            requantize_after(node, function, tuple(node.args[:2]), relu)
+        elif node.op == "call_function" and node.target is torch.ops.quantized.cat:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            requantize_after(node, torch.cat, (node.args[0], dim), False)
+        elif node.op == "call_function" and node.target is torch.cat and quantized_in:
+            if any(grid != grids.get(node.name) for grid in quantized_in):  # torch.cat re-grids to its output's
+                requantize_after(node, torch.cat, tuple(node.args), False)
+        elif node.op == "call_function" and node.target in _POOL_FUNCTIONS and quantized_in:
+            if any(isinstance(arg, torch.fx.Node) for arg in [*node.args[1:], *node.kwargs.values()]):
+                raise _unsupported(node, "pools with computed arguments")
+            pool = _FunctionalPool(node.target, tuple(node.args[1:]), dict(node.kwargs))
+            name = add_module(node, "codepool", _code_pool(pool, quantized_in[0]))
+            with graph.inserting_before(node):
+                out = graph.call_module(name, (node.args[0],))
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+        elif node.op == "call_module":
+            module = work.get_submodule(str(node.target))
+            target = str(node.target)
+            if isinstance(module, types["layer"]):
+                if not quantized_in or node.name not in grids:
+                    raise _unsupported(node, "did not run on a quantized tensor on the calibration data")
+                if target in layers:
+                    raise _unsupported(node, "calls a quantized layer a second time (shared layers are not "
+                                             "supported)")
+                codes, w_scale = weight_codes(module, target, SOURCE)
+                layer: Any = module  # an ao Conv/Linear: its attributes are untyped
+                in_scale, in_zero, in_signed = quantized_in[0]
+                act_scale, act_zero, act_signed = grids[node.name]
+                bias = layer.bias()
+                layers[target] = DeployedLayer(codes, w_scale, in_scale, in_zero, act_scale, act_zero,
+                                               bias=None if bias is None else bias.detach().float(),
+                                               bias_mode=BiasMode.FLOAT, input_signed=in_signed,
+                                               act_signed=act_signed, relu=isinstance(module, types["fused_relu"]))
+                work.set_submodule(target, float_twin(module))
+            elif isinstance(module, types["quantize"]):
+                if node.name not in grids:
+                    raise _unsupported(node, "did not run on the calibration data")
+                scale, zero, signed = grids[node.name]
+                node.target = add_module(node, "requantize", Requantize(scale, zero, *_range(signed)))
+            elif isinstance(module, types["dequantize"]):
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+            elif isinstance(module, _AVERAGING) and quantized_in:
+                node.target = add_module(node, "codepool", _code_pool(module, quantized_in[0]))
+            elif quantized_in or type(module).__module__.startswith(("torch.ao.nn.quantized",
+                                                                      "torch.ao.nn.intrinsic")):
+                if not isinstance(module, _KEEP_MODULES):
+                    raise _unsupported(node, f"(a {type(module).__qualname__}) runs on a quantized tensor")
+                _check_keeps_grid(node, quantized_in, grids)
+        elif node.op == "call_function" and quantized_in:
+            if node.target not in _KEEP_FUNCTIONS:
+                raise _unsupported(node, "runs on a quantized tensor")
+            _check_keeps_grid(node, quantized_in, grids)
+        elif node.op == "call_method" and quantized_in:
+            if node.target not in _KEEP_METHODS:
+                raise _unsupported(node, "runs on a quantized tensor")
+            if node.target not in _SHAPE_ONLY:
+                _check_keeps_grid(node, quantized_in, grids)
+    for node in list(graph.nodes):  # the scales and zero points of the quantized ops
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    graph.lint()
+    work.recompile()
+    work.delete_all_unused_submodules()
+    return layers
+
+
+def _code_pool(pool: nn.Module, grid: Grid) -> CodeAvgPool:
+    scale, zero, signed = grid
+    return CodeAvgPool(pool, scale, zero, *_range(signed))
+
+
+def _check_keeps_grid(node: torch.fx.Node, quantized_in: list[Grid], grids: dict[str, Grid]) -> None:
+    out = grids.get(node.name)
+    if out is not None and out != quantized_in[0]:
+        raise _unsupported(node, f"re-grids a quantized tensor (scale, zero point {quantized_in[0][:2]} -> "
+                                 f"{out[:2]})")
+
+
+def read_ao_fx(model: Any, calibration_data: Any, batch_size: int, device: torch.device | str) -> Deployed:
+    """A torch.ao FX `convert_fx` GraphModule in the engine's form; `model` is not modified."""
+    if not isinstance(model, torch.fx.GraphModule):
+        raise TypeError(f"{SOURCE}: expected a torch.fx.GraphModule from convert_fx, got {type(model).__qualname__}")
+    work = copy.deepcopy(model).eval().to("cpu")  # the quantized kernels run on the CPU
+    layers = rewrite(work, record_node_grids(work, calibration_data, batch_size))
+    if not layers:
+        raise DeployedFormatError(f"{SOURCE}: no quantized conv/linear module in the graph")
+    work.to(device)
+    return Deployed(work, layers, SOURCE, notes=[
+        "the float baseline is the float function of the int8 model (dequantized weights, unquantized "
+        "activations), not the float model it was converted from"])
