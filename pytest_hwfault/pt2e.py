@@ -1,0 +1,293 @@
+"""Read a torchao PT2E model (`prepare_pt2e` / `convert_pt2e`) as its graph computes it.
+
+A converted PT2E graph is its own runtime's reference: it quantizes and dequantizes activations with
+``quantized_decomposed.quantize_per_tensor`` / ``dequantize_per_tensor`` (codes round(x x float32(1 / scale)) + zero
+point, rounded half to even, clamped to quant_min..quant_max), holds int8 weight codes as constants dequantized by
+``dequantize_per_channel`` (or per tensor), and runs aten conv/linear on the dequantized float values with a float
+bias. The reader rewrites a copy of the graph into the engine's form (`deployed.Deployed`):
+
+- each aten conv1d/conv2d/conv3d/linear on a dequantized activation and dequantized int8 weights whose result is
+  quantized (directly or through a ReLU) becomes a call of a plain ``nn.Conv*d`` / ``nn.Linear`` (dequantized
+  weights, float bias) named after the model's module, with a `DeployedLayer`: the weight codes and scales, the input
+  grid of its dequantize node, the output grid of the quantize node that consumes it, a fused ReLU when a ReLU sits
+  between them, and the float bias added after scaling (`BiasMode.FLOAT`, as the graph adds it in float). The
+  quantize/dequantize pair after the layer is dropped: the engine's layer produces those codes;
+- a conv/linear whose float result is not quantized (x86's conv + residual add fused pattern, whose quantize comes
+  after the add, and the last linear, whose output stays float) runs as a float ``nn.Conv*d`` / ``nn.Linear`` with
+  dequantized weights, exactly as the graph computes it, outside the fault sites (listed in `Deployed.notes`): the
+  engine's layers produce 8-bit output codes, and no such codes exist there;
+- every other quantize -> dequantize pair on an activation (the model input, after a residual add, after a pooling
+  or a flatten) is a `Requantize` (multiplying by 1 / scale, as quantize_per_tensor does): the graph averages,
+  adds and reshapes float values and then re-grids them.
+
+Anything else on quantized codes (a quantize whose codes feed something other than a dequantize, a dequantize of an
+unknown dtype or with a tensor scale, lowered quantized ops, a conv/linear whose weight is not int8) is a
+`DeployedFormatError` naming the node.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .deployed import BiasMode, Deployed, DeployedFormatError, DeployedLayer, Requantize
+
+FORMAT = "pt2e"
+_CODE_DTYPES = {torch.uint8: (False, 0, 255), torch.int8: (True, -128, 127)}
+_RELUS = ("aten.relu.default", "aten.relu_.default")
+# aten operations whose values do not depend on their inputs' memory layout (elementwise, reshapes)
+_LAYOUT_FREE = {"add", "sub", "mul", "div", "neg", "relu", "relu_", "clamp", "clamp_min", "clamp_max", "hardtanh",
+                "hardtanh_", "sigmoid", "tanh", "flatten", "view", "reshape", "permute", "transpose", "squeeze",
+                "unsqueeze", "contiguous", "clone", "_assert_tensor_metadata", "sym_size", "sym_numel"}
+
+
+def _ops() -> dict[str, Any]:
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers torch.ops.quantized_decomposed
+
+    qd, aten = torch.ops.quantized_decomposed, torch.ops.aten
+    return {
+        "quantize": qd.quantize_per_tensor.default,
+        "dequantize": qd.dequantize_per_tensor.default,
+        "dequantize_channel": qd.dequantize_per_channel.default,
+        "layers": {aten.conv1d.default: nn.Conv1d, aten.conv2d.default: nn.Conv2d, aten.conv3d.default: nn.Conv3d,
+                   aten.linear.default: nn.Linear},
+    }
+
+
+def _error(node: fx.Node, why: str) -> DeployedFormatError:
+    return DeployedFormatError(f"{FORMAT}: node {node.name!r} ({node.format_node()}) {why}")
+
+
+def _is_quantized_decomposed(node: fx.Node) -> bool:
+    return node.op == "call_function" and "quantized_decomposed" in str(node.target)
+
+
+def _grid(node: fx.Node) -> tuple[float, int, int, int, bool]:
+    """(scale, zero point, quant_min, quant_max, signed) of a quantize/dequantize_per_tensor node."""
+    scale, zero, low, high, dtype = node.args[1:6]
+    if dtype not in _CODE_DTYPES or not isinstance(scale, float) or not isinstance(zero, int):
+        raise _error(node, "quantizes to an unsupported grid: supported are uint8 and int8 codes with a constant "
+                           "scale and zero point (the .default overload)")
+    signed, dtype_low, dtype_high = _CODE_DTYPES[dtype]
+    if not (dtype_low <= int(low) <= int(high) <= dtype_high):  # type: ignore[call-overload]
+        raise _error(node, f"has quant range [{low}, {high}] outside its dtype {dtype}")
+    return float(scale), int(zero), int(low), int(high), signed  # type: ignore[call-overload]
+
+
+def _attr(model: nn.Module, node: fx.Node) -> Any:
+    return operator.attrgetter(str(node.target))(model)
+
+
+def _constant(model: nn.Module, node: Any) -> Any:
+    """The value of a get_attr node (or a plain constant)."""
+    return _attr(model, node) if isinstance(node, fx.Node) and node.op == "get_attr" else node
+
+
+def _module_name(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    entries = list(stack.values())
+    return str(entries[-1][0]) if entries and entries[-1][0] else node.name
+
+
+def _weight(model: nn.Module, node: fx.Node, layer: fx.Node, ops: dict[str, Any]
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int32 codes, float32 per-output-channel scales, the graph's dequantized float weight) of a layer's weight."""
+    if not isinstance(node, fx.Node) or node.target not in (ops["dequantize"], ops["dequantize_channel"]):
+        raise _error(layer, "has a weight that is not a dequantized int8 constant: every conv/linear of a PT2E "
+                            "model must run on int8 weight codes")
+    source = node.args[0]
+    codes = _constant(model, source)
+    if not isinstance(source, fx.Node) or source.op != "get_attr" or not isinstance(codes, torch.Tensor) \
+            or codes.dtype != torch.int8 or node.args[-1] != torch.int8:
+        raise _error(layer, f"has a weight dequantized by {node.name!r} from something other than an int8 constant")
+    args = [_constant(model, a) for a in node.args]
+    weight = node.target(*args)
+    if node.target == ops["dequantize"]:
+        scale, zero = args[1], args[2]
+        if not isinstance(scale, float) or not isinstance(zero, int):
+            raise _error(node, "dequantizes a weight with a tensor scale: only constant scales are supported")
+        scales, zeros = torch.full((codes.shape[0],), scale, dtype=torch.float32), torch.tensor([zero])
+    else:
+        scales, zeros, axis = args[1], args[2], args[3]
+        if axis != 0:
+            raise _error(node, f"dequantizes a weight along axis {axis}: only output channels (axis 0) are supported")
+        scales = scales.float()
+        zeros = torch.zeros(1) if zeros is None else zeros
+    if bool((zeros != 0).any()):
+        raise _error(node, "has asymmetric weights (non-zero zero points); only symmetric int8 weights are supported")
+    return codes.to(torch.int32), scales, weight.float()
+
+
+def _float_twin(kind: type, args: tuple[Any, ...], weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A float conv/linear with the aten call's geometry, the graph's dequantized weight and float bias."""
+    if kind is nn.Linear:
+        module: Any = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    else:
+        stride, padding, dilation, groups = (list(args[3:7]) + [1, 0, 1, 1][len(args[3:7]):])
+        module = kind(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride, padding, dilation,
+                      groups, bias=bias is not None)
+    with torch.no_grad():
+        module.weight = nn.Parameter(weight.clone(), requires_grad=False)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+    return module.requires_grad_(False)
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _dequantize_users(q: fx.Node, ops: dict[str, Any]) -> list[fx.Node]:
+    """The dequantize nodes reading a quantize node's codes; anything else reading them is an error."""
+    grid = _grid(q)
+    users = list(q.users)
+    for user in users:
+        if user.target != ops["dequantize"]:
+            raise _error(user, f"reads the int8/uint8 codes of {q.name!r} directly: only dequantize_per_tensor may "
+                               "read activation codes in a graph the reader reproduces")
+        if _grid(user) != grid:
+            raise _error(user, f"dequantizes the codes of {q.name!r} with another grid than they were quantized with")
+    return users
+
+
+def _in_graph_layout(graph: fx.Graph, layers: set[str], modules: dict[str, Any]) -> None:
+    """Operations whose float result depends on the memory layout of their input (poolings, float convolutions:
+    their sums run in another order) read contiguous tensors, as in the PT2E graph run on a contiguous input: the
+    engine may hand its layers' outputs on channels-last, and an average of 64 codes then rounds its ties (one
+    average in 64 lies exactly halfway between two codes) differently. Elementwise operations and reshapes
+    compute the same values in any layout and are left as they are."""
+    for node in list(graph.nodes):
+        if node.op == "call_function":
+            name = str(getattr(node.target, "__name__", node.target)).split(".")[0]
+            if node.target is operator.getitem or name in _LAYOUT_FREE:
+                continue
+        elif not (node.op == "call_module" and str(node.target) not in layers
+                  and not isinstance(modules.get(str(node.target)), Requantize)):
+            continue
+        for value in {a for a in node.all_input_nodes if a.op != "get_attr"}:
+            with graph.inserting_before(node):
+                dense = graph.call_method("contiguous", (value,))
+            node.replace_input_with(value, dense)
+
+
+def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.device | str) -> Deployed:
+    """A converted PT2E GraphModule in the engine's form. `model` is not modified: the reader rewrites a copy of its
+    graph into a new GraphModule (which, unlike a converted PT2E model, accepts `.eval()`)."""
+    ops = _ops()
+    graph = copy.deepcopy(model.graph)
+    modules: dict[str, Any] = {}
+    layers: dict[str, DeployedLayer] = {}
+    notes: list[str] = []
+    used: set[str] = set()
+
+    def unique(name: str) -> str:
+        base, k = name, 1
+        while name in used or any(u.startswith(f"{name}.") or name.startswith(f"{u}.") for u in used):
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        return name
+
+    # each layer's input grid, read before the rewrite below replaces dequantize nodes
+    input_grids: dict[fx.Node, tuple[float, int, int, int, bool]] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in ops["layers"]:
+            source = node.args[0]
+            if not isinstance(source, fx.Node) or source.target != ops["dequantize"]:
+                raise _error(node, "runs on an input that is not a dequantized activation: a PT2E layer must read "
+                                   "activation codes")
+            input_grids[node] = _grid(source)
+
+    for node in list(graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards_fn") and not node.users:
+            graph.erase_node(node)  # export's input-shape guard: a check, not part of the function
+            continue
+        kind = ops["layers"].get(node.target) if node.op == "call_function" else None
+        if kind is None:
+            continue
+        args = tuple(node.args)
+        if node.kwargs:
+            raise _error(node, "has keyword arguments the reader does not read")
+        source, weight_node = args[0], args[1]
+        bias = _constant(model, args[2]) if len(args) > 2 else None
+        codes, scales, weight = _weight(model, weight_node, node, ops)
+        in_scale, in_zero, in_low, in_high, in_signed = input_grids[node]
+        name = unique(_module_name(node))
+        modules[name] = _float_twin(kind, args, weight, bias)
+        # the layer's output codes: its result quantized directly, or after a ReLU
+        relu = _single_user(node)
+        quant = relu if relu is not None and relu.target == ops["quantize"] else None
+        fused_relu = False
+        if quant is None and relu is not None and str(relu.target) in _RELUS and not relu.kwargs:
+            after = _single_user(relu)
+            if after is not None and after.target == ops["quantize"]:
+                quant, fused_relu = after, True
+        with graph.inserting_before(node):
+            call = graph.call_module(name, (source,))
+        call.meta = dict(node.meta)
+        if quant is None:  # a float result: the graph's own float conv/linear, outside the fault sites
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
+            notes.append(f"layer {name!r}: its float result is not quantized in the PT2E graph (it feeds "
+                         f"{', '.join(u.name for u in call.users) or 'nothing'}): it runs in float on dequantized "
+                         "weights, as the graph computes it, and is not a fault site")
+            continue
+        act_scale, act_zero, act_low, act_high, act_signed = _grid(quant)
+        for what, (low, high, signed) in {"input": (in_low, in_high, in_signed),
+                                          "output": (act_low, act_high, act_signed)}.items():
+            if (low, high) != _CODE_DTYPES[torch.int8 if signed else torch.uint8][1:]:
+                raise _error(node, f"has {what} codes in [{low}, {high}]: the engine's layers hold full-range "
+                                   "uint8/int8 codes")
+        layers[name] = DeployedLayer(codes, scales, in_scale, in_zero, act_scale, act_zero,
+                                     bias=None if bias is None else bias.detach().float().clone(),
+                                     bias_mode=BiasMode.FLOAT, input_signed=in_signed, act_signed=act_signed,
+                                     relu=fused_relu)
+        for dq in _dequantize_users(quant, ops):  # the layer's own output codes: the engine produces them
+            dq.replace_all_uses_with(call)
+            graph.erase_node(dq)
+        graph.erase_node(quant)
+        if fused_relu:
+            graph.erase_node(relu)  # type: ignore[arg-type]
+        graph.erase_node(node)
+
+    # every other quantize -> dequantize pair on an activation: the graph re-grids a float value
+    for node in list(graph.nodes):
+        if node.target != ops["quantize"]:
+            continue
+        scale, zero, low, high, _ = _grid(node)
+        name = unique(f"requantize_{node.args[0].name}" if isinstance(node.args[0], fx.Node) else "requantize")
+        modules[name] = Requantize(scale, zero, low, high, divide=False)
+        dequantizes = _dequantize_users(node, ops)
+        with graph.inserting_before(node):
+            call = graph.call_module(name, (node.args[0],))
+        for dq in dequantizes:
+            dq.replace_all_uses_with(call)
+            graph.erase_node(dq)
+        graph.erase_node(node)
+    for node in reversed(list(graph.nodes)):  # the weights' dequantize nodes and constants the layers replaced
+        if not node.users and (node.op == "get_attr" or _is_quantized_decomposed(node)):
+            graph.erase_node(node)
+
+    _in_graph_layout(graph, set(layers), modules)
+    for node in graph.nodes:
+        if _is_quantized_decomposed(node) or (node.op == "call_function" and any(
+                space in str(node.target) for space in ("quantized.", "onednn.", "quantized_decomposed"))):
+            raise _error(node, "is a quantized operation the reader does not reproduce: supported are aten "
+                               "conv1d/2d/3d and linear on dequantized int8 weights and activations, quantize -> "
+                               "dequantize pairs of activations, and float operations between them")
+        if node.op == "get_attr":
+            value = _attr(model, node)
+            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                raise _error(node, f"is a {value.dtype} constant used other than as a conv/linear weight")
+            modules[str(node.target)] = copy.deepcopy(value)
+        elif node.op == "call_module" and str(node.target) not in modules:
+            modules[str(node.target)] = copy.deepcopy(_attr(model, node))
+    graph.lint()
+    module = fx.GraphModule(modules, graph, class_name="PT2EDeployed").to(device)
+    return Deployed(module, layers, FORMAT, float_module=None, notes=[
+        "the float baseline is the float function of the int8 graph (dequantized weights, unquantized "
+        "activations), not the float model it was converted from", *notes])
