@@ -69,13 +69,15 @@ def _is_quantized_decomposed(node: fx.Node) -> bool:
 def _grid(node: fx.Node) -> tuple[float, int, int, int, bool]:
     """(scale, zero point, quant_min, quant_max, signed) of a quantize/dequantize_per_tensor node."""
     scale, zero, low, high, dtype = node.args[1:6]
-    if dtype not in _CODE_DTYPES or not isinstance(scale, float) or not isinstance(zero, int):
+    if not isinstance(dtype, torch.dtype) or dtype not in _CODE_DTYPES or not isinstance(scale, float) \
+            or not all(isinstance(v, int) for v in (zero, low, high)):
         raise _error(node, "quantizes to an unsupported grid: supported are uint8 and int8 codes with a constant "
                            "scale and zero point (the .default overload)")
+    assert isinstance(zero, int) and isinstance(low, int) and isinstance(high, int)
     signed, dtype_low, dtype_high = _CODE_DTYPES[dtype]
-    if not (dtype_low <= int(low) <= int(high) <= dtype_high):  # type: ignore[call-overload]
+    if not (dtype_low <= low <= high <= dtype_high):
         raise _error(node, f"has quant range [{low}, {high}] outside its dtype {dtype}")
-    return float(scale), int(zero), int(low), int(high), signed  # type: ignore[call-overload]
+    return scale, zero, low, high, signed
 
 
 def _attr(model: nn.Module, node: fx.Node) -> Any:
@@ -105,7 +107,7 @@ def _weight(model: nn.Module, node: fx.Node, layer: fx.Node, ops: dict[str, Any]
             or codes.dtype != torch.int8 or node.args[-1] != torch.int8:
         raise _error(layer, f"has a weight dequantized by {node.name!r} from something other than an int8 constant")
     args = [_constant(model, a) for a in node.args]
-    weight = node.target(*args)
+    weight = ops["dequantize" if node.target == ops["dequantize"] else "dequantize_channel"](*args)
     if node.target == ops["dequantize"]:
         scale, zero = args[1], args[2]
         if not isinstance(scale, float) or not isinstance(zero, int):
@@ -251,7 +253,8 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             graph.erase_node(dq)
         graph.erase_node(quant)
         if fused_relu:
-            graph.erase_node(relu)  # type: ignore[arg-type]
+            assert relu is not None
+            graph.erase_node(relu)
         graph.erase_node(node)
 
     # every other quantize -> dequantize pair on an activation: the graph re-grids a float value

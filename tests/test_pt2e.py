@@ -1,0 +1,221 @@
+"""Models quantized with torchao PT2E (`prepare_pt2e` / `convert_pt2e`) run with the graph's own codes and scales."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from deployed_models import agreement, images, trained_resnet_style
+from torch import fx
+
+from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
+from pytest_hwfault.deployed import DeployedFormatError, Requantize
+from pytest_hwfault.faults import sample_pattern
+from pytest_hwfault.quantization import state_checksum
+
+pytest.importorskip("torchao")
+
+QUANTIZE = "quantized_decomposed.quantize_per_tensor"
+
+
+@pytest.fixture(scope="module")
+def pt2e_model(digits):  # noqa: ANN001, ANN201
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    net = trained_resnet_style(digits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        example = (images(digits.x_train[:8]),)
+        exported = torch.export.export(net, example, dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+        quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(exported, quantizer)
+        prepared(images(digits.x_train[:512]))
+        return convert_pt2e(prepared)
+
+
+@pytest.fixture(scope="module")
+def pt2e_qmodel(pt2e_model, digits):  # noqa: ANN001, ANN201
+    return quantize(pt2e_model, images(digits.x_train[:256]))
+
+
+class Edited(fx.Interpreter):
+    """Runs a PT2E graph as it is, recording every quantize node's codes by the name of the value it quantizes;
+    `act`: (value name, image, flat index, bit) flips one stored code; `weights`: get_attr targets replaced."""
+
+    def __init__(self, model: fx.GraphModule, act: tuple[str, int, int, int] | None = None,
+                 weights: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__(model)
+        self.act, self.weights, self.codes = act, weights or {}, {}
+
+    def fetch_attr(self, target: str) -> Any:
+        return self.weights[target] if target in self.weights else super().fetch_attr(target)
+
+    def run_node(self, node: fx.Node) -> Any:
+        out = super().run_node(node)
+        if node.op == "call_function" and QUANTIZE in str(node.target):
+            source = node.args[0].name  # type: ignore[union-attr]
+            if self.act is not None and self.act[0] == source:
+                _, image, index, bit = self.act
+                out = out.clone()
+                flat = out[image].view(-1)
+                flat[index] = int(flat[index]) ^ (1 << bit)  # uint8 codes: no sign extension
+            self.codes[source] = out
+        return out
+
+
+def run_graph(model: fx.GraphModule, x: torch.Tensor, **edits: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    interpreter = Edited(model, **edits)
+    with torch.no_grad():
+        return interpreter.run(x), interpreter.codes
+
+
+def engine_codes(qmodel: Any, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The engine's logits and the codes of its Requantize module `name`."""
+    module = qmodel.module.get_submodule(name)
+    assert isinstance(module, Requantize)
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        logits = qmodel(x)
+    finally:
+        handle.remove()
+    return logits, (seen[0] / module.scale).round() + module.zero_point
+
+
+def weight_attr(model: fx.GraphModule, layer: str) -> str:
+    """The get_attr target of the int8 weight codes of the conv/linear of module `layer`."""
+    for node in model.graph.nodes:
+        stack = list((node.meta.get("nn_module_stack") or {}).values())
+        if node.op == "call_function" and "conv" in str(node.target) and stack and stack[-1][0] == layer:
+            return str(node.args[1].args[0].target)
+    raise AssertionError(layer)
+
+
+def test_pt2e_codes_and_scales_are_used_and_outputs_match(pt2e_model, pt2e_qmodel, digits) -> None:  # noqa: ANN001
+    x = images(digits.x_test)
+    qmodel = pt2e_qmodel
+    assert qmodel.config["source"] == "pt2e"
+    # x86's PT2E pattern quantizes conv(+relu) outputs; a conv feeding a residual add and the last linear keep a
+    # float result, which runs in float outside the fault sites (noted)
+    assert list(qmodel.layers) == ["stem", "block1.conv1", "block2.conv1"]
+    assert sum("not a fault site" in note for note in qmodel.config["deployed_notes"]) == 3
+    stem = qmodel.layers["stem"]
+    assert torch.equal(stem.weight_codes, getattr(pt2e_model, weight_attr(pt2e_model, "stem")).to(torch.int32))
+    assert stem.act_zero_point == 0 and stem.act_range == (0, 255) and stem.input_range == (0, 255)
+
+    reference, graph_codes = run_graph(pt2e_model, x)
+    ours, fc_codes = engine_codes(qmodel, x, "requantize_flatten")
+    # the codes the last linear reads (uint8, after pooling): measured 6349 of 6352 equal, 3 one code apart
+    scale = qmodel.module.get_submodule("requantize_flatten").scale
+    codes = agreement(graph_codes["flatten"].float() * scale, fc_codes * scale, scale)
+    assert codes["exact"] >= 0.999 and codes["max_codes"] < 1.01, codes
+    # each layer's output codes: measured 2 (block1.conv1) and 26 (block2.conv1) of 406528 one code apart
+    for name, value in (("stem", "relu"), ("block1.conv1", "relu_1"), ("block2.conv1", "relu_3")):
+        layer = qmodel.layers[name]
+        seen: list[torch.Tensor] = []
+        handle = layer.module.register_forward_hook(
+            lambda m, a, out, layer=layer, seen=seen: seen.append(layer.dequantize_output(out)))
+        try:
+            qmodel(x)
+        finally:
+            handle.remove()
+        differ = ((seen[0] / layer.act_scale).round() - graph_codes[value].float()).abs()
+        assert float(differ.max()) <= 1.0 and float((differ == 0).float().mean()) >= 0.9999, name
+    # logits (a float linear of those codes): equal predictions; bitwise equal wherever the fc codes are
+    assert torch.equal(reference.argmax(1), ours.argmax(1))
+    same_codes = (graph_codes["flatten"].float() == fc_codes).all(1)
+    assert torch.equal(reference[same_codes], ours[same_codes])
+    assert float(same_codes.float().mean()) >= 0.99
+
+
+def faulty_pair(pt2e_model, qmodel, x, fault, **edit):  # noqa: ANN001, ANN201
+    reference, _ = run_graph(pt2e_model, x, **edit)
+    return reference, qmodel(x, FaultPattern.from_faults([fault]))
+
+
+@pytest.mark.parametrize(("layer", "value", "index", "bit"), [
+    ("stem", "relu", 100, 7), ("block1.conv1", "relu_1", 5, 6), ("block2.conv1", "relu_3", 777, 7),
+    ("block2.conv1", "relu_3", 300, 5)])
+def test_pt2e_single_activation_fault_matches_the_edited_graph(pt2e_model, pt2e_qmodel, digits, layer, value,
+                                                               index, bit) -> None:  # noqa: ANN001
+    x = images(digits.x_test[:8])
+    clean, _ = run_graph(pt2e_model, x)
+    assert torch.equal(clean, pt2e_qmodel(x))  # these images: bitwise equal fault-free
+    reference, ours = faulty_pair(pt2e_model, pt2e_qmodel, x, ("act", layer, index, bit, "flip", 2),
+                                  act=(value, 2, index, bit))
+    assert not torch.equal(reference, clean)
+    assert torch.equal(reference, ours)
+
+
+@pytest.mark.parametrize(("layer", "index", "bit"), [("stem", 3, 6), ("block1.conv1", 500, 7),
+                                                     ("block2.conv1", 2000, 5)])
+def test_pt2e_single_weight_fault_matches_the_edited_graph(pt2e_model, pt2e_qmodel, digits, layer, index,
+                                                           bit) -> None:  # noqa: ANN001
+    x = images(digits.x_test[:8])
+    target = weight_attr(pt2e_model, layer)
+    weight = getattr(pt2e_model, target).clone()
+    flat = weight.view(torch.uint8).view(-1)  # int8 two's complement: bit 7 is the sign
+    flat[index] ^= 1 << bit
+    reference, ours = faulty_pair(pt2e_model, pt2e_qmodel, x, ("weight", layer, index, bit, "flip"),
+                                  weights={target: weight})
+    clean, _ = run_graph(pt2e_model, x)
+    assert not torch.equal(reference, clean)
+    assert torch.equal(reference.argmax(1), ours.argmax(1))
+    assert float((reference - ours).abs().max()) < 1e-5
+
+
+def test_pt2e_every_site_runs_and_counts_accuracy(pt2e_qmodel, digits) -> None:  # noqa: ANN001
+    qmodel = pt2e_qmodel
+    x, y = images(digits.x_test[:16]), digits.y_test[:16]
+    for site in ("act", "weight", "acc", "input"):
+        model = FaultModel(site, 1e-3)
+        pattern = sample_pattern(model, qmodel.targets(model.site), len(x), torch.Generator().manual_seed(1))
+        assert len(pattern) > 0, site
+        expected = sum(int(row.argmax()) == int(label) for row, label in zip(qmodel(x, pattern), y)) / len(x)
+        assert accuracy(qmodel, (x, y), model, seed=1) == expected, site
+
+
+def test_pt2e_model_is_not_modified_and_still_refuses_eval(pt2e_model, digits) -> None:  # noqa: ANN001
+    before = state_checksum(pt2e_model)
+    graph_before = str(pt2e_model.graph)
+    qmodel = quantize(pt2e_model, images(digits.x_train[:64]))
+    qmodel.module.eval()  # the engine's copy accepts eval()
+    assert state_checksum(pt2e_model) == before and str(pt2e_model.graph) == graph_before
+    with pytest.raises(NotImplementedError):
+        pt2e_model.eval()  # convert_pt2e's own guard, left in place
+
+
+def _edited(model: fx.GraphModule, edit: Any) -> fx.GraphModule:
+    graph = copy.deepcopy(model.graph)
+    edit(graph)
+    return fx.GraphModule(model, graph)
+
+
+def test_pt2e_unsupported_nodes_are_named(pt2e_model, digits) -> None:  # noqa: ANN001
+    x = images(digits.x_train[:32])
+
+    def int16_grid(graph: fx.Graph) -> None:
+        node = next(n for n in graph.nodes if "dequantize_per_tensor" in str(n.target))
+        node.args = (*node.args[:5], torch.int16)
+
+    with pytest.raises(DeployedFormatError, match=r"pt2e: node 'dequantize_per_tensor_default' .*unsupported grid"):
+        quantize(_edited(pt2e_model, int16_grid), x)
+
+    def codes_read_directly(graph: fx.Graph) -> None:  # a float op on the uint8 codes of the input
+        node = next(n for n in graph.nodes if QUANTIZE in str(n.target))
+        with graph.inserting_after(node):
+            graph.call_function(torch.ops.aten.add.Tensor, (node, node))
+
+    with pytest.raises(DeployedFormatError, match=r"pt2e: node 'add_tensor' .*reads the int8/uint8 codes"):
+        quantize(_edited(pt2e_model, codes_read_directly), x)
+
+    def float_weight(graph: fx.Graph) -> None:
+        conv = next(n for n in graph.nodes if "conv2d" in str(n.target))
+        conv.args = (conv.args[0], conv.args[1].args[1], *conv.args[2:])  # the weight's float scales
+
+    with pytest.raises(DeployedFormatError, match=r"pt2e: node 'conv2d' .*not a dequantized int8 constant"):
+        quantize(_edited(pt2e_model, float_weight), x)
