@@ -66,9 +66,15 @@ def _fma32(a: torch.Tensor, b: float, c: torch.Tensor | float) -> torch.Tensor:
 class QLinearAdd(nn.Module):
     """onnxruntime's QLinearAdd (MLAS AVX2 kernel) on values (code - zero point) x scale (module docstring)."""
 
-    def __init__(self, a: tuple[float, int], b: tuple[float, int], c: tuple[float, int], signed: bool) -> None:
+    def __init__(self, a: tuple[float, int], b: tuple[float, int], c: tuple[float, int], signed: bool,
+                 shift: tuple[int, int, int] = (0, 0, 0)) -> None:
+        """`shift`: what the kernel adds to each stored code and zero point (128 where onnxruntime runs int8
+        codes as uint8)."""
         super().__init__()
         (self.sa, self.za), (self.sb, self.zb), (self.sc, self.zc) = a, b, c
+        self.shift = shift
+        self.za, self.zb, self.zc = self.za + shift[0], self.zb + shift[1], self.zc + shift[2]
+        signed = signed and shift[2] == 0
         f32 = np.float32
         self.ra, self.rb = float(f32(self.sa) / f32(self.sc)), float(f32(self.sb) / f32(self.sc))
         self.fixed = float(f32(self.zc) - (f32(self.ra) * f32(self.za) + f32(self.rb) * f32(self.zb)))
@@ -224,12 +230,14 @@ def _attrs(node: Any) -> dict[str, Any]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _runtime_kernels(model: Any) -> dict[str, str] | None:
-    """The op type onnxruntime's CPU provider runs for each node name, after its graph optimizations; None
-    without onnxruntime."""
+def _runtime_kernels(model: Any) -> dict[str, tuple[str, list[tuple[int, bool] | None]]] | None:
+    """For each node name, the op type onnxruntime's CPU provider runs after its graph optimizations and the zero
+    points (value, signed) among the kernel's constant inputs (onnxruntime runs int8 activations of some kernels
+    as uint8 with zero point + 128, which changes their float rounding); None without onnxruntime."""
     try:
         import onnx
         import onnxruntime as ort
+        from onnx import numpy_helper
     except ImportError:
         return None
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,10 +249,15 @@ def _runtime_kernels(model: Any) -> dict[str, str] | None:
             optimized = onnx.load(options.optimized_model_filepath)
         except Exception:
             return None
-    kernels: dict[str, str] = {}
+    consts = {i.name: numpy_helper.to_array(i) for i in optimized.graph.initializer}
+    kernels: dict[str, tuple[str, list[tuple[int, bool] | None]]] = {}
     for node in optimized.graph.node:
-        base = re.sub(r"_token_\d+$", "", node.name)
-        kernels.setdefault(base, node.op_type)
+        zeros: list[tuple[int, bool] | None] = []
+        for name in node.input:
+            value = consts.get(name)
+            small = value is not None and value.size == 1 and value.dtype in (np.int8, np.uint8)
+            zeros.append((int(value.reshape(())), value.dtype == np.int8) if small and value is not None else None)
+        kernels.setdefault(re.sub(r"_token_\d+$", "", node.name), (node.op_type, zeros))
     return kernels
 
 
@@ -264,7 +277,8 @@ class _Builder:
     """Turns the ONNX graph into an fx.GraphModule: `exact` re-grids as the runtime does; otherwise the float
     function (quantize nodes only clamp to their range, integer kernels become their float ops)."""
 
-    def __init__(self, model: Any, kernels: dict[str, str] | None, exact: bool) -> None:
+    def __init__(self, model: Any, kernels: dict[str, tuple[str, list[tuple[int, bool] | None]]] | None,
+                 exact: bool) -> None:
         from onnx import numpy_helper
 
         self.model, self.graph, self.kernels, self.exact = model, model.graph, kernels, exact
@@ -326,7 +340,16 @@ class _Builder:
     def fused(self, node: Any, kernel: str) -> bool:
         if self.kernels is None or not node.name:
             return True
-        return self.kernels.get(node.name) == kernel
+        return self.kernels.get(node.name, ("", []))[0] == kernel
+
+    def kernel_zero(self, node: Any, position: int, grid: _Grid) -> tuple[int, bool]:
+        """The zero point (and signedness) the runtime's kernel uses for the operand at `position`: the model's,
+        or the uint8 one onnxruntime substitutes for an int8 one."""
+        zeros: list[tuple[int, bool] | None] = self.kernels.get(node.name, ("", []))[1] if self.kernels else []
+        found = zeros[position] if position < len(zeros) else None
+        if found is not None and found[0] - grid.zero_point in (0, 128) and (found[1] == grid.signed or grid.signed):
+            return found
+        return grid.zero_point, grid.signed
 
     def output_grid(self, name: str) -> tuple[_Grid, list[Any], bool] | None:
         """The QuantizeLinear that re-grids activation `name` (possibly through a Relu): its grid, the nodes it
@@ -459,8 +482,11 @@ class _Builder:
             if relu and grid.zero_point != _code_range(grid.signed)[0]:
                 pass  # a ReLU that the output range does not imply: runs in float
             elif ga.signed == gb.signed == grid.signed:
+                shift = (self.kernel_zero(node, 2, ga)[0] - ga.zero_point,
+                         self.kernel_zero(node, 5, gb)[0] - gb.zero_point,
+                         self.kernel_zero(node, 7, grid)[0] - grid.zero_point)
                 add = QLinearAdd((ga.scale, ga.zero_point), (gb.scale, gb.zero_point), (grid.scale, grid.zero_point),
-                                 grid.signed)
+                                 grid.signed, shift)
                 self.skip.update(id(n) for n in taken)
                 self.set_quantized(taken[-1].output[0], self.add_module(add, node, index, (a, b)), grid)
                 return
@@ -494,8 +520,9 @@ class _Builder:
         if self.exact and target is not None and not target[2] and source in self.grids \
                 and self.fused(node, "QLinearAveragePool"):
             grid, taken, _ = target
+            zero, signed = self.kernel_zero(node, 4, grid)
             pool = QLinearAvgPool(kernel, strides, [pads[0], pads[1], pads[2], pads[3]], include_pad,
-                                  (grid.scale, grid.zero_point), grid.signed)
+                                  (grid.scale, zero), signed)
             self.skip.update(id(n) for n in taken)
             self.set_quantized(taken[-1].output[0], self.add_module(pool, node, index, (x,)), grid)
             return

@@ -178,3 +178,53 @@ def test_unsupported_op_names_the_node(qdq, digits) -> None:  # noqa: ANN001
     init.CopyFrom(onnx.numpy_helper.from_array(zero, init.name))
     with pytest.raises(DeployedFormatError, match=r"node '/stem/Conv' \(Conv\): asymmetric weights"):
         quantize(proto, images(digits.x_test[:4]))
+
+
+class Pools(torch.nn.Module):
+    """Clip, MaxPool, AveragePool (with and without pads), Concat of two grids, Reshape, Gemm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.c3, self.fc = torch.nn.Conv2d(8, 8, 1), torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.clamp(self.c1(x), 0, 6)
+        a, b = torch.nn.functional.max_pool2d(x, 2), torch.nn.functional.avg_pool2d(self.c2(x), 2)
+        y = torch.cat([self.c3(a), b], 1)
+        y = torch.nn.functional.avg_pool2d(y, 3, stride=2, padding=1, count_include_pad=False)
+        return self.fc(y.reshape(-1, 64))
+
+
+@pytest.mark.parametrize("activations", ["u8", "s8"])
+def test_pooling_and_concat_match_onnxruntime(digits, tmp_path, activations) -> None:  # noqa: ANN001
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = Pools().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (images(digits.x_train[:1]),), str(tmp_path / "f.onnx"), dynamo=False,
+                          input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+                          opset_version=17)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": images(digits.x_train[i:i + 100]).numpy()} for i in range(0, 300, 100)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    path = tmp_path / "q.onnx"
+    quantize_static(str(tmp_path / "f.onnx"), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8)
+    x = images(digits.x_test)
+    qmodel = quantize(path, x[:64])
+    assert list(qmodel.layers) == ["c1_Conv", "c2_Conv", "c3_Conv", "fc_Gemm"]
+    reference = torch.from_numpy(run_ort(path, {"x": x.numpy()})[0])
+    # measured: bit-exact for both (int8: onnxruntime runs the average pools on uint8 codes, zero point + 128,
+    # which changes where float32 y / scale + zero point rounds; the reader uses the kernel's zero point)
+    figures = agreement(reference, qmodel(x), qmodel.layers["fc_Gemm"].act_scale)
+    assert figures["predictions"] == 1.0 and figures["exact"] == 1.0, figures
