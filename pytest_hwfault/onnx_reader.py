@@ -22,8 +22,10 @@ reproduces each kernel's arithmetic (read in onnxruntime's MLAS sources and meas
   one on a value already on the same grid (after MaxPool, Flatten, Reshape) changes nothing and is dropped.
 
 Which groups onnxruntime fuses depends on its graph optimizer (an int8-activation model keeps some Conv and Add
-nodes in float): when onnxruntime is installed the reader asks it, by optimizing the model once and reading the
-kernels it chose; without it every fusible group is taken as fused.
+nodes in float, and runs some int8 kernels on uint8 codes with zero point + 128, which moves where QLinearAdd's and
+QLinearAveragePool's float32 sums round): when onnxruntime is installed the reader asks it, by optimizing the model
+once and reading the kernels it chose and their zero points; without it every fusible group is taken as fused, on
+the model's own zero points.
 """
 
 from __future__ import annotations
