@@ -102,6 +102,9 @@ def describe_faults(qmodel: QuantizedModel, faults: Sequence[Fault], inputs: Bat
             channel = fault.index // max(1, math.prod(shape[1:]))
             scale = float(q.weight_scale[channel])
             codes = q.weight_codes.reshape(-1)
+        elif site is Site.QPARAMS:  # raw words: a multiplier's IEEE-754 bits, or the zero point register
+            codes = q.qparam_words()
+            shape, scale = tuple(codes.shape), 1.0
         else:
             shape = q.input_shape if site is Site.INPUT else q.output_shape
             if inputs is None:

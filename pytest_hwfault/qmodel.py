@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bits import KINDS_BY_CODE, apply_bit_faults, fault_delta
 from .data import Batch, Inputs, as_args, call_model
 from .faults import FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site, select_layers
 from .inject import Edit, apply_edit, apply_edit_to, check_bounds, compose
 from .layout import CHANNELS_LAST, IMAGE_LAYOUTS, contiguous_strides, in_layouts, is_dense
-from .spec import ACC_BITS
+from .spec import ACC_BITS, QPARAM_BITS
 
 
 class QuantizedModel:
@@ -60,6 +61,7 @@ class QuantizedModel:
         self.source_name = source_name
         self.functional = functional  # the functional calls that run as layers (`functional.FunctionalPlan`)
         self._runtime = _Runtime()
+        self._multipliers: dict[str, torch.Tensor] = {}
         # a layer's own F.linear/F.conv call passes through the functional dispatch: it is known by its weight
         self._layer_weights = {id(w) for w in (getattr(layer.module, "weight", None) for layer in layers.values())
                                if isinstance(w, torch.Tensor)}
@@ -80,6 +82,7 @@ class QuantizedModel:
         in_zero, act_zero, signed = layer.input_zero_point, layer.act_zero_point, layer.signed_activations
         in_signed = signed if layer.signed_inputs is None else layer.signed_inputs
         requant, bias_after = layer.requant_multiplier(), layer.float_bias_codes
+        self._multipliers[name] = requant  # the stored multipliers: qparams faults edit them in place
         # a deployed model's runtime scales its accumulator in float32: a wide (float64) sum is rounded to float32
         # first, as its int32 -> float conversion does
         runtime_float32 = layer.multiplier is not None
@@ -135,7 +138,10 @@ class QuantizedModel:
             out = acc.mul_(requant)
             if bias_after is not None:  # a runtime that adds its float bias after scaling (`deployed.BiasMode`)
                 out.add_(bias_after)
-            out = out.round_().clamp_(act_low, act_high)
+            out = out.round_()
+            if runtime.zero_offsets:  # a faulty output zero point register: every code shifts before saturation
+                out.add_(runtime.zero_offsets.get(name, 0))
+            out = out.clamp_(act_low, act_high)
             if out.dtype != torch.float32:  # codes fit float32 exactly; values are code x scale in float32
                 out = out.float()
             if not hands_on_codes:
@@ -303,8 +309,9 @@ class QuantizedModel:
 
     @contextmanager
     def weight_faults(self, pattern: FaultPattern) -> Iterator[None]:
-        """Apply the pattern's weight faults in place for the duration of the block, then restore every touched
-        weight bit-exactly, also when the block raises. Cost: proportional to the number of faults."""
+        """Apply the pattern's persistent faults (weight codes, stored qparams) in place for the duration of the
+        block, then restore every touched word bit-exactly, also when the block raises. Cost: proportional to the
+        number of faults."""
         saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         try:
             with torch.no_grad():
@@ -312,7 +319,10 @@ class QuantizedModel:
                     if site.transient:
                         continue
                     layer = self._layer(name)
-                    check_bounds(group, layer.numel(Site.WEIGHT), f"the weights of layer {name!r}")
+                    check_bounds(group, layer.numel(site), f"the {site.value} words of layer {name!r}")
+                    if site is Site.QPARAMS:
+                        self._apply_qparams(layer, group, saved)
+                        continue
                     edit = self._weight_edit(group)
                     weight = layer.module.weight
                     assert isinstance(weight, torch.Tensor)
@@ -321,9 +331,30 @@ class QuantizedModel:
                     apply_edit(flat, edit, layer.bits)
             yield
         finally:
+            self._runtime.zero_offsets.clear()
             with torch.no_grad():
                 for flat, touched, original in reversed(saved):
                     flat[touched] = original
+
+    def _apply_qparams(self, layer: QuantLayer, faults: LayerFaults,
+                       saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        """Faults on a layer's stored requantization words: word c < channels is channel c's float32 multiplier
+        (its IEEE-754 bits), the last word the output zero point's int32 register. Applied in pattern order."""
+        words = self._multipliers[layer.name].view(-1)
+        raw = words.view(torch.int32)
+        zero = layer.act_zero_point
+        register = zero
+        for index, bit, kind in zip(faults.index.tolist(), faults.bit.tolist(), faults.kind.tolist()):
+            if index == words.numel():
+                register += fault_delta(register, bit, KINDS_BY_CODE[kind], QPARAM_BITS)
+                continue
+            position = torch.tensor([index], device=raw.device)
+            saved.append((raw, position, raw[position].clone()))
+            changed = apply_bit_faults(raw[position].to(torch.int64), torch.tensor(bit), torch.tensor(kind),
+                                       QPARAM_BITS)
+            raw[position] = changed.to(torch.int32)
+        if register != zero:
+            self._runtime.zero_offsets[layer.name] = register - zero
 
     # -- describing ----------------------------------------------------------------------------------------------
     def _layer(self, name: str) -> QuantLayer:
@@ -458,6 +489,8 @@ class QuantLayer:
         reads two input-code tensors)."""
         if site is Site.WEIGHT:
             return [tuple(self.weight_codes.shape)]
+        if site is Site.QPARAMS:  # a multiplier per output channel, then the output zero point
+            return [(self.weight_scale.numel() + 1,)]
         if site is Site.INPUT:
             per_call = [self.input_shape] + ([self.second_input_shape] if self.second_input_shape is not None else [])
         else:
@@ -467,8 +500,14 @@ class QuantLayer:
     def numel(self, site: Site) -> int:
         return sum(math.prod(shape) for shape in self.parts(site))
 
+    def qparam_words(self) -> torch.Tensor:
+        """The stored words of site qparams as signed 32-bit integers: each channel's float32 multiplier's raw bits,
+        then the output zero point."""
+        raw = self.requant_multiplier().reshape(-1).contiguous().view(torch.int32).to(torch.int64).cpu()
+        return torch.cat([raw, torch.tensor([self.act_zero_point])])
+
     def site_bits(self, site: Site) -> int:
-        return self.acc_bits if site is Site.ACC else self.bits
+        return self.acc_bits if site is Site.ACC else QPARAM_BITS if site is Site.QPARAMS else self.bits
 
     def scale_of(self, site: Site) -> float:
         """A representative scale of one site (max over channels where per-channel)."""
@@ -509,6 +548,8 @@ class _Runtime:
     scratch: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
     strides: dict[tuple[Any, ...], tuple[int, ...]] = field(default_factory=dict)  # per edit key (see `prepare`)
     calls: dict[str, int] = field(default_factory=dict)  # this forward pass: how often each layer ran so far
+    # qparams faults of this trial: the output zero point register's value minus the zero point, per faulty layer
+    zero_offsets: dict[str, int] = field(default_factory=dict)
 
     channels_last: bool = False  # image layers compute channels-last (see `quantize`'s `memory_format`)
 

@@ -27,10 +27,13 @@ class Site(str, Enum):
     WEIGHT = "weight"  # weight codes, shared by every image of a trial
     ACC = "acc"  # int32 accumulator of a conv/linear before requantization, per image
     INPUT = "input"  # input codes of a quantized layer, per image
+    # a layer's stored requantization parameters: one float32 multiplier (acc scale / act scale) per output channel,
+    # then the output zero point (an int32 register), shared by every image of a trial
+    QPARAMS = "qparams"
 
     @property
     def transient(self) -> bool:
-        return self is not Site.WEIGHT
+        return self not in (Site.WEIGHT, Site.QPARAMS)
 
 
 class Kind(str, Enum):
@@ -45,6 +48,7 @@ SITES = tuple(site.value for site in Site)
 KINDS = tuple(kind.value for kind in Kind)
 MAX_WEIGHT_ACT_BITS = 16  # the widest weight, input and output codes
 ACC_BITS = 32  # the accumulator of codes up to 8 bits wide: int32
+QPARAM_BITS = 32  # a float32 multiplier, an int32 zero point register
 WIDE_ACC_BITS = 48  # the accumulator of wider codes (as DSP multiply-accumulate units have): the widest code of all
 
 
@@ -52,9 +56,14 @@ def acc_bits_for(bits: int) -> int:
     """The accumulator width for `bits`-bit codes: int32 holds any int8 sum of fan-in < 133k, 48 bits any int16
     sum of fan-in < 131k."""
     return ACC_BITS if bits <= 8 else WIDE_ACC_BITS
+
+
+def site_width(site: str, bits: int) -> int:
+    """The width of one stored word at `site` for `bits`-bit weight and activation codes."""
+    return acc_bits_for(bits) if site == "acc" else QPARAM_BITS if site == "qparams" else bits
 # A search's sites as its marker lists them (weight, its default, first), and its kinds: "stuck" is stuck at
 # either value, drawn.
-SEARCH_SITES = (Site.WEIGHT.value, Site.ACT.value, Site.INPUT.value, Site.ACC.value)
+SEARCH_SITES = (Site.WEIGHT.value, Site.ACT.value, Site.INPUT.value, Site.ACC.value, Site.QPARAMS.value)
 SEARCH_KINDS = (*KINDS, "stuck")
 DEFAULT_MAX_FLIPS = 4
 DEFAULT_EXAMPLES = 200
@@ -82,7 +91,7 @@ def check_bit_positions(value: Any, site: str, bits: int) -> tuple[int, ...] | N
     if value is None:
         return None
     positions: tuple[Any, ...] = (value,) if is_int(value) else tuple(value)
-    width = acc_bits_for(bits) if site == "acc" else bits
+    width = site_width(site, bits)
     if not positions or not all(is_int(b) and 0 <= b < width for b in positions):
         raise SpecError("bit_positions", f"{value!r} must be bit indices in [0, {width}) for {width}-bit {site} codes")
     if len(set(positions)) != len(positions):
@@ -142,7 +151,7 @@ def _record(spec: CampaignSpec | SearchSpec) -> dict[str, Any]:
 
 def check_burst(value: Any, site: str, bits: int, bit_positions: tuple[int, ...] | None) -> int:
     """`burst` as the number of adjacent bits one fault event changes in one code (a multi-bit upset)."""
-    width = acc_bits_for(bits) if site == "acc" else bits
+    width = site_width(site, bits)
     if not is_int(value) or not 1 <= value <= width:
         raise SpecError("burst", f"{value!r} must be a number of adjacent bits in [1, {width}] for {width}-bit "
                         f"{site} codes")
@@ -203,7 +212,7 @@ class CampaignSpec:
     # -- derived -------------------------------------------------------------------------------------------------
     @property
     def transient(self) -> bool:
-        return self.site != "weight"
+        return Site(self.site).transient
 
     def label(self) -> str:
         """Readable id used in test ids: ``act-ber1e-05``."""
@@ -295,8 +304,9 @@ class SearchSpec:
         object.__setattr__(self, "layers", check_layers(self.layers))
         if not isinstance(self.per_image, bool):
             raise SpecError("per_image", f"{self.per_image!r} must be True or False")
-        if self.per_image and self.site == "weight":
-            raise SpecError("per_image", "weight faults strike every image; per_image=True needs a transient site")
+        if self.per_image and not Site(self.site).transient:
+            raise SpecError("per_image", f"{self.site} faults strike every image; per_image=True needs a transient "
+                            "site")
         if not is_int(self.examples) or self.examples < 1:
             raise SpecError("examples", f"{self.examples!r} must be a positive number of hypothesis examples")
         for name in ("subset", "samples"):
