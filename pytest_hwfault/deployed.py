@@ -58,7 +58,7 @@ class DeployedLayer:
     weight_scale: torch.Tensor  # float32 [out_channels] (a per-tensor scale repeated)
     input_scale: float
     input_zero_point: int
-    act_scale: float
+    act_scale: float | None  # None: the runtime keeps the layer's result in float (no output codes)
     act_zero_point: int
     bias: torch.Tensor | None = None  # float32 [out_channels]: the value the runtime adds (see `bias_mode`)
     bias_mode: BiasMode = BiasMode.FLOAT
@@ -216,10 +216,12 @@ def read(model: Any, source: str, calibration_data: Any, batch_size: int, device
     raise ValueError(f"unknown deployed format {source!r}; allowed: {', '.join(FORMATS)}")
 
 
-def float32_multiplier(input_scale: float, weight_scale: torch.Tensor, act_scale: float) -> torch.Tensor:
-    """input_scale x weight_scale / act_scale per channel, in float32 arithmetic as the runtimes compute it."""
+def float32_multiplier(input_scale: float, weight_scale: torch.Tensor, act_scale: float | None) -> torch.Tensor:
+    """input_scale x weight_scale / act_scale per channel, in float32 arithmetic as the runtimes compute it (no
+    division for a layer whose result stays float)."""
     f32 = torch.float32
-    return torch.tensor(input_scale, dtype=f32) * weight_scale.to(f32) / torch.tensor(act_scale, dtype=f32)
+    product = torch.tensor(input_scale, dtype=f32) * weight_scale.to(f32)
+    return product if act_scale is None else product / torch.tensor(act_scale, dtype=f32)
 
 
 def is_finite_scale(value: float) -> bool:

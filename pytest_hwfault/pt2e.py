@@ -13,9 +13,9 @@ bias. The reader rewrites a copy of the graph into the engine's form (`deployed.
   between them, and the float bias added after scaling (`BiasMode.FLOAT`, as the graph adds it in float). The
   quantize/dequantize pair after the layer is dropped: the engine's layer produces those codes;
 - a conv/linear whose float result is not quantized (x86's conv + residual add fused pattern, whose quantize comes
-  after the add, and the last linear, whose output stays float) runs as a float ``nn.Conv*d`` / ``nn.Linear`` with
-  dequantized weights, exactly as the graph computes it, outside the fault sites (listed in `Deployed.notes`): the
-  engine's layers produce 8-bit output codes, and no such codes exist there;
+  after the add, and the last linear, whose output stays float) is a layer with a float output (`DeployedLayer`
+  with act_scale None): its input codes, weights and integer accumulator are fault sites, and its accumulator is
+  scaled to values and its float bias added, with no output codes (no act site; listed in `Deployed.notes`);
 - every other quantize -> dequantize pair on an activation (the model input, after a residual add, after a pooling
   or a flatten) is a `Requantize` (multiplying by 1 / scale, as quantize_per_tensor does): the graph averages,
   adds and reshapes float values and then re-grids them.
@@ -231,12 +231,19 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
         with graph.inserting_before(node):
             call = graph.call_module(name, (source,))
         call.meta = dict(node.meta)
-        if quant is None:  # a float result: the graph's own float conv/linear, outside the fault sites
+        if quant is None:  # a float result (it feeds a residual add, or is the logits): no output codes
             node.replace_all_uses_with(call)
             graph.erase_node(node)
-            notes.append(f"layer {name!r}: its float result is not quantized in the PT2E graph (it feeds "
-                         f"{', '.join(u.name for u in call.users) or 'nothing'}): it runs in float on dequantized "
-                         "weights, as the graph computes it, and is not a fault site")
+            if in_low != _CODE_DTYPES[torch.int8 if in_signed else torch.uint8][1]:
+                raise _error(node, f"has input codes from {in_low}: the engine's layers hold full-range uint8/int8 "
+                                   "codes")
+            layers[name] = DeployedLayer(codes, scales, in_scale, in_zero, None, 0,
+                                         bias=None if bias is None else bias.detach().float().clone(),
+                                         bias_mode=BiasMode.FLOAT, input_signed=in_signed)
+            notes.append(f"layer {name!r}: the PT2E graph keeps its result in float (it feeds "
+                         f"{', '.join(u.name for u in call.users) or 'nothing'}): integer accumulator, no output "
+                         "codes, so faults reach its input, weights and accumulator (sites input, weight, acc, "
+                         "qparams) but no act site")
             continue
         act_scale, act_zero, act_low, act_high, act_signed = _grid(quant)
         for what, (low, high, signed) in {"input": (in_low, in_high, in_signed),

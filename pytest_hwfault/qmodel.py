@@ -86,6 +86,7 @@ class QuantizedModel:
         # a deployed model's runtime scales its accumulator in float32: a wide (float64) sum is rounded to float32
         # first, as its int32 -> float conversion does
         runtime_float32 = layer.multiplier is not None
+        float_output = layer.float_output
         image_layout = IMAGE_LAYOUTS.get(type(layer.module))
         hands_on_codes, reads_codes = layer.hands_on_codes, layer.reads_codes
         wide = None if layer.compute_dtype == torch.float32 else layer.compute_dtype
@@ -138,6 +139,8 @@ class QuantizedModel:
             out = acc.mul_(requant)
             if bias_after is not None:  # a runtime that adds its float bias after scaling (`deployed.BiasMode`)
                 out.add_(bias_after)
+            if float_output:  # the runtime keeps this layer's result in float: no output codes, no act site
+                return out.float() if out.dtype != torch.float32 else out
             out = out.round_()
             if runtime.zero_offsets:  # a faulty output zero point register: every code shifts before saturation
                 out.add_(runtime.zero_offsets.get(name, 0))
@@ -439,6 +442,10 @@ class QuantLayer:
     # after scaling (shaped like bias_codes; None where the bias is integer or absent).
     multiplier: torch.Tensor | None = field(default=None, repr=False)
     float_bias_codes: torch.Tensor | None = field(default=None, repr=False)
+    # A deployed layer whose runtime keeps its result in float (a PT2E conv feeding a residual add, the logits):
+    # the multiplier turns the accumulator into values, the float bias is added as it is, nothing is rounded, and
+    # the layer has no output codes (no act site, no output zero point register).
+    float_output: bool = False
     calls: int = 1  # runs per forward pass (a recurrent cell's hidden matmul: one per time step)
     # A matmul of two activations: its second operand's per-image shape and scale (its weight_codes are empty and
     # its weight_scale holds this scale, so that acc_scale is the product of the two input scales).
@@ -490,7 +497,9 @@ class QuantLayer:
         if site is Site.WEIGHT:
             return [tuple(self.weight_codes.shape)]
         if site is Site.QPARAMS:  # a multiplier per output channel, then the output zero point
-            return [(self.weight_scale.numel() + 1,)]
+            return [(self.weight_scale.numel() + (0 if self.float_output else 1),)]
+        if site is Site.ACT and self.float_output:
+            return []
         if site is Site.INPUT:
             per_call = [self.input_shape] + ([self.second_input_shape] if self.second_input_shape is not None else [])
         else:
@@ -504,7 +513,7 @@ class QuantLayer:
         """The stored words of site qparams as signed 32-bit integers: each channel's float32 multiplier's raw bits,
         then the output zero point."""
         raw = self.requant_multiplier().reshape(-1).contiguous().view(torch.int32).to(torch.int64).cpu()
-        return torch.cat([raw, torch.tensor([self.act_zero_point])])
+        return raw if self.float_output else torch.cat([raw, torch.tensor([self.act_zero_point])])
 
     def site_bits(self, site: Site) -> int:
         return self.acc_bits if site is Site.ACC else QPARAM_BITS if site is Site.QPARAMS else self.bits

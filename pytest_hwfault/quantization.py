@@ -239,7 +239,7 @@ def quantize(
                       "input_zero_point": in_zero, "act_zero_point": act_zero, "signed_activations": False}
         if name in ao_layers:
             ao = ao_layers[name]
-            codes, w_scale, act_scale = ao.weight_codes, ao.weight_scale, ao.act_scale
+            codes, w_scale, act_scale = ao.weight_codes, ao.weight_scale, ao.act_scale or 1.0
             in_scale = ao.input_scale
             upstream = ao_layers.get(source or "")
             if upstream is None or (upstream.act_scale, upstream.act_zero_point, upstream.act_signed) != (
@@ -248,7 +248,8 @@ def quantize(
             ranges = {"input_range": ao.input_range(), "act_range": ao.act_range(),
                       "input_zero_point": ao.input_zero_point, "act_zero_point": ao.act_zero_point,
                       "signed_activations": ao.act_signed, "signed_inputs": ao.input_signed,
-                      "multiplier": float32_multiplier(ao.input_scale, ao.weight_scale, ao.act_scale).to(device)}
+                      "multiplier": float32_multiplier(ao.input_scale, ao.weight_scale, ao.act_scale).to(device),
+                      "float_output": ao.act_scale is None}
         elif isinstance(module, MatMul):  # two activations: the second operand's scale stands in the weight's
             second = stats_in2[name].grid(percentile)[0]
             codes, w_scale = torch.zeros(0, dtype=torch.int32), torch.tensor([second], dtype=torch.float32)
@@ -277,7 +278,7 @@ def quantize(
 
     for producer in links.codes_only if pass_codes else ():  # every use reads its codes: hand them on as they are
         readers = [layers[reader] for reader, source in producers.items() if source == producer]
-        if all(reader.input_source == producer for reader in readers):
+        if not layers[producer].float_output and all(reader.input_source == producer for reader in readers):
             layers[producer].hands_on_codes = True
             for reader in readers:
                 reader.reads_codes = True
@@ -295,8 +296,9 @@ def quantize(
             elif runtime.bias is not None and runtime.bias_mode is BiasMode.INTEGER:  # the runtime's int32 codes
                 bias_codes = _broadcast(layer, runtime.bias.to(device).double())
             elif runtime.bias is not None:  # added unrounded after scaling, outside the accumulator
-                layer.float_bias_codes = _broadcast(
-                    layer, runtime.bias.to(device).float() / torch.tensor(layer.act_scale, dtype=torch.float32))
+                bias_values = runtime.bias.to(device).float()
+                layer.float_bias_codes = _broadcast(layer, bias_values if layer.float_output else bias_values
+                                                    / torch.tensor(layer.act_scale, dtype=torch.float32))
             dtype = layer.compute_dtype = _exact_dtype(layer, bias_codes)
             if bias_codes is not None:
                 layer.bias_codes = bias_codes.to(dtype)
