@@ -214,10 +214,15 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, Dep
                 in_scale, in_zero, in_signed = quantized_in[0]
                 act_scale, act_zero, act_signed = grids[node.name]
                 bias = layer.bias()
+                # proposed for deployed.DeployedLayer (issue 15): until the field exists, the engine rounds before
+                # adding the zero point, as fbgemm does, and oneDNN's ties (x.5 exactly) come out one code apart
+                rounding = {"zero_point_before_rounding": zero_point_before_rounding(module)} if (
+                    "zero_point_before_rounding" in DeployedLayer.__dataclass_fields__) else {}
                 layers[target] = DeployedLayer(codes, w_scale, in_scale, in_zero, act_scale, act_zero,
                                                bias=None if bias is None else bias.detach().float(),
                                                bias_mode=BiasMode.FLOAT, input_signed=in_signed,
-                                               act_signed=act_signed, relu=isinstance(module, types["fused_relu"]))
+                                               act_signed=act_signed, relu=isinstance(module, types["fused_relu"]),
+                                               **rounding)
                 work.set_submodule(target, float_twin(module))
             elif isinstance(module, types["quantize"]):
                 if node.name not in grids:
@@ -250,6 +255,52 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, Dep
     work.recompile()
     work.delete_all_unused_submodules()
     return layers
+
+
+def zero_point_before_rounding(module: Any) -> bool:
+    """Whether the kernel that runs the quantized conv/linear `module` adds its output zero point to the scaled
+    float32 accumulator before rounding (oneDNN: torch's x86 engine's convolutions on CPUs with AVX512-VNNI, the
+    onednn engine) rather than rounding, then adding it (fbgemm: the x86 engine's linear layers and convolutions
+    elsewhere). With an odd zero point the two differ exactly on ties (x.5 rounds to the even neighbour of x.5 or of
+    x.5 + zero point). Measured on a copy of `module` whose scales are powers of two, so that its scaled
+    accumulators are exact and one in four is a tie."""
+    probe: Any = copy.deepcopy(module)
+    weight = module.weight()
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(-127, 128, weight.shape, generator=generator, dtype=torch.int8)
+    channels = weight.shape[0]
+    step, out_scale, zero = 2.0**-6, 2.0**-8, 77  # accumulators x 2^-4: one in 16 is x.5
+    probe.set_weight_bias(torch._make_per_channel_quantized_tensor(
+        codes, torch.full((channels,), step, dtype=torch.float64), torch.zeros(channels, dtype=torch.int64), 0),
+        torch.zeros(channels))
+    probe.scale, probe.zero_point = out_scale, zero
+    if isinstance(module, torch.ao.nn.quantized.Linear):
+        shape: tuple[int, ...] = (256, module.in_features)
+    else:
+        spatial = [k * d + 4 for k, d in zip(module.kernel_size, module.dilation)]
+        shape = (4, module.in_channels, *spatial)
+    # input codes - zero point in [-3, 12]: accumulators stay well inside the output range around the zero point
+    x_codes = torch.randint(0, 16, shape, generator=generator, dtype=torch.uint8)
+    x = torch._make_per_tensor_quantized_tensor(x_codes, step, 3)
+    with torch.no_grad():
+        out = probe(x).int_repr().double() - zero
+        values = x_codes.double() - 3
+        if isinstance(module, torch.ao.nn.quantized.Linear):
+            acc = values @ codes.double().t()
+        else:
+            conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
+            acc = conv(values, codes.double(), None, module.stride, module.padding, module.dilation, module.groups)
+    scaled = acc * (step * step / out_scale)
+    low, high = -zero, 255 - zero
+    if isinstance(module, _ao_types()["fused_relu"]):
+        low = 0
+    inside = (scaled > low) & (scaled < high)
+    ties = inside & (scaled - scaled.floor() == 0.5)
+    if not bool(ties.any()):
+        return False
+    first = ((scaled + zero).round() - zero)[ties]
+    after = scaled.round()[ties]
+    return bool((out[ties] == first).all()) and not bool((out[ties] == after).all())
 
 
 def _code_pool(pool: nn.Module, grid: Grid) -> CodeAvgPool:

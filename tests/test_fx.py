@@ -15,8 +15,9 @@ from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
-from pytest_hwfault.deployed import DeployedFormatError
+from pytest_hwfault.deployed import DeployedFormatError, DeployedLayer
 from pytest_hwfault.faults import sample_pattern
+from pytest_hwfault.fx_reader import zero_point_before_rounding
 from pytest_hwfault.quantization import state_checksum
 from pytest_hwfault.spec import Site
 
@@ -56,10 +57,27 @@ def test_fx_model_is_reproduced_by_the_engine(fx_model, fx_qmodel, digits) -> No
     assert fx_qmodel.config["source"] == "torch.ao fx" and list(fx_qmodel.layers) == LAYERS
     measured = agreement(run(fx_model, x), fx_qmodel(x), fx_qmodel.layers["fc"].act_scale)
     # measured: predictions 1.0, exact 0.99924 (3 of 3970 logits one code apart), max 1 code. The residual is the
-    # conv kernel adding its output zero point in float32 before rounding: three accumulators of block1.conv2 land
-    # on (or within float32 rounding of) x.5 and round to the other side; adding the zero point before rounding in
-    # the engine makes every node of the graph equal (exact 1.0)
+    # x86 engine's convolutions (oneDNN on AVX512-VNNI CPUs) adding the output zero point in float32 before
+    # rounding: four outputs of block1.conv2 land on (or within float32 rounding of) x.5 and round to the other
+    # side. An engine that rounds so (`zero_point_before_rounding`) makes every node of the graph equal: exact 1.0
     assert measured["predictions"] == 1.0 and measured["exact"] >= 0.999 and measured["max_codes"] <= 1.001, measured
+    if "zero_point_before_rounding" in DeployedLayer.__dataclass_fields__:  # the engine rounds as oneDNN does
+        assert measured == {"predictions": 1.0, "exact": 1.0, "max_codes": 0.0}, measured
+
+
+@pytest.mark.parametrize(("engine", "expected"), [("fbgemm", False), ("onednn", True)])
+def test_fx_kernel_rounding_is_measured(fx_model, engine, expected) -> None:  # noqa: ANN001
+    # fbgemm rounds the scaled accumulator, then adds the output zero point; oneDNN adds it in float32, then rounds.
+    # The probe repacks a copy of the layer under the current engine and finds which on exact ties.
+    if engine not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"torch built without the {engine} quantized engine")
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        for name in ("block1.conv2", "fc"):
+            assert zero_point_before_rounding(fx_model.get_submodule(name)) is expected, name
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 def test_fx_layers_keep_the_models_codes_and_grids(fx_model, fx_qmodel) -> None:  # noqa: ANN001
