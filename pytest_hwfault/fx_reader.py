@@ -86,6 +86,31 @@ def record_node_grids(work: torch.fx.GraphModule, calibration_data: Any, batch_s
     return grids
 
 
+class KernelRequantize(Requantize):
+    """torch's quantizing kernels (``quantize_per_tensor``, the output of the quantized add/mul/cat) on the x86
+    CPU: x times the float32 inverse of the float32 scale, rounded half to even, then the zero point added to the
+    integer (measured: a division, or a float64 inverse, differs on near-ties)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self.scale, dtype=torch.float32)
+        codes = torch.mul(x, torch.tensor(1.0, dtype=torch.float32) / scale).round_()
+        return codes.add_(self.zero_point).clamp_(self.low, self.high).sub_(self.zero_point).mul_(scale)
+
+
+class KernelDequantize(Requantize):
+    """The vectorised dequantization of torch's quantized add on the x86 CPU: q x scale + (-zero point x scale),
+    one fused multiply-add in float32 (measured; (q - zero point) x scale differs in the last bit, which moves
+    near-ties of the sum). The input is (q - zero point) x scale, whose code it recovers exactly. A subclass of
+    `Requantize`, so that the float function (`deployed.float_function`) passes values through it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self.scale, dtype=torch.float32)
+        premul = torch.tensor(-self.zero_point, dtype=torch.float32) * scale
+        codes = torch.div(x, scale).round_().add_(self.zero_point)  # the stored code q, exactly
+        # q x scale is exact in float64 (8 x 24 bits), and so is its sum with premul: one rounding to float32
+        return codes.double().mul_(float(scale)).add_(float(premul)).float()
+
+
 class _FunctionalPool(nn.Module):
     """A functional pooling call with its constant arguments, for `CodeAvgPool`."""
 
@@ -153,16 +178,29 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, Dep
     def input_grids(node: torch.fx.Node) -> list[Grid]:
         return [grids[arg.name] for arg in node.all_input_nodes if arg.name in grids]
 
-    def requantize_after(node: torch.fx.Node, function: Any, args: tuple[Any, ...], relu: bool) -> None:
+    def requantize_after(node: torch.fx.Node, function: Any, args: tuple[Any, ...], relu: bool,
+                         fused_dequantize: bool = False) -> None:
         if node.name not in grids:
             raise _unsupported(node, "did not give a quantized tensor on the calibration data")
         scale, zero, signed = grids[node.name]
         low, high = _range(signed)
-        regrid = add_module(node, "requantize", Requantize(scale, zero, max(low, zero) if relu else low, high))
+        regrid = add_module(node, "requantize", KernelRequantize(scale, zero, max(low, zero) if relu else low, high))
         with graph.inserting_before(node):
+            if fused_dequantize:  # the operands as the add kernel dequantizes them
+                operands: list[Any] = []
+                for arg in args:
+                    grid = grids.get(arg.name) if isinstance(arg, torch.fx.Node) else None
+                    if grid is not None and grid[1] != 0:
+                        name = add_module(node, f"dequantize{len(operands)}", KernelDequantize(
+                            grid[0], grid[1], *_range(grid[2])))
+                        arg = graph.call_module(name, (arg,))
+                    operands.append(arg)
+                args = tuple(operands)
             value = graph.call_function(function, args)
             out = graph.call_module(regrid, (value,))
         node.replace_all_uses_with(out)
+        if node.name in grids:  # the replacement's value is on the replaced node's grid
+            grids[out.name] = grids[node.name]
         graph.erase_node(node)
 
     # the grids of each node's quantized inputs, from the graph as it was recorded (before any rewrite)
@@ -173,10 +211,12 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, Dep
             if node.name not in grids:
                 raise _unsupported(node, "did not run on the calibration data")
             scale, zero, signed = grids[node.name]
-            regrid = add_module(node, "requantize", Requantize(scale, zero, *_range(signed)))
+            regrid = add_module(node, "requantize", KernelRequantize(scale, zero, *_range(signed)))
             with graph.inserting_before(node):
                 out = graph.call_module(regrid, (node.args[0],))
             node.replace_all_uses_with(out)
+            if node.name in grids:  # the replacement's value is on the replaced node's grid
+                grids[out.name] = grids[node.name]
             graph.erase_node(node)
         elif (node.op == "call_method" and node.target == "dequantize") or (
                 node.op == "call_function" and node.target is torch.dequantize):
@@ -184,7 +224,7 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, Dep
             graph.erase_node(node)
         elif node.op == "call_function" and node.target in regridding:
             function, relu = regridding[node.target]
-            requantize_after(node, function, tuple(node.args[:2]), relu)
+            requantize_after(node, function, tuple(node.args[:2]), relu, fused_dequantize=function is torch.add)
         elif node.op == "call_function" and node.target is torch.ops.quantized.cat:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             requantize_after(node, torch.cat, (node.args[0], dim), False)
@@ -199,6 +239,8 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, Dep
             with graph.inserting_before(node):
                 out = graph.call_module(name, (node.args[0],))
             node.replace_all_uses_with(out)
+            if node.name in grids:  # the replacement's value is on the replaced node's grid
+                grids[out.name] = grids[node.name]
             graph.erase_node(node)
         elif node.op == "call_module":
             module = work.get_submodule(str(node.target))
@@ -228,7 +270,7 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, Dep
                 if node.name not in grids:
                     raise _unsupported(node, "did not run on the calibration data")
                 scale, zero, signed = grids[node.name]
-                node.target = add_module(node, "requantize", Requantize(scale, zero, *_range(signed)))
+                node.target = add_module(node, "requantize", KernelRequantize(scale, zero, *_range(signed)))
             elif isinstance(module, types["dequantize"]):
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)

@@ -15,9 +15,9 @@ from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
-from pytest_hwfault.deployed import DeployedFormatError, DeployedLayer
+from pytest_hwfault.deployed import DeployedFormatError, DeployedLayer, Requantize
 from pytest_hwfault.faults import sample_pattern
-from pytest_hwfault.fx_reader import zero_point_before_rounding
+from pytest_hwfault.fx_reader import KernelDequantize, KernelRequantize, zero_point_before_rounding
 from pytest_hwfault.quantization import state_checksum
 from pytest_hwfault.spec import Site
 
@@ -155,6 +155,41 @@ def test_fx_every_site_counts_as_accuracy(fx_qmodel, digits) -> None:  # noqa: A
         assert len(pattern) > 0, site
         expected = sum(int(row.argmax()) == int(label) for row, label in zip(fx_qmodel(x, pattern), y)) / len(x)
         assert accuracy(fx_qmodel, (x, y), model, seed=1) == expected, site
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("grids", [(0.0213, 0, 0.0213, 0, 0.0426, 0), (0.0213, 5, 0.0213, 131, 0.0426, 97),
+                                   (0.1, 10, 0.1, 20, 0.2, 33), (0.0371, 0, 0.0213, 120, 0.0584, 3)])
+def test_fx_add_is_torchs_kernel_on_ties(grids, relu) -> None:  # noqa: ANN001
+    # Scales chosen so that one sum in two is a tie (output scale twice the input scales): the add's operands are
+    # dequantized as one float32 multiply-add q x s + (-z x s), and the sum quantized with the float32 inverse scale.
+    # (On one thread and a multiple of 64 elements: torch's scalar loop tail, a few elements at the end of each
+    # thread's chunk, dequantizes as (q - z) x s instead.)
+    sa, za, sb, zb, so, zo = grids
+    generator = torch.Generator().manual_seed(0)
+    ca, cb = (torch.randint(0, 256, (64 * 1024,), generator=generator, dtype=torch.uint8) for _ in range(2))
+    qa, qb = torch._make_per_tensor_quantized_tensor(ca, sa, za), torch._make_per_tensor_quantized_tensor(cb, sb, zb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = (torch.ops.quantized.add_relu if relu else torch.ops.quantized.add)(qa, qb, so, zo).dequantize()
+    a = (ca.float() - za) * torch.tensor(sa)  # the values the engine hands between layers
+    b = (cb.float() - zb) * torch.tensor(sb)
+    low = zo if relu else 0
+    ours = KernelRequantize(so, zo, low, 255)(KernelDequantize(sa, za, 0, 255)(a) + KernelDequantize(sb, zb, 0, 255)(b))
+    assert torch.equal(ours, reference)
+    plain = Requantize(so, zo, low, 255)(a + b)  # a float add of (q - z) x s, divided by the scale: not the kernel
+    assert not torch.equal(plain, reference)
+
+
+def test_fx_quantize_per_tensor_is_torchs_kernel() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for scale, zero in [(0.0371, 17), (0.0041, 3), (2.0**-6, 77)]:
+        ties = (torch.randint(-100, 100, (4096,), generator=generator).float() + 0.5) * scale
+        x = torch.cat([torch.randn(60000, generator=generator) * 3, ties])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference = torch.quantize_per_tensor(x, scale, zero, torch.quint8).dequantize()
+        assert torch.equal(KernelRequantize(scale, zero, 0, 255)(x), reference), (scale, zero)
 
 
 class Branches(nn.Module):
