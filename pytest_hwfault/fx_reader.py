@@ -111,6 +111,17 @@ class KernelDequantize(Requantize):
         return codes.double().mul_(float(scale)).add_(float(premul)).float()
 
 
+class KernelAvgPool(CodeAvgPool):
+    """torch's quantized average pools: the mean of (code - zero point), padding counting as zero, plus the zero
+    point, rounded half to even (measured: rounding before adding an odd zero point moves every tie)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self.scale, dtype=torch.float32)
+        codes = torch.div(x, scale).round_().double()  # code - zero point, recovered exactly from code x scale
+        mean = self.pool(codes).add_(self.zero_point).round_()
+        return mean.clamp_(self.low, self.high).sub_(self.zero_point).float().mul_(scale)
+
+
 class _FunctionalPool(nn.Module):
     """A functional pooling call with its constant arguments, for `CodeAvgPool`."""
 
@@ -347,7 +358,7 @@ def zero_point_before_rounding(module: Any) -> bool:
 
 def _code_pool(pool: nn.Module, grid: Grid) -> CodeAvgPool:
     scale, zero, signed = grid
-    return CodeAvgPool(pool, scale, zero, *_range(signed))
+    return KernelAvgPool(pool, scale, zero, *_range(signed))
 
 
 def _check_keeps_grid(node: torch.fx.Node, quantized_in: list[Grid], grids: dict[str, Grid]) -> None:

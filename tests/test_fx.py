@@ -17,7 +17,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
 from pytest_hwfault.deployed import DeployedFormatError, DeployedLayer, Requantize
 from pytest_hwfault.faults import sample_pattern
-from pytest_hwfault.fx_reader import KernelDequantize, KernelRequantize, zero_point_before_rounding
+from pytest_hwfault.fx_reader import KernelAvgPool, KernelDequantize, KernelRequantize, zero_point_before_rounding
 from pytest_hwfault.quantization import state_checksum
 from pytest_hwfault.spec import Site
 
@@ -190,6 +190,22 @@ def test_fx_quantize_per_tensor_is_torchs_kernel() -> None:
             warnings.simplefilter("ignore")
             reference = torch.quantize_per_tensor(x, scale, zero, torch.quint8).dequantize()
         assert torch.equal(KernelRequantize(scale, zero, 0, 255)(x), reference), (scale, zero)
+
+
+@pytest.mark.parametrize("pool", [nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d(3), nn.AvgPool2d(2),
+                                  nn.AvgPool2d(2, 2, 1), nn.AvgPool2d(3, 2, 1, count_include_pad=False),
+                                  nn.AvgPool2d(2, 3, ceil_mode=True), nn.AvgPool2d(2, divisor_override=3)])
+def test_fx_average_pool_is_torchs_kernel(pool) -> None:  # noqa: ANN001
+    # an odd zero point: the kernel adds it before rounding the mean, so that ties (one mean in four for a 2x2
+    # window) round to the even stored code
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, (8, 16, 8, 8), generator=generator, dtype=torch.uint8)
+    scale, zero = 0.0371, 37
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = pool(torch._make_per_tensor_quantized_tensor(codes, scale, zero)).dequantize()
+    values = (codes.float() - zero) * torch.tensor(scale)
+    assert torch.equal(KernelAvgPool(pool, scale, zero, 0, 255)(values), reference)
 
 
 class Branches(nn.Module):
