@@ -111,6 +111,31 @@ class KernelDequantize(Requantize):
         return codes.double().mul_(float(scale)).add_(float(premul)).float()
 
 
+class KernelCodes(Requantize):
+    """A quantized value's stored code minus its zero point, recovered exactly from (code - zero point) x scale: the
+    integer operand of torch's quantized mul. A `Requantize`, so that the float function passes values through."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.div(x, torch.tensor(self.scale, dtype=torch.float32)).round_()
+
+
+class KernelProductRequantize(Requantize):
+    """torch's quantized mul on the x86 CPU: the integer product of the operands' codes minus their zero points
+    (exact in float32: |p| <= 2^16), times the float32 multiplier scale_a x scale_b x (1 / scale), rounded half to
+    even, plus the zero point (measured; a float product of dequantized values differs on near-ties)."""
+
+    def __init__(self, scale_a: float, scale_b: float, scale: float, zero_point: int, low: int, high: int) -> None:
+        super().__init__(scale, zero_point, low, high)
+        f32 = torch.float32
+        inverse = torch.tensor(1.0, dtype=f32) / torch.tensor(scale, dtype=f32)
+        self.multiplier = float(torch.tensor(scale_a, dtype=f32) * torch.tensor(scale_b, dtype=f32) * inverse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = torch.mul(x, torch.tensor(self.multiplier, dtype=torch.float32)).round_()
+        scale = torch.tensor(self.scale, dtype=torch.float32)
+        return codes.add_(self.zero_point).clamp_(self.low, self.high).sub_(self.zero_point).mul_(scale)
+
+
 class KernelAvgPool(CodeAvgPool):
     """torch's quantized average pools: the mean of (code - zero point), padding counting as zero, plus the zero
     point, rounded half to even (measured: rounding before adding an odd zero point moves every tie)."""
@@ -155,10 +180,9 @@ _SHAPE_ONLY = {"size", "dim"}
 
 
 def _regridding_ops() -> dict[Any, tuple[Any, bool]]:
-    """Quantized functions with an output scale and zero point: (float op, fused ReLU)."""
+    """Quantized adds with an output scale and zero point: (float op, fused ReLU)."""
     q = torch.ops.quantized
-    ops: dict[Any, tuple[Any, bool]] = {q.add: (torch.add, False), q.add_relu: (torch.add, True),
-                                        q.mul: (torch.mul, False), q.mul_relu: (torch.mul, True)}
+    ops: dict[Any, tuple[Any, bool]] = {q.add: (torch.add, False), q.add_relu: (torch.add, True)}
     return ops
 
 
@@ -233,9 +257,30 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, Dep
                 node.op == "call_function" and node.target is torch.dequantize):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
+        elif node.op == "call_function" and node.target in (torch.ops.quantized.mul, torch.ops.quantized.mul_relu):
+            operands = node.args[:2]
+            if len(node.args) < 4 or not all(isinstance(arg, torch.fx.Node) and arg.name in grids for arg in operands):
+                raise _unsupported(node, "multiplies by something other than a quantized tensor")
+            if node.name not in grids:
+                raise _unsupported(node, "did not give a quantized tensor on the calibration data")
+            scale, zero, signed = grids[node.name]
+            low, high = _range(signed)
+            relu = node.target is torch.ops.quantized.mul_relu
+            (scale_a, zero_a, signed_a), (scale_b, zero_b, signed_b) = (grids[arg.name] for arg in operands)
+            product = add_module(node, "requantize", KernelProductRequantize(
+                scale_a, scale_b, scale, zero, max(low, zero) if relu else low, high))
+            with graph.inserting_before(node):
+                codes_a = graph.call_module(add_module(node, "codes0", KernelCodes(scale_a, zero_a, *_range(signed_a))),
+                                            (operands[0],))
+                codes_b = graph.call_module(add_module(node, "codes1", KernelCodes(scale_b, zero_b, *_range(signed_b))),
+                                            (operands[1],))
+                out = graph.call_module(product, (graph.call_function(torch.mul, (codes_a, codes_b)),))
+            node.replace_all_uses_with(out)
+            grids[out.name] = grids[node.name]
+            graph.erase_node(node)
         elif node.op == "call_function" and node.target in regridding:
             function, relu = regridding[node.target]
-            requantize_after(node, function, tuple(node.args[:2]), relu, fused_dequantize=function is torch.add)
+            requantize_after(node, function, tuple(node.args[:2]), relu, fused_dequantize=True)
         elif node.op == "call_function" and node.target is torch.ops.quantized.cat:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             requantize_after(node, torch.cat, (node.args[0], dim), False)

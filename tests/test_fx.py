@@ -17,7 +17,14 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
 from pytest_hwfault.deployed import DeployedFormatError, DeployedLayer, Requantize
 from pytest_hwfault.faults import sample_pattern
-from pytest_hwfault.fx_reader import KernelAvgPool, KernelDequantize, KernelRequantize, zero_point_before_rounding
+from pytest_hwfault.fx_reader import (
+    KernelAvgPool,
+    KernelCodes,
+    KernelDequantize,
+    KernelProductRequantize,
+    KernelRequantize,
+    zero_point_before_rounding,
+)
 from pytest_hwfault.quantization import state_checksum
 from pytest_hwfault.spec import Site
 
@@ -179,6 +186,30 @@ def test_fx_add_is_torchs_kernel_on_ties(grids, relu) -> None:  # noqa: ANN001
     assert torch.equal(ours, reference)
     plain = Requantize(so, zo, low, 255)(a + b)  # a float add of (q - z) x s, divided by the scale: not the kernel
     assert not torch.equal(plain, reference)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("grids", [(0.0213, 0, 0.0213, 0, 0.0426, 0), (0.1, 10, 0.1, 20, 0.2, 33),
+                                   (0.1, 0, 0.1, 0, 0.2, 33), (0.0371, 0, 0.0213, 7, 0.0584, 3)])
+def test_fx_mul_is_torchs_kernel_on_ties(grids, relu) -> None:  # noqa: ANN001
+    # the integer product of centred codes times a float32 multiplier sa x sb x (1 / so), rounded half to even
+    sa, za, sb, zb, so, zo = grids
+    generator = torch.Generator().manual_seed(0)
+    ca, cb = (torch.randint(0, 256, (64 * 1024,), generator=generator, dtype=torch.uint8) for _ in range(2))
+    qa, qb = torch._make_per_tensor_quantized_tensor(ca, sa, za), torch._make_per_tensor_quantized_tensor(cb, sb, zb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = (torch.ops.quantized.mul_relu if relu else torch.ops.quantized.mul)(qa, qb, so, zo).dequantize()
+    a, b = (ca.float() - za) * torch.tensor(sa), (cb.float() - zb) * torch.tensor(sb)
+    product = KernelCodes(sa, za, 0, 255)(a) * KernelCodes(sb, zb, 0, 255)(b)
+    assert torch.equal(KernelProductRequantize(sa, sb, so, zo, zo if relu else 0, 255)(product), reference)
+
+
+def test_fx_float_baseline_is_the_models_float_function(fx_model, fx_qmodel, digits) -> None:  # noqa: ANN001
+    x, y = images(digits.x_test), digits.y_test
+    own = float((run(fx_model, x).argmax(1) == y).float().mean())
+    float_accuracy = float((fx_qmodel.float_forward(x).argmax(1) == y).float().mean())
+    assert own > 0.9 and abs(float_accuracy - own) < 0.02, (float_accuracy, own)
 
 
 def test_fx_quantize_per_tensor_is_torchs_kernel() -> None:
