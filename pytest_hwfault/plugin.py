@@ -41,6 +41,7 @@ OPT_BUDGET = "--hwfault-budget"
 OPT_CONFIDENCE = "--hwfault-confidence"
 OPT_DEVICE = "--hwfault-device"
 OPT_REPORT = "--hwfault-report"
+OPT_HTML = "--hwfault-html"
 OPT_INCONCLUSIVE = "--hwfault-inconclusive"
 OPT_SAVE = "--hwfault-save"
 OPT_COMPARE = "--hwfault-compare"
@@ -121,6 +122,8 @@ _VALUED_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], Any, str], ...] = (
     (OPT_CONFIDENCE, "hwfault_confidence", _confidence, 0.95, "confidence of campaigns whose marker sets none"),
     (OPT_DEVICE, "hwfault_device", _choice(DEVICES), "auto", "device of the campaigns: cpu, cuda or auto"),
     (OPT_REPORT, "hwfault_report", str, None, "write the campaigns' JSON report to this path"),
+    (OPT_HTML, "hwfault_html", str, None,
+     "write a self-contained HTML report of the campaigns (table, curves, per-layer heat map) to this path"),
     (OPT_INCONCLUSIVE, "hwfault_inconclusive", _choice(INCONCLUSIVE_POLICIES), "fail",
      "how a campaign that spends its budget without a verdict counts: fail (default) or pass"),
     (OPT_SAVE, "hwfault_save", _name, None, "save this run's results as baseline NAME"),
@@ -152,6 +155,7 @@ class Settings:
     shard: Slice
     cache_mb: int
     compare_allow_new: bool = False
+    html: str | None = None
 
     def marker_defaults(self) -> dict[str, Any]:
         return {"seed": self.seed, "budget": self.budget, "confidence": self.confidence}
@@ -232,6 +236,8 @@ def _check_settings(settings: Settings) -> None:
     try:
         if settings.report:
             check_writable(settings.report, f"report ({OPT_REPORT})")
+        if settings.html:
+            check_writable(settings.html, f"HTML report ({OPT_HTML})")
         if settings.save:
             check_writable(Path(settings.storage) / f"{settings.save}.json", f"baseline ({OPT_SAVE})")
         if settings.compare:
@@ -256,6 +262,8 @@ def pytest_configure(config: pytest.Config) -> None:
         run_root = Path(tempfile.mkdtemp(prefix="hwfault-run-"))
         config.stash[RUN_ROOT_STASH] = run_root
         config.pluginmanager.register(XdistHooks(run_root), "hwfault-xdist")
+    if settings.enabled and config.pluginmanager.hasplugin("html"):
+        config.pluginmanager.register(HtmlExtras(), "hwfault-pytest-html")
     if settings.enabled and _is_worker(config):
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
         import torch
@@ -682,7 +690,7 @@ class ResultCollector:
         failed = any(policy.fails(r["verdict"]) for r in campaigns)
         if failed and session.exitstatus == pytest.ExitCode.OK:  # e.g. a lost shard: no test of its own failed
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        if not (settings.report or settings.save):
+        if not (settings.report or settings.save or settings.html):
             return
         from .report import ReportError, build_report, environment, save_baseline, write_report
 
@@ -690,6 +698,10 @@ class ResultCollector:
         try:
             if settings.report:
                 write_report(Path(settings.report), report)
+            if settings.html:
+                from .report.html import write_html
+
+                write_html(report["campaigns"], Path(settings.html), report["environment"])
             if settings.save:
                 unfinished = self._completed(session)
                 if unfinished is None:
@@ -710,6 +722,23 @@ class XdistHooks:
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput[RUN_ROOT_KEY] = str(self.run_root)
+
+
+class HtmlExtras:
+    """Registered only when pytest-html is active: a resilience test's row in its report shows its campaigns'
+    verdicts, accuracies and intervals (an ``extras`` entry; it travels with the report from xdist workers)."""
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+        report = yield
+        records = item.stash.get(ITEM_RECORDS_KEY, None)
+        if call.when == "call" and records:
+            from pytest_html import extras
+
+            from .report.html import extras_snippet
+
+            report.extras = [*getattr(report, "extras", []), extras.html(extras_snippet(records))]
+        return report
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

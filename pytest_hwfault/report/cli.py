@@ -1,4 +1,5 @@
-"""``python -m pytest_hwfault.report {show,merge,compare,plot}``: read, merge, compare and plot reports."""
+"""``python -m pytest_hwfault.report {show,merge,compare,plot,html}``: read, merge, compare, plot and render
+reports."""
 
 from __future__ import annotations
 
@@ -77,12 +78,21 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_html(args: argparse.Namespace) -> int:
+    from .html import write_html
+
+    report = load_report(args.report)
+    path = write_html(report["campaigns"], Path(args.output), report["environment"])
+    _say(f"wrote {path}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pytest_hwfault.report",
-        description="Inspect, merge, compare and plot pytest-hwfault JSON reports. Exit codes: 0 ok, 1 gate "
-                    "failed (merge: a campaign did not pass; compare: a regression or a campaign not compared), "
-                    "2 usage or file error.")
+        description="Inspect, merge, compare, plot and render (HTML) pytest-hwfault JSON reports. Exit codes: 0 "
+                    "ok, 1 gate failed (merge: a campaign did not pass; compare: a regression or a campaign not "
+                    "compared), 2 usage or file error.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     show = commands.add_parser("show", help="print the summary table of a report")
@@ -120,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("report", help="REPORT.json")
     plot.add_argument("-o", "--output", required=True, help="OUT.png")
     plot.set_defaults(func=_cmd_plot)
+
+    page = commands.add_parser("html", help="write one self-contained HTML page of a report (as --hwfault-html)")
+    page.add_argument("report", help="REPORT.json")
+    page.add_argument("-o", "--output", required=True, help="OUT.html")
+    page.set_defaults(func=_cmd_html)
     return parser
 
 
