@@ -95,8 +95,9 @@ def test_fx_layers_keep_the_models_codes_and_grids(fx_model, fx_qmodel) -> None:
         assert torch.allclose(layer.weight_scale, weight.q_per_channel_scales().float()), name
         assert layer.act_scale == pytest.approx(module.scale) and layer.act_zero_point == module.zero_point, name
     stem = fx_qmodel.layers["stem"]
-    assert stem.input_scale == pytest.approx(float(fx_model.quant_input_scale_0))
-    assert stem.input_zero_point == int(fx_model.quant_input_zero_point_0)
+    quantize_node = next(n for n in fx_model.graph.nodes if n.target is torch.quantize_per_tensor)
+    scale, zero = (getattr(fx_model, arg.target) for arg in quantize_node.args[1:3])  # get_attr nodes
+    assert stem.input_scale == pytest.approx(float(scale)) and stem.input_zero_point == int(zero)
     assert stem.act_range == (0, 255 - fx_model.stem.zero_point)  # ConvReLU2d: clamps at the zero point
     conv2 = fx_qmodel.layers["block1.conv2"]  # no ReLU: the unsigned codes go below the zero point
     assert conv2.act_range == (-fx_model.block1.conv2.zero_point, 255 - fx_model.block1.conv2.zero_point)
