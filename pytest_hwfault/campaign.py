@@ -308,8 +308,8 @@ class Campaign:
         self.use_late_start, self.cache_bytes = late_start, cache_bytes
         self._late_start: LateStart | None = None
         self.campaign_id = spec.campaign_id(name)
-        self.fault_model = FaultModel(Site(spec.site), spec.ber, Kind(spec.kind), spec.bit_positions, spec.layers,
-                                      spec.burst)
+        self.fault_model = FaultModel(Site(spec.site), spec.ber, Kind(spec.kind), spec.bit_positions,
+                                      spec.layer_selectors(), spec.burst)
         self.targets = qmodel.targets(self.fault_model.site, self.fault_model.layers)
         # Transient faults resume from late start's cache; the pass that fills it is also the golden run.
         cache = self.late_start() if self.fault_model.site.transient else None

@@ -19,6 +19,7 @@ from .bits import KIND_CODES, fault_delta
 from .data import Batch
 from .faults import Fault, FaultPattern, LayerFaults, Site, parse_kind, parse_site
 from .spec import Kind
+from .systolic import Array
 
 if TYPE_CHECKING:
     from .qmodel import QuantizedModel
@@ -37,6 +38,7 @@ class FaultDetail:
     scale: float
     image: int | None  # the image whose codes are shown (transient sites); None for weights
     every_image: bool  # transient fault pinned to every image (before/after shown for `image`)
+    note: str = ""  # what the fault is, in words, where no single stored code shows it (a PE's register)
 
     @property
     def value_before(self) -> float:
@@ -51,7 +53,7 @@ class FaultDetail:
         return {"site": f.site, "layer": f.layer, "index": f.index, "position": list(self.position), "bit": f.bit,
                 "kind": f.kind, "image": f.image, "every_image": self.every_image, "shown_image": self.image,
                 "code_before": self.code_before, "code_after": self.code_after, "value_before": self.value_before,
-                "value_after": self.value_after, "scale": self.scale}
+                "value_after": self.value_after, "scale": self.scale, "note": self.note}
 
 
 def _unravel(index: int, shape: Sequence[int]) -> tuple[int, ...]:
@@ -94,6 +96,11 @@ def describe_faults(qmodel: QuantizedModel, faults: Sequence[Fault], inputs: Bat
     clean: dict[tuple[str, str, int | None], Any] = {}
     for fault in faults:
         site = Site(fault.site)
+        if site is Site.PE:  # a register of the array: its value changes with every partial sum it holds
+            array = Array.parse(fault.layer)
+            details.append(FaultDetail(fault, array.position(fault.index), array.width, 0, 0, 0.0, None, False,
+                                       array.describe(fault.index, fault.bit, fault.kind)))
+            continue
         q = qmodel.layers[fault.layer]
         width = q.site_bits(site)
         shown = None if not site.transient else (fault.image if fault.image is not None else 0)
@@ -138,6 +145,10 @@ def format_details(details: Sequence[FaultDetail]) -> list[str]:
         f = d.fault
         sign = " (sign)" if f.bit == d.width - 1 else ""
         image = "-" if d.image is None else (f"every (shown: {d.image})" if d.every_image else str(d.image))
+        if d.note:
+            rows.append((str(i), f.site, repr(f.layer), f"{f.index} {list(d.position)}", str(f.bit), f.kind, d.note,
+                         "-", "-", image))
+            continue
         rows.append((str(i), f.site, repr(f.layer), f"{f.index} {list(d.position)}", f"{f.bit}{sign}", f.kind,
                      f"{d.code_before} -> {d.code_after}", f"{d.value_before:.6g} -> {d.value_after:.6g}",
                      f"{d.scale:.6g}", image))

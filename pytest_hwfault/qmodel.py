@@ -34,6 +34,7 @@ from .faults import FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site,
 from .inject import Edit, apply_edit, apply_edit_to, check_bounds, compose
 from .layout import CHANNELS_LAST, IMAGE_LAYOUTS, contiguous_strides, in_layouts, is_dense
 from .spec import ACC_BITS, QPARAM_BITS
+from .systolic import Array, PEFault, layer_error, on_array
 
 
 class QuantizedModel:
@@ -125,6 +126,11 @@ class QuantizedModel:
         def requantize(module: nn.Module, args: tuple[Any, ...], acc: torch.Tensor) -> torch.Tensor:
             call = runtime.calls.get(name, 0)
             runtime.calls[name] = call + 1
+            if runtime.pe is not None:  # faulty PEs of the systolic array corrupt its partial sums (systolic.py)
+                rows, cols, pe_faults = runtime.pe
+                weight = module.weight
+                assert isinstance(weight, torch.Tensor)
+                acc.add_(layer_error(module, args[0], weight, pe_faults, rows, cols, acc.shape).to(acc.dtype))
             # The bias is added here, in place, not inside the conv: oneDNN's fused bias costs ~10x this pass.
             if layer.bias_codes is not None:
                 acc.add_(layer.bias_codes)
@@ -321,6 +327,9 @@ class QuantizedModel:
                 for (site, name), group in pattern.groups.items():
                     if site.transient:
                         continue
+                    if site is Site.PE:
+                        self._apply_pe(name, group)
+                        continue
                     layer = self._layer(name)
                     check_bounds(group, layer.numel(site), f"the {site.value} words of layer {name!r}")
                     if site is Site.QPARAMS:
@@ -335,9 +344,22 @@ class QuantizedModel:
             yield
         finally:
             self._runtime.zero_offsets.clear()
+            self._runtime.pe = None
             with torch.no_grad():
                 for flat, touched, original in reversed(saved):
                     flat[touched] = original
+
+    def _apply_pe(self, name: str, faults: LayerFaults) -> None:
+        """Faulty PE registers of a systolic array: the hooks add their error to every layer the array computes."""
+        array = Array.parse(name)
+        self.check_on_array()
+        check_bounds(faults, array.pes, f"the PEs of array {name!r}")
+        found = [PEFault(*array.position(index), array.register, bit, kind)
+                 for index, bit, kind in zip(faults.index.tolist(), faults.bit.tolist(), faults.kind.tolist())]
+        if self._runtime.pe is not None and self._runtime.pe[:2] != (array.rows, array.cols):
+            raise ValueError("one pattern faults two systolic arrays of different shapes; a model runs on one array")
+        known = [] if self._runtime.pe is None else self._runtime.pe[2]
+        self._runtime.pe = (array.rows, array.cols, known + found)
 
     def _apply_qparams(self, layer: QuantLayer, faults: LayerFaults,
                        saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
@@ -374,23 +396,40 @@ class QuantizedModel:
 
     def targets(self, site: Site, layers: tuple[LayerSelector, ...] | None = None) -> list[FaultTarget]:
         site = Site(site)
+        if site is Site.PE:  # the "layers" are systolic arrays by name, e.g. "ws32x32.acc"
+            if not layers:
+                raise ValueError("site 'pe' faults a systolic array: name it, e.g. layers=('ws32x32.acc',)")
+            self.check_on_array()
+            arrays = [Array.parse(str(name)) for name in layers]
+            return [FaultTarget(site, array.name, array.pes, array.width) for array in arrays]
         return [
             FaultTarget(site, name, self.layers[name].numel(site), self.layers[name].site_bits(site))
             for name in self.select(layers) if self.layers[name].numel(site)  # a matmul of activations: no weight
         ]
 
+    def check_on_array(self) -> None:
+        """Site pe maps conv1d/conv2d/linear layers onto the array; a model with other quantized layers would have
+        compute the faults do not reach: refused, naming them."""
+        off = [f"{name} ({layer.module_type})" for name, layer in self.layers.items() if not on_array(layer.module)]
+        if off:
+            raise ValueError(f"site 'pe': the systolic array computes conv1d/conv2d/linear layers; these quantized "
+                             f"layers are not mapped onto it, so its faults would not reach them: {', '.join(off)}")
+
     def _check_bits(self, pattern: FaultPattern) -> None:
         """A fault's bit must exist in its site's codes (a "bit 6" flip of a 4-bit code would make code -65)."""
         for (site, name), group in pattern.groups.items():
-            layer = self._layer(name)
-            if len(group) and int(group.bit.max()) >= layer.site_bits(site):
-                raise ValueError(f"bit {int(group.bit.max())} does not exist in the {layer.site_bits(site)}-bit "
-                                 f"{site.value} codes of layer {name!r}")
+            width = Array.parse(name).width if site is Site.PE else self._layer(name).site_bits(site)
+            if len(group) and int(group.bit.max()) >= width:
+                raise ValueError(f"bit {int(group.bit.max())} does not exist in the {width}-bit "
+                                 f"{site.value} codes of {'array' if site is Site.PE else 'layer'} {name!r}")
 
     def validate(self, pattern: FaultPattern, n_images: int) -> None:
         """Raise a clear error if a pattern does not fit this model and `n_images` images."""
         self._check_bits(pattern)
         for (site, name), group in pattern.groups.items():
+            if site is Site.PE:
+                check_bounds(group, Array.parse(name).pes, f"the PEs of array {name!r}")
+                continue
             layer = self._layer(name)
             check_bounds(group, layer.numel(site), f"site {site.value!r} of layer {name!r}")
             if site.transient and len(group) and int(group.image.max()) >= n_images:
@@ -559,6 +598,8 @@ class _Runtime:
     calls: dict[str, int] = field(default_factory=dict)  # this forward pass: how often each layer ran so far
     # qparams faults of this trial: the output zero point register's value minus the zero point, per faulty layer
     zero_offsets: dict[str, int] = field(default_factory=dict)
+    # pe faults of this trial: the systolic array's (rows, cols) and its faulty PE registers
+    pe: tuple[int, int, list[PEFault]] | None = None
 
     channels_last: bool = False  # image layers compute channels-last (see `quantize`'s `memory_format`)
 

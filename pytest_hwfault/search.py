@@ -401,7 +401,7 @@ def run_marker_search(
         inputs, labels = inputs[: spec.samples], labels[: spec.samples]
     oracle = FaultOracle(qmodel, (inputs, labels), min_acc=spec.min_acc, max_drop=spec.max_drop,
                          subset=spec.subset)
-    strategy = fault_lists(qmodel, spec.site, layers=spec.layers, bit_positions=spec.bit_positions,
+    strategy = fault_lists(qmodel, spec.site, layers=spec.layer_selectors(), bit_positions=spec.bit_positions,
                            max_flips=spec.max_flips, kinds=spec.kinds(), per_image=spec.per_image,
                            images=len(inputs))
     key = database_key if database_key is not None else search_database_key(nodeid, spec, qmodel)
@@ -444,6 +444,8 @@ def search_faults(
     name: str = "",
     settings: HypothesisSettings | None = None,
     database_key: bytes | None = None,
+    array: tuple[int, int] | None = None,
+    pe_register: str = "acc",
 ) -> SearchResult:
     """Search for a pattern of at most `max_flips` faults at `site` that takes the accuracy of `qmodel` on `data`
     below the threshold; return the shrunk, confirmed pattern (or ``found=False``). `name` (e.g. a test's nodeid)
@@ -454,7 +456,8 @@ def search_faults(
                       bits=qmodel.config.get("bits", 8) if hasattr(qmodel, "config") else 8,
                       bit_positions=None if bit_positions is None else tuple(bit_positions),
                       layers=None if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers)),
-                      per_image=per_image, examples=examples, subset=subset, samples=samples, seed=seed)
+                      per_image=per_image, examples=examples, subset=subset, samples=samples, seed=seed,
+                      array=array, pe_register=pe_register)
     inputs, labels = as_tensors(data)
     return run_marker_search(qmodel, inputs, labels, spec, nodeid=name, settings=settings,
                              database_key=database_key)

@@ -30,10 +30,13 @@ class Site(str, Enum):
     # a layer's stored requantization parameters: one float32 multiplier (acc scale / act scale) per output channel,
     # then the output zero point (an int32 register), shared by every image of a trial
     QPARAMS = "qparams"
+    # a register bit of one processing element of a systolic array, permanent for a trial: it corrupts the partial
+    # sums of every conv/linear layer the array computes (see systolic.py); its "layer" names the array
+    PE = "pe"
 
     @property
     def transient(self) -> bool:
-        return self not in (Site.WEIGHT, Site.QPARAMS)
+        return self not in (Site.WEIGHT, Site.QPARAMS, Site.PE)
 
 
 class Kind(str, Enum):
@@ -58,12 +61,40 @@ def acc_bits_for(bits: int) -> int:
     return ACC_BITS if bits <= 8 else WIDE_ACC_BITS
 
 
-def site_width(site: str, bits: int) -> int:
+PE_REGISTERS = {"acc": 32, "mul": 16}  # a PE's registers and their widths (see systolic.py)
+
+
+def site_width(site: str, bits: int, pe_register: str = "acc") -> int:
     """The width of one stored word at `site` for `bits`-bit weight and activation codes."""
+    if site == "pe":
+        return PE_REGISTERS[pe_register]
     return acc_bits_for(bits) if site == "acc" else QPARAM_BITS if site == "qparams" else bits
+
+
+def check_array(array: Any, pe_register: Any, site: str, layers: Any) -> tuple[int, int] | None:
+    """`array` as (rows, cols) of the systolic array that site "pe" faults; given exactly when site is "pe"."""
+    if pe_register not in PE_REGISTERS:
+        raise SpecError("pe_register", f"{pe_register!r}; allowed: {', '.join(map(repr, PE_REGISTERS))}")
+    if site != "pe":
+        if array is not None:
+            raise SpecError("array", f"{array!r}: an array is the fault site of site='pe' only")
+        return None
+    if array is None:
+        raise SpecError("array", "site='pe' needs array=(rows, cols), the systolic array's PEs, e.g. array=(32, 32)")
+    try:
+        rows, cols = array
+    except (TypeError, ValueError):
+        raise SpecError("array", f"{array!r} must be (rows, cols), two PE counts") from None
+    if not (is_int(rows) and is_int(cols) and 1 <= rows <= 4096 and 1 <= cols <= 4096):
+        raise SpecError("array", f"{array!r} must be (rows, cols), two PE counts in [1, 4096]")
+    if layers is not None:
+        raise SpecError("layers", "site='pe' faults the array, which computes every conv/linear layer; layers= "
+                        "does not apply")
+    return int(rows), int(cols)
 # A search's sites as its marker lists them (weight, its default, first), and its kinds: "stuck" is stuck at
 # either value, drawn.
-SEARCH_SITES = (Site.WEIGHT.value, Site.ACT.value, Site.INPUT.value, Site.ACC.value, Site.QPARAMS.value)
+SEARCH_SITES = (Site.WEIGHT.value, Site.ACT.value, Site.INPUT.value, Site.ACC.value, Site.QPARAMS.value,
+                Site.PE.value)
 SEARCH_KINDS = (*KINDS, "stuck")
 DEFAULT_MAX_FLIPS = 4
 DEFAULT_EXAMPLES = 200
@@ -86,12 +117,12 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
-def check_bit_positions(value: Any, site: str, bits: int) -> tuple[int, ...] | None:
+def check_bit_positions(value: Any, site: str, bits: int, pe_register: str = "acc") -> tuple[int, ...] | None:
     """`bit_positions` as a sorted tuple of distinct bit indices that exist in the site's codes."""
     if value is None:
         return None
     positions: tuple[Any, ...] = (value,) if is_int(value) else tuple(value)
-    width = site_width(site, bits)
+    width = site_width(site, bits, pe_register)
     if not positions or not all(is_int(b) and 0 <= b < width for b in positions):
         raise SpecError("bit_positions", f"{value!r} must be bit indices in [0, {width}) for {width}-bit {site} codes")
     if len(set(positions)) != len(positions):
@@ -141,17 +172,19 @@ def _record(spec: CampaignSpec | SearchSpec) -> dict[str, Any]:
     """A spec as JSON-ready data: its fields, with tuples as lists. A single-bit campaign (burst 1) leaves `burst`
     out, so that its campaign id is the one it had before bursts existed."""
     data = asdict(spec)
-    for key in ("bit_positions", "layers"):
-        if data[key] is not None:
+    for key in ("bit_positions", "layers", "array"):
+        if data.get(key) is not None:
             data[key] = list(data[key])
-    if data.get("burst") == 1:
-        del data["burst"]
+    for key, default in (("burst", 1), ("array", None), ("pe_register", "acc")):  # ids from before they existed
+        if key in data and data[key] == default:
+            del data[key]
     return data
 
 
-def check_burst(value: Any, site: str, bits: int, bit_positions: tuple[int, ...] | None) -> int:
+def check_burst(value: Any, site: str, bits: int, bit_positions: tuple[int, ...] | None,
+                pe_register: str = "acc") -> int:
     """`burst` as the number of adjacent bits one fault event changes in one code (a multi-bit upset)."""
-    width = site_width(site, bits)
+    width = site_width(site, bits, pe_register)
     if not is_int(value) or not 1 <= value <= width:
         raise SpecError("burst", f"{value!r} must be a number of adjacent bits in [1, {width}] for {width}-bit "
                         f"{site} codes")
@@ -180,6 +213,8 @@ class CampaignSpec:
     seed: int = 0
     min_coverage: float = 1.0  # share of the MACs (weights, for site="weight") faults must reach to judge at all
     burst: int = 1  # adjacent bits one fault event changes in one code (a multi-bit upset); ber counts events
+    array: tuple[int, int] | None = None  # site "pe": the systolic array's (rows, cols)
+    pe_register: str = "acc"  # site "pe": the PE register faults strike, "acc" (32-bit) or "mul" (16-bit)
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
@@ -192,7 +227,9 @@ class CampaignSpec:
             raise SpecError("bits", f"{self.bits!r} must be an integer code width in [2, {MAX_WEIGHT_ACT_BITS}]")
         if self.kind not in KINDS:
             raise SpecError("kind", f"{self.kind!r} is not a fault kind; allowed: {', '.join(KINDS)}")
-        object.__setattr__(self, "bit_positions", check_bit_positions(self.bit_positions, self.site, self.bits))
+        object.__setattr__(self, "array", check_array(self.array, self.pe_register, self.site, self.layers))
+        object.__setattr__(self, "bit_positions", check_bit_positions(self.bit_positions, self.site, self.bits,
+                                                                       self.pe_register))
         object.__setattr__(self, "layers", check_layers(self.layers))
         if not is_number(self.confidence) or not 0.5 <= float(self.confidence) < 1.0:
             raise SpecError("confidence", f"{self.confidence!r} must be in [0.5, 1), e.g. 0.95")
@@ -207,7 +244,8 @@ class CampaignSpec:
         if not is_int(self.seed) or self.seed < 0:
             raise SpecError("seed", f"{self.seed!r} must be a non-negative integer")
         object.__setattr__(self, "min_coverage", check_min_coverage(self.min_coverage))
-        object.__setattr__(self, "burst", check_burst(self.burst, self.site, self.bits, self.bit_positions))
+        object.__setattr__(self, "burst", check_burst(self.burst, self.site, self.bits, self.bit_positions,
+                                                      self.pe_register))
 
     # -- derived -------------------------------------------------------------------------------------------------
     @property
@@ -216,8 +254,15 @@ class CampaignSpec:
 
     def label(self) -> str:
         """Readable id used in test ids: ``act-ber1e-05``."""
-        return (f"{self.site}-ber{self.ber:g}" + ("" if self.kind == "flip" else f"-{self.kind}")
+        array = "" if self.array is None else f"-{self.array[0]}x{self.array[1]}{self.pe_register}"
+        return (f"{self.site}{array}-ber{self.ber:g}" + ("" if self.kind == "flip" else f"-{self.kind}")
                 + ("" if self.burst == 1 else f"-burst{self.burst}"))
+
+    def layer_selectors(self) -> tuple[str, ...] | None:
+        """What the campaign's faults are drawn over: the layers, or for site "pe" the array (`systolic.Array`)."""
+        if self.array is not None:
+            return (f"ws{self.array[0]}x{self.array[1]}.{self.pe_register}",)
+        return self.layers
 
     def to_dict(self) -> dict[str, Any]:
         return _record(self)
@@ -289,18 +334,22 @@ class SearchSpec:
     samples: int | None = None
     seed: int | None = None
     min_coverage: float = 1.0
+    array: tuple[int, int] | None = None  # site "pe": the systolic array's (rows, cols)
+    pe_register: str = "acc"
 
     def __post_init__(self) -> None:
         if self.site not in SEARCH_SITES:
             raise SpecError("search", f"{self.site!r} is not a fault site; allowed: {', '.join(SEARCH_SITES)}")
         check_threshold(self.min_acc, self.max_drop)
+        object.__setattr__(self, "array", check_array(self.array, self.pe_register, self.site, self.layers))
         if not is_int(self.max_flips) or self.max_flips < 1:
             raise SpecError("max_flips", f"{self.max_flips!r} must be a positive number of faults")
         if self.kind not in SEARCH_KINDS:
             raise SpecError("kind", f"{self.kind!r} is not a fault kind; allowed: {', '.join(SEARCH_KINDS)}")
         if not is_int(self.bits) or not 2 <= self.bits <= MAX_WEIGHT_ACT_BITS:
             raise SpecError("bits", f"{self.bits!r} must be an integer code width in [2, {MAX_WEIGHT_ACT_BITS}]")
-        object.__setattr__(self, "bit_positions", check_bit_positions(self.bit_positions, self.site, self.bits))
+        object.__setattr__(self, "bit_positions", check_bit_positions(self.bit_positions, self.site, self.bits,
+                                                                       self.pe_register))
         object.__setattr__(self, "layers", check_layers(self.layers))
         if not isinstance(self.per_image, bool):
             raise SpecError("per_image", f"{self.per_image!r} must be True or False")
@@ -320,7 +369,14 @@ class SearchSpec:
 
     def label(self) -> str:
         """Readable id used in test ids: ``search-weight``."""
-        return f"search-{self.site}" + ("" if self.kind == "flip" else f"-{self.kind}")
+        array = "" if self.array is None else f"-{self.array[0]}x{self.array[1]}{self.pe_register}"
+        return f"search-{self.site}{array}" + ("" if self.kind == "flip" else f"-{self.kind}")
+
+    def layer_selectors(self) -> tuple[str, ...] | None:
+        """What the search draws faults over: the layers, or for site "pe" the array (`systolic.Array`)."""
+        if self.array is not None:
+            return (f"ws{self.array[0]}x{self.array[1]}.{self.pe_register}",)
+        return self.layers
 
     def kinds(self) -> tuple[str, ...]:
         return ("stuck0", "stuck1") if self.kind == "stuck" else (self.kind,)

@@ -20,7 +20,7 @@ def test_sites_agree() -> None:
     assert faults.Site is spec.Site
     assert sorted(spec.SEARCH_SITES) == sorted(spec.SITES)  # the search lists the same sites in its own order
     assert [s for s in spec.SITES if spec.Site(s).transient] == ["act", "acc", "input"]
-    assert [s for s in spec.SITES if not spec.Site(s).transient] == ["weight", "qparams"]
+    assert [s for s in spec.SITES if not spec.Site(s).transient] == ["weight", "qparams", "pe"]
 
 
 def test_kinds_agree() -> None:
