@@ -222,6 +222,9 @@ def test_failing_campaign_shows_its_message_and_reproduce_command(page: str, rec
                                         f"--hwfault-confidence={record['confidence']}"]
         assert f'<pre class="cmd">{html.escape(command)}</pre>' in failures
     assert "accuracy under faults is below the threshold" in failures and "most vulnerable layers" in failures
+    message = re.search(r"<details open><summary>failure message</summary><pre>(.*?)</pre>", failures, re.S)
+    assert message is not None and "\\n" not in message.group(1)  # line breaks kept, not shown escaped
+    assert message.group(1).count("\n") > 8 and "\n  fault model  site=act" in message.group(1)
     assert "Every campaign passed." in render_html([r for r in records if r["verdict"] == "pass"], ENV)
 
 

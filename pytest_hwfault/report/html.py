@@ -43,6 +43,11 @@ def esc(value: Any) -> str:
     return html.escape(printable(str(value)), quote=True)
 
 
+def esc_lines(text: str) -> str:
+    """Multi-line `text` escaped line by line, so that its newlines stay line breaks."""
+    return "\n".join(esc(line) for line in text.split("\n"))
+
+
 def _num(value: Any, spec: str = ".4f", missing: str = "–") -> str:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return missing if value is None else esc(value)
@@ -81,7 +86,9 @@ def _kind_text(record: Mapping[str, Any]) -> str:
 
 
 def _campaign_title(record: Mapping[str, Any]) -> str:
-    return f"{record['nodeid']} [{record.get('label', '')}]"
+    """The nodeid, and the campaign's label unless the nodeid's parametrization already names it."""
+    label = str(record.get("label", ""))
+    return str(record["nodeid"]) if not label or label in str(record["nodeid"]) else f"{record['nodeid']} [{label}]"
 
 
 def _anchor(index: int) -> str:
@@ -167,7 +174,7 @@ def _curves(records: Sequence[Mapping[str, Any]]) -> str:
                 "so the curves are left out; the campaign table holds their numbers.</p>")
     figures = []
     for (function, site, kind), points in list(groups.items())[:MAX_PLOTS]:
-        fig = Figure(figsize=(4.6, 3.1), layout="constrained")
+        fig = Figure(figsize=(4.2, 2.9), layout="constrained")
         FigureCanvasAgg(fig)
         ax = fig.subplots()
         _plot_curves(ax, points)
@@ -253,19 +260,24 @@ def _heatmap(records: Sequence[Mapping[str, Any]]) -> str:
                     "each, so this ranks layers. – : no fault landed. "
                     f'<span class="ramp" style="background:linear-gradient(to right, {stops})"></span> 0 → 1</p>']
     for group in groups:
-        columns = sorted(group, key=lambda r: (_SITE_ORDER.get(str(r["site"]), 99), str(r["kind"]), r["ber"],
-                                               str(r["nodeid"])))
         functions = _functions(group)
-        several = len(functions) > 1
+        columns = sorted(group, key=lambda r: (functions.index(_test_function(str(r["nodeid"]))),
+                                               _SITE_ORDER.get(str(r["site"]), 99), str(r["kind"]), r["ber"],
+                                               str(r["nodeid"])))
         head = []
         for record in columns:
             label = f"{esc(record['site'])}<br>{_num(record['ber'], 'g')}"
             if record.get("kind") != "flip" or (record.get("burst") or 1) != 1:
                 label += f"<br>{esc(_kind_text(record))}"
-            if several:
-                function = _test_function(str(record["nodeid"])).rpartition("::")[2]
-                label += f'<br><span class="muted">{esc(_short_nodeid(function, 24))}</span>'
             head.append(f'<th class="col" title="{esc(_campaign_title(record))}">{label}</th>')
+        corner = '<th class="layer"{}>layer \\ site, BER</th>'
+        if len(functions) > 1:  # a row naming each test function above its columns
+            spans = [sum(_test_function(str(r["nodeid"])) == f for r in columns) for f in functions]
+            names_row = "".join(f'<th class="fn" colspan="{n}" title="{esc(f)}">{esc(f.rpartition("::")[2])}</th>'
+                                for f, n in zip(functions, spans))
+            header = "<tr>" + corner.format(' rowspan="2"') + f'{names_row}</tr><tr>{"".join(head)}</tr>'
+        else:
+            header = f'<tr>{corner.format("")}{"".join(head)}</tr>'
         names = [str(layer.get("name")) for layer in _layer_rows(columns[0], "layers")]
         by_record = [{str(layer.get("name")): layer for layer in _layer_rows(r, "layers")} for r in columns]
         body = []
@@ -276,9 +288,8 @@ def _heatmap(records: Sequence[Mapping[str, Any]]) -> str:
                         f"{cells}</tr>")
         parts.append(f'<h3>{", ".join(esc(_short_nodeid(f, 70)) for f in functions)} '
                      f'<span class="muted">({esc(columns[0].get("model_format", "calibrated"))})</span></h3>'
-                     '<div class="wide"><table class="heat"><thead><tr><th class="layer">layer \\ site, BER</th>'
-                     f'{"".join(head)}</tr>'
-                     f"</thead><tbody>{''.join(body)}</tbody></table></div>")
+                     f'<div class="wide"><table class="heat"><thead>{header}</thead>'
+                     f"<tbody>{''.join(body)}</tbody></table></div>")
     return "\n".join(parts)
 
 
@@ -402,7 +413,7 @@ def _failures(records: Sequence[Mapping[str, Any]]) -> str:
             message = f"hwfault {str(record['verdict']).upper()}: {_campaign_title(record)}"
         items.append(f'<div class="failure" id="{_anchor(index)}-details"><h3>{_verdict_badge(record["verdict"])} '
                      f"{esc(_campaign_title(record))}</h3><p>reproduce:</p><pre class=\"cmd\">{esc(command)}</pre>"
-                     f"<details><summary>failure message</summary><pre>{esc(message)}</pre></details></div>")
+                     f"<details open><summary>failure message</summary><pre>{esc_lines(message)}</pre></details></div>")
     if not items:
         return title + '\n<p class="muted">Every campaign passed.</p>'
     return title + "\n" + "\n".join(items)
@@ -427,12 +438,13 @@ a .verdict{text-decoration:underline}
 .summary .verdict{margin-left:4px}
 .figures{display:flex;flex-wrap:wrap;gap:10px}
 figure{margin:0;border:1px solid #e2e2e2;padding:4px;background:#fff}
-figure img{display:block;width:414px;height:279px}
-figcaption{font-size:11px;color:#444;font-family:ui-monospace,monospace;max-width:414px;overflow-wrap:anywhere}
+figure img{display:block;width:378px;height:261px}
+figcaption{font-size:11px;color:#444;font-family:ui-monospace,monospace;max-width:378px;overflow-wrap:anywhere}
 table.heat th.layer{text-align:left;font-family:ui-monospace,monospace;font-size:12px;font-weight:normal;
 white-space:nowrap}
 table.heat th.col{font-size:11px;text-align:center;font-weight:600}
-td.cell{text-align:center;font-variant-numeric:tabular-nums;min-width:64px;font-size:13px}
+table.heat th.fn{font-size:11px;text-align:center;font-family:ui-monospace,monospace;font-weight:600}
+td.cell{text-align:center;font-variant-numeric:tabular-nums;min-width:56px;font-size:13px}
 td.cell small{display:block;font-size:10px;opacity:.85}td.cell.none{color:#aaa;background:#fcfcfc}
 .ramp{display:inline-block;width:120px;height:10px;vertical-align:middle;border:1px solid #ccc}
 table.scales th.layer{text-align:left;font-family:ui-monospace,monospace;font-size:12px;font-weight:normal}
