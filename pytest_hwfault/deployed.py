@@ -65,6 +65,10 @@ class DeployedLayer:
     input_signed: bool = False  # int8 (True) or uint8 (False) stored codes
     act_signed: bool = False
     relu: bool = False  # a fused ReLU: the output codes clamp at the zero point
+    # the runtime adds the output zero point to the scaled float32 accumulator before rounding (oneDNN: torch's x86
+    # engine's convolutions on AVX512-VNNI CPUs) rather than rounding, then adding it (fbgemm, onnxruntime): the
+    # two differ on ties (x.5) with an odd zero point
+    zero_point_before_rounding: bool = False
     bits: int = 8
 
     def code_range(self, signed: bool) -> tuple[int, int]:
@@ -101,8 +105,9 @@ class Deployed:
 class Requantize(nn.Module):
     """A runtime's re-gridding of a value outside a multiply-accumulate layer (after a residual add, a concat, a
     quantize node): x -> (clamp(round(x / scale) + zero_point, low, high) - zero_point) x scale, rounding half to
-    even as every runtime here does. `divide`: x / scale (torch's quantize_per_tensor on a float tensor,
-    onnxruntime) or x x (1 / scale)."""
+    even as every runtime here does. `divide`: x / scale (onnxruntime's QuantizeLinear), or x times the float32
+    inverse of the float32 scale (`divide=False`: torch's quantize_per_tensor and quantized kernels on the x86 CPU,
+    and a PT2E graph's quantize_per_tensor); the two differ on near-ties."""
 
     def __init__(self, scale: float, zero_point: int, low: int, high: int, *, divide: bool = True) -> None:
         super().__init__()
@@ -119,21 +124,26 @@ class Requantize(nn.Module):
 
 class CodeAvgPool(nn.Module):
     """An average pooling that a runtime computes on the integer codes of its input (torch's quantized avg pools):
-    the mean of (code - zero point) in exact arithmetic, rounded half to even onto the input's grid. A float
-    average of dequantized values would round ties (one output in ~64 for an 8x8 pool) either way."""
+    the mean of (code - zero point) in exact arithmetic (padding counting as zero), rounded half to even onto the
+    input's grid. A float average of dequantized values would round ties (one output in ~64 for an 8x8 pool)
+    either way. torch's kernels add the zero point before rounding on a contiguous (NCHW) input and after it on a
+    channels-last one (measured: with an odd zero point the two differ on every tie): `zero_point_first`."""
 
-    def __init__(self, pool: nn.Module, scale: float, zero_point: int, low: int, high: int) -> None:
+    def __init__(self, pool: nn.Module, scale: float, zero_point: int, low: int, high: int,
+                 zero_point_first: bool = False) -> None:
         super().__init__()
         self.pool, self.scale, self.zero_point, self.low, self.high = pool, float(scale), int(zero_point), low, high
+        self.zero_point_first = zero_point_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = torch.tensor(self.scale, dtype=torch.float32)
         codes = torch.div(x, scale).round_().double()  # code - zero point, recovered exactly from code x scale
-        mean = self.pool(codes).round_()
-        return mean.add_(self.zero_point).clamp_(self.low, self.high).sub_(self.zero_point).float().mul_(scale)
+        mean = self.pool(codes)
+        mean = mean.add_(self.zero_point).round_() if self.zero_point_first else mean.round_().add_(self.zero_point)
+        return mean.clamp_(self.low, self.high).sub_(self.zero_point).float().mul_(scale)
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale!r}, zero_point={self.zero_point}"
+        return f"scale={self.scale!r}, zero_point={self.zero_point}, zero_point_first={self.zero_point_first}"
 
 
 def float_function(deployed: Deployed) -> nn.Module:

@@ -7,14 +7,14 @@ float modules and functions on quantized tensors (ReLU, pooling, reshapes) and `
 copy, the graph is rewritten into the engine's form (see deployed.py), with the arithmetic measured against torch's
 x86 kernels (as for the eager reader, ao.py):
 
-- ``quantize_per_tensor`` -> `KernelRequantize` (x times the float32 inverse scale, rounded half to even, plus the
-  zero point); ``dequantize`` -> nothing;
+- ``quantize_per_tensor`` -> `Requantize(divide=False)` (x times the float32 inverse scale, rounded half to even,
+  plus the zero point); ``dequantize`` -> nothing;
 - a quantized add/add_relu -> the float add of its operands as the kernel dequantizes them (`KernelDequantize`: one
-  fused multiply-add, for operands with a zero point), re-gridded by `KernelRequantize` (a fused ReLU clamps at the
-  zero point); a quantized cat -> float cat, then `KernelRequantize`;
+  fused multiply-add, for operands with a zero point), re-gridded by `Requantize(divide=False)` (a fused ReLU clamps
+  at the zero point); a quantized cat -> float cat, then `Requantize(divide=False)`;
 - a quantized mul/mul_relu -> the integer product of the operands' codes (`KernelCodes`) times the kernel's float32
   multiplier (`KernelProductRequantize`);
-- an average pooling (module or function) on a quantized tensor -> `KernelAvgPool` (the mean of integer codes plus
+- an average pooling (module or function) on a quantized tensor -> `CodeAvgPool` (the mean of integer codes plus
   the zero point, rounded half to even);
 - quantized conv/linear modules -> float twins (`ao.float_twin`) with their `DeployedLayer`; whether each layer's
   kernel adds its output zero point before rounding (oneDNN) or after (fbgemm) is measured
@@ -41,7 +41,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ao import _AVERAGING, _ao_types, float_twin, weight_codes
+from .ao import (
+    _AVERAGING,
+    KernelCodes,
+    KernelDequantize,
+    KernelProductRequantize,
+    _ao_types,
+    float_twin,
+    pool_adds_zero_point_first,
+    weight_codes,
+    zero_point_before_rounding,
+)
 from .data import iter_batches
 from .deployed import BiasMode, CodeAvgPool, Deployed, DeployedFormatError, DeployedLayer, Requantize
 
@@ -72,9 +82,12 @@ def _describe(node: torch.fx.Node) -> str:
     return f"{node.op} {target}"
 
 
-def record_node_grids(work: torch.fx.GraphModule, calibration_data: Any, batch_size: int) -> dict[str, Grid]:
-    """One forward pass of the graph on the first calibration batch: the grid of every node's quantized output."""
+def record_node_grids(work: torch.fx.GraphModule, calibration_data: Any, batch_size: int
+                      ) -> tuple[dict[str, Grid], dict[str, bool]]:
+    """One forward pass of the graph on the first calibration batch: the grid of every node's quantized output,
+    and whether it is contiguous (NCHW: `ao.pool_adds_zero_point_first`)."""
     grids: dict[str, Grid] = {}
+    contiguous: dict[str, bool] = {}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n: torch.fx.Node) -> Any:
@@ -84,6 +97,7 @@ def record_node_grids(work: torch.fx.GraphModule, calibration_data: Any, batch_s
                 grid = _grid(value, n)
                 if grid is not None:
                     grids.setdefault(n.name, grid)
+                    contiguous.setdefault(n.name, pool_adds_zero_point_first(value))
                     break
             return out
 
@@ -94,68 +108,7 @@ def record_node_grids(work: torch.fx.GraphModule, calibration_data: Any, batch_s
         break
     else:
         raise ValueError("calibration_data is empty: give at least one batch of inputs")
-    return grids
-
-
-class KernelRequantize(Requantize):
-    """torch's quantizing kernels (``quantize_per_tensor``, the output of the quantized add/mul/cat) on the x86
-    CPU: x times the float32 inverse of the float32 scale, rounded half to even, then the zero point added to the
-    integer (measured: a division, or a float64 inverse, differs on near-ties)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = torch.tensor(self.scale, dtype=torch.float32)
-        codes = torch.mul(x, torch.tensor(1.0, dtype=torch.float32) / scale).round_()
-        return codes.add_(self.zero_point).clamp_(self.low, self.high).sub_(self.zero_point).mul_(scale)
-
-
-class KernelDequantize(Requantize):
-    """The vectorised dequantization of torch's quantized add on the x86 CPU: q x scale + (-zero point x scale),
-    one fused multiply-add in float32 (measured; (q - zero point) x scale differs in the last bit, which moves
-    near-ties of the sum). The input is (q - zero point) x scale, whose code it recovers exactly. A subclass of
-    `Requantize`, so that the float function (`deployed.float_function`) passes values through it."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = torch.tensor(self.scale, dtype=torch.float32)
-        premul = torch.tensor(-self.zero_point, dtype=torch.float32) * scale
-        codes = torch.div(x, scale).round_().add_(self.zero_point)  # the stored code q, exactly
-        # q x scale is exact in float64 (8 x 24 bits), and so is its sum with premul: one rounding to float32
-        return codes.double().mul_(float(scale)).add_(float(premul)).float()
-
-
-class KernelCodes(Requantize):
-    """A quantized value's stored code minus its zero point, recovered exactly from (code - zero point) x scale: the
-    integer operand of torch's quantized mul. A `Requantize`, so that the float function passes values through."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.div(x, torch.tensor(self.scale, dtype=torch.float32)).round_()
-
-
-class KernelProductRequantize(Requantize):
-    """torch's quantized mul on the x86 CPU: the integer product of the operands' codes minus their zero points
-    (exact in float32: |p| <= 2^16), times the float32 multiplier scale_a x scale_b x (1 / scale), rounded half to
-    even, plus the zero point (measured; a float product of dequantized values differs on near-ties)."""
-
-    def __init__(self, scale_a: float, scale_b: float, scale: float, zero_point: int, low: int, high: int) -> None:
-        super().__init__(scale, zero_point, low, high)
-        f32 = torch.float32
-        inverse = torch.tensor(1.0, dtype=f32) / torch.tensor(scale, dtype=f32)
-        self.multiplier = float(torch.tensor(scale_a, dtype=f32) * torch.tensor(scale_b, dtype=f32) * inverse)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = torch.mul(x, torch.tensor(self.multiplier, dtype=torch.float32)).round_()
-        scale = torch.tensor(self.scale, dtype=torch.float32)
-        return codes.add_(self.zero_point).clamp_(self.low, self.high).sub_(self.zero_point).mul_(scale)
-
-
-class KernelAvgPool(CodeAvgPool):
-    """torch's quantized average pools: the mean of (code - zero point), padding counting as zero, plus the zero
-    point, rounded half to even (measured: rounding before adding an odd zero point moves every tie)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = torch.tensor(self.scale, dtype=torch.float32)
-        codes = torch.div(x, scale).round_().double()  # code - zero point, recovered exactly from code x scale
-        mean = self.pool(codes).add_(self.zero_point).round_()
-        return mean.clamp_(self.low, self.high).sub_(self.zero_point).float().mul_(scale)
+    return grids, contiguous
 
 
 class _FunctionalPool(nn.Module):
@@ -206,7 +159,8 @@ def _unsupported(node: torch.fx.Node, why: str) -> DeployedFormatError:
     return DeployedFormatError(f"{SOURCE}: node {node.name!r} ({_describe(node)}) {why}; supported: {SUPPORTED}")
 
 
-def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, DeployedLayer]:
+def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict[str, bool]
+            ) -> dict[str, DeployedLayer]:
     """In place on `work` (a private copy): the graph in the engine's form; returns each conv/linear layer's codes
     and parameters, in graph order."""
     types = _ao_types()
@@ -230,7 +184,8 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, Dep
             raise _unsupported(node, "did not give a quantized tensor on the calibration data")
         scale, zero, signed = grids[node.name]
         low, high = _range(signed)
-        regrid = add_module(node, "requantize", KernelRequantize(scale, zero, max(low, zero) if relu else low, high))
+        regrid = add_module(node, "requantize",
+                            Requantize(scale, zero, max(low, zero) if relu else low, high, divide=False))
         with graph.inserting_before(node):
             if fused_dequantize:  # the operands as the add kernel dequantizes them
                 operands: list[Any] = []
@@ -257,7 +212,7 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, Dep
             if node.name not in grids:
                 raise _unsupported(node, "did not run on the calibration data")
             scale, zero, signed = grids[node.name]
-            regrid = add_module(node, "requantize", KernelRequantize(scale, zero, *_range(signed)))
+            regrid = add_module(node, "requantize", Requantize(scale, zero, *_range(signed), divide=False))
             with graph.inserting_before(node):
                 out = graph.call_module(regrid, (node.args[0],))
             node.replace_all_uses_with(out)
@@ -302,7 +257,7 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, Dep
             if any(isinstance(arg, torch.fx.Node) for arg in [*node.args[1:], *node.kwargs.values()]):
                 raise _unsupported(node, "pools with computed arguments")
             pool = _FunctionalPool(node.target, tuple(node.args[1:]), dict(node.kwargs))
-            name = add_module(node, "codepool", _code_pool(pool, quantized_in[0]))
+            name = add_module(node, "codepool", _code_pool(pool, quantized_in[0], contiguous, node))
             with graph.inserting_before(node):
                 out = graph.call_module(name, (node.args[0],))
             node.replace_all_uses_with(out)
@@ -323,26 +278,22 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, Dep
                 in_scale, in_zero, in_signed = quantized_in[0]
                 act_scale, act_zero, act_signed = grids[node.name]
                 bias = layer.bias()
-                # proposed for deployed.DeployedLayer (issue 15): until the field exists, the engine rounds before
-                # adding the zero point, as fbgemm does, and oneDNN's ties (x.5 exactly) come out one code apart
-                rounding = {"zero_point_before_rounding": zero_point_before_rounding(module)} if (
-                    "zero_point_before_rounding" in DeployedLayer.__dataclass_fields__) else {}
                 layers[target] = DeployedLayer(codes, w_scale, in_scale, in_zero, act_scale, act_zero,
                                                bias=None if bias is None else bias.detach().float(),
                                                bias_mode=BiasMode.FLOAT, input_signed=in_signed,
                                                act_signed=act_signed, relu=isinstance(module, types["fused_relu"]),
-                                               **rounding)
+                                               zero_point_before_rounding=zero_point_before_rounding(module))
                 work.set_submodule(target, float_twin(module))
             elif isinstance(module, types["quantize"]):
                 if node.name not in grids:
                     raise _unsupported(node, "did not run on the calibration data")
                 scale, zero, signed = grids[node.name]
-                node.target = add_module(node, "requantize", KernelRequantize(scale, zero, *_range(signed)))
+                node.target = add_module(node, "requantize", Requantize(scale, zero, *_range(signed), divide=False))
             elif isinstance(module, types["dequantize"]):
                 node.replace_all_uses_with(node.args[0])
                 graph.erase_node(node)
             elif isinstance(module, _AVERAGING) and quantized_in:
-                node.target = add_module(node, "codepool", _code_pool(module, quantized_in[0]))
+                node.target = add_module(node, "codepool", _code_pool(module, quantized_in[0], contiguous, node))
             elif quantized_in or type(module).__module__.startswith(("torch.ao.nn.quantized",
                                                                       "torch.ao.nn.intrinsic")):
                 if not isinstance(module, _KEEP_MODULES):
@@ -366,55 +317,11 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid]) -> dict[str, Dep
     return layers
 
 
-def zero_point_before_rounding(module: Any) -> bool:
-    """Whether the kernel that runs the quantized conv/linear `module` adds its output zero point to the scaled
-    float32 accumulator before rounding (oneDNN: torch's x86 engine's convolutions on CPUs with AVX512-VNNI, the
-    onednn engine) rather than rounding, then adding it (fbgemm: the x86 engine's linear layers and convolutions
-    elsewhere). With an odd zero point the two differ exactly on ties (x.5 rounds to the even neighbour of x.5 or of
-    x.5 + zero point). Measured on a copy of `module` whose scales are powers of two, so that its scaled
-    accumulators are exact and one in four is a tie."""
-    probe: Any = copy.deepcopy(module)
-    weight = module.weight()
-    generator = torch.Generator().manual_seed(0)
-    codes = torch.randint(-127, 128, weight.shape, generator=generator, dtype=torch.int8)
-    channels = weight.shape[0]
-    step, out_scale, zero = 2.0**-6, 2.0**-8, 77  # accumulators x 2^-4: one in 16 is x.5
-    probe.set_weight_bias(torch._make_per_channel_quantized_tensor(
-        codes, torch.full((channels,), step, dtype=torch.float64), torch.zeros(channels, dtype=torch.int64), 0),
-        torch.zeros(channels))
-    probe.scale, probe.zero_point = out_scale, zero
-    if isinstance(module, torch.ao.nn.quantized.Linear):
-        shape: tuple[int, ...] = (256, module.in_features)
-    else:
-        spatial = [k * d + 4 for k, d in zip(module.kernel_size, module.dilation)]
-        shape = (4, module.in_channels, *spatial)
-    # input codes - zero point in [-3, 12]: accumulators stay well inside the output range around the zero point
-    x_codes = torch.randint(0, 16, shape, generator=generator, dtype=torch.uint8)
-    x = torch._make_per_tensor_quantized_tensor(x_codes, step, 3)
-    with torch.no_grad():
-        out = probe(x).int_repr().double() - zero
-        values = x_codes.double() - 3
-        if isinstance(module, torch.ao.nn.quantized.Linear):
-            acc = values @ codes.double().t()
-        else:
-            conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
-            acc = conv(values, codes.double(), None, module.stride, module.padding, module.dilation, module.groups)
-    scaled = acc * (step * step / out_scale)
-    low, high = -zero, 255 - zero
-    if isinstance(module, _ao_types()["fused_relu"]):
-        low = 0
-    inside = (scaled > low) & (scaled < high)
-    ties = inside & (scaled - scaled.floor() == 0.5)
-    if not bool(ties.any()):
-        return False
-    first = ((scaled + zero).round() - zero)[ties]
-    after = scaled.round()[ties]
-    return bool((out[ties] == first).all()) and not bool((out[ties] == after).all())
-
-
-def _code_pool(pool: nn.Module, grid: Grid) -> CodeAvgPool:
+def _code_pool(pool: nn.Module, grid: Grid, contiguous: dict[str, bool], node: torch.fx.Node) -> CodeAvgPool:
     scale, zero, signed = grid
-    return KernelAvgPool(pool, scale, zero, *_range(signed))
+    source = node.args[0]
+    zero_first = contiguous.get(source.name, True) if isinstance(source, torch.fx.Node) else True
+    return CodeAvgPool(pool, scale, zero, *_range(signed), zero_point_first=zero_first)
 
 
 def _check_keeps_grid(node: torch.fx.Node, quantized_in: list[Grid], grids: dict[str, Grid]) -> None:
@@ -429,7 +336,7 @@ def read_ao_fx(model: Any, calibration_data: Any, batch_size: int, device: torch
     if not isinstance(model, torch.fx.GraphModule):
         raise TypeError(f"{SOURCE}: expected a torch.fx.GraphModule from convert_fx, got {type(model).__qualname__}")
     work = copy.deepcopy(model).eval().to("cpu")  # the quantized kernels run on the CPU
-    layers = rewrite(work, record_node_grids(work, calibration_data, batch_size))
+    layers = rewrite(work, *record_node_grids(work, calibration_data, batch_size))
     if not layers:
         raise DeployedFormatError(f"{SOURCE}: no quantized conv/linear module in the graph")
     work.to(device)

@@ -88,6 +88,7 @@ class QuantizedModel:
         # first, as its int32 -> float conversion does
         runtime_float32 = layer.multiplier is not None
         float_output = layer.float_output
+        zero_first = layer.zero_point_before_rounding and act_zero != 0
         image_layout = IMAGE_LAYOUTS.get(type(layer.module))
         hands_on_codes, reads_codes = layer.hands_on_codes, layer.reads_codes
         wide = None if layer.compute_dtype == torch.float32 else layer.compute_dtype
@@ -147,9 +148,14 @@ class QuantizedModel:
                 out.add_(bias_after)
             if float_output:  # the runtime keeps this layer's result in float: no output codes, no act site
                 return out.float() if out.dtype != torch.float32 else out
-            out = out.round_()
-            if runtime.zero_offsets:  # a faulty output zero point register: every code shifts before saturation
-                out.add_(runtime.zero_offsets.get(name, 0))
+            # a faulty output zero point register (site qparams): every code shifts before saturation
+            offset = runtime.zero_offsets.get(name, 0) if runtime.zero_offsets else 0
+            if zero_first:  # the runtime adds the zero point in float32, then rounds (oneDNN)
+                out = out.add_(act_zero + offset).round_().sub_(act_zero)
+            else:
+                out = out.round_()
+                if offset:
+                    out.add_(offset)
             out = out.clamp_(act_low, act_high)
             if out.dtype != torch.float32:  # codes fit float32 exactly; values are code x scale in float32
                 out = out.float()
@@ -485,6 +491,7 @@ class QuantLayer:
     # the multiplier turns the accumulator into values, the float bias is added as it is, nothing is rounded, and
     # the layer has no output codes (no act site, no output zero point register).
     float_output: bool = False
+    zero_point_before_rounding: bool = False  # `deployed.DeployedLayer.zero_point_before_rounding`
     calls: int = 1  # runs per forward pass (a recurrent cell's hidden matmul: one per time step)
     # A matmul of two activations: its second operand's per-image shape and scale (its weight_codes are empty and
     # its weight_scale holds this scale, so that acc_scale is the product of the two input scales).

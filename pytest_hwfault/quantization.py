@@ -249,7 +249,8 @@ def quantize(
                       "input_zero_point": ao.input_zero_point, "act_zero_point": ao.act_zero_point,
                       "signed_activations": ao.act_signed, "signed_inputs": ao.input_signed,
                       "multiplier": float32_multiplier(ao.input_scale, ao.weight_scale, ao.act_scale).to(device),
-                      "float_output": ao.act_scale is None}
+                      "float_output": ao.act_scale is None,
+                      "zero_point_before_rounding": ao.zero_point_before_rounding}
         elif isinstance(module, MatMul):  # two activations: the second operand's scale stands in the weight's
             second = stats_in2[name].grid(percentile)[0]
             codes, w_scale = torch.zeros(0, dtype=torch.int32), torch.tensor([second], dtype=torch.float32)

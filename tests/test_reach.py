@@ -160,7 +160,7 @@ def test_every_multiply_accumulate_is_quantized(name: str) -> None:
     coverage = measure_coverage(qmodel, x)
     assert coverage.complete and coverage.uncovered == [] and coverage.uncounted == [], coverage.describe()
     assert coverage.macs == 1.0 and coverage.weights == 1.0
-    assert all(coverage.reaches(1.0, site) for site in SITES)
+    assert all(coverage.reaches(1.0, site) for site in SITES if site != "pe")
     for layer in PROBED[name]:
         assert layer in qmodel.layers, list(qmodel.layers)
     # the view computes the model's function: its logits follow the float model's
@@ -340,7 +340,7 @@ def test_one_fault_in_attention_recurrent_and_functional_layers_matches_the_refe
     qmodel, _, x = view(name)
     layer_name = data.draw(st.sampled_from(PROBED[name]), label="layer")
     layer = qmodel.layers[layer_name]
-    sites = [s for s in SITES if layer.numel(Site(s))]
+    sites = [s for s in ("act", "weight", "acc", "input") if layer.numel(Site(s))]  # qparams, pe: own tests
     site = data.draw(st.sampled_from(sites), label="site")
     index = data.draw(st.integers(0, layer.numel(Site(site)) - 1), label="index")
     bit = data.draw(st.integers(0, layer.site_bits(Site(site)) - 1), label="bit")
@@ -588,9 +588,9 @@ def test_results_do_not_depend_on_the_batch_split_or_the_thread_count(name: str)
     from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
 
     qmodel, _, x = view(name)
-    for site in SITES:
+    for site in (s for s in SITES if s != "pe"):  # pe: these models' activation matmuls are not on an array
         targets = qmodel.targets(Site(site))
-        bits = sum(t.numel * t.bits for t in targets) * (1 if site == "weight" else len(x))
+        bits = sum(t.numel * t.bits for t in targets) * (len(x) if Site(site).transient else 1)
         pattern = sample_pattern(FaultModel(site, 40 / bits), targets, len(x), trial_generator(3, name, 0))
         whole = _logits(qmodel(x, faults=pattern))
         split = torch.cat([_logits(qmodel(x[:2], faults=pattern)),
