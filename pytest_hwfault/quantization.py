@@ -27,8 +27,8 @@ What is quantized, and where (see also docs/architecture.md):
   (module or functional), pooling, residual additions, concatenations, kept BatchNorm. A residual addition
   therefore sums two dequantized tensors, and the next layer's input quantization re-grids the result. (Between a
   producer that hands on codes and its readers, ReLU, max-pooling and reshapes run on the codes: same result.)
-- A model already quantized with torch.ao eager mode keeps its own int8 weight codes and scales and its quint8
-  activation scales and zero points (see `ao.py`).
+- A deployed int8 model (torch.ao eager or FX, torchao PT2E, ONNX QDQ) keeps its own codes, scales, zero points
+  and arithmetic (see `deployed.py` and its readers).
 - Codes are symmetric with the restricted range [-(2^(N-1)-1), 2^(N-1)-1]; a fault may produce -2^(N-1).
 - Dequantized value == code x scale exactly, in float32.
 - Scales come from calibration over the data given: torch.ao observers (MinMax / PerChannelMinMax) for

@@ -1,0 +1,104 @@
+"""Agreement of the engine with each deployed int8 runtime, fault-free, on the ResNet-style model of the reader
+tests (tests/deployed_models.py: fused conv+bn+relu, residual adds, global average pooling, a linear head) trained on
+scikit-learn's digits and evaluated on the 397 held-out images.
+
+For each format: the share of equal predictions, of exactly equal output codes (logits / output scale), and the
+largest difference in codes, against the runtime's own output:
+
+- torch.ao eager and FX: torch's quantized kernels (x86 engine);
+- PT2E (torchao, X86InductorQuantizer): the converted graph itself; its logits are the float result of the last
+  linear (no output codes), so the codes compared are those the last linear reads, and the logits are compared up to
+  float32 rounding;
+- ONNX QDQ (onnxruntime quantize_static, per-channel int8 weights, uint8 or int8 activations): onnxruntime's CPU
+  provider with its default optimizations (QLinearConv/QGemm/QLinearAdd/QLinearGlobalAveragePool kernels).
+
+    python benchmarks/deployed_fidelity.py [--json fidelity.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import deployed_models as dm  # noqa: E402
+from _common import environment, save_json  # noqa: E402
+
+from pytest_hwfault import quantize  # noqa: E402
+
+
+class Digits:
+    """The reader tests' split of scikit-learn's digits (tests/conftest.py's `digits`)."""
+
+    def __init__(self) -> None:
+        from sklearn.datasets import load_digits
+
+        x, y = load_digits(return_X_y=True)
+        x_t, y_t = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y, dtype=torch.int64)
+        order = torch.randperm(len(x_t), generator=torch.Generator().manual_seed(0))
+        x_t, y_t = x_t[order], y_t[order]
+        self.x_train, self.y_train, self.x_test, self.y_test = x_t[:1400], y_t[:1400], x_t[1400:], y_t[1400:]
+
+
+def _run(model: Any, x: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        return model(x)
+
+
+def _onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
+def measure() -> dict[str, dict[str, float]]:
+    torch.set_num_threads(1)
+    digits = Digits()
+    x, calibration = dm.images(digits.x_test), dm.images(digits.x_train)
+    net, eager = dm.trained_resnet_style(digits), dm.trained_resnet_style(digits, eager=True)
+    rows: dict[str, dict[str, float]] = {}
+    ao = dm.to_ao_eager(eager, calibration, dm.ResNetStyle.FUSIONS)
+    qmodel = quantize(ao, calibration[:256])
+    rows["torch.ao eager"] = dm.agreement(_run(ao, x), qmodel(x), qmodel.layers["fc"].act_scale)
+    fx = dm.to_ao_fx(net, calibration)
+    qmodel = quantize(fx, calibration)
+    rows["torch.ao fx"] = dm.agreement(_run(fx, x), qmodel(x), qmodel.layers["fc"].act_scale)
+    pt2e = dm.to_pt2e(net, calibration[:512])
+    qmodel = quantize(pt2e, calibration[:256])
+    reference, ours = _run(pt2e, x), qmodel(x)
+    close = (reference - ours).abs() <= 1e-5 * reference.abs().max()  # equal up to float32 rounding
+    rows["pt2e (logits in float)"] = {
+        "predictions": float((reference.argmax(1) == ours.argmax(1)).float().mean()),
+        "logits_equal_to_float32_rounding": float(close.float().mean()),
+        "max_relative_logit_difference": float((reference - ours).abs().max() / reference.abs().max())}
+    with tempfile.TemporaryDirectory() as folder:
+        for activations in ("u8", "s8"):
+            path = dm.to_onnx_qdq(net, calibration[:500], folder, activations)
+            qmodel = quantize(path, calibration[:64])
+            rows[f"onnx ({activations} activations)"] = dm.agreement(_onnx(path, x), qmodel(x),
+                                                                     qmodel.layers["fc_Gemm"].act_scale)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the figures and the environment here")
+    args = parser.parse_args()
+    rows = measure()
+    print(f"{'format':<28} agreement")
+    for name, row in rows.items():
+        print(f"{name:<28} " + ", ".join(f"{k} {v:.6g}" for k, v in row.items()))
+    save_json(args.json, {"agreement": rows, "environment": environment("torchao", "onnxruntime", "onnx")})
+
+
+if __name__ == "__main__":
+    main()
