@@ -68,6 +68,25 @@ def test_release_gate_accumulators(hwfault, models, val_data, calibration, recip
     hwfault.assess(models[recipe].model, val_data, calibration_data=calibration)
 
 
+# Hardware fault models beyond bit flips in stored codes (README, *Fault models*). A stuck-at-1 bit in one PE's
+# accumulator register of the systolic array that computes every conv corrupts a whole column of output channels in
+# every layer: most trials hold no faulty PE at this rate, a few are catastrophic (~10% accuracy), so the gate
+# judges the mean over trials against a low floor.
+@pytest.mark.parametrize("recipe", RECIPES)
+@resilience(ber=2e-5, site="pe", array=(16, 16), pe_register="acc", kind="stuck1", min_acc=0.5, samples=64,
+            budget=32)
+def test_release_gate_systolic_array(hwfault, models, val_data, calibration, recipe: str):
+    hwfault.assess(models[recipe].model, val_data, calibration_data=calibration)
+
+
+# The seed study is about scaling factors: here the stored requantization multipliers and output zero points
+# themselves take the bit flips (an exponent bit rescales a whole channel).
+@pytest.mark.parametrize("recipe", RECIPES)
+@resilience(ber=1e-5, site="qparams", min_acc=0.5, samples=SAMPLES, budget=32)
+def test_release_gate_quantization_parameters(hwfault, models, val_data, calibration, recipe: str):
+    hwfault.assess(models[recipe].model, val_data, calibration_data=calibration)
+
+
 # -- the seed study's claims, as custom assertions -------------------------------------------------------------------
 def act_scales(hwfault, model: torch.nn.Module, calibration: torch.Tensor) -> tuple[float, float]:
     """Mean and max over layers of the per-tensor int8 output (activation) scale."""
