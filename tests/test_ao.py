@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.ao.quantization as tq
-from deployed_models import ResNetStyle, agreement, images, trained_resnet_style
+from deployed_models import ResNetStyle, agreement, images, to_ao_eager, trained_resnet_style
 from torch import nn
 
 from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
@@ -124,13 +124,7 @@ def test_the_float_baseline_of_a_fused_model_keeps_its_relu(ao_model, digits) ->
 # -- the ResNet-style model every deployed-int8 reader is tested on (tests/deployed_models.py) ------------------------
 @pytest.fixture(scope="module")
 def ao_resnet(digits):  # noqa: ANN001, ANN201
-    net = tq.fuse_modules(trained_resnet_style(digits, eager=True), ResNetStyle.FUSIONS)
-    net.qconfig = tq.get_default_qconfig("x86")
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        prepared = tq.prepare(net)
-        prepared(images(digits.x_train))
-        return tq.convert(prepared)
+    return to_ao_eager(trained_resnet_style(digits, eager=True), images(digits.x_train), ResNetStyle.FUSIONS)
 
 
 @pytest.fixture(scope="module")

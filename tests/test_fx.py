@@ -9,10 +9,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from deployed_models import agreement, images, trained_resnet_style
+from deployed_models import agreement, images, to_ao_fx, trained_resnet_style
 from torch import nn
-from torch.ao.quantization import get_default_qconfig_mapping
-from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
 from pytest_hwfault.ao import (
@@ -32,16 +30,6 @@ pytestmark = pytest.mark.usefixtures("single_threaded")
 LAYERS = ["stem", "block1.conv1", "block1.conv2", "block2.conv1", "block2.conv2", "fc"]
 
 
-def convert(model: nn.Module, calibration: torch.Tensor) -> torch.fx.GraphModule:
-    """`model` quantized with torch.ao FX mode, x86 default qconfig, calibrated on `calibration`."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (calibration[:1],))
-        with torch.no_grad():
-            prepared(calibration)
-        return convert_fx(prepared)
-
-
 def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -50,7 +38,7 @@ def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def fx_model(digits):  # noqa: ANN001, ANN201
-    return convert(trained_resnet_style(digits), images(digits.x_train))
+    return to_ao_fx(trained_resnet_style(digits), images(digits.x_train))
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +252,7 @@ def test_fx_concat_multiply_and_functional_pool_are_exact(digits) -> None:  # no
     with torch.random.fork_rng():
         torch.manual_seed(0)
         net = Branches()
-    fx = convert(net, images(digits.x_train))
+    fx = to_ao_fx(net, images(digits.x_train))
     targets = {str(node.target) for node in fx.graph.nodes}
     assert any("quantized.mul" in t for t in targets) and any("avg_pool2d" in t for t in targets)
     qmodel = quantize(fx, images(digits.x_train))
@@ -286,7 +274,7 @@ def test_fx_unsupported_quantized_op_is_a_clear_error(digits) -> None:  # noqa: 
     with torch.random.fork_rng():
         torch.manual_seed(0)
         net = Hardswish()
-    fx = convert(net, images(digits.x_train[:64]))
+    fx = to_ao_fx(net, images(digits.x_train[:64]))
     with pytest.raises(DeployedFormatError, match=r"torch\.ao fx: node 'act' .*Hardswish.* runs on a quantized "
                                                   r"tensor; supported: quantize_per_tensor"):
         quantize(fx, images(digits.x_train[:64]))

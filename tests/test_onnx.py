@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 import pathlib
-import warnings
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from deployed_models import agreement, images, trained_resnet_style
+from deployed_models import agreement, images, to_onnx_qdq, trained_resnet_style
 
 from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
 from pytest_hwfault.deployed import DeployedFormatError
@@ -25,30 +24,9 @@ pytestmark = pytest.mark.usefixtures("single_threaded")
 def qdq(digits, tmp_path_factory):  # noqa: ANN001, ANN201
     """The ResNet-style model exported to ONNX and quantized by onnxruntime (QDQ, per-channel int8 weights), with
     uint8 and with int8 activations: {"u8": path, "s8": path}."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
     folder = tmp_path_factory.mktemp("onnx")
-    model = trained_resnet_style(digits)
-    float_path = folder / "float.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (images(digits.x_train[:1]),), str(float_path), dynamo=False, input_names=["x"],
-                          output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
-                          opset_version=17)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"x": images(digits.x_train[i:i + 100]).numpy()} for i in range(0, 500, 100)])
-
-        def get_next(self) -> dict | None:
-            return next(self.batches, None)
-
-    paths = {}
-    for name, kind in (("u8", QuantType.QUInt8), ("s8", QuantType.QInt8)):
-        paths[name] = folder / f"qdq_{name}.onnx"
-        quantize_static(str(float_path), str(paths[name]), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=kind, weight_type=QuantType.QInt8)
-    return paths
+    model, calibration = trained_resnet_style(digits), images(digits.x_train[:500])
+    return {name: to_onnx_qdq(model, calibration, folder, name) for name in ("u8", "s8")}
 
 
 def run_ort(model: Any, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> list[np.ndarray]:
@@ -198,28 +176,10 @@ class Pools(torch.nn.Module):
 
 @pytest.mark.parametrize("activations", ["u8", "s8"])
 def test_pooling_and_concat_match_onnxruntime(digits, tmp_path, activations) -> None:  # noqa: ANN001
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
     with torch.random.fork_rng():
         torch.manual_seed(0)
         net = Pools().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (images(digits.x_train[:1]),), str(tmp_path / "f.onnx"), dynamo=False,
-                          input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
-                          opset_version=17)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"x": images(digits.x_train[i:i + 100]).numpy()} for i in range(0, 300, 100)])
-
-        def get_next(self) -> dict | None:
-            return next(self.batches, None)
-
-    path = tmp_path / "q.onnx"
-    quantize_static(str(tmp_path / "f.onnx"), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
-                    weight_type=QuantType.QInt8)
+    path = to_onnx_qdq(net, images(digits.x_train[:300]), tmp_path, activations)
     x = images(digits.x_test)
     qmodel = quantize(path, x[:64])
     assert list(qmodel.layers) == ["c1_Conv", "c2_Conv", "c3_Conv", "fc_Gemm"]

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any
 
 import pytest
 import torch
-from deployed_models import agreement, images, trained_resnet_style
+from deployed_models import agreement, images, to_pt2e, trained_resnet_style
 from torch import fx
 
 from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
@@ -23,18 +22,7 @@ QUANTIZE = "quantized_decomposed.quantize_per_tensor"
 
 @pytest.fixture(scope="module")
 def pt2e_model(digits):  # noqa: ANN001, ANN201
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-
-    net = trained_resnet_style(digits)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        example = (images(digits.x_train[:8]),)
-        exported = torch.export.export(net, example, dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
-        quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
-        prepared = prepare_pt2e(exported, quantizer)
-        prepared(images(digits.x_train[:512]))
-        return convert_pt2e(prepared)
+    return to_pt2e(trained_resnet_style(digits), images(digits.x_train[:512]))
 
 
 @pytest.fixture(scope="module")
