@@ -32,6 +32,7 @@ from .evaluate import (
 )
 from .faults import FaultModel, FaultPattern, Site, sample_pattern, trial_generator
 from .late_start import DEFAULT_CACHE_BYTES, LateStart
+from .mitigation import Mitigation
 from .quantization import QuantizedModel
 from .spec import CampaignSpec
 from .stats import Decision, SequentialPlan, Threshold, Verdict, clopper_pearson_interval
@@ -69,13 +70,19 @@ class TrialResult:
     layer_faults: dict[str, int] = field(default_factory=dict)
     layer_exposure: dict[str, float] = field(default_factory=dict)  # images (or trials) hit in this layer
     layer_damage: dict[str, float] = field(default_factory=dict)  # of those, the critical ones
+    # detected unrecoverable errors (DUE): images whose logits held NaN or Inf, and every image of a trial whose
+    # weight memory's ECC detected an uncorrectable word; none is a correct prediction
+    detected: int = 0
+    silent: int | None = None  # images whose prediction changed and nothing flagged (silent data corruption)
+    corrected: int = 0  # faults a mitigation removed (protected layers, ECC-corrected words)
+    unmitigated_correct: int | None = None  # a mitigated campaign: correct images under the same faults, unmitigated
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.images
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {key: value for key, value in self.__dict__.items() if value is not None}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrialResult:
@@ -98,6 +105,11 @@ class Outcome:
     nonfinite: int
     faults_per_trial: float
     complete: bool
+    detected: int = 0  # DUE images over the trials used
+    silent: int | None = None  # images whose prediction changed unflagged (None: trials from before it was counted)
+    corrected: int = 0  # faults the mitigations removed
+    # a mitigated campaign: the unmitigated model's accuracy under the same faults, judged as the gate is
+    unmitigated: Decision | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -120,6 +132,8 @@ class CampaignResult:
     coverage: dict[str, Any] = field(default_factory=dict)  # coverage.Coverage.to_dict() of the quantized view
     # where the codes came from: "calibrated" (quantized here) or the deployed format read (`deployed.FORMATS`)
     model_format: str = "calibrated"
+    # a mitigated campaign: `mitigation.Mitigation.describe()` (its name, protected layers and cost)
+    mitigation: dict[str, Any] = field(default_factory=dict)
 
     # -- merging -------------------------------------------------------------------------------------------------
     def merge(self, other: CampaignResult) -> CampaignResult:
@@ -150,14 +164,15 @@ class CampaignResult:
         return CampaignResult(self.campaign_id, self.name, self.spec, self.images, self.float_accuracy,
                               self.quantized_accuracy, self.layers, dict(sorted(trials.items())),
                               max(self.seconds, other.seconds), self.identity or other.identity,
-                              self.coverage or other.coverage, self.model_format)
+                              self.coverage or other.coverage, self.model_format,
+                              self.mitigation or other.mitigation)
 
     def trimmed(self) -> CampaignResult:
         """Only the trials the outcome is computed on: the same result however many extra trials ran."""
         keep = self.outcome().trials if self.decided() else self.contiguous()
         return CampaignResult(self.campaign_id, self.name, self.spec, self.images, self.float_accuracy,
                               self.quantized_accuracy, self.layers, {i: self.trials[i] for i in range(keep)},
-                              self.seconds, self.identity, self.coverage, self.model_format)
+                              self.seconds, self.identity, self.coverage, self.model_format, self.mitigation)
 
     def contiguous(self) -> int:
         """T such that trials 0..T-1 are all present."""
@@ -209,6 +224,15 @@ class CampaignResult:
                  complete: bool) -> Outcome:
         chosen = [self.trials[i] for i in range(used)]
         images = sum(t.images for t in chosen)
+        unmitigated = None
+        if used and self.spec.mitigated and all(t.unmitigated_correct is not None for t in chosen):
+            plan = self.plan()
+            if self.spec.transient:
+                unmitigated = plan.decide_binomial(sum(t.unmitigated_correct or 0 for t in chosen), images, used,
+                                                   required)
+            else:
+                unmitigated = plan.decide_bounded([(t.unmitigated_correct or 0) / t.images for t in chosen], required)
+        silent = [t.silent for t in chosen]
         return Outcome(
             verdict=verdict,
             trials=used,
@@ -222,6 +246,10 @@ class CampaignResult:
             nonfinite=sum(t.nonfinite for t in chosen),
             faults_per_trial=sum(t.faults for t in chosen) / used if used else 0.0,
             complete=complete,
+            detected=sum(t.detected for t in chosen),
+            silent=None if any(v is None for v in silent) else sum(v or 0 for v in silent),
+            corrected=sum(t.corrected for t in chosen),
+            unmitigated=unmitigated,
         )
 
     def layer_vulnerability(self, trials: int | None = None) -> list[dict[str, Any]]:
@@ -248,6 +276,12 @@ class CampaignResult:
             rows.append({**layer, "faults": faults.get(name, 0), "fault_share": faults.get(name, 0) / total if total
                          else 0.0, "vulnerability": harmed / hit if hit else 0.0, "vulnerability_low": low,
                          "vulnerability_high": high})
+        # exposure: the bits faults can strike in the layer x its vulnerability (the faults drawn there, for
+        # results from before site bits were recorded), as a share of the model's
+        weights = [row.get("site_bits", row["faults"]) * row["vulnerability"] for row in rows]
+        whole = sum(weights)
+        for row, weight in zip(rows, weights):
+            row["exposure_share"] = weight / whole if whole else 0.0
         return rows
 
     def _vulnerability_interval(self, harmed: float, hit: float) -> tuple[float, float]:
@@ -277,6 +311,7 @@ class CampaignResult:
             "identity": self.identity,
             "coverage": self.coverage,
             "model_format": self.model_format,
+            **({"mitigation": self.mitigation} if self.mitigation else {}),
         }
 
     @classmethod
@@ -287,7 +322,7 @@ class CampaignResult:
         return cls(data["campaign_id"], data["name"], CampaignSpec.from_dict(data["spec"]), data["images"],
                    data["float_accuracy"], data["quantized_accuracy"], list(data["layers"]), trials,
                    data.get("seconds", 0.0), dict(data.get("identity") or {}), dict(data.get("coverage") or {}),
-                   str(data.get("model_format", "calibrated")))
+                   str(data.get("model_format", "calibrated")), dict(data.get("mitigation") or {}))
 
 
 class Campaign:
@@ -296,7 +331,7 @@ class Campaign:
     def __init__(self, qmodel: QuantizedModel, inputs: Batch, labels: torch.Tensor, spec: CampaignSpec,
                  name: str, *, identity: dict[str, str] | None = None, batch_size: int = 256,
                  drop_fault_free: bool = True, late_start: bool = True,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, paired: bool = True) -> None:
         if spec.bits != qmodel.config["bits"]:
             raise ValueError(f"campaign asks for bits={spec.bits} but the model was quantized to "
                              f"{qmodel.config['bits']} bits")
@@ -308,6 +343,7 @@ class Campaign:
         self.use_late_start, self.cache_bytes = late_start, cache_bytes
         self._late_start: LateStart | None = None
         self.campaign_id = spec.campaign_id(name)
+        self.draw_id = spec.draw_id(name)  # a mitigated campaign meets the faults its unmitigated twin meets
         self.fault_model = FaultModel(Site(spec.site), spec.ber, Kind(spec.kind), spec.bit_positions,
                                       spec.layer_selectors(), spec.burst)
         self.targets = qmodel.targets(self.fault_model.site, self.fault_model.layers)
@@ -331,16 +367,22 @@ class Campaign:
                 f"({baseline_floor(labels):.4f} needed; the most frequent label alone scores "
                 f"{chance_accuracy(labels):.4f}), so any drop would pass. Check the "
                 "model, its labels and its quantization (hwfault.quantize(...).summary()), or gate with min_acc=")
+        # a mitigated campaign also runs each trial unmitigated (`paired`), for the side-by-side accuracies
+        self.paired = paired
+        self.mitigation = Mitigation(qmodel, inputs, spec, batch_size) if spec.mitigated else None
 
     def empty_result(self) -> CampaignResult:
+        site_bits = {t.layer: t.numel * len(self.fault_model.positions_for(t)) for t in self.targets}
+        layers = [{**row, "site_bits": site_bits.get(row["name"], 0)} for row in self.qmodel.summary()]
         return CampaignResult(self.campaign_id, self.name, self.spec, len(self.inputs), self.float_accuracy,
-                              self.quantized_accuracy, self.qmodel.summary(), identity=dict(self.identity),
-                              coverage=self.coverage.to_dict(), model_format=self.qmodel.config["source"])
+                              self.quantized_accuracy, layers, identity=dict(self.identity),
+                              coverage=self.coverage.to_dict(), model_format=self.qmodel.config["source"],
+                              mitigation=self.mitigation.describe() if self.mitigation is not None else {})
 
     def pattern(self, trial: int) -> FaultPattern:
         """The exact faults of trial `trial`: replayable, exportable."""
         return sample_pattern(self.fault_model, self.targets, len(self.inputs),
-                              trial_generator(self.spec.seed, self.campaign_id, trial))
+                              trial_generator(self.spec.seed, self.draw_id, trial))
 
     def _predict(self, pattern: FaultPattern) -> Predictions:
         """Predictions under `pattern`. Fault dropping: with transient faults only, an image that holds no fault
@@ -378,11 +420,39 @@ class Campaign:
                                          batch_size=self.batch_size)
         return self._late_start if self._late_start.enabled else None
 
+    def _mitigated(self, pattern: FaultPattern) -> tuple[Predictions | None, FaultPattern, int, int | None]:
+        """Predictions of the mitigated model under `pattern` (None when ECC detected an uncorrectable word: every
+        image is a DUE), the faults that got through, the faults corrected, and (paired) the unmitigated model's
+        correct images under the same faults."""
+        assert self.mitigation is not None
+        unmitigated = self._predict(pattern) if self.paired else None
+        applied = self.mitigation.apply(pattern)
+        if applied.detected:
+            outcome = None
+        elif unmitigated is not None and not self.mitigation.restricts and not applied.corrected:
+            outcome = unmitigated  # nothing was corrected or clamped: the same computation
+        else:
+            with self.mitigation.active():
+                outcome = self._predict(applied.pattern)
+        count = None if unmitigated is None else int(unmitigated.correct(self.labels).sum())
+        return outcome, applied.pattern, applied.corrected, count
+
     def trial(self, index: int) -> TrialResult:
-        pattern = self.pattern(index)
-        outcome = self._predict(pattern)
-        correct = outcome.correct(self.labels)
-        critical = outcome.predicted != self.golden
+        drawn = self.pattern(index)
+        corrected, unmitigated = 0, None
+        outcome: Predictions | None
+        if self.mitigation is None:
+            pattern, outcome = drawn, self._predict(drawn)
+        else:
+            outcome, pattern, corrected, unmitigated = self._mitigated(drawn)
+        if outcome is None:  # a detected uncorrectable weight word: no image gets a prediction
+            correct = torch.zeros(len(self.inputs), dtype=torch.bool)
+            critical = torch.zeros(len(self.inputs), dtype=torch.bool)
+            due = torch.ones(len(self.inputs), dtype=torch.bool)
+        else:
+            correct = outcome.correct(self.labels)
+            critical = outcome.predicted != self.golden
+            due = outcome.nonfinite.cpu()
         layer_faults: dict[str, int] = {}
         exposure: dict[str, float] = {}
         damage: dict[str, float] = {}
@@ -395,19 +465,23 @@ class Campaign:
             else:
                 exposure[layer] = 1.0
                 damage[layer] = float(critical.float().mean())
-        faulty_images = len(self.inputs) if pattern.has_weight_faults() else int(pattern.images_with_faults().numel())
+        faulty_images = len(self.inputs) if drawn.has_weight_faults() else int(drawn.images_with_faults().numel())
         return TrialResult(
             trial=index,
             images=len(self.inputs),
             correct=int(correct.sum()),
             critical=int(critical.sum()),
-            nonfinite=int(outcome.nonfinite.sum()),
-            faults=len(pattern),
+            nonfinite=0 if outcome is None else int(outcome.nonfinite.sum()),
+            faults=len(drawn),
             faulty_images=faulty_images,
             correct_mask=_pack(correct),
             layer_faults=layer_faults,
             layer_exposure=exposure,
             layer_damage=damage,
+            detected=int(due.sum()),
+            silent=int((critical.cpu() & ~due).sum()),
+            corrected=corrected,
+            unmitigated_correct=unmitigated,
         )
 
     def run(

@@ -149,3 +149,27 @@ def assess(
                      execution.shards)
     result = part.result.trimmed() if whole and part.problem is None else part.result
     return Assessment(result, final=part.last and whole, problem=part.problem)
+
+
+def advise(model: nn.Module | QuantizedModel, data: Any, result: CampaignResult, *, cache: ModelCache,
+           device: torch.device, calibration_data: Any = None, quantize_options: dict[str, Any] | None = None,
+           ) -> dict[str, Any]:
+    """The advisor's suggestion (`advisor.advise`) for the gate that gave `result`, on the same (cached) quantized
+    view and data: confirming campaigns run whole, in this process."""
+    from .advisor import advise as suggest
+
+    spec = result.spec
+    prepared = prepare(model, data, samples=spec.samples, bits=spec.bits, cache=cache, device=device,
+                       calibration_data=calibration_data, quantize_options=quantize_options)
+    return suggest(prepared.qmodel, prepared.inputs, prepared.labels, result)
+
+
+def vulnerability(model: nn.Module | QuantizedModel, data: Any, spec: CampaignSpec, name: str, *, trials: int,
+                  cache: ModelCache, device: torch.device, calibration_data: Any = None,
+                  quantize_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Per-layer vulnerability by one campaign per layer (`advisor.stratified_vulnerability`)."""
+    from .advisor import stratified_vulnerability
+
+    prepared = prepare(model, data, samples=spec.samples, bits=spec.bits, cache=cache, device=device,
+                       calibration_data=calibration_data, quantize_options=quantize_options)
+    return stratified_vulnerability(prepared.qmodel, prepared.inputs, prepared.labels, spec, name, trials=trials)

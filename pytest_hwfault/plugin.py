@@ -50,6 +50,7 @@ OPT_STORAGE = "--hwfault-storage"
 OPT_SHARD = "--hwfault-shard"
 OPT_CACHE = "--hwfault-cache-mb"
 OPT_ALLOW_NEW = "--hwfault-compare-allow-new"
+OPT_ADVISE = "--hwfault-advise"
 DEVICES = ("cpu", "cuda", "auto")
 INCONCLUSIVE_POLICIES = ("fail", "pass")
 
@@ -156,6 +157,7 @@ class Settings:
     cache_mb: int
     compare_allow_new: bool = False
     html: str | None = None
+    advise: bool = False
 
     def marker_defaults(self) -> dict[str, Any]:
         return {"seed": self.seed, "budget": self.budget, "confidence": self.confidence}
@@ -198,6 +200,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "nothing was compared) [ini: hwfault_compare_allow_new]")
     parser.addini("hwfault_compare_allow_new", type="bool", default=False,
                   help="campaigns missing from the --hwfault-compare baseline pass")
+    group.addoption(OPT_ADVISE, action="store_true", default=None, dest=_dest(OPT_ADVISE),
+                    help="for a gate that does not pass, find layers whose protection makes it pass (up to 4 "
+                         "confirming campaigns) and print the suggestion [ini: hwfault_advise]")
+    parser.addini("hwfault_advise", type="bool", default=False,
+                  help="run the advisor on gates that do not pass, as if --hwfault-advise")
 
 
 def _settings(config: pytest.Config) -> Settings:
@@ -214,8 +221,10 @@ def _settings(config: pytest.Config) -> Settings:
         values[_dest(option).removeprefix("hwfault_")] = default if value is None else value
     enabled = config.getoption("hwfault")
     allow_new = config.getoption(_dest(OPT_ALLOW_NEW))
+    advise = config.getoption(_dest(OPT_ADVISE))
     return Settings(enabled=bool(config.getini("hwfault")) if enabled is None else True,
                     compare_allow_new=bool(config.getini("hwfault_compare_allow_new")) if allow_new is None else True,
+                    advise=bool(config.getini("hwfault_advise")) if advise is None else True,
                     **values)
 
 
@@ -513,14 +522,58 @@ class HwFault:
             pytest.fail(failure_message(record, self._reproduce(spec)), pytrace=False)
         if not assessment.final and self._settings.shard.count > 1:
             return assessment.result  # a CI slice: the merge of all slices carries the verdict
-        failure = (failure_message(record, self._reproduce(spec)) if self._settings.policy().fails(record["verdict"])
-                   else self._baseline_failure(record))
+        fails = self._settings.policy().fails(record["verdict"])
+        if fails and assessment.final and self._settings.advise and record["verdict"] in ("fail", "inconclusive"):
+            record["advice"] = self._advise(model, data, assessment.result, calibration_data, quantize_options)
+        failure = (failure_message(record, self._reproduce(spec)) if fails else self._baseline_failure(record))
         if failure is None:
             return assessment.result
         if not assessment.final:  # stop here too: the shard carrying the verdict fails here
             pytest.skip(f"shard {execution.shard} of {execution.shards}: campaign {spec.label()} does not pass; "
                         "the shard of this campaign that finishes last reports it")
         pytest.fail(failure, pytrace=False)
+
+    def _advise(self, model: Any, data: Any, result: CampaignResult, calibration_data: Any,
+                quantize_options: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The advisor's suggestion for a gate that did not pass (`--hwfault-advise`), JSON-safe."""
+        from .gate import advise
+        from .report.document import _json_safe
+
+        with self._refusals("the advisor (--hwfault-advise)"):
+            advice = advise(model, data, result, cache=self._cache(), device=self._device(),
+                            calibration_data=calibration_data, quantize_options=quantize_options)
+        return dict(_json_safe(advice))
+
+    def vulnerability(self, model: Any, data: Any, *, site: str, ber: float, trials: int = 16,
+                      calibration_data: Any = None, quantize_options: dict[str, Any] | None = None,
+                      input_key: str | None = None, label_key: str | None = None,
+                      **arguments: Any) -> list[dict[str, Any]]:
+        """Per-layer vulnerability by stratified campaigns: for each quantized layer, `trials` trials whose faults
+        (`site`, `ber`, and any campaign argument such as kind=, bits=, bit_positions=, samples=, seed=) strike that
+        layer alone. Returns one row per layer: name, faults, hit (fault-hit images; trials for weights),
+        vulnerability (share of those whose top-1 prediction changed) with vulnerability_low/high at the confidence,
+        site_bits and exposure_share. Skipped without --hwfault, as campaigns are."""
+        data, calibration_data = self._keyed("hwfault.vulnerability()", data, calibration_data, input_key,
+                                             label_key)
+        if not self._settings.enabled:
+            pytest.skip(f"{SKIP_REASON} (hwfault.vulnerability() was called)")
+        if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+            pytest.fail(f"{self._item.nodeid}: hwfault.vulnerability() argument trials: {trials!r} must be a "
+                        "positive number of trials per layer", pytrace=False)
+        try:
+            spec = CampaignSpec.from_dict({**self._settings.marker_defaults(), **arguments, "site": site, "ber": ber,
+                                           "min_acc": 0.0})
+        except (SpecError, TypeError) as exc:
+            pytest.fail(f"{self._item.nodeid}: hwfault.vulnerability() argument {exc}", pytrace=False)
+        from .gate import vulnerability
+
+        with self._refusals("hwfault.vulnerability()"):
+            try:
+                return vulnerability(model, data, spec, campaign_name(self._item.nodeid), trials=trials,
+                                     cache=self._cache(), device=self._device(), calibration_data=calibration_data,
+                                     quantize_options=quantize_options)
+            except ValueError as exc:
+                pytest.fail(f"{self._item.nodeid}: hwfault.vulnerability() refused: {exc}", pytrace=False)
 
     def _keyed(self, call: str, data: Any, calibration_data: Any, input_key: str | None, label_key: str | None
                ) -> tuple[Any, Any]:

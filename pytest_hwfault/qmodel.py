@@ -87,7 +87,7 @@ class QuantizedModel:
         # a deployed model's runtime scales its accumulator in float32: a wide (float64) sum is rounded to float32
         # first, as its int32 -> float conversion does
         runtime_float32 = layer.multiplier is not None
-        float_output = layer.float_output
+        float_output, channel_axis = layer.float_output, layer.channel_axis
         zero_first = layer.zero_point_before_rounding and act_zero != 0
         image_layout = IMAGE_LAYOUTS.get(type(layer.module))
         hands_on_codes, reads_codes = layer.hands_on_codes, layer.reads_codes
@@ -162,9 +162,20 @@ class QuantizedModel:
             if not hands_on_codes:
                 out.mul_(act_scale)
             runtime.strides[key(Site.ACT, call)] = out.stride()
+            if runtime.ranges is not None:  # a fault-free pass recording what the layer hands on (`output_ranges`)
+                channel = 1 if channel_axis == 0 else out.dim() - 1
+                dims = [d for d in range(out.dim()) if d != channel]
+                shape = (-1, *([1] * (out.dim() - 2))) if channel_axis == 0 else (-1,)
+                low, high = out.amin(dim=dims).reshape(shape), out.amax(dim=dims).reshape(shape)
+                seen = runtime.ranges.get(name)
+                runtime.ranges[name] = (low, high) if seen is None else (torch.minimum(seen[0], low),
+                                                                         torch.maximum(seen[1], high))
             edit = runtime.batch.get(key(Site.ACT, call))
             if edit is not None:
                 out = apply_edit_to(out, edit, bits, act_zero, signed)
+            if runtime.bounds is not None and name in runtime.bounds:  # range restriction, after the act faults
+                low, high = runtime.bounds[name]
+                out = out.clamp_(low, high)
             return out
 
         return [
@@ -387,6 +398,31 @@ class QuantizedModel:
         if register != zero:
             self._runtime.zero_offsets[layer.name] = register - zero
 
+    # -- range restriction (mitigation.py) -----------------------------------------------------------------------
+    def output_ranges(self, inputs: Batch, batch_size: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer with output codes and per output channel: the [min, max] of what it hands on (codes, or code x
+        scale values) over one fault-free pass of `inputs`, shaped to broadcast over a batch of its outputs: the
+        bounds of range restriction. Elements of the handed-on tensors, so clamping to them leaves every fault-free
+        value as it is."""
+        ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._runtime.ranges = ranges
+        try:
+            for start in range(0, len(inputs), batch_size):
+                self.run_batch(inputs[start : start + batch_size], {})
+        finally:
+            self._runtime.ranges = None
+        return ranges
+
+    @contextmanager
+    def restricted(self, bounds: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+        """Within the block, every listed layer's output (after its act faults) is clamped to its bounds."""
+        saved = self._runtime.bounds
+        self._runtime.bounds = bounds
+        try:
+            yield
+        finally:
+            self._runtime.bounds = saved
+
     # -- describing ----------------------------------------------------------------------------------------------
     def _layer(self, name: str) -> QuantLayer:
         try:
@@ -555,6 +591,18 @@ class QuantLayer:
     def numel(self, site: Site) -> int:
         return sum(math.prod(shape) for shape in self.parts(site))
 
+    def weight_bits(self) -> int:
+        """Bits of the stored weight codes (0 for a matmul of two activations)."""
+        return int(self.weight_codes.numel()) * self.bits
+
+    def macs(self) -> int:
+        """Multiply-accumulates of one image through the layer: each output code sums fan-in products, per call."""
+        if self.weight_codes.numel():
+            fan_in = math.prod(self.weight_codes.shape[1:])
+        else:  # a matmul of activations: the first operand's last dimension is the contraction
+            fan_in = self.input_shape[-1] if self.input_shape else 1
+        return math.prod(self.output_shape) * int(fan_in) * self.calls
+
     def qparam_words(self) -> torch.Tensor:
         """The stored words of site qparams as signed 32-bit integers: each channel's float32 multiplier's raw bits,
         then the output zero point."""
@@ -590,6 +638,8 @@ class QuantLayer:
             "input_source": self.input_source,
             "hands_on_codes": self.hands_on_codes,
             "output_shape": list(self.output_shape),
+            "weight_bits": self.weight_bits(),
+            "macs": self.macs(),
         }
 
 
@@ -607,6 +657,10 @@ class _Runtime:
     zero_offsets: dict[str, int] = field(default_factory=dict)
     # pe faults of this trial: the systolic array's (rows, cols) and its faulty PE registers
     pe: tuple[int, int, list[PEFault]] | None = None
+    # range restriction: per layer, the [min, max] its handed-on output is clamped to after act faults; and, in a
+    # recording pass (`QuantizedModel.output_ranges`), the ranges seen so far
+    bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     channels_last: bool = False  # image layers compute channels-last (see `quantize`'s `memory_format`)
 

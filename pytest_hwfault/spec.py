@@ -175,10 +175,66 @@ def _record(spec: CampaignSpec | SearchSpec) -> dict[str, Any]:
     for key in ("bit_positions", "layers", "array"):
         if data.get(key) is not None:
             data[key] = list(data[key])
-    for key, default in (("burst", 1), ("array", None), ("pe_register", "acc")):  # ids from before they existed
+    for key in ("mitigation", "protect"):
+        if data.get(key) is not None:
+            data[key] = list(data[key])
+    # ids from before they existed: an unmitigated campaign keeps its id, and so its fault draws
+    for key, default in (("burst", 1), ("array", None), ("pe_register", "acc"), *MITIGATION_DEFAULTS.items()):
         if key in data and data[key] == default:
             del data[key]
     return data
+
+
+# -- mitigations (see mitigation.py): simulated exactly on the codes, chosen by marker arguments -------------------
+MITIGATIONS = ("range_restriction",)  # what `mitigation=` names; ECC and protection have their own arguments
+ECC_SCHEMES = ("secded",)
+DEFAULT_ECC_WORD_BITS = 64
+MITIGATION_DEFAULTS: dict[str, Any] = {"mitigation": None, "ecc": None, "ecc_word_bits": DEFAULT_ECC_WORD_BITS,
+                                       "protect": None}
+
+
+def check_mitigation(value: Any, site: str) -> tuple[str, ...] | None:
+    """`mitigation` as a tuple of mitigation names (one name or a list of them)."""
+    if value is None:
+        return None
+    names = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else None
+    allowed = ", ".join(map(repr, MITIGATIONS))
+    if not names or not all(isinstance(n, str) and n in MITIGATIONS for n in names):
+        raise SpecError("mitigation", f"{value!r} is not a mitigation; allowed: {allowed} (ECC weight memory: "
+                        "ecc='secded'; correcting whole layers: protect=[layer globs])")
+    if len(set(names)) != len(names):
+        raise SpecError("mitigation", f"{value!r} repeats a mitigation")
+    return names
+
+
+def check_ecc(ecc: Any, word_bits: Any, site: str, bits: int) -> None:
+    """`ecc` protects weight memory: per word of `word_bits` data bits, one faulty bit corrected, two detected."""
+    if ecc is not None and ecc not in ECC_SCHEMES:
+        raise SpecError("ecc", f"{ecc!r} is not an ECC scheme; allowed: {', '.join(map(repr, ECC_SCHEMES))}")
+    if ecc is not None and site != "weight":
+        raise SpecError("ecc", f"ecc={ecc!r} protects weight memory, and site={site!r} faults are not in it; "
+                        "use it with site='weight' (activations: mitigation='range_restriction'; a layer's "
+                        "compute: protect=[...])")
+    if not is_int(word_bits) or word_bits < bits or word_bits % bits or word_bits > 4096:
+        raise SpecError("ecc_word_bits", f"{word_bits!r} must be the data bits of one protected word: a multiple "
+                        f"of the {bits}-bit weight codes, at most 4096 (default {DEFAULT_ECC_WORD_BITS}: eight "
+                        "int8 codes)")
+    if ecc is None and word_bits != DEFAULT_ECC_WORD_BITS:
+        raise SpecError("ecc_word_bits", "applies to ecc='secded' only; give ecc='secded' too")
+
+
+def check_protect(value: Any, site: str) -> tuple[str, ...] | None:
+    """`protect` as a tuple of layer-name globs whose faults are corrected (TMR or duplication)."""
+    if value is None:
+        return None
+    layers = (value,) if isinstance(value, str) else tuple(value) if isinstance(value, (list, tuple)) else ()
+    if not layers or not all(isinstance(glob, str) and glob for glob in layers):
+        raise SpecError("protect", f"{value!r} must be a layer-name glob or a list of them, e.g. "
+                        "protect=['layer3.*', 'fc']")
+    if site == "pe":
+        raise SpecError("protect", "site='pe' faults the systolic array, which computes every layer; protecting "
+                        "layers does not apply")
+    return layers
 
 
 def check_burst(value: Any, site: str, bits: int, bit_positions: tuple[int, ...] | None,
@@ -215,6 +271,11 @@ class CampaignSpec:
     burst: int = 1  # adjacent bits one fault event changes in one code (a multi-bit upset); ber counts events
     array: tuple[int, int] | None = None  # site "pe": the systolic array's (rows, cols)
     pe_register: str = "acc"  # site "pe": the PE register faults strike, "acc" (32-bit) or "mul" (16-bit)
+    # mitigations (mitigation.py), applied to the same fault draws as the unmitigated campaign's
+    mitigation: tuple[str, ...] | None = None  # "range_restriction": clip output codes to their fault-free range
+    ecc: str | None = None  # "secded": weight memory words correct one faulty bit, detect two
+    ecc_word_bits: int = DEFAULT_ECC_WORD_BITS  # data bits per ECC word
+    protect: tuple[str, ...] | None = None  # layer globs whose faults are corrected (TMR)
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
@@ -246,6 +307,9 @@ class CampaignSpec:
         object.__setattr__(self, "min_coverage", check_min_coverage(self.min_coverage))
         object.__setattr__(self, "burst", check_burst(self.burst, self.site, self.bits, self.bit_positions,
                                                       self.pe_register))
+        object.__setattr__(self, "mitigation", check_mitigation(self.mitigation, self.site))
+        check_ecc(self.ecc, self.ecc_word_bits, self.site, self.bits)
+        object.__setattr__(self, "protect", check_protect(self.protect, self.site))
 
     # -- derived -------------------------------------------------------------------------------------------------
     @property
@@ -256,7 +320,30 @@ class CampaignSpec:
         """Readable id used in test ids: ``act-ber1e-05``."""
         array = "" if self.array is None else f"-{self.array[0]}x{self.array[1]}{self.pe_register}"
         return (f"{self.site}{array}-ber{self.ber:g}" + ("" if self.kind == "flip" else f"-{self.kind}")
-                + ("" if self.burst == 1 else f"-burst{self.burst}"))
+                + ("" if self.burst == 1 else f"-burst{self.burst}")
+                + ("" if not self.mitigated else f"-{self.mitigation_name()}"))
+
+    @property
+    def mitigated(self) -> bool:
+        return self.mitigation is not None or self.ecc is not None or self.protect is not None
+
+    def mitigation_name(self) -> str:
+        """The mitigations in words, e.g. ``range_restriction+secded64+protect(2)``; "" when none."""
+        parts = list(self.mitigation or ())
+        if self.ecc is not None:
+            parts.append(f"{self.ecc}{self.ecc_word_bits}")
+        if self.protect is not None:
+            parts.append(f"protect({','.join(self.protect)})")
+        return "+".join(parts)
+
+    def unmitigated(self) -> CampaignSpec:
+        """The same campaign without its mitigations: its id seeds the fault draws of both, so they are paired."""
+        return replace(self, **MITIGATION_DEFAULTS)
+
+    def draw_id(self, name: str) -> str:
+        """The id that seeds trial i's faults: the unmitigated campaign's, so a mitigated campaign meets exactly
+        the faults its unmitigated twin meets (equal to `campaign_id` when unmitigated)."""
+        return self.unmitigated().campaign_id(name)
 
     def layer_selectors(self) -> tuple[str, ...] | None:
         """What the campaign's faults are drawn over: the layers, or for site "pe" the array (`systolic.Array`)."""

@@ -101,11 +101,26 @@ def campaign_record(result: CampaignResult, nodeid: str, problem: str | None = N
         "critical_rate": outcome.critical_rate,
         "nonfinite": outcome.nonfinite,
         "faults_per_trial": outcome.faults_per_trial,
+        "silent": outcome.silent,
+        "detected": outcome.detected,
         "layers": result.layer_vulnerability(),
         "coverage": result.coverage or None,
         "model_format": result.model_format,
         "result": result.to_dict(),
+        "mitigation": None,
+        "advice": None,  # the advisor's (--hwfault-advise) suggestion, added by the plugin
     }
+    if spec.mitigated:
+        unmitigated = outcome.unmitigated
+        record["mitigation"] = {
+            "name": spec.mitigation_name(),
+            "protected": result.mitigation.get("protected", []),
+            "unmitigated_accuracy": None if unmitigated is None else unmitigated.estimate,
+            "unmitigated_ci_low": None if unmitigated is None else unmitigated.ci_low,
+            "unmitigated_ci_high": None if unmitigated is None else unmitigated.ci_high,
+            "corrected": outcome.corrected,
+            "cost": result.mitigation.get("cost", {}),
+        }
     return dict(_json_safe(record))
 
 
@@ -222,6 +237,15 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
                 "critical_rate": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
                 "nonfinite": _COUNT,
                 "faults_per_trial": {"type": "number", "minimum": 0},
+                "silent": {"type": ["integer", "null"], "minimum": 0,
+                           "description": "silent data corruption: images (over the trials used) whose prediction "
+                                          "changed from the fault-free one with nothing flagging it"},
+                "detected": {"type": "integer", "minimum": 0,
+                             "description": "detected unrecoverable errors (DUE): images whose logits held NaN or "
+                                            "Inf, and every image of a trial whose weight ECC detected an "
+                                            "uncorrectable word; a DUE is not a correct prediction"},
+                "mitigation": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/mitigation"}]},
+                "advice": {"anyOf": [{"type": "null"}, {"$ref": "#/$defs/advice"}]},
                 "layers": {"type": "array", "items": {"$ref": "#/$defs/layer"}},
                 "result": {"$ref": "#/$defs/result"},
             },
@@ -233,6 +257,44 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
                 "min_acc": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
                 "max_drop": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
                 "required": _PROBABILITY,
+            },
+        },
+        "mitigation": {
+            "type": "object",
+            "description": "a mitigated campaign (mitigation=, ecc=, protect=): the gate ran on the mitigated model; "
+                           "the unmitigated model's accuracy is measured under the same faults (same trial seeds)",
+            "required": ["name", "unmitigated_accuracy", "cost"],
+            "properties": {
+                "name": {"type": "string", "description": "the mitigations, e.g. range_restriction+secded64"},
+                "protected": {"type": "array", "items": {"type": "string"},
+                              "description": "the layers protect= matched"},
+                "unmitigated_accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "unmitigated_ci_low": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "unmitigated_ci_high": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "corrected": {"type": "integer", "minimum": 0,
+                              "description": "faults removed: in protected layers, or in ECC-corrected words"},
+                "cost": {"type": "object",
+                         "description": "per mitigation: protect (weight_bits: share of the weight bits "
+                                        "protected, extra_macs: 2x their MACs as a share of the quantized MACs), ecc "
+                                        "(check bits per word, memory_overhead), range_restriction (comparisons "
+                                        "and bound registers)"},
+            },
+        },
+        "advice": {
+            "type": "object",
+            "description": "the advisor's suggestion for a gate that did not pass (--hwfault-advise): layers whose "
+                           "protection made a confirming campaign (same seed, same faults) pass, or the best set "
+                           "tried when none did",
+            "required": ["protect", "verdict"],
+            "properties": {
+                "protect": {"type": "array", "items": {"type": "string"}},
+                "accuracy": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "ci_low": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "ci_high": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "required": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "verdict": {"type": "string", "description": "the confirming campaign's verdict"},
+                "campaigns": {"type": "integer", "minimum": 0, "description": "confirming campaigns run"},
+                "cost": {"type": "object", "description": "as mitigation.cost.protect"},
             },
         },
         "layer": {
@@ -249,6 +311,13 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
                 "vulnerability_high": _PROBABILITY,
                 "fault_share": _PROBABILITY,
                 "faults": _COUNT,
+                "site_bits": {"type": "integer", "minimum": 0,
+                              "description": "bits faults can strike in the layer at the campaign's site (per image "
+                                             "at transient sites)"},
+                "exposure_share": {**_PROBABILITY,
+                                   "description": "the layer's site bits x vulnerability, as a share of the model's"},
+                "weight_bits": _COUNT,
+                "macs": {**_COUNT, "description": "multiply-accumulates per image"},
             },
         },
         "result": {
@@ -307,6 +376,10 @@ def _is_type(value: Any, kind: str) -> bool:
 
 def _check(value: Any, schema: Mapping[str, Any], path: str) -> None:
     """The subset of JSON Schema that REPORT_JSON_SCHEMA uses, so validation needs no jsonschema package."""
+    if "anyOf" in schema:  # null, or the one object schema
+        if value is None:
+            return
+        schema = next(s for s in schema["anyOf"] if s.get("type") != "null")
     if "$ref" in schema:
         schema = REPORT_JSON_SCHEMA["$defs"][schema["$ref"].rsplit("/", 1)[1]]
     if "const" in schema and (value != schema["const"] or _json_type(value) != _json_type(schema["const"])):

@@ -93,8 +93,11 @@ def merge_reports(reports: list[dict[str, Any]], *, allow_mixed_versions: bool =
                               f"[{group[0]['label']}]: {error}") from None
         # keep only the trials the outcome is computed on: shards may have run past the deciding checkpoint
         problems = sorted({record["problem"] for record in group if record.get("problem")})
-        records.append(campaign_record(merged.trimmed() if merged.decided() else merged, nodeids[0],
-                                       "; ".join(problems) or None))
+        record = campaign_record(merged.trimmed() if merged.decided() else merged, nodeids[0],
+                                 "; ".join(problems) or None)
+        # the advisor's suggestion is no function of the trials: kept from the part that made it
+        record["advice"] = next((r["advice"] for r in group if r.get("advice")), None)
+        records.append(record)
     return build_report(records, _merged_environment(parts))
 
 

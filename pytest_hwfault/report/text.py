@@ -117,6 +117,63 @@ def _most_vulnerable(record: Mapping[str, Any], count: int = TOP_LAYERS) -> list
     return sorted(hit, key=lambda layer: (-layer["vulnerability"], -layer["faults"], layer["name"]))[:count]
 
 
+def detection_text(record: Mapping[str, Any]) -> str:
+    """Silent data corruption vs detected unrecoverable errors, and how much of the accuracy loss was detected."""
+    images = record["trials"] * record.get("images", 0)
+    detected, silent = record.get("detected") or 0, record.get("silent")
+    text = (f"{_num(silent, 'd')} images silently corrupted (prediction changed, nothing flagged), {detected} "
+            "detected unrecoverable (NaN/Inf logits, ECC-detected words)")
+    if images and record["accuracy"] is not None:
+        loss = (record["quantized_accuracy"] - record["accuracy"]) * images
+        if loss > 0:
+            text += f"; {min(1.0, detected / loss):.0%} of the accuracy loss was detected"
+    return text
+
+
+def mitigation_text(record: Mapping[str, Any]) -> str:
+    """The mitigated and unmitigated accuracies under the same faults, and the cost."""
+    from ..mitigation import cost_text
+
+    m = record["mitigation"]
+    text = f"{m['name']}: gated accuracy {_accuracy_text(record)}"
+    if m.get("unmitigated_accuracy") is not None:
+        interval = (f" [{m['unmitigated_ci_low']:.4f}, {m['unmitigated_ci_high']:.4f}]"
+                    if m.get("unmitigated_ci_low") is not None else "")
+        text += f" vs unmitigated {m['unmitigated_accuracy']:.4f}{interval} under the same faults"
+    if m.get("corrected"):
+        text += f"; {m['corrected']} faults corrected"
+    cost = cost_text(m.get("cost") or {})
+    return text + (f"; cost: {cost}" if cost else "")
+
+
+def _names(names: Sequence[str]) -> str:
+    shown = [printable(n) for n in names]
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+
+
+def advice_text(advice: Mapping[str, Any]) -> str:
+    """The advisor's suggestion in one line: "protect a and b (4.1% of weight bits) -> accuracy 0.91 [...] >= 0.90"."""
+    protect = list(advice.get("protect") or [])
+    if not protect:
+        return str(advice.get("reason", "no suggestion"))
+    cost = advice.get("cost") or {}
+    share = f" ({cost['weight_bits']:.1%} of weight bits, +{cost['extra_macs']:.1%} MACs)" if "weight_bits" in cost \
+        else ""
+    accuracy = "n/a" if advice.get("accuracy") is None else \
+        f"{advice['accuracy']:.4f} [{advice['ci_low']:.4f}, {advice['ci_high']:.4f}]"
+    passed = advice.get("verdict") == "pass"
+    relation = ">=" if passed else "still not >="
+    text = (f"protect {_names(protect)}{share} -> accuracy under faults {accuracy} {relation} "
+            f"{_num(advice.get('required'))}")
+    campaigns = advice.get("campaigns")
+    if passed:
+        runs = "" if not campaigns else f", {campaigns} run"
+        text += f" (confirmed by a campaign with the same seed and faults{runs})"
+    else:
+        text += f" (best of {campaigns} confirming campaigns; no set tried passed)"
+    return text
+
+
 def failure_message(record: dict[str, Any], reproduce: str) -> str:
     """Everything a person needs to act on a gate that did not pass, ending with the command that reproduces it."""
     verdict = record["verdict"]
@@ -163,6 +220,10 @@ def failure_message(record: dict[str, Any], reproduce: str) -> str:
     if record["trials"]:
         row("damage", f"{_num(record['critical_rate'], '.2%')} of images changed prediction, "
                       f"{record['nonfinite']} with non-finite logits, {record['faults_per_trial']:.3g} faults/trial")
+        if record.get("detected") is not None:
+            row("silent/DUE", detection_text(record))
+    if record.get("mitigation"):
+        row("mitigation", mitigation_text(record))
     top = _most_vulnerable(record)
     if top:
         lines.append("  most vulnerable layers (share of fault-hit images that became critical):")
@@ -176,9 +237,12 @@ def failure_message(record: dict[str, Any], reproduce: str) -> str:
         row("layers", "no faults landed in the trials used")
     if record.get("problem"):
         lines.append(f"  problem: {printable(record['problem'])}")
+    if record.get("advice"):
+        row("advice", advice_text(record["advice"]))
     if verdict == "fail":
         lines.append(f"  the upper confidence bound {record['ci_high']:.4f} is below the required "
-                     f"{threshold['required']:.4f}: protect the layers above (clipping, ECC) or lower the BER.")
+                     f"{threshold['required']:.4f}: protect the layers above (mitigation='range_restriction', "
+                     "ecc='secded', protect=[...]; --hwfault-advise finds a set) or lower the BER.")
     elif verdict == "inconclusive":
         unit = ("for site='weight' each trial is one observation, so raise budget=" if record["site"] == "weight"
                 else "raise budget= (more trials) or samples= (more images per trial)")
