@@ -645,7 +645,13 @@ def load(model: Any) -> Any:
     import onnx
 
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        return onnx.load(os.fspath(model))
+        path = os.fspath(model)
+        try:
+            return onnx.load(path)
+        except OSError:
+            raise
+        except Exception as exc:  # protobuf's DecodeError and kin: the file is no ONNX model
+            raise DeployedFormatError(f"onnx: {path!r} is not a readable ONNX model: {exc}") from exc
     return model
 
 

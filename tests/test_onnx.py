@@ -188,3 +188,12 @@ def test_pooling_and_concat_match_onnxruntime(digits, tmp_path, activations) -> 
     # which changes where float32 y / scale + zero point rounds; the reader uses the kernel's zero point)
     figures = agreement(reference, qmodel(x), qmodel.layers["fc_Gemm"].act_scale)
     assert figures["predictions"] == 1.0 and figures["exact"] == 1.0, figures
+
+
+def test_a_file_that_is_not_onnx_is_refused_by_name(tmp_path, digits) -> None:  # noqa: ANN001
+    path = tmp_path / "model.onnx"
+    path.write_text("not a model")
+    with pytest.raises(DeployedFormatError, match=r"onnx: '.*model.onnx' is not a readable ONNX model"):
+        quantize(path, images(digits.x_train[:8]))
+    with pytest.raises(FileNotFoundError):
+        quantize(tmp_path / "missing.onnx", images(digits.x_train[:8]))
