@@ -8,9 +8,9 @@ every image of a trial shares), and its share of the model's exposure (its bits 
 `advise` turns a gate that did not pass into a suggestion. Greedy by exposure per protected bit: the layers the
 campaign's faults reached are ranked by exposure (site bits x vulnerability, from the campaign's own trials) per bit
 protection costs (the layer's weight bits; its site bits for a matmul of two activations); the smallest prefix of
-that ranking whose protection is predicted to lift the accuracy to the required one plus the interval's half-width
-(assuming the loss is spread over the layers in proportion to their exposure) is confirmed by a campaign with
-``protect=`` that set, the same seed and spec, and so the same faults. If it does not pass, the layers still
+that ranking whose protection is predicted to lift the accuracy to the required one (assuming the loss is spread
+over the layers in proportion to their exposure: small sets first) is confirmed by a campaign with ``protect=``
+that set, the same seed and spec, and so the same faults. If it does not pass, the layers still
 exposed are re-ranked from the confirming campaign's own trials and the prefix grows; at most `MAX_CONFIRMATIONS`
 campaigns run.
 """
@@ -106,8 +106,8 @@ def advise(qmodel: QuantizedModel, inputs: Batch, labels: torch.Tensor, result: 
         if not ranking:
             break
         o = latest.outcome()
-        margin = max(0.0, o.accuracy - o.ci_low) if o.accuracy == o.accuracy else 0.0
-        count = _prefix(ranking, o.accuracy, latest.quantized_accuracy, required + margin)
+        accuracy = o.accuracy if o.accuracy == o.accuracy else 0.0  # NaN before any checkpoint
+        count = _prefix(ranking, accuracy, latest.quantized_accuracy, required)
         protected += [layer for layer, _ in ranking[:count]]
         globs = tuple(sorted(already)) + tuple(escape_glob(layer) for layer in protected)
         confirming = Campaign(qmodel, inputs, labels, spec.with_overrides(protect=globs), result.name,

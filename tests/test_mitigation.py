@@ -33,7 +33,7 @@ from pytest_hwfault.spec import CampaignSpec, SpecError, expand
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
-# -- a real SECDED codec (extended Hamming), plain integers ------------------------------------------------------------
+# -- a real SECDED codec (extended Hamming), plain integers ---------------------------------------------------
 def _hamming_positions(data_bits: int) -> list[int]:
     """Codeword positions (1-based, powers of two are check bits) of the data bits, in order."""
     positions, p = [], 1
@@ -149,7 +149,7 @@ def test_secded_on_patterns_equals_the_word_by_word_reference(data: st.DataObjec
     assert read == expected_back
 
 
-# -- a small ReLU CNN on the digits --------------------------------------------------------------------------------
+# -- a small ReLU CNN on the digits ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def setup(digits: Any) -> tuple[Any, torch.Tensor, torch.Tensor, nn.Module]:
     with torch.random.fork_rng(), one_thread():
