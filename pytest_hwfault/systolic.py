@@ -106,7 +106,10 @@ def array_error(a: torch.Tensor, w: torch.Tensor, faults: list[PEFault], rows: i
     """The error the faulty PEs add to out = a @ w, computed exactly: `a` [M, K] and `w` [K, N] hold integers (any
     float dtype); returns [M, N] in float64. Cost: per faulty PE and K-tile, one product over its column's channels
     and the rows above it."""
-    a, w = a.double(), w.double()
+    # float32 holds every partial sum exactly while rows x max|a| x max|w| < 2^24 (8-bit codes: up to 514 rows)
+    exact32 = rows * float(a.abs().max()) * float(w.abs().max()) < (1 << 24) if a.numel() and w.numel() else True
+    dtype = torch.float32 if exact32 else torch.float64
+    a, w = a.to(dtype), w.to(dtype)
     m, k = a.shape
     n = w.shape[1]
     error = torch.zeros(m, n, dtype=torch.float64, device=a.device)
@@ -120,17 +123,17 @@ def array_error(a: torch.Tensor, w: torch.Tensor, faults: list[PEFault], rows: i
         # the order the partial sum meets them: by row; in one PE the product before the partial sum
         column_faults.sort(key=lambda f: (f.row, f.register == "acc"))
         w_col = w[:, channels]
-        total = torch.zeros(m, channels.numel(), dtype=torch.float64, device=a.device)
+        total = torch.zeros(m, channels.numel(), dtype=torch.float64, device=a.device)  # errors may be ~2^31
         for start in range(0, k, rows):
             err = torch.zeros_like(total)
             for fault in column_faults:
                 kk = start + fault.row
                 if fault.register == "mul":
-                    product = (a[:, kk:kk + 1] * w_col[kk:kk + 1]) if kk < k else torch.zeros_like(err)
+                    product = (a[:, kk:kk + 1] * w_col[kk:kk + 1]).double() if kk < k else torch.zeros_like(err)
                     err = err + _stuck(product, fault, REGISTERS["mul"]) - product
                 else:
                     stop = min(kk + 1, k, start + rows)
-                    partial = a[:, start:stop] @ w_col[start:stop]
+                    partial = (a[:, start:stop] @ w_col[start:stop]).double()
                     err = _stuck(partial + err, fault, REGISTERS["acc"]) - partial
             total += err
         error[:, channels] = total
@@ -166,7 +169,7 @@ def layer_error(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, faults
     pad: tuple[int, ...] = tuple(int(p) for p in module.padding) if conv2d else (0, int(module.padding[0]))
     stride = module.stride if conv2d else (1, module.stride[0])
     dilation = module.dilation if conv2d else (1, module.dilation[0])
-    columns = F.unfold(images.double(), kernel.shape[-2:], dilation=dilation, padding=pad, stride=stride)
+    columns = F.unfold(images.float(), kernel.shape[-2:], dilation=dilation, padding=pad, stride=stride)
     batch, _, pixels = columns.shape
     groups = module.groups
     per_group_k, per_group_n = columns.shape[1] // groups, kernel.shape[0] // groups
