@@ -87,6 +87,17 @@ def test_release_gate_quantization_parameters(hwfault, models, val_data, calibra
     hwfault.assess(models[recipe].model, val_data, calibration_data=calibration)
 
 
+# A deploy-time mitigation gated by the same test (README, *Mitigations and the advisor*): Ranger-style range
+# restriction clamps each layer's output codes to the per-channel range they take on fault-free data, so a flipped
+# high bit cannot blow a value up. The gate judges the mitigated model; the report puts the unmitigated accuracy
+# under the same faults beside it.
+@resilience(ber=KNEE_BER, site="act", mitigation="range_restriction", max_drop=0.08, samples=SAMPLES)
+def test_release_gate_range_restriction(hwfault, models, val_data, calibration):
+    result = hwfault.assess(models["vanilla"].model, val_data, calibration_data=calibration)
+    outcome = result.outcome()
+    assert outcome.unmitigated is not None and outcome.unmitigated.estimate < outcome.accuracy
+
+
 # -- the seed study's claims, as custom assertions -------------------------------------------------------------------
 def act_scales(hwfault, model: torch.nn.Module, calibration: torch.Tensor) -> tuple[float, float]:
     """Mean and max over layers of the per-tensor int8 output (activation) scale."""
