@@ -429,13 +429,19 @@ class HwFault:
 
     @contextmanager
     def _refusals(self, call: str) -> Iterator[None]:
-        """Bad data or a model no verdict can be drawn on fail the test with the cause, not a traceback."""
+        """Bad data or a model no verdict can be drawn on fail the test with the cause, not a traceback: data that
+        cannot be read, outputs that cannot be judged, a deployed model the readers cannot reproduce, a model with no
+        quantizable layer, a fault site that cannot reach the model's compute."""
         from .data import DataError
+        from .deployed import DeployedFormatError
         from .evaluate import EvaluationError
+        from .qmodel import SiteUnreachableError
+        from .quantization import NoQuantizableLayerError
 
         try:
             yield
-        except (DataError, EvaluationError) as exc:
+        except (DataError, EvaluationError, DeployedFormatError, NoQuantizableLayerError,
+                SiteUnreachableError) as exc:
             pytest.fail(f"{self._item.nodeid}: {call} refused: {exc}", pytrace=False)
 
     def _start(self, call: str) -> None:

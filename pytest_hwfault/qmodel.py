@@ -37,6 +37,11 @@ from .spec import ACC_BITS, QPARAM_BITS
 from .systolic import Array, PEFault, layer_error, on_array
 
 
+class SiteUnreachableError(ValueError):
+    """A fault site that cannot reach part of the model's compute (e.g. site pe on layers no systolic array
+    computes): refused, naming what it misses, rather than judged on the rest."""
+
+
 class QuantizedModel:
     """A quantized, fault-injectable view of a model. Call it like the model: ``qmodel(x, faults=pattern)``."""
 
@@ -454,8 +459,9 @@ class QuantizedModel:
         compute the faults do not reach: refused, naming them."""
         off = [f"{name} ({layer.module_type})" for name, layer in self.layers.items() if not on_array(layer.module)]
         if off:
-            raise ValueError(f"site 'pe': the systolic array computes conv1d/conv2d/linear layers; these quantized "
-                             f"layers are not mapped onto it, so its faults would not reach them: {', '.join(off)}")
+            raise SiteUnreachableError(
+                f"site 'pe': the systolic array computes conv1d/conv2d/linear layers; these quantized layers are not "
+                f"mapped onto it, so its faults would not reach them: {', '.join(off)}")
 
     def _check_bits(self, pattern: FaultPattern) -> None:
         """A fault's bit must exist in its site's codes (a "bit 6" flip of a 4-bit code would make code -65)."""

@@ -254,3 +254,34 @@ def test_the_worst_pe_search_finds_a_planted_weak_pe(digits) -> None:  # noqa: A
     # one fault, at the planted PE (shrunk to the lowest bit that still breaks it: 13 also halves that product)
     assert [(f.layer, f.index, f.kind) for f in result.faults] == [("ws4x4.mul", row * 4 + col, "stuck0")]
     assert "PE (1, 0) of a 4x4 weight-stationary array, multiplier output bit" in (result.message or "")
+
+
+def test_a_pe_gate_on_compute_no_array_runs_fails_cleanly(pytester: pytest.Pytester) -> None:
+    """A pe gate on a model whose attention matmuls no systolic array computes fails, naming them; never a pass on
+    the part the array reaches, never a traceback."""
+    pytester.makepyfile(test_attention='''
+import torch
+from torch import nn
+from pytest_hwfault import resilience
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, z):
+        return self.head(self.attn(z, z, z, need_weights=False)[0].mean(1))
+
+
+@resilience(ber=1e-4, site="pe", array=(4, 4), min_acc=0.0)
+def test_gate(hwfault):
+    torch.manual_seed(0)
+    x = torch.randn(32, 4, 8)
+    hwfault.assess(Attn().eval(), (x, torch.randint(0, 3, (32,))))
+''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--hwfault")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*hwfault.assess() refused: site 'pe': the systolic array computes*not mapped onto "
+                                 "it*scores (MatMul)*"])
+    assert "Traceback" not in result.stdout.str()

@@ -194,7 +194,19 @@ def failure_message(record: dict[str, Any], reproduce: str) -> str:
     positions = "" if not record.get("bit_positions") else f", bit positions {record['bit_positions']}"
     burst = record.get("burst", 1)
     events = "" if burst == 1 else f", bursts of {burst} adjacent bits per event (BER counts events)"
-    row("fault model", f"site={record['site']}, BER={record['ber']:g}, {record['bits']}-bit codes, "
+    spec = record.get("result", {}).get("spec", {})
+    if record["site"] == "pe" and spec.get("array"):
+        rows, cols = spec["array"]
+        register = spec.get("pe_register", "acc")
+        words = "32-bit accumulator" if register == "acc" else "16-bit multiplier output"
+        where = (f"the {words} registers of a {rows}x{cols} weight-stationary systolic array (permanent for a "
+                 "trial, in every layer it computes)")
+    elif record["site"] == "qparams":
+        where = ("each layer's 32-bit requantization words (float32 multipliers, output zero point; permanent for a "
+                 "trial)")
+    else:
+        where = f"{record['bits']}-bit codes"
+    row("fault model", f"site={record['site']}, BER={record['ber']:g}, {where}, "
                        f"kind={record['kind']}{positions}{events}")
     budget = f" of budget {record['budget']}" if "budget" in record else ""
     images = f", {record['images']} images each" if "images" in record else ""
