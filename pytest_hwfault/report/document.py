@@ -475,7 +475,13 @@ def write_report(path: str | os.PathLike[str], report: dict[str, Any]) -> Path:
         validate_report(report)
     except ReportError as error:
         raise ReportError(f"{target}: refusing to write an invalid report: {error}") from None
-    text = json.dumps(report, indent=1, allow_nan=False) + "\n"
+    return write_atomically(target, json.dumps(report, indent=1, allow_nan=False) + "\n")
+
+
+def write_atomically(target: Path, text: str, shared: bool = False) -> Path:
+    """Write `text` so that a reader never sees half a file: a temporary file beside it, then one rename. A target
+    that exists and is not a regular file (/dev/null, a FIFO) is written in place: only regular files are replaced.
+    `shared`: readable by others as the umask allows (mkstemp's 0600 would hide a page from a web server)."""
     if target.is_dir():
         raise ReportError(f"{target}: is a directory")
     if target.exists() and not target.is_file():
@@ -487,11 +493,19 @@ def write_report(path: str | os.PathLike[str], report: dict[str, Any]) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        if shared:
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_report(path: str | os.PathLike[str]) -> dict[str, Any]:

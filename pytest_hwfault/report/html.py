@@ -19,13 +19,12 @@ import io
 import math
 import os
 import shlex
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..spec import SITES
-from .document import ReportError
+from .document import write_atomically
 from .plot import _MARKERS, _plot_curves, _test_function
 from .text import _accuracy_text, _reach, _short_nodeid, _threshold_text, failure_message, printable
 
@@ -487,31 +486,7 @@ def write_html(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str
         from .document import environment as current
 
         environment = current()
-    text = render_html(records, environment)
-    target = Path(path)
-    if target.is_dir():
-        raise ReportError(f"{target}: is a directory")
-    if target.exists() and not target.is_file():
-        with open(target, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # a page to share: mkstemp's 0600 would hide it from a web server
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    return write_atomically(Path(path), render_html(records, environment), shared=True)
 
 
 def extras_snippet(records: Sequence[Mapping[str, Any]]) -> str:
