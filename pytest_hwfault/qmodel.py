@@ -73,6 +73,25 @@ class QuantizedModel:
                                if isinstance(w, torch.Tensor)}
         self._handles = [h for layer in layers.values() for h in self._install(layer)]
         self._choose_layout()
+        self.kernels: dict[str, str] = {}  # per layer: "int8" or "emulated" (`use_kernel`)
+        self.use_kernel(config.get("kernel", "emulated"))
+
+    def use_kernel(self, kernel: str) -> dict[str, str]:
+        """Compute each Conv2d/Linear layer's accumulator on an int8 kernel where it qualifies ("auto"; "int8":
+        the same, an error where this machine has no exact int8 kernel) or on the float-emulated conv/linear
+        ("emulated"); see `kernels`. No number changes. Returns the kernel of each layer."""
+        from . import kernels
+
+        if kernel not in kernels.KERNELS:
+            raise ValueError(f"kernel={kernel!r} is not supported; allowed: {', '.join(map(repr, kernels.KERNELS))}")
+        if kernel == "int8" and not (kernels.available("conv2d", self.device.type)
+                                     or kernels.available("linear", self.device.type)):
+            raise ValueError(f"kernel='int8': this machine ({self.device.type}, torch {torch.__version__}) has no "
+                             "int8 kernel that computes the accumulator exactly; use kernel='auto' or 'emulated'")
+        kernels.uninstall(self.layers)
+        self.kernels = kernels.install(self.layers, kernel)
+        self.config["kernel"] = kernel
+        return dict(self.kernels)
 
     def _choose_layout(self) -> None:
         policy = self.config.get("memory_format", "preserve")

@@ -52,6 +52,7 @@ from .deployed import BiasMode, Deployed, DeployedLayer, detect, float32_multipl
 from .functional import FunctionalPlan, discover, quantized_forward
 from .graph import code_links, fold_batchnorm
 from .identity import state_checksum
+from .kernels import KERNELS
 from .qmodel import QuantizedModel, QuantLayer, exact_float32
 from .spec import MAX_WEIGHT_ACT_BITS, acc_bits_for
 
@@ -85,6 +86,7 @@ def quantize(
     memory_format: str = "auto",
     pass_codes: bool = True,
     act_scheme: str = "symmetric",
+    kernel: str = "auto",
 ) -> QuantizedModel:
     """Calibrate scales over `calibration_data` and return a quantized view of `model` (which is not modified).
 
@@ -102,6 +104,11 @@ def quantize(
     uint8), so a fault on the top bit moves a value by +-2^(N-1) x scale with no sign extension. The two operands
     of a matmul of activations stay symmetric. A deployed int8 model (torch.ao, PT2E, ONNX; see `deployed.py`)
     keeps its own scheme, codes and arithmetic whatever is asked here.
+    `kernel`: what computes a Conv2d/Linear layer's accumulator. "auto" (default): an int8 kernel (oneDNN's int8
+    convolution, ``torch._int_mm``; see `kernels`) for each layer whose codes fit int8/uint8, where this machine's
+    build computes it exactly (checked once per process), else the float-emulated conv/linear; "int8": the same, but
+    an error where this machine has no exact int8 kernel; "emulated": always the float-emulated path. No result
+    depends on it: both give the same integer accumulator, so trials are bit-identical.
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= MAX_WEIGHT_ACT_BITS:
         raise ValueError(f"bits={bits!r} must be an integer in [2, {MAX_WEIGHT_ACT_BITS}]")
@@ -110,6 +117,7 @@ def quantize(
     _check_choice("calibration", calibration, CALIBRATIONS)
     _check_choice("memory_format", memory_format, MEMORY_FORMATS)
     _check_choice("act_scheme", act_scheme, ACT_SCHEMES)
+    _check_choice("kernel", kernel, KERNELS)
     if not isinstance(pass_codes, bool):
         raise ValueError(f"pass_codes={pass_codes!r} must be True or False")
     if not 50.0 < percentile <= 100.0:
@@ -322,6 +330,7 @@ def quantize(
         "source": deployed.source if deployed is not None else "calibrated",
         "deployed_notes": list(deployed.notes) if deployed is not None else [],
         "decomposed": decomposed,
+        "kernel": kernel,
     }
     return QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name, plan)
 

@@ -1,0 +1,334 @@
+"""Quantized Conv2d and Linear layers computed on real int8 kernels, with the same numbers as the float-emulated path.
+
+The emulated path (`qmodel`) computes a layer's accumulator in float32 (float64 for wide layers) on integer-valued
+tensors: exact, but at the price of a float convolution. Where the layer's codes fit 8 bits, the same integer sum
+comes out of an int8 kernel at a fraction of that cost:
+
+- Conv2d: oneDNN's int8 convolution (``torch.ops.onednn.qconv_prepack`` / ``qconv2d_pointwise``, the ops torch's
+  x86 Inductor lowering uses) on uint8 input codes with a zero point, int8 weight codes, scales 1 and a float32
+  output: the int32 accumulator (zero-point compensation included) converted to float32, exact because every
+  float32-computed layer's accumulator stays below 2^24 (`quantization._exact_dtype`). Weights are prepacked once per
+  layer; a weight fault (which edits the module's weight codes in place) is seen by the weight's version counter,
+  and the faulty codes are prepacked for that pass (or the original pack reused once the codes are restored).
+- Linear: ``torch._int_mm`` (int8 x int8 -> int32, exact), then converted to the layer's compute dtype (float64
+  for wide layers: exact too). Unsigned input codes are shifted into int8 and the shift's contribution (a constant
+  times each output's weight sum) added back in int32.
+
+The kernel replaces only the module's forward computation: the engine's pre-hook still writes the float input codes
+(which input faults and the pe site read), and the forward hook receives a float accumulator with exactly the values
+the emulated conv/linear gives, in the same memory layout. Every number is therefore the same on both paths.
+
+A kernel is used only after `available` has checked it on this machine against float64 integer arithmetic (codes at
+-128/0/127/255 at every position, several shapes, strides, groups and layouts); a layer whose codes do not fit
+int8/uint8 (bits > 8), a wide Conv2d (float64 accumulator), other layer types, a module on a non-CPU device, and a
+forward with autograd recording all run on the emulated path.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from .qmodel import QuantLayer
+
+KERNELS = ("auto", "int8", "emulated")
+
+__all__ = ["CHUNK_FAN_IN", "KERNELS", "Int8Conv2d", "Int8Forward", "Int8Linear", "available", "install", "kernel_for"]
+
+
+# -- the kernels on their own: exact integer results ----------------------------------------------------------------
+# oneDNN's int8 convolution with a float32 output converts its raw sum of uint8 x int8 products to float32 before
+# the zero-point compensation is taken off (measured: a fan-in of 576 at codes near 255 x 127 comes out off by 1).
+# So a layer's fan-in is split into chunks whose raw sums stay below 2^24 (each a conv with the other chunks'
+# weights zeroed): every chunk's result is then exact, and so is their float32 sum, which is the accumulator.
+CHUNK_FAN_IN = ((1 << 24) - 1) // (255 * 128)  # 513 products of a uint8 and an int8 code
+
+
+def conv2d_packs(weight_codes: torch.Tensor, zero_point: int, stride: tuple[int, ...], padding: tuple[int, ...],
+                 dilation: tuple[int, ...], groups: int) -> list[torch.Tensor] | None:
+    """oneDNN's packed forms (opaque tensors) of int8 weight codes [K, C/groups, kh, kw], one per chunk of input
+    channels; None where one input channel's kernel window alone has more than `CHUNK_FAN_IN` products."""
+    codes = weight_codes.to(torch.int8).contiguous()
+    window = math.prod(codes.shape[2:])
+    if window > CHUNK_FAN_IN:
+        return None
+    per_chunk = CHUNK_FAN_IN // window
+    chunks = [codes] if codes.shape[1] <= per_chunk else [
+        torch.zeros_like(codes).index_copy_(1, torch.arange(start, min(start + per_chunk, codes.shape[1])),
+                                            codes[:, start:start + per_chunk])
+        for start in range(0, codes.shape[1], per_chunk)]
+    return [torch.ops.onednn.qconv_prepack(chunk, torch.ones(codes.shape[0]), 1.0, zero_point, list(stride),
+                                           list(padding), list(dilation), groups, None) for chunk in chunks]
+
+
+def conv2d_int32(x: torch.Tensor, packs: list[torch.Tensor], out_channels: int, zero_point: int,
+                 stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...],
+                 groups: int) -> torch.Tensor:
+    """The exact accumulator sum((x - zero_point) * w) of a convolution of uint8 `x` with weight codes packed by
+    `conv2d_packs`, as float32 (exact while |acc| < 2^24)."""
+    ones, zeros = torch.ones(out_channels), torch.zeros(out_channels, dtype=torch.long)
+    acc: torch.Tensor | None = None
+    for packed in packs:
+        out = torch.ops.onednn.qconv2d_pointwise(
+            x, 1.0, zero_point, packed, ones, zeros, None, list(stride), list(padding), list(dilation), groups, 1.0,
+            0, torch.float32, "none", [], "")
+        acc = out if acc is None else acc.add_(out)
+    assert acc is not None
+    return acc
+
+
+def linear_int32(x: torch.Tensor, weight_t: torch.Tensor, shift: int = 0,
+                 weight_sums: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_k (x[m, k] + shift) * w[k, n] - shift * sum_k w[k, n] = x @ w exactly, for int8 `x` (codes shifted by
+    `shift` into int8) and int8 `weight_t` [K, N]: int32."""
+    acc = torch._int_mm(x, weight_t)
+    if shift:
+        assert weight_sums is not None
+        acc.sub_(weight_sums * shift)
+    return acc
+
+
+# -- does this machine's build compute them exactly? ------------------------------------------------------------------
+def _reference_conv(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, groups: int) -> torch.Tensor:
+    return F.conv2d(x.double(), w.double(), stride=stride, padding=padding, groups=groups)
+
+
+def _probe_conv() -> bool:
+    generator = torch.Generator().manual_seed(16)
+    cases = [(2, 64, 6, 64, 1, 1, 1), (3, 32, 7, 48, 2, 1, 1), (2, 32, 5, 32, 1, 0, 4), (1, 3, 9, 16, 1, 1, 1),
+             (2, 112, 5, 16, 2, 1, 1)]
+    for n, c, h, k, stride, padding, groups in cases:
+        shape, wshape = (n, c, h, h), (k, c // groups, 3, 3)
+        codes = [torch.full(shape, v) for v in (-128, 127)] + [torch.randint(-128, 128, shape, generator=generator)]
+        weights = [torch.full(wshape, v) for v in (-128, 127)] + [torch.randint(-128, 128, wshape,
+                                                                                 generator=generator)]
+        for zero_point, low in ((128, -128), (0, 0), (255, -255)):
+            for w in weights:
+                packed = conv2d_packs(w, zero_point, (stride,) * 2, (padding,) * 2, (1, 1), groups)
+                if packed is None:
+                    return False
+                for x in codes:
+                    x = x.clamp(low, low + 255)
+                    for layout in (torch.contiguous_format, torch.channels_last):
+                        u8 = (x + zero_point).to(torch.uint8).contiguous(memory_format=layout)
+                        got = conv2d_int32(u8, packed, k, zero_point, (stride,) * 2, (padding,) * 2, (1, 1), groups)
+                        if not torch.equal(got.double(), _reference_conv(x, w, stride, padding, groups)):
+                            return False
+    return True
+
+
+def _probe_linear() -> bool:
+    generator = torch.Generator().manual_seed(16)
+    for m, k, n in ((1, 64, 10), (37, 1536, 24), (128, 5, 7)):
+        for a in (torch.full((m, k), -128), torch.full((m, k), 127), torch.randint(-128, 128, (m, k),
+                                                                                    generator=generator)):
+            for w in (torch.full((n, k), -128), torch.full((n, k), 127), torch.randint(-128, 128, (n, k),
+                                                                                        generator=generator)):
+                got = linear_int32(a.to(torch.int8), w.to(torch.int8).t())
+                if got.dtype != torch.int32 or not torch.equal(got.double(), a.double() @ w.double().t()):
+                    return False
+    return True
+
+
+@cache
+def available(kind: str, device_type: str = "cpu") -> bool:
+    """Whether this machine's torch computes `kind` ("conv2d" or "linear") exactly on int8 kernels, checked once per
+    process against float64 integer arithmetic. CPU only (no CUDA kernel is wired up yet)."""
+    if device_type != "cpu":
+        return False
+    try:
+        with torch.inference_mode():
+            return _probe_conv() if kind == "conv2d" else _probe_linear()
+    except (RuntimeError, AttributeError, NotImplementedError):  # an op missing or refused in this build
+        return False
+
+
+# -- the module forward that computes a layer's accumulator on an int8 kernel ---------------------------------------
+class Int8Forward:
+    """Set as a quantized layer's module's `forward` (an instance attribute, so the engine's hooks stay as they
+    are): computes the module's output, the exact accumulator, on an int8 kernel, or on the module's own forward
+    where the kernel cannot (autograd recording, a non-CPU tensor, an input it was not built for)."""
+
+    def __init__(self, module: nn.Module, zero_point: int, dtype: torch.dtype) -> None:
+        self.module = module
+        self.zero_point = zero_point  # the uint8 codes the kernel reads are input code + zero_point
+        self.dtype = dtype  # the accumulator's dtype on the emulated path
+        self.calls = self.fallbacks = 0  # forwards, and those that ran on the emulated path
+
+    def emulated(self, x: torch.Tensor) -> torch.Tensor:
+        self.fallbacks += 1
+        return type(self.module).forward(self.module, x)
+
+    def usable(self, x: torch.Tensor) -> bool:
+        weight = self.module.weight
+        return (x.device.type == "cpu" and isinstance(weight, torch.Tensor) and weight.device.type == "cpu"
+                and x.dtype == self.dtype and weight.dtype == self.dtype
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if not self.usable(x):
+            return self.emulated(x)
+        return self.compute(x)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:  # packed weights are opaque tensors: rebuilt after a copy
+        state = dict(self.__dict__)
+        for name in ("_packed", "_faulty"):
+            if name in state:
+                state[name] = None
+        return state
+
+
+class Int8Conv2d(Int8Forward):
+    """oneDNN int8 convolution: uint8 input codes (code + zero point) x int8 weight codes -> float32 accumulator."""
+
+    def __init__(self, module: nn.Conv2d, zero_point: int, dtype: torch.dtype) -> None:
+        super().__init__(module, zero_point, dtype)
+        padding = module.padding
+        assert not isinstance(padding, str)  # `kernel_for` refuses "same"/"valid"
+        self.geometry: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int] = (
+            tuple(module.stride), tuple(padding), tuple(module.dilation), module.groups)
+        self.out_channels = module.out_channels
+        self._packed: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # (int8 codes, their packs)
+        self._faulty: tuple[Any, list[torch.Tensor]] | None = None  # (weight version, packs) of faulty codes
+        self._seen: Any = None  # the weight version the original pack was last confirmed for
+
+    def _pack(self, codes: torch.Tensor) -> list[torch.Tensor]:
+        packs = conv2d_packs(codes, self.zero_point, *self.geometry)
+        assert packs is not None  # `kernel_for` checked the kernel window
+        return packs
+
+    def _weight_pack(self) -> list[torch.Tensor]:
+        weight = self.module.weight
+        assert isinstance(weight, torch.Tensor)
+        version = (weight.data_ptr(), weight._version)
+        if self._packed is None:
+            codes = weight.to(torch.int8)
+            self._packed = (codes, self._pack(codes))
+            self._seen = version
+        if version == self._seen:
+            return self._packed[1]
+        if self._faulty is not None and self._faulty[0] == version:
+            return self._faulty[1]
+        codes = weight.to(torch.int8)  # the codes changed since the pack (weight faults) or were restored
+        if torch.equal(codes, self._packed[0]):
+            self._seen = version
+            return self._packed[1]
+        self._faulty = (version, self._pack(codes))
+        return self._faulty[1]
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            return self.emulated(x)
+        if self.zero_point == 128:  # code + 128 == the int8 code's bits with the top bit flipped
+            u8 = x.to(torch.int8).view(torch.uint8).bitwise_xor_(128)
+        else:
+            u8 = x.add(self.zero_point).to(torch.uint8)
+        stride, padding, dilation, groups = self.geometry
+        return conv2d_int32(u8, self._weight_pack(), self.out_channels, self.zero_point, stride, padding, dilation,
+                            groups)
+
+
+class Int8Linear(Int8Forward):
+    """torch._int_mm: int8 input codes (shifted into int8 where they are unsigned) x int8 weight codes -> int32,
+    converted to the layer's compute dtype."""
+
+    def __init__(self, module: nn.Linear, zero_point: int, dtype: torch.dtype) -> None:
+        super().__init__(module, zero_point, dtype)
+        self.shift = zero_point - 128  # input code + shift fits int8
+        self._codes: tuple[Any, torch.Tensor, torch.Tensor | None] | None = None
+
+    def _weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = self.module.weight
+        assert isinstance(weight, torch.Tensor)
+        version = (weight.data_ptr(), weight._version)
+        if self._codes is None or self._codes[0] != version:
+            codes = weight.to(torch.int8)
+            sums = codes.sum(dim=1, dtype=torch.int32) if self.shift else None
+            self._codes = (version, codes.t(), sums)
+        return self._codes[1], self._codes[2]
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1:
+            return self.emulated(x)
+        flat = x.reshape(-1, x.shape[-1])
+        codes = (flat.add(self.shift) if self.shift else flat).to(torch.int8)
+        weight_t, sums = self._weight()
+        acc = linear_int32(codes, weight_t, self.shift, sums)
+        return acc.to(self.dtype).reshape(*x.shape[:-1], acc.shape[-1])
+
+
+# -- which layers qualify ------------------------------------------------------------------------------------------
+def _stored_range(layer: QuantLayer) -> tuple[int, int] | None:
+    """The input codes (as code - zero point) any input, producer or fault can give the layer; None when the layer
+    reads two activations or has no per-tensor input range."""
+    if layer.second_input_shape is not None or layer.input_range is None:
+        return None
+    signed = layer.signed_activations if layer.signed_inputs is None else layer.signed_inputs
+    width = 1 << layer.bits
+    low, high = (-(width >> 1), (width >> 1) - 1) if signed else (0, width - 1)
+    zero = layer.input_zero_point
+    return min(low - zero, layer.input_range[0]), max(high - zero, layer.input_range[1])
+
+
+def kernel_for(layer: QuantLayer) -> type[Int8Forward] | None:
+    """The int8 kernel that computes `layer` exactly on this machine, or None (why not: see the module's doc)."""
+    module = layer.module
+    if layer.bits > 8 or layer.calls < 1:
+        return None
+    codes = _stored_range(layer)
+    weight = getattr(module, "weight", None)
+    if codes is None or not isinstance(weight, torch.Tensor) or weight.device.type != "cpu":
+        return None
+    if layer.weight_codes.numel() and (int(layer.weight_codes.min()) < -128 or int(layer.weight_codes.max()) > 127):
+        return None
+    if codes[1] + _zero_point(layer) > 255:  # the codes do not fit uint8 with one zero point
+        return None
+    if type(module) is nn.Conv2d:
+        if (module.padding_mode != "zeros" or isinstance(module.padding, str) or module.bias is not None
+                or layer.compute_dtype != torch.float32  # the kernel's float32 result is exact below 2^24 only
+                or math.prod(module.kernel_size) > CHUNK_FAN_IN):
+            return None
+        return Int8Conv2d if available("conv2d") else None
+    if type(module) is nn.Linear:
+        if module.bias is not None or layer.compute_dtype not in (torch.float32, torch.float64):
+            return None
+        return Int8Linear if available("linear") else None
+    return None
+
+
+def _zero_point(layer: QuantLayer) -> int:
+    """The zero point that makes every input code of `layer` a uint8 (code + zero point >= 0)."""
+    codes = _stored_range(layer)
+    assert codes is not None
+    return max(0, -codes[0])
+
+
+def install(layers: dict[str, QuantLayer], kernel: str) -> dict[str, str]:
+    """Put each qualifying layer's module on its int8 kernel (`kernel` "auto" or "int8"); returns the kernel each
+    layer computes on ("int8" or "emulated")."""
+    chosen: dict[str, str] = {}
+    for name, layer in layers.items():
+        found = None if kernel == "emulated" else kernel_for(layer)
+        if found is None:
+            chosen[name] = "emulated"
+            continue
+        layer.module.forward = found(layer.module, _zero_point(layer), layer.compute_dtype)
+        chosen[name] = "int8"
+    return chosen
+
+
+def uninstall(layers: dict[str, QuantLayer]) -> None:
+    """Back to the emulated path for every layer."""
+    for layer in layers.values():
+        if isinstance(layer.module.__dict__.get("forward"), Int8Forward):
+            del layer.module.forward
