@@ -125,7 +125,7 @@ def _probe_conv() -> bool:
 
 def _probe_linear() -> bool:
     generator = torch.Generator().manual_seed(16)
-    for m, k, n in ((1, 64, 10), (37, 1536, 24), (128, 5, 7)):
+    for m, k, n in ((1, 64, 10), (37, 1536, 24), (128, 5, 7), (3, 2, 9)):
         for a in (torch.full((m, k), -128), torch.full((m, k), 127), torch.randint(-128, 128, (m, k),
                                                                                     generator=generator)):
             for w in (torch.full((n, k), -128), torch.full((n, k), 127), torch.randint(-128, 128, (n, k),
@@ -300,7 +300,9 @@ def kernel_for(layer: QuantLayer) -> type[Int8Forward] | None:
             return None
         return Int8Conv2d if available("conv2d") else None
     if type(module) is nn.Linear:
-        if module.bias is not None or layer.compute_dtype not in (torch.float32, torch.float64):
+        # in_features 1: torch 2.14's CPU _int_mm returns garbage for a contraction of length 1
+        if module.bias is not None or layer.compute_dtype not in (torch.float32, torch.float64) or \
+                module.in_features < 2:
             return None
         return Int8Linear if available("linear") else None
     return None
