@@ -155,11 +155,23 @@ class Int8Forward:
     are): computes the module's output, the exact accumulator, on an int8 kernel, or on the module's own forward
     where the kernel cannot (autograd recording, a non-CPU tensor, an input it was not built for)."""
 
-    def __init__(self, module: nn.Module, zero_point: int, dtype: torch.dtype) -> None:
+    def __init__(self, module: nn.Module, zero_point: int, dtype: torch.dtype,
+                 scratch: dict[tuple[Any, ...], torch.Tensor] | None = None) -> None:
         self.module = module
         self.zero_point = zero_point  # the uint8 codes the kernel reads are input code + zero_point
         self.dtype = dtype  # the accumulator's dtype on the emulated path
         self.calls = self.fallbacks = 0  # forwards, and those that ran on the emulated path
+        # int8 input buffers shared by a model's kernels, one per shape and layout: a layer's int8 input is dead
+        # once its kernel ran, and a fresh tensor per call costs page faults
+        self.scratch = {} if scratch is None else scratch
+
+    def int8_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        key = (tuple(like.shape[1:]), like.stride()[1:])
+        buffer = self.scratch.get(key)
+        if buffer is None or buffer.shape[0] < like.shape[0]:
+            buffer = torch.empty_like(like, dtype=torch.int8)
+            self.scratch[key] = buffer
+        return buffer[: like.shape[0]]
 
     def emulated(self, x: torch.Tensor) -> torch.Tensor:
         self.fallbacks += 1
@@ -185,14 +197,16 @@ class Int8Forward:
         for name in ("_packed", "_faulty"):
             if name in state:
                 state[name] = None
+        state["scratch"] = {}
         return state
 
 
 class Int8Conv2d(Int8Forward):
     """oneDNN int8 convolution: uint8 input codes (code + zero point) x int8 weight codes -> float32 accumulator."""
 
-    def __init__(self, module: nn.Conv2d, zero_point: int, dtype: torch.dtype) -> None:
-        super().__init__(module, zero_point, dtype)
+    def __init__(self, module: nn.Conv2d, zero_point: int, dtype: torch.dtype,
+                 scratch: dict[tuple[Any, ...], torch.Tensor] | None = None) -> None:
+        super().__init__(module, zero_point, dtype, scratch)
         padding = module.padding
         assert not isinstance(padding, str)  # `kernel_for` refuses "same"/"valid"
         self.geometry: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int] = (
@@ -230,7 +244,7 @@ class Int8Conv2d(Int8Forward):
         if x.dim() != 4:
             return self.emulated(x)
         if self.zero_point == 128:  # code + 128 == the int8 code's bits with the top bit flipped
-            u8 = x.to(torch.int8).view(torch.uint8).bitwise_xor_(128)
+            u8 = self.int8_buffer(x).copy_(x).view(torch.uint8).bitwise_xor_(128)
         else:
             u8 = x.add(self.zero_point).to(torch.uint8)
         stride, padding, dilation, groups = self.geometry
@@ -242,8 +256,9 @@ class Int8Linear(Int8Forward):
     """torch._int_mm: int8 input codes (shifted into int8 where they are unsigned) x int8 weight codes -> int32,
     converted to the layer's compute dtype."""
 
-    def __init__(self, module: nn.Linear, zero_point: int, dtype: torch.dtype) -> None:
-        super().__init__(module, zero_point, dtype)
+    def __init__(self, module: nn.Linear, zero_point: int, dtype: torch.dtype,
+                 scratch: dict[tuple[Any, ...], torch.Tensor] | None = None) -> None:
+        super().__init__(module, zero_point, dtype, scratch)
         self.shift = zero_point - 128  # input code + shift fits int8
         self._codes: tuple[Any, torch.Tensor, torch.Tensor | None] | None = None
 
@@ -319,12 +334,13 @@ def install(layers: dict[str, QuantLayer], kernel: str) -> dict[str, str]:
     """Put each qualifying layer's module on its int8 kernel (`kernel` "auto" or "int8"); returns the kernel each
     layer computes on ("int8" or "emulated")."""
     chosen: dict[str, str] = {}
+    scratch: dict[tuple[Any, ...], torch.Tensor] = {}
     for name, layer in layers.items():
         found = None if kernel == "emulated" else kernel_for(layer)
         if found is None:
             chosen[name] = "emulated"
             continue
-        layer.module.forward = found(layer.module, _zero_point(layer), layer.compute_dtype)
+        layer.module.forward = found(layer.module, _zero_point(layer), layer.compute_dtype, scratch)
         chosen[name] = "int8"
     return chosen
 

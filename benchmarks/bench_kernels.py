@@ -1,0 +1,158 @@
+"""The int8 execution path against the float-emulated one (issue 16): ResNet56, batch 128, as ratios measured in one
+run.
+
+    python benchmarks/bench_kernels.py [--rounds 9] [--threads 2] [--ber 1e-5] [--json out.json]
+
+The same random-init ResNet56 (BatchNorm statistics recalibrated on the batch) is quantized twice, with
+``kernel="int8"`` and ``kernel="emulated"`` (identical calibration, so identical numbers: checked once per run).
+Prints, as medians of per-round ratios (every variant timed next to a float forward, pair order alternating
+between rounds):
+- fault-free quantized forward / float forward, on each path              (issue 16 target, int8: <= 0.35)
+- act BER 1e-5 trial (fault sampling + faulty forward) / float forward     (issue 16 target, int8: <= 0.40)
+The float forward is the model as given (NCHW). Then, from one profiled int8 forward, where its time goes: the int8
+convolutions, the conversions of input codes to int8/uint8, the engine's quantize/requantize passes, and the
+model's own ops between layers (ReLU, residual additions), each as a share of the profiled time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from _common import environment, save_json  # benchmarks/_common.py, beside this script
+
+from pytest_hwfault import FaultModel, quantize
+from pytest_hwfault.cifar_resnet import recalibrate_bn, resnet56
+from pytest_hwfault.faults import sample_pattern, trial_generator
+
+# profiler op name -> category of the int8 forward's time
+CATEGORIES = {
+    "onednn::qconv2d_pointwise": "int8 conv (oneDNN)",
+    "aten::_int_mm": "int8 matmul",
+    "aten::copy_": "float -> int8 conversion",
+    "aten::bitwise_xor_": "float -> int8 conversion",
+    "aten::round_": "engine: quantize / requantize passes",
+    "aten::mul_": "engine: quantize / requantize passes",
+    "aten::mul": "engine: quantize / requantize passes",
+    "aten::clamp_": "engine: quantize / requantize passes",
+    "aten::add_": "engine: bias add, chunk sums",
+    "aten::clamp_min": "model: ReLU (allocates its output)",
+    "aten::add": "model: residual additions",
+}
+
+
+def _time(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _breakdown(fn: Callable[[], object]) -> dict[str, float]:
+    """Seconds per category of one profiled call (self CPU time of each op)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    seconds: dict[str, float] = {}
+    for event in prof.key_averages():
+        category = CATEGORIES.get(event.key, "other ops")
+        seconds[category] = seconds.get(category, 0.0) + event.self_cpu_time_total / 1e6
+    return dict(sorted(seconds.items(), key=lambda item: -item[1]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--ber", type=float, default=1e-5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="save the results to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    x = torch.randn(args.batch, 3, 32, 32)
+    model = recalibrate_bn(resnet56(), x)
+    views = {"int8": quantize(model, x, kernel="int8"), "emulated": quantize(model, x, kernel="emulated")}
+    on_int8 = sum(kernel == "int8" for kernel in views["int8"].kernels.values())
+    fault_model = FaultModel("act", args.ber)
+    targets = views["int8"].targets(fault_model.site)
+    trial = iter(range(10**9))
+
+    check = sample_pattern(fault_model, targets, len(x), trial_generator(0, "bench", 10**9))
+    for pattern in (None, check):
+        if not torch.equal(views["int8"](x, pattern), views["emulated"](x, pattern)):
+            raise AssertionError("the int8 and emulated paths disagree: the benchmark would compare different work")
+
+    def float_forward() -> None:
+        with torch.inference_mode():
+            model(x)
+
+    flips: list[int] = []
+
+    def clean(path: str) -> Callable[[], None]:
+        return lambda: views[path](x)
+
+    def act(path: str) -> Callable[[], None]:
+        def run() -> None:
+            pattern = sample_pattern(fault_model, targets, len(x), trial_generator(0, "bench", next(trial)))
+            flips.append(len(pattern))
+            views[path](x, pattern)
+        return run
+
+    variants = {"int8": clean("int8"), "int8_act": act("int8"), "emulated": clean("emulated"),
+                "emulated_act": act("emulated")}
+    float_forward()  # warm-up (the int8 view's weights are packed on its first forward)
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    float_times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(args.rounds):
+        for name, fn in variants.items():
+            if r % 2 == 0:
+                float_times[name].append(_time(float_forward))
+                times[name].append(_time(fn))
+            else:
+                times[name].append(_time(fn))
+                float_times[name].append(_time(float_forward))
+    times["float"] = [t for name in variants for t in float_times[name]]
+    ratios = {name: statistics.median(q / f for q, f in zip(times[name], float_times[name])) for name in variants}
+    ratios["int8_vs_emulated"] = statistics.median(i / e for i, e in zip(times["int8"], times["emulated"]))
+    breakdown = _breakdown(clean("int8"))
+    result = {
+        "benchmark": "kernels",
+        "model": "resnet56",
+        "batch": args.batch,
+        "ber": args.ber,
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "layers_on_int8": on_int8,
+        "layers": len(views["int8"].layers),
+        "median_seconds": {k: statistics.median(v) for k, v in times.items()},
+        "ratios_vs_float": ratios,
+        "mean_flips_per_batch": statistics.mean(flips),
+        "int8_forward_profile_seconds": breakdown,
+        **environment(),
+    }
+    med = result["median_seconds"]
+    print(f"ResNet56, batch {args.batch}, {args.threads} threads, {args.rounds} rounds of order-alternating pairs "
+          f"(median); {on_int8} of {len(views['int8'].layers)} layers on int8 kernels")
+    print(f"  float forward                  {med['float'] * 1e3:8.1f} ms")
+    for name, label in (("int8", "int8 path, fault-free"), ("int8_act", f"int8 path, act BER {args.ber:g}"),
+                        ("emulated", "emulated, fault-free"), ("emulated_act", f"emulated, act BER {args.ber:g}")):
+        print(f"  {label:<30} {med[name] * 1e3:8.1f} ms  ratio {ratios[name]:.3f}x")
+    print(f"  int8 / emulated, fault-free: {ratios['int8_vs_emulated']:.3f}x; "
+          f"{result['mean_flips_per_batch']:.0f} flips per act trial")
+    total = sum(breakdown.values())
+    print(f"one profiled int8 forward ({total * 1e3:.1f} ms of op time):")
+    for category, seconds in breakdown.items():
+        print(f"  {category:<40} {seconds * 1e3:7.1f} ms  {seconds / total:6.1%}")
+    save_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
