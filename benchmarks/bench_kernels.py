@@ -9,6 +9,7 @@ Prints, as medians of per-round ratios (every variant timed next to a float forw
 between rounds):
 - fault-free quantized forward / float forward, on each path              (issue 16 target, int8: <= 0.35)
 - act BER 1e-5 trial (fault sampling + faulty forward) / float forward     (issue 16 target, int8: <= 0.40)
+- weight and acc BER 1e-5 trials likewise (weight target <= 0.40; acc: stated)
 The float forward is the model as given (NCHW). Then, from one profiled int8 forward, where its time goes: the int8
 convolutions, the conversions of input codes to int8/uint8, the engine's quantize/requantize passes, and the
 model's own ops between layers (ReLU, residual additions), each as a share of the profiled time.
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     on_int8 = sum(kernel == "int8" for kernel in views["int8"].kernels.values())
     fault_model = FaultModel("act", args.ber)
     targets = views["int8"].targets(fault_model.site)
+    others = {site: (FaultModel(site, args.ber), views["int8"].targets(FaultModel(site, args.ber).site))
+              for site in ("weight", "acc")}
     trial = iter(range(10**9))
 
     check = sample_pattern(fault_model, targets, len(x), trial_generator(0, "bench", 10**9))
@@ -103,8 +106,16 @@ def main(argv: list[str] | None = None) -> dict:
             views[path](x, pattern)
         return run
 
+    def other(path: str, site: str) -> Callable[[], None]:  # context: a weight and an acc trial
+        def run() -> None:
+            model_, targets_ = others[site]
+            views[path](x, sample_pattern(model_, targets_, len(x), trial_generator(0, "bench", next(trial))))
+        return run
+
     variants = {"int8": clean("int8"), "int8_act": act("int8"), "emulated": clean("emulated"),
-                "emulated_act": act("emulated")}
+                "emulated_act": act("emulated"), "int8_weight": other("int8", "weight"),
+                "int8_acc": other("int8", "acc"), "emulated_weight": other("emulated", "weight"),
+                "emulated_acc": other("emulated", "acc")}
     float_forward()  # warm-up (the int8 view's weights are packed on its first forward)
     for fn in variants.values():
         fn()
@@ -140,10 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
     med = result["median_seconds"]
     print(f"ResNet56, batch {args.batch}, {args.threads} threads, {args.rounds} rounds of order-alternating pairs "
           f"(median); {on_int8} of {len(views['int8'].layers)} layers on int8 kernels")
-    print(f"  float forward                  {med['float'] * 1e3:8.1f} ms")
+    print(f"  float forward                      {med['float'] * 1e3:8.1f} ms")
     for name, label in (("int8", "int8 path, fault-free"), ("int8_act", f"int8 path, act BER {args.ber:g}"),
-                        ("emulated", "emulated, fault-free"), ("emulated_act", f"emulated, act BER {args.ber:g}")):
-        print(f"  {label:<30} {med[name] * 1e3:8.1f} ms  ratio {ratios[name]:.3f}x")
+                        ("emulated", "emulated, fault-free"), ("emulated_act", f"emulated, act BER {args.ber:g}"),
+                        ("int8_weight", f"int8 path, weight BER {args.ber:g}"),
+                        ("emulated_weight", f"emulated, weight BER {args.ber:g}"),
+                        ("int8_acc", f"int8 path, acc BER {args.ber:g}"),
+                        ("emulated_acc", f"emulated, acc BER {args.ber:g}")):
+        print(f"  {label:<34} {med[name] * 1e3:8.1f} ms  ratio {ratios[name]:.3f}x")
     print(f"  int8 / emulated, fault-free: {ratios['int8_vs_emulated']:.3f}x; "
           f"{result['mean_flips_per_batch']:.0f} flips per act trial")
     total = sum(breakdown.values())

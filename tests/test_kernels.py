@@ -288,3 +288,14 @@ def test_autograd_runs_emulated() -> None:
     out = layer.module.forward(codes)
     assert out.requires_grad and out.grad_fn is not None
     copy.deepcopy(qmodel.module)  # a copy drops the packs (opaque tensors) and rebuilds them when it runs
+
+
+@needs_linear
+def test_linear_of_one_input_feature_stays_emulated() -> None:
+    """torch 2.14's CPU _int_mm is wrong for a contraction of length 1: such a Linear is not put on it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    x = torch.randn(10, 1)
+    qmodel = quantize(model, x, kernel="int8")
+    assert qmodel.kernels == {"0": "emulated", "2": "int8"}
+    assert torch.equal(qmodel(x), quantize(model, x, kernel="emulated")(x))
