@@ -299,3 +299,21 @@ def test_linear_of_one_input_feature_stays_emulated() -> None:
     qmodel = quantize(model, x, kernel="int8")
     assert qmodel.kernels == {"0": "emulated", "2": "int8"}
     assert torch.equal(qmodel(x), quantize(model, x, kernel="emulated")(x))
+
+
+@needs_conv
+@pytest.mark.parametrize("fmt", ["ao_fx", "pt2e", "onnx_u8", "onnx_s8"])
+def test_deployed_models_bit_identical(fmt: str, digits: object, tmp_path: object) -> None:
+    """A deployed int8 model's own zero points, signedness and arithmetic: the kernels read its codes as they are."""
+    from deployed_models import images, to_ao_fx, to_onnx_qdq, to_pt2e, trained_resnet_style
+
+    pytest.importorskip("onnxruntime" if fmt.startswith("onnx") else "torchao" if fmt == "pt2e" else "torch")
+    calibration = images(digits.x_train[:64])  # type: ignore[attr-defined]
+    x = images(digits.x_train[64:112])  # type: ignore[attr-defined]
+    net = trained_resnet_style(digits)
+    model = (to_ao_fx(net, calibration) if fmt == "ao_fx" else to_pt2e(net, calibration) if fmt == "pt2e"
+             else to_onnx_qdq(net, calibration, tmp_path, fmt.split("_")[1]))
+    int8, emulated = quantize(model, calibration, kernel="int8"), quantize(model, calibration, kernel="emulated")
+    assert set(int8.kernels.values()) == {"int8"}
+    patterns = _patterns(emulated, len(x), pe=False)
+    _assert_identical(_outputs(emulated, x, patterns, None, 2), _outputs(int8, x, patterns, 20, 1))
