@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 if TYPE_CHECKING:
     from .qmodel import QuantLayer
@@ -153,7 +154,8 @@ def available(kind: str, device_type: str = "cpu") -> bool:
 class Int8Forward:
     """Set as a quantized layer's module's `forward` (an instance attribute, so the engine's hooks stay as they
     are): computes the module's output, the exact accumulator, on an int8 kernel, or on the module's own forward
-    where the kernel cannot (autograd recording, a non-CPU tensor, an input it was not built for)."""
+    where the kernel cannot (autograd recording, a non-CPU tensor, an input it was not built for, a dispatch
+    mode such as the coverage's flop counter watching the ops)."""
 
     def __init__(self, module: nn.Module, zero_point: int, dtype: torch.dtype,
                  scratch: dict[tuple[Any, ...], torch.Tensor] | None = None) -> None:
@@ -181,7 +183,10 @@ class Int8Forward:
         weight = self.module.weight
         return (x.device.type == "cpu" and isinstance(weight, torch.Tensor) and weight.device.type == "cpu"
                 and x.dtype == self.dtype and weight.dtype == self.dtype
-                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+                # a dispatch mode watching the ops (the coverage's flop counter, fake tensors) sees the
+                # conv/linear it knows, not an opaque packed weight
+                and _get_current_dispatch_mode() is None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1

@@ -317,3 +317,23 @@ def test_deployed_models_bit_identical(fmt: str, digits: object, tmp_path: objec
     assert set(int8.kernels.values()) == {"int8"}
     patterns = _patterns(emulated, len(x), pe=False)
     _assert_identical(_outputs(emulated, x, patterns, None, 2), _outputs(int8, x, patterns, 20, 1))
+
+
+@needs_conv
+@pytest.mark.parametrize("site", ["act", "weight", "acc"])
+def test_campaign_trials_bit_identical(site: str) -> None:
+    """Campaign trials (fault dropping and late start on: the suffix graphs run the same modules) agree."""
+    from dataclasses import asdict
+
+    from pytest_hwfault.campaign import Campaign
+    from pytest_hwfault.spec import CampaignSpec
+
+    model, x = _resnet20()
+    labels = torch.arange(len(x)) % 10
+    spec = CampaignSpec(site=site, ber=1e-4, min_acc=0.0, budget=3, first=3, seed=2)
+    results = []
+    for kernel in ("int8", "emulated"):
+        campaign = Campaign(quantize(model, x, kernel=kernel), x, labels, spec, "tests::kernels", batch_size=10)
+        results.append([asdict(campaign.trial(i)) for i in range(3)])
+    assert results[0] == results[1]
+    assert any(trial["faults"] for trial in results[0])
