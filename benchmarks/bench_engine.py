@@ -1,7 +1,8 @@
 """Engine overhead on a CIFAR-style ResNet56, batch 128, 32x32x3 (or a ViT-small-sized transformer), as ratios
 measured in one run.
 
-    python benchmarks/bench_engine.py [--rounds 9] [--model resnet56|vit_small] [--json out.json]
+    python benchmarks/bench_engine.py [--rounds 9] [--model resnet56|vit_small] [--kernel auto|emulated]
+                                      [--json out.json]
 
 `--model vit_small`: torchvision's VisionTransformer with ViT-S/16's width (12 layers, 6 heads, hidden 384, MLP 1536)
 on 32x32 images in 4x4 patches (65 tokens), batch 16 by default: every attention projection, both attention
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=None, help="default: 128 (resnet56), 16 (vit_small)")
     parser.add_argument("--ber", type=float, default=1e-5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--kernel", choices=("auto", "int8", "emulated"), default="auto",
+                        help="quantize(kernel=): int8 kernels where exact (auto) or the float-emulated path")
     parser.add_argument("--json", help="save the results to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.batch = args.batch or (128 if args.model == "resnet56" else 16)
     model = (resnet56() if args.model == "resnet56" else _vit_small()).eval()
     x = torch.randn(args.batch, 3, 32, 32)
-    qmodel = quantize(model, x)
+    qmodel = quantize(model, x, kernel=args.kernel)
     fault_model = FaultModel("act", args.ber)
     targets = qmodel.targets(fault_model.site)
     trial = iter(range(10**9))
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": args.batch,
         "ber": args.ber,
         "threads": args.threads,
+        "kernel": args.kernel,
         "rounds": args.rounds,
         "median_seconds": {k: statistics.median(v) for k, v in times.items()},
         "ratios": ratios,
