@@ -151,6 +151,16 @@ def available(kind: str, device_type: str = "cpu") -> bool:
 
 
 # -- the module forward that computes a layer's accumulator on an int8 kernel ---------------------------------------
+def _version(weight: torch.Tensor) -> Any:
+    """What changes whenever the weight's codes may have changed: its storage and its version counter (bumped by
+    every in-place edit, as `QuantizedModel.weight_faults` makes); a fresh object (never equal: the codes are
+    compared) for a tensor without a version counter (created in inference mode)."""
+    try:
+        return weight.data_ptr(), weight._version
+    except RuntimeError:
+        return object()
+
+
 class Int8Forward:
     """Set as a quantized layer's module's `forward` (an instance attribute, so the engine's hooks stay as they
     are): computes the module's output, the exact accumulator, on an int8 kernel, or on the module's own forward
@@ -229,7 +239,7 @@ class Int8Conv2d(Int8Forward):
     def _weight_pack(self) -> list[torch.Tensor]:
         weight = self.module.weight
         assert isinstance(weight, torch.Tensor)
-        version = (weight.data_ptr(), weight._version)
+        version = _version(weight)
         if self._packed is None:
             codes = weight.to(torch.int8)
             self._packed = (codes, self._pack(codes))
@@ -270,7 +280,7 @@ class Int8Linear(Int8Forward):
     def _weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = self.module.weight
         assert isinstance(weight, torch.Tensor)
-        version = (weight.data_ptr(), weight._version)
+        version = _version(weight)
         if self._codes is None or self._codes[0] != version:
             codes = weight.to(torch.int8)
             sums = codes.sum(dim=1, dtype=torch.int32) if self.shift else None

@@ -337,3 +337,33 @@ def test_campaign_trials_bit_identical(site: str) -> None:
         results.append([asdict(campaign.trial(i)) for i in range(3)])
     assert results[0] == results[1]
     assert any(trial["faults"] for trial in results[0])
+
+
+@needs_conv
+def test_weight_edits_are_seen() -> None:
+    """The conv's packed weights follow in-place edits of the module's weight codes (as weight faults make them),
+    and come back when the codes are restored; a weight without a version counter is compared every call."""
+    model, x = _resnet20()
+    qmodel = quantize(model, x[:4])
+    module = qmodel.layers["layer2.0.conv1"].module
+    assert isinstance(module.__dict__["forward"], Int8Forward)
+    codes = torch.randint(-128, 128, (2, 16, 32, 32)).float().contiguous(memory_format=torch.channels_last)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            return module.forward(codes), type(module).forward(module, codes)
+
+    original = both()[0]
+    weight = module.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.view(-1)[[3, 500, 4000]] = torch.tensor([-128.0, 127.0, 0.0])
+    fast, slow = both()
+    assert torch.equal(fast, slow) and not torch.equal(fast, original)
+    with torch.no_grad():
+        weight.copy_(saved)
+    assert torch.equal(both()[0], original)
+    with torch.inference_mode():  # an inference tensor: no version counter
+        module.weight = nn.Parameter(saved.clone().neg_().clamp_(-127, 127), requires_grad=False)
+    fast, slow = both()
+    assert torch.equal(fast, slow) and not torch.equal(fast, original)
