@@ -263,8 +263,13 @@ class Int8Conv2d(Int8Forward):
         else:
             u8 = x.add(self.zero_point).to(torch.uint8)
         stride, padding, dilation, groups = self.geometry
-        return conv2d_int32(u8, self._weight_pack(), self.out_channels, self.zero_point, stride, padding, dilation,
-                            groups)
+        acc = conv2d_int32(u8, self._weight_pack(), self.out_channels, self.zero_point, stride, padding, dilation,
+                           groups)
+        # oneDNN answers channels-last; the emulated conv keeps an NCHW input's layout, which
+        # quantize(memory_format="preserve") promises the model's own hooks (a channels-last input, even with one
+        # channel, has channel stride 1)
+        nchw = x.is_contiguous() and x.stride(1) != 1
+        return acc.contiguous() if nchw and not acc.is_contiguous() else acc
 
 
 class Int8Linear(Int8Forward):

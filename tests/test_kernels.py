@@ -184,6 +184,8 @@ def test_resnet_trials_bit_identical(memory_format: str) -> None:
         _assert_identical(reference, _outputs(int8, x, patterns, split, n_threads))
     # and after the weight faults were restored, the original packs are used again
     assert torch.equal(int8(x), reference["clean"])
+    # every tensor the hooks saw had the layout it has on the emulated path (memory_format="preserve" keeps NCHW)
+    assert int8._runtime.strides == emulated._runtime.strides
     forwards = [m.forward for m in int8.module.modules() if isinstance(m.__dict__.get("forward"), Int8Forward)]
     assert forwards and all(f.fallbacks == 0 for f in forwards)  # type: ignore[attr-defined]
 
