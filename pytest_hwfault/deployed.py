@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import enum
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,6 +232,3 @@ def float32_multiplier(input_scale: float, weight_scale: torch.Tensor, act_scale
     product = torch.tensor(input_scale, dtype=f32) * weight_scale.to(f32)
     return product if act_scale is None else product / torch.tensor(act_scale, dtype=f32)
 
-
-def is_finite_scale(value: float) -> bool:
-    return math.isfinite(value) and value > 0
