@@ -22,21 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
-from _common import environment, save_json  # benchmarks/_common.py, beside this script
+from _common import environment, paired_rounds, save_json  # benchmarks/_common.py, beside this script
 
 from pytest_hwfault import FaultModel, quantize
 from pytest_hwfault.cifar_resnet import resnet56
 from pytest_hwfault.faults import sample_pattern, trial_generator
-
-
-def _time(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _vit_small() -> torch.nn.Module:
@@ -96,19 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     float_forward()  # warm-up
     for fn in variants.values():
         fn()
-    # Each variant is paired with a float forward right next to it, and the pair's order alternates between
-    # rounds: whichever runs second in a pair is measurably slower or faster on this machine (allocator and cache
-    # state), and alternating cancels that bias out of the median ratio.
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    float_times: dict[str, list[float]] = {k: [] for k in variants}
-    for r in range(args.rounds):
-        for name, fn in variants.items():
-            if r % 2 == 0:
-                float_times[name].append(_time(float_forward))
-                times[name].append(_time(fn))
-            else:
-                times[name].append(_time(fn))
-                float_times[name].append(_time(float_forward))
+    # Each variant is paired with a float forward right next to it (see _common.paired_rounds).
+    times, float_times = paired_rounds(variants, float_forward, args.rounds)
     times["float"] = [t for name in variants for t in float_times[name]]
     ratios = {
         "quantized_vs_float": statistics.median(

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from _common import environment, save_json  # benchmarks/_common.py, beside this script
+from _common import environment, paired_rounds, save_json  # benchmarks/_common.py, beside this script
 
 from pytest_hwfault import FaultModel, quantize
 from pytest_hwfault.cifar_resnet import recalibrate_bn, resnet56
@@ -43,12 +42,6 @@ CATEGORIES = {
     "aten::clamp_min": "model: ReLU (allocates its output)",
     "aten::add": "model: residual additions",
 }
-
-
-def _time(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _breakdown(fn: Callable[[], object]) -> dict[str, float]:
@@ -119,16 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     float_forward()  # warm-up (the int8 view's weights are packed on its first forward)
     for fn in variants.values():
         fn()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    float_times: dict[str, list[float]] = {k: [] for k in variants}
-    for r in range(args.rounds):
-        for name, fn in variants.items():
-            if r % 2 == 0:
-                float_times[name].append(_time(float_forward))
-                times[name].append(_time(fn))
-            else:
-                times[name].append(_time(fn))
-                float_times[name].append(_time(float_forward))
+    times, float_times = paired_rounds(variants, float_forward, args.rounds)
     times["float"] = [t for name in variants for t in float_times[name]]
     ratios = {name: statistics.median(q / f for q, f in zip(times[name], float_times[name])) for name in variants}
     ratios["int8_vs_emulated"] = statistics.median(i / e for i, e in zip(times["int8"], times["emulated"]))

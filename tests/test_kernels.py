@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TextClassifier
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -123,18 +124,6 @@ def _resnet20() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     x = torch.randn(24, 3, 32, 32)
     return recalibrate_bn(CifarResNet(20), x), x
-
-
-class TextClassifier(nn.Module):
-    def __init__(self, vocab: int = 40, width: int = 32, heads: int = 4, classes: int = 5) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.embed(tokens)).mean(1))
 
 
 SITES = {"act": 1e-3, "weight": 1e-3, "acc": 1e-3, "input": 1e-3, "qparams": 2e-3}

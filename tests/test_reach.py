@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import oracle, seeded
+from conftest import TextClassifier, oracle, seeded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -31,21 +31,6 @@ pytestmark = pytest.mark.usefixtures("single_threaded")  # tiny tensors: one thr
 
 
 # -- the models --------------------------------------------------------------------------------------------------------
-class TextClassifier(nn.Module):
-    """Token embedding, a two-layer nn.TransformerEncoder (torch's fused fast path applies to it in eval mode), mean
-    pooling and a head."""
-
-    def __init__(self, vocab: int = 40, width: int = 32, heads: int = 4, classes: int = 5) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.embed(tokens)).mean(1))
-
-
 class Recurrent(nn.Module):
     def __init__(self, cell: type[nn.RNNBase], **options: Any) -> None:
         super().__init__()
