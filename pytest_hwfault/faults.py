@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -230,11 +231,17 @@ class FaultPattern:
         parts = [g.image for (site, _), g in self.groups.items() if site.transient]
         if not parts:
             return torch.empty(0, dtype=torch.int64)
-        return torch.unique(torch.cat(parts))
+        # each group is sorted by image when sampled: runs shrink it in linear time before the (small) final sort
+        return torch.unique(torch.cat([torch.unique_consecutive(part) for part in parts]))
 
     def restricted_to(self, images: torch.Tensor) -> FaultPattern:
         """The transient faults of `images` (sorted indices), renumbered to their positions in `images`: the
         pattern of a forward pass over just those images. Weight faults are kept as they are."""
+        if len(images) and int(images[-1]) == len(images) - 1:  # images 0..k-1: no renumbering, often no change
+            kept = {key: g if not key[0].transient or not len(g) or int(g.image.max()) < len(images)
+                    else LayerFaults(*(t[g.image < len(images)] for t in (g.image, g.index, g.bit, g.kind)))
+                    for key, g in self.groups.items()}
+            return FaultPattern({key: g for key, g in kept.items() if len(g) or not key[0].transient})
         groups: dict[tuple[Site, str], LayerFaults] = {}
         for key, g in self.groups.items():
             if not key[0].transient:
@@ -250,30 +257,31 @@ class FaultPattern:
         return any(not site.transient and len(g) for (site, _), g in self.groups.items())
 
 
-def distinct_positions(total: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """`count` distinct integers drawn uniformly from [0, total), at a cost that grows with `count`."""
-    if count > total:
-        raise ValueError(f"cannot draw {count} distinct positions out of {total}")
-    if count == 0:
+def bernoulli_positions(total: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """The sorted positions in [0, total) of a Bernoulli(p) process: each position is drawn with probability p,
+    independently of the others, so their number is Binomial(total, p).
+
+    The gaps between drawn positions are geometric, and they are sampled directly (inversion, float64): the cost
+    grows with the number of positions drawn, not with `total`, and they come out sorted and distinct, with no sort
+    or deduplication."""
+    if total == 0 or p == 0.0:
         return torch.empty(0, dtype=torch.int64)
-    if count * 4 > total:
-        return torch.randperm(total, generator=generator)[:count]
-    drawn = torch.unique(torch.randint(total, (count,), generator=generator, dtype=torch.int64))
-    while drawn.numel() < count:
-        extra = torch.randint(total, (count - drawn.numel(),), generator=generator, dtype=torch.int64)
-        drawn = torch.unique(torch.cat([drawn, extra]))
-    # unique() sorts; shuffle by a permutation of the k positions so no order is implied (cost O(k)).
-    return drawn[torch.randperm(count, generator=generator)]
-
-
-def binomial_count(n: int, p: float, generator: torch.Generator) -> int:
-    if n == 0 or p == 0.0:
-        return 0
     if p == 1.0:
-        return n
-    count = torch.binomial(torch.tensor([float(n)], dtype=torch.float64), torch.tensor([p], dtype=torch.float64),
-                           generator=generator)
-    return min(int(count.item()), n)
+        return torch.arange(total, dtype=torch.int64)
+    log_q = math.log1p(-p)
+    chunks: list[torch.Tensor] = []
+    last = -1  # the last position drawn so far
+    while True:
+        expected = (total - 1 - last) * p
+        n = int(expected + 6.0 * math.sqrt(expected) + 64)
+        u = 1.0 - torch.rand(n, generator=generator, dtype=torch.float64)  # (0, 1]: log stays finite
+        gaps = torch.floor(torch.log(u) / log_q).clamp_(max=float(total)).to(torch.int64)
+        positions = torch.cumsum(gaps + 1, 0) + last
+        if int(positions[-1]) >= total:
+            chunks.append(positions[: int(torch.searchsorted(positions, total))])
+            return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        chunks.append(positions)
+        last = int(positions[-1])
 
 
 def sample_pattern(
@@ -281,9 +289,10 @@ def sample_pattern(
 ) -> FaultPattern:
     """Draw one trial's faults for `n_images` images. Pure function of the generator's state and the arguments.
 
-    All targets' bits form one space: one Binomial(total bits, ber) count, that many distinct positions, then each
-    position is decoded to (target, image, code index, bit) with vectorised arithmetic, whatever the number of
-    layers."""
+    All targets' bits form one space: a Bernoulli(ber) draw of its positions (`bernoulli_positions`: sorted,
+    distinct, at a cost that grows with the number of faults), each decoded to (target, image, code index, bit) with
+    vectorised arithmetic, whatever the number of layers. The faults come out sorted by target, image and code.
+    """
     if not targets:
         return FaultPattern()
     positions = [model.positions_for(t) for t in targets]
@@ -293,10 +302,10 @@ def sample_pattern(
     per_image = torch.tensor([t.numel for t in targets], dtype=torch.int64) * widths
     images = torch.tensor([n_images if t.site.transient else 1 for t in targets], dtype=torch.int64)
     ends = torch.cumsum(per_image * images, 0)
-    count = binomial_count(int(ends[-1]), model.ber, generator)
+    flat = bernoulli_positions(int(ends[-1]), model.ber, generator)
+    count = len(flat)
     if count == 0:
         return FaultPattern()
-    flat = distinct_positions(int(ends[-1]), count, generator)
     which = torch.searchsorted(ends, flat, right=True)
     local = flat - (ends - per_image * images)[which]
     image = local // per_image[which]
@@ -308,8 +317,7 @@ def sample_pattern(
     index = rest // widths[which]
     transient = torch.tensor([t.site.transient for t in targets])[which]
     image = torch.where(transient, image, torch.full_like(image, -1))
-    order = torch.sort(which * (n_images + 1) + image + 1, stable=True).indices
-    which, image, index, bit = which[order], image[order], index[order], bit[order]
+    # sorted by (target, image, index, bit) already: positions are, and each target's bits are image-major
     if model.burst > 1:  # each event: the drawn bit and the burst - 1 bits above it, in the same code
         which, image, index = (t.repeat_interleave(model.burst) for t in (which, image, index))
         bit = bit.repeat_interleave(model.burst) + torch.arange(model.burst).repeat(count)

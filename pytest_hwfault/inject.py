@@ -42,43 +42,66 @@ class Edit:
                     self.scale.to(device), strides=self.strides)
 
 
-def _ranks(linear: torch.Tensor) -> torch.Tensor:
-    """For each fault, how many earlier faults (in pattern order) hit the same code."""
-    order = torch.sort(linear, stable=True).indices
-    sorted_lin = linear[order]
+def _sorted_ranks(sorted_lin: torch.Tensor) -> torch.Tensor:
+    """For each fault of a sorted list, how many earlier faults hit the same code."""
     starts = torch.ones_like(sorted_lin, dtype=torch.bool)
     starts[1:] = sorted_lin[1:] != sorted_lin[:-1]
-    positions = torch.arange(linear.numel(), device=linear.device)
+    positions = torch.arange(sorted_lin.numel(), device=sorted_lin.device)
     group_start = torch.cummax(torch.where(starts, positions, torch.zeros_like(positions)), 0).values
-    ranks = torch.empty_like(positions)
-    ranks[order] = positions - group_start
+    return positions - group_start
+
+
+def _ranks(linear: torch.Tensor, is_sorted: bool) -> torch.Tensor:
+    """For each fault, how many earlier faults (in pattern order) hit the same code."""
+    if is_sorted:
+        return _sorted_ranks(linear)
+    order = torch.sort(linear, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = _sorted_ranks(linear[order])
     return ranks
 
 
 def compose(linear: torch.Tensor, bit: torch.Tensor, kind: torch.Tensor, scale: torch.Tensor) -> Edit:
-    """Fold faults (applied in list order) into one edit per distinct code. `scale` is per fault."""
-    unique, inverse = torch.unique(linear, return_inverse=True)
+    """Fold faults (applied in list order) into one edit per distinct code. `scale` is per fault.
+
+    Sampled patterns arrive sorted by code (faults.sample_pattern), and then the codes are grouped by runs, with
+    no sort: at a high BER this is most of the cost of preparing a trial. Each code's first fault sets its edit
+    (gathers only); the rare later faults on a code are folded in rank by rank."""
+    is_sorted = linear.numel() < 2 or bool((linear[1:] >= linear[:-1]).all())
+    if is_sorted:
+        unique, inverse = torch.unique_consecutive(linear, return_inverse=True)
+    else:
+        unique, inverse = torch.unique(linear, return_inverse=True)
     mask = torch.ones_like(bit) << bit
-    if unique.numel() == linear.numel():  # one fault per code: no composition needed
-        order = torch.empty_like(inverse)
-        order[inverse] = torch.arange(inverse.numel(), device=inverse.device)
-        mask, kind, scale = mask[order], kind[order], scale[order]
-        zero = torch.zeros_like(mask)
-        return Edit(unique, torch.where(kind == _FLIP, ~zero, ~mask), torch.where(kind == _STUCK1, mask, zero),
-                    torch.where(kind == _FLIP, mask, zero), scale)
-    keep = torch.full_like(unique, -1)
-    set_, flip = torch.zeros_like(unique), torch.zeros_like(unique)
-    code_scale = torch.empty(unique.numel(), dtype=scale.dtype, device=scale.device)
-    code_scale[inverse] = scale
-    ranks = _ranks(linear)
-    for rank in range(int(ranks.max()) + 1):
-        select = ranks == rank
-        u, m, k = inverse[select], mask[select], kind[select]
-        is_flip = k == _FLIP
-        flip[u] = torch.where(is_flip, flip[u] ^ m, flip[u] & ~m)
-        keep[u] = torch.where(is_flip, keep[u], keep[u] & ~m)
-        set_[u] = torch.where(is_flip, set_[u], torch.where(k == _STUCK1, set_[u] | m, set_[u] & ~m))
-    return Edit(unique, keep, set_, flip, code_scale)
+    several = unique.numel() < linear.numel()
+    if not several:  # one fault per code
+        if is_sorted:
+            first = torch.arange(linear.numel(), device=linear.device)
+        else:
+            first = torch.empty_like(inverse)
+            first[inverse] = torch.arange(inverse.numel(), device=inverse.device)
+    else:
+        ranks = _ranks(linear, is_sorted)
+        leading = (ranks == 0).nonzero().reshape(-1)
+        if is_sorted:
+            first = leading
+        else:
+            first = torch.empty(unique.numel(), dtype=torch.int64, device=linear.device)
+            first[inverse[leading]] = leading
+    m, k = mask[first], kind[first]
+    zero = torch.zeros_like(m)
+    is_flip = k == _FLIP
+    keep, set_, flip = torch.where(is_flip, ~zero, ~m), torch.where(k == _STUCK1, m, zero), \
+        torch.where(is_flip, m, zero)
+    if several:
+        for rank in range(1, int(ranks.max()) + 1):
+            select = (ranks == rank).nonzero().reshape(-1)
+            u, m, k = inverse[select], mask[select], kind[select]
+            is_flip = k == _FLIP
+            flip[u] = torch.where(is_flip, flip[u] ^ m, flip[u] & ~m)
+            keep[u] = torch.where(is_flip, keep[u], keep[u] & ~m)
+            set_[u] = torch.where(is_flip, set_[u], torch.where(k == _STUCK1, set_[u] | m, set_[u] & ~m))
+    return Edit(unique, keep, set_, flip, scale[first])
 
 
 def apply_edit(flat: torch.Tensor, edit: Edit, bits: int, zero_point: int = 0, signed: bool = True) -> None:

@@ -12,6 +12,8 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from pytest_hwfault.bits import Kind
@@ -21,6 +23,7 @@ from pytest_hwfault.faults import (
     FaultPattern,
     FaultTarget,
     Site,
+    bernoulli_positions,
     sample_pattern,
     trial_generator,
     trial_seed,
@@ -318,3 +321,42 @@ def test_trial_seed_is_the_same_in_another_process() -> None:
     env = dict(os.environ, PYTHONHASHSEED="12345")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120)
     assert int(out.stdout.strip()) == trial_seed(3, "camp", 11)
+
+
+# -- the position sampler: a Bernoulli process drawn through its geometric gaps ---------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(total=st.integers(0, 5000), p=st.floats(1e-4, 1.0), seed=st.integers(0, 2**32))
+def test_bernoulli_positions_are_sorted_distinct_and_in_range(total: int, p: float, seed: int) -> None:
+    drawn = bernoulli_positions(total, p, torch.Generator().manual_seed(seed))
+    assert drawn.dtype == torch.int64
+    assert bool((drawn[1:] > drawn[:-1]).all()) and (len(drawn) == 0 or 0 <= int(drawn[0]) <= int(drawn[-1]) < total)
+    again = bernoulli_positions(total, p, torch.Generator().manual_seed(seed))
+    assert torch.equal(drawn, again)
+    if p == 1.0:
+        assert drawn.tolist() == list(range(total))
+
+
+def test_bernoulli_positions_include_each_position_with_probability_p_independently() -> None:
+    # every position's inclusion frequency is p (a chi-square over positions), and the number drawn is Binomial,
+    # also when the expected count is large enough that the sampler tops up its first chunk of gaps
+    total, p, trials = 200, 0.05, 4000
+    generator = torch.Generator().manual_seed(21)
+    hits = torch.zeros(total)
+    counts = []
+    for _ in range(trials):
+        drawn = bernoulli_positions(total, p, generator)
+        hits[drawn] += 1
+        counts.append(len(drawn))
+    assert stats.chisquare(hits.numpy()).pvalue > ALPHA
+    assert _binomial_gof_pvalue(counts, total, p) > ALPHA
+    big = [len(bernoulli_positions(10**7, 1e-3, generator)) for _ in range(40)]
+    assert abs(np.mean(big) - 1e4) < 5 * np.sqrt(1e4 * (1 - 1e-3) / 40)
+
+
+def test_sampled_patterns_come_sorted_by_layer_image_and_code() -> None:
+    # the order inject.compose's fast path relies on (codes grouped in runs, no sort)
+    targets = [FaultTarget(Site.ACT, "a", 300, 8), FaultTarget(Site.ACT, "b", 50, 8)]
+    for pattern in _draw(FaultModel(Site.ACT, 0.05, burst=2), targets, 6, trials=5, seed=22):
+        for (_, layer), group in pattern.groups.items():
+            key = group.image * 10**6 + group.index
+            assert bool((key[1:] >= key[:-1]).all()), layer

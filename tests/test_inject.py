@@ -725,3 +725,34 @@ def test_a_parametrized_weight_is_quantized_and_faulted_or_refused() -> None:
     n = _target(qmodel, "weight", "0").numel
     sign_bits = FaultPattern.from_faults([("weight", "0", i, 7, "flip") for i in range(n)])
     assert not torch.equal(qmodel(x, faults=sign_bits), clean), f"{n} sign-bit weight faults changed nothing"
+
+
+# -- composing faults: the fast path for sorted patterns and the general one agree with plain integer arithmetic ----
+def _reference_codes(codes: list[int], faults: list[tuple[int, int, int]], bits: int = 8) -> list[int]:
+    """Each fault (position, bit, kind) applied in list order to the raw two's-complement bits, in Python ints."""
+    raw = [c & ((1 << bits) - 1) for c in codes]
+    for position, bit, kind in faults:
+        if kind == 0:
+            raw[position] ^= 1 << bit
+        elif kind == 1:
+            raw[position] &= ~(1 << bit)
+        else:
+            raw[position] |= 1 << bit
+    return [r - (1 << bits) if r >> (bits - 1) else r for r in raw]
+
+
+@settings(max_examples=200, deadline=None)
+@given(codes=st.lists(st.integers(-128, 127), min_size=1, max_size=12), data=st.data())
+def test_composed_edits_equal_faults_applied_one_by_one(codes: list[int], data) -> None:
+    n = len(codes)
+    faults = data.draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, 7), st.integers(0, 2)), min_size=1,
+                                max_size=24))
+    if data.draw(st.booleans()):  # as sample_pattern hands them over: sorted by code, list order kept per code
+        faults = sorted(faults, key=lambda f: f[0])
+    expected = _reference_codes(codes, faults)
+    linear, bit, kind = (torch.tensor([f[i] for f in faults]) for i in range(3))
+    edit = compose(linear, bit, kind, torch.ones(len(faults)))
+    got = torch.tensor(codes, dtype=torch.float32)
+    apply_edit(got, edit, 8)
+    assert got.to(torch.int64).tolist() == expected
+    assert edit.linear.tolist() == sorted(set(linear.tolist()))

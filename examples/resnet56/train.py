@@ -37,13 +37,13 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from data import DIGITS, Split, load  # noqa: E402
+from data import DIGITS, PHOTOS, Split, load  # noqa: E402
 
 from pytest_hwfault.cifar_resnet import CifarResNet  # noqa: E402
 
 # -- the threat model (Madry et al. 2018, CIFAR-10 settings, on [0, 1] images) ---------------------------------------
 EPS = 8 / 255
-STEP = 2 / 255
+STEP = 2 / 255  # = EPS / 4; an --eps override keeps that ratio (7 steps travel 1.75 eps)
 PGD_STEPS = 7
 
 
@@ -63,18 +63,48 @@ RECIPES = {
     "adversarial_wd": Recipe("adversarial_wd", True, 1e-2,
                              "the remedy: the adversarial recipe with 100x stronger weight decay (1e-2)"),
 }
-LR = 0.1
+LR = 0.1  # peak of the one-cycle schedule; --lr overrides it (ResNet56 on digits diverges at 0.1 in 4 epochs)
 MOMENTUM = 0.9
-DEFAULT_BATCH = {DIGITS: 32}  # CIFAR-10: 128
+DEFAULT_BATCH = {DIGITS: 32, PHOTOS: 32}  # CIFAR-10: 128
 
 
 def data_tag(source: str) -> str:
-    return DIGITS if source == DIGITS else "cifar10"
+    return str(source) if str(source) in (DIGITS, PHOTOS) else "cifar10"
 
 
-def checkpoint_name(recipe: str, depth: int, source: str, seed: int, weight_decay: float | None = None) -> str:
-    """File stem of a run; a --weight-decay override is part of the name, so it never replaces a recipe's run."""
+def parse_eps(text: str) -> float:
+    """An L-inf budget on [0, 1] images: '8/255' or '0.1'."""
+    try:
+        parts = text.split("/")
+        value = float(parts[0]) / float(parts[1]) if len(parts) == 2 else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"--eps {text!r}: expected a number in (0, 1] such as 0.1 or 8/255") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"--eps {text!r}: expected a number in (0, 1] such as 0.1 or 8/255")
+    return value
+
+
+def eps_text(eps: float) -> str:
+    """'0.1' for 0.1, '8/255' for 8/255: the shortest form that parse_eps reads back to the same float."""
+    if float(f"{eps:g}") == eps:
+        return f"{eps:g}"
+    k = round(eps * 255)
+    if k / 255 == eps:
+        return f"{k}/255"
+    return repr(eps)
+
+
+def eps_label(eps: float) -> str:
+    """The file-name form of a budget: '8-255', '0.1'."""
+    return eps_text(eps).replace("/", "-")
+
+
+def checkpoint_name(recipe: str, depth: int, source: str, seed: int, weight_decay: float | None = None,
+                    eps: float | None = None) -> str:
+    """File stem of a run; a --weight-decay or --eps override is part of the name, so it never replaces a recipe's
+    run."""
     suffix = "" if weight_decay is None else f"_wd{weight_decay:g}"
+    suffix += "" if eps is None else f"_eps{eps_label(eps)}"
     return f"{recipe}_resnet{depth}_{data_tag(source)}_seed{seed}{suffix}"
 
 
@@ -137,15 +167,15 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Gen
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attack: bool, seed: int = 0,
-             batch_size: int = 200) -> float:
-    """Clean accuracy, or accuracy under PGD-7 (eval mode, seeded random starts)."""
+             batch_size: int = 200, eps: float = EPS) -> float:
+    """Clean accuracy, or accuracy under PGD-7 at budget `eps` (step eps/4; eval mode, seeded random starts)."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     correct = 0
     for i in range(0, len(x), batch_size):
         xb, yb = x[i: i + batch_size], y[i: i + batch_size]
         if attack:
-            xb = pgd(model, xb, yb, generator)
+            xb = pgd(model, xb, yb, generator, eps=eps, step=eps / 4)
         with torch.no_grad():
             correct += int((model(xb).argmax(1) == yb).sum())
     return correct / len(x)
@@ -173,15 +203,17 @@ def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     split: Split = load(args.data)
     digits = data_tag(args.data) == DIGITS
+    eps = EPS if args.eps is None else args.eps
     batch_size = args.batch_size or DEFAULT_BATCH.get(data_tag(args.data), 128)
     pad, flip = (2, False) if digits else (4, True)  # digits are not mirror-symmetric
 
     model = CifarResNet(args.depth, num_classes=10)
     # weight decay on every parameter, BatchNorm's scale and shift included: they set the activation ranges
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=weight_decay)
+    lr = LR if args.lr is None else args.lr
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=weight_decay)
     steps_per_epoch = -(-len(split.x_train) // batch_size)
     total = steps_per_epoch * args.epochs
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=total, pct_start=0.15,
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=0.15,
                                                     anneal_strategy="cos", div_factor=10.0, final_div_factor=100.0,
                                                     cycle_momentum=False)
     generator = torch.Generator().manual_seed(args.seed)
@@ -200,7 +232,7 @@ def train(args: argparse.Namespace) -> dict:
             xb = augment(x_train[index], generator, pad=pad, flip=flip)
             yb = y_train[index]
             if recipe.adversarial:
-                xb = pgd(model, xb, yb, generator)
+                xb = pgd(model, xb, yb, generator, eps=eps, step=eps / 4)
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)
@@ -220,12 +252,12 @@ def train(args: argparse.Namespace) -> dict:
     pgd_x, pgd_y = (x_test, y_test) if args.pgd_samples is None else (x_test[: args.pgd_samples],
                                                                       y_test[: args.pgd_samples])
     clean = evaluate(model, x_test, y_test, attack=False)
-    robust = evaluate(model, pgd_x, pgd_y, attack=True, seed=args.seed)
+    robust = evaluate(model, pgd_x, pgd_y, attack=True, seed=args.seed, eps=eps)
     wall = time.perf_counter() - start
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = checkpoint_name(args.recipe, args.depth, args.data, args.seed, args.weight_decay)
+    stem = checkpoint_name(args.recipe, args.depth, args.data, args.seed, args.weight_decay, args.eps)
     state = model.eval().state_dict()
     torch.save(state, out / f"{stem}.pt")
     provenance = {
@@ -240,12 +272,14 @@ def train(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "epochs": args.epochs,
         "batch_size": batch_size,
-        "optimizer": {"name": "SGD", "lr_max": LR, "momentum": MOMENTUM, "weight_decay": weight_decay,
+        "optimizer": {"name": "SGD", "lr_max": lr, "momentum": MOMENTUM, "weight_decay": weight_decay,
                       "schedule": "one-cycle (torch OneCycleLR, cosine in both phases): 15% warm-up from lr/10, "
                                   "then down to lr/1000",
                       "decayed": "all parameters (BatchNorm weight and bias included)"},
         "augmentation": f"random crop (zero padding {pad})" + (", horizontal flip" if flip else ""),
-        "pgd": {"eps": EPS, "eps_255": 8, "step": STEP, "step_255": 2, "steps": PGD_STEPS, "random_start": True,
+        "pgd": {"eps": eps, "eps_255": round(eps * 255, 6), "step": eps / 4, "step_255": round(eps * 255 / 4, 6),
+                "steps": PGD_STEPS, "random_start": True,
+                "used_in_training": recipe.adversarial,
                 "norm": "linf", "images": "[0, 1]",
                 "train_mode": "batch statistics, running statistics frozen during the attack",
                 "eval_mode": "eval (running statistics), seeded random start"},
@@ -302,10 +336,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=20, help="6n+2: 20 (stand-in checkpoints) or 56 (the paper's)")
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=DIGITS, help="'digits' (offline stand-in) or a local CIFAR-10 folder")
+    p.add_argument("--data", default=DIGITS,
+                   help="'digits' or 'photos' (offline stand-ins, examples/resnet56/data.py) or a CIFAR-10 folder")
+    p.add_argument("--eps", type=parse_eps, default=None,
+                   help="PGD budget for training and the PGD evaluation, e.g. 0.3 or 8/255 (default 8/255)")
     p.add_argument("--out", default=str(HERE / "checkpoints"))
-    p.add_argument("--batch-size", type=int, default=None, help="default 32 on digits, 128 on CIFAR-10")
+    p.add_argument("--batch-size", type=int, default=None, help="default 32 on the stand-ins, 128 on CIFAR-10")
     p.add_argument("--weight-decay", type=float, default=None, help="override the recipe's weight decay")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {LR})")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: bit-exact reruns)")
     p.add_argument("--pgd-samples", type=int, default=None, help="PGD-evaluate only the first N test images")
     return p.parse_args(argv)
