@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     for site, bers in (("act", args.act_bers), ("weight", args.weight_bers)):
         for ber in bers:
             name = f"{site} {ber:g}"
-            spec = CampaignSpec(site=site, ber=ber, max_drop=1.0, seed=args.seed)
+            # min_acc=0: random labels, so no verdict; max_drop would be refused (not above chance)
+            spec = CampaignSpec(site=site, ber=ber, min_acc=0.0, seed=args.seed)
             campaigns[name] = Campaign(qmodel, x, y, spec, f"bench_ber_sweep-{site}-{ber:g}", batch_size=args.batch,
                                        drop_fault_free=True, late_start=not args.no_late_start)
             if site == "act" and args.compare_late_start and not args.no_late_start:

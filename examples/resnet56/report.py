@@ -8,9 +8,11 @@ trials at every BER of the grid with `pytest_hwfault.campaign.Campaign`, on the 
 see the same fault draws (common random numbers: trial i flips the same bits in every ResNet56), which makes the
 comparisons paired. Accuracy under faults is pooled over trials x images, with a 95% Clopper-Pearson interval.
 
-Resilience is summarised two ways:
+Resilience is summarised three ways:
 
 * ``AUC``: the mean accuracy under faults over log10(BER) across the grid (trapezoids), in [0, 1];
+* ``retained``: AUC / fault-free int8 accuracy: the share of its accuracy a model keeps under faults, apart from
+  how accurate it is without them (AUC and acc@ref mix the two);
 * ``acc@ref``: accuracy at the reference BER of a data set and depth, the first grid BER where the vanilla models
   (mean over seeds) have lost at least 10 points of their fault-free int8 accuracy.
 
@@ -62,6 +64,7 @@ BERS = (1e-4, 3e-4, 1e-3, 2e-3, 4e-3, 8e-3)  # around the knees of ResNet20 and 
 CALIBRATION_IMAGES = 512
 REFERENCE_DROP = 0.10
 ALPHA = 0.05
+UNDERTRAINED = 0.10  # sweep points this far below vanilla's fault-free accuracy are not judged for resilience
 PGD_MARGIN = 0.03  # the remedy keeps robustness: PGD accuracy >= adversarial - 3 points (per seed, on average)
 RESULTS = HERE / "results"
 LABELS = {"vanilla": "vanilla", "adversarial": "adversarial (PGD-7)", "adversarial_wd": "adversarial + wd 1e-2"}
@@ -97,6 +100,12 @@ class Measured:
 
     def at(self, ber: float) -> Point:
         return next(p for p in self.curve if p.ber == ber)
+
+    @property
+    def retained(self) -> float:
+        """The AUC relative to the fault-free int8 accuracy: what faults take away, apart from how accurate the
+        model is without them (AUC alone mixes the two)."""
+        return self.auc / self.quantized_accuracy if self.quantized_accuracy > 0 else math.nan
 
     @property
     def auc(self) -> float:
@@ -264,17 +273,18 @@ def headline_section(data: str, results: dict[tuple[str, int], Measured], bers: 
            f"SGD to lr {prov['optimizer']['lr_max']:g}. Reference BER (the vanilla models lose "
            f"{pct(REFERENCE_DROP)} points on average): " + (f"**{ref:g}**." if ref else "none in the grid."), "",
            "| recipe | seed | clean | PGD-7 | int8 | act scale mean | act scale max | weight scale max "
-           f"| acc@ref{f' ({ref:g})' if ref else ''} | AUC |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           f"| acc@ref{f' ({ref:g})' if ref else ''} | AUC | retained |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (recipe, seed), m in sorted(results.items(), key=lambda kv: (list(RECIPES).index(kv[0][0]), kv[0][1])):
         p = m.at(ref) if ref else None
         out.append(f"| {LABELS[recipe]} | {seed} | {pct(m.provenance['clean_accuracy'])}% "
                    f"| {pct(m.provenance['pgd_accuracy'])}% | {pct(m.quantized_accuracy)}% | {m.act_scale_mean:.4f} "
                    f"| {m.act_scale_max:.4f} | {m.weight_scale_max:.4f} "
-                   f"| {f'{pct(p.accuracy)}% [{pct(p.ci_low)}, {pct(p.ci_high)}]' if p else '-'} | {m.auc:.3f} |")
+                   f"| {f'{pct(p.accuracy)}% [{pct(p.ci_low)}, {pct(p.ci_high)}]' if p else '-'} | {m.auc:.3f} "
+                   f"| {m.retained:.3f} |")
     out += ["", "Mean ± standard deviation over seeds:", "",
-            "| recipe | seeds | clean | PGD-7 | act scale mean | act scale max | acc@ref | AUC |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| recipe | seeds | clean | PGD-7 | act scale mean | act scale max | acc@ref | AUC | retained |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for recipe in RECIPES:
         ms = [m for (r, _), m in results.items() if r == recipe]
         if not ms:
@@ -283,7 +293,7 @@ def headline_section(data: str, results: dict[tuple[str, int], Measured], bers: 
                  mean_sd([100 * m.provenance["pgd_accuracy"] for m in ms], ".1f"),
                  mean_sd([m.act_scale_mean for m in ms], ".4f"), mean_sd([m.act_scale_max for m in ms], ".4f"),
                  mean_sd([100 * m.at(ref).accuracy for m in ms], ".1f") if ref else "-",
-                 mean_sd([m.auc for m in ms], ".3f")]
+                 mean_sd([m.auc for m in ms], ".3f"), mean_sd([m.retained for m in ms], ".3f")]
         out.append(f"| {LABELS[recipe]} | {len(ms)} | " + " | ".join(cells) + " |")
     out += ["", f"![accuracy vs BER, {data}](accuracy_vs_ber_{data}.png)", "",
             "Paired over training seeds (seed k of one recipe against seed k of the other; 95% t-interval of the "
@@ -319,6 +329,8 @@ def headline_section(data: str, results: dict[tuple[str, int], Measured], bers: 
             f"acc@{ref:g} (points), adversarial - vanilla", -1, "+.1f", 100)
     row("adversarially trained models are less resilient (AUC)", "adversarial", "vanilla", lambda m: m.auc,
         "AUC, adversarial - vanilla", -1, "+.3f")
+    row("adversarially trained models are less resilient (retained AUC)", "adversarial", "vanilla",
+        lambda m: m.retained, "AUC / int8 accuracy, adversarial - vanilla", -1, "+.3f")
     row("strong weight decay shrinks the activation scales", "adversarial_wd", "adversarial",
         lambda m: m.act_scale_mean, "act scale mean, wd - adversarial", -1, "+.4f")
     if ref:
@@ -326,6 +338,8 @@ def headline_section(data: str, results: dict[tuple[str, int], Measured], bers: 
             f"acc@{ref:g} (points), wd - adversarial", +1, "+.1f", 100)
     row("strong weight decay improves resilience (AUC)", "adversarial_wd", "adversarial", lambda m: m.auc,
         "AUC, wd - adversarial", +1, "+.3f")
+    row("strong weight decay improves resilience (retained AUC)", "adversarial_wd", "adversarial",
+        lambda m: m.retained, "AUC / int8 accuracy, wd - adversarial", +1, "+.3f")
     d = paired(results, "adversarial_wd", "adversarial", lambda m: m.provenance["pgd_accuracy"])
     if d.diffs:
         low, high = d.interval()
@@ -349,8 +363,8 @@ def headline_section(data: str, results: dict[tuple[str, int], Measured], bers: 
 def sweep_rows(points: list[tuple[float, Measured]], vanilla: Measured, ref: float | None, x_label: str,
                x_format) -> list[str]:
     out = [f"| {x_label} | clean | PGD-7 at its eps | PGD-7 at 8/255 | act scale mean | act scale max "
-           f"| weight scale max | acc@ref{f' ({ref:g})' if ref else ''} | vs vanilla (McNemar p) | AUC |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           f"| weight scale max | acc@ref{f' ({ref:g})' if ref else ''} | vs vanilla (McNemar p) | AUC | retained |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = [("vanilla", vanilla)] + [(x_format(x), m) for x, m in points]
     for label, m in rows:
         p = m.at(ref) if ref else None
@@ -358,15 +372,26 @@ def sweep_rows(points: list[tuple[float, Measured]], vanilla: Measured, ref: flo
             f"{100 * (p.accuracy - vanilla.at(ref).accuracy):+.1f} (p = {mcnemar(p, vanilla.at(ref)):.2g})"
         out.append(f"| {label} | {pct(m.provenance['clean_accuracy'])}% | {pct(m.provenance['pgd_accuracy'])}% "
                    f"| {pct(m.pgd_8_255)}% | {m.act_scale_mean:.4f} | {m.act_scale_max:.4f} "
-                   f"| {m.weight_scale_max:.4f} | {f'{pct(p.accuracy)}%' if p else '-'} | {versus} | {m.auc:.3f} |")
+                   f"| {m.weight_scale_max:.4f} | {f'{pct(p.accuracy)}%' if p else '-'} | {versus} | {m.auc:.3f} "
+                   f"| {m.retained:.3f} |")
     return out
 
 
 def spearman(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Spearman's rho and its exact two-sided permutation p-value (the few points of a sweep: n! orderings)."""
+    from itertools import permutations
+
     from scipy import stats
 
-    result = stats.spearmanr(xs, ys)
-    return float(result.statistic), float(result.pvalue)
+    rho = float(stats.spearmanr(xs, ys).statistic)
+    rx, ry = stats.rankdata(xs), stats.rankdata(ys)
+    n = len(xs)
+    extreme = total = 0
+    for order in permutations(range(n)):
+        total += 1
+        shuffled = [ry[i] for i in order]
+        extreme += abs(float(stats.pearsonr(rx, shuffled).statistic)) >= abs(rho) - 1e-12
+    return rho, extreme / total
 
 
 def sweep(measured: dict[str, Measured], data: str, bers: tuple[float, ...], points_of
@@ -391,15 +416,23 @@ def sweep_section(measured: dict[str, Measured], bers: tuple[float, ...], data_s
             continue
         vanilla, ref, points = found
         out += [f"### {DATA_LABELS[data]}", "", *sweep_rows(points, vanilla, ref, "eps", eps_text), ""]
-        larger = [eps_text(e) for e, m in points if m.act_scale_mean > vanilla.act_scale_mean]
-        weaker = [eps_text(e) for e, m in points if ref and m.at(ref).accuracy < vanilla.at(ref).accuracy
+        # a model far less accurate than vanilla without faults is also "less resilient" in accuracy under faults:
+        # such points are named, not judged
+        untrained = [(e, m) for e, m in points if m.quantized_accuracy < vanilla.quantized_accuracy - UNDERTRAINED]
+        judged = [(e, m) for e, m in points if (e, m) not in untrained]
+        larger = [eps_text(e) for e, m in judged if m.act_scale_mean > vanilla.act_scale_mean]
+        weaker = [eps_text(e) for e, m in judged if ref and m.at(ref).accuracy < vanilla.at(ref).accuracy
                   and mcnemar(m.at(ref), vanilla.at(ref)) < ALPHA]
-        stronger = [eps_text(e) for e, m in points if ref and m.at(ref).accuracy > vanilla.at(ref).accuracy
+        stronger = [eps_text(e) for e, m in judged if ref and m.at(ref).accuracy > vanilla.at(ref).accuracy
                     and mcnemar(m.at(ref), vanilla.at(ref)) < ALPHA]
         both = [e for e in larger if e in weaker]
         summary = (f"act scales above vanilla's at eps {', '.join(larger) or 'none'}; significantly less resilient "
                    f"than vanilla at {', '.join(weaker) or 'none'}; significantly more resilient at "
                    f"{', '.join(stronger) or 'none'}")
+        if untrained:
+            summary += ("; not judged, int8 accuracy more than " f"{pct(UNDERTRAINED)} points below vanilla's "
+                        f"({pct(vanilla.quantized_accuracy)}%): "
+                        + ", ".join(f"{eps_text(e)} ({pct(m.quantized_accuracy)}%)" for e, m in untrained))
         verdict = (f"appears at eps {', '.join(both)}" if both else "does not appear at any eps of the sweep")
         claims.append(Claim(data, "the paper's ordering (larger scales and less resilience) across eps",
                             verdict, summary))
@@ -426,6 +459,10 @@ def sweep_section(measured: dict[str, Measured], bers: tuple[float, ...], data_s
                                 f"Spearman rho {rho_scale:+.2f}, p = {p_scale:.2g}"))
             claims.append(Claim(data, "more weight decay, more resilience (dose-response, AUC)", improves,
                                 f"Spearman rho {rho_auc:+.2f}, p = {p_auc:.2g}"))
+            rho_kept, p_kept = spearman(wds, [m.retained for _, m in points])
+            claims.append(Claim(data, "more weight decay, more resilience (dose-response, retained AUC)",
+                                "holds" if rho_kept > 0 and p_kept < ALPHA else "not significant" if p_kept >= ALPHA
+                                else "reversed", f"Spearman rho {rho_kept:+.2f}, p = {p_kept:.2g}"))
             out += [f"Act scale mean vs weight decay: Spearman rho {rho_scale:+.2f} (p = {p_scale:.2g}); AUC vs "
                     f"weight decay: rho {rho_auc:+.2f} (p = {p_auc:.2g}).", "",
                     f"![weight decay, {data}](weight_decay_{data}.png)", ""]
@@ -444,7 +481,7 @@ def depth_section(measured: dict[str, Measured], bers: tuple[float, ...], data_s
                 "One training seed per model: the reference BER is each depth's own (its vanilla model loses "
                 f"{pct(REFERENCE_DROP)} points); McNemar p against the vanilla model of the same depth.", "",
                 "| depth | recipe | clean | PGD-7 | int8 | act scale mean | act scale max | acc@ref | vs vanilla "
-                "| AUC |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "| AUC | retained |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for depth, models in ((HEADLINE_DEPTH[data], shallow), (DEPTH_CHECK, deep)):
             if len(models) < len(RECIPES):
                 continue
@@ -456,7 +493,8 @@ def depth_section(measured: dict[str, Measured], bers: tuple[float, ...], data_s
                 out.append(f"| {depth} | {LABELS[recipe]} | {pct(m.provenance['clean_accuracy'])}% "
                            f"| {pct(m.provenance['pgd_accuracy'])}% | {pct(m.quantized_accuracy)}% "
                            f"| {m.act_scale_mean:.4f} | {m.act_scale_max:.4f} "
-                           f"| {f'{pct(p.accuracy)}% at {ref:g}' if p else '-'} | {versus} | {m.auc:.3f} |")
+                           f"| {f'{pct(p.accuracy)}% at {ref:g}' if p else '-'} | {versus} | {m.auc:.3f} "
+                           f"| {m.retained:.3f} |")
         out.append("")
     return out
 
@@ -487,6 +525,10 @@ def markdown(headlines: dict[str, dict[tuple[str, int], Measured]], measured: di
            f"the int8 output codes of every conv/linear layer (site `act`), each bit flipped with probability BER, "
            f"fresh faults per image; {args.trials} trials x the whole test split per BER; BER grid "
            f"{', '.join(f'{b:g}' for b in args.bers)}; intervals are 95% Clopper-Pearson over pooled images.", "",
+           "**Resilience.** *AUC*: mean accuracy under faults over log10(BER) across the grid. *retained*: AUC / "
+           "fault-free int8 accuracy, the share of its accuracy a model keeps under faults (AUC and acc@ref also "
+           "count how accurate the model is without faults; retained does not). *acc@ref*: accuracy at the "
+           "reference BER, where the vanilla models lose 10 points on average.", "",
            "## The paper's claims, per data set", "",
            "| data | claim | verdict | evidence |", "|---|---|---|---|"]
     out += [f"| {c.data} | {c.name} | **{c.verdict}** | {c.detail} |" for c in claims]

@@ -77,7 +77,7 @@ def test_committed_checkpoints_carry_the_provenance_of_their_run() -> None:
         assert p["recipe"]["weight_decay"] == run.effective_weight_decay
         assert math.isclose(p["pgd"]["eps"], run.effective_eps) and p["pgd"]["steps"] == 7
         assert p["data"] == run.data and p["threads"] == 1
-        assert p["clean_accuracy"] > 0.3, run.stem  # trained: far above chance (10%)
+        assert p["clean_accuracy"] > 0.15, run.stem  # above chance (10%): strong-eps runs barely train (RESULTS.md)
 
 
 # -- the report's statistics -----------------------------------------------------------------------------------------
@@ -103,3 +103,12 @@ def test_mcnemar_counts_only_discordant_pairs() -> None:
     assert point([True, False, False]).mask() == [True, False, False]  # leading bits survive the packing
     better, worse = point([True] * 20), point([False] * 20)
     assert mcnemar(better, worse) == pytest.approx(2 / 2**20)
+
+
+def test_spearman_p_value_is_exact_for_a_short_sweep() -> None:
+    from report import spearman
+
+    rho, p = spearman([1e-4, 5e-4, 1e-3, 5e-3, 1e-2], [0.05, 0.045, 0.043, 0.033, 0.021])
+    assert rho == pytest.approx(-1.0) and p == pytest.approx(2 / 120)  # 2 of the 5! orderings are as extreme
+    rho, p = spearman([1, 2, 3, 4, 5], [1, 2, 3, 5, 4])
+    assert rho == pytest.approx(0.9) and p == pytest.approx(10 / 120)
