@@ -395,10 +395,10 @@ class Campaign:
         if not len(faulty):
             return Predictions(predicted, nonfinite)
         own = pattern.restricted_to(faulty)
+        self.qmodel.validate(own, len(faulty))
         from_start = torch.ones(len(faulty), dtype=torch.bool)
         late_start = self.late_start()
         if late_start is not None:  # late start: resume each image at the cut before its first fault
-            self.qmodel.validate(own, len(faulty))  # (predict() validates what runs from the start)
             for members, logits in late_start.logits(faulty, own):
                 part = decide(select_logits(logits).cpu())  # golden predictions live on the CPU
                 predicted[faulty[members]], nonfinite[faulty[members]] = part.predicted, part.nonfinite
@@ -406,7 +406,7 @@ class Campaign:
         rest = from_start.nonzero().reshape(-1)
         if len(rest):
             part = predict(self.qmodel, self.inputs[faulty[rest]], own.restricted_to(rest),
-                           batch_size=self.batch_size)
+                           batch_size=self.batch_size, check=False)
             predicted[faulty[rest]], nonfinite[faulty[rest]] = part.predicted, part.nonfinite
         return Predictions(predicted, nonfinite)
 
@@ -459,7 +459,7 @@ class Campaign:
         for (site, layer), group in pattern.groups.items():
             layer_faults[layer] = layer_faults.get(layer, 0) + len(group)
             if site.transient:
-                hit = torch.unique(group.image)
+                hit = group.images()
                 exposure[layer] = exposure.get(layer, 0.0) + float(hit.numel())
                 damage[layer] = damage.get(layer, 0.0) + float(critical[hit].sum())
             else:

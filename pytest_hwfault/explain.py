@@ -190,7 +190,8 @@ def pattern_of(faults: Iterable[Fault], images: int | None = None) -> FaultPatte
             table = torch.cat([table[~every], spread])
             table = table[torch.sort(table[:, 4], stable=True).indices]
         t = table[torch.sort(table[:, 0], stable=True).indices]  # by image; list order within an image
-        groups[key] = LayerFaults(*(t[:, c].contiguous() for c in range(4)))
+        groups[key] = LayerFaults(t[:, 0].contiguous(), t[:, 1].contiguous(), t[:, 2].contiguous(),
+                                  t[:, 3].contiguous())
     return FaultPattern(groups)
 
 

@@ -17,6 +17,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -154,9 +155,19 @@ class LayerFaults:
     index: torch.Tensor
     bit: torch.Tensor
     kind: torch.Tensor
+    # Sampled faults, and every subset of them: also sorted by code within an image, no (image, index, bit) twice,
+    # and one kind, so composing them needs no sort and no fold (`inject.compose_canonical`). False: unknown.
+    canonical: bool = False
+    _images: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.index.numel())
+
+    def images(self) -> torch.Tensor:
+        """The images holding these faults, sorted (computed once: a trial asks several times)."""
+        if self._images is None:
+            self._images = torch.unique_consecutive(self.image)
+        return self._images
 
     def for_images(self, start: int, stop: int) -> LayerFaults | None:
         """The faults of images [start, stop), with images renumbered from 0; None when there are none."""
@@ -164,10 +175,18 @@ class LayerFaults:
         hi = int(torch.searchsorted(self.image, stop, side="left"))
         if lo == hi:
             return None
-        return LayerFaults(self.image[lo:hi] - start, self.index[lo:hi], self.bit[lo:hi], self.kind[lo:hi])
+        return LayerFaults(self.image[lo:hi] - start, self.index[lo:hi], self.bit[lo:hi], self.kind[lo:hi],
+                           self.canonical)
 
     def to(self, device: torch.device | str) -> LayerFaults:
-        return LayerFaults(*(t.to(device) for t in (self.image, self.index, self.bit, self.kind)))
+        return LayerFaults(self.image.to(device), self.index.to(device), self.bit.to(device), self.kind.to(device),
+                           self.canonical)
+
+    def subset(self, chosen: torch.Tensor, image: torch.Tensor | None = None) -> LayerFaults:
+        """The faults where the mask or sorted indices `chosen` select, with images renumbered to `image` (given
+        in the same order); subsets keep the order, so a canonical group stays canonical."""
+        return LayerFaults(self.image[chosen] if image is None else image, self.index[chosen], self.bit[chosen],
+                           self.kind[chosen], self.canonical)
 
 
 def _layer_faults(image: torch.Tensor, index: torch.Tensor, bit: torch.Tensor, kind: torch.Tensor) -> LayerFaults:
@@ -228,18 +247,17 @@ class FaultPattern:
 
     def images_with_faults(self) -> torch.Tensor:
         """Sorted indices of the images that hold at least one transient fault."""
-        parts = [g.image for (site, _), g in self.groups.items() if site.transient]
-        if not parts:
+        if not any(site.transient for site, _ in self.groups):
             return torch.empty(0, dtype=torch.int64)
-        # each group is sorted by image when sampled: runs shrink it in linear time before the (small) final sort
-        return torch.unique(torch.cat([torch.unique_consecutive(part) for part in parts]))
+        # each group is sorted by image: runs shrink it in linear time before the (small) final sort
+        return torch.unique(torch.cat([g.images() for (site, _), g in self.groups.items() if site.transient]))
 
     def restricted_to(self, images: torch.Tensor) -> FaultPattern:
         """The transient faults of `images` (sorted indices), renumbered to their positions in `images`: the
         pattern of a forward pass over just those images. Weight faults are kept as they are."""
         if len(images) and int(images[-1]) == len(images) - 1:  # images 0..k-1: no renumbering, often no change
-            kept = {key: g if not key[0].transient or not len(g) or int(g.image.max()) < len(images)
-                    else LayerFaults(*(t[g.image < len(images)] for t in (g.image, g.index, g.bit, g.kind)))
+            kept = {key: g if not key[0].transient or not len(g) or int(g.image[-1]) < len(images)  # sorted
+                    else g.subset(g.image < len(images))
                     for key, g in self.groups.items()}
             return FaultPattern({key: g for key, g in kept.items() if len(g) or not key[0].transient})
         groups: dict[tuple[Site, str], LayerFaults] = {}
@@ -250,7 +268,7 @@ class FaultPattern:
             position = torch.searchsorted(images, g.image)
             inside = (position < len(images)) & (images[position.clamp(max=len(images) - 1)] == g.image)
             if bool(inside.any()):
-                groups[key] = LayerFaults(position[inside], g.index[inside], g.bit[inside], g.kind[inside])
+                groups[key] = g.subset(inside, position[inside])
         return FaultPattern(groups)
 
     def has_weight_faults(self) -> bool:
@@ -274,9 +292,10 @@ def bernoulli_positions(total: int, p: float, generator: torch.Generator) -> tor
     while True:
         expected = (total - 1 - last) * p
         n = int(expected + 6.0 * math.sqrt(expected) + 64)
-        u = 1.0 - torch.rand(n, generator=generator, dtype=torch.float64)  # (0, 1]: log stays finite
-        gaps = torch.floor(torch.log(u) / log_q).clamp_(max=float(total)).to(torch.int64)
-        positions = torch.cumsum(gaps + 1, 0) + last
+        # 1 - u in (0, 1], so the log stays finite; in place, as one fresh buffer (the same float operations)
+        gaps = torch.rand(n, generator=generator, dtype=torch.float64).neg_().add_(1.0).log_().div_(log_q)
+        gaps = gaps.floor_().clamp_(max=float(total)).to(torch.int64).add_(1)
+        positions = torch.cumsum(gaps, 0).add_(last)
         if int(positions[-1]) >= total:
             chunks.append(positions[: int(torch.searchsorted(positions, total))])
             return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
@@ -298,37 +317,46 @@ def sample_pattern(
     positions = [model.positions_for(t) for t in targets]
     for target in targets:
         check_width(target.bits)
-    widths = torch.tensor([len(p) for p in positions], dtype=torch.int64)
-    per_image = torch.tensor([t.numel for t in targets], dtype=torch.int64) * widths
-    images = torch.tensor([n_images if t.site.transient else 1 for t in targets], dtype=torch.int64)
-    ends = torch.cumsum(per_image * images, 0)
-    flat = bernoulli_positions(int(ends[-1]), model.ber, generator)
-    count = len(flat)
-    if count == 0:
+    per_image = [t.numel * len(p) for t, p in zip(targets, positions)]  # drawable bits of one image's codes
+    sizes = [size * (n_images if t.site.transient else 1) for t, size in zip(targets, per_image)]
+    ends = list(accumulate(sizes))
+    flat = bernoulli_positions(ends[-1], model.ber, generator)
+    if len(flat) == 0:
         return FaultPattern()
-    which = torch.searchsorted(ends, flat, right=True)
-    local = flat - (ends - per_image * images)[which]
-    image = local // per_image[which]
-    rest = local % per_image[which]
-    table = torch.full((len(targets), int(widths.max())), -1, dtype=torch.int64)
-    for row, p in enumerate(positions):
-        table[row, : len(p)] = torch.tensor(p, dtype=torch.int64)
-    bit = table[which, rest % widths[which]]
-    index = rest // widths[which]
-    transient = torch.tensor([t.site.transient for t in targets])[which]
-    image = torch.where(transient, image, torch.full_like(image, -1))
-    # sorted by (target, image, index, bit) already: positions are, and each target's bits are image-major
-    if model.burst > 1:  # each event: the drawn bit and the burst - 1 bits above it, in the same code
-        which, image, index = (t.repeat_interleave(model.burst) for t in (which, image, index))
-        bit = bit.repeat_interleave(model.burst) + torch.arange(model.burst).repeat(count)
-    kind = torch.full_like(which, KIND_CODES[model.kind])
-    counts = torch.bincount(which, minlength=len(targets)).tolist()
+    # sorted positions: each target's are one slice, decoded with its own scalars (no per-fault gathers)
+    bounds = [0, *torch.searchsorted(flat, torch.tensor(ends, dtype=torch.int64)).tolist()]
+    kinds = torch.full((len(flat) * model.burst,), KIND_CODES[model.kind], dtype=torch.int64)  # sliced per target
     groups: dict[tuple[Site, str], LayerFaults] = {}
-    parts = zip(*(torch.split(t, counts) for t in (image, index, bit, kind)))
-    for target, n, (im, ix, b, k) in zip(targets, counts, parts):
-        if n:
-            groups[(target.site, target.layer)] = LayerFaults(im, ix, b, k)
+    for t, target in enumerate(targets):
+        lo, hi = bounds[t], bounds[t + 1]
+        if lo == hi:
+            continue
+        local = flat[lo:hi] - (ends[t] - sizes[t])
+        if target.site.transient:
+            image, rest = _divmod(local, per_image[t])
+        else:
+            image, rest = torch.full_like(local, -1), local
+        width = len(positions[t])
+        index, bit = _divmod(rest, width)
+        if positions[t] != tuple(range(width)):
+            bit = torch.tensor(positions[t], dtype=torch.int64)[bit]
+        # sorted by (image, index, bit) already: positions are, and each target's bits are image-major
+        if model.burst > 1:  # each event: the drawn bit and the burst - 1 bits above it, in the same code
+            count = len(local)
+            image, index = image.repeat_interleave(model.burst), index.repeat_interleave(model.burst)
+            bit = bit.repeat_interleave(model.burst) + torch.arange(model.burst).repeat(count)
+        groups[(target.site, target.layer)] = LayerFaults(image, index, bit, kinds[lo * model.burst:hi * model.burst],
+                                                          canonical=model.burst == 1)
     return FaultPattern(groups)
+
+
+def _divmod(values: torch.Tensor, divisor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values // divisor, values % divisor) for non-negative values: a shift and a mask when the divisor is a
+    power of two (int64 division is not vectorised on the CPU and costs several times a shift)."""
+    if divisor & (divisor - 1) == 0:
+        return values >> (divisor.bit_length() - 1), values & (divisor - 1)
+    quotient = torch.div(values, divisor, rounding_mode="floor")
+    return quotient, values - quotient * divisor
 
 
 def trial_seed(base_seed: int, campaign_id: str, trial: int) -> int:

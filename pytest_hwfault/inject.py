@@ -31,14 +31,17 @@ class Edit:
     channels-last tensor is edited where it lies, without a layout copy; `apply_edit_to` checks the layout."""
 
     linear: torch.Tensor
-    keep: torch.Tensor
-    set: torch.Tensor
-    flip: torch.Tensor
-    scale: torch.Tensor
+    keep: torch.Tensor | None  # None: keep every bit
+    set: torch.Tensor | None  # None: set none
+    flip: torch.Tensor | None  # None: flip none
+    scale: torch.Tensor  # per code, or one for all (0-dim)
     strides: tuple[int, ...] | None = None
 
     def to(self, device: torch.device) -> Edit:
-        return Edit(self.linear.to(device), self.keep.to(device), self.set.to(device), self.flip.to(device),
+        def moved(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Edit(self.linear.to(device), moved(self.keep), moved(self.set), moved(self.flip),
                     self.scale.to(device), strides=self.strides)
 
 
@@ -104,21 +107,44 @@ def compose(linear: torch.Tensor, bit: torch.Tensor, kind: torch.Tensor, scale: 
     return Edit(unique, keep, set_, flip, scale[first])
 
 
+def compose_canonical(linear: torch.Tensor, bit: torch.Tensor, kind: int, scale: torch.Tensor) -> Edit:
+    """`compose` for faults sorted by code, with no (code, bit) twice and one kind (a sampled pattern: see
+    `LayerFaults.canonical`): the faulty bits of a code are distinct, so their mask is the sum of the faults' bits,
+    found with no sort and no fold. `scale` is one for all (0-dim). Edits of flips carry no keep and set masks, so
+    the hooks skip those passes."""
+    mask = torch.bitwise_left_shift(1, bit)
+    unique, inverse = torch.unique_consecutive(linear, return_inverse=True)
+    if unique.numel() < linear.numel():  # a few codes hold several faults
+        mask = torch.zeros_like(unique).index_add_(0, inverse, mask)
+    if kind == _FLIP:
+        return Edit(unique, None, None, mask, scale)
+    return Edit(unique, ~mask, mask if kind == _STUCK1 else None, None, scale)
+
+
 def apply_edit(flat: torch.Tensor, edit: Edit, bits: int, zero_point: int = 0, signed: bool = True) -> None:
     """In place on `flat`, whose values are code x scale (scale 1 for tensors that hold the codes themselves):
     rewrite the edited codes. The stored code is code + zero_point: two's complement when `signed`, else an
     unsigned (affine, torch.ao quint8) code. Runs in every faulty layer of every forward, so it is a handful of
     in-place ops on the faulty codes only."""
-    codes = torch.round(flat[edit.linear] / edit.scale).to(torch.int64)
+    unit = edit.scale.dim() == 0 and bool(edit.scale == 1)  # a tensor of codes: no division, no multiply
+    values = flat[edit.linear]
+    codes = (values if unit else values.div_(edit.scale)).round_().to(torch.int64)
     if zero_point:
         codes += zero_point
     # raw bits -> ((raw & keep) | set) ^ flip, on the low `bits` bits (two's complement of a negative code)
-    raw = codes.bitwise_and_((1 << bits) - 1).bitwise_and_(edit.keep).bitwise_or_(edit.set).bitwise_xor_(edit.flip)
+    raw = codes.bitwise_and_((1 << bits) - 1)
+    if edit.keep is not None:
+        raw.bitwise_and_(edit.keep)
+    if edit.set is not None:
+        raw.bitwise_or_(edit.set)
+    if edit.flip is not None:
+        raw.bitwise_xor_(edit.flip)
     if signed:  # sign-extend: subtract 2^bits where the top bit is set
         raw -= raw.bitwise_right_shift(bits - 1).bitwise_left_shift_(bits)
     if zero_point:
         raw -= zero_point
-    flat[edit.linear] = raw.to(flat.dtype).mul_(edit.scale)
+    raw = raw.to(flat.dtype)
+    flat[edit.linear] = raw if unit else raw.mul_(edit.scale)
 
 
 def apply_edit_to(tensor: torch.Tensor, edit: Edit, bits: int, zero_point: int = 0, signed: bool = True

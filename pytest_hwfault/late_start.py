@@ -215,11 +215,15 @@ class LateStart:
     # -- running ---------------------------------------------------------------------------------------------------
     def first_faulty_layer(self, pattern: FaultPattern, n_images: int) -> torch.Tensor:
         """Per image (of the pattern's numbering), the position of its first faulty layer; len(layers) if none."""
-        first = torch.full((n_images,), len(self.layer_position), dtype=torch.int64)
-        for (site, layer), group in pattern.groups.items():
-            if site.transient and len(group):
-                position = torch.full_like(group.image, self.layer_position[layer])
-                first.scatter_reduce_(0, group.image, position, reduce="amin")
+        last = len(self.layer_position)
+        first = torch.full((n_images,), last, dtype=torch.int64)
+        faulty = sorted(((self.layer_position[layer], group) for (site, layer), group in pattern.groups.items()
+                         if site.transient and len(group)), key=lambda item: item[0])
+        for position, group in faulty:  # in execution order, so each image is set once, by its first faulty layer
+            hit = group.images()
+            first[hit] = torch.minimum(first[hit], torch.tensor(position))
+            if int(first.max()) < last:  # every image has its first fault: later layers change nothing
+                break
         return first
 
     def logits(self, images: torch.Tensor, pattern: FaultPattern) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -38,6 +38,24 @@ def in_layouts(positions: torch.Tensor, group: torch.Tensor, shapes: list[tuple[
     return relayout(positions, *plan.index_select(2, group))  # any dense layouts: per fault, [rank] each
 
 
+def place(positions: torch.Tensor, shape: tuple[int, ...], layout: tuple[int, ...]) -> torch.Tensor:
+    """Row-major positions in one dense tensor of `shape` as memory offsets in its layout. Channels-last by scalar
+    arithmetic, in place on `positions` (shifts and masks where the sizes are powers of two): an offset moves by
+    s x (C - 1) - c x (S - 1) for channel c and spatial position s of S."""
+    if layout == contiguous_strides(shape):
+        return positions
+    if layout != channels_last_strides(shape):
+        return relayout(positions, shape, contiguous_strides(shape), layout)
+    channels, spatial = shape[1], math.prod(shape[2:])
+    if spatial & (spatial - 1) == 0 and channels & (channels - 1) == 0:
+        where = positions & (spatial - 1)
+        channel = (positions >> (spatial.bit_length() - 1)).bitwise_and_(channels - 1)
+    else:
+        where = positions.remainder(spatial)
+        channel = torch.div(positions, spatial, rounding_mode="floor").remainder_(channels)
+    return positions.add_(where.mul_(channels - 1)).sub_(channel.mul_(spatial - 1))
+
+
 @lru_cache(maxsize=64)
 def layout_plan(shapes: tuple[tuple[int, ...], ...], layouts: tuple[tuple[int, ...], ...], device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None:

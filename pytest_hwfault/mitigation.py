@@ -139,7 +139,7 @@ def secded(pattern: FaultPattern, codes_of: Callable[[str], torch.Tensor], bits_
         result.silent_words += int((word_errors >= 3).sum())
         keep = (word_errors[word_of] != 1)[inverse].to(group.index.device)
         if bool(keep.any()):
-            groups[key] = LayerFaults(group.image[keep], group.index[keep], group.bit[keep], group.kind[keep])
+            groups[key] = group.subset(keep)
     return result
 
 

@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -360,3 +360,48 @@ def test_sampled_patterns_come_sorted_by_layer_image_and_code() -> None:
         for (_, layer), group in pattern.groups.items():
             key = group.image * 10**6 + group.index
             assert bool((key[1:] >= key[:-1]).all()), layer
+
+
+def _decoded_by_hand(model: FaultModel, targets: list[FaultTarget], n_images: int, seed: int) -> list[tuple]:
+    """The faults a Bernoulli draw over the targets' bit space means, decoded in Python ints: (site, layer, image,
+    index, bit) in the space's order (target, image, code, bit)."""
+    spaces = []
+    for target in targets:
+        starts = model.positions_for(target)
+        spaces.append((target, starts, n_images if target.site.transient else 1))
+    total = sum(t.numel * len(starts) * images for t, starts, images in spaces)
+    faults = []
+    for position in bernoulli_positions(total, model.ber, torch.Generator().manual_seed(seed)).tolist():
+        for target, starts, images in spaces:
+            size = target.numel * len(starts) * images
+            if position < size:
+                image, rest = divmod(position, target.numel * len(starts))
+                index, which = divmod(rest, len(starts))
+                for extra in range(model.burst):
+                    faults.append((target.site.value, target.layer, image if target.site.transient else None, index,
+                                   starts[which] + extra))
+                break
+            position -= size
+    return faults
+
+
+@settings(max_examples=60, deadline=None)
+@given(numels=st.lists(st.integers(1, 40), min_size=1, max_size=4), site=st.sampled_from(["act", "weight", "acc"]),
+       positions=st.sampled_from([None, (7,), (0, 3, 6), (1, 2)]), burst=st.sampled_from([1, 2]),
+       n_images=st.integers(1, 5), seed=st.integers(0, 2**31))
+def test_sampled_faults_are_the_drawn_positions_decoded(numels: list[int], site: str, positions, burst: int,
+                                                        n_images: int, seed: int) -> None:
+    """sample_pattern's vectorised decode against plain integer arithmetic on the same draw, and the canonical flag
+    (sorted by code, distinct bits, one kind) is set exactly when it holds."""
+    bits = 32 if site == "acc" else 8
+    targets = [FaultTarget(Site(site), f"layer{i}", numel, bits) for i, numel in enumerate(numels)]
+    model = FaultModel(site, 0.05, bit_positions=positions, burst=burst)
+    assume(positions != (7,) or burst == 1 or bits > 8)  # no room for the burst: refused (tested above)
+    pattern = sample_pattern(model, targets, n_images, torch.Generator().manual_seed(seed))
+    got = [(f.site, f.layer, f.image, f.index, f.bit) for f in pattern.faults()]
+    assert got == _decoded_by_hand(model, targets, n_images, seed)
+    for group in pattern.groups.values():
+        assert group.canonical == (burst == 1)
+        if group.canonical:
+            key = (group.image * 10**6 + group.index) * 64 + group.bit
+            assert bool((key[1:] > key[:-1]).all()) and len(set(group.kind.tolist())) == 1

@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from pytest_hwfault.data import DataError
 from pytest_hwfault.evaluate import accuracy, predict
 from pytest_hwfault.faults import Fault, FaultModel, FaultPattern, Site, sample_pattern, trial_generator
-from pytest_hwfault.inject import Edit, apply_edit, apply_edit_to, compose
-from pytest_hwfault.layout import contiguous_strides, is_dense, relayout
+from pytest_hwfault.inject import Edit, apply_edit, apply_edit_to, compose, compose_canonical
+from pytest_hwfault.layout import channels_last_strides, contiguous_strides, is_dense, place, relayout
 from pytest_hwfault.quantization import QuantizedModel, quantize, state_checksum
 
 SITES = ("act", "weight", "acc", "input")
@@ -756,3 +756,70 @@ def test_composed_edits_equal_faults_applied_one_by_one(codes: list[int], data) 
     apply_edit(got, edit, 8)
     assert got.to(torch.int64).tolist() == expected
     assert edit.linear.tolist() == sorted(set(linear.tolist()))
+
+
+@settings(max_examples=200, deadline=None)
+@given(codes=st.lists(st.integers(-128, 127), min_size=1, max_size=12), kind=st.integers(0, 2), data=st.data())
+def test_canonical_edits_equal_faults_applied_one_by_one(codes: list[int], kind: int, data) -> None:
+    """compose_canonical (sorted, distinct (code, bit), one kind: what sampling gives) against Python ints and
+    against the general compose."""
+    n = len(codes)
+    pairs = sorted(data.draw(st.sets(st.tuples(st.integers(0, n - 1), st.integers(0, 7)), min_size=1, max_size=30)))
+    faults = [(position, bit, kind) for position, bit in pairs]
+    linear, bit = torch.tensor([p for p, _ in pairs]), torch.tensor([b for _, b in pairs])
+    edit = compose_canonical(linear, bit, kind, torch.tensor(1.0))
+    got = torch.tensor(codes, dtype=torch.float32)
+    apply_edit(got, edit, 8)
+    assert got.to(torch.int64).tolist() == _reference_codes(codes, faults)
+    general = torch.tensor(codes, dtype=torch.float32)
+    apply_edit(general, compose(linear, bit, torch.full_like(bit, kind), torch.ones(len(bit))), 8)
+    assert torch.equal(got, general)
+    assert edit.linear.tolist() == sorted({p for p, _ in pairs})
+
+
+@settings(max_examples=150, deadline=None)
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 6), st.integers(1, 6)),
+       data=st.data())
+def test_placing_positions_in_a_channels_last_tensor_matches_relayout(shape: tuple[int, ...], data) -> None:
+    """layout.place (scalar arithmetic, shifts for powers of two) against the general per-dimension relayout."""
+    numel = math.prod(shape)
+    positions = torch.tensor(sorted(data.draw(st.sets(st.integers(0, numel - 1), min_size=1, max_size=40))))
+    for layout in (channels_last_strides(shape), contiguous_strides(shape), (1, shape[0], shape[0] * shape[1],
+                                                                               shape[0] * shape[1] * shape[2])):
+        expected = relayout(positions, shape, contiguous_strides(shape), layout)
+        assert torch.equal(place(positions.clone(), shape, layout), expected), layout
+
+
+class _OddConv(nn.Module):
+    """Channel counts and spatial sizes that are not powers of two, and one that is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 5, 3, padding=1), nn.Conv2d(5, 8, 3), nn.Conv2d(8, 3, 1)
+        self.fc = nn.Linear(3 * 4 * 4, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.c(F.relu(self.b(F.relu(self.a(x))))).flatten(1))
+
+
+@pytest.mark.parametrize("memory_format", ["preserve", "channels_last"])
+def test_per_tensor_prepare_equals_the_all_layer_path(memory_format: str, monkeypatch) -> None:
+    """At a high BER `prepare` composes each tensor on its own (`_prepare_per_tensor`); below
+    PER_TENSOR_FAULTS per tensor it takes one pass over all layers. Both give the same logits at every transient
+    site and kind, whole and in batches that start mid-pattern."""
+    import pytest_hwfault.qmodel as qmodel_module
+
+    with seeded(3):
+        model, x = _OddConv().eval(), torch.randn(10, 3, 6, 6)
+    qmodel = quantize(model, x, memory_format=memory_format)
+    for site in ("act", "acc", "input"):
+        for kind in ("flip", "stuck0", "stuck1"):
+            pattern = sample_pattern(FaultModel(site, 0.02, kind=kind), qmodel.targets(Site(site)), len(x),
+                                     trial_generator(4, f"{site}-{kind}", 0))
+            assert all(group.canonical for group in pattern.groups.values())
+            outputs = []
+            for threshold in (0, 10**9):  # per tensor, all layers at once
+                monkeypatch.setattr(qmodel_module, "PER_TENSOR_FAULTS", threshold)
+                outputs.append(torch.cat([qmodel(x, pattern)] + [qmodel(x[s:s + 4], pattern, s) for s in (0, 4, 8)]))
+            assert torch.equal(outputs[0], outputs[1]), (site, kind)
+            assert not torch.equal(outputs[0][:10], qmodel(x)), (site, kind)  # the faults bite
