@@ -37,8 +37,10 @@ from .spec import ACC_BITS, QPARAM_BITS
 from .systolic import Array, PEFault, layer_error, on_array
 
 # Faults per faulty tensor from which `prepare` composes each tensor on its own (`_prepare_per_tensor`); below it
-# one pass over all layers' faults at once costs less than ~15 small ops per tensor. Measured on ResNet56.
-PER_TENSOR_FAULTS = 1024
+# one pass over all layers' faults at once costs less than ~15 small ops per tensor. Measured on ResNet56, batch
+# 128 (act site): the two cost the same at ~300 faults per tensor (BER 3e-5); at 1k (1e-4) 2.7 vs 3.9 ms; at 9.8k
+# (1e-3) 9.3 vs 54 ms; at 100 (1e-5) 2.1 vs 1.0 ms.
+PER_TENSOR_FAULTS = 512
 
 class SiteUnreachableError(ValueError):
     """A fault site that cannot reach part of the model's compute (e.g. site pe on layers no systolic array
