@@ -30,7 +30,7 @@ from .evaluate import (
     predict,
     select_logits,
 )
-from .faults import FaultModel, FaultPattern, Site, sample_pattern, trial_generator
+from .faults import FaultModel, FaultPattern, Site, check_trial_size, sample_pattern, trial_generator
 from .late_start import DEFAULT_CACHE_BYTES, LateStart
 from .mitigation import Mitigation
 from .quantization import QuantizedModel
@@ -347,6 +347,7 @@ class Campaign:
         self.fault_model = FaultModel(Site(spec.site), spec.ber, Kind(spec.kind), spec.bit_positions,
                                       spec.layer_selectors(), spec.burst)
         self.targets = qmodel.targets(self.fault_model.site, self.fault_model.layers)
+        check_trial_size(self.fault_model, self.targets, len(inputs))  # before the golden run, not at trial 0
         # Transient faults resume from late start's cache; the pass that fills it is also the golden run.
         cache = self.late_start() if self.fault_model.site.transient else None
         if cache is not None and cache.fault_free_output is not None:

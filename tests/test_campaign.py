@@ -230,3 +230,22 @@ def test_weight_faults_on_a_channels_last_model_land_as_on_its_contiguous_twin()
     for ours, theirs in zip(runs[0]["layers"], runs[1]["layers"]):
         assert ours["act_scale"] == pytest.approx(theirs["act_scale"], rel=1e-6)
     assert runs[0]["trials"] == runs[1]["trials"] and sum(t["faults"] for t in runs[0]["trials"]) > 0
+
+
+def test_a_trial_too_large_for_memory_is_refused_before_the_golden_run(setup, monkeypatch) -> None:  # noqa: ANN001
+    """One trial holds every image's faults at once: past MAX_FAULTS_PER_TRIAL (measured ~40 bytes a fault) the
+    campaign refuses at construction, with the numbers and what to change, instead of dying in the OOM killer."""
+    import pytest_hwfault.faults as faults_module
+
+    qmodel, x, y = setup
+    spec = CampaignSpec(site="act", ber=0.5, min_acc=0.0)
+    bits = faults_module.drawable_bits(faults_module.FaultModel("act", 0.5), qmodel.targets(faults_module.Site.ACT),
+                                       len(x))
+    monkeypatch.setattr(faults_module, "MAX_FAULTS_PER_TRIAL", bits // 4)  # half the expected faults
+    golden = []
+    monkeypatch.setattr(qmodel, "run_batch", lambda *args, **kwargs: golden.append(1))
+    with pytest.raises(ValueError, match=r"ber=0.5 over [\d,]+ bits at site 'act' \(\d+ images\).*samples=.*layers="):
+        Campaign(qmodel, x, y, spec, "tests::too_large")
+    assert not golden  # refused before any forward pass
+    monkeypatch.undo()  # the default limit: the same campaign runs
+    assert Campaign(qmodel, x, y, spec, "tests::too_large").trial(0).faults > 0
