@@ -49,6 +49,7 @@ OPT_TOLERANCE = "--hwfault-compare-tolerance"
 OPT_STORAGE = "--hwfault-storage"
 OPT_SHARD = "--hwfault-shard"
 OPT_CACHE = "--hwfault-cache-mb"
+OPT_XDIST_SHARDS = "--hwfault-xdist-shards"
 OPT_ALLOW_NEW = "--hwfault-compare-allow-new"
 OPT_ADVISE = "--hwfault-advise"
 DEVICES = ("cpu", "cuda", "auto")
@@ -106,6 +107,19 @@ def _slice(text: str) -> Slice:
         raise argparse.ArgumentTypeError(f"{exc}; expected K/M with 1 <= K <= M, e.g. 2/4") from None
 
 
+def _xdist_shards(text: str) -> str:
+    """"workers" (one shard item per xdist worker) or a positive number of shard items per campaign."""
+    if text.strip() == "workers":
+        return "workers"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'workers' or a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'workers' or a positive integer, e.g. 1")
+    return str(value)
+
+
 def _name(text: str) -> str:
     from .report import ReportError
     from .report.baseline import check_name
@@ -137,6 +151,10 @@ _VALUED_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], Any, str], ...] = (
      "python -m pytest_hwfault.report merge"),
     (OPT_CACHE, "hwfault_cache_mb", _non_negative_int, 256,
      "memory (MiB) per campaign for late start's cache of fault-free values; 0 turns late start off"),
+    (OPT_XDIST_SHARDS, "hwfault_xdist_shards", _xdist_shards, "workers",
+     "under xdist, the shard items each campaign becomes: 'workers' (default: one per worker, for a few long "
+     "campaigns) or N; 1 runs each campaign whole on one worker, side by side with the others (for suites of "
+     "many campaigns: no setup repeated per shard)"),
 )
 
 
@@ -155,6 +173,7 @@ class Settings:
     storage: str
     shard: Slice
     cache_mb: int
+    xdist_shards: str = "workers"
     compare_allow_new: bool = False
     html: str | None = None
     advise: bool = False
@@ -319,10 +338,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def _shard_count(config: pytest.Config) -> int:
-    """Shards per campaign: the number of xdist workers, read from the environment xdist gives every worker,
-    so that collection is identical on all of them."""
+    """Shards per campaign under xdist: `--hwfault-xdist-shards`, by default the number of workers, read from the
+    environment xdist gives every worker, so that collection is identical on all of them."""
     if not _is_worker(config):
         return 1
+    chosen = config.stash[SETTINGS_KEY].xdist_shards
+    if chosen != "workers":
+        return int(chosen)
     return max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
 
 

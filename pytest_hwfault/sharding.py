@@ -1,13 +1,13 @@
 """Split one campaign over xdist workers and CI machines without changing a number.
 
 A campaign's result is a function of its trial prefix, so executors only decide *which process computes which
-trial*. Under xdist every campaign becomes S shard items; the shards claim trial indices one at a time from a
-shared run directory (so an idle shard steals work and nobody computes far past the deciding checkpoint), publish
-each finished trial there, and stop as soon as the published prefix decides, so every shard ends knowing the
-verdict; the last shard to finish carries it. Before any trial, each shard records the fingerprints of the model and
-data it built: shards that disagree fail the campaign instead of merging trials of different models. A CI shard
-(``--hwfault-shard K/M``) computes trials i with i % M == K-1 and leaves the verdict to
-``python -m pytest_hwfault.report merge``.
+trial*. Under xdist every campaign becomes S shard items (one per worker, or ``--hwfault-xdist-shards``); the
+shards claim trial indices one at a time from a shared run directory (so an idle shard steals work and nobody
+computes far past the deciding checkpoint), publish each finished trial there, and stop as soon as the published
+prefix decides, so every shard ends knowing the verdict; the last shard to finish carries it. Before any trial,
+each shard records the fingerprints of the model and data it built: shards that disagree fail the campaign instead
+of merging trials of different models. A CI shard (``--hwfault-shard K/M``) computes trials i with i % M == K-1
+and leaves the verdict to ``python -m pytest_hwfault.report merge``.
 """
 
 from __future__ import annotations

@@ -131,3 +131,22 @@ def test_gate(hwfault, model, val_data, request):
     run.stdout.fnmatch_lines(["*lost shard(s) [[]2[]]*incomplete and fails*"])
     campaigns = json.loads((pytester.path / "crash.json").read_text())["campaigns"]
     assert len(campaigns) == 1 and campaigns[0]["verdict"] == "incomplete"
+
+
+def test_campaigns_run_whole_on_one_worker_with_one_shard_each(suite: pytest.Pytester) -> None:
+    """--hwfault-xdist-shards=1: no shard items; the suite's campaigns run side by side, each whole on one worker
+    (no golden run repeated per shard), with the numbers of -n 0."""
+    single = _run(suite, "n0.json", "-n", "0")
+    run = _run(suite, "n2.json", "-n", "2", "--hwfault-xdist-shards=1")
+    assert run.ret == single.ret == 1, run.stdout.str()
+    outcome, expected = run.parseoutcomes(), single.parseoutcomes()
+    assert (outcome["passed"], outcome["failed"]) == (expected["passed"], expected["failed"]), outcome
+    assert "skipped" not in outcome and "shard1of" not in run.stdout.str() and "[3 items]" in run.stdout.str()
+    assert _numbers(suite.path / "n2.json") == _numbers(suite.path / "n0.json")
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_bad_xdist_shards_are_a_usage_error(pytester: pytest.Pytester, value: str) -> None:
+    run = pytester.runpytest("-p", "no:cacheprovider", "--hwfault", f"--hwfault-xdist-shards={value}")
+    assert run.ret == pytest.ExitCode.USAGE_ERROR
+    run.stderr.fnmatch_lines([f"*--hwfault-xdist-shards*{value!r}*'workers' or a positive integer*"])
