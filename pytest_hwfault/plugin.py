@@ -112,12 +112,9 @@ def _xdist_shards(text: str) -> str:
     if text.strip() == "workers":
         return "workers"
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not 'workers' or a positive integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected 'workers' or a positive integer, e.g. 1")
-    return str(value)
+        return str(_positive_int(text))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'workers' or a positive integer, e.g. 1") from None
 
 
 def _name(text: str) -> str:
