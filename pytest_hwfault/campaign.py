@@ -325,6 +325,20 @@ class CampaignResult:
                    str(data.get("model_format", "calibrated")), dict(data.get("mitigation") or {}))
 
 
+def _first_persistent_layer(pattern: FaultPattern, layer_position: Mapping[str, int]) -> int | None:
+    """The position of the first layer the pattern's faults touch, when they are weight or qparams faults only
+    (each tied to one layer); None for any other pattern (a faulty PE reaches every layer, transient faults are
+    per image)."""
+    positions = []
+    for (site, layer), group in pattern.groups.items():
+        if not len(group):
+            continue
+        if site not in (Site.WEIGHT, Site.QPARAMS) or layer not in layer_position:
+            return None
+        positions.append(layer_position[layer])
+    return min(positions, default=None)
+
+
 class Campaign:
     """Runs the trials of one campaign on one quantized model and evaluation set."""
 
@@ -348,8 +362,8 @@ class Campaign:
                                       spec.layer_selectors(), spec.burst)
         self.targets = qmodel.targets(self.fault_model.site, self.fault_model.layers)
         check_trial_size(self.fault_model, self.targets, len(inputs))  # before the golden run, not at trial 0
-        # Transient faults resume from late start's cache; the pass that fills it is also the golden run.
-        cache = self.late_start() if self.fault_model.site.transient else None
+        # Faulty images resume from late start's cache; the pass that fills it is also the golden run.
+        cache = self.late_start() if self.fault_model.site is not Site.PE else None
         if cache is not None and cache.fault_free_output is not None:
             golden = decide(cache.fault_free_output.cpu())
         else:
@@ -390,7 +404,7 @@ class Campaign:
         keeps its fault-free prediction and only the faulty images run (bit-identical, since quantized layers
         compute exact integer sums whatever the batch)."""
         if not self.drop_fault_free or pattern.has_weight_faults():
-            return predict(self.qmodel, self.inputs, pattern, batch_size=self.batch_size)
+            return self._predict_persistent(pattern)
         faulty = pattern.images_with_faults()
         predicted, nonfinite = self.golden.clone(), self.golden_nonfinite.clone()
         if not len(faulty):
@@ -411,9 +425,25 @@ class Campaign:
             predicted[faulty[rest]], nonfinite[faulty[rest]] = part.predicted, part.nonfinite
         return Predictions(predicted, nonfinite)
 
+    def _predict_persistent(self, pattern: FaultPattern) -> Predictions:
+        """Predictions under persistent faults: every image runs, with the faults applied for the whole pass. When
+        they are weight or qparams faults only, late start resumes all images at the cut before the first layer
+        they touch: the layers before it compute what the fault-free pass computed (bit-identical)."""
+        late_start = self.late_start()
+        first = _first_persistent_layer(pattern, late_start.layer_position) if late_start is not None else None
+        if late_start is None or first is None:
+            return predict(self.qmodel, self.inputs, pattern, batch_size=self.batch_size)
+        self.qmodel.validate(pattern, len(self.inputs))
+        with self.qmodel.weight_faults(pattern):
+            logits = late_start.resume_all(first, pattern)
+        if logits is None:  # no cut before that layer
+            return predict(self.qmodel, self.inputs, pattern, batch_size=self.batch_size, check=False)
+        return decide(logits.cpu())
+
     def late_start(self) -> LateStart | None:
-        """The late-start cache of this campaign's images (built with the campaign when its site is transient,
-        else at first use); None when off or unsupported (`LateStart.disabled_reason` says why)."""
+        """The late-start cache of this campaign's images (built with the campaign, except at site pe, whose faults
+        reach every layer; else at first use); None when off or unsupported (`LateStart.disabled_reason` says
+        why)."""
         if not (self.use_late_start and self.drop_fault_free):
             return None
         if self._late_start is None:

@@ -7,7 +7,9 @@ exactly whatever the batch, so the result is bit-identical to a full forward pas
 How (torch.fx): the quantized model's graph is cut just before chosen quantized layers. A cut's *live set* is every
 value computed before the cut and read at or after it (in a ResNet, the block's input: one tensor). One fault-free
 pass over the campaign's images stores the live values of every chosen cut; a faulty image then runs the graph's
-suffix from the latest cut at or before its first faulty layer, on those stored values.
+suffix from the latest cut at or before its first faulty layer, on those stored values. Persistent weight or
+qparams faults make every image faulty, but only from the first layer they touch: all images then resume at the
+cut before it (`resume_all`), with the faults applied for the suffix.
 
 Memory policy: the cache holds live values for every image of the campaign, on the model's device, and never
 exceeds its budget (`DEFAULT_CACHE_BYTES`, 256 MiB, unless the campaign is given another). Candidate cuts are the
@@ -245,6 +247,17 @@ class LateStart:
             self.layers_skipped += len(members) * cut.position
             out.append((members, self._resume(cut, images[members], pattern.restricted_to(members))))
         return out
+
+    def resume_all(self, first_faulty: int, pattern: FaultPattern) -> torch.Tensor | None:
+        """The logits of every image resumed at the latest cut at or before layer position `first_faulty` (the
+        caller has applied persistent faults that touch no earlier layer); None when no cut lies there."""
+        cut = next((c for c in reversed(self.cuts) if c.position <= first_faulty), None)
+        if cut is None:
+            return None
+        images = torch.arange(len(next(iter(self.cache.values()))))
+        self.resumed_images += len(images)
+        self.layers_skipped += len(images) * cut.position
+        return self._resume(cut, images, pattern)
 
     def _plan(self, admissible: torch.Tensor, starts: list[int]) -> torch.Tensor:
         """Which start each image runs from: any start at or before its admissible one is exact, so images are

@@ -67,7 +67,8 @@ def resnet(trained_resnet: nn.Module, digits: Digits):  # noqa: ANN201
     return quantize(trained_resnet, digits.x_train[:256]), digits.x_test[:160], digits.y_test[:160]
 
 
-@pytest.mark.parametrize(("site", "ber"), [("act", 2e-4), ("act", 3e-5), ("acc", 2e-5), ("input", 2e-4)])
+@pytest.mark.parametrize(("site", "ber"), [("act", 2e-4), ("act", 3e-5), ("acc", 2e-5), ("input", 2e-4),
+                                         ("weight", 1e-4), ("qparams", 1e-3)])
 def test_late_start_is_bit_identical(resnet, site: str, ber: float) -> None:  # noqa: ANN001
     qmodel, x, y = resnet
     spec = CampaignSpec(site=site, ber=ber, min_acc=0.5, budget=6, first=6, seed=3)
