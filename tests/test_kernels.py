@@ -186,16 +186,17 @@ def test_resnet_trials_bit_identical(memory_format: str) -> None:
 @needs_conv
 def test_resnet56_trials_bit_identical() -> None:
     """The model of the speed targets: 55 convs (the third stage's fan-in of 576 cut into chunks) and the fc on
-    int8 kernels, every site and a faulty PE, whole and split, on 2 threads and 1."""
+    int8 kernels, every site and a faulty PE, whole and split (one thread: the thread counts are the ResNet20
+    test's, where they cost less under xdist)."""
     model, x = _resnet(56, 8)
     int8 = quantize(model, x, kernel="int8")
     emulated = quantize(model, x, kernel="emulated")
     assert set(int8.kernels.values()) == {"int8"} and len(int8.kernels) == 56
     patterns = _patterns(emulated, len(x), pe=True)
-    reference = _outputs(emulated, x, patterns, None, 2)
+    reference = _outputs(emulated, x, patterns, None, 1)
     assert all(not torch.equal(reference[site], reference["clean"]) for site in patterns)
-    for split, n_threads in ((None, 2), (3, 1)):
-        _assert_identical(reference, _outputs(int8, x, patterns, split, n_threads))
+    for split in (None, 3):
+        _assert_identical(reference, _outputs(int8, x, patterns, split, 1))
     assert torch.equal(int8(x), reference["clean"])
 
 

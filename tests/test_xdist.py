@@ -48,11 +48,15 @@ def _run(pytester: pytest.Pytester, report: str, *args: str) -> pytest.RunResult
 def test_same_numbers_for_any_number_of_workers(suite: pytest.Pytester) -> None:
     results = {}
     for label, args in {"n0": ("-n", "0"), "n2": ("-n", "2"), "n3": ("-n", "3", "--dist", "worksteal"),
-                        "noxdist": ("-p", "no:xdist")}.items():
+                        "noxdist": ("-p", "no:xdist"), "whole": ("-n", "2", "--hwfault-xdist-shards=1")}.items():
         run = _run(suite, f"{label}.json", *args)
         assert run.ret == 1, run.stdout.str()  # some gates fail
         results[label] = _numbers(suite.path / f"{label}.json")
         failing = sum(c["verdict"] != "pass" for c in results[label].values())
+        if label == "whole":  # --hwfault-xdist-shards=1: no shard items, each campaign whole on one worker
+            outcome = run.parseoutcomes()
+            assert (outcome["passed"], outcome["failed"], outcome.get("skipped", 0)) == (3 - failing, failing, 0)
+            assert "[3 items]" in run.stdout.str() and "shard1of" not in run.stdout.str()
         if label in ("n2", "n3"):
             count = 2 if label == "n2" else 3
             outcome = run.parseoutcomes()
@@ -64,7 +68,7 @@ def test_same_numbers_for_any_number_of_workers(suite: pytest.Pytester) -> None:
     assert len(results["n0"]) == 3
     verdicts = {c["verdict"] for c in results["n0"].values()}
     assert "pass" in verdicts and len(verdicts) > 1  # a passing and a failing gate
-    for label in ("n2", "n3", "noxdist"):
+    for label in ("n2", "n3", "noxdist", "whole"):
         assert results[label] == results["n0"], label
 
 
@@ -131,18 +135,6 @@ def test_gate(hwfault, model, val_data, request):
     run.stdout.fnmatch_lines(["*lost shard(s) [[]2[]]*incomplete and fails*"])
     campaigns = json.loads((pytester.path / "crash.json").read_text())["campaigns"]
     assert len(campaigns) == 1 and campaigns[0]["verdict"] == "incomplete"
-
-
-def test_campaigns_run_whole_on_one_worker_with_one_shard_each(suite: pytest.Pytester) -> None:
-    """--hwfault-xdist-shards=1: no shard items; the suite's campaigns run side by side, each whole on one worker
-    (no golden run repeated per shard), with the numbers of -n 0."""
-    single = _run(suite, "n0.json", "-n", "0")
-    run = _run(suite, "n2.json", "-n", "2", "--hwfault-xdist-shards=1")
-    assert run.ret == single.ret == 1, run.stdout.str()
-    outcome, expected = run.parseoutcomes(), single.parseoutcomes()
-    assert (outcome["passed"], outcome["failed"]) == (expected["passed"], expected["failed"]), outcome
-    assert "skipped" not in outcome and "shard1of" not in run.stdout.str() and "[3 items]" in run.stdout.str()
-    assert _numbers(suite.path / "n2.json") == _numbers(suite.path / "n0.json")
 
 
 @pytest.mark.parametrize("value", ["0", "two", "-1"])
