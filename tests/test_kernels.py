@@ -173,7 +173,9 @@ def test_resnet_trials_bit_identical(memory_format: str) -> None:
     patterns = _patterns(emulated, len(x), pe=True)
     reference = _outputs(emulated, x, patterns, None, 2)
     assert all(not torch.equal(reference[site], reference["clean"]) for site in patterns)  # the faults bite
-    for split, n_threads in ((None, 2), (None, 1), (8, 2), (5, 1)):
+    # thread counts once (two threads in an xdist worker that was given one oversubscribe the CI machine)
+    splits = ((None, 2), (None, 1), (8, 2), (5, 1)) if memory_format == "auto" else ((None, 1), (5, 1))
+    for split, n_threads in splits:
         _assert_identical(reference, _outputs(int8, x, patterns, split, n_threads))
     # and after the weight faults were restored, the original packs are used again
     assert torch.equal(int8(x), reference["clean"])
