@@ -4,10 +4,11 @@ A `FaultPattern` is the one language of the project: sampling produces it, the i
 exports it, the hypothesis search shrinks it, and a user pastes it into a test to replay a failure. It lists
 single-bit faults on integer codes; a `FaultModel` (a bit error rate at one site) is a recipe for drawing one.
 
-Sampling never builds a mask of every bit: per target it draws the number of faulty bits from
-Binomial(n_bits, ber) and then that many distinct bit positions, so the cost grows with the number of faults. A
-multi-bit upset (`FaultModel.burst` = k) is one such draw of its first bit, expanded into k adjacent single-bit
-faults of the same code.
+Sampling never builds a mask of every bit: all targets' bits form one space, whose faulty positions are drawn as a
+Bernoulli(ber) process through its geometric gaps (`bernoulli_positions`), so the cost grows with the number of
+faults, and they come out sorted and distinct. A multi-bit upset (`FaultModel.burst` = k) is one such draw of its
+first bit, expanded into k adjacent single-bit faults of the same code. One trial holds every image's faults at
+once; `check_trial_size` refuses a trial that would not fit in memory.
 """
 
 from __future__ import annotations
