@@ -409,8 +409,9 @@ class Campaign:
         predicted, nonfinite = self.golden.clone(), self.golden_nonfinite.clone()
         if not len(faulty):
             return Predictions(predicted, nonfinite)
+        # no `validate`: a campaign predicts only under its own draws from the model's targets (`pattern`), or
+        # subsets of them (mitigation), which fit the model and the images by construction
         own = pattern.restricted_to(faulty)
-        self.qmodel.validate(own, len(faulty))
         from_start = torch.ones(len(faulty), dtype=torch.bool)
         late_start = self.late_start()
         if late_start is not None:  # late start: resume each image at the cut before its first fault
@@ -433,8 +434,7 @@ class Campaign:
         first = _first_persistent_layer(pattern, late_start.layer_position) if late_start is not None else None
         if late_start is None or first is None:
             return predict(self.qmodel, self.inputs, pattern, batch_size=self.batch_size)
-        self.qmodel.validate(pattern, len(self.inputs))
-        with self.qmodel.weight_faults(pattern):
+        with self.qmodel.weight_faults(pattern):  # a draw of the campaign's own: no `validate` (see `_predict`)
             logits = late_start.resume_all(first, pattern)
         if logits is None:  # no cut before that layer
             return predict(self.qmodel, self.inputs, pattern, batch_size=self.batch_size, check=False)

@@ -34,15 +34,18 @@ class Edit:
     keep: torch.Tensor | None  # None: keep every bit
     set: torch.Tensor | None  # None: set none
     flip: torch.Tensor | None  # None: flip none
-    scale: torch.Tensor  # per code, or one for all (0-dim)
+    # per code, or one for all (0-dim, or a float: 1.0 for a tensor that holds the codes themselves, as every edit
+    # `QuantizedModel.prepare` makes does)
+    scale: torch.Tensor | float
     strides: tuple[int, ...] | None = None
 
     def to(self, device: torch.device) -> Edit:
         def moved(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)
 
-        return Edit(self.linear.to(device), moved(self.keep), moved(self.set), moved(self.flip),
-                    self.scale.to(device), strides=self.strides)
+        scale = self.scale if isinstance(self.scale, float) else self.scale.to(device)
+        return Edit(self.linear.to(device), moved(self.keep), moved(self.set), moved(self.flip), scale,
+                    strides=self.strides)
 
 
 def _sorted_ranks(sorted_lin: torch.Tensor) -> torch.Tensor:
@@ -64,8 +67,9 @@ def _ranks(linear: torch.Tensor, is_sorted: bool) -> torch.Tensor:
     return ranks
 
 
-def compose(linear: torch.Tensor, bit: torch.Tensor, kind: torch.Tensor, scale: torch.Tensor) -> Edit:
-    """Fold faults (applied in list order) into one edit per distinct code. `scale` is per fault.
+def compose(linear: torch.Tensor, bit: torch.Tensor, kind: torch.Tensor, scale: torch.Tensor | float) -> Edit:
+    """Fold faults (applied in list order) into one edit per distinct code. `scale` is per fault, or a float for
+    all.
 
     Sampled patterns arrive sorted by code (faults.sample_pattern), and then the codes are grouped by runs, with
     no sort: at a high BER this is most of the cost of preparing a trial. Each code's first fault sets its edit
@@ -104,31 +108,42 @@ def compose(linear: torch.Tensor, bit: torch.Tensor, kind: torch.Tensor, scale: 
             flip[u] = torch.where(is_flip, flip[u] ^ m, flip[u] & ~m)
             keep[u] = torch.where(is_flip, keep[u], keep[u] & ~m)
             set_[u] = torch.where(is_flip, set_[u], torch.where(k == _STUCK1, set_[u] | m, set_[u] & ~m))
-    return Edit(unique, keep, set_, flip, scale[first])
+    return Edit(unique, keep, set_, flip, scale if isinstance(scale, float) else scale[first])
 
 
-def compose_canonical(linear: torch.Tensor, bit: torch.Tensor, kind: int, scale: torch.Tensor) -> Edit:
+def compose_canonical(linear: torch.Tensor, bit: torch.Tensor, kind: int, scale: torch.Tensor | float,
+                      dtype: torch.dtype = torch.int64) -> Edit:
     """`compose` for faults sorted by code, with no (code, bit) twice and one kind (a sampled pattern: see
     `LayerFaults.canonical`): the faulty bits of a code are distinct, so their mask is the sum of the faults' bits,
-    found with no sort and no fold. `scale` is one for all (0-dim). Edits of flips carry no keep and set masks, so
-    the hooks skip those passes."""
-    mask = torch.bitwise_left_shift(1, bit)
+    found with no sort and no fold. `scale` is one for all (0-dim, or a float). Edits of flips carry no keep and
+    set masks, so the hooks skip those passes. `dtype`: the masks' (`code_dtype` of the codes' width, so that the
+    hook's bit operations do not mix dtypes)."""
+    mask = torch.bitwise_left_shift(1, bit.to(dtype))
     unique, inverse = torch.unique_consecutive(linear, return_inverse=True)
     if unique.numel() < linear.numel():  # a few codes hold several faults
-        mask = torch.zeros_like(unique).index_add_(0, inverse, mask)
+        mask = torch.zeros_like(unique, dtype=dtype).index_add_(0, inverse, mask)
     if kind == _FLIP:
         return Edit(unique, None, None, mask, scale)
     return Edit(unique, ~mask, mask if kind == _STUCK1 else None, None, scale)
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    """The integer dtype `apply_edit` works in for `bits`-bit codes (with a zero point added): int32 up to 16 bits,
+    half the memory traffic of int64."""
+    return torch.int32 if bits <= 16 else torch.int64
 
 
 def apply_edit(flat: torch.Tensor, edit: Edit, bits: int, zero_point: int = 0, signed: bool = True) -> None:
     """In place on `flat`, whose values are code x scale (scale 1 for tensors that hold the codes themselves):
     rewrite the edited codes. The stored code is code + zero_point: two's complement when `signed`, else an
     unsigned (affine, torch.ao quint8) code. Runs in every faulty layer of every forward, so it is a handful of
-    in-place ops on the faulty codes only."""
-    unit = edit.scale.dim() == 0 and bool(edit.scale == 1)  # a tensor of codes: no division, no multiply
-    values = flat[edit.linear]
-    codes = (values if unit else values.div_(edit.scale)).round_().to(torch.int64)
+    in-place ops on the faulty codes only (int32 where the codes are narrow: half the memory traffic)."""
+    scale = edit.scale
+    unit = scale == 1.0 if isinstance(scale, float) else scale.dim() == 0 and bool(scale == 1)
+    values = flat.take(edit.linear)  # faster than flat[linear] on a large tensor
+    if not unit:  # code x scale -> code; a tensor of codes holds integers already
+        values = values.div_(scale).round_()
+    codes = values.to(code_dtype(bits))
     if zero_point:
         codes += zero_point
     # raw bits -> ((raw & keep) | set) ^ flip, on the low `bits` bits (two's complement of a negative code)
@@ -139,12 +154,13 @@ def apply_edit(flat: torch.Tensor, edit: Edit, bits: int, zero_point: int = 0, s
         raw.bitwise_or_(edit.set)
     if edit.flip is not None:
         raw.bitwise_xor_(edit.flip)
-    if signed:  # sign-extend: subtract 2^bits where the top bit is set
-        raw -= raw.bitwise_right_shift(bits - 1).bitwise_left_shift_(bits)
+    if signed:  # sign-extend: raw in [0, 2^bits), the top bit's weight negated (two ops, no shifts)
+        top = 1 << (bits - 1)
+        raw.bitwise_xor_(top).sub_(top)
     if zero_point:
         raw -= zero_point
-    raw = raw.to(flat.dtype)
-    flat[edit.linear] = raw if unit else raw.mul_(edit.scale)
+    out = raw.to(flat.dtype)
+    flat[edit.linear] = out if unit else out.mul_(scale)
 
 
 def apply_edit_to(tensor: torch.Tensor, edit: Edit, bits: int, zero_point: int = 0, signed: bool = True

@@ -31,7 +31,7 @@ from torch import nn
 from .bits import KINDS_BY_CODE, apply_bit_faults, fault_delta
 from .data import Batch, Inputs, as_args, call_model
 from .faults import FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site, select_layers
-from .inject import Edit, apply_edit, apply_edit_to, check_bounds, compose, compose_canonical
+from .inject import Edit, apply_edit, apply_edit_to, check_bounds, code_dtype, compose, compose_canonical
 from .layout import CHANNELS_LAST, IMAGE_LAYOUTS, contiguous_strides, in_layouts, is_dense, place
 from .spec import ACC_BITS, QPARAM_BITS
 from .systolic import Array, PEFault, layer_error, on_array
@@ -188,9 +188,14 @@ class QuantizedModel:
             out = out.clamp_(act_low, act_high)
             if out.dtype != torch.float32:  # codes fit float32 exactly; values are code x scale in float32
                 out = out.float()
+            runtime.strides[key(Site.ACT, call)] = out.stride()
+            # act faults rewrite the codes before they are scaled: the same values as editing code x scale (whose
+            # code round((code x scale) / scale) is exact), two passes over the faults fewer
+            edit = runtime.batch.get(key(Site.ACT, call))
+            if edit is not None:
+                out = apply_edit_to(out, edit, bits, act_zero, signed)
             if not hands_on_codes:
                 out.mul_(act_scale)
-            runtime.strides[key(Site.ACT, call)] = out.stride()
             if runtime.ranges is not None:  # a fault-free pass recording what the layer hands on (`output_ranges`)
                 channel = 1 if channel_axis == 0 else out.dim() - 1
                 dims = [d for d in range(out.dim()) if d != channel]
@@ -199,9 +204,6 @@ class QuantizedModel:
                 seen = runtime.ranges.get(name)
                 runtime.ranges[name] = (low, high) if seen is None else (torch.minimum(seen[0], low),
                                                                          torch.maximum(seen[1], high))
-            edit = runtime.batch.get(key(Site.ACT, call))
-            if edit is not None:
-                out = apply_edit_to(out, edit, bits, act_zero, signed)
             if runtime.bounds is not None and name in runtime.bounds:  # range restriction, after the act faults
                 low, high = runtime.bounds[name]
                 out = out.clamp_(low, high)
@@ -215,7 +217,7 @@ class QuantizedModel:
     def _weight_edit(self, faults: LayerFaults) -> Edit:
         """The edit of one layer's weight codes (held as integers: scale 1), on the model's device."""
         faults = faults.to(self.device)
-        return compose(faults.index, faults.bit, faults.kind, torch.ones(len(faults), device=self.device))
+        return compose(faults.index, faults.bit, faults.kind, 1.0)
 
     def prepare(self, faults: FaultPattern | None, start: int, stop: int) -> dict[tuple[Any, ...], Edit]:
         """The transient faults of images [start, stop), as edits the hooks apply.
@@ -253,18 +255,16 @@ class QuantizedModel:
         if span * len(keys) >= 1 << 62:
             raise ValueError(f"{len(keys)} layers of up to {max(numel_of)} codes x {stop - start} images exceed "
                              "int64 positions; use a smaller batch")
-        scales = torch.tensor([layer.handed_on_scale if key[0] is Site.ACT else 1.0
-                               for key, layer, _, _ in entries], dtype=torch.float32, device=device)
-        edit = compose(group_id * span + (image - start) * numel + index, bit, kind, scales[group_id])
+        # every site's tensor holds codes when its edit is applied (act: before the scaling): scale 1
+        edit = compose(group_id * span + (image - start) * numel + index, bit, kind, 1.0)
         group = torch.div(edit.linear, span, rounding_mode="floor")
         counts = torch.bincount(group, minlength=len(keys)).tolist()
         shapes = [(stop - start, *shape) for _, _, _, shape in entries]
         layouts = [self._expected_strides(key, shape) for key, shape in zip(keys, shapes)]
         edit.linear = in_layouts(edit.linear % span, group, shapes, layouts)
         assert edit.keep is not None and edit.set is not None and edit.flip is not None  # compose gives all three
-        linear, keep, set_, flip, scale = (torch.split(t, counts) for t in (edit.linear, edit.keep, edit.set,
-                                                                           edit.flip, edit.scale))
-        return {key: Edit(linear[g], keep[g], set_[g], flip[g], scale[g], strides=layouts[g])
+        linear, keep, set_, flip = (torch.split(t, counts) for t in (edit.linear, edit.keep, edit.set, edit.flip))
+        return {key: Edit(linear[g], keep[g], set_[g], flip[g], 1.0, strides=layouts[g])
                 for g, key in enumerate(keys) if counts[g]}
 
     def _prepare_per_tensor(self, entries: list[tuple[tuple[Any, ...], QuantLayer, LayerFaults, tuple[int, ...]]],
@@ -280,9 +280,8 @@ class QuantizedModel:
             faults = faults.to(self.device)
             numel = math.prod(shape)
             check_bounds(faults, numel, f"site {key[0].value!r} of layer {key[1]!r}")
-            scale = torch.tensor(layer.handed_on_scale if key[0] is Site.ACT else 1.0, device=self.device)
             edit = compose_canonical(torch.add(faults.index, faults.image, alpha=numel), faults.bit,
-                                     int(faults.kind[0]), scale)
+                                     int(faults.kind[0]), 1.0, code_dtype(layer.site_bits(key[0])))
             edit.strides = self._expected_strides(key, (stop - start, *shape))
             edit.linear = place(edit.linear, (stop - start, *shape), edit.strides)
             edits[key] = edit

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from pytest_hwfault.data import DataError
 from pytest_hwfault.evaluate import accuracy, predict
 from pytest_hwfault.faults import Fault, FaultModel, FaultPattern, Site, sample_pattern, trial_generator
-from pytest_hwfault.inject import Edit, apply_edit, apply_edit_to, compose, compose_canonical
+from pytest_hwfault.inject import Edit, apply_edit, apply_edit_to, code_dtype, compose, compose_canonical
 from pytest_hwfault.layout import channels_last_strides, contiguous_strides, is_dense, place, relayout
 from pytest_hwfault.quantization import QuantizedModel, quantize, state_checksum
 
@@ -775,6 +775,48 @@ def test_canonical_edits_equal_faults_applied_one_by_one(codes: list[int], kind:
     apply_edit(general, compose(linear, bit, torch.full_like(bit, kind), torch.ones(len(bit))), 8)
     assert torch.equal(got, general)
     assert edit.linear.tolist() == sorted({p for p, _ in pairs})
+
+
+@settings(max_examples=300, deadline=None)
+@given(bits=st.sampled_from([2, 4, 7, 8, 12, 16, 24, 32]), signed=st.booleans(), unit=st.booleans(),
+       canonical=st.booleans(), data=st.data())
+def test_apply_edit_equals_integer_arithmetic_at_every_width(bits: int, signed: bool, unit: bool, canonical: bool,
+                                                              data) -> None:
+    """apply_edit's int32/int64 arithmetic (two-op sign extension, zero point added and taken off) against Python
+    ints: codes stored signed, or unsigned with a zero point; values held as codes or as code x scale; masks in
+    the dtype the hook works in or not."""
+    width = 1 << bits
+    zero = 0 if signed else data.draw(st.integers(0, width - 1))
+    low, high = (-(width >> 1), (width >> 1) - 1) if signed else (-zero, width - 1 - zero)
+    codes = data.draw(st.lists(st.integers(low, high), min_size=1, max_size=10))
+    n = len(codes)
+    if canonical:
+        kind = data.draw(st.integers(0, 2))
+        pairs = sorted(data.draw(st.sets(st.tuples(st.integers(0, n - 1), st.integers(0, bits - 1)), min_size=1,
+                                         max_size=20)))
+        faults = [(position, bit, kind) for position, bit in pairs]
+        dtype = data.draw(st.sampled_from([torch.int64, code_dtype(bits)]))
+        edit = compose_canonical(torch.tensor([p for p, _ in pairs]), torch.tensor([b for _, b in pairs]), kind,
+                                 1.0, dtype)
+    else:
+        faults = data.draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, bits - 1), st.integers(0, 2)),
+                                    min_size=1, max_size=20))
+        linear, bit, kind_ = (torch.tensor([f[i] for f in faults]) for i in range(3))
+        edit = compose(linear, bit, kind_, 1.0)
+    raw = [(code + zero) & (width - 1) for code in codes]  # the stored bits (two's complement if signed)
+    for position, bit, kind in faults:
+        raw[position] = raw[position] ^ (1 << bit) if kind == 0 else \
+            raw[position] & ~(1 << bit) if kind == 1 else raw[position] | (1 << bit)
+    expected = [(r - width if signed and r >> (bits - 1) else r) - zero for r in raw]
+    dtype = torch.float64 if bits > 16 else torch.float32  # codes a float32 holds exactly up to 2^24
+    if unit:
+        got = torch.tensor(codes, dtype=dtype)
+    else:
+        scale = data.draw(st.floats(2.0**-10, 4.0, width=32))
+        edit.scale = torch.tensor(scale, dtype=dtype)
+        got = torch.tensor(codes, dtype=dtype) * edit.scale
+    apply_edit(got, edit, bits, zero, signed)
+    assert (got if unit else (got / edit.scale).round()).to(torch.int64).tolist() == expected
 
 
 @settings(max_examples=150, deadline=None)
