@@ -159,10 +159,22 @@ class LayerFaults:
     # Sampled faults, and every subset of them: also sorted by code within an image, no (image, index, bit) twice,
     # and one kind, so composing them needs no sort and no fold (`inject.compose_canonical`). False: unknown.
     canonical: bool = False
+    # Every index is below this bound (known where the sampler drew them from a target of that many codes, and kept
+    # by subsets): `inject.check_bounds` need not look. None: unknown.
+    index_bound: int | None = field(default=None, compare=False)
     _images: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    # (codes per image, image x codes + index): the sampler computes it on its way to image and index
+    _linear: tuple[int, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.index.numel())
+
+    def linear(self, numel: int) -> torch.Tensor:
+        """Each fault's code as a row-major position in a batch of images of `numel` codes each (image x numel +
+        index); a fresh tensor, or the sampler's (callers do not modify it)."""
+        if self._linear is not None and self._linear[0] == numel:
+            return self._linear[1]
+        return torch.add(self.index, self.image, alpha=numel)
 
     def images(self) -> torch.Tensor:
         """The images holding these faults, sorted (computed once: a trial asks several times)."""
@@ -177,17 +189,19 @@ class LayerFaults:
         if lo == hi:
             return None
         return LayerFaults(self.image[lo:hi] - start, self.index[lo:hi], self.bit[lo:hi], self.kind[lo:hi],
-                           self.canonical)
+                           self.canonical, self.index_bound)
 
     def to(self, device: torch.device | str) -> LayerFaults:
+        if self.index.device == torch.device(device):
+            return self
         return LayerFaults(self.image.to(device), self.index.to(device), self.bit.to(device), self.kind.to(device),
-                           self.canonical)
+                           self.canonical, self.index_bound)
 
     def subset(self, chosen: torch.Tensor, image: torch.Tensor | None = None) -> LayerFaults:
         """The faults where the mask or sorted indices `chosen` select, with images renumbered to `image` (given
         in the same order); subsets keep the order, so a canonical group stays canonical."""
         return LayerFaults(self.image[chosen] if image is None else image, self.index[chosen], self.bit[chosen],
-                           self.kind[chosen], self.canonical)
+                           self.kind[chosen], self.canonical, self.index_bound)
 
 
 def _layer_faults(image: torch.Tensor, index: torch.Tensor, bit: torch.Tensor, kind: torch.Tensor) -> LayerFaults:
@@ -357,12 +371,12 @@ def sample_pattern(
         if lo == hi:
             continue
         local = flat[lo:hi] - (ends[t] - sizes[t])
-        if target.site.transient:
-            image, rest = _divmod(local, per_image[t])
-        else:
-            image, rest = torch.full_like(local, -1), local
         width = len(positions[t])
-        index, bit = _divmod(rest, width)
+        linear, bit = _divmod(local, width)  # image x numel + index, and the position among the code's bits
+        if target.site.transient:
+            image, index = _divmod(linear, target.numel)
+        else:
+            image, index = torch.full_like(local, -1), linear
         if positions[t] != tuple(range(width)):
             bit = torch.tensor(positions[t], dtype=torch.int64)[bit]
         # sorted by (image, index, bit) already: positions are, and each target's bits are image-major
@@ -370,8 +384,11 @@ def sample_pattern(
             count = len(local)
             image, index = image.repeat_interleave(model.burst), index.repeat_interleave(model.burst)
             bit = bit.repeat_interleave(model.burst) + torch.arange(model.burst).repeat(count)
-        groups[(target.site, target.layer)] = LayerFaults(image, index, bit, kinds[lo * model.burst:hi * model.burst],
-                                                          canonical=model.burst == 1)
+        group = LayerFaults(image, index, bit, kinds[lo * model.burst:hi * model.burst], canonical=model.burst == 1,
+                            index_bound=target.numel)
+        if model.burst == 1 and target.site.transient:
+            group._linear = (target.numel, linear)
+        groups[(target.site, target.layer)] = group
     return FaultPattern(groups)
 
 

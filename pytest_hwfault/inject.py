@@ -180,6 +180,8 @@ def apply_edit_to(tensor: torch.Tensor, edit: Edit, bits: int, zero_point: int =
 
 
 def check_bounds(faults: LayerFaults, numel: int, what: str) -> None:
+    if faults.index_bound is not None and faults.index_bound <= numel:  # drawn from that many codes or fewer
+        return
     if len(faults) and int(faults.index.max()) >= numel:
         bad = int(faults.index.max())
         raise IndexError(f"fault index {bad} is out of range for {what}: allowed 0..{numel - 1}")

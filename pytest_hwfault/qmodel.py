@@ -280,7 +280,7 @@ class QuantizedModel:
             faults = faults.to(self.device)
             numel = math.prod(shape)
             check_bounds(faults, numel, f"site {key[0].value!r} of layer {key[1]!r}")
-            edit = compose_canonical(torch.add(faults.index, faults.image, alpha=numel), faults.bit,
+            edit = compose_canonical(faults.linear(numel), faults.bit,
                                      int(faults.kind[0]), 1.0, code_dtype(layer.site_bits(key[0])))
             edit.strides = self._expected_strides(key, (stop - start, *shape))
             edit.linear = place(edit.linear, (stop - start, *shape), edit.strides)

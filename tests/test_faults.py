@@ -22,12 +22,14 @@ from pytest_hwfault.faults import (
     FaultModel,
     FaultPattern,
     FaultTarget,
+    LayerFaults,
     Site,
     bernoulli_positions,
     sample_pattern,
     trial_generator,
     trial_seed,
 )
+from pytest_hwfault.inject import check_bounds
 
 ALPHA = 1e-3  # every goodness-of-fit test below runs on a fixed seed; this only says how strict each one is
 
@@ -405,3 +407,27 @@ def test_sampled_faults_are_the_drawn_positions_decoded(numels: list[int], site:
         if group.canonical:
             key = (group.image * 10**6 + group.index) * 64 + group.bit
             assert bool((key[1:] > key[:-1]).all()) and len(set(group.kind.tolist())) == 1
+    # what the sampler hands on: the bound its indices were drawn under, and row-major code positions
+    for (_, layer), group in pattern.groups.items():
+        numel = numels[int(layer.removeprefix("layer"))]
+        assert group.index_bound == numel and int(group.index.max()) < numel
+        if site != "weight":
+            assert torch.equal(group.linear(numel), group.image * numel + group.index)
+            assert torch.equal(group.linear(numel + 1), group.image * (numel + 1) + group.index)
+            some = group.subset(group.index % 2 == 0)
+            assert some.index_bound == numel and torch.equal(some.linear(numel), some.image * numel + some.index)
+
+
+def test_an_index_bound_spares_the_bounds_check_only_where_it_proves_it() -> None:
+    """`check_bounds` trusts a group's index_bound only when it is within the tensor's size; a group built by hand
+    (no bound) is always looked at."""
+    group = LayerFaults(torch.tensor([0, 0]), torch.tensor([3, 9]), torch.tensor([1, 2]), torch.tensor([0, 0]))
+    with pytest.raises(IndexError, match="fault index 9 is out of range for here: allowed 0..4"):
+        check_bounds(group, 5, "here")
+    drawn = group.subset(torch.tensor([True, False]))
+    drawn.index_bound = 4  # as the sampler marks what it drew from 4 codes
+    check_bounds(drawn, 4, "here")
+    check_bounds(drawn, 5, "here")
+    group.index_bound = 10
+    with pytest.raises(IndexError, match="fault index 9"):
+        check_bounds(group, 5, "here")  # a bound above the size proves nothing
