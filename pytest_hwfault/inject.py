@@ -108,7 +108,10 @@ def compose(linear: torch.Tensor, bit: torch.Tensor, kind: torch.Tensor, scale: 
             flip[u] = torch.where(is_flip, flip[u] ^ m, flip[u] & ~m)
             keep[u] = torch.where(is_flip, keep[u], keep[u] & ~m)
             set_[u] = torch.where(is_flip, set_[u], torch.where(k == _STUCK1, set_[u] | m, set_[u] & ~m))
-    return Edit(unique, keep, set_, flip, scale if isinstance(scale, float) else scale[first])
+    scale = scale if isinstance(scale, float) else scale[first]
+    if bool((kind == _FLIP).all()):  # flips only (the usual fault model): keep every bit, set none
+        return Edit(unique, None, None, flip, scale)
+    return Edit(unique, keep, set_, flip, scale)
 
 
 def compose_canonical(linear: torch.Tensor, bit: torch.Tensor, kind: int, scale: torch.Tensor | float,

@@ -262,8 +262,11 @@ class QuantizedModel:
         shapes = [(stop - start, *shape) for _, _, _, shape in entries]
         layouts = [self._expected_strides(key, shape) for key, shape in zip(keys, shapes)]
         edit.linear = in_layouts(edit.linear % span, group, shapes, layouts)
-        assert edit.keep is not None and edit.set is not None and edit.flip is not None  # compose gives all three
-        linear, keep, set_, flip = (torch.split(t, counts) for t in (edit.linear, edit.keep, edit.set, edit.flip))
+        # the masks in the dtype the hooks work in (`code_dtype`), so that their bit operations do not mix dtypes
+        dtype = code_dtype(max(layer.site_bits(key[0]) for key, layer, _, _ in entries))
+        linear = torch.split(edit.linear, counts)
+        keep, set_, flip = ([None] * len(keys) if t is None else torch.split(t.to(dtype), counts)
+                            for t in (edit.keep, edit.set, edit.flip))  # None: flips only (no keep or set masks)
         return {key: Edit(linear[g], keep[g], set_[g], flip[g], 1.0, strides=layouts[g])
                 for g, key in enumerate(keys) if counts[g]}
 
