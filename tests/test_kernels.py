@@ -18,7 +18,15 @@ from torch import nn
 from pytest_hwfault import FaultModel, quantize
 from pytest_hwfault.cifar_resnet import CifarResNet, recalibrate_bn
 from pytest_hwfault.faults import FaultPattern, sample_pattern, trial_generator
-from pytest_hwfault.kernels import CHUNK_FAN_IN, Int8Forward, available, conv2d_int32, conv2d_packs, linear_int32
+from pytest_hwfault.kernels import (
+    CHUNK_FAN_IN,
+    Int8Forward,
+    available,
+    conv2d_int32,
+    conv2d_packs,
+    linear_int32,
+    padded_batch,
+)
 
 needs_conv = pytest.mark.skipif(not available("conv2d"), reason="no exact int8 convolution on this machine")
 needs_linear = pytest.mark.skipif(not available("linear"), reason="no exact torch._int_mm on this machine")
@@ -117,6 +125,16 @@ def test_linear_accumulator_is_exact(data: st.DataObject) -> None:
             got = linear_int32((x + shift).to(torch.int8), w8.t(), shift, sums)
         assert got.dtype == torch.int32
         assert torch.equal(got.double(), x.double() @ w.double().t())
+
+
+def test_padded_batches_are_few_sizes_and_few_images_more() -> None:
+    """Convolutions run at a padded batch size: never fewer images, at most 7 more past 8 (twice as many up to 8),
+    and only 19 sizes up to 128 images."""
+    sizes = {padded_batch(n) for n in range(1, 129)}
+    assert len(sizes) == 19 and max(sizes) == 128
+    for n in range(1, 2049):
+        padded = padded_batch(n)
+        assert n <= padded <= (2 * n if n <= 8 else n + 7) and padded_batch(padded) == padded
 
 
 # -- models: the same numbers on both paths ----------------------------------------------------------------------------

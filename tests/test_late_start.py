@@ -7,7 +7,7 @@ import torch
 from conftest import Digits, seeded, trained
 from torch import nn
 
-from pytest_hwfault import quantize
+from pytest_hwfault import late_start, quantize
 from pytest_hwfault.campaign import Campaign
 from pytest_hwfault.coverage import MEASURED_IMAGES
 from pytest_hwfault.late_start import LateStart
@@ -67,6 +67,14 @@ def resnet(trained_resnet: nn.Module, digits: Digits):  # noqa: ANN201
     return quantize(trained_resnet, digits.x_train[:256]), digits.x_test[:160], digits.y_test[:160]
 
 
+@pytest.fixture
+def resume_every_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No cost for resuming one more group: every faulty image resumes at its own latest cut, so that exactness is
+    tested on as many resumed images as the faults allow, whatever the grouping policy."""
+    monkeypatch.setattr(late_start, "BUCKET_OVERHEAD_IMAGES", 0)
+
+
+@pytest.mark.usefixtures("resume_every_group")
 @pytest.mark.parametrize(("site", "ber"), [("act", 2e-4), ("act", 3e-5), ("acc", 2e-5), ("input", 2e-4),
                                          ("weight", 1e-4), ("qparams", 1e-3)])
 def test_late_start_is_bit_identical(resnet, site: str, ber: float) -> None:  # noqa: ANN001
@@ -87,6 +95,7 @@ def test_late_start_is_bit_identical(resnet, site: str, ber: float) -> None:  # 
     assert few is not None and 1 <= len(few.cuts) < len(cache.cuts)
 
 
+@pytest.mark.usefixtures("resume_every_group")
 @pytest.mark.parametrize("site", ["act", "acc", "input"])
 def test_trials_do_not_depend_on_the_memory_layout_or_code_passing(trained_resnet: nn.Module, digits: Digits,
                                                                     site: str) -> None:
@@ -165,3 +174,18 @@ def test_first_faulty_layer(resnet) -> None:  # noqa: ANN001
     pattern = FaultPattern.from_faults([("act", names[3], 0, 1, "flip", 0), ("acc", names[1], 5, 2, "flip", 0),
                                         ("input", names[5], 2, 0, "stuck1", 2)])
     assert late.first_faulty_layer(pattern, 4).tolist() == [1, len(names), 5, len(names)]
+
+
+def test_groups_merge_when_resuming_one_more_costs_more_than_it_skips(resnet, monkeypatch: pytest.MonkeyPatch
+                                                                      ) -> None:  # noqa: ANN001
+    """The grouping policy: free groups resume every image at its own latest cut; costly ones merge the images into
+    one group from the earliest of their cuts (still exact: any cut before an image's first fault is)."""
+    qmodel, x, _ = resnet
+    cache = LateStart(qmodel, x)
+    assert len(cache.cuts) >= 3
+    starts = [0, *(c.position for c in cache.cuts)]
+    admissible = torch.tensor([1, 3, 3, 2, 1, 3])
+    monkeypatch.setattr(late_start, "BUCKET_OVERHEAD_IMAGES", 0)
+    assert cache._plan(admissible, starts).tolist() == admissible.tolist()
+    monkeypatch.setattr(late_start, "BUCKET_OVERHEAD_IMAGES", 10**6)
+    assert cache._plan(admissible, starts).tolist() == [1] * 6
