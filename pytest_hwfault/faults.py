@@ -364,24 +364,36 @@ def sample_pattern(
         return FaultPattern()
     # sorted positions: each target's are one slice, decoded with its own scalars (no per-fault gathers)
     bounds = [0, *torch.searchsorted(flat, torch.tensor(ends, dtype=torch.int64)).tolist()]
-    kinds = torch.full((len(flat) * model.burst,), KIND_CODES[model.kind], dtype=torch.int64)  # sliced per target
+    # one kind for every fault: a single value seen at every position (sliced per target, never written)
+    kinds = torch.tensor(KIND_CODES[model.kind], dtype=torch.int64).expand(len(flat) * model.burst)
+    # every target draws from all 2^k bits of its codes (the usual case): every target's slice starts at a multiple
+    # of 2^k, so two shifts of the whole draw give each fault's code and bit, and a target's codes are one subtraction
+    width = len(positions[0])
+    whole_codes = (model.burst == 1 and width & (width - 1) == 0
+                   and all(p == tuple(range(width)) for p in positions))
+    if whole_codes:
+        shift = width.bit_length() - 1
+        all_linear, all_bits = flat >> shift, flat & (width - 1)
     groups: dict[tuple[Site, str], LayerFaults] = {}
     for t, target in enumerate(targets):
         lo, hi = bounds[t], bounds[t + 1]
         if lo == hi:
             continue
-        local = flat[lo:hi] - (ends[t] - sizes[t])
-        width = len(positions[t])
-        linear, bit = _divmod(local, width)  # image x numel + index, and the position among the code's bits
+        if whole_codes:
+            linear, bit = all_linear[lo:hi] - ((ends[t] - sizes[t]) >> shift), all_bits[lo:hi]
+        else:
+            local = flat[lo:hi] - (ends[t] - sizes[t])
+            width = len(positions[t])
+            linear, bit = _divmod(local, width)  # image x numel + index, and the position among the code's bits
         if target.site.transient:
             image, index = _divmod(linear, target.numel)
         else:
-            image, index = torch.full_like(local, -1), linear
-        if positions[t] != tuple(range(width)):
+            image, index = torch.full_like(linear, -1), linear
+        if not whole_codes and positions[t] != tuple(range(width)):
             bit = torch.tensor(positions[t], dtype=torch.int64)[bit]
         # sorted by (image, index, bit) already: positions are, and each target's bits are image-major
         if model.burst > 1:  # each event: the drawn bit and the burst - 1 bits above it, in the same code
-            count = len(local)
+            count = len(linear)
             image, index = image.repeat_interleave(model.burst), index.repeat_interleave(model.burst)
             bit = bit.repeat_interleave(model.burst) + torch.arange(model.burst).repeat(count)
         group = LayerFaults(image, index, bit, kinds[lo * model.burst:hi * model.burst], canonical=model.burst == 1,

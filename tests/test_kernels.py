@@ -189,10 +189,11 @@ def test_resnet_trials_bit_identical(memory_format: str) -> None:
     emulated = quantize(model, x, kernel="emulated", memory_format=memory_format)
     assert set(int8.kernels.values()) == {"int8"} and set(emulated.kernels.values()) == {"emulated"}
     patterns = _patterns(emulated, len(x), pe=True)
-    reference = _outputs(emulated, x, patterns, None, 2)
+    reference = _outputs(emulated, x, patterns, None, 1)
     assert all(not torch.equal(reference[site], reference["clean"]) for site in patterns)  # the faults bite
-    # thread counts once (two threads in an xdist worker that was given one oversubscribe the CI machine)
-    splits = ((None, 2), (None, 1), (8, 2), (5, 1)) if memory_format == "auto" else ((None, 1), (5, 1))
+    # two threads once: in an xdist worker that was given one, they oversubscribe the CI machine (this test took
+    # 140 s under -n 2 with three two-thread passes, 6 s alone)
+    splits = ((None, 2), (8, 1), (5, 1)) if memory_format == "auto" else ((None, 1), (5, 1))
     for split, n_threads in splits:
         _assert_identical(reference, _outputs(int8, x, patterns, split, n_threads))
     # and after the weight faults were restored, the original packs are used again
