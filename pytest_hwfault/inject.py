@@ -149,20 +149,27 @@ def apply_edit(flat: torch.Tensor, edit: Edit, bits: int, zero_point: int = 0, s
     codes = values.to(code_dtype(bits))
     if zero_point:
         codes += zero_point
-    # raw bits -> ((raw & keep) | set) ^ flip, on the low `bits` bits (two's complement of a negative code)
-    raw = codes.bitwise_and_((1 << bits) - 1)
+    # raw bits -> ((raw & keep) | set) ^ flip, on the low `bits` bits (two's complement of a negative code). 8 bits:
+    # the conversion to uint8 keeps the low byte (modulo 256, as C++ defines it for unsigned types), and its int8
+    # view is the sign-extended code: no mask, no sign extension
+    byte = bits == 8
+    raw = codes if byte else codes.bitwise_and_((1 << bits) - 1)
     if edit.keep is not None:
         raw.bitwise_and_(edit.keep)
     if edit.set is not None:
         raw.bitwise_or_(edit.set)
     if edit.flip is not None:
         raw.bitwise_xor_(edit.flip)
-    if signed:  # sign-extend: raw in [0, 2^bits), the top bit's weight negated (two ops, no shifts)
-        top = 1 << (bits - 1)
-        raw.bitwise_xor_(top).sub_(top)
-    if zero_point:
-        raw -= zero_point
-    out = raw.to(flat.dtype)
+    if byte:
+        low = raw.to(torch.uint8)
+        out = (low.view(torch.int8) if signed else low).to(flat.dtype)
+    else:
+        if signed:  # sign-extend: raw in [0, 2^bits), the top bit's weight negated (two ops, no shifts)
+            top = 1 << (bits - 1)
+            raw.bitwise_xor_(top).sub_(top)
+        out = raw.to(flat.dtype)
+    if zero_point:  # integers: exact in the float dtype
+        out -= zero_point
     flat[edit.linear] = out if unit else out.mul_(scale)
 
 

@@ -786,8 +786,9 @@ def test_apply_edit_equals_integer_arithmetic_at_every_width(bits: int, signed: 
     ints: codes stored signed, or unsigned with a zero point; values held as codes or as code x scale; masks in
     the dtype the hook works in or not."""
     width = 1 << bits
-    zero = 0 if signed else data.draw(st.integers(0, width - 1))
-    low, high = (-(width >> 1), (width >> 1) - 1) if signed else (-zero, width - 1 - zero)
+    # the stored code is code + zero (two's complement when signed: int8 codes with a zero point, as ONNX s8 has)
+    zero = data.draw(st.integers(-(width >> 1), (width >> 1) - 1) if signed else st.integers(0, width - 1))
+    low, high = (-(width >> 1) - zero, (width >> 1) - 1 - zero) if signed else (-zero, width - 1 - zero)
     codes = data.draw(st.lists(st.integers(low, high), min_size=1, max_size=10))
     n = len(codes)
     if canonical:
