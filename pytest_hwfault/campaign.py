@@ -487,15 +487,22 @@ class Campaign:
         layer_faults: dict[str, int] = {}
         exposure: dict[str, float] = {}
         damage: dict[str, float] = {}
+        hits: list[tuple[str, torch.Tensor]] = []  # per transient group: the images it hit
         for (site, layer), group in pattern.groups.items():
             layer_faults[layer] = layer_faults.get(layer, 0) + len(group)
             if site.transient:
-                hit = group.images()
-                exposure[layer] = exposure.get(layer, 0.0) + float(hit.numel())
-                damage[layer] = damage.get(layer, 0.0) + float(critical[hit].sum())
+                hits.append((layer, group.images()))
             else:
                 exposure[layer] = 1.0
                 damage[layer] = float(critical.float().mean())
+        if hits:  # the critical images among each group's hit images, counted for all groups at once
+            sizes = torch.tensor([len(hit) for _, hit in hits])
+            owner = torch.repeat_interleave(torch.arange(len(hits)), sizes)
+            counts = torch.zeros(len(hits), dtype=torch.float64).index_add_(
+                0, owner, critical.cpu()[torch.cat([hit.cpu() for _, hit in hits])].double()).tolist()
+            for (layer, hit), count in zip(hits, counts):
+                exposure[layer] = exposure.get(layer, 0.0) + float(len(hit))
+                damage[layer] = damage.get(layer, 0.0) + count
         faulty_images = len(self.inputs) if drawn.has_weight_faults() else int(drawn.images_with_faults().numel())
         return TrialResult(
             trial=index,

@@ -53,7 +53,7 @@ def place(positions: torch.Tensor, shape: tuple[int, ...], layout: tuple[int, ..
     else:
         where = positions.remainder(spatial)
         channel = torch.div(positions, spatial, rounding_mode="floor").remainder_(channels)
-    return positions.add_(where.mul_(channels - 1)).sub_(channel.mul_(spatial - 1))
+    return positions.add_(where, alpha=channels - 1).sub_(channel, alpha=spatial - 1)
 
 
 @lru_cache(maxsize=64)
