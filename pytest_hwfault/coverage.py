@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import flop_registry
 
 from .data import as_args
 from .qmodel import QuantizedModel
@@ -85,16 +88,46 @@ class Coverage:
                    int(data.get("unfaulted_parameters", 0)))
 
 
-class _MacOps(TorchDispatchMode):
-    """Names the MAC-like aten ops that the flop counter has no formula for, and notes the storages every MAC op
-    reads (to tell the parameters that feed multiply-accumulates from embeddings, norms and biases)."""
+# ops that ask a tensor about itself; the flop counter lets them through untouched (nested tensors call them)
+_QUERIES = {getattr(torch.ops.aten, name).default for name in (
+    "sym_is_contiguous", "is_contiguous", "is_strides_like_format", "is_non_overlapping_and_dense", "size",
+    "sym_size", "stride", "sym_stride", "storage_offset", "sym_storage_offset", "numel", "sym_numel", "dim")
+    if hasattr(torch.ops.aten, name)} | {torch.ops.aten.is_contiguous.memory_format, torch.ops.prim.layout.default}
+
+
+class _MacCounter(TorchDispatchMode):
+    """Counts each module's flops as torch's FlopCounterMode does (its formulas; composite ops decomposed; every op
+    credited to all enclosing modules), names the MAC-like aten ops with no formula, and notes the storages every
+    MAC op reads (to tell the parameters that feed multiply-accumulates from embeddings, norms and biases).
+
+    One mode instead of FlopCounterMode and a watcher beside it, and one that does not ask to be hidden from
+    Dynamo: torch wraps such a mode's dispatch in ``torch._dynamo.disable``, whose first call imports Dynamo,
+    1-1.6 s of every pytest process that measures a coverage. No compiled code runs inside this mode.
+    """
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
 
     def __init__(self) -> None:
         super().__init__()
+        from torch.utils.module_tracker import ModuleTracker
+
         self.uncounted: set[str] = set()
         self.read: set[int] = set()
+        self.flop_counts: dict[str, dict[Any, int]] = defaultdict(lambda: defaultdict(int))
+        self.tracker = ModuleTracker()
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        """Counts inside the block (the mode itself is re-entered while it decomposes an op)."""
+        with self.tracker, self:
+            yield
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _QUERIES:
+            return NotImplemented
         packet = getattr(func, "_overloadpacket", func)
         name = str(packet).split(".", 1)[-1]
         if _MAC_OP.search(name):  # composite ops too: in inference mode they reach this mode undecomposed
@@ -103,7 +136,17 @@ class _MacOps(TorchDispatchMode):
             for arg in pytree.tree_leaves((args, kwargs)):
                 if isinstance(arg, torch.Tensor):
                     self.read.add(arg.untyped_storage().data_ptr())
-        return func(*args, **(kwargs or {}))
+        if func is not torch.ops.prim.device.default:  # as FlopCounterMode: composite ops count as their pieces
+            with self:  # which come back through this mode
+                result = func.decompose(*args, **kwargs)
+                if result is not NotImplemented:
+                    return result
+        out = func(*args, **kwargs)
+        if packet in flop_registry:
+            flops = flop_registry[packet](*args, **kwargs, out_val=out)
+            for parent in set(self.tracker.parents):
+                self.flop_counts[parent][packet] += flops
+        return out
 
 
 def _decomposes(func: Any) -> bool:
@@ -170,19 +213,18 @@ def measure_coverage(qmodel: QuantizedModel, inputs: Any) -> Coverage:
     x = inputs[:MEASURED_IMAGES]
     calls = [call for call in (qmodel.functional.calls if qmodel.functional else []) if call.module is not None]
     root = _Measured(qmodel.module, [call.module for call in calls])
-    watcher = _MacOps()
-    counter = FlopCounterMode(display=False)
+    counter = _MacCounter()
     # oneDNN's fused RNN kernels have no flop formula; the reference kernels do, and compute the same MACs
     mkldnn = torch._C._get_mkldnn_enabled()
     torch._C._set_mkldnn_enabled(False)
     try:
-        with counter, watcher:
+        with counter.counting():
             args, kwargs = as_args(x.to(qmodel.device))
             qmodel.run_graph(root, args, {}, kwargs)
     finally:
         torch._C._set_mkldnn_enabled(mkldnn)
     adopted = {f"functional.f{i}": ("model." + call.where).rstrip(".") for i, call in enumerate(calls)}
-    own = _own_flops(counter.get_flop_counts(), adopted)
+    own = _own_flops(counter.flop_counts, adopted)
     modules = dict(root.named_modules())
     layer_modules = {id(layer.module) for layer in qmodel.layers.values()}
     total = sum(sum(ops.values()) for ops in own.values())
@@ -200,9 +242,9 @@ def measure_coverage(qmodel: QuantizedModel, inputs: Any) -> Coverage:
         if user_name in reasons:
             entry["why"] = sorted(set(reasons[user_name]))
         uncovered.append(entry)
-    weights, other = _weight_shares(qmodel, watcher.read)
+    weights, other = _weight_shares(qmodel, counter.read)
     return Coverage(macs=covered / total if total else 1.0, weights=weights,
-                    total_macs=total // 2 // max(1, len(x)), uncovered=uncovered, uncounted=sorted(watcher.uncounted),
+                    total_macs=total // 2 // max(1, len(x)), uncovered=uncovered, uncounted=sorted(counter.uncounted),
                     unfaulted_parameters=other)
 
 

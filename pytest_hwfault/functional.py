@@ -47,6 +47,10 @@ class CallOrderError(ValueError):
     """The model made other functional calls than when it was quantized."""
 
 
+class SharedWeightError(ValueError):
+    """A functional MAC call uses the weight of a module that is a layer, outside that module."""
+
+
 @dataclass
 class Call:
     """One functional MAC call of the model's forward pass, and the module that runs it (None: runs in float)."""
@@ -214,15 +218,32 @@ def _invoke(call: Call, named: dict[str, Any]) -> Any:
 
 
 class _Discover(TorchFunctionMode):
-    """Records the functional MAC calls of one forward pass and makes a module for each it can."""
+    """Records the functional MAC calls of one forward pass and makes a module for each it can; also notes which
+    of the candidate layer modules ran (one forward for both).
 
-    def __init__(self, model: nn.Module, batch: int, layer_weights: set[int]) -> None:
+    A call made while a candidate holding its weight runs is that module's own (nn.Linear's F.linear) and is not
+    recorded. A candidate that never runs but whose weight a call uses (nn.MultiheadAttention's out_proj) is not a
+    layer: that call is. A call made outside a candidate that runs, with that candidate's weight (a weight tied
+    between a layer and a functional call), is refused (`SharedWeightError`): the layer's weight becomes its codes,
+    so the view would compute that call on codes, not on the model's values.
+    """
+
+    def __init__(self, model: nn.Module, batch: int, candidates: dict[str, nn.Module]) -> None:
         super().__init__()
-        self.batch, self.layer_weights = batch, layer_weights
+        self.batch = batch
         self.parameters = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
         self.plan = FunctionalPlan()
         self.stack: list[str] = []
         self.names = {id(m): name for name, m in model.named_modules()}
+        self.candidates = {id(m): name for name, m in candidates.items()}
+        self.owners: dict[int, set[str]] = {}  # weight id -> the candidates holding it
+        for name, module in candidates.items():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor):
+                self.owners.setdefault(id(weight), set()).add(name)
+        self.ran: set[str] = set()
+        self.running: list[str] = []  # the candidates running now, innermost last
+        self.shared: list[tuple[set[str], Call]] = []  # calls with a candidate's weight, made outside it
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -231,12 +252,16 @@ class _Discover(TorchFunctionMode):
         if op is None:
             return out
         named = _arguments(op, args, kwargs)
-        if id(named.get("weight")) in self.layer_weights:  # a quantized module's own call
+        owners = self.owners.get(id(named.get("weight")), set())
+        if owners.intersection(self.running):  # a quantized module's own call
             return out
         where = self.stack[-1] if self.stack else ""
         module, weight, reason = _module_for(op, named, out, self.batch, self.parameters)
-        self.plan.calls.append(Call(op, where, module, None, weight, reason,
-                                    0 if module is not None else _computed_weight(op, named, self.batch)))
+        call = Call(op, where, module, None, weight, reason,
+                    0 if module is not None else _computed_weight(op, named, self.batch))
+        self.plan.calls.append(call)
+        if owners:
+            self.shared.append((owners, call))
         return out
 
     @contextmanager
@@ -245,10 +270,15 @@ class _Discover(TorchFunctionMode):
         def enter(module: nn.Module, args: Any) -> None:
             if id(module) in self.names:
                 self.stack.append(self.names[id(module)])
+            if id(module) in self.candidates:
+                self.ran.add(self.candidates[id(module)])
+                self.running.append(self.candidates[id(module)])
 
         def leave(module: nn.Module, args: Any, out: Any) -> None:
             if id(module) in self.names and self.stack:
                 self.stack.pop()
+            if id(module) in self.candidates and self.running:
+                self.running.pop()
 
         handles = [nn.modules.module.register_module_forward_pre_hook(enter),
                    nn.modules.module.register_module_forward_hook(leave)]
@@ -258,6 +288,14 @@ class _Discover(TorchFunctionMode):
         finally:
             for handle in handles:
                 handle.remove()
+        for owners, call in self.shared:
+            if owners & self.ran:
+                layer = sorted(owners & self.ran)[0]
+                raise SharedWeightError(
+                    f"layer {layer!r}: its weight is also passed to a functional {call.op} call made outside it "
+                    f"(in {call.where or 'the model itself'}): a weight tied between a layer and a functional call "
+                    "is not supported, because the layer's weight is replaced by its codes and that call would "
+                    f"compute on codes. Give the call its own parameter, or call the module {layer!r} instead")
         _name_calls(self.plan)
 
 
@@ -274,13 +312,13 @@ def _name_calls(plan: FunctionalPlan) -> None:
         call.name = f"{call.where}.{stem}" if call.where else stem
 
 
-def discover(model: nn.Module, x: Any, layer_weights: set[int]) -> FunctionalPlan:
-    """The functional MAC calls of `model`'s forward pass on the batch `x` (calls inside modules whose weight is in
-    `layer_weights` are those modules' own and are skipped)."""
-    watcher = _Discover(model, len(x), layer_weights)
+def discover(model: nn.Module, x: Any, candidates: dict[str, nn.Module]) -> tuple[FunctionalPlan, set[str]]:
+    """The functional MAC calls of `model`'s forward pass on the batch `x`, and which of the `candidates` (layer
+    modules) ran. Calls inside a candidate that ran are that module's own and are not in the plan."""
+    watcher = _Discover(model, len(x), candidates)
     with torch.no_grad(), watcher.watching() as plan:
         call_model(model, x)
-    return plan
+    return plan, watcher.ran
 
 
 class Dispatch(TorchFunctionMode):
@@ -331,4 +369,5 @@ def quantized_forward(plan: FunctionalPlan | None, layer_weights: set[int] | Non
             yield
 
 
-__all__ = ["Call", "CallOrderError", "Dispatch", "FunctionalPlan", "discover", "quantized_forward"]
+__all__ = ["Call", "CallOrderError", "Dispatch", "FunctionalPlan", "SharedWeightError", "discover",
+           "quantized_forward"]

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
-from .data import Batch, call_model, iter_batches
+from .data import call_model, iter_batches
 from .decompose import Einsum, MatMul, decompose
 from .deployed import BiasMode, Deployed, DeployedLayer, detect, float32_multiplier, float_function, read
 from .functional import FunctionalPlan, discover, quantized_forward
@@ -161,8 +161,8 @@ def quantize(
     if not ao_layers:  # functional multiply-accumulates: one layer per call, by call order
         # Only modules that run are layers: a module whose weight the model uses functionally (as
         # nn.MultiheadAttention does with its out_proj) is that functional call's layer instead.
-        candidates = _called(work, first_batch[0].to(device), candidates)
-        plan = discover(work, first_batch[0].to(device), _weights_of(candidates))
+        plan, ran = discover(work, first_batch[0].to(device), candidates)
+        candidates = {name: m for name, m in candidates.items() if name in ran}
         candidates.update(plan.layers())
     if not candidates:
         kinds = sorted({type(m).__qualname__ for m in work.modules()} - {type(work).__qualname__})
@@ -333,20 +333,6 @@ def quantize(
         "kernel": kernel,
     }
     return QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name, plan)
-
-
-def _called(model: nn.Module, x: Batch, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """The `modules` that run in a forward pass of `model` on `x`."""
-    ran: set[str] = set()
-    handles = [m.register_forward_pre_hook(lambda module, args, name=name: ran.add(name))
-               for name, m in modules.items()]
-    try:
-        with torch.no_grad(), quantized_forward(None):
-            call_model(model, x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: m for name, m in modules.items() if name in ran}
 
 
 def _weights_of(modules: dict[str, nn.Module]) -> set[int]:

@@ -220,6 +220,45 @@ def test_a_model_whose_functional_calls_change_is_refused() -> None:
         quantize(model, x, batch_size=1)
 
 
+@pytest.mark.parametrize("functional_first", [True, False], ids=["call-then-module", "module-then-call"])
+def test_a_weight_tied_between_a_layer_and_a_functional_call_is_refused(functional_first: bool) -> None:
+    """The layer's weight becomes its codes, so a functional call outside it with the same weight would compute on
+    codes: a view whose fault-free output is not the model's. Refused at quantization, naming the layer."""
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if functional_first:
+                return self.fc(torch.relu(F.linear(x, self.fc.weight)))
+            return F.linear(torch.relu(self.fc(x)), self.fc.weight)
+
+    with seeded(6):
+        model, x = Tied().eval(), torch.randn(16, 8)
+    with pytest.raises(ValueError, match=r"layer 'fc': its weight is also passed to a functional linear call made "
+                                         r"outside it \(in the model itself\)"):
+        quantize(model, x)
+
+
+def test_a_module_that_never_runs_lends_its_weight_to_the_functional_call() -> None:
+    """nn.MultiheadAttention-style: the module holding the weight never runs, so the call is the layer, exact."""
+    class Borrowed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(F.linear(x, self.proj.weight, self.proj.bias)))
+
+    with seeded(7):
+        model, x = Borrowed().eval(), torch.randn(16, 8)
+    qmodel = quantize(model, x)
+    assert set(qmodel.layers) == {"linear()", "head"}
+    assert measure_coverage(qmodel, x).complete
+
+
 # -- single faults against an integer reference ------------------------------------------------------------------------
 @contextmanager
 def _capture(qmodel: Any, name: str) -> Iterator[dict[str, list[Any]]]:
