@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from .data import call_model
 from .decompose import Einsum, FusedAttentionOff, MatMul, ScaledDotProductAttention
@@ -45,10 +46,6 @@ _CONVS = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
 
 class CallOrderError(ValueError):
     """The model made other functional calls than when it was quantized."""
-
-
-class SharedWeightError(ValueError):
-    """A functional MAC call uses the weight of a module that is a layer, outside that module."""
 
 
 @dataclass
@@ -217,15 +214,30 @@ def _invoke(call: Call, named: dict[str, Any]) -> Any:
                   is_causal=bool(named.get("is_causal", False)), scale=named.get("scale"))
 
 
-class _Discover(TorchFunctionMode):
-    """Records the functional MAC calls of one forward pass and makes a module for each it can; also notes which
-    of the candidate layer modules ran (one forward for both).
+# tensor attributes and methods that read no values: a model may ask a layer's weight its shape
+_METADATA = {"shape", "dtype", "device", "requires_grad", "ndim", "is_cuda", "is_cpu", "is_meta", "layout", "is_leaf",
+             "is_sparse", "is_quantized", "names", "itemsize", "nbytes", "grad_fn", "is_mkldnn", "is_nested",
+             "size", "dim", "numel", "stride", "__len__", "element_size", "nelement", "is_contiguous",
+             "is_floating_point", "is_complex", "get_device", "data_ptr", "storage_offset"}
 
-    A call made while a candidate holding its weight runs is that module's own (nn.Linear's F.linear) and is not
-    recorded. A candidate that never runs but whose weight a call uses (nn.MultiheadAttention's out_proj) is not a
-    layer: that call is. A call made outside a candidate that runs, with that candidate's weight (a weight tied
-    between a layer and a functional call), is refused (`SharedWeightError`): the layer's weight becomes its codes,
-    so the view would compute that call on codes, not on the model's values.
+
+def _function_name(func: Any) -> str:
+    """`func`'s name; an attribute read (Tensor.T) by the attribute's name."""
+    owner = getattr(func, "__self__", None)
+    if getattr(func, "__name__", None) == "__get__" and owner is not None:
+        return str(getattr(owner, "__name__", "attribute"))
+    return str(getattr(func, "__name__", func))
+
+
+class _Discover(TorchFunctionMode):
+    """Records the functional MAC calls of one forward pass and makes a module for each it can; notes which
+    candidate layer modules ran, and which of them have a weight or bias that something else reads.
+
+    A linear/conv call that a candidate makes while it runs, on its own weight, is that module's own (nn.Linear's
+    F.linear) and is not recorded. A candidate that never runs but whose weight a call uses (nn.MultiheadAttention's
+    out_proj) is not a layer: that call is. A layer's weight and bias become its codes, so any other read of them
+    (a functional call outside it, a second call inside it, a weight normalised or summed in a custom forward, a
+    bias read by the model) would see codes: such a candidate is `foreign`, and `discover` leaves it out.
     """
 
     def __init__(self, model: nn.Module, batch: int, candidates: dict[str, nn.Module]) -> None:
@@ -236,32 +248,43 @@ class _Discover(TorchFunctionMode):
         self.stack: list[str] = []
         self.names = {id(m): name for name, m in model.named_modules()}
         self.candidates = {id(m): name for name, m in candidates.items()}
-        self.owners: dict[int, set[str]] = {}  # weight id -> the candidates holding it
-        for name, module in candidates.items():
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor):
-                self.owners.setdefault(id(weight), set()).add(name)
+        self.held = {id(p): name for name, m in candidates.items()  # weight and bias ids -> their candidate
+                     for p in (m._parameters.get("weight"), m._parameters.get("bias")) if p is not None}
         self.ran: set[str] = set()
         self.running: list[str] = []  # the candidates running now, innermost last
-        self.shared: list[tuple[set[str], Call]] = []  # calls with a candidate's weight, made outside it
+        self.own_calls: dict[str, int] = {}  # own linear/conv calls in the candidate's current run
+        self.foreign: dict[str, set[str]] = {}  # candidate -> what else read its weight or bias
+
+    def _own(self, op: str | None, named: dict[str, Any]) -> set[int]:
+        """The ids of the weight (and bias) that this call reads as the running candidate's own MAC."""
+        if op != "linear" and op not in _CONVS or not self.running:
+            return set()
+        owner = self.running[-1]
+        weight, bias = named.get("weight"), named.get("bias")
+        if self.held.get(id(weight)) != owner or (bias is not None and self.held.get(id(bias)) != owner):
+            return set()
+        self.own_calls[owner] = self.own_calls.get(owner, 0) + 1
+        if self.own_calls[owner] > 1:  # its hooks wrap one call per run
+            return set()
+        return {id(weight), id(bias)}
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         op = _op(func)
         out = func(*args, **kwargs)
-        if op is None:
-            return out
-        named = _arguments(op, args, kwargs)
-        owners = self.owners.get(id(named.get("weight")), set())
-        if owners.intersection(self.running):  # a quantized module's own call
-            return out
+        named = _arguments(op, args, kwargs) if op is not None else {}
+        own = self._own(op, named)
         where = self.stack[-1] if self.stack else ""
+        if _function_name(func) not in _METADATA:
+            for tensor in pytree.tree_leaves((args, kwargs)):
+                owner = self.held.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+                if owner is not None and id(tensor) not in own:
+                    self.foreign.setdefault(owner, set()).add(f"{_function_name(func)} in {where or 'the model'}")
+        if op is None or own:
+            return out
         module, weight, reason = _module_for(op, named, out, self.batch, self.parameters)
-        call = Call(op, where, module, None, weight, reason,
-                    0 if module is not None else _computed_weight(op, named, self.batch))
-        self.plan.calls.append(call)
-        if owners:
-            self.shared.append((owners, call))
+        self.plan.calls.append(Call(op, where, module, None, weight, reason,
+                                    0 if module is not None else _computed_weight(op, named, self.batch)))
         return out
 
     @contextmanager
@@ -271,8 +294,10 @@ class _Discover(TorchFunctionMode):
             if id(module) in self.names:
                 self.stack.append(self.names[id(module)])
             if id(module) in self.candidates:
-                self.ran.add(self.candidates[id(module)])
-                self.running.append(self.candidates[id(module)])
+                name = self.candidates[id(module)]
+                self.ran.add(name)
+                self.running.append(name)
+                self.own_calls[name] = 0
 
         def leave(module: nn.Module, args: Any, out: Any) -> None:
             if id(module) in self.names and self.stack:
@@ -288,14 +313,6 @@ class _Discover(TorchFunctionMode):
         finally:
             for handle in handles:
                 handle.remove()
-        for owners, call in self.shared:
-            if owners & self.ran:
-                layer = sorted(owners & self.ran)[0]
-                raise SharedWeightError(
-                    f"layer {layer!r}: its weight is also passed to a functional {call.op} call made outside it "
-                    f"(in {call.where or 'the model itself'}): a weight tied between a layer and a functional call "
-                    "is not supported, because the layer's weight is replaced by its codes and that call would "
-                    f"compute on codes. Give the call its own parameter, or call the module {layer!r} instead")
         _name_calls(self.plan)
 
 
@@ -312,13 +329,36 @@ def _name_calls(plan: FunctionalPlan) -> None:
         call.name = f"{call.where}.{stem}" if call.where else stem
 
 
-def discover(model: nn.Module, x: Any, candidates: dict[str, nn.Module]) -> tuple[FunctionalPlan, set[str]]:
-    """The functional MAC calls of `model`'s forward pass on the batch `x`, and which of the `candidates` (layer
-    modules) ran. Calls inside a candidate that ran are that module's own and are not in the plan."""
-    watcher = _Discover(model, len(x), candidates)
-    with torch.no_grad(), watcher.watching() as plan:
-        call_model(model, x)
-    return plan, watcher.ran
+def _own_parameters(candidates: dict[str, nn.Module]) -> None:
+    """Give each candidate's weight and bias a Parameter object of its own (the same storage), as quantization
+    will: then a read through the candidate (`self.fc.weight`) is told from a read of the same tensor through
+    another module (an embedding table tied to a Linear head), which keeps the float values."""
+    for module in candidates.values():
+        for attr in ("weight", "bias"):
+            param = module._parameters.get(attr)
+            if param is not None:
+                module._parameters[attr] = nn.Parameter(param.detach(), requires_grad=False)
+
+
+def discover(model: nn.Module, x: Any, candidates: dict[str, nn.Module]
+             ) -> tuple[FunctionalPlan, set[str], dict[str, list[str]]]:
+    """The functional MAC calls of `model`'s forward pass on the batch `x`, the `candidates` (layer modules) that
+    are layers, and those left out because something else reads their weight or bias (name -> what read it).
+
+    A candidate is a layer when it runs and nothing but its own linear/conv call reads its weight and bias. The
+    MAC calls of one left out become functional calls (layers holding their own copy of the weight), so the
+    module keeps the model's values for everything else. One forward, and one more per round of exclusions."""
+    _own_parameters(candidates)
+    excluded: dict[str, list[str]] = {}
+    while True:
+        watcher = _Discover(model, len(x), candidates)
+        with torch.no_grad(), watcher.watching() as plan:
+            call_model(model, x)
+        foreign = {name: sorted(uses) for name, uses in watcher.foreign.items() if name in watcher.ran}
+        if not foreign:
+            return plan, watcher.ran, excluded
+        excluded.update(foreign)
+        candidates = {name: module for name, module in candidates.items() if name not in foreign}
 
 
 class Dispatch(TorchFunctionMode):
@@ -369,5 +409,4 @@ def quantized_forward(plan: FunctionalPlan | None, layer_weights: set[int] | Non
             yield
 
 
-__all__ = ["Call", "CallOrderError", "Dispatch", "FunctionalPlan", "SharedWeightError", "discover",
-           "quantized_forward"]
+__all__ = ["Call", "CallOrderError", "Dispatch", "FunctionalPlan", "discover", "quantized_forward"]

@@ -158,11 +158,14 @@ def quantize(
     if first_batch is None:
         raise ValueError("calibration_data is empty: give at least one batch of inputs")
     plan = FunctionalPlan()
+    not_layers: dict[str, list[str]] = {}
     if not ao_layers:  # functional multiply-accumulates: one layer per call, by call order
         # Only modules that run are layers: a module whose weight the model uses functionally (as
         # nn.MultiheadAttention does with its out_proj) is that functional call's layer instead.
-        plan, ran = discover(work, first_batch[0].to(device), candidates)
-        candidates = {name: m for name, m in candidates.items() if name in ran}
+        # A module whose weight or bias something else reads (which would see codes) is left out the same way:
+        # its calls become functional layers with their own copy of the weight.
+        plan, ran, not_layers = discover(work, first_batch[0].to(device), candidates)
+        candidates = {name: m for name, m in candidates.items() if name in ran and name not in not_layers}
         candidates.update(plan.layers())
     if not candidates:
         kinds = sorted({type(m).__qualname__ for m in work.modules()} - {type(work).__qualname__})
@@ -330,6 +333,8 @@ def quantize(
         "source": deployed.source if deployed is not None else "calibrated",
         "deployed_notes": list(deployed.notes) if deployed is not None else [],
         "decomposed": decomposed,
+        # modules whose weight or bias something else reads (name -> what): their calls are functional layers
+        "not_layers": not_layers,
         "kernel": kernel,
     }
     return QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name, plan)
