@@ -26,6 +26,7 @@ from .evaluate import (
     baseline_floor,
     chance_accuracy,
     check_classification,
+    check_repeatable,
     decide,
     predict,
     select_logits,
@@ -362,6 +363,7 @@ class Campaign:
                                       spec.layer_selectors(), spec.burst)
         self.targets = qmodel.targets(self.fault_model.site, self.fault_model.layers)
         check_trial_size(self.fault_model, self.targets, len(inputs))  # before the golden run, not at trial 0
+        check_repeatable(qmodel, inputs)
         # Faulty images resume from late start's cache; the pass that fills it is also the golden run.
         cache = self.late_start() if self.fault_model.site is not Site.PE else None
         if cache is not None and cache.fault_free_output is not None:

@@ -81,6 +81,26 @@ def check_classification(golden: Predictions, labels: torch.Tensor) -> None:
                               "do not belong to this model's outputs")
 
 
+REPEAT_IMAGES = 2  # images in the two fault-free passes that show a forward is repeatable
+
+
+def check_repeatable(qmodel: QuantizedModel, inputs: Batch, images: int = REPEAT_IMAGES) -> None:
+    """Refuse a view whose fault-free output changes between two passes over the same images (dropout left on in
+    eval mode, random ops, state a forward updates): a trial's critical faults are images whose prediction differs
+    from the fault-free one, and faults could not be told from the model's own randomness."""
+    x = inputs[:images]
+    first, second = (select_logits(qmodel._forward(x, None, 0)).detach() for _ in range(2))
+    if first.shape == second.shape and torch.equal(torch.nan_to_num(first), torch.nan_to_num(second)) and \
+            torch.equal(first.isnan(), second.isnan()):
+        return
+    differs = "shape" if first.shape != second.shape else \
+        f"largest difference {float((torch.nan_to_num(first) - torch.nan_to_num(second)).abs().max()):.4g}"
+    raise EvaluationError(
+        f"the quantized model's fault-free output differs between two passes over the same {len(x)} images "
+        f"({differs}): its forward is not repeatable (dropout active in eval mode, e.g. F.dropout(x, training=True); "
+        "random ops; state updated in forward), so the faults' effect cannot be told from its own randomness. "
+        "Make the forward deterministic in eval mode (F.dropout(x, training=self.training))")
+
 def chance_accuracy(labels: torch.Tensor) -> float:
     """Accuracy of always predicting the most frequent label: what a model that learned nothing reaches."""
     return float(torch.bincount(labels.reshape(-1).to(torch.int64)).max()) / len(labels)

@@ -33,7 +33,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def fold_batchnorm(model: nn.Module) -> tuple[list[tuple[str, str]], list[str], str | None]:
     """Fold, in place on `model` (a private copy in eval mode), every BN whose only input is a conv/linear output
-    used by nothing else. Returns (folded (layer, bn) pairs, BN modules kept, why tracing failed or None)."""
+    used by nothing else, where the forward reads neither module's tensors directly. Returns (folded (layer, bn)
+    pairs, BN modules kept, why tracing failed or None)."""
     all_bn = [name for name, m in model.named_modules() if isinstance(m, _BN)]
     if not all_bn:
         return [], [], None
@@ -43,9 +44,15 @@ def fold_batchnorm(model: nn.Module) -> tuple[list[tuple[str, str]], list[str], 
         return [], all_bn, f"{type(exc).__name__}: {exc}".splitlines()[0]
     modules = dict(model.named_modules())
     uses: dict[str, int] = {}
+    read: set[str] = set()  # modules whose tensors the forward reads directly (`self.bn.running_mean`)
     for node in graph.nodes:
         if node.op == "call_module":
             uses[node.target] = uses.get(node.target, 0) + 1
+        elif node.op == "get_attr":
+            owner = str(node.target)
+            while "." in owner:
+                owner = owner.rpartition(".")[0]
+                read.add(owner)
     folded: list[tuple[str, str]] = []
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), _BN):
@@ -55,6 +62,8 @@ def fold_batchnorm(model: nn.Module) -> tuple[list[tuple[str, str]], list[str], 
             continue
         layer, bn = modules[str(producer.target)], modules[str(node.target)]
         if uses[str(producer.target)] != 1 or uses[str(node.target)] != 1 or not bn.track_running_stats:
+            continue
+        if {str(producer.target), str(node.target)} & read:  # folding would change what that read sees
             continue
         assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
         assert bn.running_mean is not None and bn.running_var is not None  # track_running_stats

@@ -232,6 +232,45 @@ def test_weight_faults_on_a_channels_last_model_land_as_on_its_contiguous_twin()
     assert runs[0]["trials"] == runs[1]["trials"] and sum(t["faults"] for t in runs[0]["trials"]) > 0
 
 
+class _Unrepeatable(nn.Module):
+    """`how`: dropout left on in eval mode, a random op, or a buffer the forward updates."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x))
+        if self.how == "dropout":
+            h = torch.nn.functional.dropout(h, 0.5, training=True)
+        elif self.how == "noise":
+            h = h + 0.1 * torch.randn_like(h)
+        elif self.how != "none":
+            self.calls += 1
+            h = h * self.calls
+        return self.head(h)
+
+
+@pytest.mark.parametrize("how", ["dropout", "noise", "state"])
+def test_a_model_whose_forward_is_not_repeatable_is_refused(how: str) -> None:
+    """Critical faults are images whose prediction differs from the fault-free one: a forward that changes by
+    itself would count its own randomness as faults (and its accuracy would be luck). Refused before the golden
+    run, saying why; the same model with its forward made repeatable runs."""
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        model, x = _Unrepeatable(how).eval(), torch.randn(40, 16)
+        y = torch.randint(0, 4, (40,))
+        spec = CampaignSpec(site="act", ber=1e-3, min_acc=0.0, budget=2)
+        qmodel = quantize(model, x)
+        with pytest.raises(EvaluationError, match=r"fault-free output differs between two passes over the same 2 "
+                                                  r"images .*not repeatable"):
+            Campaign(qmodel, x, y, spec, "t")
+        model.how = "none"
+        Campaign(quantize(model, x), x, y, spec, "t").run()
+
+
 def test_a_trial_too_large_for_memory_is_refused_before_the_golden_run(setup, monkeypatch) -> None:  # noqa: ANN001
     """One trial holds every image's faults at once: past MAX_FAULTS_PER_TRIAL (measured ~40 bytes a fault) the
     campaign refuses at construction, with the numbers and what to change, instead of dying in the OOM killer."""

@@ -204,6 +204,32 @@ def test_non_traceable_model_keeps_its_batchnorm(digits) -> None:
     assert (out.argmax(1) == reference.argmax(1)).float().mean() > 0.9
 
 
+def test_a_batchnorm_whose_tensors_the_forward_reads_is_not_folded() -> None:
+    """Folding replaces the BN with an identity and rewrites the conv's weight: a forward that reads the BN's
+    statistics, or the conv's weight, directly would crash or see other values. Neither is folded then."""
+    class Reads(nn.Module):
+        def __init__(self, what: str) -> None:
+            super().__init__()
+            self.what = what
+            self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            extra = self.bn.running_mean if self.what == "bn" else self.conv.weight.mean((1, 2, 3))
+            return self.head(self.bn(self.conv(x)).mean((2, 3)) + extra)
+
+    for what in ("bn", "conv"):
+        with seeded(9):
+            model, x = Reads(what), torch.randn(32, 3, 8, 8)
+            with torch.no_grad():
+                model.train()(x)  # running statistics that are not the defaults
+        model.eval()
+        qmodel = quantize(model, x, bits=16)
+        assert qmodel.folded == [] and qmodel.bn_kept == ["bn"]
+        with torch.no_grad():
+            expected = model(x)
+        assert torch.allclose(qmodel(x), expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
+
+
 def test_fold_bn_false_keeps_every_batchnorm_as_a_float_module(digits, digits_cnn) -> None:
     qmodel = quantize(digits_cnn, digits.x_train[:256], fold_bn=False)
     assert qmodel.folded == [] and qmodel.config["fold_bn"] is False
