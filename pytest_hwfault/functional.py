@@ -134,7 +134,7 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
     if op == "linear" or op in _CONVS:
         x, weight, bias = named.get("input"), named.get("weight"), named.get("bias")
         if id(weight) not in parameters or (bias is not None and id(bias) not in parameters):
-            return None, None, "its weight or bias is computed in the forward pass, not a parameter"
+            return None, None, "its weight or bias is computed in the forward pass, not a parameter or buffer"
         if not _per_image(n, x):
             return None, None, "its input has no batch dimension"
         assert isinstance(weight, torch.Tensor)
@@ -243,7 +243,9 @@ class _Discover(TorchFunctionMode):
     def __init__(self, model: nn.Module, batch: int, candidates: dict[str, nn.Module]) -> None:
         super().__init__()
         self.batch = batch
-        self.parameters = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+        # stored tensors a call may use as its weight: parameters, and buffers (a registered fixed projection)
+        self.parameters = {id(p): name for name, p in [*model.named_parameters(remove_duplicate=False),
+                                                       *model.named_buffers(remove_duplicate=False)]}
         self.plan = FunctionalPlan()
         self.stack: list[str] = []
         self.names = {id(m): name for name, m in model.named_modules()}

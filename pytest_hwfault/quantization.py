@@ -191,6 +191,13 @@ def quantize(
             tensors = [*args[:2 if name in stats_in2 else 1], out]
             if not all(isinstance(t, torch.Tensor) for t in tensors):
                 return
+            wrong = [t.dtype for t in tensors if t.dtype != torch.float32]
+            if wrong:  # the view computes in float32 on codes: another dtype would meet float32 codes here
+                raise ValueError(
+                    f"layer {name!r} ({type(module).__qualname__}) computes on {wrong[0]} tensors: quantize works on "
+                    "float32 models. Pass a float32 copy and float32 inputs (model.float(), x.float()): the "
+                    "quantized layers compute on integer codes, so only the float ops between them run in float32 "
+                    "rather than the model's dtype")
             seen = [tuple(t.shape[1:]) for t in args[:len(tensors) - 1]] + [tuple(out.shape[1:])]
             if name not in shapes:
                 order.append(name)

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import (
     Branchy,
     assert_requantized,
@@ -228,6 +229,36 @@ def test_a_batchnorm_whose_tensors_the_forward_reads_is_not_folded() -> None:
         with torch.no_grad():
             expected = model(x)
         assert torch.allclose(qmodel(x), expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_model_in_another_float_dtype_is_refused_naming_the_layer(dtype: torch.dtype) -> None:
+    """Codes are float32 in the view: another dtype would meet them at the first layer and crash its first
+    forward. Refused at quantization, naming the layer and the fix."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).to(dtype).eval()
+    with pytest.raises(ValueError, match=rf"layer '0' \(Linear\) computes on {dtype} tensors: quantize works on "
+                                         r"float32 models. Pass a float32 copy and float32 inputs \(model.float\(\)"):
+        quantize(model, torch.randn(16, 8).to(dtype))
+
+
+def test_a_buffer_used_as_a_weight_is_a_layer() -> None:
+    """A registered buffer is stored like a parameter: a functional call on it is a layer holding its codes."""
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("projection", torch.randn(8, 16))
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(F.linear(x, self.projection)))
+
+    with seeded(10):
+        model, x = Fixed().eval(), torch.randn(32, 16)
+    qmodel = quantize(model, x, bits=16)
+    assert set(qmodel.layers) == {"linear()", "head"}
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(qmodel(x), expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
 
 
 def test_fold_bn_false_keeps_every_batchnorm_as_a_float_module(digits, digits_cnn) -> None:
