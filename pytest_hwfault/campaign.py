@@ -418,7 +418,7 @@ class Campaign:
         late_start = self.late_start()
         if late_start is not None:  # late start: resume each image at the cut before its first fault
             for members, logits in late_start.logits(faulty, own):
-                part = decide(select_logits(logits).cpu())  # golden predictions live on the CPU
+                part = decide(select_logits(logits, len(members)).cpu())  # golden predictions live on the CPU
                 predicted[faulty[members]], nonfinite[faulty[members]] = part.predicted, part.nonfinite
                 from_start[members] = False
         rest = from_start.nonzero().reshape(-1)

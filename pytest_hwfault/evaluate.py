@@ -32,9 +32,21 @@ class Predictions:
         return (self.predicted == labels.to(self.predicted.device)) & ~self.nonfinite
 
 
-def select_logits(output: Any) -> torch.Tensor:
+def select_logits(output: Any, images: int | None = None) -> torch.Tensor:
     """The class logits in what a model returns: the tensor itself; else ``logits`` (a key, as in a dict, or an
-    attribute, as in Hugging Face's ModelOutput); else the first element of a tuple or list (``(logits, aux)``)."""
+    attribute, as in Hugging Face's ModelOutput); else the first element of a tuple or list (``(logits, aux)``).
+    `images`: the batch they are for; logits whose first dimension is not that batch are refused (a ``.squeeze()``
+    that drops it for one image would make every logit an image of its own)."""
+    logits = _find_logits(output)
+    if images is not None and (logits.dim() == 0 or logits.shape[0] != images):
+        raise EvaluationError(
+            f"the model returned logits of shape {list(logits.shape)} for a batch of {images} image(s): their first "
+            "dimension must be the batch, for every batch size (a .squeeze() drops it for one image; use "
+            ".flatten(1), or squeeze named dimensions)")
+    return logits
+
+
+def _find_logits(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, Mapping):
@@ -50,10 +62,10 @@ def select_logits(output: Any) -> torch.Tensor:
                           " a tensor, a mapping or object with 'logits', or a tuple whose first element they are")
 
 
-def decide(output: Any) -> Predictions:
-    """Predicted class per row of a batch of logits (`select_logits` finds them in what the model returned); a row
-    with NaN/Inf counts as misclassified (predicted -1), never crashes."""
-    logits = select_logits(output)
+def decide(output: Any, images: int | None = None) -> Predictions:
+    """Predicted class per row of a batch of logits (`select_logits` finds them in what the model returned, for a
+    batch of `images`); a row with NaN/Inf counts as misclassified (predicted -1), never crashes."""
+    logits = select_logits(output, images)
     shape = tuple(logits.shape[1:])
     logits = logits.reshape(len(logits), -1)
     nonfinite = ~torch.isfinite(logits).all(dim=1)
@@ -87,9 +99,11 @@ REPEAT_IMAGES = 2  # images in the two fault-free passes that show a forward is 
 def check_repeatable(qmodel: QuantizedModel, inputs: Batch, images: int = REPEAT_IMAGES) -> None:
     """Refuse a view whose fault-free output changes between two passes over the same images (dropout left on in
     eval mode, random ops, state a forward updates): a trial's critical faults are images whose prediction differs
-    from the fault-free one, and faults could not be told from the model's own randomness."""
+    from the fault-free one, and faults could not be told from the model's own randomness. Also one pass over one
+    image: trials run the faulty images alone, so a batch of one must keep its batch dimension."""
     x = inputs[:images]
-    first, second = (select_logits(qmodel._forward(x, None, 0)).detach() for _ in range(2))
+    first, second = (select_logits(qmodel._forward(x, None, 0), len(x)).detach() for _ in range(2))
+    select_logits(qmodel._forward(x[:1], None, 0), 1)
     if first.shape == second.shape and torch.equal(torch.nan_to_num(first), torch.nan_to_num(second)) and \
             torch.equal(first.isnan(), second.isnan()):
         return
@@ -132,7 +146,7 @@ def predict(
         for start in range(0, len(inputs), batch_size):
             x = inputs[start : start + batch_size]
             logits = qmodel._forward(x, faults, start) if quantized else qmodel.float_forward(x)
-            part = decide(logits)
+            part = decide(logits, len(x))
             predicted.append(part.predicted.cpu())
             nonfinite.append(part.nonfinite.cpu())
             shapes.add(part.output_shape)

@@ -204,7 +204,7 @@ class LateStart:
             x = inputs[start : start + self.batch_size].to(device)
             args, kwargs = as_args(x)
             *values, returned = self.qmodel.run_graph(capture, args, {}, kwargs)
-            output = select_logits(returned)
+            output = select_logits(returned, len(x))
             for name, value in zip(names, values):
                 if name not in self.cache:  # in the value's own memory layout (channels-last, typically)
                     self.cache[name] = torch.empty((len(inputs), *value.shape[1:]), dtype=value.dtype,
@@ -294,7 +294,7 @@ class LateStart:
             rows = images[start : start + self.batch_size].to(device)
             live = tuple(self.cache[name][rows] for name in cut.live)  # copies, in the cache's memory layout
             edits = self.qmodel.prepare(pattern, start, start + len(rows))
-            parts.append(select_logits(self.qmodel.run_graph(cut.suffix, live, edits)))
+            parts.append(select_logits(self.qmodel.run_graph(cut.suffix, live, edits), len(rows)))
         return torch.cat(parts)
 
 

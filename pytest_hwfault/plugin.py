@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
@@ -197,6 +197,7 @@ SEARCH_RECORDS_KEY = pytest.StashKey[list]()
 RUN_ROOT_STASH = pytest.StashKey[Path]()
 MARKER_PROBLEM_KEY = pytest.StashKey[str]()
 CALLED_KEY = pytest.StashKey[bool]()  # hwfault.assess()/search() was called, even if it then refused
+GATE_FAILURES_KEY = pytest.StashKey[list]()  # the verdicts hwfault.assess()/search() failed the test with
 
 
 def _dest(option: str) -> str:
@@ -463,6 +464,13 @@ class HwFault:
                 SiteUnreachableError) as exc:
             pytest.fail(f"{self._item.nodeid}: {call} refused: {exc}", pytrace=False)
 
+    def _fail_gate(self, message: str) -> NoReturn:
+        """Fail the test on its gate's verdict, noted on the item so that a test that catches the exception still
+        fails (`pytest_runtest_makereport`): a verdict is not the test's to swallow. (A refusal, which draws no
+        verdict, may be asserted by the test.)"""
+        self._item.stash.setdefault(GATE_FAILURES_KEY, []).append(message)
+        pytest.fail(message, pytrace=False)
+
     def _start(self, call: str) -> None:
         """What every campaign or search call checks first."""
         self._item.stash[CALLED_KEY] = True
@@ -544,7 +552,7 @@ class HwFault:
         record["shard"] = [execution.shard, execution.shards]
         records.append(record)
         if assessment.problem is not None:
-            pytest.fail(failure_message(record, self._reproduce(spec)), pytrace=False)
+            self._fail_gate(failure_message(record, self._reproduce(spec)))
         if not assessment.final and self._settings.shard.count > 1:
             return assessment.result  # a CI slice: the merge of all slices carries the verdict
         fails = self._settings.policy().fails(record["verdict"])
@@ -556,7 +564,7 @@ class HwFault:
         if not assessment.final:  # stop here too: the shard carrying the verdict fails here
             pytest.skip(f"shard {execution.shard} of {execution.shards}: campaign {spec.label()} does not pass; "
                         "the shard of this campaign that finishes last reports it")
-        pytest.fail(failure, pytrace=False)
+        self._fail_gate(failure)
 
     def _advise(self, model: Any, data: Any, result: CampaignResult, calibration_data: Any,
                 quantize_options: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -650,7 +658,7 @@ class HwFault:
                                        settings=settings)
         self._item.stash[SEARCH_RECORDS_KEY].append(result.to_dict())
         if result.found:
-            pytest.fail(result.message, pytrace=False)
+            self._fail_gate(result.message)
         return result
 
     def _baseline_failure(self, record: dict[str, Any]) -> str | None:
@@ -689,6 +697,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.hwfault_search = searches
     if records:
         report.hwfault = records
+    failures = item.stash.get(GATE_FAILURES_KEY, None)
+    if failures and report.outcome in ("passed", "skipped") and not hasattr(report, "wasxfail"):
+        report.longrepr = (f"{item.nodeid}: the test {report.outcome} after catching the failure of its gate: "
+                           "a gate's verdict fails the test whatever the test does with the exception.\n"
+                           + "\n".join(failures))
+        report.outcome = "failed"
     elif (report.passed and item.get_closest_marker(MARKER) is not None and item.config.stash[SETTINGS_KEY].enabled
           and not item.stash.get(CALLED_KEY, False)):
         report.outcome = "failed"

@@ -211,7 +211,8 @@ class QuantizedModel:
 
         return [
             layer.module.register_forward_pre_hook(to_input_codes),
-            layer.module.register_forward_hook(requantize),
+            # first among the module's forward hooks: a user's hook (copied with the model) sees the layer's values
+            layer.module.register_forward_hook(requantize, prepend=True),
         ]
 
     def _weight_edit(self, faults: LayerFaults) -> Edit:

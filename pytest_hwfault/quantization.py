@@ -98,7 +98,8 @@ def quantize(
     quantized layer are exact), and fault positions always count elements in logical, row-major (NCHW) order.
     `pass_codes`: a layer whose output only feeds layers that read its codes hands the codes on as they are
     (saves three elementwise passes per such pair); False makes every layer hand on values (code x scale), for
-    forward hooks of your own that expect values. No result depends on it.
+    forward hooks of your own added to the view that expect values (hooks already on the model run after the
+    engine's, on values, whatever this says). No result depends on it.
     `act_scheme`: "symmetric" (default): signed int-N activation codes with zero point 0; "asymmetric": unsigned
     codes q in [0, 2^N - 1] with a zero point, meaning (q - zero point) x scale (torch.ao's quint8, onnxruntime's
     uint8), so a fault on the top bit moves a value by +-2^(N-1) x scale with no sign extension. The two operands
@@ -240,7 +241,13 @@ def quantize(
             h.remove()
 
     links = code_links(work, set(order))
-    producers = links.producers
+    # Hooks of the user's (copied with the model): a forward hook may change a layer's output, a pre-hook its
+    # input, so neither a hooked producer's nor a pre-hooked reader's values are known to lie on the producer's
+    # grid, and the hooks must see values, not codes.
+    hooked = {name for name in order if candidates[name]._forward_hooks}
+    pre_hooked = {name for name in order if candidates[name]._forward_pre_hooks}
+    producers = {reader: producer for reader, producer in links.producers.items()
+                 if producer not in hooked and reader not in pre_hooked}
     act_grids = {name: stats_out[name].grid(percentile) for name in order}
     top = (1 << bits) - 1
     layers: dict[str, QuantLayer] = {}
@@ -296,8 +303,9 @@ def quantize(
         )
 
     for producer in links.codes_only if pass_codes else ():  # every use reads its codes: hand them on as they are
-        readers = [layers[reader] for reader, source in producers.items() if source == producer]
-        if not layers[producer].float_output and all(reader.input_source == producer for reader in readers):
+        readers = [layers[reader] for reader, source in links.producers.items() if source == producer]
+        if not layers[producer].float_output and all(reader.input_source == producer for reader in readers) and \
+                producer not in hooked:
             layers[producer].hands_on_codes = True
             for reader in readers:
                 reader.reads_codes = True

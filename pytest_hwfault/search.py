@@ -165,7 +165,8 @@ class FaultOracle:
 
         correct, margin = [], []
         for start in range(0, len(x), self.batch_size):
-            logits = select_logits(self.qmodel(x[start : start + self.batch_size], pattern, image_offset=start))
+            batch = x[start : start + self.batch_size]
+            logits = select_logits(self.qmodel(batch, pattern, image_offset=start), len(batch))
             c, m = _margins(logits, y[start : start + self.batch_size])
             correct.append(c)
             margin.append(m)

@@ -17,7 +17,7 @@ from torch import nn
 
 from pytest_hwfault import quantize
 from pytest_hwfault.campaign import Campaign, CampaignResult
-from pytest_hwfault.evaluate import EvaluationError, decide
+from pytest_hwfault.evaluate import EvaluationError, decide, predict
 from pytest_hwfault.faults import trial_seed
 from pytest_hwfault.spec import CampaignSpec, SpecError, expand
 
@@ -269,6 +269,33 @@ def test_a_model_whose_forward_is_not_repeatable_is_refused(how: str) -> None:
             Campaign(qmodel, x, y, spec, "t")
         model.how = "none"
         Campaign(quantize(model, x), x, y, spec, "t").run()
+
+
+class _Squeezed(nn.Module):
+    """Pools to [N, C, 1, 1] and squeezes every dimension of one: for a single image the batch goes too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3), keepdim=True).squeeze())
+
+
+def test_logits_that_lose_the_batch_dimension_for_one_image_are_refused() -> None:
+    """Trials run faulty images alone or in small groups: logits [classes] for one image would count each logit
+    as an image (predict gave 6 predictions for 3 images in batches of 2). Refused before the golden run, and
+    wherever a batch's logits do not match it."""
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        model, x = _Squeezed().eval(), torch.randn(40, 3, 8, 8)
+        y = torch.randint(0, 4, (40,))
+    qmodel = quantize(model, x)
+    message = r"logits of shape \[4\] for a batch of 1 image\(s\): their first dimension must be the batch"
+    with pytest.raises(EvaluationError, match=message):
+        Campaign(qmodel, x, y, CampaignSpec(site="act", ber=1e-3, min_acc=0.0, budget=2), "t")
+    with pytest.raises(EvaluationError, match=message):
+        predict(qmodel, x[:3], batch_size=2)
 
 
 def test_a_trial_too_large_for_memory_is_refused_before_the_golden_run(setup, monkeypatch) -> None:  # noqa: ANN001

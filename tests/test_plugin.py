@@ -193,6 +193,61 @@ def test_gate(hwfault):
     result.stdout.fnmatch_lines(["*never ran*hwfault.assess*"])
 
 
+def test_a_test_cannot_swallow_its_gates_failure(suite: pytest.Pytester) -> None:
+    """A gate that does not pass fails its test even when the test catches the exception (try/except, pytest.raises,
+    a skip after it): CI must never be green on a failing gate. Expecting a failure is said with xfail(strict). A
+    refusal (bad data: no verdict was drawn) may be caught and asserted by the test."""
+    suite.makepyfile(test_swallow='''
+import pytest
+from pytest_hwfault import resilience
+
+@resilience(ber=1e-4, site="act", min_acc=0.995, budget=16)
+def test_caught(hwfault, model, val_data):
+    try:
+        hwfault.assess(model, val_data)
+    except BaseException:
+        pass
+
+@resilience(ber=1e-4, site="act", min_acc=0.995, budget=16)
+def test_raises(hwfault, model, val_data):
+    with pytest.raises(pytest.fail.Exception):
+        hwfault.assess(model, val_data)
+
+@resilience(ber=1e-4, site="act", min_acc=0.995, budget=16)
+def test_skipped_after(hwfault, model, val_data):
+    try:
+        hwfault.assess(model, val_data)
+    except BaseException:
+        pytest.skip("not today")
+
+@resilience(ber=1e-4, site="act", min_acc=0.995, budget=16)
+def test_refusal_caught(hwfault, model, val_data):
+    try:
+        hwfault.assess(model, (val_data[0], val_data[1].float()))
+    except BaseException:
+        pass
+
+@pytest.mark.xfail(strict=True, reason="this model is expected to fail the gate")
+@resilience(ber=1e-4, site="act", min_acc=0.995, budget=16)
+def test_expected_to_fail(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+
+@resilience(ber=1e-4, site="act", min_acc=0.5, budget=16)
+def test_passes(hwfault, model, val_data):
+    try:
+        hwfault.assess(model, val_data)
+    except BaseException:
+        raise AssertionError("a passing gate raised")
+''')
+    result = _run(suite, "--hwfault", "-p", "no:randomly")
+    result.assert_outcomes(failed=3, passed=2, xfailed=1)
+    out = result.stdout.str()
+    for name, outcome in (("caught", "passed"), ("raises", "passed"), ("skipped_after", "skipped")):
+        assert f"test_swallow.py::test_{name}: the test {outcome} after catching the failure of its gate" in out
+    assert "gate: a gate's verdict fails the test whatever the test does with the exception.\nhwfault FAIL: " \
+           "test_swallow.py::test_caught" in out
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [

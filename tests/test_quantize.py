@@ -261,6 +261,30 @@ def test_a_buffer_used_as_a_weight_is_a_layer() -> None:
     assert torch.allclose(qmodel(x), expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
 
 
+def test_the_models_own_hooks_see_values_and_may_change_them() -> None:
+    """Hooks the user registered on the model are copied with it: a forward hook that clamps a layer's output, one
+    that records it, a pre-hook that rescales the next layer's input. They run after the engine's requantization
+    (on values, not on the accumulator or on codes handed on), and a hooked layer's neighbours do not assume its
+    grid: the view computes what the model computes."""
+    with seeded(11):
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+        x = torch.randn(48, 16)
+    recorded: list[torch.Tensor] = []
+    model[0].register_forward_hook(lambda module, args, out: out.clamp(-0.5, 0.5))
+    model[2].register_forward_hook(lambda module, args, out: recorded.append(out.detach().clone()))
+    model[4].register_forward_pre_hook(lambda module, args: (args[0] * 3,))
+    with torch.no_grad():
+        expected = model(x)
+    qmodel = quantize(model, x, bits=16)
+    assert not any(layer.hands_on_codes or layer.input_source for layer in qmodel.layers.values())
+    recorded.clear()
+    out = qmodel(x)
+    assert torch.allclose(out, expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
+    with torch.no_grad():
+        model(x)
+    assert len(recorded) == 2 and torch.allclose(recorded[0], recorded[1], rtol=0, atol=1e-3)
+
+
 def test_fold_bn_false_keeps_every_batchnorm_as_a_float_module(digits, digits_cnn) -> None:
     qmodel = quantize(digits_cnn, digits.x_train[:256], fold_bn=False)
     assert qmodel.folded == [] and qmodel.config["fold_bn"] is False
