@@ -451,17 +451,19 @@ class HwFault:
     def _refusals(self, call: str) -> Iterator[None]:
         """Bad data or a model no verdict can be drawn on fail the test with the cause, not a traceback: data that
         cannot be read, outputs that cannot be judged, a deployed model the readers cannot reproduce, a model with no
-        quantizable layer, a fault site that cannot reach the model's compute."""
+        quantizable layer or one it cannot quantize faithfully (dtype, TorchScript, changing functional calls), a
+        fault site that cannot reach the model's compute."""
         from .data import DataError
         from .deployed import DeployedFormatError
         from .evaluate import EvaluationError
+        from .functional import CallOrderError
         from .qmodel import SiteUnreachableError
-        from .quantization import NoQuantizableLayerError
+        from .quantization import NoQuantizableLayerError, UnsupportedModelError
 
         try:
             yield
-        except (DataError, EvaluationError, DeployedFormatError, NoQuantizableLayerError,
-                SiteUnreachableError) as exc:
+        except (DataError, EvaluationError, DeployedFormatError, NoQuantizableLayerError, UnsupportedModelError,
+                CallOrderError, SiteUnreachableError) as exc:
             pytest.fail(f"{self._item.nodeid}: {call} refused: {exc}", pytrace=False)
 
     def _fail_gate(self, message: str) -> NoReturn:

@@ -56,7 +56,8 @@ from .kernels import KERNELS
 from .qmodel import QuantizedModel, QuantLayer, exact_float32
 from .spec import MAX_WEIGHT_ACT_BITS, acc_bits_for
 
-__all__ = ["NoQuantizableLayerError", "QuantLayer", "QuantizedModel", "exact_float32", "quantize", "state_checksum"]
+__all__ = ["NoQuantizableLayerError", "QuantLayer", "QuantizedModel", "UnsupportedModelError", "exact_float32",
+           "quantize", "state_checksum"]
 
 QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, MatMul)
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
@@ -69,6 +70,11 @@ _PERCENTILE_SAMPLES_PER_BATCH = 1 << 16
 
 class NoQuantizableLayerError(ValueError):
     pass
+
+
+class UnsupportedModelError(ValueError):
+    """A model the engine cannot quantize faithfully (its dtype, TorchScript, parametrized weights): the message
+    says why and what to pass instead."""
 
 
 def quantize(
@@ -138,6 +144,7 @@ def quantize(
                         f"(ModelProto or .onnx path), got {type(model).__qualname__}")
     else:
         source_name = type(model).__qualname__
+        refuse_torchscript(model, source_name)
         work = copy.deepcopy(model).eval()
     for p in work.parameters():
         p.requires_grad_(False)
@@ -194,7 +201,7 @@ def quantize(
                 return
             wrong = [t.dtype for t in tensors if t.dtype != torch.float32]
             if wrong:  # the view computes in float32 on codes: another dtype would meet float32 codes here
-                raise ValueError(
+                raise UnsupportedModelError(
                     f"layer {name!r} ({type(module).__qualname__}) computes on {wrong[0]} tensors: quantize works on "
                     "float32 models. Pass a float32 copy and float32 inputs (model.float(), x.float()): the "
                     "quantized layers compute on integer codes, so only the float ops between them run in float32 "
@@ -404,6 +411,18 @@ def _broadcast(layer: QuantLayer, per_channel: torch.Tensor) -> torch.Tensor:
     return per_channel.reshape(shape)
 
 
+def refuse_torchscript(model: nn.Module, source_name: str) -> None:
+    """TorchScript runs its own graph: no hook, no functional dispatch reaches the layers inside it, so their MACs
+    would run in float, unfaulted (and its parameters cannot be frozen on a copy). Refused, naming the module."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            where = f"its submodule {name!r}" if name else "it"
+            raise UnsupportedModelError(
+                f"{source_name}: {where} is a TorchScript module ({type(module).__qualname__}, from torch.jit.script "
+                "or torch.jit.trace): the engine cannot reach the layers inside it. Pass the eager module it was made "
+                "from")
+
+
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
@@ -417,7 +436,7 @@ def _plain_weight(module: nn.Module) -> None:
     if parametrize.is_parametrized(module):
         # Removing a parametrization from a deep copy deletes the property from the class that the copy shares
         # with the user's module, which would break the user's model: refuse instead.
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{type(module).__qualname__} has parametrized tensors {list(module.parametrizations.keys())} "  # type: ignore[union-attr,operator]
             "(weight_norm, spectral_norm, ...); quantize a copy after "
             "torch.nn.utils.parametrize.remove_parametrizations(module, name, leave_parametrized=True)"

@@ -175,6 +175,33 @@ def test_input_nan(hwfault, model, val_data):
     hwfault.assess(model, (x, y))
 
 
+class _DropoutLeftOn(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(torch.nn.functional.dropout(x, 0.3, training=True))
+
+
+@resilience(ber=1e-4, site="act", max_drop=0.5, budget=8)
+def test_dropout_left_on(hwfault, model, val_data):
+    hwfault.assess(_DropoutLeftOn(model), val_data)
+
+
+@resilience(ber=1e-4, site="act", max_drop=0.5, budget=8)
+def test_bfloat16_model(hwfault, model, val_data):
+    import copy
+    x, y = val_data
+    hwfault.assess(copy.deepcopy(model).bfloat16(), (x.bfloat16(), y))
+
+
+@resilience(ber=1e-4, site="act", max_drop=0.5, budget=8)
+def test_traced_model(hwfault, model, val_data):
+    x, y = val_data
+    hwfault.assess(torch.jit.trace(model, x[:2]), val_data)
+
+
 # compute the faults cannot reach: a convolution whose weight is computed in the forward pass (weight
 # standardisation) has no stored weight to quantize, so it stays in float
 class FunctionalStem(nn.Module):

@@ -285,6 +285,20 @@ def test_the_models_own_hooks_see_values_and_may_change_them() -> None:
     assert len(recorded) == 2 and torch.allclose(recorded[0], recorded[1], rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("scripted", ["root", "submodule"])
+def test_a_torchscript_module_is_refused_naming_it(scripted: str) -> None:
+    """No hook reaches inside TorchScript: its MACs would run in float, unfaulted. Refused (it crashed while
+    freezing the copy's parameters)."""
+    inner = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    if scripted == "root":
+        model, where = torch.jit.script(nn.Sequential(inner, nn.Linear(8, 3))), "it is"
+    else:
+        model, where = nn.Sequential(torch.jit.script(inner), nn.Linear(8, 3)), "its submodule '0' is"
+    with pytest.raises(ValueError, match=rf"{where} a TorchScript module .*the engine cannot reach the layers "
+                                         r"inside it. Pass the eager module"):
+        quantize(model.eval(), torch.randn(16, 8))
+
+
 def test_fold_bn_false_keeps_every_batchnorm_as_a_float_module(digits, digits_cnn) -> None:
     qmodel = quantize(digits_cnn, digits.x_train[:256], fold_bn=False)
     assert qmodel.folded == [] and qmodel.config["fold_bn"] is False

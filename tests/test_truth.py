@@ -56,6 +56,9 @@ REFUSED = {  # test -> what its failure must name
     "test_assess_without_campaign": "has no campaign to run",
     "test_uncovered_compute_refused": "min_coverage=1: faults reach 5",
     "test_uncovered_search_refused": "hwfault.search() refused: min_coverage=1: faults reach",
+    "test_dropout_left_on": "not repeatable",
+    "test_bfloat16_model": "computes on torch.bfloat16 tensors: quantize works on float32 models",
+    "test_traced_model": "is a TorchScript module",
 }
 
 
