@@ -237,7 +237,9 @@ class _Discover(TorchFunctionMode):
     F.linear) and is not recorded. A candidate that never runs but whose weight a call uses (nn.MultiheadAttention's
     out_proj) is not a layer: that call is. A layer's weight and bias become its codes, so any other read of them
     (a functional call outside it, a second call inside it, a weight normalised or summed in a custom forward, a
-    bias read by the model) would see codes: such a candidate is `foreign`, and `discover` leaves it out.
+    bias read by the model) would see codes: such a candidate is `foreign`, and `discover` leaves it out. So is one
+    that runs on a tensor without the batch dimension (a Linear on learned latent queries): its call then runs in
+    float and the coverage names it.
     """
 
     def __init__(self, model: nn.Module, batch: int, candidates: dict[str, nn.Module]) -> None:
@@ -300,6 +302,10 @@ class _Discover(TorchFunctionMode):
                 self.ran.add(name)
                 self.running.append(name)
                 self.own_calls[name] = 0
+                first = args[0] if args else None
+                if isinstance(first, torch.Tensor) and (first.dim() == 0 or first.shape[0] != self.batch):
+                    # a computation shared by every image (a Linear on learned latent queries): no image's fault
+                    self.foreign.setdefault(name, set()).add("a call on a tensor without the batch dimension")
 
         def leave(module: nn.Module, args: Any, out: Any) -> None:
             if id(module) in self.names and self.stack:

@@ -302,6 +302,32 @@ def test_an_embedding_tied_to_a_linear_head_keeps_the_head_a_layer() -> None:
     assert torch.allclose(qmodel(tokens), expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
 
 
+def test_a_layer_on_learned_latent_queries_runs_in_float_and_is_named() -> None:
+    """A Linear applied to a parameter (Perceiver-style latent queries, no batch dimension) computes one thing for
+    every image: no per-image fault site. It stays float, and the coverage names it and why (it was refused with a
+    shape error before)."""
+    class Latents(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.latents = nn.Parameter(torch.randn(5, 16))
+            self.q, self.k, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scores = torch.einsum("ld,ntd->nlt", self.q(self.latents), self.k(x))
+            return self.head(torch.einsum("nlt,ntd->nld", torch.softmax(scores, -1), x).mean(1))
+
+    with seeded(12):
+        model, x = Latents().eval(), torch.randn(24, 7, 16)
+    qmodel = quantize(model, x, bits=16)
+    assert "q" not in qmodel.layers and {"k", "head"} <= set(qmodel.layers)
+    assert qmodel.config["not_layers"] == {"q": ["a call on a tensor without the batch dimension"]}
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(qmodel(x), expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
+    uncovered = {entry["module"]: entry["why"] for entry in measure_coverage(qmodel, x).uncovered}
+    assert uncovered["q"] == ["linear: its result has no batch dimension"]
+
+
 def test_a_module_that_never_runs_lends_its_weight_to_the_functional_call() -> None:
     """nn.MultiheadAttention-style: the module holding the weight never runs, so the call is the layer, exact."""
     class Borrowed(nn.Module):
