@@ -19,7 +19,7 @@ import torch
 
 from .bits import Kind
 from .coverage import require_coverage
-from .data import Batch
+from .data import Batch, DataError
 from .evaluate import (
     EvaluationError,
     Predictions,
@@ -351,6 +351,9 @@ class Campaign:
             raise ValueError(f"campaign asks for bits={spec.bits} but the model was quantized to "
                              f"{qmodel.config['bits']} bits")
         if spec.samples is not None:
+            if len(inputs) < spec.samples:  # a verdict on fewer images would be about another set
+                raise DataError(f"samples={spec.samples} but the evaluation data holds {len(inputs)} labelled "
+                                f"images: give more data, or ask for samples={len(inputs)} or fewer")
             inputs, labels = inputs[: spec.samples], labels[: spec.samples]
         self.qmodel, self.inputs, self.labels, self.spec, self.name = qmodel, inputs, labels, spec, name
         self.batch_size = batch_size

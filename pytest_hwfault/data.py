@@ -208,6 +208,7 @@ def as_tensors(data: Any, samples: int | None = None) -> tuple[Batch, torch.Tens
         and len(data[0]) == len(data[1])
     ):
         x, y = data
+        _check_enough(len(x), samples)
         return (x, y) if samples is None else (x[:samples], y[:samples])
     xs: list[Batch] = []
     ys: list[torch.Tensor] = []
@@ -223,4 +224,12 @@ def as_tensors(data: Any, samples: int | None = None) -> tuple[Batch, torch.Tens
     if not xs:
         raise DataError("the evaluation data is empty")
     x_all, y_all = concat(xs), torch.cat(ys)
+    _check_enough(len(x_all), samples)
     return (x_all, y_all) if samples is None else (x_all[:samples], y_all[:samples])
+
+
+def _check_enough(images: int, samples: int | None) -> None:
+    """A campaign asked to judge `samples` images is not run on fewer: its verdict would be about another set."""
+    if samples is not None and images < samples:
+        raise DataError(f"samples={samples} but the evaluation data holds {images} labelled images: give more data, "
+                        f"or ask for samples={images} or fewer")

@@ -72,6 +72,24 @@ def test_prepare_refuses_non_finite_inputs_and_calibration() -> None:
     assert len(prepared.inputs) == 10 and set(prepared.identity) == {"model", "data"}
 
 
+def test_more_samples_than_the_data_holds_are_refused() -> None:
+    """samples=1000 on 20 images ran on the 20 silently: a verdict about another set than the one asked for."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pytest_hwfault.campaign import Campaign
+    from pytest_hwfault.quantization import quantize
+    from pytest_hwfault.spec import CampaignSpec
+
+    x, y = torch.randn(20, 8), torch.randint(0, 3, (20,))
+    message = r"samples=21 but the evaluation data holds 20 labelled images: give more data, or ask for samples=20"
+    for data in ((x, y), DataLoader(TensorDataset(x, y), batch_size=6)):
+        with pytest.raises(DataError, match=message):
+            prepare(_mlp(), data, samples=21, bits=8, cache=ModelCache(), device=CPU)
+        assert len(prepare(_mlp(), data, samples=20, bits=8, cache=ModelCache(), device=CPU).inputs) == 20
+    with pytest.raises(DataError, match=message):
+        Campaign(quantize(_mlp(), x), x, y, CampaignSpec(site="act", ber=1e-3, min_acc=0.0, samples=21), "t")
+
+
 def test_resolve_device() -> None:
     assert resolve_device("cpu") == CPU
     if not torch.cuda.is_available():
