@@ -211,7 +211,7 @@ def quantize(
                 order.append(name)
                 shapes[name] = seen
             if seen != shapes[name] or any(t.dim() == 0 or t.shape[0] != batch[0] for t in tensors):
-                raise ValueError(
+                raise UnsupportedModelError(
                     f"layer {name!r} ({type(module).__qualname__}) ran on tensors shaped "
                     f"{[tuple(t.shape) for t in tensors]} where a batch of {batch[0]} gave "
                     f"{[(batch[0], *shape) for shape in shapes[name]]}: faults are placed per image, so every call "

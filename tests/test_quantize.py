@@ -299,6 +299,31 @@ def test_a_torchscript_module_is_refused_naming_it(scripted: str) -> None:
         quantize(model.eval(), torch.randn(16, 8))
 
 
+def test_batches_of_another_per_image_shape_are_a_refusal() -> None:
+    """Faults are placed per image, by position: calibration batches whose per-image shapes differ (ragged
+    sequences) are refused as an UnsupportedModelError, which a gate reports as a refusal, not a traceback."""
+    from pytest_hwfault.quantization import UnsupportedModelError
+
+    class Sequence(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv1d(4, 8, 3), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.conv(x)).mean(2))
+
+    class Ragged(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return torch.randn(4, 10 if i < 4 else 12)
+
+    with pytest.raises(UnsupportedModelError, match=r"layer 'conv' \(Conv1d\) ran on tensors shaped .*faults are "
+                                                    r"placed per image"):
+        quantize(Sequence().eval(), torch.utils.data.DataLoader(Ragged(), batch_size=4))
+
+
 def test_fold_bn_false_keeps_every_batchnorm_as_a_float_module(digits, digits_cnn) -> None:
     qmodel = quantize(digits_cnn, digits.x_train[:256], fold_bn=False)
     assert qmodel.folded == [] and qmodel.config["fold_bn"] is False
