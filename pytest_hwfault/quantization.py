@@ -203,9 +203,9 @@ def quantize(
             if wrong:  # the view computes in float32 on codes: another dtype would meet float32 codes here
                 raise UnsupportedModelError(
                     f"layer {name!r} ({type(module).__qualname__}) computes on {wrong[0]} tensors: quantize works on "
-                    "float32 models. Pass a float32 copy and float32 inputs (model.float(), x.float()): the "
-                    "quantized layers compute on integer codes, so only the float ops between them run in float32 "
-                    "rather than the model's dtype")
+                    "float32 models. Pass a float32 copy and float32 inputs (model.float(), x.float()), without "
+                    "torch.autocast in the forward: the quantized layers compute on integer codes, so only the float "
+                    "ops between them run in float32 rather than the model's dtype")
             seen = [tuple(t.shape[1:]) for t in args[:len(tensors) - 1]] + [tuple(out.shape[1:])]
             if name not in shapes:
                 order.append(name)

@@ -241,6 +241,22 @@ def test_a_model_in_another_float_dtype_is_refused_naming_the_layer(dtype: torch
         quantize(model, torch.randn(16, 8).to(dtype))
 
 
+def test_autocast_in_the_forward_is_refused() -> None:
+    """Under torch.autocast the emulated layers would multiply codes in bfloat16, which is not exact."""
+    class Autocast(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.net(x).float()
+
+    with pytest.raises(ValueError, match=r"layer 'net.0' \(Linear\) computes on torch.bfloat16 tensors.*without "
+                                         r"torch.autocast in the forward"):
+        quantize(Autocast().eval(), torch.randn(16, 8))
+
+
 def test_a_buffer_used_as_a_weight_is_a_layer() -> None:
     """A registered buffer is stored like a parameter: a functional call on it is a layer holding its codes."""
     class Fixed(nn.Module):
