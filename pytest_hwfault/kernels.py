@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from . import native
+
 if TYPE_CHECKING:
     from .qmodel import QuantLayer
 
@@ -75,7 +77,7 @@ def conv2d_int32(x: torch.Tensor, packs: list[torch.Tensor], out_channels: int, 
                  groups: int) -> torch.Tensor:
     """The exact accumulator sum((x - zero_point) * w) of a convolution of uint8 `x` with weight codes packed by
     `conv2d_packs`, as float32 (exact while |acc| < 2^24)."""
-    ones, zeros = torch.ones(out_channels), torch.zeros(out_channels, dtype=torch.long)
+    ones, zeros = _unit_scales(out_channels)
     acc: torch.Tensor | None = None
     for packed in packs:
         out = torch.ops.onednn.qconv2d_pointwise(
@@ -84,6 +86,12 @@ def conv2d_int32(x: torch.Tensor, packs: list[torch.Tensor], out_channels: int, 
         acc = out if acc is None else acc.add_(out)
     assert acc is not None
     return acc
+
+
+@cache
+def _unit_scales(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """oneDNN's per-channel weight scales and zero points for a raw integer sum: ones and zeros (never written)."""
+    return torch.ones(channels), torch.zeros(channels, dtype=torch.long)
 
 
 def linear_int32(x: torch.Tensor, weight_t: torch.Tensor, shift: int = 0,
@@ -213,6 +221,8 @@ class Int8Forward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
+        if x.dtype == torch.uint8:  # bytes the engine's pre-hook wrote (`byte_input`), having checked `usable`
+            return self.compute(x)
         if not self.usable(x):
             return self.emulated(x)
         return self.compute(x)
@@ -268,24 +278,41 @@ class Int8Conv2d(Int8Forward):
         self._faulty = (version, self._pack(codes))
         return self._faulty[1]
 
+    def byte_input(self, like: torch.Tensor) -> torch.Tensor | None:
+        """Where the engine's pre-hook may write this layer's input bytes (code + zero point) itself, laid out as
+        the float codes `like` would be: handed to the forward as the input, they skip the float codes' pass."""
+        if like.dim() != 4:
+            return None
+        target = self.int8_buffer(like, padded_batch(like.shape[0]), torch.uint8)[: like.shape[0]]
+        # the same strides, or the output's layout would change (one channel: both layouts are "contiguous")
+        return target if target.stride() == like.stride() else None
+
     def compute(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:  # bytes the engine's pre-hook wrote into `byte_input`
+            buffer = self.int8_buffer(x, padded_batch(x.shape[0]), torch.uint8)
+            if buffer.data_ptr() != x.data_ptr():
+                buffer[: x.shape[0]].copy_(x)
+            return self.convolve(buffer, x)
         if x.dim() != 4:
             return self.emulated(x)
         # the kernel runs on a batch of `padded_batch` images (the rows past x's hold stale codes, and their
         # results are dropped): each new batch size costs oneDNN a new primitive, ~1.3 ms per layer here, and a
         # campaign's batches (faulty images, late-start groups) come in every size
         images = x.shape[0]
-        if self.zero_point == 128:  # code + 128 == the int8 code's bits with the top bit flipped
-            buffer = self.int8_buffer(x, padded_batch(images))
-            buffer[:images].copy_(x)
-            u8 = buffer.view(torch.uint8)
-            u8[:images].bitwise_xor_(128)
-        else:
-            u8 = self.int8_buffer(x, padded_batch(images), torch.uint8)
-            u8[:images].copy_(x.add(self.zero_point))
+        u8 = self.int8_buffer(x, padded_batch(images), torch.uint8)
+        if not native.to_bytes(x, u8[:images], self.zero_point):  # one fused pass, where it applies
+            if self.zero_point == 128:  # code + 128 == the int8 code's bits with the top bit flipped
+                u8[:images].view(torch.int8).copy_(x)
+                u8[:images].bitwise_xor_(128)
+            else:
+                u8[:images].copy_(x.add(self.zero_point))
+        return self.convolve(u8, x)
+
+    def convolve(self, u8: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The accumulator of the layer's `x.shape[0]` images, from their bytes at the head of the padded `u8`."""
         stride, padding, dilation, groups = self.geometry
         acc = conv2d_int32(u8, self._weight_pack(), self.out_channels, self.zero_point, stride, padding, dilation,
-                           groups)[:images]
+                           groups)[: x.shape[0]]
         # oneDNN answers channels-last; the emulated conv keeps an NCHW input's layout, which
         # quantize(memory_format="preserve") promises the model's own hooks (a channels-last input, even with one
         # channel, has channel stride 1)
@@ -317,7 +344,9 @@ class Int8Linear(Int8Forward):
         if x.dim() < 1:
             return self.emulated(x)
         flat = x.reshape(-1, x.shape[-1])
-        codes = (flat.add(self.shift) if self.shift else flat).to(torch.int8)
+        codes = torch.empty(flat.shape, dtype=torch.int8)
+        if not native.to_bytes(flat, codes, self.shift):  # one fused pass, where it applies
+            codes.copy_(flat.add(self.shift) if self.shift else flat)
         weight_t, sums = self._weight()
         acc = linear_int32(codes, weight_t, self.shift, sums)
         return acc.to(self.dtype).reshape(*x.shape[:-1], acc.shape[-1])

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import native
 from .bits import KINDS_BY_CODE, apply_bit_faults, fault_delta
 from .data import Batch, Inputs, as_args, call_model
 from .faults import FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site, select_layers
@@ -121,6 +122,8 @@ class QuantizedModel:
         image_layout = IMAGE_LAYOUTS.get(type(layer.module))
         hands_on_codes, reads_codes = layer.hands_on_codes, layer.reads_codes
         wide = None if layer.compute_dtype == torch.float32 else layer.compute_dtype
+        # the user's own hooks on the layer (copied with the model) read its input as float codes
+        user_hooks = bool(layer.module._forward_hooks or layer.module._forward_pre_hooks)
 
         def key(site: Site, part: int) -> tuple[Any, ...]:  # as `prepare` names the site's tensors
             single = calls == 1 and (operands == 1 or site is not Site.INPUT)
@@ -141,12 +144,28 @@ class QuantizedModel:
                 else:  # written in the layer's compute layout while they are computed: no extra pass
                     layout = image_layout if runtime.channels_last and CHANNELS_LAST.get(x.dim()) is image_layout \
                         else None
+                    # a producer's codes are in range already
+                    low, high = (in_low, in_high) if layer.input_source is None or operand else (None, None)
                     if wide is None:
-                        x = torch.mul(x, inv_scale, out=runtime.input_buffer(x, layout, None, operand)).round_()
+                        out = runtime.input_buffer(x, layout, None, operand)
+                        # an int8 kernel's input bytes straight from the values where nothing else reads the float
+                        # codes (no input fault, no faulty PE, no hook of the user's): one pass instead of two
+                        forward = module.__dict__.get("forward") if edit is None and runtime.pe is None and \
+                            operands == 1 and not user_hooks else None
+                        byte_input = getattr(forward, "byte_input", None)
+                        if forward is not None and byte_input is not None and forward.usable(x):
+                            target = byte_input(out)
+                            if target is not None and native.quantize_to_bytes(x, target, inv_scale, low, high,
+                                                                               forward.zero_point):
+                                runtime.strides[key(Site.INPUT, part)] = out.stride()
+                                codes.append(target)
+                                continue
+                        x = out if native.quantize(x, out, inv_scale, low, high) else \
+                            native.eager_quantize(x, out, inv_scale, low, high)
                     else:  # the same float32 quantizer, then the codes in the wide compute dtype
                         x = runtime.input_buffer(x, layout, wide, operand).copy_(torch.mul(x, inv_scale).round_())
-                    if layer.input_source is None or operand:  # a producer's codes are in range already
-                        x.clamp_(in_low, in_high)
+                        if low is not None:
+                            x.clamp_(low, high)
                 runtime.strides[key(Site.INPUT, part)] = x.stride()
                 if edit is not None:
                     x = apply_edit_to(x, edit, bits, in_zero, in_signed)
@@ -161,41 +180,53 @@ class QuantizedModel:
                 weight = module.weight
                 assert isinstance(weight, torch.Tensor)
                 acc.add_(layer_error(module, args[0], weight, pe_faults, rows, cols, acc.shape).to(acc.dtype))
-            # The bias is added here, in place, not inside the conv: oneDNN's fused bias costs ~10x this pass.
-            if layer.bias_codes is not None:
-                acc.add_(layer.bias_codes)
-            runtime.strides[key(Site.ACC, call)] = acc.stride()
-            edit = runtime.batch.get(key(Site.ACC, call))
-            if edit is not None:
-                acc = apply_edit_to(acc, edit, acc_bits)
-            if wide is not None and runtime_float32:
-                acc = acc.float()
-            # In place on the layer's own fresh result. Four vectorised passes: torch's
-            # fake_quantize_per_tensor_affine is ~10x slower on CPU (it also builds a gradient mask).
-            out = acc.mul_(requant)
-            if bias_after is not None:  # a runtime that adds its float bias after scaling (`deployed.BiasMode`)
-                out.add_(bias_after)
-            if float_output:  # the runtime keeps this layer's result in float: no output codes, no act site
-                return out.float() if out.dtype != torch.float32 else out
+            acc_key, act_key = key(Site.ACC, call), key(Site.ACT, call)
+            acc_edit, act_edit = runtime.batch.get(acc_key), runtime.batch.get(act_key)
             # a faulty output zero point register (site qparams): every code shifts before saturation
             offset = runtime.zero_offsets.get(name, 0) if runtime.zero_offsets else 0
-            if zero_first:  # the runtime adds the zero point in float32, then rounds (oneDNN)
-                out = out.add_(act_zero + offset).round_().sub_(act_zero)
+            # the whole chain below in one pass where it applies (`native`: the same numbers)
+            if acc_edit is None and not float_output and native.requantize(
+                    acc, layer.bias_codes, requant, bias_after, act_zero + offset if zero_first else None,
+                    -act_zero if zero_first else (offset or None), act_low, act_high,
+                    None if act_edit is not None or hands_on_codes else act_scale):
+                runtime.strides[acc_key] = runtime.strides[act_key] = acc.stride()
+                out = acc
+                if act_edit is not None:
+                    out = apply_edit_to(out, act_edit, bits, act_zero, signed)
+                    if not hands_on_codes:
+                        out.mul_(act_scale)
             else:
-                out = out.round_()
-                if offset:
-                    out.add_(offset)
-            out = out.clamp_(act_low, act_high)
-            if out.dtype != torch.float32:  # codes fit float32 exactly; values are code x scale in float32
-                out = out.float()
-            runtime.strides[key(Site.ACT, call)] = out.stride()
-            # act faults rewrite the codes before they are scaled: the same values as editing code x scale (whose
-            # code round((code x scale) / scale) is exact), two passes over the faults fewer
-            edit = runtime.batch.get(key(Site.ACT, call))
-            if edit is not None:
-                out = apply_edit_to(out, edit, bits, act_zero, signed)
-            if not hands_on_codes:
-                out.mul_(act_scale)
+                # The bias is added here, in place, not inside the conv: oneDNN's fused bias costs ~10x this pass.
+                if layer.bias_codes is not None:
+                    acc.add_(layer.bias_codes)
+                runtime.strides[acc_key] = acc.stride()
+                if acc_edit is not None:
+                    acc = apply_edit_to(acc, acc_edit, acc_bits)
+                if wide is not None and runtime_float32:
+                    acc = acc.float()
+                # In place on the layer's own fresh result: torch's fake_quantize_per_tensor_affine is ~10x slower
+                # on CPU (it also builds a gradient mask).
+                out = acc.mul_(requant)
+                if bias_after is not None:  # a runtime that adds its float bias after scaling (`deployed.BiasMode`)
+                    out.add_(bias_after)
+                if float_output:  # the runtime keeps this layer's result in float: no output codes, no act site
+                    return out.float() if out.dtype != torch.float32 else out
+                if zero_first:  # the runtime adds the zero point in float32, then rounds (oneDNN)
+                    out = out.add_(act_zero + offset).round_().sub_(act_zero)
+                else:
+                    out = out.round_()
+                    if offset:
+                        out.add_(offset)
+                out = out.clamp_(act_low, act_high)
+                if out.dtype != torch.float32:  # codes fit float32 exactly; values are code x scale in float32
+                    out = out.float()
+                runtime.strides[act_key] = out.stride()
+                # act faults rewrite the codes before they are scaled: the same values as editing code x scale
+                # (whose code round((code x scale) / scale) is exact), two passes over the faults fewer
+                if act_edit is not None:
+                    out = apply_edit_to(out, act_edit, bits, act_zero, signed)
+                if not hands_on_codes:
+                    out.mul_(act_scale)
             if runtime.ranges is not None:  # a fault-free pass recording what the layer hands on (`output_ranges`)
                 channel = 1 if channel_axis == 0 else out.dim() - 1
                 dims = [d for d in range(out.dim()) if d != channel]

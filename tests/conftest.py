@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -27,14 +27,19 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 @contextmanager
-def one_thread() -> Iterator[None]:
-    """Run a block on one intra-op thread (much faster for tiny tensors on a loaded machine), then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def threads(n: int) -> Iterator[None]:
+    """Run a block on `n` intra-op threads, then restore the previous count."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved)
+
+
+def one_thread() -> AbstractContextManager[None]:
+    """Run a block on one intra-op thread (much faster for tiny tensors on a loaded machine), then restore."""
+    return threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,22 @@
 """The int8 execution path (`kernels`): each kernel's accumulator against float64 integer arithmetic, and trials
-bit-identical between kernel="int8" and kernel="emulated" at every site, batch split and thread count."""
+bit-identical between kernel="int8" and kernel="emulated" at every site, batch split and thread count. The
+emulated reference runs on torch's eager ops alone (`native.disabled`); the int8 path runs with the fused native
+passes where this machine builds them, and without."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TextClassifier
+from conftest import TextClassifier, threads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pytest_hwfault import FaultModel, quantize
+from pytest_hwfault import FaultModel, native, quantize
 from pytest_hwfault.cifar_resnet import CifarResNet, recalibrate_bn
 from pytest_hwfault.faults import FaultPattern, sample_pattern, trial_generator
 from pytest_hwfault.kernels import (
@@ -30,16 +31,6 @@ from pytest_hwfault.kernels import (
 
 needs_conv = pytest.mark.skipif(not available("conv2d"), reason="no exact int8 convolution on this machine")
 needs_linear = pytest.mark.skipif(not available("linear"), reason="no exact torch._int_mm on this machine")
-
-
-@contextmanager
-def threads(n: int) -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _codes(data: st.DataObject, shape: tuple[int, ...], low: int, high: int, label: str) -> torch.Tensor:
@@ -165,10 +156,11 @@ def _patterns(qmodel: object, n_images: int, pe: bool) -> dict[str, FaultPattern
 
 
 def _outputs(qmodel: object, x: torch.Tensor, patterns: dict[str, FaultPattern], split: int | None,
-             n_threads: int) -> dict[str, torch.Tensor]:
-    """Logits of a fault-free pass and of each site's trial, in batches of `split` images."""
+             n_threads: int, eager: bool = False) -> dict[str, torch.Tensor]:
+    """Logits of a fault-free pass and of each site's trial, in batches of `split` images (on torch's eager ops
+    alone where `eager`)."""
     outputs = {}
-    with threads(n_threads):
+    with threads(n_threads), native.disabled() if eager else contextlib.nullcontext():
         for site, pattern in {"clean": None, **patterns}.items():
             step = split or len(x)
             outputs[site] = torch.cat([qmodel(x[s:s + step], pattern, s)  # type: ignore[operator]
@@ -189,13 +181,15 @@ def test_resnet_trials_bit_identical(memory_format: str) -> None:
     emulated = quantize(model, x, kernel="emulated", memory_format=memory_format)
     assert set(int8.kernels.values()) == {"int8"} and set(emulated.kernels.values()) == {"emulated"}
     patterns = _patterns(emulated, len(x), pe=True)
-    reference = _outputs(emulated, x, patterns, None, 1)
+    reference = _outputs(emulated, x, patterns, None, 1, eager=True)
     assert all(not torch.equal(reference[site], reference["clean"]) for site in patterns)  # the faults bite
     # two threads once: in an xdist worker that was given one, they oversubscribe the CI machine (this test took
     # 140 s under -n 2 with three two-thread passes, 6 s alone)
     splits = ((None, 2), (8, 1), (5, 1)) if memory_format == "auto" else ((None, 1), (5, 1))
     for split, n_threads in splits:
         _assert_identical(reference, _outputs(int8, x, patterns, split, n_threads))
+    _assert_identical(reference, _outputs(int8, x, patterns, 8, 1, eager=True))
+    _assert_identical(reference, _outputs(emulated, x, patterns, 5, 1))
     # and after the weight faults were restored, the original packs are used again
     assert torch.equal(int8(x), reference["clean"])
     # every tensor the hooks saw had the layout it has on the emulated path (memory_format="preserve" keeps NCHW)
@@ -214,10 +208,11 @@ def test_resnet56_trials_bit_identical() -> None:
     emulated = quantize(model, x, kernel="emulated")
     assert set(int8.kernels.values()) == {"int8"} and len(int8.kernels) == 56
     patterns = _patterns(emulated, len(x), pe=True)
-    reference = _outputs(emulated, x, patterns, None, 1)
+    reference = _outputs(emulated, x, patterns, None, 1, eager=True)
     assert all(not torch.equal(reference[site], reference["clean"]) for site in patterns)
     for split in (None, 3):
         _assert_identical(reference, _outputs(int8, x, patterns, split, 1))
+    _assert_identical(reference, _outputs(int8, x, patterns, None, 1, eager=True))
     assert torch.equal(int8(x), reference["clean"])
 
 
@@ -242,7 +237,9 @@ def test_asymmetric_codes_bit_identical() -> None:
     emulated = quantize(model, x, act_scheme="asymmetric", kernel="emulated")
     assert "int8" in int8.kernels.values()
     patterns = _patterns(emulated, len(x), pe=False)
-    _assert_identical(_outputs(emulated, x, patterns, None, 2), _outputs(int8, x, patterns, 10, 1))
+    reference = _outputs(emulated, x, patterns, None, 2, eager=True)
+    _assert_identical(reference, _outputs(int8, x, patterns, 10, 1))
+    _assert_identical(reference, _outputs(emulated, x, patterns, 10, 1))
 
 
 @needs_linear
@@ -257,10 +254,11 @@ def test_transformer_trials_bit_identical() -> None:
                             for name, layer in int8.layers.items()}
     assert {"int8", "emulated"} <= set(int8.kernels.values())
     patterns = _patterns(emulated, len(tokens), pe=False)  # site pe refuses models with attention matmuls
-    reference = _outputs(emulated, tokens, patterns, None, 2)
+    reference = _outputs(emulated, tokens, patterns, None, 2, eager=True)
     assert all(not torch.equal(reference[site], reference["clean"]) for site in patterns)  # the faults bite
     for split, n_threads in ((None, 1), (5, 2)):
         _assert_identical(reference, _outputs(int8, tokens, patterns, split, n_threads))
+    _assert_identical(reference, _outputs(emulated, tokens, patterns, 5, 1))
 
 
 @needs_conv

@@ -1,0 +1,362 @@
+"""The engine's elementwise chains as single fused passes, compiled from C (`_fused.c`) at first use.
+
+A quantized layer's input quantization (multiply, round, clamp), its conversion to the bytes an int8 kernel reads
+(copy, xor) and its requantization (bias, multiplier, round, clamp, scale) are three to five eager torch ops, each
+streaming the whole activation through memory: on ResNet56 they took ~45% of an int8 forward. The C functions
+do the same IEEE float32 operations per element in the same order (no FP contraction, no fast-math), in one pass.
+
+- **Same numbers.** `library` checks every function on this machine against the eager torch chain, bit for bit
+  (ties, signed zeros, infinities, NaN, every optional step), before anything uses it; a mismatch turns it off.
+- **Optional.** It needs a C compiler (``$CC``, else ``cc``) with OpenMP; without one, or with
+  ``PYTEST_HWFAULT_NATIVE=0``, every caller runs its eager chain, which computes the same numbers. `status` says
+  which, and why.
+- The shared library is cached per source, compiler and CPU (``-march=native``) under ``$PYTEST_HWFAULT_CACHE``,
+  else ``$XDG_CACHE_HOME/pytest-hwfault`` or ``~/.cache/pytest-hwfault``; processes that compile at once each
+  write their own file and rename it into place.
+
+Each wrapper returns False, having done nothing, where its tensors are not what the C function reads (not CPU
+float32, not dense, layouts that differ, autograd recording): the caller then runs its eager chain.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache, lru_cache
+from pathlib import Path
+
+import torch
+
+from .layout import is_dense
+
+SOURCE = Path(__file__).with_name("_fused.c")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+ENV_SWITCH = "PYTEST_HWFAULT_NATIVE"
+
+_P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {
+    "hw_quantize": [_P, _P, _I, _F, _F, _F, _C],
+    "hw_to_bytes": [_P, _P, _I, _F, _C],
+    "hw_quantize_to_bytes": [_P, _P, _I, _F, _F, _F, _F, _C],
+    "hw_requantize": [_P, _I, _I, _I, _P, _P, _P, _F, _F, _F, _F, _F, _C],
+}
+
+_UNBOUNDED = (float("-inf"), float("inf"))  # a clamp that is the identity, NaN included
+
+_switched_off = False  # `disabled()`: the eager chains everywhere, for tests that compare both
+_why_not: str | None = None  # why `library` is None, once it was asked
+
+
+# -- building and checking the library -------------------------------------------------------------------------------
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's feature flags (Linux), else the platform's processor name."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return flags or f"{platform.machine()} {platform.processor()}"
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get("PYTEST_HWFAULT_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pytest-hwfault"
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library, from the cache or compiled now (raises OSError/CalledProcessError on failure)."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_key().encode(),
+                                     torch.__version__.encode()])).hexdigest()[:20]
+    target = _cache_dir() / f"fused-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True,
+                       text=True, timeout=300)
+        os.replace(built, target)
+    return target
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, None
+    return lib
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The checked library, or None (`status` says why). Loaded after torch, so its OpenMP runtime is torch's."""
+    global _why_not
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no"):
+        _why_not = f"off ({ENV_SWITCH}={os.environ[ENV_SWITCH]})"
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        _why_not = "no C compiler found ($CC, cc, gcc)"
+        return None
+    try:
+        lib = _bind(_build(compiler))
+    except subprocess.CalledProcessError as error:
+        _why_not = f"{compiler} failed: {(error.stderr or '').strip().splitlines()[-1:] or error}"
+        return None
+    except (OSError, subprocess.SubprocessError, AttributeError) as error:
+        _why_not = f"could not build or load the fused passes: {error}"
+        return None
+    problem = _self_check(lib)
+    if problem is not None:
+        _why_not = f"disagreed with torch on this machine ({problem}): off"
+        return None
+    return lib
+
+
+def status() -> str:
+    """'native' or why the eager chains run instead."""
+    if _switched_off:
+        return "off (switched off in this process)"
+    return "native" if library() is not None else f"eager: {_why_not}"
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Every caller runs its eager chain inside (for tests that compare both ways)."""
+    global _switched_off
+    previous, _switched_off = _switched_off, True
+    try:
+        yield
+    finally:
+        _switched_off = previous
+
+
+def _active() -> ctypes.CDLL | None:
+    return None if _switched_off else library()
+
+
+# -- the eager chains each function must equal -----------------------------------------------------------------------
+def eager_quantize(x: torch.Tensor, out: torch.Tensor, inv_scale: float, low: float | None, high: float | None
+                   ) -> torch.Tensor:
+    out = torch.mul(x, inv_scale, out=out).round_()
+    return out if low is None or high is None else out.clamp_(low, high)
+
+
+def eager_to_bytes(x: torch.Tensor, out: torch.Tensor, offset: int) -> torch.Tensor:
+    return out.copy_(x.add(offset) if offset else x)
+
+
+def eager_requantize(acc: torch.Tensor, bias: torch.Tensor | None, multiplier: torch.Tensor,
+                     bias_after: torch.Tensor | None, pre_round: float | None, post_round: float | None,
+                     low: float, high: float, scale: float | None) -> torch.Tensor:
+    if bias is not None:
+        acc.add_(bias)
+    acc.mul_(multiplier)
+    if bias_after is not None:
+        acc.add_(bias_after)
+    if pre_round is not None:
+        acc.add_(pre_round)
+    acc.round_()
+    if post_round is not None:
+        acc.add_(post_round)
+    acc.clamp_(low, high)
+    return acc if scale is None else acc.mul_(scale)
+
+
+def _special_values(generator: torch.Generator) -> torch.Tensor:
+    """Values where an implementation could differ: ties of every parity, signed zeros, the clamp bounds and
+    beyond, infinities, NaN, huge and tiny numbers, then random ones at several magnitudes."""
+    ties = torch.arange(-300, 301, dtype=torch.float32) + 0.5
+    specials = torch.tensor([0.0, -0.0, 127.0, -128.0, 255.0, 127.49999, -127.5, -128.5, 255.5, 1e30, -1e30, 1e-30,
+                             float("inf"), float("-inf"), float("nan"), 2.0**24 + 1, -(2.0**24) - 3])
+    random = torch.cat([torch.randn(4096, generator=generator) * scale for scale in (1.0, 100.0, 1e5, 3e6)])
+    return torch.cat([ties, specials, random, ties.neg()])
+
+
+def _self_check(lib: ctypes.CDLL) -> str | None:
+    """None when every function equals its eager chain bit for bit on this machine (both loop shapes of the
+    requantization, every optional step, one and several threads), else the first disagreement."""
+    generator = torch.Generator().manual_seed(16)
+    values = _special_values(generator)
+    channels = 7
+    count = values.numel() // channels * channels
+    flat = values[:count]
+    for threads in (1, max(2, torch.get_num_threads())):
+        for inv_scale, bounds in ((1 / 0.37, (-128.0, 127.0)), (3.0, (0.0, 255.0)), (0.5, None)):
+            low, high = bounds or (None, None)
+            want = eager_quantize(flat, torch.empty_like(flat), inv_scale, low, high)
+            got = torch.empty_like(flat)
+            lib.hw_quantize(flat.data_ptr(), got.data_ptr(), count, inv_scale, *(bounds or _UNBOUNDED), threads)
+            if not _same_bits(got, want):
+                return f"quantize at inverse scale {inv_scale}, bounds {bounds}"
+        for offset, low, dtype in ((128, -128, torch.uint8), (0, 0, torch.uint8), (255, -255, torch.uint8),
+                                   (-128, 0, torch.int8), (0, -128, torch.int8), (-100, -28, torch.int8)):
+            codes = torch.randint(low, low + 256, (100_000,), generator=generator).float()
+            want_bytes = eager_to_bytes(codes, torch.empty(codes.shape, dtype=dtype), offset)
+            got_bytes = torch.empty_like(want_bytes)
+            lib.hw_to_bytes(codes.data_ptr(), got_bytes.data_ptr(), codes.numel(), float(offset), threads)
+            if not torch.equal(got_bytes, want_bytes):
+                return f"byte conversion at offset {offset}"
+        for inv_scale, bounds, offset in ((1 / 0.37, (-128.0, 127.0), 128), (3.0, (0.0, 255.0), 0),
+                                          (0.5, (-20.0, 20.0), 20)):
+            want_bytes = eager_to_bytes(eager_quantize(flat, torch.empty_like(flat), inv_scale, *bounds),
+                                        torch.empty(flat.shape, dtype=torch.uint8), offset)
+            got_bytes = torch.empty_like(want_bytes)
+            lib.hw_quantize_to_bytes(flat.data_ptr(), got_bytes.data_ptr(), count, inv_scale, *bounds, float(offset),
+                                     threads)
+            if not torch.equal(got_bytes[~flat.isnan()], want_bytes[~flat.isnan()]):
+                return f"quantize to bytes at inverse scale {inv_scale}, bounds {bounds}"
+        for inner in (1, 5):
+            shape = (count // (channels * inner), channels, inner)
+            # an accumulator holds integers (odd ones times a power of two are ties), with the specials kept
+            acc = flat[: math.prod(shape)].reshape(shape) * 3.0
+            acc = torch.where(acc.isfinite(), acc.round(), acc)
+            # accumulators near 2^22, where float32 steps by 0.5, nearly cancelled by a bias after scaling: whether
+            # acc + bias or bias + zero point is added first then shows in the codes
+            near = 4194304.0 + (torch.arange(acc.numel()) % 200 - 100).float().reshape(shape)
+            per_channel = torch.randn(channels, 1, generator=generator)
+            halves = torch.randint(-9, 9, (channels, 1), generator=generator) + 0.5
+            for values, bias, bias_after, pre, post, scale, multiplier in (
+                    # small multipliers; powers of two (odd products are ties); near one; a single multiplier
+                    (acc, per_channel.round(), None, None, None, 0.0173,
+                     torch.rand(channels, 1, generator=generator) / 20),
+                    (acc, None, per_channel * 0.3, 4.25, -4.0, None,
+                     2.0 ** -torch.randint(0, 9, (channels, 1), generator=generator).float()),
+                    (acc, per_channel.round(), halves, None, 3.0, 0.5,
+                     0.5 + torch.rand(channels, 1, generator=generator)),
+                    (acc, None, per_channel, 1.5, None, None, torch.full((1, 1), 0.75)),
+                    (near, None, torch.full((channels, 1), -4194303.75), 0.375, None, None, torch.ones(channels, 1))):
+                want = eager_requantize(values.clone(), bias, multiplier, bias_after, pre, post, -127.0, 127.0,
+                                        scale)
+                got = values.clone()
+                _requantize(lib, got, inner, channels, bias, multiplier, bias_after, pre, post, -127.0, 127.0, scale,
+                            threads)
+                if not _same_bits(got, want):
+                    return f"requantize with inner {inner}, bias {bias is not None}, steps {pre, post}"
+    return None
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal as bit patterns (so -0.0 differs from 0.0), NaNs of any payload counted equal."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a.view(torch.int32)[~nan], b.view(torch.int32)[~nan])
+
+
+# -- what the engine calls -------------------------------------------------------------------------------------------
+def _plain(t: torch.Tensor) -> bool:
+    """A CPU float32 tensor the C functions may read and write as one flat array."""
+    return (t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad
+            and is_dense(tuple(t.shape), t.stride()))
+
+
+def quantize(x: torch.Tensor, out: torch.Tensor, inv_scale: float, low: float | None, high: float | None) -> bool:
+    """out = clamp(round(x * inv_scale), low, high) (no clamp where low is None), as `eager_quantize`; False, having
+    done nothing, where the fused pass does not apply."""
+    lib = _active()
+    if (lib is None or not _plain(x) or not _plain(out) or x.shape != out.shape or x.stride() != out.stride()
+            or x.numel() == 0):
+        return False
+    bounds = _UNBOUNDED if low is None or high is None else (low, high)
+    lib.hw_quantize(x.data_ptr(), out.data_ptr(), x.numel(), inv_scale, *bounds, torch.get_num_threads())
+    return True
+
+
+def quantize_to_bytes(x: torch.Tensor, out: torch.Tensor, inv_scale: float, low: float | None,
+                      high: float | None, offset: int) -> bool:
+    """out (uint8 or int8) = clamp(round(x * inv_scale), low, high) + offset, as `eager_quantize` then
+    `eager_to_bytes` (the codes + offset must fit out's dtype); False, having done nothing, where the fused pass
+    does not apply."""
+    lib = _active()
+    if (lib is None or not _plain(x) or out.dtype not in (torch.uint8, torch.int8) or out.device.type != "cpu"
+            or x.shape != out.shape or x.stride() != out.stride() or x.numel() == 0):
+        return False
+    bounds = _UNBOUNDED if low is None or high is None else (low, high)
+    lib.hw_quantize_to_bytes(x.data_ptr(), out.data_ptr(), x.numel(), inv_scale, *bounds, float(offset),
+                             torch.get_num_threads())
+    return True
+
+
+def to_bytes(x: torch.Tensor, out: torch.Tensor, offset: int) -> bool:
+    """out (uint8 or int8) = x + offset, for integer-valued float32 codes that land in out's range, as
+    `eager_to_bytes`; False, having done nothing, where the fused pass does not apply."""
+    lib = _active()
+    if (lib is None or not _plain(x) or out.dtype not in (torch.uint8, torch.int8) or out.device.type != "cpu"
+            or x.shape != out.shape or x.stride() != out.stride() or x.numel() == 0):
+        return False
+    lib.hw_to_bytes(x.data_ptr(), out.data_ptr(), x.numel(), float(offset), torch.get_num_threads())
+    return True
+
+
+@lru_cache(maxsize=1024)
+def _broadcast_dim(acc_shape: tuple[int, ...], shapes: tuple[tuple[int, ...], ...]) -> tuple[int, int] | None:
+    """(the dim of a tensor of `acc_shape` that tensors of `shapes` broadcast along, its size) as torch's
+    broadcasting aligns them: each has one dim of more than one value matching that dim, or a single value; None
+    where they are anything else or disagree."""
+    found: tuple[int, int] | None = None
+    for shape in shapes:
+        if len(shape) > len(acc_shape):
+            return None
+        wide = [d for d, size in enumerate(shape) if size != 1]
+        if not wide:
+            continue
+        if len(wide) > 1:
+            return None
+        dim = len(acc_shape) - len(shape) + wide[0]
+        if acc_shape[dim] != shape[wide[0]] or (found is not None and found != (dim, shape[wide[0]])):
+            return None
+        found = (dim, shape[wide[0]])
+    return found or (0, 1)
+
+
+@lru_cache(maxsize=256)
+def _identity_add(channels: int) -> torch.Tensor:
+    return torch.full((channels,), -0.0)  # x + -0.0 == x for every x (x + 0.0 is not: -0.0 + 0.0 == 0.0)
+
+
+def requantize(acc: torch.Tensor, bias: torch.Tensor | None, multiplier: torch.Tensor,
+               bias_after: torch.Tensor | None, pre_round: float | None, post_round: float | None,
+               low: float, high: float, scale: float | None) -> bool:
+    """`eager_requantize` on `acc` in place (bias, multiplier and bias_after broadcast over it: per channel, or a
+    single value); False, having done nothing, where the fused pass does not apply."""
+    lib = _active()
+    if lib is None or not _plain(acc) or acc.numel() == 0:
+        return False
+    tensors = (bias, multiplier, bias_after)
+    if not all(t is None or (_plain(t) and t.is_contiguous()) for t in tensors):
+        return False
+    found = _broadcast_dim(tuple(acc.shape), tuple(tuple(t.shape) for t in tensors if t is not None))
+    if found is None:
+        return False
+    dim, channels = found
+    _requantize(lib, acc, acc.stride(dim) if channels > 1 else 1, channels, bias, multiplier, bias_after, pre_round,
+                post_round, low, high, scale, torch.get_num_threads())
+    return True
+
+
+def _requantize(lib: ctypes.CDLL, acc: torch.Tensor, inner: int, channels: int, bias: torch.Tensor | None,
+                multiplier: torch.Tensor, bias_after: torch.Tensor | None, pre_round: float | None,
+                post_round: float | None, low: float, high: float, scale: float | None, threads: int) -> None:
+    """hw_requantize with every absent step given its identity. In any dense layout, the element at memory offset
+    i is in channel (i // inner) % channels, where inner is the channel dim's stride."""
+    arrays = [_identity_add(channels) if t is None else t.reshape(1).expand(channels).contiguous()
+              if t.numel() == 1 and channels > 1 else t for t in (bias, multiplier, bias_after)]
+    lib.hw_requantize(acc.data_ptr(), acc.numel(), channels, inner, *(t.data_ptr() for t in arrays),
+                      -0.0 if pre_round is None else pre_round, -0.0 if post_round is None else post_round,
+                      low, high, 1.0 if scale is None else scale, threads)

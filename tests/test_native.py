@@ -1,0 +1,244 @@
+"""The fused native passes (`native`) against the eager torch chains they replace, bit for bit, and their fallback:
+a machine without a compiler, or with the passes switched off, computes the same numbers on torch's eager ops."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import threads
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pytest_hwfault import FaultModel, native, quantize
+from pytest_hwfault.cifar_resnet import CifarResNet, recalibrate_bn
+from pytest_hwfault.faults import sample_pattern, trial_generator
+
+needs_native = pytest.mark.skipif(native.library() is None, reason=f"fused passes unavailable: {native.status()}")
+PROPERTY = settings(max_examples=60, deadline=None)
+
+# float32 values, special ones included (ties at every parity, signed zeros, infinities, huge and tiny numbers)
+FLOATS = st.one_of(st.floats(width=32, allow_nan=False),
+                   st.integers(-400, 400).map(lambda k: k + 0.5),
+                   st.sampled_from([0.0, -0.0, 127.0, -128.0, 255.0, 127.5, -127.5, 2.0**24 + 2, float("inf"),
+                                    float("-inf")]))
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (-0.0 is not 0.0); NaNs of any payload count as equal."""
+    return a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and bool(
+        torch.equal(a.isnan(), b.isnan()) and torch.equal(a.view(torch.int32)[~a.isnan()],
+                                                          b.view(torch.int32)[~b.isnan()]))
+
+
+@st.composite
+def activations(draw: st.DrawFn) -> torch.Tensor:
+    """A 4-d tensor in NCHW or channels-last memory, small or big enough that the passes use a thread team."""
+    channels, side = draw(st.integers(1, 9)), draw(st.integers(1, 5))
+    images = draw(st.sampled_from([1, 3, 2048]))
+    values = torch.tensor(draw(st.lists(FLOATS, min_size=1, max_size=64)), dtype=torch.float32)
+    flat = values.repeat(-(-images * channels * side * side // len(values)))[: images * channels * side * side]
+    x = flat.reshape(images, channels, side, side)
+    return x.contiguous(memory_format=torch.channels_last) if draw(st.booleans()) else x
+
+
+@needs_native
+@PROPERTY
+@given(x=activations(), inv_scale=st.floats(1 / 1024, 1024, width=32), bounded=st.booleans(),
+       n_threads=st.sampled_from([1, 2]))
+def test_quantize_equals_the_eager_chain(x: torch.Tensor, inv_scale: float, bounded: bool, n_threads: int) -> None:
+    low, high = (-128.0, 127.0) if bounded else (None, None)
+    want = native.eager_quantize(x, torch.empty_like(x), inv_scale, low, high)
+    got = torch.empty_like(x)
+    with threads(n_threads):
+        assert native.quantize(x, got, inv_scale, low, high)
+    assert same_bits(got, want)
+
+
+@needs_native
+@PROPERTY
+@given(x=activations(), inv_scale=st.floats(1 / 128, 128, width=32), zero_point=st.sampled_from([0, 128, 255, 17]),
+       n_threads=st.sampled_from([1, 2]))
+def test_quantize_to_bytes_equals_the_eager_chain(x: torch.Tensor, inv_scale: float, zero_point: int,
+                                                  n_threads: int) -> None:
+    low, high = float(-zero_point), float(255 - zero_point)  # the codes + zero point fill uint8
+    codes = native.eager_quantize(x, torch.empty_like(x), inv_scale, low, high)
+    want = native.eager_to_bytes(codes, torch.empty_like(x, dtype=torch.uint8), zero_point)
+    got, also = torch.empty_like(want), torch.empty_like(want)
+    with threads(n_threads):
+        assert native.quantize_to_bytes(x, got, inv_scale, low, high, zero_point)
+        assert native.to_bytes(codes, also, zero_point)
+    assert torch.equal(got, want) and torch.equal(also, want)
+
+
+@st.composite
+def accumulators(draw: st.DrawFn) -> tuple[torch.Tensor, int]:
+    """An integer-valued accumulator (conv: NCHW or channels-last; linear: [..., C]) and its channel dim."""
+    channels = draw(st.integers(1, 24))
+    kind = draw(st.sampled_from(["conv", "conv_cl", "linear", "linear3"]))
+    images = draw(st.sampled_from([2, 700]))
+    shape = {"conv": (images, channels, 3, 4), "conv_cl": (images, channels, 3, 4), "linear": (images, channels),
+             "linear3": (images, 5, channels)}[kind]
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    magnitude = draw(st.sampled_from([10.0, 1e4, 4e6]))
+    acc = torch.round(torch.randn(shape, generator=generator) * magnitude)
+    if kind == "conv_cl":
+        acc = acc.contiguous(memory_format=torch.channels_last)
+    return acc, 1 if kind.startswith("conv") else acc.dim() - 1
+
+
+@needs_native
+@PROPERTY
+@given(case=accumulators(), data=st.data(), n_threads=st.sampled_from([1, 2]))
+def test_requantize_equals_the_eager_chain(case: tuple[torch.Tensor, int], data: st.DataObject,
+                                           n_threads: int) -> None:
+    acc, dim = case
+    channels = acc.shape[dim]
+    shape = [1] * (acc.dim() - dim)
+    shape[0] = channels
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+
+    def per_channel(scale: float) -> torch.Tensor:
+        return (torch.randn(channels, generator=generator) * scale).reshape(shape)
+
+    bias = data.draw(st.sampled_from([None, "codes"]), label="bias")
+    bias_t = None if bias is None else per_channel(1e3).round()
+    # small random multipliers (the usual), powers of two (every odd product is a tie) and ones near 1 (sums near
+    # 2^24, where the order of the additions shows after rounding)
+    kind = data.draw(st.sampled_from(["small", "power of two", "near one"]), label="multiplier")
+    per_tensor = data.draw(st.booleans(), label="per tensor")
+    size = 1 if per_tensor else channels
+    multiplier = {"small": torch.rand(size, generator=generator) * 1e-2,
+                  "power of two": 2.0 ** -torch.randint(0, 9, (size,), generator=generator).float(),
+                  "near one": 0.5 + torch.rand(size, generator=generator) * 1.5}[kind]
+    multiplier = multiplier if per_tensor else multiplier.reshape(shape)
+    after = data.draw(st.sampled_from([None, "random", "halves"]), label="bias after")
+    bias_after = None if after is None else per_channel(5.0) if after == "random" else \
+        (per_channel(4.0).round() + 0.5)
+    zero = data.draw(st.sampled_from([None, 0, 3, -128]), label="zero point first")
+    pre, post = (None, None) if zero is None else (float(zero + 1) + 0.25, float(-zero))
+    if zero is None and data.draw(st.booleans(), label="offset"):
+        post = 2.0
+    low, high = data.draw(st.sampled_from([(-127.0, 127.0), (0.0, 255.0), (-8.0, 7.0)]), label="bounds")
+    scale = data.draw(st.sampled_from([None, 0.0173, 1.0, 3.5]), label="scale")
+    want = native.eager_requantize(acc.clone(), bias_t, multiplier, bias_after, pre, post, low, high, scale)
+    got = acc.clone()
+    with threads(n_threads):
+        assert native.requantize(got, bias_t, multiplier, bias_after, pre, post, low, high, scale)
+    assert same_bits(got, want)
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_requantize_adds_in_the_eager_order(layout: str) -> None:
+    """Accumulators near 2^22 (float32 steps by 0.5 there) nearly cancelled by a bias after scaling, with a zero
+    point added before rounding: (acc + bias) + zero point and acc + (bias + zero point) give different codes, so
+    only the eager order passes. Realistic values cannot show this after the clamp; the contract is every input."""
+    acc = (4194304.0 + torch.arange(-100, 100).float()).repeat(16).reshape(8, 4, 10, 10)
+    if layout == "channels_last":
+        acc = acc.contiguous(memory_format=torch.channels_last)
+    bias_after, multiplier = torch.full((4, 1, 1), -4194303.75), torch.ones(4, 1, 1)
+    want = native.eager_requantize(acc.clone(), None, multiplier, bias_after, 0.375, None, -127.0, 127.0, None)
+    reordered = (acc + (bias_after + 0.375)).round().clamp(-127, 127)
+    assert not torch.equal(want, reordered)  # the case tells the two orders apart
+    got = acc.clone()
+    assert native.requantize(got, None, multiplier, bias_after, 0.375, None, -127.0, 127.0, None)
+    assert same_bits(got, want)
+
+
+@needs_native
+def test_the_passes_decline_what_they_cannot_read() -> None:
+    """Each wrapper returns False and leaves its output untouched where the C function would read the wrong
+    memory: other dtypes, strided views, layouts that differ, per-channel tensors along two dims."""
+    x = torch.randn(4, 3, 5, 5)
+    untouched = torch.full_like(x, 7.0)
+    assert not native.quantize(x.double(), untouched.double(), 2.0, -1.0, 1.0)
+    assert not native.quantize(x[:, :, ::2], untouched[:, :, ::2], 2.0, -1.0, 1.0)  # not dense
+    assert not native.quantize(x, untouched.contiguous(memory_format=torch.channels_last), 2.0, -1.0, 1.0)
+    assert not native.to_bytes(x, torch.empty(4, 3, 5, 5, dtype=torch.int32), 0)
+    assert not native.quantize_to_bytes(x, torch.empty(4, 3, 5, 4, dtype=torch.uint8), 1.0, None, None, 0)
+    acc = torch.randn(4, 3, 5, 5)
+    kept = acc.clone()
+    assert not native.requantize(acc, torch.ones(3, 5, 1), torch.ones(3, 1, 1), None, None, None, -1, 1, None)
+    assert not native.requantize(acc, None, torch.ones(4, 1, 1), None, None, None, -1, 1, None)  # no such dim
+    assert not native.requantize(acc, None, torch.ones(3, 1, 1).double(), None, None, None, -1, 1, None)
+    assert torch.equal(untouched, torch.full_like(x, 7.0)) and torch.equal(acc, kept)
+    with native.disabled():
+        assert native.status().startswith("off") and not native.quantize(x, untouched, 2.0, -1.0, 1.0)
+
+
+def test_the_passes_build_wherever_there_is_a_compiler() -> None:
+    """A machine with a C compiler whose passes disagree with torch would silently lose the speed (and skip the
+    property tests above): that is a failure to look at, not a skip."""
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine: the eager chains run (tested below)")
+    assert native.library() is not None, native.status()
+
+
+def _resnet() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(12, 3, 32, 32)
+    return recalibrate_bn(CifarResNet(14), x), x
+
+
+@needs_native
+@pytest.mark.parametrize("kernel", ["auto", "emulated"])
+def test_trials_are_the_same_with_and_without_the_fused_passes(kernel: str) -> None:
+    """Every site's trial, and what the hooks recorded about each tensor's layout, with the passes on and off."""
+    model, x = _resnet()
+    qmodel = quantize(model, x, kernel=kernel)
+    patterns = [None]
+    for number, site in enumerate(("act", "weight", "acc", "input", "qparams")):
+        fault_model = FaultModel(site, 1e-3)
+        patterns.append(sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x),
+                                       trial_generator(3, "native", number)))
+    with native.disabled():
+        eager = [qmodel(x, pattern) for pattern in patterns]
+        eager_strides = dict(qmodel._runtime.strides)
+    fused = [qmodel(x, pattern) for pattern in patterns]
+    assert all(torch.equal(a, b) for a, b in zip(eager, fused))
+    assert qmodel._runtime.strides == eager_strides
+    assert all(not torch.equal(eager[0], faulty) for faulty in eager[1:])  # each site's faults bite
+
+
+def _run(code: str, env: dict[str, str]) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+CHECK = """
+import torch
+from pytest_hwfault import native, quantize
+from pytest_hwfault.cifar_resnet import CifarResNet
+torch.manual_seed(0)
+x = torch.randn(6, 3, 32, 32)
+out = quantize(CifarResNet(8).eval(), x)(x)
+print(native.status(), '|', out.sum().item(), '|', (out * 1000).round().int().tolist()[0][:4])
+"""
+
+
+def test_without_a_compiler_or_switched_off_the_eager_chains_give_the_same_numbers(tmp_path) -> None:
+    off = _run(CHECK, {"PYTEST_HWFAULT_NATIVE": "0"})
+    no_compiler = _run(CHECK, {"CC": str(tmp_path / "no-such-compiler"), "PYTEST_HWFAULT_CACHE": str(tmp_path)})
+    assert off.startswith("eager: off (PYTEST_HWFAULT_NATIVE=0)")
+    assert no_compiler.startswith("eager: could not build") and "no-such-compiler" in no_compiler
+    assert off.split("|")[1:] == no_compiler.split("|")[1:]
+    if native.library() is not None:
+        on = _run(CHECK, {"PYTEST_HWFAULT_CACHE": str(tmp_path / "cache")})
+        assert on.startswith("native") and on.split("|")[1:] == off.split("|")[1:]
+        assert len(list((tmp_path / "cache").glob("fused-*.so"))) == 1  # built once, then read from the cache
+        assert _run(CHECK, {"PYTEST_HWFAULT_CACHE": str(tmp_path / "cache")}) == on
+
+
+@needs_native
+def test_a_library_that_disagrees_with_torch_is_not_used(tmp_path) -> None:
+    """Built with fast-math (NaN and signed-zero rules relaxed), the passes are caught by the check at load."""
+    code = ("from pytest_hwfault import native\n"
+            "native.FLAGS = native.FLAGS + ('-ffast-math',)\n"
+            "print(native.status())")
+    assert _run(code, {"PYTEST_HWFAULT_CACHE": str(tmp_path)}).startswith("eager: disagreed with torch")
