@@ -184,12 +184,21 @@ class QuantizedModel:
             acc_edit, act_edit = runtime.batch.get(acc_key), runtime.batch.get(act_key)
             # a faulty output zero point register (site qparams): every code shifts before saturation
             offset = runtime.zero_offsets.get(name, 0) if runtime.zero_offsets else 0
+            bias = layer.bias_codes
+            if acc_edit is not None:  # the accumulator's faults land after the bias is added
+                if bias is not None:
+                    acc.add_(bias)
+                    bias = None
+                runtime.strides[acc_key] = acc.stride()
+                acc = apply_edit_to(acc, acc_edit, acc_bits)
             # the whole chain below in one pass where it applies (`native`: the same numbers)
-            if acc_edit is None and not float_output and native.requantize(
-                    acc, layer.bias_codes, requant, bias_after, act_zero + offset if zero_first else None,
+            if not float_output and native.requantize(
+                    acc, bias, requant, bias_after, act_zero + offset if zero_first else None,
                     -act_zero if zero_first else (offset or None), act_low, act_high,
                     None if act_edit is not None or hands_on_codes else act_scale):
-                runtime.strides[acc_key] = runtime.strides[act_key] = acc.stride()
+                if acc_edit is None:
+                    runtime.strides[acc_key] = acc.stride()
+                runtime.strides[act_key] = acc.stride()
                 out = acc
                 if act_edit is not None:
                     out = apply_edit_to(out, act_edit, bits, act_zero, signed)
@@ -197,11 +206,10 @@ class QuantizedModel:
                         out.mul_(act_scale)
             else:
                 # The bias is added here, in place, not inside the conv: oneDNN's fused bias costs ~10x this pass.
-                if layer.bias_codes is not None:
-                    acc.add_(layer.bias_codes)
-                runtime.strides[acc_key] = acc.stride()
-                if acc_edit is not None:
-                    acc = apply_edit_to(acc, acc_edit, acc_bits)
+                if bias is not None:
+                    acc.add_(bias)
+                if acc_edit is None:
+                    runtime.strides[acc_key] = acc.stride()
                 if wide is not None and runtime_float32:
                     acc = acc.float()
                 # In place on the layer's own fresh result: torch's fake_quantize_per_tensor_affine is ~10x slower
