@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import Any
 
@@ -195,15 +195,15 @@ class QuantizedModel:
             if not float_output and native.requantize(
                     acc, bias, requant, bias_after, act_zero + offset if zero_first else None,
                     -act_zero if zero_first else (offset or None), act_low, act_high,
-                    None if act_edit is not None or hands_on_codes else act_scale):
+                    None if hands_on_codes else act_scale):
                 if acc_edit is None:
                     runtime.strides[acc_key] = acc.stride()
                 runtime.strides[act_key] = acc.stride()
                 out = acc
-                if act_edit is not None:
-                    out = apply_edit_to(out, act_edit, bits, act_zero, signed)
-                    if not hands_on_codes:
-                        out.mul_(act_scale)
+                if act_edit is not None:  # on the faulty values only: code = round(value / scale) exactly, and the
+                    # new code x scale is the float32 product the eager chain makes (no second pass over the tensor)
+                    out = apply_edit_to(out, act_edit if hands_on_codes else replace(act_edit, scale=act_scale), bits,
+                                        act_zero, signed)
             else:
                 # The bias is added here, in place, not inside the conv: oneDNN's fused bias costs ~10x this pass.
                 if bias is not None:
