@@ -73,3 +73,51 @@ void hw_requantize(float *acc, int64_t n, int64_t channels, int64_t inner, const
         }
     }
 }
+
+/* Rewrite the faulty codes of a tensor whose values are code x scale (inject.apply_edit: the same steps on the
+ * faulty positions only, in 64-bit integers, which give what torch's int32 or int64 ops give for codes up to 62
+ * bits). Per fault k at flat position linear[k] (unique): code = round(value / scale) (or the value itself where
+ * `unit`), raw = code + zero_point (its low `bits` bits, but for 8 bits, whose conversion to a byte keeps them),
+ * raw = ((raw & keep) | set) ^ flip, sign-extended where `is_signed`, minus zero_point, times scale. The fault words
+ * are int32 or int64 (`words_64`). Returns -1, having written nothing, when a position is outside 0..n-1 (torch's
+ * indexing then raises). */
+static inline int64_t word(const void *words, int words_64, int64_t k) {
+    return words_64 ? ((const int64_t *)words)[k] : (int64_t)((const int32_t *)words)[k];
+}
+
+int hw_apply_edit(float *flat, int64_t n, const int64_t *linear, int64_t count, const void *keep, const void *set,
+                  const void *flip, int words_64, int unit, float scale, int bits, int64_t zero_point,
+                  int is_signed) {
+    for (int64_t k = 0; k < count; k++)
+        if (linear[k] < 0 || linear[k] >= n)
+            return -1;
+    const int64_t mask = (int64_t)((UINT64_C(1) << bits) - 1), top = (int64_t)(UINT64_C(1) << (bits - 1));
+    for (int64_t k = 0; k < count; k++) {
+        const int64_t i = linear[k];
+        float v = flat[i];
+        if (!unit)
+            v = nearbyintf(v / scale);
+        int64_t raw = (int64_t)v + zero_point;
+        if (bits != 8)
+            raw &= mask;
+        if (keep)
+            raw &= word(keep, words_64, k);
+        if (set)
+            raw |= word(set, words_64, k);
+        if (flip)
+            raw ^= word(flip, words_64, k);
+        float out;
+        if (bits == 8) {
+            const uint8_t low = (uint8_t)raw;
+            out = is_signed ? (float)(int8_t)low : (float)low;
+        } else {
+            if (is_signed)
+                raw = (raw ^ top) - top;
+            out = (float)raw;
+        }
+        if (zero_point)
+            out = out - (float)zero_point;
+        flat[i] = unit ? out : out * scale;
+    }
+    return 0;
+}

@@ -34,6 +34,7 @@ from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
+from torch.autograd.graph import increment_version
 
 from .layout import is_dense
 
@@ -47,7 +48,9 @@ _SIGNATURES = {
     "hw_to_bytes": [_P, _P, _I, _F, _C],
     "hw_quantize_to_bytes": [_P, _P, _I, _F, _F, _F, _F, _C],
     "hw_requantize": [_P, _I, _I, _I, _P, _P, _P, _F, _F, _F, _F, _F, _C],
+    "hw_apply_edit": [_P, _I, _P, _I, _P, _P, _P, _C, _C, _F, _C, _I, _C],
 }
+_RETURNS = {"hw_apply_edit": ctypes.c_int}
 
 _UNBOUNDED = (float("-inf"), float("inf"))  # a clamp that is the identity, NaN included
 
@@ -100,7 +103,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     for name, argtypes in _SIGNATURES.items():
         function = getattr(lib, name)
-        function.argtypes, function.restype = argtypes, None
+        function.argtypes, function.restype = argtypes, _RETURNS.get(name)
     return lib
 
 
@@ -250,6 +253,37 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
                             threads)
                 if not _same_bits(got, want):
                     return f"requantize with inner {inner}, bias {bias is not None}, steps {pre, post}"
+    return _check_edits(lib)
+
+
+def _check_edits(lib: ctypes.CDLL) -> str | None:
+    """hw_apply_edit against `inject.apply_edit` on torch's ops: widths 4, 8 and 16, signed and unsigned, zero
+    points, codes and values (code x scale), every kind of fault."""
+    from .inject import Edit, apply_edit  # inject calls this module: imported here, once
+
+    generator = torch.Generator().manual_seed(16)
+    for bits, signed, zero_point, scale in ((8, True, 0, 1.0), (8, True, 0, 0.0173), (8, False, 128, 0.05),
+                                            (4, True, 0, 0.31), (16, True, 3, 1.0), (4, False, 7, 1.0),
+                                            (32, True, 0, 1.0), (24, False, 5, 1.0)):
+        half = 1 << (bits - 1)
+        low, high = (-half, half - 1) if signed else (-zero_point, (1 << bits) - 1 - zero_point)
+        codes = torch.randint(low, high + 1, (5000,), generator=generator).float()
+        flat = codes * scale if scale != 1.0 else codes
+        linear = torch.randperm(5000, generator=generator)[:1500]
+        for dtype in (torch.int32, torch.int64):
+            word = torch.randint(0, 1 << min(bits, 31), (3, 1500), generator=generator).to(dtype)
+            for keep, set_, flip in ((None, None, word[2]), (~word[0], word[0] & word[1], None),
+                                     (~word[0], None, word[2])):
+                edit = Edit(linear, keep, set_, flip, scale)
+                want, got = flat.clone(), flat.clone()
+                with disabled():
+                    apply_edit(want, edit, bits, zero_point, signed)
+                status = lib.hw_apply_edit(got.data_ptr(), got.numel(), linear.data_ptr(), len(linear),
+                                           *(None if t is None else t.data_ptr() for t in (keep, set_, flip)),
+                                           dtype == torch.int64, scale == 1.0, scale, bits, zero_point, signed)
+                if status != 0 or not _same_bits(got, want):
+                    return (f"fault edits of {bits}-bit codes (signed {signed}, zero point {zero_point}, scale "
+                            f"{scale}, {dtype} words)")
     return None
 
 
@@ -275,6 +309,7 @@ def quantize(x: torch.Tensor, out: torch.Tensor, inv_scale: float, low: float | 
         return False
     bounds = _UNBOUNDED if low is None or high is None else (low, high)
     lib.hw_quantize(x.data_ptr(), out.data_ptr(), x.numel(), inv_scale, *bounds, torch.get_num_threads())
+    increment_version(out)  # written in place, as torch's ops count it
     return True
 
 
@@ -290,6 +325,7 @@ def quantize_to_bytes(x: torch.Tensor, out: torch.Tensor, inv_scale: float, low:
     bounds = _UNBOUNDED if low is None or high is None else (low, high)
     lib.hw_quantize_to_bytes(x.data_ptr(), out.data_ptr(), x.numel(), inv_scale, *bounds, float(offset),
                              torch.get_num_threads())
+    increment_version(out)  # written in place, as torch's ops count it
     return True
 
 
@@ -301,6 +337,7 @@ def to_bytes(x: torch.Tensor, out: torch.Tensor, offset: int) -> bool:
             or x.shape != out.shape or x.stride() != out.stride() or x.numel() == 0):
         return False
     lib.hw_to_bytes(x.data_ptr(), out.data_ptr(), x.numel(), float(offset), torch.get_num_threads())
+    increment_version(out)  # written in place, as torch's ops count it
     return True
 
 
@@ -347,6 +384,7 @@ def requantize(acc: torch.Tensor, bias: torch.Tensor | None, multiplier: torch.T
     dim, channels = found
     _requantize(lib, acc, acc.stride(dim) if channels > 1 else 1, channels, bias, multiplier, bias_after, pre_round,
                 post_round, low, high, scale, torch.get_num_threads())
+    increment_version(acc)  # written in place, as torch's ops count it
     return True
 
 
@@ -360,3 +398,29 @@ def _requantize(lib: ctypes.CDLL, acc: torch.Tensor, inner: int, channels: int, 
     lib.hw_requantize(acc.data_ptr(), acc.numel(), channels, inner, *(t.data_ptr() for t in arrays),
                       -0.0 if pre_round is None else pre_round, -0.0 if post_round is None else post_round,
                       low, high, 1.0 if scale is None else scale, threads)
+
+
+def apply_edit(flat: torch.Tensor, linear: torch.Tensor, keep: torch.Tensor | None, set_: torch.Tensor | None,
+               flip: torch.Tensor | None, scale: object, bits: int, zero_point: int, signed: bool) -> bool:
+    """`inject.apply_edit` on a flat float32 tensor in one pass over its faulty positions (no per-op dispatch: at a
+    high BER that is most of a trial's editing); False, having done nothing, where it does not apply (a per-code
+    scale, codes wider than 62 bits, other dtypes, a position out of range: torch's ops then run, and raise)."""
+    lib = _active()
+    if (lib is None or not isinstance(scale, float) or bits > 62 or flat.dtype != torch.float32
+            or flat.device.type != "cpu" or flat.dim() != 1 or flat.stride(0) != 1 or flat.requires_grad
+            or linear.dtype != torch.int64 or linear.device.type != "cpu" or not linear.is_contiguous()):
+        return False
+    count = linear.numel()
+    words = [t for t in (keep, set_, flip) if t is not None]
+    dtype = words[0].dtype if words else torch.int32
+    if dtype not in (torch.int32, torch.int64) or not all(
+            t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and t.numel() == count for t in words):
+        return False
+    status = lib.hw_apply_edit(flat.data_ptr(), flat.numel(), linear.data_ptr(), count,
+                               *(None if t is None else t.data_ptr() for t in (keep, set_, flip)),
+                               dtype == torch.int64, scale == 1.0, scale, bits, zero_point, signed)
+    if status != 0:
+        return False
+    # an in-place edit, as torch's ops would have counted it: the int8 kernels repack a weight when its version moves
+    increment_version(flat)
+    return True

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pytest_hwfault import FaultModel, native, quantize
 from pytest_hwfault.cifar_resnet import CifarResNet, recalibrate_bn
 from pytest_hwfault.faults import sample_pattern, trial_generator
+from pytest_hwfault.inject import Edit, apply_edit
 
 needs_native = pytest.mark.skipif(native.library() is None, reason=f"fused passes unavailable: {native.status()}")
 PROPERTY = settings(max_examples=60, deadline=None)
@@ -128,6 +129,39 @@ def test_requantize_equals_the_eager_chain(case: tuple[torch.Tensor, int], data:
     got = acc.clone()
     with threads(n_threads):
         assert native.requantize(got, bias_t, multiplier, bias_after, pre, post, low, high, scale)
+    assert same_bits(got, want)
+
+
+@needs_native
+@PROPERTY
+@given(bits=st.sampled_from([2, 4, 8, 12, 16, 24, 32]), signed=st.booleans(), data=st.data(),
+       scale=st.sampled_from([1.0, 0.0173, 0.5, 3.75]), wide_words=st.booleans())
+def test_fault_edits_equal_torchs(bits: int, signed: bool, data: st.DataObject, scale: float,
+                                  wide_words: bool) -> None:
+    """`inject.apply_edit` with the fused pass and on torch's ops, on codes or values (code x scale), with stuck-at
+    and flip words of either width, zero points and positions in any order."""
+    zero_point = 0 if signed else data.draw(st.integers(0, min(255, (1 << bits) - 1)), label="zero point")
+    half = 1 << (bits - 1)
+    low, high = (-half, half - 1) if signed else (-zero_point, (1 << bits) - 1 - zero_point)
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    size = data.draw(st.sampled_from([7, 300, 5000]), label="size")
+    codes = torch.randint(low, high + 1, (size,), generator=generator).float()
+    flat = codes * scale if scale != 1.0 else codes
+    linear = torch.randperm(size, generator=generator)[: data.draw(st.integers(1, size), label="faults")]
+    dtype = torch.int64 if wide_words else torch.int32
+    word = torch.randint(0, 1 << min(bits, 31), (3, len(linear)), generator=generator).to(dtype)
+    keep, set_, flip = data.draw(st.sampled_from([(None, None, word[2]), (~word[0], word[0] & word[1], None),
+                                                  (~word[0], None, word[2]), (None, word[1], None)]), label="kind")
+    edit = Edit(linear, keep, set_, flip, scale)
+    want, got = flat.clone(), flat.clone()
+    with native.disabled():
+        apply_edit(want, edit, bits, zero_point, signed)
+    assert native.apply_edit(got, linear, keep, set_, flip, scale, bits, zero_point, signed)
+    assert same_bits(got, want)
+    assert got._version == want._version > 0  # counted as an in-place edit (the int8 kernels repack on it)
+    # a position out of range writes nothing (torch's indexing then raises)
+    assert not native.apply_edit(got, torch.tensor([0, size]), None, None, word[2][:2], scale, bits, zero_point,
+                                 signed)
     assert same_bits(got, want)
 
 
