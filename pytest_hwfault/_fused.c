@@ -87,11 +87,14 @@ static inline int64_t word(const void *words, int words_64, int64_t k) {
 
 int hw_apply_edit(float *flat, int64_t n, const int64_t *linear, int64_t count, const void *keep, const void *set,
                   const void *flip, int words_64, int unit, float scale, int bits, int64_t zero_point,
-                  int is_signed) {
+                  int is_signed, int threads) {
     for (int64_t k = 0; k < count; k++)
         if (linear[k] < 0 || linear[k] >= n)
             return -1;
     const int64_t mask = (int64_t)((UINT64_C(1) << bits) - 1), top = (int64_t)(UINT64_C(1) << (bits - 1));
+    /* the positions are unique: no two threads write one element. Scattered over a large tensor, each fault is a
+     * cache miss, which a second thread overlaps */
+#pragma omp parallel for num_threads(threads) schedule(static) if (count >= 8192)
     for (int64_t k = 0; k < count; k++) {
         const int64_t i = linear[k];
         float v = flat[i];

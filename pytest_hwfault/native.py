@@ -48,7 +48,7 @@ _SIGNATURES = {
     "hw_to_bytes": [_P, _P, _I, _F, _C],
     "hw_quantize_to_bytes": [_P, _P, _I, _F, _F, _F, _F, _C],
     "hw_requantize": [_P, _I, _I, _I, _P, _P, _P, _F, _F, _F, _F, _F, _C],
-    "hw_apply_edit": [_P, _I, _P, _I, _P, _P, _P, _C, _C, _F, _C, _I, _C],
+    "hw_apply_edit": [_P, _I, _P, _I, _P, _P, _P, _C, _C, _F, _C, _I, _C, _C],
 }
 _RETURNS = {"hw_apply_edit": ctypes.c_int}
 
@@ -257,8 +257,8 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
 
 
 def _check_edits(lib: ctypes.CDLL) -> str | None:
-    """hw_apply_edit against `inject.apply_edit` on torch's ops: widths 4, 8 and 16, signed and unsigned, zero
-    points, codes and values (code x scale), every kind of fault."""
+    """hw_apply_edit against `inject.apply_edit` on torch's ops: widths 4 to 32, signed and unsigned, zero points,
+    codes and values (code x scale), every kind of fault, int32 and int64 fault words, enough faults for threads."""
     from .inject import Edit, apply_edit  # inject calls this module: imported here, once
 
     generator = torch.Generator().manual_seed(16)
@@ -267,11 +267,11 @@ def _check_edits(lib: ctypes.CDLL) -> str | None:
                                             (32, True, 0, 1.0), (24, False, 5, 1.0)):
         half = 1 << (bits - 1)
         low, high = (-half, half - 1) if signed else (-zero_point, (1 << bits) - 1 - zero_point)
-        codes = torch.randint(low, high + 1, (5000,), generator=generator).float()
+        codes = torch.randint(low, high + 1, (20000,), generator=generator).float()
         flat = codes * scale if scale != 1.0 else codes
-        linear = torch.randperm(5000, generator=generator)[:1500]
+        linear = torch.randperm(20000, generator=generator)[:9000]
         for dtype in (torch.int32, torch.int64):
-            word = torch.randint(0, 1 << min(bits, 31), (3, 1500), generator=generator).to(dtype)
+            word = torch.randint(0, 1 << min(bits, 31), (3, 9000), generator=generator).to(dtype)
             for keep, set_, flip in ((None, None, word[2]), (~word[0], word[0] & word[1], None),
                                      (~word[0], None, word[2])):
                 edit = Edit(linear, keep, set_, flip, scale)
@@ -280,7 +280,8 @@ def _check_edits(lib: ctypes.CDLL) -> str | None:
                     apply_edit(want, edit, bits, zero_point, signed)
                 status = lib.hw_apply_edit(got.data_ptr(), got.numel(), linear.data_ptr(), len(linear),
                                            *(None if t is None else t.data_ptr() for t in (keep, set_, flip)),
-                                           dtype == torch.int64, scale == 1.0, scale, bits, zero_point, signed)
+                                           dtype == torch.int64, scale == 1.0, scale, bits, zero_point, signed,
+                                           max(2, torch.get_num_threads()))
                 if status != 0 or not _same_bits(got, want):
                     return (f"fault edits of {bits}-bit codes (signed {signed}, zero point {zero_point}, scale "
                             f"{scale}, {dtype} words)")
@@ -418,7 +419,8 @@ def apply_edit(flat: torch.Tensor, linear: torch.Tensor, keep: torch.Tensor | No
         return False
     status = lib.hw_apply_edit(flat.data_ptr(), flat.numel(), linear.data_ptr(), count,
                                *(None if t is None else t.data_ptr() for t in (keep, set_, flip)),
-                               dtype == torch.int64, scale == 1.0, scale, bits, zero_point, signed)
+                               dtype == torch.int64, scale == 1.0, scale, bits, zero_point, signed,
+                               torch.get_num_threads())
     if status != 0:
         return False
     # an in-place edit, as torch's ops would have counted it: the int8 kernels repack a weight when its version moves
