@@ -43,6 +43,20 @@ from .systolic import Array, PEFault, layer_error, on_array
 # (1e-3) 9.3 vs 54 ms; at 100 (1e-5) 2.1 vs 1.0 ms.
 PER_TENSOR_FAULTS = 512
 
+CONTROL_FLOW = ("the model's control flow depends on its input or batch size, so some inputs would run compute that "
+                "is not quantized and that no fault reaches; pytest-hwfault gates models whose forward runs the same "
+                "layers for every batch")
+
+class UnsupportedModelError(ValueError):
+    """A model the engine cannot quantize faithfully (its dtype, TorchScript, parametrized weights): the message
+    says why and what to pass instead."""
+
+
+class ControlFlowError(UnsupportedModelError):
+    """The model's forward ran other layers, or other modules, than when it was quantized: its control flow depends
+    on its input or batch, so some inputs would run unquantized compute that no fault reaches."""
+
+
 class SiteUnreachableError(ValueError):
     """A fault site that cannot reach part of the model's compute (e.g. site pe on layers no systolic array
     computes): refused, naming what it misses, rather than judged on the rest."""
@@ -132,8 +146,8 @@ class QuantizedModel:
         def to_input_codes(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             call = runtime.calls.get(name, 0)
             if call >= calls:
-                raise RuntimeError(f"layer {name!r} ran more than the {calls} time(s) per forward pass it ran while "
-                                   "it was calibrated: the model's control flow depends on its input")
+                raise ControlFlowError(f"layer {name!r} ran more than the {calls} time(s) per forward pass it ran "
+                                       f"while it was calibrated: {CONTROL_FLOW}")
             codes = []
             for operand, inv_scale in enumerate(inv_input_scales):
                 x, part = args[operand], call * operands + operand
@@ -395,19 +409,29 @@ class QuantizedModel:
         return self.run_batch(x, self.prepare(faults, image_offset, image_offset + len(x)))
 
     def run_batch(self, x: Batch, edits: dict[tuple[Any, ...], Edit]) -> torch.Tensor:
-        """Quantized forward of one batch with prepared transient edits (see `prepare`)."""
+        """Quantized forward of one batch with prepared transient edits (see `prepare`); refused where the forward
+        did not run every layer as often as it did while calibrated (a branch that skips quantized layers)."""
         args, kwargs = as_args(x.to(self.device))
-        return self.run_graph(self.module, args, edits, kwargs)
+        ran: dict[str, int] = {}
+        out = self.run_graph(self.module, args, edits, kwargs, ran)
+        if len(ran) != len(self.layers) or any(ran.get(name, 0) != layer.calls for name, layer in self.layers.items()):
+            name = next(n for n, layer in self.layers.items() if ran.get(n, 0) != layer.calls)
+            raise ControlFlowError(f"layer {name!r} ran {ran.get(name, 0)} time(s) in a forward pass of "
+                                   f"{len(next(iter(args), x))} input(s) where it ran {self.layers[name].calls} "
+                                   f"while it was calibrated: {CONTROL_FLOW}")
+        return out
 
     def run_graph(self, module: nn.Module, args: tuple[Any, ...], edits: dict[tuple[Any, ...], Edit],
-                  kwargs: dict[str, Any] | None = None) -> Any:
+                  kwargs: dict[str, Any] | None = None, ran: dict[str, int] | None = None) -> Any:
         """Call `module` (a graph over this view's layers, such as a torch.fx suffix of it) with prepared transient
-        edits active, as `run_batch` does for the whole model."""
+        edits active, as `run_batch` does for the whole model; `ran` receives how often each layer ran."""
         self._runtime.batch, self._runtime.calls = edits, {}
         try:
             with torch.inference_mode(), exact_float32(self.device), self.dispatch():
                 return module(*args, **(kwargs or {}))
         finally:
+            if ran is not None:
+                ran.update(self._runtime.calls)
             self._runtime.batch, self._runtime.calls = {}, {}
 
     def dispatch(self) -> Any:

@@ -53,7 +53,7 @@ from .functional import FunctionalPlan, discover, quantized_forward
 from .graph import code_links, fold_batchnorm
 from .identity import state_checksum
 from .kernels import KERNELS
-from .qmodel import QuantizedModel, QuantLayer, exact_float32
+from .qmodel import CONTROL_FLOW, ControlFlowError, QuantizedModel, QuantLayer, UnsupportedModelError, exact_float32
 from .spec import MAX_WEIGHT_ACT_BITS, acc_bits_for
 
 __all__ = ["NoQuantizableLayerError", "QuantLayer", "QuantizedModel", "UnsupportedModelError", "exact_float32",
@@ -70,11 +70,6 @@ _PERCENTILE_SAMPLES_PER_BATCH = 1 << 16
 
 class NoQuantizableLayerError(ValueError):
     pass
-
-
-class UnsupportedModelError(ValueError):
-    """A model the engine cannot quantize faithfully (its dtype, TorchScript, parametrized weights): the message
-    says why and what to pass instead."""
 
 
 def quantize(
@@ -173,6 +168,9 @@ def quantize(
         # A module whose weight or bias something else reads (which would see codes) is left out the same way:
         # its calls become functional layers with their own copy of the weight.
         plan, ran, not_layers = discover(work, first_batch[0].to(device), candidates)
+        for name, module in candidates.items():  # a branch the first batch did not take would run in float
+            if name not in ran and name not in not_layers:  # (a module left out ran: its calls are layers)
+                module.register_forward_pre_hook(_refuse_unseen(name))
         candidates = {name: m for name, m in candidates.items() if name in ran and name not in not_layers}
         candidates.update(plan.layers())
     if not candidates:
@@ -237,10 +235,11 @@ def quantize(
                     calls_per_batch = dict(calls)
                 elif calls != calls_per_batch:
                     name = next(n for n in {*calls, *calls_per_batch} if calls.get(n) != calls_per_batch.get(n))
-                    raise ValueError(f"layer {name!r} ran {calls_per_batch.get(name, 0)} times in the first "
-                                     f"calibration batch and {calls.get(name, 0)} times in batch {batches + 1}: "
-                                     "faults are placed per call, so every forward pass must run each layer "
-                                     "equally often (pad sequences to one length)")
+                    raise ControlFlowError(
+                        f"layer {name!r} ran {calls_per_batch.get(name, 0)} times in the first calibration batch and "
+                        f"{calls.get(name, 0)} times in batch {batches + 1}: faults are placed per call, so every "
+                        f"forward pass must run each layer equally often (pad sequences to one length); "
+                        f"{CONTROL_FLOW}")
                 calls.clear()
                 batches += 1
     finally:
@@ -409,6 +408,17 @@ def _broadcast(layer: QuantLayer, per_channel: torch.Tensor) -> torch.Tensor:
     """A per-output-channel tensor shaped to broadcast over a batch of the layer's outputs."""
     shape = (-1,) if layer.channel_axis == -1 else (-1, *([1] * (len(layer.output_shape) - 1)))
     return per_channel.reshape(shape)
+
+
+def _refuse_unseen(name: str) -> Any:
+    """A pre-hook for a module that did not run on the first calibration batch, so is not a layer: should it run
+    later (another batch taking another branch), its MACs would run in float, out of every fault's reach."""
+
+    def refuse(module: nn.Module, args: tuple[Any, ...]) -> None:
+        raise ControlFlowError(f"module {name!r} ({type(module).__qualname__}) runs in this forward pass but did not "
+                               f"run on the first calibration batch, so it is not quantized: {CONTROL_FLOW}")
+
+    return refuse
 
 
 def refuse_torchscript(model: nn.Module, source_name: str) -> None:

@@ -189,6 +189,23 @@ def test_dropout_left_on(hwfault, model, val_data):
     hwfault.assess(_DropoutLeftOn(model), val_data)
 
 
+class _BatchBranch(torch.nn.Module):
+    """Another branch for small batches, as a campaign runs its faulty images: they would run in float."""
+
+    def __init__(self, inner):
+        super().__init__()
+        import copy
+        self.inner, self.small = inner, copy.deepcopy(inner)
+
+    def forward(self, x):
+        return self.inner(x) if len(x) > 32 else self.small(x)
+
+
+@resilience(ber=1e-4, site="act", max_drop=0.5, budget=8)
+def test_batch_dependent_branch(hwfault, model, val_data):
+    hwfault.assess(_BatchBranch(model), val_data)
+
+
 @resilience(ber=1e-4, site="act", max_drop=0.5, budget=8)
 def test_bfloat16_model(hwfault, model, val_data):
     import copy

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pytest_hwfault.faults import FaultPattern, Site
+from pytest_hwfault.qmodel import ControlFlowError
 from pytest_hwfault.quantization import NoQuantizableLayerError, QuantizedModel, quantize, state_checksum
 
 pytestmark = pytest.mark.usefixtures("single_threaded")  # tiny tensors: one thread is fastest
@@ -507,3 +508,50 @@ def test_tf32_is_off_during_a_cuda_forward_and_restored_after() -> None:
         assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+class BatchBranch(nn.Module):
+    """A forward that takes another branch for small batches (as a campaign runs its faulty images alone): `small`
+    replaces `big`, or, with `extra`, runs after it."""
+
+    def __init__(self, extra: bool = False) -> None:
+        super().__init__()
+        self.extra = extra
+        self.big, self.small = nn.Linear(64, 10), nn.Linear(10 if extra else 64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.extra:
+            out = self.big(x)
+            return self.small(out) if len(x) <= 32 else out
+        return self.big(x) if len(x) > 32 else self.small(x)
+
+
+@pytest.mark.parametrize("extra", [False, True])
+def test_a_branch_the_calibration_did_not_take_is_refused(extra: bool, digits) -> None:
+    """A module that did not run on the first calibration batch is no layer: where a later batch runs it, its MACs
+    would run in float, out of every fault's reach. Refused, naming it, instead of counted as unfaulted."""
+    torch.manual_seed(0)
+    model = BatchBranch(extra).eval()
+    qmodel = quantize(model, digits.x_train[:256])
+    assert list(qmodel.layers) == ["big"]
+    qmodel(digits.x_test[:64])  # the branch it was calibrated on
+    with pytest.raises(ControlFlowError, match=r"module 'small' \(Linear\) runs in this forward pass but did not run "
+                                               r"on the first calibration batch.*control flow depends on its input"):
+        qmodel(digits.x_test[:8])
+
+
+def test_a_layer_a_branch_skips_is_refused(digits) -> None:
+    """Calibrated on small batches (both Linears run), a big batch skips `small`: faults meant for it go nowhere."""
+    torch.manual_seed(0)
+    qmodel = quantize(BatchBranch(extra=True).eval(), digits.x_train[:256], batch_size=16)
+    assert list(qmodel.layers) == ["big", "small"]
+    qmodel(digits.x_test[:16])
+    with pytest.raises(ControlFlowError, match=r"layer 'small' ran 0 time\(s\) in a forward pass of 64 input\(s\) "
+                                               r"where it ran 1 while it was calibrated"):
+        qmodel(digits.x_test[:64])
+
+
+def test_calibration_batches_that_run_other_modules_are_refused(digits) -> None:
+    torch.manual_seed(0)
+    with pytest.raises(ControlFlowError, match=r"module 'small' .* did not run on the first calibration batch"):
+        quantize(BatchBranch().eval(), digits.x_train[:280], batch_size=64)  # the last batch: 24 images
