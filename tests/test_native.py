@@ -270,6 +270,20 @@ def test_without_a_compiler_or_switched_off_the_eager_chains_give_the_same_numbe
 
 
 @needs_native
+def test_a_compiler_without_openmp_builds_single_threaded_passes(tmp_path) -> None:
+    """Apple's clang has no -fopenmp: the passes are built without it (the pragmas ignored), and give the same
+    numbers."""
+    wrapper = tmp_path / "cc-without-openmp"
+    wrapper.write_text('#!/bin/sh\nfor arg in "$@"; do\n  [ "$arg" = -fopenmp ] && { echo "unsupported option '
+                       "'-fopenmp'\" >&2; exit 1; }\ndone\nexec " + native._compiler() + ' "$@"\n')
+    wrapper.chmod(0o755)
+    built = _run(CHECK, {"CC": str(wrapper), "PYTEST_HWFAULT_CACHE": str(tmp_path / "cache")})
+    off = _run(CHECK, {"PYTEST_HWFAULT_NATIVE": "0"})
+    assert built.startswith("native") and built.split("|")[1:] == off.split("|")[1:]
+    assert "GOMP" not in (next((tmp_path / "cache").glob("fused-*.so"))).read_bytes().decode("latin-1")
+
+
+@needs_native
 def test_a_library_that_disagrees_with_torch_is_not_used(tmp_path) -> None:
     """Built with fast-math (NaN and signed-zero rules relaxed), the passes are caught by the check at load."""
     code = ("from pytest_hwfault import native\n"
