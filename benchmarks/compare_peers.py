@@ -27,9 +27,9 @@ Variants (all on the same model weights and the same input batch):
 - mrfi_valuewise the same with quantization `layerwise: False`: only the selected values are quantized, flipped and
                  dequantized; the rest of the tensor stays float (MRFI's cheapest int8 bit-flip mode).
 
-Targets: ours_act / float <= 1.10; our flips/s / MRFI flips/s >= 4 (against `mrfi`, the whole-tensor int8 mode; the
-ratio against `mrfi_valuewise` is printed too). A peer that cannot run here is reported with the error and skipped;
-its numbers are absent, never estimated.
+Targets: ours_act / float <= 1.10; our flips/s / MRFI flips/s >= 3 (issue 16; against `mrfi`, the whole-tensor int8
+mode; the ratio against `mrfi_valuewise` is printed too). A peer that cannot run here is reported with the error and
+skipped; its numbers are absent, never estimated.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ PYTORCHFI_RANGE_MARGIN = 1.01  # pytorchfi's int8 flip asserts when |value| reac
 MRFI_SELECTOR = "HwfaultCountedRandomPositionByRate"
 
 TARGET_ACT_VS_FLOAT = 1.10
-TARGET_FLIPS_VS_MRFI = 4.0
+TARGET_FLIPS_VS_MRFI = 3.0  # issue 16 (an earlier 4x was judged infeasible for an engine that ran in float)
 
 
 @dataclass
