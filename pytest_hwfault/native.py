@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,6 +82,18 @@ def _cache_dir() -> Path:
     return Path(base) / "pytest-hwfault"
 
 
+_SMOKE = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+n = 4096
+x, out = (ctypes.c_float * n)(*[i * 0.37 - 700.0 for i in range(n)]), (ctypes.c_float * n)()
+lib.hw_quantize.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_float,
+                            ctypes.c_float, ctypes.c_int]
+lib.hw_quantize(x, out, n, ctypes.c_float(2.5), ctypes.c_float(-128.0), ctypes.c_float(127.0), 1)
+assert out[0] == -128.0 and out[n - 1] == 127.0
+"""
+
+
 def _build(compiler: str) -> Path:
     """The compiled library, from the cache or compiled now (raises OSError/CalledProcessError on failure)."""
     source = SOURCE.read_bytes()
@@ -102,6 +115,9 @@ def _build(compiler: str) -> Path:
             try:
                 subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], check=True,
                                capture_output=True, text=True, timeout=300)
+                # run once in a child: an instruction this CPU (or its hypervisor) refuses kills the child, not us
+                subprocess.run([sys.executable, "-c", _SMOKE, str(built)], check=True, capture_output=True, text=True,
+                               timeout=120)
                 break
             except subprocess.CalledProcessError as error:
                 failure = failure or error

@@ -284,6 +284,21 @@ def test_a_compiler_without_openmp_builds_single_threaded_passes(tmp_path) -> No
 
 
 @needs_native
+def test_a_build_that_dies_on_this_cpu_is_replaced_by_a_generic_one(tmp_path) -> None:
+    """A -march=native build whose instructions the CPU refuses (simulated: an illegal instruction when it loads)
+    kills only the child that tries it once; the generic build is used, with the same numbers."""
+    trap = tmp_path / "illegal_on_load.c"
+    trap.write_text("__attribute__((constructor)) static void die_on_load(void) { __builtin_trap(); }\n")
+    wrapper = tmp_path / "cc-native-dies"
+    wrapper.write_text(f'#!/bin/sh\ncase " $* " in\n  *" -march=native "*) exec {native._compiler()} "$@" {trap} ;;\n'
+                       f'esac\nexec {native._compiler()} "$@"\n')
+    wrapper.chmod(0o755)
+    built = _run(CHECK, {"CC": str(wrapper), "PYTEST_HWFAULT_CACHE": str(tmp_path / "cache")})
+    off = _run(CHECK, {"PYTEST_HWFAULT_NATIVE": "0"})
+    assert built.startswith("native") and built.split("|")[1:] == off.split("|")[1:]
+
+
+@needs_native
 def test_a_library_that_disagrees_with_torch_is_not_used(tmp_path) -> None:
     """Built with fast-math (NaN and signed-zero rules relaxed), the passes are caught by the check at load."""
     code = ("from pytest_hwfault import native\n"
