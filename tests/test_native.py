@@ -218,12 +218,33 @@ def _resnet() -> tuple[torch.nn.Module, torch.Tensor]:
     return recalibrate_bn(CifarResNet(14), x), x
 
 
+class OddConvs(torch.nn.Module):
+    """A dilated conv, a strided depthwise conv, a 1x1 conv of odd width, a Conv1d (row-major accumulators: the
+    requantization's other loop) and a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.c1, self.dw = nn.Conv2d(3, 12, 3, padding=2, dilation=2), nn.Conv2d(12, 12, 3, 2, 1, groups=12)
+        self.c3, self.c1d, self.fc = nn.Conv2d(12, 7, 1), nn.Conv1d(7, 5, 3, padding=1), nn.Linear(5 * 64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c3(torch.relu(self.dw(torch.relu(self.c1(x))))).flatten(2)
+        return self.fc(torch.tanh(self.c1d(h)).flatten(1))
+
+
+def _odd() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return OddConvs().eval(), torch.randn(20, 3, 16, 16)
+
+
 @needs_native
 @pytest.mark.parametrize("kernel", ["auto", "emulated"])
-def test_trials_are_the_same_with_and_without_the_fused_passes(kernel: str) -> None:
+@pytest.mark.parametrize("case", ["resnet", "odd convs, asymmetric"])
+def test_trials_are_the_same_with_and_without_the_fused_passes(kernel: str, case: str) -> None:
     """Every site's trial, and what the hooks recorded about each tensor's layout, with the passes on and off."""
-    model, x = _resnet()
-    qmodel = quantize(model, x, kernel=kernel)
+    model, x = _resnet() if case == "resnet" else _odd()
+    qmodel = quantize(model, x, kernel=kernel, act_scheme="symmetric" if case == "resnet" else "asymmetric")
     patterns = [None]
     for number, site in enumerate(("act", "weight", "acc", "input", "qparams")):
         fault_model = FaultModel(site, 1e-3)
