@@ -169,6 +169,12 @@ def status() -> str:
     return "native" if library() is not None else f"eager: {_why_not}"
 
 
+def switch_off() -> None:
+    """The eager chains everywhere in this process from now on (`--hwfault-native=off`)."""
+    global _switched_off
+    _switched_off = True
+
+
 @contextmanager
 def disabled() -> Iterator[None]:
     """Every caller runs its eager chain inside (for tests that compare both ways)."""

@@ -10,6 +10,7 @@ import argparse
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +53,9 @@ OPT_CACHE = "--hwfault-cache-mb"
 OPT_XDIST_SHARDS = "--hwfault-xdist-shards"
 OPT_ALLOW_NEW = "--hwfault-compare-allow-new"
 OPT_ADVISE = "--hwfault-advise"
+OPT_NATIVE = "--hwfault-native"
+NATIVE_MODES = ("auto", "off")
+NATIVE_ENV_SWITCH = "PYTEST_HWFAULT_NATIVE"  # = native.ENV_SWITCH (that module imports torch: not at start-up)
 DEVICES = ("cpu", "cuda", "auto")
 INCONCLUSIVE_POLICIES = ("fail", "pass")
 
@@ -148,6 +152,9 @@ _VALUED_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], Any, str], ...] = (
      "python -m pytest_hwfault.report merge"),
     (OPT_CACHE, "hwfault_cache_mb", _non_negative_int, 256,
      "memory (MiB) per campaign for late start's cache of fault-free values; 0 turns late start off"),
+    (OPT_NATIVE, "hwfault_native", _choice(NATIVE_MODES), "auto",
+     "the engine's fused native passes: auto (compiled with the machine's C compiler where one is found) or off "
+     "(torch's eager ops: the same numbers, slower)"),
     (OPT_XDIST_SHARDS, "hwfault_xdist_shards", _xdist_shards, "workers",
      "under xdist, the shard items each campaign becomes: 'workers' (default: one per worker, for a few long "
      "campaigns) or N; 1 runs each campaign whole on one worker, side by side with the others (for suites of "
@@ -171,6 +178,7 @@ class Settings:
     shard: Slice
     cache_mb: int
     xdist_shards: str = "workers"
+    native: str = "auto"
     compare_allow_new: bool = False
     html: str | None = None
     advise: bool = False
@@ -280,6 +288,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     settings = _settings(config)
     config.stash[SETTINGS_KEY] = settings
+    if settings.native == "off":  # `native.ENV_SWITCH`, read when the passes are first used; workers inherit it
+        os.environ[NATIVE_ENV_SWITCH] = "0"
+        native = sys.modules.get("pytest_hwfault.native")  # imported already (it imports torch): switch it too
+        if native is not None:
+            native.switch_off()
     if settings.enabled and not _is_worker(config):
         _check_settings(settings)
     config.stash[STATE_KEY] = SessionState()

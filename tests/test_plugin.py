@@ -104,6 +104,35 @@ def test_gate(hwfault, model, val_data):
     assert records[0] == records[1]
 
 
+def test_native_option_switches_the_fused_passes_off_with_the_same_numbers(suite: pytest.Pytester) -> None:
+    """--hwfault-native=off (and its ini twin) runs torch's eager chains in every process, xdist workers included,
+    and the campaign's numbers do not move."""
+    suite.makepyfile(test_gate='''
+from pytest_hwfault import resilience
+
+@resilience(ber=1e-3, site="act", min_acc=0.5, budget=8, first=8)
+def test_gate(hwfault, model, val_data, record_property):
+    hwfault.assess(model, val_data)
+    from pytest_hwfault import native
+    record_property("native", native.status())
+''')
+    runs = {}
+    for label, args in (("default", ()), ("off", ("--hwfault-native=off",)), ("off_n2", ("--hwfault-native=off",
+                                                                                          "-n", "2")),
+                        ("ini", ("-o", "hwfault_native=off"))):
+        report, junit = suite.path / f"{label}.json", suite.path / f"{label}.xml"
+        _run(suite, "--hwfault", *args, f"--hwfault-report={report}", f"--junitxml={junit}").assert_outcomes(
+            passed=2 if label == "off_n2" else 1)
+        statuses = [p.get("value") for p in ET.parse(junit).iter("property") if p.get("name") == "native"]
+        runs[label] = ([{k: c[k] for k in ("trials", "accuracy", "ci_low", "ci_high", "verdict")}
+                        for c in json.loads(report.read_text())["campaigns"]], statuses)
+    from pytest_hwfault import native
+
+    assert all(status.startswith("eager: off") for label in ("off", "off_n2", "ini") for status in runs[label][1])
+    assert len(runs["off_n2"][1]) == 2 and runs["default"][1] == [native.status()]  # as here: same machine
+    assert runs["default"][0] == runs["off"][0] == runs["off_n2"][0] == runs["ini"][0]
+
+
 def test_lists_expand_into_campaigns(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_lists='''
 import pytest
@@ -260,6 +289,7 @@ def test_passes(hwfault, model, val_data):
         ("--hwfault-compare-tolerance=3", "outside [0, 1]"),
         ("--hwfault-save=../x", "no spaces or path separators"),
         ("--hwfault-cache-mb=-5", "non-negative"),
+        ("--hwfault-native=fast", "not one of: auto, off"),
     ],
 )
 def test_bad_cli_values_are_refused_when_parsed(pytester: pytest.Pytester, option: str, message: str) -> None:
