@@ -13,6 +13,7 @@ layer input; `QuantizedModel.bn_kept` and `QuantizedModel.fold_error` say so.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -122,6 +123,10 @@ def code_links(model: nn.Module, layers: Collection[str]) -> CodeLinks:
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+            if node.kwargs and str(node.target) in layers:  # `self.fc(input=x)`: as the view's hooks see it
+                module = modules[str(node.target)]
+                bound = inspect.signature(type(module).forward).bind(module, *node.args, **node.kwargs)
+                node.args, node.kwargs = bound.args[1:], bound.kwargs
     layer_nodes: dict[str, torch.fx.Node] = {}
     links = CodeLinks()
     for node in graph.nodes:

@@ -18,6 +18,7 @@ Transient faults reach the hooks as `inject.Edit`s prepared once per batch for e
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,6 +61,25 @@ class ControlFlowError(UnsupportedModelError):
 class SiteUnreachableError(ValueError):
     """A fault site that cannot reach part of the model's compute (e.g. site pe on layers no systolic array
     computes): refused, naming what it misses, rather than judged on the rest."""
+
+
+def positional_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                      ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The first pre-hook of every candidate layer (on the private copy): a layer called with its input by keyword
+    (``self.fc(input=x)``) gets it positionally, so the calibration and the engine's hooks, which read `args`, see
+    the input they quantize rather than nothing."""
+    if not kwargs:
+        return None
+    # the class's forward: the engine's int8 kernels replace the instance's `forward` with their own signature
+    bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs)
+    return bound.args[1:], bound.kwargs
+
+
+def user_hooks(module: nn.Module) -> tuple[bool, bool]:
+    """Whether the module has forward pre-hooks, and forward hooks, of the user's (copied with the model), beside
+    the view's own `positional_input`."""
+    pre = any(hook is not positional_input for hook in module._forward_pre_hooks.values())
+    return pre, bool(module._forward_hooks)
 
 
 class QuantizedModel:
@@ -137,7 +157,7 @@ class QuantizedModel:
         hands_on_codes, reads_codes = layer.hands_on_codes, layer.reads_codes
         wide = None if layer.compute_dtype == torch.float32 else layer.compute_dtype
         # the user's own hooks on the layer (copied with the model) read its input as float codes
-        user_hooks = bool(layer.module._forward_hooks or layer.module._forward_pre_hooks)
+        user_hooked = any(user_hooks(layer.module))
 
         def key(site: Site, part: int) -> tuple[Any, ...]:  # as `prepare` names the site's tensors
             single = calls == 1 and (operands == 1 or site is not Site.INPUT)
@@ -165,7 +185,7 @@ class QuantizedModel:
                         # an int8 kernel's input bytes straight from the values where nothing else reads the float
                         # codes (no input fault, no faulty PE, no hook of the user's): one pass instead of two
                         forward = module.__dict__.get("forward") if edit is None and runtime.pe is None and \
-                            operands == 1 and not user_hooks else None
+                            operands == 1 and not user_hooked else None
                         byte_input = getattr(forward, "byte_input", None)
                         if forward is not None and byte_input is not None and forward.usable(x):
                             target = byte_input(out)

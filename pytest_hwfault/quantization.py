@@ -53,7 +53,16 @@ from .functional import FunctionalPlan, discover, quantized_forward
 from .graph import code_links, fold_batchnorm
 from .identity import state_checksum
 from .kernels import KERNELS
-from .qmodel import CONTROL_FLOW, ControlFlowError, QuantizedModel, QuantLayer, UnsupportedModelError, exact_float32
+from .qmodel import (
+    CONTROL_FLOW,
+    ControlFlowError,
+    QuantizedModel,
+    QuantLayer,
+    UnsupportedModelError,
+    exact_float32,
+    positional_input,
+    user_hooks,
+)
 from .spec import MAX_WEIGHT_ACT_BITS, acc_bits_for
 
 __all__ = ["NoQuantizableLayerError", "QuantLayer", "QuantizedModel", "UnsupportedModelError", "exact_float32",
@@ -157,6 +166,7 @@ def quantize(
                                         if isinstance(m, QUANTIZABLE) and (not ao_layers or name in ao_layers)}
     for module in candidates.values():
         _plain_weight(module)
+        module.register_forward_pre_hook(positional_input, prepend=True, with_kwargs=True)
     first_batch = next(iter_batches(calibration_data, batch_size), None)
     if first_batch is None:
         raise ValueError("calibration_data is empty: give at least one batch of inputs")
@@ -250,8 +260,8 @@ def quantize(
     # Hooks of the user's (copied with the model): a forward hook may change a layer's output, a pre-hook its
     # input, so neither a hooked producer's nor a pre-hooked reader's values are known to lie on the producer's
     # grid, and the hooks must see values, not codes.
-    hooked = {name for name in order if candidates[name]._forward_hooks}
-    pre_hooked = {name for name in order if candidates[name]._forward_pre_hooks}
+    hooked = {name for name in order if user_hooks(candidates[name])[1]}
+    pre_hooked = {name for name in order if user_hooks(candidates[name])[0]}
     producers = {reader: producer for reader, producer in links.producers.items()
                  if producer not in hooked and reader not in pre_hooked}
     act_grids = {name: stats_out[name].grid(percentile) for name in order}

@@ -555,3 +555,41 @@ def test_calibration_batches_that_run_other_modules_are_refused(digits) -> None:
     torch.manual_seed(0)
     with pytest.raises(ControlFlowError, match=r"module 'small' .* did not run on the first calibration batch"):
         quantize(BatchBranch().eval(), digits.x_train[:280], batch_size=64)  # the last batch: 24 images
+
+
+class KeywordCalls(nn.Module):
+    """Layers called with their input by keyword (``self.fc(input=x)``), or positionally."""
+
+    def __init__(self, keyword: bool) -> None:
+        super().__init__()
+        self.keyword = keyword
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, 1, 8, 8)
+        if self.keyword:
+            return self.fc(input=F.relu(self.conv(input=x)).flatten(1))
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("kernel", ["auto", "emulated"])
+def test_layers_called_by_keyword_are_quantized_as_positional_calls(kernel: str, digits) -> None:
+    """A layer's input given by keyword is the same input: the same codes, scales and faulty outputs as the same
+    weights called positionally (the calibration and the engine's hooks read it; before, they found no input)."""
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+    torch.manual_seed(0)
+    positional = KeywordCalls(keyword=False).eval()
+    keyword = copy.deepcopy(positional)
+    keyword.keyword = True
+    x = digits.x_test[:64]
+    views = [quantize(m, digits.x_train[:256], kernel=kernel) for m in (positional, keyword)]
+    assert [v.summary() for v in views[0:1]] == [v.summary() for v in views[1:]]
+    for site in ("act", "input", "weight"):
+        fault_model = FaultModel(site, 1e-2)
+        pattern = sample_pattern(fault_model, views[0].targets(fault_model.site), len(x), trial_generator(0, site, 0))
+        assert len(pattern) > 0
+        outputs = [v(x, pattern) for v in views]
+        assert torch.equal(outputs[0], outputs[1]), site
+        assert not torch.equal(outputs[0], views[0](x)), f"{site}: the faults changed nothing, the test proves nothing"
