@@ -8,10 +8,12 @@ measured on the forward that campaigns run, by counting the MACs (torch's flop c
 functional layer, and each campaign states it, and refuses to judge a model below its ``min_coverage``.
 
 Weights: the share of the parameters read by multiply-accumulates that are held as codes. Parameters that feed
-no MAC (embedding tables, norms, position embeddings) are counted apart (`Coverage.unfaulted_parameters`).
+no MAC op (embedding tables, norms, position embeddings, a weight an elementwise op multiplies) are counted apart
+and named with the ops that read them (`Coverage.unfaulted`).
 
-A MAC-heavy op the flop counter cannot count (a fused kernel without a formula) makes the coverage unknown: it is
-listed, and only ``min_coverage=0`` accepts it.
+torch has no flop formula for some MAC ops (`aten._trilinear`, which nn.Bilinear runs; cdist's kernels): the
+counter brings its own. Any other MAC-heavy op it cannot count (a fused kernel without a formula) makes the coverage
+unknown: it is listed, and only ``min_coverage=0`` accepts it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,32 @@ from .qmodel import QuantizedModel
 # aten ops that multiply-accumulate; the ones with a flop formula are counted, the others make coverage unknown
 _MAC_OP = re.compile(r"(^|_)(mm|bmm|addmm|baddbmm|addbmm|addmv|mv|dot|vdot|matmul|linear|conv\w*|convolution\w*|"
                      r"einsum|lstm\w*|gru\w*|rnn\w*|\w*attention\w*|\w*transformer\w*|mkldnn\w*|\w*qlinear\w*|"
-                     r"\w*qconv\w*)($|\.)")
+                     r"\w*qconv\w*|trilinear|cdist\w*|euclidean_dist)($|\.)")
+
+
+def _trilinear_flops(i1: torch.Tensor, i2: torch.Tensor, i3: torch.Tensor, expand1: list[int], expand2: list[int],
+                     expand3: list[int], *args: Any, **kwargs: Any) -> int:
+    """nn.Bilinear's op: each input unsqueezed at its `expand` dims, all three multiplied over their broadcast
+    shape and summed: two flops per point, as torch's matmul formulas count a multiply-accumulate."""
+    shapes = []
+    for tensor, expand in ((i1, expand1), (i2, expand2), (i3, expand3)):
+        shape = list(tensor.shape)
+        for dim in sorted(expand):
+            shape.insert(dim, 1)
+        shapes.append(shape)
+    return 2 * math.prod(torch.broadcast_shapes(*shapes))
+
+
+def _distance_flops(x1: torch.Tensor, x2: torch.Tensor, *args: Any, **kwargs: Any) -> int:
+    """torch.cdist: a difference and a multiply-accumulate per pair of rows and feature."""
+    batch = math.prod(torch.broadcast_shapes(x1.shape[:-2], x2.shape[:-2]))
+    return 2 * batch * x1.shape[-2] * x2.shape[-2] * x1.shape[-1]
+
+
+# MAC ops torch's flop counter has no formula for
+_EXTRA_FLOPS: dict[Any, Any] = {torch.ops.aten._trilinear: _trilinear_flops,
+                                torch.ops.aten._cdist_forward: _distance_flops,
+                                torch.ops.aten._euclidean_dist: _distance_flops}
 MEASURED_IMAGES = 2  # images in the measuring forward: MAC shares do not depend on the batch size
 
 
@@ -49,9 +76,11 @@ class Coverage:
     total_macs: int  # per image, counted
     uncovered: list[dict[str, Any]] = field(default_factory=list)  # {"module", "ops", "share"}, largest first
     uncounted: list[str] = field(default_factory=list)  # MAC ops whose MACs could not be counted
-    # parameter elements that feed no multiply-accumulate (embedding tables, norms, position embeddings): stored,
-    # but faults are not simulated there
+    # parameter elements that feed no multiply-accumulate op (embedding tables, norms, position embeddings, and
+    # weights an elementwise op multiplies): stored, but faults are not simulated there
     unfaulted_parameters: int = 0
+    # those parameters, largest first: {"parameter", "elements", "ops"} (the ops that read each one)
+    unfaulted: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -79,13 +108,13 @@ class Coverage:
     def to_dict(self) -> dict[str, Any]:
         return {"macs": self.macs, "weights": self.weights, "total_macs": self.total_macs,
                 "uncovered": self.uncovered, "uncounted": self.uncounted,
-                "unfaulted_parameters": self.unfaulted_parameters}
+                "unfaulted_parameters": self.unfaulted_parameters, "unfaulted": self.unfaulted}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Coverage:
         return cls(float(data["macs"]), float(data["weights"]), int(data["total_macs"]),
                    list(data.get("uncovered", [])), list(data.get("uncounted", [])),
-                   int(data.get("unfaulted_parameters", 0)))
+                   int(data.get("unfaulted_parameters", 0)), list(data.get("unfaulted", [])))
 
 
 # ops that ask a tensor about itself; the flop counter lets them through untouched (nested tensors call them)
@@ -115,6 +144,7 @@ class _MacCounter(TorchDispatchMode):
 
         self.uncounted: set[str] = set()
         self.read: set[int] = set()
+        self.readers: dict[int, set[str]] = defaultdict(set)  # storage -> the computing ops that read it
         self.flop_counts: dict[str, dict[Any, int]] = defaultdict(lambda: defaultdict(int))
         self.tracker = ModuleTracker()
 
@@ -130,20 +160,24 @@ class _MacCounter(TorchDispatchMode):
             return NotImplemented
         packet = getattr(func, "_overloadpacket", func)
         name = str(packet).split(".", 1)[-1]
+        storages = {arg.untyped_storage().data_ptr() for arg in pytree.tree_leaves((args, kwargs))
+                    if isinstance(arg, torch.Tensor)}
         if _MAC_OP.search(name):  # composite ops too: in inference mode they reach this mode undecomposed
-            if packet not in flop_registry and not _decomposes(func):
+            if packet not in flop_registry and packet not in _EXTRA_FLOPS and not _decomposes(func):
                 self.uncounted.add(str(packet))
-            for arg in pytree.tree_leaves((args, kwargs)):
-                if isinstance(arg, torch.Tensor):
-                    self.read.add(arg.untyped_storage().data_ptr())
+            self.read |= storages
+        elif not getattr(func, "is_view", False) and not _decomposes(func):
+            for storage in storages:
+                self.readers[storage].add(str(packet))
         if func is not torch.ops.prim.device.default:  # as FlopCounterMode: composite ops count as their pieces
             with self:  # which come back through this mode
                 result = func.decompose(*args, **kwargs)
                 if result is not NotImplemented:
                     return result
         out = func(*args, **kwargs)
-        if packet in flop_registry:
-            flops = flop_registry[packet](*args, **kwargs, out_val=out)
+        formula = flop_registry.get(packet) or _EXTRA_FLOPS.get(packet)
+        if formula is not None:
+            flops = formula(*args, **kwargs, out_val=out)
             for parent in set(self.tracker.parents):
                 self.flop_counts[parent][packet] += flops
         return out
@@ -187,25 +221,31 @@ class _Measured(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def _weight_shares(qmodel: QuantizedModel, read: set[int]) -> tuple[float, int]:
+def _weight_shares(qmodel: QuantizedModel, read: set[int], readers: dict[int, set[str]]
+                   ) -> tuple[float, list[dict[str, Any]]]:
     """The share of the weights read by multiply-accumulates that are held as codes (a weight computed in the
-    forward pass by a call left in float counts as not held), and the parameter elements that feed no
-    multiply-accumulate directly (embeddings, norms, biases, position embeddings), which faults do not reach."""
+    forward pass by a call left in float counts as not held), and the parameters that feed no multiply-accumulate
+    op directly (embeddings, norms, biases, position embeddings, a weight an elementwise op multiplies), which
+    faults do not reach, each with the ops that read it: so a layer written as ``(x * w).sum(-1)`` is named."""
     weights = [getattr(layer.module, "weight", None) for layer in qmodel.layers.values()]
     coded = {id(w): w.numel() for w in weights if isinstance(w, torch.Tensor)}
     stood_in = {call.weight for call in (qmodel.functional.calls if qmodel.functional else [])
                 if call.module is not None}  # a functional layer holds this parameter's codes
-    float_macs = other = 0
-    for param in qmodel.module.parameters():
+    float_macs = 0
+    unfaulted: list[dict[str, Any]] = []
+    for name, param in qmodel.module.named_parameters():
         if id(param) in coded or id(param) in stood_in or not param.is_floating_point():
             continue
-        if param.untyped_storage().data_ptr() in read:
+        storage = param.untyped_storage().data_ptr()
+        if storage in read:
             float_macs += param.numel()
         else:
-            other += param.numel()
+            unfaulted.append({"parameter": name, "elements": param.numel(),
+                              "ops": sorted(readers.get(storage, ())) or ["none (not read)"]})
+    unfaulted.sort(key=lambda row: (-row["elements"], row["parameter"]))
     computed = sum(call.weight_elements for call in (qmodel.functional.calls if qmodel.functional else []))
     total = sum(coded.values()) + float_macs + computed
-    return (sum(coded.values()) / total if total else 1.0), other
+    return (sum(coded.values()) / total if total else 1.0), unfaulted
 
 
 def measure_coverage(qmodel: QuantizedModel, inputs: Any) -> Coverage:
@@ -242,10 +282,10 @@ def measure_coverage(qmodel: QuantizedModel, inputs: Any) -> Coverage:
         if user_name in reasons:
             entry["why"] = sorted(set(reasons[user_name]))
         uncovered.append(entry)
-    weights, other = _weight_shares(qmodel, counter.read)
+    weights, unfaulted = _weight_shares(qmodel, counter.read, counter.readers)
     return Coverage(macs=covered / total if total else 1.0, weights=weights,
                     total_macs=total // 2 // max(1, len(x)), uncovered=uncovered, uncounted=sorted(counter.uncounted),
-                    unfaulted_parameters=other)
+                    unfaulted_parameters=sum(row["elements"] for row in unfaulted), unfaulted=unfaulted)
 
 
 def require_coverage(qmodel: QuantizedModel, inputs: Any, minimum: float, site: str) -> Coverage:

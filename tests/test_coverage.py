@@ -112,6 +112,60 @@ def test_a_weight_computed_in_the_forward_pass_is_named_with_why() -> None:
     assert not coverage.reaches(1.0, "weight")
 
 
+class PairScorer(nn.Module):
+    """Ops that multiply-accumulate without a flop formula in torch: nn.Bilinear (aten._trilinear), torch.cdist
+    against learned centres, and a head written as an elementwise product and a sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(16, 12)
+        self.pair = nn.Bilinear(12, 12, 6)
+        self.centres = nn.Parameter(torch.randn(5, 6))
+        self.scale = nn.Parameter(torch.ones(5, 6))
+        self.norm = nn.LayerNorm(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        z = self.norm(self.pair(h, h))
+        return -torch.cdist(z, self.centres) + (z[:, None, :] * self.scale).sum(-1)
+
+
+def test_macs_without_a_torch_flop_formula_are_counted_and_named() -> None:
+    """nn.Bilinear and torch.cdist compute most of this model's MACs in float: before, the coverage counted neither
+    and claimed 100% (a gate would have passed on its Linear stem alone)."""
+    with seeded(5):
+        model, x = PairScorer(), torch.randn(3, 16)
+    coverage = _coverage(model, x)
+    stem, pair, cdist = 16 * 12, 12 * 12 * 6, 5 * 6
+    total = stem + pair + cdist
+    assert coverage.macs == pytest.approx(stem / total, rel=1e-6)
+    assert coverage.uncovered == [
+        {"module": "pair", "ops": ["aten._trilinear"], "share": pytest.approx(pair / total, rel=1e-6)},
+        {"module": "", "ops": ["aten._cdist_forward"], "share": pytest.approx(cdist / total, rel=1e-6)}]
+    assert coverage.weights == pytest.approx(stem / (stem + pair + cdist), rel=1e-9)
+    assert not coverage.reaches(0.5, "act") and not coverage.reaches(0.5, "weight")
+    # what no MAC op reads is named with the ops that read it: the product-and-sum head, the norm, the biases
+    assert {row["parameter"]: row["ops"] for row in coverage.unfaulted} == {
+        "scale": ["aten.mul"], "norm.weight": ["aten.native_layer_norm"],
+        "norm.bias": ["aten.native_layer_norm"], "pair.bias": ["aten.add"]}
+    assert coverage.unfaulted_parameters == 30 + 6 + 6 + 6
+    assert "feed no MAC op and are not faulted: scale (30: aten.mul)" in coverage.describe()
+
+
+@pytest.mark.parametrize("shapes", [((4, 7), (5, 7)), ((2, 3, 7), (5, 7)), ((2, 30, 7), (2, 40, 7))],
+                         ids=["rows", "batched", "euclidean-by-matmul"])
+def test_distance_macs_are_counted_on_both_of_cdists_kernels(shapes) -> None:
+    from pytest_hwfault.coverage import _MacCounter
+
+    a, b = torch.randn(*shapes[0]), torch.randn(*shapes[1])
+    counter = _MacCounter()
+    with counter.counting():
+        torch.cdist(a, b)
+    batch = a.shape[0] if a.dim() == 3 else 1
+    assert sum(counter.flop_counts["Global"].values()) == 2 * batch * a.shape[-2] * b.shape[-2] * a.shape[-1]
+    assert not counter.uncounted
+
+
 def test_a_campaign_refuses_a_model_below_its_min_coverage() -> None:
     with seeded(4):
         model, x = Decoder().eval(), torch.randn(40, 16)

@@ -73,8 +73,11 @@ def coverage_text(coverage: Mapping[str, Any]) -> str:
     if coverage.get("uncounted"):
         text += f"; MACs not countable (coverage unknown) in: {', '.join(coverage['uncounted'])}"
     if coverage.get("unfaulted_parameters"):
-        text += (f"; {coverage['unfaulted_parameters']} parameter elements feed no MAC (embeddings, norms, biases) "
-                 "and are not faulted")
+        rows = coverage.get("unfaulted", [])
+        named = "; ".join(f"{row['parameter']} ({row['elements']}: {', '.join(row['ops'])})" for row in rows[:4])
+        more = f"; {len(rows) - 4} more" if len(rows) > 4 else ""
+        text += (f"; {coverage['unfaulted_parameters']} parameter elements feed no MAC op and are not faulted"
+                 + (f": {named}{more}" if named else ""))
     return text
 
 
