@@ -493,11 +493,12 @@ class QuantizedModel:
                         self._apply_qparams(layer, group, saved)
                         continue
                     edit = self._weight_edit(group)
-                    weight = layer.module.weight
-                    assert isinstance(weight, torch.Tensor)
-                    flat = weight.view(-1)  # holds the integer codes
-                    saved.append((flat, edit.linear, flat[edit.linear].clone()))
-                    apply_edit(flat, edit, layer.bits)
+                    for holder in layer.weight_group or (name,):  # tied weights: one stored tensor, every reader
+                        weight = self.layers[holder].module.weight
+                        assert isinstance(weight, torch.Tensor)
+                        flat = weight.view(-1)  # holds the integer codes
+                        saved.append((flat, edit.linear, flat[edit.linear].clone()))
+                        apply_edit(flat, edit, layer.bits)
             yield
         finally:
             self._runtime.zero_offsets.clear()
@@ -584,9 +585,14 @@ class QuantizedModel:
             self.check_on_array()
             arrays = [Array.parse(str(name)) for name in layers]
             return [FaultTarget(site, array.name, array.pes, array.width) for array in arrays]
+        names = self.select(layers)
+        # a tied weight is stored once: faulted under the first of its layers selected (weight_faults edits all)
+        stored = {name: next(n for n in self.layers[name].weight_group if n in names)
+                  for name in names if self.layers[name].weight_group} if site is Site.WEIGHT else {}
         return [
             FaultTarget(site, name, self.layers[name].numel(site), self.layers[name].site_bits(site))
-            for name in self.select(layers) if self.layers[name].numel(site)  # a matmul of activations: no weight
+            for name in names if self.layers[name].numel(site)  # a matmul of activations: no weight
+            and stored.get(name, name) == name
         ]
 
     def check_on_array(self) -> None:
@@ -677,6 +683,9 @@ class QuantLayer:
     acc_bits: int = ACC_BITS  # the accumulator's width (`spec.acc_bits_for`)
     # float32 holds every partial sum exactly below 2^24; wider sums are computed in float64 (exact below 2^53)
     compute_dtype: torch.dtype = torch.float32
+    # Layers whose modules share one weight tensor in the model (tied weights) share its stored codes: memory holds
+    # them once, so one fault reaches every layer that reads them. All names of the group, this one included.
+    weight_group: tuple[str, ...] = ()
 
     @property
     def qmax(self) -> int:
@@ -781,6 +790,7 @@ class QuantLayer:
             "output_shape": list(self.output_shape),
             "weight_bits": self.weight_bits(),
             "macs": self.macs(),
+            "weight_shared_with": [name for name in self.weight_group if name != self.name],
         }
 
 

@@ -328,6 +328,7 @@ def quantize(
     if calibration == "percentile" and not ao_layers:
         _measure_clip_rates(work, layers, calibration_data, batch_size, device,
                             lambda: quantized_forward(plan, calibration_weights))
+    _tie_weights(layers)
     with torch.no_grad():  # the copy now computes on integer codes: exact sums, whatever the thread count
         for layer in layers.values():
             # New parameters, not in-place copies: a module that shares the weight (tied embeddings) keeps floats.
@@ -418,6 +419,26 @@ def _broadcast(layer: QuantLayer, per_channel: torch.Tensor) -> torch.Tensor:
     """A per-output-channel tensor shaped to broadcast over a batch of the layer's outputs."""
     shape = (-1,) if layer.channel_axis == -1 else (-1, *([1] * (len(layer.output_shape) - 1)))
     return per_channel.reshape(shape)
+
+
+def _tie_weights(layers: dict[str, QuantLayer]) -> None:
+    """Group the layers whose modules read one weight tensor of the model (``b.weight = a.weight``) and got the same
+    codes: the accelerator stores that tensor once, so a fault in it reaches all of them (`QuantLayer.weight_group`).
+    Called before the weights become codes, while the copies still share the model's tensor."""
+    groups: dict[tuple[Any, ...], list[QuantLayer]] = {}
+    for layer in layers.values():
+        weight = getattr(layer.module, "weight", None)
+        if isinstance(weight, torch.Tensor) and not isinstance(layer.module, MatMul) and layer.weight_codes.numel():
+            # the same tensor (each module holds a Parameter object of its own on the same storage: `functional`)
+            where = (weight.device, weight.untyped_storage().data_ptr(), weight.storage_offset(), weight.shape,
+                     weight.stride())
+            groups.setdefault(where, []).append(layer)
+    for group in groups.values():
+        tied = [layer for layer in group if layer.bits == group[0].bits
+                and torch.equal(layer.weight_codes, group[0].weight_codes)]
+        if len(tied) > 1:
+            for layer in tied:
+                layer.weight_group = tuple(t.name for t in tied)
 
 
 def _refuse_unseen(name: str) -> Any:

@@ -593,3 +593,55 @@ def test_layers_called_by_keyword_are_quantized_as_positional_calls(kernel: str,
         outputs = [v(x, pattern) for v in views]
         assert torch.equal(outputs[0], outputs[1]), site
         assert not torch.equal(outputs[0], views[0](x)), f"{site}: the faults changed nothing, the test proves nothing"
+
+
+class TiedLayers(nn.Module):
+    """Two Linear layers reading one weight tensor (``b.weight = a.weight``), or each its own copy of it."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        if tied:
+            self.b.weight = self.a.weight
+        else:
+            self.b.weight = nn.Parameter(self.a.weight.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.b(F.relu(self.a(x)))))
+
+
+def test_a_tied_weight_is_stored_once_and_faults_reach_every_layer_that_reads_it(digits) -> None:
+    """Memory holds a tied weight once: weight faults are drawn over its bits once (not once per reader), and one
+    fault reaches both layers, as an untied twin with the same fault in both copies computes. Before, each layer
+    had its own copy: twice the bits, and each fault reached one layer."""
+    from pytest_hwfault.faults import Fault, FaultModel, sample_pattern, trial_generator
+
+    torch.manual_seed(0)
+    tied = TiedLayers(tied=True).eval()
+    twin = TiedLayers(tied=False).eval()
+    twin.load_state_dict(tied.state_dict())
+    x = digits.x_test[:64]
+    view, twin_view = quantize(tied, digits.x_train[:256]), quantize(twin, digits.x_train[:256])
+    assert [layer.weight_group for layer in view.layers.values()] == [("a", "b"), ("a", "b"), ()]
+    assert view.summary()[1]["weight_shared_with"] == ["a"]
+    assert all(layer.weight_group == () for layer in twin_view.layers.values())
+    assert [t.layer for t in view.targets(Site.WEIGHT)] == ["a", "head"]
+    assert [t.layer for t in twin_view.targets(Site.WEIGHT)] == ["a", "b", "head"]
+    assert [t.layer for t in view.targets(Site.WEIGHT, layers=("b",))] == ["b"]  # b alone: its (shared) codes
+    assert [t.layer for t in view.targets(Site.ACT)] == ["a", "b", "head"]  # the outputs stay apart
+    clean = view(x)
+    assert torch.equal(clean, twin_view(x))
+    states = {name: layer.module.weight.clone() for name, layer in view.layers.items()}
+    faults = [Fault("weight", "a", index, 6) for index in (0, 65, 130, 4095)]
+    both = FaultPattern.from_faults([*faults, *(Fault("weight", "b", f.index, f.bit) for f in faults)])
+    expected = twin_view(x, both)
+    assert not torch.equal(expected, twin_view(x, FaultPattern.from_faults(faults)))  # b's copy matters
+    for named in ("a", "b"):
+        pattern = FaultPattern.from_faults([Fault("weight", named, f.index, f.bit) for f in faults])
+        assert torch.equal(view(x, pattern), expected), named
+    sampled = sample_pattern(FaultModel("weight", 1e-2), view.targets(Site.WEIGHT), len(x),
+                             trial_generator(0, "tied", 0))
+    assert {layer for _, layer in sampled.groups} <= {"a", "head"}
+    view(x, sampled)
+    assert all(torch.equal(layer.module.weight, states[name]) for name, layer in view.layers.items())
+    assert torch.equal(view(x), clean)
