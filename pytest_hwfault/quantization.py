@@ -133,6 +133,8 @@ def quantize(
         raise ValueError(f"pass_codes={pass_codes!r} must be True or False")
     if not 50.0 < percentile <= 100.0:
         raise ValueError(f"percentile={percentile!r} must be in (50, 100]")
+    compiled = ["<model>"] if _is_compiled(model) else []
+    model = getattr(model, "_orig_mod", model) if compiled else model
     source = detect(model)
     deployed: Deployed | None = None
     if source is not None:  # a deployed int8 model: its own codes, scales and arithmetic (see deployed.py)
@@ -150,6 +152,7 @@ def quantize(
         source_name = type(model).__qualname__
         refuse_torchscript(model, source_name)
         work = copy.deepcopy(model).eval()
+        compiled += _uncompile(work)
     for p in work.parameters():
         p.requires_grad_(False)
     if device is None:
@@ -368,6 +371,8 @@ def quantize(
         # modules whose weight or bias something else reads (name -> what): their calls are functional layers
         "not_layers": not_layers,
         "kernel": kernel,
+        # torch.compile wrappers the view left out: it runs the modules they compiled, eagerly, with its hooks
+        "compiled": compiled,
     }
     return QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name, plan)
 
@@ -450,6 +455,26 @@ def _refuse_unseen(name: str) -> Any:
                                f"run on the first calibration batch, so it is not quantized: {CONTROL_FLOW}")
 
     return refuse
+
+
+def _is_compiled(module: Any) -> bool:
+    """A torch.compile wrapper (``OptimizedModule``), told without importing torch._dynamo (~1 s)."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
+def _uncompile(work: nn.Module) -> list[str]:
+    """Replace, in the private copy, every torch.compile wrapper by the module it compiled; their names. Compiled
+    code inlines the hooks it saw when it compiled, recompiles when they change and, past its recompile limit,
+    falls back to eager: the engine's hooks and functional dispatch would reach some calls and not others. The
+    wrapper changes no number the int8 view computes (the hardware runs the weights, not torch's kernels)."""
+    names: list[str] = []
+    while True:  # outermost first; a wrapper inside a compiled module is found under its new name next time
+        found = next(((name, module) for name, module in work.named_modules() if name and _is_compiled(module)),
+                     None)
+        if found is None:
+            return names
+        work.set_submodule(found[0], found[1]._orig_mod)
+        names.append(found[0])
 
 
 def refuse_torchscript(model: nn.Module, source_name: str) -> None:

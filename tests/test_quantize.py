@@ -645,3 +645,34 @@ def test_a_tied_weight_is_stored_once_and_faults_reach_every_layer_that_reads_it
     view(x, sampled)
     assert all(torch.equal(layer.module.weight, states[name]) for name, layer in view.layers.items())
     assert torch.equal(view(x), clean)
+
+
+def test_torch_compile_wrappers_are_left_out_of_the_view(digits) -> None:
+    """A torch.compile'd model or submodule is viewed as the module it compiled: compiled code inlines the hooks it
+    saw, recompiles when they change and falls back to eager past its limit, so faults would reach some calls and
+    not others (before: a different view, functional layers and recompile warnings). The same numbers as the plain
+    model, faulty or not, and no compiled code runs."""
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+    compilations: list[int] = []
+
+    def backend(graph_module: torch.fx.GraphModule, inputs: list[torch.Tensor]):
+        compilations.append(1)
+        return graph_module.forward
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Sequential(nn.Linear(32, 32), nn.ReLU()),
+                          nn.Linear(32, 10)).eval()
+    inner = copy.deepcopy(plain)
+    inner[2] = torch.compile(inner[2], backend=backend)
+    x = digits.x_test[:64]
+    reference = quantize(plain, digits.x_train[:256])
+    fault_model = FaultModel("act", 1e-2)
+    pattern = sample_pattern(fault_model, reference.targets(fault_model.site), len(x), trial_generator(0, "c", 0))
+    for model, where in ((torch.compile(plain, backend=backend), ["<model>"]), (inner, ["2"])):
+        view = quantize(model, digits.x_train[:256])
+        assert view.config["compiled"] == where
+        assert list(view.layers) == ["0", "2.0", "3"]
+        assert torch.equal(view(x), reference(x)) and torch.equal(view(x, pattern), reference(x, pattern))
+    assert compilations == []
+    assert reference.config["compiled"] == []
