@@ -74,7 +74,13 @@ class ScaledDotProductAttention(nn.Module):
         self.scores, self.context = MatMul(), MatMul()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                enable_gqa: bool = False) -> torch.Tensor:
+        if enable_gqa and k.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+            # grouped-query attention: each key/value head serves a group of query heads, as torch's reference
+            # computes it (and a MAC array does, reading each key and value once per query head it serves)
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], dim=-3)
         return attention(self.scores, self.context, q, k, v, attn_mask, is_causal, scale)[0]
 
 

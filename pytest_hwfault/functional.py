@@ -11,7 +11,7 @@ other layer. A model whose sequence of functional calls changes between forward 
 that differed: its faults could not be placed the same way twice.
 
 Calls the engine cannot make per-image layers of (an operand without the batch dimension that is not a
-parameter, a weight computed in the forward, grouped-query attention) run as they are, in float, and the view's
+parameter, a weight computed in the forward) run as they are, in float, and the view's
 coverage counts them as uncovered.
 
 Calls made inside a quantized module (nn.Linear's own F.linear) are the layer itself and pass through: they are
@@ -168,8 +168,6 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
             return Einsum(str(named["equation"]).replace(" ", "")), None, None
         return None, None, "einsum of other than two per-image operands"
     if op == "scaled_dot_product_attention":
-        if named.get("enable_gqa", False):
-            return None, None, "grouped-query attention (enable_gqa=True)"
         if float(named.get("dropout_p", 0.0)) != 0.0:
             return None, None, "dropout_p > 0"
         if not _per_image(n, named.get("query"), named.get("key"), named.get("value")):
@@ -211,7 +209,8 @@ def _invoke(call: Call, named: dict[str, Any]) -> Any:
     if op == "einsum":
         return module(*named["operands"])
     return module(named["query"], named["key"], named["value"], attn_mask=named.get("attn_mask"),
-                  is_causal=bool(named.get("is_causal", False)), scale=named.get("scale"))
+                  is_causal=bool(named.get("is_causal", False)), scale=named.get("scale"),
+                  enable_gqa=bool(named.get("enable_gqa", False)))
 
 
 # tensor attributes and methods that read no values: a model may ask a layer's weight its shape

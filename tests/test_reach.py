@@ -714,3 +714,49 @@ def test_results_do_not_depend_on_the_batch_split_or_the_thread_count(name: str)
             torch.set_num_threads(threads)
         assert torch.equal(whole, split) and torch.equal(whole, two_threads), site
         assert not torch.equal(whole, _logits(qmodel(x))), site  # the faults did something
+
+
+class GroupedQueryAttention(nn.Module):
+    """Four query heads sharing two key/value heads through F.scaled_dot_product_attention(enable_gqa=True), or,
+    with `explicit`, the same computed as torch's reference does: key/value heads repeated, then plain attention."""
+
+    def __init__(self, explicit: bool = False) -> None:
+        super().__init__()
+        self.explicit = explicit
+        self.q, self.kv, self.out = nn.Linear(16, 4 * 8), nn.Linear(16, 2 * 2 * 8), nn.Linear(4 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+        q = self.q(x).reshape(n, length, 4, 8).transpose(1, 2)
+        k, v = self.kv(x).reshape(n, length, 2, 2, 8).permute(2, 0, 3, 1, 4)
+        if self.explicit:
+            k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+            context = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.out(context.transpose(1, 2).reshape(n, length, 32).mean(1))
+
+
+def test_grouped_query_attention_is_quantized_whole_as_torch_computes_it() -> None:
+    """enable_gqa=True ran in float and made the coverage unknown (torch's CPU flash-attention kernel has no flop
+    formula), so only min_coverage=0 accepted it. Its matmuls are now layers: fully covered, and every site's
+    trial identical to the same model with key/value heads repeated."""
+    with seeded(11):
+        model, x = GroupedQueryAttention().eval(), torch.randn(6, 7, 16)
+    twin = GroupedQueryAttention(explicit=True).eval()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(x), twin(x), atol=1e-6)
+    qmodel, qtwin = quantize(model, x), quantize(twin, x)
+    assert list(qmodel.layers) == list(qtwin.layers)
+    assert "scaled_dot_product_attention().scores" in qmodel.layers
+    coverage = measure_coverage(qmodel, x)
+    assert coverage.complete and coverage.macs == 1.0, coverage.describe()
+    assert torch.equal(qmodel(x), qtwin(x))
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+    for site in ("act", "input", "acc", "weight"):
+        fault_model = FaultModel(site, 3e-3)
+        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(1, site, 0))
+        assert len(pattern) > 0
+        assert torch.equal(qmodel(x, pattern), qtwin(x, pattern)), site
