@@ -106,8 +106,7 @@ def describe_faults(qmodel: QuantizedModel, faults: Sequence[Fault], inputs: Bat
         shown = None if not site.transient else (fault.image if fault.image is not None else 0)
         if site is Site.WEIGHT:
             shape: Sequence[int] = tuple(q.weight_codes.shape)
-            channel = fault.index // max(1, math.prod(shape[1:]))
-            scale = float(q.weight_scale[channel])
+            scale = float(q.weight_scale[q.weight_channel(fault.index)])
             codes = q.weight_codes.reshape(-1)
         elif site is Site.QPARAMS:  # raw words: a multiplier's IEEE-754 bits, or the zero point register
             codes = q.qparam_words()

@@ -36,12 +36,17 @@ from .decompose import Einsum, FusedAttentionOff, MatMul, ScaledDotProductAttent
 
 _OPS: dict[Any, str] = {
     F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
+    F.conv_transpose1d: "conv_transpose1d", F.conv_transpose2d: "conv_transpose2d",
+    F.conv_transpose3d: "conv_transpose3d",
     torch.matmul: "matmul", torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul",
     torch.Tensor.__rmatmul__: "rmatmul", torch.bmm: "bmm", torch.Tensor.bmm: "bmm", torch.mm: "mm",
     torch.Tensor.mm: "mm", torch.einsum: "einsum", F.scaled_dot_product_attention: "scaled_dot_product_attention",
 }
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_CONVS = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
+_CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_CONVS: dict[str, type[nn.Module]] = {
+    "conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d, "conv_transpose1d": nn.ConvTranspose1d,
+    "conv_transpose2d": nn.ConvTranspose2d, "conv_transpose3d": nn.ConvTranspose3d}
 
 
 class CallOrderError(ValueError):
@@ -104,7 +109,7 @@ def _op(func: Any) -> str | None:
 def _arguments(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The call's arguments by name."""
     if op in _CONVS:
-        named = dict(zip(_CONV_ARGS, args))
+        named = dict(zip(_CONV_TRANSPOSE_ARGS if op.startswith("conv_transpose") else _CONV_ARGS, args))
     elif op == "linear":
         named = dict(zip(("input", "weight", "bias"), args))
     elif op == "rmatmul":  # b.__rmatmul__(a) is a @ b
@@ -141,12 +146,19 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
         module: nn.Module
         if op == "linear":
             module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        elif op.startswith("conv_transpose"):  # weight [in, out / groups, k...]
+            groups = int(named.get("groups", 1))
+            module = _CONVS[op](weight.shape[0], weight.shape[1] * groups, tuple(weight.shape[2:]),
+                                stride=named.get("stride", 1), padding=named.get("padding", 0),
+                                output_padding=named.get("output_padding", 0), groups=groups,
+                                bias=bias is not None, dilation=named.get("dilation", 1))
         else:
             groups = int(named.get("groups", 1))
-            module = _CONVS[op](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),  # type: ignore[arg-type]
+            module = _CONVS[op](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
                                 stride=named.get("stride", 1), padding=named.get("padding", 0),
                                 dilation=named.get("dilation", 1), groups=groups, bias=bias is not None)
         with torch.no_grad():
+            assert isinstance(module.weight, torch.Tensor)
             module.weight.copy_(weight)
             if bias is not None:
                 assert isinstance(module.bias, torch.Tensor)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -71,6 +72,9 @@ def fold_batchnorm(model: nn.Module) -> tuple[list[tuple[str, str]], list[str], 
         if isinstance(layer, _CONV) and layer.weight.shape[0] == bn.num_features:
             w, b = fuse_conv_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
                                         bn.weight, bn.bias)
+        elif isinstance(layer, _CONV_TRANSPOSE) and layer.groups == 1 and layer.weight.shape[1] == bn.num_features:
+            w, b = fuse_conv_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
+                                        bn.weight, bn.bias, transpose=True)  # output channels along dim 1
         elif isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d) and layer.out_features == bn.num_features:
             w, b = fuse_linear_bn_weights(layer.weight, layer.bias, bn.running_mean, bn.running_var, bn.eps,
                                           bn.weight, bn.bias)

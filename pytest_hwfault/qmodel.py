@@ -75,6 +75,12 @@ def positional_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str,
     return bound.args[1:], bound.kwargs
 
 
+def output_channel_groups(module: nn.Module) -> int | None:
+    """A transposed convolution's groups (its weight is [in, out / groups, k...]: output channels along dim 1 within
+    each group); None for a layer whose weight holds its output channels along dim 0."""
+    return int(module.groups) if isinstance(module, nn.modules.conv._ConvTransposeNd) else None
+
+
 def user_hooks(module: nn.Module) -> tuple[bool, bool]:
     """Whether the module has forward pre-hooks, and forward hooks, of the user's (copied with the model), beside
     the view's own `positional_input`."""
@@ -747,11 +753,22 @@ class QuantLayer:
 
     def macs(self) -> int:
         """Multiply-accumulates of one image through the layer: each output code sums fan-in products, per call."""
+        if output_channel_groups(self.module) is not None:  # a transposed conv: every input code meets every weight
+            return math.prod(self.input_shape) * math.prod(self.weight_codes.shape[1:]) * self.calls
         if self.weight_codes.numel():
             fan_in = math.prod(self.weight_codes.shape[1:])
         else:  # a matmul of activations: the first operand's last dimension is the contraction
             fan_in = self.input_shape[-1] if self.input_shape else 1
         return math.prod(self.output_shape) * int(fan_in) * self.calls
+
+    def weight_channel(self, index: int) -> int:
+        """The output channel whose weights hold the flat (row-major) weight code `index`."""
+        shape = tuple(self.weight_codes.shape)
+        groups = output_channel_groups(self.module)
+        if groups is None:
+            return index // max(1, math.prod(shape[1:]))
+        row, column = index // math.prod(shape[1:]), index // math.prod(shape[2:]) % shape[1]
+        return row // (shape[0] // groups) * shape[1] + column
 
     def qparam_words(self) -> torch.Tensor:
         """The stored words of site qparams as signed 32-bit integers: each channel's float32 multiplier's raw bits,

@@ -7,7 +7,8 @@ What is quantized, and where (see also docs/architecture.md):
 - BatchNorm that directly follows a conv/linear (found by torch.fx tracing) is folded into it first, as an
   accelerator does. A model that fx cannot trace keeps its BatchNorm in float after the quantized layer
   (`QuantizedModel.bn_kept` lists them, `fold_error` says why).
-- Every Conv1d/2d/3d and Linear module becomes a quantized layer that computes in integers, as the accelerator:
+- Every Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear module becomes a quantized layer that computes in integers,
+  as the accelerator:
   * input: the tensor entering the layer is quantized to symmetric signed int-N codes with a calibrated scale
     (the codes the accelerator reads from its activation buffer: fault site ``input``);
   * weights: symmetric signed int-N codes, per output channel or per tensor (fault site ``weight``);
@@ -60,6 +61,7 @@ from .qmodel import (
     QuantLayer,
     UnsupportedModelError,
     exact_float32,
+    output_channel_groups,
     positional_input,
     user_hooks,
 )
@@ -68,7 +70,8 @@ from .spec import MAX_WEIGHT_ACT_BITS, acc_bits_for
 __all__ = ["NoQuantizableLayerError", "QuantLayer", "QuantizedModel", "UnsupportedModelError", "exact_float32",
            "quantize", "state_checksum"]
 
-QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, MatMul)
+QUANTIZABLE: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                             nn.ConvTranspose3d, nn.Linear, MatMul)
 WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 ACT_GRANULARITIES = ("per_tensor",)
 CALIBRATIONS = ("max", "percentile")
@@ -301,7 +304,7 @@ def quantize(
             ranges = {"second_input_shape": shapes[name][1], "second_input_scale": second}
         else:
             assert isinstance(module.weight, torch.Tensor)
-            codes, w_scale = _weight_codes(module.weight, bits, weight_granularity)
+            codes, w_scale = _weight_codes(module.weight, bits, weight_granularity, output_channel_groups(module))
         w_scale = w_scale.to(device)
         layers[name] = QuantLayer(
             name=name,
@@ -394,6 +397,8 @@ def _fan_in(layer: QuantLayer) -> int:
     if isinstance(module, MatMul):
         return layer.input_shape[-1]
     assert isinstance(module.weight, torch.Tensor)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # [in, out / groups, k...]: one group's inputs
+        return module.weight.shape[0] // module.groups * math.prod(module.weight.shape[2:])
     return module.weight[0].numel()
 
 
@@ -560,7 +565,18 @@ def _symmetric_scale(absmax: float, qmax: int) -> float:
     return max(absmax, 1e-12) / qmax
 
 
-def _weight_codes(weight: torch.Tensor, bits: int, granularity: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _weight_codes(weight: torch.Tensor, bits: int, granularity: str, groups: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric codes and a scale per output channel. `groups`: a transposed convolution's weight [in, out /
+    groups, k...] holds its output channels along dim 1 within each group (`output_channel_groups`); it is
+    quantized as the [out, in / groups, k...] weight it is, and its codes kept in its own layout."""
+    if groups is not None:
+        inner, outer = weight.shape[0] // groups, weight.shape[1]
+        per_output = weight.reshape(groups, inner, outer, -1).transpose(1, 2).reshape(groups * outer, inner,
+                                                                                       *weight.shape[2:])
+        codes, scale = _weight_codes(per_output, bits, granularity)
+        back = codes.reshape(groups, outer, inner, -1).transpose(1, 2).reshape(weight.shape)
+        return back.contiguous(), scale
     qmax = (1 << (bits - 1)) - 1
     dtype = torch.qint8 if bits <= 8 else torch.qint32
     w = weight.detach().float()

@@ -18,7 +18,7 @@ from pytest_hwfault.spec import CampaignSpec
 
 
 class Decoder(nn.Module):
-    """A linear stem and a transposed convolution, which the engine has no layer for."""
+    """A linear stem, a transposed convolution and a head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -28,6 +28,20 @@ class Decoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.relu(self.up(self.stem(x).reshape(-1, 8, 4, 4))).flatten(1))
+
+
+class PairDecoder(nn.Module):
+    """A linear stem, a bilinear layer (which the engine has no layer kind for) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(16, 8)
+        self.pair = nn.Bilinear(8, 8, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        return self.head(torch.relu(self.pair(h, h)))
 
 
 class BiasedAttention(nn.Module):
@@ -70,16 +84,28 @@ def test_a_cnn_is_covered_whole() -> None:
 
 def test_a_module_without_a_layer_is_named_with_its_share() -> None:
     with seeded(1):
-        model, x = Decoder(), torch.randn(3, 16)
+        model, x = PairDecoder(), torch.randn(3, 16)
     coverage = _coverage(model, x)
-    stem, up, head = 16 * 128, 8 * 4 * 16 * 4 * 4, 256 * 5  # ConvTranspose2d: in x out x kernel x input pixels
-    assert coverage.uncovered == [{"module": "up", "ops": ["aten.convolution"],
-                                   "share": pytest.approx(up / (stem + up + head), rel=1e-6)}]
-    assert coverage.macs == pytest.approx((stem + head) / (stem + up + head), rel=1e-6)
-    # the weights read by MACs: the quantized layers' codes, and the transposed convolution's weight and bias
-    assert coverage.weights == pytest.approx((16 * 128 + 256 * 5) / (16 * 128 + 256 * 5 + 8 * 4 * 16 + 4), rel=1e-9)
+    stem, pair, head = 16 * 8, 8 * 8 * 32, 32 * 5
+    assert coverage.uncovered == [{"module": "pair", "ops": ["aten._trilinear"],
+                                   "share": pytest.approx(pair / (stem + pair + head), rel=1e-6)}]
+    assert coverage.macs == pytest.approx((stem + head) / (stem + pair + head), rel=1e-6)
+    # the weights read by MACs: the quantized layers' codes, and the bilinear weight (its bias is added apart)
+    assert coverage.weights == pytest.approx((stem + head) / (stem + head + pair), rel=1e-9)
     assert not coverage.reaches(0.9, "act") and coverage.reaches(0.1, "act")
-    assert "left in float: up (aten.convolution: " in coverage.describe()
+    assert "left in float: pair (aten._trilinear: " in coverage.describe()
+
+
+def test_a_transposed_convolution_is_a_layer() -> None:
+    with seeded(1):
+        model, x = Decoder(), torch.randn(3, 16)
+    qmodel = quantize(model.eval(), x)
+    assert list(qmodel.layers) == ["stem", "up", "head"]
+    coverage = measure_coverage(qmodel, x)
+    assert coverage.complete and coverage.macs == 1.0 and coverage.weights == 1.0, coverage.describe()
+    # every input code meets every weight: in x out x kernel x input pixels
+    assert qmodel.layers["up"].macs() == 8 * 4 * 16 * 4 * 4
+    assert coverage.total_macs == 16 * 128 + 8 * 4 * 16 * 4 * 4 + 256 * 5
 
 
 def test_attention_the_rewrite_does_not_reproduce_is_named() -> None:
@@ -168,14 +194,14 @@ def test_distance_macs_are_counted_on_both_of_cdists_kernels(shapes) -> None:
 
 def test_a_campaign_refuses_a_model_below_its_min_coverage() -> None:
     with seeded(4):
-        model, x = Decoder().eval(), torch.randn(40, 16)
+        model, x = PairDecoder().eval(), torch.randn(40, 16)
     y = model(x).argmax(1).detach()
     qmodel = quantize(model, x)
     spec = CampaignSpec(site="act", ber=1e-4, min_acc=0.0, budget=4)
-    with pytest.raises(EvaluationError, match=r"min_coverage=1: faults reach \d+\.\d% of the MACs.*up \(aten"):
+    with pytest.raises(EvaluationError, match=r"min_coverage=1: faults reach \d+\.\d% of the MACs.*pair \(aten"):
         Campaign(qmodel, x, y, spec, "t")
     accepted = Campaign(qmodel, x, y, CampaignSpec(**{**spec.to_dict(), "min_coverage": 0.0}), "t")
-    assert accepted.empty_result().coverage["uncovered"][0]["module"] == "up"
+    assert accepted.empty_result().coverage["uncovered"][0]["module"] == "pair"
     with pytest.raises(ValueError, match="min_coverage"):
         CampaignSpec(site="act", ber=1e-4, min_acc=0.0, min_coverage=1.5)
 

@@ -1,7 +1,8 @@
 """Faults reach every multiply-accumulate: attention (nn.MultiheadAttention, F.scaled_dot_product_attention),
 recurrent cells (LSTM/GRU gate matmuls, one fault range per time step), functional convs/linears/matmuls/einsums,
-on ordinary architectures with weights=None and small inputs. Each model is covered whole, and single faults in its
-attention projections, attention matmuls, recurrent gates and functional layers change the layer's output exactly
+transposed convolutions, on ordinary architectures with weights=None and small inputs. Each model is covered whole,
+and single faults in its attention projections, attention matmuls, recurrent gates, transposed convolutions and
+functional layers change the layer's output exactly
 as an integer reference of that layer predicts (plain integer arithmetic in float64 on the layer's public codes and
 scales, fed the tensors that entered it)."""
 
@@ -62,6 +63,24 @@ class FunctionalOnly(nn.Module):
         return h @ self.w2
 
 
+class Upsampler(nn.Module):
+    """A decoder: a transposed convolution with BatchNorm (folded), a grouped, dilated one with output padding, and a
+    functional F.conv_transpose2d on the model's own kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.grouped = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=2)
+        self.kernel = nn.Parameter(torch.randn(4, 3, 2, 2) / 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.up(F.relu(self.stem(x)))))
+        h = F.relu(self.grouped(h))
+        return F.conv_transpose2d(h, self.kernel, stride=2).mean((2, 3))
+
+
 class TwoHeads(nn.Module):
     """A model that returns a dict: the gate reads its "logits"."""
 
@@ -105,6 +124,7 @@ BUILDERS = {
     "lstm": lambda: (Recurrent(nn.LSTM, num_layers=2, bidirectional=True), torch.randn(6, 5, 6)),
     "gru": lambda: (Recurrent(nn.GRU), torch.randn(6, 5, 6)),
     "functional": lambda: (FunctionalOnly(), torch.randn(6, 3, 8, 8)),
+    "decoder": lambda: (Upsampler(), torch.randn(6, 3, 5, 5)),
     "bert": _bert,
     "gpt2": _gpt2,
 }
@@ -118,6 +138,7 @@ PROBED = {
     "lstm": ["rnn.cells.l0.hh", "rnn.cells.l1_reverse.hh", "rnn.cells.l0.ih"],
     "gru": ["rnn.cells.l0.hh", "rnn.cells.l0.ih"],
     "functional": ["conv2d()", "bmm()", "einsum()", "linear()", "matmul()"],
+    "decoder": ["up", "grouped", "conv_transpose2d()"],
     "bert": ["bert.encoder.layer.0.attention.self.query",
              "bert.encoder.layer.0.attention.self.scaled_dot_product_attention().scores",
              "bert.encoder.layer.1.attention.self.scaled_dot_product_attention().context"],
@@ -386,6 +407,9 @@ def _reference_acc(layer: Any, operands: list[torch.Tensor], weight: torch.Tenso
         acc = torch.matmul(*operands)
     elif isinstance(module, nn.Linear):
         acc = operands[0] @ weight.T
+    elif isinstance(module, nn.ConvTranspose2d):
+        acc = F.conv_transpose2d(operands[0], weight, None, module.stride, module.padding, module.output_padding,
+                                 module.groups, module.dilation)
     else:
         conv = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(module)]
         acc = conv(operands[0], weight, None, module.stride, module.padding, module.dilation, module.groups)
@@ -760,3 +784,29 @@ def test_grouped_query_attention_is_quantized_whole_as_torch_computes_it() -> No
         pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(1, site, 0))
         assert len(pattern) > 0
         assert torch.equal(qmodel(x, pattern), qtwin(x, pattern)), site
+
+
+@pytest.mark.parametrize("layer_name", PROBED["decoder"])
+@pytest.mark.parametrize("site", ["act", "weight", "acc", "input"])
+def test_one_fault_in_a_transposed_convolution_matches_the_reference(layer_name: str, site: str) -> None:
+    """First, middle and last code of each site, on the last image: grouped and dilated, with output padding, BN
+    folded, and a functional call."""
+    qmodel, _, x = view("decoder")
+    numel = qmodel.layers[layer_name].numel(Site(site))
+    for index, bit in ((0, 0), (numel // 2, 3), (numel - 1, qmodel.layers[layer_name].site_bits(Site(site)) - 1)):
+        check_one_fault(qmodel, layer_name, x, site, index, bit, "flip", len(x) - 1)
+
+
+def test_a_grouped_transposed_convolution_has_a_scale_per_output_channel() -> None:
+    """Its weight [in, out / groups, k, k] holds output channel g x (out / groups) + j at [g's inputs, j]: each
+    output channel's scale is the largest |weight| of its own kernels / 127, and the codes reproduce the weight."""
+    qmodel, model, _ = view("decoder")
+    layer = qmodel.layers["grouped"]
+    weight = model.grouped.weight.detach()  # [6, 2, 3, 3], groups 2
+    per_output = weight.reshape(2, 3, 2, 9).transpose(1, 2).reshape(4, -1)
+    assert torch.allclose(layer.weight_scale, per_output.abs().amax(1) / 127, rtol=1e-6)
+    scales = torch.stack([layer.weight_scale[layer.weight_channel(i)] for i in range(weight.numel())])
+    assert (layer.weight_codes.reshape(-1) * scales - weight.reshape(-1)).abs().le(scales / 2 + 1e-7).all()
+    # inputs 0-2 (group 0) feed outputs 0, 1; inputs 3-5 feed outputs 2, 3
+    assert [layer.weight_channel(i) for i in (0, 9, 18, 27, 53, 54, 63, 107)] == [0, 1, 0, 1, 1, 2, 3, 3]
+    assert qmodel.folded == [("up", "bn")]
