@@ -31,7 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from .data import call_model
+from .data import Inputs, call_model
 from .decompose import Einsum, FusedAttentionOff, MatMul, ScaledDotProductAttention
 
 _OPS: dict[Any, str] = {
@@ -90,6 +90,8 @@ class FunctionalPlan:
             if isinstance(call.module, ScaledDotProductAttention):
                 layers[f"{call.name}.scores"] = (call.module.scores, call.where)
                 layers[f"{call.name}.context"] = (call.module.context, call.where)
+            elif isinstance(call.module, Folded):
+                layers[call.name] = (call.module.layer, call.where)
             else:
                 layers[call.name] = (call.module, call.where)
         return layers
@@ -131,11 +133,34 @@ def _per_image(n: int, *tensors: Any) -> bool:
     return all(isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == n for t in tensors)
 
 
+class Folded(nn.Module):
+    """A call on N x k rows that hold the N images' data image by image, k rows each (Swin's windows folded into
+    the batch dimension, batch and sequence merged before a linear): its layer computes on the [N, k, ...] view
+    of its operands, so that faults are placed per image. `discover` checks the order on the model."""
+
+    def __init__(self, layer: nn.Module, fold: int) -> None:
+        super().__init__()
+        self.layer, self.fold = layer, fold
+        self.float_weight_elements = 0
+
+    def forward(self, *operands: torch.Tensor) -> torch.Tensor:
+        images = operands[0].shape[0] // self.fold
+        out = self.layer(*(x.reshape(images, self.fold, *x.shape[1:]) for x in operands))
+        return out.reshape(images * self.fold, *out.shape[2:])
+
+
 def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: dict[int, str]
                 ) -> tuple[nn.Module | None, int | None, str | None]:
-    """The module that computes this call as a layer, the id of its weight parameter, or why there is none."""
-    if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[0] != n:
+    """The module that computes this call as a layer, the id of its weight parameter, or why there is none. A
+    linear or matmul call whose result holds k rows per image (first dimension N x k) gets its module `Folded`."""
+    if not isinstance(out, torch.Tensor) or out.dim() < 2 or not n or out.shape[0] % n:
         return None, None, "its result has no batch dimension"
+    fold = out.shape[0] // n
+    if fold > 1:
+        if op not in ("linear", "matmul", "rmatmul", "bmm", "mm"):
+            return None, None, "its result has no batch dimension"
+        inner, weight, reason = _module_for(op, named, out, n * fold, parameters)
+        return (Folded(inner, fold) if inner is not None else None), weight, reason
     if op == "linear" or op in _CONVS:
         x, weight, bias = named.get("input"), named.get("weight"), named.get("bias")
         if id(weight) not in parameters or (bias is not None and id(bias) not in parameters):
@@ -269,6 +294,7 @@ class _Discover(TorchFunctionMode):
         self.running: list[str] = []  # the candidates running now, innermost last
         self.own_calls: dict[str, int] = {}  # own linear/conv calls in the candidate's current run
         self.foreign: dict[str, set[str]] = {}  # candidate -> what else read its weight or bias
+        self.folded_outputs: dict[int, torch.Tensor] | None = None  # call index -> its result, where `Folded`
 
     def _own(self, op: str | None, named: dict[str, Any]) -> set[int]:
         """The ids of the weight (and bias) that this call reads as the running candidate's own MAC."""
@@ -298,8 +324,12 @@ class _Discover(TorchFunctionMode):
         if op is None or own:
             return out
         module, weight, reason = _module_for(op, named, out, self.batch, self.parameters)
-        self.plan.calls.append(Call(op, where, module, None, weight, reason,
-                                    0 if module is not None else _computed_weight(op, named, self.batch)))
+        elements = _computed_weight(op, named, self.batch)
+        if isinstance(module, Folded):
+            module.float_weight_elements = elements  # should `discover` find its rows out of image order
+            if self.folded_outputs is not None:
+                self.folded_outputs[len(self.plan.calls)] = out.detach().clone()
+        self.plan.calls.append(Call(op, where, module, None, weight, reason, 0 if module is not None else elements))
         return out
 
     @contextmanager
@@ -375,9 +405,71 @@ def discover(model: nn.Module, x: Any, candidates: dict[str, nn.Module]
             call_model(model, x)
         foreign = {name: sorted(uses) for name, uses in watcher.foreign.items() if name in watcher.ran}
         if not foreign:
+            _check_folds(model, x, candidates, plan)
             return plan, watcher.ran, excluded
         excluded.update(foreign)
         candidates = {name: module for name, module in candidates.items() if name not in foreign}
+
+
+def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], plan: FunctionalPlan) -> None:
+    """Leave in float (with the reason) every `Folded` call whose rows are not the images' image by image: changing
+    the first image must change rows of the first k only, changing the last image rows of the last k only. Faults
+    placed per image would otherwise land in other images, and results would depend on the batch split."""
+    folded = [index for index, call in enumerate(plan.calls) if isinstance(call.module, Folded)]
+    if not folded:
+        return
+    images = len(x)
+    reason = None
+    if images < 2:
+        reason = ("it folds images into its batch dimension, and the first calibration batch has one image: give two "
+                  "or more, to check that each image's rows lie together")
+    else:
+        base = _folded_outputs(model, x, candidates)
+        bad = set(folded) - set(base)
+        for image in (0, images - 1):
+            other = next((j for j in range(images) if not _same_image(x, image, j)), None)
+            changed = None if other is None else _folded_outputs(model, _replaced(x, image, other), candidates)
+            for index in folded:
+                call = plan.calls[index]
+                assert isinstance(call.module, Folded)
+                k = call.module.fold
+                if changed is None or index not in changed or index not in base:
+                    bad.add(index)
+                    continue
+                same = (changed[index] == base[index]) | (changed[index].isnan() & base[index].isnan())
+                rows = (~same).reshape(images * k, -1).any(dim=1).nonzero().flatten()
+                if not len(rows) or int(rows.min()) < image * k or int(rows.max()) >= (image + 1) * k:
+                    bad.add(index)
+        reason = ("it folds images into its batch dimension (k rows per image) in another order than image by "
+                  "image, so faults could not be placed per image")
+    for index in folded if images < 2 else sorted(bad):
+        call = plan.calls[index]
+        assert isinstance(call.module, Folded)
+        call.weight_elements = call.module.float_weight_elements
+        call.module, call.weight, call.reason, call.name = None, None, reason, None
+    _name_calls(plan)
+
+
+def _folded_outputs(model: nn.Module, x: Any, candidates: dict[str, nn.Module]) -> dict[int, torch.Tensor]:
+    watcher = _Discover(model, len(x), candidates)
+    watcher.folded_outputs = {}
+    with torch.no_grad(), watcher.watching():
+        call_model(model, x)
+    return watcher.folded_outputs
+
+
+def _same_image(x: Any, a: int, b: int) -> bool:
+    tensors = x.tensors if isinstance(x, Inputs) else (x,)
+    return all(torch.equal(t[a], t[b]) for t in tensors)
+
+
+def _replaced(x: Any, image: int, other: int) -> Any:
+    """`x` with its `image` replaced by its `other`."""
+    def replace(t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        t[image] = t[other]
+        return t
+    return Inputs(tuple(map(replace, x.tensors)), x.names) if isinstance(x, Inputs) else replace(x)
 
 
 class Dispatch(TorchFunctionMode):
