@@ -44,30 +44,51 @@ if TYPE_CHECKING:
 
 KERNELS = ("auto", "int8", "emulated")
 
-__all__ = ["CHUNK_FAN_IN", "KERNELS", "Int8Conv2d", "Int8Forward", "Int8Linear", "available", "install", "kernel_for"]
+__all__ = ["CHUNK_FAN_IN", "CHUNK_WEIGHT_SUM", "KERNELS", "Int8Conv2d", "Int8Forward", "Int8Linear", "available",
+           "install", "kernel_for", "weight_chunks"]
 
 
 # -- the kernels on their own: exact integer results ----------------------------------------------------------------
 # oneDNN's int8 convolution with a float32 output converts its raw sum of uint8 x int8 products to float32 before
 # the zero-point compensation is taken off (measured: a fan-in of 576 at codes near 255 x 127 comes out off by 1).
-# So a layer's fan-in is split into chunks whose raw sums stay below 2^24 (each a conv with the other chunks'
-# weights zeroed): every chunk's result is then exact, and so is their float32 sum, which is the accumulator.
-CHUNK_FAN_IN = ((1 << 24) - 1) // (255 * 128)  # 513 products of a uint8 and an int8 code
+# A raw sum is at most 255 x the sum of |w| over the output channel's weights, whatever the inputs (padding
+# included: it holds the zero point, a byte too). So a layer's input channels are cut into chunks where that bound
+# stays below 2^24 (each a conv with the other chunks' weights zeroed): every chunk's result is then exact, and so is
+# their float32 sum, which is the accumulator. The chunks follow the actual codes (faulty ones too: repacked), so a
+# layer whose weights are far from all +-128 (any trained or initialised one: mean |code| ~30 of 127) is one conv.
+CHUNK_WEIGHT_SUM = ((1 << 24) - 1) // 255  # 65793: the largest sum of |weight code| one chunk may hold
+CHUNK_FAN_IN = CHUNK_WEIGHT_SUM // 128  # 514 products of a uint8 and an int8 code: always within the bound
+
+
+def weight_chunks(weight_codes: torch.Tensor) -> list[tuple[int, int]] | None:
+    """Consecutive input-channel ranges of int8 weight codes [K, C/groups, kh, kw] where no output channel's sum of
+    |code| passes `CHUNK_WEIGHT_SUM`, greedily; None where one input channel's window alone does."""
+    per_channel = weight_codes.to(torch.int64).abs().flatten(2).sum(2)  # [K, C/groups]
+    if bool((per_channel > CHUNK_WEIGHT_SUM).any()):
+        return None
+    if int(per_channel.sum(1).max()) <= CHUNK_WEIGHT_SUM:  # the usual case: one chunk, no loop
+        return [(0, per_channel.shape[1])]
+    chunks, start, running = [], 0, torch.zeros(per_channel.shape[0], dtype=torch.int64)
+    for channel in range(per_channel.shape[1]):
+        running = running + per_channel[:, channel]
+        if bool((running > CHUNK_WEIGHT_SUM).any()):
+            chunks.append((start, channel))
+            start, running = channel, per_channel[:, channel].clone()
+    chunks.append((start, per_channel.shape[1]))
+    return chunks
 
 
 def conv2d_packs(weight_codes: torch.Tensor, zero_point: int, stride: tuple[int, ...], padding: tuple[int, ...],
                  dilation: tuple[int, ...], groups: int) -> list[torch.Tensor] | None:
     """oneDNN's packed forms (opaque tensors) of int8 weight codes [K, C/groups, kh, kw], one per chunk of input
-    channels; None where one input channel's kernel window alone has more than `CHUNK_FAN_IN` products."""
+    channels (`weight_chunks`); None where one input channel's kernel window alone needs more than one chunk."""
     codes = weight_codes.to(torch.int8).contiguous()
-    window = math.prod(codes.shape[2:])
-    if window > CHUNK_FAN_IN:
+    ranges = weight_chunks(codes)
+    if ranges is None:
         return None
-    per_chunk = CHUNK_FAN_IN // window
-    chunks = [codes] if codes.shape[1] <= per_chunk else [
-        torch.zeros_like(codes).index_copy_(1, torch.arange(start, min(start + per_chunk, codes.shape[1])),
-                                            codes[:, start:start + per_chunk])
-        for start in range(0, codes.shape[1], per_chunk)]
+    chunks = [codes] if len(ranges) == 1 else [
+        torch.zeros_like(codes).index_copy_(1, torch.arange(start, stop), codes[:, start:stop])
+        for start, stop in ranges]
     return [torch.ops.onednn.qconv_prepack(chunk, torch.ones(codes.shape[0]), 1.0, zero_point, list(stride),
                                            list(padding), list(dilation), groups, None) for chunk in chunks]
 
@@ -119,6 +140,11 @@ def _probe_conv() -> bool:
         codes = [torch.full(shape, v) for v in (-128, 127)] + [torch.randint(-128, 128, shape, generator=generator)]
         weights = [torch.full(wshape, v) for v in (-128, 127)] + [torch.randint(-128, 128, wshape,
                                                                                  generator=generator)]
+        if math.prod(wshape[1:]) > CHUNK_FAN_IN:  # one chunk at its bound: raw sums of 255 x 65793 = 2^24 - 1
+            edge = torch.zeros(wshape, dtype=torch.int64)
+            edge.view(k, -1)[:, :CHUNK_FAN_IN] = -128
+            edge.view(k, -1)[:, CHUNK_FAN_IN] = -(CHUNK_WEIGHT_SUM - 128 * CHUNK_FAN_IN)
+            weights.append(edge)
         for zero_point, low in ((128, -128), (0, 0), (255, -255)):
             for w in weights:
                 packed = conv2d_packs(w, zero_point, (stride,) * 2, (padding,) * 2, (1, 1), groups)

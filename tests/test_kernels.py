@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TextClassifier, threads
+from conftest import TextClassifier, seeded, threads
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -20,13 +20,14 @@ from pytest_hwfault import FaultModel, native, quantize
 from pytest_hwfault.cifar_resnet import CifarResNet, recalibrate_bn
 from pytest_hwfault.faults import FaultPattern, sample_pattern, trial_generator
 from pytest_hwfault.kernels import (
-    CHUNK_FAN_IN,
+    CHUNK_WEIGHT_SUM,
     Int8Forward,
     available,
     conv2d_int32,
     conv2d_packs,
     linear_int32,
     padded_batch,
+    weight_chunks,
 )
 
 needs_conv = pytest.mark.skipif(not available("conv2d"), reason="no exact int8 convolution on this machine")
@@ -71,7 +72,9 @@ def test_conv2d_accumulator_is_exact(data: st.DataObject) -> None:
     reference = F.conv2d(x.double(), w.double(), stride=stride, padding=padding, dilation=dilation, groups=groups)
     geometry = ((stride,) * 2, (padding,) * 2, (dilation,) * 2, groups)
     packs = conv2d_packs(w, zero_point, *geometry)
-    assert packs is not None and len(packs) == -(-per_group // (CHUNK_FAN_IN // (kernel * kernel)))
+    chunks = weight_chunks(w)
+    assert packs is not None and chunks is not None and len(packs) == len(chunks)
+    _assert_chunked_within_bound(w, chunks)
     u8 = (x + zero_point).to(torch.uint8).contiguous(memory_format=layout)
     results = []
     for n in (1, 2):
@@ -82,6 +85,52 @@ def test_conv2d_accumulator_is_exact(data: st.DataObject) -> None:
         if reference.abs().max() < 1 << 24:  # float32 holds it exactly: the kernel must give it
             assert torch.equal(got.double(), reference)
     assert torch.equal(results[0], results[1])
+
+
+def _assert_chunked_within_bound(w: torch.Tensor, chunks: list[tuple[int, int]]) -> None:
+    """Consecutive ranges covering every input channel, each within the bound for every output channel, and no two
+    neighbours that would fit in one (greedy: as few convolutions as the order allows)."""
+    per_channel = w.abs().flatten(2).sum(2)  # [out, in per group]
+    assert chunks[0][0] == 0 and chunks[-1][1] == w.shape[1]
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:])) and all(start < stop for start, stop in chunks)
+    assert all(int(per_channel[:, start:stop].sum(1).max()) <= CHUNK_WEIGHT_SUM for start, stop in chunks)
+    assert all(int(per_channel[:, start:stop + 1].sum(1).max()) > CHUNK_WEIGHT_SUM for start, stop in chunks[:-1])
+
+
+@needs_conv
+@pytest.mark.parametrize("sign", [-1, 1])
+def test_conv2d_at_the_chunk_bound_is_exact(sign: int) -> None:
+    """The largest raw sum one chunk may hold, 255 x 65793 = 2^24 - 1: every input byte 255, and the output channel's
+    |weight codes| summing to the bound in one conv, either sign; one more makes two chunks."""
+    w = torch.zeros(2, 64, 3, 3, dtype=torch.int64)
+    if sign < 0:  # 514 x 128 + 1
+        w.view(2, -1)[0, :514], w.view(2, -1)[0, 514] = -128, -1
+    else:  # 518 x 127 + 7
+        w.view(2, -1)[0, :518], w.view(2, -1)[0, 518] = 127, 7
+    w.view(2, -1)[1, :300] = 127 * sign
+    assert int(w[0].abs().sum()) == CHUNK_WEIGHT_SUM
+    assert weight_chunks(w) == [(0, 64)]
+    x = torch.full((2, 64, 5, 5), 127)  # bytes 255 with zero point 128
+    packs = conv2d_packs(w, 128, (1, 1), (0, 0), (1, 1), 1)
+    assert packs is not None and len(packs) == 1
+    got = conv2d_int32((x + 128).to(torch.uint8), packs, 2, 128, (1, 1), (0, 0), (1, 1), 1)
+    reference = F.conv2d(x.double(), w.double())
+    assert torch.equal(got.double(), reference)
+    w.view(2, -1)[0, 519] = sign
+    assert weight_chunks(w) == [(0, 57), (57, 64)]  # input channel 57 holds products 513-521 of the window
+
+
+def test_weights_of_a_trained_size_are_one_chunk() -> None:
+    """Random-init ResNet56's widest convolution (64 x 64 x 3 x 3, fan-in 576) quantized per channel: mean |code|
+    ~30, far below the bound, so one conv where the fixed cut of 513 products made two."""
+    from pytest_hwfault.quantization import _weight_codes
+
+    with seeded(0):
+        conv = nn.Conv2d(64, 64, 3)
+    nn.init.kaiming_normal_(conv.weight)
+    codes, _ = _weight_codes(conv.weight, 8, "per_channel")
+    assert weight_chunks(codes) == [(0, 64)]
+    assert weight_chunks(torch.full((4, 64, 3, 3), -128)) == [(0, 57), (57, 64)]
 
 
 def test_conv2d_in_one_chunk_is_inexact_past_2_to_24() -> None:
