@@ -153,7 +153,9 @@ def protection_cost(qmodel: QuantizedModel, names: Sequence[str]) -> dict[str, A
     """What protecting `names` with TMR costs: their weight bits (share and count) and 2x their MACs (two extra
     copies), as a share of all quantized layers' weight bits and MACs per image."""
     chosen = set(names)
-    bits = {name: layer.weight_bits() for name, layer in qmodel.layers.items()}
+    # stored weight bits: a tied weight (`QuantLayer.weight_group`) counts once, under the first layer of its group
+    bits = {name: layer.weight_bits() if layer.weight_group[:1] in ((), (name,)) else 0
+            for name, layer in qmodel.layers.items()}
     macs = {name: layer.macs() for name, layer in qmodel.layers.items()}
     total_bits, total_macs = sum(bits.values()) or 1, sum(macs.values()) or 1
     protected_bits = sum(bits[n] for n in chosen)
@@ -225,6 +227,13 @@ class Mitigation:
                                           f"layers are: {shown}")
                 chosen |= hits
             self.protected = frozenset(chosen)
+            for name in sorted(chosen, key=names.index):
+                group = set(qmodel.layers[name].weight_group)
+                if spec.site == "weight" and group - chosen:
+                    raise MitigationError(
+                        f"protect={list(spec.protect)!r}: layer {name!r} shares its stored weight with "
+                        f"{sorted(group - {name}, key=names.index)} (tied weights, stored once); a fault in it reaches "
+                        "every layer that reads it, so protect the whole group or none of it")
         self.bounds: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         if spec.mitigation and "range_restriction" in spec.mitigation:
             self.bounds = qmodel.output_ranges(inputs, batch_size)

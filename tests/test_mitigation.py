@@ -328,3 +328,23 @@ def test_mitigation_arguments_are_validated_and_ids_of_unmitigated_campaigns_unc
     assert mitigated.campaign_id("t") != plain.campaign_id("t") and mitigated.draw_id("t") == plain.campaign_id("t")
     assert mitigated.label() == "act-ber1e-05-range_restriction"
     assert CampaignSpec.from_dict(mitigated.to_dict()) == mitigated
+
+
+def test_protecting_part_of_a_tied_weight_is_refused() -> None:
+    """Two layers read one stored weight: protecting one of them at site weight would drop the faults the other
+    still meets (the faults are listed under the first). Refused, naming the group; the whole group is accepted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    model[2].weight = model[0].weight
+    x = torch.randn(64, 16)
+    qmodel = quantize(model, x)
+    assert qmodel.layers["0"].weight_group == ("0", "2")
+    for protect in (["0"], ["2"]):
+        spec = CampaignSpec(site="weight", ber=1e-3, min_acc=0.0, budget=2, protect=protect)
+        with pytest.raises(MitigationError, match=r"shares its stored weight with \['(0|2)'\] \(tied weights"):
+            Mitigation(qmodel, x, spec)
+    both = Mitigation(qmodel, x, CampaignSpec(site="weight", ber=1e-3, min_acc=0.0, budget=2, protect=["0", "2"]))
+    stored = 16 * 16 * 8  # once, not once per reader
+    assert both.cost["protect"]["protected_weight_bits"] == stored
+    assert both.cost["protect"]["weight_bits"] == stored / (stored + 16 * 4 * 8)
+    Mitigation(qmodel, x, CampaignSpec(site="act", ber=1e-3, min_acc=0.0, budget=2, protect=["0"]))
