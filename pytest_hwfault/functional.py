@@ -295,6 +295,7 @@ class _Discover(TorchFunctionMode):
         self.own_calls: dict[str, int] = {}  # own linear/conv calls in the candidate's current run
         self.foreign: dict[str, set[str]] = {}  # candidate -> what else read its weight or bias
         self.folded_outputs: dict[int, torch.Tensor] | None = None  # call index -> its result, where `Folded`
+        self.weight_holders: dict[tuple[Any, ...], nn.Module] = {}  # (parameter id, kind) -> its first layer
 
     def _own(self, op: str | None, named: dict[str, Any]) -> set[int]:
         """The ids of the weight (and bias) that this call reads as the running candidate's own MAC."""
@@ -324,6 +325,11 @@ class _Discover(TorchFunctionMode):
         if op is None or own:
             return out
         module, weight, reason = _module_for(op, named, out, self.batch, self.parameters)
+        if module is not None and weight is not None:  # a parameter two calls use is stored once: one tensor
+            layer = module.layer if isinstance(module, Folded) else module
+            first = self.weight_holders.setdefault((weight, type(layer), op == "linear"), layer)
+            if first is not layer and first.weight.shape == layer.weight.shape:
+                layer.weight = first.weight  # `quantization` ties their codes (QuantLayer.weight_group)
         elements = _computed_weight(op, named, self.batch)
         if isinstance(module, Folded):
             module.float_weight_elements = elements  # should `discover` find its rows out of image order

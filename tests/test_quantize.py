@@ -676,3 +676,37 @@ def test_torch_compile_wrappers_are_left_out_of_the_view(digits) -> None:
         assert torch.equal(view(x), reference(x)) and torch.equal(view(x, pattern), reference(x, pattern))
     assert compilations == []
     assert reference.config["compiled"] == []
+
+
+class FunctionalTwice(nn.Module):
+    """One parameter used by two F.linear calls, or (`copies`) each call its own copy of it."""
+
+    def __init__(self, copies: bool = False) -> None:
+        super().__init__()
+        self.w, self.head = nn.Parameter(torch.randn(64, 64) / 8), nn.Linear(64, 10)
+        self.w2 = nn.Parameter(self.w.detach().clone()) if copies else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(F.linear(x, self.w))
+        return self.head(F.relu(F.linear(h, self.w if self.w2 is None else self.w2)))
+
+
+def test_a_parameter_two_functional_calls_use_is_stored_once(digits) -> None:
+    """The functional layers of two calls on one parameter share its stored codes, as two modules tied to one
+    weight do: one fault reaches both, as the same fault in both copies of a two-parameter twin."""
+    from pytest_hwfault.faults import Fault
+
+    torch.manual_seed(0)
+    model, twin = FunctionalTwice().eval(), FunctionalTwice(copies=True).eval()
+    twin.load_state_dict(model.state_dict(), strict=False)  # w and the head; w2 is a copy of w:
+    with torch.no_grad():
+        twin.w2.copy_(model.w)
+    x = digits.x_test[:64]
+    view, twin_view = quantize(model, digits.x_train[:256]), quantize(twin, digits.x_train[:256])
+    assert view.layers["linear()"].weight_group == ("linear()", "linear_2()")
+    assert twin_view.layers["linear()"].weight_group == ()
+    assert [t.layer for t in view.targets(Site.WEIGHT)] == ["linear()", "head"]
+    faults = [Fault("weight", "linear()", index, 7) for index in (3, 700, 4000)]
+    both = FaultPattern.from_faults([*faults, *(Fault("weight", "linear_2()", f.index, f.bit) for f in faults)])
+    assert torch.equal(view(x, FaultPattern.from_faults(faults)), twin_view(x, both))
+    assert torch.equal(view(x), twin_view(x))
