@@ -424,6 +424,7 @@ def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], pla
     folded = [index for index, call in enumerate(plan.calls) if isinstance(call.module, Folded)]
     if not folded:
         return
+    x = x[:4]  # a few images show the order as well as many, at a fraction of the forward passes' cost
     images = len(x)
     reason = None
     if images < 2:
