@@ -66,6 +66,9 @@ class Call:
     # a call left in float whose weight is computed in the forward pass: that weight's elements, which no fault
     # reaches (they count against the weight coverage)
     weight_elements: int = 0
+    # a linear/conv call whose bias the forward computes from stored tensors (Swin V2 zeroes the key's share of its
+    # qkv bias): the value the layer holds as its bias codes; every later call must pass the same
+    computed_bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -163,8 +166,10 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
         return (Folded(inner, fold) if inner is not None else None), weight, reason
     if op == "linear" or op in _CONVS:
         x, weight, bias = named.get("input"), named.get("weight"), named.get("bias")
-        if id(weight) not in parameters or (bias is not None and id(bias) not in parameters):
-            return None, None, "its weight or bias is computed in the forward pass, not a parameter or buffer"
+        if id(weight) not in parameters:
+            return None, None, "its weight is computed in the forward pass, not a parameter or buffer"
+        if bias is not None and id(bias) not in parameters and (not isinstance(bias, torch.Tensor) or bias.dim() != 1):
+            return None, None, "its bias is computed in the forward pass and is not one value per output"
         if not _per_image(n, x):
             return None, None, "its input has no batch dimension"
         assert isinstance(weight, torch.Tensor)
@@ -235,6 +240,11 @@ def _invoke(call: Call, named: dict[str, Any]) -> Any:
         if id(named.get("weight")) != call.weight:
             raise CallOrderError(f"functional call {call.name!r} was made with another weight than when the model was "
                                "quantized: the model's functional calls must come in the same order every forward")
+        bias = named.get("bias")
+        if call.computed_bias is not None and not (isinstance(bias, torch.Tensor) and torch.equal(bias,
+                                                                                             call.computed_bias)):
+            raise CallOrderError(f"functional call {call.name!r} was made with another computed bias than when the "
+                                 "model was quantized: the layer holds that bias as its codes, so it must not change")
         return module(named["input"])
     if op in ("matmul", "rmatmul", "bmm", "mm"):
         if call.weight is not None:
@@ -336,6 +346,9 @@ class _Discover(TorchFunctionMode):
             if self.folded_outputs is not None:
                 self.folded_outputs[len(self.plan.calls)] = out.detach().clone()
         self.plan.calls.append(Call(op, where, module, None, weight, reason, 0 if module is not None else elements))
+        bias = named.get("bias") if op == "linear" or op in _CONVS else None
+        if module is not None and isinstance(bias, torch.Tensor) and id(bias) not in self.parameters:
+            self.plan.calls[-1].computed_bias = bias.detach().clone()
         return out
 
     @contextmanager

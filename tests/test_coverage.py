@@ -131,7 +131,7 @@ def test_a_weight_computed_in_the_forward_pass_is_named_with_why() -> None:
     assert coverage.macs == pytest.approx(head / (conv + head), rel=1e-6)
     assert coverage.uncovered == [{"module": "", "ops": ["aten.convolution"],
                                    "share": pytest.approx(conv / (conv + head), rel=1e-6),
-                                   "why": ["conv2d: its weight or bias is computed in the forward pass, not a "
+                                   "why": ["conv2d: its weight is computed in the forward pass, not a "
                                            "parameter or buffer"]}]
     assert "<model> (aten.convolution: " in coverage.describe()
     assert coverage.weights == pytest.approx(head / (head + 4 * 9))  # the computed kernel is a weight no fault hits

@@ -891,3 +891,64 @@ def test_swin_t_is_covered_whole() -> None:
     coverage = measure_coverage(qmodel, x)
     assert coverage.complete and coverage.macs == 1.0 and coverage.weights == 1.0, coverage.describe()
     assert "features.1.0.attn.matmul_2()" in qmodel.layers
+
+
+class ComputedBias(nn.Module):
+    """A functional linear whose bias the forward computes from a parameter, as Swin V2 zeroes the key's share of
+    its qkv bias; or (`from_input`) one that changes with the input; or (`stored`) the same bias as a parameter."""
+
+    def __init__(self, mode: str = "computed") -> None:
+        super().__init__()
+        self.mode = mode
+        self.w, self.b = nn.Parameter(torch.randn(24, 8) / 3), nn.Parameter(torch.randn(24) / 4)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "stored":
+            bias = self.b
+        else:
+            bias = self.b.clone()
+            bias[8:16].zero_()
+            if self.mode == "from_input":
+                bias = bias * x.mean()
+        return self.head(F.relu(F.linear(x, self.w, bias)))
+
+
+def test_a_bias_computed_from_stored_tensors_is_the_layers_bias() -> None:
+    """Swin V2's qkv calls ran in float (51% of swin_v2_t's MACs) because their bias is computed in the forward pass.
+    A linear with a parameter weight and a computed bias is a layer holding that bias: the same numbers as the
+    model that stores it, faulty or not; a bias that changes with the input is refused, not silently frozen."""
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+    from pytest_hwfault.functional import CallOrderError
+
+    with seeded(5):
+        model, x = ComputedBias().eval(), torch.randn(16, 8)
+    stored = ComputedBias("stored").eval()
+    stored.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        stored.b[8:16] = 0
+    qmodel, qstored = quantize(model, x), quantize(stored, x)
+    assert list(qmodel.layers) == ["linear()", "head"]
+    assert measure_coverage(qmodel, x).macs == 1.0
+    for site in ("act", "acc", "weight"):
+        fault_model = FaultModel(site, 1e-2)
+        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(5, site, 0))
+        assert torch.equal(qmodel(x, pattern), qstored(x, pattern)), site
+    assert torch.equal(qmodel(x), qstored(x))
+    changing = ComputedBias("from_input").eval()
+    changing.load_state_dict(model.state_dict())
+    with pytest.raises(CallOrderError, match=r"'linear\(\)' was made with another computed bias"):
+        quantize(changing, torch.randn(32, 8), batch_size=16)
+
+
+def test_swin_v2_t_is_covered_but_its_position_bias_mlp() -> None:
+    from torchvision.models import swin_v2_t
+
+    with seeded(7):
+        model, x = swin_v2_t(num_classes=5).eval(), torch.randn(2, 3, 64, 64)
+    coverage = measure_coverage(quantize(model, x), x)
+    # left in float: only the continuous position bias MLPs, computed from a coordinate table, the same for every
+    # image (as hardware would store their result)
+    assert {row["module"].rsplit(".", 1)[0] for row in coverage.uncovered} <= {
+        f"features.{stage}.{block}.attn.cpb_mlp" for stage in (1, 3, 5, 7) for block in range(6)}
+    assert coverage.macs > 0.98, coverage.describe()
