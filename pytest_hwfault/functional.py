@@ -432,7 +432,7 @@ def discover(model: nn.Module, x: Any, candidates: dict[str, nn.Module]
 
 def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], plan: FunctionalPlan) -> None:
     """Leave in float (with the reason) every `Folded` call whose rows are not the images' image by image: changing
-    the first image must change rows of the first k only, changing the last image rows of the last k only. Faults
+    image i of the first few calibration images must change rows i x k ... (i + 1) x k - 1 only, for each i. Faults
     placed per image would otherwise land in other images, and results would depend on the batch split."""
     folded = [index for index, call in enumerate(plan.calls) if isinstance(call.module, Folded)]
     if not folded:
@@ -446,7 +446,7 @@ def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], pla
     else:
         base = _folded_outputs(model, x, candidates)
         bad = set(folded) - set(base)
-        for image in (0, images - 1):
+        for image in range(images):  # each of the few images in turn
             other = next((j for j in range(images) if not _same_image(x, image, j)), None)
             changed = None if other is None else _folded_outputs(model, _replaced(x, image, other), candidates)
             for index in folded:

@@ -257,6 +257,32 @@ def test_uncovered_search_refused(hwfault, functional_stem, val_data):
     hwfault.assess(functional_stem, val_data)
 
 
+# torch's flop counter has no formula for nn.Bilinear's op: its MACs were not counted and the coverage said 100%
+class BilinearHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(64, 16)
+        self.pair = nn.Bilinear(16, 16, 10)
+
+    def forward(self, x):
+        h = nn.functional.relu(self.stem(x))
+        return self.pair(h, h)
+
+
+@pytest.fixture(scope="session")
+def bilinear_head(digits):
+    x, y = digits
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        net = BilinearHead()
+    return _train(net, x[:1200], y[:1200])
+
+
+@resilience(ber=1e-4, site="act", min_acc=0.0, budget=4)
+def test_bilinear_head_refused(hwfault, bilinear_head, val_data):
+    hwfault.assess(bilinear_head, val_data)
+
+
 # 7. the fixture's contract
 def test_assess_without_campaign(hwfault, model, val_data):
     hwfault.assess(model, val_data)
