@@ -233,13 +233,17 @@ class FunctionalStem(nn.Module):
         return self.head(nn.functional.relu(x).flatten(1))
 
 
-@pytest.fixture(scope="session")
-def functional_stem(digits):
+def _trained(make, seed, digits):
     x, y = digits
     with torch.random.fork_rng():
-        torch.manual_seed(3)
-        net = FunctionalStem()
+        torch.manual_seed(seed)
+        net = make()
     return _train(net, x[:1200], y[:1200])
+
+
+@pytest.fixture(scope="session")
+def functional_stem(digits):
+    return _trained(FunctionalStem, 3, digits)
 
 
 @resilience(ber=1e-4, site="act", min_acc=0.0, budget=4)
@@ -271,11 +275,7 @@ class BilinearHead(nn.Module):
 
 @pytest.fixture(scope="session")
 def bilinear_head(digits):
-    x, y = digits
-    with torch.random.fork_rng():
-        torch.manual_seed(4)
-        net = BilinearHead()
-    return _train(net, x[:1200], y[:1200])
+    return _trained(BilinearHead, 4, digits)
 
 
 @resilience(ber=1e-4, site="act", min_acc=0.0, budget=4)
