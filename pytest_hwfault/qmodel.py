@@ -219,7 +219,10 @@ class QuantizedModel:
                 rows, cols, pe_faults = runtime.pe
                 weight = module.weight
                 assert isinstance(weight, torch.Tensor)
-                acc.add_(layer_error(module, args[0], weight, pe_faults, rows, cols, acc.shape).to(acc.dtype))
+                # the array's own arithmetic, not a call of the model's: past the functional dispatch, if active
+                with torch._C.DisableTorchFunction():
+                    error = layer_error(module, args[0], weight, pe_faults, rows, cols, acc.shape)
+                acc.add_(error.to(acc.dtype))
             acc_key, act_key = key(Site.ACC, call), key(Site.ACT, call)
             acc_edit, act_edit = runtime.batch.get(acc_key), runtime.batch.get(act_key)
             # a faulty output zero point register (site qparams): every code shifts before saturation

@@ -285,3 +285,41 @@ def test_gate(hwfault):
     result.stdout.fnmatch_lines(["*hwfault.assess() refused: site 'pe': the systolic array computes*not mapped onto "
                                  "it*scores (MatMul)*"])
     assert "Traceback" not in result.stdout.str()
+
+
+
+class _FoldedFirstLayer(nn.Module):
+    """A Linear 16 -> 16 on each of an image's 4 rows, then a head: as F.linear on a parameter over the images'
+    rows folded into the batch dimension (`functional`), or as a module on [images, 4, 16]."""
+
+    def __init__(self, functional: bool) -> None:
+        super().__init__()
+        self.functional = functional
+        self.w, self.head = nn.Parameter(torch.randn(16, 16) / 4), nn.Linear(64, 10)
+        self.first = nn.Linear(16, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.functional:
+            h = F.linear(x.reshape(-1, 16), self.w)
+        else:
+            h = self.first(x.reshape(len(x), 4, 16))
+        return self.head(F.relu(h).reshape(len(x), -1))
+
+
+def test_pe_faults_reach_functional_layers_as_module_layers() -> None:
+    """The array's error of a functional layer was computed under the functional dispatch, which took its matmul for
+    a call of the model's and refused the forward (CallOrderError). It is the same error as for the module."""
+    torch.manual_seed(0)
+    functional, module = _FoldedFirstLayer(True).eval(), _FoldedFirstLayer(False).eval()
+    with torch.no_grad():
+        module.first.weight.copy_(functional.w)
+        module.head.load_state_dict(functional.head.state_dict())
+    x = torch.randn(12, 64)
+    views = [quantize(m, x) for m in (functional, module)]
+    assert list(views[0].layers) == ["linear()", "head"] and list(views[1].layers) == ["first", "head"]
+    fault_model = FaultModel("pe", 0.05)
+    targets = views[0].targets(fault_model.site, layers=("ws8x8.acc",))
+    pattern = sample_pattern(fault_model, targets, len(x), torch.Generator().manual_seed(1))
+    assert len(pattern) > 0
+    faulty = views[0](x, pattern)
+    assert torch.equal(faulty, views[1](x, pattern)) and not torch.equal(faulty, views[0](x))
