@@ -90,13 +90,12 @@ class FunctionalPlan:
         for call in self.calls:
             if call.module is None or not call.name:
                 continue
-            if isinstance(call.module, ScaledDotProductAttention):
-                layers[f"{call.name}.scores"] = (call.module.scores, call.where)
-                layers[f"{call.name}.context"] = (call.module.context, call.where)
-            elif isinstance(call.module, Folded):
-                layers[call.name] = (call.module.layer, call.where)
+            module = call.module.layer if isinstance(call.module, Folded) else call.module
+            if isinstance(module, ScaledDotProductAttention):
+                layers[f"{call.name}.scores"] = (module.scores, call.where)
+                layers[f"{call.name}.context"] = (module.context, call.where)
             else:
-                layers[call.name] = (call.module, call.where)
+                layers[call.name] = (module, call.where)
         return layers
 
     def uncovered(self) -> list[dict[str, str]]:
@@ -146,9 +145,12 @@ class Folded(nn.Module):
         self.layer, self.fold = layer, fold
         self.float_weight_elements = 0
 
-    def forward(self, *operands: torch.Tensor) -> torch.Tensor:
+    def forward(self, *operands: torch.Tensor, **options: Any) -> torch.Tensor:
         images = operands[0].shape[0] // self.fold
-        out = self.layer(*(x.reshape(images, self.fold, *x.shape[1:]) for x in operands))
+        mask = options.get("attn_mask")  # attention: a mask per folded row is folded too; others broadcast as they are
+        if isinstance(mask, torch.Tensor) and mask.dim() == operands[0].dim() and mask.shape[0] == len(operands[0]):
+            options["attn_mask"] = mask.reshape(images, self.fold, *mask.shape[1:])
+        out = self.layer(*(x.reshape(images, self.fold, *x.shape[1:]) for x in operands), **options)
         return out.reshape(images * self.fold, *out.shape[2:])
 
 
@@ -160,7 +162,7 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
         return None, None, "its result has no batch dimension"
     fold = out.shape[0] // n
     if fold > 1:
-        if op not in ("linear", "matmul", "rmatmul", "bmm", "mm"):
+        if op not in ("linear", "matmul", "rmatmul", "bmm", "mm", "scaled_dot_product_attention"):
             return None, None, "its result has no batch dimension"
         inner, weight, reason = _module_for(op, named, out, n * fold, parameters)
         return (Folded(inner, fold) if inner is not None else None), weight, reason

@@ -86,9 +86,10 @@ class WindowAttention(nn.Module):
     dimension (k = 4 rows per image), then F.linear / matmul / matmul / F.linear on the folded rows, as torchvision's
     shifted_window_attention. `window_major`: the windows are folded window by window instead of image by image."""
 
-    def __init__(self, window_major: bool = False) -> None:
+    def __init__(self, window_major: bool = False, sdpa: bool = False) -> None:
         super().__init__()
-        self.window_major = window_major
+        self.window_major, self.sdpa = window_major, sdpa
+        self.bias_table = nn.Parameter(torch.randn(2, 4, 4) / 4)  # a relative-position bias per head, as timm's
         self.embed = nn.Linear(3, 8)
         self.qkv = nn.Linear(8, 24)
         self.proj = nn.Linear(8, 8)
@@ -103,8 +104,12 @@ class WindowAttention(nn.Module):
         rows = windows.reshape(-1, 4, 8)  # [n x 4 windows, 4 tokens, 8]
         qkv = F.linear(rows, self.qkv.weight, self.qkv.bias).reshape(-1, 4, 3, 2, 4).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = torch.softmax(q.matmul(k.transpose(-2, -1)) * 0.5, dim=-1)
-        out = F.linear(attn.matmul(v).transpose(1, 2).reshape(-1, 4, 8), self.proj.weight, self.proj.bias)
+        if self.sdpa:  # timm's fused path: the bias as a mask expanded to every folded row
+            mask = self.bias_table.expand(len(q), -1, -1, -1)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.5)
+        else:
+            context = torch.softmax(q.matmul(k.transpose(-2, -1)) * 0.5, dim=-1).matmul(v)
+        out = F.linear(context.transpose(1, 2).reshape(-1, 4, 8), self.proj.weight, self.proj.bias)
         if self.window_major:
             out = out.reshape(2, 2, n, 4, 8).permute(2, 0, 1, 3, 4)
         return self.head(out.reshape(n, -1, 8).mean(1))
@@ -952,3 +957,26 @@ def test_swin_v2_t_is_covered_but_its_position_bias_mlp() -> None:
     assert {row["module"].rsplit(".", 1)[0] for row in coverage.uncovered} <= {
         f"features.{stage}.{block}.attn.cpb_mlp" for stage in (1, 3, 5, 7) for block in range(6)}
     assert coverage.macs > 0.98, coverage.describe()
+
+
+def test_folded_fused_attention_is_two_layers_placed_per_image() -> None:
+    """timm's Swin runs F.scaled_dot_product_attention on its folded windows with the position bias as a mask per
+    row: its matmuls are layers on [images, windows, ...], the mask folded the same way."""
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+    with seeded(7):
+        model, x = WindowAttention(sdpa=True).eval(), torch.randn(6, 3, 4, 4)
+    qmodel = quantize(model, x)
+    assert "scaled_dot_product_attention().scores" in qmodel.layers
+    assert qmodel.layers["scaled_dot_product_attention().scores"].input_shape == (4, 2, 4, 4)
+    coverage = measure_coverage(qmodel, x)
+    assert coverage.complete and coverage.macs == 1.0, coverage.describe()
+    with torch.no_grad():
+        reference = model(x)
+    assert float((qmodel(x) - reference).abs().max()) < 0.1 * float(reference.abs().max())
+    for site in ("act", "input"):
+        fault_model = FaultModel(site, 2e-3)
+        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(4, site, 0))
+        whole = qmodel(x, pattern)
+        assert torch.equal(whole, torch.cat([qmodel(x[:2], pattern), qmodel(x[2:], pattern, image_offset=2)]))
+        assert not torch.equal(whole, qmodel(x)), site
