@@ -124,3 +124,64 @@ int hw_apply_edit(float *flat, int64_t n, const int64_t *linear, int64_t count, 
     }
     return 0;
 }
+
+/* The positions of a Bernoulli process from its logged uniforms log(1 - u) (faults.bernoulli_positions; the log
+ * stays torch's, whose vectorised form may differ from libm's in the last place): gap k is floor(logged[k] / log_q)
+ * clamped to at most `total` (torch's clamp(max=): the smaller of the two), converted to int64, plus 1, and
+ * out[k] = last + gaps 0..k (a running sum that wraps like torch's int64 cumsum). Sequential: each position needs
+ * the one before it, and the pass is memory-bound. */
+void hw_gap_positions(const double *logged, int64_t n, double log_q, double total, int64_t last, int64_t *out) {
+    uint64_t position = (uint64_t)last;
+    for (int64_t k = 0; k < n; k++) {
+        double gap = floor(logged[k] / log_q);
+        gap = total < gap ? total : gap;
+        position += (uint64_t)((int64_t)gap + 1);
+        out[k] = (int64_t)position;
+    }
+}
+
+/* One tensor's sampled faults folded into one edit per code and placed in memory (inject.compose_canonical, then
+ * layout.place): linear[k] is the row-major position of fault k's code in a batch of images,
+ * bit[k] its bit; the faults are sorted by code with no (code, bit) twice, so a code's mask is the OR (= the sum) of
+ * its faults' bits. In a channels-last layout (channels > 1, `spatial` positions per channel) the code of image i,
+ * channel c, spatial position s lies at (i * channels + c) * spatial + s row-major and at i * channels * spatial +
+ * s * channels + c in memory; with channels = 1, at its row-major position. Writes each code's offset and mask (int32
+ * or int64 words, `words_64`) in the order of the codes and returns how many; -1, having written nothing that counts,
+ * where the faults are not sorted or a bit does not fit the words. */
+int64_t hw_compose_place(const int64_t *linear, const int64_t *bit, int64_t count, int64_t channels,
+                         int64_t spatial, int64_t *offsets, void *masks, int words_64) {
+    const int pow2 = (spatial & (spatial - 1)) == 0 && (channels & (channels - 1)) == 0;
+    const int spatial_shift = spatial > 1 ? __builtin_ctzll((unsigned long long)spatial) : 0;
+    const int64_t width = words_64 ? 64 : 32;
+    int64_t codes = 0;
+    for (int64_t k = 0; k < count;) {
+        const int64_t code = linear[k];
+        uint64_t mask = 0;
+        for (; k < count && linear[k] == code; k++) {
+            if (bit[k] < 0 || bit[k] >= width)
+                return -1;
+            mask |= UINT64_C(1) << bit[k];
+        }
+        if (k < count && linear[k] < code)
+            return -1;
+        int64_t offset = code;
+        if (channels > 1) {
+            int64_t where, channel;
+            if (pow2) {
+                where = code & (spatial - 1);
+                channel = (code >> spatial_shift) & (channels - 1);
+            } else {
+                where = code % spatial;
+                channel = (code / spatial) % channels;
+            }
+            offset = code + where * (channels - 1) - channel * (spatial - 1);
+        }
+        offsets[codes] = offset;
+        if (words_64)
+            ((int64_t *)masks)[codes] = (int64_t)mask;
+        else
+            ((int32_t *)masks)[codes] = (int32_t)(uint32_t)mask;
+        codes++;
+    }
+    return codes;
+}

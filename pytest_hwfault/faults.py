@@ -22,6 +22,7 @@ from itertools import accumulate
 
 import torch
 
+from . import native
 from .bits import KIND_CODES, KINDS_BY_CODE, check_width
 from .spec import WIDE_ACC_BITS, Kind, Site
 
@@ -308,9 +309,10 @@ def bernoulli_positions(total: int, p: float, generator: torch.Generator) -> tor
         expected = (total - 1 - last) * p
         n = int(expected + 6.0 * math.sqrt(expected) + 64)
         # 1 - u in (0, 1], so the log stays finite; in place, as one fresh buffer (the same float operations)
-        gaps = torch.rand(n, generator=generator, dtype=torch.float64).neg_().add_(1.0).log_().div_(log_q)
-        gaps = gaps.floor_().clamp_(max=float(total)).to(torch.int64).add_(1)
-        positions = torch.cumsum(gaps, 0).add_(last)
+        logged = torch.rand(n, generator=generator, dtype=torch.float64).neg_().add_(1.0).log_()
+        positions = native.gap_positions(logged, log_q, total, last)  # one pass, where it applies
+        if positions is None:
+            positions = native.eager_gap_positions(logged, log_q, total, last)
         if int(positions[-1]) >= total:
             chunks.append(positions[: int(torch.searchsorted(positions, total))])
             return torch.cat(chunks) if len(chunks) > 1 else chunks[0]

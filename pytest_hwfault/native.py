@@ -4,6 +4,8 @@ A quantized layer's input quantization (multiply, round, clamp), its conversion 
 (copy, xor) and its requantization (bias, multiplier, round, clamp, scale) are three to five eager torch ops, each
 streaming the whole activation through memory: on ResNet56 they took ~45% of an int8 forward. The C functions
 do the same IEEE float32 operations per element in the same order (no FP contraction, no fast-math), in one pass.
+At a high BER the same holds for a trial's bookkeeping: the sampler's gaps after torch's log (float64 division,
+floor, clamp, running sum) and each tensor's faults folded into edits and placed in its layout are one pass each.
 
 - **Same numbers.** `library` checks every function on this machine against the eager torch chain, bit for bit
   (ties, signed zeros, infinities, NaN, every optional step), before anything uses it; a mismatch turns it off.
@@ -37,21 +39,23 @@ from pathlib import Path
 import torch
 from torch.autograd.graph import increment_version
 
-from .layout import is_dense
+from .layout import channels_last_strides, contiguous_strides, is_dense
 
 SOURCE = Path(__file__).with_name("_fused.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 ENV_SWITCH = "PYTEST_HWFAULT_NATIVE"
 
-_P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_P, _I, _F, _D, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int
 _SIGNATURES = {
     "hw_quantize": [_P, _P, _I, _F, _F, _F, _C],
     "hw_to_bytes": [_P, _P, _I, _F, _C],
     "hw_quantize_to_bytes": [_P, _P, _I, _F, _F, _F, _F, _C],
     "hw_requantize": [_P, _I, _I, _I, _P, _P, _P, _F, _F, _F, _F, _F, _C],
     "hw_apply_edit": [_P, _I, _P, _I, _P, _P, _P, _C, _C, _F, _C, _I, _C, _C],
+    "hw_gap_positions": [_P, _I, _D, _D, _I, _P],
+    "hw_compose_place": [_P, _P, _I, _I, _I, _P, _P, _C],
 }
-_RETURNS = {"hw_apply_edit": ctypes.c_int}
+_RETURNS = {"hw_apply_edit": ctypes.c_int, "hw_compose_place": ctypes.c_int64}
 
 _UNBOUNDED = (float("-inf"), float("inf"))  # a clamp that is the identity, NaN included
 
@@ -218,6 +222,13 @@ def eager_requantize(acc: torch.Tensor, bias: torch.Tensor | None, multiplier: t
     return acc if scale is None else acc.mul_(scale)
 
 
+def eager_gap_positions(logged: torch.Tensor, log_q: float, total: int, last: int) -> torch.Tensor:
+    """The positions of a Bernoulli process from its logged uniforms log(1 - u) (`faults.bernoulli_positions`), on
+    torch's ops, in place on `logged`: geometric gaps by inversion, clamped to `total`, summed from `last`."""
+    gaps = logged.div_(log_q).floor_().clamp_(max=float(total)).to(torch.int64).add_(1)
+    return torch.cumsum(gaps, 0).add_(last)
+
+
 def _special_values(generator: torch.Generator) -> torch.Tensor:
     """Values where an implementation could differ: ties of every parity, signed zeros, the clamp bounds and
     beyond, infinities, NaN, huge and tiny numbers, then random ones at several magnitudes."""
@@ -288,7 +299,7 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
                             threads)
                 if not _same_bits(got, want):
                     return f"requantize with inner {inner}, bias {bias is not None}, steps {pre, post}"
-    return _check_edits(lib)
+    return _check_edits(lib) or _check_sampling(lib)
 
 
 def _check_edits(lib: ctypes.CDLL) -> str | None:
@@ -320,6 +331,42 @@ def _check_edits(lib: ctypes.CDLL) -> str | None:
                 if status != 0 or not _same_bits(got, want):
                     return (f"fault edits of {bits}-bit codes (signed {signed}, zero point {zero_point}, scale "
                             f"{scale}, {dtype} words)")
+    return None
+
+
+def _check_sampling(lib: ctypes.CDLL) -> str | None:
+    """hw_gap_positions against `eager_gap_positions` (rare, common and near-certain draws, gaps clamped to the
+    total, log(1 - u) = 0), and hw_compose_place against `inject.compose_canonical` then `layout.place` (row-major
+    and channels-last, sizes powers of two and not, several faults on a code, int32 and int64 words)."""
+    from .inject import compose_canonical  # inject calls this module: imported here, once
+    from .layout import place
+
+    generator = torch.Generator().manual_seed(16)
+    for p, total, last in ((1e-3, 10**9, -1), (0.3, 10**6, 17), (1e-12, 10**4, -1), (0.999, 10**5, 5)):
+        logged = torch.rand(20000, generator=generator, dtype=torch.float64).neg_().add_(1.0)
+        logged[:4] = torch.tensor([1.0, 1.0 - 2.0**-53, 2.0**-1074, 0.5])
+        logged.log_()
+        want = eager_gap_positions(logged.clone(), math.log1p(-p), total, last)
+        got = torch.empty_like(want)
+        lib.hw_gap_positions(logged.data_ptr(), logged.numel(), math.log1p(-p), float(total), last, got.data_ptr())
+        if not torch.equal(got, want):
+            return f"fault positions at p={p}"
+    for shape, strides in (((3, 16, 8, 8), None), ((3, 16, 8, 8), channels_last_strides((3, 16, 8, 8))),
+                           ((2, 6, 7, 5), channels_last_strides((2, 6, 7, 5))), ((4, 30), None),
+                           ((2, 3, 4, 5, 6), channels_last_strides((2, 3, 4, 5, 6)))):
+        strides = strides or contiguous_strides(shape)
+        for bits, dtype in ((8, torch.int32), (16, torch.int32), (32, torch.int64)):
+            drawn = torch.randperm(math.prod(shape) * bits, generator=generator)[: math.prod(shape) * bits // 3]
+            drawn = drawn.sort().values
+            linear, bit = drawn // bits, drawn % bits
+            composed = compose_canonical(linear, bit, 0, 1.0, dtype)
+            want_offsets, want_masks = place(composed.linear.clone(), shape, strides), composed.flip
+            offsets, masks = torch.empty_like(linear), torch.empty(len(linear), dtype=dtype)
+            codes = lib.hw_compose_place(linear.data_ptr(), bit.data_ptr(), len(linear), *_channels_spatial(
+                shape, strides), offsets.data_ptr(), masks.data_ptr(), dtype == torch.int64)
+            assert want_masks is not None
+            if not (torch.equal(offsets[:codes], want_offsets) and torch.equal(masks[:codes], want_masks)):
+                return f"composing and placing {bits}-bit faults in a tensor of shape {shape}, strides {strides}"
     return None
 
 
@@ -461,3 +508,40 @@ def apply_edit(flat: torch.Tensor, linear: torch.Tensor, keep: torch.Tensor | No
     # an in-place edit, as torch's ops would have counted it: the int8 kernels repack a weight when its version moves
     increment_version(flat)
     return True
+
+
+def gap_positions(logged: torch.Tensor, log_q: float, total: int, last: int) -> torch.Tensor | None:
+    """`eager_gap_positions` in one pass (a fresh tensor; `logged` is left as it is); None where it does not apply
+    (not a flat CPU float64 tensor)."""
+    lib = _active()
+    if (lib is None or logged.dtype != torch.float64 or logged.device.type != "cpu" or logged.dim() != 1
+            or not logged.is_contiguous()):
+        return None
+    out = torch.empty(logged.numel(), dtype=torch.int64)
+    lib.hw_gap_positions(logged.data_ptr(), logged.numel(), log_q, float(total), last, out.data_ptr())
+    return out
+
+
+def _channels_spatial(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, int]:
+    """hw_compose_place's description of a layout: (1, 1) row-major, else (channels, spatial) channels-last."""
+    return (1, 1) if strides == contiguous_strides(shape) else (shape[1], math.prod(shape[2:]))
+
+
+def compose_place(linear: torch.Tensor, bit: torch.Tensor, shape: tuple[int, ...], strides: tuple[int, ...],
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`inject.compose_canonical` of flips then `layout.place` in one pass: (each faulty code's memory offset in a
+    tensor of `shape` and `strides`, its mask of flipped bits in `dtype`). None where it does not apply: a layout
+    neither row-major nor channels-last, words other than int32/int64, faults not sorted or a bit wider than the
+    words (the torch ops then run, and compute the same, or raise)."""
+    lib = _active()
+    if (lib is None or dtype not in (torch.int32, torch.int64) or linear.numel() != bit.numel()
+            or not all(t.dtype == torch.int64 and t.device.type == "cpu" and t.dim() == 1 and t.is_contiguous()
+                       for t in (linear, bit))
+            or (strides != contiguous_strides(shape) and strides != channels_last_strides(shape))):
+        return None
+    offsets, masks = torch.empty_like(linear), torch.empty(linear.numel(), dtype=dtype)
+    codes = lib.hw_compose_place(linear.data_ptr(), bit.data_ptr(), linear.numel(), *_channels_spatial(shape, strides),
+                                 offsets.data_ptr(), masks.data_ptr(), dtype == torch.int64)
+    if codes < 0:
+        return None
+    return offsets[:codes], masks[:codes]

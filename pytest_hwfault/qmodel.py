@@ -33,8 +33,8 @@ from . import native
 from .bits import KINDS_BY_CODE, apply_bit_faults, fault_delta
 from .data import Batch, Inputs, as_args, call_model
 from .faults import FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site, select_layers
-from .inject import Edit, apply_edit, apply_edit_to, check_bounds, code_dtype, compose, compose_canonical
-from .layout import CHANNELS_LAST, IMAGE_LAYOUTS, contiguous_strides, in_layouts, is_dense, place
+from .inject import Edit, apply_edit, apply_edit_to, check_bounds, code_dtype, compose, compose_placed
+from .layout import CHANNELS_LAST, IMAGE_LAYOUTS, contiguous_strides, in_layouts, is_dense
 from .spec import ACC_BITS, QPARAM_BITS
 from .systolic import Array, PEFault, layer_error, on_array
 
@@ -366,11 +366,9 @@ class QuantizedModel:
             faults = faults.to(self.device)
             numel = math.prod(shape)
             check_bounds(faults, numel, f"site {key[0].value!r} of layer {key[1]!r}")
-            edit = compose_canonical(faults.linear(numel), faults.bit,
-                                     int(faults.kind[0]), 1.0, code_dtype(layer.site_bits(key[0])))
-            edit.strides = self._expected_strides(key, (stop - start, *shape))
-            edit.linear = place(edit.linear, (stop - start, *shape), edit.strides)
-            edits[key] = edit
+            batch = (stop - start, *shape)
+            edits[key] = compose_placed(faults.linear(numel), faults.bit, int(faults.kind[0]), batch,
+                                        self._expected_strides(key, batch), code_dtype(layer.site_bits(key[0])))
         return edits
 
     def _edit_groups(self, faults: FaultPattern) -> list[tuple[tuple[Any, ...], QuantLayer, LayerFaults,

@@ -3,6 +3,7 @@ a machine without a compiler, or with the passes switched off, computes the same
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -15,8 +16,9 @@ from hypothesis import strategies as st
 
 from pytest_hwfault import FaultModel, native, quantize
 from pytest_hwfault.cifar_resnet import CifarResNet, recalibrate_bn
-from pytest_hwfault.faults import sample_pattern, trial_generator
-from pytest_hwfault.inject import Edit, apply_edit
+from pytest_hwfault.faults import FaultPattern, sample_pattern, trial_generator
+from pytest_hwfault.inject import Edit, apply_edit, code_dtype, compose_canonical
+from pytest_hwfault.layout import channels_last_strides, contiguous_strides, place
 
 needs_native = pytest.mark.skipif(native.library() is None, reason=f"fused passes unavailable: {native.status()}")
 PROPERTY = settings(max_examples=60, deadline=None)
@@ -166,6 +168,57 @@ def test_fault_edits_equal_torchs(bits: int, signed: bool, data: st.DataObject, 
 
 
 @needs_native
+@PROPERTY
+@given(log10_p=st.floats(-14, -0.0005), total=st.integers(1, 2**62), last=st.integers(-1, 2**40),
+       seed=st.integers(0, 2**16), n=st.sampled_from([1, 100, 70000]))
+def test_fault_positions_equal_the_eager_chain(log10_p: float, total: int, last: int, seed: int, n: int) -> None:
+    """The sampler's geometric gaps summed into positions (`faults.bernoulli_positions`) in one pass, from the same
+    logged uniforms as torch's chain: rare and near-certain faults, gaps clamped to the total, log(1 - u) = 0."""
+    logged = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).neg_().add_(1.0)
+    logged[0] = 1.0
+    logged.log_()
+    log_q = math.log1p(-(10**log10_p))
+    got = native.gap_positions(logged, log_q, total, last)
+    want = native.eager_gap_positions(logged.clone(), log_q, total, last)
+    assert got is not None and torch.equal(got, want)
+    assert native.gap_positions(logged.float(), log_q, total, last) is None  # not what it reads
+
+
+@st.composite
+def batch_layouts(draw: st.DrawFn) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A batch's shape (rank 2 to 5, sizes powers of two or not) and a layout: row-major, or channels-last."""
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=2, max_size=5)))
+    last = channels_last_strides(shape)
+    return shape, last if last is not None and draw(st.booleans()) else contiguous_strides(shape)
+
+
+@needs_native
+@PROPERTY
+@given(batch=batch_layouts(), bits=st.sampled_from([2, 4, 8, 16, 32]), density=st.floats(0.001, 1.0),
+       seed=st.integers(0, 2**16))
+def test_composed_and_placed_faults_equal_torchs(batch: tuple[tuple[int, ...], tuple[int, ...]], bits: int,
+                                                 density: float, seed: int) -> None:
+    """A tensor's sampled flips (sorted, distinct (code, bit), several on a code) folded into one mask per code and
+    placed in its layout in one pass, against `inject.compose_canonical` then `layout.place` on torch's ops."""
+    shape, strides = batch
+    space = math.prod(shape) * bits
+    drawn = torch.randperm(space, generator=torch.Generator().manual_seed(seed))[: max(1, int(space * density))]
+    drawn = drawn.sort().values
+    linear, bit, dtype = drawn // bits, drawn % bits, code_dtype(bits)
+    want = compose_canonical(linear, bit, 0, 1.0, dtype)
+    placed = native.compose_place(linear, bit, shape, strides, dtype)
+    assert placed is not None and want.flip is not None
+    assert torch.equal(placed[0], place(want.linear.clone(), shape, strides)) and torch.equal(placed[1], want.flip)
+    # what it does not read: faults out of order, a bit wider than the words, a layout it cannot place in
+    if len(linear) > 1 and bool(linear[0] != linear[-1]):
+        assert native.compose_place(linear.flip(0), bit.flip(0), shape, strides, dtype) is None
+    assert native.compose_place(linear, torch.full_like(bit, 40), shape, strides, torch.int32) is None
+    if len(shape) == 4 and min(shape[1:]) > 1:  # channels, then width, then height: neither layout
+        other = (shape[1] * shape[2] * shape[3], 1, shape[1], shape[1] * shape[2])
+        assert native.compose_place(linear, bit, shape, other, dtype) is None
+
+
+@needs_native
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 def test_requantize_adds_in_the_eager_order(layout: str) -> None:
     """Accumulators near 2^22 (float32 steps by 0.5 there) nearly cancelled by a bias after scaling, with a zero
@@ -245,14 +298,21 @@ def test_trials_are_the_same_with_and_without_the_fused_passes(kernel: str, case
     """Every site's trial, and what the hooks recorded about each tensor's layout, with the passes on and off."""
     model, x = _resnet() if case == "resnet" else _odd()
     qmodel = quantize(model, x, kernel=kernel, act_scheme="symmetric" if case == "resnet" else "asymmetric")
-    patterns = [None]
-    for number, site in enumerate(("act", "weight", "acc", "input", "qparams")):
-        fault_model = FaultModel(site, 1e-3)
-        patterns.append(sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x),
-                                       trial_generator(3, "native", number)))
+    def draws() -> list[FaultPattern | None]:  # at act, input and acc: the high-BER path, tensor by tensor
+        return [None, *(sample_pattern(FaultModel(site, 1e-3), qmodel.targets(FaultModel(site, 1e-3).site), len(x),
+                                       trial_generator(3, "native", number))
+                        for number, site in enumerate(("act", "weight", "acc", "input", "qparams")))]
+
     with native.disabled():
-        eager = [qmodel(x, pattern) for pattern in patterns]
+        eager_patterns = draws()
+        eager = [qmodel(x, pattern) for pattern in eager_patterns]
         eager_strides = dict(qmodel._runtime.strides)
+    patterns = draws()
+    for pattern, eager_pattern in zip(patterns[1:], eager_patterns[1:]):  # the same faults drawn
+        assert pattern is not None and eager_pattern is not None
+        assert pattern.groups.keys() == eager_pattern.groups.keys()
+        assert all(torch.equal(getattr(group, field), getattr(eager_pattern.groups[key], field))
+                   for key, group in pattern.groups.items() for field in ("image", "index", "bit", "kind"))
     fused = [qmodel(x, pattern) for pattern in patterns]
     assert all(torch.equal(a, b) for a, b in zip(eager, fused))
     assert qmodel._runtime.strides == eager_strides
