@@ -20,7 +20,7 @@ recognised by their weight, which is a layer's weight.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,7 +90,7 @@ class FunctionalPlan:
         for call in self.calls:
             if call.module is None or not call.name:
                 continue
-            module = call.module.layer if isinstance(call.module, Folded) else call.module
+            module = _layer_of(call.module)
             if isinstance(module, ScaledDotProductAttention):
                 layers[f"{call.name}.scores"] = (module.scores, call.where)
                 layers[f"{call.name}.context"] = (module.context, call.where)
@@ -131,8 +131,34 @@ def _arguments(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[s
     return named
 
 
-def _per_image(n: int, *tensors: Any) -> bool:
-    return all(isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == n for t in tensors)
+def _per_image(n: int, *tensors: Any, stored: Container[int] = ()) -> bool:
+    """Whether each tensor holds the batch's images along its first dimension: n rows, and not a stored tensor (or
+    one computed from stored tensors alone) whose first dimension happens to be n."""
+    return all(isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[0] == n and id(t) not in stored
+               for t in tensors)
+
+
+class LeftLinear(nn.Module):
+    """`W @ x` for a stored W [out, in] and per-image x [N, ..., in, L] (an im2col convolution, token mixing): a
+    Linear over x's second-to-last dimension, so W is held as weight codes with a scale per row."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.transpose(-1, -2)).transpose(-1, -2)
+
+
+def _unfolded(module: nn.Module) -> nn.Module:
+    return module.layer if isinstance(module, Folded) else module
+
+
+def _layer_of(module: nn.Module) -> nn.Module:
+    """The quantized module inside a call's module (`Folded`, `LeftLinear` wrap one)."""
+    while isinstance(module, (Folded, LeftLinear)):
+        module = module.layer
+    return module
 
 
 class Folded(nn.Module):
@@ -154,17 +180,20 @@ class Folded(nn.Module):
         return out.reshape(images * self.fold, *out.shape[2:])
 
 
-def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: dict[int, str]
-                ) -> tuple[nn.Module | None, int | None, str | None]:
+def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: dict[int, str],
+                stored: Container[int] = ()) -> tuple[nn.Module | None, int | None, str | None]:
     """The module that computes this call as a layer, the id of its weight parameter, or why there is none. A
-    linear or matmul call whose result holds k rows per image (first dimension N x k) gets its module `Folded`."""
+    linear or matmul call whose result holds k rows per image (first dimension N x k) gets its module `Folded`.
+    `stored`: the ids of tensors computed from stored ones alone, which hold no image along any dimension."""
     if not isinstance(out, torch.Tensor) or out.dim() < 2 or not n or out.shape[0] % n:
         return None, None, "its result has no batch dimension"
+    if id(out) in stored:
+        return None, None, "it computes on stored tensors alone (the same for every image)"
     fold = out.shape[0] // n
     if fold > 1:
         if op not in ("linear", "matmul", "rmatmul", "bmm", "mm", "scaled_dot_product_attention"):
             return None, None, "its result has no batch dimension"
-        inner, weight, reason = _module_for(op, named, out, n * fold, parameters)
+        inner, weight, reason = _module_for(op, named, out, n * fold, parameters, stored)
         return (Folded(inner, fold) if inner is not None else None), weight, reason
     if op == "linear" or op in _CONVS:
         x, weight, bias = named.get("input"), named.get("weight"), named.get("bias")
@@ -172,7 +201,7 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
             return None, None, "its weight is computed in the forward pass, not a parameter or buffer"
         if bias is not None and id(bias) not in parameters and (not isinstance(bias, torch.Tensor) or bias.dim() != 1):
             return None, None, "its bias is computed in the forward pass and is not one value per output"
-        if not _per_image(n, x):
+        if not _per_image(n, x, stored=stored):
             return None, None, "its input has no batch dimension"
         assert isinstance(weight, torch.Tensor)
         module: nn.Module
@@ -198,29 +227,35 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
         return module.to(weight.device), id(weight), None
     if op in ("matmul", "rmatmul", "bmm", "mm"):
         a, b = named.get("a"), named.get("b")
-        if _per_image(n, a, b):
+        if _per_image(n, a, b, stored=stored):
             return MatMul(), None, None
-        if _per_image(n, a) and isinstance(b, torch.Tensor) and id(b) in parameters and b.dim() == 2:
+        if _per_image(n, a, stored=stored) and isinstance(b, torch.Tensor) and id(b) in parameters and b.dim() == 2:
             linear = nn.Linear(b.shape[0], b.shape[1], bias=False)  # x @ W is F.linear(x, W^T)
             with torch.no_grad():
                 linear.weight.copy_(b.T)
             return linear.to(b.device), id(b), None
+        if (isinstance(b, torch.Tensor) and b.dim() >= 3 and _per_image(n, b, stored=stored)
+                and isinstance(a, torch.Tensor) and id(a) in parameters and a.dim() == 2):
+            left = nn.Linear(a.shape[1], a.shape[0], bias=False)  # W @ x is F.linear(x^T, W)^T
+            with torch.no_grad():
+                left.weight.copy_(a)
+            return LeftLinear(left).to(a.device), id(a), None
         return None, None, "an operand without the batch dimension that is not a 2-D parameter"
     if op == "einsum":
         operands = named["operands"]
-        if len(operands) == 2 and _per_image(n, *operands):
+        if len(operands) == 2 and _per_image(n, *operands, stored=stored):
             return Einsum(str(named["equation"]).replace(" ", "")), None, None
         return None, None, "einsum of other than two per-image operands"
     if op == "scaled_dot_product_attention":
         if float(named.get("dropout_p", 0.0)) != 0.0:
             return None, None, "dropout_p > 0"
-        if not _per_image(n, named.get("query"), named.get("key"), named.get("value")):
+        if not _per_image(n, named.get("query"), named.get("key"), named.get("value"), stored=stored):
             return None, None, "an operand without the batch dimension"
         return ScaledDotProductAttention(), None, None
     return None, None, "not supported"
 
 
-def _computed_weight(op: str, named: dict[str, Any], n: int) -> int:
+def _computed_weight(op: str, named: dict[str, Any], n: int, stored: Container[int] = ()) -> int:
     """Elements of the weight-like operand of a call left in float (no batch dimension: the same for every
     image, so stored or computed from stored parameters), 0 when it has none."""
     if op == "linear" or op in _CONVS:
@@ -228,7 +263,7 @@ def _computed_weight(op: str, named: dict[str, Any], n: int) -> int:
         return weight.numel() if isinstance(weight, torch.Tensor) else 0
     if op in ("matmul", "rmatmul", "bmm", "mm"):
         operands = [named.get("a"), named.get("b")]
-        shared = [t for t in operands if isinstance(t, torch.Tensor) and not _per_image(n, t)]
+        shared = [t for t in operands if isinstance(t, torch.Tensor) and not _per_image(n, t, stored=stored)]
         return shared[0].numel() if len(shared) == 1 else 0
     return 0
 
@@ -250,10 +285,11 @@ def _invoke(call: Call, named: dict[str, Any]) -> Any:
         return module(named["input"])
     if op in ("matmul", "rmatmul", "bmm", "mm"):
         if call.weight is not None:
-            if id(named.get("b")) != call.weight:
+            left = isinstance(_unfolded(module), LeftLinear)
+            if id(named.get("a" if left else "b")) != call.weight:
                 raise CallOrderError(f"functional call {call.name!r} was made with another weight than when the "
                                    "model was quantized")
-            return module(named["a"])
+            return module(named["b"] if left else named["a"])
         return module(named["a"], named["b"])
     if op == "einsum":
         return module(*named["operands"])
@@ -294,8 +330,12 @@ class _Discover(TorchFunctionMode):
         super().__init__()
         self.batch = batch
         # stored tensors a call may use as its weight: parameters, and buffers (a registered fixed projection)
-        self.parameters = {id(p): name for name, p in [*model.named_parameters(remove_duplicate=False),
-                                                       *model.named_buffers(remove_duplicate=False)]}
+        stored = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        self.parameters = {id(p): name for name, p in stored}
+        # tensors computed from stored tensors and constants alone, where the batch size was no argument: the same
+        # for every image, so never per image, even where their first dimension happens to be the batch size (a
+        # 128 x k parameter on a calibration batch of 128). Held here, so that their ids stay theirs
+        self.stored: dict[int, torch.Tensor] = {id(p): p for _, p in stored}
         self.plan = FunctionalPlan()
         self.stack: list[str] = []
         self.names = {id(m): name for name, m in model.named_modules()}
@@ -322,10 +362,28 @@ class _Discover(TorchFunctionMode):
             return set()
         return {id(weight), id(bias)}
 
+    def _track_stored(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Note `out` as stored (see `stored`) when every tensor the call read is, and no argument is the batch
+        size (`cls_token.expand(n, -1, -1)` holds a row per image); else forget it (an in-place op on a stored
+        tensor with an image's data)."""
+        leaves = pytree.tree_leaves((args, kwargs))
+        batch = self.batch
+        stored = all(id(leaf) in self.stored if isinstance(leaf, torch.Tensor)
+                     else not (isinstance(leaf, int) and not isinstance(leaf, bool) and leaf == batch)
+                     and not (isinstance(leaf, torch.Size) and batch in leaf)
+                     for leaf in leaves)
+        for result in pytree.tree_leaves(out):
+            if isinstance(result, torch.Tensor):
+                if stored:
+                    self.stored[id(result)] = result
+                elif id(result) not in self.parameters:  # `W.type_as(x)` returns W itself, still stored
+                    self.stored.pop(id(result), None)
+
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         op = _op(func)
         out = func(*args, **kwargs)
+        self._track_stored(args, kwargs, out)
         named = _arguments(op, args, kwargs) if op is not None else {}
         own = self._own(op, named)
         where = self.stack[-1] if self.stack else ""
@@ -336,13 +394,15 @@ class _Discover(TorchFunctionMode):
                     self.foreign.setdefault(owner, set()).add(f"{_function_name(func)} in {where or 'the model'}")
         if op is None or own:
             return out
-        module, weight, reason = _module_for(op, named, out, self.batch, self.parameters)
+        module, weight, reason = _module_for(op, named, out, self.batch, self.parameters, self.stored)
         if module is not None and weight is not None:  # a parameter two calls use is stored once: one tensor
-            layer = module.layer if isinstance(module, Folded) else module
-            first = self.weight_holders.setdefault((weight, type(layer), op == "linear"), layer)
+            layer = _layer_of(module)
+            # x @ W holds W^T, W @ x holds W: one layout per key
+            orientation = "left" if isinstance(_unfolded(module), LeftLinear) else op == "linear"
+            first = self.weight_holders.setdefault((weight, type(layer), orientation), layer)
             if first is not layer and first.weight.shape == layer.weight.shape:
                 layer.weight = first.weight  # `quantization` ties their codes (QuantLayer.weight_group)
-        elements = _computed_weight(op, named, self.batch)
+        elements = _computed_weight(op, named, self.batch, self.stored)
         if isinstance(module, Folded):
             module.float_weight_elements = elements  # should `discover` find its rows out of image order
             if self.folded_outputs is not None:
@@ -365,7 +425,8 @@ class _Discover(TorchFunctionMode):
                 self.running.append(name)
                 self.own_calls[name] = 0
                 first = args[0] if args else None
-                if isinstance(first, torch.Tensor) and (first.dim() == 0 or first.shape[0] != self.batch):
+                if isinstance(first, torch.Tensor) and (first.dim() == 0 or first.shape[0] != self.batch
+                                                         or id(first) in self.stored):
                     # a computation shared by every image (a Linear on learned latent queries): no image's fault
                     self.foreign.setdefault(name, set()).add("a call on a tensor without the batch dimension")
 

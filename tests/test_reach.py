@@ -980,3 +980,75 @@ def test_folded_fused_attention_is_two_layers_placed_per_image() -> None:
         whole = qmodel(x, pattern)
         assert torch.equal(whole, torch.cat([qmodel(x[:2], pattern), qmodel(x[2:], pattern, image_offset=2)]))
         assert not torch.equal(whole, qmodel(x)), site
+
+
+class Im2colConv(nn.Module):
+    """A convolution written as unfold and `W @ cols`: a stored [out, in] matrix as the left operand, whose first
+    dimension (8) is the calibration batch size below. `explicit`: the same as a Linear over the columns."""
+
+    def __init__(self, explicit: bool = False) -> None:
+        super().__init__()
+        self.explicit = explicit
+        if explicit:
+            self.mix = nn.Linear(27, 8, bias=False)
+        else:
+            self.w = nn.Parameter(torch.randn(8, 27) / 4)
+        self.head = nn.Linear(8 * 64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cols = F.unfold(x, 3, padding=1)  # [N, 27, 64]
+        h = self.mix(cols.transpose(-1, -2)).transpose(-1, -2) if self.explicit else self.w @ cols
+        return self.head(torch.relu(h).flatten(1))
+
+
+def test_a_stored_left_operand_is_a_weight_even_where_its_rows_match_the_batch_size() -> None:
+    """`W @ x` with W a parameter of 8 rows, calibrated on 8 images: W was taken for an activation holding 8 images
+    (input faults on its rows as if they were images; no weight site). It is a weight layer, the same at every site
+    as the model that computes it with a Linear."""
+    with seeded(13):
+        model, x = Im2colConv().eval(), torch.randn(8, 3, 8, 8)
+    twin = Im2colConv(explicit=True).eval()
+    with torch.no_grad():
+        twin.mix.weight.copy_(model.w)
+        twin.head.load_state_dict(model.head.state_dict())
+    qmodel, qtwin = quantize(model, x), quantize(twin, x)
+    assert set(qmodel.layers) == {"matmul()", "head"} and qmodel.layers["matmul()"].module_type == "Linear"
+    assert {t.layer: t.numel for t in qmodel.targets(Site("weight"))}["matmul()"] == 8 * 27
+    coverage = measure_coverage(qmodel, x)
+    assert coverage.complete and coverage.macs == 1.0 and coverage.weights == 1.0, coverage.describe()
+    assert torch.equal(qmodel(x), qtwin(x))
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+    for site in ("act", "input", "acc", "weight"):
+        fault_model = FaultModel(site, 3e-3)
+        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(2, site, 0))
+        renamed = FaultPattern({(key_site, "mix" if layer == "matmul()" else layer): group
+                                for (key_site, layer), group in pattern.groups.items()})
+        assert any(layer == "matmul()" for _, layer in pattern.groups), site
+        assert torch.equal(qmodel(x, pattern), qtwin(x, renamed)), site
+        assert torch.equal(qmodel(x[:3], pattern.restricted_to(torch.arange(3))),
+                           qmodel(x, pattern)[:3]), site  # any batch: W holds no image
+
+
+class StoredEinsum(nn.Module):
+    """An einsum of a stored [8, 27] tensor (first dimension the calibration batch size) and the image's columns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 27) / 4)
+        self.head = nn.Linear(8 * 64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = torch.einsum("ok,nkl->nol", self.w * 2.0, F.unfold(x, 3, padding=1))
+        return self.head(torch.relu(mixed).flatten(1))
+
+
+def test_a_tensor_computed_from_stored_ones_is_never_taken_for_a_batch_of_images() -> None:
+    """`self.w * 2.0` has 8 rows on a batch of 8: it was an einsum layer's activation operand, its rows faulted as
+    images. Computed from stored tensors alone, it is the same for every image: the call stays in float, named."""
+    with seeded(14):
+        model, x = StoredEinsum().eval(), torch.randn(8, 3, 8, 8)
+    qmodel = quantize(model, x)
+    assert set(qmodel.layers) == {"head"}
+    uncovered = {entry["module"]: entry["why"] for entry in measure_coverage(qmodel, x).uncovered}
+    assert uncovered[""] == ["einsum: einsum of other than two per-image operands"]
