@@ -69,6 +69,8 @@ class Call:
     # a linear/conv call whose bias the forward computes from stored tensors (Swin V2 zeroes the key's share of its
     # qkv bias): the value the layer holds as its bias codes; every later call must pass the same
     computed_bias: torch.Tensor | None = None
+    # a matmul on a stored matrix's transpose (`x @ W.t()`): that matrix (a new view of it comes at every call)
+    transposed: torch.Tensor | None = None
 
 
 @dataclass
@@ -129,6 +131,21 @@ def _arguments(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[s
     if op == "rmatmul" and "other" in kwargs:
         named["a"] = kwargs["other"]
     return named
+
+
+def _is_transpose(t: Any, base: torch.Tensor) -> bool:
+    """Whether `t` is the 2-D `base` transposed, element for element, in base's memory (`W.t()`, `W.T`,
+    `W.transpose(0, 1)`: `x @ W.t()` is `F.linear(x, W)`)."""
+    return bool(isinstance(t, torch.Tensor) and t.dim() == 2 and base.dim() == 2
+                and tuple(t.shape) == tuple(base.shape)[::-1] and t.stride() == base.stride()[::-1]
+                and t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+                and t.storage_offset() == base.storage_offset())
+
+
+def _transpose_of(t: Any, parameters: Container[int]) -> torch.Tensor | None:
+    """The 2-D parameter or buffer that `t` is a transpose of (`_is_transpose`), else None."""
+    base = getattr(t, "_base", None)
+    return base if isinstance(base, torch.Tensor) and id(base) in parameters and _is_transpose(t, base) else None
 
 
 def _per_image(n: int, *tensors: Any, stored: Container[int] = ()) -> bool:
@@ -234,6 +251,12 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
             with torch.no_grad():
                 linear.weight.copy_(b.T)
             return linear.to(b.device), id(b), None
+        transposed = _transpose_of(b, parameters)
+        if _per_image(n, a, stored=stored) and transposed is not None:
+            linear = nn.Linear(transposed.shape[1], transposed.shape[0], bias=False)  # x @ W.t() is F.linear(x, W)
+            with torch.no_grad():
+                linear.weight.copy_(transposed)
+            return linear.to(transposed.device), id(transposed), None
         if (isinstance(b, torch.Tensor) and b.dim() >= 3 and _per_image(n, b, stored=stored)
                 and isinstance(a, torch.Tensor) and id(a) in parameters and a.dim() == 2):
             left = nn.Linear(a.shape[1], a.shape[0], bias=False)  # W @ x is F.linear(x^T, W)^T
@@ -286,7 +309,9 @@ def _invoke(call: Call, named: dict[str, Any]) -> Any:
     if op in ("matmul", "rmatmul", "bmm", "mm"):
         if call.weight is not None:
             left = isinstance(_unfolded(module), LeftLinear)
-            if id(named.get("a" if left else "b")) != call.weight:
+            operand = named.get("a" if left else "b")
+            if (id(operand) != call.weight if call.transposed is None  # x @ W.t(): a new view of W at every call
+                    else not _is_transpose(operand, call.transposed)):
                 raise CallOrderError(f"functional call {call.name!r} was made with another weight than when the "
                                    "model was quantized")
             return module(named["b"] if left else named["a"])
@@ -397,8 +422,9 @@ class _Discover(TorchFunctionMode):
         module, weight, reason = _module_for(op, named, out, self.batch, self.parameters, self.stored)
         if module is not None and weight is not None:  # a parameter two calls use is stored once: one tensor
             layer = _layer_of(module)
-            # x @ W holds W^T, W @ x holds W: one layout per key
-            orientation = "left" if isinstance(_unfolded(module), LeftLinear) else op == "linear"
+            # x @ W holds W^T; W @ x, x @ W.t() and F.linear(x, W) hold W: one layout per key
+            orientation = ("left" if isinstance(_unfolded(module), LeftLinear)
+                           else op == "linear" or _transpose_of(named.get("b"), self.parameters) is not None)
             first = self.weight_holders.setdefault((weight, type(layer), orientation), layer)
             if first is not layer and first.weight.shape == layer.weight.shape:
                 layer.weight = first.weight  # `quantization` ties their codes (QuantLayer.weight_group)
@@ -408,6 +434,9 @@ class _Discover(TorchFunctionMode):
             if self.folded_outputs is not None:
                 self.folded_outputs[len(self.plan.calls)] = out.detach().clone()
         self.plan.calls.append(Call(op, where, module, None, weight, reason, 0 if module is not None else elements))
+        transposed = _transpose_of(named.get("b"), self.parameters) if op in ("matmul", "rmatmul", "mm") else None
+        if module is not None and transposed is not None and weight == id(transposed):
+            self.plan.calls[-1].transposed = transposed
         bias = named.get("bias") if op == "linear" or op in _CONVS else None
         if module is not None and isinstance(bias, torch.Tensor) and id(bias) not in self.parameters:
             self.plan.calls[-1].computed_bias = bias.detach().clone()

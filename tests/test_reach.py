@@ -1052,3 +1052,44 @@ def test_a_tensor_computed_from_stored_ones_is_never_taken_for_a_batch_of_images
     assert set(qmodel.layers) == {"head"}
     uncovered = {entry["module"]: entry["why"] for entry in measure_coverage(qmodel, x).uncovered}
     assert uncovered[""] == ["einsum: einsum of other than two per-image operands"]
+
+
+class TransposedWeight(nn.Module):
+    """One parameter read by F.linear and by `@ W.t()` (another call kind), and a language-model head written as
+    `h @ embed.weight.T` on a table the embedding reads too. `explicit`: every such matmul as F.linear."""
+
+    def __init__(self, explicit: bool = False) -> None:
+        super().__init__()
+        self.explicit = explicit
+        self.embed = nn.Embedding(30, 16)
+        self.w = nn.Parameter(torch.randn(16, 16) / 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(F.linear(self.embed(tokens), self.w))
+        h = torch.relu(F.linear(h, self.w) if self.explicit else h @ self.w.t())
+        return (F.linear(h, self.embed.weight) if self.explicit else h @ self.embed.weight.T).mean(1)
+
+
+def test_a_matmul_on_a_transposed_parameter_is_a_linear_layer_tied_to_its_other_readers() -> None:
+    """`x @ W.t()` ran in float ("not a 2-D parameter": a new view of W every call), so W's second reader and a tied
+    head written as a matmul escaped every fault. Each is a Linear layer on W, stored once with F.linear's reader:
+    every site's trial equals the twin's that calls F.linear."""
+    with seeded(15):
+        model, tokens = TransposedWeight().eval(), torch.randint(0, 30, (6, 5))
+    twin = TransposedWeight(explicit=True).eval()
+    twin.load_state_dict(model.state_dict())
+    qmodel, qtwin = quantize(model, tokens), quantize(twin, tokens)
+    assert list(qmodel.layers) == ["linear()", "matmul()", "matmul_2()"]
+    names = dict(zip(qmodel.layers, qtwin.layers))
+    coverage = measure_coverage(qmodel, tokens)
+    assert coverage.complete and coverage.macs == 1.0 and coverage.weights == 1.0, coverage.describe()
+    assert [t.layer for t in qmodel.targets(Site("weight"))] == ["linear()", "matmul_2()"]  # w stored once
+    assert torch.equal(qmodel(tokens), qtwin(tokens))
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+    for site in ("act", "input", "acc", "weight"):
+        fault_model = FaultModel(site, 1e-2)
+        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(tokens),
+                                 trial_generator(4, site, 0))
+        renamed = FaultPattern({(key_site, names[layer]): group for (key_site, layer), group in pattern.groups.items()})
+        assert torch.equal(qmodel(tokens, pattern), qtwin(tokens, renamed)), site
