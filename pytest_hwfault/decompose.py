@@ -36,6 +36,26 @@ class MatMul(nn.Module):
             return torch.matmul(a, b)
 
 
+class BaddBmm(nn.Module):
+    """``torch.baddbmm(input, a, b, beta=, alpha=)`` = beta x input + alpha x (a @ b) (BLOOM's attention scores with
+    their ALiBi bias): the product is a `MatMul` layer; the scaling and the added input stay float, as any op after a
+    layer does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = MatMul()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor, added: torch.Tensor | None = None, beta: float = 1.0,
+                alpha: float = 1.0) -> torch.Tensor:
+        product = self.layer(a, b)
+        with torch._C.DisableTorchFunction():
+            if alpha != 1:
+                product = product * alpha
+            if added is None or beta == 0:  # torch ignores the input at beta 0 (NaN and all)
+                return product
+            return product + (added if beta == 1 else added * beta)
+
+
 class Einsum(MatMul):
     """``torch.einsum(equation, a, b)`` of two activations."""
 

@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .data import Inputs, call_model
-from .decompose import Einsum, FusedAttentionOff, MatMul, ScaledDotProductAttention
+from .decompose import BaddBmm, Einsum, FusedAttentionOff, MatMul, ScaledDotProductAttention
 
 _OPS: dict[Any, str] = {
     F.linear: "linear", F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d",
@@ -41,6 +41,7 @@ _OPS: dict[Any, str] = {
     torch.matmul: "matmul", torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul",
     torch.Tensor.__rmatmul__: "rmatmul", torch.bmm: "bmm", torch.Tensor.bmm: "bmm", torch.mm: "mm",
     torch.Tensor.mm: "mm", torch.einsum: "einsum", F.scaled_dot_product_attention: "scaled_dot_product_attention",
+    torch.baddbmm: "baddbmm", torch.Tensor.baddbmm: "baddbmm",
 }
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
@@ -125,6 +126,8 @@ def _arguments(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[s
         named = {"equation": args[0], "operands": operands}
     elif op == "scaled_dot_product_attention":
         named = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"), args))
+    elif op == "baddbmm":
+        named = dict(zip(("input", "batch1", "batch2"), args))
     else:
         named = dict(zip(("a", "b"), args))
     named.update(kwargs)
@@ -172,8 +175,8 @@ def _unfolded(module: nn.Module) -> nn.Module:
 
 
 def _layer_of(module: nn.Module) -> nn.Module:
-    """The quantized module inside a call's module (`Folded`, `LeftLinear` wrap one)."""
-    while isinstance(module, (Folded, LeftLinear)):
+    """The quantized module inside a call's module (`Folded`, `LeftLinear`, `BaddBmm` wrap one)."""
+    while isinstance(module, (Folded, LeftLinear, BaddBmm)):
         module = module.layer
     return module
 
@@ -193,7 +196,9 @@ class Folded(nn.Module):
         mask = options.get("attn_mask")  # attention: a mask per folded row is folded too; others broadcast as they are
         if isinstance(mask, torch.Tensor) and mask.dim() == operands[0].dim() and mask.shape[0] == len(operands[0]):
             options["attn_mask"] = mask.reshape(images, self.fold, *mask.shape[1:])
-        out = self.layer(*(x.reshape(images, self.fold, *x.shape[1:]) for x in operands), **options)
+        rows = len(operands[0])  # an operand of another first dimension (baddbmm's broadcast input) stays as it is
+        out = self.layer(*(x.reshape(images, self.fold, *x.shape[1:]) if len(x) == rows else x for x in operands),
+                         **options)
         return out.reshape(images * self.fold, *out.shape[2:])
 
 
@@ -208,7 +213,7 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
         return None, None, "it computes on stored tensors alone (the same for every image)"
     fold = out.shape[0] // n
     if fold > 1:
-        if op not in ("linear", "matmul", "rmatmul", "bmm", "mm", "scaled_dot_product_attention"):
+        if op not in ("linear", "matmul", "rmatmul", "bmm", "mm", "baddbmm", "scaled_dot_product_attention"):
             return None, None, "its result has no batch dimension"
         inner, weight, reason = _module_for(op, named, out, n * fold, parameters, stored)
         return (Folded(inner, fold) if inner is not None else None), weight, reason
@@ -264,6 +269,12 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
                 left.weight.copy_(a)
             return LeftLinear(left).to(a.device), id(a), None
         return None, None, "an operand without the batch dimension that is not a 2-D parameter"
+    if op == "baddbmm":
+        if "out" in named:
+            return None, None, "out= given"
+        if _per_image(n, named.get("batch1"), named.get("batch2"), stored=stored):
+            return BaddBmm(), None, None
+        return None, None, "an operand without the batch dimension"
     if op == "einsum":
         operands = named["operands"]
         if len(operands) == 2 and _per_image(n, *operands, stored=stored):
@@ -284,8 +295,8 @@ def _computed_weight(op: str, named: dict[str, Any], n: int, stored: Container[i
     if op == "linear" or op in _CONVS:
         weight = named.get("weight")
         return weight.numel() if isinstance(weight, torch.Tensor) else 0
-    if op in ("matmul", "rmatmul", "bmm", "mm"):
-        operands = [named.get("a"), named.get("b")]
+    if op in ("matmul", "rmatmul", "bmm", "mm", "baddbmm"):
+        operands = [named.get("batch1"), named.get("batch2")] if op == "baddbmm" else [named.get("a"), named.get("b")]
         shared = [t for t in operands if isinstance(t, torch.Tensor) and not _per_image(n, t, stored=stored)]
         return shared[0].numel() if len(shared) == 1 else 0
     return 0
@@ -318,6 +329,10 @@ def _invoke(call: Call, named: dict[str, Any]) -> Any:
         return module(named["a"], named["b"])
     if op == "einsum":
         return module(*named["operands"])
+    if op == "baddbmm":
+        added = named.get("input")
+        return module(named["batch1"], named["batch2"], *([] if added is None else [added]),
+                      beta=named.get("beta", 1.0), alpha=named.get("alpha", 1.0))
     return module(named["query"], named["key"], named["value"], attn_mask=named.get("attn_mask"),
                   is_causal=bool(named.get("is_causal", False)), scale=named.get("scale"),
                   enable_gqa=bool(named.get("enable_gqa", False)))

@@ -1093,3 +1093,66 @@ def test_a_matmul_on_a_transposed_parameter_is_a_linear_layer_tied_to_its_other_
                                  trial_generator(4, site, 0))
         renamed = FaultPattern({(key_site, names[layer]): group for (key_site, layer), group in pattern.groups.items()})
         assert torch.equal(qmodel(tokens, pattern), qtwin(tokens, renamed)), site
+
+
+class AlibiScores(nn.Module):
+    """BLOOM-style attention scores: heads folded into the batch dimension and `torch.baddbmm(bias, q, k^T,
+    beta=, alpha=)` with a per-row ALiBi bias and a broadcast one. `explicit`: the same as a matmul, scaled, plus."""
+
+    def __init__(self, explicit: bool = False) -> None:
+        super().__init__()
+        self.explicit, self.heads = explicit, 2
+        self.q, self.k, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.slopes = nn.Parameter(torch.tensor([0.5, 0.25]).reshape(1, 2, 1, 1), requires_grad=False)
+        self.shared = nn.Parameter(torch.randn(1, 5, 5) / 4, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+        q = self.q(x).reshape(n, t, self.heads, 8).transpose(1, 2).reshape(n * self.heads, t, 8)
+        k = self.k(x).reshape(n, t, self.heads, 8).permute(0, 2, 3, 1).reshape(n * self.heads, 8, t)
+        alibi = (self.slopes * torch.arange(t).float() * x[:, :1, :1, None].sign()).reshape(n * self.heads, 1, t)
+        if self.explicit:
+            scores = torch.matmul(q, k) * 0.35 + alibi * 0.5
+            scores = torch.matmul(q, k) * 0.35 + scores.softmax(-1) * 2.0 + self.shared
+        else:
+            scores = torch.baddbmm(alibi, q, k, beta=0.5, alpha=0.35)
+            scores = torch.baddbmm(scores.softmax(-1) * 2.0 + self.shared, q, k, alpha=0.35)
+        return self.head((torch.softmax(scores, -1).reshape(n, -1, t).mean(1, keepdim=True) @ x).squeeze(1))
+
+
+def test_baddbmm_attention_scores_are_a_layer_per_image() -> None:
+    """BLOOM's scores (torch.baddbmm on heads folded into the batch dimension, an ALiBi bias added) ran in float:
+    3% of a small BLOOM's MACs. The product is a matmul layer on the per-image view; every site's trial equals the
+    twin's that computes the same with torch.matmul."""
+    with seeded(16):
+        model, x = AlibiScores().eval(), torch.randn(6, 5, 16)
+    twin = AlibiScores(explicit=True).eval()
+    twin.load_state_dict(model.state_dict())
+    qmodel, qtwin = quantize(model, x), quantize(twin, x)
+    assert list(qmodel.layers) == ["q", "k", "baddbmm()", "baddbmm_2()", "matmul()", "head"]
+    names = dict(zip(qmodel.layers, qtwin.layers))
+    coverage = measure_coverage(qmodel, x)
+    assert coverage.complete and coverage.macs == 1.0, coverage.describe()
+    assert torch.equal(qmodel(x), qtwin(x))
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+    for site in ("act", "input", "acc"):
+        fault_model = FaultModel(site, 3e-3)
+        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(5, site, 0))
+        assert any(layer.startswith("baddbmm") for _, layer in pattern.groups), site
+        renamed = FaultPattern({(key_site, names[layer]): group for (key_site, layer), group in pattern.groups.items()})
+        assert torch.equal(qmodel(x, pattern), qtwin(x, renamed)), site
+        assert torch.equal(qmodel(x[:4], pattern.restricted_to(torch.arange(4))), qmodel(x, pattern)[:4]), site
+
+
+def test_a_small_bloom_is_covered_whole() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=100, num_labels=3,
+                                      pad_token_id=0)
+    with seeded(17):
+        model = transformers.BloomForSequenceClassification(config).eval()
+        tokens = torch.randint(1, 100, (4, 12))
+    qmodel = quantize(model, tokens)
+    assert {f"transformer.h.{i}.self_attention.baddbmm()" for i in (0, 1)} <= set(qmodel.layers)
+    coverage = measure_coverage(qmodel, tokens)
+    assert coverage.complete and coverage.macs == 1.0, coverage.describe()
