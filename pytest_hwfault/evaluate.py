@@ -103,9 +103,10 @@ def check_repeatable(qmodel: QuantizedModel, inputs: Batch, images: int = REPEAT
     image: trials run the faulty images alone, so a batch of one must keep its batch dimension."""
     x = inputs[:images]
     first, second = (select_logits(qmodel._forward(x, None, 0), len(x)).detach() for _ in range(2))
-    select_logits(qmodel._forward(x[:1], None, 0), 1)
+    alone = select_logits(qmodel._forward(x[:1], None, 0), 1).detach()
     if first.shape == second.shape and torch.equal(torch.nan_to_num(first), torch.nan_to_num(second)) and \
             torch.equal(first.isnan(), second.isnan()):
+        _check_images_independent(first, alone)
         return
     differs = "shape" if first.shape != second.shape else \
         f"largest difference {float((torch.nan_to_num(first) - torch.nan_to_num(second)).abs().max()):.4g}"
@@ -114,6 +115,30 @@ def check_repeatable(qmodel: QuantizedModel, inputs: Batch, images: int = REPEAT
         f"({differs}): its forward is not repeatable (dropout active in eval mode, e.g. F.dropout(x, training=True); "
         "random ops; state updated in forward), so the faults' effect cannot be told from its own randomness. "
         "Make the forward deterministic in eval mode (F.dropout(x, training=self.training))")
+
+# How far one image's logits computed alone may lie from the same image's in a batch, as a share of the batch's
+# largest logit: float ops between layers may round differently for another batch size, and a downstream layer may
+# then pick a neighbouring code (a step is 1/127 of its range at 8 bits); an image that reads the others moves more.
+INDEPENDENCE_TOLERANCE = 0.05
+
+
+def _check_images_independent(batched: torch.Tensor, alone: torch.Tensor) -> None:
+    """Refuse a model whose output for one image depends on the other images of its batch: a trial runs only the
+    images that hold faults, in batches of any size, so each image's prediction must be its own."""
+    if len(batched) < 2 or alone.shape[1:] != batched.shape[1:]:
+        return
+    difference = float((torch.nan_to_num(alone[0]) - torch.nan_to_num(batched[0])).abs().max())
+    scale = float(torch.nan_to_num(batched).abs().max())
+    if difference <= INDEPENDENCE_TOLERANCE * scale or torch.equal(alone[0].isnan(), batched[0].isnan()) and \
+            difference == 0.0:
+        return
+    raise EvaluationError(
+        f"the quantized model's output for one image depends on the other images in its batch: image 0 alone and "
+        f"with {len(batched) - 1} other(s) gives logits {difference:.4g} apart (largest logit {scale:.4g}). A trial "
+        "re-runs only the images that hold faults, so each image's prediction must depend on that image alone. "
+        "Look for a layer that mixes the batch: nn.MultiheadAttention without batch_first=True on [N, T, D] "
+        "inputs, a reduction over dim 0, BatchNorm in training mode")
+
 
 def chance_accuracy(labels: torch.Tensor) -> float:
     """Accuracy of always predicting the most frequent label: what a model that learned nothing reaches."""

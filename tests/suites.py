@@ -189,6 +189,22 @@ def test_dropout_left_on(hwfault, model, val_data):
     hwfault.assess(_DropoutLeftOn(model), val_data)
 
 
+class _BatchStatistics(torch.nn.Module):
+    """Centres each input on its batch's mean: each image's prediction reads the others'."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x - 0.5 * x.mean(0, keepdim=True))
+
+
+@resilience(ber=1e-4, site="act", min_acc=0.0, budget=4)
+def test_images_read_each_other(hwfault, model, val_data):
+    hwfault.assess(_BatchStatistics(model), val_data)
+
+
 class _BatchBranch(torch.nn.Module):
     """Another branch for small batches, as a campaign runs its faulty images: they would run in float."""
 

@@ -271,6 +271,36 @@ def test_a_model_whose_forward_is_not_repeatable_is_refused(how: str) -> None:
         Campaign(quantize(model, x), x, y, spec, "t").run()
 
 
+class _BatchMixing(nn.Module):
+    """Self-attention over [N, T, D] inputs; `batch_first=False` (nn.MultiheadAttention's default) attends across
+    the N images at each position instead of across the T positions of each image."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=batch_first)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attention(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_a_model_whose_images_read_each_other_is_refused() -> None:
+    """A trial re-runs only the images that hold faults: a model in which each image's output reads the others
+    (attention across the batch) would have faults in one image left out of the others' predictions, and batches of
+    other sizes would change every prediction. Refused, naming the cause; the batch-first model runs."""
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        x, y = torch.randn(24, 6, 16), torch.randint(0, 4, (24,))
+        mixing = _BatchMixing(batch_first=False).eval()
+        own = _BatchMixing(batch_first=True).eval()
+        own.load_state_dict(mixing.state_dict())
+    spec = CampaignSpec(site="act", ber=1e-3, min_acc=0.0, budget=2)
+    with pytest.raises(EvaluationError, match=r"output for one image depends on the other images in its batch: "
+                                              r"image 0 alone and with 1 other\(s\).*batch_first=True"):
+        Campaign(quantize(mixing, x), x, y, spec, "t")
+    Campaign(quantize(own, x), x, y, spec, "t").run()
+
+
 class _Squeezed(nn.Module):
     """Pools to [N, C, 1, 1] and squeezes every dimension of one: for a single image the batch goes too."""
 

@@ -57,6 +57,7 @@ REFUSED = {  # test -> what its failure must name
     "test_uncovered_compute_refused": "min_coverage=1: faults reach 5",
     "test_uncovered_search_refused": "hwfault.search() refused: min_coverage=1: faults reach",
     "test_dropout_left_on": "not repeatable",
+    "test_images_read_each_other": "output for one image depends on the other images in its batch",
     "test_batch_dependent_branch": "did not run on the first calibration batch, so it is not quantized",
     "test_bfloat16_model": "computes on torch.bfloat16 tensors: quantize works on float32 models",
     "test_traced_model": "is a TorchScript module",
