@@ -122,12 +122,16 @@ class FaultOracle:
         batch_size: int = 256,
     ) -> None:
         from .data import as_tensors
+        from .evaluate import check_repeatable
 
         check_threshold(min_acc, max_drop)
         self.qmodel = qmodel
         self.inputs, self.labels = as_tensors(data, samples)
         if len(self.inputs) == 0:
             raise ValueError("data is empty")
+        # a pattern is judged on a subset, then on every image: a forward that moves by itself, or an image that
+        # reads the others, would make those two disagree and a drop the model's own doing
+        check_repeatable(qmodel, self.inputs)
         self.min_acc = min_acc
         self.max_drop = max_drop
         self.batch_size = batch_size

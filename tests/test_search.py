@@ -544,3 +544,36 @@ def test_a_rerun_replays_the_stored_counterexample_first(pytester: pytest.Pytest
     second, count2, replay2 = run()
     assert replay2 == replay1  # the same minimal pattern ...
     assert count2 <= 3 < count1  # ... replayed from the database, not searched for again
+
+
+class _ReadsTheBatch(nn.Module):
+    """`how`: each input centred on its batch's mean (an image reads the others), or dropout left on."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.how == "batch mean":
+            x = x - 0.5 * x.mean(0, keepdim=True)
+        h = torch.relu(self.fc(x))
+        return self.head(nn.functional.dropout(h, 0.5, training=True) if self.how == "dropout" else h)
+
+
+@pytest.mark.parametrize(("how", "message"), [("batch mean", "depends on the other images in its batch"),
+                                              ("dropout", "not repeatable")])
+def test_the_oracle_refuses_what_a_campaign_refuses(how: str, message: str) -> None:
+    """A pattern is screened on a subset and confirmed on every image: with a forward that moves by itself or images
+    that read each other, the two disagree, and a drop would be the model's own doing. Refused as campaigns are."""
+    from pytest_hwfault.evaluate import EvaluationError
+
+    with torch.random.fork_rng():
+        torch.manual_seed(6)
+        x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+        model = _ReadsTheBatch(how).eval()
+    qmodel = quantize(model, x)
+    with pytest.raises(EvaluationError, match=message):
+        FaultOracle(qmodel, (x, y), min_acc=0.0)
+    model.how = "none"
+    FaultOracle(quantize(model, x), (x, y), min_acc=0.0)
