@@ -151,6 +151,20 @@ def _transpose_of(t: Any, parameters: Container[int]) -> torch.Tensor | None:
     return base if isinstance(base, torch.Tensor) and id(base) in parameters and _is_transpose(t, base) else None
 
 
+def _second_is_batch(op: str, named: dict[str, Any], out: Any, n: int, stored: Container[int]) -> bool:
+    """A linear call whose input and result hold the images along their second dimension ([T, N, ...])."""
+    x = named.get("input")
+    return (op == "linear" and isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.dim() >= 3
+            and out.dim() >= 3 and x.shape[1] == n and out.shape[1] == n and id(x) not in stored)
+
+
+def _batch_second(op: str, named: dict[str, Any], out: torch.Tensor, n: int, parameters: dict[int, str],
+                  stored: Container[int]) -> tuple[nn.Module | None, int | None, str | None]:
+    inner, weight, reason = _module_for(op, {**named, "input": named["input"].transpose(0, 1)}, out.transpose(0, 1),
+                                        n, parameters, stored)
+    return (BatchSecond(inner) if inner is not None else None), weight, reason
+
+
 def _per_image(n: int, *tensors: Any, stored: Container[int] = ()) -> bool:
     """Whether each tensor holds the batch's images along its first dimension: n rows, and not a stored tensor (or
     one computed from stored tensors alone) whose first dimension happens to be n."""
@@ -170,13 +184,25 @@ class LeftLinear(nn.Module):
         return self.layer(x.transpose(-1, -2)).transpose(-1, -2)
 
 
+class BatchSecond(nn.Module):
+    """A Linear on [T, N, ...] inputs (sequence first, nn.Transformer's default layout): it computes on the
+    [N, T, ...] view, so that faults are placed per image."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.transpose(0, 1)).transpose(0, 1)
+
+
 def _unfolded(module: nn.Module) -> nn.Module:
     return module.layer if isinstance(module, Folded) else module
 
 
 def _layer_of(module: nn.Module) -> nn.Module:
-    """The quantized module inside a call's module (`Folded`, `LeftLinear`, `BaddBmm` wrap one)."""
-    while isinstance(module, (Folded, LeftLinear, BaddBmm)):
+    """The quantized module inside a call's module (`Folded`, `LeftLinear`, `BaddBmm`, `BatchSecond` wrap one)."""
+    while isinstance(module, (Folded, LeftLinear, BaddBmm, BatchSecond)):
         module = module.layer
     return module
 
@@ -208,6 +234,8 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
     linear or matmul call whose result holds k rows per image (first dimension N x k) gets its module `Folded`.
     `stored`: the ids of tensors computed from stored ones alone, which hold no image along any dimension."""
     if not isinstance(out, torch.Tensor) or out.dim() < 2 or not n or out.shape[0] % n:
+        if _second_is_batch(op, named, out, n, stored):  # sequence first: [T, N, ...]
+            return _batch_second(op, named, out, n, parameters, stored)
         return None, None, "its result has no batch dimension"
     if id(out) in stored:
         return None, None, "it computes on stored tensors alone (the same for every image)"
@@ -388,6 +416,8 @@ class _Discover(TorchFunctionMode):
         self.foreign: dict[str, set[str]] = {}  # candidate -> what else read its weight or bias
         self.folded_outputs: dict[int, torch.Tensor] | None = None  # call index -> its result, where `Folded`
         self.weight_holders: dict[tuple[Any, ...], nn.Module] = {}  # (parameter id, kind) -> its first layer
+        # per call: the shape of each tensor it read (None for stored ones), then its result's
+        self.shapes: list[list[tuple[int, ...] | None]] = []
 
     def _own(self, op: str | None, named: dict[str, Any]) -> set[int]:
         """The ids of the weight (and bias) that this call reads as the running candidate's own MAC."""
@@ -449,6 +479,8 @@ class _Discover(TorchFunctionMode):
             if self.folded_outputs is not None:
                 self.folded_outputs[len(self.plan.calls)] = out.detach().clone()
         self.plan.calls.append(Call(op, where, module, None, weight, reason, 0 if module is not None else elements))
+        self.shapes.append([None if not isinstance(t, torch.Tensor) or id(t) in self.stored else tuple(t.shape)
+                            for t in [*pytree.tree_leaves((args, kwargs)), out]])
         transposed = _transpose_of(named.get("b"), self.parameters) if op in ("matmul", "rmatmul", "mm") else None
         if module is not None and transposed is not None and weight == id(transposed):
             self.plan.calls[-1].transposed = transposed
@@ -531,10 +563,70 @@ def discover(model: nn.Module, x: Any, candidates: dict[str, nn.Module]
             call_model(model, x)
         foreign = {name: sorted(uses) for name, uses in watcher.foreign.items() if name in watcher.ran}
         if not foreign:
+            foreign = _check_batch_dimension(model, x, candidates, plan, watcher.shapes)
+        if not foreign:
             _check_folds(model, x, candidates, plan)
             return plan, watcher.ran, excluded
         excluded.update(foreign)
         candidates = {name: module for name, module in candidates.items() if name not in foreign}
+
+
+def _image_axis(module: nn.Module | None) -> tuple[int, int]:
+    """(the dimension along which a call's module reads the images, rows per image on it)."""
+    if isinstance(module, BatchSecond):
+        return 1, 1
+    return 0, module.fold if isinstance(module, Folded) else 1
+
+
+def _follows(module: nn.Module, shapes: list[tuple[int, ...] | None], probe: list[tuple[int, ...] | None],
+             images: int, other: int) -> bool:
+    """Whether every tensor of a call that held `images` images (x rows per image) along the module's image axis
+    holds `other` images there in the probe's forward, its result included."""
+    axis, rows = _image_axis(module)
+    if len(shapes) != len(probe):
+        return False
+    result = shapes[-1]
+    if result is None or len(result) <= axis or result[axis] != images * rows:
+        return False
+    return all(probe_shape is not None and len(probe_shape) > axis and probe_shape[axis] == other * rows
+               for shape, probe_shape in zip(shapes, probe)
+               if shape is not None and len(shape) > axis and shape[axis] == images * rows)
+
+
+def _check_batch_dimension(model: nn.Module, x: Any, candidates: dict[str, nn.Module], plan: FunctionalPlan,
+                           shapes: list[list[tuple[int, ...] | None]]) -> dict[str, list[str]]:
+    """What `discover` took for the images by their number alone must follow the batch size: the same forward on
+    another number of images must show the same number of rows per image where each layer reads them. A
+    sequence-first [T, N, D] tensor with T = N, or a table with as many rows as there are images, reads as N images
+    on one batch size only: such a candidate is returned (to be left out; its calls then become functional calls),
+    such a call stays in float."""
+    images = len(x)
+    other = 2 if images != 2 else 1
+    probe_x = x[:other] if other <= images else x[torch.zeros(other, dtype=torch.int64)]
+    probe = _Discover(model, other, candidates)
+    with torch.no_grad(), probe.watching() as probe_plan:
+        call_model(model, probe_x)
+    reason = (f"its images' dimension did not follow the batch size (the same size for {images} and {other} "
+              "image(s)): it does not hold the images (a sequence-first [T, N, ...] input with T = N?)")
+    foreign = {name: [reason] for name in probe.foreign if name in probe.ran}
+    if foreign or [c.op for c in probe_plan.calls] != [c.op for c in plan.calls]:
+        return foreign  # another call sequence on another batch size: the view refuses it when it runs
+    changed = False
+    for call, seen, call_shapes, probe_shapes in zip(plan.calls, probe_plan.calls, shapes, probe.shapes):
+        if call.module is None or _follows(call.module, call_shapes, probe_shapes, images, other):
+            continue
+        if call.op == "linear" and isinstance(call.module, (Folded, nn.Linear)):  # [T, N, D], T a multiple of N
+            second = BatchSecond(_unfolded(call.module))
+            if _follows(second, call_shapes, probe_shapes, images, other):
+                call.module = second
+                continue
+        call.weight_elements = seen.weight_elements
+        call.module, call.weight, call.reason, call.name, call.transposed = None, None, reason, None, None
+        call.computed_bias = None
+        changed = True
+    if changed:
+        _name_calls(plan)
+    return {}
 
 
 def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], plan: FunctionalPlan) -> None:

@@ -1156,3 +1156,74 @@ def test_a_small_bloom_is_covered_whole() -> None:
     assert {f"transformer.h.{i}.self_attention.baddbmm()" for i in (0, 1)} <= set(qmodel.layers)
     coverage = measure_coverage(qmodel, tokens)
     assert coverage.complete and coverage.macs == 1.0, coverage.describe()
+
+
+class SequenceFirst(nn.Module):
+    """nn.TransformerEncoder in its default layout, [T, N, D] (`batch_first=False`); `batch_first`: the twin."""
+
+    def __init__(self, batch_first: bool = False) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed, self.head = nn.Linear(8, 32), nn.Linear(32, 3)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        if self.batch_first:
+            return self.head(self.encoder(h).mean(1))
+        return self.head(self.encoder(h.transpose(0, 1)).mean(0))
+
+
+@pytest.mark.parametrize(("images", "steps"), [(4, 6), (4, 8), (5, 5)])
+def test_a_sequence_first_transformer_is_covered_and_equals_its_batch_first_twin(images: int, steps: int) -> None:
+    """The feed-forward Linears of a [T, N, D] encoder ran in float (47% of its MACs: "no batch dimension", or a fold
+    out of image order where T is a multiple of N); where T = N they were layers whose 'images' were time steps
+    (faults of image i placed in step i of every image). They compute on the [N, T, D] view, the layout told by a
+    forward on another number of images: every site's trial equals the batch-first twin's, bit for bit."""
+    with seeded(18):
+        model, x = SequenceFirst().eval(), torch.randn(images, steps, 8)
+    twin = SequenceFirst(batch_first=True).eval()
+    twin.load_state_dict(model.state_dict())
+    qmodel, qtwin = quantize(model, x), quantize(twin, x)
+    assert "encoder.layers.0.linear1.linear()" in qmodel.layers and len(qmodel.layers) == len(qtwin.layers) == 18
+    coverage = measure_coverage(qmodel, x)
+    assert coverage.complete and coverage.macs == 1.0, coverage.describe()
+    assert torch.equal(qmodel(x), qtwin(x))
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+    names = dict(zip(qmodel.layers, qtwin.layers))
+    for site in ("act", "input", "acc", "weight"):
+        fault_model = FaultModel(site, 3e-3)
+        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(6, site, 0))
+        renamed = FaultPattern({(key_site, names[layer]): group for (key_site, layer), group in pattern.groups.items()})
+        assert torch.equal(qmodel(x, pattern), qtwin(x, renamed)), site
+        assert torch.equal(qmodel(x[:2], pattern.restricted_to(torch.arange(2))), qmodel(x, pattern)[:2]), site
+
+
+class StepTable(nn.Module):
+    """A Linear on a table computed from the sequence length ([T, 1] positions), the same for every image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions, self.head = nn.Linear(1, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = torch.arange(x.shape[1], dtype=torch.float32).unsqueeze(1) / x.shape[1]
+        return self.head(torch.relu(x + self.positions(steps)).mean(1))
+
+
+def test_a_table_as_long_as_the_batch_is_not_taken_for_the_images() -> None:
+    """T = N = 5: the [5, 1] position table reads as five images on that batch alone, and its Linear was a layer
+    whose 'images' were positions. The same forward on two images shows it: the call stays in float, named, and the
+    gate's default min_coverage refuses the view."""
+    with seeded(19):
+        model, x = StepTable().eval(), torch.randn(5, 5, 8)
+    qmodel = quantize(model, x)
+    assert set(qmodel.layers) == {"head"}
+    uncovered = {entry["module"]: entry["why"] for entry in measure_coverage(qmodel, x).uncovered}
+    assert uncovered["positions"] == [
+        "linear: its images' dimension did not follow the batch size (the same size for 5 and 2 image(s)): it does "
+        "not hold the images (a sequence-first [T, N, ...] input with T = N?)"]
+    assert quantize(model, torch.randn(4, 5, 8)).config["not_layers"]["positions"] == [
+        "a call on a tensor without the batch dimension"]  # told by its size where it differs from the batch
