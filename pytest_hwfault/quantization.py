@@ -505,13 +505,14 @@ def _plain_weight(module: nn.Module) -> None:
     from torch.nn.utils import parametrize
 
     if parametrize.is_parametrized(module):
-        # Removing a parametrization from a deep copy deletes the property from the class that the copy shares
-        # with the user's module, which would break the user's model: refuse instead.
-        raise UnsupportedModelError(
-            f"{type(module).__qualname__} has parametrized tensors {list(module.parametrizations.keys())} "  # type: ignore[union-attr,operator]
-            "(weight_norm, spectral_norm, ...); quantize a copy after "
-            "torch.nn.utils.parametrize.remove_parametrizations(module, name, leave_parametrized=True)"
-        )
+        # The value the forward computes now (weight_norm's g * v / |v|, a spectral norm's in eval mode), held as a
+        # plain parameter. Not remove_parametrizations: it deletes the property from the parametrized class, which a
+        # deep copy shares with the user's module. The copy gets the plain class back and its own tensors.
+        values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}  # type: ignore[union-attr]
+        del module._modules["parametrizations"]
+        module.__class__ = type(module).__bases__[0]
+        for name, value in values.items():
+            setattr(module, name, nn.Parameter(value, requires_grad=False))
     hook: Any
     for hook in list(module._forward_pre_hooks.values()):
         if type(hook).__name__ == "WeightNorm":  # torch.nn.utils.weight_norm (the deprecated form)

@@ -1227,3 +1227,52 @@ def test_a_table_as_long_as_the_batch_is_not_taken_for_the_images() -> None:
         "not hold the images (a sequence-first [T, N, ...] input with T = N?)"]
     assert quantize(model, torch.randn(4, 5, 8)).config["not_layers"]["positions"] == [
         "a call on a tensor without the batch dimension"]  # told by its size where it differs from the batch
+
+
+class Reparametrized(nn.Module):
+    """wav2vec2's positional convolution (weight_norm over the kernel dimension), a spectrally normed Linear head.
+    `plain`: the same weights as plain parameters."""
+
+    def __init__(self, plain: bool = False) -> None:
+        super().__init__()
+        from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+        self.conv, self.head = nn.Conv1d(8, 8, 5, padding=2, groups=2), nn.Linear(8 * 12, 3)
+        if not plain:
+            self.conv = weight_norm(self.conv, name="weight", dim=2)
+            self.head = spectral_norm(self.head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(nn.functional.gelu(self.conv(x)).flatten(1))
+
+
+def test_a_parametrized_weight_is_held_at_its_value_and_the_users_model_keeps_it() -> None:
+    """weight_norm and spectral_norm models (wav2vec2, HuBERT, WavLM) were refused: removing a parametrization from
+    the private copy would have deleted it from the class the user's module shares. The copy now holds the value the
+    forward computes as a plain weight: every site equals the twin built with plain weights, and the user's model is
+    still parametrized and computes what it did."""
+    from torch.nn.utils import parametrize
+
+    with seeded(20):
+        model, x = Reparametrized().eval(), torch.randn(6, 8, 12)
+        with torch.no_grad():
+            before = model(x)
+    twin = Reparametrized(plain=True).eval()
+    with torch.no_grad():
+        twin.conv.weight.copy_(model.conv.weight)
+        twin.conv.bias.copy_(model.conv.bias)
+        twin.head.weight.copy_(model.head.weight)
+        twin.head.bias.copy_(model.head.bias)
+    qmodel, qtwin = quantize(model, x), quantize(twin, x)
+    assert set(qmodel.layers) == {"conv", "head"}
+    assert torch.equal(qmodel(x), qtwin(x))
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+    for site in ("act", "input", "acc", "weight"):
+        fault_model = FaultModel(site, 3e-3)
+        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(7, site, 0))
+        assert torch.equal(qmodel(x, pattern), qtwin(x, pattern)), site
+    assert parametrize.is_parametrized(model.conv) and parametrize.is_parametrized(model.head)
+    assert type(model.conv).__name__ == "ParametrizedConv1d" and hasattr(type(model.conv), "weight")
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
