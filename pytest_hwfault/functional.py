@@ -20,6 +20,7 @@ recognised by their weight, which is a layer's weight.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Container, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +44,19 @@ _OPS: dict[Any, str] = {
     torch.Tensor.mm: "mm", torch.einsum: "einsum", F.scaled_dot_product_attention: "scaled_dot_product_attention",
     torch.baddbmm: "baddbmm", torch.Tensor.baddbmm: "baddbmm",
 }
+# Python functions a torch-function mode sees whole, whose MACs are calls of the ops above made inside them (a mode is
+# off while it handles a call): watched and dispatched inside, call by call. F.multi_head_attention_forward: WavLM
+# and other models call it with their own projection weights instead of running nn.MultiheadAttention.
+def _watched_inside(function: Any) -> Any:
+    """`function` without its own torch-function check (the mode would be handed the call again, not its insides):
+    the same code, reading a `has_torch_function` that answers False; everything it calls keeps its own checks."""
+    clone = types.FunctionType(function.__code__, {**function.__globals__, "has_torch_function": lambda *_: False},
+                               function.__name__, function.__defaults__, function.__closure__)
+    clone.__kwdefaults__ = function.__kwdefaults__
+    return clone
+
+
+_COMPOSITES = {F.multi_head_attention_forward: _watched_inside(F.multi_head_attention_forward)}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _CONVS: dict[str, type[nn.Module]] = {
@@ -181,7 +195,7 @@ class LeftLinear(nn.Module):
         self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x.transpose(-1, -2)).transpose(-1, -2)
+        return self.layer(x.transpose(-1, -2)).transpose(-1, -2).contiguous()  # laid out as the matmul's result
 
 
 class BatchSecond(nn.Module):
@@ -193,7 +207,7 @@ class BatchSecond(nn.Module):
         self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x.transpose(0, 1)).transpose(0, 1)
+        return self.layer(x.transpose(0, 1)).transpose(0, 1).contiguous()  # laid out as F.linear's result
 
 
 def _unfolded(module: nn.Module) -> nn.Module:
@@ -451,6 +465,9 @@ class _Discover(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func in _COMPOSITES:  # watched inside: its own linear and matmul calls are the MACs
+            with self:
+                return _COMPOSITES[func](*args, **kwargs)
         op = _op(func)
         out = func(*args, **kwargs)
         self._track_stored(args, kwargs, out)
@@ -697,9 +714,18 @@ class Dispatch(TorchFunctionMode):
     def __init__(self, plan: FunctionalPlan, layer_weights: set[int]) -> None:
         super().__init__()
         self.plan, self.layer_weights, self.count = plan, layer_weights, 0
+        self.depth = 0  # entered again inside a composite call (`_COMPOSITES`): the count is checked on leaving last
+
+    def __enter__(self) -> Dispatch:
+        self.depth += 1
+        super().__enter__()
+        return self
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if func in _COMPOSITES:  # as `_Discover` watched it: its calls routed one by one
+            with self:
+                return _COMPOSITES[func](*args, **kwargs)
         op = _op(func)
         if op is None:
             return func(*args, **kwargs)
@@ -719,7 +745,8 @@ class Dispatch(TorchFunctionMode):
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         super().__exit__(exc_type, exc, tb)
-        if exc_type is None and self.count != len(self.plan.calls):
+        self.depth -= 1
+        if exc_type is None and not self.depth and self.count != len(self.plan.calls):
             raise CallOrderError(f"this forward pass made {self.count} functional multiply-accumulate calls where "
                                  f"{len(self.plan.calls)} ran when the model was quantized: the view places faults "
                                  "by call order, so the model must make the same functional calls in every forward "
