@@ -229,8 +229,8 @@ def _weight_shares(qmodel: QuantizedModel, read: set[int], readers: dict[int, se
     faults do not reach, each with the ops that read it: so a layer written as ``(x * w).sum(-1)`` is named."""
     weights = [getattr(layer.module, "weight", None) for layer in qmodel.layers.values()]
     coded = {id(w): w.numel() for w in weights if isinstance(w, torch.Tensor)}
-    stood_in = {call.weight for call in (qmodel.functional.calls if qmodel.functional else [])
-                if call.module is not None}  # a functional layer holds this parameter's codes
+    stood_in = {held for call in (qmodel.functional.calls if qmodel.functional else []) if call.module is not None
+                for held in (call.weight, call.bias)}  # a functional layer holds this parameter's codes
     float_macs = 0
     unfaulted: list[dict[str, Any]] = []
     for name, param in qmodel.module.named_parameters():

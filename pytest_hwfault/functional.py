@@ -84,6 +84,8 @@ class Call:
     # a linear/conv call whose bias the forward computes from stored tensors (Swin V2 zeroes the key's share of its
     # qkv bias): the value the layer holds as its bias codes; every later call must pass the same
     computed_bias: torch.Tensor | None = None
+    # id of the parameter a linear/conv layer holds as its bias codes (as a module layer holds its own)
+    bias: int | None = None
     # a matmul on a stored matrix's transpose (`x @ W.t()`): that matrix (a new view of it comes at every call)
     transposed: torch.Tensor | None = None
 
@@ -215,8 +217,9 @@ def _unfolded(module: nn.Module) -> nn.Module:
 
 
 def _layer_of(module: nn.Module) -> nn.Module:
-    """The quantized module inside a call's module (`Folded`, `LeftLinear`, `BaddBmm`, `BatchSecond` wrap one)."""
-    while isinstance(module, (Folded, LeftLinear, BaddBmm, BatchSecond)):
+    """The quantized module inside a call's module (`Folded`, `LeftLinear`, `BaddBmm`, `BatchSecond`, `Interleaved`
+    wrap one)."""
+    while isinstance(module, (Folded, LeftLinear, BaddBmm, BatchSecond, Interleaved)):
         module = module.layer
     return module
 
@@ -240,6 +243,30 @@ class Folded(nn.Module):
         out = self.layer(*(x.reshape(images, self.fold, *x.shape[1:]) if len(x) == rows else x for x in operands),
                          **options)
         return out.reshape(images * self.fold, *out.shape[2:])
+
+
+class Interleaved(nn.Module):
+    """A call on k x N rows that hold the images step by step (row t x N + i is image i's t-th: windows folded window
+    by window, sequence and batch merged sequence first, as F.multi_head_attention_forward's output projection
+    reads them): its layer computes on the [N, k, ...] view of its operands (and of a mask with a row per folded
+    row), so that faults are placed per image. `discover` checks the order on the model."""
+
+    def __init__(self, layer: nn.Module, fold: int) -> None:
+        super().__init__()
+        self.layer, self.fold = layer, fold
+
+    def forward(self, *operands: torch.Tensor, **options: Any) -> torch.Tensor:
+        rows = len(operands[0])
+        images = rows // self.fold
+
+        def per_image(t: torch.Tensor) -> torch.Tensor:  # another first dimension (a broadcast input): as it is
+            return t.reshape(self.fold, images, *t.shape[1:]).transpose(0, 1) if len(t) == rows else t
+
+        mask = options.get("attn_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == operands[0].dim():
+            options["attn_mask"] = per_image(mask)
+        out = self.layer(*map(per_image, operands), **options)
+        return out.transpose(0, 1).reshape(images * self.fold, *out.shape[2:])
 
 
 def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: dict[int, str],
@@ -504,6 +531,8 @@ class _Discover(TorchFunctionMode):
         bias = named.get("bias") if op == "linear" or op in _CONVS else None
         if module is not None and isinstance(bias, torch.Tensor) and id(bias) not in self.parameters:
             self.plan.calls[-1].computed_bias = bias.detach().clone()
+        elif module is not None and isinstance(bias, torch.Tensor):
+            self.plan.calls[-1].bias = id(bias)
         return out
 
     @contextmanager
@@ -649,7 +678,8 @@ def _check_batch_dimension(model: nn.Module, x: Any, candidates: dict[str, nn.Mo
 def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], plan: FunctionalPlan) -> None:
     """Leave in float (with the reason) every `Folded` call whose rows are not the images' image by image: changing
     image i of the first few calibration images must change rows i x k ... (i + 1) x k - 1 only, for each i. Faults
-    placed per image would otherwise land in other images, and results would depend on the batch split."""
+    placed per image would otherwise land in other images, and results would depend on the batch split. A call whose
+    rows hold the images step by step (changing image i changes rows t x N + i only) is `Interleaved` instead."""
     folded = [index for index, call in enumerate(plan.calls) if isinstance(call.module, Folded)]
     if not folded:
         return
@@ -662,6 +692,7 @@ def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], pla
     else:
         base = _folded_outputs(model, x, candidates)
         bad = set(folded) - set(base)
+        not_interleaved = set(bad)
         for image in range(images):  # each of the few images in turn
             other = next((j for j in range(images) if not _same_image(x, image, j)), None)
             changed = None if other is None else _folded_outputs(model, _replaced(x, image, other), candidates)
@@ -671,14 +702,21 @@ def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], pla
                 k = call.module.fold
                 if changed is None or index not in changed or index not in base:
                     bad.add(index)
+                    not_interleaved.add(index)
                     continue
                 same = (changed[index] == base[index]) | (changed[index].isnan() & base[index].isnan())
                 rows = (~same).reshape(images * k, -1).any(dim=1).nonzero().flatten()
                 if not len(rows) or int(rows.min()) < image * k or int(rows.max()) >= (image + 1) * k:
                     bad.add(index)
+                if not len(rows) or bool((rows % images != image).any()):  # nor step by step
+                    not_interleaved.add(index)
         reason = ("it folds images into its batch dimension (k rows per image) in another order than image by "
                   "image, so faults could not be placed per image")
-    for index in folded if images < 2 else sorted(bad):
+    for index in [] if images < 2 else sorted(bad - not_interleaved):  # step by step: a layer all the same
+        call = plan.calls[index]
+        assert isinstance(call.module, Folded)
+        call.module = Interleaved(call.module.layer, call.module.fold)
+    for index in folded if images < 2 else sorted(bad & not_interleaved):
         call = plan.calls[index]
         assert isinstance(call.module, Folded)
         call.weight_elements = call.module.float_weight_elements

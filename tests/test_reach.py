@@ -84,11 +84,12 @@ class Upsampler(nn.Module):
 class WindowAttention(nn.Module):
     """Swin-style attention: each image's 4x4 grid of tokens cut into four 2x2 windows folded into the batch
     dimension (k = 4 rows per image), then F.linear / matmul / matmul / F.linear on the folded rows, as torchvision's
-    shifted_window_attention. `window_major`: the windows are folded window by window instead of image by image."""
+    shifted_window_attention. `order`: the windows folded image by image, window by window (all the images' first
+    window, then their second...), or "scrambled" (by window row, then image, then window column)."""
 
-    def __init__(self, window_major: bool = False, sdpa: bool = False) -> None:
+    def __init__(self, order: str = "image", sdpa: bool = False) -> None:
         super().__init__()
-        self.window_major, self.sdpa = window_major, sdpa
+        self.order, self.sdpa = order, sdpa
         self.bias_table = nn.Parameter(torch.randn(2, 4, 4) / 4)  # a relative-position bias per head, as timm's
         self.embed = nn.Linear(3, 8)
         self.qkv = nn.Linear(8, 24)
@@ -99,8 +100,10 @@ class WindowAttention(nn.Module):
         n = x.shape[0]
         h = self.embed(x.permute(0, 2, 3, 1))  # [n, 4, 4, 8]
         windows = h.reshape(n, 2, 2, 2, 2, 8).permute(0, 1, 3, 2, 4, 5)  # [n, wy, wx, 2, 2, 8]
-        if self.window_major:
+        if self.order == "window":
             windows = windows.permute(1, 2, 0, 3, 4, 5)
+        elif self.order == "scrambled":
+            windows = windows.permute(1, 0, 2, 3, 4, 5)
         rows = windows.reshape(-1, 4, 8)  # [n x 4 windows, 4 tokens, 8]
         qkv = F.linear(rows, self.qkv.weight, self.qkv.bias).reshape(-1, 4, 3, 2, 4).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
@@ -110,8 +113,10 @@ class WindowAttention(nn.Module):
         else:
             context = torch.softmax(q.matmul(k.transpose(-2, -1)) * 0.5, dim=-1).matmul(v)
         out = F.linear(context.transpose(1, 2).reshape(-1, 4, 8), self.proj.weight, self.proj.bias)
-        if self.window_major:
+        if self.order == "window":
             out = out.reshape(2, 2, n, 4, 8).permute(2, 0, 1, 3, 4)
+        elif self.order == "scrambled":
+            out = out.reshape(2, n, 2, 4, 8).permute(1, 0, 2, 3, 4)
         return self.head(out.reshape(n, -1, 8).mean(1))
 
 
@@ -869,10 +874,11 @@ def test_windows_folded_into_the_batch_dimension_are_layers_placed_per_image() -
 
 
 def test_windows_folded_out_of_image_order_stay_in_float_and_are_named() -> None:
-    """Folded window by window, an image's rows are not together: faults placed per image would land in other
-    images. Those calls run in float, named with why; so do all folded calls when one image cannot show the order."""
+    """Folded neither image by image nor step by step, an image's rows follow no pattern the view can place faults
+    in: they would land in other images. Those calls run in float, named with why; so do all folded calls when one
+    image cannot show the order."""
     with seeded(7):
-        model, x = WindowAttention(window_major=True).eval(), torch.randn(6, 3, 4, 4)
+        model, x = WindowAttention(order="scrambled").eval(), torch.randn(6, 3, 4, 4)
     qmodel = quantize(model, x)
     assert list(qmodel.layers) == ["embed", "head"]
     coverage = measure_coverage(qmodel, x)
@@ -1298,18 +1304,16 @@ class FunctionalAttention(nn.Module):
 
 def test_the_functional_multi_head_attention_is_quantized_call_by_call() -> None:
     """F.multi_head_attention_forward reached the view whole: its projections and attention matmuls ran in float
-    (WavLM: 44% covered). Its calls are watched and routed one by one: the projections and the attention are layers
-    placed per image (the numbers do not depend on the batch split, and faults reach them); its output projection,
-    on rows laid out step by step rather than image by image, stays float, named (WavLM: 96%)."""
+    (WavLM: 44% covered). Its calls are watched and routed one by one: the projections, the attention and the output
+    projection (on rows laid out step by step) are layers placed per image: the numbers do not depend on the batch
+    split, and faults reach them (WavLM: 100%)."""
     with seeded(21):
         model, x = FunctionalAttention().eval(), torch.randn(6, 5, 16)
     qmodel = quantize(model, x)
     assert {"linear()", "linear_2()", "linear_3()", "scaled_dot_product_attention().scores",
-            "scaled_dot_product_attention().context", "head"} == set(qmodel.layers)
+            "scaled_dot_product_attention().context", "linear_4()", "head"} == set(qmodel.layers)
     coverage = measure_coverage(qmodel, x)
-    assert [(entry["module"], entry["why"]) for entry in coverage.uncovered] == [
-        ("", ["linear: it folds images into its batch dimension (k rows per image) in another order than image by "
-              "image, so faults could not be placed per image"])]
+    assert coverage.complete and coverage.macs == 1.0, coverage.describe()
     with torch.no_grad():
         expected = model(x)
     clean = qmodel(x)
@@ -1323,3 +1327,23 @@ def test_the_functional_multi_head_attention_is_quantized_call_by_call() -> None
         assert not torch.equal(faulty, clean), site
         if site != "weight":
             assert torch.equal(qmodel(x[:3], pattern.restricted_to(torch.arange(3))), faulty[:3]), site
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_windows_folded_window_by_window_are_layers_placed_per_image(sdpa: bool) -> None:
+    """Windows folded window by window (row w x N + i is image i's window w) ran in float. Checked step by step the
+    same way, each call computes on the [N, k, ...] view: every site's trial equals the image-by-image fold's."""
+    with seeded(22):
+        model, x = WindowAttention(order="window", sdpa=sdpa).eval(), torch.randn(6, 3, 4, 4)
+    twin = WindowAttention(sdpa=sdpa).eval()
+    twin.load_state_dict(model.state_dict())
+    qmodel, qtwin = quantize(model, x), quantize(twin, x)
+    assert list(qmodel.layers) == list(qtwin.layers) and len(qmodel.layers) > 2
+    assert measure_coverage(qmodel, x).macs == 1.0
+    assert torch.equal(qmodel(x), qtwin(x))
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+    for site in ("act", "input", "acc", "weight"):
+        fault_model = FaultModel(site, 1e-2)
+        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(9, site, 0))
+        assert torch.equal(qmodel(x, pattern), qtwin(x, pattern)), site
