@@ -181,6 +181,28 @@ def _batch_second(op: str, named: dict[str, Any], out: torch.Tensor, n: int, par
     return (BatchSecond(inner) if inner is not None else None), weight, reason
 
 
+def _linear_einsum(equation: str, operands: Any, parameters: Container[int]) -> int | None:
+    """For an einsum that is a linear map of its first operand's last dimension by a 2-D stored second operand
+    ("bld,dk->blk", "...d,kd->...k"): 1 where that operand is [in, out] (x @ W), 0 where it is [out, in]
+    (F.linear's layout); None for any other einsum."""
+    x, weight = operands
+    if not (isinstance(weight, torch.Tensor) and id(weight) in parameters and weight.dim() == 2
+            and isinstance(x, torch.Tensor)):
+        return None
+    inputs, _, out = equation.replace(" ", "").partition("->")
+    first, _, second = inputs.partition(",")
+    if not out or len(second) != 2 or "." in second or not first or first.count(".") not in (0, 3):
+        return None
+    contracted = first[-1]
+    if contracted == "." or contracted not in second or second[0] == second[1]:
+        return None
+    produced = second[1] if second[0] == contracted else second[0]
+    letters = first.replace(".", "")
+    if produced in first or out != first[:-1] + produced or len(set(letters)) != len(letters):
+        return None
+    return 1 if second[0] == contracted else 0
+
+
 def _per_image(n: int, *tensors: Any, stored: Container[int] = ()) -> bool:
     """Whether each tensor holds the batch's images along its first dimension: n rows, and not a stored tensor (or
     one computed from stored tensors alone) whose first dimension happens to be n."""
@@ -348,6 +370,13 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
         operands = named["operands"]
         if len(operands) == 2 and _per_image(n, *operands, stored=stored):
             return Einsum(str(named["equation"]).replace(" ", "")), None, None
+        layout = _linear_einsum(str(named["equation"]), operands, parameters) if len(operands) == 2 else None
+        if layout is not None and _per_image(n, operands[0], stored=stored):
+            weight = operands[1]
+            linear = nn.Linear(weight.shape[1 - layout], weight.shape[layout], bias=False)
+            with torch.no_grad():
+                linear.weight.copy_(weight.T if layout else weight)
+            return linear.to(weight.device), id(weight), None
         return None, None, "einsum of other than two per-image operands"
     if op == "scaled_dot_product_attention":
         if float(named.get("dropout_p", 0.0)) != 0.0:
@@ -397,6 +426,11 @@ def _invoke(call: Call, named: dict[str, Any]) -> Any:
             return module(named["b"] if left else named["a"])
         return module(named["a"], named["b"])
     if op == "einsum":
+        if call.weight is not None:  # a linear map by a stored matrix (`_linear_einsum`)
+            if id(named["operands"][1]) != call.weight:
+                raise CallOrderError(f"functional call {call.name!r} was made with another weight than when the "
+                                   "model was quantized")
+            return module(named["operands"][0])
         return module(*named["operands"])
     if op == "baddbmm":
         added = named.get("input")
@@ -513,7 +547,9 @@ class _Discover(TorchFunctionMode):
             layer = _layer_of(module)
             # x @ W holds W^T; W @ x, x @ W.t() and F.linear(x, W) hold W: one layout per key
             orientation = ("left" if isinstance(_unfolded(module), LeftLinear)
-                           else op == "linear" or _transpose_of(named.get("b"), self.parameters) is not None)
+                           else op == "linear" or _transpose_of(named.get("b"), self.parameters) is not None
+                           or op == "einsum" and _linear_einsum(str(named["equation"]), named["operands"],
+                                                                self.parameters) == 0)
             first = self.weight_holders.setdefault((weight, type(layer), orientation), layer)
             if first is not layer and first.weight.shape == layer.weight.shape:
                 layer.weight = first.weight  # `quantization` ties their codes (QuantLayer.weight_group)

@@ -1347,3 +1347,60 @@ def test_windows_folded_window_by_window_are_layers_placed_per_image(sdpa: bool)
         fault_model = FaultModel(site, 1e-2)
         pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(9, site, 0))
         assert torch.equal(qmodel(x, pattern), qtwin(x, pattern)), site
+
+
+class EinsumProjection(nn.Module):
+    """A projection written as an einsum with a stored matrix. `equation`'s matrix is [in, out] or [out, in];
+    `explicit`: the same as `x @ W` or F.linear."""
+
+    def __init__(self, equation: str, explicit: bool = False) -> None:
+        super().__init__()
+        self.equation, self.explicit = equation, explicit
+        self.w = nn.Parameter(torch.randn(16, 12) / 4 if equation.split(",")[1][0] == equation[equation.index(",") - 1]
+                              else torch.randn(12, 16) / 4)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.explicit:
+            h = x @ self.w if self.w.shape[0] == 16 else F.linear(x, self.w)
+        else:
+            h = torch.einsum(self.equation, x, self.w)
+        return self.head(torch.relu(h).reshape(len(x), -1, 12).mean(1))
+
+
+@pytest.mark.parametrize("equation", ["bld,dk->blk", "...d,kd->...k", "bd,dk->bk"])
+def test_an_einsum_with_a_stored_matrix_is_a_linear_layer(equation: str) -> None:
+    """An einsum that maps the last dimension by a stored matrix ran in float ("einsum of other than two per-image
+    operands"). It is a Linear layer holding the matrix as weight codes: every site equals the twin's that writes it
+    as `x @ W` or F.linear."""
+    with seeded(23):
+        x = torch.randn(6, 5, 16) if equation.startswith(("b", ".")) and "l" in equation or "..." in equation \
+            else torch.randn(6, 16)
+        model = EinsumProjection(equation).eval()
+    twin = EinsumProjection(equation, explicit=True).eval()
+    twin.load_state_dict(model.state_dict())
+    qmodel, qtwin = quantize(model, x), quantize(twin, x)
+    assert list(qmodel.layers) == ["einsum()", "head"] and qmodel.layers["einsum()"].module_type == "Linear"
+    assert len(qtwin.layers) == 2 and measure_coverage(qmodel, x).macs == 1.0
+    names = dict(zip(qmodel.layers, qtwin.layers))
+    assert torch.equal(qmodel(x), qtwin(x))
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+    for site in ("act", "input", "acc", "weight"):
+        fault_model = FaultModel(site, 1e-2)
+        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(10, site, 0))
+        renamed = FaultPattern({(key_site, names[layer]): group for (key_site, layer), group in pattern.groups.items()})
+        assert torch.equal(qmodel(x, pattern), qtwin(x, renamed)), site
+
+
+def test_only_linear_einsums_with_a_stored_matrix_become_layers() -> None:
+    from pytest_hwfault.functional import _linear_einsum
+
+    x, w = torch.randn(2, 3, 4), nn.Parameter(torch.randn(4, 5))
+    stored = {id(w)}
+    assert _linear_einsum("bld,dk->blk", (x, w), stored) == 1
+    assert _linear_einsum("bld,kd->blk", (x, w), stored) == 0
+    assert _linear_einsum("...d,dk->...k", (x, w), stored) == 1
+    for other in ("bld,dk->bkl", "bld,dl->bl", "bld,dd->bld", "bdl,dk->bkl", "bld,dk->bk", "bll,lk->blk"):
+        assert _linear_einsum(other, (x, w), stored) is None, other
+    assert _linear_einsum("bld,dk->blk", (x, w.detach().clone()), stored) is None  # not a stored tensor
