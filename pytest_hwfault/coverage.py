@@ -147,12 +147,33 @@ class _MacCounter(TorchDispatchMode):
         self.readers: dict[int, set[str]] = defaultdict(set)  # storage -> the computing ops that read it
         self.flop_counts: dict[str, dict[Any, int]] = defaultdict(lambda: defaultdict(int))
         self.tracker = ModuleTracker()
+        # flops per op of the innermost running module under `counting`'s root, by its first qualified name there
+        self.own_counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.running: list[str | None] = []
 
     @contextmanager
-    def counting(self) -> Iterator[None]:
-        """Counts inside the block (the mode itself is re-entered while it decomposes an op)."""
-        with self.tracker, self:
-            yield
+    def counting(self, root: nn.Module | None = None) -> Iterator[None]:
+        """Counts inside the block (the mode itself is re-entered while it decomposes an op). With `root`, each
+        op's flops are also credited to the innermost module running (`own_counts`), named by its first qualified
+        name under `root` as `named_modules` names it: a module shared by two parents (CoaT's position encodings)
+        is one module wherever it runs, and a functional call's layer is the caller's child where it is called."""
+        names = {id(module): name for name, module in root.named_modules()} if root is not None else {}
+
+        def enter(module: nn.Module, args: Any) -> None:
+            self.running.append(names.get(id(module)))
+
+        def leave(module: nn.Module, args: Any, out: Any) -> None:
+            if self.running:
+                self.running.pop()
+
+        handles = [nn.modules.module.register_module_forward_pre_hook(enter),
+                   nn.modules.module.register_module_forward_hook(leave, always_call=True)] if names else []
+        try:
+            with self.tracker, self:
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -180,6 +201,9 @@ class _MacCounter(TorchDispatchMode):
             flops = formula(*args, **kwargs, out_val=out)
             for parent in set(self.tracker.parents):
                 self.flop_counts[parent][packet] += flops
+            innermost = next((name for name in reversed(self.running) if name is not None), None)
+            if innermost is not None:
+                self.own_counts[innermost][str(packet)] += flops
         return out
 
 
@@ -189,24 +213,6 @@ def _decomposes(func: Any) -> bool:
         return bool(torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"))
     except (AttributeError, RuntimeError):
         return False
-
-
-def _own_flops(counts: dict[str, dict[Any, int]], adopted: dict[str, str]) -> dict[str, dict[str, int]]:
-    """Flops per module excluding its submodules' (the counter credits every op to all enclosing modules), keyed
-    by qualified name under the measuring root. `adopted`: modules that count as children of another (a
-    functional call's layer, of the module that made the call)."""
-    tree = {name.split(".", 1)[1]: ops for name, ops in counts.items() if "." in name}
-    children: dict[str, list[str]] = {}
-    for name in tree:  # the nearest enclosing module that ran (containers such as ModuleList never run)
-        parent = adopted.get(name, name.rpartition(".")[0])
-        while parent and parent not in tree:
-            parent = parent.rpartition(".")[0]
-        children.setdefault(parent, []).append(name)
-    own: dict[str, dict[str, int]] = {}
-    for name, ops in tree.items():
-        left = {str(op): n - sum(tree[c].get(op, 0) for c in children.get(name, [])) for op, n in ops.items()}
-        own[name] = {op: n for op, n in left.items() if n > 0}
-    return own
 
 
 class _Measured(nn.Module):
@@ -231,6 +237,9 @@ def _weight_shares(qmodel: QuantizedModel, read: set[int], readers: dict[int, se
     coded = {id(w): w.numel() for w in weights if isinstance(w, torch.Tensor)}
     stood_in = {held for call in (qmodel.functional.calls if qmodel.functional else []) if call.module is not None
                 for held in (call.weight, call.bias)}  # a functional layer holds this parameter's codes
+    # parameters a weight is computed from (weight standardisation): the layer's codes hold what they compute
+    computed_from = {source for call in (qmodel.functional.calls if qmodel.functional else [])
+                     if call.module is not None for source in call.computed_from}
     float_macs = 0
     unfaulted: list[dict[str, Any]] = []
     for name, param in qmodel.module.named_parameters():
@@ -239,7 +248,7 @@ def _weight_shares(qmodel: QuantizedModel, read: set[int], readers: dict[int, se
         storage = param.untyped_storage().data_ptr()
         if storage in read:
             float_macs += param.numel()
-        else:
+        elif id(param) not in computed_from:
             unfaulted.append({"parameter": name, "elements": param.numel(),
                               "ops": sorted(readers.get(storage, ())) or ["none (not read)"]})
     unfaulted.sort(key=lambda row: (-row["elements"], row["parameter"]))
@@ -258,13 +267,12 @@ def measure_coverage(qmodel: QuantizedModel, inputs: Any) -> Coverage:
     mkldnn = torch._C._get_mkldnn_enabled()
     torch._C._set_mkldnn_enabled(False)
     try:
-        with counter.counting():
+        with counter.counting(root):
             args, kwargs = as_args(x.to(qmodel.device))
             qmodel.run_graph(root, args, {}, kwargs)
     finally:
         torch._C._set_mkldnn_enabled(mkldnn)
-    adopted = {f"functional.f{i}": ("model." + call.where).rstrip(".") for i, call in enumerate(calls)}
-    own = _own_flops(counter.flop_counts, adopted)
+    own = {name: dict(ops) for name, ops in counter.own_counts.items()}
     modules = dict(root.named_modules())
     layer_modules = {id(layer.module) for layer in qmodel.layers.values()}
     total = sum(sum(ops.values()) for ops in own.values())

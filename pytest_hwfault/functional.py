@@ -88,6 +88,17 @@ class Call:
     bias: int | None = None
     # a matmul on a stored matrix's transpose (`x @ W.t()`): that matrix (a new view of it comes at every call)
     transposed: torch.Tensor | None = None
+    # a linear/conv call whose weight the forward computes from stored tensors alone (weight standardisation, a
+    # gain times a direction): the value the layer holds as its weight codes, as a deployed model stores it once
+    # computed; every later call must pass the same. `computed_from`: the parameters it is computed from, which the
+    # layer's codes stand in for
+    computed_weight: torch.Tensor | None = None
+    computed_from: frozenset[int] = frozenset()
+    # the elements `weight_elements` counts should the call run in float
+    float_elements: int = 0
+    # a call that showed no order and took its sibling's (`_order_of_unmoved`): the index of that sibling, whose
+    # calibration statistics it shares (its own inputs may be all zeros: a recurrent cell's initial state)
+    calibrate_with: int | None = None
 
 
 @dataclass
@@ -116,6 +127,16 @@ class FunctionalPlan:
             else:
                 layers[call.name] = (module, call.where)
         return layers
+
+    def shared_calibration(self) -> dict[str, str]:
+        """Layer name -> the layer whose calibration statistics it shares (`Call.calibrate_with`)."""
+        shared = {}
+        for call in self.calls:
+            sibling = self.calls[call.calibrate_with] if call.calibrate_with is not None else None
+            if call.module is not None and call.name and sibling is not None and sibling.module is not None \
+                    and sibling.name:
+                shared[call.name] = sibling.name
+        return shared
 
     def uncovered(self) -> list[dict[str, str]]:
         return [{"call": f"{call.where or '<model>'}: {call.op}", "reason": call.reason or ""}
@@ -254,7 +275,6 @@ class Folded(nn.Module):
     def __init__(self, layer: nn.Module, fold: int) -> None:
         super().__init__()
         self.layer, self.fold = layer, fold
-        self.float_weight_elements = 0
 
     def forward(self, *operands: torch.Tensor, **options: Any) -> torch.Tensor:
         images = operands[0].shape[0] // self.fold
@@ -296,6 +316,9 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
     """The module that computes this call as a layer, the id of its weight parameter, or why there is none. A
     linear or matmul call whose result holds k rows per image (first dimension N x k) gets its module `Folded`.
     `stored`: the ids of tensors computed from stored ones alone, which hold no image along any dimension."""
+    if (op == "linear" or op in _CONVS) and id(named.get("weight")) not in parameters and id(named.get("weight")) \
+            not in stored:  # a kernel per image (dynamic filters, a Siamese tracker's cross-correlation)
+        return None, None, "its weight is computed from the images, so it is an activation no weight memory holds"
     if not isinstance(out, torch.Tensor) or out.dim() < 2 or not n or out.shape[0] % n:
         if _second_is_batch(op, named, out, n, stored):  # sequence first: [T, N, ...]
             return _batch_second(op, named, out, n, parameters, stored)
@@ -310,8 +333,6 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
         return (Folded(inner, fold) if inner is not None else None), weight, reason
     if op == "linear" or op in _CONVS:
         x, weight, bias = named.get("input"), named.get("weight"), named.get("bias")
-        if id(weight) not in parameters:
-            return None, None, "its weight is computed in the forward pass, not a parameter or buffer"
         if bias is not None and id(bias) not in parameters and (not isinstance(bias, torch.Tensor) or bias.dim() != 1):
             return None, None, "its bias is computed in the forward pass and is not one value per output"
         if not _per_image(n, x, stored=stored):
@@ -337,7 +358,8 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
             if bias is not None:
                 assert isinstance(module.bias, torch.Tensor)
                 module.bias.copy_(bias)
-        return module.to(weight.device), id(weight), None
+        # a weight computed from stored tensors is a new tensor at every forward: no id to know it by
+        return module.to(weight.device), (id(weight) if id(weight) in parameters else None), None
     if op in ("matmul", "rmatmul", "bmm", "mm"):
         a, b = named.get("a"), named.get("b")
         if _per_image(n, a, b, stored=stored):
@@ -387,16 +409,19 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
     return None, None, "not supported"
 
 
-def _computed_weight(op: str, named: dict[str, Any], n: int, stored: Container[int] = ()) -> int:
-    """Elements of the weight-like operand of a call left in float (no batch dimension: the same for every
-    image, so stored or computed from stored parameters), 0 when it has none."""
+def _computed_weight(op: str, named: dict[str, Any], n: int, stored: Container[int] = (),
+                     parameters: Container[int] = ()) -> int:
+    """Elements of the weight-like operand of a call, should it run in float, that the forward computes from stored
+    tensors (the same for every image), 0 when it has none. A parameter itself is not counted here (the coverage
+    finds it read by the multiply-accumulate), nor a kernel computed per image (an activation)."""
     if op == "linear" or op in _CONVS:
         weight = named.get("weight")
-        return weight.numel() if isinstance(weight, torch.Tensor) else 0
+        return weight.numel() if isinstance(weight, torch.Tensor) and id(weight) in stored \
+            and id(weight) not in parameters else 0
     if op in ("matmul", "rmatmul", "bmm", "mm", "baddbmm"):
         operands = [named.get("batch1"), named.get("batch2")] if op == "baddbmm" else [named.get("a"), named.get("b")]
         shared = [t for t in operands if isinstance(t, torch.Tensor) and not _per_image(n, t, stored=stored)]
-        return shared[0].numel() if len(shared) == 1 else 0
+        return shared[0].numel() if len(shared) == 1 and id(shared[0]) not in parameters else 0
     return 0
 
 
@@ -406,7 +431,13 @@ def _invoke(call: Call, named: dict[str, Any]) -> Any:
     assert module is not None
     op = call.op
     if op == "linear" or op in _CONVS:
-        if id(named.get("weight")) != call.weight:
+        weight = named.get("weight")
+        if call.computed_weight is not None:
+            if not (isinstance(weight, torch.Tensor) and torch.equal(weight, call.computed_weight)):
+                raise CallOrderError(f"functional call {call.name!r} was made with another computed weight than when "
+                                     "the model was quantized: the layer holds that weight as its codes, so it must "
+                                     "not change")
+        elif id(weight) != call.weight:
             raise CallOrderError(f"functional call {call.name!r} was made with another weight than when the model was "
                                "quantized: the model's functional calls must come in the same order every forward")
         bias = named.get("bias")
@@ -448,6 +479,11 @@ _METADATA = {"shape", "dtype", "device", "requires_grad", "ndim", "is_cuda", "is
              "is_floating_point", "is_complex", "get_device", "data_ptr", "storage_offset"}
 
 
+# calls that only rearrange a tensor's elements: a batch-size-valued argument of theirs makes no row per image
+_REARRANGING = {"reshape", "view", "reshape_as", "view_as", "flatten", "unflatten", "permute", "transpose",
+                "movedim", "squeeze", "unsqueeze", "contiguous", "t"}
+
+
 def _function_name(func: Any) -> str:
     """`func`'s name; an attribute read (Tensor.T) by the attribute's name."""
     owner = getattr(func, "__self__", None)
@@ -479,6 +515,8 @@ class _Discover(TorchFunctionMode):
         # for every image, so never per image, even where their first dimension happens to be the batch size (a
         # 128 x k parameter on a calibration batch of 128). Held here, so that their ids stay theirs
         self.stored: dict[int, torch.Tensor] = {id(p): p for _, p in stored}
+        # stored tensor id -> the parameters and buffers it is computed from
+        self.sources: dict[int, frozenset[int]] = {id(p): frozenset((id(p),)) for _, p in stored}
         self.plan = FunctionalPlan()
         self.stack: list[str] = []
         self.names = {id(m): name for name, m in model.named_modules()}
@@ -507,22 +545,27 @@ class _Discover(TorchFunctionMode):
             return set()
         return {id(weight), id(bias)}
 
-    def _track_stored(self, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+    def _track_stored(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         """Note `out` as stored (see `stored`) when every tensor the call read is, and no argument is the batch
-        size (`cls_token.expand(n, -1, -1)` holds a row per image); else forget it (an in-place op on a stored
-        tensor with an image's data)."""
+        size (`cls_token.expand(n, -1, -1)` holds a row per image) unless the call only rearranges its elements
+        (`weight.reshape(1, out_channels, -1)` where out_channels happens to be the batch size); else forget it
+        (an in-place op on a stored tensor with an image's data)."""
         leaves = pytree.tree_leaves((args, kwargs))
-        batch = self.batch
+        batch = 0 if _function_name(func) in _REARRANGING else self.batch
         stored = all(id(leaf) in self.stored if isinstance(leaf, torch.Tensor)
                      else not (isinstance(leaf, int) and not isinstance(leaf, bool) and leaf == batch)
                      and not (isinstance(leaf, torch.Size) and batch in leaf)
                      for leaf in leaves)
+        sources = frozenset().union(*(self.sources.get(id(leaf), frozenset()) for leaf in leaves
+                                      if isinstance(leaf, torch.Tensor))) if stored else frozenset()
         for result in pytree.tree_leaves(out):
-            if isinstance(result, torch.Tensor):
+            if isinstance(result, torch.Tensor) and id(result) not in self.parameters:  # `W.type_as(x)` is W
                 if stored:
                     self.stored[id(result)] = result
-                elif id(result) not in self.parameters:  # `W.type_as(x)` returns W itself, still stored
+                    self.sources[id(result)] = sources
+                else:
                     self.stored.pop(id(result), None)
+                    self.sources.pop(id(result), None)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -531,7 +574,7 @@ class _Discover(TorchFunctionMode):
                 return _COMPOSITES[func](*args, **kwargs)
         op = _op(func)
         out = func(*args, **kwargs)
-        self._track_stored(args, kwargs, out)
+        self._track_stored(func, args, kwargs, out)
         named = _arguments(op, args, kwargs) if op is not None else {}
         own = self._own(op, named)
         where = self.stack[-1] if self.stack else ""
@@ -553,17 +596,28 @@ class _Discover(TorchFunctionMode):
             first = self.weight_holders.setdefault((weight, type(layer), orientation), layer)
             if first is not layer and first.weight.shape == layer.weight.shape:
                 layer.weight = first.weight  # `quantization` ties their codes (QuantLayer.weight_group)
-        elements = _computed_weight(op, named, self.batch, self.stored)
-        if isinstance(module, Folded):
-            module.float_weight_elements = elements  # should `discover` find its rows out of image order
-            if self.folded_outputs is not None:
-                self.folded_outputs[len(self.plan.calls)] = out.detach().clone()
-        self.plan.calls.append(Call(op, where, module, None, weight, reason, 0 if module is not None else elements))
+        computed = (named.get("weight") if module is not None and weight is None and (op == "linear" or op in _CONVS)
+                    else None)
+        if computed is not None and module is not None:  # computed from stored tensors: stored once, as one
+            layer = _layer_of(module)                     # value computed from the same sources
+            first = self.weight_holders.setdefault((self.sources.get(id(computed)), type(layer)), layer)
+            held, mine = first.weight, layer.weight
+            if (first is not layer and isinstance(held, torch.Tensor) and isinstance(mine, torch.Tensor)
+                    and held.shape == mine.shape and torch.equal(held, mine)):
+                layer.weight = held
+        elements = _computed_weight(op, named, self.batch, self.stored, self.parameters)
+        if isinstance(module, Folded) and self.folded_outputs is not None:
+            self.folded_outputs[len(self.plan.calls)] = out.detach().clone()
+        self.plan.calls.append(Call(op, where, module, None, weight, reason, 0 if module is not None else elements,
+                                    float_elements=elements))
         self.shapes.append([None if not isinstance(t, torch.Tensor) or id(t) in self.stored else tuple(t.shape)
                             for t in [*pytree.tree_leaves((args, kwargs)), out]])
         transposed = _transpose_of(named.get("b"), self.parameters) if op in ("matmul", "rmatmul", "mm") else None
         if module is not None and transposed is not None and weight == id(transposed):
             self.plan.calls[-1].transposed = transposed
+        if computed is not None:
+            self.plan.calls[-1].computed_weight = computed.detach().clone()
+            self.plan.calls[-1].computed_from = self.sources.get(id(computed), frozenset())
         bias = named.get("bias") if op == "linear" or op in _CONVS else None
         if module is not None and isinstance(bias, torch.Tensor) and id(bias) not in self.parameters:
             self.plan.calls[-1].computed_bias = bias.detach().clone()
@@ -694,7 +748,7 @@ def _check_batch_dimension(model: nn.Module, x: Any, candidates: dict[str, nn.Mo
     if foreign or [c.op for c in probe_plan.calls] != [c.op for c in plan.calls]:
         return foreign  # another call sequence on another batch size: the view refuses it when it runs
     changed = False
-    for call, seen, call_shapes, probe_shapes in zip(plan.calls, probe_plan.calls, shapes, probe.shapes):
+    for call, call_shapes, probe_shapes in zip(plan.calls, shapes, probe.shapes):
         if call.module is None or _follows(call.module, call_shapes, probe_shapes, images, other):
             continue
         if call.op == "linear" and isinstance(call.module, (Folded, nn.Linear)):  # [T, N, D], T a multiple of N
@@ -702,9 +756,9 @@ def _check_batch_dimension(model: nn.Module, x: Any, candidates: dict[str, nn.Mo
             if _follows(second, call_shapes, probe_shapes, images, other):
                 call.module = second
                 continue
-        call.weight_elements = seen.weight_elements
+        call.weight_elements = call.float_elements
         call.module, call.weight, call.reason, call.name, call.transposed = None, None, reason, None, None
-        call.computed_bias = None
+        call.computed_bias = call.computed_weight = None
         changed = True
     if changed:
         _name_calls(plan)
@@ -729,6 +783,7 @@ def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], pla
         base = _folded_outputs(model, x, candidates)
         bad = set(folded) - set(base)
         not_interleaved = set(bad)
+        moved: set[int] = set()  # calls whose result some image's change changed
         for image in range(images):  # each of the few images in turn
             other = next((j for j in range(images) if not _same_image(x, image, j)), None)
             changed = None if other is None else _folded_outputs(model, _replaced(x, image, other), candidates)
@@ -742,12 +797,16 @@ def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], pla
                     continue
                 same = (changed[index] == base[index]) | (changed[index].isnan() & base[index].isnan())
                 rows = (~same).reshape(images * k, -1).any(dim=1).nonzero().flatten()
+                if len(rows):
+                    moved.add(index)
                 if not len(rows) or int(rows.min()) < image * k or int(rows.max()) >= (image + 1) * k:
                     bad.add(index)
                 if not len(rows) or bool((rows % images != image).any()):  # nor step by step
                     not_interleaved.add(index)
         reason = ("it folds images into its batch dimension (k rows per image) in another order than image by "
                   "image, so faults could not be placed per image")
+    if images >= 2:
+        _order_of_unmoved(plan, [index for index in folded if index not in moved], bad, not_interleaved)
     for index in [] if images < 2 else sorted(bad - not_interleaved):  # step by step: a layer all the same
         call = plan.calls[index]
         assert isinstance(call.module, Folded)
@@ -755,9 +814,33 @@ def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], pla
     for index in folded if images < 2 else sorted(bad & not_interleaved):
         call = plan.calls[index]
         assert isinstance(call.module, Folded)
-        call.weight_elements = call.module.float_weight_elements
+        call.weight_elements = call.float_elements
         call.module, call.weight, call.reason, call.name = None, None, reason, None
+        call.computed_bias = call.computed_weight = call.calibrate_with = None
     _name_calls(plan)
+
+
+def _order_of_unmoved(plan: FunctionalPlan, unmoved: list[int], bad: set[int], not_interleaved: set[int]) -> None:
+    """A folded call whose result no image changes (a recurrent cell's first step on a zero state) shows no order.
+    It takes the order found for the calls of the same op, weight and fold in the same forward (the cell's later
+    steps, which read the state it starts), where they all agree; otherwise it stays out of order (in float)."""
+    for index in unmoved:
+        call = plan.calls[index]
+        assert isinstance(call.module, Folded)
+        siblings = [j for j, other in enumerate(plan.calls)
+                    if j != index and j not in unmoved and other.op == call.op and call.weight is not None
+                    and other.weight == call.weight and isinstance(other.module, Folded)
+                    and other.module.fold == call.module.fold]
+        orders = {"image by image" if j not in bad else "step by step" if j not in not_interleaved else "neither"
+                  for j in siblings}
+        if orders == {"image by image"}:
+            bad.discard(index)
+            not_interleaved.discard(index)
+        elif orders == {"step by step"}:
+            not_interleaved.discard(index)
+        else:
+            continue
+        call.calibrate_with = min(siblings, key=lambda j: abs(j - index))
 
 
 def _folded_outputs(model: nn.Module, x: Any, candidates: dict[str, nn.Module]) -> dict[int, torch.Tensor]:

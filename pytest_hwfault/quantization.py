@@ -202,6 +202,8 @@ def quantize(
     stats_in = {name: _ActStats(calibration, bits, affine[name]) for name in candidates}
     stats_in2 = {name: _ActStats(calibration, bits) for name, m in candidates.items() if isinstance(m, MatMul)}
     stats_out = {name: _ActStats(calibration, bits, affine[name]) for name in candidates}
+    for name, sibling in plan.shared_calibration().items():  # e.g. a recurrent cell's first step on a zero state
+        stats_in[name], stats_out[name] = stats_in[sibling], stats_out[sibling]
     shapes: dict[str, list[tuple[int, ...]]] = {}  # per image: input, output (and a matmul's second input)
     calls: dict[str, int] = {}  # this batch
     calls_per_batch: dict[str, int] = {}

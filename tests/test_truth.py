@@ -101,10 +101,10 @@ def test_no_gate_passes_a_model_it_did_not_test(mlp_suite: pytest.Pytester) -> N
     # compute left in float is named in the report of a gate that accepts it knowingly
     accepted = json.loads((mlp_suite.path / "n0.json").read_text())["campaigns"]
     coverage = next(c for c in accepted if c["name"].endswith("accepted_knowingly"))["coverage"]
-    assert 0.5 < coverage["macs"] < 0.7 and coverage["weights"] < 1.0, coverage
+    assert 0.5 < coverage["macs"] < 0.7, coverage
     assert coverage["uncovered"][0]["module"] == "" and coverage["uncovered"][0]["ops"] == ["aten.convolution"]
-    assert coverage["uncovered"][0]["why"] == ["conv2d: its weight is computed in the forward pass, not a "
-                                               "parameter or buffer"]
+    assert coverage["uncovered"][0]["why"] == ["conv2d: its weight is computed from the images, so it is an "
+                                               "activation no weight memory holds"]
     assert n0["test_hostile.py::test_uncovered_compute_accepted_knowingly"]["verdict"] == "pass"
 
 
