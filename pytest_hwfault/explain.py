@@ -8,7 +8,6 @@ A search reports its counterexample with these; a user replays it with `pattern_
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -124,10 +123,7 @@ def describe_faults(qmodel: QuantizedModel, faults: Sequence[Fault], inputs: Bat
             elif site is Site.ACT:
                 scale = q.act_scale
             else:
-                axis = q.channel_axis
-                channel = (fault.index % shape[-1] if axis == -1
-                           else fault.index // max(1, math.prod(shape[1:])))
-                scale = float(q.acc_scale[channel])
+                scale = float(q.acc_scale[q.output_channel(fault.index)])
         slot = (fault.site, fault.layer, fault.index, shown)
         before = current.get(slot, int(codes[fault.index]))
         after = before + fault_delta(before, fault.bit, Kind(fault.kind), width)

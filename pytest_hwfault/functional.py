@@ -311,6 +311,22 @@ class Interleaved(nn.Module):
         return out.transpose(0, 1).reshape(images * self.fold, *out.shape[2:])
 
 
+def _folded_conv_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The convolution of [N, k, C, ...]: its N x k images flattened for the kernel, the result unflattened."""
+    conv: Any = type(self).__mro__[1]
+    out: torch.Tensor = conv.forward(self, x.flatten(0, 1))
+    return out.unflatten(0, (x.shape[0], -1))
+
+
+# a convolution that `Folded` gives [N, k, C, ...]: its quantization hooks see the images along dim 0, the output
+# channels along dim 2 (`channel_axis` 1 of an image's [k, O, ...]); it computes on the float-emulated path
+_FOLDED_CONVS: dict[type[nn.Module], type[nn.Module]] = {
+    kind: type(f"Folded{kind.__name__}", (kind,), {"forward": _folded_conv_forward, "channel_axis": 1,
+                                                   "__module__": __name__})
+    for kind in _CONVS.values()}
+globals().update({folded.__name__: folded for folded in _FOLDED_CONVS.values()})  # importable: copies pickle
+
+
 def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: dict[int, str],
                 stored: Container[int] = ()) -> tuple[nn.Module | None, int | None, str | None]:
     """The module that computes this call as a layer, the id of its weight parameter, or why there is none. A
@@ -327,9 +343,12 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
         return None, None, "it computes on stored tensors alone (the same for every image)"
     fold = out.shape[0] // n
     if fold > 1:
-        if op not in ("linear", "matmul", "rmatmul", "bmm", "mm", "baddbmm", "scaled_dot_product_attention"):
+        if op not in ("linear", "matmul", "rmatmul", "bmm", "mm", "baddbmm", "scaled_dot_product_attention") \
+                and op not in _CONVS:
             return None, None, "its result has no batch dimension"
         inner, weight, reason = _module_for(op, named, out, n * fold, parameters, stored)
+        if inner is not None and op in _CONVS:  # frames of a video, windows, patches: k images of its own each
+            inner.__class__ = _FOLDED_CONVS[type(inner)]
         return (Folded(inner, fold) if inner is not None else None), weight, reason
     if op == "linear" or op in _CONVS:
         x, weight, bias = named.get("input"), named.get("weight"), named.get("bias")

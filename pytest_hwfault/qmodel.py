@@ -279,9 +279,9 @@ class QuantizedModel:
                 if not hands_on_codes:
                     out.mul_(act_scale)
             if runtime.ranges is not None:  # a fault-free pass recording what the layer hands on (`output_ranges`)
-                channel = 1 if channel_axis == 0 else out.dim() - 1
+                channel = channel_axis + 1 if channel_axis >= 0 else out.dim() - 1
                 dims = [d for d in range(out.dim()) if d != channel]
-                shape = (-1, *([1] * (out.dim() - 2))) if channel_axis == 0 else (-1,)
+                shape = (-1, *([1] * (out.dim() - 1 - channel)))
                 low, high = out.amin(dim=dims).reshape(shape), out.amax(dim=dims).reshape(shape)
                 seen = runtime.ranges.get(name)
                 runtime.ranges[name] = (low, high) if seen is None else (torch.minimum(seen[0], low),
@@ -712,9 +712,20 @@ class QuantLayer:
         """acc_scale / act_scale per output channel, shaped to broadcast over the layer's output."""
         m = self.multiplier if self.multiplier is not None else (
             self.weight_scale.double() * self.input_scale / self.act_scale).float()
+        return m.reshape(self.channel_shape())
+
+    def channel_shape(self) -> tuple[int, ...]:
+        """The shape of a per-output-channel tensor that broadcasts over a batch of the layer's outputs."""
         if self.channel_axis == -1:
-            return m
-        return m.reshape(-1, *([1] * (len(self.output_shape) - 1)))
+            return (-1,)
+        return (-1, *([1] * (len(self.output_shape) - 1 - self.channel_axis)))
+
+    def output_channel(self, index: int) -> int:
+        """The output channel of element `index` of an image's output (row-major)."""
+        shape = self.output_shape
+        if self.channel_axis == -1:
+            return index % shape[-1]
+        return index // max(1, math.prod(shape[self.channel_axis + 1:])) % shape[self.channel_axis]
 
     @property
     def handed_on_scale(self) -> float:

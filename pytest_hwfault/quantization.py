@@ -319,7 +319,7 @@ def quantize(
             act_scale=act_scale,
             input_shape=shapes[name][0],
             output_shape=shapes[name][-1],
-            channel_axis=-1 if isinstance(module, (nn.Linear, MatMul)) else 0,
+            channel_axis=-1 if isinstance(module, (nn.Linear, MatMul)) else getattr(module, "channel_axis", 0),
             input_source=source,
             calls=calls_per_batch[name],
             acc_bits=acc_bits_for(bits),
@@ -429,8 +429,7 @@ def _bias_codes(layer: QuantLayer, bias: torch.Tensor) -> torch.Tensor:
 
 def _broadcast(layer: QuantLayer, per_channel: torch.Tensor) -> torch.Tensor:
     """A per-output-channel tensor shaped to broadcast over a batch of the layer's outputs."""
-    shape = (-1,) if layer.channel_axis == -1 else (-1, *([1] * (len(layer.output_shape) - 1)))
-    return per_channel.reshape(shape)
+    return per_channel.reshape(layer.channel_shape())
 
 
 def _tie_weights(layers: dict[str, QuantLayer]) -> None:

@@ -147,8 +147,9 @@ def _stuck(values: torch.Tensor, fault: PEFault, width: int) -> torch.Tensor:
 
 
 def on_array(module: nn.Module) -> bool:
-    """Whether the array computes this layer: conv1d/conv2d and linear layers with weights."""
-    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    """Whether the array computes this layer: conv1d/conv2d and linear layers with weights (not a convolution on
+    images folded into its batch dimension, whose input is [N, k, C, ...])."""
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and getattr(module, "channel_axis", 0) == 0
 
 
 def layer_error(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, faults: list[PEFault], rows: int,

@@ -166,6 +166,8 @@ BUILDERS = {
     "functional": lambda: (FunctionalOnly(), torch.randn(6, 3, 8, 8)),
     "decoder": lambda: (Upsampler(), torch.randn(6, 3, 5, 5)),
     "windows": lambda: (WindowAttention(), torch.randn(6, 3, 4, 4)),
+    "video": lambda: (FrameCNN(), torch.randn(6, 3, 3, 5, 5)),
+    "video_frame_major": lambda: (FrameCNN(frame_major=True), torch.randn(6, 3, 3, 5, 5)),
     "bert": _bert,
     "gpt2": _gpt2,
 }
@@ -181,6 +183,8 @@ PROBED = {
     "functional": ["conv2d()", "bmm()", "einsum()", "linear()", "matmul()"],
     "decoder": ["up", "grouped", "conv_transpose2d()"],
     "windows": ["linear()", "matmul()", "matmul_2()", "linear_2()"],
+    "video": ["stem.conv2d()", "block.conv2d()"],
+    "video_frame_major": ["stem.conv2d()", "block.conv2d()"],
     "bert": ["bert.encoder.layer.0.attention.self.query",
              "bert.encoder.layer.0.attention.self.scaled_dot_product_attention().scores",
              "bert.encoder.layer.1.attention.self.scaled_dot_product_attention().context"],
@@ -451,8 +455,12 @@ def _reference_acc(layer: Any, operands: list[torch.Tensor], weight: torch.Tenso
         acc = F.conv_transpose2d(operands[0], weight, None, module.stride, module.padding, module.output_padding,
                                  module.groups, module.dilation)
     else:
-        conv = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(module)]
-        acc = conv(operands[0], weight, None, module.stride, module.padding, module.dilation, module.groups)
+        conv = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(module).__mro__[
+            1 if layer.channel_axis == 1 else 0]]  # a convolution of frames folded into the batch: [N, T, C, ...]
+        x = operands[0]
+        acc = conv(x.flatten(0, 1) if layer.channel_axis == 1 else x, weight, None, module.stride, module.padding,
+                   module.dilation, module.groups)
+        acc = acc.unflatten(0, (len(x), -1)) if layer.channel_axis == 1 else acc
     if layer.bias_codes is not None:
         acc = acc + layer.bias_codes.double()
     return acc
@@ -461,8 +469,8 @@ def _reference_acc(layer: Any, operands: list[torch.Tensor], weight: torch.Tenso
 def _assert_requantized(layer: Any, out: torch.Tensor, acc: torch.Tensor) -> None:
     codes = torch.round(out.double() / layer.act_scale)
     scale = layer.weight_scale.double() * layer.input_scale
-    if layer.channel_axis == 0:
-        scale = scale.reshape(-1, *([1] * (len(layer.output_shape) - 1)))
+    if layer.channel_axis >= 0:  # an image's output [O, ...], or [T, O, ...] for frames folded into the batch
+        scale = scale.reshape(-1, *([1] * (len(layer.output_shape) - 1 - layer.channel_axis)))
     real = torch.clamp(acc * scale / layer.act_scale, -layer.qmax, layer.qmax)
     bad = ((codes - real).abs() > 0.5 + 1e-4 + 4e-7 * real.abs()).nonzero().tolist()[:3]
     assert not bad, [(i, float(codes[tuple(i)]), float(real[tuple(i)])) for i in bad]
@@ -1550,3 +1558,75 @@ def test_a_recurrent_cell_on_folded_rows_is_covered_from_its_first_step(step_maj
         split = torch.cat([qmodel(x[:1], pattern), qmodel(x[1:], pattern, image_offset=1)])
         assert torch.equal(whole, split), site
         assert not torch.equal(whole, qmodel(x)), site
+
+
+class FrameCNN(nn.Module):
+    """A video classifier that runs a 2-D CNN on every frame, the frames folded into the batch dimension image by
+    image ([N x T, C, H, W]) or frame by frame (`frame_major`: [T x N, ...]). With `conv3d`, the same network as
+    (1, 3, 3) 3-D convolutions on [N, C, T, H, W]: no folding."""
+
+    def __init__(self, frame_major: bool = False, conv3d: bool = False) -> None:
+        super().__init__()
+        self.frame_major, self.conv3d = frame_major, conv3d
+        if conv3d:
+            self.stem = nn.Conv3d(3, 6, (1, 3, 3), padding=(0, 1, 1))
+            self.block = nn.Conv3d(6, 6, (1, 3, 3), padding=(0, 1, 1), groups=2)
+        else:
+            self.stem, self.block = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1, groups=2)
+        self.head = nn.Linear(6, 4)
+
+    def load_2d(self, other: FrameCNN) -> FrameCNN:
+        with torch.no_grad():
+            for mine, theirs in ((self.stem, other.stem), (self.block, other.block)):
+                mine.weight.copy_(theirs.weight.unsqueeze(2))
+                mine.bias.copy_(theirs.bias)
+            self.head.load_state_dict(other.head.state_dict())
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, T, C, H, W]
+        n, t = x.shape[:2]
+        if self.conv3d:
+            return self.head(self.block(torch.relu(self.stem(x.transpose(1, 2)))).mean((2, 3, 4)))
+        frames = (x.transpose(0, 1) if self.frame_major else x).flatten(0, 1)
+        h = self.block(torch.relu(self.stem(frames))).mean((2, 3))
+        h = h.reshape(t, n, -1).transpose(0, 1) if self.frame_major else h.reshape(n, t, -1)
+        return self.head(h.mean(1))
+
+
+def _frame_to_channel_major(index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Per-image index in [T, C, H, W] (the folded layer's view) -> the same element's index in [C, T, H, W]."""
+    frames, channels, plane = shape[0], shape[1], math.prod(shape[2:])
+    t, rest = index // (channels * plane), index % (channels * plane)
+    return (rest // plane) * (frames * plane) + t * plane + rest % plane
+
+
+@pytest.mark.parametrize("frame_major", [False, True])
+def test_convolutions_on_frames_folded_into_the_batch_are_layers_placed_per_image(frame_major: bool) -> None:
+    """A video model's 2-D convolutions on [N x T, C, H, W] ran in float ("its result has no batch dimension": the
+    whole network of such a model; EfficientViT-M's window attention 2%). They are layers on the [N, T, C, H, W]
+    view, as folded linears are: covered whole, and at every site a trial equals the one of the same network
+    written with (1, 3, 3) 3-D convolutions, each fault moved to the same element of the 3-D layer."""
+    from pytest_hwfault.faults import FaultModel, LayerFaults, sample_pattern, trial_generator
+
+    with seeded(34):
+        model, x = FrameCNN(frame_major).eval(), torch.randn(4, 3, 3, 5, 5)
+    twin = FrameCNN(conv3d=True).load_2d(model).eval()
+    qmodel, qtwin = quantize(model, x), quantize(twin, x)
+    names = {"stem.conv2d()": "stem", "block.conv2d()": "block", "head": "head"}
+    assert sorted(qmodel.layers) == sorted(names) and measure_coverage(qmodel, x).macs == 1.0
+    assert qmodel.layers["stem.conv2d()"].input_shape == (3, 3, 5, 5)  # each image's 3 frames
+    assert torch.equal(qmodel(x), qtwin(x))
+    for site in ("act", "input", "acc", "weight"):
+        fault_model = FaultModel(site, 1e-2)
+        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(13, site, 0))
+        moved = {}
+        for (key_site, layer), group in pattern.groups.items():
+            index = group.index
+            if layer != "head" and site != "weight":
+                q = qmodel.layers[layer]
+                shape = q.input_shape if site == "input" else q.output_shape
+                index = _frame_to_channel_major(index, shape)
+            moved[(key_site, names[layer])] = LayerFaults(group.image, index, group.bit, group.kind)
+        faulty = qmodel(x, pattern)
+        assert not torch.equal(faulty, qmodel(x)), site
+        assert torch.equal(faulty, qtwin(x, FaultPattern(moved))), site
