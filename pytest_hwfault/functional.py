@@ -334,7 +334,8 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
     `stored`: the ids of tensors computed from stored ones alone, which hold no image along any dimension."""
     if (op == "linear" or op in _CONVS) and id(named.get("weight")) not in parameters and id(named.get("weight")) \
             not in stored:  # a kernel per image (dynamic filters, a Siamese tracker's cross-correlation)
-        return None, None, "its weight is computed from the images, so it is an activation no weight memory holds"
+        return None, None, ("its weight is computed or selected from the images (a kernel per image, an expert "
+                            "chosen by routing), not a stored tensor")
     if not isinstance(out, torch.Tensor) or out.dim() < 2 or not n or out.shape[0] % n:
         if _second_is_batch(op, named, out, n, stored):  # sequence first: [T, N, ...]
             return _batch_second(op, named, out, n, parameters, stored)
@@ -546,7 +547,7 @@ class _Discover(TorchFunctionMode):
         self.running: list[str] = []  # the candidates running now, innermost last
         self.own_calls: dict[str, int] = {}  # own linear/conv calls in the candidate's current run
         self.foreign: dict[str, set[str]] = {}  # candidate -> what else read its weight or bias
-        self.folded_outputs: dict[int, torch.Tensor] | None = None  # call index -> its result, where `Folded`
+        self.folded_outputs: dict[int, torch.Tensor] | None = None  # call index -> its result (`_check_folds`)
         self.weight_holders: dict[tuple[Any, ...], nn.Module] = {}  # (parameter id, kind) -> its first layer
         # per call: the shape of each tensor it read (None for stored ones), then its result's
         self.shapes: list[list[tuple[int, ...] | None]] = []
@@ -625,8 +626,8 @@ class _Discover(TorchFunctionMode):
                     and held.shape == mine.shape and torch.equal(held, mine)):
                 layer.weight = held
         elements = _computed_weight(op, named, self.batch, self.stored, self.parameters)
-        if isinstance(module, Folded) and self.folded_outputs is not None:
-            self.folded_outputs[len(self.plan.calls)] = out.detach().clone()
+        if self.folded_outputs is not None and isinstance(out, torch.Tensor):  # every call's: a folded one's rows
+            self.folded_outputs[len(self.plan.calls)] = out.detach().clone()  # may not fold in another forward
         self.plan.calls.append(Call(op, where, module, None, weight, reason, 0 if module is not None else elements,
                                     float_elements=elements))
         self.shapes.append([None if not isinstance(t, torch.Tensor) or id(t) in self.stored else tuple(t.shape)
@@ -795,6 +796,7 @@ def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], pla
     x = x[:4]  # a few images show the order as well as many, at a fraction of the forward passes' cost
     images = len(x)
     reason = None
+    varying: set[int] = set()  # calls whose number of rows is not k per image
     if images < 2:
         reason = ("it folds images into its batch dimension, and the first calibration batch has one image: give two "
                   "or more, to check that each image's rows lie together")
@@ -814,6 +816,9 @@ def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], pla
                     bad.add(index)
                     not_interleaved.add(index)
                     continue
+                if changed[index].shape != base[index].shape or len(base[index]) != images * k:
+                    varying.add(index)  # as many rows as the content routes there (a mixture of experts)
+                    continue
                 same = (changed[index] == base[index]) | (changed[index].isnan() & base[index].isnan())
                 rows = (~same).reshape(images * k, -1).any(dim=1).nonzero().flatten()
                 if len(rows):
@@ -825,7 +830,9 @@ def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], pla
         reason = ("it folds images into its batch dimension (k rows per image) in another order than image by "
                   "image, so faults could not be placed per image")
     if images >= 2:
-        _order_of_unmoved(plan, [index for index in folded if index not in moved], bad, not_interleaved)
+        bad |= varying
+        not_interleaved |= varying
+        _order_of_unmoved(plan, [index for index in folded if index not in moved | varying], bad, not_interleaved)
     for index in [] if images < 2 else sorted(bad - not_interleaved):  # step by step: a layer all the same
         call = plan.calls[index]
         assert isinstance(call.module, Folded)
@@ -834,9 +841,14 @@ def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], pla
         call = plan.calls[index]
         assert isinstance(call.module, Folded)
         call.weight_elements = call.float_elements
-        call.module, call.weight, call.reason, call.name = None, None, reason, None
+        call.module, call.weight, call.name = None, None, None
+        call.reason = (_VARYING_ROWS if index in varying else reason)
         call.computed_bias = call.computed_weight = call.calibrate_with = None
     _name_calls(plan)
+
+
+_VARYING_ROWS = ("its rows are not a fixed number per image: their number changed with the images' content (tokens "
+                 "routed by content, as in a mixture of experts), so faults could not be placed per image")
 
 
 def _order_of_unmoved(plan: FunctionalPlan, unmoved: list[int], bad: set[int], not_interleaved: set[int]) -> None:
@@ -887,9 +899,10 @@ def _replaced(x: Any, image: int, other: int) -> Any:
 class Dispatch(TorchFunctionMode):
     """Routes the k-th functional MAC call of a forward pass to the module of `plan.calls[k]`."""
 
-    def __init__(self, plan: FunctionalPlan, layer_weights: set[int]) -> None:
+    def __init__(self, plan: FunctionalPlan, layer_weights: set[int], images: int | None = None) -> None:
         super().__init__()
         self.plan, self.layer_weights, self.count = plan, layer_weights, 0
+        self.images = images  # in this forward pass, where known: a folded call must hold k rows for each
         self.depth = 0  # entered again inside a composite call (`_COMPOSITES`): the count is checked on leaving last
 
     def __enter__(self) -> Dispatch:
@@ -917,6 +930,8 @@ class Dispatch(TorchFunctionMode):
                                "the same functional calls in every forward pass")
         if calls[k].module is None:
             return func(*args, **kwargs)
+        if self.images is not None and isinstance(calls[k].module, (Folded, Interleaved)):
+            _check_rows(calls[k], named, self.images)
         return _invoke(calls[k], named)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -929,14 +944,27 @@ class Dispatch(TorchFunctionMode):
                                  "pass")
 
 
+def _check_rows(call: Call, named: dict[str, Any], images: int) -> None:
+    """A folded call's first operand holds k rows per image of the forward pass, or faults would be placed in the
+    wrong images (a number of rows that the content decides, which `discover` saw as k per image by chance)."""
+    module = call.module
+    assert isinstance(module, (Folded, Interleaved))
+    first = named.get({"baddbmm": "batch1", "scaled_dot_product_attention": "query"}.get(
+        call.op, "a" if call.op in ("matmul", "rmatmul", "bmm", "mm") else "input"))
+    if isinstance(first, torch.Tensor) and len(first) != images * module.fold:
+        raise CallOrderError(f"functional call {call.name!r} read {len(first)} rows for {images} image(s), where it "
+                             f"read {module.fold} per image when the model was quantized: {_VARYING_ROWS}")
+
+
 @contextmanager
-def quantized_forward(plan: FunctionalPlan | None, layer_weights: set[int] | None = None) -> Iterator[None]:
+def quantized_forward(plan: FunctionalPlan | None, layer_weights: set[int] | None = None,
+                      images: int | None = None) -> Iterator[None]:
     """The context of one forward pass of the view: the fused attention fast path off, and functional calls
     dispatched to their layers when the model makes any (a TorchFunctionMode costs every torch call a Python
-    call, so models without functional layers run without one)."""
+    call, so models without functional layers run without one). `images`: the forward pass's, where known."""
     with FusedAttentionOff():
         if plan:
-            with Dispatch(plan, layer_weights or set()):
+            with Dispatch(plan, layer_weights or set(), images):
                 yield
         else:
             yield

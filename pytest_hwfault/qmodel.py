@@ -454,19 +454,24 @@ class QuantizedModel:
         edits active, as `run_batch` does for the whole model; `ran` receives how often each layer ran."""
         self._runtime.batch, self._runtime.calls = edits, {}
         try:
-            with torch.inference_mode(), exact_float32(self.device), self.dispatch():
+            # the whole model reads the images on dim 0 of its inputs (a graph suffix, its own tensors)
+            first = (args[0].tensors[0] if isinstance(args[0], Inputs) else args[0]) if args and module is \
+                self.module else None
+            images = len(first) if isinstance(first, torch.Tensor) and first.dim() else None
+            with torch.inference_mode(), exact_float32(self.device), self.dispatch(images):
                 return module(*args, **(kwargs or {}))
         finally:
             if ran is not None:
                 ran.update(self._runtime.calls)
             self._runtime.batch, self._runtime.calls = {}, {}
 
-    def dispatch(self) -> Any:
+    def dispatch(self, images: int | None = None) -> Any:
         """The context in which the model's functional multiply-accumulates run as this view's layers
-        (`functional.Dispatch`), and torch's fused attention fast path is off (its kernels bypass the layers)."""
+        (`functional.Dispatch`), and torch's fused attention fast path is off (its kernels bypass the layers).
+        `images`: the forward pass's number of images, where known (folded calls are checked against it)."""
         from .functional import quantized_forward
 
-        return quantized_forward(self.functional, self._layer_weights)
+        return quantized_forward(self.functional, self._layer_weights, images)
 
     def float_forward(self, x: Batch) -> torch.Tensor:
         """The float model (a private eval-mode copy), for the float baseline accuracy; image batches go in in the

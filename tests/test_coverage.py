@@ -132,8 +132,8 @@ def test_a_kernel_computed_from_the_images_is_named_with_why() -> None:
     assert coverage.macs == pytest.approx(head / (conv + head), rel=1e-6)
     assert coverage.uncovered == [{"module": "", "ops": ["aten.convolution"],
                                    "share": pytest.approx(conv / (conv + head), rel=1e-6),
-                                   "why": ["conv2d: its weight is computed from the images, so it is an activation "
-                                           "no weight memory holds"]}]
+                                   "why": ["conv2d: its weight is computed or selected from the images (a kernel "
+                                           "per image, an expert chosen by routing), not a stored tensor"]}]
     assert "<model> (aten.convolution: " in coverage.describe()
     assert not coverage.reaches(1.0, "act")
     # the kernels are activations, not weights; the parameter they are made from is multiplied elementwise

@@ -1630,3 +1630,50 @@ def test_convolutions_on_frames_folded_into_the_batch_are_layers_placed_per_imag
         faulty = qmodel(x, pattern)
         assert not torch.equal(faulty, qmodel(x)), site
         assert torch.equal(faulty, qtwin(x, FaultPattern(moved))), site
+
+
+class _ContentRouted(nn.Module):
+    """The tokens whose first feature is positive go through `expert`, gathered in order (image by image), the
+    others pass as zeros: the number of rows the expert reads is what the content routes there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expert, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, T, 4]
+        flat = x.reshape(-1, 4)
+        chosen = (flat[:, 0] > 0).nonzero().squeeze(1)
+        out = torch.zeros_like(flat).index_copy(0, chosen, self.expert(flat[chosen]))
+        return self.head(out.reshape(x.shape).mean(1))
+
+
+def _routed_tokens(first_features: list[list[float]]) -> torch.Tensor:
+    with seeded(35):
+        x = torch.randn(len(first_features), len(first_features[0]), 4)
+    x[..., 0] = torch.tensor(first_features)
+    return x
+
+
+def test_a_folded_call_reading_as_many_rows_as_the_content_routes_is_refused_when_they_change() -> None:
+    """On calibration images that each route two tokens, the expert's call reads 2 rows per image, in image order:
+    a folded layer. Images routing another number of tokens would have their faults placed in other images' rows:
+    the forward pass is refused, naming why. A call whose number of rows changed when the fold check changed an
+    image crashed the quantization (JetMoE); it stays in float, named."""
+    two_each = _routed_tokens([[1, 1, -1, -1, -1]] * 4)
+    model = _ContentRouted().eval()
+    qmodel = quantize(model, two_each)
+    assert "expert.linear()" in qmodel.layers and measure_coverage(qmodel, two_each).macs == 1.0
+    qmodel(two_each)
+    uneven = _routed_tokens([[1, 1, 1, -1, -1]] + [[1, 1, -1, -1, -1]] * 3)
+    with pytest.raises(CallOrderError, match=r"'expert.linear\(\)' read 9 rows for 4 image\(s\), where it read 2 per "
+                                             r"image .* routed by content"):
+        qmodel(uneven)
+
+    # 3 + 3 + 2 + 4 rows: 3 per image, by chance, also on the first two images alone
+    varying = _routed_tokens([[1, 1, 1, -1, -1], [-1, 1, 1, 1, -1], [1, -1, -1, -1, 1], [1, 1, 1, -1, 1]])
+    qvarying = quantize(model, varying)
+    assert "expert.linear()" not in qvarying.layers
+    uncovered = {entry["module"]: entry.get("why") for entry in measure_coverage(qvarying, varying).uncovered}
+    assert uncovered == {"expert": ["linear: its rows are not a fixed number per image: their number changed with the "
+                                    "images' content (tokens routed by content, as in a mixture of experts), so "
+                                    "faults could not be placed per image"]}

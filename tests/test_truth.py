@@ -103,8 +103,8 @@ def test_no_gate_passes_a_model_it_did_not_test(mlp_suite: pytest.Pytester) -> N
     coverage = next(c for c in accepted if c["name"].endswith("accepted_knowingly"))["coverage"]
     assert 0.5 < coverage["macs"] < 0.7, coverage
     assert coverage["uncovered"][0]["module"] == "" and coverage["uncovered"][0]["ops"] == ["aten.convolution"]
-    assert coverage["uncovered"][0]["why"] == ["conv2d: its weight is computed from the images, so it is an "
-                                               "activation no weight memory holds"]
+    assert coverage["uncovered"][0]["why"] == ["conv2d: its weight is computed or selected from the images (a "
+                                               "kernel per image, an expert chosen by routing), not a stored tensor"]
     assert n0["test_hostile.py::test_uncovered_compute_accepted_knowingly"]["verdict"] == "pass"
 
 
