@@ -547,7 +547,7 @@ class _Discover(TorchFunctionMode):
         self.running: list[str] = []  # the candidates running now, innermost last
         self.own_calls: dict[str, int] = {}  # own linear/conv calls in the candidate's current run
         self.foreign: dict[str, set[str]] = {}  # candidate -> what else read its weight or bias
-        self.folded_outputs: dict[int, torch.Tensor] | None = None  # call index -> its result (`_check_folds`)
+        self.call_outputs: dict[int, torch.Tensor] | None = None  # call index -> its result (`_Outputs`)
         self.weight_holders: dict[tuple[Any, ...], nn.Module] = {}  # (parameter id, kind) -> its first layer
         # per call: the shape of each tensor it read (None for stored ones), then its result's
         self.shapes: list[list[tuple[int, ...] | None]] = []
@@ -626,8 +626,8 @@ class _Discover(TorchFunctionMode):
                     and held.shape == mine.shape and torch.equal(held, mine)):
                 layer.weight = held
         elements = _computed_weight(op, named, self.batch, self.stored, self.parameters)
-        if self.folded_outputs is not None and isinstance(out, torch.Tensor):  # every call's: a folded one's rows
-            self.folded_outputs[len(self.plan.calls)] = out.detach().clone()  # may not fold in another forward
+        if self.call_outputs is not None and isinstance(out, torch.Tensor):
+            self.call_outputs[len(self.plan.calls)] = out.detach().clone()
         self.plan.calls.append(Call(op, where, module, None, weight, reason, 0 if module is not None else elements,
                                     float_elements=elements))
         self.shapes.append([None if not isinstance(t, torch.Tensor) or id(t) in self.stored else tuple(t.shape)
@@ -721,7 +721,8 @@ def discover(model: nn.Module, x: Any, candidates: dict[str, nn.Module]
         if not foreign:
             foreign = _check_batch_dimension(model, x, candidates, plan, watcher.shapes)
         if not foreign:
-            _check_folds(model, x, candidates, plan)
+            foreign = _check_placement(model, x, candidates, plan)
+        if not foreign:
             return plan, watcher.ran, excluded
         excluded.update(foreign)
         candidates = {name: module for name, module in candidates.items() if name not in foreign}
@@ -785,73 +786,104 @@ def _check_batch_dimension(model: nn.Module, x: Any, candidates: dict[str, nn.Mo
     return {}
 
 
-def _check_folds(model: nn.Module, x: Any, candidates: dict[str, nn.Module], plan: FunctionalPlan) -> None:
-    """Leave in float (with the reason) every `Folded` call whose rows are not the images' image by image: changing
-    image i of the first few calibration images must change rows i x k ... (i + 1) x k - 1 only, for each i. Faults
-    placed per image would otherwise land in other images, and results would depend on the batch split. A call whose
-    rows hold the images step by step (changing image i changes rows t x N + i only) is `Interleaved` instead."""
-    folded = [index for index, call in enumerate(plan.calls) if isinstance(call.module, Folded)]
-    if not folded:
-        return
+def _check_placement(model: nn.Module, x: Any, candidates: dict[str, nn.Module], plan: FunctionalPlan
+                     ) -> dict[str, list[str]]:
+    """Faults are placed per image, so each layer must read image i where it places image i's faults. Changing
+    each of the first few calibration images in turn must change only that image's rows: row i of a module layer's
+    or a call's result, rows i x k ... (i + 1) x k - 1 of a `Folded` call's, column i of a `BatchSecond` call's.
+    Otherwise faults would land in other images (a batch permuted before a layer) and results would depend on the
+    batch split. A module layer that fails is returned (to be left out: its calls become functional calls); a call
+    that fails stays in float, named with why. A folded call whose rows hold the images step by step (changing
+    image i changes rows t x N + i only) is `Interleaved` instead; one whose number of rows changes stays in float."""
     x = x[:4]  # a few images show the order as well as many, at a fraction of the forward passes' cost
     images = len(x)
-    reason = None
-    varying: set[int] = set()  # calls whose number of rows is not k per image
-    if images < 2:
-        reason = ("it folds images into its batch dimension, and the first calibration batch has one image: give two "
-                  "or more, to check that each image's rows lie together")
-    else:
-        base = _folded_outputs(model, x, candidates)
-        bad = set(folded) - set(base)
-        not_interleaved = set(bad)
-        moved: set[int] = set()  # calls whose result some image's change changed
-        for image in range(images):  # each of the few images in turn
-            other = next((j for j in range(images) if not _same_image(x, image, j)), None)
-            changed = None if other is None else _folded_outputs(model, _replaced(x, image, other), candidates)
-            for index in folded:
-                call = plan.calls[index]
-                assert isinstance(call.module, Folded)
-                k = call.module.fold
-                if changed is None or index not in changed or index not in base:
-                    bad.add(index)
-                    not_interleaved.add(index)
-                    continue
-                if changed[index].shape != base[index].shape or len(base[index]) != images * k:
-                    varying.add(index)  # as many rows as the content routes there (a mixture of experts)
-                    continue
-                same = (changed[index] == base[index]) | (changed[index].isnan() & base[index].isnan())
-                rows = (~same).reshape(images * k, -1).any(dim=1).nonzero().flatten()
-                if len(rows):
-                    moved.add(index)
-                if not len(rows) or int(rows.min()) < image * k or int(rows.max()) >= (image + 1) * k:
-                    bad.add(index)
-                if not len(rows) or bool((rows % images != image).any()):  # nor step by step
-                    not_interleaved.add(index)
-        reason = ("it folds images into its batch dimension (k rows per image) in another order than image by "
-                  "image, so faults could not be placed per image")
-    if images >= 2:
-        bad |= varying
-        not_interleaved |= varying
-        _order_of_unmoved(plan, [index for index in folded if index not in moved | varying], bad, not_interleaved)
-    for index in [] if images < 2 else sorted(bad - not_interleaved):  # step by step: a layer all the same
+    placed = [index for index, call in enumerate(plan.calls) if call.module is not None]
+    folded = [index for index in placed if isinstance(plan.calls[index].module, Folded)]
+    if images < 2:  # one image shows no order: a folded call's rows could hold anything
+        for index in folded:
+            _to_float(plan.calls[index], "it folds images into its batch dimension, and the first calibration batch "
+                                         "has one image: give two or more, to check that each image's rows lie "
+                                         "together")
+        _name_calls(plan)
+        return {}
+    base, again = _Outputs(model, x, candidates), _Outputs(model, x, candidates)
+    if not base.same_as(again):  # the forward is not repeatable: the campaign refuses it (check_repeatable)
+        for index in folded:
+            _to_float(plan.calls[index], _OUT_OF_ORDER)
+        _name_calls(plan)
+        return {}
+    wrong: set[Any] = set()  # calls (index) and module calls ((name, call)) whose rows hold another image's data
+    not_interleaved: set[Any] = set()  # folded calls whose rows do not hold the images step by step either
+    varying: set[Any] = set()
+    moved: set[Any] = set()
+    for image in range(images):  # each of the few images in turn
+        other = next((j for j in range(images) if not _same_image(x, image, j)), None)
+        if other is None:  # all the same image: nothing can be told
+            wrong |= set(placed) | set(base.modules)
+            continue
+        changed = _Outputs(model, _replaced(x, image, other), candidates)
+        if base.others_moved(changed, image):  # the images read each other: no layer can show its order; the
+            for index in folded:  # campaign refuses such a model, naming why (`evaluate.check_repeatable`)
+                _to_float(plan.calls[index], _OUT_OF_ORDER)
+            _name_calls(plan)
+            return {}
+        entries: list[tuple[Any, torch.Tensor | None]] = [*((i, base.calls.get(i)) for i in placed),
+                                                          *base.modules.items()]
+        for key, before in entries:
+            after = changed.calls.get(key) if isinstance(key, int) else changed.modules.get(key)
+            if before is None:  # no result recorded (another call sequence): nothing can be told
+                wrong.add(key)
+                not_interleaved.add(key)
+                continue
+            if after is None or after.shape != before.shape:
+                (varying if key in folded else wrong).add(key)
+                continue
+            module = plan.calls[key].module if isinstance(key, int) else None
+            second, fold = isinstance(module, BatchSecond), module.fold if isinstance(module, Folded) else 1
+            differ = ~((after == before) | (after.isnan() & before.isnan()))
+            if second:
+                differ = differ.transpose(0, 1)
+            if len(differ) != images * fold:
+                wrong.add(key)
+                continue
+            rows = differ.reshape(images * fold, -1).any(dim=1).nonzero().flatten()
+            if len(rows):
+                moved.add(key)
+            if len(rows) and (int(rows.min()) < image * fold or int(rows.max()) >= (image + 1) * fold) \
+                    or key in folded and not len(rows):  # a fold with no rows moved shows no order
+                wrong.add(key)
+            if key in folded and (not len(rows) or bool((rows % images != image).any())):  # nor step by step
+                not_interleaved.add(key)
+    wrong |= varying
+    not_interleaved |= varying
+    _order_of_unmoved(plan, [index for index in folded if index not in moved | varying], wrong, not_interleaved)
+    for index in sorted(set(folded) & wrong - not_interleaved):  # step by step: a layer all the same
         call = plan.calls[index]
         assert isinstance(call.module, Folded)
         call.module = Interleaved(call.module.layer, call.module.fold)
-    for index in folded if images < 2 else sorted(bad & not_interleaved):
-        call = plan.calls[index]
-        assert isinstance(call.module, Folded)
-        call.weight_elements = call.float_elements
-        call.module, call.weight, call.name = None, None, None
-        call.reason = (_VARYING_ROWS if index in varying else reason)
-        call.computed_bias = call.computed_weight = call.calibrate_with = None
+    for index in sorted(set(placed) & wrong & (not_interleaved | (set(placed) - set(folded)))):
+        _to_float(plan.calls[index], _VARYING_ROWS if index in varying else _OUT_OF_ORDER if index in folded
+                  else _OUT_OF_PLACE)
     _name_calls(plan)
+    return {name: [_OUT_OF_PLACE] for name, _ in sorted(key for key in wrong if not isinstance(key, int))}
 
 
+def _to_float(call: Call, reason: str) -> None:
+    """Leave `call` in float, with why."""
+    call.weight_elements = call.float_elements
+    call.module, call.weight, call.name, call.reason = None, None, None, reason
+    call.computed_bias = call.computed_weight = call.calibrate_with = None
+
+
+_OUT_OF_ORDER = ("it folds images into its batch dimension (k rows per image) in another order than image by image, "
+                 "so faults could not be placed per image")
+_OUT_OF_PLACE = ("its images are not in their own rows: changing one image changed another image's rows (a batch "
+                 "reordered before it?), so faults could not be placed per image")
 _VARYING_ROWS = ("its rows are not a fixed number per image: their number changed with the images' content (tokens "
                  "routed by content, as in a mixture of experts), so faults could not be placed per image")
 
 
-def _order_of_unmoved(plan: FunctionalPlan, unmoved: list[int], bad: set[int], not_interleaved: set[int]) -> None:
+def _order_of_unmoved(plan: FunctionalPlan, unmoved: list[int], bad: set[Any], not_interleaved: set[int]) -> None:
     """A folded call whose result no image changes (a recurrent cell's first step on a zero state) shows no order.
     It takes the order found for the calls of the same op, weight and fold in the same forward (the cell's later
     steps, which read the state it starts), where they all agree; otherwise it stays out of order (in float)."""
@@ -874,12 +906,52 @@ def _order_of_unmoved(plan: FunctionalPlan, unmoved: list[int], bad: set[int], n
         call.calibrate_with = min(siblings, key=lambda j: abs(j - index))
 
 
-def _folded_outputs(model: nn.Module, x: Any, candidates: dict[str, nn.Module]) -> dict[int, torch.Tensor]:
-    watcher = _Discover(model, len(x), candidates)
-    watcher.folded_outputs = {}
-    with torch.no_grad(), watcher.watching():
-        call_model(model, x)
-    return watcher.folded_outputs
+class _Outputs:
+    """Each layer call's result in one forward pass on `x`: functional calls by index (`calls`), and module layers
+    by (name, call) (`modules`)."""
+
+    def __init__(self, model: nn.Module, x: Any, candidates: dict[str, nn.Module]) -> None:
+        watcher = _Discover(model, len(x), candidates)
+        self.calls: dict[int, torch.Tensor] = {}
+        watcher.call_outputs = self.calls
+        self.modules: dict[tuple[str, int], torch.Tensor] = {}
+
+        def recorder(name: str) -> Any:
+            def record(module: nn.Module, args: Any, out: Any) -> None:
+                if isinstance(out, torch.Tensor):
+                    call = sum(1 for key in self.modules if key[0] == name)
+                    self.modules[(name, call)] = out.detach().clone()
+            return record
+
+        handles = [module.register_forward_hook(recorder(name)) for name, module in candidates.items()]
+        try:
+            with torch.no_grad(), watcher.watching():
+                out = call_model(model, x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        # the model's results that hold a row per image
+        self.results = [t.detach().clone() for t in pytree.tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and t.dim() and len(t) == len(x)]
+
+    def others_moved(self, changed: _Outputs, image: int) -> bool:
+        """Whether changing `image` moved another image's results: the images read each other (a batch mean,
+        attention across the batch), which the campaign refuses (`check_repeatable`)."""
+        for before, after in zip(self.results, changed.results):
+            if before.shape != after.shape:
+                return True
+            differ = ~((after == before) | (after.isnan() & before.isnan()))
+            rows = differ.reshape(len(differ), -1).any(dim=1).nonzero().flatten()
+            if bool((rows != image).any()):
+                return True
+        return len(self.results) != len(changed.results)
+
+    def same_as(self, other: _Outputs) -> bool:
+        def equal(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+            return b is not None and a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+        return (self.calls.keys() == other.calls.keys() and self.modules.keys() == other.modules.keys()
+                and all(equal(value, other.calls.get(key)) for key, value in self.calls.items())
+                and all(equal(value, other.modules.get(key)) for key, value in self.modules.items()))
 
 
 def _same_image(x: Any, a: int, b: int) -> bool:

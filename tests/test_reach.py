@@ -1677,3 +1677,43 @@ def test_a_folded_call_reading_as_many_rows_as_the_content_routes_is_refused_whe
     assert uncovered == {"expert": ["linear: its rows are not a fixed number per image: their number changed with the "
                                     "images' content (tokens routed by content, as in a mixture of experts), so "
                                     "faults could not be placed per image"]}
+
+
+class _Reordered(nn.Module):
+    """`fc` reads the batch reordered, its result put back in order: the images reversed along dim 0 (`"rows"`), or
+    sequence first ([T, N, D]) with the images reversed along dim 1 (`"columns"`)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, T, 8]
+        back = torch.arange(len(x) - 1, -1, -1)
+        if self.how == "rows":
+            h = self.fc(x[back])[back]
+        else:
+            h = self.fc(x.transpose(0, 1)[:, back])[:, back].transpose(0, 1)
+        return self.head(torch.relu(h).mean(1))
+
+
+@pytest.mark.parametrize("how", ["rows", "columns"])
+def test_a_layer_reading_the_batch_reordered_stays_in_float_named(how: str) -> None:
+    """A layer whose rows (sequence first: columns) hold the images in another order got image i's faults in
+    another image's data, so a trial's results depended on the batch split; nothing refused it (its images do not
+    read each other). Changing each calibration image in turn must change that image's rows only: `fc` stays in
+    float, named with why, and the layers left are placed per image."""
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+    with seeded(36):
+        model, x = _Reordered(how).eval(), torch.randn(4, 5, 8)
+    qmodel = quantize(model, x)
+    assert list(qmodel.layers) == ["head"]
+    why = ("linear: its images are not in their own rows: changing one image changed another image's rows (a batch "
+           "reordered before it?), so faults could not be placed per image")
+    assert [(entry["module"], entry.get("why")) for entry in measure_coverage(qmodel, x).uncovered] == [("fc", [why])]
+    for site in ("act", "input", "acc"):
+        fault_model = FaultModel(site, 2e-2)
+        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(5, site, 0))
+        split = torch.cat([qmodel(x[:2], pattern), qmodel(x[2:], pattern, image_offset=2)])
+        assert torch.equal(qmodel(x, pattern), split), site
