@@ -60,11 +60,23 @@ def _distance_flops(x1: torch.Tensor, x2: torch.Tensor, *args: Any, **kwargs: An
     return 2 * batch * x1.shape[-2] * x2.shape[-2] * x1.shape[-1]
 
 
+def _grouped_mm_flops(a: torch.Tensor, b: torch.Tensor, *args: Any, out_val: torch.Tensor, **kwargs: Any) -> int:
+    """torch._grouped_mm (a mixture of experts' experts: one matmul per group of routed rows): every output element
+    sums the contracted dimension, but where two 2-d operands are cut into groups along it ([G, M, N] out)."""
+    if a.dim() == 2 and b.dim() == 2:
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    return 2 * out_val.numel() * a.shape[-1]
+
+
 # MAC ops torch's flop counter has no formula for
-_EXTRA_FLOPS: dict[Any, Any] = {torch.ops.aten._trilinear: _trilinear_flops,
+_EXTRA_FLOPS: dict[Any, Any] = {torch.ops.aten._grouped_mm: _grouped_mm_flops,
+                                torch.ops.aten._trilinear: _trilinear_flops,
                                 torch.ops.aten._cdist_forward: _distance_flops,
                                 torch.ops.aten._euclidean_dist: _distance_flops}
 MEASURED_IMAGES = 2  # images in the measuring forward: MAC shares do not depend on the batch size
+# why the MACs of an op no layer computes stay in float, where the op tells
+_OP_REASONS = {"aten._grouped_mm": "aten._grouped_mm: a mixture of experts' experts (rows routed by content, so faults "
+                                   "could not be placed per image) run in float"}
 
 
 @dataclass(frozen=True)
@@ -287,8 +299,9 @@ def measure_coverage(qmodel: QuantizedModel, inputs: Any) -> Coverage:
             continue
         user_name = name[len("model."):] if name.startswith("model.") else ("" if name == "model" else name)
         entry: dict[str, Any] = {"module": user_name, "ops": sorted(ops), "share": sum(ops.values()) / total}
-        if user_name in reasons:
-            entry["why"] = sorted(set(reasons[user_name]))
+        why = reasons.get(user_name, []) + [_OP_REASONS[op] for op in ops if op in _OP_REASONS]
+        if why:
+            entry["why"] = sorted(set(why))
         uncovered.append(entry)
     weights, unfaulted = _weight_shares(qmodel, counter.read, counter.readers)
     return Coverage(macs=covered / total if total else 1.0, weights=weights,

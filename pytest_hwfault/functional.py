@@ -806,12 +806,8 @@ def _check_placement(model: nn.Module, x: Any, candidates: dict[str, nn.Module],
                                          "together")
         _name_calls(plan)
         return {}
-    base, again = _Outputs(model, x, candidates), _Outputs(model, x, candidates)
-    if not base.same_as(again):  # the forward is not repeatable: the campaign refuses it (check_repeatable)
-        for index in folded:
-            _to_float(plan.calls[index], _OUT_OF_ORDER)
-        _name_calls(plan)
-        return {}
+    watch = bool(plan.calls)  # without functional calls, the forward passes need no torch-function mode
+    base = _Outputs(model, x, candidates, watch)
     wrong: set[Any] = set()  # calls (index) and module calls ((name, call)) whose rows hold another image's data
     not_interleaved: set[Any] = set()  # folded calls whose rows do not hold the images step by step either
     varying: set[Any] = set()
@@ -821,7 +817,7 @@ def _check_placement(model: nn.Module, x: Any, candidates: dict[str, nn.Module],
         if other is None:  # all the same image: nothing can be told
             wrong |= set(placed) | set(base.modules)
             continue
-        changed = _Outputs(model, _replaced(x, image, other), candidates)
+        changed = _Outputs(model, _replaced(x, image, other), candidates, watch)
         if base.others_moved(changed, image):  # the images read each other: no layer can show its order; the
             for index in folded:  # campaign refuses such a model, naming why (`evaluate.check_repeatable`)
                 _to_float(plan.calls[index], _OUT_OF_ORDER)
@@ -854,6 +850,12 @@ def _check_placement(model: nn.Module, x: Any, candidates: dict[str, nn.Module],
                 wrong.add(key)
             if key in folded and (not len(rows) or bool((rows % images != image).any())):  # nor step by step
                 not_interleaved.add(key)
+    if wrong - set(folded) and not base.same_as(_Outputs(model, x, candidates, watch)):
+        # the forward is not repeatable (a random op): the campaign refuses it (`evaluate.check_repeatable`)
+        for index in folded:
+            _to_float(plan.calls[index], _OUT_OF_ORDER)
+        _name_calls(plan)
+        return {}
     wrong |= varying
     not_interleaved |= varying
     _order_of_unmoved(plan, [index for index in folded if index not in moved | varying], wrong, not_interleaved)
@@ -910,7 +912,7 @@ class _Outputs:
     """Each layer call's result in one forward pass on `x`: functional calls by index (`calls`), and module layers
     by (name, call) (`modules`)."""
 
-    def __init__(self, model: nn.Module, x: Any, candidates: dict[str, nn.Module]) -> None:
+    def __init__(self, model: nn.Module, x: Any, candidates: dict[str, nn.Module], watch: bool = True) -> None:
         watcher = _Discover(model, len(x), candidates)
         self.calls: dict[int, torch.Tensor] = {}
         watcher.call_outputs = self.calls
@@ -925,7 +927,7 @@ class _Outputs:
 
         handles = [module.register_forward_hook(recorder(name)) for name, module in candidates.items()]
         try:
-            with torch.no_grad(), watcher.watching():
+            with torch.no_grad(), (watcher.watching() if watch else FusedAttentionOff()):
                 out = call_model(model, x)
         finally:
             for handle in handles:

@@ -195,6 +195,38 @@ def test_distance_macs_are_counted_on_both_of_cdists_kernels(shapes) -> None:
     assert not counter.uncounted
 
 
+@pytest.mark.parametrize("case", ["routed-rows", "cut-contraction", "batched"])
+def test_grouped_matmul_macs_are_the_sum_of_its_groups(case: str) -> None:
+    """torch._grouped_mm (Mixtral's and Qwen-MoE's experts in Hugging Face) had no flop formula, so a mixture of
+    experts made the coverage unknown, which only min_coverage=0 accepts. Its MACs are the sum of one matmul per
+    group, counted by torch's own formula on that loop."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pytest_hwfault.coverage import _MacCounter
+
+    ends = [3, 7, 10] if case == "routed-rows" else [4, 8, 12]
+    starts = [0, *ends[:-1]]
+    if case == "routed-rows":  # [M, K] rows routed to 3 experts [3, K, N]
+        a, b = torch.randn(10, 8), torch.randn(3, 8, 4)
+        groups = [(a[s:e], b[g]) for g, (s, e) in enumerate(zip(starts, ends))]
+    elif case == "cut-contraction":  # [M, K] x [K, N], K cut into 3 groups: [3, M, N]
+        a, b = torch.randn(5, 12), torch.randn(12, 4)
+        groups = [(a[:, s:e], b[s:e]) for s, e in zip(starts, ends)]
+    else:
+        a, b = torch.randn(3, 5, 8), torch.randn(3, 8, 4)
+        groups = [(a[g], b[g]) for g in range(3)]
+    offs = None if case == "batched" else torch.tensor(ends, dtype=torch.int32)
+    counter = _MacCounter()
+    with counter.counting():
+        torch._grouped_mm(a, b, offs)
+    reference = FlopCounterMode(display=False)
+    with reference:
+        for left, right in groups:
+            torch.mm(left, right)
+    assert sum(counter.flop_counts["Global"].values()) == reference.get_total_flops() > 0
+    assert not counter.uncounted
+
+
 def test_a_campaign_refuses_a_model_below_its_min_coverage() -> None:
     with seeded(4):
         model, x = PairDecoder().eval(), torch.randn(40, 16)
