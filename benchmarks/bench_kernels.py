@@ -10,8 +10,9 @@ between rounds):
 - fault-free quantized forward / float forward, on each path              (issue 16 target, int8: <= 0.35)
 - act BER 1e-5 trial (fault sampling + faulty forward) / float forward     (issue 16 target, int8: <= 0.40)
 - weight and acc BER 1e-5 trials likewise (weight target <= 0.40; acc: stated)
-- the int8 path's fault-free forward and act trial once more on torch's eager chains (`native.disabled()`): what
-  the fused native passes save
+- the int8 path's fault-free forward and act trial once more with the model's own ReLUs and sums as written (out
+  of place: `own_ops_in_place = False`) and once more on torch's eager chains (`native.disabled()`): what running
+  them in place and the fused native passes save
 The float forward is the model as given (NCHW). Then, from one profiled int8 forward, where its time goes: the int8
 convolutions, the engine's fused native passes (quantize, bytes, requantize: timed around each call) or, without
 them, its eager quantize/requantize ops and conversions, the model's own ops between layers (ReLU, residual
@@ -42,8 +43,9 @@ CATEGORIES = {
     "aten::mul_": "engine: quantize / requantize passes",
     "aten::mul": "engine: quantize / requantize passes",
     "aten::clamp_": "engine: quantize / requantize passes",
-    "aten::add_": "engine: bias add, chunk sums",
+    "aten::add_": "engine: bias add, chunk sums; model: sums in place",
     "aten::clamp_min": "model: ReLU (allocates its output)",
+    "aten::clamp_min_": "model: ReLU in place",
     "aten::add": "model: residual additions",
 }
 
@@ -140,13 +142,23 @@ def main(argv: list[str] | None = None) -> dict:
             views[path](x, sample_pattern(model_, targets_, len(x), trial_generator(0, "bench", next(trial))))
         return run
 
+    def as_written(fn: Callable[[], None]) -> Callable[[], None]:  # the model's own ReLUs and sums out of place
+        def run() -> None:
+            views["int8"].own_ops_in_place = False
+            try:
+                fn()
+            finally:
+                views["int8"].own_ops_in_place = True
+        return run
+
     def eager(fn: Callable[[], None]) -> Callable[[], None]:  # torch's eager chains instead of the fused passes
         def run() -> None:
             with native.disabled():
                 fn()
         return run
 
-    variants = {"int8": clean("int8"), "int8_act": act("int8"), "int8_eager": eager(clean("int8")),
+    variants = {"int8": clean("int8"), "int8_act": act("int8"), "int8_as_written": as_written(clean("int8")),
+                "int8_act_as_written": as_written(act("int8")), "int8_eager": eager(clean("int8")),
                 "int8_act_eager": eager(act("int8")), "emulated": clean("emulated"),
                 "emulated_act": act("emulated"), "int8_weight": other("int8", "weight"),
                 "int8_acc": other("int8", "acc"), "emulated_weight": other("emulated", "weight"),
@@ -180,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"(median); {on_int8} of {len(views['int8'].layers)} layers on int8 kernels")
     print(f"  float forward                      {med['float'] * 1e3:8.1f} ms")
     for name, label in (("int8", "int8 path, fault-free"), ("int8_act", f"int8 path, act BER {args.ber:g}"),
+                        ("int8_as_written", "  the same, own ops as written"),
+                        ("int8_act_as_written", f"  act BER {args.ber:g}, own ops as written"),
                         ("int8_eager", "  the same, eager chains"),
                         ("int8_act_eager", f"  act BER {args.ber:g}, eager chains"),
                         ("emulated", "emulated, fault-free"), ("emulated_act", f"emulated, act BER {args.ber:g}"),

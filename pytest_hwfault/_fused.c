@@ -74,6 +74,16 @@ void hw_requantize(float *acc, int64_t n, int64_t channels, int64_t inner, const
     }
 }
 
+/* a = relu(a + b), in place: torch's a.add_(b).relu_() (the model's own residual sum and its ReLU, `inplace.py`),
+ * a and b laid out alike. torch's ReLU keeps -0.0 and NaN, and gives +0.0 for a negative sum. */
+void hw_add_relu(float *a, const float *b, int64_t n, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_FROM)
+    for (int64_t i = 0; i < n; i++) {
+        float v = a[i] + b[i];
+        a[i] = v < 0.0f ? 0.0f : v;
+    }
+}
+
 /* Rewrite the faulty codes of a tensor whose values are code x scale (inject.apply_edit: the same steps on the
  * faulty positions only, in 64-bit integers, which give what torch's int32 or int64 ops give for codes up to 62
  * bits). Per fault k at flat position linear[k] (unique): code = round(value / scale) (or the value itself where

@@ -14,6 +14,7 @@ layer input; `QuantizedModel.bn_kept` and `QuantizedModel.fold_error` say so.
 from __future__ import annotations
 
 import inspect
+import operator
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -172,3 +173,61 @@ def _only_read_as_codes(node: torch.fx.Node, producer: str, producers: dict[str,
                 return False
             pending.append(user)
     return True
+
+
+# The model's own elementwise ops that may run in place on a layer's fresh output (see `in_place_chains`)
+_RELU_FUNCTIONS = {F.relu, torch.relu}
+_ADD_FUNCTIONS = {operator.add, torch.add}
+
+
+def _in_place_step(node: torch.fx.Node, value: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """What `node` does to `value`, its only input that `value` is: "relu" (value as its input), "add" (value as
+    one operand of a two-tensor sum), "pass" (an identity module: the same tensor), or None (anything else)."""
+    args = (*node.args, *node.kwargs.values())
+    if sum(arg is value for arg in args) != 1:
+        return None
+    if node.op == "call_module":
+        module = type(modules.get(str(node.target)))
+        return "relu" if module is nn.ReLU else "pass" if module is nn.Identity else None
+    first = bool(node.args) and node.args[0] is value
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS or node.op == "call_method" and \
+            node.target == "relu":
+        return "relu" if first and set(node.kwargs) <= {"inplace"} else None
+    if (node.op == "call_function" and node.target in _ADD_FUNCTIONS or node.op == "call_method" and
+            node.target == "add") and len(node.args) == 2 and not node.kwargs:
+        other = node.args[1] if first else node.args[0]
+        return "add" if isinstance(other, torch.fx.Node) else None
+    return None
+
+
+def in_place_chains(model: nn.Module, layers: Collection[str]) -> dict[str, tuple[str, ...]]:
+    """For each of `layers` called once, the ops ("relu", "add") that read its output and nothing else does, one
+    after the other: each reads the previous one's result as its only reader. The layer's output is a fresh
+    tensor, so these may run in place on it (`inplace.OwnOpsInPlace`) with the same values, and no new tensor.
+    Empty when the model cannot be traced."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:
+        return {}
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    chains: dict[str, tuple[str, ...]] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or str(node.target) not in layers or calls[str(node.target)] != 1:
+            continue
+        steps: list[str] = []
+        value = node
+        while len(value.users) == 1:
+            user = next(iter(value.users))
+            step = _in_place_step(user, value, modules)
+            if step is None:
+                break
+            if step != "pass":
+                steps.append(step)
+            value = user
+        if steps:
+            chains[str(node.target)] = tuple(steps)
+    return chains

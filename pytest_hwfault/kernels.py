@@ -247,11 +247,14 @@ class Int8Forward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if x.dtype == torch.uint8:  # bytes the engine's pre-hook wrote (`byte_input`), having checked `usable`
+        # the engine's work, past the forward pass's TorchFunctionModes (as the hooks run): a layer's own call is
+        # not a functional call, and a mode's Python call per op would cost more than the small ops themselves
+        with torch._C.DisableTorchFunction():
+            if x.dtype == torch.uint8:  # bytes the engine's pre-hook wrote (`byte_input`), having checked `usable`
+                return self.compute(x)
+            if not self.usable(x):
+                return self.emulated(x)
             return self.compute(x)
-        if not self.usable(x):
-            return self.emulated(x)
-        return self.compute(x)
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

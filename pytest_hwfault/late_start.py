@@ -294,7 +294,8 @@ class LateStart:
             rows = images[start : start + self.batch_size].to(device)
             live = tuple(self.cache[name][rows] for name in cut.live)  # copies, in the cache's memory layout
             edits = self.qmodel.prepare(pattern, start, start + len(rows))
-            parts.append(select_logits(self.qmodel.run_graph(cut.suffix, live, edits), len(rows)))
+            # a suffix keeps every reader of each layer output it computes: the model's own ops may run in place
+            parts.append(select_logits(self.qmodel.run_graph(cut.suffix, live, edits, in_place=True), len(rows)))
         return torch.cat(parts)
 
 

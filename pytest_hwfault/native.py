@@ -51,6 +51,7 @@ _SIGNATURES = {
     "hw_to_bytes": [_P, _P, _I, _F, _C],
     "hw_quantize_to_bytes": [_P, _P, _I, _F, _F, _F, _F, _C],
     "hw_requantize": [_P, _I, _I, _I, _P, _P, _P, _F, _F, _F, _F, _F, _C],
+    "hw_add_relu": [_P, _P, _I, _C],
     "hw_apply_edit": [_P, _I, _P, _I, _P, _P, _P, _C, _C, _F, _C, _I, _C, _C],
     "hw_gap_positions": [_P, _I, _D, _D, _I, _P],
     "hw_compose_place": [_P, _P, _I, _I, _I, _P, _P, _C],
@@ -222,6 +223,10 @@ def eager_requantize(acc: torch.Tensor, bias: torch.Tensor | None, multiplier: t
     return acc if scale is None else acc.mul_(scale)
 
 
+def eager_add_relu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.add_(b).relu_()
+
+
 def eager_gap_positions(logged: torch.Tensor, log_q: float, total: int, last: int) -> torch.Tensor:
     """The positions of a Bernoulli process from its logged uniforms log(1 - u) (`faults.bernoulli_positions`), on
     torch's ops, in place on `logged`: geometric gaps by inversion, clamped to `total`, summed from `last`."""
@@ -299,6 +304,15 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
                             threads)
                 if not _same_bits(got, want):
                     return f"requantize with inner {inner}, bias {bias is not None}, steps {pre, post}"
+        # sums of every pair of special values (signed zeros, NaN, infinities, cancellations)
+        other = values.roll(1).neg_()
+        other[::3] = values[::3]
+        other[1::3] = -0.0
+        want = eager_add_relu(values.clone(), other)
+        got = values.clone()
+        lib.hw_add_relu(got.data_ptr(), other.data_ptr(), got.numel(), threads)
+        if not _same_bits(got, want):
+            return "add then ReLU"
     return _check_edits(lib) or _check_sampling(lib)
 
 
@@ -481,6 +495,18 @@ def _requantize(lib: ctypes.CDLL, acc: torch.Tensor, inner: int, channels: int, 
     lib.hw_requantize(acc.data_ptr(), acc.numel(), channels, inner, *(t.data_ptr() for t in arrays),
                       -0.0 if pre_round is None else pre_round, -0.0 if post_round is None else post_round,
                       low, high, 1.0 if scale is None else scale, threads)
+
+
+def add_relu(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a = relu(a + b) in place, as `eager_add_relu`, for a and b of one shape and layout; False, having done
+    nothing, where the fused pass does not apply."""
+    lib = _active()
+    if (lib is None or not _plain(a) or not _plain(b) or a.shape != b.shape or a.stride() != b.stride()
+            or a.numel() == 0):
+        return False
+    lib.hw_add_relu(a.data_ptr(), b.data_ptr(), a.numel(), torch.get_num_threads())
+    increment_version(a)  # written in place, as torch's ops count it
+    return True
 
 
 def apply_edit(flat: torch.Tensor, linear: torch.Tensor, keep: torch.Tensor | None, set_: torch.Tensor | None,

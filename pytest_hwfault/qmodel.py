@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import Any
@@ -34,6 +34,7 @@ from .bits import KINDS_BY_CODE, apply_bit_faults, fault_delta
 from .data import Batch, Inputs, as_args, call_model
 from .faults import FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site, select_layers
 from .inject import Edit, apply_edit, apply_edit_to, check_bounds, code_dtype, compose, compose_placed
+from .inplace import OwnOpsInPlace
 from .layout import CHANNELS_LAST, IMAGE_LAYOUTS, contiguous_strides, in_layouts, is_dense
 from .spec import ACC_BITS, QPARAM_BITS
 from .systolic import Array, PEFault, layer_error, on_array
@@ -118,6 +119,10 @@ class QuantizedModel:
         self._layer_weights = {id(w) for w in (getattr(layer.module, "weight", None) for layer in layers.values())
                                if isinstance(w, torch.Tensor)}
         self._handles = [h for layer in layers.values() for h in self._install(layer)]
+        # Whether the model's own ReLUs and sums on layer outputs run in place (`inplace`): the same numbers, less
+        # memory traffic. Off: the model's ops run as written (tests compare the two).
+        self.own_ops_in_place = True
+        self.own_ops_run = 0  # how many of the model's ops ran in place, over every forward pass
         self._choose_layout()
         self.kernels: dict[str, str] = {}  # per layer: "int8" or "emulated" (`use_kernel`)
         self.use_kernel(config.get("kernel", "emulated"))
@@ -169,6 +174,8 @@ class QuantizedModel:
             single = calls == 1 and (operands == 1 or site is not Site.INPUT)
             return (site, name) if single else (site, name, part)
 
+        act_key = key(Site.ACT, 0)  # a layer with in-place own ops runs once per forward pass
+
         def to_input_codes(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             call = runtime.calls.get(name, 0)
             if call >= calls:
@@ -212,7 +219,9 @@ class QuantizedModel:
                 codes.append(x)
             return (*codes, *args[operands:])
 
-        def requantize(module: nn.Module, args: tuple[Any, ...], acc: torch.Tensor) -> torch.Tensor:
+        def requantize(module: nn.Module, args: tuple[Any, ...], acc: torch.Tensor, relu: bool) -> torch.Tensor:
+            """The layer's output from its accumulator; with `relu`, the ReLU that alone reads it done too (the
+            codes clamped at zero: the same values, as code x scale with scale > 0)."""
             call = runtime.calls.get(name, 0)
             runtime.calls[name] = call + 1
             if runtime.pe is not None:  # faulty PEs of the systolic array corrupt its partial sums (systolic.py)
@@ -234,10 +243,11 @@ class QuantizedModel:
                     bias = None
                 runtime.strides[acc_key] = acc.stride()
                 acc = apply_edit_to(acc, acc_edit, acc_bits)
+            act_floor = max(act_low, 0) if relu else act_low
             # the whole chain below in one pass where it applies (`native`: the same numbers)
             if not float_output and native.requantize(
                     acc, bias, requant, bias_after, act_zero + offset if zero_first else None,
-                    -act_zero if zero_first else (offset or None), act_low, act_high,
+                    -act_zero if zero_first else (offset or None), act_floor, act_high,
                     None if hands_on_codes else act_scale):
                 if acc_edit is None:
                     runtime.strides[acc_key] = acc.stride()
@@ -268,7 +278,7 @@ class QuantizedModel:
                     out = out.round_()
                     if offset:
                         out.add_(offset)
-                out = out.clamp_(act_low, act_high)
+                out = out.clamp_(act_floor, act_high)
                 if out.dtype != torch.float32:  # codes fit float32 exactly; values are code x scale in float32
                     out = out.float()
                 runtime.strides[act_key] = out.stride()
@@ -291,10 +301,30 @@ class QuantizedModel:
                 out = out.clamp_(low, high)
             return out
 
+        # The hooks' own torch calls bypass the forward pass's TorchFunctionModes (the functional dispatch, the
+        # in-place own ops): they are the engine's work, not the model's, and each call would cost a Python call.
+        def input_codes_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            with torch._C.DisableTorchFunction():
+                return to_input_codes(module, args)
+
+        def output_hook(module: nn.Module, args: tuple[Any, ...], acc: torch.Tensor) -> torch.Tensor:
+            own_ops, chain = runtime.own_ops, layer.in_place
+            # A ReLU that alone reads the output is done by the requantization's clamp, where nothing reads the
+            # codes before it: no act fault to place among them first, no recorded or restricted ranges, no other
+            # forward hook (`explain` reads the codes with one).
+            relu = own_ops is not None and chain[:1] == ("relu",) and not float_output and \
+                act_key not in runtime.batch and runtime.ranges is None and runtime.bounds is None and \
+                len(module._forward_hooks) == 1
+            with torch._C.DisableTorchFunction():
+                out = requantize(module, args, acc, relu)
+            if own_ops is not None and chain:  # a fresh tensor that only the model's own ops read next
+                own_ops.mark(out, chain, done=relu)
+            return out
+
         return [
-            layer.module.register_forward_pre_hook(to_input_codes),
+            layer.module.register_forward_pre_hook(input_codes_hook),
             # first among the module's forward hooks: a user's hook (copied with the model) sees the layer's values
-            layer.module.register_forward_hook(requantize, prepend=True),
+            layer.module.register_forward_hook(output_hook, prepend=True),
         ]
 
     def _weight_edit(self, faults: LayerFaults) -> Edit:
@@ -449,21 +479,44 @@ class QuantizedModel:
         return out
 
     def run_graph(self, module: nn.Module, args: tuple[Any, ...], edits: dict[tuple[Any, ...], Edit],
-                  kwargs: dict[str, Any] | None = None, ran: dict[str, int] | None = None) -> Any:
+                  kwargs: dict[str, Any] | None = None, ran: dict[str, int] | None = None,
+                  in_place: bool | None = None) -> Any:
         """Call `module` (a graph over this view's layers, such as a torch.fx suffix of it) with prepared transient
-        edits active, as `run_batch` does for the whole model; `ran` receives how often each layer ran."""
+        edits active, as `run_batch` does for the whole model; `ran` receives how often each layer ran.
+        `in_place`: whether the model's own ReLUs and sums run in place on layer outputs (`inplace`), which holds
+        for the whole model and for a graph that keeps every reader of each layer output it computes (a suffix);
+        by default only for the whole model."""
         self._runtime.batch, self._runtime.calls = edits, {}
+        own_ops = self._own_ops(module is self.module if in_place is None else in_place)
+        self._runtime.own_ops = own_ops
         try:
             # the whole model reads the images on dim 0 of its inputs (a graph suffix, its own tensors)
             first = (args[0].tensors[0] if isinstance(args[0], Inputs) else args[0]) if args and module is \
                 self.module else None
             images = len(first) if isinstance(first, torch.Tensor) and first.dim() else None
-            with torch.inference_mode(), exact_float32(self.device), self.dispatch(images):
+            with torch.inference_mode(), exact_float32(self.device), self.dispatch(images), own_ops or nullcontext():
                 return module(*args, **(kwargs or {}))
         finally:
             if ran is not None:
                 ran.update(self._runtime.calls)
-            self._runtime.batch, self._runtime.calls = {}, {}
+            if own_ops is not None:
+                self.own_ops_run += own_ops.steps
+            self._runtime.batch, self._runtime.calls, self._runtime.own_ops = {}, {}, None
+
+    @property
+    def _in_place_layers(self) -> bool:
+        return any(layer.in_place for layer in self.layers.values())
+
+    def _own_ops(self, wanted: bool) -> OwnOpsInPlace | None:
+        """The mode running the model's own ops in place in this forward pass, or None: where no layer has such
+        ops, where they are turned off (`own_ops_in_place`), or where a global module hook (registered by anyone)
+        could read a layer's output before they run."""
+        if not (wanted and self.own_ops_in_place and self._in_place_layers):
+            return None
+        module_hooks = nn.modules.module
+        if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+            return None
+        return OwnOpsInPlace()
 
     def dispatch(self, images: int | None = None) -> Any:
         """The context in which the model's functional multiply-accumulates run as this view's layers
@@ -698,6 +751,9 @@ class QuantLayer:
     # Layers whose modules share one weight tensor in the model (tied weights) share its stored codes: memory holds
     # them once, so one fault reaches every layer that reads them. All names of the group, this one included.
     weight_group: tuple[str, ...] = ()
+    # The model's own ops that read the layer's output and nothing else does, one after the other ("relu", "add":
+    # `graph.in_place_chains`): they run in place on it (`inplace.OwnOpsInPlace`), with the same values.
+    in_place: tuple[str, ...] = ()
 
     @property
     def qmax(self) -> int:
@@ -838,6 +894,8 @@ class _Runtime:
     scratch: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
     strides: dict[tuple[Any, ...], tuple[int, ...]] = field(default_factory=dict)  # per edit key (see `prepare`)
     calls: dict[str, int] = field(default_factory=dict)  # this forward pass: how often each layer ran so far
+    # the model's own ReLUs and sums that run in place on layer outputs in this forward pass, if any (`inplace`)
+    own_ops: OwnOpsInPlace | None = None
     # qparams faults of this trial: the output zero point register's value minus the zero point, per faulty layer
     zero_offsets: dict[str, int] = field(default_factory=dict)
     # pe faults of this trial: the systolic array's (rows, cols) and its faulty PE registers

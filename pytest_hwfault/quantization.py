@@ -51,7 +51,7 @@ from .data import call_model, iter_batches
 from .decompose import Einsum, MatMul, decompose
 from .deployed import BiasMode, Deployed, DeployedLayer, detect, float32_multiplier, float_function, read
 from .functional import FunctionalPlan, discover, quantized_forward
-from .graph import code_links, fold_batchnorm
+from .graph import code_links, fold_batchnorm, in_place_chains
 from .identity import state_checksum
 from .kernels import KERNELS
 from .qmodel import (
@@ -158,6 +158,8 @@ def quantize(
         compiled += _uncompile(work)
     for p in work.parameters():
         p.requires_grad_(False)
+    # hooks of the user's anywhere in the model (copied with it) may keep a layer's output for later
+    user_hooked = any(any(user_hooks(m)) for m in work.modules())
     if device is None:
         first = next(work.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -333,6 +335,10 @@ def quantize(
             layers[producer].hands_on_codes = True
             for reader in readers:
                 reader.reads_codes = True
+    if not user_hooked:  # the model's own ReLUs and sums that alone read a layer's output run in place on it
+        for name, chain in in_place_chains(work, set(order)).items():
+            if layers[name].calls == 1:
+                layers[name].in_place = chain
     if calibration == "percentile" and not ao_layers:
         _measure_clip_rates(work, layers, calibration_data, batch_size, device,
                             lambda: quantized_forward(plan, calibration_weights))

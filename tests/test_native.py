@@ -63,6 +63,27 @@ def test_quantize_equals_the_eager_chain(x: torch.Tensor, inv_scale: float, boun
 
 @needs_native
 @PROPERTY
+@given(a=activations(), seed=st.integers(0, 2**31 - 1), nan=st.booleans(), n_threads=st.sampled_from([1, 2]))
+def test_add_relu_equals_the_eager_chain(a: torch.Tensor, seed: int, nan: bool, n_threads: int) -> None:
+    """The model's residual sum and its ReLU in one pass (`inplace`): signed zeros, NaN, infinities and
+    cancellations as torch's add_ then relu_ give them; refused where the layouts differ."""
+    b = a.flatten()[torch.randperm(a.numel(), generator=torch.Generator().manual_seed(seed))].reshape(a.shape)
+    b = torch.where(torch.rand(a.shape, generator=torch.Generator().manual_seed(seed + 1)) < 0.3, -a, b)
+    if nan:
+        b.view(-1)[:: 7] = float("nan")
+    b = b.contiguous(memory_format=torch.channels_last) if not a.is_contiguous() else b.contiguous()
+    want = native.eager_add_relu(a.clone(), b)
+    got = a.clone()
+    with threads(n_threads):
+        assert native.add_relu(got, b)
+    assert same_bits(got, want)
+    other = b.contiguous() if not b.is_contiguous() else b.contiguous(memory_format=torch.channels_last)
+    if other.stride() != a.stride():
+        assert not native.add_relu(a.clone(), other)
+
+
+@needs_native
+@PROPERTY
 @given(x=activations(), inv_scale=st.floats(1 / 128, 128, width=32), zero_point=st.sampled_from([0, 128, 255, 17]),
        n_threads=st.sampled_from([1, 2]))
 def test_quantize_to_bytes_equals_the_eager_chain(x: torch.Tensor, inv_scale: float, zero_point: int,
