@@ -63,6 +63,8 @@ CHUNK_FAN_IN = CHUNK_WEIGHT_SUM // 128  # 514 products of a uint8 and an int8 co
 def weight_chunks(weight_codes: torch.Tensor) -> list[tuple[int, int]] | None:
     """Consecutive input-channel ranges of int8 weight codes [K, C/groups, kh, kw] where no output channel's sum of
     |code| passes `CHUNK_WEIGHT_SUM`, greedily; None where one input channel's window alone does."""
+    if weight_codes[0].numel() <= CHUNK_FAN_IN:  # no output channel can pass the bound: nothing to count
+        return [(0, weight_codes.shape[1])]
     per_channel = weight_codes.to(torch.int64).abs().flatten(2).sum(2)  # [K, C/groups]
     if bool((per_channel > CHUNK_WEIGHT_SUM).any()):
         return None
@@ -306,6 +308,14 @@ class Int8Conv2d(Int8Forward):
             return self._packed[1]
         self._faulty = (version, self._pack(codes))
         return self._faulty[1]
+
+    def weight_restored(self, before: Any) -> None:
+        """The weight's codes were edited, then restored bit for bit to those of version `before`
+        (`QuantizedModel.weight_faults`): where the original pack was confirmed for that version, it serves the
+        restored codes without comparing them."""
+        weight = self.module.weight
+        if self._packed is not None and self._seen == before and isinstance(weight, torch.Tensor):
+            self._seen = _version(weight)
 
     def byte_input(self, like: torch.Tensor) -> torch.Tensor | None:
         """Where the engine's pre-hook may write this layer's input bytes (code + zero point) itself, laid out as

@@ -544,6 +544,7 @@ class QuantizedModel:
         block, then restore every touched word bit-exactly, also when the block raises. Cost: proportional to the
         number of faults."""
         saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        versions: dict[str, Any] = {}  # each edited weight's version before its first edit
         try:
             with torch.no_grad():
                 for (site, name), group in pattern.groups.items():
@@ -562,6 +563,7 @@ class QuantizedModel:
                         weight = self.layers[holder].module.weight
                         assert isinstance(weight, torch.Tensor)
                         flat = weight.view(-1)  # holds the integer codes
+                        versions.setdefault(holder, (weight.data_ptr(), weight._version))
                         saved.append((flat, edit.linear, flat[edit.linear].clone()))
                         apply_edit(flat, edit, layer.bits)
             yield
@@ -571,6 +573,10 @@ class QuantizedModel:
             with torch.no_grad():
                 for flat, touched, original in reversed(saved):
                     flat[touched] = original
+            for holder, before in versions.items():  # an int8 kernel's original pack serves the restored codes
+                restored = getattr(self.layers[holder].module.__dict__.get("forward"), "weight_restored", None)
+                if restored is not None:
+                    restored(before)
 
     def _apply_pe(self, name: str, faults: LayerFaults) -> None:
         """Faulty PE registers of a systolic array: the hooks add their error to every layer the array computes."""

@@ -448,3 +448,26 @@ def test_weight_edits_are_seen() -> None:
         module.weight = nn.Parameter(saved.clone().neg_().clamp_(-127, 127), requires_grad=False)
     fast, slow = both()
     assert torch.equal(fast, slow) and not torch.equal(fast, original)
+
+
+@needs_conv
+def test_a_restored_weight_reuses_its_pack_only_where_it_was_confirmed() -> None:
+    """After a weight trial the original pack serves the restored codes without comparing them, where it was
+    confirmed for the codes before the trial; codes edited outside a trial are compared, never trusted."""
+    from pytest_hwfault.kernels import _version
+
+    model, x = _resnet20()
+    qmodel = quantize(model, x[:4])
+    clean = qmodel(x[:4])
+    name = "layer3.0.conv2"  # fan-in 576: its chunks are counted
+    forward = qmodel.layers[name].module.__dict__["forward"]
+    weight = qmodel.layers[name].module.weight
+    pattern = FaultPattern.from_faults([("weight", name, 7, 7, "flip"), ("weight", "layer1.0.conv1", 3, 6, "flip")])
+    assert not torch.equal(qmodel(x[:4], pattern), clean)
+    assert forward._seen == _version(weight) and torch.equal(qmodel(x[:4]), clean)
+    with torch.no_grad():  # an edit outside a trial: the original pack no longer holds the codes
+        weight.view(-1)[5] = 90.0 if float(weight.view(-1)[5]) != 90.0 else 80.0
+    edited = qmodel(x[:4])
+    assert not torch.equal(edited, clean)
+    qmodel(x[:4], pattern)
+    assert torch.equal(qmodel(x[:4]), edited)
