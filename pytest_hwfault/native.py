@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache, lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.autograd.graph import increment_version
@@ -472,17 +473,53 @@ def requantize(acc: torch.Tensor, bias: torch.Tensor | None, multiplier: torch.T
     lib = _active()
     if lib is None or not _plain(acc) or acc.numel() == 0:
         return False
-    tensors = (bias, multiplier, bias_after)
-    if not all(t is None or (_plain(t) and t.is_contiguous()) for t in tensors):
+    prepared = _prepared(tuple(acc.shape), bias, multiplier, bias_after)
+    if prepared is None:
         return False
-    found = _broadcast_dim(tuple(acc.shape), tuple(tuple(t.shape) for t in tensors if t is not None))
-    if found is None:
-        return False
-    dim, channels = found
-    _requantize(lib, acc, acc.stride(dim) if channels > 1 else 1, channels, bias, multiplier, bias_after, pre_round,
-                post_round, low, high, scale, torch.get_num_threads())
+    dim, channels, arrays = prepared
+    lib.hw_requantize(acc.data_ptr(), acc.numel(), channels, acc.stride(dim) if channels > 1 else 1,
+                      *(t.data_ptr() for t in arrays), -0.0 if pre_round is None else pre_round,
+                      -0.0 if post_round is None else post_round, low, high, 1.0 if scale is None else scale,
+                      torch.get_num_threads())
     increment_version(acc)  # written in place, as torch's ops count it
     return True
+
+
+# A layer's requantization parameters, checked and laid out for hw_requantize once per (acc shape, tensors and their
+# versions: a qparams fault edits a multiplier in place, which bumps its version): (the tensors, the result).
+_PREPARED: dict[tuple[Any, ...], tuple[tuple[torch.Tensor | None, ...], tuple[int, int, list[torch.Tensor]] | None]] \
+    = {}
+
+
+def _prepared(acc_shape: tuple[int, ...], *tensors: torch.Tensor | None
+              ) -> tuple[int, int, list[torch.Tensor]] | None:
+    """(the dim the per-channel tensors broadcast along, its size, the three arrays hw_requantize reads: absent
+    steps given their identity, a single value spread over the channels), or None where the pass does not apply."""
+    try:
+        key = (acc_shape, *((id(t), t._version) if t is not None else None for t in tensors))
+    except RuntimeError:  # an inference tensor has no version counter: nothing to key it on
+        key = None
+    hit = _PREPARED.get(key) if key is not None else None
+    if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
+        return hit[1]
+    result: tuple[int, int, list[torch.Tensor]] | None = None
+    if all(t is None or (_plain(t) and t.is_contiguous()) for t in tensors):
+        found = _broadcast_dim(acc_shape, tuple(tuple(t.shape) for t in tensors if t is not None))
+        if found is not None:
+            dim, channels = found
+            result = (dim, channels, _arrays(channels, *tensors))
+    if key is not None:
+        if len(_PREPARED) > 4096:  # tensors come and go: keep the memo bounded
+            _PREPARED.clear()
+        _PREPARED[key] = (tensors, result)
+    return result
+
+
+def _arrays(channels: int, *tensors: torch.Tensor | None) -> list[torch.Tensor]:
+    """hw_requantize's three per-channel arrays: an absent step given its identity, one value spread over the
+    channels."""
+    return [_identity_add(channels) if t is None else t.reshape(1).expand(channels).contiguous()
+            if t.numel() == 1 and channels > 1 else t for t in tensors]
 
 
 def _requantize(lib: ctypes.CDLL, acc: torch.Tensor, inner: int, channels: int, bias: torch.Tensor | None,
@@ -490,8 +527,7 @@ def _requantize(lib: ctypes.CDLL, acc: torch.Tensor, inner: int, channels: int, 
                 post_round: float | None, low: float, high: float, scale: float | None, threads: int) -> None:
     """hw_requantize with every absent step given its identity. In any dense layout, the element at memory offset
     i is in channel (i // inner) % channels, where inner is the channel dim's stride."""
-    arrays = [_identity_add(channels) if t is None else t.reshape(1).expand(channels).contiguous()
-              if t.numel() == 1 and channels > 1 else t for t in (bias, multiplier, bias_after)]
+    arrays = _arrays(channels, bias, multiplier, bias_after)  # held while the C function reads them
     lib.hw_requantize(acc.data_ptr(), acc.numel(), channels, inner, *(t.data_ptr() for t in arrays),
                       -0.0 if pre_round is None else pre_round, -0.0 if post_round is None else post_round,
                       low, high, 1.0 if scale is None else scale, threads)

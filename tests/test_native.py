@@ -407,3 +407,19 @@ def test_a_library_that_disagrees_with_torch_is_not_used(tmp_path) -> None:
             "native.FLAGS = native.FLAGS + ('-ffast-math',)\n"
             "print(native.status())")
     assert _run(code, {"PYTEST_HWFAULT_CACHE": str(tmp_path)}).startswith("eager: disagreed with torch")
+
+
+@needs_native
+@pytest.mark.parametrize("channels", [1, 16])
+def test_requantize_follows_in_place_edits_of_its_parameters(channels: int) -> None:
+    """The laid-out parameters are remembered per tensor and version: a qparams fault's in-place edit of a
+    multiplier (a single value is spread over the channels, a copy) is seen at the next call."""
+    acc = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(3)) * 300
+    multiplier, bias = torch.rand(channels, 1, 1), torch.randn(16, 1, 1).round()
+    for value in (0.5, 0.25, 0.75):
+        multiplier.fill_(value)
+        bias.add_(1.0)
+        want = native.eager_requantize(acc.clone(), bias, multiplier, None, None, None, -127.0, 127.0, 0.1)
+        got = acc.clone()
+        assert native.requantize(got, bias, multiplier, None, None, None, -127.0, 127.0, 0.1)
+        assert same_bits(got, want), value
