@@ -123,6 +123,7 @@ class QuantizedModel:
         # memory traffic. Off: the model's ops run as written (tests compare the two).
         self.own_ops_in_place = True
         self.own_ops_run = 0  # how many of the model's ops ran in place, over every forward pass
+        self._hooks_when_built = self._hook_counts()
         self._choose_layout()
         self.kernels: dict[str, str] = {}  # per layer: "int8" or "emulated" (`use_kernel`)
         self.use_kernel(config.get("kernel", "emulated"))
@@ -509,14 +510,20 @@ class QuantizedModel:
 
     def _own_ops(self, wanted: bool) -> OwnOpsInPlace | None:
         """The mode running the model's own ops in place in this forward pass, or None: where no layer has such
-        ops, where they are turned off (`own_ops_in_place`), or where a global module hook (registered by anyone)
-        could read a layer's output before they run."""
+        ops, where they are turned off (`own_ops_in_place`), or where a hook could keep a layer's output before
+        they run: a global module hook (registered by anyone), or a hook added to the view's modules since it was
+        built."""
         if not (wanted and self.own_ops_in_place and self._in_place_layers):
             return None
         module_hooks = nn.modules.module
         if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
             return None
+        if self._hook_counts() != self._hooks_when_built:  # a hook added to the view since: it may keep an output
+            return None
         return OwnOpsInPlace()
+
+    def _hook_counts(self) -> tuple[tuple[int, int], ...]:
+        return tuple((len(m._forward_hooks), len(m._forward_pre_hooks)) for m in self.module.modules())
 
     def dispatch(self, images: int | None = None) -> Any:
         """The context in which the model's functional multiply-accumulates run as this view's layers

@@ -231,6 +231,18 @@ def test_a_global_hook_turns_it_off() -> None:
     assert torch.equal(out, qmodel(x)) and qmodel.own_ops_run > before
 
 
+def test_a_hook_added_to_the_view_turns_it_off_while_it_is_there() -> None:
+    model, x = _stem(torch.randn(6, 3, 8, 8))
+    qmodel = quantize(model, x)
+    kept: list[torch.Tensor] = []
+    handle = qmodel.module[1].register_forward_pre_hook(lambda module, args: kept.append(args[0]))
+    before = qmodel.own_ops_run
+    out = qmodel(x)
+    assert qmodel.own_ops_run == before and bool((kept[0] < 0).any())  # the ReLU module's input, unchanged
+    handle.remove()
+    assert torch.equal(qmodel(x), out) and qmodel.own_ops_run > before
+
+
 def test_explain_reads_the_codes_before_the_relu() -> None:
     """The act site's fault-free codes include the negative ones the ReLU then clamps."""
     model, x = _stem(torch.randn(6, 3, 8, 8))
