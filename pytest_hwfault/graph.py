@@ -8,15 +8,18 @@
   dequantized, as an accelerator's output buffer feeds the next layer: this saves three elementwise passes.
 
 A model that fx cannot trace keeps its BatchNorm layers in float after the quantized layer and requantizes every
-layer input; `QuantizedModel.bn_kept` and `QuantizedModel.fold_error` say so.
+layer input; `QuantizedModel.bn_kept` and `QuantizedModel.fold_error` say so. So does a model whose traced graph
+computes other values than its forward (`trace_disagreement`: a branch on `torch.fx` tracing), since every analysis
+here reads the traced graph as the forward's.
 """
 
 from __future__ import annotations
 
 import inspect
 import operator
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,19 +31,77 @@ _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+def _same_values(a: Any, b: Any) -> bool:
+    """Whether two forward results hold the same values bit for bit (NaN where NaN is), container by container."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape or \
+                a.dtype != b.dtype:
+            return False
+        if a.is_floating_point() or a.is_complex():
+            a, b = torch.view_as_real(a) if a.is_complex() else a, torch.view_as_real(b) if b.is_complex() else b
+            return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)) and \
+                torch.equal(a.signbit(), b.signbit())
+        return torch.equal(a, b)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return list(a) == list(b) and all(_same_values(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_values(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # an object with no truth value for ==: not comparable, so not known to agree
+        return False
+
+
+def trace_disagreement(model: nn.Module, run: Callable[[nn.Module], Any]) -> str | None:
+    """Why the graph torch.fx traces for `model` cannot stand for its forward, or None where it can.
+
+    Every analysis in this module, and late start's graph suffixes, read the traced graph as what the forward does.
+    A forward that branches on being traced (`torch.fx._symbolic_trace.is_fx_tracing()`), or on a flag the trace
+    fixed, computes something else: a BN folded, a layer's output taken in place or its codes handed on would then
+    change what the model computes. So the traced graph and the forward run on the same example (`run` calls a
+    module on it, as the model is called) and must agree bit for bit; where the forward itself gives two answers,
+    the check cannot tell, and the trace is not trusted either."""
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception as exc:  # any tracing failure: the analyses fall back, and say why
+        return f"torch.fx cannot trace the model: {type(exc).__name__}: {exc}".splitlines()[0]
+    with torch.no_grad():
+        try:
+            eager = run(model)
+        except Exception as exc:  # calibration will say what is wrong with the model, on its own batches
+            return f"the model's forward fails on the images the trace is checked on: {type(exc).__name__}: {exc}" \
+                .splitlines()[0]
+        try:
+            replayed = run(traced)
+        except Exception as exc:
+            return (f"the graph torch.fx traces for the model fails where its forward runs: {type(exc).__name__}: "
+                    f"{exc}").splitlines()[0]
+        if _same_values(eager, replayed):
+            return None
+        if not _same_values(eager, run(model)):
+            return ("the model's forward gave two different results on the same images, so the graph torch.fx "
+                    "traces for it cannot be checked against it")
+    return ("the graph torch.fx traces for the model computes other values than its forward on the same images "
+            "(does the forward branch on torch.fx tracing?)")
+
+
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
 
 
-def fold_batchnorm(model: nn.Module) -> tuple[list[tuple[str, str]], list[str], str | None]:
+def fold_batchnorm(model: nn.Module, untraceable: str | None = None) -> tuple[list[tuple[str, str]], list[str],
+                                                                              str | None]:
     """Fold, in place on `model` (a private copy in eval mode), every BN whose only input is a conv/linear output
     used by nothing else, where the forward reads neither module's tensors directly. Returns (folded (layer, bn)
-    pairs, BN modules kept, why tracing failed or None)."""
+    pairs, BN modules kept, why tracing failed or None). `untraceable`: why the traced graph cannot be trusted
+    (`trace_disagreement`), if known: then nothing is folded."""
     all_bn = [name for name, m in model.named_modules() if isinstance(m, _BN)]
     if not all_bn:
         return [], [], None
+    if untraceable:
+        return [], all_bn, untraceable
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as exc:  # any tracing failure means: keep BN, and say why

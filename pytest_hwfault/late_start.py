@@ -154,6 +154,8 @@ class LateStart:
         if repeated:
             raise _Unsupported(f"layer {repeated[0]!r} runs {self.qmodel.layers[repeated[0]].calls} times per forward "
                                "pass: a graph suffix cannot resume between its calls")
+        if self.qmodel.trace_error:
+            raise _Unsupported(self.qmodel.trace_error)
         try:
             traced = fx.symbolic_trace(self.qmodel.module)
         except Exception as exc:  # any tracing failure: no late start, and say why

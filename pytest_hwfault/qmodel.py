@@ -103,6 +103,7 @@ class QuantizedModel:
         fold_error: str | None,
         source_name: str,
         functional: Any = None,
+        trace_error: str | None = None,
     ) -> None:
         self.module = module
         self.float_module = float_module
@@ -113,6 +114,9 @@ class QuantizedModel:
         self.fold_error = fold_error
         self.source_name = source_name
         self.functional = functional  # the functional calls that run as layers (`functional.FunctionalPlan`)
+        # why the graph torch.fx traces does not stand for the forward (`graph.trace_disagreement`), or None: then
+        # nothing that reads it applies (BN folding, code links, in-place own ops, late start)
+        self.trace_error = trace_error
         self._runtime = _Runtime()
         self._multipliers: dict[str, torch.Tensor] = {}
         # a layer's own F.linear/F.conv call passes through the functional dispatch: it is known by its weight

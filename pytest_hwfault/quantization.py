@@ -51,7 +51,7 @@ from .data import call_model, iter_batches
 from .decompose import Einsum, MatMul, decompose
 from .deployed import BiasMode, Deployed, DeployedLayer, detect, float32_multiplier, float_function, read
 from .functional import FunctionalPlan, discover, quantized_forward
-from .graph import code_links, fold_batchnorm, in_place_chains
+from .graph import CodeLinks, code_links, fold_batchnorm, in_place_chains, trace_disagreement
 from .identity import state_checksum
 from .kernels import KERNELS
 from .qmodel import (
@@ -168,16 +168,19 @@ def quantize(
     float_module = float_function(deployed) if deployed is not None else copy.deepcopy(work)
     float_module.to(device)
     decomposed = [] if ao_layers else decompose(work)
-    folded, bn_kept, fold_error = fold_batchnorm(work) if fold_bn else ([], [], None)
+    first_batch = next(iter_batches(calibration_data, batch_size), None)
+    if first_batch is None:
+        raise ValueError("calibration_data is empty: give at least one batch of inputs")
+    # BN folding, code links, in-place chains and late start read the traced graph: it must be the forward's
+    example = first_batch[0][:2].to(device)
+    trace_error = trace_disagreement(work, lambda module: call_model(module, example))
+    folded, bn_kept, fold_error = fold_batchnorm(work, trace_error) if fold_bn else ([], [], None)
 
     candidates: dict[str, nn.Module] = {name: m for name, m in work.named_modules()
                                         if isinstance(m, QUANTIZABLE) and (not ao_layers or name in ao_layers)}
     for module in candidates.values():
         _plain_weight(module)
         module.register_forward_pre_hook(positional_input, prepend=True, with_kwargs=True)
-    first_batch = next(iter_batches(calibration_data, batch_size), None)
-    if first_batch is None:
-        raise ValueError("calibration_data is empty: give at least one batch of inputs")
     plan = FunctionalPlan()
     not_layers: dict[str, list[str]] = {}
     if not ao_layers:  # functional multiply-accumulates: one layer per call, by call order
@@ -266,7 +269,7 @@ def quantize(
         for h in handles:
             h.remove()
 
-    links = code_links(work, set(order))
+    links = code_links(work, set(order)) if trace_error is None else CodeLinks()
     # Hooks of the user's (copied with the model): a forward hook may change a layer's output, a pre-hook its
     # input, so neither a hooked producer's nor a pre-hooked reader's values are known to lie on the producer's
     # grid, and the hooks must see values, not codes.
@@ -335,7 +338,8 @@ def quantize(
             layers[producer].hands_on_codes = True
             for reader in readers:
                 reader.reads_codes = True
-    if not user_hooked:  # the model's own ReLUs and sums that alone read a layer's output run in place on it
+    if not user_hooked and trace_error is None:  # the model's own ReLUs and sums that alone read a layer's output
+        # run in place on it
         for name, chain in in_place_chains(work, set(order)).items():
             if layers[name].calls == 1:
                 layers[name].in_place = chain
@@ -385,7 +389,8 @@ def quantize(
         # torch.compile wrappers the view left out: it runs the modules they compiled, eagerly, with its hooks
         "compiled": compiled,
     }
-    return QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name, plan)
+    return QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name, plan,
+                          trace_error=trace_error)
 
 
 def _weights_of(modules: dict[str, nn.Module]) -> set[int]:
