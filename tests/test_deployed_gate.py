@@ -41,7 +41,9 @@ def digits():
 def deployed(digits, tmp_path_factory):
     """The same trained network, deployed in each format."""
     calibration = dm.images(digits.x_train[:500])
-    net, eager = dm.trained_resnet_style(digits, steps=30), dm.trained_resnet_style(digits, eager=True, steps=30)
+    # 60 steps: 30 trained it to 0.495 on one CPU (an AMD EPYC) where another reached far more, and the gates' outcomes
+    # below assume a model well above min_acc=0.3 (60 steps: 0.985 on both)
+    net, eager = dm.trained_resnet_style(digits), dm.trained_resnet_style(digits, eager=True)
     return {{
         "ao-eager": dm.to_ao_eager(eager, calibration, dm.ResNetStyle.FUSIONS),
         "ao-fx": dm.to_ao_fx(net, calibration),
@@ -70,7 +72,7 @@ def test_deployed_model(hwfault, deployed, val_data, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@resilience(ber=1e-3, site="act", bit_positions=[7], min_acc=0.99, budget=8, first=4)
+@resilience(ber=1e-3, site="act", bit_positions=[7], min_acc=0.999, budget=8, first=4)
 def test_too_strict_gate_fails(hwfault, deployed, val_data, fmt):
     hwfault.assess(deployed[fmt], val_data)
 '''

@@ -106,7 +106,9 @@ def test_pt2e_codes_and_scales_are_used_and_outputs_match(pt2e_model, pt2e_qmode
     scale = qmodel.module.get_submodule("requantize_flatten").scale
     codes = agreement(graph_codes["flatten"].float() * scale, fc_codes * scale, scale)
     assert codes["exact"] >= 0.999 and codes["max_codes"] < 1.01, codes
-    # each layer's output codes: measured 2 (block1.conv1) and 26 (block2.conv1) of 406528 one code apart
+    # each layer's output codes: measured 2 (block1.conv1) and 26 (block2.conv1) of 406528 one code apart on an Intel
+    # CPU with AMX, 90 (block2.conv1) on an AMD EPYC: the graph's float convolution rounds its sums the CPU's way,
+    # where the engine's are exact integers, so a code at a rounding tie may land one apart
     for name, value in (("stem", "relu"), ("block1.conv1", "relu_1"), ("block2.conv1", "relu_3")):
         layer = qmodel.layers[name]
         seen: list[torch.Tensor] = []
@@ -117,7 +119,7 @@ def test_pt2e_codes_and_scales_are_used_and_outputs_match(pt2e_model, pt2e_qmode
         finally:
             handle.remove()
         differ = ((seen[0] / layer.act_scale).round() - graph_codes[value].float()).abs()
-        assert float(differ.max()) <= 1.0 and float((differ == 0).float().mean()) >= 0.9999, name
+        assert float(differ.max()) <= 1.0 and float((differ == 0).float().mean()) >= 0.999, name
     # logits (the float result of the last linear): equal predictions; wherever the fc codes are equal, equal up to
     # float32 rounding (the engine scales its exact integer accumulator, the graph sums float products)
     assert torch.equal(reference.argmax(1), ours.argmax(1))
