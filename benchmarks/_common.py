@@ -8,6 +8,7 @@ import platform
 import time
 from collections.abc import Callable, Mapping
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,14 +21,39 @@ def package_version(dist: str) -> str | None:
         return None
 
 
+# the instruction sets that decide how fast oneDNN's int8 kernels run (AMX tiles, VNNI dot products)
+INT8_FLAGS = ("amx_int8", "amx_tile", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+
+
+def cpu() -> dict[str, Any]:
+    """The CPU's model name and its int8-relevant instruction sets, from /proc/cpuinfo where there is one: the
+    development machine has been an Intel CPU with AMX and an AMD EPYC without, and the int8 path's figures differ
+    between them."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu_model": platform.processor() or None, "int8_flags": []}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name"), "int8_flags": [flag for flag in INT8_FLAGS if flag in flags]}
+
+
+def machine_line() -> str:
+    """One line naming the CPU, for the head of a benchmark's printout."""
+    info = cpu()
+    return f"  on {info['cpu_model'] or 'an unknown CPU'} ({', '.join(info['int8_flags']) or 'no int8 extensions'}), " \
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}"
+
+
 def environment(*dists: str) -> dict[str, Any]:
     """Versions (torch, python, pytest-hwfault and `dists`) and the machine: compare figures only between runs
-    whose machine matches."""
+    whose machine (CPU model and instruction sets included) matches."""
     versions = {"torch": torch.__version__, "python": platform.python_version(),
                 **{dist: package_version(dist) for dist in ("pytest-hwfault", *dists)}}
     return {"versions": versions, "torch": torch.__version__, "machine": platform.machine(),
             "processor": platform.processor(), "platform": platform.platform(), "node": platform.node(),
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), **cpu()}
 
 
 def save_json(path: str | None, result: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 import torch
-from _common import environment, save_json  # benchmarks/_common.py, beside this script
+from _common import environment, machine_line, save_json  # benchmarks/_common.py, beside this script
 
 from pytest_hwfault import quantize
 from pytest_hwfault.campaign import Campaign
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"ResNet56 int8, {args.batch} images, {args.threads} threads, {args.rounds} alternating rounds "
           f"(median of per-round trial / fault-free quantized forward)")
+    print(machine_line())
     print(f"  {'site':<7} {'BER':>6} {'late':>5} {'trial ms':>9} {'fault-free ms':>14} {'ratio':>8} "
           f"{'faults/trial':>13} {'images re-run':>14}")
     for row in rows.values():

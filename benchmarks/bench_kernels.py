@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _common import environment, paired_rounds, save_json  # benchmarks/_common.py, beside this script
+from _common import environment, machine_line, paired_rounds, save_json  # benchmarks/_common.py, beside this script
 
 from pytest_hwfault import FaultModel, native, quantize
 from pytest_hwfault.cifar_resnet import recalibrate_bn, resnet56
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     med = result["median_seconds"]
     print(f"ResNet56, batch {args.batch}, {args.threads} threads, {args.rounds} rounds of order-alternating pairs "
           f"(median); {on_int8} of {len(views['int8'].layers)} layers on int8 kernels")
+    print(machine_line())
     print(f"  float forward                      {med['float'] * 1e3:8.1f} ms")
     for name, label in (("int8", "int8 path, fault-free"), ("int8_act", f"int8 path, act BER {args.ber:g}"),
                         ("int8_as_written", "  the same, own ops as written"),

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import environment, save_json  # benchmarks/_common.py, beside this script
+from _common import environment, machine_line, save_json  # benchmarks/_common.py, beside this script
 
 CONFTEST = '''
 import pytest, torch
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"ResNet{args.depth}, {args.trials} trials x 256 images, act BER 1e-4, {args.rounds} rounds, "
           f"{os.cpu_count()} CPUs")
+    print(machine_line())
     for name, label in (("n0", "pytest -n 0"), (parallel, f"pytest -n {args.workers}"),
                         ("n0_1thread", "pytest -n 0, OMP_NUM_THREADS=1")):
         wall, trials = statistics.median(times[name]), statistics.median(trial_seconds[name])

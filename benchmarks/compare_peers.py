@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from _common import environment, save_json  # benchmarks/_common.py, beside this script
+from _common import environment, machine_line, save_json  # benchmarks/_common.py, beside this script
 from torch import nn
 
 from pytest_hwfault import FaultModel, quantize
@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"ResNet56, batch {args.batch}, {args.threads} threads, BER {args.ber:g}, {args.rounds} alternating rounds "
           f"(medians; ratios are medians of per-round ratios against that round's float forward)")
+    print(machine_line())
     print(f"  {'variant':<15} {'ms/batch':>9} {'vs float':>9} {'inj/batch':>10} {'inj/s':>10}")
     for name, row in rows.items():
         ms = row.get("median_seconds")
