@@ -95,13 +95,45 @@ static inline int64_t word(const void *words, int words_64, int64_t k) {
     return words_64 ? ((const int64_t *)words)[k] : (int64_t)((const int32_t *)words)[k];
 }
 
+/* Fault k's edit of one code (a float holding an integer): the steps hw_apply_edit describes, without the scale. */
+static inline float edit_code(float code, int64_t k, const void *keep, const void *set, const void *flip,
+                              int words_64, int bits, int64_t zero_point, int is_signed) {
+    const int64_t mask = (int64_t)((UINT64_C(1) << bits) - 1), top = (int64_t)(UINT64_C(1) << (bits - 1));
+    int64_t raw = (int64_t)code + zero_point;
+    if (bits != 8)
+        raw &= mask;
+    if (keep)
+        raw &= word(keep, words_64, k);
+    if (set)
+        raw |= word(set, words_64, k);
+    if (flip)
+        raw ^= word(flip, words_64, k);
+    float out;
+    if (bits == 8) {
+        const uint8_t low = (uint8_t)raw;
+        out = is_signed ? (float)(int8_t)low : (float)low;
+    } else {
+        if (is_signed)
+            raw = (raw ^ top) - top;
+        out = (float)raw;
+    }
+    if (zero_point)
+        out = out - (float)zero_point;
+    return out;
+}
+
+static int positions_in_range(const int64_t *linear, int64_t count, int64_t n) {
+    for (int64_t k = 0; k < count; k++)
+        if (linear[k] < 0 || linear[k] >= n)
+            return 0;
+    return 1;
+}
+
 int hw_apply_edit(float *flat, int64_t n, const int64_t *linear, int64_t count, const void *keep, const void *set,
                   const void *flip, int words_64, int unit, float scale, int bits, int64_t zero_point,
                   int is_signed, int threads) {
-    for (int64_t k = 0; k < count; k++)
-        if (linear[k] < 0 || linear[k] >= n)
-            return -1;
-    const int64_t mask = (int64_t)((UINT64_C(1) << bits) - 1), top = (int64_t)(UINT64_C(1) << (bits - 1));
+    if (!positions_in_range(linear, count, n))
+        return -1;
     /* the positions are unique: no two threads write one element. Scattered over a large tensor, each fault is a
      * cache miss, which a second thread overlaps */
 #pragma omp parallel for num_threads(threads) schedule(static) if (count >= 8192)
@@ -110,28 +142,39 @@ int hw_apply_edit(float *flat, int64_t n, const int64_t *linear, int64_t count, 
         float v = flat[i];
         if (!unit)
             v = nearbyintf(v / scale);
-        int64_t raw = (int64_t)v + zero_point;
-        if (bits != 8)
-            raw &= mask;
-        if (keep)
-            raw &= word(keep, words_64, k);
-        if (set)
-            raw |= word(set, words_64, k);
-        if (flip)
-            raw ^= word(flip, words_64, k);
-        float out;
-        if (bits == 8) {
-            const uint8_t low = (uint8_t)raw;
-            out = is_signed ? (float)(int8_t)low : (float)low;
-        } else {
-            if (is_signed)
-                raw = (raw ^ top) - top;
-            out = (float)raw;
-        }
-        if (zero_point)
-            out = out - (float)zero_point;
+        const float out = edit_code(v, k, keep, set, flip, words_64, bits, zero_point, is_signed);
         flat[i] = unit ? out : out * scale;
     }
+    return 0;
+}
+
+/* hw_requantize (clamp low..high, times scale), hw_apply_edit on the codes at `linear` (unique memory offsets: a
+ * layer's act faults), then torch's relu_ on every element, in one pass over the tensor: the faulty elements are
+ * requantized, edited, scaled and ReLU'd first, from the accumulator, into `faulty` (count floats); the main pass
+ * then clamps every element to floor..high (floor = max(low, 0): the ReLU of code x scale for scale > 0, as the
+ * engine fuses it without faults), and the faulty ones are written back. torch's ReLU gives +0.0 for a negative
+ * value and keeps -0.0. Returns -1, having written nothing, when a position is outside 0..n-1. */
+int hw_requantize_edit_relu(float *acc, int64_t n, int64_t channels, int64_t inner, const float *bias,
+                            const float *mult, const float *bias_after, float pre_round, float post_round, float low,
+                            float high, float floor, float scale, const int64_t *linear, int64_t count,
+                            const void *keep, const void *set, const void *flip, int words_64, int bits,
+                            int64_t zero_point, int is_signed, float *faulty, int threads) {
+    if (!positions_in_range(linear, count, n))
+        return -1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (count >= 8192)
+    for (int64_t k = 0; k < count; k++) {
+        const int64_t i = linear[k];
+        const int64_t c = (inner == 1 ? i : i / inner) % channels; /* the main pass's channel of offset i */
+        const float v = nearbyintf((acc[i] + bias[c]) * mult[c] + bias_after[c] + pre_round) + post_round;
+        const float out = edit_code(clamp_like_torch(v, low, high), k, keep, set, flip, words_64, bits, zero_point,
+                                    is_signed) * scale;
+        faulty[k] = out < 0.0f ? 0.0f : out;
+    }
+    hw_requantize(acc, n, channels, inner, bias, mult, bias_after, pre_round, post_round, floor, high, scale,
+                  threads);
+#pragma omp parallel for num_threads(threads) schedule(static) if (count >= 8192)
+    for (int64_t k = 0; k < count; k++)
+        acc[linear[k]] = faulty[k];
     return 0;
 }
 

@@ -89,6 +89,13 @@ def user_hooks(module: nn.Module) -> tuple[bool, bool]:
     return pre, bool(module._forward_hooks)
 
 
+def _edits_codes_in_layout(edit: Edit, tensor: torch.Tensor) -> bool:
+    """Whether `edit` rewrites codes (its scale 1.0) at positions laid out as `tensor` is, so a native pass may apply
+    it to the codes it computes for `tensor`."""
+    placed_for = edit.strides if edit.strides is not None else contiguous_strides(tuple(tensor.shape))
+    return isinstance(edit.scale, float) and edit.scale == 1.0 and placed_for == tensor.stride()
+
+
 class QuantizedModel:
     """A quantized, fault-injectable view of a model. Call it like the model: ``qmodel(x, faults=pattern)``."""
 
@@ -179,8 +186,6 @@ class QuantizedModel:
             single = calls == 1 and (operands == 1 or site is not Site.INPUT)
             return (site, name) if single else (site, name, part)
 
-        act_key = key(Site.ACT, 0)  # a layer with in-place own ops runs once per forward pass
-
         def to_input_codes(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             call = runtime.calls.get(name, 0)
             if call >= calls:
@@ -248,11 +253,24 @@ class QuantizedModel:
                     bias = None
                 runtime.strides[acc_key] = acc.stride()
                 acc = apply_edit_to(acc, acc_edit, acc_bits)
-            act_floor = max(act_low, 0) if relu else act_low
+            # With `relu`, the ReLU after the act faults: with none, it is the clamp's floor; with some, the codes are
+            # clamped as usual, edited, then ReLU'd (in the same pass where the native one applies)
+            relu_after_edit = relu and act_edit is not None
+            act_floor = max(act_low, 0) if relu and not relu_after_edit else act_low
+            pre_round, post_round = act_zero + offset if zero_first else None, -act_zero if zero_first else (
+                offset or None)
+            if relu_after_edit and act_edit is not None and not float_output and \
+                    _edits_codes_in_layout(act_edit, acc) and \
+                    native.requantize_edit_relu(acc, bias, requant, bias_after, pre_round, post_round, act_low,
+                                                act_high, None if hands_on_codes else act_scale, act_edit.linear,
+                                                act_edit.keep, act_edit.set, act_edit.flip, bits, act_zero, signed):
+                if acc_edit is None:
+                    runtime.strides[acc_key] = acc.stride()
+                runtime.strides[act_key] = acc.stride()
+                return acc
             # the whole chain below in one pass where it applies (`native`: the same numbers)
             if not float_output and native.requantize(
-                    acc, bias, requant, bias_after, act_zero + offset if zero_first else None,
-                    -act_zero if zero_first else (offset or None), act_floor, act_high,
+                    acc, bias, requant, bias_after, pre_round, post_round, act_floor, act_high,
                     None if hands_on_codes else act_scale):
                 if acc_edit is None:
                     runtime.strides[acc_key] = acc.stride()
@@ -262,6 +280,8 @@ class QuantizedModel:
                     # new code x scale is the float32 product the eager chain makes (no second pass over the tensor)
                     out = apply_edit_to(out, act_edit if hands_on_codes else replace(act_edit, scale=act_scale), bits,
                                         act_zero, signed)
+                    if relu_after_edit:
+                        out = out.relu_()
             else:
                 # The bias is added here, in place, not inside the conv: oneDNN's fused bias costs ~10x this pass.
                 if bias is not None:
@@ -293,6 +313,8 @@ class QuantizedModel:
                     out = apply_edit_to(out, act_edit, bits, act_zero, signed)
                 if not hands_on_codes:
                     out.mul_(act_scale)
+                if relu_after_edit:
+                    out = out.relu_()
             if runtime.ranges is not None:  # a fault-free pass recording what the layer hands on (`output_ranges`)
                 channel = channel_axis + 1 if channel_axis >= 0 else out.dim() - 1
                 dims = [d for d in range(out.dim()) if d != channel]
@@ -314,12 +336,11 @@ class QuantizedModel:
 
         def output_hook(module: nn.Module, args: tuple[Any, ...], acc: torch.Tensor) -> torch.Tensor:
             own_ops, chain = runtime.own_ops, layer.in_place
-            # A ReLU that alone reads the output is done by the requantization's clamp, where nothing reads the
-            # codes before it: no act fault to place among them first, no recorded or restricted ranges, no other
-            # forward hook (`explain` reads the codes with one).
+            # A ReLU that alone reads the output is done by the requantization (its clamp's floor, or after the
+            # layer's act faults), where nothing else reads the codes before it: no recorded or restricted ranges,
+            # no other forward hook (`explain` reads the codes with one).
             relu = own_ops is not None and chain[:1] == ("relu",) and not float_output and \
-                act_key not in runtime.batch and runtime.ranges is None and runtime.bounds is None and \
-                len(module._forward_hooks) == 1
+                runtime.ranges is None and runtime.bounds is None and len(module._forward_hooks) == 1
             with torch._C.DisableTorchFunction():
                 out = requantize(module, args, acc, relu)
             if own_ops is not None and chain:  # a fresh tensor that only the model's own ops read next

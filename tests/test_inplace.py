@@ -19,7 +19,7 @@ from pytest_hwfault import FaultModel, late_start, native, quantize
 from pytest_hwfault.campaign import Campaign
 from pytest_hwfault.cifar_resnet import CifarResNet, recalibrate_bn
 from pytest_hwfault.explain import describe_faults
-from pytest_hwfault.faults import Fault, FaultPattern, sample_pattern, trial_generator
+from pytest_hwfault.faults import Fault, FaultPattern, Site, sample_pattern, trial_generator
 from pytest_hwfault.graph import in_place_chains
 from pytest_hwfault.late_start import LateStart
 from pytest_hwfault.spec import CampaignSpec
@@ -132,6 +132,26 @@ def test_trials_are_bit_identical_to_the_ops_as_written(resnet20: tuple[nn.Modul
             assert torch.equal(_bits(written), _bits(in_place)), (site, split, eager)
             assert steps >= 28 * (len(x) // step), (site, split, eager)  # every chain's steps, every batch
     assert not torch.equal(qmodel(x, _patterns(qmodel, len(x))["act"]), qmodel(x))  # the faults bite
+
+
+def test_act_faults_and_the_relu_after_them_are_one_pass(resnet20: tuple[nn.Module, torch.Tensor],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer with act faults whose ReLU alone reads its output: its requantization, the edits and the ReLU are
+    one native pass (where the passes are built), with the bits of the model's ReLU run after the edits."""
+    model, x = resnet20
+    qmodel = quantize(model, x)
+    fused: list[bool] = []
+    original = native.requantize_edit_relu
+    monkeypatch.setattr(native, "SPARSE_EDITS", 1)  # fused at any density: this BER's faults are dense
+    monkeypatch.setattr(native, "requantize_edit_relu", lambda *args: fused.append(original(*args)) or fused[-1])
+    pattern = _patterns(qmodel, len(x))["act"]
+    assert pattern is not None
+    written, in_place, _ = _both(qmodel, lambda: qmodel(x, pattern))
+    assert torch.equal(_bits(written), _bits(in_place))
+    faulty = {name for site, name in pattern.groups if site is Site.ACT}
+    relu_first = {name for name, layer in qmodel.layers.items() if layer.in_place[:1] == ("relu",)}
+    assert len(faulty & relu_first) >= 5
+    assert fused.count(True) == (len(faulty & relu_first) if native.library() is not None else 0)
 
 
 def test_campaign_trials_with_late_start_are_bit_identical(resnet20: tuple[nn.Module, torch.Tensor],

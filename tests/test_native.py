@@ -190,6 +190,58 @@ def test_fault_edits_equal_torchs(bits: int, signed: bool, data: st.DataObject, 
 
 @needs_native
 @PROPERTY
+@given(case=accumulators(), data=st.data(), n_threads=st.sampled_from([1, 2]))
+def test_requantize_with_act_edits_and_relu_equals_the_eager_chain(case: tuple[torch.Tensor, int],
+                                                                   data: st.DataObject, n_threads: int) -> None:
+    """A layer with act faults whose ReLU alone reads its output: requantization, the edits and the ReLU in one
+    pass, against torch's ops one after the other, on codes and values, signed and unsigned codes, in any layout,
+    with the positions in the accumulator's memory order."""
+    acc, dim = case
+    channels = acc.shape[dim]
+    shape = [1] * (acc.dim() - dim)
+    shape[0] = channels
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    bias = (torch.randn(channels, generator=generator) * 1e3).round().reshape(shape)
+    multiplier = (torch.rand(channels, generator=generator) * 1e-2).reshape(shape)
+    bits, signed = data.draw(st.sampled_from([(8, True), (8, False), (4, True), (16, True)]), label="codes")
+    zero = 0 if signed else data.draw(st.sampled_from([0, 37, 128]), label="zero point")
+    half = 1 << (bits - 1)
+    low, high = (-(half - 1), half - 1) if signed else (-zero, (1 << bits) - 1 - zero)
+    pre, post = data.draw(st.sampled_from([(None, None), (float(zero), float(-zero)), (None, 2.0)]), label="steps")
+    scale = data.draw(st.sampled_from([None, 0.0173, 3.5]), label="scale")
+    linear = torch.randperm(acc.numel(), generator=generator)[: data.draw(st.integers(1, acc.numel()), label="n")]
+    word = torch.randint(0, 1 << bits, (3, len(linear)), generator=generator).to(
+        data.draw(st.sampled_from([torch.int32, torch.int64]), label="words"))
+    keep, set_, flip = data.draw(st.sampled_from([(None, None, word[2]), (~word[0], word[0] & word[1], None),
+                                                  (~word[0], None, word[2])]), label="kind")
+    want = native.eager_requantize_edit_relu(acc.clone(), bias, multiplier, None, pre, post, low, high, scale,
+                                             Edit(linear, keep, set_, flip, 1.0), bits, zero, signed)
+    got = acc.clone()
+    sparse = native.SPARSE_EDITS
+    native.SPARSE_EDITS = 1  # at any density (the engine takes this pass for sparse faults only: faster there)
+    try:
+        with threads(n_threads):
+            assert native.requantize_edit_relu(got, bias, multiplier, None, pre, post, low, high, scale, linear,
+                                               keep, set_, flip, bits, zero, signed)
+        assert same_bits(got, want)
+        assert float(got.min()) >= 0.0  # the ReLU, on every element
+        # a position out of range writes nothing
+        before = got.clone()
+        assert not native.requantize_edit_relu(got, bias, multiplier, None, pre, post, low, high, scale,
+                                               torch.tensor([acc.numel()]), None, None, word[2][:1], bits, zero,
+                                               signed)
+        assert same_bits(got, before)
+    finally:
+        native.SPARSE_EDITS = sparse
+    # denser faults than one per SPARSE_EDITS elements: declined, nothing written (the caller's passes are faster)
+    dense = acc.clone()
+    assert native.requantize_edit_relu(dense, bias, multiplier, None, pre, post, low, high, scale, linear, keep,
+                                       set_, flip, bits, zero, signed) == (len(linear) * sparse <= acc.numel())
+    assert same_bits(dense, want) or same_bits(dense, acc)
+
+
+@needs_native
+@PROPERTY
 @given(log10_p=st.floats(-14, -0.0005), total=st.integers(1, 2**62), last=st.integers(-1, 2**40),
        seed=st.integers(0, 2**16), n=st.sampled_from([1, 100, 70000]))
 def test_fault_positions_equal_the_eager_chain(log10_p: float, total: int, last: int, seed: int, n: int) -> None:
