@@ -15,6 +15,7 @@ here reads the traced graph as the forward's.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 from collections.abc import Callable, Collection, Mapping
@@ -46,6 +47,10 @@ def _same_values(a: Any, b: Any) -> bool:
         return list(a) == list(b) and all(_same_values(a[k], b[k]) for k in a)
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return type(a) is type(b) and len(a) == len(b) and all(_same_values(x, y) for x, y in zip(a, b))
+    if type(a) is type(b) and dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return all(_same_values(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    if type(a) is type(b) and hasattr(a, "__dict__") and not isinstance(a, type) and vars(a):
+        return _same_values(vars(a), vars(b))
     try:
         return bool(a == b)
     except Exception:  # an object with no truth value for ==: not comparable, so not known to agree

@@ -4,6 +4,7 @@ branches on being traced must turn every one of them off, or the engine would te
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -115,3 +116,18 @@ def test_same_values_compares_bits_container_by_container() -> None:
     assert not _same_values(a, a.double()) and not _same_values((a,), [a]) and not _same_values({"x": a}, {"y": a})
     assert not _same_values(a, a[:2]) and not _same_values(a, None) and not _same_values([a], [a, a])
     assert _same_values(torch.arange(3), torch.arange(3)) and not _same_values(torch.arange(3), torch.arange(1, 4))
+    # a forward's own result types: a dataclass, a plain object holding tensors (whose == has no truth value)
+    assert _same_values(_Output(a, [a]), _Output(a.clone(), [a.clone()]))
+    assert not _same_values(_Output(a, [a]), _Output(a, [a.neg()]))
+    assert _same_values(_Holder(a), _Holder(a.clone())) and not _same_values(_Holder(a), _Holder(a + 1))
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: torch.Tensor
+    hidden: list[torch.Tensor]
+
+
+class _Holder:
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
