@@ -1,6 +1,6 @@
 """Wall time of one ResNet-sized campaign run by `pytest -n 2` against `pytest -n 0`, in one run.
 
-    python benchmarks/bench_xdist.py [--rounds 3] [--depth 56] [--trials 32] [--json out.json]
+    python benchmarks/bench_xdist.py [--rounds 3] [--depth 56] [--trials 32] [--campaigns 1] [--json out.json]
 
 The suite is written to a temporary directory: one @resilience test on a CIFAR-style ResNet (random init, BN
 statistics from a few batches) over 256 images, with `first == budget` so every run computes exactly `--trials`
@@ -59,7 +59,7 @@ def val_data(model):
 SUITE = '''
 from pytest_hwfault import resilience
 
-@resilience(ber=1e-4, site="act", min_acc=0.0, budget={trials}, first={trials})
+@resilience(ber={bers}, site="act", min_acc=0.0, budget={trials}, first={trials})
 def test_campaign(hwfault, model, val_data):
     hwfault.assess(model, val_data)
 '''
@@ -74,13 +74,15 @@ def _time(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> f
     return elapsed
 
 
-def _numbers(report: Path) -> tuple[dict, float]:
-    """The campaign's record without its timings, and the seconds its trials took (the shard that carried the
-    verdict, under xdist)."""
-    record = json.loads(report.read_text())["campaigns"][0]
-    seconds = record.pop("seconds")
-    record["result"].pop("seconds")
-    return record, seconds
+def _numbers(report: Path) -> tuple[list[dict], float]:
+    """The campaigns' records without their timings (in test order), and the seconds their trials took (the
+    shard that carried each verdict, under xdist)."""
+    records = sorted(json.loads(report.read_text())["campaigns"], key=lambda record: record["nodeid"])
+    seconds = 0.0
+    for record in records:
+        seconds += record.pop("seconds")
+        record["result"].pop("seconds")
+    return records, seconds
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,20 +91,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--depth", type=int, default=56)
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--campaigns", type=int, default=1,
+                        help="campaigns on the same model and images (act BER 1e-4, 2e-4, ...), as a suite gates one "
+                             "model at several BERs: each process then pays its start-up and set-up once for all")
     parser.add_argument("--json", help="save the results to this file")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="hwfault-bench-xdist-") as tmp:
         root = Path(tmp)
         (root / "conftest.py").write_text(CONFTEST.format(depth=args.depth))
-        (root / "test_campaign.py").write_text(SUITE.format(trials=args.trials))
+        bers = [round(1e-4 * (k + 1), 6) for k in range(args.campaigns)]
+        (root / "test_campaign.py").write_text(SUITE.format(trials=args.trials, bers=bers[0] if len(bers) == 1
+                                                            else bers))
         base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--hwfault"]
         one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
         commands = {"n0": (["-n", "0"], None), "n0_1thread": (["-n", "0"], one_thread),
                     f"n{args.workers}": (["-n", str(args.workers)], None)}
         times: dict[str, list[float]] = {k: [] for k in commands}
         trial_seconds: dict[str, list[float]] = {k: [] for k in commands}
-        records: dict[str, dict] = {}
+        records: dict[str, list[dict]] = {}
         for _ in range(args.rounds):
             for name, (options, env) in commands.items():
                 report = root / f"{name}.json"
@@ -120,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "xdist",
         "depth": args.depth,
         "trials": args.trials,
+        "campaigns": args.campaigns,
         "images": 256,
         "workers": args.workers,
         "cpus": os.cpu_count(),
@@ -132,8 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
         "median_trial_speedup": statistics.median(trial_speedups),
         **environment(),
     }
-    print(f"ResNet{args.depth}, {args.trials} trials x 256 images, act BER 1e-4, {args.rounds} rounds, "
-          f"{os.cpu_count()} CPUs")
+    print(f"ResNet{args.depth}, {args.campaigns} campaign(s) of {args.trials} trials x 256 images, act BER 1e-4"
+          f"{' and up' if args.campaigns > 1 else ''}, {args.rounds} rounds, {os.cpu_count()} CPUs")
     print(machine_line())
     for name, label in (("n0", "pytest -n 0"), (parallel, f"pytest -n {args.workers}"),
                         ("n0_1thread", "pytest -n 0, OMP_NUM_THREADS=1")):

@@ -19,7 +19,7 @@ import torch
 
 from .bits import Kind
 from .coverage import require_coverage
-from .data import Batch, DataError
+from .data import Batch, DataError, Inputs
 from .evaluate import (
     EvaluationError,
     Predictions,
@@ -32,6 +32,7 @@ from .evaluate import (
     select_logits,
 )
 from .faults import FaultModel, FaultPattern, Site, check_trial_size, sample_pattern, trial_generator
+from .identity import tensor_fingerprint
 from .late_start import DEFAULT_CACHE_BYTES, LateStart
 from .mitigation import Mitigation
 from .quantization import QuantizedModel
@@ -340,6 +341,36 @@ def _first_persistent_layer(pattern: FaultPattern, layer_position: Mapping[str, 
     return min(positions, default=None)
 
 
+@dataclass
+class FaultFreeRuns:
+    """What fault-free passes over one set of images tell every campaign on one quantized view: late start's cache
+    (the same pass as the golden run), the golden and the float predictions. A suite gates one model at several
+    sites and BERs, and the advisor runs a campaign per layer: each would repeat these passes. They stay true for
+    the view's lifetime, since every trial restores its weights bit for bit."""
+
+    qmodel: QuantizedModel  # held, so that its id in the key is not reused while this lives
+    late_start: LateStart | None = None
+    golden: Predictions | None = None
+    float_predictions: Predictions | None = None
+
+
+# The most recent campaign's fault-free runs (one entry: late start's cache may hold 256 MiB), keyed on the view, the
+# images, the batch size and the cache budget. A campaign on other images or another view replaces it.
+_FAULT_FREE: dict[tuple[Any, ...], FaultFreeRuns] = {}
+
+
+def fault_free_runs(qmodel: QuantizedModel, inputs: Batch, data: str | None, batch_size: int,
+                    cache_bytes: int) -> FaultFreeRuns:
+    """The shared fault-free runs of `qmodel` on `inputs` (`data`: their fingerprint, where known)."""
+    key = (id(qmodel), data or tensor_fingerprint(*(inputs.tensors if isinstance(inputs, Inputs) else (inputs,))),
+           len(inputs), batch_size, cache_bytes)
+    runs = _FAULT_FREE.get(key)
+    if runs is None or runs.qmodel is not qmodel:
+        _FAULT_FREE.clear()  # before the new cache is filled: at most one in memory
+        runs = _FAULT_FREE[key] = FaultFreeRuns(qmodel)
+    return runs
+
+
 class Campaign:
     """Runs the trials of one campaign on one quantized model and evaluation set."""
 
@@ -359,7 +390,9 @@ class Campaign:
         self.batch_size = batch_size
         self.drop_fault_free = drop_fault_free
         self.use_late_start, self.cache_bytes = late_start, cache_bytes
-        self._late_start: LateStart | None = None
+        # the images' fingerprint: the identity's (of all the images and their labels) unless `samples` cut them
+        data = identity.get("data") if identity and spec.samples is None else None
+        self.fault_free = fault_free_runs(qmodel, inputs, data, batch_size, cache_bytes)
         self.campaign_id = spec.campaign_id(name)
         self.draw_id = spec.draw_id(name)  # a mitigated campaign meets the faults its unmitigated twin meets
         self.fault_model = FaultModel(Site(spec.site), spec.ber, Kind(spec.kind), spec.bit_positions,
@@ -369,16 +402,20 @@ class Campaign:
         check_repeatable(qmodel, inputs)
         # Faulty images resume from late start's cache; the pass that fills it is also the golden run.
         cache = self.late_start() if self.fault_model.site is not Site.PE else None
-        if cache is not None and cache.fault_free_output is not None:
-            golden = decide(cache.fault_free_output.cpu())
-        else:
-            golden = predict(qmodel, inputs, batch_size=batch_size)
+        golden = self.fault_free.golden
+        if golden is None:
+            if cache is not None and cache.fault_free_output is not None:
+                golden = decide(cache.fault_free_output.cpu())
+            else:
+                golden = predict(qmodel, inputs, batch_size=batch_size)
+            self.fault_free.golden = golden
         check_classification(golden, labels)
         self.coverage = require_coverage(qmodel, inputs, spec.min_coverage, spec.site)
         self.golden, self.golden_nonfinite = golden.predicted, golden.nonfinite
         self.quantized_accuracy = float(golden.correct(labels).float().mean())
-        self.float_accuracy = float(
-            predict(qmodel, inputs, quantized=False, batch_size=batch_size).correct(labels).float().mean())
+        if self.fault_free.float_predictions is None:
+            self.fault_free.float_predictions = predict(qmodel, inputs, quantized=False, batch_size=batch_size)
+        self.float_accuracy = float(self.fault_free.float_predictions.correct(labels).float().mean())
         self.identity = dict(identity or {})
         if spec.max_drop is not None and self.quantized_accuracy < baseline_floor(labels):
             raise EvaluationError(
@@ -451,10 +488,10 @@ class Campaign:
         why)."""
         if not (self.use_late_start and self.drop_fault_free):
             return None
-        if self._late_start is None:
-            self._late_start = LateStart(self.qmodel, self.inputs, budget_bytes=self.cache_bytes,
-                                         batch_size=self.batch_size)
-        return self._late_start if self._late_start.enabled else None
+        if self.fault_free.late_start is None:  # shared with the other campaigns on these images (`FaultFreeRuns`)
+            self.fault_free.late_start = LateStart(self.qmodel, self.inputs, budget_bytes=self.cache_bytes,
+                                                   batch_size=self.batch_size)
+        return self.fault_free.late_start if self.fault_free.late_start.enabled else None
 
     def _mitigated(self, pattern: FaultPattern) -> tuple[Predictions | None, FaultPattern, int, int | None]:
         """Predictions of the mitigated model under `pattern` (None when ECC detected an uncorrectable word: every

@@ -345,3 +345,35 @@ def test_a_trial_too_large_for_memory_is_refused_before_the_golden_run(setup, mo
     assert not golden  # refused before any forward pass
     monkeypatch.undo()  # the default limit: the same campaign runs
     assert Campaign(qmodel, x, y, spec, "tests::too_large").trial(0).faults > 0
+
+
+def test_campaigns_on_one_view_and_one_set_of_images_share_their_fault_free_runs(digits_cnn: nn.Module,
+                                                                                 digits: Any) -> None:
+    """Late start's cache, the golden and the float predictions are computed once for every campaign on the same
+    view and images (a suite's sites and BERs, the advisor's per-layer campaigns), and each campaign's trials are
+    what a campaign with runs of its own computes; other images, or a cut by `samples`, get runs of their own."""
+    from pytest_hwfault import campaign as campaign_module
+
+    x, y = digits.x_test[:96], digits.y_test[:96]
+    qmodel = quantize(digits_cnn, digits.x_train[:256])
+    specs = [CampaignSpec(site=site, ber=1e-3, min_acc=0.0, seed=3, **extra) for site, extra in
+             (("act", {}), ("weight", {}), ("act", {"burst": 2}), ("pe", {"array": (8, 8)}))]
+    campaigns = [Campaign(qmodel, x, y, spec, f"shared-{i}", identity={"data": "d1"}) for i, spec in enumerate(specs)]
+    first = campaigns[0]
+    assert all(c.fault_free is first.fault_free for c in campaigns)
+    assert first.late_start() is not None and campaigns[1].late_start() is first.late_start()
+    shared = [[c.trial(i) for i in range(3)] for c in campaigns]
+    campaign_module._FAULT_FREE.clear()  # each campaign again, with runs of its own
+    for spec, trials, i in zip(specs, shared, range(len(specs))):
+        campaign_module._FAULT_FREE.clear()
+        alone = Campaign(qmodel, x, y, spec, f"shared-{i}", identity={"data": "d1"})
+        assert alone.fault_free is not first.fault_free
+        assert [alone.trial(t) for t in range(3)] == trials, spec.site
+        assert torch.equal(alone.golden, campaigns[i].golden) and alone.float_accuracy == campaigns[i].float_accuracy
+    # other images: runs of their own, which replace the one entry; the same images cut by `samples` (their own
+    # fingerprint, not the identity's of all of them) share them
+    other = Campaign(qmodel, x[:64], y[:64], specs[0], "other")
+    assert other.fault_free is not first.fault_free and len(campaign_module._FAULT_FREE) == 1
+    cut = Campaign(qmodel, x, y, CampaignSpec(site="act", ber=1e-3, min_acc=0.0, samples=64), "cut",
+                   identity={"data": "d1"})
+    assert cut.fault_free is other.fault_free and torch.equal(other.golden, cut.golden)
