@@ -32,7 +32,7 @@ from .evaluate import (
     select_logits,
 )
 from .faults import FaultModel, FaultPattern, Site, check_trial_size, sample_pattern, trial_generator
-from .identity import tensor_fingerprint
+from .identity import state_checksum, tensor_fingerprint
 from .late_start import DEFAULT_CACHE_BYTES, LateStart
 from .mitigation import Mitigation
 from .quantization import QuantizedModel
@@ -354,16 +354,18 @@ class FaultFreeRuns:
     float_predictions: Predictions | None = None
 
 
-# The most recent campaign's fault-free runs (one entry: late start's cache may hold 256 MiB), keyed on the view, the
-# images, the batch size and the cache budget. A campaign on other images or another view replaces it.
+# The most recent campaign's fault-free runs (one entry: late start's cache may hold 256 MiB), keyed on the view and
+# its state (a view whose weights someone changed since is another model), the images, the batch size and the cache
+# budget. A campaign on other images or another view replaces it.
 _FAULT_FREE: dict[tuple[Any, ...], FaultFreeRuns] = {}
 
 
 def fault_free_runs(qmodel: QuantizedModel, inputs: Batch, data: str | None, batch_size: int,
                     cache_bytes: int) -> FaultFreeRuns:
     """The shared fault-free runs of `qmodel` on `inputs` (`data`: their fingerprint, where known)."""
-    key = (id(qmodel), data or tensor_fingerprint(*(inputs.tensors if isinstance(inputs, Inputs) else (inputs,))),
-           len(inputs), batch_size, cache_bytes)
+    key = (id(qmodel), state_checksum(qmodel.module),
+           data or tensor_fingerprint(*(inputs.tensors if isinstance(inputs, Inputs) else (inputs,))), len(inputs),
+           batch_size, cache_bytes)
     runs = _FAULT_FREE.get(key)
     if runs is None or runs.qmodel is not qmodel:
         _FAULT_FREE.clear()  # before the new cache is filled: at most one in memory

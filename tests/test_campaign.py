@@ -377,3 +377,12 @@ def test_campaigns_on_one_view_and_one_set_of_images_share_their_fault_free_runs
     cut = Campaign(qmodel, x, y, CampaignSpec(site="act", ber=1e-3, min_acc=0.0, samples=64), "cut",
                    identity={"data": "d1"})
     assert cut.fault_free is other.fault_free and torch.equal(other.golden, cut.golden)
+    # a view whose state changed since (someone edited its weights) is another model: runs of its own
+    weight = qmodel.layers["fc1" if "fc1" in qmodel.layers else next(iter(qmodel.layers))].module.weight
+    with torch.no_grad():
+        weight.mul_(-1)
+    try:
+        assert Campaign(qmodel, x[:64], y[:64], specs[0], "edited").fault_free is not other.fault_free
+    finally:
+        with torch.no_grad():
+            weight.mul_(-1)
