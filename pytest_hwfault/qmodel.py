@@ -89,6 +89,14 @@ def user_hooks(module: nn.Module) -> tuple[bool, bool]:
     return pre, bool(module._forward_hooks)
 
 
+def _next_hook_id() -> int | None:
+    """The id torch gives the next hook handle (any hook, anywhere), or None where it keeps no such counter."""
+    from torch.utils.hooks import RemovableHandle
+
+    next_id = getattr(RemovableHandle, "next_id", None)
+    return next_id if isinstance(next_id, int) else None
+
+
 def _edits_codes_in_layout(edit: Edit, tensor: torch.Tensor) -> bool:
     """Whether `edit` rewrites codes (its scale 1.0) at positions laid out as `tensor` is, so a native pass may apply
     it to the codes it computes for `tensor`."""
@@ -135,6 +143,7 @@ class QuantizedModel:
         self.own_ops_in_place = True
         self.own_ops_run = 0  # how many of the model's ops ran in place, over every forward pass
         self._hooks_when_built = self._hook_counts()
+        self._hooks_seen_at = _next_hook_id()  # the hook-handle counter when they were last found as built
         self._choose_layout()
         self.kernels: dict[str, str] = {}  # per layer: "int8" or "emulated" (`use_kernel`)
         self.use_kernel(config.get("kernel", "emulated"))
@@ -543,9 +552,22 @@ class QuantizedModel:
         module_hooks = nn.modules.module
         if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
             return None
-        if self._hook_counts() != self._hooks_when_built:  # a hook added to the view since: it may keep an output
+        if not self._hooks_as_built():  # a hook added to the view since: it may keep an output
             return None
         return OwnOpsInPlace()
+
+    def _hooks_as_built(self) -> bool:
+        """Whether every module of the view holds as many forward hooks and pre-hooks as when it was built. A hook is
+        added only through a handle, and each handle takes the next id of one counter: while it has not moved since
+        they were last found as built, nothing was added anywhere, and the walk over the modules (~0.1 ms on a
+        ResNet56, at every forward pass) is skipped."""
+        now = _next_hook_id()
+        if now is not None and now == self._hooks_seen_at:
+            return True
+        if self._hook_counts() != self._hooks_when_built:
+            return False
+        self._hooks_seen_at = now
+        return True
 
     def _hook_counts(self) -> tuple[tuple[int, int], ...]:
         return tuple((len(m._forward_hooks), len(m._forward_pre_hooks)) for m in self.module.modules())

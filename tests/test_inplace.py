@@ -263,6 +263,30 @@ def test_a_hook_added_to_the_view_turns_it_off_while_it_is_there() -> None:
     assert torch.equal(qmodel(x), out) and qmodel.own_ops_run > before
 
 
+def test_the_modules_are_walked_for_hooks_only_after_a_hook_was_added_somewhere(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model, x = _stem(torch.randn(6, 3, 8, 8))
+    qmodel = quantize(model, x)
+    walks: list[int] = []
+    counts = qmodel._hook_counts
+    monkeypatch.setattr(qmodel, "_hook_counts", lambda: walks.append(1) or counts())
+    qmodel(x)
+    qmodel(x)
+    assert walks == []  # nothing registered a hook since the view was built
+    elsewhere = nn.Linear(2, 2).register_forward_hook(lambda *args: None)  # any hook, on any module, moves the counter
+    before = qmodel.own_ops_run
+    qmodel(x)
+    qmodel(x)
+    assert len(walks) == 1 and qmodel.own_ops_run > before  # one walk found the view as built
+    elsewhere.remove()
+    handle = qmodel.module[1].register_forward_pre_hook(lambda module, args: None)
+    before = qmodel.own_ops_run
+    qmodel(x)
+    qmodel(x)
+    assert len(walks) == 3 and qmodel.own_ops_run == before  # a hook on the view: walked at every pass, and off
+    handle.remove()
+
+
 def test_explain_reads_the_codes_before_the_relu() -> None:
     """The act site's fault-free codes include the negative ones the ReLU then clamps."""
     model, x = _stem(torch.randn(6, 3, 8, 8))
