@@ -48,7 +48,7 @@ from torch import nn
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
 from .data import call_model, iter_batches
-from .decompose import Einsum, MatMul, decompose
+from .decompose import Einsum, FusedAttentionOff, MatMul, decompose
 from .deployed import BiasMode, Deployed, DeployedLayer, detect, float32_multiplier, float_function, read
 from .functional import FunctionalPlan, discover, quantized_forward
 from .graph import CodeLinks, code_links, fold_batchnorm, in_place_chains, trace_disagreement
@@ -171,9 +171,15 @@ def quantize(
     first_batch = next(iter_batches(calibration_data, batch_size), None)
     if first_batch is None:
         raise ValueError("calibration_data is empty: give at least one batch of inputs")
-    # BN folding, code links, in-place chains and late start read the traced graph: it must be the forward's
+    # BN folding, code links, in-place chains and late start read the traced graph: it must be the forward's, as the
+    # view runs it (torch's fused attention fast path off)
     example = first_batch[0][:2].to(device)
-    trace_error = trace_disagreement(work, lambda module: call_model(module, example))
+
+    def run_example(module: nn.Module) -> Any:
+        with FusedAttentionOff():
+            return call_model(module, example)
+
+    trace_error = trace_disagreement(work, run_example)
     folded, bn_kept, fold_error = fold_batchnorm(work, trace_error) if fold_bn else ([], [], None)
 
     candidates: dict[str, nn.Module] = {name: m for name, m in work.named_modules()

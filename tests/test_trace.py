@@ -90,6 +90,27 @@ def test_a_forward_that_branches_on_tracing_is_run_as_written(fold: bool) -> Non
     assert torch.equal(campaign.golden, got.argmax(1))
 
 
+def test_a_transformer_is_checked_as_the_view_runs_it() -> None:
+    """nn.TransformerEncoderLayer takes torch's fused fast path unless it is off, as it is wherever the view runs;
+    its decomposed attention has no fused weights for that path. Checked with it on, the forward fails and the trace
+    would be distrusted for nothing (no in-place ops, no code links)."""
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(8, 32)
+            layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.head = nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder(F.relu(self.embed(x))).mean(1))
+
+    torch.manual_seed(0)
+    qmodel = quantize(Encoder().eval(), torch.randn(16, 5, 8))
+    assert qmodel.trace_error is None
+    assert qmodel.layers["embed"].in_place == ("relu",)  # what the traced graph shows applies
+
+
 def test_what_trace_disagreement_reports() -> None:
     class Noisy(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
