@@ -2,8 +2,13 @@
 run.
 
     python benchmarks/bench_kernels.py [--rounds 9] [--threads 2] [--ber 1e-5] [--json out.json]
+    python benchmarks/bench_kernels.py --model resnet18 --batch 32 [--image-size 224]
 
-The same random-init ResNet56 (BatchNorm statistics recalibrated on the batch) is quantized twice, with
+`--model resnet18` / `resnet50`: torchvision's ImageNet ResNets (random init, 224 x 224 images), whose layers from
+128 input channels on can sum past 2^24 and so accumulate in float64 ("wide" layers: on the int8 path their
+chunks' exact float32 results are summed in float64; emulated, they are float64 convolutions).
+
+The same random-init model (BatchNorm statistics recalibrated on the batch) is quantized twice, with
 ``kernel="int8"`` and ``kernel="emulated"`` (identical calibration, so identical numbers: checked once per run).
 Prints, as medians of per-round ratios (every variant timed next to a float forward, pair order alternating
 between rounds):
@@ -32,6 +37,18 @@ from _common import environment, machine_line, paired_rounds, save_json  # bench
 from pytest_hwfault import FaultModel, native, quantize
 from pytest_hwfault.cifar_resnet import recalibrate_bn, resnet56
 from pytest_hwfault.faults import sample_pattern, trial_generator
+
+MODELS = ("resnet56", "resnet18", "resnet50")
+LABELS = {"resnet56": "ResNet56", "resnet18": "torchvision ResNet18", "resnet50": "torchvision ResNet50"}
+
+
+def _model(name: str) -> torch.nn.Module:
+    if name == "resnet56":
+        return resnet56()
+    import torchvision
+
+    return getattr(torchvision.models, name)(weights=None)
+
 
 # profiler op name -> category of the int8 forward's time
 CATEGORIES = {
@@ -97,6 +114,8 @@ def _breakdown(fn: Callable[[], object]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--model", choices=MODELS, default="resnet56")
+    parser.add_argument("--image-size", type=int, help="default: 32 for resnet56, 224 for the others")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--ber", type=float, default=1e-5)
     parser.add_argument("--threads", type=int, default=2)
@@ -105,10 +124,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    x = torch.randn(args.batch, 3, 32, 32)
-    model = recalibrate_bn(resnet56(), x)
+    size = args.image_size or (32 if args.model == "resnet56" else 224)
+    x = torch.randn(args.batch, 3, size, size)
+    model = recalibrate_bn(_model(args.model), x)
     views = {"int8": quantize(model, x, kernel="int8"), "emulated": quantize(model, x, kernel="emulated")}
     on_int8 = sum(kernel == "int8" for kernel in views["int8"].kernels.values())
+    wide = sum(layer.compute_dtype == torch.float64 for layer in views["int8"].layers.values())
     fault_model = FaultModel("act", args.ber)
     targets = views["int8"].targets(fault_model.site)
     others = {site: (FaultModel(site, args.ber), views["int8"].targets(FaultModel(site, args.ber).site))
@@ -173,13 +194,15 @@ def main(argv: list[str] | None = None) -> dict:
     breakdown = _breakdown(clean("int8"))
     result = {
         "benchmark": "kernels",
-        "model": "resnet56",
+        "model": args.model,
+        "image_size": size,
         "batch": args.batch,
         "ber": args.ber,
         "threads": args.threads,
         "rounds": args.rounds,
         "layers_on_int8": on_int8,
         "layers": len(views["int8"].layers),
+        "wide_layers": wide,
         "native": native.status(),
         "median_seconds": {k: statistics.median(v) for k, v in times.items()},
         "ratios_vs_float": ratios,
@@ -188,8 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
         **environment(),
     }
     med = result["median_seconds"]
-    print(f"ResNet56, batch {args.batch}, {args.threads} threads, {args.rounds} rounds of order-alternating pairs "
-          f"(median); {on_int8} of {len(views['int8'].layers)} layers on int8 kernels")
+    print(f"{LABELS[args.model]}, {size}x{size}, batch {args.batch}, {args.threads} threads, {args.rounds} rounds of "
+          f"order-alternating pairs (median); {on_int8} of {len(views['int8'].layers)} layers on int8 kernels, "
+          f"{wide} of them wide (float64 sums)")
     print(machine_line())
     print(f"  float forward                      {med['float'] * 1e3:8.1f} ms")
     for name, label in (("int8", "int8 path, fault-free"), ("int8_act", f"int8 path, act BER {args.ber:g}"),

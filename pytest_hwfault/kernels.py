@@ -7,7 +7,9 @@ comes out of an int8 kernel at a fraction of that cost:
 - Conv2d: oneDNN's int8 convolution (``torch.ops.onednn.qconv_prepack`` / ``qconv2d_pointwise``, the ops torch's
   x86 Inductor lowering uses) on uint8 input codes with a zero point, int8 weight codes, scales 1 and a float32
   output: the int32 accumulator (zero-point compensation included) converted to float32, exact because every
-  float32-computed layer's accumulator stays below 2^24 (`quantization._exact_dtype`). Weights are prepacked once per
+  float32-computed layer's accumulator stays below 2^24 (`quantization._exact_dtype`). A wide layer (float64
+  accumulator: a fan-in from ~1040 products on, as in any ImageNet CNN from 128 channels on) has its input channels
+  cut into chunks whose float32 results are exact, summed in float64. Weights are prepacked once per
   layer; a weight fault (which edits the module's weight codes in place) is seen by the weight's version counter,
   and the faulty codes are prepacked for that pass (or the original pack reused once the codes are restored). A
   batch runs at a padded size (`padded_batch`: few sizes, so oneDNN's cached primitives serve every batch a
@@ -21,9 +23,9 @@ The kernel replaces only the module's forward computation: the engine's pre-hook
 the emulated conv/linear gives, in the same memory layout. Every number is therefore the same on both paths.
 
 A kernel is used only after `available` has checked it on this machine against float64 integer arithmetic (codes at
--128/0/127/255 at every position, several shapes, strides, groups and layouts); a layer whose codes do not fit
-int8/uint8 (bits > 8), a wide Conv2d (float64 accumulator), other layer types, a module on a non-CPU device, and a
-forward with autograd recording all run on the emulated path.
+-128/0/127/255 at every position, several shapes, strides, groups and layouts, chunked sums past 2^24); a layer
+whose codes do not fit int8/uint8 (bits > 8), other layer types, a module on a non-CPU device, and a forward with
+autograd recording all run on the emulated path.
 """
 
 from __future__ import annotations
@@ -53,9 +55,11 @@ __all__ = ["CHUNK_FAN_IN", "CHUNK_WEIGHT_SUM", "KERNELS", "Int8Conv2d", "Int8For
 # the zero-point compensation is taken off (measured: a fan-in of 576 at codes near 255 x 127 comes out off by 1).
 # A raw sum is at most 255 x the sum of |w| over the output channel's weights, whatever the inputs (padding
 # included: it holds the zero point, a byte too). So a layer's input channels are cut into chunks where that bound
-# stays below 2^24 (each a conv with the other chunks' weights zeroed): every chunk's result is then exact, and so is
-# their float32 sum, which is the accumulator. The chunks follow the actual codes (faulty ones too: repacked), so a
-# layer whose weights are far from all +-128 (any trained or initialised one: mean |code| ~30 of 127) is one conv.
+# stays below 2^24 (each a conv over its own input channels, or for grouped weights a conv with the other chunks'
+# weights zeroed): every chunk's result is then exact, and so is their sum (float32 where the accumulator stays below
+# 2^24, float64 for a wide layer), which is the accumulator. The chunks follow the actual codes (faulty ones too:
+# repacked), so a float32 layer whose weights are far from all +-128 (any trained or initialised one: mean |code| ~30
+# of 127) is one conv; a wide layer is a few.
 CHUNK_WEIGHT_SUM = ((1 << 24) - 1) // 255  # 65793: the largest sum of |weight code| one chunk may hold
 CHUNK_FAN_IN = CHUNK_WEIGHT_SUM // 128  # 514 products of a uint8 and an int8 code: always within the bound
 
@@ -80,33 +84,49 @@ def weight_chunks(weight_codes: torch.Tensor) -> list[tuple[int, int]] | None:
     return chunks
 
 
+# One chunk of a layer's packed weights: the input channels it reads where it reads a slice of them (groups=1: its
+# own channels only, so the chunks together cost one convolution), or None where it reads them all (one chunk, or
+# grouped weights with the other chunks' codes zeroed), and oneDNN's packed form (an opaque tensor).
+ConvChunk = tuple[tuple[int, int] | None, torch.Tensor]
+
+
 def conv2d_packs(weight_codes: torch.Tensor, zero_point: int, stride: tuple[int, ...], padding: tuple[int, ...],
-                 dilation: tuple[int, ...], groups: int) -> list[torch.Tensor] | None:
-    """oneDNN's packed forms (opaque tensors) of int8 weight codes [K, C/groups, kh, kw], one per chunk of input
-    channels (`weight_chunks`); None where one input channel's kernel window alone needs more than one chunk."""
+                 dilation: tuple[int, ...], groups: int) -> list[ConvChunk] | None:
+    """oneDNN's packed forms of int8 weight codes [K, C/groups, kh, kw], one per chunk of input channels
+    (`weight_chunks`); None where one input channel's kernel window alone needs more than one chunk."""
     codes = weight_codes.to(torch.int8).contiguous()
     ranges = weight_chunks(codes)
     if ranges is None:
         return None
-    chunks = [codes] if len(ranges) == 1 else [
-        torch.zeros_like(codes).index_copy_(1, torch.arange(start, stop), codes[:, start:stop])
-        for start, stop in ranges]
-    return [torch.ops.onednn.qconv_prepack(chunk, torch.ones(codes.shape[0]), 1.0, zero_point, list(stride),
-                                           list(padding), list(dilation), groups, None) for chunk in chunks]
+
+    def pack(chunk: torch.Tensor) -> torch.Tensor:
+        return torch.ops.onednn.qconv_prepack(chunk, torch.ones(codes.shape[0]), 1.0, zero_point, list(stride),
+                                              list(padding), list(dilation), groups, None)
+
+    if len(ranges) == 1:
+        return [(None, pack(codes))]
+    if groups == 1:
+        return [((start, stop), pack(codes[:, start:stop].contiguous())) for start, stop in ranges]
+    return [(None, pack(torch.zeros_like(codes).index_copy_(1, torch.arange(start, stop), codes[:, start:stop])))
+            for start, stop in ranges]
 
 
-def conv2d_int32(x: torch.Tensor, packs: list[torch.Tensor], out_channels: int, zero_point: int,
+def conv2d_int32(x: torch.Tensor, packs: list[ConvChunk], out_channels: int, zero_point: int,
                  stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...],
-                 groups: int) -> torch.Tensor:
+                 groups: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The exact accumulator sum((x - zero_point) * w) of a convolution of uint8 `x` with weight codes packed by
-    `conv2d_packs`, as float32 (exact while |acc| < 2^24)."""
+    `conv2d_packs`, in `dtype`: float32 (exact while |acc| < 2^24) or float64 (exact: each chunk's float32 result
+    is, and their float64 sum)."""
     ones, zeros = _unit_scales(out_channels)
     acc: torch.Tensor | None = None
-    for packed in packs:
+    for channels, packed in packs:
         out = torch.ops.onednn.qconv2d_pointwise(
-            x, 1.0, zero_point, packed, ones, zeros, None, list(stride), list(padding), list(dilation), groups, 1.0,
-            0, torch.float32, "none", [], "")
-        acc = out if acc is None else acc.add_(out)
+            x if channels is None else x[:, channels[0]:channels[1]], 1.0, zero_point, packed, ones, zeros, None,
+            list(stride), list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], "")
+        if acc is None:
+            acc = out if dtype == torch.float32 else out.to(dtype)
+        else:
+            acc.add_(out)
     assert acc is not None
     return acc
 
@@ -135,13 +155,19 @@ def _reference_conv(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int,
 
 def _probe_conv() -> bool:
     generator = torch.Generator().manual_seed(16)
-    cases = [(2, 64, 6, 64, 1, 1, 1), (3, 32, 7, 48, 2, 1, 1), (2, 32, 5, 32, 1, 0, 4), (1, 3, 9, 16, 1, 1, 1),
-             (2, 112, 5, 16, 2, 1, 1)]
-    for n, c, h, k, stride, padding, groups in cases:
+    # (images, channels, size, out channels, stride, padding, groups, accumulator dtype); the float64 cases sum
+    # several chunks past 2^24 (a wide layer's)
+    cases = [(2, 64, 6, 64, 1, 1, 1, torch.float32), (3, 32, 7, 48, 2, 1, 1, torch.float32),
+             (2, 32, 5, 32, 1, 0, 4, torch.float32), (1, 3, 9, 16, 1, 1, 1, torch.float32),
+             (2, 112, 5, 16, 2, 1, 1, torch.float32), (2, 256, 5, 16, 1, 1, 1, torch.float64),
+             (1, 192, 4, 8, 1, 1, 2, torch.float64)]
+    for n, c, h, k, stride, padding, groups, dtype in cases:
         shape, wshape = (n, c, h, h), (k, c // groups, 3, 3)
         codes = [torch.full(shape, v) for v in (-128, 127)] + [torch.randint(-128, 128, shape, generator=generator)]
         weights = [torch.full(wshape, v) for v in (-128, 127)] + [torch.randint(-128, 128, wshape,
                                                                                  generator=generator)]
+        if dtype == torch.float64:  # large sums of one sign with random low bits: float32 would round them
+            weights.append(torch.randint(100, 128, wshape, generator=generator))
         if math.prod(wshape[1:]) > CHUNK_FAN_IN:  # one chunk at its bound: raw sums of 255 x 65793 = 2^24 - 1
             edge = torch.zeros(wshape, dtype=torch.int64)
             edge.view(k, -1)[:, :CHUNK_FAN_IN] = -128
@@ -154,10 +180,14 @@ def _probe_conv() -> bool:
                     return False
                 for x in codes:
                     x = x.clamp(low, low + 255)
+                    reference = _reference_conv(x, w, stride, padding, groups)
+                    if dtype == torch.float32 and bool(reference.abs().max() >= 1 << 24):
+                        continue  # a float32 layer's sums stay below 2^24 (`quantization._exact_dtype`)
                     for layout in (torch.contiguous_format, torch.channels_last):
                         u8 = (x + zero_point).to(torch.uint8).contiguous(memory_format=layout)
-                        got = conv2d_int32(u8, packed, k, zero_point, (stride,) * 2, (padding,) * 2, (1, 1), groups)
-                        if not torch.equal(got.double(), _reference_conv(x, w, stride, padding, groups)):
+                        got = conv2d_int32(u8, packed, k, zero_point, (stride,) * 2, (padding,) * 2, (1, 1), groups,
+                                           dtype)
+                        if got.dtype != dtype or not torch.equal(got.double(), reference):
                             return False
     return True
 
@@ -238,10 +268,12 @@ class Int8Forward:
         self.fallbacks += 1
         return type(self.module).forward(self.module, x)
 
-    def usable(self, x: torch.Tensor) -> bool:
+    def usable(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+        """Whether the kernel computes this call: on `x`, the layer's input codes (or, with `dtype`, the values the
+        engine is about to quantize into codes of that compute dtype)."""
         weight = self.module.weight
         return (x.device.type == "cpu" and isinstance(weight, torch.Tensor) and weight.device.type == "cpu"
-                and x.dtype == self.dtype and weight.dtype == self.dtype
+                and (dtype or x.dtype) == self.dtype and weight.dtype == self.dtype
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
                 # a dispatch mode watching the ops (the coverage's flop counter, fake tensors) sees the
                 # conv/linear it knows, not an opaque packed weight
@@ -281,16 +313,16 @@ class Int8Conv2d(Int8Forward):
         self.geometry: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int] = (
             tuple(module.stride), tuple(padding), tuple(module.dilation), module.groups)
         self.out_channels = module.out_channels
-        self._packed: tuple[torch.Tensor, list[torch.Tensor]] | None = None  # (int8 codes, their packs)
-        self._faulty: tuple[Any, list[torch.Tensor]] | None = None  # (weight version, packs) of faulty codes
+        self._packed: tuple[torch.Tensor, list[ConvChunk]] | None = None  # (int8 codes, their packs)
+        self._faulty: tuple[Any, list[ConvChunk]] | None = None  # (weight version, packs) of faulty codes
         self._seen: Any = None  # the weight version the original pack was last confirmed for
 
-    def _pack(self, codes: torch.Tensor) -> list[torch.Tensor]:
+    def _pack(self, codes: torch.Tensor) -> list[ConvChunk]:
         packs = conv2d_packs(codes, self.zero_point, *self.geometry)
         assert packs is not None  # `kernel_for` checked the kernel window
         return packs
 
-    def _weight_pack(self) -> list[torch.Tensor]:
+    def _weight_pack(self) -> list[ConvChunk]:
         weight = self.module.weight
         assert isinstance(weight, torch.Tensor)
         version = _version(weight)
@@ -351,7 +383,7 @@ class Int8Conv2d(Int8Forward):
         """The accumulator of the layer's `x.shape[0]` images, from their bytes at the head of the padded `u8`."""
         stride, padding, dilation, groups = self.geometry
         acc = conv2d_int32(u8, self._weight_pack(), self.out_channels, self.zero_point, stride, padding, dilation,
-                           groups)[: x.shape[0]]
+                           groups, self.dtype)[: x.shape[0]]
         # oneDNN answers channels-last; the emulated conv keeps an NCHW input's layout, which
         # quantize(memory_format="preserve") promises the model's own hooks (a channels-last input, even with one
         # channel, has channel stride 1)
@@ -419,7 +451,7 @@ def kernel_for(layer: QuantLayer) -> type[Int8Forward] | None:
         return None
     if type(module) is nn.Conv2d:
         if (module.padding_mode != "zeros" or isinstance(module.padding, str) or module.bias is not None
-                or layer.compute_dtype != torch.float32  # the kernel's float32 result is exact below 2^24 only
+                or layer.compute_dtype not in (torch.float32, torch.float64)
                 or math.prod(module.kernel_size) > CHUNK_FAN_IN):
             return None
         return Int8Conv2d if available("conv2d") else None

@@ -212,20 +212,22 @@ class QuantizedModel:
                         else None
                     # a producer's codes are in range already
                     low, high = (in_low, in_high) if layer.input_source is None or operand else (None, None)
+                    # an int8 kernel's input bytes straight from the values where nothing else reads the float
+                    # codes (no input fault, no faulty PE, no hook of the user's): one pass instead of two (a wide
+                    # layer's codes are the same float32 quantizer's)
+                    forward = module.__dict__.get("forward") if edit is None and runtime.pe is None and \
+                        operands == 1 and not user_hooked else None
+                    byte_input = getattr(forward, "byte_input", None)
+                    if forward is not None and byte_input is not None and forward.usable(x, wide):
+                        out = runtime.input_buffer(x, layout, None, operand)  # where the codes would be laid out
+                        target = byte_input(out)
+                        if target is not None and native.quantize_to_bytes(x, target, inv_scale, low, high,
+                                                                           forward.zero_point):
+                            runtime.strides[key(Site.INPUT, part)] = out.stride()
+                            codes.append(target)
+                            continue
                     if wide is None:
                         out = runtime.input_buffer(x, layout, None, operand)
-                        # an int8 kernel's input bytes straight from the values where nothing else reads the float
-                        # codes (no input fault, no faulty PE, no hook of the user's): one pass instead of two
-                        forward = module.__dict__.get("forward") if edit is None and runtime.pe is None and \
-                            operands == 1 and not user_hooked else None
-                        byte_input = getattr(forward, "byte_input", None)
-                        if forward is not None and byte_input is not None and forward.usable(x):
-                            target = byte_input(out)
-                            if target is not None and native.quantize_to_bytes(x, target, inv_scale, low, high,
-                                                                               forward.zero_point):
-                                runtime.strides[key(Site.INPUT, part)] = out.stride()
-                                codes.append(target)
-                                continue
                         x = out if native.quantize(x, out, inv_scale, low, high) else \
                             native.eager_quantize(x, out, inv_scale, low, high)
                     else:  # the same float32 quantizer, then the codes in the wide compute dtype

@@ -35,14 +35,17 @@ needs_linear = pytest.mark.skipif(not available("linear"), reason="no exact torc
 
 
 def _codes(data: st.DataObject, shape: tuple[int, ...], low: int, high: int, label: str) -> torch.Tensor:
-    """Codes in [low, high]: random, or all at an extreme, or random with the extremes at random positions."""
-    mode = data.draw(st.sampled_from(["random", "low", "high", "extremes"]), f"{label} mode")
+    """Codes in [low, high]: random, or all at an extreme, or random with the extremes at random positions, or random
+    near the top (large sums of one sign with random low bits: a float32 sum past 2^24 rounds them)."""
+    mode = data.draw(st.sampled_from(["random", "low", "high", "extremes", "near high"]), f"{label} mode")
     seed = data.draw(st.integers(0, 2**31 - 1), f"{label} seed")
     generator = torch.Generator().manual_seed(seed)
     if mode == "low":
         return torch.full(shape, low)
     if mode == "high":
         return torch.full(shape, high)
+    if mode == "near high":
+        return torch.randint(high - (high - low) // 8, high + 1, shape, generator=generator)
     codes = torch.randint(low, high + 1, shape, generator=generator)
     if mode == "extremes":
         where = torch.randint(0, 3, shape, generator=generator)
@@ -57,7 +60,10 @@ def _codes(data: st.DataObject, shape: tuple[int, ...], low: int, high: int, lab
 def test_conv2d_accumulator_is_exact(data: st.DataObject) -> None:
     groups = data.draw(st.sampled_from([1, 1, 2, 4]), "groups")
     kernel = data.draw(st.sampled_from([1, 3, 5]), "kernel")
-    per_group = data.draw(st.integers(1, max(1, 1023 // (kernel * kernel))), "channels per group")
+    # float64: a wide layer's accumulator, whose chunks' float32 results are summed past 2^24
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float64]), "accumulator dtype")
+    fan_in = 1023 if dtype == torch.float32 else 4000
+    per_group = data.draw(st.integers(1, max(1, fan_in // (kernel * kernel))), "channels per group")
     channels = per_group * groups
     out = data.draw(st.integers(1, 6), "out per group") * groups
     size = data.draw(st.integers(kernel, 9), "size")
@@ -79,11 +85,11 @@ def test_conv2d_accumulator_is_exact(data: st.DataObject) -> None:
     results = []
     for n in (1, 2):
         with threads(n):
-            results.append(conv2d_int32(u8, packs, out, zero_point, *geometry))
+            results.append(conv2d_int32(u8, packs, out, zero_point, *geometry, dtype))
     for got in results:
-        assert got.dtype == torch.float32
-        if reference.abs().max() < 1 << 24:  # float32 holds it exactly: the kernel must give it
-            assert torch.equal(got.double(), reference)
+        assert got.dtype == dtype
+        if dtype == torch.float64 or reference.abs().max() < 1 << 24:  # the dtype holds it exactly: the kernel
+            assert torch.equal(got.double(), reference)  # must give it
     assert torch.equal(results[0], results[1])
 
 
@@ -146,6 +152,25 @@ def test_conv2d_in_one_chunk_is_inexact_past_2_to_24() -> None:
     assert chunked is not None and len(chunked) == 2
     got = conv2d_int32((x + 128).to(torch.uint8), chunked, 32, 128, (1, 1), (1, 1), (1, 1), 1)
     assert torch.equal(got.double(), reference)
+
+
+@needs_conv
+def test_wide_accumulator_sums_chunks_past_2_to_24_exactly() -> None:
+    """A wide layer's accumulator (float64): large sums of one sign with random low bits, cut into chunks whose
+    float32 results are exact and summed in float64; summed in float32 they would be rounded."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randint(100, 128, (2, 256, 6, 6), generator=generator)
+    w = torch.randint(100, 128, (8, 256, 3, 3), generator=generator)
+    w[::2] *= -1
+    reference = F.conv2d(x.double(), w.double(), padding=1)
+    assert reference.abs().max() > 1 << 24
+    packs = conv2d_packs(w, 128, (1, 1), (1, 1), (1, 1), 1)
+    assert packs is not None and len(packs) > 1 and all(channels is not None for channels, _ in packs)
+    u8 = (x + 128).to(torch.uint8).contiguous(memory_format=torch.channels_last)
+    got = conv2d_int32(u8, packs, 8, 128, (1, 1), (1, 1), (1, 1), 1, torch.float64)
+    assert got.dtype == torch.float64 and torch.equal(got, reference)
+    in_float32 = conv2d_int32(u8, packs, 8, 128, (1, 1), (1, 1), (1, 1), 1)
+    assert not torch.equal(in_float32.double(), reference)  # why the sum is float64
 
 
 @needs_linear
@@ -263,6 +288,53 @@ def test_resnet56_trials_bit_identical() -> None:
         _assert_identical(reference, _outputs(int8, x, patterns, split, 1))
     _assert_identical(reference, _outputs(int8, x, patterns, None, 1, eager=True))
     assert torch.equal(int8(x), reference["clean"])
+
+
+class WideConvNet(nn.Module):
+    """Convolutions whose sums may pass 2^24 (fan-ins 160 x 9 and 80 x 25: float64 accumulators), one of them
+    grouped, beside float32 ones; weights as initialised (mean |code| ~64), so each wide layer's codes are cut
+    into chunks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 160, 3, padding=1)
+        self.wide = nn.Conv2d(160, 160, 3, padding=1)
+        self.grouped = nn.Conv2d(160, 64, 5, padding=2, groups=2, bias=False)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.stem(x))
+        y = torch.relu(self.wide(y)) + y
+        return self.head(torch.relu(self.grouped(y)).mean((2, 3)))
+
+
+@needs_conv
+@pytest.mark.parametrize("memory_format", ["auto", "preserve"])
+def test_wide_convolutions_run_on_int8_kernels_bit_identical(memory_format: str) -> None:
+    """A wide Conv2d (float64 accumulator) sums its chunks' exact float32 results in float64 on the int8 path: every
+    site and a faulty PE give the emulated float64 convolution's numbers, whole and split, in its layouts."""
+    from pytest_hwfault.kernels import Int8Conv2d
+
+    torch.manual_seed(0)
+    model, x = WideConvNet().eval(), torch.randn(10, 3, 12, 12)
+    int8 = quantize(model, x, kernel="int8", memory_format=memory_format)
+    emulated = quantize(model, x, kernel="emulated", memory_format=memory_format)
+    assert set(int8.kernels.values()) == {"int8"}
+    dtypes = {name: layer.compute_dtype for name, layer in int8.layers.items()}
+    assert dtypes == {"stem": torch.float32, "wide": torch.float64, "grouped": torch.float64, "head": torch.float32}
+    wide = int8.layers["wide"].module.forward
+    assert isinstance(wide, Int8Conv2d) and len(wide._weight_pack()) > 1  # several chunks, each its own channels
+    grouped = int8.layers["grouped"].module.forward
+    assert isinstance(grouped, Int8Conv2d) and len(grouped._weight_pack()) > 1
+    patterns = _patterns(emulated, len(x), pe=True)
+    reference = _outputs(emulated, x, patterns, None, 1, eager=True)
+    assert all(not torch.equal(reference[site], reference["clean"]) for site in patterns)
+    for split, n_threads in ((None, 2), (3, 1)):
+        _assert_identical(reference, _outputs(int8, x, patterns, split, n_threads))
+    _assert_identical(reference, _outputs(int8, x, patterns, 4, 1, eager=True))
+    assert torch.equal(int8(x), reference["clean"])
+    assert int8._runtime.strides == emulated._runtime.strides
+    assert wide.fallbacks == 0 and grouped.fallbacks == 0
 
 
 @needs_conv
