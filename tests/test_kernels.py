@@ -473,6 +473,29 @@ def test_deployed_models_bit_identical(fmt: str, digits: object, tmp_path: objec
 
 
 @needs_conv
+@pytest.mark.parametrize("fmt", ["ao_fx", "pt2e", "onnx_u8"])
+def test_deployed_wide_layers_bit_identical(fmt: str, tmp_path: object) -> None:
+    """A deployed model whose convolutions sum in float64 (128 channels, 3x3: unsigned or signed codes whose sums
+    may pass 2^24) computes them on int8 kernels, with the numbers of its runtime's arithmetic on the emulated path."""
+    from deployed_models import ResNetStyle, to_ao_fx, to_onnx_qdq, to_pt2e
+
+    pytest.importorskip("onnxruntime" if fmt.startswith("onnx") else "torchao" if fmt == "pt2e" else "torch")
+    with seeded(0):
+        calibration, x = torch.randn(32, 1, 8, 8), torch.randn(6, 1, 8, 8)
+        net = recalibrate_bn(ResNetStyle(channels=128), calibration)
+    model = (to_ao_fx(net, calibration) if fmt == "ao_fx" else to_pt2e(net, calibration) if fmt == "pt2e"
+             else to_onnx_qdq(net, calibration, tmp_path, fmt.split("_")[1]))
+    int8, emulated = quantize(model, calibration, kernel="int8"), quantize(model, calibration, kernel="emulated")
+    assert set(int8.kernels.values()) == {"int8"}
+    assert torch.float64 in {layer.compute_dtype for layer in int8.layers.values()}
+    patterns = _patterns(emulated, len(x), pe=False)
+    reference = _outputs(emulated, x, patterns, None, 1, eager=True)
+    assert all(not torch.equal(reference[site], reference["clean"]) for site in patterns)
+    _assert_identical(reference, _outputs(int8, x, patterns, None, 2))
+    _assert_identical(reference, _outputs(int8, x, patterns, 4, 1))
+
+
+@needs_conv
 @pytest.mark.parametrize("site", ["act", "weight", "acc"])
 def test_campaign_trials_bit_identical(site: str) -> None:
     """Campaign trials (fault dropping and late start on: the suffix graphs run the same modules) agree."""
