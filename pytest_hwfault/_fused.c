@@ -74,6 +74,37 @@ void hw_requantize(float *acc, int64_t n, int64_t channels, int64_t inner, const
     }
 }
 
+static inline double clamp_like_torch_double(double v, double low, double high) {
+    v = low > v ? low : v;
+    return high < v ? high : v;
+}
+
+/* The requantization of a wide layer's float64 accumulator into float32 `out` (its own memory, laid out like acc),
+ * as the engine's eager chain computes it: acc + bias in float64, then either the rest in float64 (a calibrated
+ * layer: times the multiplier, plus bias_after and pre_round, rounded, plus post_round, clamped, to float32) or,
+ * with `in_float32` (a deployed runtime's int32 -> float conversion), converted to float32 first and the rest as
+ * hw_requantize does it; then times `scale`. The per-channel arrays are float64 (bias codes may pass 2^24; the
+ * float32 multipliers and float biases are held exactly). Channel of element i as in hw_requantize. */
+void hw_requantize_wide(const double *acc, float *out, int64_t n, int64_t channels, int64_t inner, const double *bias,
+                        const double *mult, const double *bias_after, double pre_round, double post_round, double low,
+                        double high, float scale, int in_float32, int threads) {
+    const float pre32 = (float)pre_round, post32 = (float)post_round, low32 = (float)low, high32 = (float)high;
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_FROM)
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t c = (inner == 1 ? i : i / inner) % channels;
+        const double a = acc[i] + bias[c];
+        float code;
+        if (in_float32) {
+            const float v = nearbyintf((float)a * (float)mult[c] + (float)bias_after[c] + pre32) + post32;
+            code = clamp_like_torch(v, low32, high32);
+        } else {
+            const double v = nearbyint(a * mult[c] + bias_after[c] + pre_round) + post_round;
+            code = (float)clamp_like_torch_double(v, low, high);
+        }
+        out[i] = code * scale;
+    }
+}
+
 /* a = relu(a + b), in place: torch's a.add_(b).relu_() (the model's own residual sum and its ReLU, `inplace.py`),
  * a and b laid out alike. torch's ReLU keeps -0.0 and NaN, and gives +0.0 for a negative sum. */
 void hw_add_relu(float *a, const float *b, int64_t n, int threads) {

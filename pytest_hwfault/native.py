@@ -56,6 +56,7 @@ _SIGNATURES = {
     "hw_apply_edit": [_P, _I, _P, _I, _P, _P, _P, _C, _C, _F, _C, _I, _C, _C],
     "hw_requantize_edit_relu": [_P, _I, _I, _I, _P, _P, _P, _F, _F, _F, _F, _F, _F, _P, _I, _P, _P, _P, _C, _C, _I,
                                 _C, _P, _C],
+    "hw_requantize_wide": [_P, _P, _I, _I, _I, _P, _P, _P, _D, _D, _D, _D, _F, _C, _C],
     "hw_gap_positions": [_P, _I, _D, _D, _I, _P],
     "hw_compose_place": [_P, _P, _I, _I, _I, _P, _P, _C],
 }
@@ -227,6 +228,20 @@ def eager_requantize(acc: torch.Tensor, bias: torch.Tensor | None, multiplier: t
     return acc if scale is None else acc.mul_(scale)
 
 
+def eager_requantize_wide(acc: torch.Tensor, bias: torch.Tensor | None, multiplier: torch.Tensor,
+                          bias_after: torch.Tensor | None, pre_round: float | None, post_round: float | None,
+                          low: float, high: float, scale: float | None, in_float32: bool) -> torch.Tensor:
+    """A wide layer's float64 accumulator requantized as the engine's eager chain does it (`qmodel`): the bias
+    added in float64, then the rest in float64, or (`in_float32`: a deployed runtime) in float32 after converting;
+    the codes in float32, times `scale`. Returns the float32 result (acc is overwritten)."""
+    if in_float32:
+        if bias is not None:
+            acc.add_(bias)
+        return eager_requantize(acc.float(), None, multiplier, bias_after, pre_round, post_round, low, high, scale)
+    out = eager_requantize(acc, bias, multiplier, bias_after, pre_round, post_round, low, high, None).float()
+    return out if scale is None else out.mul_(scale)
+
+
 def eager_requantize_edit_relu(acc: torch.Tensor, bias: torch.Tensor | None, multiplier: torch.Tensor,
                                bias_after: torch.Tensor | None, pre_round: float | None, post_round: float | None,
                                low: float, high: float, scale: float | None, edit: Any, bits: int, zero_point: int,
@@ -332,7 +347,49 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
         lib.hw_add_relu(got.data_ptr(), other.data_ptr(), got.numel(), threads)
         if not _same_bits(got, want):
             return "add then ReLU"
-    return _check_edits(lib) or _check_requantize_edits(lib) or _check_sampling(lib)
+    return _check_edits(lib) or _check_requantize_edits(lib) or _check_requantize_wide(lib) or _check_sampling(lib)
+
+
+def _check_requantize_wide(lib: ctypes.CDLL) -> str | None:
+    """hw_requantize_wide against `eager_requantize_wide`: both loop shapes, float64 and float32 arithmetic,
+    accumulators past 2^24 and near 2^53 (odd ones: the float32 conversion rounds them), ties after scaling, bias
+    codes past 2^24, every optional step, special multipliers (a qparams fault's NaN, infinities, zero), one thread
+    and several."""
+    generator = torch.Generator().manual_seed(18)
+    channels = 7
+    for inner in (1, 5):
+        shape = (1200, channels, inner)
+        magnitude = 2.0 ** torch.randint(0, 52, shape, generator=generator).double()
+        acc = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1).mul_(magnitude).round_()
+        acc.view(-1)[:600] = torch.arange(-300, 300, dtype=torch.float64) * 2 + 1  # odd: ties at multiplier 1/2
+        # one off a tie at multiplier 2^-20 (k + 1/2 +- 2^-20): float64 rounds it away from the tie, a float32
+        # conversion (which drops the 1) to the even code
+        ties = (torch.arange(-128, 128, dtype=torch.float64) * 2 + 1) * 2.0**19
+        acc.view(-1)[600:1112] = torch.cat([ties + 1, ties - 1])
+        bias = torch.randint(-(1 << 30), 1 << 30, (channels, 1), generator=generator).double()
+        multipliers = (torch.rand(channels, 1, generator=generator) / 2 ** 20,
+                       2.0 ** -torch.randint(0, 30, (channels, 1), generator=generator).float(),
+                       torch.tensor([[0.5], [float("nan")], [float("inf")], [-float("inf")], [0.0], [-0.0], [3.0]]))
+        for in_float32 in (False, True):
+            for multiplier, bias_, bias_after, pre, post, scale in (
+                    (multipliers[0], bias, None, None, None, 0.0173),
+                    (multipliers[1], None, torch.randn(channels, 1, generator=generator) * 3, 4.25, -4.0, None),
+                    (multipliers[2], bias, torch.full((channels, 1), 0.5), None, 3.0, 0.5),
+                    (torch.full((1, 1), 2.0 ** -24), bias, None, 1.5, None, None),
+                    (torch.full((channels, 1), 2.0 ** -20), None, None, None, None, 0.25)):
+                want = eager_requantize_wide(acc.clone(), bias_, multiplier, bias_after, pre, post, -127.0, 127.0,
+                                             scale, in_float32)
+                arrays = _arrays_wide(channels, bias_, multiplier, bias_after)
+                for threads in (1, max(2, torch.get_num_threads())):
+                    got = torch.empty(shape)
+                    lib.hw_requantize_wide(acc.data_ptr(), got.data_ptr(), acc.numel(), channels, inner,
+                                           *(t.data_ptr() for t in arrays), -0.0 if pre is None else pre,
+                                           -0.0 if post is None else post, -127.0, 127.0,
+                                           1.0 if scale is None else scale, in_float32, threads)
+                    if not _same_bits(got, want):
+                        return (f"wide requantize with inner {inner}, float32 arithmetic {in_float32}, bias "
+                                f"{bias_ is not None}, steps {pre, post}")
+    return None
 
 
 def _check_edits(lib: ctypes.CDLL) -> str | None:
@@ -590,6 +647,66 @@ def _requantize(lib: ctypes.CDLL, acc: torch.Tensor, inner: int, channels: int, 
     lib.hw_requantize(acc.data_ptr(), acc.numel(), channels, inner, *(t.data_ptr() for t in arrays),
                       -0.0 if pre_round is None else pre_round, -0.0 if post_round is None else post_round,
                       low, high, 1.0 if scale is None else scale, threads)
+
+
+def requantize_wide(acc: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None, multiplier: torch.Tensor,
+                    bias_after: torch.Tensor | None, pre_round: float | None, post_round: float | None,
+                    low: float, high: float, scale: float | None, in_float32: bool) -> bool:
+    """`eager_requantize_wide` of a float64 accumulator into float32 `out` (laid out like acc); False, having done
+    nothing, where the fused pass does not apply."""
+    lib = _active()
+    if (lib is None or acc.dtype != torch.float64 or acc.device.type != "cpu" or acc.requires_grad
+            or not _plain(out) or out.shape != acc.shape or out.stride() != acc.stride() or acc.numel() == 0
+            or not is_dense(tuple(acc.shape), acc.stride())
+            # float32 arithmetic reads float32 multipliers and biases (torch would compute a float64 one's product
+            # in float64)
+            or (in_float32 and any(t is not None and t.dtype != torch.float32 for t in (multiplier, bias_after)))):
+        return False
+    prepared = _prepared_wide(tuple(acc.shape), bias, multiplier, bias_after)
+    if prepared is None:
+        return False
+    dim, channels, arrays = prepared
+    lib.hw_requantize_wide(acc.data_ptr(), out.data_ptr(), acc.numel(), channels,
+                           acc.stride(dim) if channels > 1 else 1, *(t.data_ptr() for t in arrays),
+                           -0.0 if pre_round is None else pre_round, -0.0 if post_round is None else post_round,
+                           low, high, 1.0 if scale is None else scale, in_float32, torch.get_num_threads())
+    increment_version(out)
+    return True
+
+
+# hw_requantize_wide's float64 arrays per (acc shape, tensors and their versions), as `_PREPARED`
+_PREPARED_WIDE: dict[tuple[Any, ...], tuple[tuple[torch.Tensor | None, ...],
+                                             tuple[int, int, list[torch.Tensor]] | None]] = {}
+
+
+def _prepared_wide(acc_shape: tuple[int, ...], *tensors: torch.Tensor | None
+                   ) -> tuple[int, int, list[torch.Tensor]] | None:
+    try:
+        key = (acc_shape, *((id(t), t._version) if t is not None else None for t in tensors))
+    except RuntimeError:
+        key = None
+    hit = _PREPARED_WIDE.get(key) if key is not None else None
+    if hit is not None and all(a is b for a, b in zip(hit[0], tensors)):
+        return hit[1]
+    result: tuple[int, int, list[torch.Tensor]] | None = None
+    if all(t is None or (t.dtype in (torch.float32, torch.float64) and t.device.type == "cpu"
+                         and not t.requires_grad and t.is_contiguous()) for t in tensors):
+        found = _broadcast_dim(acc_shape, tuple(tuple(t.shape) for t in tensors if t is not None))
+        if found is not None:
+            dim, channels = found
+            result = (dim, channels, _arrays_wide(channels, *tensors))
+    if key is not None:
+        if len(_PREPARED_WIDE) > 4096:
+            _PREPARED_WIDE.clear()
+        _PREPARED_WIDE[key] = (tensors, result)
+    return result
+
+
+def _arrays_wide(channels: int, *tensors: torch.Tensor | None) -> list[torch.Tensor]:
+    """hw_requantize_wide's three per-channel float64 arrays (every float32 value held exactly)."""
+    return [torch.full((channels,), -0.0, dtype=torch.float64) if t is None
+            else t.double().reshape(-1).expand(channels).contiguous() if t.numel() == 1
+            else t.double().reshape(channels).contiguous() for t in tensors]
 
 
 def add_relu(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -204,7 +204,19 @@ class QuantizedModel:
             for operand, inv_scale in enumerate(inv_input_scales):
                 x, part = args[operand], call * operands + operand
                 edit = runtime.batch.get(key(Site.INPUT, part))
+                # an int8 kernel's input bytes written here where nothing else reads the float codes (no input
+                # fault, no faulty PE, no hook of the user's): one pass instead of two
+                forward = module.__dict__.get("forward") if edit is None and runtime.pe is None and \
+                    operands == 1 and not user_hooked else None
+                byte_input = getattr(forward, "byte_input", None)
                 if reads_codes and operand == 0:  # the producer's codes as they are; others may read them too
+                    if wide is not None and forward is not None and byte_input is not None and \
+                            forward.usable(x, wide):  # a wide layer's bytes from its producer's float32 codes
+                        target = byte_input(x)
+                        if target is not None and native.to_bytes(x, target, forward.zero_point):
+                            runtime.strides[key(Site.INPUT, part)] = x.stride()
+                            codes.append(target)
+                            continue
                     if edit is not None or wide is not None:
                         x = runtime.input_buffer(x, None, wide, operand).copy_(x)
                 else:  # written in the layer's compute layout while they are computed: no extra pass
@@ -212,12 +224,7 @@ class QuantizedModel:
                         else None
                     # a producer's codes are in range already
                     low, high = (in_low, in_high) if layer.input_source is None or operand else (None, None)
-                    # an int8 kernel's input bytes straight from the values where nothing else reads the float
-                    # codes (no input fault, no faulty PE, no hook of the user's): one pass instead of two (a wide
-                    # layer's codes are the same float32 quantizer's)
-                    forward = module.__dict__.get("forward") if edit is None and runtime.pe is None and \
-                        operands == 1 and not user_hooked else None
-                    byte_input = getattr(forward, "byte_input", None)
+                    # the bytes straight from the values (a wide layer's codes are the same float32 quantizer's)
                     if forward is not None and byte_input is not None and forward.usable(x, wide):
                         out = runtime.input_buffer(x, layout, None, operand)  # where the codes would be laid out
                         target = byte_input(out)
@@ -279,14 +286,23 @@ class QuantizedModel:
                     runtime.strides[acc_key] = acc.stride()
                 runtime.strides[act_key] = acc.stride()
                 return acc
-            # the whole chain below in one pass where it applies (`native`: the same numbers)
-            if not float_output and native.requantize(
-                    acc, bias, requant, bias_after, pre_round, post_round, act_floor, act_high,
-                    None if hands_on_codes else act_scale):
+            # the whole chain below in one pass where it applies (`native`: the same numbers); a wide layer's
+            # float64 accumulator into float32 values of its own
+            fused = None
+            if not float_output:
+                if wide is None:
+                    fused = acc if native.requantize(acc, bias, requant, bias_after, pre_round, post_round, act_floor,
+                                                     act_high, None if hands_on_codes else act_scale) else None
+                else:
+                    values = torch.empty_like(acc, dtype=torch.float32)
+                    fused = values if native.requantize_wide(
+                        acc, values, bias, requant, bias_after, pre_round, post_round, act_floor, act_high,
+                        None if hands_on_codes else act_scale, runtime_float32) else None
+            if fused is not None:
                 if acc_edit is None:
                     runtime.strides[acc_key] = acc.stride()
-                runtime.strides[act_key] = acc.stride()
-                out = acc
+                runtime.strides[act_key] = fused.stride()
+                out = fused
                 if act_edit is not None:  # on the faulty values only: code = round(value / scale) exactly, and the
                     # new code x scale is the float32 product the eager chain makes (no second pass over the tensor)
                     out = apply_edit_to(out, act_edit if hands_on_codes else replace(act_edit, scale=act_scale), bits,

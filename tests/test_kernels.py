@@ -299,12 +299,13 @@ class WideConvNet(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(3, 160, 3, padding=1)
         self.wide = nn.Conv2d(160, 160, 3, padding=1)
+        self.linked = nn.Conv2d(160, 160, 3, padding=1)  # reads `wide`'s codes, through its ReLU
         self.grouped = nn.Conv2d(160, 64, 5, padding=2, groups=2, bias=False)
         self.head = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.relu(self.stem(x))
-        y = torch.relu(self.wide(y)) + y
+        y = self.linked(torch.relu(self.wide(y))) + y
         return self.head(torch.relu(self.grouped(y)).mean((2, 3)))
 
 
@@ -321,7 +322,9 @@ def test_wide_convolutions_run_on_int8_kernels_bit_identical(memory_format: str)
     emulated = quantize(model, x, kernel="emulated", memory_format=memory_format)
     assert set(int8.kernels.values()) == {"int8"}
     dtypes = {name: layer.compute_dtype for name, layer in int8.layers.items()}
-    assert dtypes == {"stem": torch.float32, "wide": torch.float64, "grouped": torch.float64, "head": torch.float32}
+    assert dtypes == {"stem": torch.float32, "wide": torch.float64, "linked": torch.float64, "grouped": torch.float64,
+                      "head": torch.float32}
+    assert int8.layers["linked"].reads_codes  # its input bytes from the producer's float32 codes
     wide = int8.layers["wide"].module.forward
     assert isinstance(wide, Int8Conv2d) and len(wide._weight_pack()) > 1  # several chunks, each its own channels
     grouped = int8.layers["grouped"].module.forward

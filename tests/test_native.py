@@ -157,6 +157,48 @@ def test_requantize_equals_the_eager_chain(case: tuple[torch.Tensor, int], data:
 
 @needs_native
 @PROPERTY
+@given(case=accumulators(), data=st.data(), n_threads=st.sampled_from([1, 2]))
+def test_wide_requantize_equals_the_eager_chain(case: tuple[torch.Tensor, int], data: st.DataObject,
+                                                n_threads: int) -> None:
+    """A wide layer's float64 accumulator (sums past 2^24, odd ones the float32 conversion rounds) into float32
+    values: the calibrated engine's float64 arithmetic, and a deployed runtime's float32 one after converting."""
+    acc, dim = case
+    channels = acc.shape[dim]
+    shape = [1] * (acc.dim() - dim)
+    shape[0] = channels
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    wide = acc.double() * data.draw(st.sampled_from([1.0, 2.0**20 + 1, 2.0**30 + 3]), label="widened by")
+    wide = wide.contiguous(memory_format=torch.channels_last) if acc.dim() == 4 and acc.stride(1) == 1 else wide
+    in_float32 = data.draw(st.booleans(), label="float32 arithmetic")
+    bias_t = None if data.draw(st.booleans(), label="no bias") else \
+        (torch.randn(channels, generator=generator, dtype=torch.float64) * 2.0**33).round().reshape(shape)
+    if data.draw(st.booleans(), label="one off ties"):  # k + 1/2 +- 2^-20 at multiplier 2^-20: float32 would
+        # drop the 1 and round to even, float64 away from the tie
+        ties = (torch.randint(-128, 128, wide.shape, generator=generator, dtype=torch.float64) * 2 + 1) * 2.0**19
+        wide = wide.copy_(ties + torch.randint(0, 2, wide.shape, generator=generator) * 2 - 1)
+    multiplier = data.draw(st.sampled_from(["small", "power of two", "2^-20", "special"]), label="multiplier")
+    multiplier_t = {"small": torch.rand(channels, generator=generator) * 2.0**-25,
+                    "power of two": 2.0 ** -torch.randint(20, 40, (channels,), generator=generator).float(),
+                    "2^-20": torch.full((channels,), 2.0**-20),
+                    "special": torch.tensor([float("nan"), float("inf"), 0.5, -0.0] * channels)[:channels]}[multiplier]
+    multiplier_t = multiplier_t.reshape(shape)
+    bias_after = None if data.draw(st.booleans(), label="no bias after") else \
+        (torch.randn(channels, generator=generator) * 4.0).round().add_(0.5).reshape(shape)
+    zero = data.draw(st.sampled_from([None, 0, 3, -128]), label="zero point first")
+    pre, post = (None, None) if zero is None else (float(zero + 1) + 0.25, float(-zero))
+    low, high = data.draw(st.sampled_from([(-127.0, 127.0), (0.0, 255.0), (-8.0, 7.0)]), label="bounds")
+    scale = data.draw(st.sampled_from([None, 0.0173, 3.5]), label="scale")
+    want = native.eager_requantize_wide(wide.clone(), bias_t, multiplier_t, bias_after, pre, post, low, high, scale,
+                                        in_float32)
+    got = torch.empty_like(wide, dtype=torch.float32)
+    with threads(n_threads):
+        assert native.requantize_wide(wide, got, bias_t, multiplier_t, bias_after, pre, post, low, high, scale,
+                                      in_float32)
+    assert got.stride() == want.stride() and same_bits(got, want)
+
+
+@needs_native
+@PROPERTY
 @given(bits=st.sampled_from([2, 4, 8, 12, 16, 24, 32]), signed=st.booleans(), data=st.data(),
        scale=st.sampled_from([1.0, 0.0173, 0.5, 3.75]), wide_words=st.booleans())
 def test_fault_edits_equal_torchs(bits: int, signed: bool, data: st.DataObject, scale: float,
