@@ -85,23 +85,40 @@ static inline double clamp_like_torch_double(double v, double low, double high) 
  * with `in_float32` (a deployed runtime's int32 -> float conversion), converted to float32 first and the rest as
  * hw_requantize does it; then times `scale`. The per-channel arrays are float64 (bias codes may pass 2^24; the
  * float32 multipliers and float biases are held exactly). Channel of element i as in hw_requantize. */
+static inline float requantize_wide_one(double a, double mult, double bias_after, double pre_round,
+                                        double post_round, double low, double high, int in_float32) {
+    if (in_float32) {
+        const float v = nearbyintf((float)a * (float)mult + (float)bias_after + (float)pre_round) + (float)post_round;
+        return clamp_like_torch(v, (float)low, (float)high);
+    }
+    const double v = nearbyint(a * mult + bias_after + pre_round) + post_round;
+    return (float)clamp_like_torch_double(v, low, high);
+}
+
 void hw_requantize_wide(const double *acc, float *out, int64_t n, int64_t channels, int64_t inner, const double *bias,
                         const double *mult, const double *bias_after, double pre_round, double post_round, double low,
                         double high, float scale, int in_float32, int threads) {
-    const float pre32 = (float)pre_round, post32 = (float)post_round, low32 = (float)low, high32 = (float)high;
+    if (inner == 1) { /* channels innermost */
+        const int64_t rows = n / channels;
 #pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_FROM)
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t c = (inner == 1 ? i : i / inner) % channels;
-        const double a = acc[i] + bias[c];
-        float code;
-        if (in_float32) {
-            const float v = nearbyintf((float)a * (float)mult[c] + (float)bias_after[c] + pre32) + post32;
-            code = clamp_like_torch(v, low32, high32);
-        } else {
-            const double v = nearbyint(a * mult[c] + bias_after[c] + pre_round) + post_round;
-            code = (float)clamp_like_torch_double(v, low, high);
+        for (int64_t row = 0; row < rows; row++) {
+            const double *a = acc + row * channels;
+            float *o = out + row * channels;
+            for (int64_t c = 0; c < channels; c++)
+                o[c] = requantize_wide_one(a[c] + bias[c], mult[c], bias_after[c], pre_round, post_round, low, high,
+                                           in_float32) * scale;
         }
-        out[i] = code * scale;
+    } else { /* runs of `inner` elements share a channel */
+        const int64_t runs = n / inner;
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_FROM)
+        for (int64_t run = 0; run < runs; run++) {
+            const double *a = acc + run * inner;
+            float *o = out + run * inner;
+            const int64_t c = run % channels;
+            for (int64_t j = 0; j < inner; j++)
+                o[j] = requantize_wide_one(a[j] + bias[c], mult[c], bias_after[c], pre_round, post_round, low, high,
+                                           in_float32) * scale;
+        }
     }
 }
 
