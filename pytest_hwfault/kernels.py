@@ -8,8 +8,8 @@ comes out of an int8 kernel at a fraction of that cost:
   x86 Inductor lowering uses) on uint8 input codes with a zero point, int8 weight codes, scales 1 and a float32
   output: the int32 accumulator (zero-point compensation included) converted to float32, exact because every
   float32-computed layer's accumulator stays below 2^24 (`quantization._exact_dtype`). A wide layer (float64
-  accumulator: a fan-in from ~1040 products on, as in any ImageNet CNN from 128 channels on) has its input channels
-  cut into chunks whose float32 results are exact, summed in float64. Weights are prepacked once per
+  accumulator: a fan-in from 1024 products on with signed codes, as in any ImageNet CNN from 128 channels on) has
+  its input channels cut into chunks whose float32 results are exact, summed in float64. Weights are prepacked once per
   layer; a weight fault (which edits the module's weight codes in place) is seen by the weight's version counter,
   and the faulty codes are prepacked for that pass (or the original pack reused once the codes are restored). A
   batch runs at a padded size (`padded_batch`: few sizes, so oneDNN's cached primitives serve every batch a
