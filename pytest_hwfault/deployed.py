@@ -48,6 +48,23 @@ class BiasMode(str, enum.Enum):
     FLOAT = "float"
 
 
+class Scaling(str, enum.Enum):
+    """How a runtime takes its float32 accumulator to the output grid, in which float32 steps (each rounds, so the
+    order shows on near-ties: measured against each kernel on millions of outputs).
+
+    COMBINED: times one multiplier per channel, float32(input scale x weight scale) / output scale, the bias as
+    `BiasMode` says (onnxruntime; the project's own quantizer; a PT2E graph).
+    ONEDNN: times the input scale (as 1 / (1 / scale) in float32: torch hands oneDNN inverse scales), then times the
+    channel's weight scale, plus the float bias, then times float32(1 / output scale) (oneDNN's int8 kernels: torch.ao's
+    x86 engine's convolutions on AVX512-VNNI CPUs, and the onednn engine).
+    FBGEMM: plus the float bias / float32(input scale x weight scale), then times the multiplier (fbgemm's
+    requantization: torch.ao's x86 engine's linear layers, and the fbgemm engine)."""
+
+    COMBINED = "combined"
+    ONEDNN = "onednn"
+    FBGEMM = "fbgemm"
+
+
 @dataclass(frozen=True)
 class DeployedLayer:
     """The codes and quantization parameters of one conv/linear layer of a deployed model, as its runtime holds
@@ -68,6 +85,7 @@ class DeployedLayer:
     # engine's convolutions on AVX512-VNNI CPUs) rather than rounding, then adding it (fbgemm, onnxruntime): the
     # two differ on ties (x.5) with an odd zero point
     zero_point_before_rounding: bool = False
+    scaling: Scaling = Scaling.COMBINED  # where a float bias goes, and in which steps the accumulator is scaled
     bits: int = 8
 
     def code_range(self, signed: bool) -> tuple[int, int]:

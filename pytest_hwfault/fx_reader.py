@@ -17,8 +17,8 @@ x86 kernels (as for the eager reader, ao.py):
 - an average pooling (module or function) on a quantized tensor -> `CodeAvgPool` (the mean of integer codes plus
   the zero point, rounded half to even);
 - quantized conv/linear modules -> float twins (`ao.float_twin`) with their `DeployedLayer`; whether each layer's
-  kernel adds its output zero point before rounding (oneDNN) or after (fbgemm) is measured
-  (`zero_point_before_rounding`);
+  kernel is oneDNN's (output zero point added before rounding) or fbgemm's (after) is measured
+  (`zero_point_before_rounding`), and the layer takes that kernel's float32 steps (`ao.kernel_scaling`);
 - ReLU, max pooling, reshapes, flatten, identities on quantized tensors keep values on their grid and run as they
   are; anything else that runs on a quantized tensor is refused (`DeployedFormatError`, naming the node).
 
@@ -48,6 +48,7 @@ from .ao import (
     KernelProductRequantize,
     _ao_types,
     float_twin,
+    kernel_scaling,
     pool_adds_zero_point_first,
     weight_codes,
     zero_point_before_rounding,
@@ -278,11 +279,12 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
                 in_scale, in_zero, in_signed = quantized_in[0]
                 act_scale, act_zero, act_signed = grids[node.name]
                 bias = layer.bias()
+                onednn = zero_point_before_rounding(module)
                 layers[target] = DeployedLayer(codes, w_scale, in_scale, in_zero, act_scale, act_zero,
                                                bias=None if bias is None else bias.detach().float(),
                                                bias_mode=BiasMode.FLOAT, input_signed=in_signed,
                                                act_signed=act_signed, relu=isinstance(module, types["fused_relu"]),
-                                               zero_point_before_rounding=zero_point_before_rounding(module))
+                                               zero_point_before_rounding=onednn, scaling=kernel_scaling(onednn))
                 work.set_submodule(target, float_twin(module))
             elif isinstance(module, types["quantize"]):
                 if node.name not in grids:

@@ -178,7 +178,11 @@ class QuantizedModel:
         (in_low, in_high), (act_low, act_high) = layer.input_range or (0, 0), layer.act_range or (0, 0)
         in_zero, act_zero, signed = layer.input_zero_point, layer.act_zero_point, layer.signed_activations
         in_signed = signed if layer.signed_inputs is None else layer.signed_inputs
-        requant, bias_after = layer.requant_multiplier(), layer.float_bias_codes
+        requant, bias_after, bias_before = layer.requant_multiplier(), layer.float_bias_codes, layer.float_bias_before
+        steps = None if layer.step_scales is None else tuple(torch.tensor(v, dtype=torch.float32, device=self.device)
+                                                            for v in layer.step_scales)
+        # a kernel's own steps run on torch's ops (the fused passes compute the one-multiplier form)
+        fusable = steps is None and bias_before is None
         self._multipliers[name] = requant  # the stored multipliers: qparams faults edit them in place
         # a deployed model's runtime scales its accumulator in float32: a wide (float64) sum is rounded to float32
         # first, as its int32 -> float conversion does
@@ -277,7 +281,7 @@ class QuantizedModel:
             act_floor = max(act_low, 0) if relu and not relu_after_edit else act_low
             pre_round, post_round = act_zero + offset if zero_first else None, -act_zero if zero_first else (
                 offset or None)
-            if relu_after_edit and act_edit is not None and not float_output and \
+            if relu_after_edit and act_edit is not None and not float_output and fusable and \
                     _edits_codes_in_layout(act_edit, acc) and \
                     native.requantize_edit_relu(acc, bias, requant, bias_after, pre_round, post_round, act_low,
                                                 act_high, None if hands_on_codes else act_scale, act_edit.linear,
@@ -289,7 +293,7 @@ class QuantizedModel:
             # the whole chain below in one pass where it applies (`native`: the same numbers); a wide layer's
             # float64 accumulator into float32 values of its own
             fused = None
-            if not float_output:
+            if not float_output and fusable:
                 if wide is None:
                     fused = acc if native.requantize(acc, bias, requant, bias_after, pre_round, post_round, act_floor,
                                                      act_high, None if hands_on_codes else act_scale) else None
@@ -317,11 +321,17 @@ class QuantizedModel:
                     runtime.strides[acc_key] = acc.stride()
                 if wide is not None and runtime_float32:
                     acc = acc.float()
+                if bias_before is not None:  # fbgemm: a float bias on the float32 accumulator
+                    acc.add_(bias_before)
+                if steps is not None:  # oneDNN: the input scale first
+                    acc.mul_(steps[0])
                 # In place on the layer's own fresh result: torch's fake_quantize_per_tensor_affine is ~10x slower
                 # on CPU (it also builds a gradient mask).
                 out = acc.mul_(requant)
                 if bias_after is not None:  # a runtime that adds its float bias after scaling (`deployed.BiasMode`)
                     out.add_(bias_after)
+                if steps is not None:  # oneDNN: 1 / output scale last
+                    out.mul_(steps[1])
                 if float_output:  # the runtime keeps this layer's result in float: no output codes, no act site
                     return out.float() if out.dtype != torch.float32 else out
                 if zero_first:  # the runtime adds the zero point in float32, then rounds (oneDNN)
@@ -813,6 +823,12 @@ class QuantLayer:
     # after scaling (shaped like bias_codes; None where the bias is integer or absent).
     multiplier: torch.Tensor | None = field(default=None, repr=False)
     float_bias_codes: torch.Tensor | None = field(default=None, repr=False)
+    # A torch.ao kernel's own float32 steps (`deployed.Scaling`): fbgemm adds a float bias to the float32 accumulator
+    # before the multiplier (here, the bias / (input scale x weight scale)); oneDNN multiplies by the input scale
+    # first and by 1 / output scale last (`step_scales`: those two; the multiplier is then the weight scale, and
+    # float_bias_codes the bias as it is, added between them).
+    float_bias_before: torch.Tensor | None = field(default=None, repr=False)
+    step_scales: tuple[float, float] | None = None
     # A deployed layer whose runtime keeps its result in float (a PT2E conv feeding a residual add, the logits):
     # the multiplier turns the accumulator into values, the float bias is added as it is, nothing is rounded, and
     # the layer has no output codes (no act site, no output zero point register).

@@ -49,7 +49,7 @@ from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
 from .data import call_model, iter_batches
 from .decompose import Einsum, FusedAttentionOff, MatMul, decompose
-from .deployed import BiasMode, Deployed, DeployedLayer, detect, float32_multiplier, float_function, read
+from .deployed import BiasMode, Deployed, DeployedLayer, Scaling, detect, float32_multiplier, float_function, read
 from .functional import FunctionalPlan, discover, quantized_forward
 from .graph import CodeLinks, code_links, fold_batchnorm, in_place_chains, trace_disagreement
 from .identity import state_checksum
@@ -308,7 +308,9 @@ def quantize(
             ranges = {"input_range": ao.input_range(), "act_range": ao.act_range(),
                       "input_zero_point": ao.input_zero_point, "act_zero_point": ao.act_zero_point,
                       "signed_activations": ao.act_signed, "signed_inputs": ao.input_signed,
-                      "multiplier": float32_multiplier(ao.input_scale, ao.weight_scale, ao.act_scale).to(device),
+                      "multiplier": (ao.weight_scale.float() if ao.scaling is Scaling.ONEDNN else
+                                     float32_multiplier(ao.input_scale, ao.weight_scale, ao.act_scale)).to(device),
+                      "step_scales": _onednn_steps(ao) if ao.scaling is Scaling.ONEDNN else None,
                       "float_output": ao.act_scale is None,
                       "zero_point_before_rounding": ao.zero_point_before_rounding}
         elif isinstance(module, MatMul):  # two activations: the second operand's scale stands in the weight's
@@ -363,6 +365,12 @@ def quantize(
                 bias_codes = None if bias is None else _bias_codes(layer, bias)
             elif runtime.bias is not None and runtime.bias_mode is BiasMode.INTEGER:  # the runtime's int32 codes
                 bias_codes = _broadcast(layer, runtime.bias.to(device).double())
+            elif runtime.bias is not None and runtime.scaling is Scaling.FBGEMM:  # on the float accumulator
+                f32 = torch.float32
+                layer.float_bias_before = _broadcast(layer, runtime.bias.to(device).float() / (
+                    torch.tensor(runtime.input_scale, dtype=f32) * runtime.weight_scale.to(device, f32)))
+            elif runtime.bias is not None and runtime.scaling is Scaling.ONEDNN:  # between the scale steps
+                layer.float_bias_codes = _broadcast(layer, runtime.bias.to(device).float())
             elif runtime.bias is not None:  # added unrounded after scaling, outside the accumulator
                 bias_values = runtime.bias.to(device).float()
                 layer.float_bias_codes = _broadcast(layer, bias_values if layer.float_output else bias_values
@@ -419,6 +427,16 @@ def _fan_in(layer: QuantLayer) -> int:
     if isinstance(module, nn.modules.conv._ConvTransposeNd):  # [in, out / groups, k...]: one group's inputs
         return module.weight.shape[0] // module.groups * math.prod(module.weight.shape[2:])
     return module.weight[0].numel()
+
+
+def _onednn_steps(layer: DeployedLayer) -> tuple[float, float]:
+    """oneDNN's two scalar steps: the input scale as 1 / (1 / scale) in float32 (torch hands it inverse scales), and
+    float32(1 / output scale)."""
+    if layer.act_scale is None:
+        raise ValueError("a oneDNN layer without output codes: its steps are not known")
+    one, f32 = torch.tensor(1.0), torch.float32
+    return (float(one / (one / torch.tensor(layer.input_scale, dtype=f32))),
+            float(one / torch.tensor(layer.act_scale, dtype=f32)))
 
 
 def _exact_dtype(layer: QuantLayer, bias_codes: torch.Tensor | None) -> torch.dtype:

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from deployed_models import agreement, images, to_ao_fx, trained_resnet_style
+from deployed_models import ResNetStyle, agreement, images, to_ao_eager, to_ao_fx, trained_resnet_style
 from torch import nn
 
 from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
@@ -20,6 +20,7 @@ from pytest_hwfault.ao import (
     pool_adds_zero_point_first,
     zero_point_before_rounding,
 )
+from pytest_hwfault.cifar_resnet import recalibrate_bn
 from pytest_hwfault.deployed import CodeAvgPool, DeployedFormatError, Requantize
 from pytest_hwfault.faults import sample_pattern
 from pytest_hwfault.quantization import state_checksum
@@ -54,6 +55,49 @@ def test_fx_model_is_reproduced_by_the_engine(fx_model, fx_qmodel, digits) -> No
     # point in float32 before rounding, its linear layers (fbgemm) after: rounding the other way put four outputs
     # of block1.conv2 on the other side of x.5 (3 of 3970 logits one code apart)
     assert measured == {"predictions": 1.0, "exact": 1.0, "max_codes": 0.0}, measured
+
+
+@pytest.mark.parametrize("engine", ["x86", "fbgemm", "onednn"])
+@pytest.mark.parametrize(("channels", "eager"), [(16, False), (64, False), (64, True)])
+def test_ao_kernels_float32_steps_are_reproduced_on_near_ties(engine: str, channels: int, eager: bool) -> None:
+    """Random weights, scales and images: a few outputs in 10^5 land within float32 rounding of a tie, where the
+    order of the kernel's float32 steps decides the code (`deployed.Scaling`: oneDNN's convolutions scale by the
+    input scale, then the weight scale, add the bias, then scale by 1 / output scale; fbgemm adds the bias first).
+    Every layer's output codes and every logit equal torch's, under each engine, fbgemm's and oneDNN's kernels both
+    (64 channels: wide layers, whose sums pass 2^24). With one multiplier per channel, 7-12 codes in 4M differed."""
+    if engine not in torch.backends.quantized.supported_engines:
+        pytest.skip(f"torch built without the {engine} quantized engine")
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        generator = torch.Generator().manual_seed(channels)
+        calibration, x = torch.rand(64, 1, 8, 8, generator=generator), torch.rand(512, 1, 8, 8, generator=generator)
+        with torch.random.fork_rng():
+            torch.manual_seed(channels)
+            net = recalibrate_bn(ResNetStyle(channels), calibration)
+        if eager:
+            twin = ResNetStyle(channels, eager=True).eval()
+            twin.load_state_dict(net.state_dict())
+            model = to_ao_eager(twin, calibration, ResNetStyle.FUSIONS)
+        else:
+            model = to_ao_fx(net, calibration)
+        qmodel = quantize(model, calibration)
+        theirs: dict[str, torch.Tensor] = {}
+        ours: dict[str, torch.Tensor] = {}
+        for name, layer in qmodel.layers.items():
+            model.get_submodule(name).register_forward_hook(
+                lambda m, a, out, n=name: theirs.__setitem__(n, out.int_repr().long() - out.q_zero_point()))
+            layer.module.register_forward_hook(
+                lambda m, a, out, n=name: ours.__setitem__(n, out if qmodel.layers[n].hands_on_codes else
+                                                           torch.round(out / qmodel.layers[n].act_scale)))
+        reference, logits = run(model, x), qmodel(x)
+        for name in qmodel.layers:
+            differ = int((theirs[name] != ours[name].long()).sum())
+            assert differ == 0, f"{name}: {differ} of {ours[name].numel()} codes differ"
+        measured = agreement(reference, logits, qmodel.layers["fc"].act_scale)
+        assert measured == {"predictions": 1.0, "exact": 1.0, "max_codes": 0.0}, measured
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 @pytest.mark.parametrize(("engine", "expected"), [("fbgemm", False), ("onednn", True)])
