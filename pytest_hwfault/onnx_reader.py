@@ -9,7 +9,8 @@ reproduces each kernel's arithmetic (read in onnxruntime's MLAS sources and meas
   to the int32 accumulator (`BiasMode.INTEGER`), scale it by float32(x_scale x w_scale / y_scale) in float32,
   round half to even, add the zero point and saturate. Where onnxruntime leaves such a group in float (a float
   Conv between DequantizeLinear and QuantizeLinear), its float sum differs from the exact one by float32 rounding
-  only: outputs may differ by one code where the exact value sits within that rounding of a half code;
+  only: outputs may differ by one code where the exact value sits within that rounding of a half code (the model's
+  notes name each such layer whose sums can pass 2^24, where float32 rounds them);
 - QLinearAdd (x86, AVX2/AVX-512 kernel): with ratios rA = float32(sA / sC), rB = float32(sB / sC) and
   fixed = float32(zC) - (rA zA + rB zB), the output code is saturate(round_half_even(fma(qA, rA, fma(qB, rB,
   fixed)))) on the stored codes qA, qB (`QLinearAdd`); an Add left in float is a float add re-gridded by its
@@ -43,6 +44,9 @@ from torch import fx, nn
 
 from .deployed import BiasMode, Deployed, DeployedFormatError, DeployedLayer, Requantize
 
+# onnxruntime's integer kernels for a conv/gemm/matmul group (anything else it runs is a float op)
+INTEGER_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+                   "DynamicQuantizeMatMul")
 SUPPORTED = ("QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Relu", "Add", "GlobalAveragePool",
              "AveragePool", "MaxPool", "Flatten", "Reshape", "Clip", "Identity", "Concat", "Constant")
 
@@ -621,6 +625,13 @@ class _Builder:
         elif bias is not None:
             bias_codes = torch.from_numpy(bias)
         name = _module_name(node, index, self.taken)
+        kernel = self.kernels.get(node.name, ("", []))[0] if self.kernels is not None and node.name else ""
+        # 255 x 128 per product: an accumulator that can pass 2^24, where a float32 sum rounds
+        if self.exact and kernel and kernel not in INTEGER_KERNELS and codes[0].numel() * 255 * 128 >= 1 << 24:
+            self.notes.append(f"layer of node {node.name!r}: onnxruntime runs it as a float {kernel}, not an integer "
+                              "kernel; the engine computes its exact integer sum, which onnxruntime's float32 sum "
+                              "rounds where it passes 2^24 (this layer's can): outputs near a half code may be one "
+                              "code apart from onnxruntime's")
         self.root.add_module(name, module)
         out = self.fx.call_module(name, (x,))
         act_low, _ = _code_range(grid.signed)
