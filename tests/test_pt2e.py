@@ -94,6 +94,8 @@ def test_pt2e_codes_and_scales_are_used_and_outputs_match(pt2e_model, pt2e_qmode
     float_out = [name for name, layer in qmodel.layers.items() if layer.float_output]
     assert float_out == ["block1.conv2", "block2.conv2", "fc"]
     assert sum("no act site" in note for note in qmodel.config["deployed_notes"]) == 3
+    # the graph's float32 conv sums, against the engine's exact integer ones: said, not hidden
+    assert any("computes each conv/linear in float32" in note for note in qmodel.config["deployed_notes"])
     assert all(qmodel.layers[name].numel(Site.ACT) == 0 for name in float_out)
     assert {t.layer for t in qmodel.targets(Site.ACC)} == set(qmodel.layers)
     stem = qmodel.layers["stem"]
