@@ -14,6 +14,8 @@ comes out of an int8 kernel at a fraction of that cost:
   and the faulty codes are prepacked for that pass (or the original pack reused once the codes are restored). A
   batch runs at a padded size (`padded_batch`: few sizes, so oneDNN's cached primitives serve every batch a
   campaign makes; the padding rows' results are dropped).
+- Conv1d: the same convolution at height 1 ([N, C, L] as [N, C, 1, L], the kernel 1 x k), answering row-major as
+  the emulated Conv1d does.
 - Linear: ``torch._int_mm`` (int8 x int8 -> int32, exact), then converted to the layer's compute dtype (float64
   for wide layers: exact too). Unsigned input codes are shifted into int8 and the shift's contribution (a constant
   times each output's weight sum) added back in int32.
@@ -46,8 +48,8 @@ if TYPE_CHECKING:
 
 KERNELS = ("auto", "int8", "emulated")
 
-__all__ = ["CHUNK_FAN_IN", "CHUNK_WEIGHT_SUM", "KERNELS", "Int8Conv2d", "Int8Forward", "Int8Linear", "available",
-           "install", "kernel_for", "weight_chunks"]
+__all__ = ["CHUNK_FAN_IN", "CHUNK_WEIGHT_SUM", "KERNELS", "Int8Conv1d", "Int8Conv2d", "Int8Forward", "Int8Linear",
+           "available", "install", "kernel_for", "weight_chunks"]
 
 
 # -- the kernels on their own: exact integer results ----------------------------------------------------------------
@@ -396,6 +398,30 @@ class Int8Conv2d(Int8Forward):
         return acc.contiguous() if nchw and not acc.is_contiguous() else acc
 
 
+class Int8Conv1d(Int8Conv2d):
+    """A Conv1d as oneDNN's int8 convolution of height 1: [N, C, L] viewed as [N, C, 1, L], the kernel as 1 x k. A
+    wide Conv1d (a speech model's 512-channel layers) would otherwise be a float64 convolution."""
+
+    def __init__(self, module: nn.Conv1d, zero_point: int, dtype: torch.dtype,
+                 scratch: dict[tuple[Any, ...], torch.Tensor] | None = None) -> None:
+        super().__init__(module, zero_point, dtype, scratch)  # type: ignore[arg-type]
+        padding = module.padding
+        assert not isinstance(padding, str)  # `kernel_for` refuses "same"/"valid"
+        self.geometry = ((1, module.stride[0]), (0, padding[0]), (1, module.dilation[0]), module.groups)
+
+    def _pack(self, codes: torch.Tensor) -> list[ConvChunk]:
+        return super()._pack(codes.unsqueeze(2))
+
+    def byte_input(self, like: torch.Tensor) -> torch.Tensor | None:
+        return None  # the pre-hook writes float codes; `compute` turns them into bytes
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            return self.emulated(x)
+        # the emulated Conv1d answers row-major whatever its input's layout
+        return super().compute(x.unsqueeze(2)).squeeze(2).contiguous()
+
+
 class Int8Linear(Int8Forward):
     """torch._int_mm: int8 input codes (shifted into int8 where they are unsigned) x int8 weight codes -> int32,
     converted to the layer's compute dtype."""
@@ -454,12 +480,15 @@ def kernel_for(layer: QuantLayer) -> type[Int8Forward] | None:
         return None
     if codes[1] + _zero_point(layer) > 255:  # the codes do not fit uint8 with one zero point
         return None
-    if type(module) is nn.Conv2d:
+    if type(module) in (nn.Conv2d, nn.Conv1d):
+        assert isinstance(module, (nn.Conv2d, nn.Conv1d))
         if (module.padding_mode != "zeros" or isinstance(module.padding, str) or module.bias is not None
                 or layer.compute_dtype not in (torch.float32, torch.float64)
                 or math.prod(module.kernel_size) > CHUNK_FAN_IN):
             return None
-        return Int8Conv2d if available("conv2d") else None
+        if not available("conv2d"):
+            return None
+        return Int8Conv2d if type(module) is nn.Conv2d else Int8Conv1d
     if type(module) is nn.Linear:
         # in_features 1: torch 2.14's CPU _int_mm returns garbage for a contraction of length 1
         if module.bias is not None or layer.compute_dtype not in (torch.float32, torch.float64) or \

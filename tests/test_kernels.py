@@ -340,6 +340,45 @@ def test_wide_convolutions_run_on_int8_kernels_bit_identical(memory_format: str)
     assert wide.fallbacks == 0 and grouped.fallbacks == 0
 
 
+class Conv1dNet(nn.Module):
+    """Sequence-first input transposed to [N, C, L] (channels innermost in memory), a strided Conv1d, a wide one
+    (fan-in 128 x 9: float64 sums), a grouped dilated one and a Conv2d-free head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(6, 128, 5, padding=2)
+        self.wide = nn.Conv1d(128, 64, 9, stride=2, padding=4)
+        self.grouped = nn.Conv1d(64, 64, 3, dilation=2, groups=4, bias=False)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.stem(x.transpose(1, 2)))
+        y = torch.relu(self.grouped(torch.relu(self.wide(y))))
+        return self.head(y.mean(2))
+
+
+@needs_conv
+def test_conv1d_runs_on_int8_kernels_bit_identical() -> None:
+    """A Conv1d is oneDNN's int8 convolution of height 1, a wide one included: every site, whole and split, with the
+    emulated path's numbers and its row-major outputs."""
+    from pytest_hwfault.kernels import Int8Conv1d
+
+    torch.manual_seed(0)
+    model, x = Conv1dNet().eval(), torch.randn(12, 40, 6)
+    int8, emulated = quantize(model, x, kernel="int8"), quantize(model, x, kernel="emulated")
+    assert set(int8.kernels.values()) == {"int8"}
+    assert int8.layers["wide"].compute_dtype == torch.float64
+    forwards = [int8.layers[name].module.forward for name in ("stem", "wide", "grouped")]
+    assert all(isinstance(forward, Int8Conv1d) for forward in forwards)
+    patterns = _patterns(emulated, len(x), pe=False)
+    reference = _outputs(emulated, x, patterns, None, 1, eager=True)
+    assert all(not torch.equal(reference[site], reference["clean"]) for site in patterns)
+    for split, n_threads in ((None, 2), (5, 1)):
+        _assert_identical(reference, _outputs(int8, x, patterns, split, n_threads))
+    assert int8._runtime.strides == emulated._runtime.strides
+    assert all(forward.fallbacks == 0 for forward in forwards)  # type: ignore[attr-defined]
+
+
 @needs_conv
 def test_switching_kernels_on_one_view() -> None:
     model, x = _resnet20()
@@ -398,7 +437,8 @@ def test_wide_codes_fall_back_per_layer() -> None:
 
 @needs_conv
 def test_mixed_model_falls_back_per_layer() -> None:
-    """A Conv1d, a conv with reflect padding and a wide Linear (fan-in 1100, float64 sums) next to int8 layers."""
+    """A conv with reflect padding (emulated) next to int8 layers: a Conv1d and a wide Linear (fan-in 1100, float64
+    sums) among them."""
 
     class Mixed(nn.Module):
         def __init__(self) -> None:
@@ -417,8 +457,7 @@ def test_mixed_model_falls_back_per_layer() -> None:
     torch.manual_seed(0)
     model, x = Mixed().eval(), torch.randn(6, 3, 8, 64)
     int8 = quantize(model, x, kernel="int8")
-    assert int8.kernels == {"conv": "int8", "reflect": "emulated", "line": "emulated", "wide": "int8",
-                            "head": "int8"}
+    assert int8.kernels == {"conv": "int8", "reflect": "emulated", "line": "int8", "wide": "int8", "head": "int8"}
     assert int8.layers["head"].compute_dtype == torch.float64  # _int_mm's int32 sum, converted to float64
     emulated = quantize(model, x, kernel="emulated")
     patterns = _patterns(emulated, len(x), pe=False)
