@@ -9,6 +9,8 @@ largest difference in codes, against the runtime's own output:
 - PT2E (torchao, X86InductorQuantizer): the converted graph itself; its logits are the float result of the last
   linear (no output codes), so the codes compared are those the last linear reads, and the logits are compared up to
   float32 rounding;
+- PT2E compiled (``torch.compile`` with freezing: x86 Inductor on oneDNN's int8 kernels): the compiled model's own
+  logits, compared exactly (also on the random 128-channel model below);
 - ONNX QDQ (onnxruntime quantize_static, per-channel int8 weights, uint8 or int8 activations): onnxruntime's CPU
   provider with its default optimizations (QLinearConv/QGemm/QLinearAdd/QLinearGlobalAveragePool kernels).
 
@@ -84,6 +86,7 @@ def measure() -> dict[str, dict[str, float]]:
         "predictions": float((reference.argmax(1) == ours.argmax(1)).float().mean()),
         "logits_equal_to_float32_rounding": float(close.float().mean()),
         "max_relative_logit_difference": float((reference - ours).abs().max() / reference.abs().max())}
+    rows["pt2e compiled (x86 Inductor)"] = _compiled(pt2e, calibration[:256], x)
     with tempfile.TemporaryDirectory() as folder:
         for activations in ("u8", "s8"):
             path = dm.to_onnx_qdq(net, calibration[:500], folder, activations)
@@ -92,6 +95,20 @@ def measure() -> dict[str, dict[str, float]]:
                                                                      qmodel.layers["fc_Gemm"].act_scale)
         rows.update(_random_wide(folder))
     return rows
+
+
+def _compiled(pt2e: Any, calibration: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
+    """The engine given the compiled PT2E model, against the compiled model's own logits: exactly equal or not."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(freezing=True):
+        compiled = torch.compile(pt2e, dynamic=False)
+        qmodel = quantize(compiled, calibration)
+        reference, ours = _run(compiled, x), qmodel(x)
+    return {"predictions": float((reference.argmax(1) == ours.argmax(1)).float().mean()),
+            "logits_exactly_equal": float((reference == ours).float().mean()),
+            "max_logit_difference": float((reference - ours).abs().max()),
+            "checked_at_load_equal": float("equal bit for bit" in qmodel.config["deployed_notes"][0])}
 
 
 def _random_wide(folder: str) -> dict[str, dict[str, float]]:
@@ -109,6 +126,7 @@ def _random_wide(folder: str) -> dict[str, dict[str, float]]:
     fx = dm.to_ao_fx(net, calibration)
     qmodel = quantize(fx, calibration)
     rows["torch.ao fx, random 128-ch"] = dm.agreement(_run(fx, x), qmodel(x), qmodel.layers["fc"].act_scale)
+    rows["pt2e compiled (x86 Inductor), random 128-ch"] = _compiled(dm.to_pt2e(net, calibration), calibration, x)
     for activations in ("u8", "s8"):
         path = dm.to_onnx_qdq(net, calibration, folder, activations)
         qmodel = quantize(path, calibration)

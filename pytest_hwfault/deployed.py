@@ -58,11 +58,17 @@ class Scaling(str, enum.Enum):
     channel's weight scale, plus the float bias, then times float32(1 / output scale) (oneDNN's int8 kernels: torch.ao's
     x86 engine's convolutions on AVX512-VNNI CPUs, and the onednn engine).
     FBGEMM: plus the float bias / float32(input scale x weight scale), then times the multiplier (fbgemm's
-    requantization: torch.ao's x86 engine's linear layers, and the fbgemm engine)."""
+    requantization: torch.ao's x86 engine's linear layers, and the fbgemm engine).
+    INDUCTOR: oneDNN's steps as x86 Inductor's int8 ops call it (``onednn::qconv_pointwise``, ``qlinear_pointwise``
+    on a compiled PT2E model): the input scale as it is, then as ONEDNN (for a float result, no output step)."""
 
     COMBINED = "combined"
     ONEDNN = "onednn"
     FBGEMM = "fbgemm"
+    INDUCTOR = "inductor"
+
+
+ONEDNN_STEPS = (Scaling.ONEDNN, Scaling.INDUCTOR)  # scaled in oneDNN's float32 steps, the bias between them
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,65 @@ class CodeAvgPool(nn.Module):
         return f"scale={self.scale!r}, zero_point={self.zero_point}, zero_point_first={self.zero_point_first}"
 
 
+class KernelSum(nn.Module):
+    """A residual sum as x86 Inductor fuses it into the convolution that feeds it (oneDNN's sum post-op,
+    ``qconv2d_pointwise.binary``): the other operand's codes (code - zero point) times their scale added to the
+    convolution's float32 result in one fused multiply-add, one rounding (measured on 25M outputs: a separate
+    product and sum miss ~1 in 10^6), the fused ReLU, then times float32(1 / output scale), plus the zero point,
+    rounded half to even, clamped. `forward(result, other)`: the convolution's float result and the other operand's
+    values (code x scale, from which the codes are recovered exactly); returns code x output scale, as `Requantize`
+    does."""
+
+    def __init__(self, other_scale: float, scale: float, zero_point: int, low: int, high: int, relu: bool) -> None:
+        super().__init__()
+        self.other_scale, self.scale, self.zero_point = float(other_scale), float(scale), int(zero_point)
+        self.low, self.high, self.relu = low, high, relu
+
+    def forward(self, result: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        f32 = torch.float32
+        other_scale, scale = torch.tensor(self.other_scale, dtype=f32), torch.tensor(self.scale, dtype=f32)
+        codes = torch.div(other, other_scale).round_()
+        value = fused_multiply_add(codes, other_scale, result.to(f32))
+        if self.relu:
+            value = value.clamp_min_(0)
+        value = value.mul_(1.0 / scale).add_(self.zero_point).round_().clamp_(self.low, self.high)
+        return value.sub_(self.zero_point).mul_(scale)
+
+    def extra_repr(self) -> str:
+        return f"other_scale={self.other_scale!r}, scale={self.scale!r}, zero_point={self.zero_point}, " \
+               f"relu={self.relu}"
+
+
+def fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 a x b + c rounded once (C's fmaf), for `a` holding integers below 2^29 in magnitude (codes) and
+    float32 `b`, `c`: the product is exact in float64, the float64 sum's own rounding error is recovered exactly
+    (Knuth's TwoSum), and where the float64 sum lies exactly halfway between two float32 values, that error decides
+    the side."""
+    f64 = torch.float64
+    product, addend = a.to(f64) * b.to(f64), c.to(f64)
+    total = product + addend
+    back = total - product
+    error = (product - (total - back)) + (addend - back)
+    rounded = total.to(torch.float32)
+    diff = total - rounded.to(f64)
+    inf = torch.tensor(float("inf"), dtype=torch.float32)
+    neighbour = torch.nextafter(rounded, torch.where(diff > 0, inf, -inf))
+    halfway = (diff != 0) & ((rounded.to(f64) + neighbour.to(f64)) * 0.5 == total)
+    return torch.where(halfway & (error * diff > 0), neighbour, rounded)
+
+
+class FloatSum(nn.Module):
+    """`KernelSum`'s float function: the sum and the ReLU, no re-gridding."""
+
+    def __init__(self, relu: bool) -> None:
+        super().__init__()
+        self.relu = relu
+
+    def forward(self, result: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        total = result + other
+        return total.relu() if self.relu else total
+
+
 def float_function(deployed: Deployed) -> nn.Module:
     """The deployed model's float function when the reader gave none: a copy of `module` whose re-gridding points
     pass values through and whose fused ReLUs are explicit."""
@@ -174,6 +239,8 @@ def float_function(deployed: Deployed) -> nn.Module:
             module.set_submodule(name, nn.Identity())
         elif isinstance(sub, CodeAvgPool):
             module.set_submodule(name, sub.pool)
+        elif isinstance(sub, KernelSum):
+            module.set_submodule(name, FloatSum(sub.relu))
     for name, layer in deployed.layers.items():
         if layer.relu:
             module.set_submodule(name, nn.Sequential(module.get_submodule(name), nn.ReLU()))
@@ -221,9 +288,12 @@ def detect(model: Any) -> str | None:
     return None
 
 
-def read(model: Any, source: str, calibration_data: Any, batch_size: int, device: torch.device | str) -> Deployed:
+def read(model: Any, source: str, calibration_data: Any, batch_size: int, device: torch.device | str,
+         inductor: bool = False) -> Deployed:
     """Read a deployed model of format `source` (see `detect`) into the engine's form. The user's model is not
-    modified: readers work on a copy. Imports of optional packages (torchao, onnx) happen here, lazily."""
+    modified: readers work on a copy. Imports of optional packages (torchao, onnx) happen here, lazily. `inductor`:
+    a PT2E model as x86 Inductor compiles it (``torch.compile`` with freezing: oneDNN's int8 kernels), not as its
+    graph computes."""
     if source == "torch.ao eager":
         from .ao import read_ao_eager
 
@@ -235,7 +305,7 @@ def read(model: Any, source: str, calibration_data: Any, batch_size: int, device
     if source == "pt2e":
         from .pt2e import read_pt2e
 
-        return read_pt2e(model, calibration_data, batch_size, device)
+        return read_pt2e(model, calibration_data, batch_size, device, inductor=inductor)
     if source == "onnx":
         from .onnx_reader import read_onnx
 

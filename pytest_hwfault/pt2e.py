@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .deployed import BiasMode, Deployed, DeployedFormatError, DeployedLayer, Requantize
+from .deployed import BiasMode, Deployed, DeployedFormatError, DeployedLayer, KernelSum, Requantize, Scaling
 
 FORMAT = "pt2e"
 _CODE_DTYPES = {torch.uint8: (False, 0, 255), torch.int8: (True, -128, 127)}
@@ -169,7 +169,7 @@ def _in_graph_layout(graph: fx.Graph, layers: set[str], modules: dict[str, Any])
             if node.target is operator.getitem or name in _LAYOUT_FREE:
                 continue
         elif not (node.op == "call_module" and str(node.target) not in layers
-                  and not isinstance(modules.get(str(node.target)), Requantize)):
+                  and not isinstance(modules.get(str(node.target)), (Requantize, KernelSum, RasterMean))):
             continue
         for value in {a for a in node.all_input_nodes if a.op != "get_attr"}:
             with graph.inserting_before(node):
@@ -177,9 +177,68 @@ def _in_graph_layout(graph: fx.Graph, layers: set[str], modules: dict[str, Any])
             node.replace_input_with(value, dense)
 
 
-def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.device | str) -> Deployed:
+class RasterMean(nn.Module):
+    """A global average over the spatial positions as x86 Inductor's generated code computes it on a channels-last
+    activation: each channel's values (code - zero point) x scale, in float32, summed one position after the other
+    in raster order, then divided by their number. ATen's pooling sums in another order, and the mean's codes then
+    differ (measured: 30 of 6,352 pooled codes on a trained ResNet-style model)."""
+
+    def __init__(self, keepdim: bool) -> None:
+        super().__init__()
+        self.keepdim = keepdim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = x.flatten(2)
+        total = torch.zeros(values.shape[:2], dtype=values.dtype, device=values.device)
+        for position in range(values.shape[2]):
+            total += values[:, :, position]
+        mean = total / float(values.shape[2])
+        return mean[:, :, None, None] if self.keepdim else mean
+
+
+def _global_mean(node: fx.Node) -> bool | None:
+    """For an aten global average over the last two dimensions of a 4-d value: whether it keeps them; else None."""
+    if node.op != "call_function" or node.kwargs:
+        return None
+    dims = node.args[1] if len(node.args) > 1 else None
+    if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+        return None
+    if node.target == torch.ops.aten.adaptive_avg_pool2d.default and list(dims) == [1, 1]:
+        return True
+    if node.target == torch.ops.aten.mean.dim and sorted(int(d) % 4 for d in dims) == [2, 3]:
+        return bool(node.args[2]) if len(node.args) > 2 else False
+    return None
+
+
+def _fused_sum(node: fx.Node, ops: dict[str, Any]) -> tuple[fx.Node, float, fx.Node | None, fx.Node] | None:
+    """Where x86 Inductor fuses the float result of layer `node` into a residual sum (oneDNN's sum post-op): its one
+    user an aten add of a dequantized activation, whose result is quantized, directly or after a ReLU. Returns (the
+    add, the other operand's scale, the ReLU or None, the quantize). Read before the rewrite replaces dequantize
+    nodes."""
+    add = _single_user(node)
+    if add is None or add.target != torch.ops.aten.add.Tensor or add.kwargs or len(add.args) != 2:
+        return None
+    others = [a for a in add.args if a is not node]
+    other = others[0] if len(others) == 1 else None
+    if not isinstance(other, fx.Node) or other.target != ops["dequantize"]:
+        return None
+    after = _single_user(add)
+    relu = after if after is not None and str(after.target) in _RELUS and not after.kwargs else None
+    quant = _single_user(relu) if relu is not None else after
+    if quant is None or quant.target != ops["quantize"]:
+        return None
+    return add, _grid(other)[0], relu, quant
+
+
+def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.device | str,
+              inductor: bool = False) -> Deployed:
     """A converted PT2E GraphModule in the engine's form. `model` is not modified: the reader rewrites a copy of its
-    graph into a new GraphModule (which, unlike a converted PT2E model, accepts `.eval()`)."""
+    graph into a new GraphModule (which, unlike a converted PT2E model, accepts `.eval()`).
+
+    `inductor`: as x86 Inductor compiles it (``torch.compile`` with ``torch._inductor.config.freezing``), where each
+    conv/linear is oneDNN's int8 kernel with its own float32 steps (`Scaling.INDUCTOR`, the zero point added before
+    rounding) and a residual add after a convolution is that convolution's sum post-op (`KernelSum`)."""
+    scaling = Scaling.INDUCTOR if inductor else Scaling.COMBINED
     ops = _ops()
     graph = copy.deepcopy(model.graph)
     modules: dict[str, Any] = {}
@@ -194,10 +253,15 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
         used.add(name)
         return name
 
-    # each layer's input grid, read before the rewrite below replaces dequantize nodes
+    # each layer's input grid, and the sums Inductor fuses into a layer, read before the rewrite below replaces
+    # dequantize nodes
     input_grids: dict[fx.Node, tuple[float, int, int, int, bool]] = {}
+    sums: dict[fx.Node, tuple[fx.Node, float, fx.Node | None, fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_function" and node.target in ops["layers"]:
+            fused = _fused_sum(node, ops) if inductor else None
+            if fused is not None:
+                sums[node] = fused
             source = node.args[0]
             if not isinstance(source, fx.Node) or source.target != ops["dequantize"]:
                 raise _error(node, "runs on an input that is not a dequantized activation: a PT2E layer must read "
@@ -231,6 +295,22 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
         with graph.inserting_before(node):
             call = graph.call_module(name, (source,))
         call.meta = dict(node.meta)
+        fused = sums.get(node) if quant is None else None
+        if fused is not None:  # Inductor's convolution with the sum post-op: the sum re-grids the float result
+            add, other_scale, sum_relu, sum_quant = fused
+            sum_scale, sum_zero, sum_low, sum_high, _ = _grid(sum_quant)
+            sum_name = unique(f"sum_{add.name}")
+            modules[sum_name] = KernelSum(other_scale, sum_scale, sum_zero, sum_low, sum_high, sum_relu is not None)
+            other = next(a for a in add.args if a is not node)  # the dequantize, or what replaced it by now
+            with graph.inserting_before(add):
+                summed = graph.call_module(sum_name, (call, other))
+            summed.meta = dict(add.meta)
+            for dq in _dequantize_users(sum_quant, ops):
+                dq.replace_all_uses_with(summed)
+                graph.erase_node(dq)
+            for erased in (sum_quant, sum_relu, add):
+                if erased is not None:
+                    graph.erase_node(erased)
         if quant is None:  # a float result (it feeds a residual add, or is the logits): no output codes
             node.replace_all_uses_with(call)
             graph.erase_node(node)
@@ -239,7 +319,7 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
                                    "codes")
             layers[name] = DeployedLayer(codes, scales, in_scale, in_zero, None, 0,
                                          bias=None if bias is None else bias.detach().float().clone(),
-                                         bias_mode=BiasMode.FLOAT, input_signed=in_signed)
+                                         bias_mode=BiasMode.FLOAT, input_signed=in_signed, scaling=scaling)
             notes.append(f"layer {name!r}: the PT2E graph keeps its result in float (it feeds "
                          f"{', '.join(u.name for u in call.users) or 'nothing'}): integer accumulator, no output "
                          "codes, so faults reach its input, weights and accumulator (sites input, weight, acc, "
@@ -254,7 +334,7 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
         layers[name] = DeployedLayer(codes, scales, in_scale, in_zero, act_scale, act_zero,
                                      bias=None if bias is None else bias.detach().float().clone(),
                                      bias_mode=BiasMode.FLOAT, input_signed=in_signed, act_signed=act_signed,
-                                     relu=fused_relu)
+                                     relu=fused_relu, zero_point_before_rounding=inductor, scaling=scaling)
         for dq in _dequantize_users(quant, ops):  # the layer's own output codes: the engine produces them
             dq.replace_all_uses_with(call)
             graph.erase_node(dq)
@@ -282,6 +362,19 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
         if not node.users and (node.op == "get_attr" or _is_quantized_decomposed(node)):
             graph.erase_node(node)
 
+    if inductor:  # global averages as Inductor's generated code sums them
+        for node in list(graph.nodes):
+            keepdim = _global_mean(node)
+            value = node.args[0] if node.args else None
+            if keepdim is None or not isinstance(value, fx.Node) or len(value.meta.get("val", ()).shape) != 4:
+                continue
+            name = unique(f"mean_{node.name}")
+            modules[name] = RasterMean(keepdim)
+            with graph.inserting_before(node):
+                call = graph.call_module(name, (value,))
+            call.meta = dict(node.meta)
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
     _in_graph_layout(graph, set(layers), modules)
     for node in graph.nodes:
         if _is_quantized_decomposed(node) or (node.op == "call_function" and any(
@@ -298,9 +391,10 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             modules[str(node.target)] = copy.deepcopy(_attr(model, node))
     graph.lint()
     module = fx.GraphModule(modules, graph, class_name="PT2EDeployed").to(device)
-    return Deployed(module, layers, FORMAT, float_module=None, notes=[
-        "the float baseline is the float function of the int8 graph (dequantized weights, unquantized "
-        "activations), not the float model it was converted from",
+    graph_sums = [] if inductor else [
         "the PT2E graph computes each conv/linear in float32 on dequantized values; the engine computes its exact "
         "integer sum and scales it, so an output within float32 rounding of a half code may be one code apart "
-        "from the graph's (3 codes in 406,528 on a trained ResNet-style model; more where sums are long)", *notes])
+        "from the graph's (3 codes in 406,528 on a trained ResNet-style model; more where sums are long)"]
+    return Deployed(module, layers, FORMAT, float_module=None, notes=[
+        "the float baseline is the float function of the int8 graph (dequantized weights, unquantized "
+        "activations), not the float model it was converted from", *graph_sums, *notes])

@@ -49,7 +49,17 @@ from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
 from .data import call_model, iter_batches
 from .decompose import Einsum, FusedAttentionOff, MatMul, decompose
-from .deployed import BiasMode, Deployed, DeployedLayer, Scaling, detect, float32_multiplier, float_function, read
+from .deployed import (
+    ONEDNN_STEPS,
+    BiasMode,
+    Deployed,
+    DeployedLayer,
+    Scaling,
+    detect,
+    float32_multiplier,
+    float_function,
+    read,
+)
 from .functional import FunctionalPlan, discover, quantized_forward
 from .graph import CodeLinks, code_links, fold_batchnorm, in_place_chains, trace_disagreement
 from .identity import state_checksum
@@ -137,13 +147,20 @@ def quantize(
     if not 50.0 < percentile <= 100.0:
         raise ValueError(f"percentile={percentile!r} must be in (50, 100]")
     compiled = ["<model>"] if _is_compiled(model) else []
-    model = getattr(model, "_orig_mod", model) if compiled else model
+    given, model = model, getattr(model, "_orig_mod", model) if compiled else model
     source = detect(model)
     deployed: Deployed | None = None
+    inductor = source == "pt2e" and bool(compiled) and _inductor_freezes()
     if source is not None:  # a deployed int8 model: its own codes, scales and arithmetic (see deployed.py)
         if bits != 8:
             raise ValueError(f"bits={bits}: a deployed {source} model holds 8-bit codes; use bits=8")
-        deployed = read(model, source, calibration_data, batch_size, device or "cpu")
+        deployed = read(model, source, calibration_data, batch_size, device or "cpu", inductor=inductor)
+        if source == "pt2e" and compiled and not inductor:
+            deployed.notes.insert(0, "compiled without torch._inductor.config.freezing, Inductor runs the graph's "
+                                     "float convolutions (not oneDNN's int8 kernels): the engine reproduces the "
+                                     "graph's arithmetic")
+        if inductor:
+            compiled = []  # the view computes what the compiled model computes, not the graph it compiled
         source_name = f"{type(model).__qualname__} ({source})"
         work = deployed.module.eval()
         device = device or "cpu"
@@ -308,9 +325,9 @@ def quantize(
             ranges = {"input_range": ao.input_range(), "act_range": ao.act_range(),
                       "input_zero_point": ao.input_zero_point, "act_zero_point": ao.act_zero_point,
                       "signed_activations": ao.act_signed, "signed_inputs": ao.input_signed,
-                      "multiplier": (ao.weight_scale.float() if ao.scaling is Scaling.ONEDNN else
+                      "multiplier": (ao.weight_scale.float() if ao.scaling in ONEDNN_STEPS else
                                      float32_multiplier(ao.input_scale, ao.weight_scale, ao.act_scale)).to(device),
-                      "step_scales": _onednn_steps(ao) if ao.scaling is Scaling.ONEDNN else None,
+                      "step_scales": _onednn_steps(ao) if ao.scaling in ONEDNN_STEPS else None,
                       "float_output": ao.act_scale is None,
                       "zero_point_before_rounding": ao.zero_point_before_rounding}
         elif isinstance(module, MatMul):  # two activations: the second operand's scale stands in the weight's
@@ -369,7 +386,7 @@ def quantize(
                 f32 = torch.float32
                 layer.float_bias_before = _broadcast(layer, runtime.bias.to(device).float() / (
                     torch.tensor(runtime.input_scale, dtype=f32) * runtime.weight_scale.to(device, f32)))
-            elif runtime.bias is not None and runtime.scaling is Scaling.ONEDNN:  # between the scale steps
+            elif runtime.bias is not None and runtime.scaling in ONEDNN_STEPS:  # between the scale steps
                 layer.float_bias_codes = _broadcast(layer, runtime.bias.to(device).float())
             elif runtime.bias is not None:  # added unrounded after scaling, outside the accumulator
                 bias_values = runtime.bias.to(device).float()
@@ -403,8 +420,46 @@ def quantize(
         # torch.compile wrappers the view left out: it runs the modules they compiled, eagerly, with its hooks
         "compiled": compiled,
     }
-    return QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name, plan,
-                          trace_error=trace_error)
+    qmodel = QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name, plan,
+                            trace_error=trace_error)
+    if inductor:
+        deployed_notes = config["deployed_notes"]
+        assert isinstance(deployed_notes, list)
+        deployed_notes.insert(0, compiled_agreement(given, qmodel, first_batch[0][:COMPILED_CHECK_IMAGES]))
+    return qmodel
+
+
+COMPILED_CHECK_IMAGES = 64  # calibration images a compiled deployed model and its view are compared on
+
+
+def compiled_agreement(compiled: Any, qmodel: QuantizedModel, images: Any) -> str:
+    """The fault-free outputs of the view against the compiled model's own on `images`, in words: equal bit for bit,
+    or how far apart (the engine reproduces Inductor's lowering of the patterns it knows; this says whether it
+    knew them all for this model)."""
+    from torch.utils._pytree import tree_leaves
+
+    count = len(images)
+    with torch.no_grad():
+        try:
+            theirs = [t for t in tree_leaves(call_model(compiled, images)) if isinstance(t, torch.Tensor)]
+        except Exception as error:  # noqa: BLE001 - the compiled model's own failure, reported, not raised
+            return (f"could not run the compiled model on {count} calibration images to check the engine against "
+                    f"it ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): the "
+                    "engine's arithmetic is not known to be the compiled model's")
+        ours = [t for t in tree_leaves(qmodel(images)) if isinstance(t, torch.Tensor)]
+    if len(theirs) == len(ours) and all(a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+                                        for a, b in zip(theirs, ours)):
+        return (f"checked against the compiled model (x86 Inductor, oneDNN's int8 kernels) on {count} calibration "
+                "images: fault-free outputs equal bit for bit")
+    if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
+        return (f"checked against the compiled model on {count} calibration images: its outputs have other shapes "
+                "than the view's; the engine's arithmetic is not known to be the compiled model's")
+    equal = sum(int((a.cpu() == b.cpu()).sum()) for a, b in zip(theirs, ours))
+    total = sum(a.numel() for a in theirs)
+    largest = max(float((a.cpu().double() - b.cpu().double()).abs().max()) for a, b in zip(theirs, ours) if a.numel())
+    return (f"checked against the compiled model (x86 Inductor) on {count} calibration images: fault-free outputs "
+            f"differ ({equal} of {total} values exactly equal, largest difference {largest:.6g}): Inductor lowers "
+            "part of this model in a way the engine does not reproduce bit for bit")
 
 
 def _weights_of(modules: dict[str, nn.Module]) -> set[int]:
@@ -430,13 +485,15 @@ def _fan_in(layer: QuantLayer) -> int:
 
 
 def _onednn_steps(layer: DeployedLayer) -> tuple[float, float]:
-    """oneDNN's two scalar steps: the input scale as 1 / (1 / scale) in float32 (torch hands it inverse scales), and
-    float32(1 / output scale)."""
-    if layer.act_scale is None:
-        raise ValueError("a oneDNN layer without output codes: its steps are not known")
+    """oneDNN's two scalar steps: the input scale, in float32 (torch.ao's kernels hand oneDNN its inverse, so it is
+    1 / (1 / scale) there), and float32(1 / output scale) (Inductor's ops on a float result: none, i.e. 1)."""
     one, f32 = torch.tensor(1.0), torch.float32
-    return (float(one / (one / torch.tensor(layer.input_scale, dtype=f32))),
-            float(one / torch.tensor(layer.act_scale, dtype=f32)))
+    scale = torch.tensor(layer.input_scale, dtype=f32)
+    if layer.scaling is Scaling.INDUCTOR:
+        return float(scale), 1.0 if layer.act_scale is None else float(one / torch.tensor(layer.act_scale, dtype=f32))
+    if layer.act_scale is None:
+        raise ValueError("a torch.ao oneDNN layer without output codes: its steps are not known")
+    return float(one / (one / scale)), float(one / torch.tensor(layer.act_scale, dtype=f32))
 
 
 def _exact_dtype(layer: QuantLayer, bias_codes: torch.Tensor | None) -> torch.dtype:
@@ -496,6 +553,14 @@ def _refuse_unseen(name: str) -> Any:
                                f"run on the first calibration batch, so it is not quantized: {CONTROL_FLOW}")
 
     return refuse
+
+
+def _inductor_freezes() -> bool:
+    """Whether torch.compile freezes a model's weights now (``torch._inductor.config.freezing``), which is when x86
+    Inductor lowers a PT2E model's conv/linear onto oneDNN's int8 kernels."""
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.freezing)
 
 
 def _is_compiled(module: Any) -> bool:
