@@ -366,8 +366,9 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
         for node in list(graph.nodes):
             keepdim = _global_mean(node)
             value = node.args[0] if node.args else None
-            if keepdim is None or not isinstance(value, fx.Node) or len(value.meta.get("val", ()).shape) != 4:
-                continue
+            if keepdim is None or not isinstance(value, fx.Node) or \
+                    len(getattr(node.meta.get("val"), "shape", ())) != (4 if keepdim else 2):
+                continue  # not a global average of a batch of [C, H, W] values
             name = unique(f"mean_{node.name}")
             modules[name] = RasterMean(keepdim)
             with graph.inserting_before(node):

@@ -142,3 +142,38 @@ def test_fused_multiply_add_rounds_once(code: int, scale: float, addend: float, 
     a, b, c = (torch.tensor([v], dtype=torch.float32) for v in (float(code), scale, addend))
     exact = Fraction(code) * Fraction(scale) + Fraction(addend)
     assert float(fused_multiply_add(a, b, c)[0]) == _round_to_float32(exact)
+
+
+class _Wrapped(torch.nn.Module):
+    """Stands in a compiled model whose outputs are `view`'s, changed by `change`."""
+
+    def __init__(self, view, change) -> None:  # noqa: ANN001
+        super().__init__()
+        self.view, self.change = view, change
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.change(self.view(x))
+
+
+def test_the_load_check_says_how_far_a_compiled_model_is(inductor_qmodel, digits) -> None:  # noqa: ANN001
+    from pytest_hwfault.quantization import compiled_agreement
+
+    x = images(digits.x_train[:16])
+    same = compiled_agreement(_Wrapped(inductor_qmodel, lambda out: out.clone()), inductor_qmodel, x)
+    assert "equal bit for bit" in same
+
+    def nudge(out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[3, 2] = torch.nextafter(out[3, 2], torch.tensor(1e9))
+        return out
+
+    differ = compiled_agreement(_Wrapped(inductor_qmodel, nudge), inductor_qmodel, x)
+    assert "differ (159 of 160 values exactly equal" in differ and "not reproduce" in differ
+    shapes = compiled_agreement(_Wrapped(inductor_qmodel, lambda out: out[:, :5]), inductor_qmodel, x)
+    assert "other shapes" in shapes
+
+    def broken(out: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("expected size 16==16, stride 1==64 at dim=1")
+
+    failed = compiled_agreement(_Wrapped(inductor_qmodel, broken), inductor_qmodel, x)
+    assert failed.startswith("could not run the compiled model") and "AssertionError" in failed
