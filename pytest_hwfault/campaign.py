@@ -136,6 +136,9 @@ class CampaignResult:
     model_format: str = "calibrated"
     # a mitigated campaign: `mitigation.Mitigation.describe()` (its name, protected layers and cost)
     mitigation: dict[str, Any] = field(default_factory=dict)
+    # what the reader of a deployed model knows it does not reproduce, or leaves outside the fault sites, in words
+    # (`deployed.Deployed.notes`, and for a compiled model the load check against it)
+    model_notes: list[str] = field(default_factory=list)
 
     # -- merging -------------------------------------------------------------------------------------------------
     def merge(self, other: CampaignResult) -> CampaignResult:
@@ -167,14 +170,15 @@ class CampaignResult:
                               self.quantized_accuracy, self.layers, dict(sorted(trials.items())),
                               max(self.seconds, other.seconds), self.identity or other.identity,
                               self.coverage or other.coverage, self.model_format,
-                              self.mitigation or other.mitigation)
+                              self.mitigation or other.mitigation, self.model_notes or other.model_notes)
 
     def trimmed(self) -> CampaignResult:
         """Only the trials the outcome is computed on: the same result however many extra trials ran."""
         keep = self.outcome().trials if self.decided() else self.contiguous()
         return CampaignResult(self.campaign_id, self.name, self.spec, self.images, self.float_accuracy,
                               self.quantized_accuracy, self.layers, {i: self.trials[i] for i in range(keep)},
-                              self.seconds, self.identity, self.coverage, self.model_format, self.mitigation)
+                              self.seconds, self.identity, self.coverage, self.model_format, self.mitigation,
+                              self.model_notes)
 
     def contiguous(self) -> int:
         """T such that trials 0..T-1 are all present."""
@@ -314,6 +318,7 @@ class CampaignResult:
             "coverage": self.coverage,
             "model_format": self.model_format,
             **({"mitigation": self.mitigation} if self.mitigation else {}),
+            **({"model_notes": self.model_notes} if self.model_notes else {}),
         }
 
     @classmethod
@@ -324,7 +329,8 @@ class CampaignResult:
         return cls(data["campaign_id"], data["name"], CampaignSpec.from_dict(data["spec"]), data["images"],
                    data["float_accuracy"], data["quantized_accuracy"], list(data["layers"]), trials,
                    data.get("seconds", 0.0), dict(data.get("identity") or {}), dict(data.get("coverage") or {}),
-                   str(data.get("model_format", "calibrated")), dict(data.get("mitigation") or {}))
+                   str(data.get("model_format", "calibrated")), dict(data.get("mitigation") or {}),
+                   [str(note) for note in data.get("model_notes") or []])
 
 
 def _first_persistent_layer(pattern: FaultPattern, layer_position: Mapping[str, int]) -> int | None:
@@ -436,7 +442,8 @@ class Campaign:
         return CampaignResult(self.campaign_id, self.name, self.spec, len(self.inputs), self.float_accuracy,
                               self.quantized_accuracy, layers, identity=dict(self.identity),
                               coverage=self.coverage.to_dict(), model_format=self.qmodel.config["source"],
-                              mitigation=self.mitigation.describe() if self.mitigation is not None else {})
+                              mitigation=self.mitigation.describe() if self.mitigation is not None else {},
+                              model_notes=[str(n) for n in self.qmodel.config.get("deployed_notes") or []])
 
     def pattern(self, trial: int) -> FaultPattern:
         """The exact faults of trial `trial`: replayable, exportable."""

@@ -171,7 +171,8 @@ def _in_graph_layout(graph: fx.Graph, layers: set[str], modules: dict[str, Any])
         elif not (node.op == "call_module" and str(node.target) not in layers
                   and not isinstance(modules.get(str(node.target)), (Requantize, KernelSum, RasterMean))):
             continue
-        for value in {a for a in node.all_input_nodes if a.op != "get_attr"}:
+        for value in {a for a in node.all_input_nodes if a.op != "get_attr"
+                      and isinstance(a.meta.get("val", torch.empty(0)), torch.Tensor)}:  # not a symbolic size
             with graph.inserting_before(node):
                 dense = graph.call_method("contiguous", (value,))
             node.replace_input_with(value, dense)
@@ -257,6 +258,7 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
     # dequantize nodes
     input_grids: dict[fx.Node, tuple[float, int, int, int, bool]] = {}
     sums: dict[fx.Node, tuple[fx.Node, float, fx.Node | None, fx.Node]] = {}
+    float_layers: list[fx.Node] = []
     for node in graph.nodes:
         if node.op == "call_function" and node.target in ops["layers"]:
             fused = _fused_sum(node, ops) if inductor else None
@@ -264,8 +266,8 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
                 sums[node] = fused
             source = node.args[0]
             if not isinstance(source, fx.Node) or source.target != ops["dequantize"]:
-                raise _error(node, "runs on an input that is not a dequantized activation: a PT2E layer must read "
-                                   "activation codes")
+                float_layers.append(node)  # the quantizer left it in float: it stays so, outside the fault sites
+                continue
             input_grids[node] = _grid(source)
 
     for node in list(graph.nodes):
@@ -273,7 +275,7 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             graph.erase_node(node)  # export's input-shape guard: a check, not part of the function
             continue
         kind = ops["layers"].get(node.target) if node.op == "call_function" else None
-        if kind is None:
+        if kind is None or node not in input_grids:
             continue
         args = tuple(node.args)
         if node.kwargs:
@@ -358,6 +360,26 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             dq.replace_all_uses_with(call)
             graph.erase_node(dq)
         graph.erase_node(node)
+    for node in float_layers:  # a module of its own, in float, so that the coverage names it
+        stored = node.args[1] if len(node.args) > 1 else None
+        if isinstance(stored, fx.Node) and stored.target in (ops["dequantize"], ops["dequantize_channel"]):
+            weight = _weight(model, stored, node, ops)[2]  # weight-only int8: the graph's float weight
+        else:
+            weight = _constant(model, stored)
+        bias = _constant(model, node.args[2]) if len(node.args) > 2 else None
+        name = unique(_module_name(node))
+        kind = ops["layers"][node.target]
+        op = str(node.target).split(".")[-2]
+        notes.append(f"layer {name!r} ({op}): the PT2E graph runs it in float on an unquantized input; it stays in "
+                     "float, outside the fault sites (the coverage counts its MACs as uncovered)")
+        if not isinstance(weight, torch.Tensor) or not (bias is None or isinstance(bias, torch.Tensor)) or node.kwargs:
+            continue  # a weight computed in the graph: the call stays as it is
+        modules[name] = _float_twin(kind, tuple(node.args), weight.float(), bias)
+        with graph.inserting_before(node):
+            call = graph.call_module(name, (node.args[0],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
     for node in reversed(list(graph.nodes)):  # the weights' dequantize nodes and constants the layers replaced
         if not node.users and (node.op == "get_attr" or _is_quantized_decomposed(node)):
             graph.erase_node(node)
@@ -383,7 +405,7 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             raise _error(node, "is a quantized operation the reader does not reproduce: supported are aten "
                                "conv1d/2d/3d and linear on dequantized int8 weights and activations, quantize -> "
                                "dequantize pairs of activations, and float operations between them")
-        if node.op == "get_attr":
+        if node.op == "get_attr" and str(node.target) not in modules:
             value = _attr(model, node)
             if isinstance(value, torch.Tensor) and not value.is_floating_point():
                 raise _error(node, f"is a {value.dtype} constant used other than as a conv/linear weight")

@@ -100,3 +100,9 @@ def test_a_gate_runs_on_each_deployed_format_at_every_site(pytester: pytest.Pyte
     out = result.stdout.str()
     assert "deployed pt2e int8 model: its own codes, scales and arithmetic" in out
     assert "float function of its int8 weights" in out
+    # the readers' notes reach the record and the failure text: here the layers with no act site
+    for record in records:
+        if record["model_format"] == "pt2e":
+            assert sum("no act site" in note for note in record["model_notes"]) == 3, record["nodeid"]
+            assert record["result"]["model_notes"] == record["model_notes"]
+    assert "model note" in out and "no act site" in out

@@ -223,3 +223,27 @@ def test_pt2e_unsupported_nodes_are_named(pt2e_model, digits) -> None:  # noqa: 
 
     with pytest.raises(DeployedFormatError, match=r"pt2e: node 'conv2d' .*not a dequantized int8 constant"):
         quantize(_edited(pt2e_model, float_weight), x)
+
+
+def test_pt2e_layer_the_quantizer_left_in_float_stays_float_and_is_named(pt2e_model, digits) -> None:  # noqa: ANN001
+    """A linear on an unquantized input (a quantizer's choice: ViT's packed attention projection under
+    X86InductorQuantizer) runs in float, outside the fault sites; the notes and the coverage name it."""
+    from pytest_hwfault.coverage import measure_coverage
+
+    def float_head(graph: fx.Graph) -> None:  # the last linear reads the float value its quantize node read
+        linear = next(n for n in graph.nodes if "linear" in str(n.target))
+        dequantize = linear.args[0]
+        quant = dequantize.args[0]
+        linear.args = (quant.args[0], *linear.args[1:])
+        graph.erase_node(dequantize)
+        graph.erase_node(quant)
+
+    edited = _edited(pt2e_model, float_head)
+    x = images(digits.x_test[:64])
+    qmodel = quantize(edited, images(digits.x_train[:64]))
+    assert "fc" not in qmodel.layers and len(qmodel.layers) == 5
+    assert any("layer 'fc' (linear)" in note and "in float" in note for note in qmodel.config["deployed_notes"])
+    coverage = measure_coverage(qmodel, x)
+    assert coverage.macs < 1.0 and [row["module"] for row in coverage.uncovered] == ["fc"], coverage.describe()
+    reference, _ = run_graph(edited, x)
+    assert torch.equal(reference.argmax(1), qmodel(x).argmax(1))

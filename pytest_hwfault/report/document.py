@@ -106,6 +106,7 @@ def campaign_record(result: CampaignResult, nodeid: str, problem: str | None = N
         "layers": result.layer_vulnerability(),
         "coverage": result.coverage or None,
         "model_format": result.model_format,
+        "model_notes": list(result.model_notes),
         "result": result.to_dict(),
         "mitigation": None,
         "advice": None,  # the advisor's (--hwfault-advise) suggestion, added by the plugin
@@ -225,6 +226,10 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
                                  "description": "where the codes came from: 'calibrated' (quantized by the plugin) "
                                                 "or the deployed int8 format read: torch.ao eager, torch.ao fx, "
                                                 "pt2e, onnx"},
+                "model_notes": {"type": "array", "items": {"type": "string"},
+                                "description": "a deployed model's reader on what it does not reproduce bit for "
+                                               "bit or leaves outside the fault sites (e.g. layers with no act "
+                                               "site), and a compiled model's check against the view"},
                 "shard": {"type": "array", "items": {"type": "integer", "minimum": 1},
                           "description": "[index, count] of the xdist shard that reported the record"},
                 "lost_shards": {"type": "array", "items": {"type": "integer", "minimum": 1}},

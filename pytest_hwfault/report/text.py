@@ -228,6 +228,8 @@ def failure_message(record: dict[str, Any], reproduce: str) -> str:
     deployed = record.get("model_format", "calibrated") != "calibrated"
     if deployed:
         row("model", f"deployed {record['model_format']} int8 model: its own codes, scales and arithmetic")
+        for note in record.get("model_notes") or []:
+            row("model note", printable(note))
     float_kind = "float function of its int8 weights" if deployed else "float"
     row("fault-free", f"{float_kind} {record['float_accuracy']:.4f}, quantized {record['quantized_accuracy']:.4f}")
     if record.get("coverage"):
