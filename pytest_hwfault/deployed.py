@@ -132,14 +132,17 @@ class Requantize(nn.Module):
     inverse of the float32 scale (`divide=False`: torch's quantize_per_tensor and quantized kernels on the x86 CPU,
     and a PT2E graph's quantize_per_tensor); the two differ on near-ties."""
 
-    def __init__(self, scale: float, zero_point: int, low: int, high: int, *, divide: bool = True) -> None:
+    def __init__(self, scale: float, zero_point: int, low: int, high: int, *, divide: bool = True,
+                 zero_first: bool = False) -> None:
         super().__init__()
         self.scale, self.zero_point, self.low, self.high, self.divide = float(scale), int(zero_point), low, high, divide
+        self.zero_first = zero_first  # the zero point added before rounding (a oneDNN kernel's own output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = torch.tensor(self.scale, dtype=torch.float32)
         codes = torch.div(x, scale) if self.divide else torch.mul(x, 1.0 / scale)
-        return codes.round_().add_(self.zero_point).clamp_(self.low, self.high).sub_(self.zero_point).mul_(scale)
+        codes = codes.add_(self.zero_point).round_() if self.zero_first else codes.round_().add_(self.zero_point)
+        return codes.clamp_(self.low, self.high).sub_(self.zero_point).mul_(scale)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale!r}, zero_point={self.zero_point}, codes=[{self.low}, {self.high}]"

@@ -177,3 +177,54 @@ def test_the_load_check_says_how_far_a_compiled_model_is(inductor_qmodel, digits
 
     failed = compiled_agreement(_Wrapped(inductor_qmodel, broken), inductor_qmodel, x)
     assert failed.startswith("could not run the compiled model") and "AssertionError" in failed
+
+
+# -- each oneDNN op Inductor lowers to, against the engine's arithmetic for it, on random codes ------------------------
+def _onednn_case(seed: int, channels: int = 32, size: int = 32):  # noqa: ANN202
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (32, channels, size, size), dtype=torch.uint8, generator=generator)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-127, 128, (channels, channels, 1, 1), dtype=torch.int8, generator=generator)
+    s_in = float(torch.rand((), generator=generator) * 0.01 + 0.001)
+    w_scale = (torch.rand(channels, generator=generator) * 0.004 + 0.0005).float()
+    bias = (torch.randn(channels, generator=generator) * 2).float()
+    packed = torch.ops.onednn.qconv_prepack(w, w_scale, s_in, 3, [1, 1], [0, 0], [1, 1], 1, x.shape)
+    acc = torch.nn.functional.conv2d(x.double() - 3, w.double()).float()  # exact: |acc| < 2^24
+    # the engine's float result of such a layer (Scaling.INDUCTOR): acc x input scale x weight scale + bias
+    result = acc * torch.tensor(s_in, dtype=torch.float32) * w_scale[:, None, None] + bias[:, None, None]
+    args = (torch.tensor(s_in), torch.tensor(3, dtype=torch.int32), packed, w_scale,
+            torch.zeros(channels, dtype=torch.long))
+    return x, args, bias, result
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hardswish_post_op_is_onednns(seed: int) -> None:
+    from pytest_hwfault.deployed import Requantize
+    from pytest_hwfault.pt2e import KernelHardswish
+
+    x, args, bias, result = _onednn_case(seed)
+    scale, zero = 0.03, 37
+    codes = torch.ops.onednn.qconv_pointwise.tensor(x, *args, bias, [1, 1], [0, 0], [1, 1], 1, scale, zero,
+                                                    torch.uint8, "hardswish", [None], "")
+    ours = Requantize(scale, zero, 0, 255, divide=False, zero_first=True)(KernelHardswish()(result))
+    theirs = (codes.float() - zero) * torch.tensor(scale, dtype=torch.float32)
+    assert torch.equal(ours, theirs)  # 1M outputs; torch's hardswish, or rounding before the zero point, miss some
+    torch_formula = Requantize(scale, zero, 0, 255, divide=False, zero_first=True)(
+        torch.nn.functional.hardswish(result))
+    assert not torch.equal(torch_formula, theirs)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_sum_post_op_is_onednns(relu: bool) -> None:
+    x, args, bias, result = _onednn_case(2 + relu)
+    generator = torch.Generator().manual_seed(7)
+    other = torch.randint(0, 256, result.shape, dtype=torch.uint8, generator=generator)
+    other = other.contiguous(memory_format=torch.channels_last)
+    other_scale, other_zero, scale, zero = 0.02, 11, 0.05, 5
+    codes = torch.ops.onednn.qconv2d_pointwise.binary_tensor(
+        x, *args, other.clone(), bias, [1, 1], [0, 0], [1, 1], 1, scale, zero, torch.uint8, other_scale, other_zero,
+        "sum", 1.0, "relu" if relu else "none", [None], "")
+    kernel_sum = KernelSum(other_scale, scale, zero, 0, 255, relu)
+    other_values = (other.float() - other_zero) * torch.tensor(other_scale, dtype=torch.float32)
+    theirs = (codes.float() - zero) * torch.tensor(scale, dtype=torch.float32)
+    assert torch.equal(kernel_sum(result, other_values), theirs)
