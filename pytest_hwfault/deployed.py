@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .onednn import fused_multiply_add
+
 FORMATS = ("torch.ao eager", "torch.ao fx", "pt2e", "onnx")
 
 
@@ -199,24 +201,6 @@ class KernelSum(nn.Module):
     def extra_repr(self) -> str:
         return f"other_scale={self.other_scale!r}, scale={self.scale!r}, zero_point={self.zero_point}, " \
                f"relu={self.relu}"
-
-
-def fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """float32 a x b + c rounded once (C's fmaf), for `a` holding integers below 2^29 in magnitude (codes) and
-    float32 `b`, `c`: the product is exact in float64, the float64 sum's own rounding error is recovered exactly
-    (Knuth's TwoSum), and where the float64 sum lies exactly halfway between two float32 values, that error decides
-    the side."""
-    f64 = torch.float64
-    product, addend = a.to(f64) * b.to(f64), c.to(f64)
-    total = product + addend
-    back = total - product
-    error = (product - (total - back)) + (addend - back)
-    rounded = total.to(torch.float32)
-    diff = total - rounded.to(f64)
-    inf = torch.tensor(float("inf"), dtype=torch.float32)
-    neighbour = torch.nextafter(rounded, torch.where(diff > 0, inf, -inf))
-    halfway = (diff != 0) & ((rounded.to(f64) + neighbour.to(f64)) * 0.5 == total)
-    return torch.where(halfway & (error * diff > 0), neighbour, rounded)
 
 
 class FloatSum(nn.Module):

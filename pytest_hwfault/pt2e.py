@@ -39,7 +39,9 @@ from .deployed import BiasMode, Deployed, DeployedFormatError, DeployedLayer, Ke
 FORMAT = "pt2e"
 _CODE_DTYPES = {torch.uint8: (False, 0, 255), torch.int8: (True, -128, 127)}
 _RELUS = ("aten.relu.default", "aten.relu_.default")
-_HARDSWISH = ("aten.hardswish.default", "aten.hardswish_.default")
+# activations Inductor fuses into a 2-d convolution as oneDNN post-ops
+_POST_OPS = {"aten.hardswish.default": "hardswish", "aten.hardswish_.default": "hardswish",
+             "aten.silu.default": "swish", "aten.silu_.default": "swish"}
 # aten operations whose values do not depend on their inputs' memory layout (elementwise, reshapes)
 _LAYOUT_FREE = {"add", "sub", "mul", "div", "neg", "relu", "relu_", "clamp", "clamp_min", "clamp_max", "hardtanh",
                 "hardtanh_", "sigmoid", "tanh", "flatten", "view", "reshape", "permute", "transpose", "squeeze",
@@ -179,14 +181,49 @@ def _in_graph_layout(graph: fx.Graph, layers: set[str], modules: dict[str, Any])
             node.replace_input_with(value, dense)
 
 
-class KernelHardswish(nn.Module):
-    """oneDNN's hard-swish post-op, as x86 Inductor fuses a hard-swish into the conv/linear before it: v x clamp(v x
-    float32(1/6) + 0.5, 0, 1), each step rounding in float32 (measured against ``qconv_pointwise`` on 8.4M outputs:
-    0 differ; torch's hardswish, x x relu6(x + 3) / 6, differs on 13)."""
+class KernelEltwise(nn.Module):
+    """An activation x86 Inductor fuses into the 2-d convolution before it, as oneDNN's post-op computes it
+    (`onednn.POST_OPS`: hard-swish, swish), not as torch does (measured against ``qconv_pointwise`` on 8.4M outputs
+    each: 0 differ; torch's hardswish differs on 13, its SiLU on half of the float outputs)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = torch.mul(x, torch.tensor(1.0 / 6.0, dtype=torch.float32)).add_(0.5).clamp_(0.0, 1.0)
-        return gate.mul_(x)
+        from . import onednn
+
+        return onednn.POST_OPS[self.kind](x)
+
+    def extra_repr(self) -> str:
+        return self.kind
+
+
+class InductorBatchNorm(nn.Module):
+    """An inference BatchNorm the graph keeps (nothing to fold it into: DenseNet's), as Inductor decomposes it:
+    ((x - mean) x rsqrt(var + eps)) x weight + bias, each step rounding in float32, the rsqrt a constant it folds when
+    freezing. ATen's kernel computes x x a + b with a and b folded per channel first, which rounds otherwise."""
+
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor, var: torch.Tensor,
+                 eps: float) -> None:
+        super().__init__()
+        f32 = torch.float32
+        self.register_buffer("mean", mean.detach().to(f32).clone())
+        self.register_buffer("invstd", torch.rsqrt(var.detach().to(f32) + eps))
+        self.register_buffer("weight", None if weight is None else weight.detach().to(f32).clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(f32).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (-1, *([1] * (x.dim() - 2)))
+        out = (x - self.mean.reshape(shape)) * self.invstd.reshape(shape)
+        if self.weight is not None:
+            out = out * self.weight.reshape(shape)
+        return out + self.bias.reshape(shape) if self.bias is not None else out
 
 
 class RasterMean(nn.Module):
@@ -222,7 +259,8 @@ def _global_mean(node: fx.Node) -> bool | None:
     return None
 
 
-_KERNEL_MODULES = (Requantize, KernelSum, RasterMean, KernelHardswish)  # elementwise in any memory layout
+# elementwise: the same values in any memory layout
+_KERNEL_MODULES = (Requantize, KernelSum, RasterMean, KernelEltwise, InductorBatchNorm)
 
 
 def _fused_sum(node: fx.Node, ops: dict[str, Any]) -> tuple[fx.Node, float, fx.Node | None, fx.Node] | None:
@@ -231,7 +269,8 @@ def _fused_sum(node: fx.Node, ops: dict[str, Any]) -> tuple[fx.Node, float, fx.N
     add, the other operand's scale, the ReLU or None, the quantize). Read before the rewrite replaces dequantize
     nodes."""
     add = _single_user(node)
-    if add is None or add.target != torch.ops.aten.add.Tensor or add.kwargs or len(add.args) != 2:
+    if add is None or add.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor) or add.kwargs or \
+            len(add.args) != 2:  # an in-place sum (MobileNetV3's `result += input`) writes the layer's own result
         return None
     others = [a for a in add.args if a is not node]
     other = others[0] if len(others) == 1 else None
@@ -360,18 +399,18 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             graph.erase_node(relu)
         graph.erase_node(node)
 
-    # Inductor fuses a hard-swish after a 2-d convolution's float result into its kernel (oneDNN's post-op, its own
-    # arithmetic), and a quantize right after it too (the zero point then added before rounding); after a linear it
-    # stays generated code, torch's formula
+    # Inductor fuses a hard-swish or SiLU after a 2-d convolution's float result into its kernel (oneDNN's post-op,
+    # its own arithmetic), and a quantize right after it too (the zero point then added before rounding); after a
+    # linear it stays generated code, torch's formula
     zero_first: set[fx.Node] = set()
     for node in list(graph.nodes) if inductor else ():
         source = node.args[0] if node.op == "call_function" and node.args else None
-        if str(node.target) not in _HARDSWISH or node.kwargs or not isinstance(source, fx.Node) or \
+        if str(node.target) not in _POST_OPS or node.kwargs or not isinstance(source, fx.Node) or \
                 source.op != "call_module" or str(source.target) not in layers or len(source.users) != 1 or \
                 type(modules[str(source.target)]) is not nn.Conv2d:
             continue
         name = unique(f"kernel_{node.name}")
-        modules[name] = KernelHardswish()
+        modules[name] = KernelEltwise(_POST_OPS[str(node.target)])
         with graph.inserting_before(node):
             call = graph.call_module(name, (source,))
         call.meta = dict(node.meta)
@@ -418,6 +457,20 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
         if not node.users and (node.op == "get_attr" or _is_quantized_decomposed(node)):
             graph.erase_node(node)
 
+    for node in list(graph.nodes) if inductor else ():  # inference BatchNorms as Inductor decomposes them
+        if node.op != "call_function" or node.kwargs or node.target != torch.ops.aten.batch_norm.default or \
+                len(node.args) < 8 or node.args[5] is not False:
+            continue
+        weight, bias, mean, var = (_constant(model, a) for a in node.args[1:5])
+        if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+            continue
+        name = unique(f"batch_norm_{node.name}")
+        modules[name] = InductorBatchNorm(weight, bias, mean, var, float(node.args[7]))
+        with graph.inserting_before(node):
+            call = graph.call_module(name, (node.args[0],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
     if inductor:  # global averages as Inductor's generated code sums them
         for node in list(graph.nodes):
             keepdim = _global_mean(node)

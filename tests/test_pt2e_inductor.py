@@ -197,21 +197,25 @@ def _onednn_case(seed: int, channels: int = 32, size: int = 32):  # noqa: ANN202
     return x, args, bias, result
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_hardswish_post_op_is_onednns(seed: int) -> None:
+@pytest.mark.parametrize(("kind", "seed"), [("hardswish", 0), ("hardswish", 1), ("swish", 0), ("swish", 1)])
+def test_activation_post_ops_are_onednns(kind: str, seed: int) -> None:
+    """u8 codes and float results of a convolution with oneDNN's hard-swish or swish (SiLU) post-op, against the
+    engine's arithmetic for them: equal bit for bit on 1M outputs each, where torch's own activation is not."""
     from pytest_hwfault.deployed import Requantize
-    from pytest_hwfault.pt2e import KernelHardswish
+    from pytest_hwfault.pt2e import KernelEltwise
 
     x, args, bias, result = _onednn_case(seed)
     scale, zero = 0.03, 37
+    requantize = Requantize(scale, zero, 0, 255, divide=False, zero_first=True)
     codes = torch.ops.onednn.qconv_pointwise.tensor(x, *args, bias, [1, 1], [0, 0], [1, 1], 1, scale, zero,
-                                                    torch.uint8, "hardswish", [None], "")
-    ours = Requantize(scale, zero, 0, 255, divide=False, zero_first=True)(KernelHardswish()(result))
-    theirs = (codes.float() - zero) * torch.tensor(scale, dtype=torch.float32)
-    assert torch.equal(ours, theirs)  # 1M outputs; torch's hardswish, or rounding before the zero point, miss some
-    torch_formula = Requantize(scale, zero, 0, 255, divide=False, zero_first=True)(
-        torch.nn.functional.hardswish(result))
-    assert not torch.equal(torch_formula, theirs)
+                                                    torch.uint8, kind, [None], "")
+    floats = torch.ops.onednn.qconv_pointwise.tensor(x, *args, bias, [1, 1], [0, 0], [1, 1], 1, 1.0, 0,
+                                                     torch.float32, kind, [None], "")
+    ours = KernelEltwise(kind)(result)
+    assert torch.equal(ours, floats)
+    assert torch.equal(requantize(ours), (codes.float() - zero) * torch.tensor(scale, dtype=torch.float32))
+    torch_activation = {"hardswish": torch.nn.functional.hardswish, "swish": torch.nn.functional.silu}[kind]
+    assert not torch.equal(torch_activation(result), floats)
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -228,3 +232,59 @@ def test_sum_post_op_is_onednns(relu: bool) -> None:
     other_values = (other.float() - other_zero) * torch.tensor(other_scale, dtype=torch.float32)
     theirs = (codes.float() - zero) * torch.tensor(scale, dtype=torch.float32)
     assert torch.equal(kernel_sum(result, other_values), theirs)
+
+
+class _PreActivation(torch.nn.Module):
+    """Two patterns Inductor lowers its own way: an inference BatchNorm with no conv before it to fold into (here
+    after a concatenation, as in DenseNet), and an in-place residual sum (MobileNetV3's `result += input`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(3, 8, 1)
+        self.norm = torch.nn.BatchNorm2d(16)
+        self.conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.last = torch.nn.Conv2d(16, 16, 1)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.left(x), self.right(x)], 1)
+        out = self.conv(torch.relu(self.norm(x)))
+        out += x
+        return self.head(torch.relu(self.last(out)).mean((2, 3)))
+
+
+def test_compiled_batch_norm_and_in_place_sum_are_reproduced(freezing) -> None:  # noqa: ANN001
+    from pytest_hwfault.cifar_resnet import recalibrate_bn
+    from pytest_hwfault.pt2e import InductorBatchNorm
+
+    generator = torch.Generator().manual_seed(4)
+    calibration, x = torch.rand(32, 3, 16, 16, generator=generator), torch.rand(64, 3, 16, 16, generator=generator)
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        net = recalibrate_bn(_PreActivation(), calibration).eval()
+    compiled = torch.compile(to_pt2e(net, calibration), dynamic=False)
+    qmodel = quantize(compiled, calibration)
+    assert "equal bit for bit" in qmodel.config["deployed_notes"][0], qmodel.config["deployed_notes"][0]
+    kinds = [type(m) for m in qmodel.module.modules()]
+    assert kinds.count(InductorBatchNorm) == 1 and kinds.count(KernelSum) == 1, kinds
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), compiled(x))
+
+
+def test_batch_norm_is_inductors(freezing) -> None:  # noqa: ANN001
+    """Against Inductor's own generated code for a BatchNorm on 1M random values: ATen's kernel rounds otherwise."""
+    from pytest_hwfault.pt2e import InductorBatchNorm
+
+    generator = torch.Generator().manual_seed(5)
+    norm = torch.nn.BatchNorm2d(64).eval()
+    with torch.no_grad():
+        for tensor in (norm.weight, norm.bias, norm.running_mean):
+            tensor.copy_(torch.randn(64, generator=generator))
+        norm.running_var.copy_(torch.rand(64, generator=generator) + 0.1)
+    x = torch.randn(64, 64, 16, 16, generator=generator) * 3
+    with torch.no_grad():
+        theirs = torch.compile(norm, dynamic=False)(x)
+        aten = norm(x)
+    ours = InductorBatchNorm(norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps)(x)
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(aten, theirs)
