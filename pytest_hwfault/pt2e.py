@@ -22,13 +22,19 @@ bias. The reader rewrites a copy of the graph into the engine's form (`deployed.
 
 Anything else on quantized codes (a quantize whose codes feed something other than a dequantize, a dequantize of an
 unknown dtype or with a tensor scale, lowered quantized ops, a conv/linear whose weight is not int8) is a
-`DeployedFormatError` naming the node.
+`DeployedFormatError` naming the node. A conv/linear on an unquantized input stays in float, a module of its own.
+
+Given the ``torch.compile``d model with freezing on (`inductor=True`), the reader reproduces what x86 Inductor lowers
+it to instead: oneDNN's int8 conv/linear steps (`Scaling.INDUCTOR`), a residual sum after a conv as its sum post-op
+(`KernelSum`), a conv's hard-swish or SiLU as oneDNN's post-op (`KernelEltwise`), inference BatchNorms and global
+averages as Inductor's generated code computes them (`InductorBatchNorm`, `RasterMean`).
 """
 
 from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -284,6 +290,63 @@ def _fused_sum(node: fx.Node, ops: dict[str, Any]) -> tuple[fx.Node, float, fx.N
     return add, _grid(other)[0], relu, quant
 
 
+def _replace(graph: fx.Graph, node: fx.Node, name: str, args: tuple[Any, ...]) -> fx.Node:
+    """`node` replaced by a call of module `name` on `args`."""
+    with graph.inserting_before(node):
+        call = graph.call_module(name, args)
+    call.meta = dict(node.meta)
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+    return call
+
+
+def _inductor_post_ops(graph: fx.Graph, layers: dict[str, DeployedLayer], modules: dict[str, Any],
+                       unique: Callable[[str], str], ops: dict[str, Any]) -> set[fx.Node]:
+    """Inductor fuses a hard-swish or SiLU after a 2-d convolution's float result into its kernel (oneDNN's post-op,
+    its own arithmetic: `KernelEltwise`), and a quantize right after it too; returns those quantize nodes (the zero
+    point added before rounding). After a linear it stays generated code, torch's formula."""
+    zero_first: set[fx.Node] = set()
+    for node in list(graph.nodes):
+        source = node.args[0] if node.op == "call_function" and node.args else None
+        if str(node.target) not in _POST_OPS or node.kwargs or not isinstance(source, fx.Node) or \
+                source.op != "call_module" or str(source.target) not in layers or len(source.users) != 1 or \
+                type(modules[str(source.target)]) is not nn.Conv2d:
+            continue
+        name = unique(f"kernel_{node.name}")
+        modules[name] = KernelEltwise(_POST_OPS[str(node.target)])
+        after = _single_user(_replace(graph, node, name, (source,)))
+        if after is not None and after.target == ops["quantize"]:
+            zero_first.add(after)
+    return zero_first
+
+
+def _inductor_batch_norms(graph: fx.Graph, model: Any, modules: dict[str, Any], unique: Callable[[str], str]) -> None:
+    """Inference BatchNorms as Inductor decomposes them (`InductorBatchNorm`)."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.kwargs or node.target != torch.ops.aten.batch_norm.default or \
+                len(node.args) < 8 or node.args[5] is not False:
+            continue
+        weight, bias, mean, var = (_constant(model, a) for a in node.args[1:5])
+        if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+            continue
+        name = unique(f"batch_norm_{node.name}")
+        modules[name] = InductorBatchNorm(weight, bias, mean, var, float(node.args[7]))
+        _replace(graph, node, name, (node.args[0],))
+
+
+def _inductor_means(graph: fx.Graph, modules: dict[str, Any], unique: Callable[[str], str]) -> None:
+    """Global averages as Inductor's generated code sums them (`RasterMean`)."""
+    for node in list(graph.nodes):
+        keepdim = _global_mean(node)
+        value = node.args[0] if node.args else None
+        if keepdim is None or not isinstance(value, fx.Node) or \
+                len(getattr(node.meta.get("val"), "shape", ())) != (4 if keepdim else 2):
+            continue  # not a global average of a batch of [C, H, W] values
+        name = unique(f"mean_{node.name}")
+        modules[name] = RasterMean(keepdim)
+        _replace(graph, node, name, (value,))
+
+
 def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.device | str,
               inductor: bool = False) -> Deployed:
     """A converted PT2E GraphModule in the engine's form. `model` is not modified: the reader rewrites a copy of its
@@ -399,26 +462,7 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             graph.erase_node(relu)
         graph.erase_node(node)
 
-    # Inductor fuses a hard-swish or SiLU after a 2-d convolution's float result into its kernel (oneDNN's post-op,
-    # its own arithmetic), and a quantize right after it too (the zero point then added before rounding); after a
-    # linear it stays generated code, torch's formula
-    zero_first: set[fx.Node] = set()
-    for node in list(graph.nodes) if inductor else ():
-        source = node.args[0] if node.op == "call_function" and node.args else None
-        if str(node.target) not in _POST_OPS or node.kwargs or not isinstance(source, fx.Node) or \
-                source.op != "call_module" or str(source.target) not in layers or len(source.users) != 1 or \
-                type(modules[str(source.target)]) is not nn.Conv2d:
-            continue
-        name = unique(f"kernel_{node.name}")
-        modules[name] = KernelEltwise(_POST_OPS[str(node.target)])
-        with graph.inserting_before(node):
-            call = graph.call_module(name, (source,))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
-        after = _single_user(call)
-        if after is not None and after.target == ops["quantize"]:
-            zero_first.add(after)
+    zero_first = _inductor_post_ops(graph, layers, modules, unique, ops) if inductor else set()
     # every other quantize -> dequantize pair on an activation: the graph re-grids a float value
     for node in list(graph.nodes):
         if node.target != ops["quantize"]:
@@ -457,34 +501,9 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
         if not node.users and (node.op == "get_attr" or _is_quantized_decomposed(node)):
             graph.erase_node(node)
 
-    for node in list(graph.nodes) if inductor else ():  # inference BatchNorms as Inductor decomposes them
-        if node.op != "call_function" or node.kwargs or node.target != torch.ops.aten.batch_norm.default or \
-                len(node.args) < 8 or node.args[5] is not False:
-            continue
-        weight, bias, mean, var = (_constant(model, a) for a in node.args[1:5])
-        if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
-            continue
-        name = unique(f"batch_norm_{node.name}")
-        modules[name] = InductorBatchNorm(weight, bias, mean, var, float(node.args[7]))
-        with graph.inserting_before(node):
-            call = graph.call_module(name, (node.args[0],))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
-    if inductor:  # global averages as Inductor's generated code sums them
-        for node in list(graph.nodes):
-            keepdim = _global_mean(node)
-            value = node.args[0] if node.args else None
-            if keepdim is None or not isinstance(value, fx.Node) or \
-                    len(getattr(node.meta.get("val"), "shape", ())) != (4 if keepdim else 2):
-                continue  # not a global average of a batch of [C, H, W] values
-            name = unique(f"mean_{node.name}")
-            modules[name] = RasterMean(keepdim)
-            with graph.inserting_before(node):
-                call = graph.call_module(name, (value,))
-            call.meta = dict(node.meta)
-            node.replace_all_uses_with(call)
-            graph.erase_node(node)
+    if inductor:
+        _inductor_batch_norms(graph, model, modules, unique)
+        _inductor_means(graph, modules, unique)
     _in_graph_layout(graph, set(layers), modules)
     for node in graph.nodes:
         if _is_quantized_decomposed(node) or (node.op == "call_function" and any(
