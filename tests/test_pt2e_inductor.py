@@ -288,3 +288,17 @@ def test_batch_norm_is_inductors(freezing) -> None:  # noqa: ANN001
     ours = InductorBatchNorm(norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps)(x)
     assert torch.equal(ours, theirs)
     assert not torch.equal(aten, theirs)
+
+
+def test_a_compiled_model_the_view_does_not_match_warns(pt2e_model, digits, monkeypatch) -> None:  # noqa: ANN001
+    """A passing gate prints no model notes: a compiled model the engine does not reproduce bit for bit is said in
+    pytest's warnings summary too (here a compiled model whose check could not run)."""
+    import torch._inductor.config as inductor_config
+
+    from pytest_hwfault.quantization import CompiledMismatchWarning
+
+    compiled = torch.compile(pt2e_model, dynamic=False)
+    monkeypatch.setattr(type(compiled), "__call__", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    with inductor_config.patch(freezing=True), pytest.warns(CompiledMismatchWarning, match="could not run"):
+        qmodel = quantize(compiled, images(digits.x_train[:64]))
+    assert qmodel.config["deployed_notes"][0].startswith("could not run the compiled model")
