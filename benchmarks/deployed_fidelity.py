@@ -18,7 +18,10 @@ Then the same architecture with 128 channels, random weights and 2048 random ima
 sums past 2^24, and near-ties that training smooths away; with int8 activations onnxruntime leaves the first conv of
 each block in float, whose float32 sums round (the model's notes name them).
 
-    python benchmarks/deployed_fidelity.py [--json fidelity.json]
+`--torchvision` adds, for PT2E compiled by x86 Inductor, random-init torchvision models (and ResNet56), 16 random
+images each, their logits against the compiled model's own (a few minutes: each model is compiled).
+
+    python benchmarks/deployed_fidelity.py [--torchvision] [--json fidelity.json]
 """
 
 from __future__ import annotations
@@ -137,14 +140,42 @@ def _random_wide(folder: str) -> dict[str, dict[str, float]]:
     return rows
 
 
+# (model, image size): torchvision's constructors, and the project's CIFAR ResNet56
+TORCHVISION = (("resnet56", 32), ("mobilenet_v2", 64), ("mobilenet_v3_small", 64), ("mobilenet_v3_large", 64),
+               ("efficientnet_b0", 64), ("shufflenet_v2_x0_5", 64), ("mnasnet0_5", 64), ("regnet_x_400mf", 64),
+               ("densenet121", 64), ("squeezenet1_0", 64), ("vit_b_16", 224))
+
+
+def _torchvision_rows() -> dict[str, dict[str, float]]:
+    """Each model random-init (seeded), BatchNorm statistics recalibrated, quantized by PT2E on 16 random images,
+    compiled (freezing, static shapes) and read by the engine; logits on 16 other images against the compiled
+    model's, and whether the load check found them equal."""
+    import torchvision
+
+    from pytest_hwfault.cifar_resnet import recalibrate_bn, resnet56
+
+    rows = {}
+    for name, size in TORCHVISION:
+        torch.manual_seed(0)
+        calibration, x = torch.rand(16, 3, size, size), torch.rand(16, 3, size, size)
+        net = resnet56() if name == "resnet56" else getattr(torchvision.models, name)(weights=None)
+        pt2e = dm.to_pt2e(recalibrate_bn(net, calibration).eval(), calibration)
+        torch._dynamo.reset()
+        rows[f"pt2e compiled, {name}"] = _compiled(pt2e, calibration, x)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--torchvision", action="store_true", help="add compiled PT2E torchvision models")
     parser.add_argument("--json", help="write the figures and the environment here")
     args = parser.parse_args()
     rows = measure()
-    print(f"{'format':<28} agreement")
+    if args.torchvision:
+        rows.update(_torchvision_rows())
+    print(f"{'format':<44} agreement")
     for name, row in rows.items():
-        print(f"{name:<28} " + ", ".join(f"{k} {v:.6g}" for k, v in row.items()))
+        print(f"{name:<44} " + ", ".join(f"{k} {v:.6g}" for k, v in row.items()))
     save_json(args.json, {"agreement": rows, "environment": environment("torchao", "onnxruntime", "onnx")})
 
 
