@@ -14,7 +14,15 @@ Measured against torch's own quantized kernels (x86 engine), and reproduced here
   scale and zero point (`deployed.Requantize`);
 - average pooling on a quantized tensor: the mean of integer codes rounded half to even onto the input's grid
   (`deployed.CodeAvgPool`); ReLU, max pooling and reshapes keep values on their grid and run as they are;
-- `QuantStub` re-grids its float input (`Requantize`), `DeQuantStub` passes values through.
+- `QuantStub` re-grids its float input (`Requantize`), `DeQuantStub` passes values through;
+- dynamic quantization (`quantize_dynamic`: `nn.quantized.dynamic.Linear`, `LinearReLU`), as fbgemm computes it
+  (`DynamicLinear`): each call quantizes its float input on the input's own range (ATen's
+  `ChooseQuantizationParams` on [0, 127] with `reduce_range`, codes round(x x float32(1 / scale)) + zero point), the
+  int32 product with the weight codes, the codes' column sums times the zero point taken off, and the result
+  fma(float32(acc), input scale x weight scale, bias). Measured bit for bit against the kernel on 2,000 inputs of
+  six kinds (wide and tiny ranges, one sign, constant), five shapes, per-tensor and per-channel weights.
+  The runtime's range is the whole input tensor's, so the view quantizes each image on its own range: the model as
+  deployed one input at a time (`quantization.dynamic_agreement` checks that at load).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from torch import nn
 
 from .data import call_model, iter_batches
 from .deployed import BiasMode, CodeAvgPool, Deployed, DeployedFormatError, DeployedLayer, Requantize, Scaling
+from .onednn import fused_multiply_add
 
 _AVERAGING = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
               nn.AdaptiveAvgPool3d)
@@ -35,9 +44,13 @@ _AVERAGING = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn
 
 def _ao_types() -> dict[str, tuple[type, ...]]:
     import torch.ao.nn.intrinsic.quantized as nniq
+    import torch.ao.nn.intrinsic.quantized.dynamic as nniqd
     import torch.ao.nn.quantized as nnq
+    import torch.ao.nn.quantized.dynamic as nnqd
 
     return {
+        "dynamic": (nnqd.Linear,),  # nniqd.LinearReLU is one too
+        "dynamic_relu": (nniqd.LinearReLU,),
         "layer": (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Linear),
         "fused_relu": (nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d, nniq.LinearReLU),
         "quantize": (nnq.Quantize,),
@@ -146,7 +159,11 @@ def has_ao_modules(model: nn.Module) -> bool:
 
 
 def _is_ao(module: nn.Module) -> bool:
-    return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic"))
+    """A torch.ao module the reader must understand; a float fusion (`torch.ao.nn.intrinsic.modules.fused`, e.g.
+    LinearReLU left unconverted) is a float Sequential whose float children run as they are."""
+    kind = type(module).__module__
+    return kind.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic")) and \
+        not kind.startswith("torch.ao.nn.intrinsic.modules")
 
 
 def float_twin(module: Any) -> nn.Module:  # an ao Conv/Linear: its attributes are untyped
@@ -195,6 +212,124 @@ def _range(signed: bool) -> tuple[int, int]:
 Grid = tuple[float, int, bool]  # scale, zero point, signed (qint8) codes
 
 
+# -- dynamic quantization: each input quantized on its own range, as fbgemm's dynamic linear does ------------------
+SMALL_SCALE = torch.tensor(6.1e-5, dtype=torch.float32)  # ATen's SMALL_SCALE_THRESHOLD: smaller scales are raised
+
+
+def dynamic_qparams(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image (dim 0) of `x`: the float32 scale and the zero point (as float32) that ATen's
+    ``ChooseQuantizationParams(min, max, 0, qmax)`` gives for the image's range, as fbgemm's dynamic linear calls it:
+    the range widened to hold 0, the scale (max - min) / qmax in float64 (0.1 where it is 0 or its float32 inverse
+    overflows; raised to 6.1e-5 with the range stretched where smaller), the zero point from the end with the
+    smaller error term (ATen's), clamped, rounded half to even; the scale rounded to float32 last. No Python branch
+    on values: a traced graph (late start) computes the same."""
+    flat = x.flatten(1)
+    low, high = flat.amin(1).clamp(max=0.0), flat.amax(1).clamp(min=0.0)
+    scale = (high.double() - low.double()) / qmax
+    single = scale.float()
+    scale = torch.where((single == 0) | torch.isinf(1 / single), torch.full_like(scale, 0.1), scale)
+    small = scale < SMALL_SCALE.double()
+    stretch = SMALL_SCALE / scale.float()  # float32, as ATen's amplifier
+    wide = SMALL_SCALE * qmax
+    low_small = torch.where(low == 0, low, torch.where(high == 0, -wide, low * stretch))
+    high_small = torch.where(low == 0, wide.expand_as(high), torch.where(high == 0, high, high * stretch))
+    low, high = torch.where(small, low_small, low), torch.where(small, high_small, high)
+    scale = torch.where(small, SMALL_SCALE.double(), scale)
+    from_low, from_high = -low.double() / scale, qmax - high.double() / scale
+    low_error, high_error = -(low.double() / scale).abs(), qmax - (high.double() / scale).abs()
+    zero = torch.where(low_error < high_error, from_low, from_high)
+    zero = zero.clamp(0, qmax).round()  # below 0 -> 0, above qmax -> qmax, else nearbyint
+    return scale.float(), zero.float()
+
+
+class DynamicQuantize(nn.Module):
+    """fbgemm's quantization of a dynamic linear's float input, per image: codes round(x x float32(1 / scale)) +
+    zero point, clamped to [0, 255] (uint8), as float32 values. Returns (codes, scale, zero point), the last two per
+    image."""
+
+    def __init__(self, qmax: int) -> None:
+        super().__init__()
+        self.qmax = qmax
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        scale, zero = dynamic_qparams(x, self.qmax)
+        # per image, with the image dimension moved last to broadcast (no Python arithmetic on sizes: traceable)
+        codes = torch.mul(x.float().movedim(0, -1), 1 / scale).round_().add_(zero).clamp_(0, 255)
+        return codes.movedim(-1, 0), scale, zero
+
+    def extra_repr(self) -> str:
+        return f"codes=[0, {self.qmax}] on each image's range"
+
+
+def dynamic_output(acc: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, weight_sums: torch.Tensor,
+                   weight_scale: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """fbgemm's float output of a dynamic linear from its raw int32 accumulator sum(code x weight code) (exact, in
+    float32 or float64): minus the zero point x the weight codes' column sum in int32 (wrapping, as the kernel's
+    int32 arithmetic does: only a faulty accumulator gets there), converted to float32, then one fused multiply-add
+    with the float32 product input scale x weight scale and the bias; a fused ReLU last."""
+    # [N, ..., out] as [..., N, out]: per-image and per-output factors broadcast as [N, out] (traceable)
+    raw = acc.double().movedim(0, -2) - zero.double().unsqueeze(1) * weight_sums
+    raw = torch.remainder(raw + 2.0**31, 2.0**32) - 2.0**31
+    multiplier = scale.unsqueeze(1) * weight_scale
+    out = fused_multiply_add(raw.float(), multiplier, bias.expand(raw.shape)) if bias is not None else \
+        raw.float() * multiplier
+    return (out.clamp_min_(0) if relu else out).movedim(-2, 0)
+
+
+class DynamicLinear(nn.Module):
+    """torch.ao's dynamic Linear (or LinearReLU) as fbgemm computes it: `quantize` (per image), then `linear`, the
+    multiply-accumulate layer the engine computes on integer codes (input codes with zero point 0 as its view of
+    them, so an input fault flips the stored uint8 code; its result the raw accumulator, where acc faults land),
+    then `dynamic_output`. `weight_scale` is the layer's stored multiplier once the view is built (qparams faults
+    edit it). The zero point's correction uses the column sums of the weight codes as they are (a weight fault
+    changes them, as it does the runtime's when the faulty codes are packed; the engine's static layers likewise
+    compute with the faulty code everywhere). In the view, `linear` holds the codes; before (the engine's
+    calibration pass, which only records shapes), its dequantized weights."""
+
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, module: Any, relu: bool) -> None:
+        super().__init__()
+        _, weight_scale = weight_codes(module, "", "torch.ao dynamic")
+        self.quantize = DynamicQuantize(127 if (module.version or 0) >= 4 else 255)  # reduce_range from version 4
+        twin: Any = float_twin(module)
+        self.linear = nn.Linear(module.in_features, module.out_features, bias=False).requires_grad_(False)
+        with torch.no_grad():
+            self.linear.weight.copy_(twin.weight)
+        bias = module.bias()
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.register_buffer("weight_scale", weight_scale.float())
+        self.relu, self.twin = relu, nn.Sequential(twin, nn.ReLU()) if relu else twin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes, scale, zero = self.quantize(x)
+        acc = self.linear(codes)
+        # after the layer: a late-start cut before it keeps per-image values only
+        weight_sums = self.linear.weight.sum(1, dtype=torch.float64)  # exact on codes: integers below 2^53
+        return dynamic_output(acc, scale, zero, weight_sums, self.weight_scale, self.bias, self.relu).to(x.dtype)
+
+    def float_function(self) -> nn.Module:
+        """The layer's float function: the dequantized weights and the bias, no quantization."""
+        return copy.deepcopy(self.twin)
+
+
+def read_dynamic(module: Any, name: str, ran: set[str], source: str) -> tuple[DynamicLinear, DeployedLayer]:
+    """A dynamic Linear/LinearReLU as a `DynamicLinear` and its integer layer (named `name`.linear)."""
+    if name not in ran:
+        raise DeployedFormatError(f"{source}: layer {name!r} did not run on the calibration data")
+    if module._packed_params.dtype != torch.qint8:
+        raise DeployedFormatError(
+            f"{source}: dynamic layer {name!r} holds {module._packed_params.dtype} weights (quantize_dynamic with "
+            "dtype=torch.float16): no integer codes to fault; quantize it with dtype=torch.qint8, or pass the float "
+            "model")
+    codes, weight_scale = weight_codes(module, name, source)
+    replacement = DynamicLinear(module, relu=isinstance(module, _ao_types()["dynamic_relu"]))
+    layer = DeployedLayer(codes, weight_scale, input_scale=1.0, input_zero_point=0, act_scale=None, act_zero_point=0,
+                          input_signed=False, raw_output=True)
+    return replacement, layer
+
+
 def pool_adds_zero_point_first(tensor: torch.Tensor) -> bool:
     """Whether torch's quantized average pools add the zero point before rounding on this input: on a contiguous
     (NCHW) one, not on a channels-last one (see `deployed.CodeAvgPool`)."""
@@ -202,16 +337,18 @@ def pool_adds_zero_point_first(tensor: torch.Tensor) -> bool:
 
 
 def record_grids(work: nn.Module, calibration_data: Any, batch_size: int, device: torch.device | str
-                 ) -> tuple[dict[str, Grid], dict[str, dict[str, list[Grid | None]]], dict[str, bool]]:
+                 ) -> tuple[dict[str, Grid], dict[str, dict[str, list[Grid | None]]], dict[str, bool], set[str]]:
     """One forward pass of the ao model: the grid of the quantized input of every module that runs on one, for
-    each QFunctional the methods it ran with the grids of their tensor operands, and for each module on a quantized
-    input whether that input was contiguous (NCHW: `pool_adds_zero_point_first`)."""
+    each QFunctional the methods it ran with the grids of their tensor operands, for each module on a quantized
+    input whether that input was contiguous (NCHW: `pool_adds_zero_point_first`), and the modules that ran."""
     inputs: dict[str, Grid] = {}
     functional: dict[str, dict[str, list[Grid | None]]] = {}
     contiguous: dict[str, bool] = {}
+    ran: set[str] = set()
 
     def capture(name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            ran.add(name)
             grid = _grid(args[0]) if args else None
             if grid is not None:
                 inputs.setdefault(name, grid)
@@ -243,7 +380,7 @@ def record_grids(work: nn.Module, calibration_data: Any, batch_size: int, device
             handle.remove()
         for module, method in watched:
             delattr(module, method)  # the class's method again
-    return inputs, functional, contiguous
+    return inputs, functional, contiguous, ran
 
 
 _FUNCTIONAL_METHODS = ("add", "add_relu", "mul", "mul_relu", "cat", "add_scalar", "mul_scalar", "matmul")
@@ -287,7 +424,8 @@ class AoFunctional(nn.Module):
 
 
 def replace_ao_modules(work: nn.Module, inputs: dict[str, Grid], functional: dict[str, dict[str, list[Grid | None]]],
-                       contiguous: dict[str, bool], source: str) -> dict[str, DeployedLayer]:
+                       contiguous: dict[str, bool], source: str, ran: set[str] | None = None
+                       ) -> dict[str, DeployedLayer]:
     """In place on `work` (a private copy): each ao module becomes its float equivalent with the runtime's
     re-gridding; returns each conv/linear layer's codes and parameters."""
     types = _ao_types()
@@ -298,7 +436,9 @@ def replace_ao_modules(work: nn.Module, inputs: dict[str, Grid], functional: dic
             continue
         replacement: nn.Module | None = None
         ao: Any = module  # ao modules' attributes are untyped
-        if isinstance(module, types["layer"]):
+        if isinstance(module, types["dynamic"]):
+            replacement, found[f"{name}.linear"] = read_dynamic(module, name, ran or set(), source)
+        elif isinstance(module, types["layer"]):
             if name not in inputs:
                 raise DeployedFormatError(f"{source}: layer {name!r} did not run on the calibration data")
             codes, weight_scale = weight_codes(module, name, source)
@@ -326,10 +466,15 @@ def replace_ao_modules(work: nn.Module, inputs: dict[str, Grid], functional: dic
             in_scale, in_zero, in_signed = inputs[name]
             replacement = CodeAvgPool(module, in_scale, in_zero, *_range(in_signed), contiguous[name])
         elif _is_ao(module):
+            kind = f"{type(module).__module__}.{type(module).__qualname__}"
+            dynamic = ".dynamic." in kind
             raise DeployedFormatError(
-                f"{source}: module {name!r} of type {type(module).__qualname__} is not supported; supported: "
-                "quantized Conv1d/2d/3d, Linear (and their ReLU fusions), Quantize, DeQuantize, QFunctional, and "
-                "float modules running on quantized tensors (ReLU, pooling, reshapes)")
+                f"{source}: module {name!r} of type {kind} is not supported" + (
+                    " (dynamic quantization of this module type)" if dynamic else "") +
+                "; supported: quantized Conv1d/2d/3d, Linear (and their ReLU fusions), dynamic Linear and LinearReLU "
+                "(qint8), Quantize, DeQuantize, QFunctional, and float modules running on quantized tensors (ReLU, "
+                "pooling, reshapes)" + (": quantize_dynamic with {nn.Linear} only, or pass the float model, which "
+                                         "the engine quantizes itself" if dynamic else ""))
         if replacement is not None:
             replaced.append(name)
             work.set_submodule(name, replacement)
@@ -339,8 +484,15 @@ def replace_ao_modules(work: nn.Module, inputs: dict[str, Grid], functional: dic
 def read_ao_eager(work: nn.Module, calibration_data: Any, batch_size: int, device: torch.device | str) -> Deployed:
     """`work`: a private eval-mode copy of a torch.ao eager model, modified in place."""
     work.to(device)
-    inputs, functional, contiguous = record_grids(work, calibration_data, batch_size, device)
-    layers = replace_ao_modules(work, inputs, functional, contiguous, "torch.ao eager")
-    return Deployed(work, layers, "torch.ao eager", notes=[
-        "the float baseline is the float function of the int8 model (dequantized weights, unquantized "
-        "activations), not the float model it was converted from"])
+    inputs, functional, contiguous, ran = record_grids(work, calibration_data, batch_size, device)
+    layers = replace_ao_modules(work, inputs, functional, contiguous, "torch.ao eager", ran)
+    notes = ["the float baseline is the float function of the int8 model (dequantized weights, unquantized "
+             "activations), not the float model it was converted from"]
+    dynamic = sorted(name.rpartition(".")[0] for name, layer in layers.items() if layer.raw_output)
+    if dynamic:
+        notes.append(
+            f"dynamic quantization ({len(dynamic)} Linear layer(s), e.g. {dynamic[0]!r}): each quantizes its input on "
+            "the range of that image alone, as the model computes when it runs one input at a time (at a larger "
+            "batch the runtime's range is the batch's, so an image's result would depend on the others); no act "
+            "site (their results stay float)")
+    return Deployed(work, layers, "torch.ao eager", notes=notes)

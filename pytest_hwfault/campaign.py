@@ -35,6 +35,7 @@ from .faults import FaultModel, FaultPattern, Site, check_trial_size, sample_pat
 from .identity import state_checksum, tensor_fingerprint
 from .late_start import DEFAULT_CACHE_BYTES, LateStart
 from .mitigation import Mitigation
+from .qmodel import SiteUnreachableError
 from .quantization import QuantizedModel
 from .spec import CampaignSpec
 from .stats import Decision, SequentialPlan, Threshold, Verdict, clopper_pearson_interval
@@ -406,6 +407,8 @@ class Campaign:
         self.fault_model = FaultModel(Site(spec.site), spec.ber, Kind(spec.kind), spec.bit_positions,
                                       spec.layer_selectors(), spec.burst)
         self.targets = qmodel.targets(self.fault_model.site, self.fault_model.layers)
+        if not self.targets:  # every trial would be fault-free, and pass
+            raise SiteUnreachableError(qmodel.nothing_to_fault(self.fault_model.site, self.fault_model.layers))
         check_trial_size(self.fault_model, self.targets, len(inputs))  # before the golden run, not at trial 0
         check_repeatable(qmodel, inputs)
         # Faulty images resume from late start's cache; the pass that fills it is also the golden run.

@@ -95,6 +95,10 @@ class DeployedLayer:
     zero_point_before_rounding: bool = False
     scaling: Scaling = Scaling.COMBINED  # where a float bias goes, and in which steps the accumulator is scaled
     bits: int = 8
+    # the layer hands on its raw integer accumulator (exact, in its compute dtype), which a module after it scales
+    # (a dynamic layer, `ao.DynamicLinear`: the input's scale is known per call only); `weight_scale` is then what
+    # that module multiplies by, the layer's stored multiplier (site qparams)
+    raw_output: bool = False
 
     def code_range(self, signed: bool) -> tuple[int, int]:
         """The stored codes' range."""
@@ -228,6 +232,8 @@ def float_function(deployed: Deployed) -> nn.Module:
             module.set_submodule(name, sub.pool)
         elif isinstance(sub, KernelSum):
             module.set_submodule(name, FloatSum(sub.relu))
+        elif callable(getattr(sub, "float_function", None)):  # a reader's module that knows its float function
+            module.set_submodule(name, sub.float_function())
     for name, layer in deployed.layers.items():
         if layer.relu:
             module.set_submodule(name, nn.Sequential(module.get_submodule(name), nn.ReLU()))

@@ -78,9 +78,13 @@ def check_classification(golden: Predictions, labels: torch.Tensor) -> None:
     class indices of those outputs."""
     if len(golden.output_shape) != 1 or golden.output_shape[0] < 2:
         shown = ", ".join(map(str, ("N", *golden.output_shape)))
+        binary = "; a binary classifier's one logit z (class 1 where z > 0) as the two logits [-z, z] of a wrapper " \
+                 "module, whose argmax is that decision: torch.cat([-z, z], dim=1) on [N, 1], " \
+                 "torch.stack([-z, z], dim=1) on [N]"
         raise EvaluationError(f"the model's output has shape [{shown}]; a gate needs class logits of shape "
                               "[N, classes] (at least 2 classes): return logits from forward (flatten or pool "
-                              "spatial maps, pick the logits out of a tuple or dict in a wrapper module)")
+                              "spatial maps, pick the logits out of a tuple or dict in a wrapper module)" + (
+                                  binary if golden.output_shape in ((), (1,)) else ""))
     classes = golden.output_shape[0]
     if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise EvaluationError(f"the labels are {labels.dtype} of shape {list(labels.shape)}; a gate needs one "

@@ -187,7 +187,7 @@ class QuantizedModel:
         # a deployed model's runtime scales its accumulator in float32: a wide (float64) sum is rounded to float32
         # first, as its int32 -> float conversion does
         runtime_float32 = layer.multiplier is not None
-        float_output, channel_axis = layer.float_output, layer.channel_axis
+        float_output, channel_axis, raw_output = layer.float_output, layer.channel_axis, layer.raw_output
         zero_first = layer.zero_point_before_rounding and act_zero != 0
         image_layout = IMAGE_LAYOUTS.get(type(layer.module))
         hands_on_codes, reads_codes = layer.hands_on_codes, layer.reads_codes
@@ -275,6 +275,10 @@ class QuantizedModel:
                     bias = None
                 runtime.strides[acc_key] = acc.stride()
                 acc = apply_edit_to(acc, acc_edit, acc_bits)
+            if raw_output:  # the module after the layer scales it (a dynamic layer: by each image's input scale)
+                if acc_edit is None:
+                    runtime.strides[acc_key] = acc.stride()
+                return acc
             # With `relu`, the ReLU after the act faults: with none, it is the clamp's floor; with some, the codes are
             # clamped as usual, edited, then ReLU'd (in the same pass where the native one applies)
             relu_after_edit = relu and act_edit is not None
@@ -600,6 +604,11 @@ class QuantizedModel:
     def _hook_counts(self) -> tuple[tuple[int, int], ...]:
         return tuple((len(m._forward_hooks), len(m._forward_pre_hooks)) for m in self.module.modules())
 
+    def stored_multiplier(self, name: str) -> torch.Tensor:
+        """Layer `name`'s stored multiplier words, the tensor qparams faults edit in place: a module that scales a
+        raw-output layer's accumulator (`QuantLayer.raw_output`) reads them from here."""
+        return self._multipliers[name]
+
     def dispatch(self, images: int | None = None) -> Any:
         """The context in which the model's functional multiply-accumulates run as this view's layers
         (`functional.Dispatch`), and torch's fused attention fast path is off (its kernels bypass the layers).
@@ -748,6 +757,20 @@ class QuantizedModel:
             and stored.get(name, name) == name
         ]
 
+    def nothing_to_fault(self, site: Site, layers: tuple[LayerSelector, ...] | None = None) -> str:
+        """Why `targets(site, layers)` is empty, in words (a campaign on it would run fault-free trials and pass)."""
+        names = self.select(layers)
+        where = f"the layers selected by layers={layers!r}" if layers else "this model"
+        if not names:
+            return f"site {site.value!r}: layers={layers!r} selects no quantized layer"
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        why = {
+            Site.ACT: "keeps its result in float, with no output codes to flip (a deployed layer feeding a float "
+                      "op, a dynamic Linear): fault their accumulators (site='acc') or input codes (site='input')",
+            Site.WEIGHT: "holds no weights (a matmul of two activations): fault its inputs or accumulator",
+        }.get(site, f"has no {site.value} codes")
+        return f"site {site.value!r} has nothing to fault in {where}: each of its quantized layers ({shown}) {why}"
+
     def check_on_array(self) -> None:
         """Site pe maps conv1d/conv2d/linear layers onto the array; a model with other quantized layers would have
         compute the faults do not reach: refused, naming them."""
@@ -833,6 +856,10 @@ class QuantLayer:
     # the multiplier turns the accumulator into values, the float bias is added as it is, nothing is rounded, and
     # the layer has no output codes (no act site, no output zero point register).
     float_output: bool = False
+    # A float-output layer that hands on its raw accumulator (exact, in its compute dtype) for a module after it to
+    # scale (`deployed.DeployedLayer.raw_output`: a dynamic layer); its multiplier is the weight scale that module
+    # reads, so qparams faults still reach it.
+    raw_output: bool = False
     zero_point_before_rounding: bool = False  # `deployed.DeployedLayer.zero_point_before_rounding`
     calls: int = 1  # runs per forward pass (a recurrent cell's hidden matmul: one per time step)
     # A matmul of two activations: its second operand's per-image shape and scale (its weight_codes are empty and

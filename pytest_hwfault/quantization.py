@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
-from .data import call_model, iter_batches
+from .data import Inputs, call_model, iter_batches
 from .decompose import Einsum, FusedAttentionOff, MatMul, decompose
 from .deployed import (
     ONEDNN_STEPS,
@@ -93,6 +93,33 @@ _PERCENTILE_SAMPLES_PER_BATCH = 1 << 16
 
 class NoQuantizableLayerError(ValueError):
     pass
+
+
+def _tensors(x: Any) -> tuple[torch.Tensor, ...]:
+    return x.tensors if isinstance(x, Inputs) else (x,)
+
+
+def refuse_input_writes(work: nn.Module, example: Any, source_name: str) -> None:
+    """Refuse a model whose forward writes its input tensors in place (``x.sub_(mean)``, ``x.data.mul_(2)``),
+    found by one forward of the private copy on a copy of two calibration images. A campaign runs the same images
+    many times (calibration, golden run, every trial): each run would see the previous one's writes, and the
+    user's own data would be changed. In a training loop each batch is fresh, so such a forward goes unnoticed
+    there."""
+    probe = Inputs(tuple(t.clone() for t in example.tensors), example.names) if isinstance(example, Inputs) else \
+        example.clone()
+    versions = [t._version for t in _tensors(probe)]
+    with torch.no_grad(), FusedAttentionOff():
+        call_model(work, probe)
+    for index, (before, after, version) in enumerate(zip(_tensors(example), _tensors(probe), versions)):
+        if after._version == version and torch.equal(before, after):
+            continue
+        which = "its input" if not isinstance(example, Inputs) else \
+            f"its input {example.names[index]!r}" if example.names else f"its input tensor {index}"
+        raise UnsupportedModelError(
+            f"{source_name}'s forward writes {which} in place (an in-place op on the tensor it was given, such as "
+            "x.sub_(mean), x.clamp_(0, 1) or x.data.mul_(2)): a campaign runs the same images many times, so each "
+            "run would see the previous run's writes, and your data would be changed. Compute on a new tensor "
+            "(x = x - mean), or gate a wrapper module whose forward returns model(x.clone())")
 
 
 def quantize(
@@ -192,6 +219,8 @@ def quantize(
     # BN folding, code links, in-place chains and late start read the traced graph: it must be the forward's, as the
     # view runs it (torch's fused attention fast path off)
     example = first_batch[0][:2].to(device)
+    if not ao_layers:
+        refuse_input_writes(work, example, source_name)
 
     def run_example(module: nn.Module) -> Any:
         with FusedAttentionOff():
@@ -329,7 +358,7 @@ def quantize(
                       "multiplier": (ao.weight_scale.float() if ao.scaling in ONEDNN_STEPS else
                                      float32_multiplier(ao.input_scale, ao.weight_scale, ao.act_scale)).to(device),
                       "step_scales": _onednn_steps(ao) if ao.scaling in ONEDNN_STEPS else None,
-                      "float_output": ao.act_scale is None,
+                      "float_output": ao.act_scale is None, "raw_output": ao.raw_output,
                       "zero_point_before_rounding": ao.zero_point_before_rounding}
         elif isinstance(module, MatMul):  # two activations: the second operand's scale stands in the weight's
             second = stats_in2[name].grid(percentile)[0]
@@ -430,16 +459,70 @@ def quantize(
         deployed_notes.insert(0, agreement)
         if not agreement.endswith(COMPILED_EQUAL):  # said where a passing gate shows it too: pytest's warnings
             warnings.warn(f"{source_name}: {agreement}", CompiledMismatchWarning, stacklevel=2)
+    raw = [name for name, layer in layers.items() if layer.raw_output]
+    for name in raw:  # the module scaling a raw-output layer's accumulator reads its stored (faultable) multiplier
+        work.get_submodule(name.rpartition(".")[0]).weight_scale = qmodel.stored_multiplier(name).reshape(-1)
+    if raw:
+        deployed_notes = config["deployed_notes"]
+        assert isinstance(deployed_notes, list)
+        agreement = dynamic_agreement(given, qmodel, first_batch[0][:DYNAMIC_CHECK_IMAGES])
+        deployed_notes.insert(0, agreement)
+        if not agreement.endswith(COMPILED_EQUAL):
+            warnings.warn(f"{source_name}: {agreement}", DeployedMismatchWarning, stacklevel=2)
     return qmodel
 
 
 COMPILED_CHECK_IMAGES = 64  # calibration images a compiled deployed model and its view are compared on
+DYNAMIC_CHECK_IMAGES = 16  # calibration images a dynamically quantized model runs on one by one against its view
 COMPILED_EQUAL = "fault-free outputs equal bit for bit"
 
 
-class CompiledMismatchWarning(UserWarning):
-    """The view of a compiled deployed model does not compute what the compiled model computes (or could not be
-    compared with it): faults are injected into a model a little unlike the one deployed."""
+class DeployedMismatchWarning(UserWarning):
+    """The view of a deployed model does not compute what the deployed model computes (or could not be compared
+    with it): faults are injected into a model a little unlike the one deployed."""
+
+
+class CompiledMismatchWarning(DeployedMismatchWarning):
+    """`DeployedMismatchWarning` for a compiled (x86 Inductor) PT2E model."""
+
+
+def _outputs_agree(theirs: list[torch.Tensor], ours: list[torch.Tensor]) -> bool:
+    return len(theirs) == len(ours) and all(a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+                                            for a, b in zip(theirs, ours))
+
+
+def _differ(theirs: list[torch.Tensor], ours: list[torch.Tensor]) -> str:
+    """How far apart two lists of output tensors of equal shapes are, in words."""
+    equal = sum(int((a.cpu() == b.cpu()).sum()) for a, b in zip(theirs, ours))
+    total = sum(a.numel() for a in theirs)
+    largest = max(float((a.cpu().double() - b.cpu().double()).abs().max()) for a, b in zip(theirs, ours) if a.numel())
+    return f"{equal} of {total} values exactly equal, largest difference {largest:.6g}"
+
+
+def dynamic_agreement(model: nn.Module, qmodel: QuantizedModel, images: Any) -> str:
+    """The view's fault-free outputs against a dynamically quantized model's own, run on one image at a time (each
+    call's input range is then that image's, as the view computes it), in words."""
+    from torch.utils._pytree import tree_leaves
+
+    count, reference = len(images), copy.deepcopy(model).eval()
+    with torch.no_grad():
+        try:
+            each = [[t for t in tree_leaves(call_model(reference, images[i : i + 1])) if isinstance(t, torch.Tensor)]
+                    for i in range(count)]
+            theirs = [torch.cat(parts) for parts in zip(*each)]
+        except Exception as error:  # noqa: BLE001 - the model's own failure, reported, not raised
+            return (f"could not run the dynamically quantized model on {count} calibration images one at a time to "
+                    f"check the engine against it ({type(error).__name__}): its arithmetic is not known to be the "
+                    "engine's")
+        ours = [t for t in tree_leaves(qmodel(images)) if isinstance(t, torch.Tensor)]
+    if _outputs_agree(theirs, ours):
+        return f"checked against the model run one image at a time on {count} calibration images: {COMPILED_EQUAL}"
+    if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
+        return (f"checked against the model run one image at a time on {count} calibration images: its outputs have "
+                "other shapes than the view's")
+    return (f"checked against the model run one image at a time on {count} calibration images: fault-free outputs "
+            f"differ ({_differ(theirs, ours)}): the quantized engine's kernels (torch.backends.quantized.engine="
+            f"{torch.backends.quantized.engine!r}) compute otherwise than fbgemm's, which the engine reproduces")
 
 
 def compiled_agreement(compiled: Any, qmodel: QuantizedModel, images: Any) -> str:
@@ -457,18 +540,14 @@ def compiled_agreement(compiled: Any, qmodel: QuantizedModel, images: Any) -> st
                     f"it ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): the "
                     "engine's arithmetic is not known to be the compiled model's")
         ours = [t for t in tree_leaves(qmodel(images)) if isinstance(t, torch.Tensor)]
-    if len(theirs) == len(ours) and all(a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
-                                        for a, b in zip(theirs, ours)):
+    if _outputs_agree(theirs, ours):
         return (f"checked against the compiled model (x86 Inductor, oneDNN's int8 kernels) on {count} calibration "
                 f"images: {COMPILED_EQUAL}")
     if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
         return (f"checked against the compiled model on {count} calibration images: its outputs have other shapes "
                 "than the view's; the engine's arithmetic is not known to be the compiled model's")
-    equal = sum(int((a.cpu() == b.cpu()).sum()) for a, b in zip(theirs, ours))
-    total = sum(a.numel() for a in theirs)
-    largest = max(float((a.cpu().double() - b.cpu().double()).abs().max()) for a, b in zip(theirs, ours) if a.numel())
     return (f"checked against the compiled model (x86 Inductor) on {count} calibration images: fault-free outputs "
-            f"differ ({equal} of {total} values exactly equal, largest difference {largest:.6g}): Inductor lowers "
+            f"differ ({_differ(theirs, ours)}): Inductor lowers "
             "part of this model in a way the engine does not reproduce bit for bit")
 
 

@@ -78,7 +78,7 @@ class FaultSpace:
         site = parse_site(site)
         targets = qmodel.targets(site, _layer_selectors(layers))
         if not targets:
-            raise ValueError(f"no quantized layer selected by layers={layers!r}")
+            raise ValueError(qmodel.nothing_to_fault(site, _layer_selectors(layers)))
         widths = {t.bits for t in targets}
         if len(widths) != 1:
             raise ValueError(f"the selected layers have {site.value} codes of different widths {sorted(widths)}; "

@@ -175,6 +175,26 @@ def test_input_nan(hwfault, model, val_data):
     hwfault.assess(model, (x, y))
 
 
+@resilience(ber=1e-4, site="act", max_drop=0.5, budget=8)
+def test_one_logit_binary(hwfault, val_data):
+    x, y = val_data
+    hwfault.assess(mlp(outputs=1).eval(), (x, (y > 4).long()))
+
+
+class _WritesInput(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.sub_(0.1))
+
+
+@resilience(ber=1e-4, site="act", max_drop=0.5, budget=8)
+def test_writes_its_input(hwfault, model, val_data):
+    hwfault.assess(_WritesInput(model), val_data)
+
+
 class _DropoutLeftOn(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()

@@ -302,6 +302,43 @@ def test_the_models_own_hooks_see_values_and_may_change_them() -> None:
     assert len(recorded) == 2 and torch.allclose(recorded[0], recorded[1], rtol=0, atol=1e-3)
 
 
+class _WritesInput(nn.Module):
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how, self.net = how, nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.how == "sub_":
+            x.sub_(0.5)
+        elif self.how == "clamp_":  # changes nothing on inputs in range: refused all the same
+            x.clamp_(-10, 10)
+        elif self.how == "data":  # past the version counter
+            x.data.mul_(2)
+        elif self.how == "mask" and mask is not None:
+            mask.mul_(2)
+        return self.net(x if mask is None else x * mask)
+
+
+@pytest.mark.parametrize("how", ["sub_", "clamp_", "data", "mask"])
+def test_a_forward_that_writes_its_input_is_refused_and_the_data_stays(how: str) -> None:
+    """A campaign runs the same images many times: a forward that writes its input in place would see its own
+    earlier writes (and change the user's data). Refused by one forward on a copy of two images, before any pass
+    on the data itself, naming the input; a forward that only reads it is not."""
+    from pytest_hwfault.data import Inputs
+    from pytest_hwfault.quantization import UnsupportedModelError
+
+    with seeded(12):
+        x, mask = torch.randn(16, 8), torch.rand(16, 8)
+    data = Inputs((x, mask), ("x", "mask")) if how == "mask" else x
+    kept = x.clone(), mask.clone()
+    which = "its input 'mask'" if how == "mask" else "its input"
+    with pytest.raises(UnsupportedModelError, match=rf"_WritesInput's forward writes {which} in place .*each run would "
+                                                    r"see the previous run's writes"):
+        quantize(_WritesInput(how).eval(), data, bits=16)
+    assert torch.equal(x, kept[0]) and torch.equal(mask, kept[1])
+    quantize(_WritesInput("none").eval(), data, bits=16)  # reading it is fine
+
+
 @pytest.mark.parametrize("scripted", ["root", "submodule"])
 def test_a_torchscript_module_is_refused_naming_it(scripted: str) -> None:
     """No hook reaches inside TorchScript: its MACs would run in float, unfaulted. Refused (it crashed while

@@ -51,6 +51,8 @@ REFUSED = {  # test -> what its failure must name
     "test_labels_out_of_range": "outside the model's 10 output classes",
     "test_fewer_logits_than_classes": "outside the model's 5 output classes",
     "test_output_not_logits": "class logits of shape",
+    "test_one_logit_binary": r"torch.cat([-z, z], dim=1) on [N, 1]",
+    "test_writes_its_input": "forward writes its input in place",
     "test_baseline_at_chance": "not above chance",
     "test_input_nan": "NaN or Inf",
     "test_assess_without_campaign": "has no campaign to run",
