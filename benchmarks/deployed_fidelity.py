@@ -12,7 +12,10 @@ largest difference in codes, against the runtime's own output:
 - PT2E compiled (``torch.compile`` with freezing: x86 Inductor on oneDNN's int8 kernels): the compiled model's own
   logits, compared exactly (also on the random 128-channel model below);
 - ONNX QDQ (onnxruntime quantize_static, per-channel int8 weights, uint8 or int8 activations): onnxruntime's CPU
-  provider with its default optimizations (QLinearConv/QGemm/QLinearAdd/QLinearGlobalAveragePool kernels).
+  provider with its default optimizations (QLinearConv/QGemm/QLinearAdd/QLinearGlobalAveragePool kernels); the
+  same in QOperator format (the kernels as nodes), against onnxruntime running that model;
+- torch.ao dynamic (quantize_dynamic, qint8 per-channel Linear layers): the model run one image at a time, logits
+  compared exactly (also on a random transformer-style block, 2048 inputs of magnitudes over five decades).
 
 Then the same architecture with 128 channels, random weights and 2048 random images (torch.ao FX, ONNX u8 and s8):
 sums past 2^24, and near-ties that training smooths away; with int8 activations onnxruntime leaves the first conv of
@@ -96,7 +99,47 @@ def measure() -> dict[str, dict[str, float]]:
             qmodel = quantize(path, calibration[:64])
             rows[f"onnx ({activations} activations)"] = dm.agreement(_onnx(path, x), qmodel(x),
                                                                      qmodel.layers["fc_Gemm"].act_scale)
+            path = dm.to_onnx_qdq(net, calibration[:500], folder, activations, qoperator=True)
+            qmodel = quantize(path, calibration[:64])
+            rows[f"onnx QOperator ({activations} activations)"] = dm.agreement(
+                _onnx(path, x), qmodel(x), qmodel.layers[list(qmodel.layers)[-1]].act_scale)
         rows.update(_random_wide(folder))
+    rows.update(_dynamic(net, calibration, x))
+    return rows
+
+
+def _exact(reference: torch.Tensor, ours: torch.Tensor) -> dict[str, float]:
+    return {"predictions": float((reference.argmax(1) == ours.argmax(1)).float().mean()),
+            "logits_exactly_equal": float((reference == ours).float().mean()),
+            "max_logit_difference": float((reference - ours).abs().max())}
+
+
+def _dynamic(net: torch.nn.Module, calibration: torch.Tensor, x: torch.Tensor) -> dict[str, dict[str, float]]:
+    """torch.ao dynamic quantization (quantize_dynamic, qint8 Linear layers), against the model run one image at a
+    time (each call's range is then that image's): the trained ResNet-style model (its convs stay float) and a
+    random transformer-style MLP block on [N, 16, 64] inputs with a 1100-wide hidden layer (float64 sums)."""
+    import torch.ao.quantization as tq
+
+    def dynamic(model: torch.nn.Module) -> torch.nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tq.quantize_dynamic(model.eval(), {torch.nn.Linear: tq.per_channel_dynamic_qconfig},
+                                       dtype=torch.qint8)
+
+    def one_at_a_time(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_run(model, images[i : i + 1]) for i in range(len(images))])
+
+    rows = {}
+    deployed = dynamic(net)
+    rows["torch.ao dynamic (Linear head; one image at a time)"] = _exact(one_at_a_time(deployed, x),
+                                                                         quantize(deployed, calibration)(x))
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 1100), torch.nn.GELU(), torch.nn.Linear(1100, 64),
+                                torch.nn.LayerNorm(64), torch.nn.Flatten(), torch.nn.Linear(16 * 64, 10))
+    tokens = torch.randn(2048, 16, 64) * torch.logspace(-3, 2, 2048).reshape(-1, 1, 1)
+    deployed = dynamic(block)
+    rows["torch.ao dynamic, random block, 2048 inputs"] = _exact(one_at_a_time(deployed, tokens),
+                                                                quantize(deployed, tokens[:64])(tokens))
     return rows
 
 

@@ -1,5 +1,6 @@
 """Read an ONNX QDQ model (QuantizeLinear/DequantizeLinear around float ops, as onnxruntime's `quantize_static`
-writes it) as onnxruntime's CPU execution provider computes it.
+writes it) as onnxruntime's CPU execution provider computes it. A QOperator model (the kernels as nodes) is first
+rewritten into its QDQ equivalent (`onnx_qoperator`).
 
 onnxruntime fuses each DequantizeLinear -> op -> QuantizeLinear group it can into an integer kernel; this reader
 reproduces each kernel's arithmetic (read in onnxruntime's MLAS sources and measured against onnxruntime 1.32):
@@ -669,7 +670,15 @@ def load(model: Any) -> Any:
 def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.device | str) -> Deployed:
     """Read an ONNX QDQ model (a ModelProto or an .onnx path) into the engine's form (see the module docstring).
     The model is called like the torch model it came from: its graph inputs, as float tensors."""
+    from .onnx_qoperator import is_qoperator, to_qdq
+
     proto = load(model)
+    qoperator = is_qoperator(proto)
+    if qoperator:  # the integer kernels as nodes: read as the QDQ groups onnxruntime fuses into those kernels
+        try:
+            proto = to_qdq(proto)
+        except ValueError as exc:
+            raise DeployedFormatError(f"onnx (QOperator): {exc}") from None
     kernels = _runtime_kernels(proto)
     exact = _Builder(proto, kernels, exact=True)
     module = exact.build()
@@ -679,6 +688,9 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
         raise DeployedFormatError("onnx: the model has no quantized Conv/Gemm/MatMul (DequantizeLinear of an int8 "
                                   "weight, output QuantizeLinear): is it a QDQ model?")
     notes = list(exact.notes)
+    if qoperator:
+        notes.append("QOperator format (QLinearConv, QGemm, ... as nodes): read as the equivalent QDQ graph, whose "
+                     "groups onnxruntime fuses into the same integer kernels")
     if kernels is None:
         notes.append("onnxruntime is not installed: every fusible QDQ group is taken as onnxruntime's integer "
                      "kernel (QLinearAdd, QLinearGlobalAveragePool, QLinearAveragePool)")

@@ -142,16 +142,18 @@ def to_pt2e(model: nn.Module, calibration: torch.Tensor) -> torch.fx.GraphModule
         return convert_pt2e(prepared)
 
 
-def to_onnx_qdq(model: nn.Module, calibration: torch.Tensor, folder, activations: str = "u8"):  # noqa: ANN001, ANN201
-    """`model` exported to ONNX and quantized by onnxruntime's quantize_static (QDQ, per-channel int8 weights, uint8
-    ("u8") or int8 ("s8") activations), calibrated on `calibration`; returns the .onnx path."""
+def to_onnx_qdq(model: nn.Module, calibration: torch.Tensor, folder, activations: str = "u8",  # noqa: ANN001, ANN201
+                qoperator: bool = False):
+    """`model` exported to ONNX and quantized by onnxruntime's quantize_static (QDQ, or with `qoperator` the
+    QOperator format: QLinearConv etc. as nodes; per-channel int8 weights, uint8 ("u8") or int8 ("s8")
+    activations), calibrated on `calibration`; returns the .onnx path."""
     import warnings
     from pathlib import Path
 
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     folder = Path(folder)
-    float_path, path = folder / "float.onnx", folder / f"qdq_{activations}.onnx"
+    float_path, path = folder / "float.onnx", folder / f"{'qop' if qoperator else 'qdq'}_{activations}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (calibration[:1],), str(float_path), dynamo=False, input_names=["x"],
@@ -165,7 +167,8 @@ def to_onnx_qdq(model: nn.Module, calibration: torch.Tensor, folder, activations
         def get_next(self) -> dict | None:
             return next(self.batches, None)
 
-    quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(float_path), str(path), Reader(), per_channel=True,
+                    quant_format=QuantFormat.QOperator if qoperator else QuantFormat.QDQ,
                     activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
                     weight_type=QuantType.QInt8)
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pathlib
+import re
 from typing import Any
 
 import numpy as np
@@ -232,6 +233,56 @@ def test_pooling_and_concat_match_onnxruntime(digits, tmp_path, activations) -> 
     # which changes where float32 y / scale + zero point rounds; the reader uses the kernel's zero point)
     figures = agreement(reference, qmodel(x), qmodel.layers["fc_Gemm"].act_scale)
     assert figures["predictions"] == 1.0 and figures["exact"] == 1.0, figures
+
+
+@pytest.mark.parametrize("activations", ["u8", "s8"])
+@pytest.mark.parametrize("kind", ["resnet", "pools"])
+def test_a_qoperator_model_is_onnxruntimes_bit_for_bit(digits, tmp_path, kind, activations) -> None:  # noqa: ANN001
+    """onnxruntime's other format (its kernels as QLinearConv/QGemm/QLinearAdd/QLinear pool/QLinearConcat nodes, as
+    the ONNX Model Zoo's int8 models hold them) is read as its QDQ equivalent: the same layers, and logits equal to
+    onnxruntime running the QOperator model itself, bit for bit; a weight fault too."""
+    calibration = images(digits.x_train[:300])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = trained_resnet_style(digits) if kind == "resnet" else Pools().eval()
+    path = to_onnx_qdq(model, calibration, tmp_path, activations, qoperator=True)
+    proto = onnx.load(str(path))
+    kernels = {n.op_type for n in proto.graph.node}
+    assert {"QLinearConv", "QGemm"} <= kernels and not kernels & {"Conv", "Gemm"}, kernels
+    x = images(digits.x_test)
+    qmodel = quantize(path, x[:64])
+    assert any("QOperator format" in note for note in qmodel.config["deployed_notes"])
+    assert len(qmodel.layers) == sum(n.op_type in ("QLinearConv", "QGemm") for n in proto.graph.node)
+    reference = torch.from_numpy(run_ort(path, {"x": x.numpy()})[0])
+    last = list(qmodel.layers)[-1]
+    figures = agreement(reference, qmodel(x), qmodel.layers[last].act_scale)
+    assert figures["predictions"] == 1.0 and figures["exact"] == 1.0, figures
+    if kind == "resnet":  # here the quantizer gives both formats the same codes and grids: the same numbers
+        qdq_view = quantize(to_onnx_qdq(model, calibration, tmp_path, activations), x[:64])
+        assert torch.equal(qdq_view(x), qmodel(x))
+    # a weight fault: the QOperator model's own initializer edited, run by onnxruntime
+    conv = next(n for n in proto.graph.node if n.op_type == "QLinearConv")
+    layer = next(name for name in qmodel.layers if name.startswith(re.sub(r"\W", "_", conv.name.strip("/"))))
+    pattern = FaultPattern.from_faults([("weight", layer, 5, 7, "flip")])
+    edited = copy.deepcopy(proto)
+    init = next(i for i in edited.graph.initializer if i.name == conv.input[3])
+    codes = onnx.numpy_helper.to_array(init).copy()
+    codes.reshape(-1).view(np.uint8)[5] ^= 1 << 7
+    init.CopyFrom(onnx.numpy_helper.from_array(codes, conv.input[3]))
+    faulty = torch.from_numpy(run_ort(edited, {"x": x.numpy()})[0])
+    assert not torch.equal(faulty, reference)
+    figures = agreement(faulty, qmodel(x, pattern), qmodel.layers[last].act_scale)
+    assert figures["exact"] == 1.0, figures
+
+
+def test_a_qoperator_node_without_a_qdq_form_is_refused_by_name(digits, tmp_path) -> None:  # noqa: ANN001
+    path = to_onnx_qdq(trained_resnet_style(digits), images(digits.x_train[:100]), tmp_path, "u8", qoperator=True)
+    proto = onnx.load(str(path))
+    node = next(n for n in proto.graph.node if n.op_type == "QLinearAdd")
+    node.op_type = "QLinearMul"  # same inputs, no QDQ equivalent here
+    with pytest.raises(DeployedFormatError, match=r"node .* of type 'QLinearMul' \(domain 'com.microsoft'\) is not "
+                                                  r"supported"):
+        quantize(proto, images(digits.x_test[:8]))
 
 
 def test_a_file_that_is_not_onnx_is_refused_by_name(tmp_path, digits) -> None:  # noqa: ANN001
