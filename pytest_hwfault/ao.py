@@ -301,6 +301,7 @@ class DynamicLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.register_buffer("weight_scale", weight_scale.float())
         self.relu, self.twin = relu, nn.Sequential(twin, nn.ReLU()) if relu else twin
+        self.scales_layer = ""  # the layer whose raw accumulator it scales (`read_dynamic` names it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale, zero = self.quantize(x)
@@ -325,6 +326,7 @@ def read_dynamic(module: Any, name: str, ran: set[str], source: str) -> tuple[Dy
             "model")
     codes, weight_scale = weight_codes(module, name, source)
     replacement = DynamicLinear(module, relu=isinstance(module, _ao_types()["dynamic_relu"]))
+    replacement.scales_layer = f"{name}.linear"
     layer = DeployedLayer(codes, weight_scale, input_scale=1.0, input_zero_point=0, act_scale=None, act_zero_point=0,
                           input_signed=False, raw_output=True)
     return replacement, layer

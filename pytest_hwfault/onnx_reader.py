@@ -32,6 +32,7 @@ the model's own zero points.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 import tempfile
@@ -49,7 +50,8 @@ from .deployed import BiasMode, Deployed, DeployedFormatError, DeployedLayer, Re
 INTEGER_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
                    "DynamicQuantizeMatMul")
 SUPPORTED = ("QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Relu", "Add", "GlobalAveragePool",
-             "AveragePool", "MaxPool", "Flatten", "Reshape", "Clip", "Identity", "Concat", "Constant")
+             "AveragePool", "MaxPool", "Flatten", "Reshape", "Clip", "Identity", "Concat", "Constant",
+             "DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add (quantize_dynamic)")
 
 
 def _code_range(signed: bool) -> tuple[int, int]:
@@ -166,6 +168,8 @@ class OnnxFlatten(nn.Module):
         self.axis = axis
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.axis > 0:  # no arithmetic on sizes: a traced graph (late start) computes the same
+            return x.flatten(0, self.axis - 1).flatten(1)
         axis = self.axis % x.dim() if self.axis < 0 else self.axis
         return x.reshape(int(np.prod(x.shape[:axis])), -1)
 
@@ -204,6 +208,48 @@ class Constant(nn.Module):
         value = self.value
         assert isinstance(value, torch.Tensor)
         return value
+
+
+class OrtDynamicQuantize(nn.Module):
+    """onnxruntime's dynamic quantization of a float input (DynamicQuantizeLinear, and DynamicQuantizeMatMul's own),
+    per image: the range widened to hold 0, scale float32((max - min) / 255) (1 for an empty range), zero point
+    round_half_even(clamp(-min / scale, 0, 255)), codes clamp(round_half_even(x / scale) + zero point, 0, 255): a
+    division (measured on 10M values: x x float32(1 / scale) differs on 15). Returns (codes as float32, scale, zero
+    point), the last two per image; traceable (no Python arithmetic on sizes)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        flat = x.flatten(1)
+        low, high = flat.amin(1).clamp(max=0.0), flat.amax(1).clamp(min=0.0)
+        scale = torch.where(high == low, torch.ones_like(high), (high - low) / 255)
+        zero = torch.neg(low).div_(scale).clamp_(0, 255).round_()
+        codes = torch.div(x.movedim(0, -1), scale).round_().add_(zero).clamp_(0, 255)
+        return codes.movedim(-1, 0), scale, zero
+
+
+class OrtDynamicOutput(nn.Module):
+    """onnxruntime's float result of a dynamic MatMulInteger -> Cast -> Mul -> Add chain (or its fused
+    DynamicQuantizeMatMul) from the layer's raw accumulator sum(code x weight code): minus the zero point x the
+    weight codes' column sums in int32, to float32, times the float32 product input scale x weight scale (one
+    rounding), plus the bias (another). `weight_scale` becomes the layer's stored multiplier once the view is
+    built (`scales_layer`), so qparams faults reach it."""
+
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(self, layer: str, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.scales_layer = layer
+        self.register_buffer("weight_scale", weight_scale.float())
+        self.register_buffer("bias", None if bias is None else bias.float())
+
+    def forward(self, acc: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                weight: torch.Tensor) -> torch.Tensor:
+        raw = acc.double().movedim(0, -2) - zero.double().unsqueeze(1) * weight.sum(1, dtype=torch.float64)
+        raw = torch.remainder(raw + 2.0**31, 2.0**32) - 2.0**31
+        out = raw.float() * (scale.unsqueeze(1) * self.weight_scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.movedim(-2, 0)
 
 
 @dataclass
@@ -303,6 +349,10 @@ class _Builder:
         self.layers: dict[str, DeployedLayer] = {}
         self.taken: set[str] = set()
         self.notes: list[str] = []
+        # dynamic quantization: each DynamicQuantizeLinear's codes -> (its scale, its zero point); a Mul of such a
+        # scale and a weight scale -> (the input scale, the weight scales)
+        self.dynamic: dict[str, tuple[str, str]] = {}
+        self.scale_products: dict[str, tuple[str, np.ndarray]] = {}
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def error(self, node: Any, why: str) -> DeployedFormatError:
@@ -539,6 +589,80 @@ class _Builder:
                            count_include_pad=include_pad)
         self.values[node.output[0]] = self.add_module(avg, node, index, (x,))
 
+    # -- dynamic quantization (onnxruntime's quantize_dynamic) ----------------------------------------------------
+    def op_DynamicQuantizeLinear(self, node: Any, index: int) -> None:
+        x = self.value(node.input[0], node)
+        self.dynamic[node.output[0]] = (node.output[1], node.output[2])
+        if not self.exact:  # the float function: the input as it is
+            self.values[node.output[0]] = x
+            return
+        quantized = self.add_module(OrtDynamicQuantize(), node, index, (x,))
+        for i, out in enumerate(node.output):
+            self.values[out] = self.fx.call_function(operator.getitem, (quantized, i))
+
+    def op_Mul(self, node: Any, index: int) -> None:
+        scales = {scale for scale, _ in self.dynamic.values()}
+        a, b = node.input[0], node.input[1]
+        if a in scales and b in self.consts or b in scales and a in self.consts:
+            scale, weight = (a, b) if a in scales else (b, a)
+            self.scale_products[node.output[0]] = (scale, self.consts[weight])
+            return  # read by the MatMulInteger chain that uses it
+        raise self.error(node, "only the product of a dynamic input scale and a weight scale (onnxruntime's "
+                               "quantize_dynamic) is supported")
+
+    def op_MatMulInteger(self, node: Any, index: int) -> None:
+        """A dynamically quantized MatMul, as quantize_dynamic writes it: DynamicQuantizeLinear's codes times an
+        int8 weight initializer, then Cast, Mul by the product of the two scales, and Add of a bias; onnxruntime
+        fuses the chain (DynamicQuantizeMatMul) with the same arithmetic (`OrtDynamicOutput`)."""
+        source, weight_name = node.input[0], node.input[1]
+        zeros = [node.input[i] if i < len(node.input) else "" for i in (2, 3)]
+        if source not in self.dynamic or weight_name not in self.consts or zeros[0] != self.dynamic[source][1]:
+            raise self.error(node, "only a MatMulInteger of a DynamicQuantizeLinear's codes (with its zero point) "
+                                   "and an int8 weight initializer is supported")
+        codes = self.consts[weight_name]
+        if codes.dtype != np.int8 or codes.ndim != 2:
+            raise self.error(node, f"weights of type {codes.dtype} and rank {codes.ndim}: int8 matrices only")
+        if zeros[1] and bool((self.const(zeros[1], node) != 0).any()):
+            raise self.error(node, "asymmetric weights (non-zero weight zero points) are not supported; quantize "
+                                   "with weight_type=QuantType.QInt8")
+        cast = self.single_consumer(node.output[0], "Cast")
+        mul = self.single_consumer(cast.output[0], "Mul") if cast is not None else None
+        product = next((i for i in mul.input if i != cast.output[0]), "") \
+            if cast is not None and mul is not None else ""
+        if mul is None or self.scale_products.get(product, ("",))[0] != self.dynamic[source][0]:
+            raise self.error(node, "expected Cast -> Mul by (input scale x weight scale) after it, as onnxruntime's "
+                                   "quantize_dynamic writes it")
+        assert cast is not None
+        taken, bias = [cast, mul], None
+        add = self.single_consumer(mul.output[0], "Add")
+        other = next((i for i in add.input if i != mul.output[0]), "") if add is not None else ""
+        if add is not None and other in self.consts and self.consts[other].size == codes.shape[1]:
+            taken.append(add)
+            bias = torch.from_numpy(self.consts[other].astype(np.float32).reshape(-1))
+        channels = codes.shape[1]
+        weight_scale = np.broadcast_to(self.scale_products[product][1].astype(np.float32).reshape(-1), (channels,))
+        linear = nn.Linear(codes.shape[0], channels, bias=not self.exact and bias is not None).requires_grad_(False)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy((codes.T * weight_scale[:, None]).astype(np.float32)))
+            if linear.bias is not None and bias is not None:
+                linear.bias.copy_(bias)
+        x = self.value(source, node)
+        self.skip.update(id(n) for n in taken)
+        if not self.exact:  # the float function: dequantized weights and the bias on the float input
+            self.values[taken[-1].output[0]] = self.add_module(linear, node, index, (x,))
+            return
+        name = _module_name(node, index, self.taken)
+        self.root.add_module(name, linear)
+        acc = self.fx.call_module(name, (x,))
+        weight = self.fx.get_attr(f"{name}.weight")  # after the layer: a late-start cut before it keeps images only
+        scale, zero = (self.values[v] for v in self.dynamic[source])
+        output = OrtDynamicOutput(name, torch.from_numpy(weight_scale.copy()), bias)
+        self.values[taken[-1].output[0]] = self.add_module(output, node, index, (acc, scale, zero, weight))
+        self.layers[name] = DeployedLayer(
+            weight_codes=torch.from_numpy(codes.T.astype(np.int32)).contiguous(),
+            weight_scale=torch.from_numpy(weight_scale.copy()), input_scale=1.0, input_zero_point=0, act_scale=None,
+            act_zero_point=0, input_signed=False, raw_output=True)
+
     # -- multiply-accumulate layers --------------------------------------------------------------------------------
     def op_Conv(self, node: Any, index: int) -> None:
         a = _attrs(node)
@@ -667,6 +791,26 @@ def load(model: Any) -> Any:
     return model
 
 
+def onnxruntime_runner(model: Any) -> Any:
+    """A function running the ONNX model on onnxruntime's CPU provider (default optimizations) on a batch of float
+    inputs, returning its outputs as tensors; None without onnxruntime."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    proto = load(model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    initializers = {i.name for i in proto.graph.initializer}
+    names = [i.name for i in proto.graph.input if i.name not in initializers]
+
+    def run(x: Any) -> list[torch.Tensor]:
+        tensors = x.tensors if hasattr(x, "tensors") else (x,)
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
+        return [torch.from_numpy(out) for out in session.run(None, feeds)]
+
+    return run
+
+
 def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.device | str) -> Deployed:
     """Read an ONNX QDQ model (a ModelProto or an .onnx path) into the engine's form (see the module docstring).
     The model is called like the torch model it came from: its graph inputs, as float tensors."""
@@ -686,8 +830,15 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
     float_module = float_builder.build()
     if not exact.layers:
         raise DeployedFormatError("onnx: the model has no quantized Conv/Gemm/MatMul (DequantizeLinear of an int8 "
-                                  "weight, output QuantizeLinear): is it a QDQ model?")
+                                  "weight, output QuantizeLinear; or a dynamically quantized MatMulInteger): is it a "
+                                  "QDQ model?")
     notes = list(exact.notes)
+    dynamic = [name for name, layer in exact.layers.items() if layer.raw_output]
+    if dynamic:
+        notes.append(f"dynamic quantization ({len(dynamic)} MatMul layer(s), e.g. {dynamic[0]!r}): each quantizes its "
+                     "input on the range of that image alone, as the model computes when it runs one input at a "
+                     "time (at a larger batch onnxruntime's range is the batch's, so an image's result would depend "
+                     "on the others); no act site (their results stay float)")
     if qoperator:
         notes.append("QOperator format (QLinearConv, QGemm, ... as nodes): read as the equivalent QDQ graph, whose "
                      "groups onnxruntime fuses into the same integer kernels")

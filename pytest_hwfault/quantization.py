@@ -459,16 +459,19 @@ def quantize(
         deployed_notes.insert(0, agreement)
         if not agreement.endswith(COMPILED_EQUAL):  # said where a passing gate shows it too: pytest's warnings
             warnings.warn(f"{source_name}: {agreement}", CompiledMismatchWarning, stacklevel=2)
-    raw = [name for name, layer in layers.items() if layer.raw_output]
-    for name in raw:  # the module scaling a raw-output layer's accumulator reads its stored (faultable) multiplier
-        work.get_submodule(name.rpartition(".")[0]).weight_scale = qmodel.stored_multiplier(name).reshape(-1)
+    raw = {name for name, layer in layers.items() if layer.raw_output}
+    for module in work.modules():  # a module scaling a raw-output layer's accumulator reads its stored multiplier,
+        scaled = getattr(module, "scales_layer", None)  # which qparams faults edit
+        if isinstance(scaled, str) and scaled in raw:
+            module.weight_scale = qmodel.stored_multiplier(scaled).reshape(-1)
     if raw:
         deployed_notes = config["deployed_notes"]
         assert isinstance(deployed_notes, list)
-        agreement = dynamic_agreement(given, qmodel, first_batch[0][:DYNAMIC_CHECK_IMAGES])
-        deployed_notes.insert(0, agreement)
-        if not agreement.endswith(COMPILED_EQUAL):
-            warnings.warn(f"{source_name}: {agreement}", DeployedMismatchWarning, stacklevel=2)
+        assert deployed is not None  # raw-output layers come from a reader
+        notes = dynamic_agreement(_runner(given, deployed.source), qmodel, first_batch[0][:DYNAMIC_CHECK_IMAGES])
+        deployed_notes[0:0] = notes
+        if not notes[0].endswith(COMPILED_EQUAL):
+            warnings.warn(f"{source_name}: {notes[0]}", DeployedMismatchWarning, stacklevel=2)
     return qmodel
 
 
@@ -499,30 +502,58 @@ def _differ(theirs: list[torch.Tensor], ours: list[torch.Tensor]) -> str:
     return f"{equal} of {total} values exactly equal, largest difference {largest:.6g}"
 
 
-def dynamic_agreement(model: nn.Module, qmodel: QuantizedModel, images: Any) -> str:
-    """The view's fault-free outputs against a dynamically quantized model's own, run on one image at a time (each
-    call's input range is then that image's, as the view computes it), in words."""
+def _runner(model: Any, source: str | None) -> Any:
+    """How to run the deployed model itself on a batch: onnxruntime for an ONNX model (None where it is not
+    installed), else a private eval-mode copy of the module."""
+    if source == "onnx":
+        from .onnx_reader import onnxruntime_runner
+
+        return onnxruntime_runner(model)
+    reference = copy.deepcopy(model).eval()
+    return lambda images: call_model(reference, images)
+
+
+def _one_at_a_time(run: Any, images: Any) -> list[torch.Tensor]:
     from torch.utils._pytree import tree_leaves
 
-    count, reference = len(images), copy.deepcopy(model).eval()
+    each = [[t for t in tree_leaves(run(images[i : i + 1])) if isinstance(t, torch.Tensor)] for i in range(len(images))]
+    return [torch.cat(parts) for parts in zip(*each)]
+
+
+def dynamic_agreement(run: Any, qmodel: QuantizedModel, images: Any) -> list[str]:
+    """Notes on the view of a dynamically quantized model against the model itself (`run`), both one image at a
+    time (each call's input range is then that image's, as the view computes it): equal bit for bit, or how far
+    apart. A second note where the view's float layers compute a batch a little otherwise than one image at a time
+    (torch's float kernels, e.g. a convolution left in float, block their work by batch size)."""
+    from torch.utils._pytree import tree_leaves
+
+    count = len(images)
+    where = f"checked against the model run one image at a time on {count} calibration images"
+    if run is None:
+        return [f"not {where}: onnxruntime is not installed; the engine's arithmetic is not known to be the "
+                "runtime's"]
     with torch.no_grad():
         try:
-            each = [[t for t in tree_leaves(call_model(reference, images[i : i + 1])) if isinstance(t, torch.Tensor)]
-                    for i in range(count)]
-            theirs = [torch.cat(parts) for parts in zip(*each)]
+            theirs = _one_at_a_time(run, images)
         except Exception as error:  # noqa: BLE001 - the model's own failure, reported, not raised
-            return (f"could not run the dynamically quantized model on {count} calibration images one at a time to "
+            return [f"could not run the dynamically quantized model on {count} calibration images one at a time to "
                     f"check the engine against it ({type(error).__name__}): its arithmetic is not known to be the "
-                    "engine's")
-        ours = [t for t in tree_leaves(qmodel(images)) if isinstance(t, torch.Tensor)]
-    if _outputs_agree(theirs, ours):
-        return f"checked against the model run one image at a time on {count} calibration images: {COMPILED_EQUAL}"
+                    "engine's"]
+        ours = _one_at_a_time(qmodel, images)
+        batch = [t for t in tree_leaves(qmodel(images)) if isinstance(t, torch.Tensor)]
     if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
-        return (f"checked against the model run one image at a time on {count} calibration images: its outputs have "
-                "other shapes than the view's")
-    return (f"checked against the model run one image at a time on {count} calibration images: fault-free outputs "
-            f"differ ({_differ(theirs, ours)}): the quantized engine's kernels (torch.backends.quantized.engine="
-            f"{torch.backends.quantized.engine!r}) compute otherwise than fbgemm's, which the engine reproduces")
+        return [f"{where}: its outputs have other shapes than the view's"]
+    if not _outputs_agree(theirs, ours):
+        return [f"{where}: fault-free outputs differ ({_differ(theirs, ours)}): the runtime's dynamic layers compute "
+                "otherwise than the engine reproduces them (torch.ao: fbgemm's dynamic linear, under "
+                f"torch.backends.quantized.engine={torch.backends.quantized.engine!r} here; onnx: onnxruntime's CPU "
+                "kernels)"]
+    notes = [f"{where}: {COMPILED_EQUAL}"]
+    if not _outputs_agree(ours, batch):
+        notes.append(f"its float layers compute a batch of images a little otherwise than one image at a time (as "
+                     f"torch's float kernels block their work by batch size): on {count} images, "
+                     f"{_differ(ours, batch)}; trials run faulty images in batches of other sizes")
+    return notes
 
 
 def compiled_agreement(compiled: Any, qmodel: QuantizedModel, images: Any) -> str:

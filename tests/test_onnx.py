@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import pathlib
 import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -292,3 +293,126 @@ def test_a_file_that_is_not_onnx_is_refused_by_name(tmp_path, digits) -> None:  
         quantize(path, images(digits.x_train[:8]))
     with pytest.raises(FileNotFoundError):
         quantize(tmp_path / "missing.onnx", images(digits.x_train[:8]))
+
+
+# -- dynamic quantization: onnxruntime's quantize_dynamic --------------------------------------------------------------
+class Tokens(torch.nn.Module):
+    """Linear layers on [N, 5, 67] tokens, then a head on the flattened tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(67, 48), torch.nn.Linear(5 * 48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)).flatten(1))
+
+
+def _dynamic_onnx(folder: pathlib.Path, per_channel: bool) -> pathlib.Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Tokens().eval()
+    float_path, path = folder / "tokens.onnx", folder / f"tokens_dynamic_{per_channel}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 5, 67),), str(float_path), dynamo=False, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+                          opset_version=17)
+    quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8, per_channel=per_channel)
+    return path
+
+
+def _tokens(n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, 67, generator=generator) * torch.logspace(-4, 3, n).reshape(-1, 1, 1)
+    x[1::5] = x[1::5].abs()
+    x[2::5] = 0.0
+    return x
+
+
+def _ort_each(path: Any, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.from_numpy(run_ort(path, {"x": x[i : i + 1].numpy()})[0]) for i in range(len(x))])
+
+
+def _view_each(qmodel: Any, x: torch.Tensor, pattern: FaultPattern | None = None) -> torch.Tensor:
+    return torch.cat([qmodel(x[i : i + 1], pattern, i) for i in range(len(x))])
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+def test_a_dynamically_quantized_model_is_onnxruntimes_one_image_at_a_time(tmp_path, per_channel) -> None:  # noqa: ANN001
+    """DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add, which onnxruntime fuses into
+    DynamicQuantizeMatMul: bit for bit on 60 inputs whose magnitudes span seven decades (zero and one-signed ones
+    too), each run alone; checked at load; every layer a raw-output layer with no act site; late start traces."""
+    path = _dynamic_onnx(tmp_path, per_channel)
+    assert {n.op_type for n in _optimized(path).graph.node} >= {"DynamicQuantizeMatMul"}
+    x = _tokens(60, seed=1)
+    qmodel = quantize(path, x)
+    assert qmodel.config["deployed_notes"][0].endswith("fault-free outputs equal bit for bit")
+    assert len(qmodel.layers) == 2 and all(layer.raw_output for layer in qmodel.layers.values())
+    assert qmodel.trace_error is None
+    ours, theirs = _view_each(qmodel, x), _ort_each(path, x)
+    assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
+    assert torch.equal(qmodel(x), ours)  # no float layer that blocks by batch size here
+
+
+def test_dynamic_quantize_linear_is_onnxruntimes_division() -> None:
+    """The codes of one tensor against onnxruntime's own DynamicQuantizeLinear on 4M values: a division by the
+    scale (x x float32(1 / scale) differs on about one value in a million), the scale and the zero point."""
+    from onnx import TensorProto, helper
+
+    from pytest_hwfault.onnx_reader import OrtDynamicQuantize
+
+    node = helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [None]),
+                               helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+                               helper.make_tensor_value_info("z", TensorProto.UINT8, [])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x = (rng.standard_normal(200_003) * 10 ** rng.uniform(-4, 3) + rng.uniform(-1, 1)).astype(np.float32)
+        codes, scale, zero = run_ort(model, {"x": x})
+        ours = OrtDynamicQuantize()(torch.from_numpy(x).reshape(1, -1))
+        assert float(ours[1][0]) == float(scale) and int(ours[2][0]) == int(zero)
+        assert np.array_equal(ours[0].reshape(-1).numpy().astype(np.uint8), codes)
+
+
+def test_dynamic_weight_and_scale_faults_are_onnxruntimes_with_that_initializer(tmp_path) -> None:  # noqa: ANN001
+    path = _dynamic_onnx(tmp_path, per_channel=True)
+    x = _tokens(10, seed=2)
+    qmodel = quantize(path, x)
+    proto = onnx.load(str(path))
+    matmul = next(n for n in proto.graph.node if n.op_type == "MatMulInteger")
+    layer = next(iter(qmodel.layers))
+    scale_mul = next(n for n in proto.graph.node if n.op_type == "Mul" and "x_scale" in n.input)
+    weight_scale = next(i for i in scale_mul.input if i != "x_scale")
+    # weight code [k=3, n=7] of B [67, 48] is the layer's code [7, 3]: index 7 x 67 + 3; a weight scale's exponent bit
+    for site, initializer, position, index, bit in (("weight", matmul.input[1], 3 * 48 + 7, 7 * 67 + 3, 7),
+                                                    ("qparams", weight_scale, 11, 11, 24)):
+        edited = copy.deepcopy(proto)
+        init = next(i for i in edited.graph.initializer if i.name == initializer)
+        values = onnx.numpy_helper.to_array(init).copy()
+        values.reshape(-1).view(np.uint8 if site == "weight" else np.uint32)[position] ^= 1 << bit
+        init.CopyFrom(onnx.numpy_helper.from_array(values, initializer))
+        reference = _ort_each(edited, x)
+        assert not torch.equal(reference, _ort_each(path, x)), site
+        ours = _view_each(qmodel, x, FaultPattern.from_faults([(site, layer, index, bit, "flip")]))
+        assert torch.equal(ours.view(torch.int32), reference.view(torch.int32)), site
+
+
+@pytest.mark.parametrize("site", ["input", "acc", "weight"])
+def test_dynamic_trials_resume_late_with_the_same_numbers(tmp_path, site) -> None:  # noqa: ANN001
+    from pytest_hwfault.campaign import Campaign
+    from pytest_hwfault.spec import CampaignSpec
+
+    path = _dynamic_onnx(tmp_path, per_channel=False)
+    x = _tokens(40, seed=3)
+    qmodel = quantize(path, x)
+    labels = qmodel(x).argmax(1)
+    spec = CampaignSpec(site=site, ber=3e-3, min_acc=0.5, budget=4, first=4, seed=1)
+    expected = [Campaign(qmodel, x, labels, spec, "t", batch_size=8, drop_fault_free=False).trial(i) for i in range(4)]
+    assert any(trial.critical for trial in expected)
+    late = Campaign(qmodel, x, labels, spec, "t", batch_size=8)
+    assert late.late_start() is not None
+    assert [late.trial(i) for i in range(4)] == expected
