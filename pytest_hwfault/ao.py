@@ -51,6 +51,7 @@ def _ao_types() -> dict[str, tuple[type, ...]]:
     return {
         "dynamic": (nnqd.Linear,),  # nniqd.LinearReLU is one too
         "dynamic_relu": (nniqd.LinearReLU,),
+        "dynamic_recurrent": (nnqd.LSTM, nnqd.GRU),
         "layer": (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Linear),
         "fused_relu": (nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d, nniq.LinearReLU),
         "quantize": (nnq.Quantize,),
@@ -183,7 +184,10 @@ def float_twin(module: Any) -> nn.Module:  # an ao Conv/Linear: its attributes a
 
 def weight_codes(module: Any, name: str, source: str = "torch.ao eager") -> tuple[torch.Tensor, torch.Tensor]:
     """An ao conv/linear's int8 weight codes and per-channel scales; asymmetric weights are refused."""
-    weight = module.weight()
+    return _weight_codes_of(module.weight(), name, source)
+
+
+def _weight_codes_of(weight: torch.Tensor, name: str, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
         scale, zero = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
     else:
@@ -289,19 +293,22 @@ class DynamicLinear(nn.Module):
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
 
-    def __init__(self, module: Any, relu: bool) -> None:
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, qmax: int,
+                 relu: bool = False) -> None:
+        """`weight`: the dequantized weights [out, in] (the float function's); `qmax`: 127 with reduce_range."""
         super().__init__()
-        _, weight_scale = weight_codes(module, "", "torch.ao dynamic")
-        self.quantize = DynamicQuantize(127 if (module.version or 0) >= 4 else 255)  # reduce_range from version 4
-        twin: Any = float_twin(module)
-        self.linear = nn.Linear(module.in_features, module.out_features, bias=False).requires_grad_(False)
+        self.quantize = DynamicQuantize(qmax)
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False).requires_grad_(False)
+        twin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).requires_grad_(False)
         with torch.no_grad():
-            self.linear.weight.copy_(twin.weight)
-        bias = module.bias()
+            self.linear.weight.copy_(weight)
+            twin.weight.copy_(weight)
+            if twin.bias is not None and bias is not None:
+                twin.bias.copy_(bias)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.register_buffer("weight_scale", weight_scale.float())
         self.relu, self.twin = relu, nn.Sequential(twin, nn.ReLU()) if relu else twin
-        self.scales_layer = ""  # the layer whose raw accumulator it scales (`read_dynamic` names it)
+        self.scales_layer = ""  # the layer whose raw accumulator it scales (the reader names it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes, scale, zero = self.quantize(x)
@@ -325,11 +332,53 @@ def read_dynamic(module: Any, name: str, ran: set[str], source: str) -> tuple[Dy
             "dtype=torch.float16): no integer codes to fault; quantize it with dtype=torch.qint8, or pass the float "
             "model")
     codes, weight_scale = weight_codes(module, name, source)
-    replacement = DynamicLinear(module, relu=isinstance(module, _ao_types()["dynamic_relu"]))
+    twin: Any = float_twin(module)
+    replacement = DynamicLinear(twin.weight, weight_scale, module.bias(), 127 if (module.version or 0) >= 4 else 255,
+                                relu=isinstance(module, _ao_types()["dynamic_relu"]))  # reduce_range from version 4
     replacement.scales_layer = f"{name}.linear"
     layer = DeployedLayer(codes, weight_scale, input_scale=1.0, input_zero_point=0, act_scale=None, act_zero_point=0,
                           input_signed=False, raw_output=True)
     return replacement, layer
+
+
+def read_dynamic_recurrent(module: Any, name: str, ran: set[str], source: str
+                           ) -> tuple[nn.Module, dict[str, DeployedLayer]]:
+    """A dynamic LSTM or GRU (torch.quantized_lstm / quantized_gru with fbgemm's dynamic linears) as the engine's
+    unrolled recurrent module (`decompose.UnrolledRecurrent`) whose gate matmuls are `DynamicLinear`s: the input's
+    share of every gate in one call per sequence (its range the image's whole sequence, as torch computes it for the
+    whole input at once), the hidden state's at each step (its range that step's state); then torch's own gate
+    equations. Measured bit for bit against the module run one sequence at a time (reduce_range: codes in
+    [0, 127])."""
+    from .decompose import UnrolledRecurrent
+
+    if name not in ran:
+        raise DeployedFormatError(f"{source}: layer {name!r} did not run on the calibration data")
+    if module.mode not in ("LSTM", "GRU") or module.dtype != torch.qint8:
+        raise DeployedFormatError(
+            f"{source}: dynamic {module.mode} {name!r} with {module.dtype} weights is not supported; supported: "
+            "dynamic LSTM and GRU with qint8 weights")
+    weights, biases = module._weight_bias()["weight"], module._weight_bias()["bias"]
+    dequantized = getattr(nn, module.mode)(module.input_size, module.hidden_size, module.num_layers, module.bias,
+                                           module.batch_first, 0.0, module.bidirectional)
+    with torch.no_grad():
+        for key, weight in weights.items():
+            getattr(dequantized, key).copy_(weight.dequantize())
+        for key, bias in biases.items():
+            if bias is not None:
+                getattr(dequantized, key).copy_(bias)
+    unrolled = UnrolledRecurrent(dequantized)
+    layers: dict[str, DeployedLayer] = {}
+    for suffix, cell in unrolled.cells.items():
+        for part in ("ih", "hh"):
+            weight, bias = weights[f"weight_{part}_{suffix}"], biases.get(f"bias_{part}_{suffix}")
+            codes, weight_scale = _weight_codes_of(weight, f"{name}.{part}_{suffix}", source)
+            gates = DynamicLinear(weight.dequantize(), weight_scale, bias, 127)
+            layer = f"{name}.cells.{suffix}.{part}.linear"
+            gates.scales_layer = layer
+            setattr(cell, part, gates)
+            layers[layer] = DeployedLayer(codes, weight_scale, input_scale=1.0, input_zero_point=0, act_scale=None,
+                                          act_zero_point=0, input_signed=False, raw_output=True)
+    return unrolled, layers
 
 
 def pool_adds_zero_point_first(tensor: torch.Tensor) -> bool:
@@ -440,6 +489,9 @@ def replace_ao_modules(work: nn.Module, inputs: dict[str, Grid], functional: dic
         ao: Any = module  # ao modules' attributes are untyped
         if isinstance(module, types["dynamic"]):
             replacement, found[f"{name}.linear"] = read_dynamic(module, name, ran or set(), source)
+        elif isinstance(module, types["dynamic_recurrent"]):
+            replacement, recurrent = read_dynamic_recurrent(module, name, ran or set(), source)
+            found.update(recurrent)
         elif isinstance(module, types["layer"]):
             if name not in inputs:
                 raise DeployedFormatError(f"{source}: layer {name!r} did not run on the calibration data")
@@ -493,8 +545,9 @@ def read_ao_eager(work: nn.Module, calibration_data: Any, batch_size: int, devic
     dynamic = sorted(name.rpartition(".")[0] for name, layer in layers.items() if layer.raw_output)
     if dynamic:
         notes.append(
-            f"dynamic quantization ({len(dynamic)} Linear layer(s), e.g. {dynamic[0]!r}): each quantizes its input on "
-            "the range of that image alone, as the model computes when it runs one input at a time (at a larger "
+            f"dynamic quantization ({len(dynamic)} Linear or recurrent gate layer(s), e.g. {dynamic[0]!r}): each "
+            "quantizes its input on the range of that image alone, as the model computes when it runs one input at "
+            "a time (at a larger "
             "batch the runtime's range is the batch's, so an image's result would depend on the others); no act "
             "site (their results stay float)")
     return Deployed(work, layers, "torch.ao eager", notes=notes)

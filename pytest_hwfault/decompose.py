@@ -266,7 +266,8 @@ class UnrolledRecurrent(nn.Module):
                 ir, iz, in_ = gi[:, t].chunk(3, dim=1)
                 hr, hz, hn = gh.chunk(3, dim=1)
                 r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-                h = (1 - z) * torch.tanh(in_ + r * hn) + z * h
+                n = torch.tanh(in_ + hn * r)
+                h = (h - n) * z + n  # (1 - z) n + z h in torch's own order of operations (ATen's GRU cell)
             else:
                 h = torch.tanh(gi[:, t] + gh) if self.mode == "RNN_TANH" else torch.relu(gi[:, t] + gh)
             outputs.append(h)

@@ -230,7 +230,46 @@ def test_a_model_of_dynamic_layers_only_has_no_act_site(per_channel_model: tuple
         Campaign(view, x, labels, CampaignSpec(site="act", ber=1e-3, min_acc=0.5), "dynamic")
 
 
-@pytest.mark.parametrize("module", ["fp16", "lstm"])
+class Recurrent(nn.Module):
+    def __init__(self, mode: str = "LSTM", **options: object) -> None:
+        super().__init__()
+        self.rnn = getattr(nn, mode)(8, 16, batch_first=True, **options)
+        self.fc = nn.Linear(16 * (2 if options.get("bidirectional") else 1), 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("options", [{}, {"num_layers": 2, "bidirectional": True}], ids=["one_layer", "stacked"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_a_dynamic_recurrent_model_is_the_model_run_one_sequence_at_a_time(mode: str,
+                                                                          options: dict[str, object]) -> None:
+    """torch.quantized_lstm / quantized_gru: the input's gate products in one dynamic linear per sequence, the
+    hidden state's at every step, torch's own gate equations (a GRU's new state as (h - n) z + n): bit for bit, one
+    and two bidirectional layers; every site but act runs, and the model is restored after."""
+    from pytest_hwfault.campaign import Campaign
+    from pytest_hwfault.spec import CampaignSpec
+
+    torch.manual_seed(9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tq.quantize_dynamic(Recurrent(mode, **options).eval(), {nn.LSTM, nn.GRU, nn.Linear},
+                                    dtype=torch.qint8)
+    x = torch.randn(40, 7, 8) * torch.logspace(-3, 1, 40).reshape(-1, 1, 1)
+    view = quantize(model, x)
+    assert view.config["deployed_notes"][0].endswith("fault-free outputs equal bit for bit")
+    assert view.layers["rnn.cells.l0.hh.linear"].calls == 7 and view.layers["rnn.cells.l0.ih.linear"].calls == 1
+    expected = _one_at_a_time(model, x)
+    assert _bits_equal(_one_at_a_time(view, x), expected)
+    labels = expected.argmax(1)
+    for site in ("input", "acc", "weight", "qparams"):
+        spec = CampaignSpec(site=site, ber=3e-3, min_acc=0.5, budget=2, first=2, seed=4)
+        trials = [Campaign(view, x, labels, spec, "lstm").trial(i) for i in range(2)]
+        assert sum(trial.faults for trial in trials) > 0, site
+    assert _bits_equal(_one_at_a_time(view, x), expected)  # weights and scales restored
+
+
+@pytest.mark.parametrize("module", ["fp16", "lstm_cell"])
 def test_dynamic_modules_without_integer_codes_or_support_are_refused_by_name(module: str) -> None:
     torch.manual_seed(7)
     if module == "fp16":
@@ -240,19 +279,19 @@ def test_dynamic_modules_without_integer_codes_or_support_are_refused_by_name(mo
             deployed = tq.quantize_dynamic(model, {nn.Linear}, dtype=torch.float16)
         x, match = torch.randn(4, 8), r"dynamic layer '0' holds torch.float16 weights .*dtype=torch.qint8"
     else:
-        class Recurrent(nn.Module):
+        class Cell(nn.Module):
             def __init__(self) -> None:
                 super().__init__()
-                self.lstm, self.fc = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
+                self.cell, self.fc = nn.LSTMCell(8, 16), nn.Linear(16, 3)
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return self.fc(self.lstm(x)[0][:, -1])
+                return self.fc(self.cell(x)[0])
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            deployed = tq.quantize_dynamic(Recurrent().eval(), {nn.LSTM, nn.Linear}, dtype=torch.qint8)
-        x, match = torch.randn(4, 5, 8), r"module 'lstm' of type torch.ao.nn.quantized.dynamic.*LSTM is not " \
-                                         r"supported \(dynamic quantization of this module type\).*\{nn.Linear\} only"
+            deployed = tq.quantize_dynamic(Cell().eval(), {nn.LSTMCell, nn.Linear}, dtype=torch.qint8)
+        x, match = torch.randn(4, 8), r"module 'cell' of type torch.ao.nn.quantized.dynamic.*LSTMCell is not " \
+                                      r"supported \(dynamic quantization of this module type\)"
     with pytest.raises(DeployedFormatError, match=match):
         quantize(deployed, x)
 
