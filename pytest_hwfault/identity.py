@@ -8,6 +8,7 @@ a model: two nets with equal state dicts and a ReLU vs a Hardtanh between the la
 from __future__ import annotations
 
 import hashlib
+import pickle
 import types
 from typing import Any
 
@@ -62,25 +63,50 @@ def structure_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def state_checksum(module: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer, names and bytes: bit-exact identity of a model's state."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        if not isinstance(tensor, torch.Tensor):  # e.g. the dtype entry of torch.ao packed parameters
-            digest.update(repr(tensor).encode())
-            continue
-        if tensor.is_quantized:  # the codes and their grid: scales and zero points are the model too
-            digest.update(repr(tensor.qscheme()).encode())
-            if tensor.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-                grid = (tensor.q_per_channel_scales(), tensor.q_per_channel_zero_points())
+def _digest_value(digest: Any, value: Any) -> None:
+    """Feed one state entry to `digest`, bit for bit: a tensor's bytes (a quantized one's codes and grid), and the
+    contents of what torch.ao keeps beside tensors, never their repr (a tensor's repr elides the middle of a large
+    one, a packed parameter's repr is its memory address)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_quantized:  # the codes and their grid: scales and zero points are the model too
+            digest.update(repr(value.qscheme()).encode())
+            if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+                grid = (value.q_per_channel_scales(), value.q_per_channel_zero_points())
             else:
-                grid = (torch.tensor([tensor.q_scale()]), torch.tensor([tensor.q_zero_point()]))
+                grid = (torch.tensor([value.q_scale()]), torch.tensor([value.q_zero_point()]))
             digest.update(tensor_fingerprint(*grid).encode())
-            tensor = tensor.int_repr()
-        t = tensor.detach().cpu().contiguous()
+            value = value.int_repr()
+        t = value.detach().cpu().contiguous()
         digest.update(str(t.dtype).encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, (tuple, list)):  # e.g. a torch.ao Linear's (weight, bias)
+        digest.update(f"{type(value).__name__}[{len(value)}]".encode())
+        for item in value:
+            _digest_value(digest, item)
+    elif isinstance(value, dict):
+        digest.update(f"dict[{len(value)}]".encode())
+        for key in sorted(value, key=str):
+            _digest_value(digest, key)
+            _digest_value(digest, value[key])
+    elif isinstance(value, torch.ScriptObject) and hasattr(value, "__getstate__"):  # packed parameters
+        digest.update(str(value._type().qualified_name()).encode() if hasattr(value, "_type") else b"ScriptObject")
+        _digest_value(digest, value.__getstate__())
+    elif value is None or isinstance(value, (bool, int, float, str, bytes, torch.dtype, torch.device)):
+        digest.update(repr(value).encode())
+    else:  # anything else by its pickled bytes, or its type alone where it has none (never an address)
+        try:
+            digest.update(pickle.dumps(value))
+        except Exception:  # noqa: BLE001 - an unpicklable extra state
+            digest.update(type(value).__qualname__.encode())
+
+
+def state_checksum(module: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (and what torch.ao packs beside them), names and bytes: bit-exact
+    identity of a model's state."""
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        digest.update(name.encode())
+        _digest_value(digest, value)
     return digest.hexdigest()
 
 

@@ -47,6 +47,40 @@ def test_fingerprints_tell_apart_models_with_one_state_dict() -> None:
     assert model_fingerprint(relu) != model_fingerprint(_mlp())
 
 
+def test_fingerprints_of_torch_ao_models_read_their_packed_codes() -> None:
+    """torch.ao keeps a Linear's (weight, bias) and an LSTM's packed cells beside its tensors: hashed by their repr, a
+    code in the elided middle of a large weight went unseen (two different models, one fingerprint: the model
+    cache would have handed the second the first one's view) and a packed cell hashed its memory address (a
+    different fingerprint in every process: each xdist shard saw "different models")."""
+    import warnings
+
+    import torch.ao.quantization as tq
+
+    class Sequence(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.rnn(x)[0][:, -1])
+
+    def dynamic(model: nn.Module) -> nn.Module:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tq.quantize_dynamic(model.eval(), {nn.LSTM, nn.Linear}, dtype=torch.qint8)
+
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(16, 64))
+    edited = copy.deepcopy(head)
+    with torch.no_grad():
+        edited[0].weight[30, 8] += 0.05  # the middle of a 64 x 16 weight, which a tensor's repr elides
+    a, b = dynamic(head), dynamic(edited)
+    assert not torch.equal(a[0].weight().int_repr(), b[0].weight().int_repr())
+    assert model_fingerprint(a) != model_fingerprint(b)
+    recurrent = dynamic(Sequence())
+    assert model_fingerprint(copy.deepcopy(recurrent)) == model_fingerprint(recurrent)  # new packed objects
+
+
 def test_the_cache_reuses_a_model_and_only_that_model() -> None:
     cache = ModelCache()
     x = torch.randn(32, 8)
