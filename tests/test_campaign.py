@@ -386,3 +386,26 @@ def test_campaigns_on_one_view_and_one_set_of_images_share_their_fault_free_runs
     finally:
         with torch.no_grad():
             weight.mul_(-1)
+
+
+class _Gram(nn.Module):
+    """Its only multiply-accumulate is a matmul of two activations: no weight to fault."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, x.transpose(1, 2)).flatten(1)
+
+
+def test_a_site_with_nothing_to_fault_is_refused_not_passed() -> None:
+    """Trials drawn from no targets are all fault-free, and would pass any threshold the model meets: refused before
+    the golden run, naming the layers and why (here: a matmul of activations holds no weights; `layers=` selecting
+    none)."""
+    from pytest_hwfault.qmodel import SiteUnreachableError
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 4, 3)
+    qmodel = quantize(_Gram(), x)
+    labels = qmodel(x).argmax(1)
+    with pytest.raises(SiteUnreachableError, match=r"site 'weight' has nothing to fault in this model: each of its "
+                                                   r"quantized layers \(matmul\(\)\) holds no weights"):
+        Campaign(qmodel, x, labels, CampaignSpec(site="weight", ber=1e-3, min_acc=0.5), "gram")
+    Campaign(qmodel, x, labels, CampaignSpec(site="act", ber=1e-3, min_acc=0.5), "gram")  # its act codes: fine
