@@ -26,6 +26,7 @@ from .campaign import Campaign, CampaignResult
 from .data import Batch
 from .faults import Site
 from .mitigation import escape_glob, protection_cost
+from .qmodel import SiteUnreachableError
 from .quantization import QuantizedModel
 from .spec import CampaignSpec
 
@@ -42,6 +43,8 @@ def stratified_vulnerability(qmodel: QuantizedModel, inputs: Batch, labels: torc
         raise ValueError("site 'pe' faults one systolic array that computes every layer: there is no layer to "
                          "stratify by")
     site_layers = [target.layer for target in qmodel.targets(Site(spec.site), spec.layers)]
+    if not site_layers:  # an empty table would read as "no layer is vulnerable"
+        raise SiteUnreachableError(qmodel.nothing_to_fault(Site(spec.site), spec.layers))
     rows = []
     for layer in site_layers:
         one = spec.with_overrides(layers=(escape_glob(layer),), min_acc=0.0, budget=trials, first=trials)

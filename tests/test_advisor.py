@@ -223,3 +223,21 @@ def test_weak(hwfault, model, val_data):
     result = suite.runpytest_subprocess("-p", "no:cacheprovider", "--hwfault", "-p", "no:xdist")
     result.assert_outcomes(failed=1)
     assert "advice       protect" not in result.stdout.str() and "--hwfault-advise finds a set" in result.stdout.str()
+
+
+def test_a_vulnerability_table_of_a_site_with_nothing_to_fault_is_refused() -> None:
+    """An empty table would read as "no layer is vulnerable": refused, as a campaign on that site is."""
+    from torch import nn
+
+    from pytest_hwfault.qmodel import SiteUnreachableError
+
+    class Gram(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.matmul(x, x.transpose(1, 2)).flatten(1)
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 4, 3)
+    qmodel = quantize(Gram(), x)
+    with pytest.raises(SiteUnreachableError, match="site 'weight' has nothing to fault"):
+        stratified_vulnerability(qmodel, x, qmodel(x).argmax(1), CampaignSpec(site="weight", ber=1e-3, min_acc=0.0),
+                                 "gram", trials=2)
