@@ -319,3 +319,21 @@ def test_trials_resume_late_and_skip_fault_free_images_with_the_same_numbers(sit
         assert [campaign.trial(i) for i in range(4)] == expected, options
     cache = Campaign(view, x, labels, spec, "t", batch_size=16).late_start()
     assert cache is not None and len(cache.cuts) > 1
+
+
+def test_an_fx_converted_dynamic_model_is_read_the_same_way() -> None:
+    """prepare_fx/convert_fx with a dynamic qconfig leaves dynamic Linear modules in a GraphModule: the same
+    reading, bit for bit one input at a time."""
+    from torch.ao.quantization import QConfigMapping, quantize_fx
+
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = _inputs((36, 16), seed=11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mapping = QConfigMapping().set_global(tq.default_dynamic_qconfig)
+        converted = quantize_fx.convert_fx(quantize_fx.prepare_fx(model, mapping, (x[:2],)))
+    view = quantize(converted, x)
+    assert len(view.layers) == 2 and all(layer.raw_output for layer in view.layers.values())
+    assert view.config["deployed_notes"][0].endswith("fault-free outputs equal bit for bit")
+    assert _bits_equal(_one_at_a_time(view, x), _one_at_a_time(converted, x))
