@@ -299,15 +299,11 @@ class DynamicLinear(nn.Module):
         super().__init__()
         self.quantize = DynamicQuantize(qmax)
         self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False).requires_grad_(False)
-        twin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None).requires_grad_(False)
         with torch.no_grad():
             self.linear.weight.copy_(weight)
-            twin.weight.copy_(weight)
-            if twin.bias is not None and bias is not None:
-                twin.bias.copy_(bias)
         self.register_buffer("bias", None if bias is None else bias.detach().float())
         self.register_buffer("weight_scale", weight_scale.float())
-        self.relu, self.twin = relu, nn.Sequential(twin, nn.ReLU()) if relu else twin
+        self.relu = relu
         self.scales_layer = ""  # the layer whose raw accumulator it scales (the reader names it)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -318,8 +314,16 @@ class DynamicLinear(nn.Module):
         return dynamic_output(acc, scale, zero, weight_sums, self.weight_scale, self.bias, self.relu).to(x.dtype)
 
     def float_function(self) -> nn.Module:
-        """The layer's float function: the dequantized weights and the bias, no quantization."""
-        return copy.deepcopy(self.twin)
+        """The layer's float function: the dequantized weights and the bias, no quantization (built from `linear`
+        before the view writes its codes there; no float copy is kept in the module, whose parameters the coverage
+        lists)."""
+        twin = nn.Linear(self.linear.in_features, self.linear.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            twin.weight.copy_(self.linear.weight)
+            if twin.bias is not None and self.bias is not None:
+                twin.bias.copy_(self.bias)
+        twin.requires_grad_(False)
+        return nn.Sequential(twin, nn.ReLU()) if self.relu else twin
 
 
 def read_dynamic(module: Any, name: str, ran: set[str], source: str) -> tuple[DynamicLinear, DeployedLayer]:

@@ -100,6 +100,17 @@ def test_the_view_is_the_model_run_one_image_at_a_time(kind: str, per_channel: b
     assert set(views["int8"].kernels.values()) == {"int8"}
     if kind == "encoder":  # the 1100-wide layer sums in float64, exactly
         assert views["int8"].layers["ff.2.linear"].compute_dtype == torch.float64
+    else:  # the float baseline: the dequantized weights and the biases, nothing quantized
+        fc, head = model.get_submodule("fc"), model.get_submodule("head")
+        hidden = torch.relu(torch.nn.functional.linear(x, fc.weight().dequantize(), fc.bias()))
+        expected_float = torch.nn.functional.linear(hidden, head.weight().dequantize())
+        assert torch.equal(views["int8"].float_forward(x), expected_float)
+    # the reader keeps no float copy of a layer in the model, whose parameters the coverage would list as unfaulted
+    from pytest_hwfault.coverage import measure_coverage
+
+    coverage = measure_coverage(views["int8"], x[:2])
+    assert coverage.macs == 1.0 and not [row for row in coverage.unfaulted if ".linear." in row["parameter"]
+                                         or "twin" in row["parameter"]], coverage.unfaulted
     with torch.no_grad():  # the whole batch at once is another computation: one range for all images
         assert not torch.equal(model(x), expected)
 
