@@ -10,6 +10,7 @@ import torch
 
 from .data import Batch, as_tensors
 from .faults import FaultModel, FaultPattern, sample_pattern
+from .qmodel import SiteUnreachableError
 from .quantization import QuantizedModel
 
 DEFAULT_BATCH_SIZE = 256
@@ -201,8 +202,11 @@ def accuracy(
     trial drawn from a fault model with `seed`."""
     x, y = as_tensors(data, samples)
     if isinstance(faults, FaultModel):
+        targets = qmodel.targets(faults.site, faults.layers)
+        if not targets:  # a fault-free trial would pass for one under faults
+            raise SiteUnreachableError(qmodel.nothing_to_fault(faults.site, faults.layers))
         generator = torch.Generator().manual_seed(seed)
-        faults = sample_pattern(faults, qmodel.targets(faults.site, faults.layers), len(x), generator)
+        faults = sample_pattern(faults, targets, len(x), generator)
     outcome = predict(qmodel, x, faults, batch_size=batch_size)
     return float(outcome.correct(y).float().mean())
 

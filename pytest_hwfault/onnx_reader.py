@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .deployed import BiasMode, Deployed, DeployedFormatError, DeployedLayer, Requantize
+from . import onnx_float
+from .deployed import BiasMode, Deployed, DeployedFormatError, DeployedLayer, Requantize, float32_multiplier
 
 # onnxruntime's integer kernels for a conv/gemm/matmul group (anything else it runs is a float op)
 INTEGER_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
@@ -96,6 +97,29 @@ class QLinearAdd(nn.Module):
 
     def extra_repr(self) -> str:
         return f"a=({self.sa!r}, {self.za}), b=({self.sb!r}, {self.zb}), out=({self.sc!r}, {self.zc})"
+
+
+class QLinearMatMul(nn.Module):
+    """onnxruntime's QLinearMatMul of two activations (an attention's products, which its QDQ transformer fuses):
+    the exact integer sum of (code - zero point) products, to float32, times float32(sa x sb / sy) in float32,
+    rounded half to even, plus the zero point, saturated (MLAS's requantization). Outside the fault sites: its
+    MACs are counted as unfaulted."""
+
+    def __init__(self, a: tuple[float, int], b: tuple[float, int], y: tuple[float, int], signed: bool) -> None:
+        super().__init__()
+        (self.sa, self.za), (self.sb, self.zb), (self.sy, self.zy) = a, b, y
+        self.multiplier = float(float32_multiplier(self.sa, torch.tensor([self.sb]), self.sy)[0])
+        self.low, self.high = _code_range(signed)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        qa = _codes(a, self.sa, self.za).sub_(self.za).double()
+        qb = _codes(b, self.sb, self.zb).sub_(self.zb).double()
+        acc = torch.matmul(qa, qb).float()  # exact in float64 (|sum| < 2^53); int32 -> float32 rounds as this does
+        out = acc.mul_(torch.tensor(self.multiplier, dtype=torch.float32)).round_().add_(self.zy)
+        return _values(out.clamp_(self.low, self.high), self.sy, self.zy)
+
+    def extra_repr(self) -> str:
+        return f"a=({self.sa!r}, {self.za}), b=({self.sb!r}, {self.zb}), out=({self.sy!r}, {self.zy})"
 
 
 class QLinearGlobalAvgPool(nn.Module):
@@ -202,7 +226,8 @@ class Constant(nn.Module):
 
     def __init__(self, value: np.ndarray) -> None:
         super().__init__()
-        self.register_buffer("value", torch.from_numpy(np.array(value, dtype=np.float32)))
+        array = np.array(value)  # floats as float32 (the runtime's), integers and booleans as they are (shapes)
+        self.register_buffer("value", torch.from_numpy(array.astype(np.float32) if array.dtype.kind == "f" else array))
 
     def forward(self) -> torch.Tensor:
         value = self.value
@@ -352,6 +377,8 @@ class _Builder:
         # dynamic quantization: each DynamicQuantizeLinear's codes -> (its scale, its zero point); a Mul of such a
         # scale and a weight scale -> (the input scale, the weight scales)
         self.dynamic: dict[str, tuple[str, str]] = {}
+        self.float_nodes: list[Any] = []  # nodes the view computes in float (or on shapes)
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.scale_products: dict[str, tuple[str, np.ndarray]] = {}
 
     # -- helpers -----------------------------------------------------------------------------------------------
@@ -431,14 +458,51 @@ class _Builder:
             if id(node) in self.skip:
                 continue
             handler = getattr(self, f"op_{node.op_type}", None)
+            if handler is None and node.op_type in onnx_float.OPS:
+                handler = self.float_op
             if node.domain not in ("", "ai.onnx") or handler is None:
                 raise DeployedFormatError(
                     f"onnx: node {node.name!r} of type {node.op_type!r} (domain {node.domain or 'ai.onnx'!r}) is "
-                    f"not supported; supported: {', '.join(SUPPORTED)}")
+                    f"not supported; supported: {', '.join(SUPPORTED)}; float ops: {', '.join(onnx_float.OPS)}")
             handler(node, index)
         outputs = [self.value(o.name, self.graph.node[-1]) for o in self.graph.output]
         self.fx.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
         return fx.GraphModule(self.root, self.fx)
+
+    def float_op(self, node: Any, index: int) -> None:
+        """A float or shape node (`onnx_float`): evaluated here where its inputs are all constants (an exporter's
+        shape arithmetic on constants, a transposed weight), else run by an `OnnxOp` module named after it. A
+        value on a quantization grid stays on it through an op that only moves values."""
+        attrs = _attrs(node)
+        if node.op_type == "Split":
+            attrs["_outputs"] = len(node.output)
+        fn = onnx_float.function(node.op_type, attrs, self.opset)
+        assert fn is not None
+        present = [name for name in node.input if name]
+        if all(name in self.consts for name in present):
+            with torch.no_grad():
+                args = [torch.from_numpy(np.array(self.consts[name])) if name else None for name in node.input]
+                while args and args[-1] is None:
+                    args.pop()
+                try:
+                    result = fn(*args)
+                except Exception as exc:
+                    raise self.error(node, f"could not evaluate it on its constant inputs: {exc}") from None
+            for name, value in zip(node.output, result if isinstance(result, tuple) else (result,)):
+                if name:
+                    self.consts[name] = value.numpy()
+            return
+        self.float_nodes.append(node)
+        op = onnx_float.OnnxOp(node.op_type, fn, [not name for name in node.input])
+        out = self.add_module(op, node, index, tuple(self.value(name, node) for name in present))
+        outputs = [out] if len(node.output) == 1 else \
+            [self.fx.call_function(operator.getitem, (out, i)) for i in range(len(node.output))]
+        grid = self.grids.get(node.input[0]) if node.op_type in onnx_float.DATA_MOVEMENT else None
+        for name, value in zip(node.output, outputs):
+            if grid is not None:
+                self.set_quantized(name, value, grid)
+            else:
+                self.values[name] = value
 
     def set_quantized(self, name: str, node: fx.Node, grid: _Grid) -> None:
         self.values[name] = node
@@ -490,6 +554,11 @@ class _Builder:
             self.grids[node.output[0]] = self.grids[node.input[0]]
 
     def op_Identity(self, node: Any, index: int) -> None:
+        if node.input[0] in self.consts:  # an alias of a constant (an exporter's shared weights)
+            self.consts[node.output[0]] = self.consts[node.input[0]]
+            if node.input[0] in self.weights:
+                self.weights[node.output[0]] = self.weights[node.input[0]]
+            return
         self.keep_grid(node, self.value(node.input[0], node))
 
     def op_Relu(self, node: Any, index: int) -> None:
@@ -512,6 +581,9 @@ class _Builder:
         self.keep_grid(node, self.add_module(flat, node, index, (self.value(node.input[0], node),)))
 
     def op_Reshape(self, node: Any, index: int) -> None:
+        if node.input[1] not in self.consts or node.input[0] in self.consts:  # a shape computed from the input
+            self.float_op(node, index)
+            return
         shape = [int(s) for s in self.const(node.input[1], node).reshape(-1)]
         if _attrs(node).get("allowzero", 0):
             raise self.error(node, "allowzero=1 is not supported")
@@ -525,12 +597,24 @@ class _Builder:
                                                       (self.value(node.input[0], node),))
 
     def op_Concat(self, node: Any, index: int) -> None:
+        if all(name in self.consts for name in node.input):
+            self.float_op(node, index)
+            return
         xs = tuple(self.value(name, node) for name in node.input)
         self.values[node.output[0]] = self.add_module(Concat(int(_attrs(node)["axis"])), node, index, xs)
 
     def op_Add(self, node: Any, index: int) -> None:
         a_name, b_name = node.input[0], node.input[1]
+        if a_name in self.consts and b_name in self.consts:
+            self.float_op(node, index)
+            return
         target = self.output_grid(node.output[0])
+        for name in (a_name, b_name):  # a quantized constant operand (a bias added after a MatMul): its grid
+            weight = self.weights.get(name)
+            if weight is not None and weight.scale.size == 1 and weight.codes.dtype in (np.int8, np.uint8) and \
+                    name not in self.grids:
+                self.grids[name] = _Grid(float(weight.scale.reshape(())), int(weight.zero_point.reshape(())),
+                                         weight.codes.dtype == np.int8)
         a, b = self.value(a_name, node), self.value(b_name, node)
         if (self.exact and target is not None and a_name in self.grids and b_name in self.grids
                 and self.fused(node, "QLinearAdd")):
@@ -547,6 +631,7 @@ class _Builder:
                 self.skip.update(id(n) for n in taken)
                 self.set_quantized(taken[-1].output[0], self.add_module(add, node, index, (a, b)), grid)
                 return
+        self.float_nodes.append(node)
         self.values[node.output[0]] = self.add_module(Add(), node, index, (a, b))
 
     def op_GlobalAveragePool(self, node: Any, index: int) -> None:
@@ -607,8 +692,7 @@ class _Builder:
             scale, weight = (a, b) if a in scales else (b, a)
             self.scale_products[node.output[0]] = (scale, self.consts[weight])
             return  # read by the MatMulInteger chain that uses it
-        raise self.error(node, "only the product of a dynamic input scale and a weight scale (onnxruntime's "
-                               "quantize_dynamic) is supported")
+        self.float_op(node, index)
 
     def op_MatMulInteger(self, node: Any, index: int) -> None:
         """A dynamically quantized MatMul, as quantize_dynamic writes it: DynamicQuantizeLinear's codes times an
@@ -680,6 +764,11 @@ class _Builder:
 
     def op_Gemm(self, node: Any, index: int) -> None:
         a = _attrs(node)
+        if node.input[1] not in self.consts or node.input[0] in self.consts or (
+                node.input[1] not in self.weights and len(node.input) > 2 and node.input[2] and
+                node.input[2] not in self.consts):
+            self.float_op(node, index)  # of two activations, or a float one with a computed bias
+            return
         if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
             raise self.error(node, "only Gemm with alpha=beta=1 and transA=0 is supported")
         weight = self.weights.get(node.input[1])
@@ -691,11 +780,24 @@ class _Builder:
 
     def op_MatMul(self, node: Any, index: int) -> None:
         weight = self.weights.get(node.input[1])
-        if node.input[1] not in self.consts:
-            raise self.error(node, "only MatMul by a constant (weight) matrix is supported")
+        if node.input[1] not in self.consts or node.input[0] in self.consts or self.consts[node.input[1]].ndim != 2:
+            target = self.output_grid(node.output[0])
+            a_grid, b_grid = self.grids.get(node.input[0]), self.grids.get(node.input[1])
+            if self.exact and target is not None and not target[2] and a_grid is not None and b_grid is not None \
+                    and self.fused(node, "QLinearMatMul") and node.input[0] not in self.consts \
+                    and node.input[1] not in self.consts:
+                # int8 codes the kernel runs as uint8 (code and zero point + 128): the same code - zero point
+                # products, the same output code
+                grid, taken, _ = target
+                matmul = QLinearMatMul((a_grid.scale, a_grid.zero_point), (b_grid.scale, b_grid.zero_point),
+                                       (grid.scale, grid.zero_point), grid.signed)
+                args = (self.value(node.input[0], node), self.value(node.input[1], node))
+                self.skip.update(id(n) for n in taken)
+                self.set_quantized(taken[-1].output[0], self.add_module(matmul, node, index, args), grid)
+                return
+            self.float_op(node, index)  # of two activations (attention), or batched: float, outside the fault sites
+            return
         w = self.consts[node.input[1]]
-        if w.ndim != 2:
-            raise self.error(node, "only MatMul by a 2-d weight matrix is supported")
         linear = nn.Linear(w.shape[0], w.shape[1], bias=True)
         self.mac(node, index, linear, weight, np.ascontiguousarray(w.T), channel_axis=1)
 
@@ -776,6 +878,20 @@ class _Builder:
         self.set_quantized(taken[-1].output[0], out, grid)
 
 
+def _float_valued(model: Any, nodes: list[Any]) -> list[Any]:
+    """The nodes among `nodes` that compute float values a float kernel rounds (not shapes, indices or moves), by
+    ONNX's type inference (a node whose type it cannot infer counts as float)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+        types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.output)}
+    except Exception:  # noqa: BLE001 - inference is a nicety here: every node then counts
+        types = {}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    return [n for n in nodes if n.op_type not in onnx_float.SHAPE_OPS and types.get(n.output[0], 1) in floats]
+
+
 def load(model: Any) -> Any:
     """A ModelProto from a ModelProto or the path of an .onnx file."""
     import onnx
@@ -839,6 +955,23 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
                      "input on the range of that image alone, as the model computes when it runs one input at a "
                      "time (at a larger batch onnxruntime's range is the batch's, so an image's result would depend "
                      "on the others); no act site (their results stay float)")
+    counts: dict[str, int] = {}
+    for node in _float_valued(proto, exact.float_nodes):
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    if counts:
+        notes.append("float ops outside the fault sites, run on torch's float kernels, which may round otherwise than "
+                     "onnxruntime's by an ulp: " + ", ".join(f"{op} x{n}" for op, n in sorted(counts.items())))
+    integer = [(kernels[n.name][0], n.name) for n in exact.float_nodes
+               if kernels is not None and n.name in kernels and kernels[n.name][0].startswith(("QLinear", "QGemm"))]
+    if integer:
+        by_kernel: dict[str, list[str]] = {}
+        for kernel, name in integer:
+            by_kernel.setdefault(kernel, []).append(name)
+        notes.append("onnxruntime runs these nodes as integer kernels the reader does not reproduce; the view computes "
+                     "them in float on the dequantized values (outside the fault sites, their MACs counted as "
+                     "unfaulted): " + "; ".join(f"{kernel} x{len(names)} ({', '.join(names[:3])}"
+                                                f"{', ...' if len(names) > 3 else ''})"
+                                                for kernel, names in by_kernel.items()))
     if qoperator:
         notes.append("QOperator format (QLinearConv, QGemm, ... as nodes): read as the equivalent QDQ graph, whose "
                      "groups onnxruntime fuses into the same integer kernels")

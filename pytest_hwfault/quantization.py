@@ -472,6 +472,13 @@ def quantize(
         deployed_notes[0:0] = notes
         if not notes[0].endswith(COMPILED_EQUAL):
             warnings.warn(f"{source_name}: {notes[0]}", DeployedMismatchWarning, stacklevel=2)
+    elif deployed is not None and deployed.source == "onnx":
+        deployed_notes = config["deployed_notes"]
+        assert isinstance(deployed_notes, list)
+        note = onnx_agreement(_runner(given, "onnx"), qmodel, first_batch[0][:COMPILED_CHECK_IMAGES])
+        deployed_notes.insert(0, note)
+        if not note.endswith(COMPILED_EQUAL):
+            warnings.warn(f"{source_name}: {note}", DeployedMismatchWarning, stacklevel=2)
     return qmodel
 
 
@@ -547,13 +554,39 @@ def dynamic_agreement(run: Any, qmodel: QuantizedModel, images: Any) -> list[str
         return [f"{where}: fault-free outputs differ ({_differ(theirs, ours)}): the runtime's dynamic layers compute "
                 "otherwise than the engine reproduces them (torch.ao: fbgemm's dynamic linear, under "
                 f"torch.backends.quantized.engine={torch.backends.quantized.engine!r} here; onnx: onnxruntime's CPU "
-                "kernels)"]
+                "kernels, and its float ops, named in the notes, which the view runs on torch's float kernels)"]
     notes = [f"{where}: {COMPILED_EQUAL}"]
     if not _outputs_agree(ours, batch):
         notes.append(f"its float layers compute a batch of images a little otherwise than one image at a time (as "
                      f"torch's float kernels block their work by batch size): on {count} images, "
                      f"{_differ(ours, batch)}; trials run faulty images in batches of other sizes")
     return notes
+
+
+def onnx_agreement(run: Any, qmodel: QuantizedModel, images: Any) -> str:
+    """The fault-free outputs of the view of a static ONNX model against onnxruntime's on `images`, in words: equal
+    bit for bit, or how far apart (a layer onnxruntime leaves in float, or a float op, can round otherwise)."""
+    from torch.utils._pytree import tree_leaves
+
+    count = len(images)
+    if run is None:
+        return (f"not checked against onnxruntime on {count} calibration images: onnxruntime is not installed; the "
+                "engine's arithmetic is not known to be the runtime's")
+    with torch.no_grad():
+        try:
+            theirs = run(images)
+        except Exception as error:  # noqa: BLE001 - the runtime's own failure, reported, not raised
+            return (f"could not run the model on onnxruntime on {count} calibration images to check the engine "
+                    f"against it ({type(error).__name__}): its arithmetic is not known to be the engine's")
+        ours = [t for t in tree_leaves(qmodel(images)) if isinstance(t, torch.Tensor)]
+    where = f"checked against onnxruntime on {count} calibration images"
+    if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
+        return f"{where}: its outputs have other shapes than the view's"
+    if _outputs_agree(theirs, ours):
+        return f"{where}: {COMPILED_EQUAL}"
+    return (f"{where}: fault-free outputs differ ({_differ(theirs, ours)}): onnxruntime computes part of this model "
+            "otherwise than the engine reproduces it (its float ops and any layer it runs in float, named in the "
+            "notes, round as torch's float kernels do, not as onnxruntime's)")
 
 
 def compiled_agreement(compiled: Any, qmodel: QuantizedModel, images: Any) -> str:

@@ -1,0 +1,375 @@
+"""The float and shape ops of an ONNX model, as torch functions: what a transformer exported to ONNX computes
+between its quantized layers (LayerNormalization, Softmax, Erf, the attention's float MatMuls, and the Shape ->
+Gather -> Concat -> Reshape arithmetic an exporter writes for every dynamic reshape).
+
+Each op is a function of the node's attributes (and the model's opset) returning a function of the node's input
+tensors. `onnx_reader` evaluates a node whose inputs are all constants once, while it reads the graph (constant
+folding), and runs every other one as an `OnnxOp` module named after its node, so a coverage report names the
+float compute that faults do not reach.
+
+These ops are float: onnxruntime's kernels (its own Erf and Softmax approximations, its summation order in
+LayerNormalization, ReduceMean and a float MatMul) may round otherwise than torch's, by an ulp here and there; the
+reader's load check compares the view with onnxruntime on calibration images and says how far apart they are.
+Integer tensors (shapes, indices) follow ONNX's integer semantics (Div truncates, Mod takes the divisor's sign).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Function = Callable[..., Any]
+
+# ONNX TensorProto data types -> torch dtypes (Cast's `to`)
+DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
+          9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
+
+
+# -- helpers -----------------------------------------------------------------------------------------------------------
+def _ints(t: torch.Tensor | None) -> list[int] | None:
+    return None if t is None else [int(v) for v in t.reshape(-1).tolist()]
+
+
+def _axes(attrs: dict[str, Any], opset: int, since: int, given: torch.Tensor | None) -> list[int] | None:
+    """An op's `axes`: an attribute before opset `since`, an optional input from it on."""
+    return _ints(given) if opset >= since else (list(attrs["axes"]) if "axes" in attrs else None)
+
+
+def _integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex())
+
+
+# -- elementwise ---------------------------------------------------------------------------------------------------
+def _divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.div(a, b, rounding_mode="trunc") if _integer(a) and _integer(b) else a / b
+
+
+def _mod(fmod: int) -> Function:
+    def mod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.fmod(a, b) if fmod else torch.remainder(a, b)
+    return mod
+
+
+def _variadic(op: Function) -> Function:
+    def reduce(*xs: torch.Tensor) -> torch.Tensor:
+        out = xs[0]
+        for x in xs[1:]:
+            out = op(out, x)
+        return out
+    return reduce
+
+
+BINARY: dict[str, Function] = {
+    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": _divide, "Pow": torch.pow,
+    "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge,
+    "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
+}
+UNARY: dict[str, Function] = {
+    "Sqrt": torch.sqrt, "Erf": torch.erf, "Tanh": torch.tanh, "Sigmoid": torch.sigmoid, "Exp": torch.exp,
+    "Log": torch.log, "Neg": torch.neg, "Abs": torch.abs, "Reciprocal": torch.reciprocal, "Floor": torch.floor,
+    "Ceil": torch.ceil, "Not": torch.logical_not, "Sin": torch.sin, "Cos": torch.cos, "Softplus": F.softplus,
+    "Relu": torch.relu, "Identity": lambda x: x, "Dropout": lambda x, *_: x,
+}
+
+
+# -- shapes and data movement ------------------------------------------------------------------------------------------
+def _shape(attrs: dict[str, Any], opset: int) -> Function:
+    start, end = attrs.get("start", 0), attrs.get("end")
+
+    def shape(x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(list(x.shape)[start:end], dtype=torch.int64)
+    return shape
+
+
+def _gather(attrs: dict[str, Any], opset: int) -> Function:
+    axis = int(attrs.get("axis", 0))
+
+    def gather(data: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        dim = axis % data.dim()
+        index = indices.long()
+        index = torch.where(index < 0, index + data.shape[dim], index)
+        picked = torch.index_select(data, dim, index.reshape(-1))
+        return picked.reshape((*data.shape[:dim], *indices.shape, *data.shape[dim + 1:]))
+    return gather
+
+
+def _unsqueeze(attrs: dict[str, Any], opset: int) -> Function:
+    def unsqueeze(x: torch.Tensor, axes_input: torch.Tensor | None = None) -> torch.Tensor:
+        axes = _axes(attrs, opset, 13, axes_input) or []
+        rank = x.dim() + len(axes)
+        for axis in sorted(a % rank for a in axes):
+            x = x.unsqueeze(axis)
+        return x
+    return unsqueeze
+
+
+def _squeeze(attrs: dict[str, Any], opset: int) -> Function:
+    def squeeze(x: torch.Tensor, axes_input: torch.Tensor | None = None) -> torch.Tensor:
+        axes = _axes(attrs, opset, 13, axes_input)
+        if axes is None:
+            return x.squeeze()
+        return x.squeeze(tuple(a % x.dim() for a in axes)) if axes else x
+    return squeeze
+
+
+def reshape(x: torch.Tensor, shape: Sequence[int], allow_zero: bool = False) -> torch.Tensor:
+    """ONNX Reshape: a 0 copies the input's size at that position (unless `allow_zero`), -1 is inferred."""
+    return x.reshape([x.shape[i] if s == 0 and not allow_zero else s for i, s in enumerate(shape)])
+
+
+def _reshape(attrs: dict[str, Any], opset: int) -> Function:
+    allow_zero = bool(attrs.get("allowzero", 0))
+
+    def reshape_(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        return reshape(x, _ints(shape) or [], allow_zero)
+    return reshape_
+
+
+def _transpose(attrs: dict[str, Any], opset: int) -> Function:
+    perm = attrs.get("perm")
+
+    def transpose(x: torch.Tensor) -> torch.Tensor:
+        return x.permute(list(perm) if perm is not None else list(range(x.dim() - 1, -1, -1)))
+    return transpose
+
+
+def _slice_bounds(start: int, end: int, step: int, size: int) -> tuple[int, int]:
+    """ONNX Slice's start and end on an axis of `size`: negative ones count from the end, then both are clamped to
+    [0, size] stepping forward, start to [0, size - 1] and end to [-1, size - 1] stepping back (not quite Python's
+    slices: a start before the beginning stepping back is the first element)."""
+    start, end = start + size if start < 0 else start, end + size if end < 0 else end
+    if step > 0:
+        return min(max(start, 0), size), min(max(end, 0), size)
+    return min(max(start, 0), size - 1), min(max(end, -1), size - 1)
+
+
+def _slice(attrs: dict[str, Any], opset: int) -> Function:
+    def slice_(x: torch.Tensor, *given: torch.Tensor | None) -> torch.Tensor:
+        if opset >= 10:
+            starts, ends = _ints(given[0]) or [], _ints(given[1]) or []
+            axes = _ints(given[2]) if len(given) > 2 else None
+            steps = _ints(given[3]) if len(given) > 3 else None
+        else:
+            starts, ends, axes, steps = list(attrs["starts"]), list(attrs["ends"]), attrs.get("axes"), None
+        axes = list(axes) if axes is not None else list(range(len(starts)))
+        steps = steps or [1] * len(starts)
+        for start, end, axis, step in zip(starts, ends, axes, steps):
+            dim = axis % x.dim()
+            indices = range(*_slice_bounds(start, end, step, x.shape[dim]), step)
+            if step > 0:
+                x = x[(slice(None),) * dim + (slice(indices.start, indices.stop, step),)]
+            else:
+                x = torch.index_select(x, dim, torch.tensor(list(indices), dtype=torch.long))
+        return x
+    return slice_
+
+
+def _expand(attrs: dict[str, Any], opset: int) -> Function:
+    def expand(x: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        return x.expand(torch.broadcast_shapes(tuple(x.shape), tuple(_ints(shape) or [])))
+    return expand
+
+
+def _split(attrs: dict[str, Any], opset: int) -> Function:
+    axis = int(attrs.get("axis", 0))
+
+    def split(x: torch.Tensor, sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        dim = axis % x.dim()
+        given = _ints(sizes) if sizes is not None else (list(attrs["split"]) if "split" in attrs else None)
+        if given is None:
+            parts = int(attrs.get("num_outputs", attrs.get("_outputs", 1)))
+            chunk = -(-x.shape[dim] // parts)
+            given = [min(chunk, x.shape[dim] - i * chunk) for i in range(parts)]
+        return tuple(torch.split(x, given, dim))
+    return split
+
+
+def _flatten(attrs: dict[str, Any], opset: int) -> Function:
+    axis = int(attrs.get("axis", 1))
+
+    def flatten(x: torch.Tensor) -> torch.Tensor:
+        a = axis % x.dim() if axis < 0 else axis
+        return x.reshape(int(torch.tensor(x.shape[:a]).prod()), -1)
+    return flatten
+
+
+def _concat(attrs: dict[str, Any], opset: int) -> Function:
+    axis = int(attrs["axis"])
+    return lambda *xs: torch.cat(xs, axis)
+
+
+def _cast(attrs: dict[str, Any], opset: int) -> Function:
+    dtype = DTYPES[int(attrs["to"])]
+    return lambda x: x.to(dtype)
+
+
+def _tensor(value: Any) -> torch.Tensor | None:
+    """An attribute's tensor (an onnx TensorProto, or already an array or tensor)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    if hasattr(value, "dims"):
+        from onnx import numpy_helper
+
+        value = numpy_helper.to_array(value)
+    return torch.from_numpy(np.array(value))
+
+
+def _constant_of_shape(attrs: dict[str, Any], opset: int) -> Function:
+    value = _tensor(attrs.get("value"))
+
+    def fill(shape: torch.Tensor) -> torch.Tensor:
+        if value is None:
+            return torch.zeros(_ints(shape) or [], dtype=torch.float32)
+        return value.reshape(-1)[0].expand(_ints(shape) or []).clone()
+    return fill
+
+
+def _range(attrs: dict[str, Any], opset: int) -> Function:
+    def range_(start: torch.Tensor, limit: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+    return range_
+
+
+def _where(attrs: dict[str, Any], opset: int) -> Function:
+    return lambda condition, a, b: torch.where(condition.bool(), a, b)
+
+
+# -- normalization, reductions, activations ---------------------------------------------------------------------
+def _softmax(log: bool) -> Callable[[dict[str, Any], int], Function]:
+    def make(attrs: dict[str, Any], opset: int) -> Function:
+        axis = int(attrs.get("axis", -1 if opset >= 13 else 1))
+        op = torch.log_softmax if log else torch.softmax
+
+        def softmax(x: torch.Tensor) -> torch.Tensor:
+            if opset >= 13:
+                return op(x, axis)
+            a = axis % x.dim()  # before opset 13: over all dims from `axis` on, as one
+            return op(x.reshape(*x.shape[:a], -1), -1).reshape(x.shape)
+        return softmax
+    return make
+
+
+def _layer_norm(attrs: dict[str, Any], opset: int) -> Function:
+    axis, eps = int(attrs.get("axis", -1)), float(attrs.get("epsilon", 1e-5))
+
+    def layer_norm(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        shape = tuple(x.shape[axis % x.dim():])
+        return F.layer_norm(x, shape, scale.expand(shape), None if bias is None else bias.expand(shape), eps)
+    return layer_norm
+
+
+def _reduce(op: str) -> Callable[[dict[str, Any], int], Function]:
+    since = 13 if op == "ReduceSum" else 18
+
+    def make(attrs: dict[str, Any], opset: int) -> Function:
+        keep, noop = bool(attrs.get("keepdims", 1)), bool(attrs.get("noop_with_empty_axes", 0))
+
+        def reduce(x: torch.Tensor, axes_input: torch.Tensor | None = None) -> torch.Tensor:
+            axes = _axes(attrs, opset, since, axes_input)
+            if not axes:
+                if noop:
+                    return x
+                axes = list(range(x.dim()))
+            dims = tuple(a % x.dim() for a in axes)
+            if op == "ReduceMean":
+                return x.mean(dims, keepdim=keep)
+            if op == "ReduceSum":
+                return x.sum(dims, keepdim=keep)
+            if op == "ReduceMax":
+                return x.amax(dims, keepdim=keep)
+            return x.amin(dims, keepdim=keep)
+        return reduce
+    return make
+
+
+def _gelu(attrs: dict[str, Any], opset: int) -> Function:
+    approximate = attrs.get("approximate", "none")
+    approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+    return lambda x: F.gelu(x, approximate=approximate)
+
+
+def _leaky_relu(attrs: dict[str, Any], opset: int) -> Function:
+    slope = float(attrs.get("alpha", 0.01))
+    return lambda x: F.leaky_relu(x, slope)
+
+
+def _hard_sigmoid(attrs: dict[str, Any], opset: int) -> Function:
+    alpha, beta = float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))
+    return lambda x: torch.clamp(x * alpha + beta, 0.0, 1.0)
+
+
+def _matmul(attrs: dict[str, Any], opset: int) -> Function:
+    return torch.matmul
+
+
+def _gemm(attrs: dict[str, Any], opset: int) -> Function:
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    trans_a, trans_b = bool(attrs.get("transA", 0)), bool(attrs.get("transB", 0))
+
+    def gemm(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.matmul(a.t() if trans_a else a, b.t() if trans_b else b)
+        if alpha != 1.0:
+            out = out * alpha
+        if c is not None:
+            out = out + (c * beta if beta != 1.0 else c)
+        return out
+    return gemm
+
+
+def _simple(function: Function) -> Callable[[dict[str, Any], int], Function]:
+    return lambda attrs, opset: function
+
+
+OPS: dict[str, Callable[[dict[str, Any], int], Function]] = {
+    **{name: _simple(function) for name, function in {**BINARY, **UNARY}.items()},
+    "Mod": lambda attrs, opset: _mod(int(attrs.get("fmod", 0))),
+    "Max": _simple(_variadic(torch.maximum)), "Min": _simple(_variadic(torch.minimum)),
+    "Sum": _simple(_variadic(torch.add)),
+    "Shape": _shape, "Gather": _gather, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Reshape": _reshape,
+    "Transpose": _transpose, "Slice": _slice, "Expand": _expand, "Split": _split, "Flatten": _flatten,
+    "Concat": _concat, "Cast": _cast, "ConstantOfShape": _constant_of_shape, "Range": _range, "Where": _where,
+    "Softmax": _softmax(log=False), "LogSoftmax": _softmax(log=True), "LayerNormalization": _layer_norm,
+    "ReduceMean": _reduce("ReduceMean"), "ReduceSum": _reduce("ReduceSum"), "ReduceMax": _reduce("ReduceMax"),
+    "ReduceMin": _reduce("ReduceMin"), "Gelu": _gelu, "LeakyRelu": _leaky_relu, "HardSigmoid": _hard_sigmoid,
+    "MatMul": _matmul, "Gemm": _gemm,
+}
+# ops that move or pick values without computing new ones: a value on a quantization grid stays on it
+DATA_MOVEMENT = frozenset({"Identity", "Dropout", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Slice",
+                           "Expand", "Split", "Flatten"})
+
+
+# ops on shapes and indices, or that move values: they compute nothing a float kernel rounds
+SHAPE_OPS = DATA_MOVEMENT | {"Shape", "Concat", "Cast", "ConstantOfShape", "Range", "Where", "Equal", "Less",
+                             "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Not", "Relu", "Max",
+                             "Min", "Abs", "Neg", "Floor", "Ceil", "Mod", "ReduceMax", "ReduceMin"}
+
+
+def function(op_type: str, attrs: dict[str, Any], opset: int) -> Function | None:
+    """The torch function of an ONNX op with these attributes, or None where this module has none."""
+    make = OPS.get(op_type)
+    return None if make is None else make(attrs, opset)
+
+
+class OnnxOp(nn.Module):
+    """One float (or shape) node of an ONNX graph, run as torch computes it."""
+
+    def __init__(self, op_type: str, fn: Function, optional: Sequence[bool]) -> None:
+        super().__init__()
+        self.op_type, self.fn = op_type, fn
+        self.optional = tuple(optional)  # inputs the node leaves out (empty names): passed as None
+
+    def forward(self, *xs: Any) -> Any:
+        args, given = [], iter(xs)
+        for absent in self.optional:
+            args.append(None if absent else next(given))
+        while args and args[-1] is None:
+            args.pop()
+        return self.fn(*args)
+
+    def extra_repr(self) -> str:
+        return self.op_type

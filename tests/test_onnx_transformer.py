@@ -1,0 +1,362 @@
+"""Transformers exported to ONNX and quantized by onnxruntime (quantize_static QDQ, quantize_dynamic): the reader
+runs their float and shape ops (`onnx_float`), reproduces the integer kernels it knows bit for bit, and names
+what it computes otherwise than onnxruntime."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import warnings
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from pytest_hwfault import FaultModel, accuracy, onnx_float, quantize
+from pytest_hwfault.coverage import measure_coverage
+from pytest_hwfault.deployed import DeployedFormatError
+from pytest_hwfault.qmodel import SiteUnreachableError, UnsupportedModelError
+from pytest_hwfault.quantization import DeployedMismatchWarning
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.usefixtures("single_threaded")
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block written batch first, as Hugging Face models are: LayerNorm, multi-head
+    attention (softmax of q k^T / sqrt(d)), GELU MLP, residual adds. `plain`: no LayerNorm, softmax or GELU (ReLU
+    and a scaled score instead), so that every op onnxruntime runs has a form the reader reproduces exactly."""
+
+    def __init__(self, width: int = 32, heads: int = 4, plain: bool = False) -> None:
+        super().__init__()
+        self.heads, self.plain = heads, plain
+        self.ln1 = nn.Identity() if plain else nn.LayerNorm(width)
+        self.ln2 = nn.Identity() if plain else nn.LayerNorm(width)
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def split(self, t: torch.Tensor) -> torch.Tensor:
+        n, length, width = t.shape
+        return t.reshape(n, length, self.heads, width // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln1(x)
+        q, k, v = self.split(self.q(y)), self.split(self.k(y)), self.split(self.v(y))
+        scores = q @ k.transpose(-1, -2)
+        weights = torch.relu(scores) if self.plain else torch.softmax(scores / math.sqrt(q.shape[-1]), -1)
+        x = x + self.o((weights @ v).transpose(1, 2).reshape(x.shape))
+        hidden = self.up(self.ln2(x))
+        return x + self.down(torch.relu(hidden) if self.plain else nn.functional.gelu(hidden))
+
+
+class Encoder(nn.Module):
+    """8x8 digits-shaped inputs as 8 tokens of 8 features: embedding, position, two blocks, mean over the tokens,
+    a linear head."""
+
+    def __init__(self, plain: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.pos = nn.Parameter(torch.randn(8, 32) * 0.1)
+        self.blocks = nn.Sequential(Block(plain=plain), Block(plain=plain))
+        self.norm = nn.Identity() if plain else nn.LayerNorm(32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.reshape(x.shape[0], 8, 8)) + self.pos
+        return self.head(self.norm(self.blocks(tokens)).mean(1))
+
+
+def _inputs(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def _export(model: nn.Module, folder: pathlib.Path, name: str) -> pathlib.Path:
+    path = folder / f"{name}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (_inputs(2, 0),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+                          opset_version=17)
+    return path
+
+
+def _static(float_path: pathlib.Path, activations: str = "u8") -> pathlib.Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": _inputs(32, seed).numpy()} for seed in range(4)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    path = float_path.with_name(f"{float_path.stem}_static_{activations}.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
+                        weight_type=QuantType.QInt8)
+    return path
+
+
+def _dynamic(float_path: pathlib.Path) -> pathlib.Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = float_path.with_name(f"{float_path.stem}_dynamic.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8)
+    return path
+
+
+def _ort(path: Any, x: torch.Tensor, each: bool = False) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if each:
+        return torch.cat([torch.from_numpy(session.run(None, {"x": x[i:i + 1].numpy()})[0]) for i in range(len(x))])
+    return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
+    folder = tmp_path_factory.mktemp("onnx_transformer")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        full, plain = Encoder(), Encoder(plain=True)
+    full_path, plain_path = _export(full, folder, "encoder"), _export(plain, folder, "plain")
+    return {"static": _static(full_path), "dynamic": _dynamic(full_path), "plain_u8": _static(plain_path),
+            "plain_s8": _static(plain_path, "s8")}
+
+
+@pytest.mark.parametrize("activations", ["u8", "s8"])
+def test_a_transformer_of_kernels_the_reader_knows_is_onnxruntimes_bit_for_bit(encoders, activations) -> None:  # noqa: ANN001
+    """QLinearMatMul of weights and of two activations (the attention's scores and mix), QLinearAdd of a bias and
+    of a residual, the exporter's Shape/Gather/Concat/Reshape arithmetic, Transpose and ReduceMean: equal bit for
+    bit, checked at load with no warning; every site runs."""
+    path, x = encoders[f"plain_{activations}"], _inputs(64, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeployedMismatchWarning)
+        qmodel = quantize(path, x)
+    assert qmodel.config["deployed_notes"][0].endswith("fault-free outputs equal bit for bit")
+    assert len(qmodel.layers) == 14  # embed, 2 x (q, k, v, o, up, down), head
+    ours, theirs = qmodel(x), _ort(path, x)
+    assert torch.equal(ours, theirs)  # equal values (a zero logit may be -0.0 here, +0.0 there)
+    assert not any("integer kernels the reader does not reproduce" in n for n in qmodel.config["deployed_notes"])
+    # the attention's products are onnxruntime's integer kernels, not fault sites: named as unfaulted MACs
+    coverage = measure_coverage(qmodel, x[:2])
+    assert 0.9 < coverage.macs < 1.0
+    assert sorted(entry["module"] for entry in coverage.to_dict()["uncovered"]) == [
+        "blocks_blocks_0_MatMul", "blocks_blocks_0_MatMul_1", "blocks_blocks_1_MatMul", "blocks_blocks_1_MatMul_1"]
+    labels = ours.argmax(1)
+    for site in ("act", "weight", "acc", "input"):
+        assert 0.0 <= accuracy(qmodel, (x, labels), FaultModel(site, 1e-3), seed=1) < 1.0, site
+
+
+def test_a_static_transformer_runs_and_names_what_it_computes_otherwise(encoders) -> None:  # noqa: ANN001
+    """LayerNormalization, Softmax (QLinearSoftmax), Erf and GELU's products (QLinearMul) are not reproduced bit
+    for bit: a DeployedMismatchWarning at load, the notes naming the float ops and the integer kernels computed in
+    float, predictions still onnxruntime's on nearly every input."""
+    path, x = encoders["static"], _inputs(64, seed=2)
+    with pytest.warns(DeployedMismatchWarning, match="checked against onnxruntime on 64 calibration images: "
+                                                     "fault-free outputs differ"):
+        qmodel = quantize(path, x)
+    notes = " | ".join(qmodel.config["deployed_notes"])
+    assert "LayerNormalization x5" in notes and "Softmax x2" in notes and "Erf x2" in notes
+    assert "QLinearSoftmax x2" in notes and "QLinearMul x4" in notes
+    assert len(qmodel.layers) == 14
+    ours, theirs = qmodel(x), _ort(path, x)
+    assert float((ours.argmax(1) == theirs.argmax(1)).float().mean()) >= 0.95
+    assert float((ours - theirs).abs().max()) < 0.1 * float(theirs.abs().max())
+    assert accuracy(qmodel, (x, theirs.argmax(1)), FaultModel("weight", 1e-3), seed=1) < 1.0
+
+
+def test_a_dynamic_transformer_runs_at_the_sites_it_has(encoders) -> None:  # noqa: ANN001
+    """onnxruntime's quantize_dynamic of the transformer: 14 dynamic MatMul layers whose inputs are LayerNorm and
+    attention outputs; the float ops named; predictions onnxruntime's one input at a time; no act site."""
+    path, x = encoders["dynamic"], _inputs(32, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployedMismatchWarning)  # the float ops round as torch's (asserted below)
+        qmodel = quantize(path, x)
+    notes = qmodel.config["deployed_notes"]
+    assert notes[0].startswith("checked against the model run one image at a time")
+    assert any("float ops outside the fault sites" in n and "LayerNormalization x5" in n for n in notes)
+    assert len(qmodel.layers) == 14 and all(layer.raw_output for layer in qmodel.layers.values())
+    ours = torch.cat([qmodel(x[i:i + 1]) for i in range(len(x))])
+    theirs = _ort(path, x, each=True)
+    assert torch.equal(ours.argmax(1), theirs.argmax(1))
+    assert float((ours - theirs).abs().max()) < 0.05 * float(theirs.abs().max())
+    labels = theirs.argmax(1)
+    for site in ("weight", "acc", "input"):
+        assert accuracy(qmodel, (x, labels), FaultModel(site, 1e-3), seed=1) <= 1.0, site
+    with pytest.raises(SiteUnreachableError, match="site 'act' has nothing to fault"):
+        accuracy(qmodel, (x, labels), FaultModel("act", 1e-3), seed=1)
+
+
+def test_a_seq_first_attention_export_is_refused_with_the_reason(tmp_path: pathlib.Path) -> None:
+    """torch's nn.TransformerEncoderLayer exports its attention sequence first ([tokens, batch, width]): a layer
+    whose first dimension is not the batch is refused, saying why, never faulted per token as if per image."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer, self.head = layer, nn.Linear(8, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.layer(x.reshape(x.shape[0], 8, 8)).mean(1))
+
+    path = _dynamic(_export(Seq(), tmp_path, "seq"))
+    with pytest.raises(UnsupportedModelError, match="needs the batch as its first dimension"):
+        quantize(path, _inputs(16, seed=4))
+
+
+def test_an_unknown_op_is_still_refused_by_name(encoders) -> None:  # noqa: ANN001
+    proto = onnx.load(str(encoders["dynamic"]))
+    node = next(n for n in proto.graph.node if n.op_type == "Erf")
+    node.op_type = "Softsign"
+    with pytest.raises(DeployedFormatError, match=r"of type 'Softsign'.*not supported.*float ops: "):
+        quantize(proto, _inputs(4, seed=5))
+
+
+# -- the float ops against onnxruntime's own kernels, one node at a time ---------------------------------------------
+def _node_model(op: str, inputs: list[np.ndarray], constants: dict[int, np.ndarray], outputs: int = 1,
+                **attrs: Any) -> Any:
+    from onnx import helper, numpy_helper
+
+    names = [f"i{k}" if a is not None else "" for k, a in enumerate(inputs)]
+    graph_inputs = [helper.make_tensor_value_info(names[k], helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+                    for k, a in enumerate(inputs) if a is not None and k not in constants]
+    initializers = [numpy_helper.from_array(a, names[k]) for k, a in constants.items()]
+    outs = [f"o{k}" for k in range(outputs)]
+    node = helper.make_node(op, names, outs, **attrs)
+    graph = helper.make_graph([node], "g", graph_inputs, [helper.make_empty_tensor_value_info(o) for o in outs],
+                              initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _against_onnxruntime(op: str, inputs: list[np.ndarray | None], constants: tuple[int, ...] = (), outputs: int = 1,
+                         **attrs: Any) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(onnxruntime's outputs, onnx_float's) of one node on `inputs` (None: an input left out)."""
+    const = {k: inputs[k] for k in constants if inputs[k] is not None}
+    model = _node_model(op, inputs, const, outputs, **attrs)  # type: ignore[arg-type]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {f"i{k}": a for k, a in enumerate(inputs) if a is not None and k not in const}
+    theirs = session.run(None, feeds)
+    fn = onnx_float.function(op, {**attrs, "_outputs": outputs}, 17)
+    assert fn is not None
+    args = [None if a is None else torch.from_numpy(np.array(a)) for a in inputs]
+    while args and args[-1] is None:
+        args.pop()
+    result = fn(*args)
+    ours = [t.numpy() for t in (result if isinstance(result, tuple) else (result,))]
+    return theirs, ours
+
+
+def _same(theirs: list[np.ndarray], ours: list[np.ndarray]) -> None:
+    assert len(theirs) == len(ours)
+    for a, b in zip(theirs, ours):
+        assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+        assert np.array_equal(a.reshape(-1).view(np.uint8), np.ascontiguousarray(b).reshape(-1).view(np.uint8))
+
+
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div", "Pow"])
+def test_elementwise_float_ops_are_onnxruntimes_bit_for_bit(op: str) -> None:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((3, 4, 5)).astype(np.float32) * 10
+    b = rng.standard_normal((4, 1)).astype(np.float32) + (2.0 if op == "Pow" else 0.0)
+    if op == "Pow":
+        a = np.abs(a)
+    _same(*_against_onnxruntime(op, [a, b]))
+
+
+@pytest.mark.parametrize("op", ["Neg", "Abs", "Reciprocal", "Floor", "Ceil", "Relu"])
+def test_exact_unary_ops_are_onnxruntimes_bit_for_bit(op: str) -> None:
+    a = np.abs(np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)) * 7 + 0.01
+    _same(*_against_onnxruntime(op, [a]))
+
+
+@pytest.mark.parametrize("op", ["Sqrt", "Erf", "Tanh", "Sigmoid", "Exp", "Softmax", "LayerNormalization", "ReduceMean"])
+def test_rounded_float_ops_agree_with_onnxruntime_to_an_ulp_or_two(op: str) -> None:
+    """onnxruntime's own approximations and summation orders: not bit for bit (the load check measures it), but
+    within a few float32 ulps."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 8, 32)).astype(np.float32)
+    inputs: list[np.ndarray | None] = [x]
+    attrs: dict[str, Any] = {}
+    if op == "LayerNormalization":
+        inputs += [rng.standard_normal(32).astype(np.float32), rng.standard_normal(32).astype(np.float32)]
+    if op == "ReduceMean":
+        attrs = {"axes": [1], "keepdims": 0}
+    theirs, ours = _against_onnxruntime(op, inputs, constants=(1, 2) if op == "LayerNormalization" else (), **attrs)
+    assert theirs[0].shape == ours[0].shape
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=3e-6, atol=3e-7)
+
+
+def test_integer_div_and_mod_follow_onnx() -> None:
+    a = np.array([7, -7, 7, -7, 0, 9], dtype=np.int64)
+    b = np.array([2, 2, -2, -2, 3, -4], dtype=np.int64)
+    _same(*_against_onnxruntime("Div", [a, b]))
+    _same(*_against_onnxruntime("Mod", [a, b]))
+    _same(*_against_onnxruntime("Mod", [a, b], fmod=1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(dims=st.lists(st.integers(1, 5), min_size=1, max_size=3), data=st.data())
+def test_slice_is_onnxruntimes(dims: list[int], data: st.DataObject) -> None:
+    """Starts and ends past either end, negative ones, negative and positive steps: onnxruntime's Slice."""
+    x = np.arange(int(np.prod(dims)), dtype=np.float32).reshape(dims)
+    axes = data.draw(st.lists(st.integers(-len(dims), len(dims) - 1), min_size=1, max_size=len(dims),
+                              unique_by=lambda a: a % len(dims)))
+    steps = [data.draw(st.sampled_from([-3, -2, -1, 1, 2, 3])) for _ in axes]
+    starts = [data.draw(st.integers(-7, 7)) for _ in axes]
+    # as exporters write "to the end": +2^63 - 1 stepping forward, -2^63 stepping back (x[::-1])
+    ends = [data.draw(st.one_of(st.integers(-7, 7), st.just(2**63 - 1 if step > 0 else -(2**63)))) for step in steps]
+    arrays = [x, np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64), np.array(axes, dtype=np.int64),
+              np.array(steps, dtype=np.int64)]
+    _same(*_against_onnxruntime("Slice", list(arrays), constants=(1, 2, 3, 4)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(dims=st.lists(st.integers(1, 4), min_size=1, max_size=3), data=st.data())
+def test_gather_unsqueeze_squeeze_and_transpose_are_onnxruntimes(dims: list[int], data: st.DataObject) -> None:
+    x = np.arange(int(np.prod(dims)), dtype=np.float32).reshape(dims)
+    axis = data.draw(st.integers(-len(dims), len(dims) - 1))
+    size = dims[axis]
+    index_shape = data.draw(st.lists(st.integers(1, 3), max_size=2))
+    indices = np.array(data.draw(st.lists(st.integers(-size, size - 1), min_size=int(np.prod(index_shape)),
+                                          max_size=int(np.prod(index_shape)))), dtype=np.int64).reshape(index_shape)
+    _same(*_against_onnxruntime("Gather", [x, indices], constants=(1,), axis=axis))
+    new = data.draw(st.lists(st.integers(-len(dims) - 2, len(dims) + 1), min_size=1, max_size=2,
+                             unique_by=lambda a: a % (len(dims) + 2)))
+    if len(new) == 2 or abs(new[0]) <= len(dims):  # axes valid for the output rank
+        rank = len(dims) + len(new)
+        if all(-rank <= a < rank for a in new) and len({a % rank for a in new}) == len(new):
+            _same(*_against_onnxruntime("Unsqueeze", [x, np.array(new, dtype=np.int64)], constants=(1,)))
+    ones = [a for a in range(len(dims)) if dims[a] == 1]
+    _same(*_against_onnxruntime("Squeeze", [x]))
+    if ones:
+        _same(*_against_onnxruntime("Squeeze", [x, np.array(ones[:1], dtype=np.int64)], constants=(1,)))
+    perm = data.draw(st.permutations(range(len(dims))))
+    _same(*_against_onnxruntime("Transpose", [x], perm=list(perm)))
+
+
+def test_shape_arithmetic_and_dynamic_reshape_are_onnxruntimes() -> None:
+    x = np.random.default_rng(3).standard_normal((2, 3, 4)).astype(np.float32)
+    _same(*_against_onnxruntime("Shape", [x]))
+    _same(*_against_onnxruntime("Shape", [x], start=1))
+    _same(*_against_onnxruntime("Reshape", [x, np.array([0, -1], dtype=np.int64)]))
+    _same(*_against_onnxruntime("Expand", [x[:, :1], np.array([2, 3, 4], dtype=np.int64)], constants=(1,)))
+    _same(*_against_onnxruntime("Split", [x, np.array([1, 3], dtype=np.int64)], constants=(1,), outputs=2, axis=2))
+    _same(*_against_onnxruntime("Split", [x], outputs=3, axis=1))
+    _same(*_against_onnxruntime("Where", [x > 0, x, -x]))
+    _same(*_against_onnxruntime("Cast", [x], to=7))
+    _same(*_against_onnxruntime("ConstantOfShape", [np.array([2, 3], dtype=np.int64)],
+                                value=onnx.numpy_helper.from_array(np.array([1.5], dtype=np.float32))))
+    _same(*_against_onnxruntime("Range", [np.array(1, dtype=np.int64), np.array(9, dtype=np.int64),
+                                          np.array(3, dtype=np.int64)]))
