@@ -17,6 +17,10 @@ largest difference in codes, against the runtime's own output:
 - torch.ao dynamic (quantize_dynamic, qint8 per-channel Linear layers): the model run one image at a time, logits
   compared exactly (also on a random transformer-style block, 2048 inputs of magnitudes over five decades).
 
+Also a random-init two-block transformer encoder exported to ONNX (tests/deployed_models.py's `Encoder`, 400
+inputs): static QDQ of the ops the reader reproduces (u8, s8), the full one with LayerNorm, Softmax and GELU (whose
+float ops and QLinearSoftmax/QLinearMul the reader computes in float, named in its notes), and `quantize_dynamic`.
+
 Then the same architecture with 128 channels, random weights and 2048 random images (torch.ao FX, ONNX u8 and s8):
 sums past 2^24, and near-ties that training smooths away; with int8 activations onnxruntime leaves the first conv of
 each block in float, whose float32 sums round (the model's notes name them).
@@ -104,7 +108,33 @@ def measure() -> dict[str, dict[str, float]]:
             rows[f"onnx QOperator ({activations} activations)"] = dm.agreement(
                 _onnx(path, x), qmodel(x), qmodel.layers[list(qmodel.layers)[-1]].act_scale)
         rows.update(_random_wide(folder))
+        rows.update(_onnx_transformer(Path(folder)))
     rows.update(_dynamic(net, calibration, x))
+    return rows
+
+
+def _onnx_transformer(folder: Path) -> dict[str, dict[str, float]]:
+    """A random-init two-block encoder exported to ONNX (tests/deployed_models.py's `Encoder`), 400 inputs:
+    static QDQ of the ops the reader reproduces (plain: ReLU for softmax and GELU, no LayerNorm), u8 and s8; the
+    full one (LayerNorm, Softmax, GELU) static u8 and dynamic (one input at a time)."""
+    import warnings
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        full, plain = dm.Encoder(), dm.Encoder(plain=True)
+    full_path, plain_path = dm.export_encoder(full, folder, "encoder"), dm.export_encoder(plain, folder, "plain")
+    x = dm.encoder_inputs(400, seed=7)
+    cases = {"onnx transformer, static of reproduced ops (u8)": (dm.encoder_static(plain_path), False),
+             "onnx transformer, static of reproduced ops (s8)": (dm.encoder_static(plain_path, "s8"), False),
+             "onnx transformer, static with LayerNorm/Softmax/GELU (u8)": (dm.encoder_static(full_path), False),
+             "onnx transformer, dynamic (one input at a time)": (dm.encoder_dynamic(full_path), True)}
+    rows = {}
+    for name, (path, each) in cases.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the load check's mismatch warning: the row says how far apart
+            qmodel = quantize(path, x[:64])
+        ours = torch.cat([qmodel(x[i:i + 1]) for i in range(len(x))]) if each else qmodel(x)
+        rows[name] = _exact(dm.run_onnxruntime(path, x, each), ours)
     return rows
 
 

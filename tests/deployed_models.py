@@ -7,6 +7,9 @@ FloatFunctional adds); the others trace it as it is (FX, torch.export, ONNX expo
 
 from __future__ import annotations
 
+import math
+import pathlib
+import warnings
 from typing import Any
 
 import torch
@@ -172,3 +175,101 @@ def to_onnx_qdq(model: nn.Module, calibration: torch.Tensor, folder, activations
                     activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
                     weight_type=QuantType.QInt8)
     return path
+
+
+# -- a transformer exported to ONNX (tests/test_onnx_transformer.py, benchmarks/deployed_fidelity.py) --------
+class AttentionBlock(nn.Module):
+    """A pre-norm transformer block written batch first, as Hugging Face models are: LayerNorm, multi-head
+    attention (softmax of q k^T / sqrt(d)), GELU MLP, residual adds. `plain`: no LayerNorm, softmax or GELU (ReLU
+    and a scaled score instead), so that every op onnxruntime runs has a form the reader reproduces exactly."""
+
+    def __init__(self, width: int = 32, heads: int = 4, plain: bool = False) -> None:
+        super().__init__()
+        self.heads, self.plain = heads, plain
+        self.ln1 = nn.Identity() if plain else nn.LayerNorm(width)
+        self.ln2 = nn.Identity() if plain else nn.LayerNorm(width)
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
+
+    def split(self, t: torch.Tensor) -> torch.Tensor:
+        n, length, width = t.shape
+        return t.reshape(n, length, self.heads, width // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln1(x)
+        q, k, v = self.split(self.q(y)), self.split(self.k(y)), self.split(self.v(y))
+        scores = q @ k.transpose(-1, -2)
+        weights = torch.relu(scores) if self.plain else torch.softmax(scores / math.sqrt(q.shape[-1]), -1)
+        x = x + self.o((weights @ v).transpose(1, 2).reshape(x.shape))
+        hidden = self.up(self.ln2(x))
+        return x + self.down(torch.relu(hidden) if self.plain else nn.functional.gelu(hidden))
+
+
+class Encoder(nn.Module):
+    """8x8 digits-shaped inputs as 8 tokens of 8 features: embedding, position, two blocks, mean over the tokens,
+    a linear head."""
+
+    def __init__(self, plain: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.pos = nn.Parameter(torch.randn(8, 32) * 0.1)
+        self.blocks = nn.Sequential(AttentionBlock(plain=plain), AttentionBlock(plain=plain))
+        self.norm = nn.Identity() if plain else nn.LayerNorm(32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x.reshape(x.shape[0], 8, 8)) + self.pos
+        return self.head(self.norm(self.blocks(tokens)).mean(1))
+
+
+def encoder_inputs(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def export_encoder(model: nn.Module, folder: pathlib.Path, name: str) -> pathlib.Path:
+    path = folder / f"{name}.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (encoder_inputs(2, 0),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+                          opset_version=17)
+    return path
+
+
+def encoder_static(float_path: pathlib.Path, activations: str = "u8") -> pathlib.Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"x": encoder_inputs(32, seed).numpy()} for seed in range(4)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    path = float_path.with_name(f"{float_path.stem}_static_{activations}.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
+                        weight_type=QuantType.QInt8)
+    return path
+
+
+def encoder_dynamic(float_path: pathlib.Path) -> pathlib.Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    path = float_path.with_name(f"{float_path.stem}_dynamic.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8)
+    return path
+
+
+def run_onnxruntime(path: Any, x: torch.Tensor, each: bool = False) -> torch.Tensor:
+    """onnxruntime's CPU provider on `x` (with `each`: one input at a time)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if each:
+        return torch.cat([torch.from_numpy(session.run(None, {"x": x[i:i + 1].numpy()})[0]) for i in range(len(x))])
+    return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])

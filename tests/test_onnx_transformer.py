@@ -4,7 +4,6 @@ what it computes otherwise than onnxruntime."""
 
 from __future__ import annotations
 
-import math
 import pathlib
 import warnings
 from typing import Any
@@ -12,6 +11,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from deployed_models import (
+    Encoder,
+    encoder_dynamic,
+    encoder_inputs,
+    encoder_static,
+    export_encoder,
+    run_onnxruntime,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -27,109 +34,15 @@ ort = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
 
-class Block(nn.Module):
-    """A pre-norm transformer block written batch first, as Hugging Face models are: LayerNorm, multi-head
-    attention (softmax of q k^T / sqrt(d)), GELU MLP, residual adds. `plain`: no LayerNorm, softmax or GELU (ReLU
-    and a scaled score instead), so that every op onnxruntime runs has a form the reader reproduces exactly."""
-
-    def __init__(self, width: int = 32, heads: int = 4, plain: bool = False) -> None:
-        super().__init__()
-        self.heads, self.plain = heads, plain
-        self.ln1 = nn.Identity() if plain else nn.LayerNorm(width)
-        self.ln2 = nn.Identity() if plain else nn.LayerNorm(width)
-        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
-        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
-
-    def split(self, t: torch.Tensor) -> torch.Tensor:
-        n, length, width = t.shape
-        return t.reshape(n, length, self.heads, width // self.heads).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ln1(x)
-        q, k, v = self.split(self.q(y)), self.split(self.k(y)), self.split(self.v(y))
-        scores = q @ k.transpose(-1, -2)
-        weights = torch.relu(scores) if self.plain else torch.softmax(scores / math.sqrt(q.shape[-1]), -1)
-        x = x + self.o((weights @ v).transpose(1, 2).reshape(x.shape))
-        hidden = self.up(self.ln2(x))
-        return x + self.down(torch.relu(hidden) if self.plain else nn.functional.gelu(hidden))
-
-
-class Encoder(nn.Module):
-    """8x8 digits-shaped inputs as 8 tokens of 8 features: embedding, position, two blocks, mean over the tokens,
-    a linear head."""
-
-    def __init__(self, plain: bool = False) -> None:
-        super().__init__()
-        self.embed = nn.Linear(8, 32)
-        self.pos = nn.Parameter(torch.randn(8, 32) * 0.1)
-        self.blocks = nn.Sequential(Block(plain=plain), Block(plain=plain))
-        self.norm = nn.Identity() if plain else nn.LayerNorm(32)
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(x.reshape(x.shape[0], 8, 8)) + self.pos
-        return self.head(self.norm(self.blocks(tokens)).mean(1))
-
-
-def _inputs(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def _export(model: nn.Module, folder: pathlib.Path, name: str) -> pathlib.Path:
-    path = folder / f"{name}.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (_inputs(2, 0),), str(path), dynamo=False, input_names=["x"],
-                          output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
-                          opset_version=17)
-    return path
-
-
-def _static(float_path: pathlib.Path, activations: str = "u8") -> pathlib.Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"x": _inputs(32, seed).numpy()} for seed in range(4)])
-
-        def get_next(self) -> dict | None:
-            return next(self.batches, None)
-
-    path = float_path.with_name(f"{float_path.stem}_static_{activations}.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_static(str(float_path), str(path), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8 if activations == "u8" else QuantType.QInt8,
-                        weight_type=QuantType.QInt8)
-    return path
-
-
-def _dynamic(float_path: pathlib.Path) -> pathlib.Path:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    path = float_path.with_name(f"{float_path.stem}_dynamic.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8)
-    return path
-
-
-def _ort(path: Any, x: torch.Tensor, each: bool = False) -> torch.Tensor:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    if each:
-        return torch.cat([torch.from_numpy(session.run(None, {"x": x[i:i + 1].numpy()})[0]) for i in range(len(x))])
-    return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
-
-
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
     folder = tmp_path_factory.mktemp("onnx_transformer")
     with torch.random.fork_rng():
         torch.manual_seed(0)
         full, plain = Encoder(), Encoder(plain=True)
-    full_path, plain_path = _export(full, folder, "encoder"), _export(plain, folder, "plain")
-    return {"static": _static(full_path), "dynamic": _dynamic(full_path), "plain_u8": _static(plain_path),
-            "plain_s8": _static(plain_path, "s8")}
+    full_path, plain_path = export_encoder(full, folder, "encoder"), export_encoder(plain, folder, "plain")
+    return {"static": encoder_static(full_path), "dynamic": encoder_dynamic(full_path),
+            "plain_u8": encoder_static(plain_path), "plain_s8": encoder_static(plain_path, "s8")}
 
 
 @pytest.mark.parametrize("activations", ["u8", "s8"])
@@ -137,13 +50,13 @@ def test_a_transformer_of_kernels_the_reader_knows_is_onnxruntimes_bit_for_bit(e
     """QLinearMatMul of weights and of two activations (the attention's scores and mix), QLinearAdd of a bias and
     of a residual, the exporter's Shape/Gather/Concat/Reshape arithmetic, Transpose and ReduceMean: equal bit for
     bit, checked at load with no warning; every site runs."""
-    path, x = encoders[f"plain_{activations}"], _inputs(64, seed=1)
+    path, x = encoders[f"plain_{activations}"], encoder_inputs(64, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeployedMismatchWarning)
         qmodel = quantize(path, x)
     assert qmodel.config["deployed_notes"][0].endswith("fault-free outputs equal bit for bit")
     assert len(qmodel.layers) == 14  # embed, 2 x (q, k, v, o, up, down), head
-    ours, theirs = qmodel(x), _ort(path, x)
+    ours, theirs = qmodel(x), run_onnxruntime(path, x)
     assert torch.equal(ours, theirs)  # equal values (a zero logit may be -0.0 here, +0.0 there)
     assert not any("integer kernels the reader does not reproduce" in n for n in qmodel.config["deployed_notes"])
     # the attention's products are onnxruntime's integer kernels, not fault sites: named as unfaulted MACs
@@ -160,7 +73,7 @@ def test_a_static_transformer_runs_and_names_what_it_computes_otherwise(encoders
     """LayerNormalization, Softmax (QLinearSoftmax), Erf and GELU's products (QLinearMul) are not reproduced bit
     for bit: a DeployedMismatchWarning at load, the notes naming the float ops and the integer kernels computed in
     float, predictions still onnxruntime's on nearly every input."""
-    path, x = encoders["static"], _inputs(64, seed=2)
+    path, x = encoders["static"], encoder_inputs(64, seed=2)
     with pytest.warns(DeployedMismatchWarning, match="checked against onnxruntime on 64 calibration images: "
                                                      "fault-free outputs differ"):
         qmodel = quantize(path, x)
@@ -168,7 +81,7 @@ def test_a_static_transformer_runs_and_names_what_it_computes_otherwise(encoders
     assert "LayerNormalization x5" in notes and "Softmax x2" in notes and "Erf x2" in notes
     assert "QLinearSoftmax x2" in notes and "QLinearMul x4" in notes
     assert len(qmodel.layers) == 14
-    ours, theirs = qmodel(x), _ort(path, x)
+    ours, theirs = qmodel(x), run_onnxruntime(path, x)
     assert float((ours.argmax(1) == theirs.argmax(1)).float().mean()) >= 0.95
     assert float((ours - theirs).abs().max()) < 0.1 * float(theirs.abs().max())
     assert accuracy(qmodel, (x, theirs.argmax(1)), FaultModel("weight", 1e-3), seed=1) < 1.0
@@ -177,7 +90,7 @@ def test_a_static_transformer_runs_and_names_what_it_computes_otherwise(encoders
 def test_a_dynamic_transformer_runs_at_the_sites_it_has(encoders) -> None:  # noqa: ANN001
     """onnxruntime's quantize_dynamic of the transformer: 14 dynamic MatMul layers whose inputs are LayerNorm and
     attention outputs; the float ops named; predictions onnxruntime's one input at a time; no act site."""
-    path, x = encoders["dynamic"], _inputs(32, seed=3)
+    path, x = encoders["dynamic"], encoder_inputs(32, seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeployedMismatchWarning)  # the float ops round as torch's (asserted below)
         qmodel = quantize(path, x)
@@ -186,7 +99,7 @@ def test_a_dynamic_transformer_runs_at_the_sites_it_has(encoders) -> None:  # no
     assert any("float ops outside the fault sites" in n and "LayerNormalization x5" in n for n in notes)
     assert len(qmodel.layers) == 14 and all(layer.raw_output for layer in qmodel.layers.values())
     ours = torch.cat([qmodel(x[i:i + 1]) for i in range(len(x))])
-    theirs = _ort(path, x, each=True)
+    theirs = run_onnxruntime(path, x, each=True)
     assert torch.equal(ours.argmax(1), theirs.argmax(1))
     assert float((ours - theirs).abs().max()) < 0.05 * float(theirs.abs().max())
     labels = theirs.argmax(1)
@@ -211,9 +124,9 @@ def test_a_seq_first_attention_export_is_refused_with_the_reason(tmp_path: pathl
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.layer(x.reshape(x.shape[0], 8, 8)).mean(1))
 
-    path = _dynamic(_export(Seq(), tmp_path, "seq"))
+    path = encoder_dynamic(export_encoder(Seq(), tmp_path, "seq"))
     with pytest.raises(UnsupportedModelError, match="needs the batch as its first dimension"):
-        quantize(path, _inputs(16, seed=4))
+        quantize(path, encoder_inputs(16, seed=4))
 
 
 def test_an_unknown_op_is_still_refused_by_name(encoders) -> None:  # noqa: ANN001
@@ -221,7 +134,7 @@ def test_an_unknown_op_is_still_refused_by_name(encoders) -> None:  # noqa: ANN0
     node = next(n for n in proto.graph.node if n.op_type == "Erf")
     node.op_type = "Softsign"
     with pytest.raises(DeployedFormatError, match=r"of type 'Softsign'.*not supported.*float ops: "):
-        quantize(proto, _inputs(4, seed=5))
+        quantize(proto, encoder_inputs(4, seed=5))
 
 
 # -- the float ops against onnxruntime's own kernels, one node at a time ---------------------------------------------
