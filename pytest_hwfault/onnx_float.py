@@ -321,6 +321,29 @@ def _gemm(attrs: dict[str, Any], opset: int) -> Function:
     return gemm
 
 
+def _dequantize(attrs: dict[str, Any], opset: int) -> Function:
+    axis = int(attrs.get("axis", 1))
+
+    def dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> torch.Tensor:
+        shape = [1] * x.dim()
+        if scale.numel() > 1:
+            shape[axis % x.dim()] = -1
+        codes = x.to(torch.int32) if zero_point is None else x.to(torch.int32) - zero_point.to(torch.int32).reshape(
+            shape if zero_point.numel() > 1 else [])
+        return codes.to(torch.float32) * scale.to(torch.float32).reshape(shape if scale.numel() > 1 else [])
+    return dequantize
+
+
+def _gather_elements(attrs: dict[str, Any], opset: int) -> Function:
+    axis = int(attrs.get("axis", 0))
+
+    def gather_elements(data: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        dim = axis % data.dim()
+        index = indices.long()
+        return torch.gather(data, dim, torch.where(index < 0, index + data.shape[dim], index))
+    return gather_elements
+
+
 def _simple(function: Function) -> Callable[[dict[str, Any], int], Function]:
     return lambda attrs, opset: function
 
@@ -336,17 +359,25 @@ OPS: dict[str, Callable[[dict[str, Any], int], Function]] = {
     "Softmax": _softmax(log=False), "LogSoftmax": _softmax(log=True), "LayerNormalization": _layer_norm,
     "ReduceMean": _reduce("ReduceMean"), "ReduceSum": _reduce("ReduceSum"), "ReduceMax": _reduce("ReduceMax"),
     "ReduceMin": _reduce("ReduceMin"), "Gelu": _gelu, "LeakyRelu": _leaky_relu, "HardSigmoid": _hard_sigmoid,
-    "MatMul": _matmul, "Gemm": _gemm,
+    "MatMul": _matmul, "Gemm": _gemm, "DequantizeLinear": _dequantize, "GatherElements": _gather_elements,
+    "IsNaN": _simple(torch.isnan), "IsInf": _simple(torch.isinf),
 }
 # ops that move or pick values without computing new ones: a value on a quantization grid stays on it
-DATA_MOVEMENT = frozenset({"Identity", "Dropout", "Gather", "Unsqueeze", "Squeeze", "Reshape", "Transpose", "Slice",
-                           "Expand", "Split", "Flatten"})
+DATA_MOVEMENT = frozenset({"Identity", "Dropout", "Gather", "GatherElements", "Unsqueeze", "Squeeze", "Reshape",
+                           "Transpose", "Slice", "Expand", "Split", "Flatten"})
 
 
 # ops on shapes and indices, or that move values: they compute nothing a float kernel rounds
 SHAPE_OPS = DATA_MOVEMENT | {"Shape", "Concat", "Cast", "ConstantOfShape", "Range", "Where", "Equal", "Less",
                              "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Not", "Relu", "Max",
-                             "Min", "Abs", "Neg", "Floor", "Ceil", "Mod", "ReduceMax", "ReduceMin"}
+                             "Min", "Abs", "Neg", "Floor", "Ceil", "Mod", "ReduceMax", "ReduceMin", "IsNaN", "IsInf",
+                             "DequantizeLinear"}
+
+
+# float ops whose every result is IEEE-754's correctly rounded one, in onnxruntime as in torch (tested one node at
+# a time): the same bits whatever the kernel; the others (Erf, Softmax, LayerNormalization, a float MatMul, ...)
+# are approximations or sums whose order is the kernel's
+CORRECTLY_ROUNDED = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Reciprocal", "Sum"})
 
 
 def function(op_type: str, attrs: dict[str, Any], opset: int) -> Function | None:

@@ -86,8 +86,9 @@ class QLinearAdd(nn.Module):
         self.za, self.zb, self.zc = self.za + shift[0], self.zb + shift[1], self.zc + shift[2]
         signed = signed and shift[2] == 0
         f32 = np.float32
-        self.ra, self.rb = float(f32(self.sa) / f32(self.sc)), float(f32(self.sb) / f32(self.sc))
-        self.fixed = float(f32(self.zc) - (f32(self.ra) * f32(self.za) + f32(self.rb) * f32(self.zb)))
+        with np.errstate(all="ignore"):  # a degenerate (infinite) scale: the kernel's NaNs, as it computes them
+            self.ra, self.rb = float(f32(self.sa) / f32(self.sc)), float(f32(self.sb) / f32(self.sc))
+            self.fixed = float(f32(self.zc) - (f32(self.ra) * f32(self.za) + f32(self.rb) * f32(self.zb)))
         self.low, self.high = _code_range(signed)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -192,8 +193,8 @@ class OnnxFlatten(nn.Module):
         self.axis = axis
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.axis > 0:  # no arithmetic on sizes: a traced graph (late start) computes the same
-            return x.flatten(0, self.axis - 1).flatten(1)
+        if self.axis > 0:  # no arithmetic on sizes: a traced graph (late start) computes the same; the trailing
+            return x.unsqueeze(-1).flatten(0, self.axis - 1).flatten(1)  # 1 makes rank == axis give [N, 1]
         axis = self.axis % x.dim() if self.axis < 0 else self.axis
         return x.reshape(int(np.prod(x.shape[:axis])), -1)
 
@@ -227,7 +228,11 @@ class Constant(nn.Module):
     def __init__(self, value: np.ndarray) -> None:
         super().__init__()
         array = np.array(value)  # floats as float32 (the runtime's), integers and booleans as they are (shapes)
-        self.register_buffer("value", torch.from_numpy(array.astype(np.float32) if array.dtype.kind == "f" else array))
+        if array.dtype.kind == "f":  # a parameter of the model (a LayerNorm's weight, a position embedding): the
+            # coverage lists it among the parameters faults do not reach, as it does a torch model's
+            self.value = nn.Parameter(torch.from_numpy(array.astype(np.float32)), requires_grad=False)
+        else:
+            self.register_buffer("value", torch.from_numpy(array))
 
     def forward(self) -> torch.Tensor:
         value = self.value
@@ -300,6 +305,14 @@ class _Weight:
             shape[self.axis] = -1
         scale, zero = self.scale.reshape(shape), self.zero_point.reshape(shape)
         return ((self.codes.astype(np.int64) - zero) * scale.astype(np.float32)).astype(np.float32)
+
+
+@dataclass
+class _Named:
+    """What `_module_name` reads of a node, for a module named after something else (an initializer)."""
+
+    name: str
+    op_type: str
 
 
 def _attrs(node: Any) -> dict[str, Any]:
@@ -377,6 +390,7 @@ class _Builder:
         # dynamic quantization: each DynamicQuantizeLinear's codes -> (its scale, its zero point); a Mul of such a
         # scale and a weight scale -> (the input scale, the weight scales)
         self.dynamic: dict[str, tuple[str, str]] = {}
+        self.degenerate: set[str] = set()  # quantize nodes with a zero, infinite or NaN scale (noted once)
         self.float_nodes: list[Any] = []  # nodes the view computes in float (or on shapes)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
         self.scale_products: dict[str, tuple[str, np.ndarray]] = {}
@@ -398,9 +412,9 @@ class _Builder:
     def value(self, name: str, node: Any) -> fx.Node:
         if name in self.values:
             return self.values[name]
-        if name in self.consts:
+        if name in self.consts:  # named after the initializer (the coverage lists float ones as parameters)
             const = Constant(self.consts[name])
-            self.values[name] = self.add_module(const, node, 0, ())
+            self.values[name] = self.add_module(const, _Named(name, "Constant"), 0, ())
             return self.values[name]
         raise self.error(node, f"input {name!r} is not an activation this reader can compute")
 
@@ -419,7 +433,13 @@ class _Builder:
             raise self.error(node, "activations must be quantized per tensor")
         if zero.dtype not in (np.int8, np.uint8):
             raise self.error(node, f"activation codes of type {zero.dtype} are not supported (int8/uint8 only)")
-        return _Grid(float(scale.reshape(())), int(zero.reshape(())), zero.dtype == np.int8)
+        value = float(scale.reshape(()))
+        if not 0.0 < value < float("inf") and node.name not in self.degenerate:
+            self.degenerate.add(node.name)  # the view computes what the runtime does with it: say what that is
+            self.notes.append(f"node {node.name!r} ({node.op_type}) quantizes with scale {value!r}: its codes carry "
+                              "no information (a calibration range with an infinite value, such as an attention "
+                              "mask's float32 minimum; exclude the node from quantization)")
+        return _Grid(value, int(zero.reshape(())), zero.dtype == np.int8)
 
     def fused(self, node: Any, kernel: str) -> bool:
         if self.kernels is None or not node.name:
@@ -545,7 +565,10 @@ class _Builder:
             self.consts[node.output[0]] = weight.values()
             return
         if source not in self.grids:
-            raise self.error(node, f"dequantizes {source!r}, which no QuantizeLinear produced")
+            # codes picked from a quantized constant (a dynamically quantized embedding table, Gather'ed): ONNX's
+            # float((q - zero point)) x scale, a float op outside the fault sites
+            self.float_op(node, index)
+            return
         self.set_quantized(node.output[0], self.value(source, node), self.grids[source])
 
     def keep_grid(self, node: Any, out: fx.Node) -> None:
@@ -879,8 +902,9 @@ class _Builder:
 
 
 def _float_valued(model: Any, nodes: list[Any]) -> list[Any]:
-    """The nodes among `nodes` that compute float values a float kernel rounds (not shapes, indices or moves), by
-    ONNX's type inference (a node whose type it cannot infer counts as float)."""
+    """The nodes among `nodes` that compute float values onnxruntime's kernel may round otherwise than torch's (not
+    shapes, indices, moves or correctly rounded arithmetic), by ONNX's type inference (a node whose type it cannot
+    infer counts as float)."""
     import onnx
 
     try:
@@ -889,7 +913,8 @@ def _float_valued(model: Any, nodes: list[Any]) -> list[Any]:
     except Exception:  # noqa: BLE001 - inference is a nicety here: every node then counts
         types = {}
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
-    return [n for n in nodes if n.op_type not in onnx_float.SHAPE_OPS and types.get(n.output[0], 1) in floats]
+    skip = onnx_float.SHAPE_OPS | onnx_float.CORRECTLY_ROUNDED
+    return [n for n in nodes if n.op_type not in skip and types.get(n.output[0], 1) in floats]
 
 
 def load(model: Any) -> Any:

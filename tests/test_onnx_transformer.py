@@ -273,3 +273,92 @@ def test_shape_arithmetic_and_dynamic_reshape_are_onnxruntimes() -> None:
                                 value=onnx.numpy_helper.from_array(np.array([1.5], dtype=np.float32))))
     _same(*_against_onnxruntime("Range", [np.array(1, dtype=np.int64), np.array(9, dtype=np.int64),
                                           np.array(3, dtype=np.int64)]))
+    _same(*_against_onnxruntime("Flatten", [x[:, 0, 0]], axis=1))  # rank == axis: [N, 1]
+    from pytest_hwfault.onnx_reader import OnnxFlatten  # the reader's own (traceable) Flatten, likewise
+
+    assert OnnxFlatten(1)(torch.from_numpy(x[:, 0, 0])).shape == (2, 1)
+    assert OnnxFlatten(2)(torch.from_numpy(x)).shape == (6, 4)
+    _same(*_against_onnxruntime("GatherElements", [x, np.array([[[0], [-1], [2]]] * 2, dtype=np.int64)], axis=2))
+    _same(*_against_onnxruntime("IsNaN", [np.array([0.0, np.nan, -np.inf], dtype=np.float32)]))
+    # codes picked from a quantized table, then dequantized (a dynamically quantized embedding)
+    codes = np.random.default_rng(4).integers(0, 256, (5, 7)).astype(np.uint8)
+    _same(*_against_onnxruntime("DequantizeLinear", [codes, np.array(0.037, dtype=np.float32),
+                                                     np.array(131, dtype=np.uint8)], constants=(1, 2)))
+
+
+# -- a Hugging Face BERT exported to ONNX --------------------------------------------------------------------------
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=mask).logits
+
+
+def test_a_hugging_face_bert_exported_to_onnx_is_read_dynamic_and_static(tmp_path: pathlib.Path) -> None:
+    """A tiny random-init BertForSequenceClassification (token ids and an attention mask in) exported by torch's
+    exporter: its mask arithmetic (Where, Equal, Expand, ConstantOfShape, IsNaN), the dynamically quantized
+    embedding table (Gather of codes, then DequantizeLinear), the pooler's Tanh. quantize_dynamic: 14 dynamic
+    layers, onnxruntime's predictions one input at a time, LayerNorm parameters listed by name as unfaulted.
+    quantize_static: its attention-mask add quantized with an infinite scale is named in the notes."""
+    transformers = pytest.importorskip("transformers")
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    from pytest_hwfault.data import Inputs
+
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=3)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _Logits(transformers.BertForSequenceClassification(config)).eval()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (32, 12), generator=generator)
+    mask = torch.ones(32, 12, dtype=torch.long)
+    mask[::3, 7:] = 0
+    float_path = tmp_path / "bert.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (ids[:2], mask[:2]), str(float_path), dynamo=False, input_names=["ids", "mask"],
+                          output_names=["logits"], opset_version=17,
+                          dynamic_axes={"ids": {0: "n"}, "mask": {0: "n"}, "logits": {0: "n"}})
+        quantize_dynamic(str(float_path), str(tmp_path / "dynamic.onnx"), weight_type=QuantType.QInt8)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.batches = iter([{"ids": ids.numpy(), "mask": mask.numpy()}])
+
+            def get_next(self) -> dict | None:
+                return next(self.batches, None)
+
+        quantize_static(str(float_path), str(tmp_path / "static.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    inputs = Inputs((ids, mask))
+    session = ort.InferenceSession(str(tmp_path / "dynamic.onnx"), providers=["CPUExecutionProvider"])
+    theirs = torch.cat([torch.from_numpy(session.run(None, {"ids": ids[i:i + 1].numpy(),
+                                                            "mask": mask[i:i + 1].numpy()})[0]) for i in range(32)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployedMismatchWarning)
+        qmodel = quantize(tmp_path / "dynamic.onnx", inputs)
+    assert len(qmodel.layers) == 14 and all(layer.raw_output for layer in qmodel.layers.values())
+    ours = torch.cat([qmodel(inputs[i:i + 1]) for i in range(32)])
+    assert torch.equal(ours.argmax(1), theirs.argmax(1))
+    coverage = measure_coverage(qmodel, inputs[:2]).to_dict()
+    assert coverage["weights"] == 1.0 and 0.85 < coverage["macs"] < 1.0
+    unfaulted = {row["parameter"] for row in coverage["unfaulted"]}
+    assert "model_bert_embeddings_LayerNorm_weight.value" in unfaulted
+    assert accuracy(qmodel, (inputs, theirs.argmax(1)), FaultModel("weight", 1e-3), seed=1) <= 1.0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployedMismatchWarning)
+        static = quantize(tmp_path / "static.onnx", inputs)
+    notes = " | ".join(static.config["deployed_notes"])
+    assert notes.startswith("checked against onnxruntime on 32 calibration images")
+    assert "attention/self/Add_output_0_QuantizeLinear' (QuantizeLinear) quantizes with scale inf" in notes
+    assert len(static.layers) == 14
