@@ -300,6 +300,9 @@ def measure_coverage(qmodel: QuantizedModel, inputs: Any) -> Coverage:
         user_name = name[len("model."):] if name.startswith("model.") else ("" if name == "model" else name)
         entry: dict[str, Any] = {"module": user_name, "ops": sorted(ops), "share": sum(ops.values()) / total}
         why = reasons.get(user_name, []) + [_OP_REASONS[op] for op in ops if op in _OP_REASONS]
+        told = getattr(modules.get(name), "uncovered_reason", None)  # a reader's module says what it is
+        if isinstance(told, str):
+            why.append(told)
         if why:
             entry["why"] = sorted(set(why))
         uncovered.append(entry)

@@ -86,16 +86,22 @@ def _shape(attrs: dict[str, Any], opset: int) -> Function:
     return shape
 
 
-def _gather(attrs: dict[str, Any], opset: int) -> Function:
-    axis = int(attrs.get("axis", 0))
+def _gather(elements: bool) -> Callable[[dict[str, Any], int], Function]:
+    """Gather (whole slices at the indices) or GatherElements (one value per index): ONNX counts negative indices
+    from the end."""
+    def make(attrs: dict[str, Any], opset: int) -> Function:
+        axis = int(attrs.get("axis", 0))
 
-    def gather(data: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        dim = axis % data.dim()
-        index = indices.long()
-        index = torch.where(index < 0, index + data.shape[dim], index)
-        picked = torch.index_select(data, dim, index.reshape(-1))
-        return picked.reshape((*data.shape[:dim], *indices.shape, *data.shape[dim + 1:]))
-    return gather
+        def gather(data: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+            dim = axis % data.dim()
+            index = indices.long()
+            index = torch.where(index < 0, index + data.shape[dim], index)
+            if elements:
+                return torch.gather(data, dim, index)
+            picked = torch.index_select(data, dim, index.reshape(-1))
+            return picked.reshape((*data.shape[:dim], *indices.shape, *data.shape[dim + 1:]))
+        return gather
+    return make
 
 
 def _unsqueeze(attrs: dict[str, Any], opset: int) -> Function:
@@ -334,16 +340,6 @@ def _dequantize(attrs: dict[str, Any], opset: int) -> Function:
     return dequantize
 
 
-def _gather_elements(attrs: dict[str, Any], opset: int) -> Function:
-    axis = int(attrs.get("axis", 0))
-
-    def gather_elements(data: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        dim = axis % data.dim()
-        index = indices.long()
-        return torch.gather(data, dim, torch.where(index < 0, index + data.shape[dim], index))
-    return gather_elements
-
-
 def _simple(function: Function) -> Callable[[dict[str, Any], int], Function]:
     return lambda attrs, opset: function
 
@@ -353,13 +349,14 @@ OPS: dict[str, Callable[[dict[str, Any], int], Function]] = {
     "Mod": lambda attrs, opset: _mod(int(attrs.get("fmod", 0))),
     "Max": _simple(_variadic(torch.maximum)), "Min": _simple(_variadic(torch.minimum)),
     "Sum": _simple(_variadic(torch.add)),
-    "Shape": _shape, "Gather": _gather, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Reshape": _reshape,
+    "Shape": _shape, "Gather": _gather(elements=False), "Unsqueeze": _unsqueeze, "Squeeze": _squeeze,
+    "Reshape": _reshape,
     "Transpose": _transpose, "Slice": _slice, "Expand": _expand, "Split": _split, "Flatten": _flatten,
     "Concat": _concat, "Cast": _cast, "ConstantOfShape": _constant_of_shape, "Range": _range, "Where": _where,
     "Softmax": _softmax(log=False), "LogSoftmax": _softmax(log=True), "LayerNormalization": _layer_norm,
     "ReduceMean": _reduce("ReduceMean"), "ReduceSum": _reduce("ReduceSum"), "ReduceMax": _reduce("ReduceMax"),
     "ReduceMin": _reduce("ReduceMin"), "Gelu": _gelu, "LeakyRelu": _leaky_relu, "HardSigmoid": _hard_sigmoid,
-    "MatMul": _matmul, "Gemm": _gemm, "DequantizeLinear": _dequantize, "GatherElements": _gather_elements,
+    "MatMul": _matmul, "Gemm": _gemm, "DequantizeLinear": _dequantize, "GatherElements": _gather(elements=True),
     "IsNaN": _simple(torch.isnan), "IsInf": _simple(torch.isinf),
 }
 # ops that move or pick values without computing new ones: a value on a quantization grid stays on it
@@ -392,6 +389,8 @@ class OnnxOp(nn.Module):
     def __init__(self, op_type: str, fn: Function, optional: Sequence[bool]) -> None:
         super().__init__()
         self.op_type, self.fn = op_type, fn
+        # what the coverage says of the MACs this node holds (a float MatMul or Gemm of the graph)
+        self.uncovered_reason = f"a float {op_type} of the ONNX graph (onnxruntime runs it in float too)"
         self.optional = tuple(optional)  # inputs the node leaves out (empty names): passed as None
 
     def forward(self, *xs: Any) -> Any:

@@ -106,11 +106,19 @@ class QLinearMatMul(nn.Module):
     rounded half to even, plus the zero point, saturated (MLAS's requantization). Outside the fault sites: its
     MACs are counted as unfaulted."""
 
-    def __init__(self, a: tuple[float, int], b: tuple[float, int], y: tuple[float, int], signed: bool) -> None:
+    uncovered_reason = ("onnxruntime's integer QLinearMatMul of two activations, computed exactly outside the fault "
+                        "sites")
+
+    def __init__(self, a: tuple[float, int], b: tuple[float, int], y: tuple[float, int], signed: bool,
+                 relu: bool = False) -> None:
+        """`relu`: a ReLU between the product and its QuantizeLinear: the codes clamp at the zero point (what a
+        float ReLU of the dequantized codes, re-gridded, gives too)."""
         super().__init__()
         (self.sa, self.za), (self.sb, self.zb), (self.sy, self.zy) = a, b, y
         self.multiplier = float(float32_multiplier(self.sa, torch.tensor([self.sb]), self.sy)[0])
         self.low, self.high = _code_range(signed)
+        if relu:
+            self.low = max(self.low, self.zy)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         qa = _codes(a, self.sa, self.za).sub_(self.za).double()
@@ -200,12 +208,15 @@ class OnnxFlatten(nn.Module):
 
 
 class OnnxReshape(nn.Module):
-    def __init__(self, shape: list[int]) -> None:
+    """Reshape to a constant shape: a 0 copies the input's size there, unless `allow_zero` (then it is a size of 0,
+    as torch's dynamo exporter writes every Reshape)."""
+
+    def __init__(self, shape: list[int], allow_zero: bool = False) -> None:
         super().__init__()
-        self.shape = shape
+        self.shape, self.allow_zero = shape, allow_zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape([x.shape[i] if s == 0 else s for i, s in enumerate(self.shape)])
+        return x.reshape([x.shape[i] if s == 0 and not self.allow_zero else s for i, s in enumerate(self.shape)])
 
 
 class Concat(nn.Module):
@@ -608,9 +619,8 @@ class _Builder:
             self.float_op(node, index)
             return
         shape = [int(s) for s in self.const(node.input[1], node).reshape(-1)]
-        if _attrs(node).get("allowzero", 0):
-            raise self.error(node, "allowzero=1 is not supported")
-        self.keep_grid(node, self.add_module(OnnxReshape(shape), node, index, (self.value(node.input[0], node),)))
+        reshape = OnnxReshape(shape, bool(_attrs(node).get("allowzero", 0)))
+        self.keep_grid(node, self.add_module(reshape, node, index, (self.value(node.input[0], node),)))
 
     def op_Clip(self, node: Any, index: int) -> None:
         a = _attrs(node)
@@ -806,14 +816,14 @@ class _Builder:
         if node.input[1] not in self.consts or node.input[0] in self.consts or self.consts[node.input[1]].ndim != 2:
             target = self.output_grid(node.output[0])
             a_grid, b_grid = self.grids.get(node.input[0]), self.grids.get(node.input[1])
-            if self.exact and target is not None and not target[2] and a_grid is not None and b_grid is not None \
+            if self.exact and target is not None and a_grid is not None and b_grid is not None \
                     and self.fused(node, "QLinearMatMul") and node.input[0] not in self.consts \
                     and node.input[1] not in self.consts:
                 # int8 codes the kernel runs as uint8 (code and zero point + 128): the same code - zero point
                 # products, the same output code
-                grid, taken, _ = target
+                grid, taken, relu = target
                 matmul = QLinearMatMul((a_grid.scale, a_grid.zero_point), (b_grid.scale, b_grid.zero_point),
-                                       (grid.scale, grid.zero_point), grid.signed)
+                                       (grid.scale, grid.zero_point), grid.signed, relu)
                 args = (self.value(node.input[0], node), self.value(node.input[1], node))
                 self.skip.update(id(n) for n in taken)
                 self.set_quantized(taken[-1].output[0], self.add_module(matmul, node, index, args), grid)

@@ -226,13 +226,23 @@ def encoder_inputs(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
 
 
-def export_encoder(model: nn.Module, folder: pathlib.Path, name: str) -> pathlib.Path:
+def export_encoder(model: nn.Module, folder: pathlib.Path, name: str, dynamo: bool = False) -> pathlib.Path:
+    """`model` exported to ONNX by torch's TorchScript exporter (opset 17), or with `dynamo` by its default one
+    (torch.export, onnxscript: opset 20, every Reshape with allowzero=1)."""
     path = folder / f"{name}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (encoder_inputs(2, 0),), str(path), dynamo=False, input_names=["x"],
-                          output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
-                          opset_version=17)
+        if dynamo:
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+                torch.onnx.export(model.eval(), (encoder_inputs(2, 0),), str(path), dynamo=True, input_names=["x"],
+                                  output_names=["logits"], dynamic_shapes={"x": {0: torch.export.Dim("n")}})
+        else:
+            torch.onnx.export(model.eval(), (encoder_inputs(2, 0),), str(path), dynamo=False, input_names=["x"],
+                              output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+                              opset_version=17)
     return path
 
 

@@ -64,6 +64,7 @@ def test_a_transformer_of_kernels_the_reader_knows_is_onnxruntimes_bit_for_bit(e
     assert 0.9 < coverage.macs < 1.0
     assert sorted(entry["module"] for entry in coverage.to_dict()["uncovered"]) == [
         "blocks_blocks_0_MatMul", "blocks_blocks_0_MatMul_1", "blocks_blocks_1_MatMul", "blocks_blocks_1_MatMul_1"]
+    assert "integer QLinearMatMul of two activations" in coverage.describe()
     labels = ours.argmax(1)
     for site in ("act", "weight", "acc", "input"):
         assert 0.0 <= accuracy(qmodel, (x, labels), FaultModel(site, 1e-3), seed=1) < 1.0, site
@@ -107,6 +108,29 @@ def test_a_dynamic_transformer_runs_at_the_sites_it_has(encoders) -> None:  # no
         assert accuracy(qmodel, (x, labels), FaultModel(site, 1e-3), seed=1) <= 1.0, site
     with pytest.raises(SiteUnreachableError, match="site 'act' has nothing to fault"):
         accuracy(qmodel, (x, labels), FaultModel("act", 1e-3), seed=1)
+
+
+def test_torchs_default_exporter_is_read_too(tmp_path: pathlib.Path) -> None:
+    """torch.onnx.export's default (dynamo) exporter writes opset 20 graphs (axes as inputs, every Reshape with
+    allowzero=1, constant shapes): static and dynamic quantizations read, the ops rounded otherwise named."""
+    pytest.importorskip("onnxscript")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        plain = Encoder(plain=True)
+    path = export_encoder(plain, tmp_path, "plain", dynamo=True)
+    assert any(a.name == "allowzero" and a.i == 1 for n in onnx.load(str(path)).graph.node if n.op_type == "Reshape"
+               for a in n.attribute)
+    x = encoder_inputs(64, seed=6)
+    for quantized, each in ((encoder_static(path), False), (encoder_dynamic(path), True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeployedMismatchWarning)  # onnxruntime's ReduceMean sums otherwise
+            qmodel = quantize(quantized, x)
+        assert len(qmodel.layers) == 14
+        assert any("ReduceMean x1" in note for note in qmodel.config["deployed_notes"])
+        ours = torch.cat([qmodel(x[i:i + 1]) for i in range(len(x))]) if each else qmodel(x)
+        theirs = run_onnxruntime(quantized, x, each)
+        assert torch.equal(ours.argmax(1), theirs.argmax(1))
+        assert float((ours - theirs).abs().max()) < 0.05 * float(theirs.abs().max())
 
 
 def test_a_seq_first_attention_export_is_refused_with_the_reason(tmp_path: pathlib.Path) -> None:
@@ -351,6 +375,8 @@ def test_a_hugging_face_bert_exported_to_onnx_is_read_dynamic_and_static(tmp_pat
     assert torch.equal(ours.argmax(1), theirs.argmax(1))
     coverage = measure_coverage(qmodel, inputs[:2]).to_dict()
     assert coverage["weights"] == 1.0 and 0.85 < coverage["macs"] < 1.0
+    assert all(row["why"] == ["a float MatMul of the ONNX graph (onnxruntime runs it in float too)"]
+               for row in coverage["uncovered"])
     unfaulted = {row["parameter"] for row in coverage["unfaulted"]}
     assert "model_bert_embeddings_LayerNorm_weight.value" in unfaulted
     assert accuracy(qmodel, (inputs, theirs.argmax(1)), FaultModel("weight", 1e-3), seed=1) <= 1.0
@@ -362,3 +388,42 @@ def test_a_hugging_face_bert_exported_to_onnx_is_read_dynamic_and_static(tmp_pat
     assert notes.startswith("checked against onnxruntime on 32 calibration images")
     assert "attention/self/Add_output_0_QuantizeLinear' (QuantizeLinear) quantizes with scale inf" in notes
     assert len(static.layers) == 14
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
+def test_qlinear_matmul_of_two_activations_is_onnxruntimes(relu: bool, signed: bool) -> None:
+    """The reader's QLinearMatMul against onnxruntime fusing DequantizeLinear x2 -> MatMul (-> Relu) ->
+    QuantizeLinear on random codes of batched [N, heads, tokens, d] operands."""
+    from onnx import helper, numpy_helper
+
+    from pytest_hwfault.onnx_reader import QLinearMatMul
+
+    rng = np.random.default_rng(5)
+    dtype, low, high = (np.int8, -128, 128) if signed else (np.uint8, 0, 256)
+    a = rng.integers(low, high, (16, 4, 8, 8)).astype(dtype)
+    b = rng.integers(low, high, (16, 4, 8, 8)).astype(dtype)
+    grids = {"a": (0.021, 3), "b": (0.017, -5 if signed else 140), "y": (0.9, 7 if signed else 120)}
+    inits = [numpy_helper.from_array(np.array(scale, dtype=np.float32), f"s{name}") for name, (scale, _) in
+             grids.items()] + [numpy_helper.from_array(np.array(zero, dtype=dtype), f"z{name}")
+                               for name, (_, zero) in grids.items()]
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["fa"]),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["fb"]),
+             helper.make_node("MatMul", ["fa", "fb"], ["p"])]
+    if relu:
+        nodes.append(helper.make_node("Relu", ["p"], ["r"]))
+    nodes += [helper.make_node("QuantizeLinear", ["r" if relu else "p", "sy", "zy"], ["q"]),
+              helper.make_node("DequantizeLinear", ["q", "sy", "zy"], ["y"])]
+    element = onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, element, a.shape) for n in ("a", "b")],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    theirs = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"a": a, "b": b})[0]
+    matmul = QLinearMatMul(grids["a"], grids["b"], grids["y"], signed, relu)
+
+    def values(codes: np.ndarray, grid: tuple[float, int]) -> torch.Tensor:
+        return torch.from_numpy((codes.astype(np.int32) - grid[1]).astype(np.float32) * np.float32(grid[0]))
+
+    ours = matmul(values(a, grids["a"]), values(b, grids["b"])).numpy()
+    assert np.array_equal(ours, theirs)
