@@ -16,6 +16,9 @@ reproduces each kernel's arithmetic (read in onnxruntime's MLAS sources and meas
   fixed = float32(zC) - (rA zA + rB zB), the output code is saturate(round_half_even(fma(qA, rA, fma(qB, rB,
   fixed)))) on the stored codes qA, qB (`QLinearAdd`); an Add left in float is a float add re-gridded by its
   QuantizeLinear (`deployed.Requantize`);
+- the kernels of a static transformer (`QLinearMatMul` of two activations, `QLinearMul`, `QLinearSoftmax`, and
+  QLinearAdd with a quantized constant operand), each as its class says; the float and shape ops between them run
+  as torch computes them (`onnx_float`), named in the notes where onnxruntime's kernel rounds otherwise;
 - QLinearGlobalAveragePool: the int32 sum of (code - zero point) over the image, times float32(s_in / (s_out x
   float32(N))) in float32, rounded half to even, plus the output zero point, saturated (`QLinearGlobalAvgPool`);
 - QLinearAveragePool: the float32 sum, in window order, of the dequantized values, divided by the element count,
@@ -32,6 +35,7 @@ the model's own zero points.
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import re
@@ -129,6 +133,72 @@ class QLinearMatMul(nn.Module):
 
     def extra_repr(self) -> str:
         return f"a=({self.sa!r}, {self.za}), b=({self.sb!r}, {self.zb}), out=({self.sy!r}, {self.zy})"
+
+
+class QLinearMul(nn.Module):
+    """onnxruntime's QLinearMul (a QDQ Mul it fuses, e.g. GELU's products): float32((a - za) x (b - zb)) times
+    float32(float32(sa x sb) / sc), rounded half to even, plus the zero point, saturated."""
+
+    def __init__(self, a: tuple[float, int], b: tuple[float, int], c: tuple[float, int], signed: bool) -> None:
+        super().__init__()
+        (self.sa, self.za), (self.sb, self.zb), (self.sc, self.zc) = a, b, c
+        f32 = np.float32
+        self.ratio = float(f32(f32(self.sa) * f32(self.sb)) / f32(self.sc))
+        self.low, self.high = _code_range(signed)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        qa = _codes(a, self.sa, self.za).sub_(self.za)
+        qb = _codes(b, self.sb, self.zb).sub_(self.zb)
+        out = torch.mul(qa, qb).mul_(torch.tensor(self.ratio, dtype=torch.float32)).round_().add_(self.zc)
+        return _values(out.clamp_(self.low, self.high), self.sc, self.zc)
+
+    def extra_repr(self) -> str:
+        return f"a=({self.sa!r}, {self.za}), b=({self.sb!r}, {self.zb}), out=({self.sc!r}, {self.zc})"
+
+
+class QLinearSoftmax(nn.Module):
+    """onnxruntime's QLinearSoftmax (a QDQ Softmax it fuses; its com.microsoft kernel): a table of
+    float32(exp((i - 255 + shift) x x_scale)) computed in double for the 256 code offsets i, with shift =
+    max(0, log(float32(FLT_MAX / D)) - 5) / x_scale (D: the reduced size); each row's codes index it as
+    code - row max + 255; the row's entries summed in float32 in order; out = round_half_even(float32(entry x
+    floor(1 / y_scale)) / sum) + zero point, at most 255 (uint8) or 127 (int8)."""
+
+    def __init__(self, x_scale: float, y: tuple[float, int], signed: bool, axis: int, opset: int) -> None:
+        super().__init__()
+        self.x_scale, (self.sy, self.zy), self.signed, self.axis, self.opset = x_scale, y, signed, axis, opset
+        f32 = np.float32
+        self.y_factor = float(np.floor(f32(1.0) / f32(self.sy)))
+        self.high = 127 if signed else 255
+        self._tables: dict[int, torch.Tensor] = {}
+
+    def table(self, reduced: int) -> torch.Tensor:
+        found = self._tables.get(reduced)
+        if found is None:
+            scale = float(np.float32(self.x_scale))
+            shift = max(0.0, math.log(float(np.float32(np.finfo(np.float32).max) / np.float32(reduced))) - 5) / scale
+            found = torch.tensor([math.exp((i - 255 + shift) * scale) for i in range(256)], dtype=torch.float64).float()
+            self._tables[reduced] = found
+        return found
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = torch.div(x, torch.tensor(self.x_scale, dtype=torch.float32)).round_()  # code - zero point
+        # values on a degenerate grid (an infinite scale, named in the notes) hold no codes: any in-range index
+        codes = torch.nan_to_num(codes, nan=0.0).clamp_(-255, 255)
+        shape = codes.shape
+        axis = self.axis % codes.dim()
+        rows = codes.movedim(axis, -1) if self.opset >= 13 else codes.reshape(*shape[:axis], -1)
+        reduced = rows.shape[-1]
+        entries = self.table(reduced)[(rows - rows.amax(-1, keepdim=True) + 255).long()]
+        total = torch.zeros(entries.shape[:-1], dtype=torch.float32)
+        for j in range(reduced):  # in order, each step rounded to float32, as the kernel sums
+            total = total + entries[..., j]
+        out = torch.mul(entries, torch.tensor(self.y_factor, dtype=torch.float32)).div_(total.unsqueeze(-1))
+        out = out.round_().add_(self.zy).clamp_(max=self.high)
+        out = out.movedim(-1, axis) if self.opset >= 13 else out.reshape(shape)
+        return _values(out, self.sy, self.zy)
+
+    def extra_repr(self) -> str:
+        return f"x_scale={self.x_scale!r}, out=({self.sy!r}, {self.zy}), axis={self.axis}"
 
 
 class QLinearGlobalAvgPool(nn.Module):
@@ -642,12 +712,7 @@ class _Builder:
             self.float_op(node, index)
             return
         target = self.output_grid(node.output[0])
-        for name in (a_name, b_name):  # a quantized constant operand (a bias added after a MatMul): its grid
-            weight = self.weights.get(name)
-            if weight is not None and weight.scale.size == 1 and weight.codes.dtype in (np.int8, np.uint8) and \
-                    name not in self.grids:
-                self.grids[name] = _Grid(float(weight.scale.reshape(())), int(weight.zero_point.reshape(())),
-                                         weight.codes.dtype == np.int8)
+        self.constant_grids(a_name, b_name)  # a quantized constant operand (a bias added after a MatMul)
         a, b = self.value(a_name, node), self.value(b_name, node)
         if (self.exact and target is not None and a_name in self.grids and b_name in self.grids
                 and self.fused(node, "QLinearAdd")):
@@ -718,6 +783,16 @@ class _Builder:
         for i, out in enumerate(node.output):
             self.values[out] = self.fx.call_function(operator.getitem, (quantized, i))
 
+    def constant_grids(self, *names: str) -> None:
+        """Give each quantized constant among `names` (a DequantizeLinear of per-tensor 8-bit codes) its grid, so
+        that a QLinear kernel taking it as an operand is read as one."""
+        for name in names:
+            weight = self.weights.get(name)
+            if weight is not None and weight.scale.size == 1 and weight.codes.dtype in (np.int8, np.uint8) and \
+                    name not in self.grids:
+                self.grids[name] = _Grid(float(weight.scale.reshape(())), int(weight.zero_point.reshape(())),
+                                         weight.codes.dtype == np.int8)
+
     def op_Mul(self, node: Any, index: int) -> None:
         scales = {scale for scale, _ in self.dynamic.values()}
         a, b = node.input[0], node.input[1]
@@ -725,6 +800,34 @@ class _Builder:
             scale, weight = (a, b) if a in scales else (b, a)
             self.scale_products[node.output[0]] = (scale, self.consts[weight])
             return  # read by the MatMulInteger chain that uses it
+        self.constant_grids(a, b)
+        target = self.output_grid(node.output[0])
+        if self.exact and target is not None and not target[2] and a in self.grids and b in self.grids \
+                and not (a in self.consts and b in self.consts) and self.fused(node, "QLinearMul"):
+            grid, taken, _ = target
+            ga, gb = self.grids[a], self.grids[b]
+            if ga.signed == gb.signed == grid.signed:
+                mul = QLinearMul((ga.scale, ga.zero_point), (gb.scale, gb.zero_point), (grid.scale, grid.zero_point),
+                                 grid.signed)
+                self.skip.update(id(n) for n in taken)
+                args = (self.value(a, node), self.value(b, node))
+                self.set_quantized(taken[-1].output[0], self.add_module(mul, node, index, args), grid)
+                return
+        self.float_op(node, index)
+
+    def op_Softmax(self, node: Any, index: int) -> None:
+        source = node.input[0]
+        target = self.output_grid(node.output[0])
+        known = self.grids.get(source)
+        if self.exact and target is not None and not target[2] and known is not None \
+                and known.signed == target[0].signed and self.fused(node, "QLinearSoftmax"):
+            grid, taken, _ = target
+            axis = int(_attrs(node).get("axis", -1 if self.opset >= 13 else 1))
+            softmax = QLinearSoftmax(known.scale, (grid.scale, grid.zero_point), grid.signed, axis, self.opset)
+            self.skip.update(id(n) for n in taken)
+            self.set_quantized(taken[-1].output[0], self.add_module(softmax, node, index,
+                                                                    (self.value(source, node),)), grid)
+            return
         self.float_op(node, index)
 
     def op_MatMulInteger(self, node: Any, index: int) -> None:
