@@ -51,6 +51,7 @@ from torch import fx, nn
 from . import onnx_float
 from .deployed import BiasMode, Deployed, DeployedFormatError, DeployedLayer, Requantize, float32_multiplier
 
+CONVOLUTIONS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}  # by spatial dims
 # onnxruntime's integer kernels for a conv/gemm/matmul group (anything else it runs is a float op)
 INTEGER_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
                    "DynamicQuantizeMatMul")
@@ -287,6 +288,13 @@ class OnnxReshape(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape([x.shape[i] if s == 0 and not self.allow_zero else s for i, s in enumerate(self.shape)])
+
+
+class GlobalMean(nn.Module):
+    """A float GlobalAveragePool: the mean over every dim after the channels (1-d, 2-d or 3-d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
 class Concat(nn.Module):
@@ -744,7 +752,7 @@ class _Builder:
             self.skip.update(id(n) for n in taken)
             self.set_quantized(taken[-1].output[0], self.add_module(pool, node, index, (x,)), grid)
             return
-        self.values[node.output[0]] = self.add_module(nn.AdaptiveAvgPool2d(1), node, index, (x,))
+        self.values[node.output[0]] = self.add_module(GlobalMean(), node, index, (x,))
 
     def op_AveragePool(self, node: Any, index: int) -> None:
         a = _attrs(node)
@@ -888,14 +896,16 @@ class _Builder:
         a = _attrs(node)
         weight = self.weights.get(node.input[1])
         w = weight.values() if weight is not None else self.const(node.input[1], node)
-        if w.ndim != 4 or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            raise self.error(node, "only 2-d convolutions with explicit pads are supported")
-        pads = list(a.get("pads", [0, 0, 0, 0]))
-        if pads[:2] != pads[2:]:
+        dims = w.ndim - 2
+        if dims not in CONVOLUTIONS or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise self.error(node, "only 1-d, 2-d and 3-d convolutions with explicit pads are supported")
+        pads = list(a.get("pads", [0] * 2 * dims))
+        if pads[:dims] != pads[dims:]:
             raise self.error(node, f"asymmetric pads {pads} are not supported")
         groups = int(a.get("group", 1))
-        conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), tuple(a.get("strides", [1, 1])),
-                         tuple(pads[:2]), tuple(a.get("dilations", [1, 1])), groups, bias=True)
+        conv = CONVOLUTIONS[dims](w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]),
+                                  tuple(a.get("strides", [1] * dims)), tuple(pads[:dims]),
+                                  tuple(a.get("dilations", [1] * dims)), groups, bias=True)
         self.mac(node, index, conv, weight, w, channel_axis=0)
 
     def op_Gemm(self, node: Any, index: int) -> None:
@@ -947,7 +957,7 @@ class _Builder:
         bias = None
         if len(node.input) > 2 and node.input[2]:
             bias = self.const(node.input[2], node).astype(np.float32).reshape(-1)
-        assert isinstance(module, (nn.Conv2d, nn.Linear))
+        assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
         with torch.no_grad():
             module.weight.copy_(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))
             assert module.bias is not None

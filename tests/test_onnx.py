@@ -416,3 +416,65 @@ def test_dynamic_trials_resume_late_with_the_same_numbers(tmp_path, site) -> Non
     late = Campaign(qmodel, x, labels, spec, "t", batch_size=8)
     assert late.late_start() is not None
     assert [late.trial(i) for i in range(4)] == expected
+
+
+# -- 1-d and 3-d convolutions ----------------------------------------------------------------------------------------
+class Signal(torch.nn.Module):
+    """A 1-d convolutional model of a 64-sample signal: padding, stride, dilation, groups, a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = torch.nn.Conv1d(1, 16, 5, padding=2)
+        self.c2 = torch.nn.Conv1d(16, 32, 3, stride=2, padding=1)
+        self.c3 = torch.nn.Conv1d(32, 32, 3, padding=2, dilation=2, groups=4)
+        self.fc = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c1(x.reshape(x.shape[0], 1, 64)))
+        x = torch.relu(self.c2(x))
+        return self.fc((torch.relu(self.c3(x)) + x).mean(-1))
+
+
+class Volume(torch.nn.Module):
+    """A 3-d convolutional model of a 4 x 4 x 4 volume, global average pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.Conv3d(8, 8, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c2(torch.relu(self.c1(x.reshape(x.shape[0], 1, 4, 4, 4)))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool3d(x, 1), 1))
+
+
+@pytest.mark.parametrize("activations", ["u8", "s8"])
+@pytest.mark.parametrize("architecture", [Signal, Volume], ids=["conv1d", "conv3d"])
+def test_1d_and_3d_convolutions_are_onnxruntimes(digits, tmp_path, activations, architecture) -> None:  # noqa: ANN001
+    """QLinearConv on 1-d and 3-d inputs: logits equal to onnxruntime's, checked at load with no warning; a weight
+    fault in the first convolution equal to onnxruntime running the edited initializer; every site runs."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = architecture().eval()
+    x = images(digits.x_train[:64])
+    path = to_onnx_qdq(model, x, tmp_path, activations)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qmodel = quantize(path, x)
+    assert qmodel.config["deployed_notes"][0].endswith("fault-free outputs equal bit for bit")
+    first = list(qmodel.layers)[0]
+    assert len(qmodel.layers) == (4 if architecture is Signal else 3) and first == "c1_Conv"
+    assert torch.equal(qmodel(x), torch.from_numpy(run_ort(path, {"x": x.numpy()})[0]))
+    proto = onnx.load(str(path))
+    conv = next(n for n in proto.graph.node if n.name == "/c1/Conv")
+    weight_name = next(n for n in proto.graph.node if n.output[0] == conv.input[1]).input[0]
+    init = next(i for i in proto.graph.initializer if i.name == weight_name)
+    codes = onnx.numpy_helper.to_array(init).copy()
+    codes.reshape(-1).view(np.uint8)[5] ^= 1 << 6
+    init.CopyFrom(onnx.numpy_helper.from_array(codes, weight_name))
+    ours = qmodel(x, FaultPattern.from_faults([("weight", first, 5, 6, "flip")]))
+    assert not torch.equal(ours, qmodel(x))
+    assert torch.equal(ours, torch.from_numpy(run_ort(proto, {"x": x.numpy()})[0]))
+    labels = qmodel(x).argmax(1)
+    for site in ("act", "weight", "acc", "input"):
+        assert 0.0 <= accuracy(qmodel, (x, labels), FaultModel(site, 1e-3), seed=1) <= 1.0, site
