@@ -26,7 +26,9 @@ sums past 2^24, and near-ties that training smooths away; with int8 activations 
 each block in float, whose float32 sums round (the model's notes name them).
 
 `--torchvision` adds, for PT2E compiled by x86 Inductor, random-init torchvision models (and ResNet56), 16 random
-images each, their logits against the compiled model's own (a few minutes: each model is compiled).
+images each, their logits against the compiled model's own (a few minutes: each model is compiled); and six
+torchvision models (MobileNetV3, EfficientNet, ShuffleNet, MnasNet, SqueezeNet, RegNet) exported to ONNX and quantized
+by onnxruntime, against onnxruntime.
 
     python benchmarks/deployed_fidelity.py [--torchvision] [--json fidelity.json]
 """
@@ -242,14 +244,46 @@ def _torchvision_rows() -> dict[str, dict[str, float]]:
     return rows
 
 
+ONNX_TORCHVISION = ("mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "mnasnet0_5", "squeezenet1_0",
+                    "regnet_y_400mf")
+
+
+def _onnx_torchvision_rows() -> dict[str, dict[str, float]]:
+    """Each model random-init (seeded, 10 classes), exported and quantized by onnxruntime's quantize_static (QDQ,
+    per-channel int8 weights, uint8 activations) on 32 random 64 x 64 images, read by the engine; logits on those
+    images against onnxruntime's, and the share of the model's quantized layers onnxruntime's optimizer leaves as
+    float ops (named in the notes)."""
+    import warnings
+
+    import torchvision
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name in ONNX_TORCHVISION:
+            torch.manual_seed(0)
+            x = torch.randn(32, 3, 64, 64)
+            net = getattr(torchvision.models, name)(weights=None, num_classes=10).eval()
+            path = dm.to_onnx_qdq(net, x, folder, "u8")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the load check's mismatch warning: the row says how far apart
+                qmodel = quantize(path, x)
+            run = [n for n in qmodel.config["deployed_notes"] if "optimizer leaves as float ops" in n]
+            in_float = int(run[0].split(" ", 1)[0]) if run else 0
+            rows[f"onnx (u8), {name}"] = {**_exact(_onnx(path, x), qmodel(x)), "layers": float(len(qmodel.layers)),
+                                          "layers_onnxruntime_runs_in_float": float(in_float)}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--torchvision", action="store_true", help="add compiled PT2E torchvision models")
+    parser.add_argument("--torchvision", action="store_true",
+                        help="add compiled PT2E torchvision models, and torchvision models through ONNX")
     parser.add_argument("--json", help="write the figures and the environment here")
     args = parser.parse_args()
     rows = measure()
     if args.torchvision:
         rows.update(_torchvision_rows())
+        rows.update(_onnx_torchvision_rows())
     print(f"{'format':<44} agreement")
     for name, row in rows.items():
         print(f"{name:<44} " + ", ".join(f"{k} {v:.6g}" for k, v in row.items()))

@@ -309,6 +309,20 @@ def _hard_sigmoid(attrs: dict[str, Any], opset: int) -> Function:
     return lambda x: torch.clamp(x * alpha + beta, 0.0, 1.0)
 
 
+def _hard_swish(attrs: dict[str, Any], opset: int) -> Function:
+    alpha, beta = torch.tensor(1 / 6, dtype=torch.float32), 0.5  # ONNX: x max(0, min(1, alpha x + beta))
+    return lambda x: x * torch.clamp(x * alpha.to(x.dtype) + beta, 0.0, 1.0)
+
+
+def _elu(attrs: dict[str, Any], opset: int) -> Function:
+    alpha = float(attrs.get("alpha", 1.0))
+    return lambda x: F.elu(x, alpha)
+
+
+def _prelu(attrs: dict[str, Any], opset: int) -> Function:
+    return lambda x, slope: torch.where(x < 0, x * slope, x)
+
+
 def _matmul(attrs: dict[str, Any], opset: int) -> Function:
     return torch.matmul
 
@@ -356,6 +370,7 @@ OPS: dict[str, Callable[[dict[str, Any], int], Function]] = {
     "Softmax": _softmax(log=False), "LogSoftmax": _softmax(log=True), "LayerNormalization": _layer_norm,
     "ReduceMean": _reduce("ReduceMean"), "ReduceSum": _reduce("ReduceSum"), "ReduceMax": _reduce("ReduceMax"),
     "ReduceMin": _reduce("ReduceMin"), "Gelu": _gelu, "LeakyRelu": _leaky_relu, "HardSigmoid": _hard_sigmoid,
+    "HardSwish": _hard_swish, "Elu": _elu, "PRelu": _prelu,
     "MatMul": _matmul, "Gemm": _gemm, "DequantizeLinear": _dequantize, "GatherElements": _gather(elements=True),
     "IsNaN": _simple(torch.isnan), "IsInf": _simple(torch.isinf),
 }

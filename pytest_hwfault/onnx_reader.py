@@ -202,6 +202,59 @@ class QLinearSoftmax(nn.Module):
         return f"x_scale={self.x_scale!r}, out=({self.sy!r}, {self.zy}), axis={self.axis}"
 
 
+class CodeTable(nn.Module):
+    """An elementwise QLinear kernel onnxruntime runs as a lookup table over the 256 input codes (QLinearSigmoid,
+    QLinearLeakyRelu): the table measured from onnxruntime itself (`_runtime_table`), so exact whatever its float
+    function's approximation; values (code - zero point) x scale in, out."""
+
+    table: torch.Tensor
+
+    def __init__(self, inp: tuple[float, int, bool], out: tuple[float, int], table: torch.Tensor) -> None:
+        super().__init__()
+        (self.si, self.zi, self.signed), (self.so, self.zo) = inp, out
+        self.register_buffer("table", table.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = _codes(x, self.si, self.zi)
+        index = torch.nan_to_num(codes + (128 if self.signed else 0), nan=0.0).clamp_(0, 255).long()
+        return _values(self.table[index], self.so, self.zo)
+
+    def extra_repr(self) -> str:
+        return f"in=({self.si!r}, {self.zi}), out=({self.so!r}, {self.zo})"
+
+
+def _runtime_table(op_type: str, attrs: dict[str, Any], inp: _Grid, out: _Grid) -> torch.Tensor | None:
+    """onnxruntime's output code for each input code (-128..127 or 0..255, in order) of a DequantizeLinear -> op ->
+    QuantizeLinear group, measured by running the group alone on all 256 codes; None without onnxruntime."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    codes = np.arange(-128, 128, dtype=np.int8) if inp.signed else np.arange(256, dtype=np.uint8)
+
+    def dtype(grid: _Grid) -> type:
+        return np.int8 if grid.signed else np.uint8
+
+    inits = [numpy_helper.from_array(np.array(inp.scale, dtype=np.float32), "sx"),
+             numpy_helper.from_array(np.array(inp.zero_point, dtype=dtype(inp)), "zx"),
+             numpy_helper.from_array(np.array(out.scale, dtype=np.float32), "sy"),
+             numpy_helper.from_array(np.array(out.zero_point, dtype=dtype(out)), "zy")]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["fx"]),
+             helper.make_node(op_type, ["fx"], ["f"], **attrs),
+             helper.make_node("QuantizeLinear", ["f", "sy", "zy"], ["y"])]
+    element = TensorProto.INT8 if inp.signed else TensorProto.UINT8
+    graph = helper.make_graph(nodes, "table", [helper.make_tensor_value_info("x", element, [256])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT8 if out.signed else TensorProto.UINT8,
+                                                             [256])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {"x": codes})[0].astype(np.int64))
+    except Exception:  # noqa: BLE001 - no table: the op stays a float op, named in the notes
+        return None
+
+
 class QLinearGlobalAvgPool(nn.Module):
     """onnxruntime's QLinearGlobalAveragePool (MLAS) on values (code - zero point) x scale."""
 
@@ -479,6 +532,7 @@ class _Builder:
         # dynamic quantization: each DynamicQuantizeLinear's codes -> (its scale, its zero point); a Mul of such a
         # scale and a weight scale -> (the input scale, the weight scales)
         self.dynamic: dict[str, tuple[str, str]] = {}
+        self.float_run: list[str] = []  # quantized layers onnxruntime's optimizer leaves in float (not wide)
         self.degenerate: set[str] = set()  # quantize nodes with a zero, infinite or NaN scale (noted once)
         self.float_nodes: list[Any] = []  # nodes the view computes in float (or on shapes)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
@@ -823,6 +877,32 @@ class _Builder:
                 return
         self.float_op(node, index)
 
+    def op_Sigmoid(self, node: Any, index: int) -> None:
+        self.lookup(node, index, "QLinearSigmoid")
+
+    def op_LeakyRelu(self, node: Any, index: int) -> None:
+        self.lookup(node, index, "QLinearLeakyRelu")
+
+    def lookup(self, node: Any, index: int, kernel: str) -> None:
+        """An elementwise op on a quantized value whose result is quantized, which onnxruntime fuses into a
+        lookup-table kernel: its table, measured from onnxruntime (`CodeTable`); else a float op."""
+        source = node.input[0]
+        target = self.output_grid(node.output[0])
+        known = self.grids.get(source)
+        if self.exact and target is not None and not target[2] and known is not None and self.kernels is not None \
+                and self.fused(node, kernel):
+            grid, taken, _ = target
+            attrs = {key: value for key, value in _attrs(node).items()}
+            table = _runtime_table(node.op_type, attrs, known, grid)
+            if table is not None:
+                module = CodeTable((known.scale, known.zero_point, known.signed), (grid.scale, grid.zero_point),
+                                   table)
+                self.skip.update(id(n) for n in taken)
+                self.set_quantized(taken[-1].output[0], self.add_module(module, node, index,
+                                                                        (self.value(source, node),)), grid)
+                return
+        self.float_op(node, index)
+
     def op_Softmax(self, node: Any, index: int) -> None:
         source = node.input[0]
         target = self.output_grid(node.output[0])
@@ -1005,6 +1085,8 @@ class _Builder:
                               "kernel; the engine computes its exact integer sum, which onnxruntime's float32 sum "
                               "rounds where it passes 2^24 (this layer's can): outputs near a half code may be one "
                               "code apart from onnxruntime's")
+        elif self.exact and kernel and kernel not in INTEGER_KERNELS:
+            self.float_run.append(node.name)  # named together, in one note (`read_onnx`)
         self.root.add_module(name, module)
         out = self.fx.call_module(name, (x,))
         act_low, _ = _code_range(grid.signed)
@@ -1103,6 +1185,12 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
                      "input on the range of that image alone, as the model computes when it runs one input at a "
                      "time (at a larger batch onnxruntime's range is the batch's, so an image's result would depend "
                      "on the others); no act site (their results stay float)")
+    if exact.float_run:
+        shown = ", ".join(repr(name) for name in exact.float_run[:3]) + (", ..." if len(exact.float_run) > 3 else "")
+        notes.append(f"{len(exact.float_run)} quantized layer(s) onnxruntime's optimizer leaves as float ops on the "
+                     f"dequantized values ({shown}): their float32 products and sums round, where the engine "
+                     "computes the exact integer sum, so an output near a half code may be one code apart from "
+                     "onnxruntime's")
     counts: dict[str, int] = {}
     for node in _float_valued(proto, exact.float_nodes):
         counts[node.op_type] = counts.get(node.op_type, 0) + 1

@@ -478,3 +478,42 @@ def test_1d_and_3d_convolutions_are_onnxruntimes(digits, tmp_path, activations, 
     labels = qmodel(x).argmax(1)
     for site in ("act", "weight", "acc", "input"):
         assert 0.0 <= accuracy(qmodel, (x, labels), FaultModel(site, 1e-3), seed=1) <= 1.0, site
+
+
+class Swish(torch.nn.Module):
+    """SiLU (x sigmoid(x): QLinearSigmoid, then QLinearMul) and LeakyReLU (QLinearLeakyRelu) between convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.silu(self.c1(x))
+        x = torch.nn.functional.leaky_relu(self.c2(x), 0.1)
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("activations", ["u8", "s8"])
+def test_lookup_table_kernels_are_onnxruntimes(digits, tmp_path, activations) -> None:  # noqa: ANN001
+    """onnxruntime runs a QDQ Sigmoid and LeakyRelu as lookup tables over the 256 input codes (QLinearSigmoid,
+    QLinearLeakyRelu); the reader measures each table from onnxruntime itself: logits bit for bit, no kernel named as
+    computed otherwise; faults at the act site run through the tables."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Swish().eval()
+    x = images(digits.x_train[:64])
+    path = to_onnx_qdq(model, x, tmp_path, activations)
+    kernels = {node.op_type for node in _optimized(path).graph.node}
+    qmodel = quantize(path, x)
+    tables = [m for m in qmodel.module.modules() if type(m).__name__ == "CodeTable"]
+    notes = " | ".join(qmodel.config["deployed_notes"])
+    assert "does not reproduce" not in notes
+    if activations == "u8":
+        assert {"QLinearSigmoid", "QLinearLeakyRelu", "QLinearMul"} <= kernels and len(tables) == 2
+        assert torch.equal(qmodel(x), torch.from_numpy(run_ort(path, {"x": x.numpy()})[0]))
+    else:  # with int8 activations onnxruntime leaves the first conv, its Sigmoid and the Mul in float: named
+        assert "QLinearLeakyRelu" in kernels and "Sigmoid" in kernels and len(tables) == 1
+        assert "('/c1/Conv')" in notes and "Sigmoid x1" in notes
+    labels = qmodel(x).argmax(1)
+    assert accuracy(qmodel, (x, labels), FaultModel("act", 1e-2), seed=1) < 1.0
