@@ -323,6 +323,79 @@ def _prelu(attrs: dict[str, Any], opset: int) -> Function:
     return lambda x, slope: torch.where(x < 0, x * slope, x)
 
 
+def _text(value: Any, default: str) -> str:
+    return (value.decode() if isinstance(value, bytes) else value) if value is not None else default
+
+
+def _resize(attrs: dict[str, Any], opset: int) -> Function:
+    """Resize as torch's interpolate computes it, for the modes torch's exporter writes: nearest with asymmetric
+    coordinates and floor rounding (interpolate's "nearest"), linear with pytorch_half_pixel / half_pixel
+    (align_corners=False) or align_corners coordinates, over the spatial dims; others are refused by name."""
+    mode = _text(attrs.get("mode"), "nearest")
+    transform = _text(attrs.get("coordinate_transformation_mode"), "half_pixel")
+    nearest = _text(attrs.get("nearest_mode"), "round_prefer_floor")
+    if mode == "nearest" and (transform, nearest) == ("asymmetric", "floor"):
+        options: dict[str, Any] = {"mode": "nearest"}
+    elif mode == "linear" and transform in ("pytorch_half_pixel", "half_pixel", "align_corners"):
+        options = {"mode": "linear", "align_corners": transform == "align_corners"}
+    else:
+        raise ValueError(f"Resize with mode={mode!r}, coordinate_transformation_mode={transform!r}, "
+                         f"nearest_mode={nearest!r} is not supported (torch's interpolate: nearest/asymmetric/floor, "
+                         "linear/half_pixel or align_corners)")
+    if attrs.get("antialias", 0) or attrs.get("axes") is not None:
+        raise ValueError("Resize with antialias or axes is not supported")
+
+    def resize(x: torch.Tensor, roi: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+               sizes: torch.Tensor | None = None) -> torch.Tensor:
+        spatial = x.dim() - 2
+        kind = options["mode"] if options["mode"] == "nearest" else \
+            {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial]
+        extra = {} if kind == "nearest" else {"align_corners": options["align_corners"]}
+        if sizes is not None and sizes.numel():
+            return F.interpolate(x, size=(_ints(sizes) or [])[2:], mode=kind, **extra)
+        factors = [float(v) for v in (scales.reshape(-1).tolist() if scales is not None else [])][2:]
+        return F.interpolate(x, scale_factor=factors, mode=kind, recompute_scale_factor=False, **extra)
+    return resize
+
+
+def _pad(attrs: dict[str, Any], opset: int) -> Function:
+    mode = _text(attrs.get("mode"), "constant")
+    torch_mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(mode)
+    if torch_mode is None:
+        raise ValueError(f"Pad with mode={mode!r} is not supported (constant, reflect, edge)")
+
+    def pad(x: torch.Tensor, pads: torch.Tensor | None = None, value: torch.Tensor | None = None,
+            axes: torch.Tensor | None = None) -> torch.Tensor:
+        given = _ints(pads) if opset >= 11 else list(attrs.get("pads", []))
+        if axes is not None:
+            raise ValueError("Pad with axes is not supported")
+        given = given or [0] * 2 * x.dim()
+        begins, ends = given[: x.dim()], given[x.dim():]
+        flat = [p for d in reversed(range(x.dim())) for p in (begins[d], ends[d])]  # torch: the last dim first
+        while len(flat) > 2 and flat[-2:] == [0, 0]:  # torch pads only trailing dims in reflect/replicate mode
+            flat = flat[:-2]
+        fill = float(value.reshape(-1)[0]) if value is not None and value.numel() else float(attrs.get("value", 0.0))
+        return F.pad(x, flat, mode=torch_mode, value=fill) if torch_mode == "constant" else F.pad(x, flat, torch_mode)
+    return pad
+
+
+def _conv_transpose(attrs: dict[str, Any], opset: int) -> Function:
+    if _text(attrs.get("auto_pad"), "NOTSET") != "NOTSET" or "output_shape" in attrs:
+        raise ValueError("ConvTranspose with auto_pad or output_shape is not supported: give explicit pads")
+    groups = int(attrs.get("group", 1))
+
+    def conv_transpose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        spatial = x.dim() - 2
+        pads = list(attrs.get("pads", [0] * 2 * spatial))
+        if pads[:spatial] != pads[spatial:]:
+            raise ValueError(f"ConvTranspose with asymmetric pads {pads} is not supported")
+        function = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[spatial]
+        return function(x, weight, bias, list(attrs.get("strides", [1] * spatial)), pads[:spatial],
+                        list(attrs.get("output_padding", [0] * spatial)), groups,
+                        list(attrs.get("dilations", [1] * spatial)))
+    return conv_transpose
+
+
 def _matmul(attrs: dict[str, Any], opset: int) -> Function:
     return torch.matmul
 
@@ -370,7 +443,8 @@ OPS: dict[str, Callable[[dict[str, Any], int], Function]] = {
     "Softmax": _softmax(log=False), "LogSoftmax": _softmax(log=True), "LayerNormalization": _layer_norm,
     "ReduceMean": _reduce("ReduceMean"), "ReduceSum": _reduce("ReduceSum"), "ReduceMax": _reduce("ReduceMax"),
     "ReduceMin": _reduce("ReduceMin"), "Gelu": _gelu, "LeakyRelu": _leaky_relu, "HardSigmoid": _hard_sigmoid,
-    "HardSwish": _hard_swish, "Elu": _elu, "PRelu": _prelu,
+    "HardSwish": _hard_swish, "Elu": _elu, "PRelu": _prelu, "Resize": _resize, "Pad": _pad,
+    "ConvTranspose": _conv_transpose,
     "MatMul": _matmul, "Gemm": _gemm, "DequantizeLinear": _dequantize, "GatherElements": _gather(elements=True),
     "IsNaN": _simple(torch.isnan), "IsInf": _simple(torch.isinf),
 }
@@ -390,6 +464,16 @@ SHAPE_OPS = DATA_MOVEMENT | {"Shape", "Concat", "Cast", "ConstantOfShape", "Rang
 # a time): the same bits whatever the kernel; the others (Erf, Softmax, LayerNormalization, a float MatMul, ...)
 # are approximations or sums whose order is the kernel's
 CORRECTLY_ROUNDED = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Reciprocal", "Sum"})
+
+
+def keeps_grid(op_type: str, attrs: dict[str, Any]) -> bool:
+    """Whether every value the op outputs is one of its first input's (or zero, which every grid holds): a value on a
+    quantization grid stays on it."""
+    if op_type == "Resize":
+        return _text(attrs.get("mode"), "nearest") == "nearest"
+    if op_type == "Pad":
+        return float(attrs.get("value", 0.0)) == 0.0  # (a value input is not read here: a constant 0 is assumed)
+    return op_type in DATA_MOVEMENT
 
 
 def function(op_type: str, attrs: dict[str, Any], opset: int) -> Function | None:

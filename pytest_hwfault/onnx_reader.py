@@ -639,7 +639,10 @@ class _Builder:
         attrs = _attrs(node)
         if node.op_type == "Split":
             attrs["_outputs"] = len(node.output)
-        fn = onnx_float.function(node.op_type, attrs, self.opset)
+        try:
+            fn = onnx_float.function(node.op_type, attrs, self.opset)
+        except ValueError as exc:  # a mode of the op the reader does not compute
+            raise self.error(node, str(exc)) from None
         assert fn is not None
         present = [name for name in node.input if name]
         if all(name in self.consts for name in present):
@@ -660,7 +663,7 @@ class _Builder:
         out = self.add_module(op, node, index, tuple(self.value(name, node) for name in present))
         outputs = [out] if len(node.output) == 1 else \
             [self.fx.call_function(operator.getitem, (out, i)) for i in range(len(node.output))]
-        grid = self.grids.get(node.input[0]) if node.op_type in onnx_float.DATA_MOVEMENT else None
+        grid = self.grids.get(node.input[0]) if onnx_float.keeps_grid(node.op_type, attrs) else None
         for name, value in zip(node.output, outputs):
             if grid is not None:
                 self.set_quantized(name, value, grid)
@@ -1119,7 +1122,8 @@ def _float_valued(model: Any, nodes: list[Any]) -> list[Any]:
         types = {}
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     skip = onnx_float.SHAPE_OPS | onnx_float.CORRECTLY_ROUNDED
-    return [n for n in nodes if n.op_type not in skip and types.get(n.output[0], 1) in floats]
+    return [n for n in nodes if n.op_type not in skip and not onnx_float.keeps_grid(n.op_type, _attrs(n))
+            and types.get(n.output[0], 1) in floats]
 
 
 def load(model: Any) -> Any:

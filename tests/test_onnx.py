@@ -15,8 +15,10 @@ from deployed_models import ResNetStyle, agreement, images, to_onnx_qdq, trained
 
 from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
 from pytest_hwfault.cifar_resnet import recalibrate_bn
+from pytest_hwfault.coverage import measure_coverage
 from pytest_hwfault.deployed import DeployedFormatError
 from pytest_hwfault.faults import sample_pattern
+from pytest_hwfault.quantization import DeployedMismatchWarning
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -517,3 +519,84 @@ def test_lookup_table_kernels_are_onnxruntimes(digits, tmp_path, activations) ->
         assert "('/c1/Conv')" in notes and "Sigmoid x1" in notes
     labels = qmodel(x).argmax(1)
     assert accuracy(qmodel, (x, labels), FaultModel("act", 1e-2), seed=1) < 1.0
+
+
+class Decoder(torch.nn.Module):
+    """An encoder-decoder (U-Net-like): max pooling down, then up by a transposed convolution or a Resize (nearest
+    or bilinear), a skip concatenation, a constant Pad."""
+
+    def __init__(self, up: str) -> None:
+        super().__init__()
+        self.up = up
+        self.e1, self.e2 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.t = torch.nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.d, self.fc = torch.nn.Conv2d(16, 8, 3, padding=1), torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.e1(x))
+        b = torch.relu(self.e2(torch.nn.functional.max_pool2d(a, 2)))
+        u = self.t(b) if self.up == "transposed" else \
+            torch.nn.functional.interpolate(b, scale_factor=2, mode=self.up)[:, :8]
+        c = torch.nn.functional.pad(torch.relu(self.d(torch.cat([a, u], 1))), (1, 1, 1, 1))
+        return self.fc(c.mean((2, 3)))
+
+
+@pytest.mark.parametrize("up", ["transposed", "nearest", "bilinear"])
+def test_an_encoder_decoder_is_read(digits, tmp_path, up) -> None:  # noqa: ANN001
+    """ConvTranspose, Resize and Pad (float ops: onnxruntime runs them in float too): a transposed convolution and a
+    nearest Resize give onnxruntime's logits bit for bit; a bilinear Resize, whose float kernel rounds otherwise, is
+    named; the transposed convolution's MACs are counted as float ones the faults do not reach."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Decoder(up).eval()
+    x = images(digits.x_train[:64])
+    path = to_onnx_qdq(model, x, tmp_path, "u8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployedMismatchWarning)
+        qmodel = quantize(path, x)
+    notes = " | ".join(qmodel.config["deployed_notes"])
+    theirs = torch.from_numpy(run_ort(path, {"x": x.numpy()})[0])
+    assert len(qmodel.layers) == 4 and "Pad" not in notes.split("by an ulp: ")[-1].split(" | ")[0]
+    if up == "bilinear":
+        assert "Resize x1" in notes
+        assert torch.equal(qmodel(x).argmax(1), theirs.argmax(1))
+    else:
+        assert torch.equal(qmodel(x), theirs) and "Resize x1" not in notes
+    uncovered = [row["module"] for row in measure_coverage(qmodel, x[:2]).uncovered]
+    assert uncovered == (["t_ConvTranspose"] if up == "transposed" else [])
+
+
+@pytest.mark.parametrize(("mode", "exact"), [("nearest", True), ("linear", False)])
+def test_resize_and_pad_against_onnxruntime(mode: str, exact: bool) -> None:
+    """Resize as torch's exporter writes it (nearest/asymmetric/floor; linear/pytorch_half_pixel) and Pad in three
+    modes, one node each, against onnxruntime."""
+    from onnx import helper, numpy_helper
+
+    from pytest_hwfault import onnx_float
+
+    x = np.random.default_rng(7).standard_normal((2, 3, 5, 6)).astype(np.float32)
+    attrs = {"mode": mode, "coordinate_transformation_mode": "asymmetric" if mode == "nearest" else
+             "pytorch_half_pixel", "nearest_mode": "floor"}
+    scales = np.array([1, 1, 2, 3], dtype=np.float32)
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(scales, "scales")])
+    theirs = run_ort(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), {"x": x})[0]
+    resize = onnx_float.function("Resize", attrs, 17)
+    assert resize is not None
+    ours = resize(torch.from_numpy(x), None, torch.from_numpy(scales)).numpy()
+    if exact:
+        assert np.array_equal(ours, theirs)
+    else:
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+    for pad_mode in ("constant", "reflect", "edge"):
+        pads = np.array([0, 0, 1, 2, 0, 0, 2, 1], dtype=np.int64)
+        node = helper.make_node("Pad", ["x", "pads"], ["y"], mode=pad_mode)
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                                  [numpy_helper.from_array(pads, "pads")])
+        theirs = run_ort(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), {"x": x})[0]
+        pad = onnx_float.function("Pad", {"mode": pad_mode}, 17)
+        assert pad is not None
+        assert np.array_equal(pad(torch.from_numpy(x), torch.from_numpy(pads)).numpy(), theirs), pad_mode
