@@ -416,8 +416,11 @@ class OrtDynamicOutput(nn.Module):
 
     def forward(self, acc: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                 weight: torch.Tensor) -> torch.Tensor:
-        raw = acc.double().movedim(0, -2) - zero.double().unsqueeze(1) * weight.sum(1, dtype=torch.float64)
-        raw = torch.remainder(raw + 2.0**31, 2.0**32) - 2.0**31
+        # in int64 (the accumulator holds integers; a float64 remainder cost 4x the layer's int8 matmul), wrapped to
+        # int32 as the kernel's sum wraps (an accumulator fault can take it there)
+        correction = zero.to(torch.int64).unsqueeze(1) * weight.sum(1, dtype=torch.float64).to(torch.int64)
+        raw = acc.to(torch.int64).movedim(0, -2) - correction
+        raw = torch.bitwise_and(raw + 2**31, 2**32 - 1) - 2**31
         out = raw.float() * (scale.unsqueeze(1) * self.weight_scale)
         if self.bias is not None:
             out = out + self.bias

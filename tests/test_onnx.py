@@ -600,3 +600,27 @@ def test_resize_and_pad_against_onnxruntime(mode: str, exact: bool) -> None:
         pad = onnx_float.function("Pad", {"mode": pad_mode}, 17)
         assert pad is not None
         assert np.array_equal(pad(torch.from_numpy(x), torch.from_numpy(pads)).numpy(), theirs), pad_mode
+
+
+def test_dynamic_output_wraps_its_int32_sum_as_the_kernel_does() -> None:
+    """`OrtDynamicOutput` against plain integer arithmetic: the accumulator minus zero point x the weight codes'
+    column sums, wrapped to int32 (an accumulator fault can take it past 2^31), to float32, times the float32
+    product of the scales, plus the bias."""
+    from pytest_hwfault.onnx_reader import OrtDynamicOutput
+
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randint(-128, 128, (6, 40), generator=generator).float()  # [out, in]
+    output = OrtDynamicOutput("layer", torch.rand(6, generator=generator) * 1e-2, torch.randn(6, generator=generator))
+    acc = torch.randint(-(2**31), 2**31, (4, 3, 6), generator=generator).double()
+    acc[0] = torch.randint(-5000, 5000, (3, 6), generator=generator).double()
+    scale, zero = torch.rand(4, generator=generator) * 0.1, torch.tensor([0.0, 17.0, 128.0, 255.0])
+    ours = output(acc, scale, zero, weight)
+    sums = [int(v) for v in weight.sum(1).tolist()]
+    for n in range(4):
+        product = (scale[n] * output.weight_scale).tolist()  # float32 products
+        for t in range(3):
+            for o in range(6):
+                raw = int(acc[n, t, o]) - int(zero[n]) * sums[o]
+                raw = (raw + 2**31) % 2**32 - 2**31
+                expected = torch.tensor(float(raw), dtype=torch.float32) * torch.tensor(product[o]) + output.bias[o]
+                assert ours[n, t, o].view(torch.int32) == expected.view(torch.int32), (n, t, o)
