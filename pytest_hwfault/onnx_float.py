@@ -396,6 +396,51 @@ def _conv_transpose(attrs: dict[str, Any], opset: int) -> Function:
     return conv_transpose
 
 
+def _arg(largest: bool) -> Callable[[dict[str, Any], int], Function]:
+    def make(attrs: dict[str, Any], opset: int) -> Function:
+        axis, keep, last = int(attrs.get("axis", 0)), bool(attrs.get("keepdims", 1)), bool(
+            attrs.get("select_last_index", 0))
+
+        def arg(x: torch.Tensor) -> torch.Tensor:
+            if last:  # the last of equal extremes: the first of the flipped axis, counted from the end
+                flipped = (torch.argmax if largest else torch.argmin)(x.flip(axis), axis, keepdim=keep)
+                return x.shape[axis] - 1 - flipped
+            return (torch.argmax if largest else torch.argmin)(x, axis, keepdim=keep)
+        return arg
+    return make
+
+
+def _trilu(attrs: dict[str, Any], opset: int) -> Function:
+    upper = bool(attrs.get("upper", 1))
+
+    def trilu(x: torch.Tensor, k: torch.Tensor | None = None) -> torch.Tensor:
+        diagonal = int(k.reshape(-1)[0]) if k is not None else 0
+        return torch.triu(x, diagonal) if upper else torch.tril(x, diagonal)
+    return trilu
+
+
+def _tile(attrs: dict[str, Any], opset: int) -> Function:
+    return lambda x, repeats: x.repeat(*(_ints(repeats) or []))
+
+
+def _cumsum(attrs: dict[str, Any], opset: int) -> Function:
+    exclusive, reverse = bool(attrs.get("exclusive", 0)), bool(attrs.get("reverse", 0))
+
+    def cumsum(x: torch.Tensor, axis: torch.Tensor) -> torch.Tensor:
+        dim = int(axis.reshape(-1)[0]) % x.dim()
+        y = x.flip(dim) if reverse else x
+        out = torch.cumsum(y, dim)
+        if exclusive:
+            out = out - y
+        return out.flip(dim) if reverse else out
+    return cumsum
+
+
+def _einsum(attrs: dict[str, Any], opset: int) -> Function:
+    equation = _text(attrs.get("equation"), "")
+    return lambda *xs: torch.einsum(equation, *xs)
+
+
 def _matmul(attrs: dict[str, Any], opset: int) -> Function:
     return torch.matmul
 
@@ -444,7 +489,8 @@ OPS: dict[str, Callable[[dict[str, Any], int], Function]] = {
     "ReduceMean": _reduce("ReduceMean"), "ReduceSum": _reduce("ReduceSum"), "ReduceMax": _reduce("ReduceMax"),
     "ReduceMin": _reduce("ReduceMin"), "Gelu": _gelu, "LeakyRelu": _leaky_relu, "HardSigmoid": _hard_sigmoid,
     "HardSwish": _hard_swish, "Elu": _elu, "PRelu": _prelu, "Resize": _resize, "Pad": _pad,
-    "ConvTranspose": _conv_transpose,
+    "ConvTranspose": _conv_transpose, "ArgMax": _arg(largest=True), "ArgMin": _arg(largest=False),
+    "Trilu": _trilu, "Tile": _tile, "CumSum": _cumsum, "Einsum": _einsum,
     "MatMul": _matmul, "Gemm": _gemm, "DequantizeLinear": _dequantize, "GatherElements": _gather(elements=True),
     "IsNaN": _simple(torch.isnan), "IsInf": _simple(torch.isinf),
 }
@@ -457,7 +503,7 @@ DATA_MOVEMENT = frozenset({"Identity", "Dropout", "Gather", "GatherElements", "U
 SHAPE_OPS = DATA_MOVEMENT | {"Shape", "Concat", "Cast", "ConstantOfShape", "Range", "Where", "Equal", "Less",
                              "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Not", "Relu", "Max",
                              "Min", "Abs", "Neg", "Floor", "Ceil", "Mod", "ReduceMax", "ReduceMin", "IsNaN", "IsInf",
-                             "DequantizeLinear"}
+                             "DequantizeLinear", "ArgMax", "ArgMin", "Trilu", "Tile"}
 
 
 # float ops whose every result is IEEE-754's correctly rounded one, in onnxruntime as in torch (tested one node at

@@ -285,11 +285,19 @@ def quantize(
                 order.append(name)
                 shapes[name] = seen
             if seen != shapes[name] or any(t.dim() == 0 or t.shape[0] != batch[0] for t in tensors):
+                first = tensors[0].shape[0] if tensors[0].dim() else 0
+                hint = (f" (its first dimension is {first} = {first // batch[0]} x the batch of {batch[0]}: the model, "
+                        "or the exporter that wrote it, merged the batch into another dimension, as Hugging Face's "
+                        "GPT-2 Conv1D does with the tokens; keep the batch a dimension of its own)"
+                        if first and first != batch[0] and first % batch[0] == 0 else
+                        " (another dimension comes first: an attention exported sequence first, as torch's "
+                        "nn.MultiheadAttention exports it, has [tokens, batch, width])"
+                        if tensors[0].dim() > 1 and tensors[0].shape[1] == batch[0] else "")
                 raise UnsupportedModelError(
                     f"layer {name!r} ({type(module).__qualname__}) ran on tensors shaped "
                     f"{[tuple(t.shape) for t in tensors]} where a batch of {batch[0]} gave "
                     f"{[(batch[0], *shape) for shape in shapes[name]]}: faults are placed per image, so every call "
-                    "of a layer needs the batch as its first dimension and one per-image shape")
+                    f"of a layer needs the batch as its first dimension and one per-image shape{hint}")
             calls[name] = calls.get(name, 0) + 1
             stats_in[name].update(args[0])
             if name in stats_in2:

@@ -158,6 +158,31 @@ def test_a_seq_first_attention_export_is_refused_with_the_reason(tmp_path: pathl
         quantize(path, encoder_inputs(16, seed=4))
 
 
+def test_a_batch_merged_into_the_tokens_is_refused_with_the_reason(tmp_path: pathlib.Path) -> None:
+    """Hugging Face's GPT-2 runs its projections (Conv1D) on [batch x tokens, width]: a layer whose first dimension
+    is a multiple of the batch is refused, saying so, never faulted per row as if per image."""
+    transformers = pytest.importorskip("transformers")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from pytest_hwfault.data import Inputs
+
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=16, num_labels=3,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _Logits(transformers.GPT2ForSequenceClassification(config)).eval()
+    ids = torch.randint(3, 100, (16, 12), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Ids(model), (ids[:2],), str(tmp_path / "gpt2.onnx"), dynamo=False, input_names=["ids"],
+                          output_names=["logits"], dynamic_axes={"ids": {0: "n"}, "logits": {0: "n"}},
+                          opset_version=17)
+        quantize_dynamic(str(tmp_path / "gpt2.onnx"), str(tmp_path / "dynamic.onnx"), weight_type=QuantType.QInt8)
+    with pytest.raises(UnsupportedModelError, match=r"its first dimension is 192 = 12 x the batch of 16: .* merged "
+                                                    r"the batch into another dimension"):
+        quantize(tmp_path / "dynamic.onnx", Inputs((ids,)))
+
+
 def test_an_unknown_op_is_still_refused_by_name(encoders) -> None:  # noqa: ANN001
     proto = onnx.load(str(encoders["dynamic"]))
     node = next(n for n in proto.graph.node if n.op_type == "Erf")
@@ -309,6 +334,18 @@ def test_shape_arithmetic_and_dynamic_reshape_are_onnxruntimes() -> None:
     assert OnnxFlatten(2)(torch.from_numpy(x)).shape == (6, 4)
     _same(*_against_onnxruntime("GatherElements", [x, np.array([[[0], [-1], [2]]] * 2, dtype=np.int64)], axis=2))
     _same(*_against_onnxruntime("IsNaN", [np.array([0.0, np.nan, -np.inf], dtype=np.float32)]))
+    ties = np.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, -1.0, 2.0]], dtype=np.float32)
+    for op in ("ArgMax", "ArgMin"):
+        for last in (0, 1):
+            _same(*_against_onnxruntime(op, [ties], axis=1, keepdims=0, select_last_index=last))
+    square = np.arange(20, dtype=np.float32).reshape(4, 5)
+    for upper in (0, 1):
+        _same(*_against_onnxruntime("Trilu", [square, np.array(1, dtype=np.int64)], constants=(1,), upper=upper))
+    _same(*_against_onnxruntime("Tile", [x, np.array([1, 2, 1], dtype=np.int64)], constants=(1,)))
+    ints = np.arange(12, dtype=np.int64).reshape(3, 4)  # integers: sums with no rounding to differ in
+    for exclusive, reverse in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        _same(*_against_onnxruntime("CumSum", [ints, np.array(1, dtype=np.int64)], constants=(1,),
+                                    exclusive=exclusive, reverse=reverse))
     # codes picked from a quantized table, then dequantized (a dynamically quantized embedding)
     codes = np.random.default_rng(4).integers(0, 256, (5, 7)).astype(np.uint8)
     _same(*_against_onnxruntime("DequantizeLinear", [codes, np.array(0.037, dtype=np.float32),
@@ -323,6 +360,17 @@ class _Logits(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=ids, attention_mask=mask).logits
+
+
+class _Ids(nn.Module):
+    """A model called with token ids alone (its `mask` argument left out)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model(input_ids=ids).logits
 
 
 def test_a_hugging_face_bert_exported_to_onnx_is_read_dynamic_and_static(tmp_path: pathlib.Path) -> None:
