@@ -517,8 +517,8 @@ def keeps_grid(op_type: str, attrs: dict[str, Any]) -> bool:
     quantization grid stays on it."""
     if op_type == "Resize":
         return _text(attrs.get("mode"), "nearest") == "nearest"
-    if op_type == "Pad":
-        return float(attrs.get("value", 0.0)) == 0.0  # (a value input is not read here: a constant 0 is assumed)
+    if op_type == "Pad":  # padding with zeros (the reader checks a value given as an input), or edge / reflect
+        return _text(attrs.get("mode"), "constant") != "constant" or float(attrs.get("value", 0.0)) == 0.0
     return op_type in DATA_MOVEMENT
 
 

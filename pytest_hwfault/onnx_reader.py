@@ -666,7 +666,11 @@ class _Builder:
         out = self.add_module(op, node, index, tuple(self.value(name, node) for name in present))
         outputs = [out] if len(node.output) == 1 else \
             [self.fx.call_function(operator.getitem, (out, i)) for i in range(len(node.output))]
-        grid = self.grids.get(node.input[0]) if onnx_float.keeps_grid(node.op_type, attrs) else None
+        keeps = onnx_float.keeps_grid(node.op_type, attrs)
+        if node.op_type == "Pad" and len(node.input) > 2 and node.input[2]:  # the pad value, an input from opset 11
+            value = self.consts.get(node.input[2])
+            keeps = keeps and value is not None and bool((np.asarray(value) == 0).all())
+        grid = self.grids.get(node.input[0]) if keeps else None
         for name, value in zip(node.output, outputs):
             if grid is not None:
                 self.set_quantized(name, value, grid)

@@ -624,3 +624,36 @@ def test_dynamic_output_wraps_its_int32_sum_as_the_kernel_does() -> None:
                 raw = (raw + 2**31) % 2**32 - 2**31
                 expected = torch.tensor(float(raw), dtype=torch.float32) * torch.tensor(product[o]) + output.bias[o]
                 assert ours[n, t, o].view(torch.int32) == expected.view(torch.int32), (n, t, o)
+
+
+class Padded(torch.nn.Module):
+    """A convolution, a constant Pad of its output, another convolution on the padded codes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(1, 8, 3), torch.nn.Conv2d(8, 8, 3)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.pad(torch.relu(self.c1(x)), (1, 1, 1, 1))
+        return self.fc(torch.relu(self.c2(y)).mean((2, 3)))
+
+
+def test_a_pad_with_a_value_off_the_grid_is_regridded_as_onnxruntime_does(digits, tmp_path) -> None:  # noqa: ANN001
+    """A constant Pad of a quantized value with a value its grid does not hold (0.3, given as the op's input, as
+    opset 11 on writes it): the value is read (not the attribute's default 0), and the padded tensor is not taken as
+    already on the grid; the logits are onnxruntime's."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Padded().eval()
+    x = images(digits.x_train[:64])
+    proto = onnx.load(str(to_onnx_qdq(model, x, tmp_path, "u8")))
+    pad = next(n for n in proto.graph.node if n.op_type == "Pad")
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.3, dtype=np.float32), "pad_value"))
+    while len(pad.input) < 3:
+        pad.input.append("")
+    pad.input[2] = "pad_value"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployedMismatchWarning)
+        qmodel = quantize(proto, x)
+    assert torch.equal(qmodel(x), torch.from_numpy(run_ort(proto, {"x": x.numpy()})[0]))
