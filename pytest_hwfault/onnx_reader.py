@@ -389,6 +389,8 @@ class OrtDynamicQuantize(nn.Module):
     division (measured on 10M values: x x float32(1 / scale) differs on 15). Returns (codes as float32, scale, zero
     point), the last two per image; traceable (no Python arithmetic on sizes)."""
 
+    per_image = True  # a layer's batch merged with its tokens: computed on the per-image view (`merged_batch`)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         flat = x.flatten(1)
         low, high = flat.amin(1).clamp(max=0.0), flat.amax(1).clamp(min=0.0)
@@ -407,6 +409,7 @@ class OrtDynamicOutput(nn.Module):
 
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
+    per_image = True  # scales each image's rows by its own input scale
 
     def __init__(self, layer: str, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()

@@ -65,6 +65,7 @@ from .functional import FunctionalPlan, discover, quantized_forward
 from .graph import CodeLinks, code_links, fold_batchnorm, in_place_chains, trace_disagreement
 from .identity import state_checksum
 from .kernels import KERNELS
+from .merged_batch import unmerge_batches
 from .qmodel import (
     CONTROL_FLOW,
     ControlFlowError,
@@ -216,6 +217,8 @@ def quantize(
     first_batch = next(iter_batches(calibration_data, batch_size), None)
     if first_batch is None:
         raise ValueError("calibration_data is empty: give at least one batch of inputs")
+    if deployed is not None:  # a layer an exporter ran on the batch merged with the tokens, viewed per image
+        deployed.notes.extend(unmerge_batches(work, deployed.layers, first_batch[0].to(device), call_model))
     # BN folding, code links, in-place chains and late start read the traced graph: it must be the forward's, as the
     # view runs it (torch's fused attention fast path off)
     example = first_batch[0][:2].to(device)
@@ -286,12 +289,15 @@ def quantize(
                 shapes[name] = seen
             if seen != shapes[name] or any(t.dim() == 0 or t.shape[0] != batch[0] for t in tensors):
                 first = tensors[0].shape[0] if tensors[0].dim() else 0
+                placing = (": changing one calibration image alone changed rows that are not its own, or none (a "
+                           "deployed graph's layer is computed per image where its rows hold the images image by "
+                           "image, row by row, or along its second dimension)" if ao_layers else "")
                 hint = (f" (its first dimension is {first} = {first // batch[0]} x the batch of {batch[0]}: the model, "
                         "or the exporter that wrote it, merged the batch into another dimension, as Hugging Face's "
-                        "GPT-2 Conv1D does with the tokens; keep the batch a dimension of its own)"
+                        f"GPT-2 Conv1D does with the tokens{placing}; keep the batch a dimension of its own)"
                         if first and first != batch[0] and first % batch[0] == 0 else
                         " (another dimension comes first: an attention exported sequence first, as torch's "
-                        "nn.MultiheadAttention exports it, has [tokens, batch, width])"
+                        f"nn.MultiheadAttention exports it, has [tokens, batch, width]{placing})"
                         if tensors[0].dim() > 1 and tensors[0].shape[1] == batch[0] else "")
                 raise UnsupportedModelError(
                     f"layer {name!r} ({type(module).__qualname__}) ran on tensors shaped "

@@ -181,11 +181,14 @@ def to_onnx_qdq(model: nn.Module, calibration: torch.Tensor, folder, activations
 class AttentionBlock(nn.Module):
     """A pre-norm transformer block written batch first, as Hugging Face models are: LayerNorm, multi-head
     attention (softmax of q k^T / sqrt(d)), GELU MLP, residual adds. `plain`: no LayerNorm, softmax or GELU (ReLU
-    and a scaled score instead), so that every op onnxruntime runs has a form the reader reproduces exactly."""
+    and a scaled score instead), so that every op onnxruntime runs has a form the reader reproduces exactly.
+    `rows`: how its linear layers see the tokens: "batch" ([batch, tokens, width]), "merged" ([batch x tokens,
+    width], image by image, as Hugging Face's GPT-2 Conv1D runs them) or "sequence" ([tokens x batch, width], token
+    by token, as a sequence-first export runs them)."""
 
-    def __init__(self, width: int = 32, heads: int = 4, plain: bool = False) -> None:
+    def __init__(self, width: int = 32, heads: int = 4, plain: bool = False, rows: str = "batch") -> None:
         super().__init__()
-        self.heads, self.plain = heads, plain
+        self.heads, self.plain, self.rows = heads, plain, rows
         self.ln1 = nn.Identity() if plain else nn.LayerNorm(width)
         self.ln2 = nn.Identity() if plain else nn.LayerNorm(width)
         self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
@@ -197,28 +200,39 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.ln1(x)
-        q, k, v = self.split(self.q(y)), self.split(self.k(y)), self.split(self.v(y))
+        q, k, v = (self.split(on_rows(layer, y, self.rows)) for layer in (self.q, self.k, self.v))
         scores = q @ k.transpose(-1, -2)
         weights = torch.relu(scores) if self.plain else torch.softmax(scores / math.sqrt(q.shape[-1]), -1)
-        x = x + self.o((weights @ v).transpose(1, 2).reshape(x.shape))
-        hidden = self.up(self.ln2(x))
-        return x + self.down(torch.relu(hidden) if self.plain else nn.functional.gelu(hidden))
+        x = x + on_rows(self.o, (weights @ v).transpose(1, 2).reshape(x.shape), self.rows)
+        hidden = on_rows(self.up, self.ln2(x), self.rows)
+        return x + on_rows(self.down, torch.relu(hidden) if self.plain else nn.functional.gelu(hidden), self.rows)
+
+
+def on_rows(layer: nn.Module, x: torch.Tensor, rows: str) -> torch.Tensor:
+    """`layer` on [batch, tokens, width] as `AttentionBlock`'s `rows` says it sees them; the result batch first."""
+    n, length, _ = x.shape
+    if rows == "merged":
+        return layer(x.reshape(n * length, -1)).reshape(n, length, -1)
+    if rows == "sequence":
+        return layer(x.transpose(0, 1).reshape(length * n, -1)).reshape(length, n, -1).transpose(0, 1)
+    return layer(x)
 
 
 class Encoder(nn.Module):
     """8x8 digits-shaped inputs as 8 tokens of 8 features: embedding, position, two blocks, mean over the tokens,
-    a linear head."""
+    a linear head; `rows` as in `AttentionBlock` (the head batch first)."""
 
-    def __init__(self, plain: bool = False) -> None:
+    def __init__(self, plain: bool = False, rows: str = "batch") -> None:
         super().__init__()
+        self.rows = rows
         self.embed = nn.Linear(8, 32)
         self.pos = nn.Parameter(torch.randn(8, 32) * 0.1)
-        self.blocks = nn.Sequential(AttentionBlock(plain=plain), AttentionBlock(plain=plain))
+        self.blocks = nn.Sequential(AttentionBlock(plain=plain, rows=rows), AttentionBlock(plain=plain, rows=rows))
         self.norm = nn.Identity() if plain else nn.LayerNorm(32)
         self.head = nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(x.reshape(x.shape[0], 8, 8)) + self.pos
+        tokens = on_rows(self.embed, x.reshape(x.shape[0], 8, 8), self.rows) + self.pos
         return self.head(self.norm(self.blocks(tokens)).mean(1))
 
 

@@ -138,9 +138,102 @@ def test_torchs_default_exporter_is_read_too(tmp_path: pathlib.Path) -> None:
         assert float((ours - theirs).abs().max()) < 0.05 * float(theirs.abs().max())
 
 
-def test_a_seq_first_attention_export_is_refused_with_the_reason(tmp_path: pathlib.Path) -> None:
-    """torch's nn.TransformerEncoderLayer exports its attention sequence first ([tokens, batch, width]): a layer
-    whose first dimension is not the batch is refused, saying why, never faulted per token as if per image."""
+@pytest.fixture(scope="module")
+def row_encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
+    """The plain encoder with its linear layers on [batch x tokens, width] image by image ("merged", as GPT-2's
+    Conv1D) and token by token ("sequence", as a sequence-first export): the same weights, static QDQ u8."""
+    folder = tmp_path_factory.mktemp("onnx_rows")
+    paths = {}
+    for rows in ("merged", "sequence"):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = Encoder(plain=True, rows=rows)
+        paths[rows] = encoder_static(export_encoder(model, folder, rows))
+    return paths
+
+
+def test_layers_on_merged_rows_are_read_per_image_bit_for_bit(row_encoders) -> None:  # noqa: ANN001
+    """Each layer an exporter ran on the batch merged with the tokens computes on the per-image view: onnxruntime's
+    numbers bit for bit, checked at load with no warning, and the notes say which layers and how."""
+    x = encoder_inputs(64, seed=1)
+    for rows, how in (("merged", "image by image"), ("sequence", "row by row (sequence first)")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeployedMismatchWarning)
+            qmodel = quantize(row_encoders[rows], x)
+        notes = qmodel.config["deployed_notes"]
+        assert notes[0].endswith("fault-free outputs equal bit for bit")
+        assert any(note.startswith(f"13 layer(s) run on the batch merged with 8 rows per image, {how}")
+                   for note in notes), notes
+        assert len(qmodel.layers) == 14  # the head is batch first
+        assert torch.equal(qmodel(x), run_onnxruntime(row_encoders[rows], x))
+
+
+def test_faults_in_merged_rows_land_in_their_own_image(row_encoders) -> None:  # noqa: ANN001
+    """A differential test of the placement: the image-by-image and the token-by-token exports of one model give the
+    same quantization, and a fault (image, index, bit) gives the same logits in both, in every layer at every site
+    (their rows are laid out differently: a fault placed by row would differ); only the faulty images change; a
+    campaign re-running only its faulty images gives the trials of one running every image."""
+    from pytest_hwfault import Fault, FaultPattern
+    from pytest_hwfault.campaign import Campaign
+    from pytest_hwfault.spec import CampaignSpec
+
+    x = encoder_inputs(24, seed=2)
+    merged, sequence = quantize(row_encoders["merged"], x), quantize(row_encoders["sequence"], x)
+    clean = merged(x)
+    assert torch.equal(clean, sequence(x)) and list(merged.layers) == list(sequence.layers)
+    changed_any = 0
+    for layer in list(merged.layers)[:-1]:
+        for site, bit in (("act", 6), ("input", 7), ("acc", 20)):
+            pattern = FaultPattern.from_faults([Fault(site, layer, 5 * 8 + 3, bit, image=3),
+                                                Fault(site, layer, 2 * 8 + 1, bit, image=10)])
+            ours = merged(x, faults=pattern)
+            assert torch.equal(ours, sequence(x, faults=pattern)), (layer, site)
+            changed = set((ours != clean).any(1).nonzero().flatten().tolist())
+            assert changed <= {3, 10}, (layer, site, changed)
+            changed_any += bool(changed)
+        weight = FaultPattern.from_faults([Fault("weight", layer, 7, 6)])
+        assert torch.equal(merged(x, faults=weight), sequence(x, faults=weight)), layer
+    assert changed_any >= 20
+    labels = clean.argmax(1)
+    # attention's QLinearMatMuls of two activations are computed outside the fault sites (6% of the MACs)
+    spec = CampaignSpec(site="act", ber=2e-5, min_acc=0.5, budget=3, first=3, seed=1, min_coverage=0.9)
+    dropped = [Campaign(merged, x, labels, spec, "rows", batch_size=8).trial(i) for i in range(3)]
+    assert [Campaign(merged, x, labels, spec, "rows", batch_size=8, drop_fault_free=False).trial(i)
+            for i in range(3)] == dropped
+    assert any(trial.faulty_images < len(x) for trial in dropped)
+
+
+class _Mixed(nn.Module):
+    """A layer on rows that each hold several images' values (a permute before the merge): no layout places them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix, self.head = nn.Linear(8, 8), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        rows = x.reshape(n, 8, 8).permute(1, 2, 0).reshape(-1, 8)
+        return self.head(self.mix(rows).reshape(8, 8, n).permute(2, 0, 1).reshape(n, 64))
+
+
+def test_rows_that_mix_images_are_refused_with_the_reason(tmp_path: pathlib.Path) -> None:
+    """A layer whose rows no layout places (changing one image changes rows of others) is refused, saying why, never
+    faulted per row as if per image."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _Mixed()
+    path = encoder_static(export_encoder(model, tmp_path, "mixed"))
+    with pytest.raises(UnsupportedModelError, match=r"its first dimension is 128 = 8 x the batch of 16: .* merged the "
+                                                    r"batch into another dimension.*changing one calibration image "
+                                                    r"alone changed rows that are not its own"):
+        quantize(path, encoder_inputs(16, seed=4))
+
+
+def test_a_seq_first_attention_export_is_read_per_image(tmp_path: pathlib.Path) -> None:
+    """torch's nn.TransformerEncoderLayer exports its attention sequence first: its input projection on [tokens,
+    batch, width], its output projection on [tokens x batch, width]. Static and dynamic quantizations read, each
+    such layer on the per-image view (dynamic: each image's range its own tokens', as onnxruntime computes one input
+    at a time)."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
         layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
@@ -153,20 +246,27 @@ def test_a_seq_first_attention_export_is_refused_with_the_reason(tmp_path: pathl
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.layer(x.reshape(x.shape[0], 8, 8)).mean(1))
 
-    path = encoder_dynamic(export_encoder(Seq(), tmp_path, "seq"))
-    with pytest.raises(UnsupportedModelError, match="needs the batch as its first dimension"):
-        quantize(path, encoder_inputs(16, seed=4))
+    float_path = export_encoder(Seq(), tmp_path, "seq")
+    x = encoder_inputs(16, seed=4)
+    for path, each in ((encoder_static(float_path), False), (encoder_dynamic(float_path), True)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeployedMismatchWarning)  # LayerNorm, Softmax: onnxruntime rounds otherwise
+            qmodel = quantize(path, x)
+        notes = qmodel.config["deployed_notes"]
+        assert any("run on the batch merged with 8 rows per image, row by row (sequence first)" in n for n in notes)
+        ours = torch.cat([qmodel(x[i:i + 1]) for i in range(len(x))]) if each else qmodel(x)
+        theirs = run_onnxruntime(path, x, each)
+        assert torch.equal(ours.argmax(1), theirs.argmax(1))
+        assert float((ours - theirs).abs().max()) < 1e-3 * float(theirs.abs().max())
+        labels = ours.argmax(1)
+        for site in ("weight", "input") if each else ("act", "weight", "input"):
+            assert 0.0 <= accuracy(qmodel, (x, labels), FaultModel(site, 1e-3), seed=1) <= 1.0
 
 
-def test_a_batch_merged_into_the_tokens_is_refused_with_the_reason(tmp_path: pathlib.Path) -> None:
-    """Hugging Face's GPT-2 runs its projections (Conv1D) on [batch x tokens, width]: a layer whose first dimension
-    is a multiple of the batch is refused, saying so, never faulted per row as if per image."""
+def _gpt2(tmp_path: pathlib.Path) -> tuple[Any, pathlib.Path, torch.Tensor]:
+    """A tiny random-init GPT2ForSequenceClassification exported by torch (token ids in), with 16 x 12 token ids."""
     transformers = pytest.importorskip("transformers")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from pytest_hwfault.data import Inputs
-
-    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=16, num_labels=3,
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16, num_labels=3,
                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -177,10 +277,58 @@ def test_a_batch_merged_into_the_tokens_is_refused_with_the_reason(tmp_path: pat
         torch.onnx.export(_Ids(model), (ids[:2],), str(tmp_path / "gpt2.onnx"), dynamo=False, input_names=["ids"],
                           output_names=["logits"], dynamic_axes={"ids": {0: "n"}, "logits": {0: "n"}},
                           opset_version=17)
-        quantize_dynamic(str(tmp_path / "gpt2.onnx"), str(tmp_path / "dynamic.onnx"), weight_type=QuantType.QInt8)
-    with pytest.raises(UnsupportedModelError, match=r"its first dimension is 192 = 12 x the batch of 16: .* merged "
-                                                    r"the batch into another dimension"):
-        quantize(tmp_path / "dynamic.onnx", Inputs((ids,)))
+    return model, tmp_path / "gpt2.onnx", ids
+
+
+def test_hugging_face_gpt2_exported_to_onnx_is_read_per_image(tmp_path: pathlib.Path) -> None:
+    """GPT-2's projections (Conv1D) export as Gemms on [batch x tokens, width]: read, static and dynamic, each on the
+    per-image view; the dynamic ones quantize each image's input on that image's rows (onnxruntime run one input at a
+    time: within float32 rounding of its float attention), every site runs."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    from pytest_hwfault.data import Inputs
+
+    _, float_path, ids = _gpt2(tmp_path)
+    # the causal mask's float32 minimum left unquantized: its calibrated scale would be infinite
+    mask = [n.name for n in onnx.load(str(float_path)).graph.node
+            if any(part in n.name for part in ("/attn/Where", "/attn/Add", "/attn/Softmax"))]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"ids": ids[i:i + 4].numpy()} for i in range(0, 16, 4)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(str(float_path), str(tmp_path / "dynamic.onnx"), weight_type=QuantType.QInt8)
+        quantize_static(str(float_path), str(tmp_path / "static.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                        nodes_to_exclude=mask)
+    session = {kind: ort.InferenceSession(str(tmp_path / f"{kind}.onnx"), providers=["CPUExecutionProvider"])
+               for kind in ("static", "dynamic")}
+    for kind in ("static", "dynamic"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeployedMismatchWarning)  # LayerNorm, Softmax, Tanh round otherwise
+            qmodel = quantize(tmp_path / f"{kind}.onnx", Inputs((ids,)))
+        assert any(note.startswith("8 layer(s) run on the batch merged with 12 rows per image, image by image")
+                   for note in qmodel.config["deployed_notes"])
+        theirs = torch.cat([torch.from_numpy(session[kind].run(None, {"ids": ids[i:i + 1].numpy()})[0])
+                            for i in range(len(ids))])
+        ours = torch.cat([qmodel(Inputs((ids[i:i + 1],))) for i in range(len(ids))])
+        assert torch.equal(ours.argmax(1), theirs.argmax(1))
+        # static: LayerNorm's, Tanh's and the float MatMul's ulps, re-gridded, two output codes at most (0.0054);
+        # dynamic: within float32 rounding of its float attention, each image quantized on the range of its own rows
+        assert float((ours - theirs).abs().max()) < (0.03 if kind == "static" else 1e-6) * float(theirs.abs().max())
+        labels = ours.argmax(1)
+        for site in ("act", "weight", "input") if kind == "static" else ("weight", "input"):
+            assert 0.0 <= accuracy(qmodel, (Inputs((ids,)), labels), FaultModel(site, 1e-3), seed=1) <= 1.0
 
 
 def test_an_unknown_op_is_still_refused_by_name(encoders) -> None:  # noqa: ANN001
