@@ -148,6 +148,8 @@ class Requantize(nn.Module):
         scale = torch.tensor(self.scale, dtype=torch.float32)
         codes = torch.div(x, scale) if self.divide else torch.mul(x, 1.0 / scale)
         codes = codes.add_(self.zero_point).round_() if self.zero_first else codes.round_().add_(self.zero_point)
+        if self.divide:  # onnxruntime's QuantizeLinear: a NaN (a degenerate scale's) to the lowest code (measured)
+            codes = codes.nan_to_num_(nan=float(self.low))
         return codes.clamp_(self.low, self.high).sub_(self.zero_point).mul_(scale)
 
     def extra_repr(self) -> str:

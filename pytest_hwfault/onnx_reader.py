@@ -64,8 +64,26 @@ def _code_range(signed: bool) -> tuple[int, int]:
     return (-128, 127) if signed else (0, 255)
 
 
+def _saturate(codes: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """onnxruntime's conversion of a float result to codes, in place: a NaN becomes the lowest code (its float -> int32
+    conversion gives INT32_MIN, saturated; measured on QuantizeLinear, QLinearAdd, QLinearMul, QLinearMatMul and
+    QLinearSoftmax, uint8 and int8: a degenerate scale's NaNs), the rest clamped."""
+    return codes.nan_to_num_(nan=float(low)).clamp_(low, high)
+
+
+def _int32_converted(x: torch.Tensor) -> torch.Tensor:
+    """MLAS's float -> int32 conversion without a clamp before it (QLinearAdd, QLinearMul): a value outside the int32
+    range, infinities and NaN included, becomes INT32_MIN, which then saturates to the lowest code (measured: a sum
+    of 1.2e12 gives code 0, not 255)."""
+    return torch.where((x >= -(2.0**31)) & (x < 2.0**31), x, torch.tensor(-(2.0**31), dtype=x.dtype))
+
+
 def _codes(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """Stored codes of values (code - zero point) x scale, recovered exactly."""
+    """Stored codes of values (code - zero point) x scale, recovered exactly. On a degenerate grid (an infinite
+    scale: its values are NaN at the zero point, -inf or +inf below or above it), the side of the zero point: -1, 0
+    or +1 from it, which is all a kernel's infinite ratios read of such a code."""
+    if not math.isfinite(scale):
+        return torch.sign(torch.nan_to_num(x, nan=0.0)).add_(zero_point)
     return torch.div(x, torch.tensor(scale, dtype=torch.float32)).round_().add_(zero_point)
 
 
@@ -98,8 +116,8 @@ class QLinearAdd(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         qa, qb = _codes(a, self.sa, self.za), _codes(b, self.sb, self.zb)
-        out = _fma32(qa, self.ra, _fma32(qb, self.rb, self.fixed)).round_().clamp_(self.low, self.high)
-        return _values(out, self.sc, self.zc)
+        out = _int32_converted(_fma32(qa, self.ra, _fma32(qb, self.rb, self.fixed)).round_())
+        return _values(_saturate(out, self.low, self.high), self.sc, self.zc)
 
     def extra_repr(self) -> str:
         return f"a=({self.sa!r}, {self.za}), b=({self.sb!r}, {self.zb}), out=({self.sc!r}, {self.zc})"
@@ -130,7 +148,7 @@ class QLinearMatMul(nn.Module):
         qb = _codes(b, self.sb, self.zb).sub_(self.zb).double()
         acc = torch.matmul(qa, qb).float()  # exact in float64 (|sum| < 2^53); int32 -> float32 rounds as this does
         out = acc.mul_(torch.tensor(self.multiplier, dtype=torch.float32)).round_().add_(self.zy)
-        return _values(out.clamp_(self.low, self.high), self.sy, self.zy)
+        return _values(_saturate(out, self.low, self.high), self.sy, self.zy)
 
     def extra_repr(self) -> str:
         return f"a=({self.sa!r}, {self.za}), b=({self.sb!r}, {self.zb}), out=({self.sy!r}, {self.zy})"
@@ -150,8 +168,8 @@ class QLinearMul(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         qa = _codes(a, self.sa, self.za).sub_(self.za)
         qb = _codes(b, self.sb, self.zb).sub_(self.zb)
-        out = torch.mul(qa, qb).mul_(torch.tensor(self.ratio, dtype=torch.float32)).round_().add_(self.zc)
-        return _values(out.clamp_(self.low, self.high), self.sc, self.zc)
+        out = _int32_converted(torch.mul(qa, qb).mul_(torch.tensor(self.ratio, dtype=torch.float32)).round_())
+        return _values(_saturate(out.add_(self.zc), self.low, self.high), self.sc, self.zc)
 
     def extra_repr(self) -> str:
         return f"a=({self.sa!r}, {self.za}), b=({self.sb!r}, {self.zb}), out=({self.sc!r}, {self.zc})"
@@ -169,7 +187,7 @@ class QLinearSoftmax(nn.Module):
         self.x_scale, (self.sy, self.zy), self.signed, self.axis, self.opset = x_scale, y, signed, axis, opset
         f32 = np.float32
         self.y_factor = float(np.floor(f32(1.0) / f32(self.sy)))
-        self.high = 127 if signed else 255
+        self.low, self.high = _code_range(signed)
         self._tables: dict[int, torch.Tensor] = {}
 
     def table(self, reduced: int) -> torch.Tensor:
@@ -194,7 +212,7 @@ class QLinearSoftmax(nn.Module):
         for j in range(reduced):  # in order, each step rounded to float32, as the kernel sums
             total = total + entries[..., j]
         out = torch.mul(entries, torch.tensor(self.y_factor, dtype=torch.float32)).div_(total.unsqueeze(-1))
-        out = out.round_().add_(self.zy).clamp_(max=self.high)
+        out = _saturate(out.round_().add_(self.zy), self.low, self.high)
         out = out.movedim(-1, axis) if self.opset >= 13 else out.reshape(shape)
         return _values(out, self.sy, self.zy)
 
@@ -268,7 +286,7 @@ class QLinearGlobalAvgPool(nn.Module):
         size = int(np.prod(x.shape[2:]))
         scale = torch.tensor(f32(self.si) / (f32(self.so) * f32(size)), dtype=torch.float32)
         acc = (_codes(x, self.si, self.zi) - self.zi).double().sum(dim=tuple(range(2, x.dim())), keepdim=True)
-        out = acc.float().mul_(scale).clamp_(self.low - self.zo, self.high - self.zo).round_()
+        out = _saturate(acc.float().mul_(scale), self.low - self.zo, self.high - self.zo).round_()
         return out.mul_(torch.tensor(self.so, dtype=torch.float32))
 
     def extra_repr(self) -> str:
@@ -303,7 +321,7 @@ class QLinearAvgPool(nn.Module):
             count = F.unfold(ones, self.kernel, stride=self.stride).sum(1).expand_as(total)
         out_h = (h + top + bottom - self.kernel[0]) // self.stride[0] + 1
         y = (total / count).div_(torch.tensor(self.so, dtype=torch.float32)).add_(self.zo).round_()
-        y = y.clamp_(self.low, self.high).sub_(self.zo).mul_(torch.tensor(self.so, dtype=torch.float32))
+        y = _saturate(y, self.low, self.high).sub_(self.zo).mul_(torch.tensor(self.so, dtype=torch.float32))
         return y.reshape(n, c, out_h, -1)
 
 

@@ -701,3 +701,48 @@ def test_qlinear_mul_is_onnxruntimes(signed: bool, b_shape: tuple[int, ...]) -> 
     mul = QLinearMul(grids["a"], grids["b"], grids["y"], signed)
     ours = mul(_grid_values(a, grids["a"]), _grid_values(b, grids["b"]))
     assert torch.equal(ours, _grid_values(theirs, grids["y"]))
+
+
+_DEGENERATE_CASES = [(op, degenerate, signed) for op, degenerate in (
+    ("Add", "b"), ("Add", "y"), ("Mul", "b"), ("Mul", "y"), ("MatMul", "b"), ("MatMul", "y"), ("Softmax", "x"),
+    ("Add", "huge"), ("Mul", "huge"), ("MatMul", "huge")) for signed in (False, True) if op != "Softmax" or not signed]
+
+
+@pytest.mark.parametrize(("op", "degenerate", "signed"), _DEGENERATE_CASES,
+                         ids=[f"{op}-{deg}-{'s8' if signed else 'u8'}" for op, deg, signed in _DEGENERATE_CASES])
+def test_degenerate_and_huge_scales_give_onnxruntimes_codes(op: str, degenerate: str, signed: bool) -> None:
+    """A grid with an infinite scale (quantize_static's calibration of an attention mask holding float32's minimum:
+    its codes carry no information, named in the notes; such a quantize node writes its zero point, or its lowest
+    code for a NaN): onnxruntime's kernels turn the NaNs it makes into the lowest code, and so do the reader's (or,
+    where onnxruntime runs the group in float, its QuantizeLinear). Scales of 1e10 ("huge"): QLinearAdd and
+    QLinearMul convert a result outside the int32 range to the lowest code, QLinearMatMul clamps it; the reader's
+    kernels too. (onnxruntime's float Softmax of a row of NaNs, an int8 group it leaves unfused, is not reproduced.)"""
+    from pytest_hwfault.deployed import Requantize
+    from pytest_hwfault.onnx_reader import QLinearAdd, QLinearMatMul, QLinearMul, QLinearSoftmax
+
+    rng = np.random.default_rng(len(op) * 7 + len(degenerate))
+    low, high = (-128, 128) if signed else (0, 256)
+    dtype = np.int8 if signed else np.uint8
+    names = ("x",) if op == "Softmax" else ("a", "b")
+    grids = {"x": (0.031, 3), "a": (0.021, 2 if signed else 130), "b": (0.013, -7 if signed else 139),
+             "y": (1 / 256, -128 if signed else 0) if op == "Softmax" else (0.0173, 1 if signed else 128)}
+    grids = {n: (float("inf"), zero) if n == degenerate else (1e10, zero) if degenerate == "huge" and n != "y" else
+             (scale, zero) for n, (scale, zero) in grids.items() if n in (*names, "y")}
+    # the codes an infinite-scale QuantizeLinear writes: its zero point for a finite value, the lowest for a NaN
+    inputs = {n: np.where(rng.random((4, 16, 16)) < 0.3, low, grids[n][1]) if n == degenerate else
+              rng.integers(low, high, (4, 16, 16)) for n in names}
+    inputs = {n: codes.astype(dtype) for n, codes in inputs.items()}
+    theirs, kernels = _qdq_node_model(op, inputs, grids, signed, axis=-1) if op == "Softmax" else \
+        _qdq_node_model(op, inputs, grids, signed)
+    values = [_grid_values(inputs[n], grids[n]) for n in names]
+    if kernels == [f"QLinear{op}"]:
+        kernel: Any = {"Add": lambda: QLinearAdd(grids["a"], grids["b"], grids["y"], signed),
+                       "Mul": lambda: QLinearMul(grids["a"], grids["b"], grids["y"], signed),
+                       "MatMul": lambda: QLinearMatMul(grids["a"], grids["b"], grids["y"], signed),
+                       "Softmax": lambda: QLinearSoftmax(grids["x"][0], grids["y"], signed, -1, 17)}[op]()
+        ours = kernel(*values)
+    else:  # onnxruntime runs the group in float: the float op, then its QuantizeLinear
+        float_op = {"Add": torch.add, "Mul": torch.mul, "MatMul": torch.matmul}[op]
+        assert "QuantizeLinear" in kernels
+        ours = Requantize(*grids["y"], low, high - 1)(float_op(*values))
+    torch.testing.assert_close(ours, _grid_values(theirs, grids["y"]), rtol=0, atol=0, equal_nan=True)
