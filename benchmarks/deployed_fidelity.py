@@ -118,7 +118,9 @@ def measure() -> dict[str, dict[str, float]]:
 def _onnx_transformer(folder: Path) -> dict[str, dict[str, float]]:
     """A random-init two-block encoder exported to ONNX (tests/deployed_models.py's `Encoder`), 400 inputs:
     static QDQ of the ops the reader reproduces (plain: ReLU for softmax and GELU, no LayerNorm), u8 and s8; the
-    full one (LayerNorm, Softmax, GELU) static u8 and dynamic (one input at a time)."""
+    full one (LayerNorm, Softmax, GELU) static u8 and dynamic (one input at a time); the plain one with its linear
+    layers on [batch x tokens, width] image by image and token by token; a tiny Hugging Face GPT-2 (its Conv1D
+    projections on merged rows), static (the causal mask left unquantized) and dynamic, 256 inputs one at a time."""
     import warnings
 
     with torch.random.fork_rng():
@@ -130,6 +132,11 @@ def _onnx_transformer(folder: Path) -> dict[str, dict[str, float]]:
              "onnx transformer, static of reproduced ops (s8)": (dm.encoder_static(plain_path, "s8"), False),
              "onnx transformer, static with LayerNorm/Softmax/GELU (u8)": (dm.encoder_static(full_path), False),
              "onnx transformer, dynamic (one input at a time)": (dm.encoder_dynamic(full_path), True)}
+    for rows_kind in ("merged", "sequence"):  # the plain one's layers on [batch x tokens, width]: viewed per image
+        model = dm.Encoder(plain=True, rows=rows_kind)
+        model.load_state_dict(plain.state_dict())
+        name = f"onnx transformer, layers on {rows_kind} rows, static of reproduced ops (u8)"
+        cases[name] = (dm.encoder_static(dm.export_encoder(model, folder, rows_kind)), False)
     rows = {}
     for name, (path, each) in cases.items():
         with warnings.catch_warnings():
@@ -137,6 +144,20 @@ def _onnx_transformer(folder: Path) -> dict[str, dict[str, float]]:
             qmodel = quantize(path, x[:64])
         ours = torch.cat([qmodel(x[i:i + 1]) for i in range(len(x))]) if each else qmodel(x)
         rows[name] = _exact(dm.run_onnxruntime(path, x, each), ours)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return rows
+    from pytest_hwfault.data import Inputs
+
+    float_path, ids = dm.export_gpt2(folder, images=256)
+    for kind, path in dm.gpt2_quantized(float_path, ids[:64]).items():  # one input at a time, as the test does
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qmodel = quantize(path, Inputs((ids[:64],)))
+        ours = torch.cat([qmodel(Inputs((ids[i:i + 1],))) for i in range(len(ids))])
+        rows[f"onnx GPT-2 (Hugging Face, 2 layers, Conv1D on merged rows), {kind}, 256 inputs one at a time"] = \
+            _exact(dm.run_onnxruntime_ids(path, ids), ours)
     return rows
 
 

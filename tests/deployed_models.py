@@ -297,3 +297,75 @@ def run_onnxruntime(path: Any, x: torch.Tensor, each: bool = False) -> torch.Ten
     if each:
         return torch.cat([torch.from_numpy(session.run(None, {"x": x[i:i + 1].numpy()})[0]) for i in range(len(x))])
     return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
+# -- a tiny Hugging Face GPT-2 exported to ONNX (tests/test_onnx_transformer.py, benchmarks/deployed_fidelity.py) ----
+class _GPT2Logits(nn.Module):
+    """A sequence classifier called with token ids alone."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids).logits
+
+
+def export_gpt2(folder: pathlib.Path, images: int = 16) -> tuple[pathlib.Path, torch.Tensor]:
+    """A random-init GPT2ForSequenceClassification (2 layers, width 32, 4 heads, vocabulary 100, 3 classes) exported by
+    torch's TorchScript exporter (opset 17, token ids in, a dynamic batch), and `images` x 12 random token ids. Its
+    projections (Conv1D) export as Gemms on [batch x tokens, width]."""
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16, num_labels=3,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _GPT2Logits(transformers.GPT2ForSequenceClassification(config)).eval()
+    ids = torch.randint(3, 100, (images, 12), generator=torch.Generator().manual_seed(0))
+    path = folder / "gpt2.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (ids[:2],), str(path), dynamo=False, input_names=["ids"], output_names=["logits"],
+                          dynamic_axes={"ids": {0: "n"}, "logits": {0: "n"}}, opset_version=17)
+    return path, ids
+
+
+def gpt2_quantized(float_path: pathlib.Path, ids: torch.Tensor) -> dict[str, pathlib.Path]:
+    """onnxruntime's quantize_static (QDQ u8, calibrated on `ids` in batches of 4; the causal mask's Where, the score
+    Add and the Softmax left unquantized: the mask's float32 minimum would give an infinite scale) and
+    quantize_dynamic of a GPT-2 export."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    mask = [n.name for n in onnx.load(str(float_path)).graph.node
+            if any(part in n.name for part in ("/attn/Where", "/attn/Add", "/attn/Softmax"))]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"ids": ids[i:i + 4].numpy()} for i in range(0, len(ids), 4)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    paths = {kind: float_path.with_name(f"{float_path.stem}_{kind}.onnx") for kind in ("static", "dynamic")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_dynamic(str(float_path), str(paths["dynamic"]), weight_type=QuantType.QInt8)
+        quantize_static(str(float_path), str(paths["static"]), Reader(), quant_format=QuantFormat.QDQ,
+                        nodes_to_exclude=mask)
+    return paths
+
+
+def run_onnxruntime_ids(path: pathlib.Path, ids: torch.Tensor) -> torch.Tensor:
+    """onnxruntime's CPU provider on token ids, one input at a time."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.cat([torch.from_numpy(session.run(None, {"ids": ids[i:i + 1].numpy()})[0]) for i in range(len(ids))])

@@ -17,7 +17,10 @@ from deployed_models import (
     encoder_inputs,
     encoder_static,
     export_encoder,
+    export_gpt2,
+    gpt2_quantized,
     run_onnxruntime,
+    run_onnxruntime_ids,
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -263,64 +266,21 @@ def test_a_seq_first_attention_export_is_read_per_image(tmp_path: pathlib.Path) 
             assert 0.0 <= accuracy(qmodel, (x, labels), FaultModel(site, 1e-3), seed=1) <= 1.0
 
 
-def _gpt2(tmp_path: pathlib.Path) -> tuple[Any, pathlib.Path, torch.Tensor]:
-    """A tiny random-init GPT2ForSequenceClassification exported by torch (token ids in), with 16 x 12 token ids."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16, num_labels=3,
-                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = _Logits(transformers.GPT2ForSequenceClassification(config)).eval()
-    ids = torch.randint(3, 100, (16, 12), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_Ids(model), (ids[:2],), str(tmp_path / "gpt2.onnx"), dynamo=False, input_names=["ids"],
-                          output_names=["logits"], dynamic_axes={"ids": {0: "n"}, "logits": {0: "n"}},
-                          opset_version=17)
-    return model, tmp_path / "gpt2.onnx", ids
-
-
 def test_hugging_face_gpt2_exported_to_onnx_is_read_per_image(tmp_path: pathlib.Path) -> None:
     """GPT-2's projections (Conv1D) export as Gemms on [batch x tokens, width]: read, static and dynamic, each on the
     per-image view; the dynamic ones quantize each image's input on that image's rows (onnxruntime run one input at a
     time: within float32 rounding of its float attention), every site runs."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        QuantFormat,
-        QuantType,
-        quantize_dynamic,
-        quantize_static,
-    )
-
+    pytest.importorskip("transformers")
     from pytest_hwfault.data import Inputs
 
-    _, float_path, ids = _gpt2(tmp_path)
-    # the causal mask's float32 minimum left unquantized: its calibrated scale would be infinite
-    mask = [n.name for n in onnx.load(str(float_path)).graph.node
-            if any(part in n.name for part in ("/attn/Where", "/attn/Add", "/attn/Softmax"))]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"ids": ids[i:i + 4].numpy()} for i in range(0, 16, 4)])
-
-        def get_next(self) -> dict | None:
-            return next(self.batches, None)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize_dynamic(str(float_path), str(tmp_path / "dynamic.onnx"), weight_type=QuantType.QInt8)
-        quantize_static(str(float_path), str(tmp_path / "static.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                        nodes_to_exclude=mask)
-    session = {kind: ort.InferenceSession(str(tmp_path / f"{kind}.onnx"), providers=["CPUExecutionProvider"])
-               for kind in ("static", "dynamic")}
-    for kind in ("static", "dynamic"):
+    float_path, ids = export_gpt2(tmp_path)
+    for kind, path in gpt2_quantized(float_path, ids).items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeployedMismatchWarning)  # LayerNorm, Softmax, Tanh round otherwise
-            qmodel = quantize(tmp_path / f"{kind}.onnx", Inputs((ids,)))
+            qmodel = quantize(path, Inputs((ids,)))
         assert any(note.startswith("8 layer(s) run on the batch merged with 12 rows per image, image by image")
                    for note in qmodel.config["deployed_notes"])
-        theirs = torch.cat([torch.from_numpy(session[kind].run(None, {"ids": ids[i:i + 1].numpy()})[0])
-                            for i in range(len(ids))])
+        theirs = run_onnxruntime_ids(path, ids)
         ours = torch.cat([qmodel(Inputs((ids[i:i + 1],))) for i in range(len(ids))])
         assert torch.equal(ours.argmax(1), theirs.argmax(1))
         # static: LayerNorm's, Tanh's and the float MatMul's ulps, re-gridded, two output codes at most (0.0054);
