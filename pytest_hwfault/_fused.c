@@ -32,6 +32,14 @@ void hw_to_bytes(const float *x, uint8_t *out, int64_t n, float offset, int thre
         out[i] = (uint8_t)(int32_t)(x[i] + offset);
 }
 
+/* hw_to_bytes for float64 codes (a wide layer's, whose sums the emulated path takes in float64): torch's
+ * out.copy_(x.add(offset)) on a float64 x. */
+void hw_to_bytes_f64(const double *x, uint8_t *out, int64_t n, double offset, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_FROM)
+    for (int64_t i = 0; i < n; i++)
+        out[i] = (uint8_t)(int32_t)(x[i] + offset);
+}
+
 /* Both of the above in one pass: the bytes of clamp(round(x * inv_scale), low, high) + offset, for a layer whose
  * float codes nothing else reads. */
 void hw_quantize_to_bytes(const float *x, uint8_t *out, int64_t n, float inv_scale, float low, float high,

@@ -57,6 +57,22 @@ def _same_values(a: Any, b: Any) -> bool:
         return False
 
 
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, with a module that says `fx_leaf = True` called as one node: a reader's module whose
+    forward takes a data-dependent path (onnxruntime's dynamic output: the int32 wrap only where a sum can reach
+    it) computes the same values either way, and a graph suffix calls it as it is."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return bool(getattr(m, "fx_leaf", False)) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> torch.fx.GraphModule:
+    """torch.fx's symbolic trace of `model`, reader modules marked `fx_leaf` kept whole (`_Tracer`)."""
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
 def trace_disagreement(model: nn.Module, run: Callable[[nn.Module], Any]) -> str | None:
     """Why the graph torch.fx traces for `model` cannot stand for its forward, or None where it can.
 
@@ -67,7 +83,7 @@ def trace_disagreement(model: nn.Module, run: Callable[[nn.Module], Any]) -> str
     module on it, as the model is called) and must agree bit for bit; where the forward itself gives two answers,
     the check cannot tell, and the trace is not trusted either."""
     try:
-        traced = torch.fx.symbolic_trace(model)
+        traced = trace(model)
     except Exception as exc:  # any tracing failure: the analyses fall back, and say why
         return f"torch.fx cannot trace the model: {type(exc).__name__}: {exc}".splitlines()[0]
     with torch.no_grad():
@@ -108,7 +124,7 @@ def fold_batchnorm(model: nn.Module, untraceable: str | None = None) -> tuple[li
     if untraceable:
         return [], all_bn, untraceable
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = trace(model).graph
     except Exception as exc:  # any tracing failure means: keep BN, and say why
         return [], all_bn, f"{type(exc).__name__}: {exc}".splitlines()[0]
     modules = dict(model.named_modules())
@@ -186,7 +202,7 @@ def code_links(model: nn.Module, layers: Collection[str]) -> CodeLinks:
     `layers`, the name of that producer; and the producers that only such readers use. Empty when the model cannot
     be traced."""
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = trace(model).graph
     except Exception:
         return CodeLinks()
     modules = dict(model.named_modules())
@@ -272,7 +288,7 @@ def in_place_chains(model: nn.Module, layers: Collection[str]) -> dict[str, tupl
     tensor, so these may run in place on it (`inplace.OwnOpsInPlace`) with the same values, and no new tensor.
     Empty when the model cannot be traced."""
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = trace(model).graph
     except Exception:
         return {}
     modules = dict(model.named_modules())

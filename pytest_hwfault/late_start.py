@@ -32,6 +32,7 @@ from torch import fx
 from .data import Batch, as_args
 from .evaluate import select_logits
 from .faults import FaultPattern
+from .graph import trace
 from .layout import CHANNELS_LAST
 from .qmodel import QuantizedModel
 
@@ -157,7 +158,7 @@ class LateStart:
         if self.qmodel.trace_error:
             raise _Unsupported(self.qmodel.trace_error)
         try:
-            traced = fx.symbolic_trace(self.qmodel.module)
+            traced = trace(self.qmodel.module)
         except Exception as exc:  # any tracing failure: no late start, and say why
             reason = f"torch.fx cannot trace the model: {type(exc).__name__}: {exc}".splitlines()[0]
             raise _Unsupported(reason) from None

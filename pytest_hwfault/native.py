@@ -50,6 +50,7 @@ _P, _I, _F, _D, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_d
 _SIGNATURES = {
     "hw_quantize": [_P, _P, _I, _F, _F, _F, _C],
     "hw_to_bytes": [_P, _P, _I, _F, _C],
+    "hw_to_bytes_f64": [_P, _P, _I, _D, _C],
     "hw_quantize_to_bytes": [_P, _P, _I, _F, _F, _F, _F, _C],
     "hw_requantize": [_P, _I, _I, _I, _P, _P, _P, _F, _F, _F, _F, _F, _C],
     "hw_add_relu": [_P, _P, _I, _C],
@@ -297,11 +298,12 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
         for offset, low, dtype in ((128, -128, torch.uint8), (0, 0, torch.uint8), (255, -255, torch.uint8),
                                    (-128, 0, torch.int8), (0, -128, torch.int8), (-100, -28, torch.int8)):
             codes = torch.randint(low, low + 256, (100_000,), generator=generator).float()
-            want_bytes = eager_to_bytes(codes, torch.empty(codes.shape, dtype=dtype), offset)
-            got_bytes = torch.empty_like(want_bytes)
-            lib.hw_to_bytes(codes.data_ptr(), got_bytes.data_ptr(), codes.numel(), float(offset), threads)
-            if not torch.equal(got_bytes, want_bytes):
-                return f"byte conversion at offset {offset}"
+            for function, given in ((lib.hw_to_bytes, codes), (lib.hw_to_bytes_f64, codes.double())):
+                want_bytes = eager_to_bytes(given, torch.empty(codes.shape, dtype=dtype), offset)
+                got_bytes = torch.empty_like(want_bytes)
+                function(given.data_ptr(), got_bytes.data_ptr(), given.numel(), float(offset), threads)
+                if not torch.equal(got_bytes, want_bytes):
+                    return f"byte conversion of {given.dtype} codes at offset {offset}"
         for inv_scale, bounds, offset in ((1 / 0.37, (-128.0, 127.0), 128), (3.0, (0.0, 255.0), 0),
                                           (0.5, (-20.0, 20.0), 20)):
             want_bytes = eager_to_bytes(eager_quantize(flat, torch.empty_like(flat), inv_scale, *bounds),
@@ -508,9 +510,9 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 # -- what the engine calls -------------------------------------------------------------------------------------------
-def _plain(t: torch.Tensor) -> bool:
-    """A CPU float32 tensor the C functions may read and write as one flat array."""
-    return (t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad
+def _plain(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> bool:
+    """A CPU tensor of `dtype` the C functions may read and write as one flat array."""
+    return (t.dtype == dtype and t.device.type == "cpu" and not t.requires_grad
             and is_dense(tuple(t.shape), t.stride()))
 
 
@@ -544,13 +546,15 @@ def quantize_to_bytes(x: torch.Tensor, out: torch.Tensor, inv_scale: float, low:
 
 
 def to_bytes(x: torch.Tensor, out: torch.Tensor, offset: int) -> bool:
-    """out (uint8 or int8) = x + offset, for integer-valued float32 codes that land in out's range, as
+    """out (uint8 or int8) = x + offset, for integer-valued float32 or float64 codes that land in out's range, as
     `eager_to_bytes`; False, having done nothing, where the fused pass does not apply."""
     lib = _active()
-    if (lib is None or not _plain(x) or out.dtype not in (torch.uint8, torch.int8) or out.device.type != "cpu"
-            or x.shape != out.shape or x.stride() != out.stride() or x.numel() == 0):
+    wide = x.dtype == torch.float64 and _plain(x, torch.float64)
+    if (lib is None or not (_plain(x) or wide) or out.dtype not in (torch.uint8, torch.int8)
+            or out.device.type != "cpu" or x.shape != out.shape or x.stride() != out.stride() or x.numel() == 0):
         return False
-    lib.hw_to_bytes(x.data_ptr(), out.data_ptr(), x.numel(), float(offset), torch.get_num_threads())
+    function = lib.hw_to_bytes_f64 if wide else lib.hw_to_bytes
+    function(x.data_ptr(), out.data_ptr(), x.numel(), float(offset), torch.get_num_threads())
     increment_version(out)  # written in place, as torch's ops count it
     return True
 

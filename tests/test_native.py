@@ -91,11 +91,12 @@ def test_quantize_to_bytes_equals_the_eager_chain(x: torch.Tensor, inv_scale: fl
     low, high = float(-zero_point), float(255 - zero_point)  # the codes + zero point fill uint8
     codes = native.eager_quantize(x, torch.empty_like(x), inv_scale, low, high)
     want = native.eager_to_bytes(codes, torch.empty_like(x, dtype=torch.uint8), zero_point)
-    got, also = torch.empty_like(want), torch.empty_like(want)
+    got, also, wide = torch.empty_like(want), torch.empty_like(want), torch.empty_like(want)
     with threads(n_threads):
         assert native.quantize_to_bytes(x, got, inv_scale, low, high, zero_point)
         assert native.to_bytes(codes, also, zero_point)
-    assert torch.equal(got, want) and torch.equal(also, want)
+        assert native.to_bytes(codes.double(), wide, zero_point)  # a wide layer's float64 codes
+    assert torch.equal(got, want) and torch.equal(also, want) and torch.equal(wide, want)
 
 
 @st.composite

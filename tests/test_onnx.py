@@ -602,28 +602,36 @@ def test_resize_and_pad_against_onnxruntime(mode: str, exact: bool) -> None:
         assert np.array_equal(pad(torch.from_numpy(x), torch.from_numpy(pads)).numpy(), theirs), pad_mode
 
 
-def test_dynamic_output_wraps_its_int32_sum_as_the_kernel_does() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("largest", [5000, 2**23, 2**30, 2**31 - 1], ids=["small", "float32", "float64", "wraps"])
+@pytest.mark.parametrize("tokens", [True, False], ids=["tokens", "rows"])
+def test_dynamic_output_wraps_its_int32_sum_as_the_kernel_does(dtype: torch.dtype, largest: int, tokens: bool) -> None:
     """`OrtDynamicOutput` against plain integer arithmetic: the accumulator minus zero point x the weight codes'
     column sums, wrapped to int32 (an accumulator fault can take it past 2^31), to float32, times the float32
-    product of the scales, plus the bias."""
+    product of the scales, plus the bias; for each way it computes it (the difference in float32 below 2^24, in
+    float64 below 2^31, in int64 with the wrap past it), float32 and float64 accumulators, [N, T, C] and [N, C]."""
     from pytest_hwfault.onnx_reader import OrtDynamicOutput
 
     generator = torch.Generator().manual_seed(3)
     weight = torch.randint(-128, 128, (6, 40), generator=generator).float()  # [out, in]
     output = OrtDynamicOutput("layer", torch.rand(6, generator=generator) * 1e-2, torch.randn(6, generator=generator))
-    acc = torch.randint(-(2**31), 2**31, (4, 3, 6), generator=generator).double()
-    acc[0] = torch.randint(-5000, 5000, (3, 6), generator=generator).double()
+    acc = torch.randint(-largest, largest + 1, (4, 3, 6) if tokens else (4, 6), generator=generator).to(dtype)
+    acc[0] = torch.randint(-5000, 5000, acc.shape[1:], generator=generator).to(dtype)
+    acc.view(-1)[7] = largest  # the largest magnitude reached, whatever the draw
     scale, zero = torch.rand(4, generator=generator) * 0.1, torch.tensor([0.0, 17.0, 128.0, 255.0])
+    if largest == 5000:
+        zero.zero_()  # the correction small too: the float32 difference
     ours = output(acc, scale, zero, weight)
     sums = [int(v) for v in weight.sum(1).tolist()]
+    flat_acc, flat_ours = acc.reshape(4, -1, 6), ours.reshape(4, -1, 6)
     for n in range(4):
         product = (scale[n] * output.weight_scale).tolist()  # float32 products
-        for t in range(3):
+        for t in range(flat_acc.shape[1]):
             for o in range(6):
-                raw = int(acc[n, t, o]) - int(zero[n]) * sums[o]
+                raw = int(flat_acc[n, t, o]) - int(zero[n]) * sums[o]
                 raw = (raw + 2**31) % 2**32 - 2**31
                 expected = torch.tensor(float(raw), dtype=torch.float32) * torch.tensor(product[o]) + output.bias[o]
-                assert ours[n, t, o].view(torch.int32) == expected.view(torch.int32), (n, t, o)
+                assert flat_ours[n, t, o].view(torch.int32) == expected.view(torch.int32), (n, t, o)
 
 
 class Padded(torch.nn.Module):
