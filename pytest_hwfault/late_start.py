@@ -169,7 +169,9 @@ class LateStart:
         if order != list(self.layer_position) or len(inputs) == 0:
             raise _Unsupported("the traced graph does not call every quantized layer once, in the order they ran")
         live_nodes = _cut_positions(nodes, at)
-        shapes = self._live_shapes(traced, inputs[:1], {n for name in order[1:] for n in live_nodes[name]})
+        if len(inputs) < 2:
+            raise _Unsupported("one image: nothing tells a value with one row per image from one that has one row")
+        shapes = self._live_shapes(traced, inputs[:2], {n for name in order[1:] for n in live_nodes[name]})
         candidates = []
         for name in order[1:]:
             live = live_nodes[name]
@@ -187,16 +189,22 @@ class LateStart:
         self.cuts = chosen
         self._fill_cache(traced, inputs, sorted({v for cut in chosen for v in cut.live}))
 
-    def _live_shapes(self, traced: fx.GraphModule, one: Batch, wanted: set[fx.Node]
+    def _live_shapes(self, traced: fx.GraphModule, two: Batch, wanted: set[fx.Node]
                      ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Per-image shape and dtype of each wanted value that is a tensor with one row per image."""
+        """Per-image shape and dtype of each wanted value that is a tensor with one row per image: its first
+        dimension follows the number of images, one row for one image and two for two (a value of one row that
+        is not per image, such as a constant of shape [1] or a shape computed from the batch, keeps its size)."""
         names = sorted(n.name for n in wanted)
-        args, kwargs = as_args(one.to(self.qmodel.device))
-        outputs = self.qmodel.run_graph(_capture_module(traced, names), args, {}, kwargs)
+        capture = _capture_module(traced, names)
+        runs = []
+        for images in (two[:1], two):
+            args, kwargs = as_args(images.to(self.qmodel.device))
+            runs.append(self.qmodel.run_graph(capture, args, {}, kwargs))
         shapes = {}
-        for name, value in zip(names, outputs):
-            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 1:
-                shapes[name] = (tuple(value.shape[1:]), value.dtype)
+        for name, one, both in zip(names, *runs):
+            if isinstance(one, torch.Tensor) and isinstance(both, torch.Tensor) and one.dim() >= 1 and \
+                    one.shape[0] == 1 and both.shape == (2, *one.shape[1:]) and both.dtype == one.dtype:
+                shapes[name] = (tuple(one.shape[1:]), one.dtype)
         return shapes
 
     def _fill_cache(self, traced: fx.GraphModule, inputs: Batch, names: list[str]) -> None:

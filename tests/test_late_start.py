@@ -131,8 +131,8 @@ def test_the_pass_that_fills_the_cache_is_the_golden_run(resnet) -> None:  # noq
     finally:
         handle.remove()
     # the two passes that show the forward repeatable and one over one image (its logits keep the batch
-    # dimension), one image to learn the live shapes, coverage's measuring pass, then each image once
-    assert sum(images_run) == 2 * REPEAT_IMAGES + 1 + 1 + MEASURED_IMAGES + len(x)
+    # dimension), one image and two to learn the live shapes, coverage's measuring pass, then each image once
+    assert sum(images_run) == 2 * REPEAT_IMAGES + 1 + (1 + 2) + MEASURED_IMAGES + len(x)
     plain = Campaign(qmodel, x, y, spec, "t", batch_size=64, late_start=False)
     assert torch.equal(late.golden, plain.golden) and torch.equal(late.golden_nonfinite, plain.golden_nonfinite)
     assert late.quantized_accuracy == plain.quantized_accuracy
@@ -165,6 +165,38 @@ def test_untraceable_model_runs_without_late_start(digits: Digits) -> None:
     plain = Campaign(qmodel, digits.x_test[:32], digits.y_test[:32], spec, "t", drop_fault_free=False)
     assert [campaign.trial(i) for i in range(3)] == [plain.trial(i) for i in range(3)]
     assert campaign.late_start() is None
+
+
+class OneRowConstant(nn.Module):
+    """A value of one row computed before the first layer and read after the last: [1], but not one row per image
+    (a constant gain; an ONNX graph's batch size, unsqueezed, looks the same)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(64, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gain = (x.sum() * 0 + 2).reshape(1)
+        h = torch.relu(self.b(torch.relu(self.a(x.flatten(1)))))
+        return self.c(h) * gain
+
+
+def test_a_one_row_value_that_is_not_per_image_is_never_cached_per_image(digits: Digits,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-image values are told by running one image and two: a [1] constant live across every cut keeps its
+    size, so no cut is taken (cached per image, a resumed group of five images read it as [5] and the suffix
+    failed), and the trials are those of a campaign without late start."""
+    with seeded(6):
+        model = OneRowConstant().eval()
+    qmodel = quantize(model, digits.x_train[:64])
+    x, y = digits.x_test[:64], digits.y_test[:64]
+    late = LateStart(qmodel, x)
+    assert not late.enabled and "no cut has only per-image tensors live across it" in str(late.disabled_reason)
+    monkeypatch.setattr(late_start, "BUCKET_OVERHEAD_IMAGES", 0)  # resume every group, however small
+    spec = CampaignSpec(site="act", ber=2e-3, min_acc=0.1, budget=4, first=4, seed=1)
+    campaign = Campaign(qmodel, x, y, spec, "t")
+    plain = Campaign(qmodel, x, y, spec, "t", late_start=False)
+    assert [campaign.trial(i) for i in range(4)] == [plain.trial(i) for i in range(4)]
 
 
 def test_first_faulty_layer(resnet) -> None:  # noqa: ANN001
