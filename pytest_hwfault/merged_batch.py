@@ -132,7 +132,7 @@ def _placed(layout: Layout, changes: dict[int, set[int]], images: int) -> Layout
     return None
 
 
-def _region(graph: fx.Graph, layer: fx.Node, per_image: Callable[[fx.Node], bool]) -> set[fx.Node]:
+def _region(layer: fx.Node, per_image: Callable[[fx.Node], bool]) -> set[fx.Node]:
     """The layer with the per-image steps around it: back from its first operand through `getitem`s of a per-image
     module's results (dynamic quantization), forward to per-image users of its result and of those results."""
     region = {layer}
@@ -282,7 +282,7 @@ def _rewrite_placed(module: fx.GraphModule, nodes: dict[str, fx.Node], placed: d
         layer = nodes[name]
         if layer in done:
             continue
-        region = _region(module.graph, layer, per_image)
+        region = _region(layer, per_image)
         members = sorted(str(n.target) for n in region if n.op == "call_module" and n.target in layers)
         if any(placed.get(m) != layout for m in members):
             continue  # a layer of the region its rows place otherwise, or not at all: refused at calibration
