@@ -8,8 +8,9 @@ engine needs the batch as a layer's first dimension. `unmerge_batches` finds suc
 rewrites the graph so that each computes on the [images, k, ...] view of the same values and hands on the layout the
 graph had: the same numbers, faults placed per image. A reader's per-image steps around a layer (`per_image = True`:
 onnxruntime's dynamic quantization of the layer's input, its float result) are computed on the same view, so that an
-image's range is its own rows'. A layer whose rows no check can place is left as it is, and the calibration refuses
-it, saying why.
+image's range is its own rows'. A layer whose rows no image changes (an attention that an infinite-scale mask left
+constant) is placed forward instead: by which image's outputs its rows change. A layer whose rows no check can place
+is left as it is, and the calibration refuses it, saying why.
 """
 
 from __future__ import annotations
@@ -59,27 +60,24 @@ def from_images(y: torch.Tensor, kind: str) -> torch.Tensor:
     return y.transpose(0, 1)
 
 
-def _is_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor)
-
-
 class _Recorder:
-    """The tensor arguments and results of each module a graph calls exactly once, in one forward."""
+    """The shapes of the arguments of each module a graph calls exactly once, in one forward, and a copy of the first
+    argument of those asked for (`keep`)."""
 
     def __init__(self, module: fx.GraphModule, names: Collection[str]) -> None:
         self.module, self.names = module, set(names)
-        self.args: dict[str, list[Any]] = {}
-        self.outputs: dict[str, Any] = {}
+        self.shapes: dict[str, list[torch.Size | None]] = {}
+        self.values: dict[str, torch.Tensor] = {}
 
-    def run(self, call: Callable[[nn.Module], Any]) -> None:
-        self.args.clear()
-        self.outputs.clear()
+    def run(self, call: Callable[[nn.Module], Any], keep: Collection[str] = ()) -> None:
+        self.shapes, self.values = {}, {}
         handles = []
         for name in self.names:
-            def hook(_: nn.Module, args: tuple[Any, ...], out: Any, name: str = name) -> None:
-                self.args[name] = [a.detach().clone() if _is_tensor(a) else None for a in args]
-                self.outputs[name] = out
-            handles.append(self.module.get_submodule(name).register_forward_hook(hook))
+            def hook(_: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                self.shapes[name] = [a.shape if isinstance(a, torch.Tensor) else None for a in args]
+                if name in keep and args and isinstance(args[0], torch.Tensor):
+                    self.values[name] = args[0].detach().clone()
+            handles.append(self.module.get_submodule(name).register_forward_pre_hook(hook))
         try:
             with torch.no_grad():
                 call(self.module)
@@ -92,17 +90,17 @@ def _on(call: Callable[[nn.Module, Any], Any], batch: Any) -> Callable[[nn.Modul
     return lambda module: call(module, batch)
 
 
-def _candidate(first: torch.Tensor | None, second: torch.Tensor | None, images: int) -> Layout | None:
+def _candidate(first: torch.Size | None, second: torch.Size | None, images: int) -> Layout | None:
     """The layout an operand may have from its shapes at `images` and at `images - 1` images (None: batch first,
     or no dimension follows the images)."""
-    if first is None or second is None or first.dim() == 0 or second.dim() == 0:
+    if first is None or second is None or len(first) == 0 or len(second) == 0:
         return None
-    a, b = first.shape[0], second.shape[0]
+    a, b = first[0], second[0]
     if a == images and b == images - 1:
         return None  # batch first
     if a != b and b > 0 and a % images == 0 and a // images > 1 and b == a // images * (images - 1):
         return Layout(FOLD, a // images)  # or INTERLEAVE: the rows that change decide
-    if a == b and first.dim() > 1 and second.dim() > 1 and first.shape[1] == images and second.shape[1] == images - 1:
+    if a == b and len(first) > 1 and len(second) > 1 and first[1] == images and second[1] == images - 1:
         return Layout(SECOND, a)
     return None
 
@@ -130,6 +128,63 @@ def _placed(layout: Layout, changes: dict[int, set[int]], images: int) -> Layout
     if interleave and not fold:
         return Layout(INTERLEAVE, k)
     return None
+
+
+def _image_rows(layout: Layout, image: int, images: int) -> tuple[int, torch.Tensor]:
+    """(the dimension, the indices) of an operand laid out as `layout` that hold `image`."""
+    k = layout.rows
+    if layout.kind == FOLD:
+        return 0, torch.arange(image * k, image * k + k)
+    if layout.kind == INTERLEAVE:
+        return 0, torch.arange(k) * images + image
+    return 1, torch.tensor([image])
+
+
+def _changed_images(before: Any, after: Any, images: int) -> set[int]:
+    """The images whose outputs differ: over every output tensor with one row per image (NaN equal to NaN)."""
+    from torch.utils._pytree import tree_leaves
+
+    changed: set[int] = set()
+    for a, b in zip(tree_leaves(before), tree_leaves(after)):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dim() and \
+                a.shape[0] == images:
+            changed |= _changed(a, b, 0)
+    return changed
+
+
+def _influence(module: fx.GraphModule, source: str, layout: Layout, images: int,
+               run: Callable[[nn.Module], Any]) -> Layout | None:
+    """A layer whose rows no image changes (a constant input: an attention an infinite-scale mask silenced, in
+    onnxruntime too) is placed forward: the layout under which changing the rows it gives image j (by more than any
+    value there) changes image j's outputs and no other's, for every j, and some outputs at all; None where no
+    layout or both do."""
+    with torch.no_grad():
+        base = run(module)
+    options = [layout] if layout.kind == SECOND else [layout, Layout(INTERLEAVE, layout.rows)]
+    proved = []
+    for option in options:
+        moved = False
+        for image in range(images):
+            dim, rows = _image_rows(option, image, images)
+
+            def bump(_: nn.Module, args: tuple[Any, ...], dim: int = dim, rows: torch.Tensor = rows) -> Any:
+                x = args[0].clone()
+                x.index_add_(dim, rows, torch.full_like(x.index_select(dim, rows), float(x.abs().amax()) + 1.0))
+                return (x, *args[1:])
+
+            handle = module.get_submodule(source).register_forward_pre_hook(bump)
+            try:
+                with torch.no_grad():
+                    changed = _changed_images(base, run(module), images)
+            finally:
+                handle.remove()
+            if not changed <= {image}:
+                break
+            moved = moved or bool(changed)
+        else:
+            if moved:
+                proved.append(option)
+    return proved[0] if len(proved) == 1 else None
 
 
 def _region(layer: fx.Node, per_image: Callable[[fx.Node], bool]) -> set[fx.Node]:
@@ -237,28 +292,36 @@ def _place(module: fx.GraphModule, nodes: dict[str, fx.Node], sources: dict[str,
     """`unmerge_batches`' rounds; the layers rewritten are added to `by_layout` as they are."""
     recorder = _Recorder(module, nodes)
     recorder.run(_on(call, x[:images - 1]))
-    fewer = {name: list(args) for name, args in recorder.args.items()}
+    fewer = recorder.shapes
     recorder.run(_on(call, x))
-    full = {name: list(args) for name, args in recorder.args.items()}
+    full = recorder.shapes
     candidates: dict[str, Layout] = {}
     for name, source in sources.items():
         layout = _candidate((full.get(source) or [None])[0], (fewer.get(source) or [None])[0], images)
         if layout is not None:
             candidates[name] = layout
     while candidates:
+        keep = {sources[name] for name in candidates}
+        recorder.run(_on(call, x), keep)
+        full, base = recorder.shapes, recorder.values
         changes: dict[str, dict[int, set[int]]] = {name: {} for name in candidates}
         for j in range(images):
             index = list(range(images))
             index[j] = (j + 1) % images
-            recorder.run(_on(call, x[torch.tensor(index)]))
+            recorder.run(_on(call, x[torch.tensor(index)]), keep)
             for name, layout in candidates.items():
-                base, other = full[sources[name]][0], (recorder.args.get(sources[name]) or [None])[0]
-                if other is None or other.shape != base.shape:
+                before, after = base.get(sources[name]), recorder.values.get(sources[name])
+                if before is None or after is None or after.shape != before.shape:
                     changes[name][j] = {-1}  # no layout explains a changed shape
                     continue
-                changes[name][j] = _changed(base, other, 1 if layout.kind == SECOND else 0)
+                changes[name][j] = _changed(before, after, 1 if layout.kind == SECOND else 0)
         placed = {name: p for name, layout in candidates.items()
                   if (p := _placed(layout, changes[name], images)) is not None}
+        for name, layout in candidates.items():  # rows no image changes: which image each feeds, seen forward
+            if name not in placed and not any(changes[name].values()):
+                found = _influence(module, sources[name], layout, images, _on(call, x))
+                if found is not None:
+                    placed[name] = found
         rewritten = _rewrite_placed(module, nodes, placed, full, fewer, layers, per_image)
         for layout, members in rewritten.items():
             by_layout.setdefault(layout, []).extend(members)
@@ -266,13 +329,11 @@ def _place(module: fx.GraphModule, nodes: dict[str, fx.Node], sources: dict[str,
             break
         done = {m for members in rewritten.values() for m in members}
         candidates = {name: layout for name, layout in candidates.items() if name not in done}
-        if candidates:  # the layers left, checked again on the rewritten graph
-            recorder.run(_on(call, x))
-            full = {name: list(args) for name, args in recorder.args.items()}
 
 
 def _rewrite_placed(module: fx.GraphModule, nodes: dict[str, fx.Node], placed: dict[str, Layout],
-                    full: dict[str, list[Any]], fewer: dict[str, list[Any]], layers: Collection[str],
+                    full: dict[str, list[torch.Size | None]], fewer: dict[str, list[torch.Size | None]],
+                    layers: Collection[str],
                     per_image: Callable[[fx.Node], bool]) -> dict[Layout, list[str]]:
     """Each placed layer's region rewritten onto the per-image view (`_rewrite`), where every layer of the region is
     placed alike and its operands from outside follow the images; the layers rewritten, by layout."""
@@ -288,7 +349,9 @@ def _rewrite_placed(module: fx.GraphModule, nodes: dict[str, fx.Node], placed: d
             continue  # a layer of the region its rows place otherwise, or not at all: refused at calibration
         dim = 1 if layout.kind == SECOND else 0
         source = str(_source(layer, per_image).target)
-        sizes = full[source][0].shape[dim], fewer[source][0].shape[dim]
+        first, second = full[source][0], fewer[source][0]
+        assert first is not None and second is not None  # a candidate's
+        sizes = first[dim], second[dim]
         # the region's operands from outside it that follow the images along the merged dimension
         entries: dict[fx.Node, list[int]] = {}
         for node in region:
@@ -301,8 +364,7 @@ def _rewrite_placed(module: fx.GraphModule, nodes: dict[str, fx.Node], placed: d
                 if not isinstance(arg, fx.Node) or arg in region or position >= min(len(seen), len(seen_fewer)):
                     continue
                 a, b = seen[position], seen_fewer[position]
-                if a is not None and b is not None and a.dim() > dim and b.dim() > dim and \
-                        (a.shape[dim], b.shape[dim]) == sizes:
+                if a is not None and b is not None and len(a) > dim and len(b) > dim and (a[dim], b[dim]) == sizes:
                     entries.setdefault(node, []).append(position)
         else:
             # results read outside the region: tensors laid out per image (a per-image step's scales never are)

@@ -332,8 +332,9 @@ def export_gpt2(folder: pathlib.Path, images: int = 16) -> tuple[pathlib.Path, t
 
 
 def gpt2_quantized(float_path: pathlib.Path, ids: torch.Tensor) -> dict[str, pathlib.Path]:
-    """onnxruntime's quantize_static (QDQ u8, calibrated on `ids` in batches of 4; the causal mask's Where, the score
-    Add and the Softmax left unquantized: the mask's float32 minimum would give an infinite scale) and
+    """onnxruntime's quantize_static (QDQ u8, calibrated on `ids` in batches of 4; "static": the causal mask's Where,
+    the score Add and the Softmax left unquantized; "static, mask quantized": quantize_static's defaults, which give
+    the mask's float32 minimum an infinite scale and leave the attention constant, in onnxruntime too) and
     quantize_dynamic of a GPT-2 export."""
     import onnx
     from onnxruntime.quantization import (
@@ -354,12 +355,14 @@ def gpt2_quantized(float_path: pathlib.Path, ids: torch.Tensor) -> dict[str, pat
         def get_next(self) -> dict | None:
             return next(self.batches, None)
 
-    paths = {kind: float_path.with_name(f"{float_path.stem}_{kind}.onnx") for kind in ("static", "dynamic")}
+    paths = {kind: float_path.with_name(f"{float_path.stem}_{kind.replace(', ', '_').replace(' ', '_')}.onnx")
+             for kind in ("static", "static, mask quantized", "dynamic")}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         quantize_dynamic(str(float_path), str(paths["dynamic"]), weight_type=QuantType.QInt8)
         quantize_static(str(float_path), str(paths["static"]), Reader(), quant_format=QuantFormat.QDQ,
                         nodes_to_exclude=mask)
+        quantize_static(str(float_path), str(paths["static, mask quantized"]), Reader(), quant_format=QuantFormat.QDQ)
     return paths
 
 

@@ -269,7 +269,10 @@ def test_a_seq_first_attention_export_is_read_per_image(tmp_path: pathlib.Path) 
 def test_hugging_face_gpt2_exported_to_onnx_is_read_per_image(tmp_path: pathlib.Path) -> None:
     """GPT-2's projections (Conv1D) export as Gemms on [batch x tokens, width]: read, static and dynamic, each on the
     per-image view; the dynamic ones quantize each image's input on that image's rows (onnxruntime run one input at a
-    time: within float32 rounding of its float attention), every site runs."""
+    time: within float32 rounding of its float attention), every site runs. quantize_static's defaults give the
+    causal mask an infinite scale, and the attention output is then the same for every image (in onnxruntime too):
+    the layer after it is placed by which image's outputs its rows change, and the view computes finite logits as
+    onnxruntime does (they were NaN), the degenerate grid named."""
     pytest.importorskip("transformers")
     from pytest_hwfault.data import Inputs
 
@@ -285,9 +288,12 @@ def test_hugging_face_gpt2_exported_to_onnx_is_read_per_image(tmp_path: pathlib.
         assert torch.equal(ours.argmax(1), theirs.argmax(1))
         # static: LayerNorm's, Tanh's and the float MatMul's ulps, re-gridded, two output codes at most (0.0054);
         # dynamic: within float32 rounding of its float attention, each image quantized on the range of its own rows
-        assert float((ours - theirs).abs().max()) < (0.03 if kind == "static" else 1e-6) * float(theirs.abs().max())
+        static = kind.startswith("static")
+        assert float((ours - theirs).abs().max()) < (0.03 if static else 1e-6) * float(theirs.abs().max())
+        if kind == "static, mask quantized":
+            assert any("quantizes with scale inf" in note for note in qmodel.config["deployed_notes"])
         labels = ours.argmax(1)
-        for site in ("act", "weight", "input") if kind == "static" else ("weight", "input"):
+        for site in ("act", "weight", "input") if static else ("weight", "input"):
             assert 0.0 <= accuracy(qmodel, (Inputs((ids,)), labels), FaultModel(site, 1e-3), seed=1) <= 1.0
 
 
