@@ -712,3 +712,62 @@ def test_degenerate_and_huge_scales_give_onnxruntimes_codes(op: str, degenerate:
         assert "QuantizeLinear" in kernels
         ours = Requantize(*grids["y"], low, high - 1)(float_op(*values))
     torch.testing.assert_close(ours, _grid_values(theirs, grids["y"]), rtol=0, atol=0, equal_nan=True)
+
+
+GPT2_CONFTEST = f'''
+import sys
+sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+
+import pytest, torch
+import deployed_models as dm
+from pytest_hwfault.data import Inputs
+
+
+@pytest.fixture(scope="session")
+def gpt2(tmp_path_factory):
+    """A tiny GPT-2 deployed through ONNX (quantize_static's defaults), and 64 token sequences labelled with
+    onnxruntime's own predictions."""
+    float_path, ids = dm.export_gpt2(tmp_path_factory.mktemp("gpt2"), images=64)
+    path = dm.gpt2_quantized(float_path, ids)["static, mask quantized"]
+    return path, (Inputs((ids,)), dm.run_onnxruntime_ids(path, ids).argmax(1))
+'''
+
+GPT2_GATES = '''
+from pytest_hwfault import resilience
+
+
+@resilience(ber=1e-5, site=["act", "weight", "input"], min_acc=0.5, budget=8, first=4, min_coverage=0.8)
+def test_release_candidate(hwfault, gpt2):
+    path, val_data = gpt2
+    hwfault.assess(path, val_data)
+
+
+@resilience(ber=1e-2, site="weight", min_acc=0.99, budget=8, first=4, min_coverage=0.8)
+def test_too_strict(hwfault, gpt2):
+    path, val_data = gpt2
+    hwfault.assess(path, val_data)
+'''
+
+
+def test_a_gate_runs_on_a_gpt2_deployed_through_onnx(pytester: pytest.Pytester) -> None:
+    """End to end: `@resilience` gates on a GPT-2 whose projections run on merged rows, given as an .onnx path and
+    token ids: they run and judge (a strict gate does not pass), and the report carries the reader's notes (the
+    layers viewed per image, the degenerate mask grid) and the coverage, short of the attention's products."""
+    pytest.importorskip("transformers")
+    import json
+
+    pytester.makeconftest(GPT2_CONFTEST)
+    pytester.makepyfile(test_gpt2=GPT2_GATES)
+    report = pytester.path / "report.json"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--hwfault", f"--hwfault-report={report}", "-q")
+    result.assert_outcomes(passed=3, failed=1)
+    records = json.loads(report.read_text())["campaigns"]
+    # the strict gate's interval still holds its threshold after its budget: inconclusive, which fails the test
+    assert {(r["site"], r["verdict"]) for r in records} == {("act", "pass"), ("weight", "pass"), ("input", "pass"),
+                                                            ("weight", "inconclusive")}
+    for record in records:
+        assert record["model_format"] == "onnx"
+        notes = " | ".join(record["model_notes"])
+        assert "8 layer(s) run on the batch merged with 12 rows per image, image by image" in notes
+        assert "quantizes with scale inf" in notes
+        assert 0.8 < record["coverage"]["macs"] < 1.0
