@@ -15,6 +15,7 @@ Integer tensors (shapes, indices) follow ONNX's integer semantics (Div truncates
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -102,6 +103,26 @@ def _gather(elements: bool) -> Callable[[dict[str, Any], int], Function]:
             return picked.reshape((*data.shape[:dim], *indices.shape, *data.shape[dim + 1:]))
         return gather
     return make
+
+
+def _gather_nd(attrs: dict[str, Any], opset: int) -> Function:
+    """GatherND: the last dimension of `indices` (m values) indexes data's dimensions b .. b + m - 1, the first b
+    (`batch_dims`) of both walked together; output shape indices.shape[:-1] + data.shape[b + m:]; negative indices
+    count from the end (advanced indexing's own rule, and ONNX's)."""
+    batch_dims = int(attrs.get("batch_dims", 0))
+
+    def gather_nd(data: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        index = indices.long()
+        m = index.shape[-1]
+        if batch_dims == 0:
+            return data[tuple(index[..., i] for i in range(m))]
+        batch = math.prod(data.shape[:batch_dims])
+        flat_data = data.reshape(batch, *data.shape[batch_dims:])
+        flat_index = index.reshape(batch, *index.shape[batch_dims:])
+        rows = torch.arange(batch).reshape(batch, *([1] * (flat_index.dim() - 2)))
+        picked = flat_data[(rows, *(flat_index[..., i] for i in range(m)))]
+        return picked.reshape(*index.shape[:-1], *data.shape[batch_dims + m:])
+    return gather_nd
 
 
 def _unsqueeze(attrs: dict[str, Any], opset: int) -> Function:
@@ -492,11 +513,11 @@ OPS: dict[str, Callable[[dict[str, Any], int], Function]] = {
     "ConvTranspose": _conv_transpose, "ArgMax": _arg(largest=True), "ArgMin": _arg(largest=False),
     "Trilu": _trilu, "Tile": _tile, "CumSum": _cumsum, "Einsum": _einsum,
     "MatMul": _matmul, "Gemm": _gemm, "DequantizeLinear": _dequantize, "GatherElements": _gather(elements=True),
-    "IsNaN": _simple(torch.isnan), "IsInf": _simple(torch.isinf),
+    "GatherND": _gather_nd, "IsNaN": _simple(torch.isnan), "IsInf": _simple(torch.isinf),
 }
 # ops that move or pick values without computing new ones: a value on a quantization grid stays on it
-DATA_MOVEMENT = frozenset({"Identity", "Dropout", "Gather", "GatherElements", "Unsqueeze", "Squeeze", "Reshape",
-                           "Transpose", "Slice", "Expand", "Split", "Flatten"})
+DATA_MOVEMENT = frozenset({"Identity", "Dropout", "Gather", "GatherElements", "GatherND", "Unsqueeze", "Squeeze",
+                           "Reshape", "Transpose", "Slice", "Expand", "Split", "Flatten"})
 
 
 # ops on shapes and indices, or that move values: they compute nothing a float kernel rounds

@@ -311,10 +311,11 @@ class _GPT2Logits(nn.Module):
         return self.model(input_ids=ids).logits
 
 
-def export_gpt2(folder: pathlib.Path, images: int = 16) -> tuple[pathlib.Path, torch.Tensor]:
+def export_gpt2(folder: pathlib.Path, images: int = 16, dynamo: bool = False) -> tuple[pathlib.Path, torch.Tensor]:
     """A random-init GPT2ForSequenceClassification (2 layers, width 32, 4 heads, vocabulary 100, 3 classes) exported by
-    torch's TorchScript exporter (opset 17, token ids in, a dynamic batch), and `images` x 12 random token ids. Its
-    projections (Conv1D) export as Gemms on [batch x tokens, width]."""
+    torch's TorchScript exporter (opset 17, token ids in, a dynamic batch), or with `dynamo` by its default one
+    (its classification head picks each sequence's last token with a GatherND), and `images` x 12 random token ids.
+    Its projections (Conv1D) export as Gemms on [batch x tokens, width]."""
     import transformers
 
     config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=16, num_labels=3,
@@ -323,11 +324,19 @@ def export_gpt2(folder: pathlib.Path, images: int = 16) -> tuple[pathlib.Path, t
         torch.manual_seed(0)
         model = _GPT2Logits(transformers.GPT2ForSequenceClassification(config)).eval()
     ids = torch.randint(3, 100, (images, 12), generator=torch.Generator().manual_seed(0))
-    path = folder / "gpt2.onnx"
+    path = folder / ("gpt2_dynamo.onnx" if dynamo else "gpt2.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (ids[:2],), str(path), dynamo=False, input_names=["ids"], output_names=["logits"],
-                          dynamic_axes={"ids": {0: "n"}, "logits": {0: "n"}}, opset_version=17)
+        if dynamo:
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+                torch.onnx.export(model, (ids[:2],), str(path), dynamo=True, input_names=["ids"],
+                                  output_names=["logits"], dynamic_shapes={"ids": {0: torch.export.Dim("n")}})
+        else:
+            torch.onnx.export(model, (ids[:2],), str(path), dynamo=False, input_names=["ids"], output_names=["logits"],
+                              dynamic_axes={"ids": {0: "n"}, "logits": {0: "n"}}, opset_version=17)
     return path, ids
 
 

@@ -447,6 +447,12 @@ def test_shape_arithmetic_and_dynamic_reshape_are_onnxruntimes() -> None:
     assert OnnxFlatten(1)(torch.from_numpy(x[:, 0, 0])).shape == (2, 1)
     assert OnnxFlatten(2)(torch.from_numpy(x)).shape == (6, 4)
     _same(*_against_onnxruntime("GatherElements", [x, np.array([[[0], [-1], [2]]] * 2, dtype=np.int64)], axis=2))
+    # GatherND: whole rows (m = 1), elements (m = 3), pairs (m = 2, as the dynamo exporter picks each sequence's last
+    # token), negative indices, and batch_dims 1 and 2
+    for indices, batch_dims in ((np.array([[1], [-2]]), 0), (np.array([[0, 1, 2], [1, -1, -4]]), 0),
+                                (np.array([[0, 2], [1, -1], [1, 0]]), 0), (np.array([[2], [-1]]), 1),
+                                (np.array([[[1, 3]], [[2, -1]]]), 1), (np.array([[[3], [0], [-2]]] * 2), 2)):
+        _same(*_against_onnxruntime("GatherND", [x, indices.astype(np.int64)], batch_dims=batch_dims))
     _same(*_against_onnxruntime("IsNaN", [np.array([0.0, np.nan, -np.inf], dtype=np.float32)]))
     ties = np.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, -1.0, 2.0]], dtype=np.float32)
     for op in ("ArgMax", "ArgMin"):
@@ -712,6 +718,29 @@ def test_degenerate_and_huge_scales_give_onnxruntimes_codes(op: str, degenerate:
         assert "QuantizeLinear" in kernels
         ours = Requantize(*grids["y"], low, high - 1)(float_op(*values))
     torch.testing.assert_close(ours, _grid_values(theirs, grids["y"]), rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_gpt2_from_the_dynamo_exporter_is_read_per_image(tmp_path: pathlib.Path) -> None:
+    """torch's default (dynamo) exporter writes GPT-2's classification head as a GatherND of each sequence's last
+    token: read (as a float op, tested node by node against onnxruntime), static and dynamic, with the projections
+    on the per-image view."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("onnxscript")
+    from pytest_hwfault.data import Inputs
+
+    float_path, ids = export_gpt2(tmp_path, dynamo=True)
+    assert any(n.op_type == "GatherND" for n in onnx.load(str(float_path)).graph.node)
+    paths = gpt2_quantized(float_path, ids)
+    for kind in ("static", "dynamic"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeployedMismatchWarning)
+            qmodel = quantize(paths[kind], Inputs((ids,)))
+        assert any(note.startswith("8 layer(s) run on the batch merged with 12 rows per image, image by image")
+                   for note in qmodel.config["deployed_notes"])
+        theirs = run_onnxruntime_ids(paths[kind], ids)
+        ours = torch.cat([qmodel(Inputs((ids[i:i + 1],))) for i in range(len(ids))])
+        assert torch.equal(ours.argmax(1), theirs.argmax(1))
+        assert float((ours - theirs).abs().max()) < (0.03 if kind == "static" else 1e-6) * float(theirs.abs().max())
 
 
 GPT2_CONFTEST = f'''
