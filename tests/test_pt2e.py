@@ -247,3 +247,36 @@ def test_pt2e_layer_the_quantizer_left_in_float_stays_float_and_is_named(pt2e_mo
     assert coverage.macs < 1.0 and [row["module"] for row in coverage.uncovered] == ["fc"], coverage.describe()
     reference, _ = run_graph(edited, x)
     assert torch.equal(reference.argmax(1), qmodel(x).argmax(1))
+
+
+class MergedRows(torch.nn.Module):
+    """Linear layers on [batch x tokens, width], image by image (GPT-2's Conv1D pattern), then a batch-first head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        h = torch.relu(self.a(x.reshape(n * 8, 8)))
+        return self.head(self.b(h).reshape(n, 64))
+
+
+def test_pt2e_layers_on_merged_rows_are_viewed_per_image() -> None:
+    """A PT2E graph's linears on the batch merged with the tokens compute on the per-image view, named in the notes:
+    the graph's logits within float32 rounding (a PT2E graph's own float linears), and an act fault of image 3 in
+    the merged layer changes image 3's logits alone."""
+    from pytest_hwfault import Fault
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = MergedRows().eval()
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    deployed = to_pt2e(model, x)
+    qmodel = quantize(deployed, x)
+    assert any(note.startswith("2 layer(s) run on the batch merged with 8 rows per image, image by image")
+               for note in qmodel.config["deployed_notes"])
+    clean, reference = qmodel(x), deployed(x).detach()
+    assert float((clean - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+    faulty = qmodel(x, faults=FaultPattern.from_faults([Fault("act", "a", 5 * 16 + 3, 6, image=3)]))
+    assert (faulty != clean).any(1).nonzero().flatten().tolist() == [3]
