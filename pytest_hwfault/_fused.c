@@ -294,3 +294,40 @@ int64_t hw_compose_place(const int64_t *linear, const int64_t *bit, int64_t coun
     }
     return codes;
 }
+
+/* onnxruntime's CPU LayerNormalization (float32; MLAS's AVX2 kernel, centered two-pass) of `rows` rows of width c, a
+ * multiple of 8 (`onnx_float.ort_layer_norm` says how it was measured): the mean is a float64 sum in 4 lanes (element
+ * j into lane j % 4), folded (0 + 2, 1 + 3, then the two), divided by c, rounded to float32; the variance is the sum
+ * of the squared float32 differences from it, by fused multiply-adds in 8 lanes, folded in halves (k + k + 4, k +
+ * k + 2, 0 + 1); inv = 1 / sqrtf(var / c + eps); each output fmaf((x - mean) * inv, scale, bias), or (x - mean) *
+ * inv * scale without a bias. */
+void hw_layer_norm_ort(const float *x, const float *scale, const float *bias, float *y, int64_t rows, int64_t c,
+                       float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * c >= PARALLEL_FROM)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * c;
+        float *out = y + r * c;
+        double sums[4] = {0.0, 0.0, 0.0, 0.0};
+        for (int64_t j = 0; j < c; j += 4)
+            for (int k = 0; k < 4; k++)
+                sums[k] += (double)row[j + k];
+        const double sum = (sums[0] + sums[2]) + (sums[1] + sums[3]);
+        const float mean = (float)(sum / (double)c);
+        float lanes[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        for (int64_t j = 0; j < c; j += 8)
+            for (int k = 0; k < 8; k++) {
+                const float d = row[j + k] - mean;
+                lanes[k] = fmaf(d, d, lanes[k]);
+            }
+        for (int k = 0; k < 4; k++)
+            lanes[k] = lanes[k] + lanes[k + 4];
+        for (int k = 0; k < 2; k++)
+            lanes[k] = lanes[k] + lanes[k + 2];
+        const float var = (lanes[0] + lanes[1]) / (float)c + eps;
+        const float inv = 1.0f / sqrtf(var);
+        for (int64_t j = 0; j < c; j++) {
+            const float q = (row[j] - mean) * inv;
+            out[j] = bias ? fmaf(q, scale[j], bias[j]) : q * scale[j];
+        }
+    }
+}

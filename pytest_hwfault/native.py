@@ -60,6 +60,7 @@ _SIGNATURES = {
     "hw_requantize_wide": [_P, _P, _I, _I, _I, _P, _P, _P, _D, _D, _D, _D, _F, _C, _C],
     "hw_gap_positions": [_P, _I, _D, _D, _I, _P],
     "hw_compose_place": [_P, _P, _I, _I, _I, _P, _P, _C],
+    "hw_layer_norm_ort": [_P, _P, _P, _P, _I, _I, _F, _C],
 }
 _RETURNS = {"hw_apply_edit": ctypes.c_int, "hw_requantize_edit_relu": ctypes.c_int,
             "hw_compose_place": ctypes.c_int64}
@@ -269,6 +270,31 @@ def eager_gap_positions(logged: torch.Tensor, log_q: float, total: int, last: in
     return torch.cumsum(gaps, 0).add_(last)
 
 
+def eager_layer_norm_ort(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, eps: float
+                         ) -> torch.Tensor:
+    """`hw_layer_norm_ort` on torch's ops: x is [rows, c] float32 with c a multiple of 8, scale and bias [c]. The
+    mean's four float64 lanes summed in order by a cumulative sum (sequential in float64 on the CPU), the lanes'
+    fused multiply-adds through `onednn.fused_multiply_add` (exact: the product of two float32 is exact in
+    float64)."""
+    from .onednn import fused_multiply_add
+
+    rows, c = x.shape
+    sums = torch.cumsum(x.double().view(rows, c // 4, 4), dim=1)[:, -1]
+    mean = (((sums[:, 0] + sums[:, 2]) + (sums[:, 1] + sums[:, 3])) / c).float().unsqueeze(1)
+    diff = x - mean
+    lanes = torch.zeros(rows, 8)
+    for block in diff.view(rows, c // 8, 8).unbind(1):
+        lanes = fused_multiply_add(block, block, lanes)
+    lanes = lanes[:, :4] + lanes[:, 4:]
+    lanes = lanes[:, :2] + lanes[:, 2:]
+    var = (lanes[:, :1] + lanes[:, 1:]) / torch.tensor(float(c)) + torch.tensor(eps, dtype=torch.float32)
+    # torch's float32 sqrt is not correctly rounded on every CPU (83% of values here); float64's, rounded, is
+    q = diff * (torch.tensor(1.0) / var.double().sqrt().float())
+    if bias is None:
+        return q * scale
+    return fused_multiply_add(q, scale.expand_as(q).contiguous(), bias.expand_as(q).contiguous())
+
+
 def _special_values(generator: torch.Generator) -> torch.Tensor:
     """Values where an implementation could differ: ties of every parity, signed zeros, the clamp bounds and
     beyond, infinities, NaN, huge and tiny numbers, then random ones at several magnitudes."""
@@ -349,7 +375,28 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
         lib.hw_add_relu(got.data_ptr(), other.data_ptr(), got.numel(), threads)
         if not _same_bits(got, want):
             return "add then ReLU"
-    return _check_edits(lib) or _check_requantize_edits(lib) or _check_requantize_wide(lib) or _check_sampling(lib)
+    return (_check_edits(lib) or _check_requantize_edits(lib) or _check_requantize_wide(lib)
+            or _check_sampling(lib) or _check_layer_norm(lib))
+
+
+def _check_layer_norm(lib: ctypes.CDLL) -> str | None:
+    """hw_layer_norm_ort against `eager_layer_norm_ort`: widths 8 to 768, rows near constant (a variance that
+    cancels), large offsets, with and without a bias, one thread and several."""
+    generator = torch.Generator().manual_seed(19)
+    for c in (8, 32, 120, 768):
+        x = torch.randn(40, c, generator=generator) * torch.logspace(-3, 3, 40).unsqueeze(1)
+        x[:8] += torch.randn(8, 1, generator=generator) * 1e4  # offsets far larger than the spread
+        x[8] = 1.5  # a constant row: the variance is zero
+        scale, bias = torch.randn(c, generator=generator), torch.randn(c, generator=generator)
+        for b in (bias, None):
+            want = eager_layer_norm_ort(x, scale, b, 1e-5)
+            for threads in (1, max(2, torch.get_num_threads())):
+                got = torch.empty_like(x)
+                lib.hw_layer_norm_ort(x.data_ptr(), scale.data_ptr(), None if b is None else b.data_ptr(),
+                                      got.data_ptr(), x.shape[0], c, 1e-5, threads)
+                if not _same_bits(got, want):
+                    return f"onnxruntime's LayerNormalization of width {c}, bias {b is not None}"
+    return None
 
 
 def _check_requantize_wide(lib: ctypes.CDLL) -> str | None:
@@ -809,6 +856,19 @@ def gap_positions(logged: torch.Tensor, log_q: float, total: int, last: int) -> 
         return None
     out = torch.empty(logged.numel(), dtype=torch.int64)
     lib.hw_gap_positions(logged.data_ptr(), logged.numel(), log_q, float(total), last, out.data_ptr())
+    return out
+
+
+def layer_norm_ort(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """onnxruntime's LayerNormalization of the rows of [rows, c] float32 `x` (c a multiple of 8; scale and bias [c]):
+    one native pass, or its eager chain."""
+    lib = _active()
+    tensors = (x, scale) if bias is None else (x, scale, bias)
+    if lib is None or not all(_plain(t) for t in tensors):
+        return eager_layer_norm_ort(x, scale, bias, eps)
+    out = torch.empty_like(x)
+    lib.hw_layer_norm_ort(x.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+                          x.shape[0], x.shape[1], eps, torch.get_num_threads())
     return out
 
 

@@ -70,8 +70,16 @@ BINARY: dict[str, Function] = {
     "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge,
     "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
 }
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded square root, as onnxruntime's kernel computes it: torch's float32 sqrt is not on every
+    CPU (17% of values an ulp off on an AMD EPYC with AVX-512), float64's rounded to float32 is (53 >= 2 x 24 + 2)."""
+    return x.double().sqrt().to(x.dtype) if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else x.sqrt()
+
+
 UNARY: dict[str, Function] = {
-    "Sqrt": torch.sqrt, "Erf": torch.erf, "Tanh": torch.tanh, "Sigmoid": torch.sigmoid, "Exp": torch.exp,
+    "Sqrt": _sqrt, "Erf": torch.erf, "Tanh": torch.tanh, "Sigmoid": torch.sigmoid, "Exp": torch.exp,
     "Log": torch.log, "Neg": torch.neg, "Abs": torch.abs, "Reciprocal": torch.reciprocal, "Floor": torch.floor,
     "Ceil": torch.ceil, "Not": torch.logical_not, "Sin": torch.sin, "Cos": torch.cos, "Softplus": F.softplus,
     "Relu": torch.relu, "Identity": lambda x: x, "Dropout": lambda x, *_: x,
@@ -281,10 +289,34 @@ def _softmax(log: bool) -> Callable[[dict[str, Any], int], Function]:
     return make
 
 
+def ort_layer_norm_applies(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, axis: int) -> bool:
+    """Whether `ort_layer_norm` computes this call: float32 rows whose width is a multiple of 8, a scale (and bias)
+    of one value per element of a row (onnxruntime broadcasts anything else on another code path)."""
+    width = math.prod(x.shape[axis % x.dim():]) if x.dim() else 0
+    return (x.dtype == torch.float32 and width > 0 and width % 8 == 0 and scale.dtype == torch.float32
+            and scale.numel() == width and (bias is None or (bias.dtype == torch.float32 and bias.numel() == width)))
+
+
+def ort_layer_norm(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, axis: int, eps: float
+                   ) -> torch.Tensor:
+    """onnxruntime's CPU LayerNormalization, bit for bit where `ort_layer_norm_applies` (measured on its kernel one
+    node at a time, its optional Mean and InvStdDev outputs included: a float64 mean rounded to float32, the
+    variance by fused multiply-adds in 8 lanes, y = fma((x - mean) x inv, scale, bias); the reader checks it on the
+    installed onnxruntime at load, `onnx_reader.runtime_layer_norm_agrees`). The arithmetic is `native`'s."""
+    from . import native
+
+    width = math.prod(x.shape[axis % x.dim():])
+    rows = x.reshape(-1, width).contiguous()
+    flat_bias = None if bias is None else bias.reshape(width).contiguous()
+    return native.layer_norm_ort(rows, scale.reshape(width).contiguous(), flat_bias, eps).reshape(x.shape)
+
+
 def _layer_norm(attrs: dict[str, Any], opset: int) -> Function:
     axis, eps = int(attrs.get("axis", -1)), float(attrs.get("epsilon", 1e-5))
 
     def layer_norm(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if ort_layer_norm_applies(x, scale, bias, axis):
+            return ort_layer_norm(x, scale, bias, axis, eps)
         shape = tuple(x.shape[axis % x.dim():])
         return F.layer_norm(x, shape, scale.expand(shape), None if bias is None else bias.expand(shape), eps)
     return layer_norm
@@ -530,7 +562,7 @@ SHAPE_OPS = DATA_MOVEMENT | {"Shape", "Concat", "Cast", "ConstantOfShape", "Rang
 # float ops whose every result is IEEE-754's correctly rounded one, in onnxruntime as in torch (tested one node at
 # a time): the same bits whatever the kernel; the others (Erf, Softmax, LayerNormalization, a float MatMul, ...)
 # are approximations or sums whose order is the kernel's
-CORRECTLY_ROUNDED = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Reciprocal", "Sum"})
+CORRECTLY_ROUNDED = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Reciprocal", "Sum", "Sqrt"})
 
 
 def keeps_grid(op_type: str, attrs: dict[str, Any]) -> bool:

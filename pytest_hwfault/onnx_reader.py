@@ -35,6 +35,7 @@ the model's own zero points.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import os
@@ -1151,21 +1152,85 @@ class _Builder:
         self.set_quantized(taken[-1].output[0], out, grid)
 
 
-def _float_valued(model: Any, nodes: list[Any]) -> list[Any]:
+def _float_valued(model: Any, nodes: list[Any],
+                  kernels: dict[str, tuple[str, list[tuple[int, bool] | None]]] | None = None) -> list[Any]:
     """The nodes among `nodes` that compute float values onnxruntime's kernel may round otherwise than torch's (not
-    shapes, indices, moves or correctly rounded arithmetic), by ONNX's type inference (a node whose type it cannot
+    shapes, indices, moves or correctly rounded arithmetic, nor a kernel the view reproduces and the installed
+    onnxruntime was checked to compute alike: `_reproduced`), by ONNX's type inference (a node whose type it cannot
     infer counts as float)."""
     import onnx
 
     try:
         inferred = onnx.shape_inference.infer_shapes(model).graph
-        types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.output)}
+        values = (*inferred.value_info, *inferred.output, *inferred.input)
     except Exception:  # noqa: BLE001 - inference is a nicety here: every node then counts
-        types = {}
+        values = ()
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in values if v.type.tensor_type.HasField("shape")}
+    sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     skip = onnx_float.SHAPE_OPS | onnx_float.CORRECTLY_ROUNDED
     return [n for n in nodes if n.op_type not in skip and not onnx_float.keeps_grid(n.op_type, _attrs(n))
-            and types.get(n.output[0], 1) in floats]
+            and types.get(n.output[0], 1) in floats and not _reproduced(n, shapes, sizes, kernels)]
+
+
+def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str, int],
+                kernels: dict[str, tuple[str, list[tuple[int, bool] | None]]] | None) -> bool:
+    """Whether the view computes this float node bit for bit as the installed onnxruntime does: a LayerNormalization
+    that onnxruntime runs as such (not fused with the Add before it into its SkipLayerNormalization), of float32 rows
+    whose width `onnx_float.ort_layer_norm` reproduces, its scale and bias one value per element, on which a probe
+    of that width and epsilon agrees with onnxruntime (`runtime_layer_norm_agrees`)."""
+    if node.op_type != "LayerNormalization" or kernels is None or not node.name:
+        return False
+    if kernels.get(node.name, ("",))[0] != "LayerNormalization":
+        return False
+    attrs = _attrs(node)
+    shape = shapes.get(node.input[0])
+    if not shape:
+        return False
+    tail = shape[int(attrs.get("axis", -1)) % len(shape):]
+    if not tail or any(d is None or d <= 0 for d in tail):
+        return False
+    width = math.prod(d for d in tail if d is not None)
+    operands = [name for name in node.input[1:] if name]
+    if width % 8 or any(sizes.get(name, shapes.get(name) and math.prod(d or 0 for d in shapes[name])) != width
+                        for name in operands):
+        return False
+    return runtime_layer_norm_agrees(width, float(attrs.get("epsilon", 1e-5)), len(operands) > 1)
+
+
+@functools.cache
+def runtime_layer_norm_agrees(width: int, eps: float, bias: bool) -> bool:
+    """Whether the installed onnxruntime's LayerNormalization of rows of this width (a multiple of 8) equals
+    `onnx_float`'s bit for bit on a probe (rows spread over six decades, offsets far larger than their spread, a
+    constant row); False without onnxruntime. Its kernel's summation is the CPU's (8 lanes where measured): a
+    runtime built otherwise gets no claim."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return False
+    generator = torch.Generator().manual_seed(width)
+    x = torch.randn(64, width, generator=generator) * torch.logspace(-3, 3, 64).unsqueeze(1)
+    x[:16] += torch.randn(16, 1, generator=generator) * 1e3
+    x[16] = 0.75
+    operands = [torch.randn(width, generator=generator) for _ in range(2 if bias else 1)]
+    names = ["s", "b"][:len(operands)]
+    node = helper.make_node("LayerNormalization", ["x", *names], ["y"], axis=-1, epsilon=eps)
+    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, width])],
+                              [numpy_helper.from_array(t.numpy(), n) for t, n in zip(operands, names)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        theirs = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    except Exception:  # noqa: BLE001 - no probe, no claim: the node stays named
+        return False
+    layer_norm = onnx_float.function("LayerNormalization", {"axis": -1, "epsilon": eps}, 17)
+    assert layer_norm is not None
+    ours = layer_norm(x, *operands)
+    return bool(torch.equal(theirs.view(torch.int32), ours.view(torch.int32)))
 
 
 def load(model: Any) -> Any:
@@ -1238,7 +1303,7 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
                      "computes the exact integer sum, so an output near a half code may be one code apart from "
                      "onnxruntime's")
     counts: dict[str, int] = {}
-    for node in _float_valued(proto, exact.float_nodes):
+    for node in _float_valued(proto, exact.float_nodes, kernels):
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     if counts:
         notes.append("float ops outside the fault sites, run on torch's float kernels, which may round otherwise than "

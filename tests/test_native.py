@@ -158,6 +158,30 @@ def test_requantize_equals_the_eager_chain(case: tuple[torch.Tensor, int], data:
 
 @needs_native
 @PROPERTY
+@given(width=st.integers(1, 100).map(lambda k: 8 * k), rows=st.integers(1, 40), data=st.data(),
+       n_threads=st.sampled_from([1, 2]))
+def test_onnxruntime_layer_norm_equals_the_eager_chain(width: int, rows: int, data: st.DataObject,
+                                                       n_threads: int) -> None:
+    """onnxruntime's LayerNormalization (`native.layer_norm_ort`) against its eager chain: any width the kernel's 8
+    lanes divide, rows from constant to six decades of spread, offsets up to 1e6 times the spread, with and without
+    a bias, tiny to large epsilons."""
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    spread = 10.0 ** data.draw(st.floats(-3, 3), label="log10 spread")
+    offset = data.draw(st.sampled_from([0.0, 1.0, 1e3, 1e6]), label="offset in spreads") * spread
+    x = torch.randn(rows, width, generator=generator) * spread + offset * torch.randn(rows, 1, generator=generator)
+    if data.draw(st.booleans(), label="a constant row"):
+        x[0] = 0.3
+    scale = torch.randn(width, generator=generator)
+    bias = torch.randn(width, generator=generator) if data.draw(st.booleans(), label="bias") else None
+    eps = data.draw(st.sampled_from([1e-12, 1e-5, 0.5]), label="epsilon")
+    want = native.eager_layer_norm_ort(x, scale, bias, eps)
+    with threads(n_threads):
+        got = native.layer_norm_ort(x, scale, bias, eps)
+    assert same_bits(got, want)
+
+
+@needs_native
+@PROPERTY
 @given(case=accumulators(), data=st.data(), n_threads=st.sampled_from([1, 2]))
 def test_wide_requantize_equals_the_eager_chain(case: tuple[torch.Tensor, int], data: st.DataObject,
                                                 n_threads: int) -> None:
