@@ -331,3 +331,30 @@ void hw_layer_norm_ort(const float *x, const float *scale, const float *bias, fl
         }
     }
 }
+
+/* onnxruntime's CPU Tanh (float32; MLAS's FMA3 kernel, the rational approximation Eigen uses): x clamped to [-9, 9]
+ * (a NaN kept), p = x * P(x^2) and q = Q(x^2) by Horner steps each one fused multiply-add, tanh = p / q. The
+ * constants are MLAS's `MlasTanhConstants`, in this order: alpha_13 .. alpha_1, beta_6 .. beta_0. */
+void hw_tanh_mlas(const float *x, float *y, int64_t n, const float *constants, int threads) {
+    const float a13 = constants[0], a11 = constants[1], a9 = constants[2], a7 = constants[3], a5 = constants[4],
+                a3 = constants[5], a1 = constants[6], b6 = constants[7], b4 = constants[8], b2 = constants[9],
+                b0 = constants[10];
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_FROM)
+    for (int64_t i = 0; i < n; i++) {
+        float v = x[i];
+        v = -9.0f > v ? -9.0f : v;
+        v = 9.0f < v ? 9.0f : v;
+        const float v2 = v * v;
+        float p = fmaf(v2, a13, a11);
+        p = fmaf(p, v2, a9);
+        p = fmaf(p, v2, a7);
+        p = fmaf(p, v2, a5);
+        p = fmaf(p, v2, a3);
+        p = fmaf(p, v2, a1);
+        p = p * v;
+        float q = fmaf(v2, b6, b4);
+        q = fmaf(q, v2, b2);
+        q = fmaf(q, v2, b0);
+        y[i] = p / q;
+    }
+}

@@ -61,6 +61,7 @@ _SIGNATURES = {
     "hw_gap_positions": [_P, _I, _D, _D, _I, _P],
     "hw_compose_place": [_P, _P, _I, _I, _I, _P, _P, _C],
     "hw_layer_norm_ort": [_P, _P, _P, _P, _I, _I, _F, _C],
+    "hw_tanh_mlas": [_P, _P, _I, _P, _C],
 }
 _RETURNS = {"hw_apply_edit": ctypes.c_int, "hw_requantize_edit_relu": ctypes.c_int,
             "hw_compose_place": ctypes.c_int64}
@@ -295,6 +296,28 @@ def eager_layer_norm_ort(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tenso
     return fused_multiply_add(q, scale.expand_as(q).contiguous(), bias.expand_as(q).contiguous())
 
 
+# MLAS's `MlasTanhConstants` (the polynomial Eigen uses): alpha_13 .. alpha_1, beta_6 .. beta_0, as float32
+MLAS_TANH = torch.tensor([-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+                          1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03, 1.19825839466702e-06,
+                          1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03], dtype=torch.float32)
+
+
+def eager_tanh_mlas(x: torch.Tensor) -> torch.Tensor:
+    """`hw_tanh_mlas` on torch's ops: clamp to [-9, 9] (a NaN kept), Horner steps by exact fused multiply-adds."""
+    from .onednn import fused_multiply_add
+
+    v = x.clamp(-9.0, 9.0)
+    v2 = v * v
+    a13, a11, a9, a7, a5, a3, a1, b6, b4, b2, b0 = (torch.full_like(v, float(c)) for c in MLAS_TANH)
+    p = fused_multiply_add(v2, a13, a11)
+    for a in (a9, a7, a5, a3, a1):
+        p = fused_multiply_add(p, v2, a)
+    q = fused_multiply_add(v2, b6, b4)
+    for b in (b2, b0):
+        q = fused_multiply_add(q, v2, b)
+    return (p * v) / q
+
+
 def _special_values(generator: torch.Generator) -> torch.Tensor:
     """Values where an implementation could differ: ties of every parity, signed zeros, the clamp bounds and
     beyond, infinities, NaN, huge and tiny numbers, then random ones at several magnitudes."""
@@ -376,7 +399,20 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
         if not _same_bits(got, want):
             return "add then ReLU"
     return (_check_edits(lib) or _check_requantize_edits(lib) or _check_requantize_wide(lib)
-            or _check_sampling(lib) or _check_layer_norm(lib))
+            or _check_sampling(lib) or _check_layer_norm(lib) or _check_tanh(lib))
+
+
+def _check_tanh(lib: ctypes.CDLL) -> str | None:
+    """hw_tanh_mlas against `eager_tanh_mlas`: the special values, the clamp's edges, a dense sweep of -12..12."""
+    values = torch.cat([_special_values(torch.Generator().manual_seed(20)), torch.linspace(-12.0, 12.0, 200_001),
+                        torch.tensor([-9.0, 9.0, -8.999999, 8.999999, 1e-30, -1e-30])])
+    want = eager_tanh_mlas(values)
+    for threads in (1, max(2, torch.get_num_threads())):
+        got = torch.empty_like(values)
+        lib.hw_tanh_mlas(values.data_ptr(), got.data_ptr(), values.numel(), MLAS_TANH.data_ptr(), threads)
+        if not _same_bits(got, want):
+            return "MLAS's tanh"
+    return None
 
 
 def _check_layer_norm(lib: ctypes.CDLL) -> str | None:
@@ -869,6 +905,16 @@ def layer_norm_ort(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | No
     out = torch.empty_like(x)
     lib.hw_layer_norm_ort(x.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
                           x.shape[0], x.shape[1], eps, torch.get_num_threads())
+    return out
+
+
+def tanh_mlas(x: torch.Tensor) -> torch.Tensor:
+    """onnxruntime's CPU Tanh of float32 `x` (MLAS's FMA3 kernel): one native pass, or its eager chain."""
+    lib = _active()
+    if lib is None or not _plain(x):
+        return eager_tanh_mlas(x)
+    out = torch.empty_like(x)
+    lib.hw_tanh_mlas(x.data_ptr(), out.data_ptr(), x.numel(), MLAS_TANH.data_ptr(), torch.get_num_threads())
     return out
 
 

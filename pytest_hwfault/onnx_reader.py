@@ -1177,10 +1177,13 @@ def _float_valued(model: Any, nodes: list[Any],
 
 def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str, int],
                 kernels: dict[str, tuple[str, list[tuple[int, bool] | None]]] | None) -> bool:
-    """Whether the view computes this float node bit for bit as the installed onnxruntime does: a LayerNormalization
+    """Whether the view computes this float node bit for bit as the installed onnxruntime does: an elementwise op of
+    `RUNTIME_PROBED` on which a probe agrees (`runtime_op_agrees`), or a LayerNormalization
     that onnxruntime runs as such (not fused with the Add before it into its SkipLayerNormalization), of float32 rows
     whose width `onnx_float.ort_layer_norm` reproduces, its scale and bias one value per element, on which a probe
     of that width and epsilon agrees with onnxruntime (`runtime_layer_norm_agrees`)."""
+    if node.op_type in RUNTIME_PROBED:
+        return runtime_op_agrees(node.op_type)
     if node.op_type != "LayerNormalization" or kernels is None or not node.name:
         return False
     if kernels.get(node.name, ("",))[0] != "LayerNormalization":
@@ -1198,6 +1201,37 @@ def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str,
                         for name in operands):
         return False
     return runtime_layer_norm_agrees(width, float(attrs.get("epsilon", 1e-5)), len(operands) > 1)
+
+
+# elementwise float ops `onnx_float` computes as onnxruntime's CPU kernels do, certified per process by a probe
+RUNTIME_PROBED = frozenset({"Tanh"})
+
+
+@functools.cache
+def runtime_op_agrees(op_type: str) -> bool:
+    """Whether the installed onnxruntime's elementwise `op_type` equals `onnx_float`'s bit for bit on a probe (a
+    dense sweep of -12..12, six decades of magnitudes of both signs, zeros, infinities); False without
+    onnxruntime."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return False
+    magnitudes = torch.logspace(-6, 6, 20_001)
+    x = torch.cat([torch.linspace(-12.0, 12.0, 200_001), magnitudes, -magnitudes,
+                   torch.tensor([0.0, -0.0, float("inf"), float("-inf")])])
+    graph = helper.make_graph([helper.make_node(op_type, ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [x.numel()])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.numel()])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        theirs = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    except Exception:  # noqa: BLE001 - no probe, no claim: the node stays named
+        return False
+    function = onnx_float.function(op_type, {}, 17)
+    assert function is not None
+    return bool(torch.equal(theirs.view(torch.int32), function(x).view(torch.int32)))
 
 
 @functools.cache

@@ -158,6 +158,19 @@ def test_requantize_equals_the_eager_chain(case: tuple[torch.Tensor, int], data:
 
 @needs_native
 @PROPERTY
+@given(values=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=300),
+       n_threads=st.sampled_from([1, 2]))
+def test_mlas_tanh_equals_the_eager_chain(values: list[float], n_threads: int) -> None:
+    """onnxruntime's Tanh (`native.tanh_mlas`) against its eager chain on any float32 values: subnormals, the
+    clamp's edges, infinities."""
+    x = torch.tensor(values, dtype=torch.float32)
+    with threads(n_threads):
+        got = native.tanh_mlas(x)
+    assert same_bits(got, native.eager_tanh_mlas(x))
+
+
+@needs_native
+@PROPERTY
 @given(width=st.integers(1, 100).map(lambda k: 8 * k), rows=st.integers(1, 40), data=st.data(),
        n_threads=st.sampled_from([1, 2]))
 def test_onnxruntime_layer_norm_equals_the_eager_chain(width: int, rows: int, data: st.DataObject,

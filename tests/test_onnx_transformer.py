@@ -367,7 +367,7 @@ def test_exact_unary_ops_are_onnxruntimes_bit_for_bit(op: str) -> None:
     _same(*_against_onnxruntime(op, [a]))
 
 
-@pytest.mark.parametrize("op", ["Erf", "Tanh", "Sigmoid", "Exp", "Softmax", "LayerNormalization", "ReduceMean"])
+@pytest.mark.parametrize("op", ["Erf", "Sigmoid", "Exp", "Softmax", "LayerNormalization", "ReduceMean"])
 def test_rounded_float_ops_agree_with_onnxruntime_to_an_ulp_or_two(op: str) -> None:
     """onnxruntime's own approximations and summation orders: not bit for bit (the load check measures it), but
     within a few float32 ulps (a LayerNormalization of rows whose width is not a multiple of 8 too)."""
@@ -382,6 +382,27 @@ def test_rounded_float_ops_agree_with_onnxruntime_to_an_ulp_or_two(op: str) -> N
     theirs, ours = _against_onnxruntime(op, inputs, constants=(1, 2) if op == "LayerNormalization" else (), **attrs)
     assert theirs[0].shape == ours[0].shape
     np.testing.assert_allclose(ours[0], theirs[0], rtol=3e-6, atol=3e-7)
+
+
+# onnxruntime's MLAS dispatches its AVX2 + FMA3 kernels (LayerNorm, Tanh) on such CPUs, which these tests measure;
+# elsewhere it runs other kernels, and the reader's probes must then say so
+MLAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def test_tanh_is_onnxruntimes_bit_for_bit() -> None:
+    """MLAS's FMA3 tanh (clamp to [-9, 9], Eigen's rational polynomial by fused multiply-adds): a dense sweep and
+    random values of six decades, natively and on the eager chain; the reader's probe agrees with what is seen."""
+    rng = np.random.default_rng(6)
+    x = np.concatenate([np.linspace(-12, 12, 100_001), rng.standard_normal(50_000) * 10.0 ** rng.uniform(-6, 1, 50_000),
+                        [0.0, -0.0, 9.0, -9.0, np.inf, -np.inf]]).astype(np.float32)
+    seen = []
+    for context in (contextlib.nullcontext(), native.disabled()):
+        with context:
+            theirs, ours = _against_onnxruntime("Tanh", [x])
+        seen.append(np.array_equal(theirs[0].view(np.uint32), ours[0].view(np.uint32)))
+        np.testing.assert_allclose(ours[0], theirs[0], rtol=3e-6, atol=3e-7)
+    assert seen[0] == seen[1] == onnx_reader.runtime_op_agrees("Tanh")
+    assert seen[0] or not MLAS_AVX2
 
 
 @pytest.mark.parametrize(("shape", "axis"), [((64, 8, 32), -1), ((16, 12, 768), -1), ((32, 4, 8), -2),
@@ -403,8 +424,11 @@ def test_layer_normalization_is_onnxruntimes_bit_for_bit(shape: tuple[int, ...],
         with contextlib.nullcontext() if native_passes else native.disabled():
             theirs, ours = _against_onnxruntime("LayerNormalization", [x, *operands], constants=(1, 2)[:len(operands)],
                                                 axis=axis, epsilon=eps)
-        _same(theirs, ours)
-        assert onnx_reader.runtime_layer_norm_agrees(math.prod(norm), float(np.float32(eps)), bias)
+        agrees = onnx_reader.runtime_layer_norm_agrees(math.prod(norm), float(np.float32(eps)), bias)
+        if MLAS_AVX2 or agrees:
+            _same(theirs, ours)
+        assert agrees or not MLAS_AVX2
+        np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
 
 
 def test_integer_div_and_mod_follow_onnx() -> None:
