@@ -358,3 +358,26 @@ void hw_tanh_mlas(const float *x, float *y, int64_t n, const float *constants, i
         y[i] = p / q;
     }
 }
+
+/* onnxruntime's CPU float MatMul (MLAS's SGEMM) of `batch` [m, k] x [k, n] row-major pairs, as measured on it: each
+ * output a chain of fused multiply-adds over k in order from +0; with `block` > 0 (a constant B, which onnxruntime
+ * packs) the chain restarts every `block` values of k and the blocks' results are added to the output in order. */
+void hw_matmul_fma(const float *a, const float *b, float *c, int64_t batch, int64_t m, int64_t k, int64_t n,
+                   int64_t block, int threads) {
+    const int64_t step = block > 0 ? block : k;
+#pragma omp parallel for num_threads(threads) schedule(static) if (batch * m * n * k >= PARALLEL_FROM)
+    for (int64_t row = 0; row < batch * m; row++) {
+        const float *ar = a + row * k;
+        const float *bm = b + (row / m) * k * n;
+        float *cr = c + row * n;
+        for (int64_t k0 = 0; k0 < k; k0 += step) {
+            const int64_t k1 = k0 + step < k ? k0 + step : k;
+            for (int64_t j = 0; j < n; j++) {
+                float acc = 0.0f;
+                for (int64_t kk = k0; kk < k1; kk++)
+                    acc = fmaf(ar[kk], bm[kk * n + j], acc);
+                cr[j] = k0 == 0 ? acc : cr[j] + acc;
+            }
+        }
+    }
+}

@@ -62,6 +62,7 @@ _SIGNATURES = {
     "hw_compose_place": [_P, _P, _I, _I, _I, _P, _P, _C],
     "hw_layer_norm_ort": [_P, _P, _P, _P, _I, _I, _F, _C],
     "hw_tanh_mlas": [_P, _P, _I, _P, _C],
+    "hw_matmul_fma": [_P, _P, _P, _I, _I, _I, _I, _I, _C],
 }
 _RETURNS = {"hw_apply_edit": ctypes.c_int, "hw_requantize_edit_relu": ctypes.c_int,
             "hw_compose_place": ctypes.c_int64}
@@ -318,6 +319,25 @@ def eager_tanh_mlas(x: torch.Tensor) -> torch.Tensor:
     return (p * v) / q
 
 
+def eager_matmul_fma(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
+    """`hw_matmul_fma` on torch's ops: a [batch, m, k], b [batch, k, n], float32; the chain over k by exact fused
+    multiply-adds, restarted every `block` values of k (0: never) and the blocks added in order."""
+    from .onednn import fused_multiply_add
+
+    batch, m, k = a.shape
+    n = b.shape[2]
+    step = block if block > 0 else k
+    out = None
+    for k0 in range(0, k, step):
+        acc = torch.zeros(batch, m, n)
+        for kk in range(k0, min(k0 + step, k)):
+            acc = fused_multiply_add(a[:, :, kk:kk + 1].expand(batch, m, n).contiguous(),
+                                     b[:, kk:kk + 1, :].expand(batch, m, n).contiguous(), acc)
+        out = acc if out is None else out + acc
+    assert out is not None
+    return out
+
+
 def _special_values(generator: torch.Generator) -> torch.Tensor:
     """Values where an implementation could differ: ties of every parity, signed zeros, the clamp bounds and
     beyond, infinities, NaN, huge and tiny numbers, then random ones at several magnitudes."""
@@ -399,7 +419,25 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
         if not _same_bits(got, want):
             return "add then ReLU"
     return (_check_edits(lib) or _check_requantize_edits(lib) or _check_requantize_wide(lib)
-            or _check_sampling(lib) or _check_layer_norm(lib) or _check_tanh(lib))
+            or _check_sampling(lib) or _check_layer_norm(lib) or _check_tanh(lib) or _check_matmul(lib))
+
+
+def _check_matmul(lib: ctypes.CDLL) -> str | None:
+    """hw_matmul_fma against `eager_matmul_fma`: whole chains and blocks of 64 (a K of 150: a partial last block),
+    products that cancel (signed zeros), several batches and threads."""
+    generator = torch.Generator().manual_seed(21)
+    for batch, m, k, n, block in ((3, 5, 150, 7, 64), (2, 4, 9, 3, 0), (1, 1, 40, 6, 0)):
+        a = torch.randn(batch, m, k, generator=generator) * torch.logspace(-2, 2, k)
+        b = torch.randn(batch, k, n, generator=generator)
+        a[0, 0, :] = 0.0
+        b[0, :, 0] = -b[0, :, 0].abs()
+        want = eager_matmul_fma(a, b, block)
+        for threads in (1, max(2, torch.get_num_threads())):
+            got = torch.empty(batch, m, n)
+            lib.hw_matmul_fma(a.data_ptr(), b.data_ptr(), got.data_ptr(), batch, m, k, n, block, threads)
+            if not _same_bits(got, want):
+                return f"the FMA-chain matmul of [{m}, {k}] x [{k}, {n}], block {block}"
+    return None
 
 
 def _check_tanh(lib: ctypes.CDLL) -> str | None:
@@ -915,6 +953,19 @@ def tanh_mlas(x: torch.Tensor) -> torch.Tensor:
         return eager_tanh_mlas(x)
     out = torch.empty_like(x)
     lib.hw_tanh_mlas(x.data_ptr(), out.data_ptr(), x.numel(), MLAS_TANH.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def matmul_fma(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
+    """onnxruntime's float MatMul of [batch, m, k] x [batch, k, n] float32 (see `hw_matmul_fma`): one native pass,
+    or its eager chain."""
+    lib = _active()
+    if lib is None or not (_plain(a) and _plain(b) and a.is_contiguous() and b.is_contiguous()):
+        return eager_matmul_fma(a, b, block)
+    batch, m, k = a.shape
+    n = b.shape[2]
+    out = torch.empty(batch, m, n)
+    lib.hw_matmul_fma(a.data_ptr(), b.data_ptr(), out.data_ptr(), batch, m, k, n, block, torch.get_num_threads())
     return out
 
 

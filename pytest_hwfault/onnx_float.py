@@ -503,8 +503,48 @@ def _einsum(attrs: dict[str, Any], opset: int) -> Function:
     return lambda *xs: torch.einsum(equation, *xs)
 
 
+# onnxruntime packs a constant B of a float MatMul and restarts its FMA chains every 256 values of k (MLAS's
+# SGEMM stride); with B an activation, measured: one chain up to k = 256 (longer ones are cut otherwise), and other
+# kernels where a matrix has one row or column
+ORT_MATMUL_BLOCK = 256
+
+
+def ort_matmul_applies(a: torch.Tensor, b: torch.Tensor, constant_b: bool) -> bool:
+    """Whether `ort_matmul` computes this call: float32 matrices (batches of them) whose products onnxruntime's
+    SGEMM sums in the order measured, and no dispatch mode watching torch's ops (the coverage's MAC counter, which
+    must see the products as torch's matmul: a native pass holds no op it could count)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if a.dtype != torch.float32 or b.dtype != torch.float32 or a.dim() < 2 or b.dim() < 2:
+        return False
+    if _get_current_dispatch_mode() is not None:
+        return False
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    return constant_b or (k <= ORT_MATMUL_BLOCK and m >= 2 and n >= 2)
+
+
+def ort_matmul(a: torch.Tensor, b: torch.Tensor, constant_b: bool) -> torch.Tensor:
+    """onnxruntime's CPU float MatMul, bit for bit where `ort_matmul_applies` (measured one node at a time: each
+    output a chain of fused multiply-adds over k in order, restarted every 256 for a constant B and the parts
+    added); the reader checks the installed onnxruntime agrees at load (`onnx_reader.runtime_matmul_agrees`)."""
+    from . import native
+
+    batch_shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    a3 = a.expand(*batch_shape, m, k).reshape(-1, m, k).contiguous()
+    b3 = b.expand(*batch_shape, k, n).reshape(-1, k, n).contiguous()
+    out = native.matmul_fma(a3, b3, ORT_MATMUL_BLOCK if constant_b else 0)
+    return out.reshape(*batch_shape, m, n)
+
+
 def _matmul(attrs: dict[str, Any], opset: int) -> Function:
-    return torch.matmul
+    constant_b = bool(attrs.get("_constant_b", False))
+
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if ort_matmul_applies(a, b, constant_b):
+            return ort_matmul(a, b, constant_b)
+        return torch.matmul(a, b)
+    return matmul
 
 
 def _gemm(attrs: dict[str, Any], opset: int) -> Function:

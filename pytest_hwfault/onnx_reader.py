@@ -678,6 +678,8 @@ class _Builder:
         attrs = _attrs(node)
         if node.op_type == "Split":
             attrs["_outputs"] = len(node.output)
+        if node.op_type == "MatMul":  # onnxruntime packs a constant B and sums its products otherwise
+            attrs["_constant_b"] = len(node.input) > 1 and node.input[1] in self.consts
         try:
             fn = onnx_float.function(node.op_type, attrs, self.opset)
         except ValueError as exc:  # a mode of the op the reader does not compute
@@ -1184,6 +1186,8 @@ def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str,
     of that width and epsilon agrees with onnxruntime (`runtime_layer_norm_agrees`)."""
     if node.op_type in RUNTIME_PROBED:
         return runtime_op_agrees(node.op_type)
+    if node.op_type == "MatMul":
+        return _matmul_reproduced(node, shapes, sizes, kernels)
     if node.op_type != "LayerNormalization" or kernels is None or not node.name:
         return False
     if kernels.get(node.name, ("",))[0] != "LayerNormalization":
@@ -1207,31 +1211,79 @@ def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str,
 RUNTIME_PROBED = frozenset({"Tanh"})
 
 
+def _one_node(op_type: str, inputs: dict[str, torch.Tensor], constants: dict[str, torch.Tensor],
+              **attrs: Any) -> torch.Tensor | None:
+    """The installed onnxruntime's output of one `op_type` node (CPU provider, default optimizations) on float32
+    `inputs` and `constants` (initializers), in the order given; None without onnxruntime or where it fails."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    names = [*inputs, *constants]
+    graph = helper.make_graph(
+        [helper.make_node(op_type, names, ["y"], **attrs)], "probe",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(t.shape)) for name, t in inputs.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(t.numpy(), name) for name, t in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {name: t.numpy() for name, t in inputs.items()})[0])
+    except Exception:  # noqa: BLE001 - no probe, no claim: the node stays named
+        return None
+
+
+def _same_bits(theirs: torch.Tensor | None, ours: torch.Tensor) -> bool:
+    return theirs is not None and bool(torch.equal(theirs.view(torch.int32), ours.view(torch.int32)))
+
+
 @functools.cache
 def runtime_op_agrees(op_type: str) -> bool:
     """Whether the installed onnxruntime's elementwise `op_type` equals `onnx_float`'s bit for bit on a probe (a
     dense sweep of -12..12, six decades of magnitudes of both signs, zeros, infinities); False without
     onnxruntime."""
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-    except ImportError:
-        return False
     magnitudes = torch.logspace(-6, 6, 20_001)
     x = torch.cat([torch.linspace(-12.0, 12.0, 200_001), magnitudes, -magnitudes,
                    torch.tensor([0.0, -0.0, float("inf"), float("-inf")])])
-    graph = helper.make_graph([helper.make_node(op_type, ["x"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [x.numel()])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.numel()])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        theirs = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
-    except Exception:  # noqa: BLE001 - no probe, no claim: the node stays named
-        return False
     function = onnx_float.function(op_type, {}, 17)
     assert function is not None
-    return bool(torch.equal(theirs.view(torch.int32), function(x).view(torch.int32)))
+    return _same_bits(_one_node(op_type, {"x": x}, {}), function(x))
+
+
+def _matmul_reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str, int],
+                       kernels: dict[str, tuple[str, list[tuple[int, bool] | None]]] | None) -> bool:
+    """A float MatMul onnxruntime runs as such (not fused into another kernel), of matrices whose shapes
+    `onnx_float.ort_matmul_applies` to whatever the batch (inferred; a dimension the batch may make 1 does not
+    qualify), on which the probe agrees."""
+    if kernels is None or not node.name or kernels.get(node.name, ("",))[0] != "MatMul":
+        return False
+    constant_b = node.input[1] in sizes
+    a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+    if not a or not b or len(a) < 2 or len(b) < 2:
+        return False
+    m, k, n = a[-2], a[-1], b[-1]
+    if not constant_b and (k is None or k > onnx_float.ORT_MATMUL_BLOCK or m is None or m < 2 or n is None or n < 2):
+        return False
+    return runtime_matmul_agrees(constant_b)
+
+
+@functools.cache
+def runtime_matmul_agrees(constant_b: bool) -> bool:
+    """Whether the installed onnxruntime's float MatMul equals `onnx_float`'s bit for bit on probes of the shapes it
+    is used for (with a constant B: one row, k past two blocks; else k up to 256, batched); False without
+    onnxruntime."""
+    generator = torch.Generator().manual_seed(22)
+    cases = [((1, 40), (40, 8)), ((12, 600), (600, 16)), ((20, 256), (256, 3))] if constant_b else \
+        [((12, 8), (8, 12)), ((2, 3, 16, 64), (2, 3, 64, 16)), ((5, 256), (256, 2))]
+    matmul = onnx_float.function("MatMul", {"_constant_b": constant_b}, 17)
+    assert matmul is not None
+    for a_shape, b_shape in cases:
+        a, b = torch.randn(a_shape, generator=generator), torch.randn(b_shape, generator=generator)
+        theirs = _one_node("MatMul", {"a": a}, {"b": b}) if constant_b else _one_node("MatMul", {"a": a, "b": b}, {})
+        if not _same_bits(theirs, matmul(a, b)):
+            return False
+    return True
 
 
 @functools.cache
@@ -1240,31 +1292,15 @@ def runtime_layer_norm_agrees(width: int, eps: float, bias: bool) -> bool:
     `onnx_float`'s bit for bit on a probe (rows spread over six decades, offsets far larger than their spread, a
     constant row); False without onnxruntime. Its kernel's summation is the CPU's (8 lanes where measured): a
     runtime built otherwise gets no claim."""
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:
-        return False
     generator = torch.Generator().manual_seed(width)
     x = torch.randn(64, width, generator=generator) * torch.logspace(-3, 3, 64).unsqueeze(1)
     x[:16] += torch.randn(16, 1, generator=generator) * 1e3
     x[16] = 0.75
-    operands = [torch.randn(width, generator=generator) for _ in range(2 if bias else 1)]
-    names = ["s", "b"][:len(operands)]
-    node = helper.make_node("LayerNormalization", ["x", *names], ["y"], axis=-1, epsilon=eps)
-    graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, width])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, width])],
-                              [numpy_helper.from_array(t.numpy(), n) for t, n in zip(operands, names)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        theirs = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
-    except Exception:  # noqa: BLE001 - no probe, no claim: the node stays named
-        return False
+    operands = {name: torch.randn(width, generator=generator) for name in ("s", "b")[:2 if bias else 1]}
     layer_norm = onnx_float.function("LayerNormalization", {"axis": -1, "epsilon": eps}, 17)
     assert layer_norm is not None
-    ours = layer_norm(x, *operands)
-    return bool(torch.equal(theirs.view(torch.int32), ours.view(torch.int32)))
+    theirs = _one_node("LayerNormalization", {"x": x}, operands, axis=-1, epsilon=eps)
+    return _same_bits(theirs, layer_norm(x, *operands.values()))
 
 
 def load(model: Any) -> Any:

@@ -158,6 +158,24 @@ def test_requantize_equals_the_eager_chain(case: tuple[torch.Tensor, int], data:
 
 @needs_native
 @PROPERTY
+@given(batch=st.integers(1, 3), m=st.integers(1, 6), k=st.integers(1, 300), n=st.integers(1, 6),
+       block=st.sampled_from([0, 1, 7, 256]), data=st.data(), n_threads=st.sampled_from([1, 2]))
+def test_fma_chain_matmul_equals_the_eager_chain(batch: int, m: int, k: int, n: int, block: int,
+                                                 data: st.DataObject, n_threads: int) -> None:
+    """onnxruntime's float MatMul (`native.matmul_fma`) against its eager chain: any shape, whole chains and blocks
+    (a partial last one), values over six decades, exact cancellations (signed zeros)."""
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    a = torch.randn(batch, m, k, generator=generator) * 10.0 ** (torch.rand(k, generator=generator) * 6 - 3)
+    b = torch.randn(batch, k, n, generator=generator)
+    if data.draw(st.booleans(), label="zero rows"):
+        a[:, 0] = 0.0
+    with threads(n_threads):
+        got = native.matmul_fma(a, b, block)
+    assert same_bits(got, native.eager_matmul_fma(a, b, block))
+
+
+@needs_native
+@PROPERTY
 @given(values=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=300),
        n_threads=st.sampled_from([1, 2]))
 def test_mlas_tanh_equals_the_eager_chain(values: list[float], n_threads: int) -> None:

@@ -405,6 +405,32 @@ def test_tanh_is_onnxruntimes_bit_for_bit() -> None:
     assert seen[0] or not MLAS_AVX2
 
 
+@pytest.mark.parametrize(("a_shape", "b_shape"), [((12, 8), (8, 12)), ((2, 3, 16, 64), (2, 3, 64, 16)),
+                                                   ((5, 256), (256, 2)), ((1, 40), (40, 8)), ((12, 600), (600, 16)),
+                                                   ((3, 12, 32), (32, 5)), ((4, 1, 7), (7, 1))])
+@pytest.mark.parametrize("constant_b", [True, False])
+@pytest.mark.parametrize("native_passes", [True, False])
+def test_float_matmul_is_onnxruntimes_bit_for_bit_where_its_order_is_known(
+        a_shape: tuple[int, ...], b_shape: tuple[int, ...], constant_b: bool, native_passes: bool) -> None:
+    """onnxruntime's SGEMM: each output a chain of fused multiply-adds over k in order, restarted every 256 for a
+    constant (packed) B and the parts added: bit for bit wherever `ort_matmul_applies` (natively and on the eager
+    chain); a matrix of one row or column with B an activation, or k past 256, runs other kernels: torch's matmul,
+    within a few ulps. The reader's probe agrees."""
+    rng = np.random.default_rng(7)
+    a = (rng.standard_normal(a_shape) * 10.0 ** rng.uniform(-2, 2, a_shape[-1])).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    applies = onnx_float.ort_matmul_applies(torch.from_numpy(a), torch.from_numpy(b), constant_b)
+    assert applies == (constant_b or (a_shape[-1] <= 256 and a_shape[-2] > 1 and b_shape[-1] > 1))
+    with contextlib.nullcontext() if native_passes else native.disabled():
+        theirs, _ = _against_onnxruntime("MatMul", [a, b], constants=(1,) if constant_b else ())
+        ours = onnx_float.function("MatMul", {"_constant_b": constant_b}, 17)(torch.from_numpy(a), torch.from_numpy(b))
+    agrees = onnx_reader.runtime_matmul_agrees(constant_b)
+    assert agrees or not MLAS_AVX2
+    if applies and agrees:
+        _same(theirs, [ours.numpy()])
+    np.testing.assert_allclose(ours.numpy(), theirs[0], rtol=1e-4, atol=1e-4 * float(np.abs(theirs[0]).max()))
+
+
 @pytest.mark.parametrize(("shape", "axis"), [((64, 8, 32), -1), ((16, 12, 768), -1), ((32, 4, 8), -2),
                                            ((8, 10, 16), 1), ((100, 8), -1), ((20, 6, 40), -1)])
 @pytest.mark.parametrize("bias", [True, False])
