@@ -332,29 +332,25 @@ void hw_layer_norm_ort(const float *x, const float *scale, const float *bias, fl
     }
 }
 
+/* p x v + c[0], then that x v + c[1], ... : a polynomial by Horner's rule, each step one fused multiply-add */
+static inline float horner_fma(float p, float v, const float *c, int n) {
+    for (int i = 0; i < n; i++)
+        p = fmaf(p, v, c[i]);
+    return p;
+}
+
 /* onnxruntime's CPU Tanh (float32; MLAS's FMA3 kernel, the rational approximation Eigen uses): x clamped to [-9, 9]
  * (a NaN kept), p = x * P(x^2) and q = Q(x^2) by Horner steps each one fused multiply-add, tanh = p / q. The
  * constants are MLAS's `MlasTanhConstants`, in this order: alpha_13 .. alpha_1, beta_6 .. beta_0. */
 void hw_tanh_mlas(const float *x, float *y, int64_t n, const float *constants, int threads) {
-    const float a13 = constants[0], a11 = constants[1], a9 = constants[2], a7 = constants[3], a5 = constants[4],
-                a3 = constants[5], a1 = constants[6], b6 = constants[7], b4 = constants[8], b2 = constants[9],
-                b0 = constants[10];
 #pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_FROM)
     for (int64_t i = 0; i < n; i++) {
         float v = x[i];
         v = -9.0f > v ? -9.0f : v;
         v = 9.0f < v ? 9.0f : v;
         const float v2 = v * v;
-        float p = fmaf(v2, a13, a11);
-        p = fmaf(p, v2, a9);
-        p = fmaf(p, v2, a7);
-        p = fmaf(p, v2, a5);
-        p = fmaf(p, v2, a3);
-        p = fmaf(p, v2, a1);
-        p = p * v;
-        float q = fmaf(v2, b6, b4);
-        q = fmaf(q, v2, b2);
-        q = fmaf(q, v2, b0);
+        const float p = horner_fma(constants[0], v2, constants + 1, 6) * v;
+        const float q = horner_fma(constants[7], v2, constants + 8, 3);
         y[i] = p / q;
     }
 }
@@ -379,5 +375,47 @@ void hw_matmul_fma(const float *a, const float *b, float *c, int64_t batch, int6
                 cr[j] = k0 == 0 ? acc : cr[j] + acc;
             }
         }
+    }
+}
+
+/* onnxruntime's CPU Softmax (float32; MLAS's AVX-512F sum-of-exponentials kernel) of `rows` rows of width d: each row's
+ * maximum subtracted (added negated), clamped below at constants[0]; exp by MLAS's range reduction and degree-6
+ * polynomial, each step one fused multiply-add, scaled by 2^m exactly rounded (vscalefps, here ldexpf); the sum in 16
+ * lanes (element j into lane j % 16, in order), folded as the kernel does (k + k + 8, then pairs, then the two
+ * halves); each output exp x (1 / sum). `constants`: lower bound, rounding bias, log2(e), ln2 high, ln2 low,
+ * poly_0 .. poly_4, poly_56. */
+void hw_softmax_mlas(const float *x, float *y, int64_t rows, int64_t d, const float *constants, int threads) {
+    const float lower = constants[0], bias = constants[1], log2e = constants[2], ln2_high = constants[3],
+                ln2_low = constants[4];
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * d >= PARALLEL_FROM)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * d;
+        float *out = y + r * d;
+        float maximum = row[0];
+        for (int64_t j = 1; j < d; j++)
+            if (row[j] != row[j] || row[j] > maximum) /* a NaN, once met, stays: torch's max */
+                maximum = maximum != maximum ? maximum : row[j];
+        const float negative_maximum = -maximum;
+        float lanes[16] = {0.0f};
+        for (int64_t j = 0; j < d; j++) {
+            float v = row[j] + negative_maximum;
+            v = lower > v ? lower : v;
+            const float biased = fmaf(v, log2e, bias);
+            const float m = biased - bias;
+            v = fmaf(m, ln2_high, v);
+            v = fmaf(m, ln2_low, v);
+            /* poly_0 .. poly_4, then poly_56 twice */
+            const float p = fmaf(horner_fma(constants[5], v, constants + 6, 5), v, constants[10]);
+            const float e = m == m ? ldexpf(p, (int)m) : m;
+            out[j] = e;
+            lanes[j % 16] = lanes[j % 16] + e;
+        }
+        float y8[8];
+        for (int k = 0; k < 8; k++)
+            y8[k] = lanes[k + 8] + lanes[k];
+        const float total = ((y8[0] + y8[1]) + (y8[2] + y8[3])) + ((y8[4] + y8[5]) + (y8[6] + y8[7]));
+        const float scale = 1.0f / total;
+        for (int64_t j = 0; j < d; j++)
+            out[j] = out[j] * scale;
     }
 }

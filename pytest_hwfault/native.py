@@ -63,6 +63,7 @@ _SIGNATURES = {
     "hw_layer_norm_ort": [_P, _P, _P, _P, _I, _I, _F, _C],
     "hw_tanh_mlas": [_P, _P, _I, _P, _C],
     "hw_matmul_fma": [_P, _P, _P, _I, _I, _I, _I, _I, _C],
+    "hw_softmax_mlas": [_P, _P, _I, _I, _P, _C],
 }
 _RETURNS = {"hw_apply_edit": ctypes.c_int, "hw_requantize_edit_relu": ctypes.c_int,
             "hw_compose_place": ctypes.c_int64}
@@ -338,6 +339,38 @@ def eager_matmul_fma(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tens
     return out
 
 
+# MLAS's `MlasExpConstants` as its AVX-512F sum-of-exponentials kernel reads them: the lower clamp, the rounding
+# bias (1.5 x 2^23), log2(e), ln 2 high and low, poly_0 .. poly_4, poly_56
+MLAS_EXP = torch.tensor([-103.9720840454, 12582912.0, 1.44269504088896341, -6.93145752e-1, -1.42860677e-6,
+                         float.fromhex("0x1.694000p-10"), float.fromhex("0x1.125edcp-7"),
+                         float.fromhex("0x1.555b5ap-5"), float.fromhex("0x1.555450p-3"),
+                         float.fromhex("0x1.fffff6p-2"), 1.0], dtype=torch.float32)
+
+
+def eager_softmax_mlas(x: torch.Tensor) -> torch.Tensor:
+    """`hw_softmax_mlas` on torch's ops, for [rows, d] float32 `x`: the exponentials by exact fused multiply-adds,
+    2^m applied in float64 and rounded once (as vscalefps), the 16 lanes summed chunk by chunk."""
+    from .onednn import fused_multiply_add
+
+    rows, d = x.shape
+    lower, bias, log2e, ln2_high, ln2_low, *poly = (torch.full_like(x, float(c)) for c in MLAS_EXP)
+    v = torch.maximum(lower, x - x.max(dim=1, keepdim=True).values)
+    biased = fused_multiply_add(v, log2e, bias)
+    m = biased - bias
+    v = fused_multiply_add(m, ln2_low, fused_multiply_add(m, ln2_high, v))
+    p = fused_multiply_add(poly[0], v, poly[1])
+    for c in (*poly[2:], poly[-1]):
+        p = fused_multiply_add(p, v, c)
+    e = (p.double() * torch.pow(2.0, m.double())).float()
+    chunks = torch.cat([e, torch.zeros(rows, -d % 16)], 1).view(rows, -1, 16)
+    lanes = torch.zeros(rows, 16)
+    for chunk in chunks.unbind(1):
+        lanes = lanes + chunk
+    y = lanes[:, 8:] + lanes[:, :8]
+    total = ((y[:, 0] + y[:, 1]) + (y[:, 2] + y[:, 3])) + ((y[:, 4] + y[:, 5]) + (y[:, 6] + y[:, 7]))
+    return e * (torch.tensor(1.0) / total).unsqueeze(1)
+
+
 def _special_values(generator: torch.Generator) -> torch.Tensor:
     """Values where an implementation could differ: ties of every parity, signed zeros, the clamp bounds and
     beyond, infinities, NaN, huge and tiny numbers, then random ones at several magnitudes."""
@@ -419,7 +452,24 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
         if not _same_bits(got, want):
             return "add then ReLU"
     return (_check_edits(lib) or _check_requantize_edits(lib) or _check_requantize_wide(lib)
-            or _check_sampling(lib) or _check_layer_norm(lib) or _check_tanh(lib) or _check_matmul(lib))
+            or _check_sampling(lib) or _check_layer_norm(lib) or _check_tanh(lib) or _check_matmul(lib)
+            or _check_softmax(lib))
+
+
+def _check_softmax(lib: ctypes.CDLL) -> str | None:
+    """hw_softmax_mlas against `eager_softmax_mlas`: widths 1 to 100 (the lanes' tail), spreads up to 300 (the
+    exponentials' subnormal range and the clamp), rows with an infinity or a NaN, one thread and several."""
+    generator = torch.Generator().manual_seed(23)
+    for d in (1, 5, 16, 17, 100):
+        x = torch.randn(64, d, generator=generator) * torch.logspace(-2, 2.5, 64).unsqueeze(1)
+        x[0, 0], x[1, -1], x[2, 0] = float("inf"), float("-inf"), float("nan")
+        want = eager_softmax_mlas(x)
+        for threads in (1, max(2, torch.get_num_threads())):
+            got = torch.empty_like(x)
+            lib.hw_softmax_mlas(x.data_ptr(), got.data_ptr(), 64, d, MLAS_EXP.data_ptr(), threads)
+            if not _same_bits(got, want):
+                return f"MLAS's softmax of width {d}"
+    return None
 
 
 def _check_matmul(lib: ctypes.CDLL) -> str | None:
@@ -966,6 +1016,17 @@ def matmul_fma(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
     n = b.shape[2]
     out = torch.empty(batch, m, n)
     lib.hw_matmul_fma(a.data_ptr(), b.data_ptr(), out.data_ptr(), batch, m, k, n, block, torch.get_num_threads())
+    return out
+
+
+def softmax_mlas(x: torch.Tensor) -> torch.Tensor:
+    """onnxruntime's CPU Softmax of the rows of [rows, d] float32 `x`: one native pass, or its eager chain."""
+    lib = _active()
+    if lib is None or not _plain(x):
+        return eager_softmax_mlas(x)
+    out = torch.empty_like(x)
+    lib.hw_softmax_mlas(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], MLAS_EXP.data_ptr(),
+                        torch.get_num_threads())
     return out
 
 

@@ -284,10 +284,26 @@ def _where(attrs: dict[str, Any], opset: int) -> Function:
 
 
 # -- normalization, reductions, activations ---------------------------------------------------------------------
+def ort_softmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """onnxruntime's CPU Softmax of float32 `x` along `dim`, bit for bit on a CPU where MLAS runs its AVX-512F
+    kernel (measured one node at a time: exponentials by its range reduction and polynomial in fused multiply-adds,
+    their sum in 16 lanes folded as the kernel does, each times 1 / sum; onnxruntime moves another axis last, as
+    here); the reader checks the installed onnxruntime agrees at load (`onnx_reader.runtime_softmax_agrees`)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    from . import native
+
+    if x.dtype != torch.float32 or x.numel() == 0 or _get_current_dispatch_mode() is not None:
+        return torch.softmax(x, dim)
+    moved = x.movedim(dim, -1)
+    rows = native.softmax_mlas(moved.reshape(-1, moved.shape[-1]).contiguous())
+    return rows.reshape(moved.shape).movedim(-1, dim)
+
+
 def _softmax(log: bool) -> Callable[[dict[str, Any], int], Function]:
     def make(attrs: dict[str, Any], opset: int) -> Function:
         axis = int(attrs.get("axis", -1 if opset >= 13 else 1))
-        op = torch.log_softmax if log else torch.softmax
+        op = torch.log_softmax if log else ort_softmax
 
         def softmax(x: torch.Tensor) -> torch.Tensor:
             if opset >= 13:
@@ -630,12 +646,19 @@ def function(op_type: str, attrs: dict[str, Any], opset: int) -> Function | None
     return None if make is None else make(attrs, opset)
 
 
+# ops computed as onnxruntime's kernels compute them, by branches on the values' dtype and shape and native passes:
+# a traced graph keeps their node whole (`graph.trace`), as it cannot trace into them
+RUNTIME_KERNELS = frozenset({"Sqrt", "Tanh", "Softmax", "LayerNormalization", "MatMul"})
+
+
 class OnnxOp(nn.Module):
-    """One float (or shape) node of an ONNX graph, run as torch computes it."""
+    """One float (or shape) node of an ONNX graph, run as torch computes it, or as onnxruntime's kernel does where
+    this module knows how (`RUNTIME_KERNELS`)."""
 
     def __init__(self, op_type: str, fn: Function, optional: Sequence[bool]) -> None:
         super().__init__()
         self.op_type, self.fn = op_type, fn
+        self.fx_leaf = op_type in RUNTIME_KERNELS
         # what the coverage says of the MACs this node holds (a float MatMul or Gemm of the graph)
         self.uncovered_reason = f"a float {op_type} of the ONNX graph (onnxruntime runs it in float too)"
         self.optional = tuple(optional)  # inputs the node leaves out (empty names): passed as None

@@ -1186,6 +1186,9 @@ def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str,
     of that width and epsilon agrees with onnxruntime (`runtime_layer_norm_agrees`)."""
     if node.op_type in RUNTIME_PROBED:
         return runtime_op_agrees(node.op_type)
+    if node.op_type == "Softmax":
+        return kernels is not None and bool(node.name) and kernels.get(node.name, ("",))[0] == "Softmax" \
+            and runtime_softmax_agrees()
     if node.op_type == "MatMul":
         return _matmul_reproduced(node, shapes, sizes, kernels)
     if node.op_type != "LayerNormalization" or kernels is None or not node.name:
@@ -1249,6 +1252,22 @@ def runtime_op_agrees(op_type: str) -> bool:
     function = onnx_float.function(op_type, {}, 17)
     assert function is not None
     return _same_bits(_one_node(op_type, {"x": x}, {}), function(x))
+
+
+@functools.cache
+def runtime_softmax_agrees() -> bool:
+    """Whether the installed onnxruntime's float Softmax (last axis) equals `onnx_float`'s bit for bit on probes of
+    widths 1 to 768 (the 16 lanes' tails), spreads up to 300 (the exponentials' subnormals and lower clamp), an
+    infinity; False without onnxruntime."""
+    generator = torch.Generator().manual_seed(24)
+    softmax = onnx_float.function("Softmax", {"axis": -1}, 17)
+    assert softmax is not None
+    for d in (1, 5, 16, 17, 48, 100, 768):
+        x = torch.randn(128, d, generator=generator) * torch.logspace(-2, 2.5, 128).unsqueeze(1)
+        x[0, 0] = float("-inf")
+        if not _same_bits(_one_node("Softmax", {"x": x}, {}, axis=-1), softmax(x)):
+            return False
+    return True
 
 
 def _matmul_reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str, int],

@@ -176,6 +176,24 @@ def test_fma_chain_matmul_equals_the_eager_chain(batch: int, m: int, k: int, n: 
 
 @needs_native
 @PROPERTY
+@given(rows=st.integers(1, 8), d=st.integers(1, 80), log_spread=st.floats(-3, 2.5), data=st.data(),
+       n_threads=st.sampled_from([1, 2]))
+def test_mlas_softmax_equals_the_eager_chain(rows: int, d: int, log_spread: float, data: st.DataObject,
+                                             n_threads: int) -> None:
+    """onnxruntime's Softmax (`native.softmax_mlas`) against its eager chain: any width (the 16 lanes' tail), rows
+    from nearly constant to spreads whose exponentials underflow into subnormals and the lower clamp, infinities."""
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    x = torch.randn(rows, d, generator=generator) * 10.0**log_spread
+    if data.draw(st.booleans(), label="an infinity"):
+        where = data.draw(st.integers(0, d - 1), label="where")
+        x[0, where] = data.draw(st.sampled_from([float("inf"), float("-inf")]), label="infinity")
+    with threads(n_threads):
+        got = native.softmax_mlas(x)
+    assert same_bits(got, native.eager_softmax_mlas(x))
+
+
+@needs_native
+@PROPERTY
 @given(values=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=300),
        n_threads=st.sampled_from([1, 2]))
 def test_mlas_tanh_equals_the_eager_chain(values: list[float], n_threads: int) -> None:
