@@ -8,6 +8,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define PARALLEL_FROM 32768 /* elements: below this a thread team costs more than it saves */
 
@@ -360,29 +361,51 @@ void hw_tanh_mlas(const float *x, float *y, int64_t n, const float *constants, i
  * packs) the chain restarts every `block` values of k and the blocks' results are added to the output in order. */
 void hw_matmul_fma(const float *a, const float *b, float *c, int64_t batch, int64_t m, int64_t k, int64_t n,
                    int64_t block, int threads) {
-    const int64_t step = block > 0 ? block : k;
+    const int64_t step = block > 0 && block < k ? block : k;
 #pragma omp parallel for num_threads(threads) schedule(static) if (batch * m * n * k >= PARALLEL_FROM)
     for (int64_t row = 0; row < batch * m; row++) {
         const float *ar = a + row * k;
         const float *bm = b + (row / m) * k * n;
         float *cr = c + row * n;
+        /* a later block's chains run in `part`, then add to the row; the j loop is the vector one, each output's
+         * chain still one fused multiply-add after the other in k */
+        float *part = step < k ? (float *)malloc((size_t)n * sizeof(float)) : cr;
+        if (part == NULL) { /* no memory for the row's parts: each output's blocks one after the other instead */
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t k0 = 0; k0 < k; k0 += step) {
+                    const int64_t k1 = k0 + step < k ? k0 + step : k;
+                    float acc = 0.0f;
+                    for (int64_t kk = k0; kk < k1; kk++)
+                        acc = fmaf(ar[kk], bm[kk * n + j], acc);
+                    cr[j] = k0 == 0 ? acc : cr[j] + acc;
+                }
+            continue;
+        }
         for (int64_t k0 = 0; k0 < k; k0 += step) {
             const int64_t k1 = k0 + step < k ? k0 + step : k;
-            for (int64_t j = 0; j < n; j++) {
-                float acc = 0.0f;
-                for (int64_t kk = k0; kk < k1; kk++)
-                    acc = fmaf(ar[kk], bm[kk * n + j], acc);
-                cr[j] = k0 == 0 ? acc : cr[j] + acc;
+            float *acc = k0 == 0 ? cr : part;
+            for (int64_t j = 0; j < n; j++)
+                acc[j] = 0.0f;
+            for (int64_t kk = k0; kk < k1; kk++) {
+                const float av = ar[kk];
+                const float *br = bm + kk * n;
+                for (int64_t j = 0; j < n; j++)
+                    acc[j] = fmaf(av, br[j], acc[j]);
             }
+            if (k0 > 0)
+                for (int64_t j = 0; j < n; j++)
+                    cr[j] = cr[j] + part[j];
         }
+        if (part != cr)
+            free(part);
     }
 }
 
 /* onnxruntime's CPU Softmax (float32; MLAS's AVX-512F sum-of-exponentials kernel) of `rows` rows of width d: each row's
  * maximum subtracted (added negated), clamped below at constants[0]; exp by MLAS's range reduction and degree-6
- * polynomial, each step one fused multiply-add, scaled by 2^m exactly rounded (vscalefps, here ldexpf); the sum in 16
- * lanes (element j into lane j % 16, in order), folded as the kernel does (k + k + 8, then pairs, then the two
- * halves); each output exp x (1 / sum). `constants`: lower bound, rounding bias, log2(e), ln2 high, ln2 low,
+ * polynomial, each step one fused multiply-add, scaled by 2^m rounded once (vscalefps; here a float64 product); the
+ * sum in 16 lanes (element j into lane j % 16, in order), folded as the kernel does (k + k + 8, then pairs, then the
+ * two halves); each output exp x (1 / sum). `constants`: lower bound, rounding bias, log2(e), ln2 high, ln2 low,
  * poly_0 .. poly_4, poly_56. */
 void hw_softmax_mlas(const float *x, float *y, int64_t rows, int64_t d, const float *constants, int threads) {
     const float lower = constants[0], bias = constants[1], log2e = constants[2], ln2_high = constants[3],
@@ -396,7 +419,6 @@ void hw_softmax_mlas(const float *x, float *y, int64_t rows, int64_t d, const fl
             if (row[j] != row[j] || row[j] > maximum) /* a NaN, once met, stays: torch's max */
                 maximum = maximum != maximum ? maximum : row[j];
         const float negative_maximum = -maximum;
-        float lanes[16] = {0.0f};
         for (int64_t j = 0; j < d; j++) {
             float v = row[j] + negative_maximum;
             v = lower > v ? lower : v;
@@ -406,10 +428,15 @@ void hw_softmax_mlas(const float *x, float *y, int64_t rows, int64_t d, const fl
             v = fmaf(m, ln2_low, v);
             /* poly_0 .. poly_4, then poly_56 twice */
             const float p = fmaf(horner_fma(constants[5], v, constants + 6, 5), v, constants[10]);
-            const float e = m == m ? ldexpf(p, (int)m) : m;
-            out[j] = e;
-            lanes[j % 16] = lanes[j % 16] + e;
+            /* p x 2^m rounded once, as vscalefps: exact in float64 (m is an integer in -150..128, or NaN) */
+            const int64_t exponent = m == m ? (int64_t)m + 1023 : 1023;
+            const union { uint64_t bits; double value; } power = {(uint64_t)exponent << 52};
+            out[j] = m == m ? (float)((double)p * power.value) : m;
         }
+        float lanes[16] = {0.0f};
+        for (int64_t j0 = 0; j0 < d; j0 += 16)
+            for (int64_t k = 0; k < 16 && j0 + k < d; k++)
+                lanes[k] = lanes[k] + out[j0 + k];
         float y8[8];
         for (int k = 0; k < 8; k++)
             y8[k] = lanes[k + 8] + lanes[k];
