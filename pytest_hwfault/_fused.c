@@ -446,3 +446,32 @@ void hw_softmax_mlas(const float *x, float *y, int64_t rows, int64_t d, const fl
             out[j] = out[j] * scale;
     }
 }
+
+/* onnxruntime's QLinearAdd (op 0) and QLinearMul (op 1) on values (code - zero point) x scale, as the reader's eager
+ * chains compute them (`onnx_reader.QLinearAdd`, `QLinearMul`, which check this pass against themselves before use):
+ * element i of the output from element i % period_a of a and i % period_b of b. Codes recovered as round(x / scale) + zero point; op 0:
+ * float64(qa) x ra + float32(float64(qb) x rb + fixed), rounded to float32 then to an integer; op 1: ((qa - za) x
+ * (qb - zb)) x ratio rounded; a result outside the int32 range (NaN too) becomes -2^31 (MLAS converts without a
+ * clamp); op 1 adds the output zero point; clamped to the code range; out = (code - zc) x sc.
+ * p: sa, za, sb, zb, sc, zc, low, high, then ra, rb, fixed (op 0) or ratio (op 1). Finite scales only. */
+void hw_qlinear_binary(const float *a, const float *b, float *out, int64_t n, int64_t period_a, int64_t period_b,
+                       int op, const float *p, int threads) {
+    const float sa = p[0], za = p[1], sb = p[2], zb = p[3], sc = p[4], zc = p[5], low = p[6], high = p[7];
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_FROM)
+    for (int64_t i = 0; i < n; i++) {
+        const float qa = nearbyintf(a[period_a == n ? i : i % period_a] / sa) + za;
+        const float qb = nearbyintf(b[period_b == n ? i : i % period_b] / sb) + zb;
+        float o;
+        if (op == 0) {
+            const float inner = (float)((double)qb * (double)p[9] + (double)p[10]);
+            o = nearbyintf((float)((double)qa * (double)p[8] + (double)inner));
+        } else {
+            o = nearbyintf(((qa - za) * (qb - zb)) * p[8]);
+        }
+        if (!(o >= -2147483648.0f && o < 2147483648.0f))
+            o = -2147483648.0f;
+        if (op == 1)
+            o = o + zc;
+        out[i] = (clamp_like_torch(o, low, high) - zc) * sc;
+    }
+}

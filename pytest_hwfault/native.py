@@ -64,6 +64,7 @@ _SIGNATURES = {
     "hw_tanh_mlas": [_P, _P, _I, _P, _C],
     "hw_matmul_fma": [_P, _P, _P, _I, _I, _I, _I, _I, _C],
     "hw_softmax_mlas": [_P, _P, _I, _I, _P, _C],
+    "hw_qlinear_binary": [_P, _P, _P, _I, _I, _I, _C, _P, _C],
 }
 _RETURNS = {"hw_apply_edit": ctypes.c_int, "hw_requantize_edit_relu": ctypes.c_int,
             "hw_compose_place": ctypes.c_int64}
@@ -395,7 +396,7 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
             want = eager_quantize(flat, torch.empty_like(flat), inv_scale, low, high)
             got = torch.empty_like(flat)
             lib.hw_quantize(flat.data_ptr(), got.data_ptr(), count, inv_scale, *(bounds or _UNBOUNDED), threads)
-            if not _same_bits(got, want):
+            if not same_bits(got, want):
                 return f"quantize at inverse scale {inv_scale}, bounds {bounds}"
         for offset, low, dtype in ((128, -128, torch.uint8), (0, 0, torch.uint8), (255, -255, torch.uint8),
                                    (-128, 0, torch.int8), (0, -128, torch.int8), (-100, -28, torch.int8)):
@@ -440,7 +441,7 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
                 got = values.clone()
                 _requantize(lib, got, inner, channels, bias, multiplier, bias_after, pre, post, -127.0, 127.0, scale,
                             threads)
-                if not _same_bits(got, want):
+                if not same_bits(got, want):
                     return f"requantize with inner {inner}, bias {bias is not None}, steps {pre, post}"
         # sums of every pair of special values (signed zeros, NaN, infinities, cancellations)
         other = values.roll(1).neg_()
@@ -449,7 +450,7 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
         want = eager_add_relu(values.clone(), other)
         got = values.clone()
         lib.hw_add_relu(got.data_ptr(), other.data_ptr(), got.numel(), threads)
-        if not _same_bits(got, want):
+        if not same_bits(got, want):
             return "add then ReLU"
     return (_check_edits(lib) or _check_requantize_edits(lib) or _check_requantize_wide(lib)
             or _check_sampling(lib) or _check_layer_norm(lib) or _check_tanh(lib) or _check_matmul(lib)
@@ -467,7 +468,7 @@ def _check_softmax(lib: ctypes.CDLL) -> str | None:
         for threads in (1, max(2, torch.get_num_threads())):
             got = torch.empty_like(x)
             lib.hw_softmax_mlas(x.data_ptr(), got.data_ptr(), 64, d, MLAS_EXP.data_ptr(), threads)
-            if not _same_bits(got, want):
+            if not same_bits(got, want):
                 return f"MLAS's softmax of width {d}"
     return None
 
@@ -485,7 +486,7 @@ def _check_matmul(lib: ctypes.CDLL) -> str | None:
         for threads in (1, max(2, torch.get_num_threads())):
             got = torch.empty(batch, m, n)
             lib.hw_matmul_fma(a.data_ptr(), b.data_ptr(), got.data_ptr(), batch, m, k, n, block, threads)
-            if not _same_bits(got, want):
+            if not same_bits(got, want):
                 return f"the FMA-chain matmul of [{m}, {k}] x [{k}, {n}], block {block}"
     return None
 
@@ -498,7 +499,7 @@ def _check_tanh(lib: ctypes.CDLL) -> str | None:
     for threads in (1, max(2, torch.get_num_threads())):
         got = torch.empty_like(values)
         lib.hw_tanh_mlas(values.data_ptr(), got.data_ptr(), values.numel(), MLAS_TANH.data_ptr(), threads)
-        if not _same_bits(got, want):
+        if not same_bits(got, want):
             return "MLAS's tanh"
     return None
 
@@ -518,7 +519,7 @@ def _check_layer_norm(lib: ctypes.CDLL) -> str | None:
                 got = torch.empty_like(x)
                 lib.hw_layer_norm_ort(x.data_ptr(), scale.data_ptr(), None if b is None else b.data_ptr(),
                                       got.data_ptr(), x.shape[0], c, 1e-5, threads)
-                if not _same_bits(got, want):
+                if not same_bits(got, want):
                     return f"onnxruntime's LayerNormalization of width {c}, bias {b is not None}"
     return None
 
@@ -559,7 +560,7 @@ def _check_requantize_wide(lib: ctypes.CDLL) -> str | None:
                                            *(t.data_ptr() for t in arrays), -0.0 if pre is None else pre,
                                            -0.0 if post is None else post, -127.0, 127.0,
                                            1.0 if scale is None else scale, in_float32, threads)
-                    if not _same_bits(got, want):
+                    if not same_bits(got, want):
                         return (f"wide requantize with inner {inner}, float32 arithmetic {in_float32}, bias "
                                 f"{bias_ is not None}, steps {pre, post}")
     return None
@@ -591,7 +592,7 @@ def _check_edits(lib: ctypes.CDLL) -> str | None:
                                            *(None if t is None else t.data_ptr() for t in (keep, set_, flip)),
                                            dtype == torch.int64, scale == 1.0, scale, bits, zero_point, signed,
                                            max(2, torch.get_num_threads()))
-                if status != 0 or not _same_bits(got, want):
+                if status != 0 or not same_bits(got, want):
                     return (f"fault edits of {bits}-bit codes (signed {signed}, zero point {zero_point}, scale "
                             f"{scale}, {dtype} words)")
     return None
@@ -632,7 +633,7 @@ def _check_requantize_edits(lib: ctypes.CDLL) -> str | None:
                         low, high, max(low, 0.0), 1.0 if scale is None else scale, linear.data_ptr(), len(linear),
                         *(None if t is None else t.data_ptr() for t in (keep, set_, flip)), dtype == torch.int64,
                         bits, zero, signed, faulty.data_ptr(), threads)
-                    if status != 0 or not _same_bits(got, want):
+                    if status != 0 or not same_bits(got, want):
                         return (f"requantize, act edits and ReLU with inner {inner} ({bits}-bit codes, signed "
                                 f"{signed}, zero point {zero}, scale {scale}, {dtype} words)")
     return None
@@ -674,7 +675,7 @@ def _check_sampling(lib: ctypes.CDLL) -> str | None:
     return None
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal as bit patterns (so -0.0 differs from 0.0), NaNs of any payload counted equal."""
     nan = a.isnan()
     return torch.equal(nan, b.isnan()) and torch.equal(a.view(torch.int32)[~nan], b.view(torch.int32)[~nan])
@@ -1027,6 +1028,39 @@ def softmax_mlas(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     lib.hw_softmax_mlas(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], MLAS_EXP.data_ptr(),
                         torch.get_num_threads())
+    return out
+
+
+def qlinear_binary(op: int, a: torch.Tensor, b: torch.Tensor, params: list[float]) -> torch.Tensor | None:
+    """onnxruntime's QLinearAdd (op 0) or QLinearMul (op 1) in one native pass (`hw_qlinear_binary`; its reference
+    is the reader's eager chain, which checks it before use), on float32 CPU tensors broadcast as torch does (an
+    operand that repeats along the leading dimensions is read in place, any other broadcast expanded first); None
+    where the pass declines (the caller runs its chain)."""
+    lib = _active()
+    if lib is None or not all(t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad
+                              for t in (a, b)):
+        return None
+    try:
+        shape = tuple(torch.broadcast_shapes(a.shape, b.shape))
+    except RuntimeError:
+        return None
+    n = math.prod(shape)
+    if n == 0:
+        return None
+
+    def flat(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+        dims = tuple(t.shape)
+        while dims and dims[0] == 1:
+            dims = dims[1:]
+        if dims == shape[len(shape) - len(dims):]:  # repeats along the leading dimensions (or is the whole)
+            return t.contiguous(), t.numel()
+        return t.expand(shape).contiguous(), n
+
+    (fa, period_a), (fb, period_b) = flat(a), flat(b)
+    out = torch.empty(shape)
+    constants = torch.tensor(params, dtype=torch.float32)
+    lib.hw_qlinear_binary(fa.data_ptr(), fb.data_ptr(), out.data_ptr(), n, period_a, period_b, op,
+                          constants.data_ptr(), torch.get_num_threads())
     return out
 
 

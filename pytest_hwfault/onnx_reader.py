@@ -97,6 +97,56 @@ def _fma32(a: torch.Tensor, b: float, c: torch.Tensor | float) -> torch.Tensor:
     return (a.double() * float(np.float32(b)) + (c.double() if isinstance(c, torch.Tensor) else float(c))).float()
 
 
+def _native_qlinear(op: int, a: torch.Tensor, b: torch.Tensor, params: list[float] | None) -> torch.Tensor | None:
+    """QLinearAdd (op 0) or QLinearMul (op 1) in one native pass, where it applies (finite scales, `params` not
+    None; shapes `native.qlinear_binary` reads) and `_native_qlinear_agrees`; None: the eager chain runs."""
+    from . import native
+
+    if params is None:
+        return None
+    fused = native.qlinear_binary(op, a, b, params)  # None where the passes are off or decline
+    return fused if fused is not None and _native_qlinear_agrees() else None
+
+
+_qlinear_agrees: bool | None = None  # `_native_qlinear_agrees`, once it ran with the passes on
+
+
+def _native_qlinear_agrees() -> bool:
+    """Whether `native.qlinear_binary` equals the eager chains of `QLinearAdd` and `QLinearMul` bit for bit on this
+    machine (checked once per process, while the passes are on): every code of u8 and s8 grids, with zero points at
+    the edges and within, scales that make ties and saturate, values off the grid (faulty inputs), either operand
+    broadcast along leading or inner dimensions, a transposed or sliced one, and a NaN."""
+    global _qlinear_agrees
+    if _qlinear_agrees is None:
+        _qlinear_agrees = _check_native_qlinear()
+    return _qlinear_agrees
+
+
+def _check_native_qlinear() -> bool:
+    from . import native
+
+    generator = torch.Generator().manual_seed(25)
+    for signed in (False, True):
+        low, high = _code_range(signed)
+        a = (torch.arange(low, high + 1, dtype=torch.float32).repeat(8) - 3) * 0.05
+        a = torch.cat([a, torch.randn(500, generator=generator) * 40, torch.tensor([float("nan"), 1e30, -1e30])])
+        b_full = a.flip(0) * 1.7
+        for scales, zeros in (((0.05, 0.085, 0.1), (3, 0, 7)), ((0.05, 0.085, 0.0125), (low, high, 0)),
+                              ((1e-3, 2.0, 1e-9), (0, 5, high))):
+            grids = [(s, z) for s, z in zip(scales, zeros)]
+            for cls, op in ((QLinearAdd, 0), (QLinearMul, 1)):
+                module = cls(grids[0], grids[1], grids[2], signed)
+                params = module._params()
+                assert params is not None
+                rows = a[: a.numel() // 14 * 14].view(-1, 2, 7)
+                for x, y in ((a, b_full), (rows, b_full[:7]), (b_full[:7], rows), (rows, rows[:1, :1]),
+                             (rows[:, :1], rows[:1]), (rows.transpose(0, 2), b_full[:2].view(2, 1))):
+                    fused = native.qlinear_binary(op, x, y, params)
+                    if fused is None or not native.same_bits(fused, module.eager(x, y)):
+                        return False
+    return True
+
+
 class QLinearAdd(nn.Module):
     """onnxruntime's QLinearAdd (MLAS AVX2 kernel) on values (code - zero point) x scale (module docstring)."""
 
@@ -116,9 +166,19 @@ class QLinearAdd(nn.Module):
         self.low, self.high = _code_range(signed)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        fused = _native_qlinear(0, a, b, self._params())
+        return fused if fused is not None else self.eager(a, b)
+
+    def eager(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The kernel on torch's ops (the native pass's reference)."""
         qa, qb = _codes(a, self.sa, self.za), _codes(b, self.sb, self.zb)
         out = _int32_converted(_fma32(qa, self.ra, _fma32(qb, self.rb, self.fixed)).round_())
         return _values(_saturate(out, self.low, self.high), self.sc, self.zc)
+
+    def _params(self) -> list[float] | None:
+        scales = (self.sa, self.sb, self.sc)
+        return None if not all(math.isfinite(s) for s in scales) else \
+            [self.sa, self.za, self.sb, self.zb, self.sc, self.zc, self.low, self.high, self.ra, self.rb, self.fixed]
 
     def extra_repr(self) -> str:
         return f"a=({self.sa!r}, {self.za}), b=({self.sb!r}, {self.zb}), out=({self.sc!r}, {self.zc})"
@@ -167,10 +227,20 @@ class QLinearMul(nn.Module):
         self.low, self.high = _code_range(signed)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        fused = _native_qlinear(1, a, b, self._params())
+        return fused if fused is not None else self.eager(a, b)
+
+    def eager(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The kernel on torch's ops (the native pass's reference)."""
         qa = _codes(a, self.sa, self.za).sub_(self.za)
         qb = _codes(b, self.sb, self.zb).sub_(self.zb)
         out = _int32_converted(torch.mul(qa, qb).mul_(torch.tensor(self.ratio, dtype=torch.float32)).round_())
         return _values(_saturate(out.add_(self.zc), self.low, self.high), self.sc, self.zc)
+
+    def _params(self) -> list[float] | None:
+        scales = (self.sa, self.sb, self.sc)
+        return None if not all(math.isfinite(s) for s in scales) else \
+            [self.sa, self.za, self.sb, self.zb, self.sc, self.zc, self.low, self.high, self.ratio]
 
     def extra_repr(self) -> str:
         return f"a=({self.sa!r}, {self.za}), b=({self.sb!r}, {self.zb}), out=({self.sc!r}, {self.zc})"

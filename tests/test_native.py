@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import threads
@@ -190,6 +191,37 @@ def test_mlas_softmax_equals_the_eager_chain(rows: int, d: int, log_spread: floa
     with threads(n_threads):
         got = native.softmax_mlas(x)
     assert same_bits(got, native.eager_softmax_mlas(x))
+
+
+@needs_native
+@PROPERTY
+@given(signed=st.booleans(), op=st.sampled_from(["add", "mul"]), data=st.data(), n_threads=st.sampled_from([1, 2]))
+def test_qlinear_add_and_mul_in_one_pass_equal_the_readers_chains(signed: bool, op: str, data: st.DataObject,
+                                                                 n_threads: int) -> None:
+    """onnxruntime's QLinearAdd and QLinearMul (`native.qlinear_binary`) against the reader's eager chains: grids
+    of any scale and zero point, inputs on and off them (a fault's values), broadcast either way, NaN; and the
+    check the reader runs before it uses the pass agrees."""
+    from pytest_hwfault.onnx_reader import QLinearAdd, QLinearMul, _native_qlinear_agrees
+
+    low, high = (-128, 127) if signed else (0, 255)
+    grids = [(data.draw(st.floats(1e-4, 10.0), label=f"scale {k}"), data.draw(st.integers(low, high), label=f"zp {k}"))
+             for k in "abc"]
+    module = (QLinearAdd if op == "add" else QLinearMul)(grids[0], grids[1], grids[2], signed)
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    shape = tuple(data.draw(st.lists(st.integers(1, 6), min_size=1, max_size=3), label="shape"))
+    a = (torch.randint(low, high + 1, shape, generator=generator).float() - grids[0][1]) * np.float32(grids[0][0])
+    if data.draw(st.booleans(), label="off the grid"):
+        a = a + torch.randn(shape, generator=generator) * grids[0][0]
+    b_shape = data.draw(st.sampled_from([shape, shape[-1:], (1,) * len(shape), shape[:1] + (1,) * (len(shape) - 1)]),
+                        label="b's shape")
+    b = (torch.randint(low, high + 1, b_shape, generator=generator).float() - grids[1][1]) * np.float32(grids[1][0])
+    if data.draw(st.booleans(), label="a NaN"):
+        a.view(-1)[0] = float("nan")
+    x, y = (a, b) if data.draw(st.booleans(), label="b second") else (b, a)
+    with threads(n_threads):
+        got = native.qlinear_binary(0 if op == "add" else 1, x, y, module._params())
+    assert got is not None and same_bits(got, module.eager(x, y))
+    assert _native_qlinear_agrees()
 
 
 @needs_native
