@@ -576,6 +576,14 @@ def _runtime_kernels(model: Any) -> dict[str, tuple[str, list[tuple[int, bool] |
     """For each node name, the op type onnxruntime's CPU provider runs after its graph optimizations and the zero
     points (value, signed) among the kernel's constant inputs (onnxruntime runs int8 activations of some kernels
     as uint8 with zero point + 128, which changes their float rounding); None without onnxruntime."""
+    graph = _runtime_graph(model)
+    return None if graph is None else graph[0]
+
+
+def _runtime_graph(model: Any) -> tuple[dict[str, tuple[str, list[tuple[int, bool] | None]]],
+                                        dict[str, _Grid]] | None:
+    """`_runtime_kernels`, and the grid of each DequantizeLinear onnxruntime keeps (scalar scale and zero point),
+    by node name: its optimizer can move a grid (`_Builder.removed_double_qdq`); None without onnxruntime."""
     try:
         import onnx
         import onnxruntime as ort
@@ -600,7 +608,14 @@ def _runtime_kernels(model: Any) -> dict[str, tuple[str, list[tuple[int, bool] |
             small = value is not None and value.size == 1 and value.dtype in (np.int8, np.uint8)
             zeros.append((int(value.reshape(())), value.dtype == np.int8) if small and value is not None else None)
         kernels.setdefault(re.sub(r"_token_\d+$", "", node.name), (node.op_type, zeros))
-    return kernels
+    grids: dict[str, _Grid] = {}
+    for node in optimized.graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) == 3:
+            scale, zero = consts.get(node.input[1]), consts.get(node.input[2])
+            if scale is not None and zero is not None and scale.size == 1 and zero.size == 1 and \
+                    zero.dtype in (np.int8, np.uint8):
+                grids[node.name] = _Grid(float(scale.reshape(())), int(zero.reshape(())), zero.dtype == np.int8)
+    return kernels, grids
 
 
 def _module_name(node: Any, index: int, taken: set[str]) -> str:
@@ -615,15 +630,42 @@ def _module_name(node: Any, index: int, taken: set[str]) -> str:
     return name
 
 
+def _merged_grid(one: _Grid, two: _Grid) -> _Grid | None:
+    """The grid onnxruntime's DoubleQDQPairsRemover gives two QDQ pairs it merges (its FindNewZeroPointAndScale, in
+    float32): the real range both cover, max of the minima to min of the maxima, over the code range; the zero point
+    rounded half away from zero. The same grid where the pairs' are equal; None where their types differ (it does
+    not merge those) or the ranges share no more than zero."""
+    if one.signed != two.signed:
+        return None
+    if (one.scale, one.zero_point) == (two.scale, two.zero_point):
+        return two
+    f32 = np.float32
+    low, high = _code_range(one.signed)
+    mins = [f32(low - g.zero_point) * f32(g.scale) for g in (one, two)]
+    maxes = [f32(high - g.zero_point) * f32(g.scale) for g in (one, two)]
+    real_min, real_max = max(mins), min(maxes)
+    scale = f32(f32(real_max - real_min) / f32(high - low))
+    if not (math.isfinite(float(scale)) and scale > 0):
+        # ranges that share at most zero: onnxruntime's grid would be degenerate (scale 0); every value is 0 both
+        # there and in the graph's two roundings, which the view then keeps
+        return None
+    shifted = float(f32(f32(low) - f32(real_min / scale)))
+    zero_point = int(math.copysign(math.floor(abs(shifted) + 0.5), shifted))
+    return _Grid(float(scale), zero_point, one.signed)
+
+
 class _Builder:
     """Turns the ONNX graph into an fx.GraphModule: `exact` re-grids as the runtime does; otherwise the float
     function (quantize nodes only clamp to their range, integer kernels become their float ops)."""
 
     def __init__(self, model: Any, kernels: dict[str, tuple[str, list[tuple[int, bool] | None]]] | None,
-                 exact: bool) -> None:
+                 exact: bool, runtime_grids: dict[str, _Grid] | None = None) -> None:
         from onnx import numpy_helper
 
         self.model, self.graph, self.kernels, self.exact = model, model.graph, kernels, exact
+        self.runtime_grids = runtime_grids or {}  # onnxruntime's DequantizeLinear grids, by node name
+        self.merged_qdq: list[str] = []  # QuantizeLinear nodes onnxruntime merged with the pair before them
+        self.producers = {o: n for n in self.graph.node for o in n.output}
         self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
         self.root = nn.Module()
         self.fx = fx.Graph()
@@ -797,7 +839,43 @@ class _Builder:
             raise self.error(node, "only Constant nodes with a tensor `value` are supported")
         self.consts[node.output[0]] = numpy_helper.to_array(value)
 
+    def removed_double_qdq(self, node: Any) -> tuple[str, _Grid] | None:
+        """onnxruntime's DoubleQDQPairsRemover: Q1 -> DQ1 (-> a Cast to float, which it removes first) -> Q2 -> DQ2
+        becomes Q1 -> DQ2, both on a new grid covering what both ranges share, (max(mins) - min(maxes)) / (qmax -
+        qmin) and a zero point to match. Where onnxruntime's optimized graph lacks this QuantizeLinear (Q2) and the
+        DequantizeLinear before it (DQ1) but keeps the one after it (DQ2): Q1's input and DQ2's grid there, which
+        the view then quantizes to directly, as onnxruntime computes it."""
+        if not self.exact or self.kernels is None or not node.name or node.name in self.kernels:
+            return None
+        producers = self.producers
+        value = node.input[0]
+        step = producers.get(value)
+        while step is not None and step.op_type in ("Cast", "Identity") and (
+                step.op_type == "Identity" or int(_attrs(step).get("to", 0)) == 1):
+            value = step.input[0]
+            step = producers.get(value)
+        if step is None or step.op_type != "DequantizeLinear" or not step.name or step.name in self.kernels:
+            return None
+        first = producers.get(step.input[0])
+        after = self.single_consumer(node.output[0], "DequantizeLinear")
+        if first is None or first.op_type != "QuantizeLinear" or after is None:
+            return None
+        if after.name in self.runtime_grids:  # DQ2 kept: its grid as onnxruntime rewrote it
+            return first.input[0], self.runtime_grids[after.name]
+        # DQ2 fused into the kernel after it: the grid by onnxruntime's own formula
+        grid = _merged_grid(self.q_params(first), self.q_params(node))
+        return None if grid is None else (first.input[0], grid)
+
     def op_QuantizeLinear(self, node: Any, index: int) -> None:
+        merged = self.removed_double_qdq(node)
+        if merged is not None:
+            source, grid = merged
+            low, high = _code_range(grid.signed)
+            out = self.add_module(Requantize(grid.scale, grid.zero_point, low, high), node, index,
+                                  (self.value(source, node),))
+            self.set_quantized(node.output[0], out, grid)
+            self.merged_qdq.append(node.name)
+            return
         grid = self.q_params(node)
         source = node.input[0]
         x = self.value(source, node)
@@ -1439,8 +1517,9 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
             proto = to_qdq(proto)
         except ValueError as exc:
             raise DeployedFormatError(f"onnx (QOperator): {exc}") from None
-    kernels = _runtime_kernels(proto)
-    exact = _Builder(proto, kernels, exact=True)
+    runtime = _runtime_graph(proto)
+    kernels, runtime_grids = (None, None) if runtime is None else runtime
+    exact = _Builder(proto, kernels, exact=True, runtime_grids=runtime_grids)
     module = exact.build()
     float_builder = _Builder(proto, kernels, exact=False)
     float_module = float_builder.build()
@@ -1461,6 +1540,11 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
                      f"dequantized values ({shown}): their float32 products and sums round, where the engine "
                      "computes the exact integer sum, so an output near a half code may be one code apart from "
                      "onnxruntime's")
+    if exact.merged_qdq:
+        shown = ", ".join(repr(name) for name in exact.merged_qdq[:3]) + (", ..." if len(exact.merged_qdq) > 3 else "")
+        notes.append(f"onnxruntime's optimizer merges {len(exact.merged_qdq)} QuantizeLinear -> DequantizeLinear "
+                     f"pair(s) with the pair before them into one on a new grid (its DoubleQDQPairsRemover; {shown}): "
+                     "the view quantizes to that grid, as onnxruntime computes it, not to the graph's two")
     counts: dict[str, int] = {}
     for node in _float_valued(proto, exact.float_nodes, kernels):
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
