@@ -314,6 +314,22 @@ def _softmax(log: bool) -> Callable[[dict[str, Any], int], Function]:
     return make
 
 
+# onnxruntime's FastGelu (a GELU's tanh form it fuses from the exported ops): 0.5 x (1 + tanh(x (C x x + B)))
+FAST_GELU_B, FAST_GELU_C = 0.7978845608028654, 0.035677408136300125
+
+
+def ort_fast_gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """onnxruntime's CPU FastGelu (com.microsoft), bit for bit (measured one node at a time): v = x (+ bias);
+    v x ((C x v) x v + B), MLAS's tanh of that, then (0.5 x v) x (t + 1) ((v x 0.5) x (t + 1) with a bias), each a
+    float32 operation in that order."""
+    from . import native
+
+    b, c, half = (torch.tensor(v, dtype=torch.float32) for v in (FAST_GELU_B, FAST_GELU_C, 0.5))
+    v = x if bias is None else x + bias
+    t = native.tanh_mlas((v * ((c * v * v) + b)).contiguous())
+    return (half * v if bias is None else v * half) * (t + 1.0)
+
+
 def ort_layer_norm_applies(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, axis: int) -> bool:
     """Whether `ort_layer_norm` computes this call: float32 rows whose width is a multiple of 8, a scale (and bias)
     of one value per element of a row (onnxruntime broadcasts anything else on another code path)."""
@@ -595,6 +611,7 @@ def _simple(function: Function) -> Callable[[dict[str, Any], int], Function]:
 
 
 OPS: dict[str, Callable[[dict[str, Any], int], Function]] = {
+    "FastGelu": lambda attrs, opset: ort_fast_gelu,  # onnxruntime's fused kernel (`onnx_reader` follows its fusion)
     **{name: _simple(function) for name, function in {**BINARY, **UNARY}.items()},
     "Mod": lambda attrs, opset: _mod(int(attrs.get("fmod", 0))),
     "Max": _simple(_variadic(torch.maximum)), "Min": _simple(_variadic(torch.minimum)),
@@ -648,7 +665,7 @@ def function(op_type: str, attrs: dict[str, Any], opset: int) -> Function | None
 
 # ops computed as onnxruntime's kernels compute them, by branches on the values' dtype and shape and native passes:
 # a traced graph keeps their node whole (`graph.trace`), as it cannot trace into them
-RUNTIME_KERNELS = frozenset({"Sqrt", "Tanh", "Softmax", "LayerNormalization", "MatMul"})
+RUNTIME_KERNELS = frozenset({"Sqrt", "Tanh", "Softmax", "LayerNormalization", "MatMul", "FastGelu"})
 
 
 class OnnxOp(nn.Module):

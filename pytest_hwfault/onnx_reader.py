@@ -581,9 +581,10 @@ def _runtime_kernels(model: Any) -> dict[str, tuple[str, list[tuple[int, bool] |
 
 
 def _runtime_graph(model: Any) -> tuple[dict[str, tuple[str, list[tuple[int, bool] | None]]],
-                                        dict[str, _Grid]] | None:
-    """`_runtime_kernels`, and the grid of each DequantizeLinear onnxruntime keeps (scalar scale and zero point),
-    by node name: its optimizer can move a grid (`_Builder.removed_double_qdq`); None without onnxruntime."""
+                                        dict[str, _Grid], dict[str, list[str]]] | None:
+    """`_runtime_kernels`; the grid of each DequantizeLinear onnxruntime keeps (scalar scale and zero point), by node
+    name: its optimizer can move a grid (`_Builder.removed_double_qdq`); and the FastGelu kernels it fuses from a
+    GELU's float ops: their inputs (x, a bias) by output name; None without onnxruntime."""
     try:
         import onnx
         import onnxruntime as ort
@@ -615,7 +616,9 @@ def _runtime_graph(model: Any) -> tuple[dict[str, tuple[str, list[tuple[int, boo
             if scale is not None and zero is not None and scale.size == 1 and zero.size == 1 and \
                     zero.dtype in (np.int8, np.uint8):
                 grids[node.name] = _Grid(float(scale.reshape(())), int(zero.reshape(())), zero.dtype == np.int8)
-    return kernels, grids
+    fast_gelus = {node.output[0]: [name for name in node.input if name] for node in optimized.graph.node
+                  if node.op_type == "FastGelu" and node.domain == "com.microsoft" and len(node.output) == 1}
+    return kernels, grids, fast_gelus
 
 
 def _module_name(node: Any, index: int, taken: set[str]) -> str:
@@ -659,11 +662,15 @@ class _Builder:
     function (quantize nodes only clamp to their range, integer kernels become their float ops)."""
 
     def __init__(self, model: Any, kernels: dict[str, tuple[str, list[tuple[int, bool] | None]]] | None,
-                 exact: bool, runtime_grids: dict[str, _Grid] | None = None) -> None:
+                 exact: bool, runtime_grids: dict[str, _Grid] | None = None,
+                 fast_gelus: dict[str, list[str]] | None = None) -> None:
         from onnx import numpy_helper
 
         self.model, self.graph, self.kernels, self.exact = model, model.graph, kernels, exact
         self.runtime_grids = runtime_grids or {}  # onnxruntime's DequantizeLinear grids, by node name
+        self.fast_gelus = fast_gelus or {}  # onnxruntime's fused FastGelu kernels: inputs by output name
+        self.followed: list[str] = []  # outputs computed as onnxruntime's fused kernel computes them
+        self.inside_followed: set[str] = set()  # names of the nodes such a kernel replaces
         self.merged_qdq: list[str] = []  # QuantizeLinear nodes onnxruntime merged with the pair before them
         self.producers = {o: n for n in self.graph.node for o in n.output}
         self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
@@ -779,9 +786,36 @@ class _Builder:
                     f"onnx: node {node.name!r} of type {node.op_type!r} (domain {node.domain or 'ai.onnx'!r}) is "
                     f"not supported; supported: {', '.join(SUPPORTED)}; float ops: {', '.join(onnx_float.OPS)}")
             handler(node, index)
+            if self.exact and node.output and node.output[0] in self.fast_gelus:
+                self.follow_fast_gelu(node, index)
         outputs = [self.value(o.name, self.graph.node[-1]) for o in self.graph.output]
         self.fx.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
         return fx.GraphModule(self.root, self.fx)
+
+    def follow_fast_gelu(self, node: Any, index: int) -> None:
+        """onnxruntime fuses a GELU's tanh form (Mul, Pow, Add, Tanh, ... and a bias Add before it) into its
+        FastGelu kernel, whose float32 steps differ from the exported ops': where the installed onnxruntime's
+        kernel agrees with `onnx_float.ort_fast_gelu` (a probe) and the view has its inputs, the fused output is
+        computed as that kernel computes it (the exported ops stay in the graph, unread)."""
+        output = node.output[0]
+        inputs = self.fast_gelus[output]
+        if not inputs or not all(name in self.values or name in self.consts for name in inputs) or \
+                output in self.grids or not runtime_fast_gelu_agrees(len(inputs) > 1):
+            return
+        fn = onnx_float.function("FastGelu", {}, self.opset)
+        assert fn is not None
+        op = onnx_float.OnnxOp("FastGelu", fn, [False] * len(inputs))
+        self.values[output] = self.add_module(op, _Named(f"{node.name}_FastGelu", "FastGelu"), index,
+                                              tuple(self.value(name, node) for name in inputs))
+        self.followed.append(node.name)
+        # the exported nodes between the kernel's inputs and its output: not run by onnxruntime, not named
+        stack, seen = [output], set(inputs)
+        while stack:
+            producer = self.producers.get(stack.pop())
+            if producer is None or producer.name in self.inside_followed:
+                continue
+            self.inside_followed.add(producer.name)
+            stack.extend(name for name in producer.input if name and name not in seen and name not in self.consts)
 
     def float_op(self, node: Any, index: int) -> None:
         """A float or shape node (`onnx_float`): evaluated here where its inputs are all constants (an exporter's
@@ -1332,8 +1366,9 @@ def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str,
     that onnxruntime runs as such (not fused with the Add before it into its SkipLayerNormalization), of float32 rows
     whose width `onnx_float.ort_layer_norm` reproduces, its scale and bias one value per element, on which a probe
     of that width and epsilon agrees with onnxruntime (`runtime_layer_norm_agrees`)."""
-    if node.op_type in RUNTIME_PROBED:
-        return runtime_op_agrees(node.op_type)
+    if node.op_type in RUNTIME_PROBED:  # where onnxruntime runs it as such (not inside a kernel it fused)
+        return kernels is not None and bool(node.name) and kernels.get(node.name, ("",))[0] == node.op_type \
+            and runtime_op_agrees(node.op_type)
     if node.op_type == "Softmax":
         return kernels is not None and bool(node.name) and kernels.get(node.name, ("",))[0] == "Softmax" \
             and runtime_softmax_agrees()
@@ -1400,6 +1435,33 @@ def runtime_op_agrees(op_type: str) -> bool:
     function = onnx_float.function(op_type, {}, 17)
     assert function is not None
     return _same_bits(_one_node(op_type, {"x": x}, {}), function(x))
+
+
+@functools.cache
+def runtime_fast_gelu_agrees(bias: bool) -> bool:
+    """Whether the installed onnxruntime's FastGelu (com.microsoft) equals `onnx_float.ort_fast_gelu` bit for bit on a
+    probe (a dense sweep of -12..12 and random values, with a bias or without); False without onnxruntime."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return False
+    generator = torch.Generator().manual_seed(26)
+    x = torch.cat([torch.linspace(-12.0, 12.0, 96_000), torch.randn(32_000, generator=generator) * 4]).view(-1, 128)
+    b = torch.randn(128, generator=generator)
+    names = ["x", "b"] if bias else ["x"]
+    graph = helper.make_graph([helper.make_node("FastGelu", names, ["y"], domain="com.microsoft")], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(b.numpy(), "b")] if bias else [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        theirs = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    except Exception:  # noqa: BLE001 - no probe, no claim: the exported ops run, named
+        return False
+    return _same_bits(theirs, onnx_float.ort_fast_gelu(x, b if bias else None))
 
 
 @functools.cache
@@ -1518,8 +1580,8 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
         except ValueError as exc:
             raise DeployedFormatError(f"onnx (QOperator): {exc}") from None
     runtime = _runtime_graph(proto)
-    kernels, runtime_grids = (None, None) if runtime is None else runtime
-    exact = _Builder(proto, kernels, exact=True, runtime_grids=runtime_grids)
+    kernels, runtime_grids, fast_gelus = (None, None, None) if runtime is None else runtime
+    exact = _Builder(proto, kernels, exact=True, runtime_grids=runtime_grids, fast_gelus=fast_gelus)
     module = exact.build()
     float_builder = _Builder(proto, kernels, exact=False)
     float_module = float_builder.build()
@@ -1545,8 +1607,13 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
         notes.append(f"onnxruntime's optimizer merges {len(exact.merged_qdq)} QuantizeLinear -> DequantizeLinear "
                      f"pair(s) with the pair before them into one on a new grid (its DoubleQDQPairsRemover; {shown}): "
                      "the view quantizes to that grid, as onnxruntime computes it, not to the graph's two")
+    if exact.followed:
+        notes.append(f"onnxruntime fuses {len(exact.followed)} GELU(s) into its FastGelu kernel (ending at "
+                     f"{exact.followed[0]!r}{', ...' if len(exact.followed) > 1 else ''}): the view computes that "
+                     "kernel's arithmetic, checked against the installed onnxruntime")
     counts: dict[str, int] = {}
-    for node in _float_valued(proto, exact.float_nodes, kernels):
+    float_nodes = [n for n in exact.float_nodes if n.name not in exact.inside_followed]
+    for node in _float_valued(proto, float_nodes, kernels):
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
     if counts:
         notes.append("float ops outside the fault sites, run on torch's float kernels, which may round otherwise than "
