@@ -19,7 +19,8 @@ largest difference in codes, against the runtime's own output:
 
 Also a random-init two-block transformer encoder exported to ONNX (tests/deployed_models.py's `Encoder`, 400
 inputs): static QDQ of the ops the reader reproduces (u8, s8), the full one with LayerNorm, Softmax and GELU (whose
-float ops and QLinearSoftmax/QLinearMul the reader computes in float, named in its notes), and `quantize_dynamic`.
+float ops and QLinearSoftmax/QLinearMul the reader computes as onnxruntime's kernels, or names in its notes), and
+`quantize_dynamic`; a tiny Hugging Face GPT-2 and a 4-layer BERT, static and dynamic.
 
 Then the same architecture with 128 channels, random weights and 2048 random images (torch.ao FX, ONNX u8 and s8):
 sums past 2^24, and near-ties that training smooths away; with int8 activations onnxruntime leaves the first conv of
@@ -158,6 +159,77 @@ def _onnx_transformer(folder: Path) -> dict[str, dict[str, float]]:
         ours = torch.cat([qmodel(Inputs((ids[i:i + 1],))) for i in range(len(ids))])
         rows[f"onnx GPT-2 (Hugging Face, 2 layers, Conv1D on merged rows), {kind}, 256 inputs one at a time"] = \
             _exact(dm.run_onnxruntime_ids(path, ids), ours)
+    rows.update(_onnx_bert(folder))
+    return rows
+
+
+def _onnx_bert(folder: Path) -> dict[str, dict[str, float]]:
+    """A random-init 4-layer Hugging Face BERT (width 256, 4 heads, intermediate 1024, vocabulary 1000, 64 tokens,
+    3 classes) exported by torch's exporter (opset 17, ids and an attention mask in, a dynamic batch), quantized by
+    onnxruntime (quantize_static QDQ u8, calibrated on 32 inputs; quantize_dynamic); 256 other inputs, a third with
+    their last 24 tokens masked: static in batches of 64, dynamic one input at a time (as it runs)."""
+    import onnxruntime as ort
+    import transformers
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    from pytest_hwfault.data import Inputs
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=ids, attention_mask=mask).logits
+
+    config = transformers.BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                     intermediate_size=1024, max_position_embeddings=64, num_labels=3)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Logits(transformers.BertForSequenceClassification(config)).eval()
+    ids = torch.randint(0, 1000, (32, 64), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(32, 64, dtype=torch.long)
+    test_ids = torch.randint(0, 1000, (256, 64), generator=torch.Generator().manual_seed(5))
+    test_mask = torch.ones(256, 64, dtype=torch.long)
+    test_mask[::3, 40:] = 0
+    float_path = folder / "bert.onnx"
+    paths = {kind: folder / f"bert_{kind}.onnx" for kind in ("static", "dynamic")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (ids[:2], mask[:2]), str(float_path), dynamo=False, input_names=["ids", "mask"],
+                          output_names=["logits"], opset_version=17,
+                          dynamic_axes={"ids": {0: "n"}, "mask": {0: "n"}, "logits": {0: "n"}})
+        quantize_dynamic(str(float_path), str(paths["dynamic"]), weight_type=QuantType.QInt8)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.batches = iter([{"ids": ids.numpy(), "mask": mask.numpy()}])
+
+            def get_next(self) -> dict | None:
+                return next(self.batches, None)
+
+        quantize_static(str(float_path), str(paths["static"]), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    rows = {}
+    for kind, path in paths.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qmodel = quantize(path, Inputs((ids, mask)))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        step = 1 if kind == "dynamic" else 64
+        with torch.no_grad():
+            ours = torch.cat([qmodel(Inputs((test_ids[i:i + step], test_mask[i:i + step])))
+                              for i in range(0, 256, step)])
+        theirs = torch.cat([torch.from_numpy(session.run(None, {"ids": test_ids[i:i + step].numpy(),
+                                                                "mask": test_mask[i:i + step].numpy()})[0])
+                            for i in range(0, 256, step)])
+        rows[f"onnx BERT (Hugging Face, 4 layers, width 256, 64 tokens), {kind}"] = _exact(theirs, ours)
     return rows
 
 

@@ -62,6 +62,7 @@ _SIGNATURES = {
     "hw_compose_place": [_P, _P, _I, _I, _I, _P, _P, _C],
     "hw_layer_norm_ort": [_P, _P, _P, _P, _I, _I, _F, _C],
     "hw_tanh_mlas": [_P, _P, _I, _P, _C],
+    "hw_erf_mlas": [_P, _P, _I, _P, _C],
     "hw_matmul_fma": [_P, _P, _P, _I, _I, _I, _I, _I, _C],
     "hw_softmax_mlas": [_P, _P, _I, _I, _P, _C],
     "hw_qlinear_binary": [_P, _P, _P, _I, _I, _I, _C, _P, _C],
@@ -321,6 +322,46 @@ def eager_tanh_mlas(x: torch.Tensor) -> torch.Tensor:
     return (p * v) / q
 
 
+# MLAS's `MlasErfConstants` in `hw_erf_mlas`'s order: the split; the small branch's polynomial and the large one's,
+# from the highest degree down (each constant term minus one); the exponential's lower bound, 1 / ln 2, -ln 2 high
+# and low, its polynomial from the highest degree down; the rounding bias 1.5 x 2^23
+MLAS_ERF = torch.tensor([0.921875, -5.99104969e-4, 4.99339588e-3, -2.67667342e-2, 1.12818025e-1, -3.76124859e-1,
+                         1.28379151e-1, 1.72948930e-5, -3.83208680e-4, 3.88393435e-3, -2.42545605e-2, 1.06777847e-1,
+                         6.34846687e-1, 1.28717512e-1, -88.3762626647949, 1.44269504088896341, -6.93145752e-1,
+                         -1.42860677e-6, 1.38319808e-3, 8.37550033e-3, 4.16689515e-2, 1.66664466e-1, 4.99999851e-1,
+                         1.0, 1.0, 12582912.0], dtype=torch.float32)
+
+
+def eager_erf_mlas(x: torch.Tensor) -> torch.Tensor:
+    """`hw_erf_mlas` on torch's ops: the sign split off by bits, both branches by exact fused multiply-adds (the
+    other branch's input zeroed), 2^m from its exponent field, the results merged by bits as MLAS merges them."""
+    from .onednn import fused_multiply_add
+
+    bits = x.view(torch.int32)
+    sign = bits & torch.iinfo(torch.int32).min
+    a = (bits & torch.iinfo(torch.int32).max).view(torch.float32)
+    split, *c = (torch.full_like(a, float(v)) for v in MLAS_ERF)
+    big = split <= a  # false for a NaN, which the small branch carries
+    p, square = c[0], a * a
+    for coefficient in c[1:6]:
+        p = fused_multiply_add(p, square, coefficient)
+    small = torch.where(big, 0.0, fused_multiply_add(p, a, a))
+    b = torch.where(big, a, 0.0)
+    q = c[6]
+    for coefficient in c[7:13]:
+        q = fused_multiply_add(q, b, coefficient)
+    lower, log2e, ln2_high, ln2_low, *exp_poly, bias = c[13:]
+    t = torch.maximum(-fused_multiply_add(q, b, b), lower)
+    m = fused_multiply_add(log2e, t, bias) - bias
+    f = fused_multiply_add(m, ln2_low, fused_multiply_add(m, ln2_high, t))
+    e = exp_poly[0]
+    for coefficient in exp_poly[1:]:
+        e = fused_multiply_add(e, f, coefficient)
+    scale = ((m.to(torch.int32) + 127) << 23).view(torch.float32)  # m in -127 .. 0: 2^m
+    large = (1.0 - e * scale).view(torch.int32)
+    return (large | small.view(torch.int32) | sign).view(torch.float32)
+
+
 def eager_matmul_fma(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
     """`hw_matmul_fma` on torch's ops: a [batch, m, k], b [batch, k, n], float32; the chain over k by exact fused
     multiply-adds, restarted every `block` values of k (0: never) and the blocks added in order."""
@@ -453,8 +494,8 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
         if not same_bits(got, want):
             return "add then ReLU"
     return (_check_edits(lib) or _check_requantize_edits(lib) or _check_requantize_wide(lib)
-            or _check_sampling(lib) or _check_layer_norm(lib) or _check_tanh(lib) or _check_matmul(lib)
-            or _check_softmax(lib))
+            or _check_sampling(lib) or _check_layer_norm(lib) or _check_tanh(lib) or _check_erf(lib)
+            or _check_matmul(lib) or _check_softmax(lib))
 
 
 def _check_softmax(lib: ctypes.CDLL) -> str | None:
@@ -491,17 +532,32 @@ def _check_matmul(lib: ctypes.CDLL) -> str | None:
     return None
 
 
+def _check_unary(function: Any, constants: torch.Tensor, eager: Any, values: torch.Tensor) -> bool:
+    """An elementwise native pass (x, y, n, constants, threads) against its eager chain, one thread and several."""
+    want = eager(values)
+    for threads in (1, max(2, torch.get_num_threads())):
+        got = torch.empty_like(values)
+        function(values.data_ptr(), got.data_ptr(), values.numel(), constants.data_ptr(), threads)
+        if not same_bits(got, want):
+            return False
+    return True
+
+
 def _check_tanh(lib: ctypes.CDLL) -> str | None:
     """hw_tanh_mlas against `eager_tanh_mlas`: the special values, the clamp's edges, a dense sweep of -12..12."""
     values = torch.cat([_special_values(torch.Generator().manual_seed(20)), torch.linspace(-12.0, 12.0, 200_001),
                         torch.tensor([-9.0, 9.0, -8.999999, 8.999999, 1e-30, -1e-30])])
-    want = eager_tanh_mlas(values)
-    for threads in (1, max(2, torch.get_num_threads())):
-        got = torch.empty_like(values)
-        lib.hw_tanh_mlas(values.data_ptr(), got.data_ptr(), values.numel(), MLAS_TANH.data_ptr(), threads)
-        if not same_bits(got, want):
-            return "MLAS's tanh"
-    return None
+    return None if _check_unary(lib.hw_tanh_mlas, MLAS_TANH, eager_tanh_mlas, values) else "MLAS's tanh"
+
+
+def _check_erf(lib: ctypes.CDLL) -> str | None:
+    """hw_erf_mlas against `eager_erf_mlas`: the special values, the split and its neighbours, a dense sweep of
+    -12..12 (both branches, the exponential's lower bound), subnormals."""
+    split = MLAS_ERF[:1]
+    near = torch.cat([split, torch.nextafter(split, torch.zeros(1)), torch.nextafter(split, torch.ones(1))])
+    values = torch.cat([_special_values(torch.Generator().manual_seed(27)), torch.linspace(-12.0, 12.0, 200_001),
+                        near, -near, torch.tensor([1e-40, -1e-40, 1e-45, 3.0e38, -3.0e38])])
+    return None if _check_unary(lib.hw_erf_mlas, MLAS_ERF, eager_erf_mlas, values) else "MLAS's erf"
 
 
 def _check_layer_norm(lib: ctypes.CDLL) -> str | None:
@@ -997,14 +1053,26 @@ def layer_norm_ort(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
-def tanh_mlas(x: torch.Tensor) -> torch.Tensor:
-    """onnxruntime's CPU Tanh of float32 `x` (MLAS's FMA3 kernel): one native pass, or its eager chain."""
+def _unary(name: str, constants: torch.Tensor, eager: Any, x: torch.Tensor) -> torch.Tensor:
+    """An elementwise kernel of float32 `x`: the native pass `name` (x, y, n, constants, threads), or its eager
+    chain."""
     lib = _active()
     if lib is None or not _plain(x):
-        return eager_tanh_mlas(x)
+        return eager(x)
     out = torch.empty_like(x)
-    lib.hw_tanh_mlas(x.data_ptr(), out.data_ptr(), x.numel(), MLAS_TANH.data_ptr(), torch.get_num_threads())
+    getattr(lib, name)(x.data_ptr(), out.data_ptr(), x.numel(), constants.data_ptr(), torch.get_num_threads())
     return out
+
+
+def tanh_mlas(x: torch.Tensor) -> torch.Tensor:
+    """onnxruntime's CPU Tanh of float32 `x` (MLAS's FMA3 kernel): one native pass, or its eager chain."""
+    return _unary("hw_tanh_mlas", MLAS_TANH, eager_tanh_mlas, x)
+
+
+def erf_mlas(x: torch.Tensor) -> torch.Tensor:
+    """onnxruntime's CPU Erf of float32 `x` (MLAS's erf, as measured with AVX-512F): one native pass, or its eager
+    chain."""
+    return _unary("hw_erf_mlas", MLAS_ERF, eager_erf_mlas, x)
 
 
 def matmul_fma(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:

@@ -87,8 +87,17 @@ def _tanh(x: torch.Tensor) -> torch.Tensor:
     return native.tanh_mlas(x) if x.dtype == torch.float32 else torch.tanh(x)
 
 
+def _erf(x: torch.Tensor) -> torch.Tensor:
+    """onnxruntime's Erf on a CPU with AVX-512F (MLAS's erf: bit for bit on all 2^32 float32 inputs, against 85-89% for
+    torch.erf or a correctly rounded erf); the reader checks the installed onnxruntime agrees at load
+    (`onnx_reader.runtime_op_agrees`) and names the node where it does not."""
+    from . import native
+
+    return native.erf_mlas(x) if x.dtype == torch.float32 else torch.erf(x)
+
+
 UNARY: dict[str, Function] = {
-    "Sqrt": _sqrt, "Erf": torch.erf, "Tanh": _tanh, "Sigmoid": torch.sigmoid, "Exp": torch.exp,
+    "Sqrt": _sqrt, "Erf": _erf, "Tanh": _tanh, "Sigmoid": torch.sigmoid, "Exp": torch.exp,
     "Log": torch.log, "Neg": torch.neg, "Abs": torch.abs, "Reciprocal": torch.reciprocal, "Floor": torch.floor,
     "Ceil": torch.ceil, "Not": torch.logical_not, "Sin": torch.sin, "Cos": torch.cos, "Softplus": F.softplus,
     "Relu": torch.relu, "Identity": lambda x: x, "Dropout": lambda x, *_: x,
@@ -328,6 +337,46 @@ def ort_fast_gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Te
     v = x if bias is None else x + bias
     t = native.tanh_mlas((v * ((c * v * v) + b)).contiguous())
     return (half * v if bias is None else v * half) * (t + 1.0)
+
+
+def ort_gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """onnxruntime's CPU Gelu and BiasGelu (com.microsoft; the GELU's erf form it fuses from the exported ops, with
+    the bias Add before it or without), bit for bit (measured one node at a time): v = x (+ bias); MLAS's erf of
+    v x float32(1 / sqrt 2), then (0.5 x v) x (erf + 1), each a float32 operation in that order."""
+    from . import native
+
+    half, root_half = torch.tensor(0.5), torch.tensor(math.sqrt(0.5), dtype=torch.float32)
+    v = x if bias is None else x + bias
+    return (half * v) * (native.erf_mlas((v * root_half).contiguous()) + 1.0)
+
+
+# onnxruntime's GELU kernels (com.microsoft) it fuses from a GELU's exported ops, which `onnx_reader` follows: each
+# computed from the fused node's inputs (x, and a bias where it has one)
+ORT_GELUS: dict[str, Callable[..., torch.Tensor]] = {"FastGelu": ort_fast_gelu, "Gelu": ort_gelu, "BiasGelu": ort_gelu}
+
+
+def ort_fused_matmul(alpha: float, trans_b: bool) -> Function:
+    """onnxruntime's CPU FusedMatMul (com.microsoft: a float MatMul it fuses with the scalings of its operands or
+    result), bit for bit where `ort_matmul_applies` (measured one node at a time): its float MatMul's chains
+    (`ort_matmul`) times float32(alpha), the product of the scalings it folded."""
+    scale = torch.tensor(alpha, dtype=torch.float32)
+
+    def fused_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if trans_b:
+            b = b.transpose(-1, -2)
+        product = ort_matmul(a, b, False) if ort_matmul_applies(a, b, False) else torch.matmul(a, b)
+        return product * scale
+    return fused_matmul
+
+
+def ort_fused(kernel: str, attrs: dict[str, Any]) -> Function:
+    """The function of a kernel onnxruntime fused from exported ops (`ORT_FUSED`), for the fused node's attributes."""
+    if kernel == "FusedMatMul":
+        return ort_fused_matmul(float(attrs.get("alpha", 1.0)), bool(attrs.get("transB", 0)))
+    return ORT_GELUS[kernel]
+
+
+ORT_FUSED = frozenset({*ORT_GELUS, "FusedMatMul"})
 
 
 def ort_layer_norm_applies(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, axis: int) -> bool:
@@ -611,7 +660,6 @@ def _simple(function: Function) -> Callable[[dict[str, Any], int], Function]:
 
 
 OPS: dict[str, Callable[[dict[str, Any], int], Function]] = {
-    "FastGelu": lambda attrs, opset: ort_fast_gelu,  # onnxruntime's fused kernel (`onnx_reader` follows its fusion)
     **{name: _simple(function) for name, function in {**BINARY, **UNARY}.items()},
     "Mod": lambda attrs, opset: _mod(int(attrs.get("fmod", 0))),
     "Max": _simple(_variadic(torch.maximum)), "Min": _simple(_variadic(torch.minimum)),
@@ -665,7 +713,8 @@ def function(op_type: str, attrs: dict[str, Any], opset: int) -> Function | None
 
 # ops computed as onnxruntime's kernels compute them, by branches on the values' dtype and shape and native passes:
 # a traced graph keeps their node whole (`graph.trace`), as it cannot trace into them
-RUNTIME_KERNELS = frozenset({"Sqrt", "Tanh", "Softmax", "LayerNormalization", "MatMul", "FastGelu"})
+RUNTIME_KERNELS = frozenset({"Sqrt", "Tanh", "Erf", "Softmax", "LayerNormalization", "MatMul", "FastGelu", "Gelu",
+                             "BiasGelu", "FusedMatMul"})
 
 
 class OnnxOp(nn.Module):

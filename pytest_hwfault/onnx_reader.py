@@ -13,8 +13,9 @@ reproduces each kernel's arithmetic (read in onnxruntime's MLAS sources and meas
   only: outputs may differ by one code where the exact value sits within that rounding of a half code (the model's
   notes name each such layer whose sums can pass 2^24, where float32 rounds them);
 - QLinearAdd (x86, AVX2/AVX-512 kernel): with ratios rA = float32(sA / sC), rB = float32(sB / sC) and
-  fixed = float32(zC) - (rA zA + rB zB), the output code is saturate(round_half_even(fma(qA, rA, fma(qB, rB,
-  fixed)))) on the stored codes qA, qB (`QLinearAdd`); an Add left in float is a float add re-gridded by its
+  fixed = float32(zC) - fma(rA, zA, rB zB), the output code is saturate(round_half_even(fma(qA, rA, fma(qB, rB,
+  fixed)))) on the stored codes qA, qB, A and B swapped where onnxruntime's broadcast hands A over as the scalar
+  operand (`QLinearAdd`, measured on every code pair); an Add left in float is a float add re-gridded by its
   QuantizeLinear (`deployed.Requantize`);
 - the kernels of a static transformer (`QLinearMatMul` of two activations, `QLinearMul`, `QLinearSoftmax`, and
   QLinearAdd with a quantized constant operand), each as its class says; the float and shape ops between them run
@@ -41,6 +42,7 @@ import operator
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +99,30 @@ def _fma32(a: torch.Tensor, b: float, c: torch.Tensor | float) -> torch.Tensor:
     return (a.double() * float(np.float32(b)) + (c.double() if isinstance(c, torch.Tensor) else float(c))).float()
 
 
+def _fma_f32(a: float, b: float, c: float) -> float:
+    """float32(a) x float32(b) + float32(c) rounded once to float32 (C's fmaf)."""
+    from .onednn import fused_multiply_add
+
+    a32, b32, c32 = (torch.tensor([v], dtype=torch.float32) for v in (a, b, c))
+    return float(fused_multiply_add(a32, b32, c32)[0])
+
+
+def _scalar_first(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Whether onnxruntime's broadcast hands QLinearAdd's kernel the first input as its scalar operand, which it
+    then passes as the kernel's second (its operands swapped; measured): where A holds one value, or (B not) where
+    A's innermost dimension the output does not hold at 1 is 1 and B's is not (A one value per span of B)."""
+    if math.prod(a) == 1:
+        return True
+    if math.prod(b) == 1:
+        return False
+    rank = max(len(a), len(b))
+    a, b = (1,) * (rank - len(a)) + tuple(a), (1,) * (rank - len(b)) + tuple(b)
+    for da, db in zip(reversed(a), reversed(b)):
+        if da != 1 or db != 1:
+            return da == 1
+    return False
+
+
 def _native_qlinear(op: int, a: torch.Tensor, b: torch.Tensor, params: list[float] | None) -> torch.Tensor | None:
     """QLinearAdd (op 0) or QLinearMul (op 1) in one native pass, where it applies (finite scales, `params` not
     None; shapes `native.qlinear_binary` reads) and `_native_qlinear_agrees`; None: the eager chain runs."""
@@ -136,12 +162,14 @@ def _check_native_qlinear() -> bool:
             grids = [(s, z) for s, z in zip(scales, zeros)]
             for cls, op in ((QLinearAdd, 0), (QLinearMul, 1)):
                 module = cls(grids[0], grids[1], grids[2], signed)
-                params = module._params()
-                assert params is not None
                 rows = a[: a.numel() // 14 * 14].view(-1, 2, 7)
                 for x, y in ((a, b_full), (rows, b_full[:7]), (b_full[:7], rows), (rows, rows[:1, :1]),
-                             (rows[:, :1], rows[:1]), (rows.transpose(0, 2), b_full[:2].view(2, 1))):
-                    fused = native.qlinear_binary(op, x, y, params)
+                             (rows[:, :1], rows[:1]), (rows.transpose(0, 2), b_full[:2].view(2, 1)),
+                             (rows[:, :, :1], rows), (a[:1], b_full)):
+                    swapped = op == 0 and _scalar_first(x.shape, y.shape)
+                    params = module._params(swapped) if isinstance(module, QLinearAdd) else module._params()
+                    assert params is not None
+                    fused = native.qlinear_binary(op, *((y, x) if swapped else (x, y)), params)
                     if fused is None or not native.same_bits(fused, module.eager(x, y)):
                         return False
     return True
@@ -162,23 +190,36 @@ class QLinearAdd(nn.Module):
         f32 = np.float32
         with np.errstate(all="ignore"):  # a degenerate (infinite) scale: the kernel's NaNs, as it computes them
             self.ra, self.rb = float(f32(self.sa) / f32(self.sc)), float(f32(self.sb) / f32(self.sc))
-            self.fixed = float(f32(self.zc) - (f32(self.ra) * f32(self.za) + f32(self.rb) * f32(self.zb)))
+            # the kernel's compiler fuses the first product with the sum: zC - fma(r1, z1, r2 x z2), where 1 is the
+            # kernel's first operand (measured on every code pair: the sum of two roundings is off near ties)
+            self.fixed = float(f32(self.zc) - _fma_f32(self.ra, self.za, float(f32(self.rb) * f32(self.zb))))
+            self.fixed_swapped = float(f32(self.zc) - _fma_f32(self.rb, self.zb, float(f32(self.ra) * f32(self.za))))
         self.low, self.high = _code_range(signed)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        fused = _native_qlinear(0, a, b, self._params())
+        swapped = _scalar_first(a.shape, b.shape)
+        fused = _native_qlinear(0, *((b, a) if swapped else (a, b)), self._params(swapped))
         return fused if fused is not None else self.eager(a, b)
 
     def eager(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """The kernel on torch's ops (the native pass's reference)."""
+        """The kernel on torch's ops (the native pass's reference): fma(qA, rA, fma(qB, rB, fixed)), its operands
+        swapped where onnxruntime hands A to it as the scalar one (`_scalar_first`)."""
         qa, qb = _codes(a, self.sa, self.za), _codes(b, self.sb, self.zb)
-        out = _int32_converted(_fma32(qa, self.ra, _fma32(qb, self.rb, self.fixed)).round_())
-        return _values(_saturate(out, self.low, self.high), self.sc, self.zc)
+        if _scalar_first(a.shape, b.shape):
+            out = _fma32(qb, self.rb, _fma32(qa, self.ra, self.fixed_swapped))
+        else:
+            out = _fma32(qa, self.ra, _fma32(qb, self.rb, self.fixed))
+        return _values(_saturate(_int32_converted(out.round_()), self.low, self.high), self.sc, self.zc)
 
-    def _params(self) -> list[float] | None:
+    def _params(self, swapped: bool = False) -> list[float] | None:
+        """The native pass's parameters, for (A, B) or, `swapped`, for (B, A)."""
         scales = (self.sa, self.sb, self.sc)
-        return None if not all(math.isfinite(s) for s in scales) else \
-            [self.sa, self.za, self.sb, self.zb, self.sc, self.zc, self.low, self.high, self.ra, self.rb, self.fixed]
+        if not all(math.isfinite(s) for s in scales):
+            return None
+        if swapped:
+            return [self.sb, self.zb, self.sa, self.za, self.sc, self.zc, self.low, self.high, self.rb, self.ra,
+                    self.fixed_swapped]
+        return [self.sa, self.za, self.sb, self.zb, self.sc, self.zc, self.low, self.high, self.ra, self.rb, self.fixed]
 
     def extra_repr(self) -> str:
         return f"a=({self.sa!r}, {self.za}), b=({self.sb!r}, {self.zb}), out=({self.sc!r}, {self.zc})"
@@ -246,12 +287,35 @@ class QLinearMul(nn.Module):
         return f"a=({self.sa!r}, {self.za}), b=({self.sb!r}, {self.zb}), out=({self.sc!r}, {self.zc})"
 
 
+@functools.cache
+def _libm_logf() -> Any:
+    """The C library's float32 log (the one onnxruntime's kernel calls), or None where ctypes cannot find it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        logf = ctypes.CDLL(ctypes.util.find_library("m") or None).logf
+    except (AttributeError, OSError):
+        return None
+    logf.restype, logf.argtypes = ctypes.c_float, [ctypes.c_float]
+    return logf
+
+
+def _logf(x: float) -> float:
+    """C's logf of float32 `x`: the C library's own, else the float64 log rounded to float32 (which equals glibc's
+    on all but 3 of the 200,000 row lengths 1 .. 200,000 that reach here)."""
+    logf = _libm_logf()
+    return float(logf(x)) if logf is not None else float(np.float32(math.log(float(np.float32(x)))))
+
+
 class QLinearSoftmax(nn.Module):
     """onnxruntime's QLinearSoftmax (a QDQ Softmax it fuses; its com.microsoft kernel): a table of
     float32(exp((i - 255 + shift) x x_scale)) computed in double for the 256 code offsets i, with shift =
-    max(0, log(float32(FLT_MAX / D)) - 5) / x_scale (D: the reduced size); each row's codes index it as
-    code - row max + 255; the row's entries summed in float32 in order; out = round_half_even(float32(entry x
-    floor(1 / y_scale)) / sum) + zero point, at most 255 (uint8) or 127 (int8)."""
+    max(0, logf(float32(FLT_MAX / D)) - 5) / x_scale (D: the reduced size; the float32 log, as C++'s overload
+    for a float argument computes it); each row's codes index it as code - row max + 255; the row's entries
+    summed in float32 in order; out = round_half_even(entry x floor(1 / y_scale) / sum, in float64) + zero point,
+    at most 255 (uint8) or 127 (int8) (measured on 128M values of rows of 3 to 64: the float32 quotient's ties
+    were rounded otherwise on 1 in 10^6)."""
 
     def __init__(self, x_scale: float, y: tuple[float, int], signed: bool, axis: int, opset: int) -> None:
         super().__init__()
@@ -265,7 +329,7 @@ class QLinearSoftmax(nn.Module):
         found = self._tables.get(reduced)
         if found is None:
             scale = float(np.float32(self.x_scale))
-            shift = max(0.0, math.log(float(np.float32(np.finfo(np.float32).max) / np.float32(reduced))) - 5) / scale
+            shift = max(0.0, _logf(float(np.float32(np.finfo(np.float32).max) / np.float32(reduced))) - 5) / scale
             found = torch.tensor([math.exp((i - 255 + shift) * scale) for i in range(256)], dtype=torch.float64).float()
             self._tables[reduced] = found
         return found
@@ -282,8 +346,8 @@ class QLinearSoftmax(nn.Module):
         total = torch.zeros(entries.shape[:-1], dtype=torch.float32)
         for j in range(reduced):  # in order, each step rounded to float32, as the kernel sums
             total = total + entries[..., j]
-        out = torch.mul(entries, torch.tensor(self.y_factor, dtype=torch.float32)).div_(total.unsqueeze(-1))
-        out = _saturate(out.round_().add_(self.zy), self.low, self.high)
+        out = entries.double().mul_(self.y_factor).div_(total.double().unsqueeze(-1))
+        out = _saturate(out.round_().add_(self.zy), self.low, self.high).float()
         out = out.movedim(-1, axis) if self.opset >= 13 else out.reshape(shape)
         return _values(out, self.sy, self.zy)
 
@@ -581,10 +645,11 @@ def _runtime_kernels(model: Any) -> dict[str, tuple[str, list[tuple[int, bool] |
 
 
 def _runtime_graph(model: Any) -> tuple[dict[str, tuple[str, list[tuple[int, bool] | None]]],
-                                        dict[str, _Grid], dict[str, list[str]]] | None:
+                                        dict[str, _Grid], dict[str, tuple[str, list[str], dict[str, Any]]]] | None:
     """`_runtime_kernels`; the grid of each DequantizeLinear onnxruntime keeps (scalar scale and zero point), by node
-    name: its optimizer can move a grid (`_Builder.removed_double_qdq`); and the FastGelu kernels it fuses from a
-    GELU's float ops: their inputs (x, a bias) by output name; None without onnxruntime."""
+    name: its optimizer can move a grid (`_Builder.removed_double_qdq`); and the GELU kernels it fuses from a
+    GELU's float ops and the FusedMatMul it fuses from a MatMul and its scalings (`onnx_float.ORT_FUSED`): their op
+    type, inputs and attributes by output name; None without onnxruntime."""
     try:
         import onnx
         import onnxruntime as ort
@@ -616,9 +681,10 @@ def _runtime_graph(model: Any) -> tuple[dict[str, tuple[str, list[tuple[int, boo
             if scale is not None and zero is not None and scale.size == 1 and zero.size == 1 and \
                     zero.dtype in (np.int8, np.uint8):
                 grids[node.name] = _Grid(float(scale.reshape(())), int(zero.reshape(())), zero.dtype == np.int8)
-    fast_gelus = {node.output[0]: [name for name in node.input if name] for node in optimized.graph.node
-                  if node.op_type == "FastGelu" and node.domain == "com.microsoft" and len(node.output) == 1}
-    return kernels, grids, fast_gelus
+    fused = {node.output[0]: (node.op_type, [name for name in node.input if name], _attrs(node))
+             for node in optimized.graph.node
+             if node.op_type in onnx_float.ORT_FUSED and node.domain == "com.microsoft" and len(node.output) == 1}
+    return kernels, grids, fused
 
 
 def _module_name(node: Any, index: int, taken: set[str]) -> str:
@@ -663,14 +729,16 @@ class _Builder:
 
     def __init__(self, model: Any, kernels: dict[str, tuple[str, list[tuple[int, bool] | None]]] | None,
                  exact: bool, runtime_grids: dict[str, _Grid] | None = None,
-                 fast_gelus: dict[str, list[str]] | None = None) -> None:
+                 fused: dict[str, tuple[str, list[str], dict[str, Any]]] | None = None) -> None:
         from onnx import numpy_helper
 
         self.model, self.graph, self.kernels, self.exact = model, model.graph, kernels, exact
         self.runtime_grids = runtime_grids or {}  # onnxruntime's DequantizeLinear grids, by node name
-        self.fast_gelus = fast_gelus or {}  # onnxruntime's fused FastGelu kernels: inputs by output name
-        self.followed: list[str] = []  # outputs computed as onnxruntime's fused kernel computes them
+        self.fusions = fused or {}  # onnxruntime's fused kernels: op type, inputs and attributes by output name
+        self._inferred: tuple[dict[str, int], dict[str, list[int | None]]] | None = None
+        self.followed: list[tuple[str, str]] = []  # (node, kernel) computed as onnxruntime's fused kernel does
         self.inside_followed: set[str] = set()  # names of the nodes such a kernel replaces
+        self.targets: dict[str, list[str]] = {}  # the modules made for each node, by its name
         self.merged_qdq: list[str] = []  # QuantizeLinear nodes onnxruntime merged with the pair before them
         self.producers = {o: n for n in self.graph.node for o in n.output}
         self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
@@ -708,6 +776,7 @@ class _Builder:
     def add_module(self, module: nn.Module, node: Any, index: int, args: tuple[Any, ...]) -> fx.Node:
         name = _module_name(node, index, self.taken)
         self.root.add_module(name, module)
+        self.targets.setdefault(node.name, []).append(name)
         return self.fx.call_module(name, args)
 
     def value(self, name: str, node: Any) -> fx.Node:
@@ -786,28 +855,52 @@ class _Builder:
                     f"onnx: node {node.name!r} of type {node.op_type!r} (domain {node.domain or 'ai.onnx'!r}) is "
                     f"not supported; supported: {', '.join(SUPPORTED)}; float ops: {', '.join(onnx_float.OPS)}")
             handler(node, index)
-            if self.exact and node.output and node.output[0] in self.fast_gelus:
-                self.follow_fast_gelu(node, index)
+            if self.exact and node.output and node.output[0] in self.fusions:
+                self.follow_fused(node, index)
         outputs = [self.value(o.name, self.graph.node[-1]) for o in self.graph.output]
         self.fx.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        self.drop_unread()
         return fx.GraphModule(self.root, self.fx)
 
-    def follow_fast_gelu(self, node: Any, index: int) -> None:
-        """onnxruntime fuses a GELU's tanh form (Mul, Pow, Add, Tanh, ... and a bias Add before it) into its
-        FastGelu kernel, whose float32 steps differ from the exported ops': where the installed onnxruntime's
-        kernel agrees with `onnx_float.ort_fast_gelu` (a probe) and the view has its inputs, the fused output is
-        computed as that kernel computes it (the exported ops stay in the graph, unread)."""
+    def drop_unread(self) -> None:
+        """The exported ops a followed kernel replaced (and the constants only they read), unread now: dropped, so
+        that they neither run nor count in the coverage's MACs."""
+        droppable = {target for name in self.inside_followed for target in self.targets.get(name, ())}
+        constants = {name for name, module in self.root.named_children() if isinstance(module, Constant)}
+        dropped = True
+        while dropped:
+            dropped = False
+            for fx_node in reversed(list(self.fx.nodes)):
+                if fx_node.op == "call_module" and not fx_node.users and \
+                        (fx_node.target in droppable or fx_node.target in constants):
+                    target = str(fx_node.target)
+                    self.fx.erase_node(fx_node)
+                    if not any(n.op == "call_module" and n.target == target for n in self.fx.nodes):
+                        delattr(self.root, target)
+                    dropped = True
+
+    def follow_fused(self, node: Any, index: int) -> None:
+        """onnxruntime fuses a GELU's exported ops (its tanh form: Mul, Pow, Add, Tanh, ...; its erf form: Div, Erf,
+        Add, Mul, Mul; a bias Add before either) into its FastGelu, Gelu or BiasGelu kernel, and a float MatMul
+        with the scalings of its operands or result into its FusedMatMul, whose float32 steps differ from the
+        exported ops': where the installed onnxruntime's kernel agrees with `onnx_float`'s (a probe; for a
+        FusedMatMul, on shapes whose order is known: `_fused_matmul_qualifies`) and the view has its inputs, the
+        fused output is computed as that kernel computes it (the exported ops stay in the graph, unread)."""
         output = node.output[0]
-        inputs = self.fast_gelus[output]
+        kernel, inputs, attrs = self.fusions[output]
         if not inputs or not all(name in self.values or name in self.consts for name in inputs) or \
-                output in self.grids or not runtime_fast_gelu_agrees(len(inputs) > 1):
+                output in self.grids:
             return
-        fn = onnx_float.function("FastGelu", {}, self.opset)
-        assert fn is not None
-        op = onnx_float.OnnxOp("FastGelu", fn, [False] * len(inputs))
-        self.values[output] = self.add_module(op, _Named(f"{node.name}_FastGelu", "FastGelu"), index,
+        if kernel == "FusedMatMul":
+            if not self.fused_matmul_qualifies(inputs, attrs) or \
+                    not runtime_fused_matmul_agrees(float(attrs.get("alpha", 1.0)), bool(attrs.get("transB", 0))):
+                return
+        elif not runtime_gelu_agrees(kernel, len(inputs) > 1):
+            return
+        op = onnx_float.OnnxOp(kernel, onnx_float.ort_fused(kernel, attrs), [False] * len(inputs))
+        self.values[output] = self.add_module(op, _Named(f"{node.name}_{kernel}", kernel), index,
                                               tuple(self.value(name, node) for name in inputs))
-        self.followed.append(node.name)
+        self.followed.append((node.name, kernel))
         # the exported nodes between the kernel's inputs and its output: not run by onnxruntime, not named
         stack, seen = [output], set(inputs)
         while stack:
@@ -816,6 +909,26 @@ class _Builder:
                 continue
             self.inside_followed.add(producer.name)
             stack.extend(name for name in producer.input if name and name not in seen and name not in self.consts)
+
+    def fused_matmul_qualifies(self, inputs: list[str], attrs: dict[str, Any]) -> bool:
+        """Whether a FusedMatMul's products are summed in the order `onnx_float.ort_matmul` knows, whatever the
+        batch: two activations, neither transposed but B's last two dimensions, of inferred shapes (`_inferred`)
+        with k <= 256 and two rows and columns or more."""
+        if len(inputs) != 2 or any(int(attrs.get(a, 0)) for a in ("transA", "transBatchA", "transBatchB")):
+            return False
+        a, b = (self.inferred()[1].get(name) for name in inputs)
+        if not a or not b or len(a) < 2 or len(b) < 2 or any(name in self.consts for name in inputs):
+            return False
+        m, k = a[-2], a[-1]
+        n = b[-2] if int(attrs.get("transB", 0)) else b[-1]
+        if m is None or k is None or n is None:
+            return False
+        return k <= onnx_float.ORT_MATMUL_BLOCK and m >= 2 and n >= 2
+
+    def inferred(self) -> tuple[dict[str, int], dict[str, list[int | None]]]:
+        if self._inferred is None:
+            self._inferred = _inferred(self.model)
+        return self._inferred
 
     def float_op(self, node: Any, index: int) -> None:
         """A float or shape node (`onnx_float`): evaluated here where its inputs are all constants (an exporter's
@@ -1344,19 +1457,32 @@ def _float_valued(model: Any, nodes: list[Any],
     infer counts as float)."""
     import onnx
 
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model).graph
-        values = (*inferred.value_info, *inferred.output, *inferred.input)
-    except Exception:  # noqa: BLE001 - inference is a nicety here: every node then counts
-        values = ()
-    types = {v.name: v.type.tensor_type.elem_type for v in values}
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in values if v.type.tensor_type.HasField("shape")}
+    types, shapes = _inferred(model)
     sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     skip = onnx_float.SHAPE_OPS | onnx_float.CORRECTLY_ROUNDED
     return [n for n in nodes if n.op_type not in skip and not onnx_float.keeps_grid(n.op_type, _attrs(n))
             and types.get(n.output[0], 1) in floats and not _reproduced(n, shapes, sizes, kernels)]
+
+
+def _inferred(model: Any) -> tuple[dict[str, int], dict[str, list[int | None]]]:
+    """ONNX's inferred element types and shapes by value name, with its data propagation (a Reshape to a shape
+    computed by Shape, Gather and Concat gets its static dimensions); a dimension the batch sets stays None. Empty
+    where inference fails: then no node's shape qualifies."""
+    import onnx
+
+    values: tuple[Any, ...] = ()
+    for propagate in (True, False):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=propagate).graph
+        except Exception:  # noqa: BLE001 - inference is a nicety here: every node then counts
+            continue
+        values = (*inferred.value_info, *inferred.output, *inferred.input)
+        break
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in values if v.type.tensor_type.HasField("shape")}
+    return types, shapes
 
 
 def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str, int],
@@ -1394,7 +1520,7 @@ def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str,
 
 
 # elementwise float ops `onnx_float` computes as onnxruntime's CPU kernels do, certified per process by a probe
-RUNTIME_PROBED = frozenset({"Tanh"})
+RUNTIME_PROBED = frozenset({"Tanh", "Erf"})
 
 
 def _one_node(op_type: str, inputs: dict[str, torch.Tensor], constants: dict[str, torch.Tensor],
@@ -1438,9 +1564,10 @@ def runtime_op_agrees(op_type: str) -> bool:
 
 
 @functools.cache
-def runtime_fast_gelu_agrees(bias: bool) -> bool:
-    """Whether the installed onnxruntime's FastGelu (com.microsoft) equals `onnx_float.ort_fast_gelu` bit for bit on a
-    probe (a dense sweep of -12..12 and random values, with a bias or without); False without onnxruntime."""
+def runtime_gelu_agrees(kernel: str, bias: bool) -> bool:
+    """Whether the installed onnxruntime's `kernel` (FastGelu, Gelu or BiasGelu of com.microsoft) equals
+    `onnx_float.ORT_GELUS[kernel]` bit for bit on a probe (a dense sweep of -12..12 and random values, with a bias
+    or without); False without onnxruntime."""
     try:
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
@@ -1450,7 +1577,7 @@ def runtime_fast_gelu_agrees(bias: bool) -> bool:
     x = torch.cat([torch.linspace(-12.0, 12.0, 96_000), torch.randn(32_000, generator=generator) * 4]).view(-1, 128)
     b = torch.randn(128, generator=generator)
     names = ["x", "b"] if bias else ["x"]
-    graph = helper.make_graph([helper.make_node("FastGelu", names, ["y"], domain="com.microsoft")], "probe",
+    graph = helper.make_graph([helper.make_node(kernel, names, ["y"], domain="com.microsoft")], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(b.numpy(), "b")] if bias else [])
@@ -1461,7 +1588,7 @@ def runtime_fast_gelu_agrees(bias: bool) -> bool:
         theirs = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
     except Exception:  # noqa: BLE001 - no probe, no claim: the exported ops run, named
         return False
-    return _same_bits(theirs, onnx_float.ort_fast_gelu(x, b if bias else None))
+    return _same_bits(theirs, onnx_float.ORT_GELUS[kernel](x, b if bias else None))
 
 
 @functools.cache
@@ -1511,6 +1638,39 @@ def runtime_matmul_agrees(constant_b: bool) -> bool:
         a, b = torch.randn(a_shape, generator=generator), torch.randn(b_shape, generator=generator)
         theirs = _one_node("MatMul", {"a": a}, {"b": b}) if constant_b else _one_node("MatMul", {"a": a, "b": b}, {})
         if not _same_bits(theirs, matmul(a, b)):
+            return False
+    return True
+
+
+@functools.cache
+def runtime_fused_matmul_agrees(alpha: float, trans_b: bool) -> bool:
+    """Whether the installed onnxruntime's FusedMatMul (com.microsoft) with this alpha equals
+    `onnx_float.ort_fused_matmul`'s bit for bit on probes of the shapes it is used for (k up to 256, two rows and
+    columns or more, batched); False without onnxruntime."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return False
+    generator = torch.Generator().manual_seed(28)
+    fused = onnx_float.ort_fused_matmul(alpha, trans_b)
+    for a_shape, b_shape in (((12, 8), (8, 12)), ((2, 3, 16, 64), (2, 3, 64, 16)), ((5, 256), (256, 2))):
+        a, b = torch.randn(a_shape, generator=generator), torch.randn(b_shape, generator=generator)
+        if trans_b:
+            b = b.transpose(-1, -2).contiguous()
+        node = helper.make_node("FusedMatMul", ["a", "b"], ["y"], domain="com.microsoft", alpha=alpha,
+                                transB=int(trans_b))
+        graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(t.shape))
+                                                    for n, t in (("a", a), ("b", b))],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            theirs = torch.from_numpy(session.run(None, {"a": a.numpy(), "b": b.numpy()})[0])
+        except Exception:  # noqa: BLE001 - no probe, no claim: the exported ops run, named
+            return False
+        if not _same_bits(theirs, fused(a, b)):
             return False
     return True
 
@@ -1580,8 +1740,8 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
         except ValueError as exc:
             raise DeployedFormatError(f"onnx (QOperator): {exc}") from None
     runtime = _runtime_graph(proto)
-    kernels, runtime_grids, fast_gelus = (None, None, None) if runtime is None else runtime
-    exact = _Builder(proto, kernels, exact=True, runtime_grids=runtime_grids, fast_gelus=fast_gelus)
+    kernels, runtime_grids, fused = (None, None, None) if runtime is None else runtime
+    exact = _Builder(proto, kernels, exact=True, runtime_grids=runtime_grids, fused=fused)
     module = exact.build()
     float_builder = _Builder(proto, kernels, exact=False)
     float_module = float_builder.build()
@@ -1607,10 +1767,14 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
         notes.append(f"onnxruntime's optimizer merges {len(exact.merged_qdq)} QuantizeLinear -> DequantizeLinear "
                      f"pair(s) with the pair before them into one on a new grid (its DoubleQDQPairsRemover; {shown}): "
                      "the view quantizes to that grid, as onnxruntime computes it, not to the graph's two")
-    if exact.followed:
-        notes.append(f"onnxruntime fuses {len(exact.followed)} GELU(s) into its FastGelu kernel (ending at "
-                     f"{exact.followed[0]!r}{', ...' if len(exact.followed) > 1 else ''}): the view computes that "
-                     "kernel's arithmetic, checked against the installed onnxruntime")
+    for what, kernels_of in (("GELU(s)", onnx_float.ORT_GELUS), ("MatMul(s) and the scalings around them",
+                                                                ("FusedMatMul",))):
+        followed = [(name, kernel) for name, kernel in exact.followed if kernel in kernels_of]
+        if followed:
+            names = " / ".join(sorted({kernel for _, kernel in followed}))
+            notes.append(f"onnxruntime fuses {len(followed)} {what} into its {names} kernel (ending at "
+                         f"{followed[0][0]!r}{', ...' if len(followed) > 1 else ''}): the view computes that "
+                         "kernel's arithmetic, checked against the installed onnxruntime")
     counts: dict[str, int] = {}
     float_nodes = [n for n in exact.float_nodes if n.name not in exact.inside_followed]
     for node in _float_valued(proto, float_nodes, kernels):

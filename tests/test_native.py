@@ -239,6 +239,20 @@ def test_mlas_tanh_equals_the_eager_chain(values: list[float], n_threads: int) -
 
 @needs_native
 @PROPERTY
+@given(values=st.lists(st.floats(width=32) | st.sampled_from([0.921875, -0.921875, 0.9218749, 3.725]), min_size=1,
+                      max_size=300),
+       n_threads=st.sampled_from([1, 2]))
+def test_mlas_erf_equals_the_eager_chain(values: list[float], n_threads: int) -> None:
+    """onnxruntime's Erf (`native.erf_mlas`) against its eager chain on any float32 values: both branches and the
+    split between them, subnormals, infinities, NaNs."""
+    x = torch.tensor(values, dtype=torch.float32)
+    with threads(n_threads):
+        got = native.erf_mlas(x)
+    assert same_bits(got, native.eager_erf_mlas(x))
+
+
+@needs_native
+@PROPERTY
 @given(width=st.integers(1, 100).map(lambda k: 8 * k), rows=st.integers(1, 40), data=st.data(),
        n_threads=st.sampled_from([1, 2]))
 def test_onnxruntime_layer_norm_equals_the_eager_chain(width: int, rows: int, data: st.DataObject,
