@@ -111,6 +111,10 @@ def test_a_dynamic_transformer_runs_at_the_sites_it_has(encoders) -> None:  # no
     # onnxruntime fuses one LayerNormalization with the float Add before it (SkipLayerNormalization, not
     # reproduced): named; the four it runs as LayerNormalization are reproduced, checked at load, and not named
     assert any("float ops outside the fault sites" in n and "LayerNormalization x1," in n for n in notes)
+    # its attention scores' MatMul fused with their scaling (FusedMatMul) is computed as onnxruntime's kernel, but
+    # the head width its reshapes compute cannot be inferred: not certified, so named
+    assert any("into its FusedMatMul kernel" in n for n in notes)
+    assert any("by an ulp: FusedMatMul x2, LayerNormalization x1, MatMul x2" in n for n in notes)
     assert len(qmodel.layers) == 14 and all(layer.raw_output for layer in qmodel.layers.values())
     ours = torch.cat([qmodel(x[i:i + 1]) for i in range(len(x))])
     theirs = run_onnxruntime(path, x, each=True)
