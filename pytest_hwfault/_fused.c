@@ -366,8 +366,9 @@ void hw_tanh_mlas(const float *x, float *y, int64_t n, const float *constants, i
  * degree down (each constant term minus one), the exponential's lower bound, 1 / ln 2, -ln 2 in a high and a low part,
  * its polynomial's seven coefficients from the highest degree down, 1.5 x 2^23. */
 void hw_erf_mlas(const float *x, float *y, int64_t n, const float *constants, int threads) {
-    const float split = constants[0], lower = constants[14], log2e = constants[15], ln2_high = constants[16];
-    const float ln2_low = constants[17], round_trick = constants[25];
+    float c[26];  /* a local copy: the loop then vectorizes (both branches computed, one selected) */
+    memcpy(c, constants, sizeof c);
+    const float split = c[0], lower = c[14], log2e = c[15], ln2_high = c[16], ln2_low = c[17], round_trick = c[25];
 #pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_FROM)
     for (int64_t i = 0; i < n; i++) {
         uint32_t bits, sign;
@@ -378,15 +379,16 @@ void hw_erf_mlas(const float *x, float *y, int64_t n, const float *constants, in
         memcpy(&a, &bits, 4);
         const int big = split <= a;  /* false for a NaN: the small branch carries it */
         const float s = a * a;
-        const float small = big ? 0.0f : fmaf(horner_fma(constants[1], s, constants + 2, 5), a, a);
+        const float p = fmaf(horner_fma(c[1], s, c + 2, 5), a, a);
+        const float small = big ? 0.0f : p;
         const float b = big ? a : 0.0f;
-        float t = fmaf(horner_fma(constants[7], b, constants + 8, 6), b, b);
+        float t = fmaf(horner_fma(c[7], b, c + 8, 6), b, b);
         t = -t;
         t = t > lower ? t : lower;
         const float m = fmaf(log2e, t, round_trick) - round_trick;
         float f = fmaf(m, ln2_high, t);
         f = fmaf(m, ln2_low, f);
-        const float e = horner_fma(constants[18], f, constants + 19, 6);
+        const float e = horner_fma(c[18], f, c + 19, 6);
         const uint32_t field = (uint32_t)((int32_t)m + 127) << 23;
         float scale;
         memcpy(&scale, &field, 4);
