@@ -344,17 +344,19 @@ static inline float horner_fma(float p, float v, const float *c, int n) {
 /* onnxruntime's CPU Tanh (float32; MLAS's FMA3 kernel, the rational approximation Eigen uses): x clamped to [-9, 9]
  * (a NaN kept), p = x * P(x^2) and q = Q(x^2) by Horner steps each one fused multiply-add, tanh = p / q. The
  * constants are MLAS's `MlasTanhConstants`, in this order: alpha_13 .. alpha_1, beta_6 .. beta_0. */
+static inline float tanh_mlas(float v, const float *c) {
+    v = -9.0f > v ? -9.0f : v;
+    v = 9.0f < v ? 9.0f : v;
+    const float v2 = v * v;
+    const float p = horner_fma(c[0], v2, c + 1, 6) * v;
+    const float q = horner_fma(c[7], v2, c + 8, 3);
+    return p / q;
+}
+
 void hw_tanh_mlas(const float *x, float *y, int64_t n, const float *constants, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_FROM)
-    for (int64_t i = 0; i < n; i++) {
-        float v = x[i];
-        v = -9.0f > v ? -9.0f : v;
-        v = 9.0f < v ? 9.0f : v;
-        const float v2 = v * v;
-        const float p = horner_fma(constants[0], v2, constants + 1, 6) * v;
-        const float q = horner_fma(constants[7], v2, constants + 8, 3);
-        y[i] = p / q;
-    }
+    for (int64_t i = 0; i < n; i++)
+        y[i] = tanh_mlas(x[i], constants);
 }
 
 /* onnxruntime's CPU Erf (float32) as measured on every one of the 2^32 float32 inputs on a CPU with AVX-512F (onnxruntime
@@ -365,39 +367,74 @@ void hw_tanh_mlas(const float *x, float *y, int64_t n, const float *constants, i
  * constants (MLAS's `MlasErfConstants`), in this order: the split, P's six and Q's seven coefficients from the highest
  * degree down (each constant term minus one), the exponential's lower bound, 1 / ln 2, -ln 2 in a high and a low part,
  * its polynomial's seven coefficients from the highest degree down, 1.5 x 2^23. */
+static inline float erf_mlas(float x, const float *c) {
+    uint32_t bits, sign;
+    memcpy(&bits, &x, 4);
+    sign = bits & 0x80000000u;
+    bits &= 0x7fffffffu;
+    float a;
+    memcpy(&a, &bits, 4);
+    const int big = c[0] <= a;  /* false for a NaN: the small branch carries it */
+    const float p = fmaf(horner_fma(c[1], a * a, c + 2, 5), a, a);  /* both branches computed, one selected */
+    const float small = big ? 0.0f : p;
+    const float b = big ? a : 0.0f;
+    float t = -fmaf(horner_fma(c[7], b, c + 8, 6), b, b);
+    t = t > c[14] ? t : c[14];
+    const float m = fmaf(c[15], t, c[25]) - c[25];
+    const float f = fmaf(m, c[17], fmaf(m, c[16], t));
+    const float e = horner_fma(c[18], f, c + 19, 6);
+    const uint32_t field = (uint32_t)((int32_t)m + 127) << 23;
+    float scale;
+    memcpy(&scale, &field, 4);
+    const float big_result = 1.0f - e * scale;
+    uint32_t out, small_bits;
+    memcpy(&out, &big_result, 4);
+    memcpy(&small_bits, &small, 4);
+    out = out | small_bits | sign;
+    float y;
+    memcpy(&y, &out, 4);
+    return y;
+}
+
 void hw_erf_mlas(const float *x, float *y, int64_t n, const float *constants, int threads) {
-    float c[26];  /* a local copy: the loop then vectorizes (both branches computed, one selected) */
+    float c[26];  /* a local copy: the loop then vectorizes */
     memcpy(c, constants, sizeof c);
-    const float split = c[0], lower = c[14], log2e = c[15], ln2_high = c[16], ln2_low = c[17], round_trick = c[25];
 #pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_FROM)
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t bits, sign;
-        memcpy(&bits, x + i, 4);
-        sign = bits & 0x80000000u;
-        bits &= 0x7fffffffu;
-        float a;
-        memcpy(&a, &bits, 4);
-        const int big = split <= a;  /* false for a NaN: the small branch carries it */
-        const float s = a * a;
-        const float p = fmaf(horner_fma(c[1], s, c + 2, 5), a, a);
-        const float small = big ? 0.0f : p;
-        const float b = big ? a : 0.0f;
-        float t = fmaf(horner_fma(c[7], b, c + 8, 6), b, b);
-        t = -t;
-        t = t > lower ? t : lower;
-        const float m = fmaf(log2e, t, round_trick) - round_trick;
-        float f = fmaf(m, ln2_high, t);
-        f = fmaf(m, ln2_low, f);
-        const float e = horner_fma(c[18], f, c + 19, 6);
-        const uint32_t field = (uint32_t)((int32_t)m + 127) << 23;
-        float scale;
-        memcpy(&scale, &field, 4);
-        const float big_result = 1.0f - e * scale;
-        uint32_t out, small_bits;
-        memcpy(&out, &big_result, 4);
-        memcpy(&small_bits, &small, 4);
-        out = out | small_bits | sign;
-        memcpy(y + i, &out, 4);
+    for (int64_t i = 0; i < n; i++)
+        y[i] = erf_mlas(x[i], c);
+}
+
+/* onnxruntime's CPU GELU kernels (com.microsoft) it fuses from a GELU's exported ops, each step a float32 operation in
+ * its order: v = x (+ bias[i % bias_len] where `bias`); FastGelu (`erf` 0): tanh_mlas(v x ((C x v) x v + B)), then
+ * (0.5 x v) x (t + 1); Gelu and BiasGelu (`erf` 1): erf_mlas(v x float32(1 / sqrt 2)), then (0.5 x v) x (e + 1).
+ * `constants`: B, C, float32(1 / sqrt 2), then MLAS's tanh constants (11) or its erf constants (26). */
+void hw_gelu_ort(const float *x, const float *bias, float *y, int64_t n, int64_t bias_len, int erf,
+                 const float *constants, int threads) {
+    float c[29];
+    memcpy(c, constants, (erf ? 29 : 14) * sizeof(float));
+    const int64_t width = bias ? bias_len : (n < 4096 ? n : 4096), rows = (n + width - 1) / width;
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_FROM)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t k = n - r * width < width ? n - r * width : width;
+        const float *xr = x + r * width;
+        float *yr = y + r * width;
+        /* v = x (+ bias) first, into the output row; then the kernel in place (loops that vectorize) */
+        if (bias)
+            for (int64_t j = 0; j < k; j++)
+                yr[j] = xr[j] + bias[j];
+        else
+            for (int64_t j = 0; j < k; j++)
+                yr[j] = xr[j];
+        if (erf)
+            for (int64_t j = 0; j < k; j++) {
+                const float v = yr[j];
+                yr[j] = (0.5f * v) * (erf_mlas(v * c[2], c + 3) + 1.0f);
+            }
+        else
+            for (int64_t j = 0; j < k; j++) {
+                const float v = yr[j];
+                yr[j] = (0.5f * v) * (tanh_mlas(v * ((c[1] * v) * v + c[0]), c + 3) + 1.0f);
+            }
     }
 }
 

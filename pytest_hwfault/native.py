@@ -63,6 +63,7 @@ _SIGNATURES = {
     "hw_layer_norm_ort": [_P, _P, _P, _P, _I, _I, _F, _C],
     "hw_tanh_mlas": [_P, _P, _I, _P, _C],
     "hw_erf_mlas": [_P, _P, _I, _P, _C],
+    "hw_gelu_ort": [_P, _P, _P, _I, _I, _C, _P, _C],
     "hw_matmul_fma": [_P, _P, _P, _I, _I, _I, _I, _I, _C],
     "hw_softmax_mlas": [_P, _P, _I, _I, _P, _C],
     "hw_qlinear_binary": [_P, _P, _P, _I, _I, _I, _C, _P, _C],
@@ -362,6 +363,26 @@ def eager_erf_mlas(x: torch.Tensor) -> torch.Tensor:
     return (large | small.view(torch.int32) | sign).view(torch.float32)
 
 
+# onnxruntime's GELU kernels' constants: FastGelu's B = sqrt(2 / pi) and C = 0.044715 B, Gelu's 1 / sqrt 2 (each as
+# float32), then MLAS's tanh constants (FastGelu) or its erf constants (Gelu, BiasGelu), as `hw_gelu_ort` reads them
+GELU_CONSTANTS = (0.7978845608028654, 0.035677408136300125, math.sqrt(0.5))
+_GELU_TANH = torch.cat([torch.tensor(GELU_CONSTANTS, dtype=torch.float32), MLAS_TANH])
+_GELU_ERF = torch.cat([torch.tensor(GELU_CONSTANTS, dtype=torch.float32), MLAS_ERF])
+
+
+def _gelu_chain(x: torch.Tensor, bias: torch.Tensor | None, erf: bool, tanh_fn: Any, erf_fn: Any) -> torch.Tensor:
+    b, c, root_half = (torch.tensor(v, dtype=torch.float32) for v in GELU_CONSTANTS)
+    v = x if bias is None else x + bias
+    t = erf_fn((v * root_half).contiguous()) if erf else tanh_fn((v * ((c * v * v) + b)).contiguous())
+    return (0.5 * v) * (t + 1.0)
+
+
+def eager_gelu_ort(x: torch.Tensor, bias: torch.Tensor | None, erf: bool) -> torch.Tensor:
+    """`hw_gelu_ort` on torch's ops: v = x (+ bias); FastGelu's v x ((C x v) x v + B) through MLAS's tanh, or Gelu's
+    v x float32(1 / sqrt 2) through its erf; then (0.5 x v) x (that + 1), each a float32 operation."""
+    return _gelu_chain(x, bias, erf, eager_tanh_mlas, eager_erf_mlas)
+
+
 def eager_matmul_fma(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
     """`hw_matmul_fma` on torch's ops: a [batch, m, k], b [batch, k, n], float32; the chain over k by exact fused
     multiply-adds, restarted every `block` values of k (0: never) and the blocks added in order."""
@@ -495,7 +516,7 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
             return "add then ReLU"
     return (_check_edits(lib) or _check_requantize_edits(lib) or _check_requantize_wide(lib)
             or _check_sampling(lib) or _check_layer_norm(lib) or _check_tanh(lib) or _check_erf(lib)
-            or _check_matmul(lib) or _check_softmax(lib))
+            or _check_gelu(lib) or _check_matmul(lib) or _check_softmax(lib))
 
 
 def _check_softmax(lib: ctypes.CDLL) -> str | None:
@@ -558,6 +579,26 @@ def _check_erf(lib: ctypes.CDLL) -> str | None:
     values = torch.cat([_special_values(torch.Generator().manual_seed(27)), torch.linspace(-12.0, 12.0, 200_001),
                         near, -near, torch.tensor([1e-40, -1e-40, 1e-45, 3.0e38, -3.0e38])])
     return None if _check_unary(lib.hw_erf_mlas, MLAS_ERF, eager_erf_mlas, values) else "MLAS's erf"
+
+
+def _check_gelu(lib: ctypes.CDLL) -> str | None:
+    """hw_gelu_ort against `eager_gelu_ort`: both forms, with a bias along rows and without, rows shorter and longer
+    than the pass's chunks, one thread and several."""
+    generator = torch.Generator().manual_seed(29)
+    for erf in (False, True):
+        for shape in ((3, 5), (70, 130), (2, 9000)):
+            x = torch.randn(shape, generator=generator) * 4
+            x[0, 0], x[-1, -1] = float("nan"), float("inf")
+            for bias in (None, torch.randn(shape[-1], generator=generator)):
+                want = eager_gelu_ort(x, bias, erf)
+                for threads in (1, max(2, torch.get_num_threads())):
+                    got = torch.empty_like(x)
+                    lib.hw_gelu_ort(x.data_ptr(), None if bias is None else bias.data_ptr(), got.data_ptr(),
+                                    x.numel(), 0 if bias is None else bias.numel(), int(erf),
+                                    (_GELU_ERF if erf else _GELU_TANH).data_ptr(), threads)
+                    if not same_bits(got, want):
+                        return f"onnxruntime's {'Gelu' if erf else 'FastGelu'} of {list(shape)}"
+    return None
 
 
 def _check_layer_norm(lib: ctypes.CDLL) -> str | None:
@@ -1073,6 +1114,20 @@ def erf_mlas(x: torch.Tensor) -> torch.Tensor:
     """onnxruntime's CPU Erf of float32 `x` (MLAS's erf, as measured with AVX-512F): one native pass, or its eager
     chain."""
     return _unary("hw_erf_mlas", MLAS_ERF, eager_erf_mlas, x)
+
+
+def gelu_ort(x: torch.Tensor, bias: torch.Tensor | None, erf: bool) -> torch.Tensor:
+    """onnxruntime's CPU FastGelu (`erf` False) or Gelu / BiasGelu (`erf` True) of float32 `x`, a bias along its last
+    dimension or none: one native pass, or the chain of `eager_gelu_ort` (its tanh or erf still native)."""
+    lib = _active()
+    fits = bias is None or (_plain(bias) and bias.dim() == 1 and x.dim() > 0 and x.shape[-1] == bias.numel())
+    if lib is None or not _plain(x) or not fits:
+        return _gelu_chain(x, bias, erf, tanh_mlas, erf_mlas)
+    out = torch.empty_like(x)
+    lib.hw_gelu_ort(x.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), x.numel(),
+                    0 if bias is None else bias.numel(), int(erf), (_GELU_ERF if erf else _GELU_TANH).data_ptr(),
+                    torch.get_num_threads())
+    return out
 
 
 def matmul_fma(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:

@@ -323,31 +323,23 @@ def _softmax(log: bool) -> Callable[[dict[str, Any], int], Function]:
     return make
 
 
-# onnxruntime's FastGelu (a GELU's tanh form it fuses from the exported ops): 0.5 x (1 + tanh(x (C x x + B)))
-FAST_GELU_B, FAST_GELU_C = 0.7978845608028654, 0.035677408136300125
-
-
 def ort_fast_gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """onnxruntime's CPU FastGelu (com.microsoft), bit for bit (measured one node at a time): v = x (+ bias);
-    v x ((C x v) x v + B), MLAS's tanh of that, then (0.5 x v) x (t + 1) ((v x 0.5) x (t + 1) with a bias), each a
-    float32 operation in that order."""
+    """onnxruntime's CPU FastGelu (com.microsoft; a GELU's tanh form it fuses from the exported ops), bit for bit
+    (measured one node at a time): v = x (+ bias); v x ((C x v) x v + B), MLAS's tanh of that, then
+    (0.5 x v) x (t + 1), each a float32 operation in that order (`native.gelu_ort`)."""
     from . import native
 
-    b, c, half = (torch.tensor(v, dtype=torch.float32) for v in (FAST_GELU_B, FAST_GELU_C, 0.5))
-    v = x if bias is None else x + bias
-    t = native.tanh_mlas((v * ((c * v * v) + b)).contiguous())
-    return (half * v if bias is None else v * half) * (t + 1.0)
+    return native.gelu_ort(x, bias, erf=False)
 
 
 def ort_gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """onnxruntime's CPU Gelu and BiasGelu (com.microsoft; the GELU's erf form it fuses from the exported ops, with
     the bias Add before it or without), bit for bit (measured one node at a time): v = x (+ bias); MLAS's erf of
-    v x float32(1 / sqrt 2), then (0.5 x v) x (erf + 1), each a float32 operation in that order."""
+    v x float32(1 / sqrt 2), then (0.5 x v) x (erf + 1), each a float32 operation in that order
+    (`native.gelu_ort`)."""
     from . import native
 
-    half, root_half = torch.tensor(0.5), torch.tensor(math.sqrt(0.5), dtype=torch.float32)
-    v = x if bias is None else x + bias
-    return (half * v) * (native.erf_mlas((v * root_half).contiguous()) + 1.0)
+    return native.gelu_ort(x, bias, erf=True)
 
 
 # onnxruntime's GELU kernels (com.microsoft) it fuses from a GELU's exported ops, which `onnx_reader` follows: each

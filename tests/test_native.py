@@ -253,6 +253,23 @@ def test_mlas_erf_equals_the_eager_chain(values: list[float], n_threads: int) ->
 
 @needs_native
 @PROPERTY
+@given(rows=st.integers(1, 30), width=st.integers(1, 5000), erf=st.booleans(), bias=st.booleans(),
+       scale=st.sampled_from([0.1, 3.0, 30.0]), seed=st.integers(0, 2**16), n_threads=st.sampled_from([1, 2]))
+def test_onnxruntime_gelu_kernels_equal_the_eager_chain(rows: int, width: int, erf: bool, bias: bool, scale: float,
+                                                        seed: int, n_threads: int) -> None:
+    """onnxruntime's FastGelu, Gelu and BiasGelu in one native pass (`native.gelu_ort`) against their eager chain:
+    rows shorter and longer than the pass's 4096-value chunks, a bias along rows or none, values into both of erf's
+    branches and past tanh's clamp."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=generator) * scale
+    b = torch.randn(width, generator=generator) if bias else None
+    with threads(n_threads):
+        got = native.gelu_ort(x, b, erf)
+    assert same_bits(got, native.eager_gelu_ort(x, b, erf))
+
+
+@needs_native
+@PROPERTY
 @given(width=st.integers(1, 100).map(lambda k: 8 * k), rows=st.integers(1, 40), data=st.data(),
        n_threads=st.sampled_from([1, 2]))
 def test_onnxruntime_layer_norm_equals_the_eager_chain(width: int, rows: int, data: st.DataObject,
