@@ -438,6 +438,35 @@ void hw_gelu_ort(const float *x, const float *bias, float *y, int64_t n, int64_t
     }
 }
 
+/* onnxruntime's CPU SkipLayerNormalization (com.microsoft; a residual Add and the LayerNorm after it, which it fuses in
+ * float graphs), as measured on its outputs (Mean, InvStdDev, the sum): per row of `width`, v = x + skip (+ bias), a
+ * skip of the input's shape (its broadcast of a smaller one was not matched); Welford's running mean and sum of squared
+ * deviations in order (d = v - mean; mean += d / k; M2 += d x (v - mean)), var = M2 / width, s = sqrtf(var + eps);
+ * out = ((v - mean) / s) x gamma (+ beta). Each step a float32 operation, none fused. */
+void hw_skip_layer_norm_ort(const float *x, const float *skip, const float *bias, const float *gamma,
+                            const float *beta, float *y, int64_t rows, int64_t width, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * width >= PARALLEL_FROM)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * width, *sr = skip + r * width;
+        float *yr = y + r * width;
+        float mean = 0.0f, m2 = 0.0f;
+        for (int64_t j = 0; j < width; j++) {
+            float v = xr[j] + sr[j];
+            if (bias)
+                v = v + bias[j];
+            yr[j] = v;
+            const float d = v - mean;
+            mean = mean + d / (float)(j + 1);
+            m2 = m2 + d * (v - mean);
+        }
+        const float s = sqrtf(m2 / (float)width + eps);
+        for (int64_t j = 0; j < width; j++) {
+            const float q = ((yr[j] - mean) / s) * gamma[j];
+            yr[j] = beta ? q + beta[j] : q;
+        }
+    }
+}
+
 /* onnxruntime's CPU float MatMul (MLAS's SGEMM) of `batch` [m, k] x [k, n] row-major pairs, as measured on it: each
  * output a chain of fused multiply-adds over k in order from +0; with `block` > 0 (a constant B, which onnxruntime
  * packs) the chain restarts every `block` values of k and the blocks' results are added to the output in order. */

@@ -64,6 +64,7 @@ _SIGNATURES = {
     "hw_tanh_mlas": [_P, _P, _I, _P, _C],
     "hw_erf_mlas": [_P, _P, _I, _P, _C],
     "hw_gelu_ort": [_P, _P, _P, _I, _I, _C, _P, _C],
+    "hw_skip_layer_norm_ort": [_P, _P, _P, _P, _P, _P, _I, _I, _F, _C],
     "hw_matmul_fma": [_P, _P, _P, _I, _I, _I, _I, _I, _C],
     "hw_softmax_mlas": [_P, _P, _I, _I, _P, _C],
     "hw_qlinear_binary": [_P, _P, _P, _I, _I, _I, _C, _P, _C],
@@ -383,6 +384,22 @@ def eager_gelu_ort(x: torch.Tensor, bias: torch.Tensor | None, erf: bool) -> tor
     return _gelu_chain(x, bias, erf, eager_tanh_mlas, eager_erf_mlas)
 
 
+def eager_skip_layer_norm_ort(x: torch.Tensor, skip: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None,
+                              bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`hw_skip_layer_norm_ort` on torch's ops, for [rows, width] float32 `x` and `skip` of as many rows: Welford's
+    running mean and M2 one column at a time, then each step of the normalization a float32 operation."""
+    v = x + skip if bias is None else (x + skip) + bias
+    rows, width = v.shape
+    mean, m2 = torch.zeros(rows), torch.zeros(rows)
+    for j in range(width):
+        d = v[:, j] - mean
+        mean = mean + d / torch.tensor(float(j + 1))
+        m2 = m2 + d * (v[:, j] - mean)
+    s = (m2 / torch.tensor(float(width)) + torch.tensor(eps, dtype=torch.float32)).double().sqrt().float()
+    q = ((v - mean.unsqueeze(1)) / s.unsqueeze(1)) * gamma
+    return q if beta is None else q + beta
+
+
 def eager_matmul_fma(a: torch.Tensor, b: torch.Tensor, block: int) -> torch.Tensor:
     """`hw_matmul_fma` on torch's ops: a [batch, m, k], b [batch, k, n], float32; the chain over k by exact fused
     multiply-adds, restarted every `block` values of k (0: never) and the blocks added in order."""
@@ -516,7 +533,7 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
             return "add then ReLU"
     return (_check_edits(lib) or _check_requantize_edits(lib) or _check_requantize_wide(lib)
             or _check_sampling(lib) or _check_layer_norm(lib) or _check_tanh(lib) or _check_erf(lib)
-            or _check_gelu(lib) or _check_matmul(lib) or _check_softmax(lib))
+            or _check_gelu(lib) or _check_skip_layer_norm(lib) or _check_matmul(lib) or _check_softmax(lib))
 
 
 def _check_softmax(lib: ctypes.CDLL) -> str | None:
@@ -579,6 +596,27 @@ def _check_erf(lib: ctypes.CDLL) -> str | None:
     values = torch.cat([_special_values(torch.Generator().manual_seed(27)), torch.linspace(-12.0, 12.0, 200_001),
                         near, -near, torch.tensor([1e-40, -1e-40, 1e-45, 3.0e38, -3.0e38])])
     return None if _check_unary(lib.hw_erf_mlas, MLAS_ERF, eager_erf_mlas, values) else "MLAS's erf"
+
+
+def _check_skip_layer_norm(lib: ctypes.CDLL) -> str | None:
+    """hw_skip_layer_norm_ort against `eager_skip_layer_norm_ort`: widths 1 to 768, rows near constant and offset,
+    with and without beta and bias, one thread and several."""
+    generator = torch.Generator().manual_seed(30)
+    for width in (1, 7, 64, 768):
+        x = torch.randn(40, width, generator=generator) * torch.logspace(-3, 3, 40).unsqueeze(1)
+        x[0] = 5.0
+        skip = torch.randn(40, width, generator=generator) + 100.0 * torch.randn(40, 1, generator=generator)
+        gamma, beta, bias = (torch.randn(width, generator=generator) for _ in range(3))
+        for b, c in ((beta, None), (None, bias), (beta, bias)):
+            want = eager_skip_layer_norm_ort(x, skip, gamma, b, c, 1e-12)
+            for threads in (1, max(2, torch.get_num_threads())):
+                got = torch.empty_like(x)
+                lib.hw_skip_layer_norm_ort(x.data_ptr(), skip.data_ptr(), None if c is None else c.data_ptr(),
+                                           gamma.data_ptr(), None if b is None else b.data_ptr(), got.data_ptr(),
+                                           40, width, 1e-12, threads)
+                if not same_bits(got, want):
+                    return f"onnxruntime's SkipLayerNormalization of width {width}"
+    return None
 
 
 def _check_gelu(lib: ctypes.CDLL) -> str | None:
@@ -1127,6 +1165,21 @@ def gelu_ort(x: torch.Tensor, bias: torch.Tensor | None, erf: bool) -> torch.Ten
     lib.hw_gelu_ort(x.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), x.numel(),
                     0 if bias is None else bias.numel(), int(erf), (_GELU_ERF if erf else _GELU_TANH).data_ptr(),
                     torch.get_num_threads())
+    return out
+
+
+def skip_layer_norm_ort(x: torch.Tensor, skip: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None,
+                        bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """onnxruntime's CPU SkipLayerNormalization of [rows, width] float32 `x` and a `skip` of the same shape (see
+    `hw_skip_layer_norm_ort`): one native pass, or its eager chain."""
+    lib = _active()
+    tensors = [t for t in (x, skip, gamma, beta, bias) if t is not None]
+    if lib is None or not all(_plain(t) for t in tensors):
+        return eager_skip_layer_norm_ort(x, skip, gamma, beta, bias, eps)
+    out = torch.empty_like(x)
+    lib.hw_skip_layer_norm_ort(x.data_ptr(), skip.data_ptr(), None if bias is None else bias.data_ptr(),
+                               gamma.data_ptr(), None if beta is None else beta.data_ptr(), out.data_ptr(),
+                               x.shape[0], x.shape[1], eps, torch.get_num_threads())
     return out
 
 

@@ -361,14 +361,37 @@ def ort_fused_matmul(alpha: float, trans_b: bool) -> Function:
     return fused_matmul
 
 
+def ort_skip_layer_norm(eps: float) -> Function:
+    """onnxruntime's CPU SkipLayerNormalization (com.microsoft: a residual Add and the LayerNormalization after it,
+    fused), bit for bit where the skip has the input's shape (measured on its Mean and InvStdDev outputs, then its
+    output; widths 8 to 768): over the last dimension, Welford's running mean and sum of squared deviations in
+    float32 (`native.skip_layer_norm_ort`)."""
+    from . import native
+
+    def skip_layer_norm(x: torch.Tensor, skip: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor | None = None,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+        width = x.shape[-1]
+        if any(t.numel() != width for t in (gamma, beta, bias) if t is not None) or skip.shape != x.shape:
+            # a broadcast skip (whose order was not matched) or other shapes: torch's ops, and named
+            v = x + skip if bias is None else (x + skip) + bias
+            return F.layer_norm(v, (width,), gamma.reshape(-1), None if beta is None else beta.reshape(-1), eps)
+        rows, skips = (t.reshape(-1, width).contiguous() for t in (x, skip))
+        vectors = [None if t is None else t.reshape(-1).contiguous() for t in (beta, bias)]
+        return native.skip_layer_norm_ort(rows, skips, gamma.reshape(-1).contiguous(), vectors[0], vectors[1],
+                                          eps).reshape(x.shape)
+    return skip_layer_norm
+
+
 def ort_fused(kernel: str, attrs: dict[str, Any]) -> Function:
     """The function of a kernel onnxruntime fused from exported ops (`ORT_FUSED`), for the fused node's attributes."""
     if kernel == "FusedMatMul":
         return ort_fused_matmul(float(attrs.get("alpha", 1.0)), bool(attrs.get("transB", 0)))
+    if kernel == "SkipLayerNormalization":
+        return ort_skip_layer_norm(float(attrs.get("epsilon", 1e-12)))
     return ORT_GELUS[kernel]
 
 
-ORT_FUSED = frozenset({*ORT_GELUS, "FusedMatMul"})
+ORT_FUSED = frozenset({*ORT_GELUS, "FusedMatMul", "SkipLayerNormalization"})
 
 
 def ort_layer_norm_applies(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, axis: int) -> bool:
@@ -706,7 +729,7 @@ def function(op_type: str, attrs: dict[str, Any], opset: int) -> Function | None
 # ops computed as onnxruntime's kernels compute them, by branches on the values' dtype and shape and native passes:
 # a traced graph keeps their node whole (`graph.trace`), as it cannot trace into them
 RUNTIME_KERNELS = frozenset({"Sqrt", "Tanh", "Erf", "Softmax", "LayerNormalization", "MatMul", "FastGelu", "Gelu",
-                             "BiasGelu", "FusedMatMul"})
+                             "BiasGelu", "FusedMatMul", "SkipLayerNormalization"})
 
 
 class OnnxOp(nn.Module):

@@ -681,9 +681,11 @@ def _runtime_graph(model: Any) -> tuple[dict[str, tuple[str, list[tuple[int, boo
             if scale is not None and zero is not None and scale.size == 1 and zero.size == 1 and \
                     zero.dtype in (np.int8, np.uint8):
                 grids[node.name] = _Grid(float(scale.reshape(())), int(zero.reshape(())), zero.dtype == np.int8)
-    fused = {node.output[0]: (node.op_type, [name for name in node.input if name], _attrs(node))
-             for node in optimized.graph.node
-             if node.op_type in onnx_float.ORT_FUSED and node.domain == "com.microsoft" and len(node.output) == 1}
+    # a kernel's inputs as listed, an absent optional one as "" (SkipLayerNormalization's beta before its bias); its
+    # first output (SkipLayerNormalization's others, the mean and the sum, are what the exported ops compute too)
+    fused = {node.output[0]: (node.op_type, list(node.input), _attrs(node)) for node in optimized.graph.node
+             if node.op_type in onnx_float.ORT_FUSED and node.domain == "com.microsoft"
+             and (len(node.output) == 1 or node.op_type == "SkipLayerNormalization")}
     return kernels, grids, fused
 
 
@@ -888,7 +890,10 @@ class _Builder:
         FusedMatMul, on shapes whose order is known: `_fused_matmul_qualifies`) and the view has its inputs, the
         fused output is computed as that kernel computes it (the exported ops stay in the graph, unread)."""
         output = node.output[0]
-        kernel, inputs, attrs = self.fusions[output]
+        kernel, listed, attrs = self.fusions[output]
+        while listed and not listed[-1]:
+            listed = listed[:-1]
+        inputs = [name for name in listed if name]
         if not inputs or not all(name in self.values or name in self.consts for name in inputs) or \
                 output in self.grids:
             return
@@ -898,9 +903,16 @@ class _Builder:
                 return
             if not self.fused_matmul_qualifies(inputs, attrs):  # followed (closer), but not certified: named
                 self.uncertified.append(kernel)
+        elif kernel == "SkipLayerNormalization":
+            if len(listed) < 3 or not runtime_skip_layer_norm_agrees(len(listed) > 3 and bool(listed[3]),
+                                                                      len(listed) > 4 and bool(listed[4])):
+                return
+            shapes = [self.inferred()[1].get(name) for name in listed[:2]]
+            if not shapes[0] or shapes[0] != shapes[1]:  # a skip not of the input's (inferred) shape: named
+                self.uncertified.append(kernel)
         elif not runtime_gelu_agrees(kernel, len(inputs) > 1):
             return
-        op = onnx_float.OnnxOp(kernel, onnx_float.ort_fused(kernel, attrs), [False] * len(inputs))
+        op = onnx_float.OnnxOp(kernel, onnx_float.ort_fused(kernel, attrs), [not name for name in listed])
         self.values[output] = self.add_module(op, _Named(f"{node.name}_{kernel}", kernel), index,
                                               tuple(self.value(name, node) for name in inputs))
         self.followed.append((node.name, kernel))
@@ -1524,21 +1536,23 @@ RUNTIME_PROBED = frozenset({"Tanh", "Erf"})
 
 
 def _one_node(op_type: str, inputs: dict[str, torch.Tensor], constants: dict[str, torch.Tensor],
-              **attrs: Any) -> torch.Tensor | None:
-    """The installed onnxruntime's output of one `op_type` node (CPU provider, default optimizations) on float32
-    `inputs` and `constants` (initializers), in the order given; None without onnxruntime or where it fails."""
+              domain: str = "", names: list[str] | None = None, **attrs: Any) -> torch.Tensor | None:
+    """The installed onnxruntime's output of one `op_type` node (of `domain`: com.microsoft for its own kernels; CPU
+    provider, default optimizations) on float32 `inputs` and `constants` (initializers), in the order given (or as
+    `names` lists them, "" for an optional input left out); None without onnxruntime or where it fails."""
     try:
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return None
-    names = [*inputs, *constants]
     graph = helper.make_graph(
-        [helper.make_node(op_type, names, ["y"], **attrs)], "probe",
+        [helper.make_node(op_type, names if names is not None else [*inputs, *constants], ["y"], domain=domain or None,
+                          **attrs)], "probe",
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(t.shape)) for name, t in inputs.items()],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(t.numpy(), name) for name, t in constants.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(graph, opset_imports=opsets)
     try:
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         return torch.from_numpy(session.run(None, {name: t.numpy() for name, t in inputs.items()})[0])
@@ -1568,26 +1582,10 @@ def runtime_gelu_agrees(kernel: str, bias: bool) -> bool:
     """Whether the installed onnxruntime's `kernel` (FastGelu, Gelu or BiasGelu of com.microsoft) equals
     `onnx_float.ORT_GELUS[kernel]` bit for bit on a probe (a dense sweep of -12..12 and random values, with a bias
     or without); False without onnxruntime."""
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:
-        return False
     generator = torch.Generator().manual_seed(26)
     x = torch.cat([torch.linspace(-12.0, 12.0, 96_000), torch.randn(32_000, generator=generator) * 4]).view(-1, 128)
     b = torch.randn(128, generator=generator)
-    names = ["x", "b"] if bias else ["x"]
-    graph = helper.make_graph([helper.make_node(kernel, names, ["y"], domain="com.microsoft")], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(b.numpy(), "b")] if bias else [])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)])
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        theirs = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
-    except Exception:  # noqa: BLE001 - no probe, no claim: the exported ops run, named
-        return False
+    theirs = _one_node(kernel, {"x": x}, {"b": b} if bias else {}, domain="com.microsoft")
     return _same_bits(theirs, onnx_float.ORT_GELUS[kernel](x, b if bias else None))
 
 
@@ -1647,30 +1645,38 @@ def runtime_fused_matmul_agrees(alpha: float, trans_b: bool) -> bool:
     """Whether the installed onnxruntime's FusedMatMul (com.microsoft) with this alpha equals
     `onnx_float.ort_fused_matmul`'s bit for bit on probes of the shapes it is used for (k up to 256, two rows and
     columns or more, batched); False without onnxruntime."""
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-    except ImportError:
-        return False
     generator = torch.Generator().manual_seed(28)
     fused = onnx_float.ort_fused_matmul(alpha, trans_b)
     for a_shape, b_shape in (((12, 8), (8, 12)), ((2, 3, 16, 64), (2, 3, 64, 16)), ((5, 256), (256, 2))):
         a, b = torch.randn(a_shape, generator=generator), torch.randn(b_shape, generator=generator)
         if trans_b:
             b = b.transpose(-1, -2).contiguous()
-        node = helper.make_node("FusedMatMul", ["a", "b"], ["y"], domain="com.microsoft", alpha=alpha,
-                                transB=int(trans_b))
-        graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(t.shape))
-                                                    for n, t in (("a", a), ("b", b))],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                        helper.make_opsetid("com.microsoft", 1)])
-        try:
-            session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-            theirs = torch.from_numpy(session.run(None, {"a": a.numpy(), "b": b.numpy()})[0])
-        except Exception:  # noqa: BLE001 - no probe, no claim: the exported ops run, named
-            return False
+        theirs = _one_node("FusedMatMul", {"a": a, "b": b}, {}, domain="com.microsoft", alpha=alpha,
+                           transB=int(trans_b))
         if not _same_bits(theirs, fused(a, b)):
+            return False
+    return True
+
+
+@functools.cache
+def runtime_skip_layer_norm_agrees(beta: bool, bias: bool) -> bool:
+    """Whether the installed onnxruntime's SkipLayerNormalization (com.microsoft) equals
+    `onnx_float.ort_skip_layer_norm`'s bit for bit on a probe (widths 8, 100 and 768, rows of six decades of spread
+    and offsets, a skip of the input's shape); False without onnxruntime."""
+    generator = torch.Generator().manual_seed(31)
+    for width in (8, 100, 768):
+        x = torch.randn(2, 24, width, generator=generator) * torch.logspace(-3, 3, 24).view(1, 24, 1)
+        skip = torch.randn(2, 24, width, generator=generator) + 50.0
+        gamma, beta_value, bias_value = (torch.randn(width, generator=generator) for _ in range(3))
+        names = ["x", "skip", "gamma", "beta" if beta else "", "bias" if bias else ""]
+        while not names[-1]:
+            names.pop()
+        constants = {n: t for n, t in (("gamma", gamma), ("beta", beta_value), ("bias", bias_value)) if n in names}
+        theirs = _one_node("SkipLayerNormalization", {"x": x, "skip": skip}, constants, domain="com.microsoft",
+                           names=names, epsilon=1e-12)
+        ours = onnx_float.ort_skip_layer_norm(1e-12)(x, skip, gamma, beta_value if beta else None,
+                                                     bias_value if bias else None)
+        if not _same_bits(theirs, ours):
             return False
     return True
 
@@ -1767,8 +1773,9 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
         notes.append(f"onnxruntime's optimizer merges {len(exact.merged_qdq)} QuantizeLinear -> DequantizeLinear "
                      f"pair(s) with the pair before them into one on a new grid (its DoubleQDQPairsRemover; {shown}): "
                      "the view quantizes to that grid, as onnxruntime computes it, not to the graph's two")
-    for what, kernels_of in (("GELU(s)", onnx_float.ORT_GELUS), ("MatMul(s) and the scalings around them",
-                                                                ("FusedMatMul",))):
+    for what, kernels_of in (("GELU(s)", onnx_float.ORT_GELUS),
+                             ("MatMul(s) and the scalings around them", ("FusedMatMul",)),
+                             ("residual Add(s) and the LayerNormalization after each", ("SkipLayerNormalization",))):
         followed = [(name, kernel) for name, kernel in exact.followed if kernel in kernels_of]
         if followed:
             names = " / ".join(sorted({kernel for _, kernel in followed}))

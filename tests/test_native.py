@@ -270,6 +270,26 @@ def test_onnxruntime_gelu_kernels_equal_the_eager_chain(rows: int, width: int, e
 
 @needs_native
 @PROPERTY
+@given(rows=st.integers(1, 30), width=st.integers(1, 300), beta=st.booleans(), bias=st.booleans(),
+       spread=st.sampled_from([1e-3, 1.0, 1e3]), offset=st.sampled_from([0.0, 10.0, 1e4]), seed=st.integers(0, 2**16),
+       n_threads=st.sampled_from([1, 2]))
+def test_onnxruntime_skip_layer_norm_equals_the_eager_chain(rows: int, width: int, beta: bool, bias: bool,
+                                                            spread: float, offset: float, seed: int,
+                                                            n_threads: int) -> None:
+    """onnxruntime's SkipLayerNormalization in one native pass (`native.skip_layer_norm_ort`) against its eager
+    chain (Welford's running mean and M2 column by column): any width, spreads and offsets, beta and bias or not."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=generator) * spread + offset
+    skip = torch.randn(rows, width, generator=generator)
+    gamma, b, c = (torch.randn(width, generator=generator) for _ in range(3))
+    with threads(n_threads):
+        got = native.skip_layer_norm_ort(x, skip, gamma, b if beta else None, c if bias else None, 1e-12)
+    assert same_bits(got, native.eager_skip_layer_norm_ort(x, skip, gamma, b if beta else None, c if bias else None,
+                                                           1e-12))
+
+
+@needs_native
+@PROPERTY
 @given(width=st.integers(1, 100).map(lambda k: 8 * k), rows=st.integers(1, 40), data=st.data(),
        n_threads=st.sampled_from([1, 2]))
 def test_onnxruntime_layer_norm_equals_the_eager_chain(width: int, rows: int, data: st.DataObject,
