@@ -1500,13 +1500,19 @@ def _inferred(model: Any) -> tuple[dict[str, int], dict[str, list[int | None]]]:
 def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str, int],
                 kernels: dict[str, tuple[str, list[tuple[int, bool] | None]]] | None) -> bool:
     """Whether the view computes this float node bit for bit as the installed onnxruntime does: an elementwise op of
-    `RUNTIME_PROBED` on which a probe agrees (`runtime_op_agrees`), or a LayerNormalization
-    that onnxruntime runs as such (not fused with the Add before it into its SkipLayerNormalization), of float32 rows
+    `RUNTIME_PROBED` on which a probe agrees (`runtime_op_agrees`; ONNX's Gelu: `runtime_gelu_op_agrees`), or a
+    LayerNormalization that onnxruntime runs as such (not fused with the Add before it into its
+    SkipLayerNormalization), of float32 rows
     whose width `onnx_float.ort_layer_norm` reproduces, its scale and bias one value per element, on which a probe
     of that width and epsilon agrees with onnxruntime (`runtime_layer_norm_agrees`)."""
     if node.op_type in RUNTIME_PROBED:  # where onnxruntime runs it as such (not inside a kernel it fused)
         return kernels is not None and bool(node.name) and kernels.get(node.name, ("",))[0] == node.op_type \
             and runtime_op_agrees(node.op_type)
+    if node.op_type == "Gelu":
+        approximate = _attrs(node).get("approximate", "none")
+        approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+        return kernels is not None and bool(node.name) and kernels.get(node.name, ("",))[0] == "Gelu" \
+            and runtime_gelu_op_agrees(str(approximate))
     if node.op_type == "Softmax":
         return kernels is not None and bool(node.name) and kernels.get(node.name, ("",))[0] == "Softmax" \
             and runtime_softmax_agrees()
@@ -1536,7 +1542,7 @@ RUNTIME_PROBED = frozenset({"Tanh", "Erf"})
 
 
 def _one_node(op_type: str, inputs: dict[str, torch.Tensor], constants: dict[str, torch.Tensor],
-              domain: str = "", names: list[str] | None = None, **attrs: Any) -> torch.Tensor | None:
+              domain: str = "", names: list[str] | None = None, opset: int = 17, **attrs: Any) -> torch.Tensor | None:
     """The installed onnxruntime's output of one `op_type` node (of `domain`: com.microsoft for its own kernels; CPU
     provider, default optimizations) on float32 `inputs` and `constants` (initializers), in the order given (or as
     `names` lists them, "" for an optional input left out); None without onnxruntime or where it fails."""
@@ -1551,7 +1557,7 @@ def _one_node(op_type: str, inputs: dict[str, torch.Tensor], constants: dict[str
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(t.shape)) for name, t in inputs.items()],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(t.numpy(), name) for name, t in constants.items()])
-    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
     model = helper.make_model(graph, opset_imports=opsets)
     try:
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -1575,6 +1581,17 @@ def runtime_op_agrees(op_type: str) -> bool:
     function = onnx_float.function(op_type, {}, 17)
     assert function is not None
     return _same_bits(_one_node(op_type, {"x": x}, {}), function(x))
+
+
+@functools.cache
+def runtime_gelu_op_agrees(approximate: str) -> bool:
+    """Whether the installed onnxruntime's ONNX Gelu (opset 20) with this `approximate` equals `onnx_float`'s bit for
+    bit on a probe (a dense sweep of -12..12 and random values); False without onnxruntime."""
+    generator = torch.Generator().manual_seed(32)
+    x = torch.cat([torch.linspace(-12.0, 12.0, 96_000), torch.randn(32_000, generator=generator) * 4]).view(-1, 128)
+    function = onnx_float.function("Gelu", {"approximate": approximate}, 20)
+    assert function is not None
+    return _same_bits(_one_node("Gelu", {"x": x}, {}, opset=20, approximate=approximate), function(x))
 
 
 @functools.cache

@@ -86,7 +86,10 @@ def test_a_static_transformer_runs_and_names_what_it_computes_otherwise(encoders
         qmodel = quantize(path, x[:64])
     notes = " | ".join(qmodel.config["deployed_notes"])
     assert notes.startswith("checked against onnxruntime on 64 calibration images")
-    assert "by an ulp: ReduceMean x1 |" in notes
+    # Erf certified where the installed onnxruntime runs the erf kernel measured (MLAS's AVX-512F one), else named
+    erf = onnx_reader.runtime_op_agrees("Erf")
+    assert erf or not MLAS_AVX512
+    assert ("by an ulp: ReduceMean x1 |" if erf else "by an ulp: Erf x2, ReduceMean x1 |") in notes
     assert "integer kernels the reader does not reproduce" not in notes
     softmaxes = [m for m in qmodel.module.modules() if type(m).__name__ == "QLinearSoftmax"]
     muls = [m for m in qmodel.module.modules() if type(m).__name__ == "QLinearMul"]
@@ -119,7 +122,9 @@ def test_a_dynamic_transformer_runs_at_the_sites_it_has(encoders) -> None:  # no
     assert len(qmodel.layers) == 14 and all(layer.raw_output for layer in qmodel.layers.values())
     ours = torch.cat([qmodel(x[i:i + 1]) for i in range(len(x))])
     theirs = run_onnxruntime(path, x, each=True)
-    assert torch.equal(ours, theirs)
+    gelu = onnx_reader.runtime_gelu_agrees("Gelu", False)  # its GELUs: MLAS's erf, as measured with AVX-512F
+    assert gelu or not MLAS_AVX512
+    assert torch.equal(ours, theirs) if gelu else torch.equal(ours.argmax(1), theirs.argmax(1))
     labels = theirs.argmax(1)
     for site in ("weight", "acc", "input"):
         assert accuracy(qmodel, (x, labels), FaultModel(site, 1e-3), seed=1) <= 1.0, site
@@ -510,6 +515,45 @@ def test_fused_gelus_are_onnxruntimes_bit_for_bit(kernel: str, bias: bool) -> No
     torch.testing.assert_close(onnx_float.ORT_GELUS[kernel](x, b), plain, rtol=1e-5, atol=1e-6)
 
 
+class _GeluMLP(nn.Module):
+    def __init__(self, approximate: str) -> None:
+        super().__init__()
+        self.up, self.down, self.approximate = nn.Linear(16, 64), nn.Linear(64, 3), approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.gelu(self.up(x), approximate=self.approximate))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_onnx_gelu_of_opset_20_is_onnxruntimes_bit_for_bit(tmp_path: pathlib.Path, approximate: str) -> None:
+    """ONNX's own Gelu (opset 20, as torch's exporter writes a GELU there), which onnxruntime runs on the code of
+    its Gelu and FastGelu kernels: computed as it does and certified by a probe, so not named; a dynamically
+    quantized MLP around it is onnxruntime's bit for bit one input at a time (before: 67% and 86% of logits)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _GeluMLP(approximate).eval()
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1)) * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x[:2],), str(tmp_path / "float.onnx"), dynamo=False, opset_version=20,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+        quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "dynamic.onnx"), weight_type=QuantType.QInt8)
+    assert "Gelu" in [n.op_type for n in onnx.load(str(tmp_path / "dynamic.onnx")).graph.node]
+    agrees = onnx_reader.runtime_gelu_op_agrees(approximate)
+    assert agrees or not (MLAS_AVX512 if approximate == "none" else MLAS_AVX2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployedMismatchWarning)
+        qmodel = quantize(tmp_path / "dynamic.onnx", x)
+    named = any("float ops outside the fault sites" in n and "Gelu x1" in n for n in qmodel.config["deployed_notes"])
+    assert named != agrees  # certified, or named: never both, never neither
+    if agrees:
+        assert qmodel.config["deployed_notes"][0].endswith("fault-free outputs equal bit for bit")
+        ours = torch.cat([qmodel(x[i:i + 1]) for i in range(len(x))])
+        assert torch.equal(ours, run_onnxruntime(tmp_path / "dynamic.onnx", x, each=True))
+
+
 def test_erf_is_onnxruntimes_bit_for_bit() -> None:
     """MLAS's erf as onnxruntime runs it with AVX-512F (measured on all 2^32 float32 inputs; no clamp above, NaN
     kept): every 257th float32 bit pattern (16.7M values: both branches, subnormals, infinities, NaNs) natively,
@@ -848,10 +892,14 @@ def test_a_hugging_face_bert_exported_to_onnx_is_read_dynamic_and_static(tmp_pat
         ["a float MatMul of the ONNX graph (onnxruntime runs it in float too)"] * 2
     unfaulted = {row["parameter"] for row in coverage["unfaulted"]}
     assert "model_bert_embeddings_LayerNorm_weight.value" in unfaulted
-    # its GELUs (onnxruntime's Gelu kernel, MLAS's erf), attention products and the LayerNorms it fuses with the
-    # residual Add before them (SkipLayerNormalization) are onnxruntime's: no float op named, logits bit for bit
-    assert not any("float ops outside the fault sites" in n for n in qmodel.config["deployed_notes"])
-    assert torch.equal(ours, theirs)
+    # its GELUs (onnxruntime's Gelu kernel, MLAS's erf, where the probe agrees), attention products and the
+    # LayerNorms it fuses with the residual Add before them (SkipLayerNormalization) are onnxruntime's: no float op
+    # named, logits bit for bit
+    erf = onnx_reader.runtime_op_agrees("Erf")
+    assert erf or not MLAS_AVX512
+    if erf:
+        assert not any("float ops outside the fault sites" in n for n in qmodel.config["deployed_notes"])
+        assert torch.equal(ours, theirs)
     assert accuracy(qmodel, (inputs, theirs.argmax(1)), FaultModel("weight", 1e-3), seed=1) <= 1.0
 
     with warnings.catch_warnings():
@@ -863,10 +911,11 @@ def test_a_hugging_face_bert_exported_to_onnx_is_read_dynamic_and_static(tmp_pat
     assert len(static.layers) == 14
     # every kernel reproduced (QLinearAdd's broadcast mask and embeddings, QLinearSoftmax, Erf, LayerNorm): the
     # logits are onnxruntime's bit for bit
-    assert "float ops outside the fault sites" not in notes
-    static_session = ort.InferenceSession(str(tmp_path / "static.onnx"), providers=["CPUExecutionProvider"])
-    expected = torch.from_numpy(static_session.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0])
-    assert torch.equal(static(inputs), expected)
+    if erf:
+        assert "float ops outside the fault sites" not in notes
+        static_session = ort.InferenceSession(str(tmp_path / "static.onnx"), providers=["CPUExecutionProvider"])
+        expected = torch.from_numpy(static_session.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0])
+        assert torch.equal(static(inputs), expected)
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
