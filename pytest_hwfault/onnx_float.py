@@ -383,11 +383,14 @@ def ort_skip_layer_norm(eps: float) -> Function:
 
 
 def ort_fused(kernel: str, attrs: dict[str, Any]) -> Function:
-    """The function of a kernel onnxruntime fused from exported ops (`ORT_FUSED`), for the fused node's attributes."""
+    """The function of a kernel onnxruntime fused from exported ops (`ORT_FUSED`, and LayerNormalization), for the
+    fused node's attributes."""
     if kernel == "FusedMatMul":
         return ort_fused_matmul(float(attrs.get("alpha", 1.0)), bool(attrs.get("transB", 0)))
     if kernel == "SkipLayerNormalization":
         return ort_skip_layer_norm(float(attrs.get("epsilon", 1e-12)))
+    if kernel == "LayerNormalization":  # a LayerNorm it fused from an export's ReduceMean, Sub, Pow, ...
+        return _layer_norm(attrs, 17)
     return ORT_GELUS[kernel]
 
 

@@ -683,9 +683,12 @@ def _runtime_graph(model: Any) -> tuple[dict[str, tuple[str, list[tuple[int, boo
                 grids[node.name] = _Grid(float(scale.reshape(())), int(zero.reshape(())), zero.dtype == np.int8)
     # a kernel's inputs as listed, an absent optional one as "" (SkipLayerNormalization's beta before its bias); its
     # first output (SkipLayerNormalization's others, the mean and the sum, are what the exported ops compute too)
+    exported = {node.name for node in model.graph.node}
     fused = {node.output[0]: (node.op_type, list(node.input), _attrs(node)) for node in optimized.graph.node
-             if node.op_type in onnx_float.ORT_FUSED and node.domain == "com.microsoft"
-             and (len(node.output) == 1 or node.op_type == "SkipLayerNormalization")}
+             if (node.op_type in onnx_float.ORT_FUSED and node.domain == "com.microsoft"
+                 and (len(node.output) == 1 or node.op_type == "SkipLayerNormalization"))
+             # a LayerNorm exported as ReduceMean, Sub, Pow, ... (opsets before 17) it fuses into its kernel
+             or (node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx") and node.name not in exported)}
     return kernels, grids, fused
 
 
@@ -902,6 +905,10 @@ class _Builder:
                     not runtime_fused_matmul_agrees(float(attrs.get("alpha", 1.0)), bool(attrs.get("transB", 0))):
                 return
             if not self.fused_matmul_qualifies(inputs, attrs):  # followed (closer), but not certified: named
+                self.uncertified.append(kernel)
+        elif kernel == "LayerNormalization":
+            sizes = {i.name: int(np.prod(i.dims)) for i in self.graph.initializer}
+            if not _layer_norm_certified(listed, attrs, self.inferred()[1], sizes):
                 self.uncertified.append(kernel)
         elif kernel == "SkipLayerNormalization":
             if len(listed) < 3 or not runtime_skip_layer_norm_agrees(len(listed) > 3 and bool(listed[3]),
@@ -1522,15 +1529,22 @@ def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str,
         return False
     if kernels.get(node.name, ("",))[0] != "LayerNormalization":
         return False
-    attrs = _attrs(node)
-    shape = shapes.get(node.input[0])
+    return _layer_norm_certified(list(node.input), _attrs(node), shapes, sizes)
+
+
+def _layer_norm_certified(inputs: list[str], attrs: dict[str, Any], shapes: dict[str, list[int | None]],
+                          sizes: dict[str, int]) -> bool:
+    """Whether onnxruntime's LayerNormalization of these inputs is computed bit for bit by the view: float32 rows
+    whose inferred width `onnx_float.ort_layer_norm` reproduces, a scale and bias of one value per element, and a
+    probe of that width and epsilon that agrees (`runtime_layer_norm_agrees`)."""
+    shape = shapes.get(inputs[0])
     if not shape:
         return False
     tail = shape[int(attrs.get("axis", -1)) % len(shape):]
     if not tail or any(d is None or d <= 0 for d in tail):
         return False
     width = math.prod(d for d in tail if d is not None)
-    operands = [name for name in node.input[1:] if name]
+    operands = [name for name in inputs[1:] if name]
     if width % 8 or any(sizes.get(name, shapes.get(name) and math.prod(d or 0 for d in shapes[name])) != width
                         for name in operands):
         return False
@@ -1792,7 +1806,9 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
                      "the view quantizes to that grid, as onnxruntime computes it, not to the graph's two")
     for what, kernels_of in (("GELU(s)", onnx_float.ORT_GELUS),
                              ("MatMul(s) and the scalings around them", ("FusedMatMul",)),
-                             ("residual Add(s) and the LayerNormalization after each", ("SkipLayerNormalization",))):
+                             ("residual Add(s) and the LayerNormalization after each", ("SkipLayerNormalization",)),
+                             ("LayerNorm(s) exported as ReduceMean, Sub, Pow, Sqrt, Div, ...",
+                              ("LayerNormalization",))):
         followed = [(name, kernel) for name, kernel in exact.followed if kernel in kernels_of]
         if followed:
             names = " / ".join(sorted({kernel for _, kernel in followed}))
