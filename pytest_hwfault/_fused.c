@@ -219,10 +219,14 @@ int hw_requantize_edit_relu(float *acc, int64_t n, int64_t channels, int64_t inn
                             int64_t zero_point, int is_signed, float *faulty, int threads) {
     if (!positions_in_range(linear, count, n))
         return -1;
+    /* the main pass's channel of offset i: (i / inner) % channels, by a shift and a mask where both are powers of two
+     * (a 64-bit division per fault cost more than the ReLU pass this function saves, at a high BER) */
+    const int pow2 = (channels & (channels - 1)) == 0 && (inner & (inner - 1)) == 0;
+    const int inner_shift = __builtin_ctzll((unsigned long long)inner);
 #pragma omp parallel for num_threads(threads) schedule(static) if (count >= 8192)
     for (int64_t k = 0; k < count; k++) {
         const int64_t i = linear[k];
-        const int64_t c = (inner == 1 ? i : i / inner) % channels; /* the main pass's channel of offset i */
+        const int64_t c = pow2 ? (i >> inner_shift) & (channels - 1) : (inner == 1 ? i : i / inner) % channels;
         const float v = nearbyintf((acc[i] + bias[c]) * mult[c] + bias_after[c] + pre_round) + post_round;
         const float out = edit_code(clamp_like_torch(v, low, high), k, keep, set, flip, words_64, bits, zero_point,
                                     is_signed) * scale;
@@ -562,8 +566,10 @@ void hw_softmax_mlas(const float *x, float *y, int64_t rows, int64_t d, const fl
  * chains compute them (`onnx_reader.QLinearAdd`, `QLinearMul`, which check this pass against themselves before use):
  * element i of the output from element i % period_a of a and i % period_b of b. Codes recovered as round(x / scale) + zero point; op 0:
  * float64(qa) x ra + float32(float64(qb) x rb + fixed), rounded to float32 then to an integer; op 1: ((qa - za) x
- * (qb - zb)) x ratio rounded; a result outside the int32 range (NaN too) becomes -2^31 (MLAS converts without a
- * clamp); op 1 adds the output zero point; clamped to the code range; out = (code - zc) x sc.
+ * (qb - zb)) x ratio + zc, each step rounded to float32, then to an integer (the zero point added before the
+ * rounding: a tie rounds to the even code, not to the even offset from an odd zero point); a result outside the
+ * int32 range (NaN too) becomes -2^31 (MLAS converts without a clamp); clamped to the code range; out = (code - zc) x
+ * sc.
  * p: sa, za, sb, zb, sc, zc, low, high, then ra, rb, fixed (op 0) or ratio (op 1). Finite scales only. */
 void hw_qlinear_binary(const float *a, const float *b, float *out, int64_t n, int64_t period_a, int64_t period_b,
                        int op, const float *p, int threads) {
@@ -577,12 +583,10 @@ void hw_qlinear_binary(const float *a, const float *b, float *out, int64_t n, in
             const float inner = (float)((double)qb * (double)p[9] + (double)p[10]);
             o = nearbyintf((float)((double)qa * (double)p[8] + (double)inner));
         } else {
-            o = nearbyintf(((qa - za) * (qb - zb)) * p[8]);
+            o = nearbyintf(((qa - za) * (qb - zb)) * p[8] + zc);
         }
         if (!(o >= -2147483648.0f && o < 2147483648.0f))
             o = -2147483648.0f;
-        if (op == 1)
-            o = o + zc;
         out[i] = (clamp_like_torch(o, low, high) - zc) * sc;
     }
 }

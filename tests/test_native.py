@@ -106,7 +106,9 @@ def accumulators(draw: st.DrawFn) -> tuple[torch.Tensor, int]:
     channels = draw(st.integers(1, 24))
     kind = draw(st.sampled_from(["conv", "conv_cl", "linear", "linear3"]))
     images = draw(st.sampled_from([2, 700]))
-    shape = {"conv": (images, channels, 3, 4), "conv_cl": (images, channels, 3, 4), "linear": (images, channels),
+    height = draw(st.sampled_from([3, 4]))  # 4 x 4: a power-of-two stride between channels (shifts, not divisions)
+    shape = {"conv": (images, channels, height, 4), "conv_cl": (images, channels, height, 4),
+             "linear": (images, channels),
              "linear3": (images, 5, channels)}[kind]
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     magnitude = draw(st.sampled_from([10.0, 1e4, 4e6]))
