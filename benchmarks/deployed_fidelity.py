@@ -104,12 +104,12 @@ def measure() -> dict[str, dict[str, float]]:
         for activations in ("u8", "s8"):
             path = dm.to_onnx_qdq(net, calibration[:500], folder, activations)
             qmodel = quantize(path, calibration[:64])
-            rows[f"onnx ({activations} activations)"] = dm.agreement(_onnx(path, x), qmodel(x),
-                                                                     qmodel.layers["fc_Gemm"].act_scale)
+            rows[f"onnx ({activations} activations)"] = {
+                **dm.agreement(_onnx(path, x), qmodel(x), qmodel.layers["fc_Gemm"].act_scale), **_probed(qmodel)}
             path = dm.to_onnx_qdq(net, calibration[:500], folder, activations, qoperator=True)
             qmodel = quantize(path, calibration[:64])
-            rows[f"onnx QOperator ({activations} activations)"] = dm.agreement(
-                _onnx(path, x), qmodel(x), qmodel.layers[list(qmodel.layers)[-1]].act_scale)
+            rows[f"onnx QOperator ({activations} activations)"] = {**dm.agreement(
+                _onnx(path, x), qmodel(x), qmodel.layers[list(qmodel.layers)[-1]].act_scale), **_probed(qmodel)}
         rows.update(_random_wide(folder))
         rows.update(_onnx_transformer(Path(folder)))
     rows.update(_dynamic(net, calibration, x))
@@ -144,7 +144,7 @@ def _onnx_transformer(folder: Path) -> dict[str, dict[str, float]]:
             warnings.simplefilter("ignore")  # the load check's mismatch warning: the row says how far apart
             qmodel = quantize(path, x[:64])
         ours = torch.cat([qmodel(x[i:i + 1]) for i in range(len(x))]) if each else qmodel(x)
-        rows[name] = _exact(dm.run_onnxruntime(path, x, each), ours)
+        rows[name] = {**_exact(dm.run_onnxruntime(path, x, each), ours), **_probed(qmodel)}
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -158,7 +158,7 @@ def _onnx_transformer(folder: Path) -> dict[str, dict[str, float]]:
             qmodel = quantize(path, Inputs((ids[:64],)))
         ours = torch.cat([qmodel(Inputs((ids[i:i + 1],))) for i in range(len(ids))])
         rows[f"onnx GPT-2 (Hugging Face, 2 layers, Conv1D on merged rows), {kind}, 256 inputs one at a time"] = \
-            _exact(dm.run_onnxruntime_ids(path, ids), ours)
+            {**_exact(dm.run_onnxruntime_ids(path, ids), ours), **_probed(qmodel)}
     rows.update(_onnx_bert(folder))
     return rows
 
@@ -229,8 +229,16 @@ def _onnx_bert(folder: Path) -> dict[str, dict[str, float]]:
         theirs = torch.cat([torch.from_numpy(session.run(None, {"ids": test_ids[i:i + step].numpy(),
                                                                 "mask": test_mask[i:i + step].numpy()})[0])
                             for i in range(0, 256, step)])
-        rows[f"onnx BERT (Hugging Face, 4 layers, width 256, 64 tokens), {kind}"] = _exact(theirs, ours)
+        rows[f"onnx BERT (Hugging Face, 4 layers, width 256, 64 tokens), {kind}"] = {**_exact(theirs, ours),
+                                                                                   **_probed(qmodel)}
     return rows
+
+
+def _probed(qmodel: Any) -> dict[str, float]:
+    """How many of the view's integer kernels (QLinearAdd, QLinearMul, QLinearSoftmax, ...) a probe of their own
+    grids checked against onnxruntime at load (`onnx_probes`), and on how many it disagreed (named in the notes)."""
+    verdicts = [m.probe_agrees for m in qmodel.module.modules() if getattr(m, "probe_agrees", None) is not None]
+    return {"kernels_probed": float(len(verdicts)), "probes_disagreeing": float(verdicts.count(False))}
 
 
 def _exact(reference: torch.Tensor, ours: torch.Tensor) -> dict[str, float]:

@@ -27,6 +27,11 @@ reproduces each kernel's arithmetic (read in onnxruntime's MLAS sources and meas
 - QuantizeLinear on a float value: round_half_even(x / scale) + zero point, saturated (`deployed.Requantize`);
   one on a value already on the same grid (after MaxPool, Flatten, Reshape) changes nothing and is dropped.
 
+Each integer kernel reproduced from its arithmetic (QLinearAdd, QLinearMul, QLinearMatMul of two activations,
+QLinearSoftmax, the average pools) is probed at load on the node's own scales and zero points against the installed
+onnxruntime (`onnx_probes`: every code pair, or rows and images of codes); a node whose probe disagrees is named in
+the notes.
+
 Which groups onnxruntime fuses depends on its graph optimizer (an int8-activation model keeps some Conv and Add
 nodes in float, and runs some int8 kernels on uint8 codes with zero point + 128, which moves where QLinearAdd's and
 QLinearAveragePool's float32 sums round): when onnxruntime is installed the reader asks it, by optimizing the model
@@ -51,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from . import onnx_float
+from . import onnx_float, onnx_probes
 from .deployed import BiasMode, Deployed, DeployedFormatError, DeployedLayer, Requantize, float32_multiplier
 
 CONVOLUTIONS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}  # by spatial dims
@@ -69,8 +74,8 @@ def _code_range(signed: bool) -> tuple[int, int]:
 
 def _saturate(codes: torch.Tensor, low: int, high: int) -> torch.Tensor:
     """onnxruntime's conversion of a float result to codes, in place: a NaN becomes the lowest code (its float -> int32
-    conversion gives INT32_MIN, saturated; measured on QuantizeLinear, QLinearAdd, QLinearMul, QLinearMatMul and
-    QLinearSoftmax, uint8 and int8: a degenerate scale's NaNs), the rest clamped."""
+    conversion gives INT32_MIN, saturated; measured on QuantizeLinear, QLinearAdd, QLinearMul and QLinearMatMul,
+    uint8 and int8: a degenerate scale's NaNs; QLinearSoftmax converts otherwise), the rest clamped."""
     return codes.nan_to_num_(nan=float(low)).clamp_(low, high)
 
 
@@ -258,7 +263,10 @@ class QLinearMatMul(nn.Module):
 
 class QLinearMul(nn.Module):
     """onnxruntime's QLinearMul (a QDQ Mul it fuses, e.g. GELU's products): float32((a - za) x (b - zb)) times
-    float32(float32(sa x sb) / sc), rounded half to even, plus the zero point, saturated."""
+    float32(float32(sa x sb) / sc), plus the output zero point, each step rounded to float32, then rounded half to
+    even and saturated. The zero point is added before the rounding (MLAS adds it in float): on a tie with an odd
+    zero point, round(x) + zc is the other code (found by the per-node probe, `onnx_probes`: 226 of 65,536 code
+    pairs for zc = 7)."""
 
     def __init__(self, a: tuple[float, int], b: tuple[float, int], c: tuple[float, int], signed: bool) -> None:
         super().__init__()
@@ -275,8 +283,8 @@ class QLinearMul(nn.Module):
         """The kernel on torch's ops (the native pass's reference)."""
         qa = _codes(a, self.sa, self.za).sub_(self.za)
         qb = _codes(b, self.sb, self.zb).sub_(self.zb)
-        out = _int32_converted(torch.mul(qa, qb).mul_(torch.tensor(self.ratio, dtype=torch.float32)).round_())
-        return _values(_saturate(out.add_(self.zc), self.low, self.high), self.sc, self.zc)
+        out = torch.mul(qa, qb).mul_(torch.tensor(self.ratio, dtype=torch.float32)).add_(float(self.zc))
+        return _values(_saturate(_int32_converted(out.round_()), self.low, self.high), self.sc, self.zc)
 
     def _params(self) -> list[float] | None:
         scales = (self.sa, self.sb, self.sc)
@@ -317,9 +325,13 @@ class QLinearSoftmax(nn.Module):
     at most 255 (uint8) or 127 (int8) (measured on 128M values of rows of 3 to 64: the float32 quotient's ties
     were rounded otherwise on 1 in 10^6)."""
 
-    def __init__(self, x_scale: float, y: tuple[float, int], signed: bool, axis: int, opset: int) -> None:
+    def __init__(self, x_scale: float, y: tuple[float, int], signed: bool, axis: int, opset: int,
+                 nan_code: int = 0) -> None:
+        """`nan_code`: the output code of a NaN result (an infinite x_scale's): code 0 of the type the kernel runs,
+        which is the code 0 - 128 of an int8 model that onnxruntime runs as uint8."""
         super().__init__()
         self.x_scale, (self.sy, self.zy), self.signed, self.axis, self.opset = x_scale, y, signed, axis, opset
+        self.nan_code = nan_code
         f32 = np.float32
         self.y_factor = float(np.floor(f32(1.0) / f32(self.sy)))
         self.low, self.high = _code_range(signed)
@@ -347,7 +359,10 @@ class QLinearSoftmax(nn.Module):
         for j in range(reduced):  # in order, each step rounded to float32, as the kernel sums
             total = total + entries[..., j]
         out = entries.double().mul_(self.y_factor).div_(total.double().unsqueeze(-1))
-        out = _saturate(out.round_().add_(self.zy), self.low, self.high).float()
+        # a NaN (an infinite x_scale: the table's entry at the row's maximum is exp(0 x inf)) becomes code 0 of the
+        # kernel's type, uint8 and int8 alike: its INT32_MIN truncated to a byte (measured; the per-node probe found
+        # it)
+        out = out.round_().add_(self.zy).nan_to_num_(nan=float(self.nan_code)).clamp_(self.low, self.high).float()
         out = out.movedim(-1, axis) if self.opset >= 13 else out.reshape(shape)
         return _values(out, self.sy, self.zy)
 
@@ -745,6 +760,7 @@ class _Builder:
         self.inside_followed: set[str] = set()  # names of the nodes such a kernel replaces
         self.targets: dict[str, list[str]] = {}  # the modules made for each node, by its name
         self.uncertified: list[str] = []  # followed kernels whose shapes do not show the order is the measured one
+        self.disagreeing: list[tuple[str, str]] = []  # (kernel, node) where a probe of the node's grids disagreed
         self.merged_qdq: list[str] = []  # QuantizeLinear nodes onnxruntime merged with the pair before them
         self.producers = {o: n for n in self.graph.node for o in n.output}
         self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
@@ -821,6 +837,15 @@ class _Builder:
         if self.kernels is None or not node.name:
             return True
         return self.kernels.get(node.name, ("", []))[0] == kernel
+
+    def probe(self, node: Any, module: nn.Module, kernel: str, agrees: Any) -> None:
+        """Name `node` where the installed onnxruntime's `kernel`, run on the node's own grids, disagrees with
+        `module`, which the view computes it with (`onnx_probes`); the verdict is kept as `module.probe_agrees`
+        (None: no probe, without onnxruntime, whose absence the notes say)."""
+        verdict = None if self.kernels is None else bool(agrees())
+        setattr(module, "probe_agrees", verdict)  # noqa: B010 - a plain attribute, not a parameter or buffer
+        if verdict is False:
+            self.disagreeing.append((kernel, node.name))
 
     def kernel_zero(self, node: Any, position: int, grid: _Grid) -> tuple[int, bool]:
         """The zero point (and signedness) the runtime's kernel uses for the operand at `position`: the model's,
@@ -1150,6 +1175,8 @@ class _Builder:
                          self.kernel_zero(node, 7, grid)[0] - grid.zero_point)
                 add = QLinearAdd((ga.scale, ga.zero_point), (gb.scale, gb.zero_point), (grid.scale, grid.zero_point),
                                  grid.signed, shift)
+                self.probe(node, add, "QLinearAdd", lambda: onnx_probes.binary_agrees(
+                    "QLinearAdd", (add.sa, add.za), (add.sb, add.zb), (add.sc, add.zc), add.low < 0))
                 self.skip.update(id(n) for n in taken)
                 self.set_quantized(taken[-1].output[0], self.add_module(add, node, index, (a, b)), grid)
                 return
@@ -1165,6 +1192,10 @@ class _Builder:
             grid, taken, _ = target
             known = self.grids[source]
             pool = QLinearGlobalAvgPool((known.scale, known.zero_point), (grid.scale, grid.zero_point), grid.signed)
+            spatial = (self.inferred()[1].get(source) or [])[2:]
+            side = spatial[0] if len(spatial) == 2 and spatial[0] == spatial[1] else None
+            self.probe(node, pool, "QLinearGlobalAveragePool", lambda: onnx_probes.global_pool_agrees(
+                (known.scale, known.zero_point), (grid.scale, grid.zero_point), grid.signed, side))
             self.skip.update(id(n) for n in taken)
             self.set_quantized(taken[-1].output[0], self.add_module(pool, node, index, (x,)), grid)
             return
@@ -1187,6 +1218,11 @@ class _Builder:
             zero, signed = self.kernel_zero(node, 4, grid)
             pool = QLinearAvgPool(kernel, strides, [pads[0], pads[1], pads[2], pads[3]], include_pad,
                                   (grid.scale, zero), signed)
+            known = self.grids[source]
+            in_zero = self.kernel_zero(node, 2, known)[0]
+            self.probe(node, pool, "QLinearAveragePool", lambda: onnx_probes.average_pool_agrees(
+                (known.scale, in_zero), (grid.scale, zero), signed, (kernel[0], kernel[1]), (strides[0], strides[1]),
+                (pads[0], pads[1], pads[2], pads[3]), include_pad))
             self.skip.update(id(n) for n in taken)
             self.set_quantized(taken[-1].output[0], self.add_module(pool, node, index, (x,)), grid)
             return
@@ -1233,6 +1269,8 @@ class _Builder:
             if ga.signed == gb.signed == grid.signed:
                 mul = QLinearMul((ga.scale, ga.zero_point), (gb.scale, gb.zero_point), (grid.scale, grid.zero_point),
                                  grid.signed)
+                self.probe(node, mul, "QLinearMul", lambda: onnx_probes.binary_agrees(
+                    "QLinearMul", (mul.sa, mul.za), (mul.sb, mul.zb), (mul.sc, mul.zc), grid.signed))
                 self.skip.update(id(n) for n in taken)
                 args = (self.value(a, node), self.value(b, node))
                 self.set_quantized(taken[-1].output[0], self.add_module(mul, node, index, args), grid)
@@ -1273,7 +1311,17 @@ class _Builder:
                 and known.signed == target[0].signed and self.fused(node, "QLinearSoftmax"):
             grid, taken, _ = target
             axis = int(_attrs(node).get("axis", -1 if self.opset >= 13 else 1))
-            softmax = QLinearSoftmax(known.scale, (grid.scale, grid.zero_point), grid.signed, axis, self.opset)
+            (x_zero, x_signed), (y_zero, y_signed) = self.kernel_zero(node, 2, known), self.kernel_zero(node, 4, grid)
+            softmax = QLinearSoftmax(known.scale, (grid.scale, grid.zero_point), grid.signed, axis, self.opset,
+                                     nan_code=grid.zero_point - y_zero)
+            shape = self.inferred()[1].get(source)
+            width = None
+            if shape:
+                reduced = shape[axis % len(shape):] if self.opset < 13 else [shape[axis % len(shape)]]
+                width = math.prod(d for d in reduced if d) if all(reduced) else None
+            # probed as the kernel runs: on its own type and zero points
+            self.probe(node, softmax, "QLinearSoftmax", lambda: x_signed == y_signed and onnx_probes.softmax_agrees(
+                (known.scale, x_zero), (grid.scale, y_zero), y_signed, self.opset, width))
             self.skip.update(id(n) for n in taken)
             self.set_quantized(taken[-1].output[0], self.add_module(softmax, node, index,
                                                                     (self.value(source, node),)), grid)
@@ -1379,6 +1427,9 @@ class _Builder:
                 grid, taken, relu = target
                 matmul = QLinearMatMul((a_grid.scale, a_grid.zero_point), (b_grid.scale, b_grid.zero_point),
                                        (grid.scale, grid.zero_point), grid.signed, relu)
+                self.probe(node, matmul, "QLinearMatMul", lambda: onnx_probes.matmul_agrees(
+                    (a_grid.scale, a_grid.zero_point, a_grid.signed), (b_grid.scale, b_grid.zero_point, b_grid.signed),
+                    (grid.scale, grid.zero_point, grid.signed), relu))
                 args = (self.value(node.input[0], node), self.value(node.input[1], node))
                 self.skip.update(id(n) for n in taken)
                 self.set_quantized(taken[-1].output[0], self.add_module(matmul, node, index, args), grid)
@@ -1837,6 +1888,15 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
                      "unfaulted): " + "; ".join(f"{kernel} x{len(names)} ({', '.join(names[:3])}"
                                                 f"{', ...' if len(names) > 3 else ''})"
                                                 for kernel, names in by_kernel.items()))
+    if exact.disagreeing:
+        disagreeing: dict[str, list[str]] = {}
+        for kernel, name in exact.disagreeing:
+            disagreeing.setdefault(kernel, []).append(name)
+        notes.append("the installed onnxruntime's integer kernels disagree with the view's arithmetic for these nodes "
+                     "(a probe of each node's own scales and zero points on every code pair, or on rows and images of "
+                     "codes): their outputs may be a code apart from onnxruntime's: "
+                     + "; ".join(f"{kernel} x{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                                 for kernel, names in disagreeing.items()))
     if qoperator:
         notes.append("QOperator format (QLinearConv, QGemm, ... as nodes): read as the equivalent QDQ graph, whose "
                      "groups onnxruntime fuses into the same integer kernels")
