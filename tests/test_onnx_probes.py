@@ -136,3 +136,21 @@ def test_degenerate_grids_are_probed_as_onnxruntime_runs_them() -> None:
     assert onnx_probes.softmax_agrees((inf, 0), (1 / 255, -128), True, 13, 12)
     nan_row = onnx_reader.QLinearSoftmax(inf, (1 / 255, -128), True, -1, 13)(torch.full((1, 4), float("nan")))
     assert torch.equal(nan_row, torch.full((1, 4), 128 / 255, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
+@pytest.mark.parametrize("zero", [3, 7, 0])
+def test_kernels_round_ties_as_onnxruntime_with_odd_zero_points(signed: bool, zero: int) -> None:
+    """Grids whose results land on half codes (power-of-two scale ratios), with odd output zero points: where a
+    kernel adds its zero point (before or after the rounding) decides the code of every tie. QLinearMatMul and
+    QLinearGlobalAveragePool round, then add; QLinearAveragePool and QLinearMul add, then round; the softmax's
+    quotient rounds, then adds (the probes agree on each)."""
+    z = zero - 128 if signed else zero
+    zx = -3 if signed else 5
+    unit = (1.0, 0 if signed else 128, signed)
+    assert _uncached(onnx_probes.matmul_agrees)(unit, unit, (2.0, z, signed), False)
+    assert _uncached(onnx_probes.matmul_agrees)((0.5, 1, signed), (0.25, 3, signed), (0.5, z, signed), False)
+    assert _uncached(onnx_probes.global_pool_agrees)((0.5, zx), (0.25, z), signed, None)
+    assert _uncached(onnx_probes.average_pool_agrees)((0.1, zx), (0.1, z), signed, (2, 2), (2, 2), (0, 0, 0, 0), True)
+    assert _uncached(onnx_probes.softmax_agrees)((0.5, zx), (0.5, z), signed, 13, 4)
+    assert _uncached(onnx_probes.binary_agrees)("QLinearMul", (0.5, zx), (0.25, zx), (0.5, z), signed)
