@@ -22,6 +22,12 @@ inputs): static QDQ of the ops the reader reproduces (u8, s8), the full one with
 float ops and QLinearSoftmax/QLinearMul the reader computes as onnxruntime's kernels, or names in its notes), and
 `quantize_dynamic`; a tiny Hugging Face GPT-2 and a 4-layer BERT, static and dynamic.
 
+For the ONNX models with act sites (QDQ CNNs, static transformers, BERT), also under faults: three trials of act
+faults at BER 1e-3 in the view against onnxruntime running the model with each faulted layer's stored output codes
+XORed with the same masks (`deployed_models.onnx_under_act_faults`): onnxruntime's own kernels on the same faulty
+codes (`act_faults_logits_exactly_equal`, the lowest of the three; `act_faults_logits_changed`: how many logits the
+faults moved).
+
 Then the same architecture with 128 channels, random weights and 2048 random images (torch.ao FX, ONNX u8 and s8):
 sums past 2^24, and near-ties that training smooths away; with int8 activations onnxruntime leaves the first conv of
 each block in float, whose float32 sums round (the model's notes name them).
@@ -105,7 +111,8 @@ def measure() -> dict[str, dict[str, float]]:
             path = dm.to_onnx_qdq(net, calibration[:500], folder, activations)
             qmodel = quantize(path, calibration[:64])
             rows[f"onnx ({activations} activations)"] = {
-                **dm.agreement(_onnx(path, x), qmodel(x), qmodel.layers["fc_Gemm"].act_scale), **_probed(qmodel)}
+                **dm.agreement(_onnx(path, x), qmodel(x), qmodel.layers["fc_Gemm"].act_scale), **_probed(qmodel),
+                **_under_act_faults(path, qmodel, {"x": x[:128]})}
             path = dm.to_onnx_qdq(net, calibration[:500], folder, activations, qoperator=True)
             qmodel = quantize(path, calibration[:64])
             rows[f"onnx QOperator ({activations} activations)"] = {**dm.agreement(
@@ -144,7 +151,8 @@ def _onnx_transformer(folder: Path) -> dict[str, dict[str, float]]:
             warnings.simplefilter("ignore")  # the load check's mismatch warning: the row says how far apart
             qmodel = quantize(path, x[:64])
         ours = torch.cat([qmodel(x[i:i + 1]) for i in range(len(x))]) if each else qmodel(x)
-        rows[name] = {**_exact(dm.run_onnxruntime(path, x, each), ours), **_probed(qmodel)}
+        faulty = {} if each else _under_act_faults(path, qmodel, {"x": x[:128]})
+        rows[name] = {**_exact(dm.run_onnxruntime(path, x, each), ours), **_probed(qmodel), **faulty}
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -229,9 +237,39 @@ def _onnx_bert(folder: Path) -> dict[str, dict[str, float]]:
         theirs = torch.cat([torch.from_numpy(session.run(None, {"ids": test_ids[i:i + step].numpy(),
                                                                 "mask": test_mask[i:i + step].numpy()})[0])
                             for i in range(0, 256, step)])
+        faulty = {} if kind == "dynamic" else _under_act_faults(path, qmodel, {"ids": test_ids[:64],
+                                                                             "mask": test_mask[:64]})
         rows[f"onnx BERT (Hugging Face, 4 layers, width 256, 64 tokens), {kind}"] = {**_exact(theirs, ours),
-                                                                                   **_probed(qmodel)}
+                                                                                   **_probed(qmodel), **faulty}
     return rows
+
+
+def _under_act_faults(path: Any, qmodel: Any, inputs: dict[str, torch.Tensor], trials: int = 3,
+                      ber: float = 1e-3) -> dict[str, float]:
+    """The view under `trials` trials of act faults at `ber` against onnxruntime running the model with each faulted
+    layer's stored output codes XORed with the same masks (`deployed_models.onnx_under_act_faults`): the share of
+    logits exactly equal, and the share the faults changed."""
+    import onnxruntime as ort
+
+    from pytest_hwfault import FaultModel
+    from pytest_hwfault.data import Inputs
+    from pytest_hwfault.faults import sample_pattern, trial_generator
+
+    view_input = next(iter(inputs.values())) if len(inputs) == 1 else Inputs(tuple(inputs.values()))
+    images = len(next(iter(inputs.values())))
+    fault_model = FaultModel("act", ber)
+    equal, changed = [], []
+    clean = qmodel(view_input)
+    for trial in range(trials):
+        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), images,
+                                 trial_generator(0, "deployed_fidelity", trial))
+        proto, masks = dm.onnx_under_act_faults(path, qmodel, pattern, images)
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        theirs = torch.from_numpy(session.run(None, {**{k: v.numpy() for k, v in inputs.items()}, **masks})[0])
+        ours = qmodel(view_input, pattern)
+        equal.append(float((theirs == ours).float().mean()))
+        changed.append(float((ours != clean).float().mean()))
+    return {"act_faults_logits_exactly_equal": min(equal), "act_faults_logits_changed": min(changed)}
 
 
 def _probed(qmodel: Any) -> dict[str, float]:

@@ -133,6 +133,26 @@ def test_single_faults_match_an_edited_onnxruntime_model(qdq, digits, tmp_path) 
         assert not changed[[i for i in range(len(x)) if i != image]].any()
 
 
+@pytest.mark.parametrize("ber", [1e-3, 1e-2])
+def test_act_faults_are_onnxruntimes_running_the_same_faults(qdq, digits, ber) -> None:  # noqa: ANN001
+    """A whole trial's act faults (thousands of codes at once, saturating, feeding QLinearAdd and the pools) against
+    onnxruntime running the model with each faulted layer's stored output codes XORed with the same masks
+    (`onnx_under_act_faults`): its own kernels on the same faulty codes, logits equal bit for bit."""
+    from deployed_models import onnx_under_act_faults
+
+    path, x = qdq["u8"], images(digits.x_test[:32])
+    qmodel = quantize(path, x)
+    fault_model = FaultModel("act", ber)
+    pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x),
+                             torch.Generator().manual_seed(int(1 / ber)))
+    assert len(pattern.groups) == len(qmodel.layers)
+    proto, masks = onnx_under_act_faults(path, qmodel, pattern, len(x))
+    theirs = torch.from_numpy(run_ort(proto, {"x": x.numpy(), **masks})[0])
+    ours = qmodel(x, pattern)
+    assert (ours != qmodel(x)).float().mean() > 0.5  # the faults reach the logits
+    assert torch.equal(ours, theirs)
+
+
 def test_every_site_runs_and_paths_and_protos_are_accepted(qdq, digits) -> None:  # noqa: ANN001
     path = qdq["u8"]
     x, y = images(digits.x_test[:16]), digits.y_test[:16]

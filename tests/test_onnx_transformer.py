@@ -21,6 +21,7 @@ from deployed_models import (
     export_encoder,
     export_gpt2,
     gpt2_quantized,
+    onnx_under_act_faults,
     run_onnxruntime,
     run_onnxruntime_ids,
 )
@@ -31,6 +32,7 @@ from torch import nn
 from pytest_hwfault import FaultModel, accuracy, native, onnx_float, onnx_reader, quantize
 from pytest_hwfault.coverage import measure_coverage
 from pytest_hwfault.deployed import DeployedFormatError
+from pytest_hwfault.faults import sample_pattern
 from pytest_hwfault.qmodel import SiteUnreachableError, UnsupportedModelError
 from pytest_hwfault.quantization import DeployedMismatchWarning
 
@@ -155,6 +157,26 @@ def test_torchs_default_exporter_is_read_too(tmp_path: pathlib.Path) -> None:
         assert float((ours - theirs).abs().max()) < 0.05 * float(theirs.abs().max())
 
 
+@pytest.mark.parametrize("model", ["plain_u8", "static"])
+def test_act_faults_in_a_transformer_are_onnxruntimes_running_the_same_faults(encoders, model) -> None:  # noqa: ANN001
+    """A trial's act faults in every layer of the encoder (the attention's QLinearMatMul, QLinearSoftmax, QLinearAdd,
+    LayerNorm and GELU downstream of them) against onnxruntime running the model with the same faulty codes
+    (`onnx_under_act_faults`): logits equal bit for bit. (The s8 encoder's q/k/v projections, which onnxruntime
+    runs in float, named in the notes, round their sums of faulty inputs otherwise: 0.5% of its logits differ.)"""
+    path, x = encoders[model], encoder_inputs(64, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployedMismatchWarning)
+        qmodel = quantize(path, x)
+    fault_model = FaultModel("act", 1e-3)
+    pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), torch.Generator().manual_seed(9))
+    proto, masks = onnx_under_act_faults(path, qmodel, pattern, len(x))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    theirs = torch.from_numpy(session.run(None, {"x": x.numpy(), **masks})[0])
+    ours = qmodel(x, pattern)
+    assert (ours != qmodel(x)).float().mean() > 0.5
+    assert torch.equal(ours, theirs)
+
+
 @pytest.fixture(scope="module")
 def row_encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
     """The plain encoder with its linear layers on [batch x tokens, width] image by image ("merged", as GPT-2's
@@ -167,6 +189,23 @@ def row_encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.
             model = Encoder(plain=True, rows=rows)
         paths[rows] = encoder_static(export_encoder(model, folder, rows))
     return paths
+
+
+@pytest.mark.parametrize("rows", ["merged", "sequence"])
+def test_act_faults_on_merged_rows_are_onnxruntimes_running_the_same_faults(row_encoders, rows) -> None:  # noqa: ANN001
+    """Faults placed per image in layers an exporter ran on the batch merged with the tokens (image by image, or
+    sequence first: image i's row t is row t x N + i) land on the codes onnxruntime holds at those rows: logits
+    equal bit for bit with onnxruntime running the same faulty codes."""
+    path, x = row_encoders[rows], encoder_inputs(64, seed=4)
+    qmodel = quantize(path, x)
+    fault_model = FaultModel("act", 1e-3)
+    pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), torch.Generator().manual_seed(2))
+    proto, masks = onnx_under_act_faults(path, qmodel, pattern, len(x))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    theirs = torch.from_numpy(session.run(None, {"x": x.numpy(), **masks})[0])
+    ours = qmodel(x, pattern)
+    assert (ours != qmodel(x)).float().mean() > 0.5
+    assert torch.equal(ours, theirs)
 
 
 def test_layers_on_merged_rows_are_read_per_image_bit_for_bit(row_encoders) -> None:  # noqa: ANN001
