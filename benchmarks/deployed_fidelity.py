@@ -24,7 +24,7 @@ float ops and QLinearSoftmax/QLinearMul the reader computes as onnxruntime's ker
 
 For the ONNX models with act sites (QDQ CNNs, static transformers, BERT), also under faults: three trials of act
 faults at BER 1e-3 in the view against onnxruntime running the model with each faulted layer's stored output codes
-XORed with the same masks (`deployed_models.onnx_under_act_faults`): onnxruntime's own kernels on the same faulty
+XORed with the same masks (`deployed_models.onnx_under_faults`): onnxruntime's own kernels on the same faulty
 codes (`act_faults_logits_exactly_equal`, the lowest of the three; `act_faults_logits_changed`: how many logits the
 faults moved).
 
@@ -112,7 +112,7 @@ def measure() -> dict[str, dict[str, float]]:
             qmodel = quantize(path, calibration[:64])
             rows[f"onnx ({activations} activations)"] = {
                 **dm.agreement(_onnx(path, x), qmodel(x), qmodel.layers["fc_Gemm"].act_scale), **_probed(qmodel),
-                **_under_act_faults(path, qmodel, {"x": x[:128]})}
+                **_under_faults(path, qmodel, {"x": x[:128]})}
             path = dm.to_onnx_qdq(net, calibration[:500], folder, activations, qoperator=True)
             qmodel = quantize(path, calibration[:64])
             rows[f"onnx QOperator ({activations} activations)"] = {**dm.agreement(
@@ -151,7 +151,7 @@ def _onnx_transformer(folder: Path) -> dict[str, dict[str, float]]:
             warnings.simplefilter("ignore")  # the load check's mismatch warning: the row says how far apart
             qmodel = quantize(path, x[:64])
         ours = torch.cat([qmodel(x[i:i + 1]) for i in range(len(x))]) if each else qmodel(x)
-        faulty = {} if each else _under_act_faults(path, qmodel, {"x": x[:128]})
+        faulty = {} if each else _under_faults(path, qmodel, {"x": x[:128]})
         rows[name] = {**_exact(dm.run_onnxruntime(path, x, each), ours), **_probed(qmodel), **faulty}
     try:
         import transformers  # noqa: F401
@@ -237,18 +237,19 @@ def _onnx_bert(folder: Path) -> dict[str, dict[str, float]]:
         theirs = torch.cat([torch.from_numpy(session.run(None, {"ids": test_ids[i:i + step].numpy(),
                                                                 "mask": test_mask[i:i + step].numpy()})[0])
                             for i in range(0, 256, step)])
-        faulty = {} if kind == "dynamic" else _under_act_faults(path, qmodel, {"ids": test_ids[:64],
+        faulty = {} if kind == "dynamic" else _under_faults(path, qmodel, {"ids": test_ids[:64],
                                                                              "mask": test_mask[:64]})
         rows[f"onnx BERT (Hugging Face, 4 layers, width 256, 64 tokens), {kind}"] = {**_exact(theirs, ours),
                                                                                    **_probed(qmodel), **faulty}
     return rows
 
 
-def _under_act_faults(path: Any, qmodel: Any, inputs: dict[str, torch.Tensor], trials: int = 3,
-                      ber: float = 1e-3) -> dict[str, float]:
-    """The view under `trials` trials of act faults at `ber` against onnxruntime running the model with each faulted
-    layer's stored output codes XORed with the same masks (`deployed_models.onnx_under_act_faults`): the share of
-    logits exactly equal, and the share the faults changed."""
+def _under_faults(path: Any, qmodel: Any, inputs: dict[str, torch.Tensor], trials: int = 3,
+                  ber: float = 1e-3) -> dict[str, float]:
+    """The view under `trials` trials of act faults and of weight faults at `ber` against onnxruntime running the
+    model under the same faults (`deployed_models.onnx_under_faults`: each faulted layer's stored output codes
+    XORed with the same masks, the int8 weight initializers' codes flipped): per site, the lowest share of logits
+    exactly equal over the trials, and the lowest share the faults changed."""
     import onnxruntime as ort
 
     from pytest_hwfault import FaultModel
@@ -257,19 +258,22 @@ def _under_act_faults(path: Any, qmodel: Any, inputs: dict[str, torch.Tensor], t
 
     view_input = next(iter(inputs.values())) if len(inputs) == 1 else Inputs(tuple(inputs.values()))
     images = len(next(iter(inputs.values())))
-    fault_model = FaultModel("act", ber)
-    equal, changed = [], []
     clean = qmodel(view_input)
-    for trial in range(trials):
-        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), images,
-                                 trial_generator(0, "deployed_fidelity", trial))
-        proto, masks = dm.onnx_under_act_faults(path, qmodel, pattern, images)
-        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-        theirs = torch.from_numpy(session.run(None, {**{k: v.numpy() for k, v in inputs.items()}, **masks})[0])
-        ours = qmodel(view_input, pattern)
-        equal.append(float((theirs == ours).float().mean()))
-        changed.append(float((ours != clean).float().mean()))
-    return {"act_faults_logits_exactly_equal": min(equal), "act_faults_logits_changed": min(changed)}
+    row = {}
+    for site in ("act", "weight"):
+        fault_model = FaultModel(site, ber)
+        equal, changed = [], []
+        for trial in range(trials):
+            pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), images,
+                                     trial_generator(0, f"deployed_fidelity-{site}", trial))
+            proto, masks = dm.onnx_under_faults(path, qmodel, pattern, images)
+            session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+            theirs = torch.from_numpy(session.run(None, {**{k: v.numpy() for k, v in inputs.items()}, **masks})[0])
+            ours = qmodel(view_input, pattern)
+            equal.append(float((theirs == ours).float().mean()))
+            changed.append(float((ours != clean).float().mean()))
+        row[f"{site}_faults_logits_exactly_equal"], row[f"{site}_faults_logits_changed"] = min(equal), min(changed)
+    return row
 
 
 def _probed(qmodel: Any) -> dict[str, float]:

@@ -383,11 +383,12 @@ def run_onnxruntime_ids(path: pathlib.Path, ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.from_numpy(session.run(None, {"ids": ids[i:i + 1].numpy()})[0]) for i in range(len(ids))])
 
 
-def onnx_under_act_faults(path: Any, qmodel: Any, pattern: Any, images: int) -> tuple[Any, dict[str, Any]]:
-    """`path`'s ONNX model with the stored output codes of each layer `pattern` faults at the act site XORed with a
-    mask fed as an input (BitwiseXor; the model brought to opset 18 by onnx's version converter where older): run by
-    onnxruntime, its own kernels compute the model under the same faults as the view, on the same codes, with nothing
-    else changed. Returns the model and the masks to feed with the `images` inputs."""
+def onnx_under_faults(path: Any, qmodel: Any, pattern: Any, images: int) -> tuple[Any, dict[str, Any]]:
+    """`path`'s ONNX model under the faults of `pattern`, as onnxruntime's own kernels compute it: at the act site,
+    each faulted layer's stored output codes XORed with a mask fed as an input (BitwiseXor; the model brought to
+    opset 18 by onnx's version converter where older); at the weight site, the int8 weight initializer's codes
+    flipped (transposed where the view holds a MatMul's or Gemm's weight as [out, in]). Nothing else changes. Returns
+    the model and the masks to feed with the `images` inputs."""
     import re
 
     import numpy as np
@@ -413,6 +414,20 @@ def onnx_under_act_faults(path: Any, qmodel: Any, pattern: Any, images: int) -> 
                and getattr(node.args[0], "target", None) is to_images}
     feeds = {}
     for (site, layer), group in pattern.groups.items():
+        if site.value == "weight":
+            node = by_view_name[layer]
+            dequantize = next(n for n in graph.node if n.output[0] == node.input[1])
+            init = inits[dequantize.input[0]]
+            codes = onnx.numpy_helper.to_array(init).copy()
+            transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not any(
+                a.name == "transB" and a.i for a in node.attribute))
+            view = (codes.T if transposed else codes).view(np.uint8)  # the view's [out, in, ...] order
+            flat = np.ascontiguousarray(view).reshape(-1)
+            np.bitwise_xor.at(flat, group.index.numpy(), (1 << group.bit.numpy()).astype(np.uint8))
+            edited = flat.reshape(view.shape).view(codes.dtype)
+            init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(edited.T if transposed else edited),
+                                                       init.name))
+            continue
         assert site.value == "act", site
         out = by_view_name[layer].output[0]
         after = consumers(out)

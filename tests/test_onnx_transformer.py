@@ -21,7 +21,7 @@ from deployed_models import (
     export_encoder,
     export_gpt2,
     gpt2_quantized,
-    onnx_under_act_faults,
+    onnx_under_faults,
     run_onnxruntime,
     run_onnxruntime_ids,
 )
@@ -157,24 +157,32 @@ def test_torchs_default_exporter_is_read_too(tmp_path: pathlib.Path) -> None:
         assert float((ours - theirs).abs().max()) < 0.05 * float(theirs.abs().max())
 
 
-@pytest.mark.parametrize("model", ["plain_u8", "static"])
-def test_act_faults_in_a_transformer_are_onnxruntimes_running_the_same_faults(encoders, model) -> None:  # noqa: ANN001
-    """A trial's act faults in every layer of the encoder (the attention's QLinearMatMul, QLinearSoftmax, QLinearAdd,
-    LayerNorm and GELU downstream of them) against onnxruntime running the model with the same faulty codes
-    (`onnx_under_act_faults`): logits equal bit for bit. (The s8 encoder's q/k/v projections, which onnxruntime
-    runs in float, named in the notes, round their sums of faulty inputs otherwise: 0.5% of its logits differ.)"""
-    path, x = encoders[model], encoder_inputs(64, seed=3)
+def _faults_match_onnxruntime(path: pathlib.Path, x: torch.Tensor, site: str, seed: int) -> None:
+    """One trial of faults at `site` (BER 1e-3) in the view against onnxruntime running the model under the same
+    faults (`onnx_under_faults`): the faults move most logits, and the logits are equal bit for bit."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeployedMismatchWarning)
         qmodel = quantize(path, x)
-    fault_model = FaultModel("act", 1e-3)
-    pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), torch.Generator().manual_seed(9))
-    proto, masks = onnx_under_act_faults(path, qmodel, pattern, len(x))
+    fault_model = FaultModel(site, 1e-3)
+    pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x),
+                             torch.Generator().manual_seed(seed))
+    proto, masks = onnx_under_faults(path, qmodel, pattern, len(x))
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     theirs = torch.from_numpy(session.run(None, {"x": x.numpy(), **masks})[0])
     ours = qmodel(x, pattern)
     assert (ours != qmodel(x)).float().mean() > 0.5
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("site", ["act", "weight"])
+@pytest.mark.parametrize("model", ["plain_u8", "static"])
+def test_faults_in_a_transformer_are_onnxruntimes_running_the_same_faults(encoders, model, site) -> None:  # noqa: ANN001
+    """A trial's faults in every layer of the encoder (the attention's QLinearMatMul, QLinearSoftmax, QLinearAdd,
+    LayerNorm and GELU downstream of them; the weights of MatMuls the view holds transposed) against onnxruntime
+    running the model under the same faults: logits equal bit for bit. (The s8 encoder's q/k/v projections, which
+    onnxruntime runs in float, named in the notes, round their sums of faulty inputs otherwise: 0.5% of its logits
+    differed on one trial.)"""
+    _faults_match_onnxruntime(encoders[model], encoder_inputs(64, seed=3), site, 9)
 
 
 @pytest.fixture(scope="module")
@@ -196,16 +204,7 @@ def test_act_faults_on_merged_rows_are_onnxruntimes_running_the_same_faults(row_
     """Faults placed per image in layers an exporter ran on the batch merged with the tokens (image by image, or
     sequence first: image i's row t is row t x N + i) land on the codes onnxruntime holds at those rows: logits
     equal bit for bit with onnxruntime running the same faulty codes."""
-    path, x = row_encoders[rows], encoder_inputs(64, seed=4)
-    qmodel = quantize(path, x)
-    fault_model = FaultModel("act", 1e-3)
-    pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), torch.Generator().manual_seed(2))
-    proto, masks = onnx_under_act_faults(path, qmodel, pattern, len(x))
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    theirs = torch.from_numpy(session.run(None, {"x": x.numpy(), **masks})[0])
-    ours = qmodel(x, pattern)
-    assert (ours != qmodel(x)).float().mean() > 0.5
-    assert torch.equal(ours, theirs)
+    _faults_match_onnxruntime(row_encoders[rows], encoder_inputs(64, seed=4), "act", 2)
 
 
 def test_layers_on_merged_rows_are_read_per_image_bit_for_bit(row_encoders) -> None:  # noqa: ANN001
