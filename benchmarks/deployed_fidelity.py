@@ -278,9 +278,11 @@ def _under_faults(path: Any, qmodel: Any, inputs: dict[str, torch.Tensor], trial
 
 def _probed(qmodel: Any) -> dict[str, float]:
     """How many of the view's integer kernels (QLinearAdd, QLinearMul, QLinearSoftmax, ...) a probe of their own
-    grids checked against onnxruntime at load (`onnx_probes`), and on how many it disagreed (named in the notes)."""
-    verdicts = [m.probe_agrees for m in qmodel.module.modules() if getattr(m, "probe_agrees", None) is not None]
-    return {"kernels_probed": float(len(verdicts)), "probes_disagreeing": float(verdicts.count(False))}
+    grids checked against onnxruntime at load (`onnx_probes`), on how many it disagreed, and how many it could not
+    run (both named in the notes)."""
+    verdicts = [m.probe_agrees for m in qmodel.module.modules() if hasattr(m, "probe_agrees")]
+    return {"kernels_probed": float(len(verdicts) - verdicts.count(None)),
+            "probes_disagreeing": float(verdicts.count(False)), "probes_not_run": float(verdicts.count(None))}
 
 
 def _exact(reference: torch.Tensor, ours: torch.Tensor) -> dict[str, float]:

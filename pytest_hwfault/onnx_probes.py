@@ -103,22 +103,22 @@ def _pair_layouts(signed: bool) -> list[tuple[np.ndarray, np.ndarray]]:
 
 @functools.cache
 def binary_agrees(op_type: str, a: tuple[float, int], b: tuple[float, int], c: tuple[float, int],
-                  signed: bool) -> bool:
+                  signed: bool) -> bool | None:
     """Whether the installed onnxruntime's `op_type` (QLinearAdd or QLinearMul) on codes of these grids (scale and
     the kernel's zero point; int8 codes if `signed`, else uint8) gives the view's codes (`onnx_reader.QLinearAdd`,
-    `QLinearMul`) on every pair of codes, whichever operand its broadcast hands over as the scalar one; False
-    without onnxruntime, or with a scale that is not positive."""
+    `QLinearMul`) on every pair of codes, whichever operand its broadcast hands over as the scalar one; None (no
+    probe) without onnxruntime, where it refuses the probe, or with a scale that is not positive."""
     from .onnx_reader import QLinearAdd, QLinearMul
 
     if not _grids_valid(a, b, c):
-        return False
+        return None
     module = (QLinearAdd if op_type == "QLinearAdd" else QLinearMul)(a, b, c, signed)
     layouts = _pair_layouts(signed)
     feeds = {name: codes for k, (x, y) in enumerate(layouts) for name, codes in ((f"a{k}", x), (f"b{k}", y))}
     nodes: list[Node] = [(op_type, [f"a{k}", "sa", "za", f"b{k}", "sb", "zb", "sc", "zc"], f"y{k}", MS_DOMAIN, {})
                          for k in range(len(layouts))]
     outputs = _run(nodes, feeds, _qparams("abc", [(*a, signed), (*b, signed), (*c, signed)]), "zc")
-    return outputs is not None and all(
+    return None if outputs is None else all(
         _agree(theirs, module(_as_values(x, *a), _as_values(y, *b)), *c) for (x, y), theirs in zip(layouts, outputs))
 
 
@@ -128,15 +128,15 @@ MATMUL_SHAPES = ((64, 64, 64, 256), (16, 768, 16, 256), (64, 32, 64, 8), (8, 3, 
 
 @functools.cache
 def matmul_agrees(a: tuple[float, int, bool], b: tuple[float, int, bool], y: tuple[float, int, bool],
-                  relu: bool) -> bool:
+                  relu: bool) -> bool | None:
     """Whether the installed onnxruntime's QLinearMatMul of codes on these grids (scale, zero point, signed) gives
     the view's codes (`onnx_reader.QLinearMatMul`; with `relu`, the codes clamped at the zero point) on random
-    matrices of depths 3 to 768, wide and narrow spreads of codes; False without onnxruntime, or with a scale
-    that is not positive."""
+    matrices of depths 3 to 768, wide and narrow spreads of codes; None (no probe) without onnxruntime, where it
+    refuses the probe, or with a scale that is not positive."""
     from .onnx_reader import QLinearMatMul
 
     if not _grids_valid(a[:2], b[:2], y[:2]):
-        return False
+        return None
     module = QLinearMatMul(a[:2], b[:2], y[:2], y[2], relu)
     generator = np.random.default_rng(35)
     feeds = {}
@@ -147,7 +147,7 @@ def matmul_agrees(a: tuple[float, int, bool], b: tuple[float, int, bool], y: tup
                          for k in range(len(MATMUL_SHAPES))]
     outputs = _run(nodes, feeds, _qparams("aby", [a, b, y]), "zy")
     if outputs is None:
-        return False
+        return None
     for k, theirs in enumerate(outputs):
         if relu:  # the ReLU between the product and its QuantizeLinear: codes clamped at the zero point
             theirs = np.maximum(theirs, theirs.dtype.type(y[1]))
@@ -163,14 +163,15 @@ SOFTMAX_WIDTHS = (3, 16, 64, 128)  # probed for every node, with the node's own 
 
 @functools.cache
 def softmax_agrees(x: tuple[float, int], y: tuple[float, int], signed: bool, opset: int,
-                   width: int | None = None) -> bool:
+                   width: int | None = None) -> bool | None:
     """Whether the installed onnxruntime's QLinearSoftmax (its `opset` semantics) on codes of these grids gives the
     view's codes (`onnx_reader.QLinearSoftmax`) on rows of codes of spreads 1 to 256, of the node's reduced size
-    `width` (where known) and `SOFTMAX_WIDTHS`; False without onnxruntime, or with a scale that is not positive."""
+    `width` (where known) and `SOFTMAX_WIDTHS`; None (no probe) without onnxruntime,
+    where it refuses the probe, or with a scale that is not positive."""
     from .onnx_reader import QLinearSoftmax
 
     if not _grids_valid(x, y):
-        return False
+        return None
     axis = -1 if opset >= 13 else 1
     module = QLinearSoftmax(x[0], y, signed, axis, opset)
     widths = sorted({*SOFTMAX_WIDTHS, *([width] if width else [])})
@@ -187,7 +188,7 @@ def softmax_agrees(x: tuple[float, int], y: tuple[float, int], signed: bool, ops
     nodes: list[Node] = [("QLinearSoftmax", [f"x{k}", "sx", "zx", "sy", "zy"], f"y{k}", MS_DOMAIN, attrs)
                          for k in range(len(widths))]
     outputs = _run(nodes, feeds, _qparams("xy", [(*x, signed), (*y, signed)]), "zy")
-    return outputs is not None and all(
+    return None if outputs is None else all(
         _agree(theirs, module(_as_values(feeds[f"x{k}"], *x)), *y) for k, theirs in enumerate(outputs))
 
 
@@ -196,15 +197,16 @@ GLOBAL_POOL_SIZES = (1, 7, 8, 14)  # image sides probed for every node, with the
 
 
 @functools.cache
-def global_pool_agrees(x: tuple[float, int], y: tuple[float, int], signed: bool, side: int | None = None) -> bool:
+def global_pool_agrees(x: tuple[float, int], y: tuple[float, int], signed: bool,
+                       side: int | None = None) -> bool | None:
     """Whether the installed onnxruntime's QLinearGlobalAveragePool (NCHW) on codes of these grids gives the view's
     codes (`onnx_reader.QLinearGlobalAvgPool`) on random images of sides `GLOBAL_POOL_SIZES` (and the node's
-    `side` where it is known), wide and narrow spreads of codes; False without onnxruntime, or with a scale
-    that is not positive."""
+    `side` where it is known), wide and narrow spreads of codes; None (no probe) without onnxruntime, where it
+    refuses the probe, or with a scale that is not positive."""
     from .onnx_reader import QLinearGlobalAvgPool
 
     if not _grids_valid(x, y):
-        return False
+        return None
     module = QLinearGlobalAvgPool(x, y, signed)
     generator = np.random.default_rng(37)
     sides = sorted({*GLOBAL_POOL_SIZES, *([side] if side else [])})
@@ -213,20 +215,20 @@ def global_pool_agrees(x: tuple[float, int], y: tuple[float, int], signed: bool,
     nodes: list[Node] = [("QLinearGlobalAveragePool", [name, "sx", "zx", "sy", "zy"], f"y{name}", MS_DOMAIN,
               {"channels_last": 0}) for name in feeds]
     outputs = _run(nodes, feeds, _qparams("xy", [(*x, signed), (*y, signed)]), "zy")
-    return outputs is not None and all(
+    return None if outputs is None else all(
         _agree(theirs, module(_as_values(codes, *x)), *y) for codes, theirs in zip(feeds.values(), outputs))
 
 
 @functools.cache
 def average_pool_agrees(x: tuple[float, int], y: tuple[float, int], signed: bool, kernel: tuple[int, int],
-                        stride: tuple[int, int], pads: tuple[int, int, int, int], include_pad: bool) -> bool:
+                        stride: tuple[int, int], pads: tuple[int, int, int, int], include_pad: bool) -> bool | None:
     """Whether the installed onnxruntime's QLinearAveragePool with this geometry, on codes of these grids, gives
-    the view's codes (`onnx_reader.QLinearAvgPool`) on random images (wide and narrow spreads of codes); False
-    without onnxruntime, or with a scale that is not positive."""
+    the view's codes (`onnx_reader.QLinearAvgPool`) on random images (wide and narrow spreads of codes); None (no
+    probe) without onnxruntime, where it refuses the probe, or with a scale that is not positive."""
     from .onnx_reader import QLinearAvgPool
 
     if not _grids_valid(x, y):
-        return False
+        return None
     module = QLinearAvgPool(list(kernel), list(stride), list(pads), include_pad, y, signed)
     generator = np.random.default_rng(38)
     side = max(kernel) + 2 * max(stride) + 7
@@ -237,5 +239,5 @@ def average_pool_agrees(x: tuple[float, int], y: tuple[float, int], signed: bool
     nodes: list[Node] = [("QLinearAveragePool", [name, "sx", "zx", "sy", "zy"], f"y{name}", MS_DOMAIN, attrs)
                          for name in feeds]
     outputs = _run(nodes, feeds, _qparams("xy", [(*x, signed), (*y, signed)]), "zy")
-    return outputs is not None and all(
+    return None if outputs is None else all(
         _agree(theirs, module(_as_values(codes, *x)), *y) for codes, theirs in zip(feeds.values(), outputs))

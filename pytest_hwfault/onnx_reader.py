@@ -761,6 +761,7 @@ class _Builder:
         self.targets: dict[str, list[str]] = {}  # the modules made for each node, by its name
         self.uncertified: list[str] = []  # followed kernels whose shapes do not show the order is the measured one
         self.disagreeing: list[tuple[str, str]] = []  # (kernel, node) where a probe of the node's grids disagreed
+        self.unprobed: list[tuple[str, str]] = []  # (kernel, node) where onnxruntime could not run the probe
         self.merged_qdq: list[str] = []  # QuantizeLinear nodes onnxruntime merged with the pair before them
         self.producers = {o: n for n in self.graph.node for o in n.output}
         self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
@@ -839,13 +840,21 @@ class _Builder:
         return self.kernels.get(node.name, ("", []))[0] == kernel
 
     def probe(self, node: Any, module: nn.Module, kernel: str, agrees: Any) -> None:
-        """Name `node` where the installed onnxruntime's `kernel`, run on the node's own grids, disagrees with
-        `module`, which the view computes it with (`onnx_probes`); the verdict is kept as `module.probe_agrees`
-        (None: no probe, without onnxruntime, whose absence the notes say)."""
-        verdict = None if self.kernels is None else bool(agrees())
+        """Name `node` where the installed onnxruntime's `kernel`, run on the node's own grids as it runs them (the
+        kernel's type and zero points: `kernel_grid`), disagrees with `module`, which the view computes it with, or
+        could not be probed (`onnx_probes`); the verdict is kept as `module.probe_agrees` (None: no probe; without
+        onnxruntime, whose absence the notes say)."""
+        verdict = None if self.kernels is None else agrees()
         setattr(module, "probe_agrees", verdict)  # noqa: B010 - a plain attribute, not a parameter or buffer
         if verdict is False:
             self.disagreeing.append((kernel, node.name))
+        elif verdict is None and self.kernels is not None:
+            self.unprobed.append((kernel, node.name))
+
+    def kernel_grid(self, node: Any, position: int, grid: _Grid) -> tuple[float, int, bool]:
+        """(scale, zero point, signed) of the operand at `position` as the runtime's kernel holds it
+        (`kernel_zero`)."""
+        return (grid.scale, *self.kernel_zero(node, position, grid))
 
     def kernel_zero(self, node: Any, position: int, grid: _Grid) -> tuple[int, bool]:
         """The zero point (and signedness) the runtime's kernel uses for the operand at `position`: the model's,
@@ -1194,8 +1203,9 @@ class _Builder:
             pool = QLinearGlobalAvgPool((known.scale, known.zero_point), (grid.scale, grid.zero_point), grid.signed)
             spatial = (self.inferred()[1].get(source) or [])[2:]
             side = spatial[0] if len(spatial) == 2 and spatial[0] == spatial[1] else None
-            self.probe(node, pool, "QLinearGlobalAveragePool", lambda: onnx_probes.global_pool_agrees(
-                (known.scale, known.zero_point), (grid.scale, grid.zero_point), grid.signed, side))
+            x_grid, y_grid = self.kernel_grid(node, 2, known), self.kernel_grid(node, 4, grid)
+            self.probe(node, pool, "QLinearGlobalAveragePool", lambda: None if x_grid[2] != y_grid[2] else
+                       onnx_probes.global_pool_agrees(x_grid[:2], y_grid[:2], y_grid[2], side))
             self.skip.update(id(n) for n in taken)
             self.set_quantized(taken[-1].output[0], self.add_module(pool, node, index, (x,)), grid)
             return
@@ -1218,11 +1228,11 @@ class _Builder:
             zero, signed = self.kernel_zero(node, 4, grid)
             pool = QLinearAvgPool(kernel, strides, [pads[0], pads[1], pads[2], pads[3]], include_pad,
                                   (grid.scale, zero), signed)
-            known = self.grids[source]
-            in_zero = self.kernel_zero(node, 2, known)[0]
-            self.probe(node, pool, "QLinearAveragePool", lambda: onnx_probes.average_pool_agrees(
-                (known.scale, in_zero), (grid.scale, zero), signed, (kernel[0], kernel[1]), (strides[0], strides[1]),
-                (pads[0], pads[1], pads[2], pads[3]), include_pad))
+            x_grid = self.kernel_grid(node, 2, self.grids[source])
+            self.probe(node, pool, "QLinearAveragePool", lambda: None if x_grid[2] != signed else
+                       onnx_probes.average_pool_agrees(x_grid[:2], (grid.scale, zero), signed, (kernel[0], kernel[1]),
+                                                       (strides[0], strides[1]), (pads[0], pads[1], pads[2], pads[3]),
+                                                       include_pad))
             self.skip.update(id(n) for n in taken)
             self.set_quantized(taken[-1].output[0], self.add_module(pool, node, index, (x,)), grid)
             return
@@ -1269,8 +1279,10 @@ class _Builder:
             if ga.signed == gb.signed == grid.signed:
                 mul = QLinearMul((ga.scale, ga.zero_point), (gb.scale, gb.zero_point), (grid.scale, grid.zero_point),
                                  grid.signed)
-                self.probe(node, mul, "QLinearMul", lambda: onnx_probes.binary_agrees(
-                    "QLinearMul", (mul.sa, mul.za), (mul.sb, mul.zb), (mul.sc, mul.zc), grid.signed))
+                kernel_grids = [self.kernel_grid(node, p, g) for p, g in ((2, ga), (5, gb), (7, grid))]
+                self.probe(node, mul, "QLinearMul", lambda: None if len({g[2] for g in kernel_grids}) > 1 else
+                           onnx_probes.binary_agrees("QLinearMul", *(g[:2] for g in kernel_grids),
+                                                     kernel_grids[0][2]))
                 self.skip.update(id(n) for n in taken)
                 args = (self.value(a, node), self.value(b, node))
                 self.set_quantized(taken[-1].output[0], self.add_module(mul, node, index, args), grid)
@@ -1320,8 +1332,9 @@ class _Builder:
                 reduced = shape[axis % len(shape):] if self.opset < 13 else [shape[axis % len(shape)]]
                 width = math.prod(d for d in reduced if d) if all(reduced) else None
             # probed as the kernel runs: on its own type and zero points
-            self.probe(node, softmax, "QLinearSoftmax", lambda: x_signed == y_signed and onnx_probes.softmax_agrees(
-                (known.scale, x_zero), (grid.scale, y_zero), y_signed, self.opset, width))
+            self.probe(node, softmax, "QLinearSoftmax", lambda: None if x_signed != y_signed else
+                       onnx_probes.softmax_agrees((known.scale, x_zero), (grid.scale, y_zero), y_signed, self.opset,
+                                                  width))
             self.skip.update(id(n) for n in taken)
             self.set_quantized(taken[-1].output[0], self.add_module(softmax, node, index,
                                                                     (self.value(source, node),)), grid)
@@ -1428,8 +1441,8 @@ class _Builder:
                 matmul = QLinearMatMul((a_grid.scale, a_grid.zero_point), (b_grid.scale, b_grid.zero_point),
                                        (grid.scale, grid.zero_point), grid.signed, relu)
                 self.probe(node, matmul, "QLinearMatMul", lambda: onnx_probes.matmul_agrees(
-                    (a_grid.scale, a_grid.zero_point, a_grid.signed), (b_grid.scale, b_grid.zero_point, b_grid.signed),
-                    (grid.scale, grid.zero_point, grid.signed), relu))
+                    self.kernel_grid(node, 2, a_grid), self.kernel_grid(node, 5, b_grid),
+                    self.kernel_grid(node, 7, grid), relu))
                 args = (self.value(node.input[0], node), self.value(node.input[1], node))
                 self.skip.update(id(n) for n in taken)
                 self.set_quantized(taken[-1].output[0], self.add_module(matmul, node, index, args), grid)
@@ -1897,6 +1910,15 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
                      "codes): their outputs may be a code apart from onnxruntime's: "
                      + "; ".join(f"{kernel} x{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
                                  for kernel, names in disagreeing.items()))
+    if exact.unprobed:
+        unprobed: dict[str, list[str]] = {}
+        for kernel, name in exact.unprobed:
+            unprobed.setdefault(kernel, []).append(name)
+        notes.append("the installed onnxruntime could not run a probe of these nodes' kernels on their own grids (it "
+                     "refused the one-node model, its operands' types differ, or a scale is not positive): computed "
+                     "as measured on other grids, not certified: "
+                     + "; ".join(f"{kernel} x{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                                 for kernel, names in unprobed.items()))
     if qoperator:
         notes.append("QOperator format (QLinearConv, QGemm, ... as nodes): read as the equivalent QDQ graph, whose "
                      "groups onnxruntime fuses into the same integer kernels")

@@ -83,7 +83,7 @@ def test_a_probe_sees_a_rounding_the_view_gets_wrong(monkeypatch: pytest.MonkeyP
     assert _uncached(onnx_probes.binary_agrees)("QLinearMul", *grids, False)
     with monkeypatch.context() as patch:
         patch.setattr(onnx_reader.QLinearMul, "forward", mul_rounding_first)
-        assert not _uncached(onnx_probes.binary_agrees)("QLinearMul", *grids, False)
+        assert _uncached(onnx_probes.binary_agrees)("QLinearMul", *grids, False) is False
 
     # the sum of two roundings misses a code on some grids (5 of these 30)
     found = []
@@ -93,7 +93,7 @@ def test_a_probe_sees_a_rounding_the_view_gets_wrong(monkeypatch: pytest.MonkeyP
                                                                        + np.float32(c)))
         for _ in range(30):
             trial = tuple((float(np.float32(rng.uniform(0.01, 0.2))), int(rng.integers(0, 256))) for _ in range(3))
-            if not _uncached(onnx_probes.binary_agrees)("QLinearAdd", *trial, False):
+            if _uncached(onnx_probes.binary_agrees)("QLinearAdd", *trial, False) is False:
                 found.append(trial)
         assert found
     assert all(_uncached(onnx_probes.binary_agrees)("QLinearAdd", *trial, False) for trial in found)
@@ -108,7 +108,7 @@ def test_a_probe_sees_a_rounding_the_view_gets_wrong(monkeypatch: pytest.MonkeyP
             self.multiplier = float(np.nextafter(np.float32(self.multiplier), np.float32(1)))
 
         patch.setattr(onnx_reader.QLinearMatMul, "__init__", off_by_an_ulp)
-        assert not _uncached(onnx_probes.matmul_agrees)(*matmul, False)
+        assert _uncached(onnx_probes.matmul_agrees)(*matmul, False) is False
 
 
 def test_a_disagreeing_kernel_is_named_in_the_notes(digits, tmp_path, monkeypatch) -> None:  # noqa: ANN001
@@ -124,6 +124,19 @@ def test_a_disagreeing_kernel_is_named_in_the_notes(digits, tmp_path, monkeypatc
     named = [str(note) for note in qmodel.config["deployed_notes"] if "disagree" in str(note)]
     adds = [n for n, m in qmodel.module.named_modules() if type(m).__name__ == "QLinearAdd"]
     assert adds and len(named) == 1 and f"QLinearAdd x{len(adds)} (" in named[0], named
+    # a probe onnxruntime cannot run (here: made so) is named too, as not certified
+    monkeypatch.setattr(onnx_probes, "binary_agrees", lambda *args: None)
+    notes = [str(note) for note in quantize(path, x).config["deployed_notes"]]
+    assert not any("disagree" in note for note in notes)
+    named = [note for note in notes if "could not run a probe" in note]
+    assert len(named) == 1 and f"QLinearAdd x{len(adds)} (" in named[0], named
+
+
+def test_a_grid_that_cannot_be_probed_is_not_called_agreeing() -> None:
+    """A scale of zero (or below) gives no probe: None, which the reader names as not certified, never True."""
+    assert _uncached(onnx_probes.binary_agrees)("QLinearAdd", (0.0, 3), (0.1, 0), (0.1, 7), False) is None
+    assert _uncached(onnx_probes.softmax_agrees)((0.1, 0), (0.0, 0), False, 13, 8) is None
+    assert _uncached(onnx_probes.matmul_agrees)((0.1, 0, False), (-0.1, 0, False), (0.1, 0, False), False) is None
 
 
 def test_degenerate_grids_are_probed_as_onnxruntime_runs_them() -> None:
