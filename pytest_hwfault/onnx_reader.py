@@ -1532,6 +1532,16 @@ class _Builder:
         self.set_quantized(taken[-1].output[0], out, grid)
 
 
+def _by_kernel(nodes: list[tuple[str, str]]) -> str:
+    """(kernel, node name) pairs for a note: "QLinearAdd x2 (a, b); QLinearSoftmax x1 (c)", three names each at
+    most."""
+    grouped: dict[str, list[str]] = {}
+    for kernel, name in nodes:
+        grouped.setdefault(kernel, []).append(name)
+    return "; ".join(f"{kernel} x{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                     for kernel, names in grouped.items())
+
+
 def _float_valued(model: Any, nodes: list[Any],
                   kernels: dict[str, tuple[str, list[tuple[int, bool] | None]]] | None = None) -> list[Any]:
     """The nodes among `nodes` that compute float values onnxruntime's kernel may round otherwise than torch's (not
@@ -1893,32 +1903,17 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
     integer = [(kernels[n.name][0], n.name) for n in exact.float_nodes
                if kernels is not None and n.name in kernels and kernels[n.name][0].startswith(("QLinear", "QGemm"))]
     if integer:
-        by_kernel: dict[str, list[str]] = {}
-        for kernel, name in integer:
-            by_kernel.setdefault(kernel, []).append(name)
         notes.append("onnxruntime runs these nodes as integer kernels the reader does not reproduce; the view computes "
                      "them in float on the dequantized values (outside the fault sites, their MACs counted as "
-                     "unfaulted): " + "; ".join(f"{kernel} x{len(names)} ({', '.join(names[:3])}"
-                                                f"{', ...' if len(names) > 3 else ''})"
-                                                for kernel, names in by_kernel.items()))
+                     "unfaulted): " + _by_kernel(integer))
     if exact.disagreeing:
-        disagreeing: dict[str, list[str]] = {}
-        for kernel, name in exact.disagreeing:
-            disagreeing.setdefault(kernel, []).append(name)
         notes.append("the installed onnxruntime's integer kernels disagree with the view's arithmetic for these nodes "
                      "(a probe of each node's own scales and zero points on every code pair, or on rows and images of "
-                     "codes): their outputs may be a code apart from onnxruntime's: "
-                     + "; ".join(f"{kernel} x{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-                                 for kernel, names in disagreeing.items()))
+                     "codes): their outputs may be a code apart from onnxruntime's: " + _by_kernel(exact.disagreeing))
     if exact.unprobed:
-        unprobed: dict[str, list[str]] = {}
-        for kernel, name in exact.unprobed:
-            unprobed.setdefault(kernel, []).append(name)
         notes.append("the installed onnxruntime could not run a probe of these nodes' kernels on their own grids (it "
                      "refused the one-node model, its operands' types differ, or a scale is not positive): computed "
-                     "as measured on other grids, not certified: "
-                     + "; ".join(f"{kernel} x{len(names)} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-                                 for kernel, names in unprobed.items()))
+                     "as measured on other grids, not certified: " + _by_kernel(exact.unprobed))
     if qoperator:
         notes.append("QOperator format (QLinearConv, QGemm, ... as nodes): read as the equivalent QDQ graph, whose "
                      "groups onnxruntime fuses into the same integer kernels")
