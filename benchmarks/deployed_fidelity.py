@@ -151,7 +151,8 @@ def _onnx_transformer(folder: Path) -> dict[str, dict[str, float]]:
             warnings.simplefilter("ignore")  # the load check's mismatch warning: the row says how far apart
             qmodel = quantize(path, x[:64])
         ours = torch.cat([qmodel(x[i:i + 1]) for i in range(len(x))]) if each else qmodel(x)
-        faulty = {} if each else _under_faults(path, qmodel, {"x": x[:128]})
+        faulty = _under_faults(path, qmodel, {"x": x[:64]}, sites=("weight",), each=True) if each else \
+            _under_faults(path, qmodel, {"x": x[:128]})
         rows[name] = {**_exact(dm.run_onnxruntime(path, x, each), ours), **_probed(qmodel), **faulty}
     try:
         import transformers  # noqa: F401
@@ -165,8 +166,10 @@ def _onnx_transformer(folder: Path) -> dict[str, dict[str, float]]:
             warnings.simplefilter("ignore")
             qmodel = quantize(path, Inputs((ids[:64],)))
         ours = torch.cat([qmodel(Inputs((ids[i:i + 1],))) for i in range(len(ids))])
+        faulty = _under_faults(path, qmodel, {"ids": ids[:32]}, each=True,
+                               **({"sites": ("weight",)} if kind == "dynamic" else {}))
         rows[f"onnx GPT-2 (Hugging Face, 2 layers, Conv1D on merged rows), {kind}, 256 inputs one at a time"] = \
-            {**_exact(dm.run_onnxruntime_ids(path, ids), ours), **_probed(qmodel)}
+            {**_exact(dm.run_onnxruntime_ids(path, ids), ours), **_probed(qmodel), **faulty}
     rows.update(_onnx_bert(folder))
     return rows
 
@@ -237,19 +240,21 @@ def _onnx_bert(folder: Path) -> dict[str, dict[str, float]]:
         theirs = torch.cat([torch.from_numpy(session.run(None, {"ids": test_ids[i:i + step].numpy(),
                                                                 "mask": test_mask[i:i + step].numpy()})[0])
                             for i in range(0, 256, step)])
-        faulty = {} if kind == "dynamic" else _under_faults(path, qmodel, {"ids": test_ids[:64],
-                                                                             "mask": test_mask[:64]})
+        faulty = _under_faults(path, qmodel, {"ids": test_ids[:64], "mask": test_mask[:64]},
+                               **({"sites": ("weight",), "each": True} if kind == "dynamic" else {}))
         rows[f"onnx BERT (Hugging Face, 4 layers, width 256, 64 tokens), {kind}"] = {**_exact(theirs, ours),
                                                                                    **_probed(qmodel), **faulty}
     return rows
 
 
 def _under_faults(path: Any, qmodel: Any, inputs: dict[str, torch.Tensor], trials: int = 3,
-                  ber: float = 1e-3) -> dict[str, float]:
+                  ber: float = 1e-3, sites: tuple[str, ...] = ("act", "weight"),
+                  each: bool = False) -> dict[str, float]:
     """The view under `trials` trials of act faults and of weight faults at `ber` against onnxruntime running the
     model under the same faults (`deployed_models.onnx_under_faults`: each faulted layer's stored output codes
     XORed with the same masks, the int8 weight initializers' codes flipped): per site, the lowest share of logits
-    exactly equal over the trials, and the lowest share the faults changed."""
+    exactly equal over the trials, and the lowest share the faults changed. `each`: onnxruntime runs one input at a
+    time (a dynamic model, whose ranges are each input's own, as the view computes them)."""
     import onnxruntime as ort
 
     from pytest_hwfault import FaultModel
@@ -260,15 +265,28 @@ def _under_faults(path: Any, qmodel: Any, inputs: dict[str, torch.Tensor], trial
     images = len(next(iter(inputs.values())))
     clean = qmodel(view_input)
     row = {}
-    for site in ("act", "weight"):
+    for site in sites:
         fault_model = FaultModel(site, ber)
         equal, changed = [], []
         for trial in range(trials):
             pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), images,
                                      trial_generator(0, f"deployed_fidelity-{site}", trial))
-            proto, masks = dm.onnx_under_faults(path, qmodel, pattern, images)
-            session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-            theirs = torch.from_numpy(session.run(None, {**{k: v.numpy() for k, v in inputs.items()}, **masks})[0])
+            # one input at a time: act faults as that input's own masks (restricted to it, renumbered 0), so that any
+            # row layout of the masks holds; weight faults once, the same for every input
+            steps = [torch.tensor([i]) for i in range(images)] if each else [torch.arange(images)]
+            sessions: dict[int, tuple[Any, dict[str, Any]]] = {}
+            outputs = []
+            for step in steps:
+                key = int(step[0]) if each and site == "act" else -1
+                if key not in sessions:
+                    part = pattern.restricted_to(step) if key >= 0 else pattern
+                    proto, masks = dm.onnx_under_faults(path, qmodel, part, len(step) if key >= 0 else images)
+                    sessions = {key: (ort.InferenceSession(proto.SerializeToString(),
+                                                           providers=["CPUExecutionProvider"]), masks)}
+                session, masks = sessions[key]
+                feeds = {k: v[step].numpy() for k, v in inputs.items()}
+                outputs.append(torch.from_numpy(session.run(None, {**feeds, **masks})[0]))
+            theirs = torch.cat(outputs)
             ours = qmodel(view_input, pattern)
             equal.append(float((theirs == ours).float().mean()))
             changed.append(float((ours != clean).float().mean()))

@@ -416,10 +416,11 @@ def onnx_under_faults(path: Any, qmodel: Any, pattern: Any, images: int) -> tupl
     for (site, layer), group in pattern.groups.items():
         if site.value == "weight":
             node = by_view_name[layer]
-            dequantize = next(n for n in graph.node if n.output[0] == node.input[1])
-            init = inits[dequantize.input[0]]
+            # a QDQ layer's weight is a DequantizeLinear of the codes; a dynamic MatMulInteger reads them directly
+            dequantize = next((n for n in graph.node if n.output[0] == node.input[1]), None)
+            init = inits[dequantize.input[0] if dequantize is not None else node.input[1]]
             codes = onnx.numpy_helper.to_array(init).copy()
-            transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not any(
+            transposed = node.op_type in ("MatMul", "MatMulInteger") or (node.op_type == "Gemm" and not any(
                 a.name == "transB" and a.i for a in node.attribute))
             view = (codes.T if transposed else codes).view(np.uint8)  # the view's [out, in, ...] order
             flat = np.ascontiguousarray(view).reshape(-1)

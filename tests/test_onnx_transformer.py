@@ -199,6 +199,23 @@ def row_encoders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.
     return paths
 
 
+def test_weight_faults_in_a_dynamic_transformer_are_onnxruntimes_running_them(encoders) -> None:  # noqa: ANN001
+    """quantize_dynamic's MatMulInteger weights (int8 initializers the view holds as [out, in]) flipped by a trial
+    of weight faults: the view, each input on its own range, against onnxruntime running the faulty model one input at
+    a time: logits equal bit for bit."""
+    path, x = encoders["dynamic"], encoder_inputs(24, seed=5)
+    qmodel = quantize(path, x)
+    fault_model = FaultModel("weight", 1e-3)
+    pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), torch.Generator().manual_seed(6))
+    proto, masks = onnx_under_faults(path, qmodel, pattern, len(x))
+    assert not masks  # weight faults only: the initializers themselves
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    theirs = torch.cat([torch.from_numpy(session.run(None, {"x": x[i:i + 1].numpy()})[0]) for i in range(len(x))])
+    ours = qmodel(x, pattern)
+    assert (ours != qmodel(x)).float().mean() > 0.5
+    assert torch.equal(ours, theirs)
+
+
 @pytest.mark.parametrize("rows", ["merged", "sequence"])
 def test_act_faults_on_merged_rows_are_onnxruntimes_running_the_same_faults(row_encoders, rows) -> None:  # noqa: ANN001
     """Faults placed per image in layers an exporter ran on the batch merged with the tokens (image by image, or
