@@ -7,6 +7,7 @@ FloatFunctional adds); the others trace it as it is (FX, torch.export, ONNX expo
 
 from __future__ import annotations
 
+import copy
 import math
 import pathlib
 import warnings
@@ -470,3 +471,38 @@ def onnx_under_faults(path: Any, qmodel: Any, pattern: Any, images: int) -> tupl
     del graph.node[:]
     graph.node.extend(order)
     return proto, feeds
+
+
+def ao_under_faults(model: nn.Module, pattern: Any) -> nn.Module:
+    """A copy of the torch.ao model (eager or FX) under the faults of `pattern`, computed by torch's own quantized
+    kernels: each faulted layer's output codes XORed with the pattern's masks by a forward hook (act), its int8
+    weight codes flipped and repacked (weight)."""
+    faulty = copy.deepcopy(model)
+    for (site, name), group in pattern.groups.items():
+        module = faulty.get_submodule(name)
+        masks = (torch.ones_like(group.bit) << group.bit).to(torch.uint8)
+        if site.value == "weight":
+            weight = module.weight()
+            edited = weight.int_repr().clone().view(-1).view(torch.uint8)  # an int8 code's bits
+            for index, mask in zip(group.index.tolist(), masks.tolist()):
+                edited[index] ^= mask
+            codes = edited.view(torch.int8).view(weight.shape)
+            if weight.qscheme() == torch.per_channel_affine:
+                weight = torch._make_per_channel_quantized_tensor(codes, weight.q_per_channel_scales(),
+                                                                  weight.q_per_channel_zero_points(),
+                                                                  weight.q_per_channel_axis())
+            else:
+                weight = torch._make_per_tensor_quantized_tensor(codes, weight.q_scale(), weight.q_zero_point())
+            module.set_weight_bias(weight, module.bias())
+            continue
+        assert site.value == "act", site
+
+        def edit(module: nn.Module, args: tuple, out: torch.Tensor, group: Any = group,
+                 masks: torch.Tensor = masks) -> torch.Tensor:
+            codes = out.int_repr().contiguous().clone().view(len(out), -1)  # the runtime computes channels-last
+            for image, index, mask in zip(group.image.tolist(), group.index.tolist(), masks.tolist()):
+                codes[image, index] ^= mask  # quint8 codes: bit 7 is worth 128 codes, no sign
+            return torch._make_per_tensor_quantized_tensor(codes.view(out.shape), out.q_scale(), out.q_zero_point())
+
+        module.register_forward_hook(edit)
+    return faulty

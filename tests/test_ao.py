@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any
 
 import pytest
 import torch
 import torch.ao.quantization as tq
-from deployed_models import ResNetStyle, agreement, images, to_ao_eager, trained_resnet_style
+from deployed_models import ResNetStyle, agreement, ao_under_faults, images, to_ao_eager, trained_resnet_style
 from torch import nn
 
 from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
@@ -163,41 +162,6 @@ def test_ao_resnet_style_weight_fault_is_the_runtimes(ao_resnet, ao_resnet_q, di
     assert torch.equal(ao_resnet_q(x, FaultPattern.from_faults([("weight", name, index, bit, "flip")])), runtime)
 
 
-def _under_faults(model: nn.Module, pattern: FaultPattern) -> nn.Module:
-    """A copy of the torch.ao model under the faults of `pattern`, computed by torch's own quantized kernels: each
-    faulted layer's output codes XORed with the pattern's masks by a forward hook (act), its int8 weight codes
-    flipped and repacked (weight)."""
-    faulty = copy.deepcopy(model)
-    for (site, name), group in pattern.groups.items():
-        module = faulty.get_submodule(name)
-        masks = (torch.ones_like(group.bit) << group.bit).to(torch.uint8)
-        if site is Site.WEIGHT:
-            weight = module.weight()
-            edited = weight.int_repr().clone().view(-1).view(torch.uint8)  # an int8 code's bits
-            for index, mask in zip(group.index.tolist(), masks.tolist()):
-                edited[index] ^= mask
-            codes = edited.view(torch.int8).view(weight.shape)
-            if weight.qscheme() == torch.per_channel_affine:
-                weight = torch._make_per_channel_quantized_tensor(codes, weight.q_per_channel_scales(),
-                                                                  weight.q_per_channel_zero_points(),
-                                                                  weight.q_per_channel_axis())
-            else:
-                weight = torch._make_per_tensor_quantized_tensor(codes, weight.q_scale(), weight.q_zero_point())
-            module.set_weight_bias(weight, module.bias())
-            continue
-        assert site is Site.ACT
-
-        def edit(module: nn.Module, args: tuple, out: torch.Tensor, group: Any = group,
-                 masks: torch.Tensor = masks) -> torch.Tensor:
-            codes = out.int_repr().contiguous().clone().view(len(out), -1)  # the runtime computes channels-last
-            for image, index, mask in zip(group.image.tolist(), group.index.tolist(), masks.tolist()):
-                codes[image, index] ^= mask  # quint8 codes: bit 7 is worth 128 codes, no sign
-            return torch._make_per_tensor_quantized_tensor(codes.view(out.shape), out.q_scale(), out.q_zero_point())
-
-        module.register_forward_hook(edit)
-    return faulty
-
-
 @pytest.mark.parametrize(("site", "ber"), [("act", 1e-3), ("act", 1e-2), ("weight", 1e-3)])
 def test_a_trials_faults_are_the_runtimes(ao_resnet, ao_resnet_q, digits, site, ber) -> None:  # noqa: ANN001
     """A whole trial's faults in every layer (thousands of act codes at once, saturating the residual adds and the
@@ -207,7 +171,7 @@ def test_a_trials_faults_are_the_runtimes(ao_resnet, ao_resnet_q, digits, site, 
     fault_model = FaultModel(site, ber)
     pattern = sample_pattern(fault_model, ao_resnet_q.targets(fault_model.site), len(x),
                              torch.Generator().manual_seed(int(1 / ber)))
-    runtime = _run(_under_faults(ao_resnet, pattern), x)
+    runtime = _run(ao_under_faults(ao_resnet, pattern), x)
     ours = ao_resnet_q(x, pattern)
     assert (ours != ao_resnet_q(x)).float().mean() > 0.5
     assert torch.equal(ours, runtime)

@@ -9,7 +9,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from deployed_models import ResNetStyle, agreement, images, to_ao_eager, to_ao_fx, trained_resnet_style
+from deployed_models import (
+    ResNetStyle,
+    agreement,
+    ao_under_faults,
+    images,
+    to_ao_eager,
+    to_ao_fx,
+    trained_resnet_style,
+)
 from torch import nn
 
 from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
@@ -178,6 +186,19 @@ def test_fx_activation_fault_is_the_runtimes(fx_model, fx_qmodel, digits, name, 
     pattern = FaultPattern.from_faults([("act", name, index, bit, "flip", image)])
     ours, runtime = fx_qmodel(x, pattern), run(faulty, x)
     assert not torch.equal(runtime, run(fx_model, x))
+    assert torch.equal(ours, runtime)
+
+
+@pytest.mark.parametrize(("site", "ber"), [("act", 1e-3), ("act", 1e-2), ("weight", 1e-3)])
+def test_fx_trials_faults_are_the_runtimes(fx_model, fx_qmodel, digits, site, ber) -> None:  # noqa: ANN001
+    """A whole trial's faults in every layer of the FX model against torch's quantized kernels running it under the
+    same faults (`ao_under_faults`): logits equal bit for bit."""
+    x = images(digits.x_test[:32])
+    fault_model = FaultModel(site, ber)
+    pattern = sample_pattern(fault_model, fx_qmodel.targets(fault_model.site), len(x),
+                             torch.Generator().manual_seed(int(1 / ber)))
+    ours, runtime = fx_qmodel(x, pattern), run(ao_under_faults(fx_model, pattern), x)
+    assert (ours != fx_qmodel(x)).float().mean() > 0.5
     assert torch.equal(ours, runtime)
 
 
