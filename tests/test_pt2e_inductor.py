@@ -91,6 +91,30 @@ def test_compiled_pt2e_weight_fault_matches_the_recompiled_faulty_model(pt2e_mod
     assert torch.equal(ours, theirs)
 
 
+def test_compiled_pt2e_weight_trial_matches_the_recompiled_faulty_model(pt2e_model, inductor_qmodel, digits,
+                                                                        freezing) -> None:  # noqa: ANN001
+    """A whole trial of weight faults (BER 1e-3, every conv and the linear head): the engine under those faults
+    equals the compiled model whose int8 weight constants hold the flipped codes, recompiled."""
+    x = images(digits.x_test[:64])
+    fault_model = FaultModel("weight", 1e-3)
+    pattern = sample_pattern(fault_model, inductor_qmodel.targets(fault_model.site), len(x),
+                             torch.Generator().manual_seed(4))
+    faulty = copy.deepcopy(pt2e_model)
+    constants = {list((node.meta.get("nn_module_stack") or {}).values())[-1][0]: str(node.args[1].args[0].target)
+                 for node in faulty.graph.nodes if node.op == "call_function"
+                 and ("conv" in str(node.target) or "linear" in str(node.target))}
+    assert len(pattern.groups) >= 4
+    for (_, layer), group in pattern.groups.items():
+        flat = getattr(faulty, constants[layer]).view(torch.uint8).view(-1)  # int8 two's complement codes
+        for index, bit in zip(group.index.tolist(), group.bit.tolist()):
+            flat[index] ^= 1 << bit
+    with torch.no_grad():
+        theirs = torch.compile(faulty, dynamic=False)(x)
+    ours = inductor_qmodel(x, pattern)
+    assert (ours != inductor_qmodel(x)).float().mean() > 0.5
+    assert torch.equal(ours, theirs)
+
+
 def test_compiled_pt2e_trials_are_identical_on_both_paths(compiled, digits, freezing) -> None:  # noqa: ANN001
     x = images(digits.x_test[:32])
     calibration = images(digits.x_train[:256])
