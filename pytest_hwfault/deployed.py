@@ -125,6 +125,9 @@ class Deployed:
     float_module: nn.Module | None = None
     # what the reader knows it does not reproduce exactly, or leaves outside the fault sites, in words
     notes: list[str] = field(default_factory=list)
+    # the nodes or ops the reader knows may round otherwise than the runtime (named in `notes`): where there are
+    # any, outputs a little apart under faults are what the notes say, not news
+    inexact: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.source not in FORMATS:

@@ -782,6 +782,7 @@ class _Builder:
         # scale and a weight scale -> (the input scale, the weight scales)
         self.dynamic: dict[str, tuple[str, str]] = {}
         self.float_run: list[str] = []  # quantized layers onnxruntime's optimizer leaves in float (not wide)
+        self.float_run_wide: list[str] = []  # the same, whose float32 sums can pass 2^24 (each named on its own)
         self.degenerate: set[str] = set()  # quantize nodes with a zero, infinite or NaN scale (noted once)
         self.float_nodes: list[Any] = []  # nodes the view computes in float (or on shapes)
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
@@ -1383,6 +1384,7 @@ class _Builder:
             self.values[taken[-1].output[0]] = self.add_module(linear, node, index, (x,))
             return
         name = _module_name(node, index, self.taken)
+        setattr(linear, "onnx_node", node.name)  # noqa: B010 - where the layer's weight codes live in the graph
         self.root.add_module(name, linear)
         acc = self.fx.call_module(name, (x,))
         weight = self.fx.get_attr(f"{name}.weight")  # after the layer: a late-start cut before it keeps images only
@@ -1511,8 +1513,12 @@ class _Builder:
                               "kernel; the engine computes its exact integer sum, which onnxruntime's float32 sum "
                               "rounds where it passes 2^24 (this layer's can): outputs near a half code may be one "
                               "code apart from onnxruntime's")
+            self.float_run_wide.append(node.name)
         elif self.exact and kernel and kernel not in INTEGER_KERNELS:
             self.float_run.append(node.name)  # named together, in one note (`read_onnx`)
+        # where the layer lives in the graph: its node (weight codes) and the tensor of its stored output codes
+        setattr(module, "onnx_node", node.name)  # noqa: B010 - plain attributes, not parameters or buffers
+        setattr(module, "onnx_codes", taken[-1].output[0])  # noqa: B010
         self.root.add_module(name, module)
         out = self.fx.call_module(name, (x,))
         act_low, _ = _code_range(grid.signed)
@@ -1922,4 +1928,7 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
                      "kernel (QLinearAdd, QLinearGlobalAveragePool, QLinearAveragePool)")
     notes.append("the float baseline is the float function of the QDQ model (dequantized weights, activations "
                  "clamped to their quantized range but not rounded), not the float model it came from")
-    return Deployed(module.to(device), exact.layers, "onnx", float_module=float_module.to(device), notes=notes)
+    inexact = [*exact.float_run, *exact.float_run_wide, *counts, *(name for _, name in integer),
+               *(name for _, name in exact.disagreeing), *(name for _, name in exact.unprobed)]
+    return Deployed(module.to(device), exact.layers, "onnx", float_module=float_module.to(device), notes=notes,
+                    inexact=inexact)

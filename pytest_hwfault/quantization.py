@@ -493,11 +493,22 @@ def quantize(
         deployed_notes.insert(0, note)
         if not note.endswith(COMPILED_EQUAL):
             warnings.warn(f"{source_name}: {note}", DeployedMismatchWarning, stacklevel=2)
+        elif not note.startswith("not checked"):  # equal fault-free: then under faults, where values go further
+            from .onnx_faults import agreement_under_faults
+
+            faulty_note, equal = agreement_under_faults(given, qmodel, first_batch[0][:FAULT_CHECK_IMAGES])
+            if equal is False and deployed.inexact:  # the parts the notes name as rounding otherwise
+                faulty_note += (f": expected where the notes name parts computed otherwise than onnxruntime "
+                                f"({', '.join(deployed.inexact[:3])}{', ...' if len(deployed.inexact) > 3 else ''})")
+            deployed_notes.insert(1, faulty_note)
+            if equal is False and not deployed.inexact:
+                warnings.warn(f"{source_name}: {faulty_note}", DeployedMismatchWarning, stacklevel=2)
     return qmodel
 
 
 COMPILED_CHECK_IMAGES = 64  # calibration images a compiled deployed model and its view are compared on
 DYNAMIC_CHECK_IMAGES = 16  # calibration images a dynamically quantized model runs on one by one against its view
+FAULT_CHECK_IMAGES = 16  # calibration images a static ONNX model and its view run on under a trial of act faults
 COMPILED_EQUAL = "fault-free outputs equal bit for bit"
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pytest_hwfault.onnx_faults import onnx_under_faults  # noqa: F401 - the tests' helper too
+
 
 class Block(nn.Module):
     def __init__(self, channels: int, eager: bool) -> None:
@@ -382,95 +384,6 @@ def run_onnxruntime_ids(path: pathlib.Path, ids: torch.Tensor) -> torch.Tensor:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.cat([torch.from_numpy(session.run(None, {"ids": ids[i:i + 1].numpy()})[0]) for i in range(len(ids))])
-
-
-def onnx_under_faults(path: Any, qmodel: Any, pattern: Any, images: int) -> tuple[Any, dict[str, Any]]:
-    """`path`'s ONNX model under the faults of `pattern`, as onnxruntime's own kernels compute it: at the act site,
-    each faulted layer's stored output codes XORed with a mask fed as an input (BitwiseXor; the model brought to
-    opset 18 by onnx's version converter where older); at the weight site, the int8 weight initializer's codes
-    flipped (transposed where the view holds a MatMul's or Gemm's weight as [out, in]). Nothing else changes. Returns
-    the model and the masks to feed with the `images` inputs."""
-    import re
-
-    import numpy as np
-    import onnx
-    from onnx import helper, version_converter
-
-    proto = onnx.load(str(path))
-    if next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) < 18:
-        proto = version_converter.convert_version(proto, 18)
-    graph = proto.graph
-    by_view_name = {re.sub(r"[^0-9a-zA-Z_]", "_", n.name.strip("/")).strip("_"): n for n in graph.node}
-    inits = {i.name: i for i in graph.initializer}
-
-    def consumers(name: str) -> list[Any]:
-        return [n for n in graph.node if name in n.input]
-
-    # a layer an exporter ran on the batch merged with its rows computes on the view's [images, k, ...]: its masks
-    # are laid out back as the graph holds the values (merged_batch's `from_images`)
-    from pytest_hwfault.merged_batch import from_images, to_images
-
-    layouts = {node.target: node.args[0].args[1] for node in qmodel.module.graph.nodes
-               if node.op == "call_module" and node.target in qmodel.layers and node.args
-               and getattr(node.args[0], "target", None) is to_images}
-    feeds = {}
-    for (site, layer), group in pattern.groups.items():
-        if site.value == "weight":
-            node = by_view_name[layer]
-            # a QDQ layer's weight is a DequantizeLinear of the codes; a dynamic MatMulInteger reads them directly
-            dequantize = next((n for n in graph.node if n.output[0] == node.input[1]), None)
-            init = inits[dequantize.input[0] if dequantize is not None else node.input[1]]
-            codes = onnx.numpy_helper.to_array(init).copy()
-            transposed = node.op_type in ("MatMul", "MatMulInteger") or (node.op_type == "Gemm" and not any(
-                a.name == "transB" and a.i for a in node.attribute))
-            view = (codes.T if transposed else codes).view(np.uint8)  # the view's [out, in, ...] order
-            flat = np.ascontiguousarray(view).reshape(-1)
-            np.bitwise_xor.at(flat, group.index.numpy(), (1 << group.bit.numpy()).astype(np.uint8))
-            edited = flat.reshape(view.shape).view(codes.dtype)
-            init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(edited.T if transposed else edited),
-                                                       init.name))
-            continue
-        assert site.value == "act", site
-        out = by_view_name[layer].output[0]
-        after = consumers(out)
-        if len(after) == 1 and after[0].op_type == "Relu":
-            out = after[0].output[0]
-            after = consumers(out)
-        quantize = next(n for n in after if n.op_type == "QuantizeLinear")
-        codes = quantize.output[0]
-        signed = onnx.numpy_helper.to_array(inits[quantize.input[2]]).dtype == np.int8
-        per_image = math.prod(qmodel.layers[layer].output_shape)
-        mask = np.zeros((images, per_image), dtype=np.uint8)
-        np.bitwise_xor.at(mask, (group.image.numpy(), group.index.numpy()),
-                          (1 << group.bit.numpy()).astype(np.uint8))
-        if layer in layouts:
-            shape = qmodel.layers[layer].output_shape
-            mask = from_images(torch.from_numpy(mask).reshape(images, *shape), layouts[layer]).reshape(images, -1)
-            mask = mask.numpy()
-        name = f"{codes}__fault_mask"
-        feeds[name] = mask.view(np.int8) if signed else mask
-        element = onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8
-        graph.input.append(helper.make_tensor_value_info(name, element, [images, per_image]))
-        readers = consumers(codes)
-        graph.node.extend([helper.make_node("Shape", [codes], [f"{name}_shape"]),
-                           helper.make_node("Reshape", [name, f"{name}_shape"], [f"{name}_shaped"]),
-                           helper.make_node("BitwiseXor", [codes, f"{name}_shaped"], [f"{codes}__faulty"])])
-        for reader in readers:
-            for i, inp in enumerate(reader.input):
-                if inp == codes:
-                    reader.input[i] = f"{codes}__faulty"
-    nodes = list(graph.node)  # the new nodes where they can run: topological order
-    order, ready = [], {i.name for i in graph.input} | set(inits)
-    while nodes:
-        runnable = [n for n in nodes if all(not i or i in ready for i in n.input)]
-        assert runnable, "a cycle"
-        for n in runnable:
-            order.append(n)
-            ready.update(n.output)
-            nodes.remove(n)
-    del graph.node[:]
-    graph.node.extend(order)
-    return proto, feeds
 
 
 def ao_under_faults(model: nn.Module, pattern: Any) -> nn.Module:

@@ -154,6 +154,43 @@ def test_a_trials_faults_are_onnxruntimes_running_the_same_faults(qdq, digits, s
     assert torch.equal(ours, theirs)
 
 
+def test_the_load_check_runs_the_model_under_faults_too(qdq, digits, monkeypatch) -> None:  # noqa: ANN001
+    """At load, after the fault-free check, the view and onnxruntime run one trial of act faults on the same
+    images (`onnx_faults.agreement_under_faults`): said in the second note. A difference that only faults show is a
+    DeployedMismatchWarning (here the reference is made to miss a layer's faults), unless the notes name parts
+    computed otherwise (the int8 model's float-run convolutions); a check that cannot run says why, and no more."""
+    from pytest_hwfault import onnx_faults
+
+    x = images(digits.x_test[:32])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeployedMismatchWarning)
+        notes = quantize(qdq["u8"], x).config["deployed_notes"]
+    assert "under a trial of act faults" in notes[1] and notes[1].endswith("outputs equal bit for bit"), notes[1]
+
+    real = onnx_faults.onnx_under_faults
+
+    def missing_a_layer(model, qmodel, pattern, images):  # noqa: ANN001, ANN202
+        kept = FaultPattern({key: group for key, group in pattern.groups.items() if key[1] != "block1_conv2_Conv"})
+        return real(model, qmodel, kept, images)
+
+    monkeypatch.setattr(onnx_faults, "onnx_under_faults", missing_a_layer)
+    with pytest.warns(DeployedMismatchWarning, match="under a trial of act faults .* outputs differ"):
+        quantize(qdq["u8"], x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeployedMismatchWarning)  # the notes name what rounds otherwise: no warning
+        notes = quantize(qdq["s8"], x).config["deployed_notes"]
+    assert "outputs differ" in notes[1] and "expected where the notes name parts" in notes[1], notes[1]
+
+    def refused(*args):  # noqa: ANN002, ANN202
+        raise ValueError("no such layer")
+
+    monkeypatch.setattr(onnx_faults, "onnx_under_faults", refused)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeployedMismatchWarning)
+        notes = quantize(qdq["u8"], x).config["deployed_notes"]
+    assert notes[1].startswith("not checked against onnxruntime under faults (ValueError: no such layer)"), notes[1]
+
+
 def test_every_site_runs_and_paths_and_protos_are_accepted(qdq, digits) -> None:  # noqa: ANN001
     path = qdq["u8"]
     x, y = images(digits.x_test[:16]), digits.y_test[:16]

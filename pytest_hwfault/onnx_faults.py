@@ -1,0 +1,155 @@
+"""A deployed ONNX model under a fault pattern, as onnxruntime's own kernels compute it: the independent reference the
+view is checked against under faults (at load, `agreement_under_faults`; and by the tests).
+
+- act site: each faulted layer's stored output codes (its QuantizeLinear's output) XORed with a mask fed as a graph
+  input, through BitwiseXor (the model brought to opset 18 by onnx's version converter where older), before anything
+  reads them; the masks laid out as the graph holds the rows where an exporter merged the batch
+  (`merged_batch.from_images`);
+- weight site: the int8 weight initializer's codes flipped (transposed where the view holds a MatMul's, a
+  MatMulInteger's or a Gemm's weight as [out, in]).
+
+Nothing else changes: onnxruntime fuses the same integer kernels around the XOR nodes and runs them on the same faulty
+codes the engine computes with.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+ACT_MASK_SUFFIX = "__fault_mask"
+
+
+def onnx_under_faults(model: Any, qmodel: Any, pattern: Any, images: int) -> tuple[Any, dict[str, np.ndarray]]:
+    """`model` (a ModelProto or an .onnx path, QDQ) under the act and weight faults of `pattern` for a batch of
+    `images` inputs, read by `qmodel` (its layers know their graph nodes): the model, and the masks to feed with the
+    inputs. Raises ValueError for faults at other sites, or a layer the graph does not show."""
+    import onnx
+    from onnx import helper, version_converter
+
+    from .merged_batch import from_images, to_images
+    from .onnx_reader import load
+
+    proto = onnx.ModelProto()
+    proto.CopyFrom(load(model))
+    if next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) < 18:
+        proto = version_converter.convert_version(proto, 18)
+    graph = proto.graph
+    nodes = {n.name: n for n in graph.node}
+    inits = {i.name: i for i in graph.initializer}
+    # a layer an exporter ran on the batch merged with its rows computes on the view's [images, k, ...]
+    layouts = {node.target: node.args[0].args[1] for node in qmodel.module.graph.nodes
+               if node.op == "call_module" and node.target in qmodel.layers and node.args
+               and getattr(node.args[0], "target", None) is to_images}
+
+    def readers(name: str) -> list[Any]:
+        return [n for n in graph.node if name in n.input]
+
+    feeds: dict[str, np.ndarray] = {}
+    after: dict[str, list[Any]] = {}  # nodes to insert right after the node that computes each faulted tensor
+    for (site, layer), group in pattern.groups.items():
+        module = qmodel.layers[layer].module
+        node = nodes.get(getattr(module, "onnx_node", None) or "")
+        if node is None:
+            raise ValueError(f"layer {layer!r}: no node of the graph is known to compute it")
+        masks = (np.ones(len(group), dtype=np.uint8) << group.bit.numpy().astype(np.uint8))
+        if site.value == "weight":
+            producer = next((n for n in graph.node if n.output[0] == node.input[1]), None)  # a DequantizeLinear
+            init = inits[producer.input[0] if producer is not None else node.input[1]]
+            codes = onnx.numpy_helper.to_array(init).copy()
+            transposed = node.op_type in ("MatMul", "MatMulInteger") or (node.op_type == "Gemm" and not any(
+                a.name == "transB" and a.i for a in node.attribute))
+            view = np.ascontiguousarray(codes.T if transposed else codes).view(np.uint8)  # the view's order
+            flat = view.reshape(-1)
+            np.bitwise_xor.at(flat, group.index.numpy(), masks)
+            edited = flat.reshape(view.shape).view(codes.dtype)
+            init.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(edited.T if transposed else edited),
+                                                       init.name))
+            continue
+        if site.value != "act":
+            raise ValueError(f"site {site.value!r}: onnxruntime's kernels expose no such value to fault")
+        codes_name = getattr(module, "onnx_codes", None)
+        if codes_name is None:
+            raise ValueError(f"layer {layer!r}: no stored output codes in the graph")
+        shape = qmodel.layers[layer].output_shape
+        mask = np.zeros((images, math.prod(shape)), dtype=np.uint8)
+        np.bitwise_xor.at(mask, (group.image.numpy(), group.index.numpy()), masks)
+        if layer in layouts:
+            mask = from_images(torch.from_numpy(mask).reshape(images, *shape), layouts[layer]).reshape(
+                images, -1).numpy()
+        quantize = next((n for n in graph.node if n.output and n.output[0] == codes_name), None)
+        if quantize is None:
+            raise ValueError(f"layer {layer!r}: the graph computes no tensor {codes_name!r} (a QOperator model?)")
+        signed = onnx.numpy_helper.to_array(inits[quantize.input[2]]).dtype == np.int8 if len(quantize.input) > 2 \
+            else False
+        name = f"{codes_name}{ACT_MASK_SUFFIX}"
+        feeds[name] = mask.view(np.int8) if signed else mask
+        element = onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8
+        graph.input.append(helper.make_tensor_value_info(name, element, [images, mask.shape[1]]))
+        faulty = f"{codes_name}__faulty"
+        for reader in readers(codes_name):
+            for i, inp in enumerate(reader.input):
+                if inp == codes_name:
+                    reader.input[i] = faulty
+        after[codes_name] = [helper.make_node("Shape", [codes_name], [f"{name}_shape"]),
+                             helper.make_node("Reshape", [name, f"{name}_shape"], [f"{name}_shaped"]),
+                             helper.make_node("BitwiseXor", [codes_name, f"{name}_shaped"], [faulty])]
+        if any(output.name == codes_name for output in graph.output):
+            raise ValueError(f"layer {layer!r}: its stored codes are a graph output")
+    order = []
+    for node in graph.node:  # the graph is in topological order: each XOR right after the codes it edits
+        order.append(node)
+        for output in node.output:
+            order.extend(after.get(output, ()))
+    del graph.node[:]
+    graph.node.extend(order)
+    return proto, feeds
+
+
+def agreement_under_faults(model: Any, qmodel: Any, images: Any, ber: float = 1e-3) -> tuple[str, bool | None]:
+    """The view of a static ONNX model under one trial of act faults at `ber` (a fixed seed) against onnxruntime
+    running the model under the same faults (`onnx_under_faults`), on `images`, in words, and whether the outputs
+    are equal bit for bit (None: not checked, saying why). Faults move values where calibration never goes
+    (saturated codes, sums far from the usual): a fault-free check does not show the arithmetic agrees there."""
+    from torch.utils._pytree import tree_leaves
+
+    from .faults import FaultModel, sample_pattern, trial_generator
+    from .spec import Site
+    from .onnx_reader import load
+
+    count = len(images)
+    fault_model = FaultModel(Site.ACT, ber)
+    targets = qmodel.targets(fault_model.site)
+    if not targets:
+        return "not checked against onnxruntime under faults: the model has no act site", None
+    pattern = sample_pattern(fault_model, targets, count, trial_generator(0, "onnx load check under faults", 0))
+    try:
+        import onnxruntime as ort
+
+        original = load(model)
+        initializers = {i.name for i in original.graph.initializer}
+        names = [i.name for i in original.graph.input if i.name not in initializers]
+        proto, masks = onnx_under_faults(original, qmodel, pattern, count)
+        session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        tensors = images.tensors if hasattr(images, "tensors") else (images,)
+        feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
+        theirs = [torch.from_numpy(out) for out in session.run(None, {**feeds, **masks})]
+    except Exception as error:  # noqa: BLE001 - no check, said so: the fault-free one stands alone
+        reason = str(error).splitlines()[0][:200] if str(error) else ""
+        return (f"not checked against onnxruntime under faults ({type(error).__name__}: {reason}): its arithmetic on "
+                "faulty values is known from the fault-free check and the kernels' probes only"), None
+    with torch.no_grad():
+        ours = [t for t in tree_leaves(qmodel(images, pattern)) if isinstance(t, torch.Tensor)]
+        clean = [t for t in tree_leaves(qmodel(images)) if isinstance(t, torch.Tensor)]
+    moved = sum(int((a != b).sum()) for a, b in zip(ours, clean)) / max(1, sum(a.numel() for a in ours))
+    where = (f"checked against onnxruntime under a trial of act faults (BER {ber:g}: {len(pattern)} faults, which "
+             f"moved {moved:.0%} of the outputs) on {count} calibration images")
+    if len(theirs) == len(ours) and all(a.shape == b.shape and torch.equal(a, b.cpu()) for a, b in zip(theirs, ours)):
+        return f"{where}: outputs equal bit for bit", True
+    if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
+        return f"{where}: its outputs have other shapes than the view's", False
+    equal = sum(int((a == b.cpu()).sum()) for a, b in zip(theirs, ours))
+    return f"{where}: outputs differ ({equal} of {sum(a.numel() for a in theirs)} values exactly equal)", False
