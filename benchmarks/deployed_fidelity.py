@@ -415,7 +415,8 @@ def _onnx_torchvision_rows() -> dict[str, dict[str, float]]:
     """Each model random-init (seeded, 10 classes), exported and quantized by onnxruntime's quantize_static (QDQ,
     per-channel int8 weights, uint8 activations) on 32 random 64 x 64 images, read by the engine; logits on those
     images against onnxruntime's, and the share of the model's quantized layers onnxruntime's optimizer leaves as
-    float ops (named in the notes)."""
+    float ops (named in the notes); its kernels' probes, whether the load check under faults found the outputs equal,
+    and one trial of act and of weight faults against onnxruntime running them."""
     import warnings
 
     import torchvision
@@ -432,8 +433,11 @@ def _onnx_torchvision_rows() -> dict[str, dict[str, float]]:
                 qmodel = quantize(path, x)
             run = [n for n in qmodel.config["deployed_notes"] if "optimizer leaves as float ops" in n]
             in_float = int(run[0].split(" ", 1)[0]) if run else 0
+            checked = qmodel.config["deployed_notes"][1]  # the load check under faults, in words
             rows[f"onnx (u8), {name}"] = {**_exact(_onnx(path, x), qmodel(x)), "layers": float(len(qmodel.layers)),
-                                          "layers_onnxruntime_runs_in_float": float(in_float)}
+                                          "layers_onnxruntime_runs_in_float": float(in_float), **_probed(qmodel),
+                                          "load_check_under_faults_equal": float(checked.endswith("bit for bit")),
+                                          **_under_faults(path, qmodel, {"x": x}, trials=1)}
     return rows
 
 
