@@ -80,11 +80,9 @@ def onnx_under_faults(model: Any, qmodel: Any, pattern: Any, images: int) -> tup
         if layer in layouts:
             mask = from_images(torch.from_numpy(mask).reshape(images, *shape), layouts[layer]).reshape(
                 images, -1).numpy()
-        quantize = next((n for n in graph.node if n.output and n.output[0] == codes_name), None)
-        if quantize is None:
-            raise ValueError(f"layer {layer!r}: the graph computes no tensor {codes_name!r} (a QOperator model?)")
-        signed = onnx.numpy_helper.to_array(inits[quantize.input[2]]).dtype == np.int8 if len(quantize.input) > 2 \
-            else False
+        if not any(codes_name in n.output for n in graph.node):
+            raise ValueError(f"layer {layer!r}: the graph computes no tensor {codes_name!r}")
+        signed = qmodel.layers[layer].signed_activations  # int8 or uint8 stored codes, as the graph holds them
         name = f"{codes_name}{ACT_MASK_SUFFIX}"
         feeds[name] = mask.view(np.int8) if signed else mask
         element = onnx.TensorProto.INT8 if signed else onnx.TensorProto.UINT8
@@ -117,8 +115,8 @@ def agreement_under_faults(model: Any, qmodel: Any, images: Any, ber: float = 1e
     from torch.utils._pytree import tree_leaves
 
     from .faults import FaultModel, sample_pattern, trial_generator
-    from .spec import Site
     from .onnx_reader import load
+    from .spec import Site
 
     count = len(images)
     fault_model = FaultModel(Site.ACT, ber)
