@@ -392,7 +392,8 @@ def ao_under_faults(model: nn.Module, pattern: Any) -> nn.Module:
     weight codes flipped and repacked (weight)."""
     faulty = copy.deepcopy(model)
     for (site, name), group in pattern.groups.items():
-        module = faulty.get_submodule(name)
+        # a dynamic layer's view is named after the Linear inside the model's wrapper ("fc.linear" for "fc")
+        module = faulty.get_submodule(name if _has_submodule(faulty, name) else name.rsplit(".", 1)[0])
         masks = (torch.ones_like(group.bit) << group.bit).to(torch.uint8)
         if site.value == "weight":
             weight = module.weight()
@@ -419,3 +420,11 @@ def ao_under_faults(model: nn.Module, pattern: Any) -> nn.Module:
 
         module.register_forward_hook(edit)
     return faulty
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

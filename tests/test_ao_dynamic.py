@@ -12,13 +12,15 @@ import pytest
 import torch
 import torch.ao.nn.intrinsic as nni
 import torch.ao.quantization as tq
+from deployed_models import ao_under_faults
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pytest_hwfault import FaultPattern, quantize
+from pytest_hwfault import FaultModel, FaultPattern, quantize
 from pytest_hwfault.ao import dynamic_qparams
 from pytest_hwfault.deployed import DeployedFormatError
+from pytest_hwfault.faults import sample_pattern
 from pytest_hwfault.qmodel import SiteUnreachableError
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -159,6 +161,20 @@ def test_a_weight_fault_is_the_runtimes_with_that_code(per_channel_model: tuple[
         faulty = view(x, FaultPattern.from_faults([("weight", f"{name}.linear", index, bit, "flip")]))
         assert _bits_equal(faulty, runtime), name
     assert _bits_equal(view(x), _one_at_a_time(model, x))  # restored
+
+
+def test_a_trial_of_weight_faults_is_the_runtimes_with_those_codes(
+        per_channel_model: tuple[nn.Module, torch.Tensor]) -> None:
+    """A whole trial of weight faults (BER 1e-3, every dynamic layer): the view against the model with those codes
+    repacked (`ao_under_faults`), run one input at a time, bit for bit."""
+    model, x = per_channel_model
+    view = quantize(model, x)
+    fault_model = FaultModel("weight", 1e-3)
+    pattern = sample_pattern(fault_model, view.targets(fault_model.site), len(x), torch.Generator().manual_seed(8))
+    assert len(pattern.groups) == len(view.layers)
+    runtime = _one_at_a_time(ao_under_faults(model, pattern), x)
+    assert not torch.equal(runtime, _one_at_a_time(model, x))
+    assert _bits_equal(view(x, pattern), runtime)
 
 
 def test_a_qparams_fault_flips_a_stored_weight_scale(per_channel_model: tuple[nn.Module, torch.Tensor]) -> None:
