@@ -255,6 +255,39 @@ void hw_gap_positions(const double *logged, int64_t n, double log_q, double tota
     }
 }
 
+/* faults.sample_pattern's decoding of a draw over whole codes (each target's bits are its codes' 2^shift bits, the
+ * targets one after the other): fault k of target t (bounds[t] <= k < bounds[t + 1]), at position flat[k], is bit
+ * flat[k] & (2^shift - 1) of code (flat[k] >> shift) - firsts[t] of that target; a transient target's code is image
+ * x numels[t] + index (a shift and a mask where numels[t] is a power of two), a weight target's (numels[t] = 0) is
+ * the index, with image -1. Writes linear (the target's code), image, index and bit of every fault. */
+void hw_decode_faults(const int64_t *flat, int64_t targets, const int64_t *bounds, const int64_t *firsts,
+                      const int64_t *numels, int shift, int64_t *linear, int64_t *image, int64_t *index, int64_t *bit,
+                      int threads) {
+    const int64_t bits_mask = (INT64_C(1) << shift) - 1;
+    /* a target per task: a layer's faults are a few thousand at a high BER, too few to split */
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (bounds[targets] >= 65536)
+    for (int64_t t = 0; t < targets; t++) {
+        const int64_t lo = bounds[t], hi = bounds[t + 1], first = firsts[t], numel = numels[t];
+        const int pow2 = numel > 0 && (numel & (numel - 1)) == 0;
+        const int numel_shift = pow2 ? __builtin_ctzll((unsigned long long)numel) : 0;
+        for (int64_t k = lo; k < hi; k++) {
+            const int64_t code = (flat[k] >> shift) - first;
+            linear[k] = code;
+            bit[k] = flat[k] & bits_mask;
+            if (numel == 0) {
+                image[k] = -1;
+                index[k] = code;
+            } else if (pow2) {
+                image[k] = code >> numel_shift;
+                index[k] = code & (numel - 1);
+            } else {
+                image[k] = code / numel;
+                index[k] = code - image[k] * numel;
+            }
+        }
+    }
+}
+
 /* One tensor's sampled faults folded into one edit per code and placed in memory (inject.compose_canonical, then
  * layout.place): linear[k] is the row-major position of fault k's code in a batch of images,
  * bit[k] its bit; the faults are sorted by code with no (code, bit) twice, so a code's mask is the OR (= the sum) of

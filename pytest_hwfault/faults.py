@@ -373,24 +373,29 @@ def sample_pattern(
     width = len(positions[0])
     whole_codes = (model.burst == 1 and width & (width - 1) == 0
                    and all(p == tuple(range(width)) for p in positions))
-    if whole_codes:
+    decoded = None
+    if whole_codes:  # every fault's code, image, index and bit in one pass (or its torch ops)
         shift = width.bit_length() - 1
-        all_linear, all_bits = flat >> shift, flat & (width - 1)
+        decode = (flat, bounds, [(end - size) >> shift for end, size in zip(ends, sizes)],
+                  [t.numel if t.site.transient else 0 for t in targets], shift)
+        decoded = native.decode_faults(*decode)
+        if decoded is None:
+            decoded = native.eager_decode_faults(*decode)
     groups: dict[tuple[Site, str], LayerFaults] = {}
     for t, target in enumerate(targets):
         lo, hi = bounds[t], bounds[t + 1]
         if lo == hi:
             continue
-        if whole_codes:
-            linear, bit = all_linear[lo:hi] - ((ends[t] - sizes[t]) >> shift), all_bits[lo:hi]
+        if decoded is not None:
+            linear, image, index, bit = (row[lo:hi] for row in decoded)
         else:
             local = flat[lo:hi] - (ends[t] - sizes[t])
             width = len(positions[t])
             linear, bit = _divmod(local, width)  # image x numel + index, and the position among the code's bits
-        if target.site.transient:
-            image, index = _divmod(linear, target.numel)
-        else:
-            image, index = torch.full_like(linear, -1), linear
+            if target.site.transient:
+                image, index = _divmod(linear, target.numel)
+            else:
+                image, index = torch.full_like(linear, -1), linear
         if not whole_codes and positions[t] != tuple(range(width)):
             bit = torch.tensor(positions[t], dtype=torch.int64)[bit]
         # sorted by (image, index, bit) already: positions are, and each target's bits are image-major

@@ -60,6 +60,7 @@ _SIGNATURES = {
     "hw_requantize_wide": [_P, _P, _I, _I, _I, _P, _P, _P, _D, _D, _D, _D, _F, _C, _C],
     "hw_gap_positions": [_P, _I, _D, _D, _I, _P],
     "hw_compose_place": [_P, _P, _I, _I, _I, _P, _P, _C],
+    "hw_decode_faults": [_P, _I, _P, _P, _P, _C, _P, _P, _P, _P, _C],
     "hw_layer_norm_ort": [_P, _P, _P, _P, _I, _I, _F, _C],
     "hw_tanh_mlas": [_P, _P, _I, _P, _C],
     "hw_erf_mlas": [_P, _P, _I, _P, _C],
@@ -275,6 +276,26 @@ def eager_gap_positions(logged: torch.Tensor, log_q: float, total: int, last: in
     torch's ops, in place on `logged`: geometric gaps by inversion, clamped to `total`, summed from `last`."""
     gaps = logged.div_(log_q).floor_().clamp_(max=float(total)).to(torch.int64).add_(1)
     return torch.cumsum(gaps, 0).add_(last)
+
+
+def eager_decode_faults(flat: torch.Tensor, bounds: list[int], firsts: list[int], numels: list[int], shift: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`faults.sample_pattern`'s decoding of a draw over whole codes, on torch's ops (`decode_faults`): (linear, image,
+    index, bit) of every fault; target t's faults are flat[bounds[t]:bounds[t + 1]], its codes numbered from
+    firsts[t] in the draw's codes, numels[t] codes per image (0: a weight target, image -1)."""
+    from .faults import _divmod  # faults calls this module: imported here
+
+    codes, bit = flat >> shift, flat & ((1 << shift) - 1)
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for t, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+        linear = codes[lo:hi] - firsts[t]
+        image, index = _divmod(linear, numels[t]) if numels[t] else (torch.full_like(linear, -1), linear)
+        parts.append((linear, image, index))
+    if not parts:
+        empty = flat[:0]
+        return empty, empty, empty, bit
+    linear, image, index = (torch.cat([p[i] for p in parts]) for i in range(3))
+    return linear, image, index, bit
 
 
 def eager_layer_norm_ort(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, eps: float
@@ -776,8 +797,10 @@ def _check_requantize_edits(lib: ctypes.CDLL) -> str | None:
 
 def _check_sampling(lib: ctypes.CDLL) -> str | None:
     """hw_gap_positions against `eager_gap_positions` (rare, common and near-certain draws, gaps clamped to the
-    total, log(1 - u) = 0), and hw_compose_place against `inject.compose_canonical` then `layout.place` (row-major
-    and channels-last, sizes powers of two and not, several faults on a code, int32 and int64 words)."""
+    total, log(1 - u) = 0), hw_compose_place against `inject.compose_canonical` then `layout.place` (row-major
+    and channels-last, sizes powers of two and not, several faults on a code, int32 and int64 words), and
+    hw_decode_faults against `eager_decode_faults` (codes per image a power of two and not, a weight target, a target
+    without faults, one thread and several)."""
     from .inject import compose_canonical  # inject calls this module: imported here, once
     from .layout import place
 
@@ -807,6 +830,22 @@ def _check_sampling(lib: ctypes.CDLL) -> str | None:
             assert want_masks is not None
             if not (torch.equal(offsets[:codes], want_offsets) and torch.equal(masks[:codes], want_masks)):
                 return f"composing and placing {bits}-bit faults in a tensor of shape {shape}, strides {strides}"
+    # a draw over whole codes of four targets: row-major codes of 16 and 10 per image, a weight tensor, one with none
+    for shift, threads in ((3, 1), (3, max(2, torch.get_num_threads())), (0, 1), (5, 2)):
+        numels, images = [16, 10, 0, 7], [300, 4000, 1, 2]
+        sizes = [(n if n else 50) * i << shift for n, i in zip(numels, images)]
+        ends = [sum(sizes[: t + 1]) for t in range(len(sizes))]
+        flat = torch.randperm(ends[-1], generator=generator)[: ends[-1] // 3].sort().values
+        flat = flat[(flat < ends[2]) | (flat >= ends[3])]  # the fourth target draws nothing
+        bounds = [0, *torch.searchsorted(flat, torch.tensor(ends)).tolist()]
+        firsts = [(end - size) >> shift for end, size in zip(ends, sizes)]
+        decoded = eager_decode_faults(flat, bounds, firsts, numels, shift)
+        out = torch.empty(4, flat.numel(), dtype=torch.int64)
+        table = torch.tensor([*bounds, *firsts, *numels], dtype=torch.int64)
+        lib.hw_decode_faults(flat.data_ptr(), len(firsts), table.data_ptr(), table[len(firsts) + 1:].data_ptr(),
+                             table[2 * len(firsts) + 1:].data_ptr(), shift, *(row.data_ptr() for row in out), threads)
+        if not all(torch.equal(got, expected) for got, expected in zip(out, decoded)):
+            return f"decoding fault positions over codes of {1 << shift} bits"
     return None
 
 
@@ -1106,6 +1145,25 @@ def requantize_edit_relu(acc: torch.Tensor, bias: torch.Tensor | None, multiplie
         return False
     increment_version(acc)  # written in place, as torch's ops count it
     return True
+
+
+def decode_faults(flat: torch.Tensor, bounds: list[int], firsts: list[int], numels: list[int], shift: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """`eager_decode_faults` in one pass (four fresh tensors); None where it does not apply (not a flat CPU int64
+    tensor, the bounds not covering it)."""
+    lib = _active()
+    if (lib is None or flat.dtype != torch.int64 or flat.device.type != "cpu" or flat.dim() != 1
+            or not flat.is_contiguous() or len(bounds) != len(firsts) + 1 or len(firsts) != len(numels)
+            or not bounds or bounds[0] != 0 or bounds[-1] != flat.numel() or not 0 <= shift < 63
+            or any(a > b for a, b in zip(bounds, bounds[1:])) or min(numels, default=0) < 0):
+        return None
+    out = torch.empty(4, flat.numel(), dtype=torch.int64)
+    table = torch.tensor([*bounds, *firsts, *numels], dtype=torch.int64)
+    targets = len(firsts)
+    lib.hw_decode_faults(flat.data_ptr(), targets, table.data_ptr(), table[targets + 1:].data_ptr(),
+                         table[2 * targets + 1:].data_ptr(), shift, *(row.data_ptr() for row in out),
+                         torch.get_num_threads())
+    return out[0], out[1], out[2], out[3]
 
 
 def gap_positions(logged: torch.Tensor, log_q: float, total: int, last: int) -> torch.Tensor | None:

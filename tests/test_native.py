@@ -493,6 +493,56 @@ def test_composed_and_placed_faults_equal_torchs(batch: tuple[tuple[int, ...], t
 
 
 @needs_native
+@PROPERTY
+@given(numels=st.lists(st.sampled_from([0, 1, 3, 10, 16, 64, 100, 4096]), min_size=1, max_size=6),
+       images=st.integers(1, 40), shift=st.sampled_from([0, 3, 4, 5]), density=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**16), n_threads=st.sampled_from([1, 2]))
+def test_decoded_fault_positions_equal_torchs(numels: list[int], images: int, shift: int, density: float, seed: int,
+                                              n_threads: int) -> None:
+    """A draw over whole codes decoded into each fault's code, image, index and bit in one pass, against the torch
+    ops `sample_pattern` used before: codes per image a power of two or not, weight targets (0: image -1), targets
+    without faults, one thread and several."""
+    sizes = [(n if n else 37) * (images if n else 1) << shift for n in numels]
+    ends = [sum(sizes[: t + 1]) for t in range(len(sizes))]
+    generator = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(ends[-1], generator=generator)[: int(ends[-1] * density)].sort().values
+    bounds = [0, *torch.searchsorted(flat, torch.tensor(ends)).tolist()]
+    firsts = [(end - size) >> shift for end, size in zip(ends, sizes)]
+    want = native.eager_decode_faults(flat, bounds, firsts, numels, shift)
+    with threads(n_threads):
+        got = native.decode_faults(flat, bounds, firsts, numels, shift)
+    assert got is not None and all(torch.equal(a, b) for a, b in zip(got, want))
+    # what it does not read: bounds that leave faults out, or run backwards
+    assert native.decode_faults(flat, [0, *bounds[1:-1], max(0, len(flat) - 1)], firsts, numels, shift) is None \
+        or len(flat) == 0
+    if len(bounds) > 2 and bounds[1] > 0:
+        assert native.decode_faults(flat, [0, bounds[1], 0, *bounds[3:]], firsts, numels, shift) is None
+
+
+@needs_native
+@PROPERTY
+@given(site=st.sampled_from(["act", "weight", "acc"]), ber=st.sampled_from([1e-3, 1e-2, 0.2]),
+       numels=st.lists(st.integers(1, 300), min_size=1, max_size=5), images=st.integers(1, 20),
+       seed=st.integers(0, 2**16))
+def test_sampled_patterns_are_the_same_with_the_native_decoding(site: str, ber: float, numels: list[int],
+                                                                images: int, seed: int) -> None:
+    """`sample_pattern` with its native decoding and on torch's ops: the same faults, the same order."""
+    from pytest_hwfault.faults import FaultTarget
+
+    targets = [FaultTarget(FaultModel(site, ber).site, f"layer{i}", n, 32 if site == "acc" else 8)
+               for i, n in enumerate(numels)]
+    fast = sample_pattern(FaultModel(site, ber), targets, images, torch.Generator().manual_seed(seed))
+    with native.disabled():
+        slow = sample_pattern(FaultModel(site, ber), targets, images, torch.Generator().manual_seed(seed))
+    assert fast.to_json() == slow.to_json()
+    for key, group in fast.groups.items():
+        other = slow.groups[key]
+        assert (group._linear is None) == (other._linear is None)
+        if group._linear is not None and other._linear is not None:
+            assert group._linear[0] == other._linear[0] and torch.equal(group._linear[1], other._linear[1])
+
+
+@needs_native
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 def test_requantize_adds_in_the_eager_order(layout: str) -> None:
     """Accumulators near 2^22 (float32 steps by 0.5 there) nearly cancelled by a bias after scaling, with a zero
