@@ -33,7 +33,16 @@ from . import native
 from .bits import KINDS_BY_CODE, apply_bit_faults, fault_delta
 from .data import Batch, Inputs, as_args, call_model
 from .faults import FaultPattern, FaultTarget, LayerFaults, LayerSelector, Site, select_layers
-from .inject import Edit, apply_edit, apply_edit_to, check_bounds, code_dtype, compose, compose_placed
+from .inject import (
+    Edit,
+    apply_edit,
+    apply_edit_to,
+    check_bounds,
+    code_dtype,
+    compose,
+    compose_canonical,
+    compose_placed,
+)
 from .inplace import OwnOpsInPlace
 from .layout import CHANNELS_LAST, IMAGE_LAYOUTS, contiguous_strides, in_layouts, is_dense
 from .spec import ACC_BITS, QPARAM_BITS
@@ -395,8 +404,11 @@ class QuantizedModel:
         ]
 
     def _weight_edit(self, faults: LayerFaults) -> Edit:
-        """The edit of one layer's weight codes (held as integers: scale 1), on the model's device."""
+        """The edit of one layer's weight codes (held as integers: scale 1), on the model's device; sampled faults
+        (sorted, distinct, one kind) composed without the general fold, a few ops fewer per faulty layer."""
         faults = faults.to(self.device)
+        if faults.canonical and len(faults):
+            return compose_canonical(faults.index, faults.bit, int(faults.kind[0]), 1.0)
         return compose(faults.index, faults.bit, faults.kind, 1.0)
 
     def prepare(self, faults: FaultPattern | None, start: int, stop: int) -> dict[tuple[Any, ...], Edit]:
