@@ -208,6 +208,8 @@ def as_tensors(data: Any, samples: int | None = None) -> tuple[Batch, torch.Tens
         and len(data[0]) == len(data[1])
     ):
         x, y = data
+        if len(x) == 0:
+            raise DataError("the evaluation data is empty: (X, y) hold no images")
         _check_enough(len(x), samples)
         return (x, y) if samples is None else (x[:samples], y[:samples])
     xs: list[Batch] = []

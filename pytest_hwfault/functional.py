@@ -795,9 +795,16 @@ def _check_placement(model: nn.Module, x: Any, candidates: dict[str, nn.Module],
     batch split. A module layer that fails is returned (to be left out: its calls become functional calls); a call
     that fails stays in float, named with why. A folded call whose rows hold the images step by step (changing
     image i changes rows t x N + i only) is `Interleaved` instead; one whose number of rows changes stays in float."""
-    x = x[:4]  # a few images show the order as well as many, at a fraction of the forward passes' cost
+    # a few distinct images show the order as well as many, at a fraction of the forward passes' cost
+    distinct = _distinct_images(x, 4)
+    if len(distinct) < 2 <= len(x):  # copies of one image: no change of one into another shows anything
+        for index in placed_calls(plan):
+            _to_float(plan.calls[index], _SAME_IMAGES)
+        _name_calls(plan)
+        return {name: [_SAME_IMAGES] for name in candidates}
+    x = x[torch.tensor(distinct)] if distinct != list(range(len(distinct))) else x[:len(distinct)]
     images = len(x)
-    placed = [index for index, call in enumerate(plan.calls) if call.module is not None]
+    placed = placed_calls(plan)
     folded = [index for index in placed if isinstance(plan.calls[index].module, Folded)]
     if images < 2:  # one image shows no order: a folded call's rows could hold anything
         for index in folded:
@@ -881,6 +888,8 @@ _OUT_OF_ORDER = ("it folds images into its batch dimension (k rows per image) in
                  "so faults could not be placed per image")
 _OUT_OF_PLACE = ("its images are not in their own rows: changing one image changed another image's rows (a batch "
                  "reordered before it?), so faults could not be placed per image")
+_SAME_IMAGES = ("the first calibration batch holds copies of one image, so which rows hold which image cannot be "
+                "checked, and faults could not be placed per image: calibrate on distinct images")
 _VARYING_ROWS = ("its rows are not a fixed number per image: their number changed with the images' content (tokens "
                  "routed by content, as in a mixture of experts), so faults could not be placed per image")
 
@@ -954,6 +963,22 @@ class _Outputs:
         return (self.calls.keys() == other.calls.keys() and self.modules.keys() == other.modules.keys()
                 and all(equal(value, other.calls.get(key)) for key, value in self.calls.items())
                 and all(equal(value, other.modules.get(key)) for key, value in self.modules.items()))
+
+
+def placed_calls(plan: FunctionalPlan) -> list[int]:
+    """The calls of `plan` that are layers (the rest stay in float)."""
+    return [index for index, call in enumerate(plan.calls) if call.module is not None]
+
+
+def _distinct_images(x: Any, wanted: int) -> list[int]:
+    """The positions of up to `wanted` images of `x`, no two the same: the first, skipping repeats."""
+    chosen: list[int] = []
+    for index in range(len(x)):
+        if all(not _same_image(x, index, other) for other in chosen):
+            chosen.append(index)
+            if len(chosen) == wanted:
+                break
+    return chosen
 
 
 def _same_image(x: Any, a: int, b: int) -> bool:

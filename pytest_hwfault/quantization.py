@@ -195,8 +195,7 @@ def quantize(
         device = device or "cpu"
         fold_bn = False
     elif not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, a deployed int8 model (torch.ao, PT2E) or an ONNX model "
-                        f"(ModelProto or .onnx path), got {type(model).__qualname__}")
+        refuse_non_model(model)
     else:
         source_name = type(model).__qualname__
         refuse_torchscript(model, source_name)
@@ -252,10 +251,12 @@ def quantize(
         candidates.update(plan.layers())
     if not candidates:
         kinds = sorted({type(m).__qualname__ for m in work.modules()} - {type(work).__qualname__})
+        reasons = sorted({reason for found in not_layers.values() for reason in found})
+        left_out = f"; left out {', '.join(sorted(not_layers))}, because {'; '.join(reasons)}" if not_layers else ""
         raise NoQuantizableLayerError(
             f"{source_name} has no quantizable layer: looked for modules of type "
             f"{', '.join(t.__name__ for t in QUANTIZABLE)}, attention and recurrent modules, and functional "
-            f"conv/linear/matmul/einsum/attention calls; found only: {', '.join(kinds) or 'no submodules'}"
+            f"conv/linear/matmul/einsum/attention calls; found only: {', '.join(kinds) or 'no submodules'}{left_out}"
         )
 
     # asymmetric: unsigned codes with a zero point, except the two operands of a matmul of activations
@@ -759,6 +760,15 @@ def _uncompile(work: nn.Module) -> list[str]:
             return names
         work.set_submodule(found[0], found[1]._orig_mod)
         names.append(found[0])
+
+
+def refuse_non_model(model: Any) -> None:
+    """What is neither a module nor an ONNX model is refused with what is allowed, before anything reads it."""
+    from .deployed import is_onnx
+
+    if not isinstance(model, nn.Module) and not is_onnx(model):
+        raise TypeError(f"model must be a torch.nn.Module, a deployed int8 model (torch.ao, PT2E) or an ONNX model "
+                        f"(ModelProto or .onnx path), got {type(model).__qualname__}")
 
 
 def refuse_torchscript(model: nn.Module, source_name: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,28 @@ def test_more_samples_than_the_data_holds_are_refused() -> None:
         assert len(prepare(_mlp(), data, samples=20, bits=8, cache=ModelCache(), device=CPU).inputs) == 20
     with pytest.raises(DataError, match=message):
         Campaign(quantize(_mlp(), x), x, y, CampaignSpec(site="act", ber=1e-3, min_acc=0.0, samples=21), "t")
+
+
+def test_empty_evaluation_data_is_refused() -> None:
+    """Zero images as (X, y) tensors crashed in a reshape; as a DataLoader they were refused: both refused."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = torch.randn(0, 8), torch.randint(0, 3, (0,))
+    for data in ((x, y), DataLoader(TensorDataset(x, y), batch_size=6)):
+        with pytest.raises(DataError, match="the evaluation data is empty"):
+            prepare(_mlp(), data, samples=None, bits=8, cache=ModelCache(), device=CPU)
+
+
+def test_what_is_no_model_is_refused_saying_what_is_allowed(tmp_path: Path) -> None:
+    """An int reached the fingerprint and failed there ('int' object has no attribute 'named_modules'); a missing
+    .onnx file is the file system's error, naming the path."""
+    x, y = torch.randn(8, 8), torch.randint(0, 3, (8,))
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, a deployed int8 model \(torch.ao, PT2E\) "
+                                        r"or an ONNX model \(ModelProto or .onnx path\), got int"):
+        prepare(42, (x, y), samples=None, bits=8, cache=ModelCache(), device=CPU)  # type: ignore[arg-type]
+    missing = tmp_path / "missing.onnx"
+    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+        prepare(missing, (x, y), samples=None, bits=8, cache=ModelCache(), device=CPU)  # type: ignore[arg-type]
 
 
 def test_resolve_device() -> None:

@@ -1717,3 +1717,28 @@ def test_a_layer_reading_the_batch_reordered_stays_in_float_named(how: str) -> N
         pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(5, site, 0))
         split = torch.cat([qmodel(x[:2], pattern), qmodel(x[2:], pattern, image_offset=2)])
         assert torch.equal(qmodel(x, pattern), split), site
+
+
+def test_repeated_calibration_images_are_skipped_when_placement_is_checked() -> None:
+    """The placement check changes one of the first calibration images into another: with the first four the same
+    (zero padding images, a repeated sample) it showed nothing, and every layer was left out with a message
+    listing the very Conv2d and Linear it could not use. It now takes the first distinct images, and where the
+    batch holds copies of one image only, refuses saying so."""
+    from pytest_hwfault.quantization import NoQuantizableLayerError
+
+    with seeded(37):
+        model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)).eval()
+        x = torch.rand(16, 1, 8, 8)
+    x[:6] = 0.0  # the first six images the same
+    qmodel = quantize(model, x)
+    assert list(qmodel.layers) == ["0", "3"]
+    for site in ("act", "input"):  # each image's faults in its own rows: the same results however the batch splits
+        from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+        fault_model = FaultModel(site, 2e-2)
+        pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x), trial_generator(6, site, 0))
+        split = torch.cat([qmodel(x[:7], pattern), qmodel(x[7:], pattern, image_offset=7)])
+        assert torch.equal(qmodel(x, pattern), split), site
+    with pytest.raises(NoQuantizableLayerError, match=r"left out 0, 3, because the first calibration batch holds "
+                                                      r"copies of one image"):
+        quantize(model, torch.zeros(16, 1, 8, 8))
