@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from .data import Batch, as_tensors
 from .faults import FaultModel, FaultPattern, sample_pattern
@@ -104,13 +106,18 @@ REPEAT_IMAGES = 2  # images in the two fault-free passes that show a forward is 
 def check_repeatable(qmodel: QuantizedModel, inputs: Batch, images: int = REPEAT_IMAGES) -> None:
     """Refuse a view whose fault-free output changes between two passes over the same images (dropout left on in
     eval mode, random ops, state a forward updates): a trial's critical faults are images whose prediction differs
-    from the fault-free one, and faults could not be told from the model's own randomness. Also one pass over one
-    image: trials run the faulty images alone, so a batch of one must keep its batch dimension."""
+    from the fault-free one, and faults could not be told from the model's own randomness. So is one whose passes
+    agree but change a module's plain attribute (`_check_attributes_kept`). Also one pass over one image: trials
+    run the faulty images alone, so a batch of one must keep its batch dimension."""
     x = inputs[:images]
-    first, second = (select_logits(qmodel._forward(x, None, 0), len(x)).detach() for _ in range(2))
+    first = select_logits(qmodel._forward(x, None, 0), len(x)).detach()
+    state = _plain_attributes(qmodel.module)  # after one pass: a lazy first-call set-up is no change
+    second = select_logits(qmodel._forward(x, None, 0), len(x)).detach()
+    state_after = _plain_attributes(qmodel.module)
     alone = select_logits(qmodel._forward(x[:1], None, 0), 1).detach()
     if first.shape == second.shape and torch.equal(torch.nan_to_num(first), torch.nan_to_num(second)) and \
             torch.equal(first.isnan(), second.isnan()):
+        _check_attributes_kept(state, state_after)
         _check_images_independent(first, alone)
         return
     differs = "shape" if first.shape != second.shape else \
@@ -120,6 +127,31 @@ def check_repeatable(qmodel: QuantizedModel, inputs: Batch, images: int = REPEAT
         f"({differs}): its forward is not repeatable (dropout active in eval mode, e.g. F.dropout(x, training=True); "
         "random ops; state updated in forward), so the faults' effect cannot be told from its own randomness. "
         "Make the forward deterministic in eval mode (F.dropout(x, training=self.training))")
+
+def _plain_attributes(model: nn.Module) -> dict[tuple[str, str], Any]:
+    """Every module's attributes that are plain values (numbers, strings, None), by (module, attribute)."""
+    return {(name, attribute): value for name, module in model.named_modules()
+            for attribute, value in vars(module).items() if isinstance(value, (bool, int, float, str, type(None)))}
+
+
+def _check_attributes_kept(before: dict[tuple[str, str], Any], after: dict[tuple[str, str], Any]) -> None:
+    """Refuse a forward that changes a module's plain attribute at every call (a call counter, a step the forward
+    advances): its output may depend on how often it ran, which two equal passes cannot show, and a campaign runs
+    the forward many times."""
+    changed = [(key, before.get(key), after.get(key)) for key in sorted(before.keys() | after.keys(), key=str)
+               if before.get(key, _MISSING) != after.get(key, _MISSING)
+               and not (isinstance(before.get(key), float) and math.isnan(before[key])
+                        and isinstance(after.get(key), float) and math.isnan(after[key]))]
+    if changed:
+        shown = ", ".join(f"{name or '(the model)'}.{attribute}: {old!r} -> {new!r}"
+                          for (name, attribute), old, new in changed[:3])
+        raise EvaluationError(
+            f"the model's forward changes {len(changed)} attribute(s) at every call ({shown}): its output may depend "
+            "on how often it ran (a call counter, a schedule the forward advances), which a campaign's many passes "
+            "would confound with the faults. Keep such state out of the eval-mode forward")
+
+
+_MISSING = object()
 
 # How far one image's logits computed alone may lie from the same image's in a batch, as a share of the batch's
 # largest logit: float ops between layers may round differently for another batch size, and a downstream layer may

@@ -271,6 +271,42 @@ def test_a_model_whose_forward_is_not_repeatable_is_refused(how: str) -> None:
         Campaign(quantize(model, x), x, y, spec, "t").run()
 
 
+class _Counting(nn.Module):
+    """A forward that advances a call counter and changes its output from the third call on: two passes agree."""
+
+    def __init__(self, lazy: bool = False) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(16, 8), nn.Linear(8, 4)
+        self.calls, self.lazy, self.ready = 0, lazy, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lazy:  # set up on the first call only, then constant
+            self.ready = True
+            return self.head(torch.relu(self.fc(x)))
+        self.calls += 1
+        out = self.head(torch.relu(self.fc(x)))
+        return out if self.calls < 3 else out.flip(1)
+
+
+def test_a_forward_that_counts_its_calls_is_refused_and_a_lazy_set_up_is_not() -> None:
+    """A model whose output depends on how often its forward ran gave equal passes at the repeatability check (the
+    counter had not reached its step) and then flipped its logits for the rest of the campaign: its accuracy was
+    measured on another function than the one checked. A plain attribute that changes between the check's two
+    passes is refused, naming it; one set on the first call only (lazy set-up) is not."""
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        x, y = torch.randn(40, 16), torch.randint(0, 4, (40,))
+        spec = CampaignSpec(site="act", ber=1e-3, min_acc=0.0, budget=2)
+        counting = _Counting().eval()
+        qmodel = quantize(counting, x)
+        counting_view = qmodel.module
+        counting_view.calls = -100  # far from its step: the check's passes agree
+        with pytest.raises(EvaluationError, match=r"changes 1 attribute\(s\) at every call \(\(the model\)\.calls: "
+                                                  r"-99 -> -98\)"):
+            Campaign(qmodel, x, y, spec, "t")
+        Campaign(quantize(_Counting(lazy=True).eval(), x), x, y, spec, "t").run()
+
+
 class _BatchMixing(nn.Module):
     """Self-attention over [N, T, D] inputs; `batch_first=False` (nn.MultiheadAttention's default) attends across
     the N images at each position instead of across the T positions of each image."""
