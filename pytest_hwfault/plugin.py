@@ -61,21 +61,22 @@ INCONCLUSIVE_POLICIES = ("fail", "pass")
 
 
 # -- argument parsers: reject bad values while options are parsed -------------------------------------------------
-def _non_negative_int(text: str) -> int:
+def _integer_from(text: str, low: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected a non-negative integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is negative; expected a non-negative integer")
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected {expected}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{text!r} is below {low}; expected {expected}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    return _integer_from(text, 0, "a non-negative integer")
 
 
 def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("0 trials; expected a positive integer")
-    return value
+    return _integer_from(text, 1, "a positive integer")
 
 
 def _confidence(text: str) -> float:

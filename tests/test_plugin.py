@@ -283,6 +283,7 @@ def test_passes(hwfault, model, val_data):
         ("--hwfault-confidence=2", "outside [0.5, 1)"),
         ("--hwfault-confidence=abc", "not a number"),
         ("--hwfault-budget=0", "expected a positive integer"),
+        ("--hwfault-budget=-1", "below 1; expected a positive integer"),  # said "non-negative", which 0 is not
         ("--hwfault-seed=-1", "non-negative"),
         ("--hwfault-device=tpu", "not one of: cpu, cuda, auto"),
         ("--hwfault-inconclusive=maybe", "not one of: fail, pass"),
