@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -386,7 +386,8 @@ class Campaign:
     def __init__(self, qmodel: QuantizedModel, inputs: Batch, labels: torch.Tensor, spec: CampaignSpec,
                  name: str, *, identity: dict[str, str] | None = None, batch_size: int = 256,
                  drop_fault_free: bool = True, late_start: bool = True,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, paired: bool = True) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, paired: bool = True, notes: Sequence[str] = ()) -> None:
+        """`notes`: what the report should say about the model as given, ahead of the view's own notes."""
         if spec.bits != qmodel.config["bits"]:
             raise ValueError(f"campaign asks for bits={spec.bits} but the model was quantized to "
                              f"{qmodel.config['bits']} bits")
@@ -396,6 +397,7 @@ class Campaign:
                                 f"images: give more data, or ask for samples={len(inputs)} or fewer")
             inputs, labels = inputs[: spec.samples], labels[: spec.samples]
         self.qmodel, self.inputs, self.labels, self.spec, self.name = qmodel, inputs, labels, spec, name
+        self.notes = list(notes)
         self.batch_size = batch_size
         self.drop_fault_free = drop_fault_free
         self.use_late_start, self.cache_bytes = late_start, cache_bytes
@@ -446,7 +448,8 @@ class Campaign:
                               self.quantized_accuracy, layers, identity=dict(self.identity),
                               coverage=self.coverage.to_dict(), model_format=self.qmodel.config["source"],
                               mitigation=self.mitigation.describe() if self.mitigation is not None else {},
-                              model_notes=[str(n) for n in self.qmodel.config.get("deployed_notes") or []])
+                              model_notes=[*self.notes,
+                                           *(str(n) for n in self.qmodel.config.get("deployed_notes") or [])])
 
     def pattern(self, trial: int) -> FaultPattern:
         """The exact faults of trial `trial`: replayable, exportable."""

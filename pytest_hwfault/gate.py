@@ -97,6 +97,15 @@ def prepare(model: nn.Module | QuantizedModel, data: Any, *, samples: int | None
                                              "data": tensor_fingerprint(*_tensors(inputs), labels)})
 
 
+TRAINING_MODE_NOTE = ("the model was given in training mode; it is gated as it runs in eval mode (a private copy: "
+                      "BatchNorm on its running statistics, dropout off), and its float accuracy too")
+
+
+def model_notes(model: Any) -> list[str]:
+    """What a report should say about the model as given, which its (cached) quantized view cannot know."""
+    return [TRAINING_MODE_NOTE] if isinstance(model, nn.Module) and model.training else []
+
+
 def _tensors(batch: Batch) -> tuple[torch.Tensor, ...]:
     return batch.tensors if isinstance(batch, Inputs) else (batch,)
 
@@ -141,7 +150,7 @@ def assess(
     prepared = prepare(model, data, samples=spec.samples, bits=spec.bits, cache=cache, device=device,
                        calibration_data=calibration_data, quantize_options=quantize_options)
     campaign = Campaign(prepared.qmodel, prepared.inputs, prepared.labels, spec, name, identity=prepared.identity,
-                        late_start=cache_bytes > 0, cache_bytes=cache_bytes)
+                        late_start=cache_bytes > 0, cache_bytes=cache_bytes, notes=model_notes(model))
     allowed = execution.ci_slice.trials(spec.budget)
     whole = execution.ci_slice.count == 1
     if execution.shards == 1 or execution.run_root is None or not execution.run_root.is_dir():

@@ -153,3 +153,24 @@ def test_resolve_device() -> None:
         assert resolve_device("auto") == CPU
         with pytest.raises(RuntimeError, match="cuda"):
             resolve_device("cuda")
+
+
+def test_a_model_given_in_training_mode_is_gated_in_eval_mode_and_the_report_says_so() -> None:
+    """A model left in training mode (BatchNorm on batch statistics, dropout on) was gated, silently, as it runs in
+    eval mode: the report now says so. The cached view serves both modes; the note follows the model as given,
+    whose own flag is left as it was."""
+    from pytest_hwfault.gate import TRAINING_MODE_NOTE, assess
+    from pytest_hwfault.spec import CampaignSpec
+
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+        x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    spec = CampaignSpec(site="act", ber=1e-3, min_acc=0.0, budget=4, first=4)
+    cache = ModelCache()
+    trained = assess(model.train(), (x, y), spec, "t", cache=cache, device=CPU).result
+    assert trained.model_notes[:1] == [TRAINING_MODE_NOTE] and model.training
+    evaluated = assess(model.eval(), (x, y), spec, "t", cache=cache, device=CPU).result
+    assert TRAINING_MODE_NOTE not in evaluated.model_notes and cache.hits == 1
+    assert trained.quantized_accuracy == evaluated.quantized_accuracy
+    assert trained.float_accuracy == evaluated.float_accuracy
