@@ -153,7 +153,8 @@ class CampaignResult:
                              + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in changed.items()))
         for key in sorted(set(self.identity) & set(other.identity)):
             if self.identity[key] != other.identity[key]:
-                raise ValueError(f"partial results of {self.name} were run on different {key}s (fingerprint "
+                what = {"model": "models", "data": "data"}.get(key, key)
+                raise ValueError(f"partial results of {self.name} were run on different {what} (fingerprint "
                                  f"{self.identity[key][:12]} vs {other.identity[key][:12]}): build the model and "
                                  "data deterministically (seeded, thread-count independent) in every part")
         for attr in ("images", "float_accuracy", "quantized_accuracy"):

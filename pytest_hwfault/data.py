@@ -225,9 +225,42 @@ def as_tensors(data: Any, samples: int | None = None) -> tuple[Batch, torch.Tens
             break
     if not xs:
         raise DataError("the evaluation data is empty")
+    check_stable(data, xs[0], ys[0])
     x_all, y_all = concat(xs), torch.cat(ys)
     _check_enough(len(x_all), samples)
     return (x_all, y_all) if samples is None else (x_all[:samples], y_all[:samples])
+
+
+def check_stable(data: Any, inputs: Batch, labels: torch.Tensor | None, what: str = "the evaluation data") -> None:
+    """Refuse data whose first batch (`inputs`, `labels`: as first read) reads differently a second time (a random
+    augmentation in a Dataset's `__getitem__`, a loader's transform): a campaign run on one draw of such images is
+    a gate on that draw, its numbers change from run to run, and xdist shards (each reading the data itself) would
+    judge different images, or calibrate different models. Tensors given as such are not read again."""
+    if isinstance(data, (torch.Tensor, Inputs)) or (isinstance(data, (tuple, list)) and len(data) == 2
+                                                     and isinstance(data[0], (torch.Tensor, Inputs))):
+        return
+    again, again_labels = next(iter_batches(data))
+    n = min(len(again), len(inputs))  # a Dataset read in batches of another size: its first images
+    if not n or not _same(again[:n], inputs[:n]) or (again_labels is None) != (labels is None) or \
+            (labels is not None and again_labels is not None and not _same(again_labels[:n], labels[:n])):
+        raise DataError(
+            f"{what} ({_describe(data)}) gives different images when read twice: its first batch "
+            "changed between two reads, as a random transform (augmentation, noise, a random crop) makes it. A "
+            "gate must judge fixed images: use the evaluation transforms (deterministic resize, crop and "
+            "normalisation), or draw the images you mean to use once, with a seeded generator, and pass them as "
+            "tensors ((X, y) for evaluation data)")
+
+
+def _same(a: Batch, b: Batch) -> bool:
+    """Bit-for-bit equal tensors (NaN at the same places counts as equal: `check_finite` reports NaN inputs)."""
+    if isinstance(a, Inputs) or isinstance(b, Inputs):
+        return (isinstance(a, Inputs) and isinstance(b, Inputs) and len(a.tensors) == len(b.tensors)
+                and all(_same(s, t) for s, t in zip(a.tensors, b.tensors)))
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return torch.equal(a, b)
 
 
 def _check_enough(images: int, samples: int | None) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .campaign import Campaign, CampaignResult, TrialResult
-from .data import Batch, Inputs, as_tensors, check_finite, concat, iter_batches
+from .data import Batch, DataError, Inputs, as_tensors, check_finite, check_stable, concat, iter_batches
 from .identity import model_fingerprint, tensor_fingerprint
 from .late_start import DEFAULT_CACHE_BYTES
 from .quantization import QuantizedModel, quantize, refuse_non_model, refuse_torchscript
@@ -65,7 +65,11 @@ class Prepared:
 
 def calibration_tensor(calibration_data: Any) -> Batch:
     """The inputs of `calibration_data` (a tensor, (X, y), a DataLoader or a Dataset), checked finite."""
-    calibration = concat([x for x, _ in iter_batches(calibration_data)])
+    batches = list(iter_batches(calibration_data))
+    if not batches:
+        raise DataError("the calibration data is empty")
+    check_stable(calibration_data, *batches[0], "the calibration data")
+    calibration = concat([x for x, _ in batches])
     check_finite(calibration, "the calibration data")
     return calibration
 

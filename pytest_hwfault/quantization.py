@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 
-from .data import Inputs, call_model, iter_batches
+from .data import Inputs, call_model, check_stable, iter_batches
 from .decompose import Einsum, FusedAttentionOff, MatMul, decompose
 from .deployed import (
     ONEDNN_STEPS,
@@ -216,6 +216,7 @@ def quantize(
     first_batch = next(iter_batches(calibration_data, batch_size), None)
     if first_batch is None:
         raise ValueError("calibration_data is empty: give at least one batch of inputs")
+    check_stable(calibration_data, *first_batch, "calibration_data")  # read again, as calibration will
     if deployed is not None:  # a layer an exporter ran on the batch merged with the tokens, viewed per image
         deployed.notes.extend(unmerge_batches(work, deployed.layers, first_batch[0].to(device), call_model))
     # BN folding, code links, in-place chains and late start read the traced graph: it must be the forward's, as the

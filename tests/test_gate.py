@@ -107,6 +107,28 @@ def test_prepare_refuses_non_finite_inputs_and_calibration() -> None:
     assert len(prepared.inputs) == 10 and set(prepared.identity) == {"model", "data"}
 
 
+def test_calibration_data_that_reads_differently_twice_is_refused() -> None:
+    """Calibration images drawn anew at every read quantized another model in every run (under -n 2, in every shard:
+    an invalid campaign blamed on model construction); refused as such. Stable forms are read alike."""
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+    class Noisy(Dataset):
+        def __len__(self) -> int:
+            return 40
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            return torch.randn(8), i % 3
+
+    for data in (Noisy(), DataLoader(Noisy(), batch_size=16)):
+        with pytest.raises(DataError, match=r"the calibration data \(.*\) gives different images when read twice"):
+            calibration_tensor(data)
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    for data in (x, (x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=16)):
+        assert torch.equal(calibration_tensor(data), x)
+    with pytest.raises(DataError, match="the calibration data is empty"):
+        calibration_tensor(DataLoader(TensorDataset(x[:0], y[:0]), batch_size=16))
+
+
 def test_more_samples_than_the_data_holds_are_refused() -> None:
     """samples=1000 on 20 images ran on the 20 silently: a verdict about another set than the one asked for."""
     from torch.utils.data import DataLoader, TensorDataset

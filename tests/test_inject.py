@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pytest_hwfault.data import DataError
+from pytest_hwfault.data import DataError, as_tensors
 from pytest_hwfault.evaluate import accuracy, predict
 from pytest_hwfault.faults import Fault, FaultModel, FaultPattern, Site, sample_pattern, trial_generator
 from pytest_hwfault.inject import Edit, apply_edit, apply_edit_to, code_dtype, compose, compose_canonical
@@ -657,6 +657,34 @@ def test_a_shuffling_data_loader_is_rejected(q_mlp, digits) -> None:
     with pytest.raises(DataError, match="different lengths"):
         accuracy(q_mlp, (digits.x_test, digits.y_test[:-1]))
     assert issubclass(DataError, TypeError)
+
+
+class _Augmenting(torch.utils.data.Dataset):
+    """Items with noise from the global generator: a training-time transform handed to a gate."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, noise: float) -> None:
+        self.x, self.y, self.noise = x, y, noise
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i] + self.noise * torch.rand_like(self.x[i]), self.y[i]
+
+
+def test_data_that_reads_differently_twice_is_refused(q_mlp, digits) -> None:
+    # A random transform in the data gated one draw of images, different in every run: under -n 0 it passed, under
+    # -n 2 each shard read its own draw and the campaign was invalid. Both now refuse it before any trial.
+    x, y = digits.x_test[:300], digits.y_test[:300]
+    for data in (_Augmenting(x, y, 0.3), DataLoader(_Augmenting(x, y, 0.3), batch_size=64)):
+        with pytest.raises(DataError, match=r"different images when read twice.*pass them as tensors"):
+            accuracy(q_mlp, data)
+    # the same data without noise is read as tensors (equal to the tensors themselves), NaN inputs included
+    assert accuracy(q_mlp, _Augmenting(x, y, 0.0)) == accuracy(q_mlp, (x, y))
+    holed = x.clone()
+    holed[1, 3] = float("nan")
+    inputs, labels = as_tensors(_Augmenting(holed, y, 0.0))
+    assert torch.equal(inputs.nan_to_num(), holed.nan_to_num()) and torch.equal(labels, y)
 
 
 def test_accuracy_is_deterministic_in_its_seed(q_mlp, digits) -> None:

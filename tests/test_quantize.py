@@ -22,6 +22,7 @@ from conftest import (
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from pytest_hwfault.data import DataError
 from pytest_hwfault.faults import FaultPattern, Site
 from pytest_hwfault.qmodel import ControlFlowError
 from pytest_hwfault.quantization import NoQuantizableLayerError, QuantizedModel, quantize, state_checksum
@@ -149,6 +150,21 @@ def test_calibration_data_forms_give_identical_scales(digits, digits_mlp) -> Non
             assert other.layers[name].act_scale == layer.act_scale
             assert other.layers[name].input_scale == layer.input_scale
             assert torch.equal(other.layers[name].weight_codes, layer.weight_codes)
+
+    # calibration images drawn anew at every read (a training transform) are refused, naming the argument
+    noisy = [(xi + 0.1 * torch.rand_like(xi), yi) for xi, yi in zip(x, y)]
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(x)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return x[i] + 0.1 * torch.rand_like(x[i]), y[i]
+
+    with pytest.raises(DataError, match="calibration_data .* gives different images when read twice"):
+        quantize(digits_mlp, Noisy(), batch_size=64)
+    fixed = quantize(digits_mlp, noisy, batch_size=64)  # a list of items drawn once reads alike every time
+    assert fixed.layers.keys() == reference.layers.keys()
 
 
 # -- structure -------------------------------------------------------------------------------------------------------
@@ -371,7 +387,7 @@ def test_batches_of_another_per_image_shape_are_a_refusal() -> None:
             return 8
 
         def __getitem__(self, i: int) -> torch.Tensor:
-            return torch.randn(4, 10 if i < 4 else 12)
+            return torch.randn(4, 10 if i < 4 else 12, generator=torch.Generator().manual_seed(i))
 
     with pytest.raises(UnsupportedModelError, match=r"layer 'conv' \(Conv1d\) ran on tensors shaped .*faults are "
                                                     r"placed per image"):
