@@ -11,6 +11,12 @@ Weights: the share of the parameters read by multiply-accumulates that are held 
 no MAC op (embedding tables, norms, position embeddings, a weight an elementwise op multiplies) are counted apart
 and named with the ops that read them (`Coverage.unfaulted`).
 
+A multiply-accumulate written elementwise, a product of the images' values with a stored tensor (a parameter, a
+buffer, or what is computed from them alone) that a sum or mean then reduces (``(x[:, None] * w).sum(-1)``, a
+cosine similarity to learned prototypes, ``torch.linalg.vecdot``), has no flop formula either: the counter counts
+its products as MACs (op ``aten.mul+aten.sum``) and its stored operand as a weight MACs read. A product with a
+stored tensor that no sum reduces (a norm's or LayerScale's weight) is not a MAC.
+
 torch has no flop formula for some MAC ops (`aten._trilinear`, which nn.Bilinear runs; cdist's kernels): the
 counter brings its own. Any other MAC-heavy op it cannot count (a fused kernel without a formula) makes the coverage
 unknown: it is listed, and only ``min_coverage=0`` accepts it.
@@ -74,9 +80,17 @@ _EXTRA_FLOPS: dict[Any, Any] = {torch.ops.aten._grouped_mm: _grouped_mm_flops,
                                 torch.ops.aten._cdist_forward: _distance_flops,
                                 torch.ops.aten._euclidean_dist: _distance_flops}
 MEASURED_IMAGES = 2  # images in the measuring forward: MAC shares do not depend on the batch size
+# the name under which elementwise products summed (a MAC written as (x * w).sum(-1)) are counted
+PRODUCT_SUM = "aten.mul+aten.sum"
+_PRODUCTS = {torch.ops.aten.mul, torch.ops.aten.mul_}
+_REDUCTIONS = {torch.ops.aten.sum, torch.ops.aten.mean}
 # why the MACs of an op no layer computes stay in float, where the op tells
 _OP_REASONS = {"aten._grouped_mm": "aten._grouped_mm: a mixture of experts' experts (rows routed by content, so faults "
-                                   "could not be placed per image) run in float"}
+                                   "could not be placed per image) run in float",
+               PRODUCT_SUM: f"{PRODUCT_SUM}: a product of the images' values with a stored tensor, summed (a "
+                            "multiply-accumulate written elementwise, as (x[:, None] * w).sum(-1) or a cosine "
+                            "similarity to stored vectors), runs in float: written as a linear, matmul or einsum "
+                            "call it is quantized"}
 
 
 @dataclass(frozen=True)
@@ -159,6 +173,12 @@ class _MacCounter(TorchDispatchMode):
         self.readers: dict[int, set[str]] = defaultdict(set)  # storage -> the computing ops that read it
         self.flop_counts: dict[str, dict[Any, int]] = defaultdict(lambda: defaultdict(int))
         self.tracker = ModuleTracker()
+        # storages of the root's parameters and buffers and of what is computed from them alone, each with the
+        # parameters' and buffers' storages it is computed from; and the products of an images' tensor with one of
+        # them (storage -> (the product, kept alive so that its storage is not reused, and those sources)), MACs
+        # once a sum reduces them
+        self.stored: dict[int, frozenset[int]] = {}
+        self.products: dict[int, tuple[torch.Tensor, frozenset[int]]] = {}
         # flops per op of the innermost running module under `counting`'s root, by its first qualified name there
         self.own_counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.running: list[str | None] = []
@@ -170,6 +190,9 @@ class _MacCounter(TorchDispatchMode):
         name under `root` as `named_modules` names it: a module shared by two parents (CoaT's position encodings)
         is one module wherever it runs, and a functional call's layer is the caller's child where it is called."""
         names = {id(module): name for name, module in root.named_modules()} if root is not None else {}
+        if root is not None:
+            self.stored = {storage: frozenset((storage,)) for storage in
+                           (t.untyped_storage().data_ptr() for t in (*root.parameters(), *root.buffers()))}
 
         def enter(module: nn.Module, args: Any) -> None:
             self.running.append(names.get(id(module)))
@@ -210,13 +233,42 @@ class _MacCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         formula = flop_registry.get(packet) or _EXTRA_FLOPS.get(packet)
         if formula is not None:
-            flops = formula(*args, **kwargs, out_val=out)
-            for parent in set(self.tracker.parents):
-                self.flop_counts[parent][packet] += flops
-            innermost = next((name for name in reversed(self.running) if name is not None), None)
-            if innermost is not None:
-                self.own_counts[innermost][str(packet)] += flops
+            self._credit(packet, formula(*args, **kwargs, out_val=out))
+        elif not _MAC_OP.search(name) and not getattr(func, "is_view", False):
+            self._follow_stored(packet, args, kwargs, out)
         return out
+
+    def _credit(self, op: Any, flops: int) -> None:
+        """`flops` of `op` (an op packet, as FlopCounterMode keys them, or `PRODUCT_SUM`) to every running module,
+        and to the innermost one under the root."""
+        for parent in set(self.tracker.parents):
+            self.flop_counts[parent][op] += flops
+        innermost = next((name for name in reversed(self.running) if name is not None), None)
+        if innermost is not None:
+            self.own_counts[innermost][str(op)] += flops
+
+    def _follow_stored(self, packet: Any, args: Any, kwargs: Any, out: Any) -> None:
+        """Tracks what is computed from stored tensors alone, the products of the images' values with a stored
+        tensor, and counts a product's MACs when a sum or mean reduces it (`PRODUCT_SUM`)."""
+        inputs = [arg for arg in pytree.tree_leaves((args, kwargs)) if isinstance(arg, torch.Tensor)]
+        outputs = [value for value in pytree.tree_leaves(out) if isinstance(value, torch.Tensor)]
+        if not inputs or not outputs:
+            return
+        storages = [arg.untyped_storage().data_ptr() for arg in inputs]
+        if packet in _REDUCTIONS and storages[0] in self.products:
+            _, sources = self.products[storages[0]]
+            self._credit(PRODUCT_SUM, 2 * inputs[0].numel())
+            self.read |= sources  # the parameters the summed products read are weights MACs read
+            return
+        stored = [storage in self.stored for storage in storages]
+        if all(stored):  # computed from stored tensors alone: stored too (a normalised weight)
+            sources = frozenset().union(*(self.stored[storage] for storage in storages))
+            for value in outputs:
+                self.stored[value.untyped_storage().data_ptr()] = sources
+        elif (packet in _PRODUCTS and len(inputs) == 2 and sum(stored) == 1 and outputs[0].is_floating_point()
+              and inputs[stored.index(True)].numel() > 1):  # a scalar's product is a scaling, never a MAC
+            self.products[outputs[0].untyped_storage().data_ptr()] = (outputs[0],
+                                                                     self.stored[storages[stored.index(True)]])
 
 
 def _decomposes(func: Any) -> bool:

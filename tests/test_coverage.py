@@ -11,7 +11,7 @@ from torch import nn
 
 from pytest_hwfault.campaign import Campaign
 from pytest_hwfault.cifar_resnet import CifarResNet
-from pytest_hwfault.coverage import measure_coverage
+from pytest_hwfault.coverage import _OP_REASONS, PRODUCT_SUM, measure_coverage
 from pytest_hwfault.evaluate import EvaluationError
 from pytest_hwfault.quantization import quantize
 from pytest_hwfault.spec import CampaignSpec
@@ -161,24 +161,26 @@ class PairScorer(nn.Module):
 
 def test_macs_without_a_torch_flop_formula_are_counted_and_named() -> None:
     """nn.Bilinear and torch.cdist compute most of this model's MACs in float: before, the coverage counted neither
-    and claimed 100% (a gate would have passed on its Linear stem alone)."""
+    and claimed 100% (a gate would have passed on its Linear stem alone). The head's product-and-sum is counted too
+    (it was named only as a parameter an elementwise op multiplies)."""
     with seeded(5):
         model, x = PairScorer(), torch.randn(3, 16)
     coverage = _coverage(model, x)
-    stem, pair, cdist = 16 * 12, 12 * 12 * 6, 5 * 6
-    total = stem + pair + cdist
+    stem, pair, cdist, head = 16 * 12, 12 * 12 * 6, 5 * 6, 5 * 6
+    total = stem + pair + cdist + head
     assert coverage.macs == pytest.approx(stem / total, rel=1e-6)
     assert coverage.uncovered == [
         {"module": "pair", "ops": ["aten._trilinear"], "share": pytest.approx(pair / total, rel=1e-6)},
-        {"module": "", "ops": ["aten._cdist_forward"], "share": pytest.approx(cdist / total, rel=1e-6)}]
-    assert coverage.weights == pytest.approx(stem / (stem + pair + cdist), rel=1e-9)
+        {"module": "", "ops": ["aten._cdist_forward", PRODUCT_SUM],
+         "share": pytest.approx((cdist + head) / total, rel=1e-6), "why": [_OP_REASONS[PRODUCT_SUM]]}]
+    # every element of a weight read by a MAC is one MAC per image here: the weight share is the MAC share
+    assert coverage.weights == pytest.approx(stem / total, rel=1e-9)
     assert not coverage.reaches(0.5, "act") and not coverage.reaches(0.5, "weight")
-    # what no MAC op reads is named with the ops that read it: the product-and-sum head, the norm, the biases
+    # what no MAC op reads is named with the ops that read it: the norm, the biases
     assert {row["parameter"]: row["ops"] for row in coverage.unfaulted} == {
-        "scale": ["aten.mul"], "norm.weight": ["aten.native_layer_norm"],
-        "norm.bias": ["aten.native_layer_norm"], "pair.bias": ["aten.add"]}
-    assert coverage.unfaulted_parameters == 30 + 6 + 6 + 6
-    assert "feed no MAC op and are not faulted: scale (30: aten.mul)" in coverage.describe()
+        "norm.weight": ["aten.native_layer_norm"], "norm.bias": ["aten.native_layer_norm"], "pair.bias": ["aten.add"]}
+    assert coverage.unfaulted_parameters == 6 + 6 + 6
+    assert "<model> (aten._cdist_forward, aten.mul+aten.sum: " in coverage.describe()
 
 
 @pytest.mark.parametrize("shapes", [((4, 7), (5, 7)), ((2, 3, 7), (5, 7)), ((2, 30, 7), (2, 40, 7))],
@@ -319,3 +321,54 @@ def test_a_module_shared_by_two_parents_is_covered_where_it_runs() -> None:
         model, x = _SharedPositionEncoding(), torch.randn(4, 4, 6, 6)
     coverage = _coverage(model, x)
     assert coverage.macs == 1.0 and coverage.uncovered == [], coverage.describe()
+
+
+class ElementwiseHeads(nn.Module):
+    """MACs written elementwise against stored tensors (a product summed, a cosine similarity to prototypes, a
+    vecdot with a learned vector), beside products that are not MACs: a LayerScale, a norm, a pooling mask, a
+    scalar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(16, 12)
+        self.gamma = nn.Parameter(torch.rand(12) + 0.5)
+        self.norm = nn.LayerNorm(12)
+        self.protos = nn.Parameter(torch.randn(5, 12))
+        self.w = nn.Parameter(torch.randn(4, 12))
+        self.v = nn.Parameter(torch.randn(12))
+        self.t = nn.Parameter(torch.tensor([1.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(torch.relu(self.stem(x)) * self.gamma)
+        mask = (x[:, :12] > 0).float()
+        pooled = (h * mask).sum(-1, keepdim=True)  # the images' values times the images' values: pooling
+        scaled = (h * self.t).sum(-1, keepdim=True)  # a one-element parameter: a scaling
+        cosine = F.cosine_similarity(h[:, None, :], self.protos[None], dim=-1)
+        summed = (h[:, None, :] * self.w).sum(-1)
+        score = torch.linalg.vecdot(h, self.v)[:, None]
+        return torch.cat([cosine, summed, score, pooled, scaled], 1)
+
+
+def test_multiply_accumulates_written_elementwise_are_counted_and_refused() -> None:
+    """A product of the images' values with a stored tensor that a sum reduces is a MAC no flop formula counts: a
+    model written so passed a gate at 100% reach while its head ran in float. They are counted as float MACs and
+    their parameters as weights MACs read; products that are not MACs (scalings, norms, pooling) are not."""
+    from pytest_hwfault.coverage import require_coverage
+    from pytest_hwfault.evaluate import EvaluationError
+
+    with seeded(8):
+        model, x = ElementwiseHeads(), torch.randn(3, 16)
+    qmodel = quantize(model.eval(), x)
+    assert list(qmodel.layers) == ["stem"]
+    coverage = measure_coverage(qmodel, x)
+    stem, heads = 16 * 12, 5 * 12 + 4 * 12 + 12
+    assert coverage.macs == pytest.approx(stem / (stem + heads), rel=1e-9)
+    assert coverage.uncovered == [{"module": "", "ops": [PRODUCT_SUM], "why": [_OP_REASONS[PRODUCT_SUM]],
+                                   "share": pytest.approx(heads / (stem + heads))}]
+    # the prototypes count although their normalised copy is what the product reads
+    assert coverage.weights == pytest.approx(stem / (stem + heads), rel=1e-9)
+    assert {row["parameter"] for row in coverage.unfaulted} == {"gamma", "norm.weight", "norm.bias", "t"}
+    with pytest.raises(EvaluationError, match=r"left in float: <model> \(aten\.mul\+aten\.sum: 38\.5%; "
+                                                r"aten\.mul\+aten\.sum: a product of the images' values"):
+        require_coverage(qmodel, x, 1.0, "act")
+    assert require_coverage(qmodel, x, 0.61, "act").macs == coverage.macs
