@@ -334,6 +334,10 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
     `stored`: the ids of tensors computed from stored ones alone, which hold no image along any dimension."""
     if (op == "linear" or op in _CONVS) and id(named.get("weight")) not in parameters and id(named.get("weight")) \
             not in stored:  # a kernel per image (dynamic filters, a Siamese tracker's cross-correlation)
+        if isinstance(named.get("weight"), nn.Parameter):  # not the model's: the copy the view runs reads it
+            return None, None, ("its weight is a parameter outside the model (a forward that reads another "
+                                "module's weight, such as a function set as forward that closes over the module "
+                                "it replaced), which the view cannot hold as codes")
         return None, None, ("its weight is computed or selected from the images (a kernel per image, an expert "
                             "chosen by routing), not a stored tensor")
     if not isinstance(out, torch.Tensor) or out.dim() < 2 or not n or out.shape[0] % n:
@@ -522,7 +526,10 @@ class _Discover(TorchFunctionMode):
     (a functional call outside it, a second call inside it, a weight normalised or summed in a custom forward, a
     bias read by the model) would see codes: such a candidate is `foreign`, and `discover` leaves it out. So is one
     that runs on a tensor without the batch dimension (a Linear on learned latent queries): its call then runs in
-    float and the coverage names it.
+    float and the coverage names it. So is one whose forward returns anything but its own call's result as that call
+    left it (a subclass's or an instance's own forward adding a low-rank branch, scaling or casting the result), or
+    makes no call on its own weight (a forward set on the instance that computes with another module's): the engine
+    computes a layer as its own call alone, so its other compute would be lost; its calls become layers.
     """
 
     def __init__(self, model: nn.Module, batch: int, candidates: dict[str, nn.Module]) -> None:
@@ -546,6 +553,8 @@ class _Discover(TorchFunctionMode):
         self.ran: set[str] = set()
         self.running: list[str] = []  # the candidates running now, innermost last
         self.own_calls: dict[str, int] = {}  # own linear/conv calls in the candidate's current run
+        # its own call's op, result, and that result's version
+        self.own_results: dict[str, tuple[str, torch.Tensor, Any]] = {}
         self.foreign: dict[str, set[str]] = {}  # candidate -> what else read its weight or bias
         self.call_outputs: dict[int, torch.Tensor] | None = None  # call index -> its result (`_Outputs`)
         self.weight_holders: dict[tuple[Any, ...], nn.Module] = {}  # (parameter id, kind) -> its first layer
@@ -597,6 +606,8 @@ class _Discover(TorchFunctionMode):
         self._track_stored(func, args, kwargs, out)
         named = _arguments(op, args, kwargs) if op is not None else {}
         own = self._own(op, named)
+        if own and isinstance(out, torch.Tensor):
+            self.own_results[self.running[-1]] = (str(op), out, _version_of(out))
         where = self.stack[-1] if self.stack else ""
         if _function_name(func) not in _METADATA:
             for tensor in pytree.tree_leaves((args, kwargs)):
@@ -656,6 +667,7 @@ class _Discover(TorchFunctionMode):
                 self.ran.add(name)
                 self.running.append(name)
                 self.own_calls[name] = 0
+                self.own_results.pop(name, None)
                 first = args[0] if args else None
                 if isinstance(first, torch.Tensor) and (first.dim() == 0 or first.shape[0] != self.batch
                                                          or id(first) in self.stored):
@@ -666,7 +678,18 @@ class _Discover(TorchFunctionMode):
             if id(module) in self.names and self.stack:
                 self.stack.pop()
             if id(module) in self.candidates and self.running:
-                self.running.pop()
+                name = self.running.pop()
+                result = self.own_results.pop(name, None)
+                if not self.own_calls.get(name) and module._parameters.get("weight") is not None:
+                    self.foreign.setdefault(name, set()).add(
+                        f"its forward ({type(module).__qualname__}.forward"
+                        f"{', set on the instance' if 'forward' in module.__dict__ else ''}) makes no call of its "
+                        "own on its weight")
+                if result is not None and (out is not result[1] or _version_of(out) != result[2]):
+                    self.foreign.setdefault(name, set()).add(
+                        f"its forward ({type(module).__qualname__}.forward"
+                        f"{', set on the instance' if 'forward' in module.__dict__ else ''}) returns more than its "
+                        f"own {result[0]} call computes")
 
         handles = [nn.modules.module.register_module_forward_pre_hook(enter),
                    nn.modules.module.register_module_forward_hook(leave)]
@@ -677,6 +700,14 @@ class _Discover(TorchFunctionMode):
             for handle in handles:
                 handle.remove()
         _name_calls(self.plan)
+
+
+def _version_of(tensor: torch.Tensor) -> Any:
+    """A tensor's version counter (bumped by every in-place write), or None for one without (inference mode)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def _name_calls(plan: FunctionalPlan) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -343,6 +344,72 @@ def test_a_module_whose_weight_something_else_reads_is_not_a_layer(how: str) -> 
     assert torch.allclose(qmodel(x), expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
     coverage = measure_coverage(qmodel, x)
     assert coverage.complete  # a weight the forward computes from stored tensors is held as that layer's codes
+
+
+class _LoRALinear(nn.Linear):
+    """A Linear subclass whose forward adds a low-rank branch to its own call (as adapter libraries write it)."""
+
+    def __init__(self, features: int, out: int, how: str) -> None:
+        super().__init__(features, out)
+        self.how = how
+        self.down, self.up = nn.Parameter(torch.randn(features, 4)), nn.Parameter(torch.randn(4, out) * 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.how == "in-place":
+            return y.mul_(2.0)  # the call's own result, changed after it
+        if self.how == "plain":
+            return y  # what timm's Linear subclass does: its own call's result, untouched
+        return y + x @ self.down @ self.up
+
+
+def test_a_forward_set_on_the_instance_that_reads_another_modules_weight_is_named() -> None:
+    """`fc.forward = lambda h: F.linear(h, fc.weight, fc.bias)` closes over the user's module, not the view's copy:
+    the copy was a layer that made no call of its own, its kernel replaced the lambda and the view's first forward
+    failed with a call-order error. It is left out saying so, and its call (on the user's float weight) is named
+    as float compute, which min_coverage=1 refuses."""
+    with seeded(22):
+        model, x = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10)).eval(), torch.randn(64, 16)
+    fc = model[2]
+    fc.forward = lambda h: F.linear(h, fc.weight, fc.bias)  # type: ignore[method-assign]
+    qmodel = quantize(model, x)
+    assert list(qmodel.layers) == ["0"]
+    assert qmodel.config["not_layers"] == {
+        "2": ["its forward (Linear.forward, set on the instance) makes no call of its own on its weight"]}
+    coverage = measure_coverage(qmodel, x)
+    assert coverage.uncovered[0]["module"] == "2" and "a parameter outside the model" in coverage.uncovered[0]["why"][0]
+    assert not coverage.reaches(1.0, "act")
+
+
+@pytest.mark.parametrize("how", ["subclass", "in-place", "instance", "plain"])
+def test_a_module_whose_forward_computes_more_than_its_call_is_not_a_layer(how: str) -> None:
+    """The engine computes a layer module as its own linear/conv call. A Linear whose forward did more (a subclass
+    adding a LoRA branch, a forward set on the instance, the call's result scaled in place) was still a layer, and
+    the view computed its call alone: a gate judged the model without its adapter (its logits off by their own
+    size). Such a module is left out, naming why; its calls become layers and the view computes the model."""
+    with seeded(21):
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), _LoRALinear(32, 10, how)).eval()
+        x = torch.randn(64, 16)
+    if how == "instance":  # a plain Linear whose forward is replaced on the instance (bound: copied with it)
+        fc = nn.Linear(32, 10)
+        fc.down, fc.up = model[2].down, model[2].up
+
+        def adapted(self: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+            return F.linear(h, self.weight, self.bias) + h @ self.down @ self.up
+
+        fc.forward = types.MethodType(adapted, fc)  # type: ignore[method-assign]
+        model[2] = fc
+    qmodel = quantize(model, x, bits=16)
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(qmodel(x), expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
+    if how == "plain":
+        assert "2" in qmodel.layers and qmodel.config["not_layers"] == {}
+        return
+    assert "2" not in qmodel.layers and "2.linear()" in qmodel.layers
+    reason = qmodel.config["not_layers"]["2"]
+    assert len(reason) == 1 and "returns more than its own linear call computes" in reason[0], reason
+    assert ("set on the instance" in reason[0]) == (how == "instance")
 
 
 def test_an_embedding_tied_to_a_linear_head_keeps_the_head_a_layer() -> None:
