@@ -508,6 +508,15 @@ _REARRANGING = {"reshape", "view", "reshape_as", "view_as", "flatten", "unflatte
                 "movedim", "squeeze", "unsqueeze", "contiguous", "t"}
 
 
+# calls a layer module's forward may make on its input before its own call: the engine hands that forward the input's
+# codes, and these give the codes of what they give on the values (the input scale commutes with them); `pad` with a
+# zero fill, `mul`/`div` by a number or a stored tensor (`_Discover._keeps_codes`)
+_KEEPS_CODES = _REARRANGING | {"__getitem__", "narrow", "select", "expand", "expand_as", "clone", "detach", "to",
+                               "type_as", "float", "double", "chunk", "split", "pad", "dropout", "alpha_dropout",
+                               "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d", "mul", "__mul__",
+                               "__rmul__", "div", "__truediv__", "neg", "__neg__"}
+
+
 def _function_name(func: Any) -> str:
     """`func`'s name; an attribute read (Tensor.T) by the attribute's name."""
     owner = getattr(func, "__self__", None)
@@ -555,6 +564,10 @@ class _Discover(TorchFunctionMode):
         self.own_calls: dict[str, int] = {}  # own linear/conv calls in the candidate's current run
         # its own call's op, result, and that result's version
         self.own_results: dict[str, tuple[str, torch.Tensor, Any]] = {}
+        # per running candidate: its input and what its forward computed from it that holds the input's codes
+        # (`_KEEPS_CODES`), by id (the tensors held, so that their ids stay theirs)
+        self.input_like: dict[str, dict[int, torch.Tensor]] = {}
+        self.made_by: dict[int, str] = {}  # what a running candidate's forward computed, by id -> the call
         self.foreign: dict[str, set[str]] = {}  # candidate -> what else read its weight or bias
         self.call_outputs: dict[int, torch.Tensor] | None = None  # call index -> its result (`_Outputs`)
         self.weight_holders: dict[tuple[Any, ...], nn.Module] = {}  # (parameter id, kind) -> its first layer
@@ -573,6 +586,36 @@ class _Discover(TorchFunctionMode):
         if self.own_calls[owner] > 1:  # its hooks wrap one call per run
             return set()
         return {id(weight), id(bias)}
+
+    def _follow_input(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """Within the innermost running candidate's forward: note what it computes from its input that still holds
+        the input's codes (`_keeps_codes`), and what computed everything else (named if its own call reads it)."""
+        owner = self.running[-1]
+        like = self.input_like.get(owner)
+        name = _function_name(func)
+        results = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        keeps = like is not None and self._keeps_codes(name, args, kwargs, like)
+        for result in results:
+            if keeps and like is not None:
+                like[id(result)] = result
+            elif like is not None:
+                like.pop(id(result), None)
+                self.made_by[id(result)] = name
+
+    def _keeps_codes(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     like: dict[int, torch.Tensor]) -> bool:
+        """Whether the call gives codes where its first argument holds the running layer's input codes."""
+        if name not in _KEEPS_CODES or not args or id(args[0]) not in like:
+            return False
+        if name == "pad":
+            mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
+            value = kwargs.get("value", args[3] if len(args) > 3 else None)
+            return mode != "constant" or not value
+        if name in ("mul", "__mul__", "__rmul__", "div", "__truediv__"):
+            other = kwargs.get("other", args[1] if len(args) > 1 else None)
+            return isinstance(other, (int, float)) and not isinstance(other, bool) or \
+                isinstance(other, torch.Tensor) and id(other) in self.stored
+        return True
 
     def _track_stored(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         """Note `out` as stored (see `stored`) when every tensor the call read is, and no argument is the batch
@@ -607,7 +650,16 @@ class _Discover(TorchFunctionMode):
         named = _arguments(op, args, kwargs) if op is not None else {}
         own = self._own(op, named)
         if own and isinstance(out, torch.Tensor):
-            self.own_results[self.running[-1]] = (str(op), out, _version_of(out))
+            runner = self.running[-1]
+            self.own_results[runner] = (str(op), out, _version_of(out))
+            first = named.get("input")
+            if runner in self.input_like and id(first) not in self.input_like[runner]:
+                self.foreign.setdefault(runner, set()).add(
+                    f"its forward computes its own {op} call's input with {self.made_by.get(id(first), 'a call')} "
+                    "from its input (the engine hands a layer its input's codes, which only a rearrangement, a "
+                    "zero padding or a scaling keeps)")
+        elif self.running and op is None:
+            self._follow_input(func, args, kwargs, out)
         where = self.stack[-1] if self.stack else ""
         if _function_name(func) not in _METADATA:
             for tensor in pytree.tree_leaves((args, kwargs)):
@@ -669,6 +721,8 @@ class _Discover(TorchFunctionMode):
                 self.own_calls[name] = 0
                 self.own_results.pop(name, None)
                 first = args[0] if args else None
+                if isinstance(first, torch.Tensor):
+                    self.input_like[name] = {id(first): first}
                 if isinstance(first, torch.Tensor) and (first.dim() == 0 or first.shape[0] != self.batch
                                                          or id(first) in self.stored):
                     # a computation shared by every image (a Linear on learned latent queries): no image's fault
@@ -680,6 +734,7 @@ class _Discover(TorchFunctionMode):
             if id(module) in self.candidates and self.running:
                 name = self.running.pop()
                 result = self.own_results.pop(name, None)
+                self.input_like.pop(name, None)
                 if not self.own_calls.get(name) and module._parameters.get("weight") is not None:
                     self.foreign.setdefault(name, set()).add(
                         f"its forward ({type(module).__qualname__}.forward"
