@@ -735,7 +735,8 @@ class _Discover(TorchFunctionMode):
                 name = self.running.pop()
                 result = self.own_results.pop(name, None)
                 self.input_like.pop(name, None)
-                if not self.own_calls.get(name) and module._parameters.get("weight") is not None:
+                if not self.own_calls.get(name) and module._parameters.get("weight") is not None and \
+                        name not in self.foreign:  # (where something else read its weight, that says it)
                     self.foreign.setdefault(name, set()).add(
                         f"its forward ({type(module).__qualname__}.forward"
                         f"{', set on the instance' if 'forward' in module.__dict__ else ''}) makes no call of its "
