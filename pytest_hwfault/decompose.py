@@ -281,7 +281,7 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
     ``addmm(bias, x.view(-1, nx), weight)``, which merges the batch with the sequence."""
     weight = getattr(module, "weight", None)
     return (type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
-            and isinstance(weight, torch.Tensor) and weight.dim() == 2)
+            and isinstance(weight, torch.Tensor) and weight.dim() == 2 and "forward" not in module.__dict__)
 
 
 def _linear_of_conv1d(module: nn.Module) -> nn.Linear:
@@ -296,15 +296,30 @@ def _linear_of_conv1d(module: nn.Module) -> nn.Linear:
     return linear.to(weight.device)
 
 
+def _own_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether `module` runs another forward than `base`'s (a subclass's, or one set on the instance), which a
+    rewrite of `base`'s forward would not reproduce."""
+    return "forward" in module.__dict__ or type(module).forward is not base.forward
+
+
 def decompose(model: nn.Module) -> list[tuple[str, str]]:
     """Replace, in place on `model` (a private copy), every attention and recurrent module the rewrite reproduces;
-    returns (name, original type) of each replaced module."""
+    returns (name, original type) of each replaced module. The rewrites reproduce the torch classes' own forwards:
+    a subclass with its own (a recurrent net that scales or normalises its outputs) keeps it; its attention calls
+    are then layers call by call (`functional`), and its recurrent op runs in float, named with why."""
     replaced: list[tuple[str, str]] = []
     for name, module in list(model.named_modules()):
         new: nn.Module | None = None
-        if isinstance(module, nn.MultiheadAttention) and module.bias_k is None and not module.add_zero_attn:
+        recurrent = next((kind for kind in (nn.LSTM, nn.GRU, nn.RNN) if isinstance(module, kind)), None)
+        if isinstance(module, nn.MultiheadAttention) and _own_forward(module, nn.MultiheadAttention):
+            pass
+        elif recurrent is not None and _own_forward(module, recurrent):
+            module.uncovered_reason = (
+                f"{type(module).__qualname__} runs its own forward, not {recurrent.__name__}'s: the engine rewrites "
+                f"only {recurrent.__name__}'s own forward into quantized pieces, so its recurrent MACs run in float")
+        elif isinstance(module, nn.MultiheadAttention) and module.bias_k is None and not module.add_zero_attn:
             new = SplitMultiheadAttention(module)
-        elif isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
+        elif recurrent is not None:
             new = UnrolledRecurrent(module)
         elif _is_hf_conv1d(module):  # the same function as a Linear whose input keeps its batch dimension
             new = _linear_of_conv1d(module)

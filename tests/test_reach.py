@@ -453,6 +453,54 @@ def test_a_layer_whose_forward_transforms_its_input_is_a_layer_only_where_codes_
                                                  "a rearrangement, a zero padding or a scaling keeps)"]}
 
 
+class _ScaledLSTM(nn.LSTM):
+    def forward(self, x: torch.Tensor, hx: Any = None) -> tuple[torch.Tensor, Any]:  # type: ignore[override]
+        out, state = super().forward(x, hx)
+        return out * 3.0 + 1.0, state
+
+
+class _ScaledAttention(nn.MultiheadAttention):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,  # type: ignore[override]
+                **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        out, weights = super().forward(q, k, v, **kwargs)
+        return out * 3.0 + 1.0, weights
+
+
+@pytest.mark.parametrize("kind", ["lstm", "attention"])
+def test_a_recurrent_or_attention_subclass_with_its_own_forward_keeps_it(kind: str) -> None:
+    """The rewrites of nn.LSTM and nn.MultiheadAttention reproduce those classes' forwards. A subclass whose forward
+    scaled their outputs was rewritten as the base class (the view off by 66-72% of the logits' size at 16 bits,
+    at 100% reach). It keeps its forward: the attention's calls become layers one by one, the recurrent op runs in
+    float and the coverage says why, which min_coverage=1 refuses."""
+    with seeded(24):
+        inner = _ScaledLSTM(8, 16, batch_first=True) if kind == "lstm" else _ScaledAttention(8, 2, batch_first=True)
+        head = nn.Linear(16 if kind == "lstm" else 8, 4)
+        x = torch.randn(16, 5, 8)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.head = inner, head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.inner(x)[0] if kind == "lstm" else self.inner(x, x, x, need_weights=False)[0]
+            return self.head(out.mean(1))
+
+    model = Net().eval()
+    qmodel = quantize(model, x, bits=16)
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.allclose(qmodel(x), expected, rtol=0, atol=1e-3 * float(expected.abs().max()))
+    coverage = measure_coverage(qmodel, x)
+    if kind == "attention":
+        assert "inner.linear()" in qmodel.layers and coverage.complete, coverage.describe()
+        return
+    assert list(qmodel.layers) == ["head"] and not coverage.reaches(1.0, "act")
+    assert coverage.uncovered[0]["module"] == "inner" and coverage.uncovered[0]["why"] == [
+        "_ScaledLSTM runs its own forward, not LSTM's: the engine rewrites only LSTM's own forward into quantized "
+        "pieces, so its recurrent MACs run in float"]
+
+
 def test_an_embedding_tied_to_a_linear_head_keeps_the_head_a_layer() -> None:
     """Tied language-model heads: the embedding reads the table through itself, and keeps its float values when
     the head's weight becomes codes, so the head stays a layer."""
