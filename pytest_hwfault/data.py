@@ -239,16 +239,19 @@ def check_stable(data: Any, inputs: Batch, labels: torch.Tensor | None, what: st
     if isinstance(data, (torch.Tensor, Inputs)) or (isinstance(data, (tuple, list)) and len(data) == 2
                                                      and isinstance(data[0], (torch.Tensor, Inputs))):
         return
-    again, again_labels = next(iter_batches(data))
+    first = next(iter_batches(data), None)
+    if first is None:  # a stream read once (an IterableDataset that does not restart): this process's read stands
+        return
+    again, again_labels = first
     n = min(len(again), len(inputs))  # a Dataset read in batches of another size: its first images
     if not n or not _same(again[:n], inputs[:n]) or (again_labels is None) != (labels is None) or \
             (labels is not None and again_labels is not None and not _same(again_labels[:n], labels[:n])):
         raise DataError(
             f"{what} ({_describe(data)}) gives different images when read twice: its first batch "
-            "changed between two reads, as a random transform (augmentation, noise, a random crop) makes it. A "
-            "gate must judge fixed images: use the evaluation transforms (deterministic resize, crop and "
-            "normalisation), or draw the images you mean to use once, with a seeded generator, and pass them as "
-            "tensors ((X, y) for evaluation data)")
+            "changed between two reads, as a random transform (augmentation, noise, a random crop) or a stream "
+            "that does not restart where it began makes it. A gate must judge fixed images: use the evaluation "
+            "transforms (deterministic resize, crop and normalisation), or draw the images you mean to use once, "
+            "with a seeded generator, and pass them as tensors ((X, y) for evaluation data)")
 
 
 def _same(a: Batch, b: Batch) -> bool:

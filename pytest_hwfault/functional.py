@@ -509,12 +509,12 @@ _REARRANGING = {"reshape", "view", "reshape_as", "view_as", "flatten", "unflatte
 
 
 # calls a layer module's forward may make on its input before its own call: the engine hands that forward the input's
-# codes, and these give the codes of what they give on the values (the input scale commutes with them); `pad` with a
-# zero fill, `mul`/`div` by a number or a stored tensor (`_Discover._keeps_codes`)
+# integer codes, and these give the codes of what they give on the values, integers in the same range (`pad` with a
+# zero fill: `_Discover._keeps_codes`). A scaling would give the values right but the accumulator no integer sum of
+# codes (and its bit faults nothing a MAC array holds): such a module is left out, and its call quantizes its input
 _KEEPS_CODES = _REARRANGING | {"__getitem__", "narrow", "select", "expand", "expand_as", "clone", "detach", "to",
                                "type_as", "float", "double", "chunk", "split", "pad", "dropout", "alpha_dropout",
-                               "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d", "mul", "__mul__",
-                               "__rmul__", "div", "__truediv__", "neg", "__neg__"}
+                               "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
 
 
 def _function_name(func: Any) -> str:
@@ -611,10 +611,11 @@ class _Discover(TorchFunctionMode):
             mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
             value = kwargs.get("value", args[3] if len(args) > 3 else None)
             return mode != "constant" or not value
-        if name in ("mul", "__mul__", "__rmul__", "div", "__truediv__"):
-            other = kwargs.get("other", args[1] if len(args) > 1 else None)
-            return isinstance(other, (int, float)) and not isinstance(other, bool) or \
-                isinstance(other, torch.Tensor) and id(other) in self.stored
+        if name in ("to", "type_as"):  # a cast to another float dtype holds the same integers; not to an integer one
+            target = next((arg for arg in (*args[1:], *kwargs.values()) if isinstance(arg, torch.dtype)), None)
+            other = args[1] if name == "type_as" and len(args) > 1 else None
+            dtype = other.dtype if isinstance(other, torch.Tensor) else target
+            return dtype is None or dtype.is_floating_point
         return True
 
     def _track_stored(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
@@ -656,8 +657,8 @@ class _Discover(TorchFunctionMode):
             if runner in self.input_like and id(first) not in self.input_like[runner]:
                 self.foreign.setdefault(runner, set()).add(
                     f"its forward computes its own {op} call's input with {self.made_by.get(id(first), 'a call')} "
-                    "from its input (the engine hands a layer its input's codes, which only a rearrangement, a "
-                    "zero padding or a scaling keeps)")
+                    "from its input (the engine hands a layer its input's integer codes, which only a "
+                    "rearrangement or a zero padding keeps)")
         elif self.running and op is None:
             self._follow_input(func, args, kwargs, out)
         where = self.stack[-1] if self.stack else ""

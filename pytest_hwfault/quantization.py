@@ -691,6 +691,11 @@ def _bias_codes(layer: QuantLayer, bias: torch.Tensor) -> torch.Tensor:
     accumulator (a saturated bias would silently change the layer)."""
     codes = torch.round(bias.double() / layer.acc_scale.double().reshape(bias.shape))
     limit = 2 ** (layer.acc_bits - 1) - 1
+    if bool((codes.abs() > limit).any()) and layer.input_scale <= torch.finfo(torch.float32).eps:
+        raise ValueError(f"layer {layer.name!r}: its input was zero on every calibration image, so its input scale is "
+                         f"the observer's floor ({layer.input_scale:.3g}) and its bias needs codes beyond the "
+                         f"{layer.acc_bits}-bit accumulator (|bias code| up to {float(codes.abs().max()):.3g}): "
+                         "calibrate on images where that input is not all zero, or remove the dead layers before it")
     if bool((codes.abs() > limit).any()):
         raise ValueError(f"layer {layer.name!r}: its bias needs codes beyond the {layer.acc_bits}-bit accumulator "
                          f"at scale {float(layer.acc_scale.min()):.3g} (|bias code| up to "

@@ -8,6 +8,7 @@ import functools
 import json
 import math
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -685,6 +686,20 @@ def test_data_that_reads_differently_twice_is_refused(q_mlp, digits) -> None:
     holed[1, 3] = float("nan")
     inputs, labels = as_tensors(_Augmenting(holed, y, 0.0))
     assert torch.equal(inputs.nan_to_num(), holed.nan_to_num()) and torch.equal(labels, y)
+    # a stream that can be read once (an IterableDataset that does not restart) is read once, as before the check
+
+    class Once(torch.utils.data.IterableDataset):
+        def __init__(self) -> None:
+            self.read = False
+
+        def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            if self.read:
+                return iter(())
+            self.read = True
+            return iter(zip(x, y))
+
+    inputs, labels = as_tensors(DataLoader(Once(), batch_size=64))
+    assert torch.equal(inputs, x) and torch.equal(labels, y)
 
 
 def test_accuracy_is_deterministic_in_its_seed(q_mlp, digits) -> None:

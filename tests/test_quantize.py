@@ -763,3 +763,19 @@ def test_a_parameter_two_functional_calls_use_is_stored_once(digits) -> None:
     both = FaultPattern.from_faults([*faults, *(Fault("weight", "linear_2()", f.index, f.bit) for f in faults)])
     assert torch.equal(view(x, FaultPattern.from_faults(faults)), twin_view(x, both))
     assert torch.equal(view(x), twin_view(x))
+
+
+def test_a_layer_whose_input_is_zero_on_every_calibration_image_is_refused_saying_so() -> None:
+    """A dead layer before a layer with a bias gives that layer a zero input range, torch's observer its floor
+    scale, and the bias codes past the 32-bit accumulator: it was refused with 'use fewer bits' (at 8 bits), which
+    is not the cause."""
+    with seeded(40):
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+        x = torch.randn(64, 16)
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.zero_()
+        model[4].bias.copy_(torch.tensor([0.1, 0.5, -0.2, 0.0]))
+    with pytest.raises(ValueError, match=r"layer '4': its input was zero on every calibration image, so its input "
+                                         r"scale is the observer's floor \(1\.19e-07\) .* remove the dead layers"):
+        quantize(model, x)
