@@ -381,6 +381,36 @@ def _item_marker_problem(item: pytest.Item) -> str | None:
     return None
 
 
+def _has_marker(obj: object) -> bool:
+    """Whether `obj` (any attribute of a test module or class) carries the @resilience marker."""
+    try:
+        marks = getattr(obj, "pytestmark", None)
+    except Exception:  # noqa: BLE001 - an attribute of anything a test module imports (a lazy proxy)
+        return False
+    return isinstance(marks, list) and any(getattr(mark, "name", None) == MARKER for mark in marks)
+
+
+def _collected_elsewhere(collector: pytest.Module | pytest.Class, name: str, obj: object) -> bool:
+    """Whether `obj` is also bound to a name the collector collects (`_gate = ...; test_gate = _gate`)."""
+    namespace = getattr(collector.obj, "__dict__", {})
+    return any(value is obj and other != name and (collector.istestfunction(value, other)
+                                                  or collector.istestclass(value, other))
+               for other, value in list(namespace.items()))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pycollect_makeitem(collector: pytest.Module | pytest.Class, name: str, obj: object) -> Any:
+    """A function or class marked @resilience that pytest does not collect (a name `python_functions` does not
+    match, such as `check_release`) would never run its gate, and the suite would pass: a collection error."""
+    result = yield
+    if not result and _has_marker(obj) and not _collected_elsewhere(collector, name, obj):
+        raise pytest.Collector.CollectError(
+            f"{collector.nodeid}::{name}: is marked @resilience but pytest does not collect it as a test (its name "
+            "does not match python_functions / python_classes, or it is not a function), so its gate would never "
+            "run: name it test_...")
+    return result
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     enabled = config.stash[SETTINGS_KEY].enabled
     skip = pytest.mark.skip(reason=SKIP_REASON)

@@ -201,6 +201,42 @@ def test_gate(hwfault):
     result.stdout.fnmatch_lines(["*min_acc: give exactly one of min_acc*"])
 
 
+def test_a_marked_function_pytest_does_not_collect_is_a_collection_error(suite: pytest.Pytester) -> None:
+    """`@resilience` on `check_release` (a name python_functions does not match): pytest never ran it, so the gate
+    never ran and the suite passed. It is a collection error naming the function; a marked test collected under
+    another attribute name (a test built by a factory) is collected as before."""
+    source = '''
+from pytest_hwfault import resilience
+
+@resilience(ber=1e-5, site="act", min_acc=0.5)
+def check_release(hwfault):
+    hwfault.assess(None, None)
+
+def _factory():
+    @resilience(ber=1e-5, site="act", min_acc=0.5)
+    def gate(hwfault):
+        pass
+    return gate
+
+test_built = _factory()
+_shared = _factory()
+test_shared = _shared  # collected under this name: its other name is not an error
+
+def test_plain():
+    pass
+'''
+    suite.makepyfile(test_named=source)
+    result = _run(suite, "--collect-only", "-q")
+    assert result.ret == 2
+    result.stdout.fnmatch_lines(["*test_named.py::check_release: is marked @resilience but pytest does not collect it "
+                                 "as a test*so its gate would never run*"])
+    suite.makepyfile(test_named=source.replace("def check_release", "def test_release"))
+    result = _run(suite, "--collect-only", "-q")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["*test_named.py::test_release*", "*test_named.py::test_built*",
+                                 "*test_named.py::test_shared*"])
+
+
 def test_marker_without_fixture_and_gate_never_run(suite: pytest.Pytester) -> None:
     suite.makepyfile(test_nofixture='''
 import pytest
