@@ -15,7 +15,10 @@ A multiply-accumulate written elementwise, a product of the images' values with 
 buffer, or what is computed from them alone) that a sum or mean then reduces (``(x[:, None] * w).sum(-1)``, a
 cosine similarity to learned prototypes, ``torch.linalg.vecdot``), has no flop formula either: the counter counts
 its products as MACs (op ``aten.mul+aten.sum``) and its stored operand as a weight MACs read. A product with a
-stored tensor that no sum reduces (a norm's or LayerScale's weight) is not a MAC.
+stored tensor that no sum reduces (a norm's or LayerScale's weight) is not a MAC. A distance to stored vectors
+written elementwise, the images' values minus a stored tensor, squared and summed (``((x[:, None] - c) ** 2).sum(-1)``,
+``torch.linalg.vector_norm(x[:, None] - c, dim=-1)``, ``F.pairwise_distance``), is counted so too (op
+``aten.sub+aten.pow+aten.sum``), as torch.cdist is.
 
 torch has no flop formula for some MAC ops (`aten._trilinear`, which nn.Bilinear runs; cdist's kernels): the
 counter brings its own. Any other MAC-heavy op it cannot count (a fused kernel without a formula) makes the coverage
@@ -82,15 +85,25 @@ _EXTRA_FLOPS: dict[Any, Any] = {torch.ops.aten._grouped_mm: _grouped_mm_flops,
 MEASURED_IMAGES = 2  # images in the measuring forward: MAC shares do not depend on the batch size
 # the name under which elementwise products summed (a MAC written as (x * w).sum(-1)) are counted
 PRODUCT_SUM = "aten.mul+aten.sum"
+# and under which squared differences from a stored tensor summed (a distance written as ((x - c) ** 2).sum(-1))
+DISTANCE_SUM = "aten.sub+aten.pow+aten.sum"
 _PRODUCTS = {torch.ops.aten.mul, torch.ops.aten.mul_}
 _REDUCTIONS = {torch.ops.aten.sum, torch.ops.aten.mean}
+_DIFFERENCES = {torch.ops.aten.sub, torch.ops.aten.sub_, torch.ops.aten.rsub}
+_SQUARES = {torch.ops.aten.pow, torch.ops.aten.pow_}
+_NORMS = {torch.ops.aten.linalg_vector_norm, torch.ops.aten.norm}
 # why the MACs of an op no layer computes stay in float, where the op tells
 _OP_REASONS = {"aten._grouped_mm": "aten._grouped_mm: a mixture of experts' experts (rows routed by content, so faults "
                                    "could not be placed per image) run in float",
                PRODUCT_SUM: f"{PRODUCT_SUM}: a product of the images' values with a stored tensor, summed (a "
                             "multiply-accumulate written elementwise, as (x[:, None] * w).sum(-1) or a cosine "
                             "similarity to stored vectors), runs in float: written as a linear, matmul or einsum "
-                            "call it is quantized"}
+                            "call it is quantized",
+               DISTANCE_SUM: f"{DISTANCE_SUM}: the images' values minus a stored tensor, squared and summed (a "
+                             "distance to stored vectors written elementwise, as ((x[:, None] - c) ** 2).sum(-1), "
+                             "torch.linalg.vector_norm(x[:, None] - c, dim=-1) or F.pairwise_distance), runs in "
+                             "float: written as (x ** 2).sum(-1, keepdim=True) - 2 * x @ c.T + (c ** 2).sum(-1), "
+                             "its MACs are a matmul, which is quantized"}
 
 
 @dataclass(frozen=True)
@@ -178,7 +191,10 @@ class _MacCounter(TorchDispatchMode):
         # them (storage -> (the product, kept alive so that its storage is not reused, and those sources)), MACs
         # once a sum reduces them
         self.stored: dict[int, frozenset[int]] = {}
-        self.products: dict[int, tuple[torch.Tensor, frozenset[int]]] = {}
+        self.products: dict[int, tuple[torch.Tensor, frozenset[int], str]] = {}
+        # the images' values minus a stored tensor (storage -> the difference, kept alive, and its sources): a
+        # distance's terms once squared
+        self.differences: dict[int, tuple[torch.Tensor, frozenset[int]]] = {}
         # flops per op of the innermost running module under `counting`'s root, by its first qualified name there
         self.own_counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.running: list[str | None] = []
@@ -249,26 +265,51 @@ class _MacCounter(TorchDispatchMode):
 
     def _follow_stored(self, packet: Any, args: Any, kwargs: Any, out: Any) -> None:
         """Tracks what is computed from stored tensors alone, the products of the images' values with a stored
-        tensor, and counts a product's MACs when a sum or mean reduces it (`PRODUCT_SUM`)."""
+        tensor (and the squares of their differences from one), and counts their MACs when a sum or mean reduces
+        them (`PRODUCT_SUM`, `DISTANCE_SUM`; a 2-norm of such a difference at once)."""
         inputs = [arg for arg in pytree.tree_leaves((args, kwargs)) if isinstance(arg, torch.Tensor)]
         outputs = [value for value in pytree.tree_leaves(out) if isinstance(value, torch.Tensor)]
         if not inputs or not outputs:
             return
         storages = [arg.untyped_storage().data_ptr() for arg in inputs]
+        result = outputs[0].untyped_storage().data_ptr()
         if packet in _REDUCTIONS and storages[0] in self.products:
-            _, sources = self.products[storages[0]]
-            self._credit(PRODUCT_SUM, 2 * inputs[0].numel())
+            _, sources, op = self.products[storages[0]]
+            self._credit(op, 2 * inputs[0].numel())
             self.read |= sources  # the parameters the summed products read are weights MACs read
+            return
+        if storages[0] in self.differences and len(inputs) == 1:
+            difference, sources = self.differences[storages[0]]
+            if packet in _SQUARES and len(args) > 1 and args[1] == 2:
+                self.products[result] = (outputs[0], sources, DISTANCE_SUM)
+            elif packet in _NORMS and _two_norm(args, kwargs):
+                self._credit(DISTANCE_SUM, 2 * inputs[0].numel())
+                self.read |= sources
+            elif packet in (torch.ops.aten.add, torch.ops.aten.add_):  # F.pairwise_distance's eps
+                self.differences[result] = (outputs[0], sources)
+            return
+        if (packet in _PRODUCTS and len(inputs) == 2 and storages[0] == storages[1]
+                and storages[0] in self.differences and inputs[0].shape == inputs[1].shape):  # d * d
+            self.products[result] = (outputs[0], self.differences[storages[0]][1], DISTANCE_SUM)
             return
         stored = [storage in self.stored for storage in storages]
         if all(stored):  # computed from stored tensors alone: stored too (a normalised weight)
             sources = frozenset().union(*(self.stored[storage] for storage in storages))
             for value in outputs:
                 self.stored[value.untyped_storage().data_ptr()] = sources
-        elif (packet in _PRODUCTS and len(inputs) == 2 and sum(stored) == 1 and outputs[0].is_floating_point()
+        elif (len(inputs) == 2 and sum(stored) == 1 and outputs[0].is_floating_point()
               and inputs[stored.index(True)].numel() > 1):  # a scalar's product is a scaling, never a MAC
-            self.products[outputs[0].untyped_storage().data_ptr()] = (outputs[0],
-                                                                     self.stored[storages[stored.index(True)]])
+            sources = self.stored[storages[stored.index(True)]]
+            if packet in _PRODUCTS:
+                self.products[result] = (outputs[0], sources, PRODUCT_SUM)
+            elif packet in _DIFFERENCES:
+                self.differences[result] = (outputs[0], sources)
+
+
+def _two_norm(args: Any, kwargs: Any) -> bool:
+    """Whether a linalg_vector_norm / norm call takes the 2-norm (its default)."""
+    order = args[1] if len(args) > 1 else kwargs.get("ord", kwargs.get("p", 2))
+    return order is None or order == 2
 
 
 def _decomposes(func: Any) -> bool:

@@ -372,3 +372,57 @@ def test_multiply_accumulates_written_elementwise_are_counted_and_refused() -> N
                                                 r"aten\.mul\+aten\.sum: a product of the images' values"):
         require_coverage(qmodel, x, 1.0, "act")
     assert require_coverage(qmodel, x, 0.61, "act").macs == coverage.macs
+
+
+class DistanceHeads(nn.Module):
+    """Distances to stored vectors written elementwise (a squared difference summed, its 2-norm, a pairwise
+    distance, d * d averaged, a stored vector minus the images' values), beside what is no MAC: an L1 distance, a
+    standardisation by a stored mean, a norm's own centring, and the expanded form whose MACs are a matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(16, 12)
+        self.centres = nn.Parameter(torch.randn(5, 12))
+        self.mu = nn.Parameter(torch.randn(12))
+        self.codebook = nn.Parameter(torch.randn(3, 12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))
+        c = self.centres
+        squared = ((h[:, None] - c) ** 2).sum(-1)
+        normed = torch.linalg.vector_norm(h[:, None] - c, dim=-1)
+        pairwise = F.pairwise_distance(h[:, None], c)
+        d = c - h[:, None]
+        self_product = (d * d).mean(-1)
+        l1 = (h[:, None] - c).abs().sum(-1)  # no product
+        standardised = ((h - self.mu) / 2).sum(-1, keepdim=True)  # no square
+        centred = h - h.mean(-1, keepdim=True)  # the images' own mean: a norm
+        norm = (centred ** 2).mean(-1, keepdim=True)
+        expanded = (h ** 2).sum(-1, keepdim=True) - 2 * h @ self.codebook.T + (self.codebook ** 2).sum(-1)
+        return torch.cat([squared, normed, pairwise, self_product, l1, standardised, norm, expanded], 1)
+
+
+def test_distances_to_stored_vectors_written_elementwise_are_counted() -> None:
+    """A prototype head written as ((x[:, None] - c) ** 2).sum(-1) (or its 2-norm) has no flop formula: a model
+    whose head was half its MACs passed min_coverage=1 at 100% reach, the head in float, while torch.cdist was
+    counted. Squared differences from a stored tensor that a sum, mean or 2-norm reduces are counted as float MACs
+    and the stored tensor as a weight MACs read; an L1 distance and a norm's centring are not MACs, and the
+    expanded form's matmul is a quantized layer."""
+    from pytest_hwfault.coverage import DISTANCE_SUM, require_coverage
+    from pytest_hwfault.evaluate import EvaluationError
+
+    with seeded(9):
+        model, x = DistanceHeads(), torch.randn(3, 16)
+    qmodel = quantize(model.eval(), x)
+    assert list(qmodel.layers) == ["stem", "matmul()"]
+    coverage = measure_coverage(qmodel, x)
+    stem, codebook, distances = 16 * 12, 3 * 12, 4 * 5 * 12
+    total = stem + codebook + distances
+    assert coverage.macs == pytest.approx((stem + codebook) / total, rel=1e-9)
+    assert coverage.uncovered == [{"module": "", "ops": [DISTANCE_SUM], "why": [_OP_REASONS[DISTANCE_SUM]],
+                                   "share": pytest.approx(distances / total)}]
+    # the centres are read by MACs in float (once, whatever the number of heads that read them); mu by none
+    assert coverage.weights == pytest.approx((stem + codebook) / (stem + codebook + 5 * 12), rel=1e-9)
+    assert {row["parameter"] for row in coverage.unfaulted} == {"mu"}
+    with pytest.raises(EvaluationError, match=r"left in float: <model> \(aten\.sub\+aten\.pow\+aten\.sum: 51\.3%; "):
+        require_coverage(qmodel, x, 1.0, "act")
