@@ -16,7 +16,7 @@ from torch import nn
 
 from .campaign import Campaign, CampaignResult, TrialResult
 from .data import Batch, DataError, Inputs, as_tensors, check_finite, check_stable, concat, iter_batches
-from .identity import model_fingerprint, tensor_fingerprint
+from .identity import attributes_fingerprint, model_fingerprint, outputs_fingerprint, tensor_fingerprint
 from .late_start import DEFAULT_CACHE_BYTES
 from .quantization import QuantizedModel, quantize, refuse_non_model, refuse_torchscript
 from .sharding import RunDir, Slice, take_part
@@ -35,16 +35,21 @@ def resolve_device(choice: str) -> torch.device:
 
 @dataclass
 class ModelCache:
-    """Quantized views by (model architecture and state, calibration data, quantization options): quantize once
-    per process. The architecture is part of the key: equal weights do not make equal models."""
+    """Quantized views by (model architecture and state, what the model computes, calibration data, quantization
+    options): quantize once per process. Equal weights do not make equal models: the architecture is part of the
+    key, and so are every module's own attributes (a function kept as ``self.act``) and the float outputs of a
+    private copy on a few calibration images (a module global changed between two tests), since a view handed to
+    another model is a verdict about a model the gate did not test."""
 
     entries: dict[tuple[str, ...], QuantizedModel] = field(default_factory=dict)
     hits: int = 0
 
     def get(self, model: nn.Module, calibration: Batch, device: torch.device, bits: int,
             options: dict[str, Any], fingerprint: str | None = None) -> QuantizedModel:
-        key = (fingerprint or model_fingerprint(model), tensor_fingerprint(*_tensors(calibration)), str(device),
-               str(bits), repr(sorted(options.items())))
+        computes = (attributes_fingerprint(model), outputs_fingerprint(model, calibration)) \
+            if isinstance(model, nn.Module) else ()  # an ONNX model is its bytes
+        key = (fingerprint or model_fingerprint(model), *computes, tensor_fingerprint(*_tensors(calibration)),
+               str(device), str(bits), repr(sorted(options.items())))
         if key in self.entries:
             self.hits += 1
             return self.entries[key]

@@ -7,13 +7,18 @@ a model: two nets with equal state dicts and a ReLU vs a Hardtanh between the la
 
 from __future__ import annotations
 
+import copy
+import enum
+import functools
 import hashlib
 import pickle
 import types
+import uuid
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -118,6 +123,100 @@ def model_fingerprint(model: Any) -> str:
     if is_onnx(model):
         return hashlib.sha256(_onnx_bytes(model)).hexdigest()
     return hashlib.sha256(f"{structure_fingerprint(model)}|{state_checksum(model)}".encode()).hexdigest()
+
+
+# -- what a forward computes, for the quantize-once cache: beyond the architecture and the state -------------------
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"_compiled_call_impl", "_flat_weight_refs"}
+_DEPTH = 3  # how deep attributes' contents are followed (a config object's dicts; a closure's cells)
+
+
+def _digest_attribute(digest: Any, value: Any, depth: int = 0) -> None:
+    """Feed one attribute's value to `digest`, deterministically (never an address, never a set's hash order):
+    what it computes where it is a function, its bytes where it is a tensor, its contents where it is a container
+    or a plain object, else its type."""
+    if depth > _DEPTH:
+        digest.update(b"...")
+    elif isinstance(value, _PLAIN) or isinstance(value, (bytes, torch.dtype, torch.device, enum.Enum)):
+        digest.update(repr(value).encode())
+    elif isinstance(value, torch.Tensor):
+        _digest_value(digest, value)
+    elif isinstance(value, (tuple, list)):
+        digest.update(f"{type(value).__name__}[{len(value)}]".encode())
+        for item in value:
+            _digest_attribute(digest, item, depth + 1)
+    elif isinstance(value, dict):
+        digest.update(f"dict[{len(value)}]".encode())
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode())
+            _digest_attribute(digest, value[key], depth + 1)
+    elif isinstance(value, (set, frozenset)):
+        digest.update(repr(sorted(map(repr, value))).encode())
+    elif isinstance(value, functools.partial):
+        digest.update(b"partial")
+        _digest_attribute(digest, value.func, depth + 1)
+        _digest_attribute(digest, value.args, depth + 1)
+        _digest_attribute(digest, value.keywords, depth + 1)
+    elif isinstance(value, type):
+        digest.update(f"{value.__module__}.{value.__qualname__}".encode())
+    elif isinstance(value, nn.Module):  # one kept outside the module tree: its kind (the tree is hashed apart)
+        digest.update(f"{type(value).__module__}.{type(value).__qualname__}|{value.extra_repr()}".encode())
+    elif callable(value) and (hasattr(value, "__code__") or hasattr(value, "__func__")
+                              or isinstance(value, types.BuiltinFunctionType)):
+        _function_digest(value, digest)
+        function = getattr(value, "__func__", value)
+        _digest_attribute(digest, getattr(function, "__defaults__", None), depth + 1)
+        _digest_attribute(digest, getattr(function, "__kwdefaults__", None), depth + 1)
+        for cell in getattr(function, "__closure__", None) or ():
+            try:
+                _digest_attribute(digest, cell.cell_contents, depth + 1)
+            except ValueError:  # an empty cell
+                digest.update(b"<empty>")
+    else:
+        digest.update(f"{type(value).__module__}.{type(value).__qualname__}".encode())
+        contents = getattr(value, "__dict__", None)
+        if isinstance(contents, dict):  # a config object's settings
+            _digest_attribute(digest, dict(contents), depth + 1)
+        elif hasattr(value, "tobytes") and hasattr(value, "dtype"):  # a numpy array
+            digest.update(f"{value.dtype}{getattr(value, 'shape', '')}".encode())
+            digest.update(value.tobytes())
+
+
+def attributes_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every submodule's own attributes, whatever their kind: a function kept as ``self.act``
+    (F.relu vs torch.tanh), a partial's arguments, a lambda's code and closure, a tensor that is no buffer. The
+    architecture's fingerprint hashes plain values only (it must agree between processes whatever a forward
+    cached on a module); two models it cannot tell apart computed different functions and shared a cached view."""
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        digest.update(name.encode())
+        _digest_attribute(digest, {key: value for key, value in vars(module).items()
+                                   if key not in _MODULE_INTERNALS})
+    return digest.hexdigest()
+
+
+BEHAVIOUR_IMAGES = 4  # the calibration images a model's float outputs are hashed on
+
+
+def outputs_fingerprint(model: nn.Module, inputs: Any) -> str:
+    """SHA-256 of a private eval-mode copy's float outputs on the first `BEHAVIOUR_IMAGES` inputs, bit for bit:
+    what the model computes, whatever it is written with (a module global or a class attribute changed between two
+    tests). A model that cannot run so gets a fingerprint of its own (never a stale cache hit)."""
+    from .data import Inputs, call_model
+
+    try:
+        probe = copy.deepcopy(model).eval()
+        device = next((p.device for p in probe.parameters()), torch.device("cpu"))
+        first = inputs[:BEHAVIOUR_IMAGES]
+        first = Inputs(tuple(t.to(device, copy=True) for t in first.tensors), first.names) \
+            if isinstance(first, Inputs) else first.to(device, copy=True)  # a forward may write its input
+        with torch.no_grad():
+            out = call_model(probe, first)
+    except Exception:  # noqa: BLE001 - quantize() names what is wrong; the cache only must not match it
+        return f"unrun:{uuid.uuid4()}"
+    digest = hashlib.sha256()
+    for leaf in pytree.tree_leaves(out):
+        _digest_attribute(digest, leaf)
+    return digest.hexdigest()
 
 
 def tensor_fingerprint(*tensors: torch.Tensor) -> str:

@@ -118,6 +118,60 @@ def test_arch_hardtanh(hwfault, model, val_data):
     assert hwfault.assess(other, val_data).float_accuracy == own
 
 
+# 1b. equal architectures and state dicts, different functions: an activation kept as an attribute, a module global
+GAIN = 1.0
+
+
+class Activated(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(64, 32), nn.Linear(32, 10), act
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+def gained(x):
+    return torch.relu(x * GAIN)
+
+
+def activated(model, act):
+    other = Activated(act)
+    other.a.load_state_dict(model[0].state_dict())
+    other.b.load_state_dict(model[2].state_dict())
+    return other.eval()
+
+
+@resilience(ber=1e-4, site="act", min_acc=0.0, budget=4)
+def test_attribute_relu(hwfault, model, val_data):
+    other = activated(model, torch.relu)
+    assert hwfault.assess(other, val_data).float_accuracy == float_accuracy(other, val_data)
+
+
+@resilience(ber=1e-4, site="act", min_acc=0.0, budget=4)
+def test_attribute_tanh(hwfault, model, val_data):
+    other = activated(model, torch.tanh)
+    own = float_accuracy(other, val_data)
+    assert own != float_accuracy(activated(model, torch.relu), val_data)
+    assert hwfault.assess(other, val_data).float_accuracy == own
+
+
+@resilience(ber=1e-4, site="act", min_acc=0.0, budget=4)
+def test_global_gain(hwfault, model, val_data):
+    assert hwfault.assess(activated(model, gained), val_data).float_accuracy == float_accuracy(model, val_data)
+
+
+@resilience(ber=1e-4, site="act", min_acc=0.0, budget=4)
+def test_global_gain_negated(hwfault, model, val_data, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "GAIN", -1.0)
+    other = activated(model, gained)
+    own = float_accuracy(other, val_data)
+    assert own != float_accuracy(model, val_data)
+    assert hwfault.assess(other, val_data).float_accuracy == own
+
+
 # 2. verdicts that xdist used to lose
 def test_unmarked_gate_fails(hwfault, model, val_data):
     hwfault.assess(model, val_data, site="act", ber=1e-3, min_acc=0.999, budget=8)

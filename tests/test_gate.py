@@ -196,3 +196,65 @@ def test_a_model_given_in_training_mode_is_gated_in_eval_mode_and_the_report_say
     assert TRAINING_MODE_NOTE not in evaluated.model_notes and cache.hits == 1
     assert trained.quantized_accuracy == evaluated.quantized_accuracy
     assert trained.float_accuracy == evaluated.float_accuracy
+
+
+GAIN = 1.0
+
+
+class Activated(nn.Module):
+    """An MLP whose activation is a plain attribute: a function, a partial, a lambda, a tensor that is no buffer."""
+
+    def __init__(self, act: object, gain: torch.Tensor | None = None) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(8, 6), nn.Linear(6, 3)
+        self.act, self._gain = act, gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.a(x)) * GAIN  # type: ignore[operator]
+        return self.b(h if self._gain is None else h * self._gain)
+
+
+def test_the_cache_tells_apart_models_that_compute_differently(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Equal architectures and state dicts computing different functions (an activation kept as an attribute, a
+    partial's argument, a tensor attribute, a module global changed between two tests) shared one fingerprint: the
+    cache handed the second model the first one's view, and its gate reported the first model's accuracy (0.97 for a
+    model at 0.58). Each is its own entry now; a model built again still hits, and the data is left as it was."""
+    import functools
+
+    import torch.nn.functional as F
+
+    from pytest_hwfault.identity import attributes_fingerprint, outputs_fingerprint
+
+    x = torch.randn(32, 8)
+    kept = x.clone()
+    variants = [Activated(F.relu), Activated(torch.tanh), Activated(lambda t: t * 2),
+                Activated(functools.partial(F.leaky_relu, negative_slope=0.1)),
+                Activated(functools.partial(F.leaky_relu, negative_slope=0.5)),
+                Activated(F.relu, torch.tensor(2.0)), Activated(F.relu, torch.tensor(3.0))]
+    assert len({model_fingerprint(m) for m in variants}) == 1  # the architecture and state agree
+    assert len({attributes_fingerprint(m) for m in variants}) == len(variants)
+    cache = ModelCache()
+    views = [cache.get(m, x, CPU, 8, {}) for m in variants]
+    assert len({id(v) for v in views}) == len(variants) and cache.hits == 0
+    assert cache.get(Activated(F.relu), x, CPU, 8, {}) is views[0] and cache.hits == 1  # built again
+    relu = Activated(F.relu)
+    assert attributes_fingerprint(copy.deepcopy(relu)) == attributes_fingerprint(relu)
+    monkeypatch.setattr(f"{__name__}.GAIN", -1.0)  # the forward reads a global: only its outputs tell
+    assert attributes_fingerprint(relu) == attributes_fingerprint(variants[0])
+    assert cache.get(relu, x, CPU, 8, {}) is not views[0]
+    assert torch.equal(x, kept)
+
+    class WritesItsInput(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return t.mul_(2)
+
+    outputs_fingerprint(WritesItsInput(), x)
+    assert torch.equal(x, kept)  # the outputs are taken on a copy of the images
+
+    class Unrunnable(nn.Module):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("no")
+
+    assert outputs_fingerprint(Unrunnable(), x) != outputs_fingerprint(Unrunnable(), x)  # never a cache hit

@@ -79,6 +79,9 @@ def test_no_gate_passes_a_model_it_did_not_test(mlp_suite: pytest.Pytester) -> N
         kinds = {name: {outcome for outcome, _ in items} for name, items in outcomes.items()}
         # 1. the Hardtanh model is evaluated as itself, not as the ReLU model with the same weights
         assert kinds["test_arch_relu"] == kinds["test_arch_hardtanh"] == {"passed"}, (label, outcomes)
+        # 1b. so are models that differ by a function kept as an attribute or by a module global the forward reads
+        for name in ("test_attribute_relu", "test_attribute_tanh", "test_global_gain", "test_global_gain_negated"):
+            assert kinds[name] == {"passed"}, (label, name, outcomes[name])
         # 2. failing gates fail under every executor: unmarked, marked through pytest.param, first of two calls
         for name in ("test_unmarked_gate_fails", "test_param_marker_gate_fails", "test_two_calls_first_fails"):
             failures = [m for outcome, m in outcomes[name] if outcome == "failed"]
