@@ -149,6 +149,8 @@ def iter_batches(data: Any, batch_size: int = 256, keys: Keyed | None = None
     """Yield (inputs, labels-or-None) batches from any supported data form, in a fixed order."""
     if isinstance(data, Keyed):
         yield from iter_batches(data.data, batch_size, data)
+    elif isinstance(data, Mapping):
+        yield from _column_batches(data, batch_size, keys)
     elif isinstance(data, (torch.Tensor, Inputs)):
         for start in range(0, len(data), batch_size):
             yield data[start : start + batch_size], None
@@ -159,6 +161,10 @@ def iter_batches(data: Any, batch_size: int = 256, keys: Keyed | None = None
             raise DataError(f"(X, y) have different lengths: {len(x)} inputs, {len(y)} labels")
         for start in range(0, len(x), batch_size):
             yield x[start : start + batch_size], y[start : start + batch_size]
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and _array_like(data[0]) and _array_like(data[1]):
+        raise DataError(f"(X, y) must be tensors, got ({_describe(data[0])}, {_describe(data[1])}): pass "
+                        "(torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y)), in the dtype the model "
+                        "computes in")
     elif isinstance(data, DataLoader):
         if isinstance(data.sampler, RandomSampler):
             raise DataError(
@@ -173,12 +179,42 @@ def iter_batches(data: Any, batch_size: int = 256, keys: Keyed | None = None
             items = [_split_item(data[i], keys) for i in range(start, min(n, start + batch_size))]
             xs = _stack([x for x, _ in items])
             ys = None if items[0][1] is None else torch.stack([torch.as_tensor(y) for _, y in items])
+            if ys is not None and ys.dim() > 1 and isinstance(data, (tuple, list)):
+                raise DataError(f"the data is a {type(data).__name__} whose items hold {ys.shape[1]} labels each "
+                                f"(shape {list(ys.shape[1:])}), not one label per image: a list of (inputs, "
+                                "labels) batches is read as a list of images; join the batches, "
+                                "(torch.cat(xs), torch.cat(ys)), or pass a DataLoader")
             yield xs, ys
     else:
         raise DataError(
             f"unsupported data {_describe(data)}: pass a DataLoader, a Dataset, an (X, y) pair of tensors, "
             "or (for calibration) a tensor of inputs; dict batches with input_key= and label_key="
         )
+
+
+def _array_like(value: Any) -> bool:
+    """A tensor, a numpy array or a list of numbers: half of what was meant as an (X, y) pair."""
+    return isinstance(value, torch.Tensor) or type(value).__module__ == "numpy" or (
+        isinstance(value, list) and bool(value) and all(isinstance(v, (int, float)) for v in value))
+
+
+def _column_batches(data: Mapping[Any, Any], batch_size: int, keys: Keyed | None
+                    ) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+    """Batches of a mapping of whole columns (``{"input_ids": ..., "labels": ...}``, a tokenizer's output with
+    the labels added), each column cut alike, read by `keys`."""
+    if keys is None:
+        raise DataError(f"the data is a mapping (keys {sorted(map(str, data))}): say which are the model's inputs "
+                        "and which the label with input_key= and label_key= (e.g. input_key='input_ids', "
+                        "label_key='labels'), or pass (X, y) tensors")
+    columns = {key: _pick(data, key, name) for key, name in
+               [*((k, "input_key") for k in keys.inputs()),
+                *(((keys.label_key, "label_key"),) if keys.label_key is not None else ())]}
+    lengths = {str(key): len(column) if column.dim() else 0 for key, column in columns.items()}
+    if len(set(lengths.values())) != 1:
+        raise DataError(f"the data's columns have different lengths: {lengths}")
+    count = next(iter(lengths.values()))
+    for start in range(0, count, batch_size):
+        yield _keyed_item({key: column[start : start + batch_size] for key, column in columns.items()}, keys)
 
 
 def check_finite(inputs: Batch, what: str) -> None:

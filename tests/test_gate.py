@@ -258,3 +258,44 @@ def test_the_cache_tells_apart_models_that_compute_differently(monkeypatch: pyte
             raise RuntimeError("no")
 
     assert outputs_fingerprint(Unrunnable(), x) != outputs_fingerprint(Unrunnable(), x)  # never a cache hit
+
+
+def test_data_in_a_form_misread_is_refused_naming_the_fix() -> None:
+    """A list of (inputs, labels) batches was stacked as a list of images (inputs [2, 20, 8], labels [2, 20]) and
+    refused later for its labels' shape; a dict of columns without keys died in a bare KeyError: 0; (X, y) as numpy
+    arrays, or with y a list, met advice about 'input_key=(0, 1), label_key=39'. Each is refused saying what to
+    pass; a mapping of whole columns (a tokenizer's output with the labels) is read with input_key= and label_key=."""
+    from pytest_hwfault.data import Keyed
+
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    refused = {
+        r"the data is a list whose items hold 20 labels each \(shape \[20\]\), not one label per image: a list of "
+        r"\(inputs, labels\) batches is read as a list of images; join the batches": [(x[:20], y[:20]),
+                                                                                       (x[20:], y[20:])],
+        r"the data is a mapping \(keys \['x', 'y'\]\): say which are the model's inputs and which the label with "
+        r"input_key= and label_key=": {"x": x, "y": y},
+        r"\(X, y\) must be tensors, got \(numpy.ndarray, numpy.ndarray\)": (x.numpy(), y.numpy()),
+        r"\(X, y\) must be tensors, got \(torch.Tensor, builtins.list\)": (x, y.tolist()),
+        r"the data's columns have different lengths: \{'input': 40, 'label': 30\}": Keyed(
+            {"input": x, "label": y[:30]}, "input", "label"),
+    }
+    for message, data in refused.items():
+        with pytest.raises(DataError, match=message):
+            prepare(_mlp(), data, samples=None, bits=8, cache=ModelCache(), device=CPU)
+
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.net(features * mask)
+
+    mask = (torch.rand(40, 8) > 0.2).float()
+    columns = {"features": x, "mask": mask, "labels": y}
+    prepared = prepare(TwoInputs().eval(), Keyed(columns, ("features", "mask"), "labels"), samples=None, bits=8,
+                       cache=ModelCache(), device=CPU)
+    assert prepared.inputs.names == ("features", "mask")
+    assert torch.equal(prepared.inputs.tensors[0], x) and torch.equal(prepared.inputs.tensors[1], mask)
+    assert torch.equal(prepared.labels, y)
+    assert torch.equal(calibration_tensor(Keyed(columns, "features")), x)
