@@ -127,6 +127,10 @@ class Execution:
     shards: int = 1
     ci_slice: Slice = Slice()
     run_root: Path | None = None
+    selected: tuple[int, ...] = ()  # the campaign's shards this session runs (-k, --lf); () for all of them
+
+    def running(self) -> tuple[int, ...]:
+        return self.selected or tuple(range(1, self.shards + 1))
 
 
 @dataclass
@@ -163,12 +167,13 @@ def assess(
     allowed = execution.ci_slice.trials(spec.budget)
     whole = execution.ci_slice.count == 1
     if execution.shards == 1 or execution.run_root is None or not execution.run_root.is_dir():
-        if execution.shard > 1:  # no shared run directory (a remote gateway): shard 1 runs everything
+        if execution.shard != min(execution.running()):  # no shared run directory (a remote gateway): the
+            # first shard the session runs runs everything
             return Assessment(campaign.empty_result(), final=False)
         result = campaign.run(allowed, on_trial=on_trial)
         return Assessment(result.trimmed() if whole else result, final=whole)
     part = take_part(RunDir(execution.run_root, campaign.campaign_id), campaign, allowed, execution.shard,
-                     execution.shards)
+                     execution.running())
     result = part.result.trimmed() if whole and part.problem is None else part.result
     return Assessment(result, final=part.last and whole, problem=part.problem)
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -197,6 +197,8 @@ class SessionState:
 
     cache: ModelCache | None = None
     baseline: dict[str, Any] | None = None
+    # campaign name -> its shards this session runs (after -k, --lf, --deselect); a campaign not listed runs all
+    selected_shards: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 SETTINGS_KEY = pytest.StashKey[Settings]()
@@ -424,6 +426,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Note which shards of each campaign the session runs, once -k, --lf and --deselect have chosen: the last of
+    those to finish carries the verdict, and only those can be lost. A shard nobody runs is never waited for (with
+    --lf rerunning only the shard that failed, the campaign was 'incomplete, a worker crashed')."""
+    selected: dict[str, set[int]] = {}
+    for item in session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if SHARD_FIXTURE in params:
+            selected.setdefault(campaign_name(item.nodeid), set()).add(params[SHARD_FIXTURE][0])
+    session.config.stash[STATE_KEY].selected_shards = {name: tuple(sorted(shards)) for name, shards in
+                                                       selected.items()}
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     problem = item.stash.get(MARKER_PROBLEM_KEY, None)
@@ -586,7 +601,8 @@ class HwFault:
         name = base if not records else f"{base}#{len(records)}"
         run_root = getattr(self._config, "workerinput", {}).get(RUN_ROOT_KEY)
         execution = Execution(shard=self._shard, shards=self._shards, ci_slice=self._settings.shard,
-                              run_root=Path(run_root) if run_root else None)
+                              run_root=Path(run_root) if run_root else None,
+                              selected=self._state.selected_shards.get(base, ()))
         start = time.perf_counter()
         with self._refusals("hwfault.assess()"):
             assessment = assess(model, data, spec, name, cache=self._cache(), device=self._device(),
@@ -596,6 +612,7 @@ class HwFault:
         record = campaign_record(assessment.result, base, assessment.problem)
         record["seconds"] = time.perf_counter() - start
         record["shard"] = [execution.shard, execution.shards]
+        record["shards_run"] = list(execution.running())
         records.append(record)
         if assessment.problem is not None:
             self._fail_gate(failure_message(record, self._reproduce(spec)))
@@ -797,8 +814,9 @@ class ResultCollector:
             where = printable(f"{record['nodeid']} [{record['label']}]")
             if record.get("lost_shards"):
                 terminalreporter.write_line(
-                    f"hwfault: {where} lost shard(s) {record['lost_shards']} (a worker crashed): the campaign is "
-                    "incomplete and fails", red=True)
+                    f"hwfault: {where} lost shard(s) {record['lost_shards']} (selected, but they reported nothing: "
+                    "a worker crashed, or the session stopped before they ran): the campaign is incomplete and "
+                    "fails", red=True)
             if record.get("problem"):
                 terminalreporter.write_line(f"hwfault: {where} is invalid and fails: {printable(record['problem'])}",
                                             red=True)

@@ -17,7 +17,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Container, Iterator
+from collections.abc import Container, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,11 +133,12 @@ class RunDir:
                     into.trials[index] = TrialResult.from_dict(json.loads(Path(entry.path).read_text()))
         return into
 
-    def finish(self, shard: int, count: int) -> bool:
-        """Mark shard `shard` done; True for exactly one shard: the last of `count` to finish."""
+    def finish(self, shard: int, running: Sequence[int]) -> bool:
+        """Mark shard `shard` done; True for exactly one shard: the last of the shards `running` (those the
+        session selected: -k, --lf or --deselect may leave some out) to finish."""
         with self._locked():
             (self.path / f"done-{shard}").touch()
-            return sum(1 for i in range(1, count + 1) if (self.path / f"done-{i}").exists()) == count
+            return all((self.path / f"done-{i}").exists() for i in running)
 
 
 IDENTITY_KEYS = ("model", "data")
@@ -169,11 +170,13 @@ class Part:
     problem: str | None
 
 
-def take_part(run_dir: RunDir, campaign: Campaign, allowed: list[int], shard: int, count: int) -> Part:
+def take_part(run_dir: RunDir, campaign: Campaign, allowed: list[int], shard: int, running: Sequence[int]
+              ) -> Part:
     """Claim, compute and publish trials until the published trials decide the campaign (or every allowed trial
-    is published). When every trial is claimed but some are still in flight on other shards, compute them too
-    (identically, as trials are deterministic): no shard ever waits for another, so a shard queued behind this
-    one on the same worker, or a crashed one, cannot stall it, and every shard ends knowing the verdict."""
+    is published); `running`: the campaign's shards this session runs, the last of which carries the verdict.
+    When every trial is claimed but some are still in flight on other shards, compute them too (identically, as
+    trials are deterministic): no shard ever waits for another, so a shard queued behind this one on the same
+    worker, or a crashed one, cannot stall it, and every shard ends knowing the verdict."""
     shared = campaign.empty_result()
     identity = {**shared.identity, "shard": shard, "float_accuracy": shared.float_accuracy}
     problem = run_dir.agree(identity)
@@ -188,5 +191,5 @@ def take_part(run_dir: RunDir, campaign: Campaign, allowed: list[int], shard: in
         run_dir.publish(trial)
         problem = run_dir.problem()
     shared.seconds = time.perf_counter() - start
-    last = run_dir.finish(shard, count)
+    last = run_dir.finish(shard, running)
     return Part(shared, last, problem or run_dir.problem())

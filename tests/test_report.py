@@ -244,7 +244,7 @@ def test_json_schema_describes_the_records() -> None:
     campaign = rp.REPORT_JSON_SCHEMA["$defs"]["campaign"]
     record = _report()["campaigns"][0]
     assert set(campaign["required"]) <= set(record)
-    assert set(campaign["properties"]) - set(record) == {"shard", "lost_shards"}  # what a session's shards add
+    assert set(campaign["properties"]) - set(record) == {"shard", "shards_run", "lost_shards"}  # a session's shards
     assert set(rp.REPORT_JSON_SCHEMA["$defs"]["layer"]["required"]) <= set(record["layers"][0])
     assert set(rp.REPORT_JSON_SCHEMA["$defs"]["result"]["required"]) <= set(record["result"])
     assert rp.REPORT_JSON_SCHEMA["$schema"] == "https://json-schema.org/draft/2020-12/schema"
@@ -789,6 +789,9 @@ def test_shard_records_of_one_session_merge_with_lost_and_invalid_campaigns() ->
     assert merge_shard_records([first, second]) == [whole]
     lost = merge_shard_records([first])[0]
     assert lost["verdict"] == "incomplete" and lost["lost_shards"] == [2]
+    # a shard the session did not select (-k, --lf) is not lost; one it selected is
+    assert "lost_shards" not in merge_shard_records([{**second, "shards_run": [2]}])[0]
+    assert merge_shard_records([{**first, "shards_run": [1, 2]}])[0]["lost_shards"] == [2]
     other = copy.deepcopy(second)
     other["result"]["float_accuracy"] = other["float_accuracy"] = 0.5  # shard 2 ran another model
     invalid = merge_shard_records([first, other])[0]

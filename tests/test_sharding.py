@@ -46,7 +46,7 @@ def test_run_dir_claims_each_trial_once_and_names_one_last_finisher(tmp_path: Pa
     run_dir = RunDir(tmp_path, "c")
     claimed = [run_dir.claim([4, 5, 6, 7]) for _ in range(5)]
     assert claimed == [4, 5, 6, 7, None]
-    assert [run_dir.finish(shard, 3) for shard in (2, 1, 3)] == [False, False, True]
+    assert [run_dir.finish(shard, (1, 2, 3)) for shard in (2, 1, 3)] == [False, False, True]
 
 
 def test_run_dir_agreement(tmp_path: Path) -> None:
@@ -73,8 +73,8 @@ def _campaign(seed: int = 0) -> Campaign:
 
 def test_every_shard_ends_knowing_the_verdict_of_a_single_run(tmp_path: Path) -> None:
     single = _campaign().run().trimmed()
-    first = take_part(RunDir(tmp_path, "c"), _campaign(), list(range(16)), 1, 2)
-    second = take_part(RunDir(tmp_path, "c"), _campaign(), list(range(16)), 2, 2)
+    first = take_part(RunDir(tmp_path, "c"), _campaign(), list(range(16)), 1, (1, 2))
+    second = take_part(RunDir(tmp_path, "c"), _campaign(), list(range(16)), 2, (1, 2))
     assert not first.last and second.last and first.problem is None and second.problem is None
     for part in (first, second):
         assert part.result.trimmed().to_dict() | {"seconds": 0} == single.to_dict() | {"seconds": 0}
@@ -83,11 +83,11 @@ def test_every_shard_ends_knowing_the_verdict_of_a_single_run(tmp_path: Path) ->
 def test_a_shard_takes_over_trials_in_flight_elsewhere(tmp_path: Path) -> None:
     run_dir = RunDir(tmp_path, "c")
     assert [run_dir.claim(list(range(16))) for _ in range(16)] == list(range(16))  # a crashed shard claimed all
-    part = take_part(run_dir, _campaign(), list(range(16)), 1, 2)
+    part = take_part(run_dir, _campaign(), list(range(16)), 1, (1, 2))
     assert part.result.decided() and not part.last  # it computed them itself; the other shard never finishes
 
 
 def test_shards_of_different_models_fail_the_campaign(tmp_path: Path) -> None:
-    take_part(RunDir(tmp_path, "c"), _campaign(seed=0), list(range(16)), 1, 2)
-    part = take_part(RunDir(tmp_path, "c"), _campaign(seed=1), list(range(16)), 2, 2)
+    take_part(RunDir(tmp_path, "c"), _campaign(seed=0), list(range(16)), 1, (1, 2))
+    part = take_part(RunDir(tmp_path, "c"), _campaign(seed=1), list(range(16)), 2, (1, 2))
     assert part.problem is not None and "saw different models and data" in part.problem

@@ -72,6 +72,30 @@ def test_same_numbers_for_any_number_of_workers(suite: pytest.Pytester) -> None:
         assert results[label] == results["n0"], label
 
 
+def test_rerunning_only_some_shards_gives_the_campaigns_verdict(suite: pytest.Pytester) -> None:
+    """`--lf` after a failing gate reruns only the shard item that failed (the others were skipped): the campaign
+    was 'incomplete, lost shard(s) [1] (a worker crashed)' and the failure was not reproduced. The shards a
+    session selects (-k, --lf, --deselect) are the campaign's: the last of them carries the verdict, the same
+    numbers as the whole run; only a selected shard that reports nothing is lost."""
+    # the cache provider on, as users run it
+    first = suite.runpytest_subprocess("-rA", "--hwfault", "-n", "2", "--hwfault-report=whole.json")
+    assert first.ret == 1
+    numbers = _numbers(suite.path / "whole.json")
+    failing = {k: c for k, c in numbers.items() if c["verdict"] != "pass"}
+    assert failing and len(failing) < len(numbers)
+    assert first.parseoutcomes()["failed"] == len(failing), first.stdout.str()  # one shard item per campaign
+    rerun = suite.runpytest_subprocess("-rA", "--hwfault", "-n", "2", "--lf", "--hwfault-report=lf.json")
+    assert rerun.ret == 1
+    assert rerun.parseoutcomes() == {"failed": len(failing)}, rerun.stdout.str()
+    assert "lost shard" not in rerun.stdout.str() and "INCOMPLETE" not in rerun.stdout.str()
+    assert _numbers(suite.path / "lf.json") == failing
+    # one shard chosen with -k: the campaign complete, its numbers the whole run's
+    chosen = _run(suite, "k.json", "-n", "2", "-k", "test_strict and shard2of2")
+    assert chosen.ret == 1 and "lost shard" not in chosen.stdout.str()
+    strict = _numbers(suite.path / "k.json")
+    assert len(strict) == 1 and strict.items() <= numbers.items()
+
+
 def test_ci_shards_merge_to_the_single_run(suite: pytest.Pytester) -> None:
     full = _run(suite, "full.json")
     part1 = _run(suite, "p1.json", "--hwfault-shard=1/2")

@@ -232,6 +232,10 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
                                                "site), and a compiled model's check against the view"},
                 "shard": {"type": "array", "items": {"type": "integer", "minimum": 1},
                           "description": "[index, count] of the xdist shard that reported the record"},
+                "shards_run": {"type": "array", "items": {"type": "integer", "minimum": 1},
+                               "description": "the shards of the campaign the session selected (-k, --lf and "
+                                              "--deselect may leave some out); the last of them carries the "
+                                              "verdict"},
                 "lost_shards": {"type": "array", "items": {"type": "integer", "minimum": 1}},
                 "complete": {"type": "boolean"},
                 "contiguous": _COUNT,

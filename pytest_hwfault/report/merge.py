@@ -104,7 +104,8 @@ def merge_reports(reports: list[dict[str, Any]], *, allow_mixed_versions: bool =
 
 def merge_shard_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One record per campaign from the records the shards of one session report (each carries ``shard``:
-    [index, count]). A campaign that lost a shard (its worker crashed) is ``incomplete`` with ``lost_shards``; one
+    [index, count], and ``shards_run``: those the session selected). A campaign that lost a shard it selected (its
+    worker crashed, the session stopped before it ran) is ``incomplete`` with ``lost_shards``; one
     whose shards cannot be merged (different models or data) is ``invalid`` with the ``problem``."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in records:
@@ -116,7 +117,8 @@ def merge_shard_records(records: Sequence[Mapping[str, Any]]) -> list[dict[str, 
         except ReportError as error:
             record = {**group[0], "verdict": "invalid", "problem": str(error)}
         count = max(r.get("shard", [1, 1])[1] for r in group)
-        lost = sorted(set(range(1, count + 1)) - {r.get("shard", [1, 1])[0] for r in group})
+        selected = set().union(*(r.get("shards_run", range(1, count + 1)) for r in group))
+        lost = sorted(selected - {r.get("shard", [1, 1])[0] for r in group})
         if lost and record["verdict"] != "invalid":
             record.update(verdict="incomplete", lost_shards=lost)
         merged.append(record)
