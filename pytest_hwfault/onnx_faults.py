@@ -115,9 +115,12 @@ def agreement_under_faults(model: Any, qmodel: Any, images: Any, ber: float = 1e
     from torch.utils._pytree import tree_leaves
 
     from .faults import FaultModel, sample_pattern, trial_generator
-    from .onnx_reader import load
+    from .onnx_reader import fixed_batch, load
     from .spec import Site
 
+    fixed = fixed_batch(load(model))
+    if fixed is not None and fixed[0] < len(images):  # the graph runs that many images at a time: one call's worth
+        images = images[: fixed[0]]
     count = len(images)
     fault_model = FaultModel(Site.ACT, ber)
     targets = qmodel.targets(fault_model.site)

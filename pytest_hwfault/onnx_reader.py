@@ -1824,9 +1824,24 @@ def load(model: Any) -> Any:
     return model
 
 
+def fixed_batch(proto: Any) -> tuple[int, list[tuple[str, list[int | None]]]] | None:
+    """The batch size the graph's inputs declare when every one fixes its first dimension to one size (a model
+    exported without a dynamic batch axis: onnxruntime then runs exactly that many images per call), with each
+    input's declared shape; None when the batch dimension is symbolic."""
+    initializers = {i.name for i in proto.graph.initializer}
+    inputs = [(i.name, [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim])
+              for i in proto.graph.input if i.name not in initializers]
+    sizes = {shape[0] if shape else None for _, shape in inputs}
+    if not inputs or len(sizes) != 1 or None in sizes:
+        return None
+    (size,) = sizes
+    return (size, inputs) if size else None
+
+
 def onnxruntime_runner(model: Any) -> Any:
     """A function running the ONNX model on onnxruntime's CPU provider (default optimizations) on a batch of float
-    inputs, returning its outputs as tensors; None without onnxruntime."""
+    inputs, returning its outputs as tensors; None without onnxruntime. A graph that fixes its batch size is run
+    that many images at a time, as it is deployed, and the outputs joined."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -1836,12 +1851,60 @@ def onnxruntime_runner(model: Any) -> Any:
     initializers = {i.name for i in proto.graph.initializer}
     names = [i.name for i in proto.graph.input if i.name not in initializers]
 
+    fixed = fixed_batch(proto)
+
     def run(x: Any) -> list[torch.Tensor]:
         tensors = x.tensors if hasattr(x, "tensors") else (x,)
-        feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
-        return [torch.from_numpy(out) for out in session.run(None, feeds)]
+        step = fixed[0] if fixed is not None else len(tensors[0])
+        if len(tensors[0]) % step:
+            raise ValueError(f"the graph runs {step} images at a time, not {len(tensors[0])}")
+        parts = [session.run(None, {name: t[start:start + step].detach().cpu().numpy()
+                                    for name, t in zip(names, tensors)})
+                 for start in range(0, len(tensors[0]), step)]
+        return [torch.cat([torch.from_numpy(part[i]) for part in parts]) for i in range(len(parts[0]))]
 
     return run
+
+
+def _check_fixed_batch(proto: Any, module: nn.Module, calibration_data: Any) -> str | None:
+    """Where the graph fixes its batch size, whether it computes a larger batch too (the engine runs images in
+    batches of its own size): a note saying so, or DeployedFormatError naming the input and the fix."""
+    from torch.utils._pytree import tree_leaves
+
+    from .data import call_model, concat, iter_batches
+
+    fixed = fixed_batch(proto)
+    if fixed is None:
+        return None
+    size, inputs = fixed
+    declared = ", ".join(f"{name!r} {shape}" for name, shape in inputs)
+    parts, count = [], 0
+    for x, _ in iter_batches(calibration_data, size + 1):
+        parts.append(x)
+        count += len(x)
+        if count > size:
+            break
+    if count <= size:
+        return (f"the graph fixes its batch size to {size} (inputs {declared}) and the calibration data holds "
+                f"{count} image(s): whether it computes the larger batches the engine runs is not checked")
+    images = concat(parts)[: size + 1]
+    problem = None
+    try:
+        with torch.no_grad():
+            outputs = [t for t in tree_leaves(call_model(module, images)) if isinstance(t, torch.Tensor)]
+        if not outputs or any(t.dim() == 0 or len(t) != size + 1 for t in outputs):
+            problem = f"its outputs on {size + 1} images are shaped {[list(t.shape) for t in outputs]}"
+    except Exception as error:  # noqa: BLE001 - said, with the fix
+        problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if problem is not None:
+        raise DeployedFormatError(
+            f"onnx: the graph fixes its batch size to {size} (inputs {declared}) and does not compute a batch of "
+            f"{size + 1} images ({problem}): the engine runs images in batches. Export the model with a dynamic "
+            "batch dimension, e.g. torch.onnx.export(..., dynamic_axes={'x': {0: 'batch'}, 'logits': {0: "
+            "'batch'}}) with your input and output names, before quantizing it")
+    return (f"the graph fixes its batch size to {size} (inputs {declared}): onnxruntime runs it {size} image(s) at "
+            "a time, so the load check against it does too; the engine runs the same graph on larger batches, "
+            "which it computes")
 
 
 def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.device | str) -> Deployed:
@@ -1867,6 +1930,9 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
                                   "weight, output QuantizeLinear; or a dynamically quantized MatMulInteger): is it a "
                                   "QDQ model?")
     notes = list(exact.notes)
+    fixed = _check_fixed_batch(proto, module, calibration_data)
+    if fixed is not None:
+        notes.append(fixed)
     dynamic = [name for name, layer in exact.layers.items() if layer.raw_output]
     if dynamic:
         notes.append(f"dynamic quantization ({len(dynamic)} MatMul layer(s), e.g. {dynamic[0]!r}): each quantizes its "

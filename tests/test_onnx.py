@@ -728,3 +728,67 @@ def test_a_pad_with_a_value_off_the_grid_is_regridded_as_onnxruntime_does(digits
         warnings.simplefilter("ignore", DeployedMismatchWarning)
         qmodel = quantize(proto, x)
     assert torch.equal(qmodel(x), torch.from_numpy(run_ort(proto, {"x": x.numpy()})[0]))
+
+
+def _fixed_batch_qdq(model: torch.nn.Module, calibration: torch.Tensor, folder: pathlib.Path) -> pathlib.Path:
+    """`model` exported with no dynamic axis (its input and output fixed to batch 1, as torch.onnx.export gives
+    by default) and quantized by onnxruntime, calibrated one image at a time, as such a graph runs."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    float_path, path = folder / "float.onnx", folder / "qdq.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (calibration[:1],), str(float_path), dynamo=False, input_names=["x"],
+                          output_names=["logits"], opset_version=17)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.images = iter([{"x": calibration[i:i + 1].numpy()} for i in range(len(calibration))])
+
+        def get_next(self) -> dict | None:
+            return next(self.images, None)
+
+    quantize_static(str(float_path), str(path), Reader(), per_channel=True, quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return path
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, reshape_to_one: bool) -> None:
+        super().__init__()
+        self.conv, self.fc, self.reshape_to_one = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Linear(8 * 64, 10), \
+            reshape_to_one
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc(h.reshape(1, -1) if self.reshape_to_one else h.flatten(1))
+
+
+def test_a_graph_with_a_fixed_batch_size_is_checked_as_it_runs_or_refused_saying_how_to_export_it(
+        digits, tmp_path) -> None:  # noqa: ANN001
+    """A model exported without a dynamic batch axis runs one image per call on onnxruntime: the load check fed it
+    64 images, onnxruntime refused, and the view was gated unchecked ('its arithmetic is not known to be the
+    engine's'); a graph that reshapes to [1, -1] died in a bare 'mat1 and mat2 shapes cannot be multiplied'. The
+    check now runs onnxruntime one image at a time (fault-free and under faults), and a graph that cannot compute
+    a batch is refused naming its input and the export option."""
+    torch.manual_seed(0)
+    calibration = images(digits.x_train[:32])
+    x = images(digits.x_test[:40])
+    flat = _fixed_batch_qdq(_Head(False), calibration, tmp_path)
+    qmodel = quantize(flat, calibration)
+    notes = qmodel.config["deployed_notes"]
+    assert notes[0] == "checked against onnxruntime on 32 calibration images: fault-free outputs equal bit for bit"
+    assert notes[1].startswith("checked against onnxruntime under a trial of act faults") and \
+        notes[1].endswith("on 1 calibration images: outputs equal bit for bit"), notes[1]
+    assert any(note.startswith("the graph fixes its batch size to 1 (inputs 'x' [1, 1, 8, 8])") for note in notes)
+    theirs = torch.cat([torch.from_numpy(run_ort(flat, {"x": x[i:i + 1].numpy()})[0]) for i in range(len(x))])
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), theirs)
+    folder = tmp_path / "one"
+    folder.mkdir()
+    reshaped = _fixed_batch_qdq(_Head(True), calibration, folder)
+    with pytest.raises(DeployedFormatError, match=r"onnx: the graph fixes its batch size to 1 \(inputs 'x' "
+                                                  r"\[1, 1, 8, 8\]\) and does not compute a batch of 2 images "
+                                                  r"\(RuntimeError: .*\): the engine runs images in batches\. "
+                                                  r"Export the model with a dynamic batch dimension"):
+        quantize(reshaped, calibration)
