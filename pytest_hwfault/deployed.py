@@ -311,6 +311,39 @@ def read(model: Any, source: str, calibration_data: Any, batch_size: int, device
     raise ValueError(f"unknown deployed format {source!r}; allowed: {', '.join(FORMATS)}")
 
 
+def check_fixed_batch(source: str, size: int, declared: str, module: nn.Module, calibration_data: Any, *,
+                      runtime: str, fix: str) -> str:
+    """A graph made for a fixed batch of `size` images (`declared`: where it says so) must compute one image more:
+    the engine runs images in batches of its own size. A note saying so (`runtime`: how the runtime runs it), or
+    DeployedFormatError naming `declared` and `fix`, where it fails on `size` + 1 images or gives other shapes."""
+    from torch.utils._pytree import tree_leaves
+
+    from .data import call_model, concat, iter_batches
+
+    what = f"the graph fixes its batch size to {size} ({declared})"
+    parts, count = [], 0
+    for x, _ in iter_batches(calibration_data, size + 1):
+        parts.append(x)
+        count += len(x)
+        if count > size:
+            break
+    if count <= size:
+        return (f"{what}: {runtime}; the calibration data holds {count} image(s), so whether it computes the larger "
+                "batches the engine runs is not checked")
+    images, problem = concat(parts)[: size + 1], None
+    try:
+        with torch.no_grad():
+            outputs = [t for t in tree_leaves(call_model(module, images)) if isinstance(t, torch.Tensor)]
+        if not outputs or any(t.dim() == 0 or len(t) != size + 1 for t in outputs):
+            problem = f"its outputs on {size + 1} images are shaped {[list(t.shape) for t in outputs]}"
+    except Exception as error:  # noqa: BLE001 - said, with the fix
+        problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if problem is not None:
+        raise DeployedFormatError(f"{source}: {what} and does not compute a batch of {size + 1} images ({problem}): "
+                                  f"the engine runs images in batches. To gate it, {fix}")
+    return f"{what}: {runtime}; the engine runs the same graph on larger batches, which it computes"
+
+
 def float32_multiplier(input_scale: float, weight_scale: torch.Tensor, act_scale: float | None) -> torch.Tensor:
     """input_scale x weight_scale / act_scale per channel, in float32 arithmetic as the runtimes compute it (no
     division for a layer whose result stays float)."""

@@ -57,7 +57,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import onnx_float, onnx_probes
-from .deployed import BiasMode, Deployed, DeployedFormatError, DeployedLayer, Requantize, float32_multiplier
+from .deployed import (
+    BiasMode,
+    Deployed,
+    DeployedFormatError,
+    DeployedLayer,
+    Requantize,
+    check_fixed_batch,
+    float32_multiplier,
+)
 
 CONVOLUTIONS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}  # by spatial dims
 # onnxruntime's integer kernels for a conv/gemm/matmul group (anything else it runs is a float op)
@@ -1867,44 +1875,17 @@ def onnxruntime_runner(model: Any) -> Any:
 
 
 def _check_fixed_batch(proto: Any, module: nn.Module, calibration_data: Any) -> str | None:
-    """Where the graph fixes its batch size, whether it computes a larger batch too (the engine runs images in
-    batches of its own size): a note saying so, or DeployedFormatError naming the input and the fix."""
-    from torch.utils._pytree import tree_leaves
-
-    from .data import call_model, concat, iter_batches
-
+    """Where the graph fixes its batch size: a note, or DeployedFormatError naming the inputs and the export option
+    (`deployed.check_fixed_batch`)."""
     fixed = fixed_batch(proto)
     if fixed is None:
         return None
     size, inputs = fixed
-    declared = ", ".join(f"{name!r} {shape}" for name, shape in inputs)
-    parts, count = [], 0
-    for x, _ in iter_batches(calibration_data, size + 1):
-        parts.append(x)
-        count += len(x)
-        if count > size:
-            break
-    if count <= size:
-        return (f"the graph fixes its batch size to {size} (inputs {declared}) and the calibration data holds "
-                f"{count} image(s): whether it computes the larger batches the engine runs is not checked")
-    images = concat(parts)[: size + 1]
-    problem = None
-    try:
-        with torch.no_grad():
-            outputs = [t for t in tree_leaves(call_model(module, images)) if isinstance(t, torch.Tensor)]
-        if not outputs or any(t.dim() == 0 or len(t) != size + 1 for t in outputs):
-            problem = f"its outputs on {size + 1} images are shaped {[list(t.shape) for t in outputs]}"
-    except Exception as error:  # noqa: BLE001 - said, with the fix
-        problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-    if problem is not None:
-        raise DeployedFormatError(
-            f"onnx: the graph fixes its batch size to {size} (inputs {declared}) and does not compute a batch of "
-            f"{size + 1} images ({problem}): the engine runs images in batches. Export the model with a dynamic "
-            "batch dimension, e.g. torch.onnx.export(..., dynamic_axes={'x': {0: 'batch'}, 'logits': {0: "
-            "'batch'}}) with your input and output names, before quantizing it")
-    return (f"the graph fixes its batch size to {size} (inputs {declared}): onnxruntime runs it {size} image(s) at "
-            "a time, so the load check against it does too; the engine runs the same graph on larger batches, "
-            "which it computes")
+    return check_fixed_batch(
+        "onnx", size, "inputs " + ", ".join(f"{name!r} {shape}" for name, shape in inputs), module, calibration_data,
+        runtime=f"onnxruntime runs it {size} image(s) at a time, so the load check against it does too",
+        fix="export the model with a dynamic batch dimension, e.g. torch.onnx.export(..., dynamic_axes={'x': {0: "
+            "'batch'}, 'logits': {0: 'batch'}}) with your input and output names, before quantizing it")
 
 
 def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.device | str) -> Deployed:

@@ -40,7 +40,16 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .deployed import BiasMode, Deployed, DeployedFormatError, DeployedLayer, KernelSum, Requantize, Scaling
+from .deployed import (
+    BiasMode,
+    Deployed,
+    DeployedFormatError,
+    DeployedLayer,
+    KernelSum,
+    Requantize,
+    Scaling,
+    check_fixed_batch,
+)
 
 FORMAT = "pt2e"
 _CODE_DTYPES = {torch.uint8: (False, 0, 255), torch.int8: (True, -128, 127)}
@@ -524,6 +533,25 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
         "the PT2E graph computes each conv/linear in float32 on dequantized values; the engine computes its exact "
         "integer sum and scales it, so an output within float32 rounding of a half code may be one code apart "
         "from the graph's (3 codes in 406,528 on a trained ResNet-style model; more where sums are long)"]
+    fixed = _fixed_batch(graph)
+    if fixed is not None:
+        size, declared = fixed
+        notes.append(check_fixed_batch(
+            FORMAT, size, f"inputs {declared}, as torch.export.export specialized them", module, calibration_data,
+            runtime=f"the exported program accepts {size} image(s) per call",
+            fix="export it with a dynamic batch dimension, torch.export.export(model, (x,), dynamic_shapes=({0: "
+                "torch.export.Dim('batch')},)), before prepare_pt2e and convert_pt2e"))
     return Deployed(module, layers, FORMAT, float_module=None, notes=[
         "the float baseline is the float function of the int8 graph (dequantized weights, unquantized "
         "activations), not the float model it was converted from", *graph_sums, *notes])
+
+
+def _fixed_batch(graph: fx.Graph) -> tuple[int, str] | None:
+    """The batch size every tensor input of an exported graph was specialized to (exported without
+    `dynamic_shapes`: the graph's views may hold it), with their shapes; None where dim 0 is symbolic."""
+    shapes = {node.name: node.meta["val"].shape for node in graph.nodes if node.op == "placeholder"
+              and isinstance(node.meta.get("val"), torch.Tensor) and node.meta["val"].dim() > 0}
+    sizes = [shape[0] for shape in shapes.values()]
+    if not sizes or not all(type(size) is int for size in sizes) or len(set(sizes)) != 1:
+        return None
+    return sizes[0], ", ".join(f"{name!r} {list(shape)}" for name, shape in shapes.items())

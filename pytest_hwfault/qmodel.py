@@ -178,6 +178,15 @@ class QuantizedModel:
         policy = self.config.get("memory_format", "preserve")
         self._runtime.channels_last = policy == "channels_last" or (policy == "auto" and self.device.type == "cpu")
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether image layers compute channels-last (`quantize`'s `memory_format`, on this device)."""
+        return self._runtime.channels_last
+
+    @channels_last.setter
+    def channels_last(self, value: bool) -> None:
+        self._runtime.channels_last = value
+
     # -- hooks ---------------------------------------------------------------------------------------------------
     def _install(self, layer: QuantLayer) -> list[Any]:
         runtime, name, bits, acc_bits = self._runtime, layer.name, layer.bits, layer.acc_bits

@@ -47,8 +47,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
+from torch.overrides import TorchFunctionMode
 
-from .data import Inputs, call_model, check_stable, iter_batches
+from .data import Batch, Inputs, call_model, check_stable, iter_batches
 from .decompose import Einsum, FusedAttentionOff, MatMul, decompose
 from .deployed import (
     ONEDNN_STEPS,
@@ -468,6 +469,7 @@ def quantize(
     }
     qmodel = QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name, plan,
                             trace_error=trace_error)
+    _layout_that_runs(qmodel, example)
     if inductor:
         deployed_notes = config["deployed_notes"]
         assert isinstance(deployed_notes, list)
@@ -640,6 +642,51 @@ def compiled_agreement(compiled: Any, qmodel: QuantizedModel, images: Any) -> st
     return (f"checked against the compiled model (x86 Inductor) on {count} calibration images: fault-free outputs "
             f"differ ({_differ(theirs, ours)}): Inductor lowers "
             "part of this model in a way the engine does not reproduce bit for bit")
+
+
+class _ViewsOfChannelsLast(TorchFunctionMode):
+    """Notes a `.view` that fails on a tensor that is not row-major (and views a row-major copy, so the forward
+    goes on)."""
+
+    VIEWS = {torch._C.TensorBase.view, torch.ops.aten.view.default}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self.VIEWS and args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+            try:
+                return func(*args, **kwargs)
+            except RuntimeError:
+                self.failed = True
+                return func(args[0].contiguous(), *args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+
+def _layout_that_runs(qmodel: QuantizedModel, images: Batch) -> None:
+    """Under memory_format="auto" the view computes image layers channels-last, which the model's own code sees:
+    a forward that views a conv's output (`x.view(x.size(0), -1)`, LeNet's `x.view(-1, 320)`) needs row-major
+    memory and failed ('view size is not compatible with input tensor's size and stride'). Such a model keeps its
+    own layout, and its notes say so. Any other failure of this forward is left to the checks that find it."""
+    if qmodel.config["memory_format"] != "auto" or not qmodel.channels_last:
+        return
+    views = _ViewsOfChannelsLast()
+    try:
+        with views:
+            qmodel(images)
+    except Exception:  # noqa: BLE001 - not this check's to report (a branch on the batch size, ...)
+        pass
+    if not views.failed:
+        return
+    qmodel.config["memory_format"] = "preserve"
+    qmodel.channels_last = False
+    notes = qmodel.config["deployed_notes"]
+    assert isinstance(notes, list)
+    notes.append("computed in the model's own memory layout, not channels-last: its forward views a convolution's "
+                 "output, which needs row-major memory; the same numbers, ~20% slower convolutions")
 
 
 def _weights_of(modules: dict[str, nn.Module]) -> set[int]:

@@ -790,5 +790,5 @@ def test_a_graph_with_a_fixed_batch_size_is_checked_as_it_runs_or_refused_saying
     with pytest.raises(DeployedFormatError, match=r"onnx: the graph fixes its batch size to 1 \(inputs 'x' "
                                                   r"\[1, 1, 8, 8\]\) and does not compute a batch of 2 images "
                                                   r"\(RuntimeError: .*\): the engine runs images in batches\. "
-                                                  r"Export the model with a dynamic batch dimension"):
+                                                  r"To gate it, export the model with a dynamic batch dimension"):
         quantize(reshaped, calibration)

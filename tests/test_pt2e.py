@@ -280,3 +280,57 @@ def test_pt2e_layers_on_merged_rows_are_viewed_per_image() -> None:
     assert float((clean - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
     faulty = qmodel(x, faults=FaultPattern.from_faults([Fault("act", "a", 5 * 16 + 3, 6, image=3)]))
     assert (faulty != clean).any(1).nonzero().flatten().tolist() == [3]
+
+
+class _ViewedHead(torch.nn.Module):
+    """A conv whose output is viewed flat before the head: `x.view(-1, 512)` (any batch), or reshaped to a batch it
+    knows only once exported (`x.reshape(x.shape[0], -1)`, which torch.export specializes to its example's)."""
+
+    def __init__(self, viewed: bool) -> None:
+        super().__init__()
+        self.conv, self.fc, self.viewed = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Linear(512, 10), viewed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(-1, 512) if self.viewed else h.reshape(x.shape[0], -1))
+
+
+def _static_pt2e(model: torch.nn.Module, example: torch.Tensor, calibration: torch.Tensor) -> fx.GraphModule:
+    """`model` exported for the batch of `example` only (no dynamic_shapes: torch.export's default) and converted."""
+    import warnings
+
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_pt2e(torch.export.export(model.eval(), (example,)).module(),
+                                xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config()))
+        with torch.no_grad():
+            for start in range(0, len(calibration), len(example)):
+                prepared(calibration[start:start + len(example)])
+        return convert_pt2e(prepared)
+
+
+def test_a_graph_exported_for_one_batch_size_is_gated_where_it_computes_others_or_refused(digits) -> None:  # noqa: ANN001
+    """torch.export.export(model, (x,)) without dynamic_shapes specializes the batch: a graph whose views hold it
+    died at the first batch of other size in a bare 'mat1 and mat2 shapes cannot be multiplied'. It is refused,
+    naming the export option; a graph that computes any batch (a view to [-1, 512]) is read, and says it was
+    exported for one batch size. That view of a convolution's output also failed on the view's channels-last
+    tensors ('view size is not compatible with input tensor's size and stride')."""
+    torch.manual_seed(0)
+    calibration, x = images(digits.x_train[:32]), images(digits.x_test[:40])
+    viewed = _static_pt2e(_ViewedHead(True), calibration[:1], calibration)
+    qmodel = quantize(viewed, calibration)
+    assert any(note.startswith("the graph fixes its batch size to 1 (inputs 'x' [1, 1, 8, 8], as "
+                               "torch.export.export specialized them)") for note in qmodel.config["deployed_notes"])
+    with torch.no_grad():
+        theirs = torch.cat([viewed(x[i:i + 1]) for i in range(len(x))])
+    assert agreement(theirs, qmodel(x), qmodel.layers["fc"].act_scale)["predictions"] == 1.0
+    reshaped = _static_pt2e(_ViewedHead(False), calibration[:8], calibration)
+    with pytest.raises(DeployedFormatError, match=r"pt2e: the graph fixes its batch size to 8 \(inputs 'x' \[8, 1, 8, "
+                                                  r"8\], as torch.export.export specialized them\) and does not "
+                                                  r"compute a batch of 9 images \(RuntimeError: .*\): the engine runs "
+                                                  r"images in batches\. To gate it, export it with a dynamic batch "
+                                                  r"dimension"):
+        quantize(reshaped, calibration)

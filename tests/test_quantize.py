@@ -779,3 +779,35 @@ def test_a_layer_whose_input_is_zero_on_every_calibration_image_is_refused_sayin
     with pytest.raises(ValueError, match=r"layer '4': its input was zero on every calibration image, so its input "
                                          r"scale is the observer's floor \(1\.19e-07\) .* remove the dead layers"):
         quantize(model, x)
+
+
+class _LeNet(nn.Module):
+    """PyTorch's classic MNIST net: a pooled conv's output viewed flat (`x.view(-1, 4 * 4 * 4)`)."""
+
+    def __init__(self, viewed: bool = True) -> None:
+        super().__init__()
+        self.conv, self.fc, self.viewed = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 4 * 4, 10), viewed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(F.relu(self.conv(x)), 2)
+        return self.fc(h.view(-1, 4 * 4 * 4) if self.viewed else torch.flatten(h, 1))
+
+
+def test_a_forward_that_views_a_convolutions_output_runs_in_its_own_layout() -> None:
+    """The view computes image layers channels-last on the CPU; a forward viewing a conv's output (LeNet's
+    `x.view(-1, 320)`) failed on those tensors ('view size is not compatible with input tensor's size and stride').
+    Such a model keeps its own layout, with the same numbers as memory_format='preserve', and its notes say so; a
+    model that flattens stays channels-last."""
+    with seeded(4):
+        model, x = _LeNet().eval(), torch.randn(16, 1, 8, 8)
+    qmodel = quantize(model, x)
+    assert qmodel.config["memory_format"] == "preserve" and not qmodel.channels_last
+    assert any("not channels-last: its forward views a convolution's output" in note
+               for note in qmodel.config["deployed_notes"])
+    preserved = quantize(model, x, memory_format="preserve")
+    assert torch.equal(qmodel(x), preserved(x))
+    flat = _LeNet(viewed=False).eval()
+    flat.load_state_dict(model.state_dict())
+    flattened = quantize(flat, x)
+    assert flattened.config["memory_format"] == "auto" and flattened.channels_last
+    assert torch.equal(flattened(x), qmodel(x))
