@@ -18,7 +18,7 @@ from .campaign import Campaign, CampaignResult, TrialResult
 from .data import Batch, DataError, Inputs, as_tensors, check_finite, check_stable, concat, iter_batches
 from .identity import attributes_fingerprint, model_fingerprint, outputs_fingerprint, tensor_fingerprint
 from .late_start import DEFAULT_CACHE_BYTES
-from .quantization import QuantizedModel, quantize, refuse_non_model, refuse_torchscript
+from .quantization import QuantizedModel, quantize, refuse_non_model, refuse_ungateable
 from .sharding import RunDir, Slice, take_part
 from .spec import CampaignSpec
 
@@ -94,7 +94,7 @@ def prepare(model: nn.Module | QuantizedModel, data: Any, *, samples: int | None
     inputs, labels = as_tensors(data, samples)
     check_finite(inputs, "the evaluation inputs")
     if isinstance(model, nn.Module):  # before its fingerprint, which reads the forward's code
-        refuse_torchscript(model, type(model).__qualname__)
+        refuse_ungateable(model, type(model).__qualname__)
     elif not isinstance(model, QuantizedModel):
         refuse_non_model(model)
     fingerprint = model_fingerprint(model.module if isinstance(model, QuantizedModel) else model)

@@ -199,7 +199,7 @@ def quantize(
         refuse_non_model(model)
     else:
         source_name = type(model).__qualname__
-        refuse_torchscript(model, source_name)
+        refuse_ungateable(model, source_name)
         work = copy.deepcopy(model).eval()
         compiled += _uncompile(work)
     for p in work.parameters():
@@ -648,7 +648,7 @@ class _ViewsOfChannelsLast(TorchFunctionMode):
     """Notes a `.view` that fails on a tensor that is not row-major (and views a row-major copy, so the forward
     goes on)."""
 
-    VIEWS = {torch._C.TensorBase.view, torch.ops.aten.view.default}
+    VIEWS = {torch._C.TensorBase.view, torch._C.TensorBase.view_as, torch.ops.aten.view.default}
 
     def __init__(self) -> None:
         super().__init__()
@@ -824,9 +824,19 @@ def refuse_non_model(model: Any) -> None:
                         f"(ModelProto or .onnx path), got {type(model).__qualname__}")
 
 
-def refuse_torchscript(model: nn.Module, source_name: str) -> None:
+def refuse_ungateable(model: nn.Module, source_name: str) -> None:
     """TorchScript runs its own graph: no hook, no functional dispatch reaches the layers inside it, so their MACs
-    would run in float, unfaulted (and its parameters cannot be frozen on a copy). Refused, naming the module."""
+    would run in float, unfaulted (and its parameters cannot be frozen on a copy). Refused, naming the module. So is
+    a lazy module never run (nn.LazyLinear, nn.LazyConv2d), whose parameters hold no values yet: no trained model."""
+    from torch.nn.parameter import is_lazy
+
+    lazy = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if is_lazy(tensor)]
+    if lazy:
+        raise UnsupportedModelError(
+            f"{source_name}: {len(lazy)} of its parameters are not initialized ({', '.join(map(repr, lazy[:3]))}"
+            f"{', ...' if len(lazy) > 3 else ''}: a lazy module, e.g. nn.LazyLinear, that never ran), so it has no "
+            "weights to gate: run one forward pass on a batch of inputs and train it (or load its trained state) "
+            "first")
     for name, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule):
             where = f"its submodule {name!r}" if name else "it"

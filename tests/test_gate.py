@@ -299,3 +299,20 @@ def test_data_in_a_form_misread_is_refused_naming_the_fix() -> None:
     assert torch.equal(prepared.inputs.tensors[0], x) and torch.equal(prepared.inputs.tensors[1], mask)
     assert torch.equal(prepared.labels, y)
     assert torch.equal(calibration_tensor(Keyed(columns, "features")), x)
+
+
+def test_a_lazy_module_that_never_ran_is_refused_by_name() -> None:
+    """nn.LazyLinear's parameters hold no values until a forward pass: the fingerprint died in torch's 'Attempted to
+    use an uninitialized parameter'. There is no trained model to gate: refused, naming the parameters."""
+    from pytest_hwfault.quantization import UnsupportedModelError, quantize
+
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    lazy = nn.Sequential(nn.LazyLinear(6), nn.ReLU(), nn.LazyLinear(3)).eval()
+    message = (r"Sequential: 4 of its parameters are not initialized \('0.weight', '0.bias', '2.weight', \.\.\.: a "
+               r"lazy module, e.g. nn.LazyLinear, that never ran\), so it has no weights to gate")
+    with pytest.raises(UnsupportedModelError, match=message):
+        prepare(lazy, (x, y), samples=None, bits=8, cache=ModelCache(), device=CPU)
+    with pytest.raises(UnsupportedModelError, match=message):
+        quantize(lazy, x)
+    lazy(x)  # initialized: an ordinary model
+    assert prepare(lazy, (x, y), samples=None, bits=8, cache=ModelCache(), device=CPU).qmodel.layers
