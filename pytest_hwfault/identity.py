@@ -173,12 +173,15 @@ def _digest_attribute(digest: Any, value: Any, depth: int = 0) -> None:
                 digest.update(b"<empty>")
     else:
         digest.update(f"{type(value).__module__}.{type(value).__qualname__}".encode())
-        contents = getattr(value, "__dict__", None)
-        if isinstance(contents, dict):  # a config object's settings
-            _digest_attribute(digest, dict(contents), depth + 1)
-        elif hasattr(value, "tobytes") and hasattr(value, "dtype"):  # a numpy array
-            digest.update(f"{value.dtype}{getattr(value, 'shape', '')}".encode())
-            digest.update(value.tobytes())
+        try:
+            contents = getattr(value, "__dict__", None)
+            if isinstance(contents, dict):  # a config object's settings
+                _digest_attribute(digest, dict(contents), depth + 1)
+            elif hasattr(value, "tobytes") and hasattr(value, "dtype"):  # a numpy array
+                digest.update(f"{value.dtype}{getattr(value, 'shape', '')}".encode())
+                digest.update(value.tobytes())
+        except Exception:  # noqa: BLE001 - an object that will not be read: its type stands for it
+            digest.update(b"<unreadable>")
 
 
 def attributes_fingerprint(model: nn.Module) -> str:

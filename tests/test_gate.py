@@ -316,3 +316,21 @@ def test_a_lazy_module_that_never_ran_is_refused_by_name() -> None:
         quantize(lazy, x)
     lazy(x)  # initialized: an ordinary model
     assert prepare(lazy, (x, y), samples=None, bits=8, cache=ModelCache(), device=CPU).qmodel.layers
+
+
+def test_an_attribute_that_will_not_be_read_stands_as_its_type() -> None:
+    """A module attribute whose contents raise when read (a proxy, a handle) must not break the cache's key."""
+    from pytest_hwfault.identity import attributes_fingerprint
+
+    class Proxy:
+        def __getattribute__(self, name: str) -> object:
+            if name == "__dict__":
+                raise RuntimeError("closed")
+            return object.__getattribute__(self, name)
+
+    first, second = _mlp(), _mlp()
+    first.handle, second.handle = Proxy(), Proxy()  # type: ignore[assignment]
+    assert attributes_fingerprint(first) == attributes_fingerprint(second) != attributes_fingerprint(_mlp())
+    x = torch.randn(8, 8)
+    cache = ModelCache()
+    assert cache.get(first, x, CPU, 8, {}) is cache.get(second, x, CPU, 8, {})
