@@ -20,8 +20,9 @@ written elementwise, the images' values minus a stored tensor, squared and summe
 ``torch.linalg.vector_norm(x[:, None] - c, dim=-1)``, ``F.pairwise_distance``), is counted so too (op
 ``aten.sub+aten.pow+aten.sum``), as torch.cdist is.
 
-torch has no flop formula for some MAC ops (`aten._trilinear`, which nn.Bilinear runs; cdist's kernels): the
-counter brings its own. Any other MAC-heavy op it cannot count (a fused kernel without a formula) makes the coverage
+torch has no flop formula for some MAC ops (`aten._trilinear`, which nn.Bilinear runs; cdist's kernels; the fast
+Fourier transforms of an FFT convolution or FNet's token mixing, which had no MAC name either): the counter brings
+its own. Any other MAC-heavy op it cannot count (a fused kernel without a formula) makes the coverage
 unknown: it is listed, and only ``min_coverage=0`` accepts it.
 """
 
@@ -47,7 +48,7 @@ from .qmodel import QuantizedModel
 # aten ops that multiply-accumulate; the ones with a flop formula are counted, the others make coverage unknown
 _MAC_OP = re.compile(r"(^|_)(mm|bmm|addmm|baddbmm|addbmm|addmv|mv|dot|vdot|matmul|linear|conv\w*|convolution\w*|"
                      r"einsum|lstm\w*|gru\w*|rnn\w*|\w*attention\w*|\w*transformer\w*|mkldnn\w*|\w*qlinear\w*|"
-                     r"\w*qconv\w*|trilinear|cdist\w*|euclidean_dist)($|\.)")
+                     r"\w*qconv\w*|trilinear|cdist\w*|euclidean_dist|fft_\w+)($|\.)")
 
 
 def _trilinear_flops(i1: torch.Tensor, i2: torch.Tensor, i3: torch.Tensor, expand1: list[int], expand2: list[int],
@@ -77,11 +78,35 @@ def _grouped_mm_flops(a: torch.Tensor, b: torch.Tensor, *args: Any, out_val: tor
     return 2 * out_val.numel() * a.shape[-1]
 
 
+def _fourier_flops(points: int, lengths: list[int], real: bool) -> int:
+    """A fast Fourier transform over `lengths` (one 1-d transform per dimension) of a signal with `points` complex
+    (or, `real`, real) points in all: FFTW's benchmark convention, 5 N log2 N flops for a complex transform of N
+    points and half that for a real one (radix-2 butterflies: a complex multiply and two complex adds per pair)."""
+    per_point = 5 * sum(math.log2(length) for length in lengths if length > 1)
+    return round(points * per_point / (2 if real else 1))
+
+
+def _fft_r2c_flops(x: torch.Tensor, dim: list[int], *args: Any, **kwargs: Any) -> int:
+    return _fourier_flops(x.numel(), [x.shape[d] for d in dim], real=True)
+
+
+def _fft_c2r_flops(x: torch.Tensor, dim: list[int], *args: Any, out_val: torch.Tensor, **kwargs: Any) -> int:
+    return _fourier_flops(out_val.numel(), [out_val.shape[d] for d in dim], real=True)
+
+
+def _fft_c2c_flops(x: torch.Tensor, dim: list[int], *args: Any, **kwargs: Any) -> int:
+    return _fourier_flops(x.numel(), [x.shape[d] for d in dim], real=False)
+
+
+_FOURIER = {torch.ops.aten._fft_r2c, torch.ops.aten._fft_c2r, torch.ops.aten._fft_c2c}
 # MAC ops torch's flop counter has no formula for
 _EXTRA_FLOPS: dict[Any, Any] = {torch.ops.aten._grouped_mm: _grouped_mm_flops,
                                 torch.ops.aten._trilinear: _trilinear_flops,
                                 torch.ops.aten._cdist_forward: _distance_flops,
-                                torch.ops.aten._euclidean_dist: _distance_flops}
+                                torch.ops.aten._euclidean_dist: _distance_flops,
+                                torch.ops.aten._fft_r2c: _fft_r2c_flops,
+                                torch.ops.aten._fft_c2r: _fft_c2r_flops,
+                                torch.ops.aten._fft_c2c: _fft_c2c_flops}
 MEASURED_IMAGES = 2  # images in the measuring forward: MAC shares do not depend on the batch size
 # the name under which elementwise products summed (a MAC written as (x * w).sum(-1)) are counted
 PRODUCT_SUM = "aten.mul+aten.sum"
@@ -104,6 +129,11 @@ _OP_REASONS = {"aten._grouped_mm": "aten._grouped_mm: a mixture of experts' expe
                              "torch.linalg.vector_norm(x[:, None] - c, dim=-1) or F.pairwise_distance), runs in "
                              "float: written as (x ** 2).sum(-1, keepdim=True) - 2 * x @ c.T + (c ** 2).sum(-1), "
                              "its MACs are a matmul, which is quantized"}
+# one reason for the three transforms (an FFT convolution runs two of them)
+_FOURIER_REASON = ("aten._fft_*: a fast Fourier transform (an FFT convolution, FNet's token mixing, a spectrogram) "
+                   "multiplies and adds in float, where no fault lands (written as a convolution, or as real "
+                   "matmuls with the DFT's cosines and sines, it is quantized)")
+_OP_REASONS.update({f"aten.{op}": _FOURIER_REASON for op in ("_fft_r2c", "_fft_c2r", "_fft_c2c")})
 
 
 @dataclass(frozen=True)
@@ -120,6 +150,9 @@ class Coverage:
     unfaulted_parameters: int = 0
     # those parameters, largest first: {"parameter", "elements", "ops"} (the ops that read each one)
     unfaulted: list[dict[str, Any]] = field(default_factory=list)
+    # parameters MACs read that are held as no weight codes, so weight faults miss them, largest first:
+    # {"parameter", "elements", "how"} (read by MACs left in float, or quantized per call as an activation)
+    uncoded: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -147,13 +180,15 @@ class Coverage:
     def to_dict(self) -> dict[str, Any]:
         return {"macs": self.macs, "weights": self.weights, "total_macs": self.total_macs,
                 "uncovered": self.uncovered, "uncounted": self.uncounted,
-                "unfaulted_parameters": self.unfaulted_parameters, "unfaulted": self.unfaulted}
+                "unfaulted_parameters": self.unfaulted_parameters, "unfaulted": self.unfaulted,
+                "uncoded": self.uncoded}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Coverage:
         return cls(float(data["macs"]), float(data["weights"]), int(data["total_macs"]),
                    list(data.get("uncovered", [])), list(data.get("uncounted", [])),
-                   int(data.get("unfaulted_parameters", 0)), list(data.get("unfaulted", [])))
+                   int(data.get("unfaulted_parameters", 0)), list(data.get("unfaulted", [])),
+                   list(data.get("uncoded", [])))
 
 
 # ops that ask a tensor about itself; the flop counter lets them through untouched (nested tensors call them)
@@ -184,6 +219,7 @@ class _MacCounter(TorchDispatchMode):
         self.uncounted: set[str] = set()
         self.read: set[int] = set()
         self.readers: dict[int, set[str]] = defaultdict(set)  # storage -> the computing ops that read it
+        self.read_within: dict[int, set[str]] = defaultdict(set)  # storage -> the innermost modules reading it
         self.flop_counts: dict[str, dict[Any, int]] = defaultdict(lambda: defaultdict(int))
         self.tracker = ModuleTracker()
         # storages of the root's parameters and buffers and of what is computed from them alone, each with the
@@ -238,9 +274,14 @@ class _MacCounter(TorchDispatchMode):
             if packet not in flop_registry and packet not in _EXTRA_FLOPS and not _decomposes(func):
                 self.uncounted.add(str(packet))
             self.read |= storages
+            if packet in _FOURIER:  # a stored kernel, padded to the transform's length: the kernel is read
+                self.read.update(*(self.stored[storage] for storage in storages if storage in self.stored))
         elif not getattr(func, "is_view", False) and not _decomposes(func):
+            innermost = self._innermost()
             for storage in storages:
                 self.readers[storage].add(str(packet))
+                if innermost is not None:
+                    self.read_within[storage].add(innermost)
         if func is not torch.ops.prim.device.default:  # as FlopCounterMode: composite ops count as their pieces
             with self:  # which come back through this mode
                 result = func.decompose(*args, **kwargs)
@@ -259,9 +300,12 @@ class _MacCounter(TorchDispatchMode):
         and to the innermost one under the root."""
         for parent in set(self.tracker.parents):
             self.flop_counts[parent][op] += flops
-        innermost = next((name for name in reversed(self.running) if name is not None), None)
+        innermost = self._innermost()
         if innermost is not None:
             self.own_counts[innermost][str(op)] += flops
+
+    def _innermost(self) -> str | None:
+        return next((name for name in reversed(self.running) if name is not None), None)
 
     def _follow_stored(self, packet: Any, args: Any, kwargs: Any, out: Any) -> None:
         """Tracks what is computed from stored tensors alone, the products of the images' values with a stored
@@ -332,12 +376,15 @@ class _Measured(nn.Module):
         return self.model(*args, **kwargs)
 
 
-def _weight_shares(qmodel: QuantizedModel, read: set[int], readers: dict[int, set[str]]
-                   ) -> tuple[float, list[dict[str, Any]]]:
+def _weight_shares(qmodel: QuantizedModel, read: set[int], readers: dict[int, set[str]], per_call: set[int]
+                   ) -> tuple[float, list[dict[str, Any]], list[dict[str, Any]]]:
     """The share of the weights read by multiply-accumulates that are held as codes (a weight computed in the
-    forward pass by a call left in float counts as not held), and the parameters that feed no multiply-accumulate
-    op directly (embeddings, norms, biases, position embeddings, a weight an elementwise op multiplies), which
-    faults do not reach, each with the ops that read it: so a layer written as ``(x * w).sum(-1)`` is named."""
+    forward pass by a call left in float counts as not held); the parameters MACs read that are not held as codes
+    (read by float MACs, or, their storages in `per_call`, read inside a quantized layer that quantizes them per
+    call as an activation: a parameter expanded to the batch as a bmm's operand), which weight faults miss; and
+    the parameters that feed no multiply-accumulate op directly (embeddings, norms, biases, position embeddings, a
+    weight an elementwise op multiplies), which faults do not reach, each with the ops that read it: so a layer
+    written as ``(x * w).sum(-1)`` is named."""
     weights = [getattr(layer.module, "weight", None) for layer in qmodel.layers.values()]
     coded = {id(w): w.numel() for w in weights if isinstance(w, torch.Tensor)}
     stood_in = {held for call in (qmodel.functional.calls if qmodel.functional else []) if call.module is not None
@@ -347,19 +394,24 @@ def _weight_shares(qmodel: QuantizedModel, read: set[int], readers: dict[int, se
                      if call.module is not None for source in call.computed_from}
     float_macs = 0
     unfaulted: list[dict[str, Any]] = []
+    uncoded: list[dict[str, Any]] = []
     for name, param in qmodel.module.named_parameters():
         if id(param) in coded or id(param) in stood_in or not param.is_floating_point():
             continue
         storage = param.untyped_storage().data_ptr()
-        if storage in read:
+        if storage in read or storage in per_call:
             float_macs += param.numel()
+            uncoded.append({"parameter": name, "elements": param.numel(),
+                            "how": "read by MACs in float" if storage in read else
+                            "quantized per call as an activation, which act faults reach"})
         elif id(param) not in computed_from:
             unfaulted.append({"parameter": name, "elements": param.numel(),
                               "ops": sorted(readers.get(storage, ())) or ["none (not read)"]})
     unfaulted.sort(key=lambda row: (-row["elements"], row["parameter"]))
+    uncoded.sort(key=lambda row: (-row["elements"], row["parameter"]))
     computed = sum(call.weight_elements for call in (qmodel.functional.calls if qmodel.functional else []))
     total = sum(coded.values()) + float_macs + computed
-    return (sum(coded.values()) / total if total else 1.0), unfaulted
+    return (sum(coded.values()) / total if total else 1.0), uncoded, unfaulted
 
 
 def measure_coverage(qmodel: QuantizedModel, inputs: Any) -> Coverage:
@@ -399,10 +451,13 @@ def measure_coverage(qmodel: QuantizedModel, inputs: Any) -> Coverage:
         if why:
             entry["why"] = sorted(set(why))
         uncovered.append(entry)
-    weights, unfaulted = _weight_shares(qmodel, counter.read, counter.readers)
+    layer_names = {name for name, module in modules.items() if id(module) in layer_modules}
+    per_call = {storage for storage, within in counter.read_within.items() if within & layer_names}
+    weights, uncoded, unfaulted = _weight_shares(qmodel, counter.read, counter.readers, per_call)
     return Coverage(macs=covered / total if total else 1.0, weights=weights,
                     total_macs=total // 2 // max(1, len(x)), uncovered=uncovered, uncounted=sorted(counter.uncounted),
-                    unfaulted_parameters=sum(row["elements"] for row in unfaulted), unfaulted=unfaulted)
+                    unfaulted_parameters=sum(row["elements"] for row in unfaulted), unfaulted=unfaulted,
+                    uncoded=uncoded)
 
 
 def require_coverage(qmodel: QuantizedModel, inputs: Any, minimum: float, site: str) -> Coverage:

@@ -426,3 +426,90 @@ def test_distances_to_stored_vectors_written_elementwise_are_counted() -> None:
     assert {row["parameter"] for row in coverage.unfaulted} == {"mu"}
     with pytest.raises(EvaluationError, match=r"left in float: <model> \(aten\.sub\+aten\.pow\+aten\.sum: 51\.3%; "):
         require_coverage(qmodel, x, 1.0, "act")
+
+
+class FourierMixing(nn.Module):
+    """FNet's token mixing (a 2-d Fourier transform of the hidden states, its real part) and an FFT convolution
+    along the tokens with a learned kernel: MACs no quantized layer computes, run as torch's FFT ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.kernel = nn.Parameter(torch.randn(4, 16) / 4)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = torch.fft.fft2(self.embed(x)).real  # [N, 8 tokens, 16]
+        spectrum = torch.fft.rfft(mixed, n=16, dim=1) * torch.fft.rfft(self.kernel, n=16, dim=0)
+        convolved = torch.fft.irfft(spectrum, n=16, dim=1)[:, :8]
+        return self.head(convolved.mean(1))
+
+
+def test_fourier_transforms_are_float_macs_named() -> None:
+    """torch's FFT ops had no flop formula and no MAC name: an FNet-style model or an FFT convolution reported 100%
+    reach and passed min_coverage=1 with a third to most of its arithmetic in float. The transforms are counted
+    (FFTW's convention: 5 N log2 N flops for N complex points, half for real ones) as float MACs, named with why,
+    and a kernel the transform reads is a weight MACs read in float."""
+    from pytest_hwfault.coverage import require_coverage
+
+    with seeded(10):
+        model, x = FourierMixing(), torch.randn(2, 8, 8)
+    qmodel = quantize(model.eval(), x)
+    assert list(qmodel.layers) == ["embed", "head"]
+    coverage = measure_coverage(qmodel, x)
+    embed, head = 2 * 8 * 8 * 16, 2 * 16 * 3  # flops per image
+    fft2 = 5 * 8 * 16 * (3 + 4)  # [8, 16] (torch transforms it as complex): log2 8 + log2 16
+    rfft, irfft = 2.5 * 16 * 16 * 4, 2.5 * 16 * 16 * 4  # along 16 tokens (zero-padded), for 16 features
+    kernel = 2.5 * 16 * 16 * 4 / 2  # once a batch of the two measured images
+    total = embed + head + fft2 + rfft + irfft + kernel
+    assert coverage.macs == pytest.approx((embed + head) / total, rel=1e-9)
+    reason = _OP_REASONS["aten._fft_r2c"]
+    assert reason == _OP_REASONS["aten._fft_c2r"] == _OP_REASONS["aten._fft_c2c"]
+    assert coverage.uncovered == [{"module": "", "ops": ["aten._fft_c2c", "aten._fft_c2r", "aten._fft_r2c"],
+                                   "why": [reason],
+                                   "share": pytest.approx(1 - (embed + head) / total, rel=1e-9)}]
+    assert coverage.weights == pytest.approx((8 * 16 + 16 * 3) / (8 * 16 + 16 * 3 + 4 * 16), rel=1e-9)
+    assert not coverage.unfaulted  # the kernel is read by a transform, in float
+    with pytest.raises(EvaluationError, match=r"left in float: <model> \(aten\._fft_c2c, aten\._fft_c2r, "
+                                              r"aten\._fft_r2c: 83\.5%; aten\._fft_\*: a fast Fourier transform"):
+        require_coverage(qmodel, x, 1.0, "act")
+    assert require_coverage(qmodel, x, 0.7, "weight").weights == coverage.weights
+
+
+class ExpandedWeight(nn.Module):
+    """A learned matrix expanded to the batch as torch.bmm's second operand: the bmm layer quantizes it per call,
+    as an activation, so it is held as no weight codes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(16, 32)
+        self.w = nn.Parameter(torch.randn(32, 10) / 6)
+        self.gamma = nn.Parameter(torch.ones(32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.stem(x))[:, None] * self.gamma
+        return torch.bmm(h, self.w.expand(len(x), 32, 10))[:, 0]
+
+
+def test_a_parameter_quantized_per_call_is_a_weight_that_weight_faults_miss() -> None:
+    """The bmm's expanded parameter was listed among parameters that 'feed no MAC op and are not faulted' (act
+    faults do reach its per-call codes) and the weights share said 100%, so min_coverage=1 at the weight site passed
+    while no weight fault could land in it. It is a weight MACs read that is held as no codes, named so."""
+    from pytest_hwfault.coverage import require_coverage
+
+    with seeded(11):
+        model, x = ExpandedWeight(), torch.randn(4, 16)
+    qmodel = quantize(model.eval(), x)
+    assert list(qmodel.layers) == ["stem", "bmm()"]
+    coverage = measure_coverage(qmodel, x)
+    assert coverage.macs == 1.0
+    assert coverage.weights == pytest.approx(16 * 32 / (16 * 32 + 32 * 10), rel=1e-9)
+    assert coverage.uncoded == [{"parameter": "w", "elements": 320,
+                                 "how": "quantized per call as an activation, which act faults reach"}]
+    assert [row["parameter"] for row in coverage.unfaulted] == ["gamma"]
+    assert "320 weight elements MACs read are held as no codes, so weight faults miss them: w (320: " in \
+        coverage.describe()
+    with pytest.raises(EvaluationError, match="weight faults miss them: w"):
+        require_coverage(qmodel, x, 1.0, "weight")
+    assert require_coverage(qmodel, x, 1.0, "act") == coverage
+    assert type(coverage).from_dict(coverage.to_dict()) == coverage

@@ -72,6 +72,12 @@ def coverage_text(coverage: Mapping[str, Any]) -> str:
         text += "; left in float: " + "; ".join(parts)
     if coverage.get("uncounted"):
         text += f"; MACs not countable (coverage unknown) in: {', '.join(coverage['uncounted'])}"
+    if coverage.get("uncoded"):
+        rows = coverage["uncoded"]
+        named = "; ".join(f"{row['parameter']} ({row['elements']}: {row['how']})" for row in rows[:4])
+        more = f"; {len(rows) - 4} more" if len(rows) > 4 else ""
+        text += (f"; {sum(row['elements'] for row in rows)} weight elements MACs read are held as no codes, so "
+                 f"weight faults miss them: {named}{more}")
     if coverage.get("unfaulted_parameters"):
         rows = coverage.get("unfaulted", [])
         named = "; ".join(f"{row['parameter']} ({row['elements']}: {', '.join(row['ops'])})" for row in rows[:4])
