@@ -396,7 +396,7 @@ def _weight_shares(qmodel: QuantizedModel, read: set[int], readers: dict[int, se
     unfaulted: list[dict[str, Any]] = []
     uncoded: list[dict[str, Any]] = []
     for name, param in qmodel.module.named_parameters():
-        if id(param) in coded or id(param) in stood_in or not param.is_floating_point():
+        if id(param) in coded or id(param) in stood_in or not (param.is_floating_point() or param.is_complex()):
             continue
         storage = param.untyped_storage().data_ptr()
         if storage in read or storage in per_call:

@@ -49,7 +49,7 @@ from torch import nn
 from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 from torch.overrides import TorchFunctionMode
 
-from .data import Batch, Inputs, call_model, check_stable, iter_batches
+from .data import Batch, DataError, Inputs, call_model, check_stable, iter_batches
 from .decompose import Einsum, FusedAttentionOff, MatMul, decompose
 from .deployed import (
     ONEDNN_STEPS,
@@ -101,6 +101,27 @@ def _tensors(x: Any) -> tuple[torch.Tensor, ...]:
     return x.tensors if isinstance(x, Inputs) else (x,)
 
 
+def _inputs_text(example: Any) -> str:
+    """'float32 [2, 3, 32, 32]', or one such per named input."""
+    if isinstance(example, Inputs):
+        names = example.names or tuple(str(i) for i in range(len(example.tensors)))
+        return ", ".join(f"{name}: {t.dtype} {list(t.shape)}".replace("torch.", "")
+                         for name, t in zip(names, example.tensors))
+    return f"{example.dtype} {list(example.shape)}".replace("torch.", "")
+
+
+def _dtype_hint(work: nn.Module, example: Any) -> str:
+    """Why a forward may fail on its inputs' dtype: inputs in a floating dtype the parameters are not in."""
+    weights = {p.dtype for p in work.parameters() if p.is_floating_point()}
+    inputs = {t.dtype for t in _tensors(example) if t.is_floating_point()}
+    if len(weights) == 1 and inputs and inputs != weights:
+        given = ", ".join(map(str, sorted(inputs, key=str)))
+        return (f". Its parameters are {next(iter(weights))} and the inputs {given}: "
+                "the engine quantizes float32 models, so pass a float32 model and float32 inputs (model.float(), "
+                "x.float())").replace("torch.", "")
+    return ""
+
+
 def refuse_input_writes(work: nn.Module, example: Any, source_name: str) -> None:
     """Refuse a model whose forward writes its input tensors in place (``x.sub_(mean)``, ``x.data.mul_(2)``),
     found by one forward of the private copy on a copy of two calibration images. A campaign runs the same images
@@ -110,8 +131,15 @@ def refuse_input_writes(work: nn.Module, example: Any, source_name: str) -> None
     probe = Inputs(tuple(t.clone() for t in example.tensors), example.names) if isinstance(example, Inputs) else \
         example.clone()
     versions = [t._version for t in _tensors(probe)]
-    with torch.no_grad(), FusedAttentionOff():
-        call_model(work, probe)
+    try:
+        with torch.no_grad(), FusedAttentionOff():
+            call_model(work, probe)
+    except (UnsupportedModelError, DataError):
+        raise
+    except Exception as error:  # the model's own error, on the user's own inputs: say where it came from
+        raise UnsupportedModelError(
+            f"{source_name} fails in float on two calibration images ({_inputs_text(example)}), before anything is "
+            f"quantized: {type(error).__name__}: {error}{_dtype_hint(work, example)}") from error
     for index, (before, after, version) in enumerate(zip(_tensors(example), _tensors(probe), versions)):
         if after._version == version and torch.equal(before, after):
             continue
@@ -827,7 +855,8 @@ def refuse_non_model(model: Any) -> None:
 def refuse_ungateable(model: nn.Module, source_name: str) -> None:
     """TorchScript runs its own graph: no hook, no functional dispatch reaches the layers inside it, so their MACs
     would run in float, unfaulted (and its parameters cannot be frozen on a copy). Refused, naming the module. So is
-    a lazy module never run (nn.LazyLinear, nn.LazyConv2d), whose parameters hold no values yet: no trained model."""
+    a lazy module never run (nn.LazyLinear, nn.LazyConv2d), whose parameters hold no values yet, and a model on the
+    meta device (built with empty weights and never loaded): no trained model."""
     from torch.nn.parameter import is_lazy
 
     lazy = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if is_lazy(tensor)]
@@ -837,6 +866,14 @@ def refuse_ungateable(model: nn.Module, source_name: str) -> None:
             f"{', ...' if len(lazy) > 3 else ''}: a lazy module, e.g. nn.LazyLinear, that never ran), so it has no "
             "weights to gate: run one forward pass on a batch of inputs and train it (or load its trained state) "
             "first")
+    meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if meta:
+        raise UnsupportedModelError(
+            f"{source_name}: {len(meta)} of its parameters and buffers are on the meta device "
+            f"({', '.join(map(repr, meta[:3]))}{', ...' if len(meta) > 3 else ''}): they hold no values (a model "
+            "built under torch.device('meta') or an empty-weights context), so there is no model to gate: load its "
+            "trained state first (model.load_state_dict(state, assign=True), or model.to_empty(device='cpu') then "
+            "load_state_dict)")
     for name, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule):
             where = f"its submodule {name!r}" if name else "it"

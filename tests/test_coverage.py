@@ -513,3 +513,33 @@ def test_a_parameter_quantized_per_call_is_a_weight_that_weight_faults_miss() ->
         require_coverage(qmodel, x, 1.0, "weight")
     assert require_coverage(qmodel, x, 1.0, "act") == coverage
     assert type(coverage).from_dict(coverage.to_dict()) == coverage
+
+
+class SpectralConv(nn.Module):
+    """A Fourier neural operator's spectral convolution: a complex weight mixes the lowest modes of the spectrum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lift = nn.Conv1d(2, 8, 1)
+        self.w = nn.Parameter(torch.randn(8, 8, 4, dtype=torch.cfloat) / 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lift(x)
+        spectrum = torch.fft.rfft(h)
+        mixed = torch.zeros_like(spectrum)
+        mixed[..., :4] = torch.einsum("bix,iox->box", spectrum[..., :4], self.w)
+        return self.head(torch.relu(torch.fft.irfft(mixed, n=h.shape[-1])).mean(-1))
+
+
+def test_a_complex_weight_read_in_float_counts_against_the_weights() -> None:
+    """A complex parameter was skipped as no floating-point weight: the spectral convolution's weight, read by a
+    complex matmul in float, left the weights share at 100%. It is a weight MACs read, held as no codes."""
+    with seeded(12):
+        model, x = SpectralConv(), torch.randn(2, 2, 32)
+    qmodel = quantize(model.eval(), x)
+    assert list(qmodel.layers) == ["lift", "head"]
+    coverage = measure_coverage(qmodel, x)
+    assert coverage.weights == pytest.approx((2 * 8 + 8 * 3) / (2 * 8 + 8 * 3 + 8 * 8 * 4), rel=1e-9)
+    assert coverage.uncoded == [{"parameter": "w", "elements": 256, "how": "read by MACs in float"}]
+    assert coverage.uncovered[0]["ops"] == ["aten._fft_c2r", "aten._fft_r2c", "aten.bmm"]

@@ -318,6 +318,43 @@ def test_a_lazy_module_that_never_ran_is_refused_by_name() -> None:
     assert prepare(lazy, (x, y), samples=None, bits=8, cache=ModelCache(), device=CPU).qmodel.layers
 
 
+def test_a_model_with_no_values_or_that_fails_on_its_inputs_is_refused_saying_why() -> None:
+    """A model on the meta device (empty weights, never loaded) died in torch's 'Cannot copy out of meta tensor';
+    a model that fails on the inputs (a float16 model given float32 images, float64 images for a float32 model)
+    died in its own 'mat1 and mat2 must have the same dtype', deep in quantize. Each is refused, naming the model,
+    the inputs and the fix; the model's own error is kept as the cause."""
+    from pytest_hwfault.quantization import UnsupportedModelError, quantize
+
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    with torch.device("meta"):
+        empty = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"Sequential: 4 of its parameters and buffers are on the meta "
+                                                    r"device \('0.weight', '0.bias', '2.weight', \.\.\.\): they hold "
+                                                    r"no values .*load_state_dict\(state, assign=True\)"):
+        prepare(empty, (x, y), samples=None, bits=8, cache=ModelCache(), device=CPU)
+    half = nn.Sequential(nn.Linear(8, 3)).half().eval()
+    with pytest.raises(UnsupportedModelError, match=r"Sequential fails in float on two calibration images \(float32 "
+                                                    r"\[2, 8\]\), before anything is quantized: RuntimeError: .*dtype"
+                                                    r".*\. Its parameters are float16 and the inputs float32: .*"
+                                                    r"\(model\.float\(\), x\.float\(\)\)") as refused:
+        quantize(half, x)
+    assert isinstance(refused.value.__cause__, RuntimeError)
+    with pytest.raises(UnsupportedModelError, match=r"\(float64 \[2, 8\]\).* Its parameters are float32 and the "
+                                                    r"inputs float64"):
+        prepare(_mlp(), (x.double(), y), samples=None, bits=8, cache=ModelCache(), device=CPU)
+
+    class Picky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            raise ValueError("expects token ids")
+
+    with pytest.raises(UnsupportedModelError, match=r"Picky fails in float .*: ValueError: expects token ids$"):
+        quantize(Picky().eval(), x)
+
+
 def test_an_attribute_that_will_not_be_read_stands_as_its_type() -> None:
     """A module attribute whose contents raise when read (a proxy, a handle) must not break the cache's key."""
     from pytest_hwfault.identity import attributes_fingerprint
