@@ -424,7 +424,8 @@ class Campaign:
                 golden = predict(qmodel, inputs, batch_size=batch_size)
             self.fault_free.golden = golden
         check_classification(golden, labels)
-        self.coverage = require_coverage(qmodel, inputs, spec.min_coverage, spec.site)
+        self.coverage = require_coverage(qmodel, inputs, spec.min_coverage, spec.site,
+                                         None if self.fault_model.site is Site.PE else self.fault_model.layers)
         self.golden, self.golden_nonfinite = golden.predicted, golden.nonfinite
         self.quantized_accuracy = float(golden.correct(labels).float().mean())
         if self.fault_free.float_predictions is None:

@@ -153,14 +153,19 @@ class Coverage:
     # parameters MACs read that are held as no weight codes, so weight faults miss them, largest first:
     # {"parameter", "elements", "how"} (read by MACs left in float, or quantized per call as an activation)
     uncoded: list[dict[str, Any]] = field(default_factory=list)
+    # a campaign's `layers=` choosing some of the quantized layers: {"layers": the selectors, "names": the layers,
+    # "macs", "weights": the shares of all MACs and weights those layers compute and hold}, what its faults reach
+    selection: dict[str, Any] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
-        return not self.uncounted and self.macs >= 1.0
+        return not self.uncounted and self.macs >= 1.0 and not self.selection
 
     def share(self, site: str) -> float:
-        """What faults at `site` can reach: stored weights for "weight", the MACs' operands and sums otherwise."""
-        return self.weights if site == "weight" else self.macs
+        """What faults at `site` can reach: stored weights for "weight", the MACs' operands and sums otherwise (of
+        the selected layers only, where a `layers=` chose some)."""
+        shares = self.selection or {"macs": self.macs, "weights": self.weights}
+        return float(shares["weights" if site == "weight" else "macs"])
 
     def reaches(self, minimum: float, site: str) -> bool:
         """True when faults at `site` provably reach at least `minimum` of what they could hit."""
@@ -181,14 +186,14 @@ class Coverage:
         return {"macs": self.macs, "weights": self.weights, "total_macs": self.total_macs,
                 "uncovered": self.uncovered, "uncounted": self.uncounted,
                 "unfaulted_parameters": self.unfaulted_parameters, "unfaulted": self.unfaulted,
-                "uncoded": self.uncoded}
+                "uncoded": self.uncoded, "selection": self.selection}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Coverage:
         return cls(float(data["macs"]), float(data["weights"]), int(data["total_macs"]),
                    list(data.get("uncovered", [])), list(data.get("uncounted", [])),
                    int(data.get("unfaulted_parameters", 0)), list(data.get("unfaulted", [])),
-                   list(data.get("uncoded", [])))
+                   list(data.get("uncoded", [])), dict(data.get("selection") or {}))
 
 
 # ops that ask a tensor about itself; the flop counter lets them through untouched (nested tensors call them)
@@ -414,8 +419,10 @@ def _weight_shares(qmodel: QuantizedModel, read: set[int], readers: dict[int, se
     return (sum(coded.values()) / total if total else 1.0), uncoded, unfaulted
 
 
-def measure_coverage(qmodel: QuantizedModel, inputs: Any) -> Coverage:
-    """Run the quantized view's fault-free forward on a couple of `inputs` and count where its MACs happen."""
+def measure_coverage(qmodel: QuantizedModel, inputs: Any, layers: tuple[Any, ...] | None = None) -> Coverage:
+    """Run the quantized view's fault-free forward on a couple of `inputs` and count where its MACs happen.
+    `layers`: a campaign's layer selectors; where they choose some of the quantized layers, what the faults reach
+    is those layers' share (`Coverage.selection`): the other layers compute without faults, as float ones do."""
     x = inputs[:MEASURED_IMAGES]
     calls = [call for call in (qmodel.functional.calls if qmodel.functional else []) if call.module is not None]
     root = _Measured(qmodel.module, [call.module for call in calls])
@@ -454,20 +461,39 @@ def measure_coverage(qmodel: QuantizedModel, inputs: Any) -> Coverage:
     layer_names = {name for name, module in modules.items() if id(module) in layer_modules}
     per_call = {storage for storage, within in counter.read_within.items() if within & layer_names}
     weights, uncoded, unfaulted = _weight_shares(qmodel, counter.read, counter.readers, per_call)
+    selection: dict[str, Any] = {}
+    chosen = qmodel.select(layers) if layers is not None else list(qmodel.layers)
+    if set(chosen) != set(qmodel.layers):
+        chosen_modules = {id(qmodel.layers[name].module) for name in chosen}
+        macs = sum(sum(ops.values()) for name, ops in own.items() if id(modules.get(name)) in chosen_modules)
+        held = {id(w): w.numel() for w in (getattr(qmodel.layers[name].module, "weight", None) for name in chosen)
+                if isinstance(w, torch.Tensor)}
+        selection = {"layers": [str(selector) for selector in layers or ()], "names": chosen,
+                     "macs": macs / total if total else 0.0,
+                     "weights": weights * sum(held.values()) / max(1, _coded_elements(qmodel))}
     return Coverage(macs=covered / total if total else 1.0, weights=weights,
                     total_macs=total // 2 // max(1, len(x)), uncovered=uncovered, uncounted=sorted(counter.uncounted),
                     unfaulted_parameters=sum(row["elements"] for row in unfaulted), unfaulted=unfaulted,
-                    uncoded=uncoded)
+                    uncoded=uncoded, selection=selection)
 
 
-def require_coverage(qmodel: QuantizedModel, inputs: Any, minimum: float, site: str) -> Coverage:
-    """The view's coverage, or EvaluationError naming what is left in float when faults at `site` reach less
-    than `minimum` of it: a verdict would then be about the quantized part of the model only."""
+def _coded_elements(qmodel: QuantizedModel) -> int:
+    """The weight elements the quantized layers hold as codes (a tied weight once)."""
+    weights = [getattr(layer.module, "weight", None) for layer in qmodel.layers.values()]
+    return sum({id(w): w.numel() for w in weights if isinstance(w, torch.Tensor)}.values())
+
+
+def require_coverage(qmodel: QuantizedModel, inputs: Any, minimum: float, site: str,
+                     layers: tuple[Any, ...] | None = None) -> Coverage:
+    """The view's coverage, or EvaluationError naming what is left in float when faults at `site` (in the
+    `layers` a campaign selects) reach less than `minimum` of it: a verdict would then be about that part of the
+    model only."""
     from .evaluate import EvaluationError
 
-    coverage = measure_coverage(qmodel, inputs)
+    coverage = measure_coverage(qmodel, inputs, layers)
     if not coverage.reaches(minimum, site):
+        part = "the selected layers" if coverage.selection else "the quantized part"
         raise EvaluationError(
-            f"min_coverage={minimum:g}: {coverage.describe()}. A verdict would be about the quantized part only: "
+            f"min_coverage={minimum:g}: {coverage.describe()}. A verdict would be about {part} only: "
             f"lower min_coverage= to gate on it knowingly (min_coverage={coverage.accepting(site):g} accepts it)")
     return coverage

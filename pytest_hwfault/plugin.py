@@ -716,7 +716,8 @@ class HwFault:
             prepared = prepare(model, data, samples=spec.samples, bits=spec.bits, cache=self._cache(),
                                device=self._device(), calibration_data=calibration_data,
                                quantize_options=quantize_options)
-            require_coverage(prepared.qmodel, prepared.inputs, spec.min_coverage, spec.site)
+            require_coverage(prepared.qmodel, prepared.inputs, spec.min_coverage, spec.site,
+                             None if spec.site == "pe" else spec.layers)
             result = run_marker_search(prepared.qmodel, prepared.inputs, prepared.labels, spec, nodeid=nodeid,
                                        settings=settings)
         self._item.stash[SEARCH_RECORDS_KEY].append(result.to_dict())

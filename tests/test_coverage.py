@@ -243,6 +243,39 @@ def test_a_campaign_refuses_a_model_below_its_min_coverage() -> None:
         CampaignSpec(site="act", ber=1e-4, min_acc=0.0, min_coverage=1.5)
 
 
+def test_a_campaign_on_some_layers_reaches_their_share_only() -> None:
+    """`layers=` draws faults in the layers it selects; the others compute fault-free, as float layers do. The
+    report said 100% reach and the default min_coverage=1 passed a gate whose faults hit 13% of the MACs. What the
+    faults reach is now the selected layers' share: refused below min_coverage, shown in the table's reach."""
+    from pytest_hwfault.report.document import build_report, campaign_record, validate_report
+    from pytest_hwfault.report.text import format_table
+
+    with seeded(5):
+        model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+        x = torch.randn(40, 64)
+    y = model(x).argmax(1).detach()
+    qmodel = quantize(model, x)
+    total = 64 * 32 + 32 * 16 + 16 * 10
+    spec = CampaignSpec(site="act", ber=1e-4, min_acc=0.0, budget=4, layers=("2", "4"))
+    share = (32 * 16 + 16 * 10) / total
+    with pytest.raises(EvaluationError, match=r"min_coverage=1: faults reach 24\.7% of the MACs and 24\.7% of the "
+                                              r"weights: layers='2', '4' selects '2', '4', and the other quantized "
+                                              r"layers compute without faults \(all quantized layers: 100\.0% .*"
+                                              r"about the selected layers only.*min_coverage=0\.24 accepts it"):
+        Campaign(qmodel, x, y, spec, "t")
+    for site in ("act", "weight"):
+        accepted = Campaign(qmodel, x, y, spec.with_overrides(site=site, min_coverage=0.24), "t")
+        assert accepted.coverage.share(site) == pytest.approx(share, rel=1e-9)
+        assert accepted.coverage.selection["names"] == ["2", "4"]
+        record = campaign_record(accepted.run(), "t")
+        validate_report(build_report([record], {}))
+        assert "  25%  " in format_table([record])[2]
+    # every layer selected (a glob), or none given: the whole view's shares, no selection
+    for layers in (("*",), None):
+        whole = Campaign(qmodel, x, y, spec.with_overrides(layers=layers), "t")
+        assert whole.coverage.share("act") == 1.0 and not whole.coverage.selection
+
+
 @pytest.mark.parametrize("make", [
     lambda: (CifarResNet(8), torch.randn(2, 3, 32, 32)),
     lambda: (Decoder(), torch.randn(3, 16)),

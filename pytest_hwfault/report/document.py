@@ -221,7 +221,9 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
                 "problem": {"type": ["string", "null"]},
                 "coverage": {"type": ["object", "null"],
                              "description": "share of the MACs (macs) and weights (weights) faults can reach, "
-                                            "and what is left in float (uncovered, uncounted)"},
+                                            "and what is left in float (uncovered, uncounted); with a layers= "
+                                            "that chooses some quantized layers, selection: their shares "
+                                            "(macs, weights), which the campaign's faults reach"},
                 "model_format": {"type": "string",
                                  "description": "where the codes came from: 'calibrated' (quantized by the plugin) "
                                                 "or the deployed int8 format read: torch.ao eager, torch.ao fx, "

@@ -59,7 +59,8 @@ def _reach(record: Mapping[str, Any]) -> str:
         return "n/a"
     if coverage.get("uncounted"):
         return "?"
-    return f"{coverage['weights' if record['site'] == 'weight' else 'macs']:.0%}"
+    shares = coverage.get("selection") or coverage
+    return f"{shares['weights' if record['site'] == 'weight' else 'macs']:.0%}"
 
 
 def coverage_text(coverage: Mapping[str, Any]) -> str:
@@ -68,6 +69,14 @@ def coverage_text(coverage: Mapping[str, Any]) -> str:
              + (f"; {', '.join(row['why'])}" if row.get("why") else "") + ")"
              for row in coverage.get("uncovered", [])[:4]]
     text = f"faults reach {coverage['macs']:.1%} of the MACs and {coverage['weights']:.1%} of the weights"
+    selection = coverage.get("selection")
+    if selection:
+        chosen = ", ".join(map(repr, selection["names"][:4])) + (f" and {len(selection['names']) - 4} more"
+                                                      if len(selection["names"]) > 4 else "")
+        text = (f"faults reach {selection['macs']:.1%} of the MACs and {selection['weights']:.1%} of the weights: "
+                f"layers={', '.join(map(repr, selection['layers']))} selects {chosen}, and the other quantized "
+                f"layers compute without faults (all quantized layers: {coverage['macs']:.1%} of the MACs, "
+                f"{coverage['weights']:.1%} of the weights)")
     if parts:
         text += "; left in float: " + "; ".join(parts)
     if coverage.get("uncounted"):
