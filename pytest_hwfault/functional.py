@@ -436,12 +436,13 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
 def _computed_weight(op: str, named: dict[str, Any], n: int, stored: Container[int] = (),
                      parameters: Container[int] = ()) -> int:
     """Elements of the weight-like operand of a call, should it run in float, that the forward computes from stored
-    tensors (the same for every image), 0 when it has none. A parameter itself is not counted here (the coverage
-    finds it read by the multiply-accumulate), nor a kernel computed per image (an activation)."""
+    tensors (the same for every image), 0 when it has none. A parameter of the model is not counted here (the
+    coverage finds it read by the multiply-accumulate), nor a kernel computed per image (an activation); a
+    parameter outside the model (a forward that closes over the module it replaced) is: no fault reaches it."""
     if op == "linear" or op in _CONVS:
         weight = named.get("weight")
-        return weight.numel() if isinstance(weight, torch.Tensor) and id(weight) in stored \
-            and id(weight) not in parameters else 0
+        return weight.numel() if isinstance(weight, torch.Tensor) and id(weight) not in parameters and (
+            id(weight) in stored or isinstance(weight, nn.Parameter)) else 0
     if op in ("matmul", "rmatmul", "bmm", "mm", "baddbmm"):
         operands = [named.get("batch1"), named.get("batch2")] if op == "baddbmm" else [named.get("a"), named.get("b")]
         shared = [t for t in operands if isinstance(t, torch.Tensor) and not _per_image(n, t, stored=stored)]

@@ -379,6 +379,9 @@ def test_a_forward_set_on_the_instance_that_reads_another_modules_weight_is_name
     coverage = measure_coverage(qmodel, x)
     assert coverage.uncovered[0]["module"] == "2" and "a parameter outside the model" in coverage.uncovered[0]["why"][0]
     assert not coverage.reaches(1.0, "act")
+    # the weight it reads is one no weight fault reaches (the weights share said 100%, and a weight gate passed)
+    assert coverage.weights == pytest.approx(16 * 32 / (16 * 32 + 32 * 10), rel=1e-9)
+    assert not coverage.reaches(1.0, "weight")
 
 
 @pytest.mark.parametrize("how", ["subclass", "in-place", "instance", "plain"])
