@@ -24,7 +24,7 @@ import pytest
 from .marker import MARKER, MARKER_HELP
 from .report.baseline import DEFAULT_TOLERANCE
 from .sharding import Slice, campaign_name, shard_id
-from .spec import CampaignSpec, SpecError, expand
+from .spec import LIST_ARGUMENTS, CampaignSpec, SpecError, expand
 from .verdicts import VerdictPolicy
 
 if TYPE_CHECKING:
@@ -573,6 +573,14 @@ class HwFault:
                             f"and the call lacks {', '.join(missing)}; mark the test, e.g. "
                             "@resilience(ber=1e-5, site='act', min_acc=0.8), or pass those arguments",
                             pytrace=False)
+        marker = self._item.get_closest_marker(MARKER)
+        for name in LIST_ARGUMENTS:  # a list the marker expanded into campaigns, one value each
+            given = marker.kwargs.get(name) if marker is not None else None
+            if name in overrides and isinstance(given, (list, tuple)) and len(given) > 1:
+                pytest.fail(f"{nodeid}: hwfault.assess() argument {name}={overrides[name]!r} overrides the {name} of "
+                            f"a campaign that the marker's list {name}={list(given)!r} made: every campaign of the "
+                            f"list would run {name}={overrides[name]!r} under its own name. Give the values in the "
+                            f"marker, or a single {name} there to override", pytrace=False)
         try:
             if self.spec is None:
                 return CampaignSpec.from_dict({**self._settings.marker_defaults(), **overrides})

@@ -140,15 +140,27 @@ import pytest
 @pytest.mark.resilience(ber=[1e-5, 1e-4], site=["act", "weight"], max_drop=0.5, budget=16)
 def test_grid(hwfault, model, val_data):
     hwfault.assess(model, val_data)
+
+@pytest.mark.resilience(ber=1e-4, site=["act", "weight"], max_drop=0.5, budget=16)
+def test_collapsed(hwfault, model, val_data):
+    hwfault.assess(model, val_data, site="acc")
+
+@pytest.mark.resilience(ber=1e-4, site="act", max_drop=0.5, budget=16)
+def test_overridden(hwfault, model, val_data):
+    hwfault.assess(model, val_data, ber=1e-5)
 ''')
     result = _run(suite, "--hwfault", "-v", "--strict-markers")
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5, failed=2)
     result.stdout.fnmatch_lines([
         "*test_grid?act-ber1e-05? PASSED*",
         "*test_grid?act-ber0.0001? PASSED*",
         "*test_grid?weight-ber1e-05? PASSED*",
         "*test_grid?weight-ber0.0001? PASSED*",
-    ])
+        "*test_overridden PASSED*",
+    ], consecutive=False)
+    # an override of a list's axis would run one campaign under each of the list's names
+    assert result.stdout.str().count("hwfault.assess() argument site='acc' overrides the site of a campaign that the "
+                                     "marker's list site=['act', 'weight'] made") == 2
 
 
 BAD_MARKERS = {
