@@ -441,13 +441,18 @@ def _computed_weight(op: str, named: dict[str, Any], n: int, stored: Container[i
     parameter outside the model (a forward that closes over the module it replaced) is: no fault reaches it."""
     if op == "linear" or op in _CONVS:
         weight = named.get("weight")
-        return weight.numel() if isinstance(weight, torch.Tensor) and id(weight) not in parameters and (
+        return weight.numel() if isinstance(weight, torch.Tensor) and not _a_parameter(weight, parameters) and (
             id(weight) in stored or isinstance(weight, nn.Parameter)) else 0
     if op in ("matmul", "rmatmul", "bmm", "mm", "baddbmm"):
         operands = [named.get("batch1"), named.get("batch2")] if op == "baddbmm" else [named.get("a"), named.get("b")]
         shared = [t for t in operands if isinstance(t, torch.Tensor) and not _per_image(n, t, stored=stored)]
-        return shared[0].numel() if len(shared) == 1 and id(shared[0]) not in parameters else 0
+        return shared[0].numel() if len(shared) == 1 and not _a_parameter(shared[0], parameters) else 0
     return 0
+
+
+def _a_parameter(t: torch.Tensor, parameters: Container[int]) -> bool:
+    """A parameter of the model, or a view of one (`W.T`): the coverage finds its storage read by the MACs."""
+    return id(t) in parameters or (t._base is not None and id(t._base) in parameters)
 
 
 def _invoke(call: Call, named: dict[str, Any]) -> Any:

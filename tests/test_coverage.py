@@ -576,3 +576,28 @@ def test_a_complex_weight_read_in_float_counts_against_the_weights() -> None:
     assert coverage.weights == pytest.approx((2 * 8 + 8 * 3) / (2 * 8 + 8 * 3 + 8 * 8 * 4), rel=1e-9)
     assert coverage.uncoded == [{"parameter": "w", "elements": 256, "how": "read by MACs in float"}]
     assert coverage.uncovered[0]["ops"] == ["aten._fft_c2r", "aten._fft_r2c", "aten.bmm"]
+
+
+class TransposedProduct(nn.Module):
+    """`(W.T @ h.T).T`: a product by a stored matrix with the images along its last dimension, left in float."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(16, 32)
+        self.w = nn.Parameter(torch.randn(32, 10) / 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.w.T @ torch.relu(self.stem(x)).T).T
+
+
+def test_a_view_of_a_parameter_read_in_float_counts_once() -> None:
+    """The float call's operand `W.T` was counted as a weight computed in the forward, and `W` again as a weight
+    MACs read: 320 elements twice, the weights share 44% instead of 62% (with as many images as features, so that
+    the images' operand `h.T` [32, 32] looks like a batch and `W.T` alone like a stored operand)."""
+    with seeded(13):
+        model, x = TransposedProduct(), torch.randn(32, 16)
+    qmodel = quantize(model.eval(), x)
+    assert list(qmodel.layers) == ["stem"]
+    coverage = measure_coverage(qmodel, x)
+    assert coverage.weights == pytest.approx(16 * 32 / (16 * 32 + 32 * 10), rel=1e-9)
+    assert coverage.uncoded == [{"parameter": "w", "elements": 320, "how": "read by MACs in float"}]
