@@ -12,8 +12,9 @@ no MAC op (embedding tables, norms, position embeddings, a weight an elementwise
 and named with the ops that read them (`Coverage.unfaulted`).
 
 A multiply-accumulate written elementwise, a product of the images' values with a stored tensor (a parameter, a
-buffer, or what is computed from them alone) that a sum or mean then reduces (``(x[:, None] * w).sum(-1)``, a
-cosine similarity to learned prototypes, ``torch.linalg.vecdot``), has no flop formula either: the counter counts
+buffer, or what is computed from them alone) that a sum, mean or running sum then reduces
+(``(x[:, None] * w).sum(-1)``, a cosine similarity to learned prototypes, ``torch.linalg.vecdot``, a ``cumsum``),
+has no flop formula either: the counter counts
 its products as MACs (op ``aten.mul+aten.sum``) and its stored operand as a weight MACs read. A product with a
 stored tensor that no sum reduces (a norm's or LayerScale's weight) is not a MAC. A distance to stored vectors
 written elementwise, the images' values minus a stored tensor, squared and summed (``((x[:, None] - c) ** 2).sum(-1)``,
@@ -113,7 +114,7 @@ PRODUCT_SUM = "aten.mul+aten.sum"
 # and under which squared differences from a stored tensor summed (a distance written as ((x - c) ** 2).sum(-1))
 DISTANCE_SUM = "aten.sub+aten.pow+aten.sum"
 _PRODUCTS = {torch.ops.aten.mul, torch.ops.aten.mul_}
-_REDUCTIONS = {torch.ops.aten.sum, torch.ops.aten.mean}
+_REDUCTIONS = {torch.ops.aten.sum, torch.ops.aten.mean, torch.ops.aten.cumsum}  # a running sum: each product added once
 _DIFFERENCES = {torch.ops.aten.sub, torch.ops.aten.sub_, torch.ops.aten.rsub}
 _SQUARES = {torch.ops.aten.pow, torch.ops.aten.pow_}
 _NORMS = {torch.ops.aten.linalg_vector_norm, torch.ops.aten.norm}

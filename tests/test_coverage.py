@@ -601,3 +601,23 @@ def test_a_view_of_a_parameter_read_in_float_counts_once() -> None:
     coverage = measure_coverage(qmodel, x)
     assert coverage.weights == pytest.approx(16 * 32 / (16 * 32 + 32 * 10), rel=1e-9)
     assert coverage.uncoded == [{"parameter": "w", "elements": 320, "how": "read by MACs in float"}]
+
+
+def test_products_a_running_sum_adds_are_counted() -> None:
+    """`(h[:, :, None] * W).cumsum(1)`: each product added once into a running sum (a recurrence with stored decays
+    unrolled as a prefix sum) is a MAC as a sum's is; it was not counted (100% reach)."""
+
+    class RunningSum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Linear(16, 32)
+            self.w = nn.Parameter(torch.randn(32, 10) / 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (torch.relu(self.stem(x))[:, :, None] * self.w).cumsum(1)[:, -1]
+
+    with seeded(14):
+        model, x = RunningSum(), torch.randn(4, 16)
+    coverage = measure_coverage(quantize(model.eval(), x), x)
+    assert coverage.macs == coverage.weights == pytest.approx(16 * 32 / (16 * 32 + 32 * 10), rel=1e-9)
+    assert coverage.uncovered[0]["ops"] == [PRODUCT_SUM]
