@@ -3,6 +3,8 @@ float, measured on ordinary architectures with weights=None and small inputs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -578,16 +580,22 @@ def test_a_complex_weight_read_in_float_counts_against_the_weights() -> None:
     assert coverage.uncovered[0]["ops"] == ["aten._fft_c2r", "aten._fft_r2c", "aten.bmm"]
 
 
-class TransposedProduct(nn.Module):
-    """`(W.T @ h.T).T`: a product by a stored matrix with the images along its last dimension, left in float."""
+class StoredMatrixHead(nn.Module):
+    """A quantized stem, then `head(h, w)`: a product of its output by a stored [32, 10] matrix written some way."""
 
-    def __init__(self) -> None:
+    def __init__(self, head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.stem = nn.Linear(16, 32)
         self.w = nn.Parameter(torch.randn(32, 10) / 6)
+        self.head = head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.w.T @ torch.relu(self.stem(x)).T).T
+        return self.head(torch.relu(self.stem(x)), self.w)
+
+
+def _transposed_product(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`(W.T @ h.T).T`: the images along the last dimension of the product, which is left in float."""
+    return (w.T @ h.T).T
 
 
 def test_a_view_of_a_parameter_read_in_float_counts_once() -> None:
@@ -595,7 +603,7 @@ def test_a_view_of_a_parameter_read_in_float_counts_once() -> None:
     MACs read: 320 elements twice, the weights share 44% instead of 62% (with as many images as features, so that
     the images' operand `h.T` [32, 32] looks like a batch and `W.T` alone like a stored operand)."""
     with seeded(13):
-        model, x = TransposedProduct(), torch.randn(32, 16)
+        model, x = StoredMatrixHead(_transposed_product), torch.randn(32, 16)
     qmodel = quantize(model.eval(), x)
     assert list(qmodel.layers) == ["stem"]
     coverage = measure_coverage(qmodel, x)
@@ -606,18 +614,8 @@ def test_a_view_of_a_parameter_read_in_float_counts_once() -> None:
 def test_products_a_running_sum_adds_are_counted() -> None:
     """`(h[:, :, None] * W).cumsum(1)`: each product added once into a running sum (a recurrence with stored decays
     unrolled as a prefix sum) is a MAC as a sum's is; it was not counted (100% reach)."""
-
-    class RunningSum(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = nn.Linear(16, 32)
-            self.w = nn.Parameter(torch.randn(32, 10) / 6)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return (torch.relu(self.stem(x))[:, :, None] * self.w).cumsum(1)[:, -1]
-
     with seeded(14):
-        model, x = RunningSum(), torch.randn(4, 16)
+        model, x = StoredMatrixHead(lambda h, w: (h[:, :, None] * w).cumsum(1)[:, -1]), torch.randn(4, 16)
     coverage = measure_coverage(quantize(model.eval(), x), x)
     assert coverage.macs == coverage.weights == pytest.approx(16 * 32 / (16 * 32 + 32 * 10), rel=1e-9)
     assert coverage.uncovered[0]["ops"] == [PRODUCT_SUM]
