@@ -56,7 +56,22 @@ def _watched_inside(function: Any) -> Any:
     return clone
 
 
-_COMPOSITES = {F.multi_head_attention_forward: _watched_inside(F.multi_head_attention_forward)}
+def _addmm_as_mm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: Any = 1, alpha: Any = 1,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.addmm (and Tensor.addmm) as beta * input + alpha * mm(mat1, mat2): its MACs are the mm call, which the
+    mode sees (a layer where it can be one, `x @ W` with a stored W as a Linear); the scaling and the added input
+    are float, as a layer's float bias is."""
+    product = torch.mm(mat1, mat2)
+    scaled = product if alpha == 1 else alpha * product
+    if beta == 0:  # addmm ignores its input then (NaN in it included)
+        result = scaled
+    else:
+        result = scaled + (input if beta == 1 else beta * input)
+    return out.copy_(result) if out is not None else result
+
+
+_COMPOSITES = {F.multi_head_attention_forward: _watched_inside(F.multi_head_attention_forward),
+               torch.addmm: _addmm_as_mm, torch.Tensor.addmm: _addmm_as_mm}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _CONVS: dict[str, type[nn.Module]] = {

@@ -619,3 +619,20 @@ def test_products_a_running_sum_adds_are_counted() -> None:
     coverage = measure_coverage(quantize(model.eval(), x), x)
     assert coverage.macs == coverage.weights == pytest.approx(16 * 32 / (16 * 32 + 32 * 10), rel=1e-9)
     assert coverage.uncovered[0]["ops"] == [PRODUCT_SUM]
+
+
+@pytest.mark.parametrize("head", [
+    lambda h, w: torch.addmm(torch.ones(10), h, w, beta=0.5, alpha=2.0),
+    lambda h, w: torch.full((len(h), 10), float("nan")).addmm(h, w, beta=0),  # beta=0: the input is ignored
+], ids=["torch.addmm", "Tensor.addmm"])
+def test_addmm_by_a_stored_matrix_is_a_layer(head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """torch.addmm(b, x, W) ran in float (named: 38% of the probe's MACs): it is beta * b + alpha * mm(x, W), and
+    its mm is a layer as `x @ W` is, the scaling and the added input float."""
+    with seeded(15):
+        model, x = StoredMatrixHead(head), torch.randn(8, 16)
+    qmodel = quantize(model.eval(), x)
+    assert list(qmodel.layers) == ["stem", "mm()"]
+    assert measure_coverage(qmodel, x).macs == 1.0
+    with torch.no_grad():
+        reference, view = model(x), qmodel(x)
+    assert torch.isfinite(view).all() and (view - reference).abs().max() < 0.05 * reference.abs().max()
