@@ -11,7 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
+
+# What a campaign reads of a stream that has no length (an IterableDataset, or a DataLoader over one) when no
+# `samples=` bounds it, before it asks for one: such a stream may never end, and its images are held in memory.
+UNBOUNDED_STREAM_BYTES = 4 << 30
 
 
 class DataError(TypeError):
@@ -173,6 +177,8 @@ def iter_batches(data: Any, batch_size: int = 256, keys: Keyed | None = None
             )
         for item in data:
             yield _split_item(item, keys)
+    elif isinstance(data, IterableDataset):
+        yield from _stream_batches(data, batch_size, keys)
     elif isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         n = len(data)
         for start in range(0, n, batch_size):
@@ -190,6 +196,57 @@ def iter_batches(data: Any, batch_size: int = 256, keys: Keyed | None = None
             f"unsupported data {_describe(data)}: pass a DataLoader, a Dataset, an (X, y) pair of tensors, "
             "or (for calibration) a tensor of inputs; dict batches with input_key= and label_key="
         )
+
+
+def _stream_batches(data: IterableDataset[Any], batch_size: int, keys: Keyed | None
+                    ) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+    """Batches of an IterableDataset's items, in the order it yields them (as a DataLoader over it would batch
+    them, without the worker processes)."""
+    items: list[tuple[Batch, torch.Tensor | None]] = []
+    for item in data:
+        items.append(_split_item(item, keys))
+        if len(items) == batch_size:
+            yield _stacked(items)
+            items = []
+    if items:
+        yield _stacked(items)
+
+
+def _stacked(items: list[tuple[Batch, torch.Tensor | None]]) -> tuple[Batch, torch.Tensor | None]:
+    if any((y is None) != (items[0][1] is None) for _, y in items):
+        raise DataError("the data's items are labelled and unlabelled alike: give every item a label, or none")
+    return _stack([x for x, _ in items]), (
+        None if items[0][1] is None else torch.stack([torch.as_tensor(y) for _, y in items]))
+
+
+def bounded(data: Any, batches: Iterator[tuple[Batch, torch.Tensor | None]], samples: int | None,
+            what: str = "the evaluation data", advice: str = "Say how many to judge with samples= (the marker's "
+            "argument), or give a Dataset or tensors of the images you mean"
+            ) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+    """`batches` of `data`, refused past UNBOUNDED_STREAM_BYTES when `data` has no length and `samples` is None:
+    an endless stream would otherwise be read until memory runs out, a CI job hanging without a word."""
+    if samples is not None or _sized(data):
+        yield from batches
+        return
+    held, images = 0, 0
+    for x, y in batches:
+        images += len(x)
+        held += sum(t.numel() * t.element_size() for t in (x.tensors if isinstance(x, Inputs) else (x,)))
+        if held > UNBOUNDED_STREAM_BYTES:
+            raise DataError(
+                f"{what} ({_describe(data)}) has no length and gave {images} images ({held / 2**30:.1f} GiB) "
+                f"without ending; a campaign holds its images in memory. {advice}")
+        yield x, y
+
+
+def _sized(data: Any) -> bool:
+    if isinstance(data, Keyed):
+        return _sized(data.data)
+    try:
+        len(data)
+    except TypeError:
+        return False
+    return True
 
 
 def _array_like(value: Any) -> bool:
@@ -251,7 +308,7 @@ def as_tensors(data: Any, samples: int | None = None) -> tuple[Batch, torch.Tens
     xs: list[Batch] = []
     ys: list[torch.Tensor] = []
     count = 0
-    for x, y in iter_batches(data):
+    for x, y in bounded(data, iter_batches(data), samples):
         if y is None:
             raise DataError("evaluation data needs labels: give (input, label) pairs")
         xs.append(x)

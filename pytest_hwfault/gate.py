@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .campaign import Campaign, CampaignResult, TrialResult
-from .data import Batch, DataError, Inputs, as_tensors, check_finite, check_stable, concat, iter_batches
+from .data import Batch, DataError, Inputs, as_tensors, bounded, check_finite, check_stable, concat, iter_batches
 from .identity import attributes_fingerprint, model_fingerprint, outputs_fingerprint, tensor_fingerprint
 from .late_start import DEFAULT_CACHE_BYTES
 from .quantization import QuantizedModel, quantize, refuse_non_model, refuse_ungateable
@@ -70,7 +70,8 @@ class Prepared:
 
 def calibration_tensor(calibration_data: Any) -> Batch:
     """The inputs of `calibration_data` (a tensor, (X, y), a DataLoader or a Dataset), checked finite."""
-    batches = list(iter_batches(calibration_data))
+    batches = list(bounded(calibration_data, iter_batches(calibration_data), None, "the calibration data",
+                           "Give the images to calibrate on as a tensor or a Dataset"))
     if not batches:
         raise DataError("the calibration data is empty")
     check_stable(calibration_data, *batches[0], "the calibration data")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,49 @@ def test_empty_evaluation_data_is_refused() -> None:
     for data in ((x, y), DataLoader(TensorDataset(x, y), batch_size=6)):
         with pytest.raises(DataError, match="the evaluation data is empty"):
             prepare(_mlp(), data, samples=None, bits=8, cache=ModelCache(), device=CPU)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """`count` labelled images (None: without end), the same at every read."""
+
+    def __init__(self, count: int | None) -> None:
+        self.count = count
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        generator = torch.Generator().manual_seed(0)
+        for i in itertools.count() if self.count is None else range(self.count):
+            yield torch.randn(8, generator=generator), i % 3
+
+
+def test_an_iterable_dataset_is_read_as_the_stream_it_is() -> None:
+    """An IterableDataset given as such died in a bare "object of type ... has no len()": it is read in order, as a
+    DataLoader over it reads it."""
+    from torch.utils.data import DataLoader
+
+    x = prepare(_mlp(), DataLoader(_Stream(20), batch_size=6), samples=None, bits=8, cache=ModelCache(),
+                device=CPU).inputs
+    prepared = prepare(_mlp(), _Stream(20), samples=None, bits=8, cache=ModelCache(), device=CPU)
+    assert torch.equal(prepared.inputs, x) and len(x) == 20
+    assert torch.equal(prepared.labels, torch.arange(20) % 3)
+    assert torch.equal(calibration_tensor(_Stream(20)), x)
+
+
+def test_an_endless_stream_is_refused_unless_samples_bounds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream without a length and without end, with no samples=, was read until memory ran out: a CI job hung
+    without a word. Past a bound it is refused, naming samples=; with samples= it is read that far."""
+    from torch.utils.data import DataLoader
+
+    from pytest_hwfault import data
+
+    monkeypatch.setattr(data, "UNBOUNDED_STREAM_BYTES", 8 * 4 * 1000)  # 1000 images of 8 float32
+    for stream in (_Stream(None), DataLoader(_Stream(None), batch_size=7)):
+        with pytest.raises(DataError, match=r"the evaluation data \(.*\) has no length and gave \d+ images .* "
+                                            r"without ending.*samples="):
+            prepare(_mlp(), stream, samples=None, bits=8, cache=ModelCache(), device=CPU)
+        with pytest.raises(DataError, match=r"the calibration data \(.*\) has no length .*as a tensor or a Dataset"):
+            calibration_tensor(stream)
+        assert len(prepare(_mlp(), stream, samples=1500, bits=8, cache=ModelCache(), device=CPU).inputs) == 1500
+    assert len(calibration_tensor(_Stream(999))) == 999  # a finite stream under the bound reads whole
 
 
 def test_what_is_no_model_is_refused_saying_what_is_allowed(tmp_path: Path) -> None:
