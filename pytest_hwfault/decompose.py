@@ -214,8 +214,16 @@ class UnrolledRecurrent(nn.Module):
 
     def forward(self, x: Any, hx: Any = None) -> tuple[torch.Tensor, Any]:
         if isinstance(x, nn.utils.rnn.PackedSequence):
-            raise TypeError(f"the quantized view runs {self.mode} step by step on padded batches; a PackedSequence "
-                            "is not supported: pad the sequences (nn.utils.rnn.pad_packed_sequence)")
+            from .qmodel import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"the model passes a PackedSequence to an nn.{self.mode.split('_')[0]}: the "
+                "quantized view runs it step by step with one row per image in every step (a trial re-runs only "
+                "the images that hold faults, and packing sorts a batch by length and drops finished sequences, so "
+                "a packed step's rows are no fixed images). Pass it the padded batch instead (pad_packed_sequence, "
+                "or no packing) and read each sequence's output at its last valid step, as "
+                "out[torch.arange(n), lengths - 1] (a bidirectional one's reverse direction then reads the "
+                "padding first: a model to retrain or to mask)")
         unbatched = x.dim() == 2
         x = x.unsqueeze(0) if unbatched else (x if self.batch_first else x.transpose(0, 1))  # [N, T, features]
         n = x.shape[0]

@@ -248,6 +248,34 @@ def test_a_recurrent_cell_runs_its_hidden_matmul_once_per_step() -> None:
     assert hh.numel(Site.WEIGHT) == 4 * 12 * 12  # one stored weight, whatever the steps
 
 
+class Packed(nn.Module):
+    """A text classifier that packs its variable-length sequences before its LSTM, as torch's tutorials do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(5, 12, batch_first=True), nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = (x[:, :, 0] > -5).sum(1).clamp(min=1)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, (h, _) = self.rnn(packed)
+        return self.head(h[-1])
+
+
+def test_a_packed_sequence_is_refused_as_the_views_limit_not_the_models_failure() -> None:
+    """A PackedSequence fed to an LSTM was reported as "Packed fails in float on two calibration images": the model
+    runs in float; it is the view that runs a recurrent module one row per image per step. Refused saying so."""
+    from pytest_hwfault.qmodel import UnsupportedModelError
+
+    with seeded(0):
+        model, x = Packed().eval(), torch.randn(16, 7, 5)
+    x[::3, 4:] = -10
+    assert model(x).shape == (16, 3)  # the model itself runs
+    with pytest.raises(UnsupportedModelError, match=r"^the model passes a PackedSequence to an nn\.LSTM: the "
+                                                    r"quantized view runs it step by step .*pad_packed_sequence"):
+        quantize(model, x)
+
+
 def test_functional_layers_are_named_by_their_caller_and_op() -> None:
     qmodel, _, _ = view("functional")
     assert list(qmodel.layers) == ["conv2d()", "bmm()", "einsum()", "linear()", "matmul()"]
