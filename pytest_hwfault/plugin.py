@@ -378,9 +378,19 @@ def _item_marker_problem(item: pytest.Item) -> str | None:
                 "on the test function expands; in pytest.param(..., marks=resilience(...)) give one site and one "
                 "ber, or put the marker on the function")
     if "hwfault" not in getattr(item, "fixturenames", ()):
+        if isinstance(item, pytest.Function) and item.cls is not None and _is_testcase(item.cls):
+            return (f"{item.nodeid}: uses @resilience in a unittest.TestCase, whose methods cannot request pytest "
+                    "fixtures, so no campaign would run; write the gate as a pytest test function (or a method of "
+                    "a plain class) with a `hwfault` argument, and call hwfault.assess()")
         return (f"{item.nodeid}: uses @resilience but does not request the `hwfault` fixture, so no campaign would "
                 "run; add a `hwfault` argument and call hwfault.assess()")
     return None
+
+
+def _is_testcase(cls: type) -> bool:
+    import unittest
+
+    return issubclass(cls, unittest.TestCase)
 
 
 def _has_marker(obj: object) -> bool:

@@ -259,6 +259,15 @@ import pytest
 @pytest.mark.resilience(ber=1e-5, site="act", min_acc=0.5)
 def test_gate(model):
     pass
+''', test_testcase='''
+import unittest
+
+import pytest
+
+class TestRelease(unittest.TestCase):
+    @pytest.mark.resilience(ber=1e-5, site="act", min_acc=0.5)
+    def test_gate(self):
+        pass
 ''', test_noassess='''
 import pytest
 
@@ -268,6 +277,12 @@ def test_gate(hwfault):
 ''')
     result = _run(suite, "--hwfault")
     result.stdout.fnmatch_lines(["*test_nofixture.py::test_gate: uses @resilience but does not request*"])
+    # a TestCase method cannot take the fixture as an argument: the advice says what can
+    result = _run(suite, "--hwfault", "test_testcase.py")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*test_testcase.py::TestRelease::test_gate: uses @resilience in a unittest.TestCase,"
+                                 " whose methods cannot request pytest fixtures*write the gate as a pytest test "
+                                 "function*"])
     result = _run(suite, "--hwfault", "test_noassess.py")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*never ran*hwfault.assess*"])
