@@ -35,7 +35,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -79,6 +79,26 @@ def _grouped_mm_flops(a: torch.Tensor, b: torch.Tensor, *args: Any, out_val: tor
     return 2 * out_val.numel() * a.shape[-1]
 
 
+def _contracted_flops(x: torch.Tensor, *args: Any, out_val: torch.Tensor, **kwargs: Any) -> int:
+    """torch.mv, dot and vdot: every output element sums the last dimension of the first operand, two flops a
+    multiply-accumulate."""
+    return 2 * max(out_val.numel(), 1) * x.shape[-1]
+
+
+def _addmv_flops(bias: torch.Tensor, matrix: torch.Tensor, *args: Any, **kwargs: Any) -> int:
+    return 2 * matrix.numel()
+
+
+def _addbmm_flops(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *args: Any, **kwargs: Any) -> int:
+    """torch.addbmm: a batch of matmuls summed into one matrix."""
+    return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+
+
+def _conv_tbc_flops(x: torch.Tensor, weight: torch.Tensor, *args: Any, out_val: torch.Tensor, **kwargs: Any) -> int:
+    """torch.conv_tbc (a 1-d convolution on [time, batch, channels] inputs, weight [kernel, in, out])."""
+    return 2 * out_val.numel() * weight.shape[0] * weight.shape[1]
+
+
 def _fourier_flops(points: int, lengths: list[int], real: bool) -> int:
     """A fast Fourier transform over `lengths` (one 1-d transform per dimension) of a signal with `points` complex
     (or, `real`, real) points in all: FFTW's benchmark convention, 5 N log2 N flops for a complex transform of N
@@ -107,14 +127,28 @@ _EXTRA_FLOPS: dict[Any, Any] = {torch.ops.aten._grouped_mm: _grouped_mm_flops,
                                 torch.ops.aten._euclidean_dist: _distance_flops,
                                 torch.ops.aten._fft_r2c: _fft_r2c_flops,
                                 torch.ops.aten._fft_c2r: _fft_c2r_flops,
-                                torch.ops.aten._fft_c2c: _fft_c2c_flops}
+                                torch.ops.aten._fft_c2c: _fft_c2c_flops,
+                                torch.ops.aten.mv: _contracted_flops,
+                                torch.ops.aten.dot: _contracted_flops,
+                                torch.ops.aten.vdot: _contracted_flops,
+                                torch.ops.aten.addmv: _addmv_flops,
+                                torch.ops.aten.addbmm: _addbmm_flops,
+                                torch.ops.aten.conv_tbc: _conv_tbc_flops}
 MEASURED_IMAGES = 2  # images in the measuring forward: MAC shares do not depend on the batch size
 # the name under which elementwise products summed (a MAC written as (x * w).sum(-1)) are counted
 PRODUCT_SUM = "aten.mul+aten.sum"
 # and under which squared differences from a stored tensor summed (a distance written as ((x - c) ** 2).sum(-1))
 DISTANCE_SUM = "aten.sub+aten.pow+aten.sum"
 _PRODUCTS = {torch.ops.aten.mul, torch.ops.aten.mul_}
-_REDUCTIONS = {torch.ops.aten.sum, torch.ops.aten.mean, torch.ops.aten.cumsum}  # a running sum: each product added once
+_SCALED_PRODUCTS = {torch.ops.aten.addcmul, torch.ops.aten.addcmul_}  # input + value * tensor1 * tensor2
+_REDUCTIONS = {torch.ops.aten.sum, torch.ops.aten.nansum, torch.ops.aten.mean,
+               torch.ops.aten.cumsum}  # a running sum: each product added once
+# elementwise ops that leave a tensor of products a tensor of the same products, scaled, offset, masked or copied
+# by stored tensors and constants: (x * w * 0.5).sum(-1), (x * w + b).sum(-1), torch.where(mask, x * w, 0).sum(-1)
+# multiply-accumulate as (x * w).sum(-1) does
+_CARRIERS = {getattr(torch.ops.aten, name) for name in (
+    "mul", "mul_", "div", "div_", "neg", "neg_", "add", "add_", "sub", "sub_", "rsub", "clone", "_to_copy",
+    "copy_", "where", "masked_fill", "masked_fill_")}
 _DIFFERENCES = {torch.ops.aten.sub, torch.ops.aten.sub_, torch.ops.aten.rsub}
 _SQUARES = {torch.ops.aten.pow, torch.ops.aten.pow_}
 _NORMS = {torch.ops.aten.linalg_vector_norm, torch.ops.aten.norm}
@@ -233,7 +267,7 @@ class _MacCounter(TorchDispatchMode):
         # them (storage -> (the product, kept alive so that its storage is not reused, and those sources)), MACs
         # once a sum reduces them
         self.stored: dict[int, frozenset[int]] = {}
-        self.products: dict[int, tuple[torch.Tensor, frozenset[int], str]] = {}
+        self.products: dict[int, _Product] = {}
         # the images' values minus a stored tensor (storage -> the difference, kept alive, and its sources): a
         # distance's terms once squared
         self.differences: dict[int, tuple[torch.Tensor, frozenset[int]]] = {}
@@ -324,14 +358,16 @@ class _MacCounter(TorchDispatchMode):
         storages = [arg.untyped_storage().data_ptr() for arg in inputs]
         result = outputs[0].untyped_storage().data_ptr()
         if packet in _REDUCTIONS and storages[0] in self.products:
-            _, sources, op = self.products[storages[0]]
-            self._credit(op, 2 * inputs[0].numel())
-            self.read |= sources  # the parameters the summed products read are weights MACs read
+            product = self.products[storages[0]]
+            if _sums_over_the_weight(product.weight_index(inputs[0]),
+                                     _reduced_dims(packet, args, kwargs, inputs[0].dim())):
+                self._credit(product.op, 2 * inputs[0].numel())
+                self.read |= product.sources  # the parameters the summed products read are weights MACs read
             return
         if storages[0] in self.differences and len(inputs) == 1:
             difference, sources = self.differences[storages[0]]
             if packet in _SQUARES and len(args) > 1 and args[1] == 2:
-                self.products[result] = (outputs[0], sources, DISTANCE_SUM)
+                self.products[result] = _Product(outputs[0], sources, DISTANCE_SUM)
             elif packet in _NORMS and _two_norm(args, kwargs):
                 self._credit(DISTANCE_SUM, 2 * inputs[0].numel())
                 self.read |= sources
@@ -340,9 +376,26 @@ class _MacCounter(TorchDispatchMode):
             return
         if (packet in _PRODUCTS and len(inputs) == 2 and storages[0] == storages[1]
                 and storages[0] in self.differences and inputs[0].shape == inputs[1].shape):  # d * d
-            self.products[result] = (outputs[0], self.differences[storages[0]][1], DISTANCE_SUM)
+            self.products[result] = _Product(outputs[0], self.differences[storages[0]][1], DISTANCE_SUM)
+            return
+        carried = next((storage for storage in storages if storage in self.products), None)
+        if carried is not None and packet in _CARRIERS and outputs[0].is_floating_point() and all(
+                storage == carried or storage in self.stored or arg.numel() == 1 or arg.dtype == torch.bool
+                for storage, arg in zip(storages, inputs)):  # not a residual's sum with the images' values
+            product = self.products[carried]
+            if result != carried:  # in place, the entry stands
+                index = product.weight_index(inputs[storages.index(carried)])
+                self.products[result] = product._replace(tensor=outputs[0], numbered=_numbered(outputs[0], index))
             return
         stored = [storage in self.stored for storage in storages]
+        if packet in _SCALED_PRODUCTS and len(args) > 2 and all(isinstance(a, torch.Tensor) for a in args[1:3]):
+            factors = [args[1].untyped_storage().data_ptr() in self.stored,
+                       args[2].untyped_storage().data_ptr() in self.stored]
+            if sum(factors) == 1 and args[1 + factors.index(True)].numel() > 1 and outputs[0].is_floating_point():
+                weight = args[1 + factors.index(True)]
+                self.products[result] = _Product(outputs[0], self.stored[weight.untyped_storage().data_ptr()],
+                                                 PRODUCT_SUM, _numbered(outputs[0], _element_numbers(weight)))
+                return
         if all(stored):  # computed from stored tensors alone: stored too (a normalised weight)
             sources = frozenset().union(*(self.stored[storage] for storage in storages))
             for value in outputs:
@@ -351,9 +404,67 @@ class _MacCounter(TorchDispatchMode):
               and inputs[stored.index(True)].numel() > 1):  # a scalar's product is a scaling, never a MAC
             sources = self.stored[storages[stored.index(True)]]
             if packet in _PRODUCTS:
-                self.products[result] = (outputs[0], sources, PRODUCT_SUM)
+                self.products[result] = _Product(outputs[0], sources, PRODUCT_SUM,
+                                                 _numbered(outputs[0], _element_numbers(inputs[stored.index(True)])))
             elif packet in _DIFFERENCES:
                 self.differences[result] = (outputs[0], sources)
+
+
+class _Product(NamedTuple):
+    """A tensor of products of the images' values with a stored tensor (kept alive, so that its storage is not
+    reused), the parameters and buffers that stored tensor is computed from, the op its MACs count as, and, for each
+    element of the product's storage, which element of the stored tensor it was multiplied by (`_numbered`; None
+    where not followed: a distance's squares)."""
+
+    tensor: torch.Tensor
+    sources: frozenset[int]
+    op: str
+    numbered: torch.Tensor | None = None
+
+    def weight_index(self, view: torch.Tensor) -> torch.Tensor | None:
+        """Which stored element each element of `view` (a view of the product's storage) was multiplied by."""
+        if self.numbered is None or view.element_size() != self.tensor.element_size():
+            return None
+        try:
+            return self.numbered.as_strided(view.size(), view.stride(), view.storage_offset())
+        except RuntimeError:
+            return None
+
+
+def _numbered(product: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor | None:
+    """`index` (broadcast to the product's shape) laid out over the product's whole storage as the product's own
+    elements are, -1 elsewhere: any view of that storage reads its elements' indices back by its own strides."""
+    if index is None:
+        return None
+    try:
+        values = index.expand(product.shape)
+    except RuntimeError:
+        return None
+    laid = torch.full((product.untyped_storage().nbytes() // product.element_size(),), -1, dtype=torch.int64)
+    laid.as_strided(product.size(), product.stride(), product.storage_offset()).copy_(values)
+    return laid
+
+
+def _element_numbers(weight: torch.Tensor) -> torch.Tensor:
+    return torch.arange(weight.numel()).view(weight.shape)
+
+
+def _reduced_dims(packet: Any, args: Any, kwargs: Any, ndim: int) -> list[int]:
+    """The dimensions a sum, mean or running sum reduces (all of them where it names none)."""
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    if dim is None or (isinstance(dim, (list, tuple)) and not dim):
+        return list(range(ndim))
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return sorted({d % ndim for d in dims}) if ndim else []
+
+
+def _sums_over_the_weight(index: torch.Tensor | None, dims: list[int]) -> bool:
+    """Whether a reduction over `dims` adds products of different stored elements: a multiply-accumulate, where
+    summing products of one stored element (a layer scale's, over the tokens it scales alike) is a scaled pooling.
+    Unknown (`index` None) counts as one."""
+    if index is None or not dims or index.numel() == 0:
+        return True
+    return bool((index.amax(dims) != index.amin(dims)).any())
 
 
 def _two_norm(args: Any, kwargs: Any) -> bool:

@@ -621,6 +621,76 @@ def test_products_a_running_sum_adds_are_counted() -> None:
     assert coverage.uncovered[0]["ops"] == [PRODUCT_SUM]
 
 
+_CARRIED = {  # a product of the images' values by the stored matrix, carried by a constant, a bias, a mask, a copy
+    "scaled": lambda h, w: (h[:, :, None] * w * 0.5).sum(1),
+    "negated": lambda h, w: (-(h[:, :, None] * w)).sum(1),
+    "biased": lambda h, w: (h[:, :, None] * w + w).sum(1),
+    "masked": lambda h, w: torch.where(w > 0, h[:, :, None] * w, 0.0).sum(1),
+    "copied": lambda h, w: (h[:, :, None] * w).clone().double().sum(1).float(),
+    "nansum": lambda h, w: (h[:, :, None] * w).nansum(1),
+    "addcmul": lambda h, w: torch.addcmul(torch.zeros(()), h[:, :, None], w, value=0.5).sum(1),
+}
+
+
+@pytest.mark.parametrize("head", _CARRIED.values(), ids=_CARRIED.keys())
+def test_products_scaled_offset_masked_or_copied_before_their_sum_are_counted(
+        head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    """`(h[:, :, None] * W * 0.5).sum(1)` and the like reported 100% reach (a gate at min_coverage=1 passed with
+    62% of the MACs in float): one op between the product and its sum hid it. Ops that leave a tensor of products
+    the same products scaled, offset or masked by constants and stored tensors, or copied, now carry it; so does
+    addcmul, a product by a stored tensor plus an input."""
+    with seeded(16):
+        model, x = StoredMatrixHead(head), torch.randn(4, 16)
+    coverage = measure_coverage(quantize(model.eval(), x), x)
+    assert coverage.macs == coverage.weights == pytest.approx(16 * 32 / (16 * 32 + 32 * 10), rel=1e-9)
+    assert coverage.uncovered[0]["ops"] == [PRODUCT_SUM] and not coverage.complete
+
+
+_NO_FORMULA = {  # MAC ops torch's flop counter has no formula for, each computing h @ w
+    "mv": lambda h, w: torch.stack([torch.mv(w.T, row) for row in h]),
+    "addmv": lambda h, w: torch.stack([torch.addmv(torch.zeros(10), w.T, row) for row in h]),
+    "dot": lambda h, w: torch.stack([torch.stack([torch.dot(row, column) for column in w.T]) for row in h]),
+    "addbmm": lambda h, w: torch.addbmm(torch.zeros(len(h), 10), h.view(len(h), 4, 8).transpose(0, 1),
+                                        w.view(4, 8, 10)),
+    "conv_tbc": lambda h, w: torch.conv_tbc(h[None], w[None], torch.zeros(10))[0],
+}
+
+
+@pytest.mark.parametrize("head", _NO_FORMULA.values(), ids=_NO_FORMULA.keys())
+def test_mac_ops_without_a_flop_formula_are_counted(head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                                                    ) -> None:
+    """torch.mv, addmv, dot, addbmm and conv_tbc made the coverage unknown (no flop formula: no gate could pass,
+    and the report could not say how much ran in float); they are counted, as float MACs where no layer computes
+    them."""
+    with seeded(18):
+        model, x = StoredMatrixHead(head), torch.randn(4, 16)
+    coverage = measure_coverage(quantize(model.eval(), x), x)
+    assert coverage.uncounted == []
+    assert coverage.macs == coverage.weights == pytest.approx(16 * 32 / (16 * 32 + 32 * 10), rel=1e-9)
+
+
+def _affine_pooled(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """ResMLP's head: a per-channel affine of 4 tokens of 8 channels, averaged over the tokens."""
+    pooled = (h.view(-1, 4, 8) * w[:8, 0] + w[:8, 1]).mean(1)
+    return torch.cat([pooled, pooled[:, :2]], 1)
+
+
+@pytest.mark.parametrize("head", [
+    lambda h, w: ((h * w[:, 0]) + h).mean(1, keepdim=True).expand(-1, 10),
+    _affine_pooled,
+], ids=["layer-scale-plus-residual", "affine-pooled"])
+def test_a_scaled_pooling_is_no_multiply_accumulate(head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                                                    ) -> None:
+    """A layer scale (`h * gamma`) added to the residual stream and pooled (ConvNeXt's last block), and an affine
+    averaged over the tokens it scales alike (ResMLP's head: 99.997% reach with products carried through the
+    offset), are no multiply-accumulates: a sum counts as MACs only where it adds products of different stored
+    elements. The view stays complete."""
+    with seeded(17):
+        model, x = StoredMatrixHead(head), torch.randn(4, 16)
+    coverage = measure_coverage(quantize(model.eval(), x), x)
+    assert coverage.complete and coverage.uncovered == []
+
+
 @pytest.mark.parametrize("head", [
     lambda h, w: torch.addmm(torch.ones(10), h, w, beta=0.5, alpha=2.0),
     lambda h, w: torch.full((len(h), 10), float("nan")).addmm(h, w, beta=0),  # beta=0: the input is ignored
