@@ -44,6 +44,14 @@ _OPS: dict[Any, str] = {
     torch.Tensor.mm: "mm", torch.einsum: "einsum", F.scaled_dot_product_attention: "scaled_dot_product_attention",
     torch.baddbmm: "baddbmm", torch.Tensor.baddbmm: "baddbmm",
 }
+# the same ops as aten overloads, which a graph from torch.export (`ExportedProgram.module()`) calls by name
+_OPS.update({getattr(getattr(torch.ops.aten, name), overload): op for name, overload, op in (
+    ("linear", "default", "linear"), ("conv1d", "default", "conv1d"), ("conv2d", "default", "conv2d"),
+    ("conv3d", "default", "conv3d"), ("conv_transpose1d", "default", "conv_transpose1d"),
+    ("conv_transpose2d", "input", "conv_transpose2d"), ("conv_transpose3d", "input", "conv_transpose3d"),
+    ("matmul", "default", "matmul"), ("mm", "default", "mm"), ("bmm", "default", "bmm"),
+    ("einsum", "default", "einsum"), ("baddbmm", "default", "baddbmm"),
+    ("scaled_dot_product_attention", "default", "scaled_dot_product_attention"))})
 # Python functions a torch-function mode sees whole, whose MACs are calls of the ops above made inside them (a mode is
 # off while it handles a call): watched and dispatched inside, call by call. F.multi_head_attention_forward: WavLM
 # and other models call it with their own projection weights instead of running nn.MultiheadAttention.
@@ -174,7 +182,8 @@ def _arguments(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[s
     elif op == "rmatmul":  # b.__rmatmul__(a) is a @ b
         named = {"a": args[1], "b": args[0]}
     elif op == "einsum":
-        operands = args[1:] if len(args) != 2 or not isinstance(args[1], (list, tuple)) else tuple(args[1])
+        # einsum("ij,jk", a, b), or with the operands as a list (aten.einsum's own form, with an optional path)
+        operands = tuple(args[1]) if len(args) >= 2 and isinstance(args[1], (list, tuple)) else args[1:]
         named = {"equation": args[0], "operands": operands}
     elif op == "scaled_dot_product_attention":
         named = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"), args))

@@ -110,6 +110,15 @@ def _inputs_text(example: Any) -> str:
     return f"{example.dtype} {list(example.shape)}".replace("torch.", "")
 
 
+def _batch_guard_hint(work: nn.Module, error: Exception) -> str:
+    """Why a graph from torch.export may fail on two images: it was exported for one batch size."""
+    if isinstance(work, torch.fx.GraphModule) and "Guard failed" in str(error) and ".size()[0] ==" in str(error):
+        return (". The graph was exported for one batch size, and a campaign runs any number of images: export it "
+                "with a dynamic batch dimension, torch.export.export(model, (x,), dynamic_shapes=({0: "
+                "torch.export.Dim('batch')},))")
+    return ""
+
+
 def _dtype_hint(work: nn.Module, example: Any) -> str:
     """Why a forward may fail on its inputs' dtype: inputs in a floating dtype the parameters are not in."""
     weights = {p.dtype for p in work.parameters() if p.is_floating_point()}
@@ -139,7 +148,8 @@ def refuse_input_writes(work: nn.Module, example: Any, source_name: str) -> None
     except Exception as error:  # the model's own error, on the user's own inputs: say where it came from
         raise UnsupportedModelError(
             f"{source_name} fails in float on two calibration images ({_inputs_text(example)}), before anything is "
-            f"quantized: {type(error).__name__}: {error}{_dtype_hint(work, example)}") from error
+            f"quantized: {type(error).__name__}: {error}{_dtype_hint(work, example)}{_batch_guard_hint(work, error)}"
+        ) from error
     for index, (before, after, version) in enumerate(zip(_tensors(example), _tensors(probe), versions)):
         if after._version == version and torch.equal(before, after):
             continue
