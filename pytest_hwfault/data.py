@@ -288,6 +288,27 @@ def check_finite(inputs: Batch, what: str) -> None:
                             f"at index {first}): clean or drop them before gating")
 
 
+def check_distinct(inputs: Batch, what: str = "the evaluation data") -> None:
+    """Refuse images of which at least half are exact copies of others: a verdict's interval counts every image as
+    evidence, and copies are none. A DataLoader over an IterableDataset with num_workers > 1 yields each item once
+    per worker unless the dataset splits its items between them; a set padded with `x.repeat(...)` does the same."""
+    tensors = inputs.tensors if isinstance(inputs, Inputs) else (inputs,)
+    count = len(tensors[0])
+    if count < 2:
+        return
+    parts = [t.reshape(count, -1).contiguous().view(torch.uint8) for t in tensors if t.numel()]
+    if not parts:
+        return
+    rows = torch.cat(parts, dim=1)
+    distinct = len(torch.unique(rows, dim=0))
+    if 2 * distinct <= count:
+        raise DataError(
+            f"{what} hold {count} images of which only {distinct} differ: the others are exact copies, and a "
+            "verdict's interval would count each copy as evidence it is not. A DataLoader over an IterableDataset "
+            "with num_workers > 1 yields every item once per worker unless the dataset splits its items between "
+            "the workers (torch.utils.data.get_worker_info()); give each image once")
+
+
 def as_tensors(data: Any, samples: int | None = None) -> tuple[Batch, torch.Tensor]:
     """The first `samples` (all when None) labelled examples of `data`, as (X, y) tensors on the CPU."""
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):

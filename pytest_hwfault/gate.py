@@ -15,7 +15,18 @@ import torch
 from torch import nn
 
 from .campaign import Campaign, CampaignResult, TrialResult
-from .data import Batch, DataError, Inputs, as_tensors, bounded, check_finite, check_stable, concat, iter_batches
+from .data import (
+    Batch,
+    DataError,
+    Inputs,
+    as_tensors,
+    bounded,
+    check_distinct,
+    check_finite,
+    check_stable,
+    concat,
+    iter_batches,
+)
 from .identity import attributes_fingerprint, model_fingerprint, outputs_fingerprint, tensor_fingerprint
 from .late_start import DEFAULT_CACHE_BYTES
 from .quantization import QuantizedModel, quantize, refuse_non_model, refuse_ungateable
@@ -94,6 +105,7 @@ def prepare(model: nn.Module | QuantizedModel, data: Any, *, samples: int | None
             quantize_options: dict[str, Any] | None = None) -> Prepared:
     inputs, labels = as_tensors(data, samples)
     check_finite(inputs, "the evaluation inputs")
+    check_distinct(inputs)
     if isinstance(model, nn.Module):  # before its fingerprint, which reads the forward's code
         refuse_ungateable(model, type(model).__qualname__)
     elif not isinstance(model, QuantizedModel):
