@@ -78,8 +78,21 @@ def _addmm_as_mm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *,
     return out.copy_(result) if out is not None else result
 
 
+def _convolution_as_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any,
+                         padding: Any, dilation: Any, transposed: bool, output_padding: Any, groups: int
+                         ) -> torch.Tensor:
+    """aten.convolution (a core ATen graph's every convolution, from `ExportedProgram.run_decompositions()`) as the
+    F.conv / F.conv_transpose call of its dimensionality, which the modes see."""
+    dims = weight.dim() - 2
+    if transposed:
+        transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+        return transpose(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return (F.conv1d, F.conv2d, F.conv3d)[dims - 1](input, weight, bias, stride, padding, dilation, groups)
+
+
 _COMPOSITES = {F.multi_head_attention_forward: _watched_inside(F.multi_head_attention_forward),
-               torch.addmm: _addmm_as_mm, torch.Tensor.addmm: _addmm_as_mm}
+               torch.addmm: _addmm_as_mm, torch.Tensor.addmm: _addmm_as_mm,
+               torch.ops.aten.addmm.default: _addmm_as_mm, torch.ops.aten.convolution.default: _convolution_as_conv}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _CONVS: dict[str, type[nn.Module]] = {

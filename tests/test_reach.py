@@ -276,19 +276,23 @@ def test_a_packed_sequence_is_refused_as_the_views_limit_not_the_models_failure(
         quantize(model, x)
 
 
-def test_a_graph_from_torch_export_is_quantized_as_its_eager_model() -> None:
-    """`torch.export.export(model, ...).module()` calls aten.conv2d / aten.linear by name, which no layer caught:
-    it was refused as having no quantizable layer. Its calls are layers now, with the eager model's layers' codes
-    (the linear quantizes its own input: the graph's ReLU is no module to hand codes on through), and faults reach
-    them; one exported for one batch size is refused saying how to export it."""
+@pytest.mark.parametrize("core_aten", [False, True], ids=["exported", "core-aten"])
+def test_a_graph_from_torch_export_is_quantized_as_its_eager_model(core_aten: bool) -> None:
+    """`torch.export.export(model, ...).module()` calls aten.conv2d / aten.linear by name (and, decomposed to core
+    ATen by `run_decompositions()`, aten.convolution / aten.addmm), which no layer caught: it was refused as having
+    no quantizable layer. Its calls are layers now, with the eager model's layers' codes (the linear quantizes its
+    own input: the graph's ReLU is no module to hand codes on through), and faults reach them; one exported for
+    one batch size is refused saying how to export it."""
     from pytest_hwfault.qmodel import UnsupportedModelError
 
     with seeded(21):
         model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
         x = torch.randn(32, 3, 8, 8)
-    exported = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    exported = (program.run_decompositions() if core_aten else program).module()
     eager, graph = quantize(model, x), quantize(exported, x)
-    assert list(graph.layers) == ["conv2d()", "linear()"] and measure_coverage(graph, x).complete
+    linear = "mm()" if core_aten else "linear()"  # addmm(b, x, W.T) runs as b + mm(x, W.T): x @ W.t(), a Linear
+    assert list(graph.layers) == ["conv2d()", linear] and measure_coverage(graph, x).complete
     for site in ("act", "weight"):
         assert [graph.layers[name].numel(Site(site)) for name in graph.layers] == \
             [eager.layers[name].numel(Site(site)) for name in eager.layers]
@@ -296,14 +300,14 @@ def test_a_graph_from_torch_export_is_quantized_as_its_eager_model() -> None:
         reference, view = model(x), graph(x)
     assert (view - reference).abs().max() < 0.05 * reference.abs().max()
     # bit 6 of the second image's first output code of the linear: that logit moves by 64 steps, nothing else
-    act_scale = next(row["act_scale"] for row in graph.summary() if row["name"] == "linear()")
+    act_scale = next(row["act_scale"] for row in graph.summary() if row["name"] == linear)
     with torch.no_grad():
-        faulty = graph(x, FaultPattern.from_faults([("act", "linear()", 0, 6, "flip", 1)]))
+        faulty = graph(x, FaultPattern.from_faults([("act", linear, 0, 6, "flip", 1)]))
     moved = (faulty != view).nonzero().tolist()
     assert moved == [[1, 0]] and abs(float(faulty[1, 0] - view[1, 0])) == pytest.approx(64 * act_scale, rel=1e-4)
     # bit 6 of the linear's first weight code (class 0, feature 0): only class 0's logits move
     with torch.no_grad():
-        faulty = graph(x, FaultPattern.from_faults([("weight", "linear()", 0, 6, "flip")]))
+        faulty = graph(x, FaultPattern.from_faults([("weight", linear, 0, 6, "flip")]))
     assert torch.equal(faulty[:, 1:], view[:, 1:]) and not torch.equal(faulty[:, 0], view[:, 0])
     fixed = torch.export.export(model, (x,)).module()
     with pytest.raises(UnsupportedModelError, match=r"exported for one batch size.*dynamic_shapes"):
