@@ -288,25 +288,27 @@ def check_finite(inputs: Batch, what: str) -> None:
                             f"at index {first}): clean or drop them before gating")
 
 
-def check_distinct(inputs: Batch, what: str = "the evaluation data") -> None:
-    """Refuse images of which at least half are exact copies of others: a verdict's interval counts every image as
-    evidence, and copies are none. A DataLoader over an IterableDataset with num_workers > 1 yields each item once
-    per worker unless the dataset splits its items between them; a set padded with `x.repeat(...)` does the same."""
+def check_not_duplicated(data: Any, inputs: Batch, what: str = "the evaluation data") -> None:
+    """Refuse what a DataLoader over an IterableDataset with num_workers > 1 read as each item once per worker (the
+    dataset does not split its items between the workers): a gate on every image k times over, not on the data
+    meant. Copies in other data stand: under transient faults each copy is a trial of its own, and a campaign
+    bounds accuracy on the images as given."""
+    loader = data.data if isinstance(data, Keyed) else data
+    if not (isinstance(loader, DataLoader) and isinstance(loader.dataset, IterableDataset)
+            and loader.num_workers > 1):
+        return
     tensors = inputs.tensors if isinstance(inputs, Inputs) else (inputs,)
     count = len(tensors[0])
-    if count < 2:
-        return
     parts = [t.reshape(count, -1).contiguous().view(torch.uint8) for t in tensors if t.numel()]
-    if not parts:
+    if count < 2 or not parts:
         return
-    rows = torch.cat(parts, dim=1)
-    distinct = len(torch.unique(rows, dim=0))
+    distinct = len(torch.unique(torch.cat(parts, dim=1), dim=0))
     if 2 * distinct <= count:
         raise DataError(
-            f"{what} hold {count} images of which only {distinct} differ: the others are exact copies, and a "
-            "verdict's interval would count each copy as evidence it is not. A DataLoader over an IterableDataset "
-            "with num_workers > 1 yields every item once per worker unless the dataset splits its items between "
-            "the workers (torch.utils.data.get_worker_info()); give each image once")
+            f"{what} ({_describe(loader.dataset)} read by a DataLoader with num_workers={loader.num_workers}) gave "
+            f"{count} images of which only {distinct} differ: an IterableDataset is iterated whole in every worker "
+            "unless it splits its items between them (torch.utils.data.get_worker_info()), so each image came "
+            "once per worker. Split the items in the dataset's __iter__, or read it with num_workers=0")
 
 
 def as_tensors(data: Any, samples: int | None = None) -> tuple[Batch, torch.Tensor]:

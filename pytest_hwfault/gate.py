@@ -21,8 +21,8 @@ from .data import (
     Inputs,
     as_tensors,
     bounded,
-    check_distinct,
     check_finite,
+    check_not_duplicated,
     check_stable,
     concat,
     iter_batches,
@@ -105,7 +105,7 @@ def prepare(model: nn.Module | QuantizedModel, data: Any, *, samples: int | None
             quantize_options: dict[str, Any] | None = None) -> Prepared:
     inputs, labels = as_tensors(data, samples)
     check_finite(inputs, "the evaluation inputs")
-    check_distinct(inputs)
+    check_not_duplicated(data, inputs)
     if isinstance(model, nn.Module):  # before its fingerprint, which reads the forward's code
         refuse_ungateable(model, type(model).__qualname__)
     elif not isinstance(model, QuantizedModel):
