@@ -310,12 +310,71 @@ def _own_forward(module: nn.Module, base: type[nn.Module]) -> bool:
     return "forward" in module.__dict__ or type(module).forward is not base.forward
 
 
+class GraphRecurrent(nn.Module):
+    """A recurrent op of a graph from torch.export (`aten.lstm` / `gru` / `rnn_tanh` / `rnn_relu` on the module's
+    flat weight list) as the torch module it was exported from, returning the op's flat tuple, so that the rewrite
+    below unrolls it into one layer per gate matmul, each called once per step, as it unrolls the eager module."""
+
+    def __init__(self, rnn: nn.RNNBase) -> None:
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor, hx: Any) -> tuple[torch.Tensor, ...]:
+        lstm = isinstance(self.rnn, nn.LSTM)
+        out, state = self.rnn(x, (hx[0], hx[1]) if lstm else hx)
+        return (out, *state) if lstm else (out, state)
+
+
+_GRAPH_RECURRENT = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU"}
+
+
+def _recurrent_of_graph(graph_module: torch.fx.GraphModule) -> list[tuple[str, str]]:
+    """Replace each recurrent op node of an exported graph whose weights are the graph's own attributes by a
+    `GraphRecurrent` holding a module with those weights (the op's shapes tell its sizes)."""
+    replaced: list[tuple[str, str]] = []
+    for node in list(graph_module.graph.nodes):
+        op = getattr(getattr(node.target, "_overloadpacket", None), "__name__", "")
+        mode = _GRAPH_RECURRENT.get(op) if node.op == "call_function" else None
+        if mode is None or len(node.args) != 9 or not all(
+                isinstance(p, torch.fx.Node) and p.op == "get_attr" for p in node.args[2]):
+            continue
+        x, hx, params, has_biases, num_layers, dropout, _, bidirectional, batch_first = node.args
+        weights = [graph_module.get_parameter(p.target) if p.target in dict(graph_module.named_parameters())
+                   else graph_module.get_buffer(p.target) for p in params]
+        gates = {"LSTM": 4, "GRU": 3}.get(mode, 1)
+        hidden = weights[0].shape[0] // gates
+        proj_size = weights[1].shape[1] if mode == "LSTM" and weights[1].shape[1] != hidden else 0
+        kind = {"LSTM": nn.LSTM, "GRU": nn.GRU}.get(mode, nn.RNN)
+        options: dict[str, Any] = {"nonlinearity": "tanh" if mode == "RNN_TANH" else "relu"} if kind is nn.RNN else {}
+        if proj_size:
+            options["proj_size"] = proj_size
+        rnn = kind(weights[0].shape[1], hidden, num_layers, bias=has_biases, batch_first=batch_first,
+                   dropout=dropout, bidirectional=bidirectional, **options)
+        with torch.no_grad():
+            for target, value in zip(rnn._flat_weights, weights):
+                target.copy_(value)
+        name = f"{node.name}_module"
+        graph_module.add_submodule(name, GraphRecurrent(rnn).eval())
+        with graph_module.graph.inserting_before(node):
+            call = graph_module.graph.call_module(name, (x, hx))
+        node.replace_all_uses_with(call)
+        graph_module.graph.erase_node(node)
+        replaced.append((name, f"aten.{op}"))
+    if replaced:
+        graph_module.graph.eliminate_dead_code()
+        graph_module.recompile()
+    return replaced
+
+
 def decompose(model: nn.Module) -> list[tuple[str, str]]:
     """Replace, in place on `model` (a private copy), every attention and recurrent module the rewrite reproduces;
     returns (name, original type) of each replaced module. The rewrites reproduce the torch classes' own forwards:
     a subclass with its own (a recurrent net that scales or normalises its outputs) keeps it; its attention calls
-    are then layers call by call (`functional`), and its recurrent op runs in float, named with why."""
+    are then layers call by call (`functional`), and its recurrent op runs in float, named with why. An exported
+    graph's recurrent ops become modules first (`_recurrent_of_graph`)."""
     replaced: list[tuple[str, str]] = []
+    if isinstance(model, torch.fx.GraphModule):
+        replaced += _recurrent_of_graph(model)
     for name, module in list(model.named_modules()):
         new: nn.Module | None = None
         recurrent = next((kind for kind in (nn.LSTM, nn.GRU, nn.RNN) if isinstance(module, kind)), None)
