@@ -7,6 +7,7 @@ of the test process is left as it was.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -16,6 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, each worker of this suite takes its share of the cores, and so do the pytest subprocesses its
+    tests start (they inherit OMP_NUM_THREADS). With every worker's torch on every core, two heavy subprocesses at
+    once oversubscribe the machine: on 2 cores the ONNX GPT-2 gate took 18 s alone, 56 s beside a 2-thread torch
+    loop, 18 s when either side ran one thread. Tests of thread-count independence set their counts themselves."""
+    workerinput = getattr(config, "workerinput", None)  # set in xdist's workers only
+    if workerinput is not None:
+        share = max(1, (os.cpu_count() or 1) // max(1, int(workerinput["workercount"])))
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
 
 
 @contextmanager

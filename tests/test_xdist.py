@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,10 +46,12 @@ def _run(pytester: pytest.Pytester, report: str, *args: str) -> pytest.RunResult
                                          *args)
 
 
-def test_same_numbers_for_any_number_of_workers(suite: pytest.Pytester) -> None:
+def test_same_numbers_for_any_number_of_workers(suite: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     results = {}
     for label, args in {"n0": ("-n", "0"), "n2": ("-n", "2"), "n3": ("-n", "3", "--dist", "worksteal"),
                         "noxdist": ("-p", "no:xdist"), "whole": ("-n", "2", "--hwfault-xdist-shards=1")}.items():
+        # -n 0 on every core (this suite's own xdist workers pass one thread on), the workers on their share
+        monkeypatch.setenv("OMP_NUM_THREADS", str(os.cpu_count() or 1) if label == "n0" else "1")
         run = _run(suite, f"{label}.json", *args)
         assert run.ret == 1, run.stdout.str()  # some gates fail
         results[label] = _numbers(suite.path / f"{label}.json")
