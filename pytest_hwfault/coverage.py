@@ -141,6 +141,7 @@ PRODUCT_SUM = "aten.mul+aten.sum"
 DISTANCE_SUM = "aten.sub+aten.pow+aten.sum"
 _PRODUCTS = {torch.ops.aten.mul, torch.ops.aten.mul_}
 _SCALED_PRODUCTS = {torch.ops.aten.addcmul, torch.ops.aten.addcmul_}  # input + value * tensor1 * tensor2
+_QUOTIENTS = {torch.ops.aten.div, torch.ops.aten.div_}  # x / w: a product with w's reciprocal
 _REDUCTIONS = {torch.ops.aten.sum, torch.ops.aten.nansum, torch.ops.aten.mean,
                torch.ops.aten.cumsum}  # a running sum: each product added once
 # elementwise ops that leave a tensor of products a tensor of the same products, scaled, offset, masked or copied
@@ -403,7 +404,8 @@ class _MacCounter(TorchDispatchMode):
         elif (len(inputs) == 2 and sum(stored) == 1 and outputs[0].is_floating_point()
               and inputs[stored.index(True)].numel() > 1):  # a scalar's product is a scaling, never a MAC
             sources = self.stored[storages[stored.index(True)]]
-            if packet in _PRODUCTS:
+            if packet in _PRODUCTS or (packet in _QUOTIENTS and stored == [False, True]
+                                       and kwargs.get("rounding_mode") is None):
                 self.products[result] = _Product(outputs[0], sources, PRODUCT_SUM,
                                                  _numbered(outputs[0], _element_numbers(inputs[stored.index(True)])))
             elif packet in _DIFFERENCES:

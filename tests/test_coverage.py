@@ -629,6 +629,7 @@ _CARRIED = {  # a product of the images' values by the stored matrix, carried by
     "copied": lambda h, w: (h[:, :, None] * w).clone().double().sum(1).float(),
     "nansum": lambda h, w: (h[:, :, None] * w).nansum(1),
     "addcmul": lambda h, w: torch.addcmul(torch.zeros(()), h[:, :, None], w, value=0.5).sum(1),
+    "divided": lambda h, w: (h[:, :, None] / (w.abs() + 1)).sum(1),  # a product with the reciprocal
 }
 
 
@@ -638,7 +639,8 @@ def test_products_scaled_offset_masked_or_copied_before_their_sum_are_counted(
     """`(h[:, :, None] * W * 0.5).sum(1)` and the like reported 100% reach (a gate at min_coverage=1 passed with
     62% of the MACs in float): one op between the product and its sum hid it. Ops that leave a tensor of products
     the same products scaled, offset or masked by constants and stored tensors, or copied, now carry it; so does
-    addcmul, a product by a stored tensor plus an input."""
+    addcmul, a product by a stored tensor plus an input, and a division by a stored tensor (`(h / W).sum`: 100%
+    reach before, its MACs uncounted)."""
     with seeded(16):
         model, x = StoredMatrixHead(head), torch.randn(4, 16)
     coverage = measure_coverage(quantize(model.eval(), x), x)
