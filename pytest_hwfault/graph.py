@@ -150,6 +150,8 @@ def fold_batchnorm(model: nn.Module, untraceable: str | None = None) -> tuple[li
             continue
         if {str(producer.target), str(node.target)} & read:  # folding would change what that read sees
             continue
+        if not _holds_its_tensors(layer):
+            continue
         assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
         assert bn.running_mean is not None and bn.running_var is not None  # track_running_stats
         if isinstance(layer, _CONV) and layer.weight.shape[0] == bn.num_features:
@@ -169,6 +171,15 @@ def fold_batchnorm(model: nn.Module, untraceable: str | None = None) -> tuple[li
         folded.append((str(producer.target), str(node.target)))
     folded_bn = {bn for _, bn in folded}
     return folded, [name for name in all_bn if name not in folded_bn], None
+
+
+def _holds_its_tensors(layer: nn.Module) -> bool:
+    """Whether the layer's weight and bias are its own parameters (or parametrized), which folding may replace. A
+    weight computed by a forward pre-hook (`torch.nn.utils.prune`'s `weight_orig * weight_mask`, the hook-based
+    `weight_norm`) is set again by the hook on every call, which a folded Parameter in its place breaks."""
+    from torch.nn.utils import parametrize
+
+    return all(name in layer._parameters or parametrize.is_parametrized(layer, name) for name in ("weight", "bias"))
 
 
 _GRID_MODULES = (nn.ReLU, nn.Identity, nn.Flatten, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)

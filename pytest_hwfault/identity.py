@@ -197,6 +197,19 @@ def attributes_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def private_copy(model: nn.Module) -> nn.Module:
+    """`copy.deepcopy(model)`, also of a model holding a tensor computed from its parameters as a plain attribute
+    (a pruned layer's `weight`, `weight_orig * weight_mask`; the hook-based `torch.nn.utils.weight_norm`'s), which
+    deepcopy refuses (not a graph leaf): each is copied detached. The forward pre-hook that computes it is copied
+    with the model and computes it again from the copy's own parameters."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 BEHAVIOUR_IMAGES = 4  # the calibration images a model's float outputs are hashed on
 
 
@@ -207,7 +220,7 @@ def outputs_fingerprint(model: nn.Module, inputs: Any) -> str:
     from .data import Inputs, call_model
 
     try:
-        probe = copy.deepcopy(model).eval()
+        probe = private_copy(model).eval()
         device = next((p.device for p in probe.parameters()), torch.device("cpu"))
         first = inputs[:BEHAVIOUR_IMAGES]
         first = Inputs(tuple(t.to(device, copy=True) for t in first.tensors), first.names) \

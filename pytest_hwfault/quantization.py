@@ -39,7 +39,6 @@ What is quantized, and where (see also docs/architecture.md):
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from typing import Any
@@ -64,7 +63,7 @@ from .deployed import (
 )
 from .functional import FunctionalPlan, discover, quantized_forward
 from .graph import CodeLinks, code_links, fold_batchnorm, in_place_chains, trace_disagreement
-from .identity import state_checksum
+from .identity import private_copy, state_checksum
 from .kernels import KERNELS
 from .merged_batch import unmerge_batches
 from .qmodel import (
@@ -238,7 +237,7 @@ def quantize(
     else:
         source_name = type(model).__qualname__
         refuse_ungateable(model, source_name)
-        work = copy.deepcopy(model).eval()
+        work = private_copy(model).eval()
         compiled += _uncompile(work)
     for p in work.parameters():
         p.requires_grad_(False)
@@ -249,7 +248,7 @@ def quantize(
         device = first.device if first is not None else torch.device("cpu")
     work.to(device)
     ao_layers: dict[str, DeployedLayer] = deployed.layers if deployed is not None else {}
-    float_module = float_function(deployed) if deployed is not None else copy.deepcopy(work)
+    float_module = float_function(deployed) if deployed is not None else private_copy(work)
     float_module.to(device)
     decomposed = [] if ao_layers else decompose(work)
     first_batch = next(iter_batches(calibration_data, batch_size), None)
@@ -583,7 +582,7 @@ def _runner(model: Any, source: str | None) -> Any:
         from .onnx_reader import onnxruntime_runner
 
         return onnxruntime_runner(model)
-    reference = copy.deepcopy(model).eval()
+    reference = private_copy(model).eval()
     return lambda images: call_model(reference, images)
 
 

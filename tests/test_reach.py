@@ -1544,6 +1544,59 @@ def test_a_parametrized_weight_is_held_at_its_value_and_the_users_model_keeps_it
         assert torch.equal(model(x), before)
 
 
+class ConvBnHead(nn.Module):
+    """A convolution with a BatchNorm after it and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8 * 36, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def test_a_pruned_model_is_gated_on_its_pruned_weights_and_keeps_its_pruning() -> None:
+    """`torch.nn.utils.prune` keeps a layer's weight as `weight_orig * weight_mask`, set by a forward pre-hook as a
+    plain attribute that is no graph leaf: quantizing such a model died in `copy.deepcopy` ("Only Tensors created
+    explicitly by the user ... support the deepcopy protocol"), a bare error for a common way to make an edge model;
+    with that fixed, folding the BatchNorm set a Parameter where the hook assigns the weight (a TypeError in the
+    first forward). The private copy now takes such a tensor detached, and a layer whose weight a hook computes keeps
+    its BatchNorm. Every site equals the twin that holds the pruned weights as plain parameters (BatchNorm kept
+    there too), and the user's model is still pruned and computes what it did."""
+    import torch.nn.utils.prune as prune
+
+    with seeded(21):
+        model, x = ConvBnHead(), torch.randn(6, 3, 6, 6)
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    prune.l1_unstructured(model.conv, "weight", amount=0.5)
+    prune.random_unstructured(model.head, "weight", amount=0.3)
+    model.eval()
+    before = model(x).detach()  # with grad on, as after pruning: the hook's weight is no graph leaf
+    assert not model.conv.weight.is_leaf and not model.head.weight.is_leaf
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    twin = ConvBnHead().eval()
+    twin.load_state_dict({name: model.state_dict()[name] for name in twin.state_dict() if name in state}, strict=False)
+    with torch.no_grad():
+        twin.conv.weight.copy_(model.conv.weight)
+        twin.head.weight.copy_(model.head.weight)
+    qmodel, qtwin = quantize(model, x), quantize(twin, x, fold_bn=False)
+    assert torch.equal(qmodel(x), qtwin(x))
+    coverage = measure_coverage(qmodel, x)
+    assert coverage.macs == coverage.weights == 1.0
+    from pytest_hwfault.faults import FaultModel, sample_pattern, trial_generator
+
+    assert list(qmodel.layers) == ["conv.conv2d()", "head.linear()"]  # calls on a weight the hook computes
+    for site in ("act", "input", "acc", "weight"):  # the same faults: the layers in the same order and sizes
+        fault_model = FaultModel(site, 3e-3)
+        pattern, twins = (sample_pattern(fault_model, q.targets(site), len(x), trial_generator(7, site, 0))
+                          for q in (qmodel, qtwin))
+        assert len(pattern) > 0 and torch.equal(qmodel(x, pattern), qtwin(x, twins)), site
+    assert prune.is_pruned(model) and state.keys() == model.state_dict().keys()
+    assert all(torch.equal(value, state[name]) for name, value in model.state_dict().items())
+    assert torch.equal(model(x), before)
+
+
 class FunctionalAttention(nn.Module):
     """Self-attention through F.multi_head_attention_forward with the model's own projections (as WavLM calls it)."""
 
