@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .data import Batch, as_tensors
-from .faults import FaultModel, FaultPattern, sample_pattern
+from .faults import FaultModel, FaultPattern, Site, sample_pattern
 from .qmodel import SiteUnreachableError
 from .quantization import QuantizedModel
 
@@ -107,19 +107,24 @@ def check_repeatable(qmodel: QuantizedModel, inputs: Batch, images: int = REPEAT
     """Refuse a view whose fault-free output changes between two passes over the same images (dropout left on in
     eval mode, random ops, state a forward updates): a trial's critical faults are images whose prediction differs
     from the fault-free one, and faults could not be told from the model's own randomness. So is one whose passes
-    agree but change a module's plain attribute (`_check_attributes_kept`). Also one pass over one image: trials
+    agree but change a buffer or a module's plain attribute (`_check_buffers_kept`, `_check_attributes_kept`), with
+    a faulty pass between them (`_faulty_pass`). Also one pass over one image: trials
     run the faulty images alone, so a batch of one must keep its batch dimension."""
     x = inputs[:images]
     first = select_logits(qmodel._forward(x, None, 0), len(x)).detach()
     state = _plain_attributes(qmodel.module)  # after one pass: a lazy first-call set-up is no change
+    buffers = _buffer_values(qmodel.module)
+    _faulty_pass(qmodel, x)
     second = select_logits(qmodel._forward(x, None, 0), len(x)).detach()
-    state_after = _plain_attributes(qmodel.module)
+    state_after, buffers_after = _plain_attributes(qmodel.module), _buffer_values(qmodel.module)
     alone = select_logits(qmodel._forward(x[:1], None, 0), 1).detach()
     if first.shape == second.shape and torch.equal(torch.nan_to_num(first), torch.nan_to_num(second)) and \
             torch.equal(first.isnan(), second.isnan()):
+        _check_buffers_kept(buffers, buffers_after)
         _check_attributes_kept(state, state_after)
         _check_images_independent(first, alone)
         return
+    _check_buffers_kept(buffers, buffers_after)  # the cause where it shows
     differs = "shape" if first.shape != second.shape else \
         f"largest difference {float((torch.nan_to_num(first) - torch.nan_to_num(second)).abs().max()):.4g}"
     raise EvaluationError(
@@ -152,6 +157,56 @@ def _check_attributes_kept(before: dict[tuple[str, str], Any], after: dict[tuple
 
 
 _MISSING = object()
+
+
+def _same_value(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape, dtype and elements, NaN equal to NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+    return torch.equal(a, b)
+
+
+FAULTY_PASS_BER = 0.25  # act faults in the pass between the two fault-free ones: codes all over their grid
+
+
+def _faulty_pass(qmodel: QuantizedModel, x: Batch) -> None:
+    """One pass over `x` with act faults (a fixed draw at `FAULTY_PASS_BER`): whatever a trial leaves behind (a
+    range, a scale or a statistic the forward keeps) then shows in the fault-free pass after it."""
+    try:
+        targets = qmodel.targets(Site.ACT)
+    except (ValueError, SiteUnreachableError):
+        return
+    pattern = sample_pattern(FaultModel(Site.ACT, FAULTY_PASS_BER), targets, len(x), torch.Generator().manual_seed(0))
+    if pattern:
+        qmodel._forward(x, pattern, 0)
+
+
+def _buffer_values(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every buffer's value, by name."""
+    return {name: buffer.detach().clone() for name, buffer in model.named_buffers(remove_duplicate=False)}
+
+
+def _check_buffers_kept(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    """Refuse a forward that changes a buffer (torch.ao's observers and FakeQuantize modules in a prepared or
+    QAT-prepared model keep updating their ranges and scales in eval mode): every trial would start from the
+    state the previous trials left, faulty values included, so the numbers would depend on the trials' order and
+    on how they are split between workers. Two passes over the same images do not show it where they agree (a
+    running maximum stays put): `check_repeatable` runs a faulty pass between them."""
+    changed = [name for name in sorted(before.keys() | after.keys())
+               if name not in before or name not in after or not _same_value(before[name], after[name])]
+    if not changed:
+        return
+    shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    observed = any(part in name for name in changed for part in ("activation_post_process", "fake_quant"))
+    raise EvaluationError(
+        f"the model's forward writes {len(changed)} buffer(s) at every call ({shown}): every trial would start from "
+        "the state the previous trials (and their faults) left, so the numbers would depend on the trials' order "
+        "and split. Keep such state out of the eval-mode forward" + (
+            "; a model prepared by torch.ao (prepare, prepare_qat) updates its observers at every call: gate the "
+            "converted int8 model (torch.ao.quantization.convert), the float model before prepare, or freeze the "
+            "fake-quantizers: model.apply(torch.ao.quantization.disable_observer)" if observed else ""))
 
 # How far one image's logits computed alone may lie from the same image's in a batch, as a share of the batch's
 # largest logit: float ops between layers may round differently for another batch size, and a downstream layer may

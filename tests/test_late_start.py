@@ -130,9 +130,10 @@ def test_the_pass_that_fills_the_cache_is_the_golden_run(resnet) -> None:  # noq
         late = Campaign(qmodel, x, y, spec, "t", batch_size=64)
     finally:
         handle.remove()
-    # the two passes that show the forward repeatable and one over one image (its logits keep the batch
-    # dimension), one image and two to learn the live shapes, coverage's measuring pass, then each image once
-    assert sum(images_run) == 2 * REPEAT_IMAGES + 1 + (1 + 2) + MEASURED_IMAGES + len(x)
+    # the two passes that show the forward repeatable, a faulty one between them and one over one image (its
+    # logits keep the batch dimension), one image and two to learn the live shapes, coverage's measuring pass, then
+    # each image once
+    assert sum(images_run) == 3 * REPEAT_IMAGES + 1 + (1 + 2) + MEASURED_IMAGES + len(x)
     plain = Campaign(qmodel, x, y, spec, "t", batch_size=64, late_start=False)
     assert torch.equal(late.golden, plain.golden) and torch.equal(late.golden_nonfinite, plain.golden_nonfinite)
     assert late.quantized_accuracy == plain.quantized_accuracy
