@@ -261,6 +261,10 @@ class _MacCounter(TorchDispatchMode):
         self.read: set[int] = set()
         self.readers: dict[int, set[str]] = defaultdict(set)  # storage -> the computing ops that read it
         self.read_within: dict[int, set[str]] = defaultdict(set)  # storage -> the innermost modules reading it
+        # the parameters and buffers a MAC op's operand computed from them stands for (a bilinear weight expanded
+        # and made contiguous), each with the innermost module the op ran in: weights MACs read where that module
+        # is no quantized layer (whose own ops read the codes it computes from them)
+        self.computed_reads: list[tuple[frozenset[int], str | None]] = []
         self.flop_counts: dict[str, dict[Any, int]] = defaultdict(lambda: defaultdict(int))
         self.tracker = ModuleTracker()
         # storages of the root's parameters and buffers and of what is computed from them alone, each with the
@@ -268,6 +272,7 @@ class _MacCounter(TorchDispatchMode):
         # them (storage -> (the product, kept alive so that its storage is not reused, and those sources)), MACs
         # once a sum reduces them
         self.stored: dict[int, frozenset[int]] = {}
+        self.kept: list[torch.Tensor] = []  # what is computed from them, alive: a freed storage's address is reused
         self.products: dict[int, _Product] = {}
         # the images' values minus a stored tensor (storage -> the difference, kept alive, and its sources): a
         # distance's terms once squared
@@ -285,7 +290,7 @@ class _MacCounter(TorchDispatchMode):
         names = {id(module): name for name, module in root.named_modules()} if root is not None else {}
         if root is not None:
             self.stored = {storage: frozenset((storage,)) for storage in
-                           (t.untyped_storage().data_ptr() for t in (*root.parameters(), *root.buffers()))}
+                           (_storage(t) for t in (*root.parameters(), *root.buffers()))}
 
         def enter(module: nn.Module, args: Any) -> None:
             self.running.append(names.get(id(module)))
@@ -309,14 +314,17 @@ class _MacCounter(TorchDispatchMode):
             return NotImplemented
         packet = getattr(func, "_overloadpacket", func)
         name = str(packet).split(".", 1)[-1]
-        storages = {arg.untyped_storage().data_ptr() for arg in pytree.tree_leaves((args, kwargs))
+        storages = {_storage(arg) for arg in pytree.tree_leaves((args, kwargs))
                     if isinstance(arg, torch.Tensor)}
         if _MAC_OP.search(name):  # composite ops too: in inference mode they reach this mode undecomposed
             if packet not in flop_registry and packet not in _EXTRA_FLOPS and not _decomposes(func):
                 self.uncounted.add(str(packet))
             self.read |= storages
+            sources = frozenset().union(*(self.stored[storage] for storage in storages if storage in self.stored))
             if packet in _FOURIER:  # a stored kernel, padded to the transform's length: the kernel is read
-                self.read.update(*(self.stored[storage] for storage in storages if storage in self.stored))
+                self.read |= sources
+            elif sources - storages:
+                self.computed_reads.append((sources, self._innermost()))
         elif not getattr(func, "is_view", False) and not _decomposes(func):
             innermost = self._innermost()
             for storage in storages:
@@ -356,8 +364,8 @@ class _MacCounter(TorchDispatchMode):
         outputs = [value for value in pytree.tree_leaves(out) if isinstance(value, torch.Tensor)]
         if not inputs or not outputs:
             return
-        storages = [arg.untyped_storage().data_ptr() for arg in inputs]
-        result = outputs[0].untyped_storage().data_ptr()
+        storages = [_storage(arg) for arg in inputs]
+        result = _storage(outputs[0])
         if packet in _REDUCTIONS and storages[0] in self.products:
             product = self.products[storages[0]]
             if _sums_over_the_weight(product.weight_index(inputs[0]),
@@ -390,17 +398,18 @@ class _MacCounter(TorchDispatchMode):
             return
         stored = [storage in self.stored for storage in storages]
         if packet in _SCALED_PRODUCTS and len(args) > 2 and all(isinstance(a, torch.Tensor) for a in args[1:3]):
-            factors = [args[1].untyped_storage().data_ptr() in self.stored,
-                       args[2].untyped_storage().data_ptr() in self.stored]
+            factors = [_storage(args[1]) in self.stored,
+                       _storage(args[2]) in self.stored]
             if sum(factors) == 1 and args[1 + factors.index(True)].numel() > 1 and outputs[0].is_floating_point():
                 weight = args[1 + factors.index(True)]
-                self.products[result] = _Product(outputs[0], self.stored[weight.untyped_storage().data_ptr()],
+                self.products[result] = _Product(outputs[0], self.stored[_storage(weight)],
                                                  PRODUCT_SUM, _numbered(outputs[0], _element_numbers(weight)))
                 return
         if all(stored):  # computed from stored tensors alone: stored too (a normalised weight)
             sources = frozenset().union(*(self.stored[storage] for storage in storages))
             for value in outputs:
-                self.stored[value.untyped_storage().data_ptr()] = sources
+                self.stored[_storage(value)] = sources
+                self.kept.append(value)
         elif (len(inputs) == 2 and sum(stored) == 1 and outputs[0].is_floating_point()
               and inputs[stored.index(True)].numel() > 1):  # a scalar's product is a scaling, never a MAC
             sources = self.stored[storages[stored.index(True)]]
@@ -410,6 +419,12 @@ class _MacCounter(TorchDispatchMode):
                                                  _numbered(outputs[0], _element_numbers(inputs[stored.index(True)])))
             elif packet in _DIFFERENCES:
                 self.differences[result] = (outputs[0], sources)
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    """The address of a tensor's storage, by which views of one storage are known as one; a sparse or other
+    non-strided tensor, which has none, is known by itself (its id, negated: never an address)."""
+    return tensor.untyped_storage().data_ptr() if tensor.layout == torch.strided else -id(tensor)
 
 
 class _Product(NamedTuple):
@@ -517,7 +532,7 @@ def _weight_shares(qmodel: QuantizedModel, read: set[int], readers: dict[int, se
     for name, param in qmodel.module.named_parameters():
         if id(param) in coded or id(param) in stood_in or not (param.is_floating_point() or param.is_complex()):
             continue
-        storage = param.untyped_storage().data_ptr()
+        storage = _storage(param)
         if storage in read or storage in per_call:
             float_macs += param.numel()
             uncoded.append({"parameter": name, "elements": param.numel(),
@@ -574,7 +589,8 @@ def measure_coverage(qmodel: QuantizedModel, inputs: Any, layers: tuple[Any, ...
         uncovered.append(entry)
     layer_names = {name for name, module in modules.items() if id(module) in layer_modules}
     per_call = {storage for storage, within in counter.read_within.items() if within & layer_names}
-    weights, uncoded, unfaulted = _weight_shares(qmodel, counter.read, counter.readers, per_call)
+    read = counter.read.union(*(sources for sources, within in counter.computed_reads if within not in layer_names))
+    weights, uncoded, unfaulted = _weight_shares(qmodel, read, counter.readers, per_call)
     selection: dict[str, Any] = {}
     chosen = qmodel.select(layers) if layers is not None else list(qmodel.layers)
     if set(chosen) != set(qmodel.layers):

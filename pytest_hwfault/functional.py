@@ -20,6 +20,8 @@ recognised by their weight, which is a layer's weight.
 
 from __future__ import annotations
 
+import functools
+import math
 import types
 from collections.abc import Container, Iterator
 from contextlib import contextmanager
@@ -42,7 +44,7 @@ _OPS: dict[Any, str] = {
     torch.matmul: "matmul", torch.Tensor.matmul: "matmul", torch.Tensor.__matmul__: "matmul",
     torch.Tensor.__rmatmul__: "rmatmul", torch.bmm: "bmm", torch.Tensor.bmm: "bmm", torch.mm: "mm",
     torch.Tensor.mm: "mm", torch.einsum: "einsum", F.scaled_dot_product_attention: "scaled_dot_product_attention",
-    torch.baddbmm: "baddbmm", torch.Tensor.baddbmm: "baddbmm",
+    torch.baddbmm: "baddbmm", torch.Tensor.baddbmm: "baddbmm", torch.linalg.matmul: "matmul",
 }
 # the same ops as aten overloads, which a graph from torch.export (`ExportedProgram.module()`) calls by name
 _OPS.update({getattr(getattr(torch.ops.aten, name), overload): op for name, overload, op in (
@@ -90,9 +92,54 @@ def _convolution_as_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.
     return (F.conv1d, F.conv2d, F.conv3d)[dims - 1](input, weight, bias, stride, padding, dilation, groups)
 
 
+def _tensordot_as_matmul(a: torch.Tensor, b: torch.Tensor, dims: Any = 2, out: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """torch.tensordot as one matmul: `a`'s free dimensions in order, then the contracted ones merged, times `b`'s
+    contracted dimensions merged by its free ones (`h @ W` itself where W's first dimension is contracted, a Linear
+    where W is stored)."""
+    if isinstance(dims, int):
+        contracted_a, contracted_b = list(range(a.dim() - dims, a.dim())), list(range(dims))
+    elif isinstance(dims, torch.Tensor):
+        contracted_a, contracted_b = [int(d) for d in dims[0]], [int(d) for d in dims[1]]
+    else:
+        contracted_a = [dims[0]] if isinstance(dims[0], int) else list(dims[0])
+        contracted_b = [dims[1]] if isinstance(dims[1], int) else list(dims[1])
+    contracted_a, contracted_b = [d % a.dim() for d in contracted_a], [d % b.dim() for d in contracted_b]
+    free_a = [d for d in range(a.dim()) if d not in contracted_a]
+    free_b = [d for d in range(b.dim()) if d not in contracted_b]
+    inner = math.prod(a.shape[d] for d in contracted_a)
+    left = a if contracted_a == [a.dim() - 1] else \
+        a.permute(*free_a, *contracted_a).reshape(*(a.shape[d] for d in free_a), inner)
+    if b.dim() == 2 and contracted_b == [1]:  # a Linear by b itself: F.linear(h, W) is h @ W.T
+        result = F.linear(left, b)
+        return out.copy_(result) if out is not None else result
+    # W itself where its first dimension is contracted: x @ W, which the modes know as a stored matrix
+    right = b if b.dim() == 2 and contracted_b == [0] else \
+        b.permute(*contracted_b, *free_b).reshape(inner, math.prod(b.shape[d] for d in free_b))
+    result = torch.matmul(left, right).reshape(*(a.shape[d] for d in free_a), *(b.shape[d] for d in free_b))
+    return out.copy_(result) if out is not None else result
+
+
+def _inner_as_matmul(a: torch.Tensor, b: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.inner: a sum over both operands' last dimension (`h @ W.T` for a 2-D W), a scalar's product else."""
+    result = a * b if a.dim() == 0 or b.dim() == 0 else _tensordot_as_matmul(a, b, ([-1], [-1]))
+    return out.copy_(result) if out is not None else result
+
+
+def _chain_as_matmuls(*tensors: Any, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.linalg.multi_dot (a list) and torch.chain_matmul (matrices) as matmuls from the left, each a call the
+    modes see; torch may associate the chain otherwise, which changes only float rounding."""
+    chain = list(tensors[0]) if len(tensors) == 1 and isinstance(tensors[0], (list, tuple)) else list(tensors)
+    result = functools.reduce(torch.matmul, chain)
+    return out.copy_(result) if out is not None else result
+
+
 _COMPOSITES = {F.multi_head_attention_forward: _watched_inside(F.multi_head_attention_forward),
                torch.addmm: _addmm_as_mm, torch.Tensor.addmm: _addmm_as_mm,
-               torch.ops.aten.addmm.default: _addmm_as_mm, torch.ops.aten.convolution.default: _convolution_as_conv}
+               torch.ops.aten.addmm.default: _addmm_as_mm, torch.ops.aten.convolution.default: _convolution_as_conv,
+               torch.tensordot: _tensordot_as_matmul, torch.inner: _inner_as_matmul,
+               torch.Tensor.inner: _inner_as_matmul, torch.linalg.multi_dot: _chain_as_matmuls,
+               torch.chain_matmul: _chain_as_matmuls}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_TRANSPOSE_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _CONVS: dict[str, type[nn.Module]] = {
