@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -421,6 +422,28 @@ class _MacCounter(TorchDispatchMode):
                 self.differences[result] = (outputs[0], sources)
 
 
+# a forward that hands the images' values to numpy (`h.numpy()`, `np.asarray(h)`: a numpy matmul, a scikit-learn
+# head) computes there where no MAC is counted and no fault lands: the coverage is unknown, named so
+LEFT_TORCH = ("the images' values leave torch (numpy, scikit-learn, ...): what is computed there is not counted, and "
+              "no fault lands there")
+_TO_NUMPY: set[Any] = {torch.Tensor.numpy, torch.Tensor.__array__}
+
+
+class _LeavesTorch(TorchFunctionMode):
+    """Notes each module whose forward hands a tensor that is not computed from stored tensors alone to numpy."""
+
+    def __init__(self, counter: _MacCounter) -> None:
+        super().__init__()
+        self.counter = counter
+        self.where: set[str] = set()
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in _TO_NUMPY and args and isinstance(args[0], torch.Tensor) and \
+                _storage(args[0]) not in self.counter.stored:
+            self.where.add(self.counter._innermost() or "")
+        return func(*args, **(kwargs or {}))
+
+
 def _storage(tensor: torch.Tensor) -> int:
     """The address of a tensor's storage, by which views of one storage are known as one; a sparse or other
     non-strided tensor, which has none, is known by itself (its id, negated: never an address)."""
@@ -559,12 +582,16 @@ def measure_coverage(qmodel: QuantizedModel, inputs: Any, layers: tuple[Any, ...
     # oneDNN's fused RNN kernels have no flop formula; the reference kernels do, and compute the same MACs
     mkldnn = torch._C._get_mkldnn_enabled()
     torch._C._set_mkldnn_enabled(False)
+    leaves = _LeavesTorch(counter)
     try:
-        with counter.counting(root):
+        with counter.counting(root), leaves:
             args, kwargs = as_args(x.to(qmodel.device))
             qmodel.run_graph(root, args, {}, kwargs)
     finally:
         torch._C._set_mkldnn_enabled(mkldnn)
+    for where in sorted(leaves.where):
+        module = where[len("model."):] if where.startswith("model.") else ("" if where == "model" else where)
+        counter.uncounted.add(f"Tensor.numpy in {module or '<model>'}: {LEFT_TORCH}")
     own = {name: dict(ops) for name, ops in counter.own_counts.items()}
     modules = dict(root.named_modules())
     layer_modules = {id(layer.module) for layer in qmodel.layers.values()}

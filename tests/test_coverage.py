@@ -768,3 +768,45 @@ def test_a_sparse_operand_makes_the_coverage_unknown_not_a_crash() -> None:
     coverage = measure_coverage(quantize(model.eval(), x), x)
     assert coverage.uncounted == ["aten._sparse_addmm"] and not coverage.complete
     assert coverage.uncoded == [{"parameter": "w", "elements": 320, "how": "read by MACs in float"}]
+
+
+class NumpyHead(nn.Module):
+    """A quantized stem, then a head outside torch: a numpy matmul by a stored array, or a scikit-learn model."""
+
+    def __init__(self, sklearn: bool) -> None:
+        super().__init__()
+        import numpy as np
+
+        self.stem, self.sklearn = nn.Linear(16, 32), sklearn
+        generator = np.random.default_rng(0)
+        self.w = generator.standard_normal((32, 10)).astype(np.float32)
+        if sklearn:
+            from sklearn.linear_model import LogisticRegression
+
+            self.classifier = LogisticRegression().fit(generator.standard_normal((60, 32)), np.arange(60) % 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        h = torch.relu(self.stem(x))
+        if self.sklearn:
+            return torch.as_tensor(self.classifier.decision_function(np.asarray(h)), dtype=torch.float32)
+        return torch.from_numpy(h.detach().numpy() @ self.w)
+
+
+@pytest.mark.parametrize("sklearn", [False, True], ids=["numpy-matmul", "scikit-learn"])
+def test_a_forward_that_computes_outside_torch_has_an_unknown_coverage(sklearn: bool) -> None:
+    """A head computed in numpy (`h.numpy() @ W`) or by a scikit-learn model on the features (`np.asarray(h)`)
+    reported 100% reach: its MACs (38% of the probe's) never reached the MAC counter, and a min_coverage=1 gate
+    passed with them in float, out of every fault's reach. The images' values handed to numpy now make the coverage
+    unknown, named, which only min_coverage=0 accepts."""
+    from pytest_hwfault.coverage import LEFT_TORCH, require_coverage
+
+    with seeded(19):
+        model, x = NumpyHead(sklearn).eval(), torch.randn(8, 16)
+    qmodel = quantize(model, x)
+    coverage = measure_coverage(qmodel, x)
+    assert coverage.uncounted == [f"Tensor.numpy in <model>: {LEFT_TORCH}"] and not coverage.complete
+    with pytest.raises(EvaluationError, match="coverage unknown.*leave torch"):
+        require_coverage(qmodel, x, 1.0, "act")
+    assert require_coverage(qmodel, x, 0.0, "act") == coverage
