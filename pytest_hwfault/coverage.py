@@ -266,6 +266,9 @@ class _MacCounter(TorchDispatchMode):
         # and made contiguous), each with the innermost module the op ran in: weights MACs read where that module
         # is no quantized layer (whose own ops read the codes it computes from them)
         self.computed_reads: list[tuple[frozenset[int], str | None]] = []
+        # ops of other libraries (custom kernels) on the images' values, with the innermost module they ran in:
+        # whatever they compute inside is out of this mode's sight
+        self.foreign: set[tuple[str, str | None]] = set()
         self.flop_counts: dict[str, dict[Any, int]] = defaultdict(lambda: defaultdict(int))
         self.tracker = ModuleTracker()
         # storages of the root's parameters and buffers and of what is computed from them alone, each with the
@@ -328,6 +331,8 @@ class _MacCounter(TorchDispatchMode):
                 self.computed_reads.append((sources, self._innermost()))
         elif not getattr(func, "is_view", False) and not _decomposes(func):
             innermost = self._innermost()
+            if str(packet).split(".", 1)[0] not in _TORCH_NAMESPACES and storages - self.stored.keys():
+                self.foreign.add((str(packet), innermost))
             for storage in storages:
                 self.readers[storage].add(str(packet))
                 if innermost is not None:
@@ -427,6 +432,13 @@ class _MacCounter(TorchDispatchMode):
 LEFT_TORCH = ("the images' values leave torch (numpy, scikit-learn, ...): what is computed there is not counted, and "
               "no fault lands there")
 _TO_NUMPY: set[Any] = {torch.Tensor.numpy, torch.Tensor.__array__}
+# the operator namespaces of torch and of the int8 kernels the engine and the deployed readers run; an op of any
+# other (a library's custom kernel: `torch.library.custom_op`, a C++ extension) may multiply-accumulate inside,
+# where this mode sees nothing: run outside a quantized layer on the images' values, it makes the coverage unknown
+_TORCH_NAMESPACES = {"aten", "prim", "prims", "quantized", "_quantized", "onednn", "mkldnn", "quantized_decomposed",
+                     "torchao", "profiler"}
+FOREIGN_OP = ("an op of another library (a custom kernel) on the images' values: what it computes inside is not "
+              "counted, and no fault lands there")
 
 
 class _LeavesTorch(TorchFunctionMode):
@@ -589,9 +601,6 @@ def measure_coverage(qmodel: QuantizedModel, inputs: Any, layers: tuple[Any, ...
             qmodel.run_graph(root, args, {}, kwargs)
     finally:
         torch._C._set_mkldnn_enabled(mkldnn)
-    for where in sorted(leaves.where):
-        module = where[len("model."):] if where.startswith("model.") else ("" if where == "model" else where)
-        counter.uncounted.add(f"Tensor.numpy in {module or '<model>'}: {LEFT_TORCH}")
     own = {name: dict(ops) for name, ops in counter.own_counts.items()}
     modules = dict(root.named_modules())
     layer_modules = {id(layer.module) for layer in qmodel.layers.values()}
@@ -615,6 +624,11 @@ def measure_coverage(qmodel: QuantizedModel, inputs: Any, layers: tuple[Any, ...
             entry["why"] = sorted(set(why))
         uncovered.append(entry)
     layer_names = {name for name, module in modules.items() if id(module) in layer_modules}
+    for where in sorted(leaves.where):
+        counter.uncounted.add(f"Tensor.numpy in {_user_name(where)}: {LEFT_TORCH}")
+    for op, where in sorted(counter.foreign, key=str):
+        if where not in layer_names:
+            counter.uncounted.add(f"{op} in {_user_name(where)}: {FOREIGN_OP}")
     per_call = {storage for storage, within in counter.read_within.items() if within & layer_names}
     read = counter.read.union(*(sources for sources, within in counter.computed_reads if within not in layer_names))
     weights, uncoded, unfaulted = _weight_shares(qmodel, read, counter.readers, per_call)
@@ -632,6 +646,12 @@ def measure_coverage(qmodel: QuantizedModel, inputs: Any, layers: tuple[Any, ...
                     total_macs=total // 2 // max(1, len(x)), uncovered=uncovered, uncounted=sorted(counter.uncounted),
                     unfaulted_parameters=sum(row["elements"] for row in unfaulted), unfaulted=unfaulted,
                     uncoded=uncoded, selection=selection)
+
+
+def _user_name(where: str | None) -> str:
+    """A module's name in the user's model, from its name under the measuring root."""
+    where = where or ""
+    return (where[len("model."):] if where.startswith("model.") else ("" if where == "model" else where)) or "<model>"
 
 
 def _coded_elements(qmodel: QuantizedModel) -> int:

@@ -201,12 +201,17 @@ def private_copy(model: nn.Module) -> nn.Module:
     """`copy.deepcopy(model)`, also of a model holding a tensor computed from its parameters as a plain attribute
     (a pruned layer's `weight`, `weight_orig * weight_mask`; the hook-based `torch.nn.utils.weight_norm`'s), which
     deepcopy refuses (not a graph leaf): each is copied detached. The forward pre-hook that computes it is copied
-    with the model and computes it again from the copy's own parameters."""
+    with the model and computes it again from the copy's own parameters. A custom op kept as an attribute
+    (`torch.library.custom_op`'s, which deepcopy cannot pickle) is shared, as a function is."""
+    from torch._library.custom_ops import CustomOpDef
+
     memo: dict[int, Any] = {}
     for module in model.modules():
         for value in vars(module).values():
             if isinstance(value, torch.Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
+            elif isinstance(value, CustomOpDef):  # a library's op kept as an attribute: shared, as a function is
+                memo[id(value)] = value
     return copy.deepcopy(model, memo)
 
 

@@ -810,3 +810,21 @@ def test_a_forward_that_computes_outside_torch_has_an_unknown_coverage(sklearn: 
     with pytest.raises(EvaluationError, match="coverage unknown.*leave torch"):
         require_coverage(qmodel, x, 1.0, "act")
     assert require_coverage(qmodel, x, 0.0, "act") == coverage
+
+
+def test_an_op_of_another_library_on_the_images_values_makes_the_coverage_unknown() -> None:
+    """A head run as a library's custom op (`torch.library.custom_op`, as a C++ extension's fused kernel is)
+    reported 100% reach: the matmul inside it never reached the MAC counter (38% of the probe's MACs), and a
+    min_coverage=1 gate passed. An op outside torch's and the int8 kernels' namespaces that reads the images'
+    values outside a quantized layer now makes the coverage unknown, named. Kept as the model's attribute, the op
+    also crashed quantization (deepcopy: "cannot pickle 'torch._C._DispatchModule'"): the private copy shares it."""
+    from pytest_hwfault.coverage import FOREIGN_OP
+
+    @torch.library.custom_op("hwfault_test::fused_head", mutates_args=())
+    def fused_head(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return h @ w
+
+    with seeded(20):
+        model, x = StoredMatrixHead(fused_head), torch.randn(8, 16)  # the op kept as an attribute: shared
+    coverage = measure_coverage(quantize(model.eval(), x), x)
+    assert coverage.uncounted == [f"hwfault_test.fused_head in <model>: {FOREIGN_OP}"] and not coverage.complete
