@@ -201,8 +201,9 @@ def private_copy(model: nn.Module) -> nn.Module:
     """`copy.deepcopy(model)`, also of a model holding a tensor computed from its parameters as a plain attribute
     (a pruned layer's `weight`, `weight_orig * weight_mask`; the hook-based `torch.nn.utils.weight_norm`'s), which
     deepcopy refuses (not a graph leaf): each is copied detached. The forward pre-hook that computes it is copied
-    with the model and computes it again from the copy's own parameters. A custom op kept as an attribute
-    (`torch.library.custom_op`'s, which deepcopy cannot pickle) is shared, as a function is."""
+    with the model and computes it again from the copy's own parameters. A custom op or a TorchScript function
+    kept as an attribute (`torch.library.custom_op`'s, `torch.jit.script`'s: deepcopy cannot pickle them) is
+    shared, as a function is."""
     from torch._library.custom_ops import CustomOpDef
 
     memo: dict[int, Any] = {}
@@ -210,8 +211,8 @@ def private_copy(model: nn.Module) -> nn.Module:
         for value in vars(module).values():
             if isinstance(value, torch.Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
-            elif isinstance(value, CustomOpDef):  # a library's op kept as an attribute: shared, as a function is
-                memo[id(value)] = value
+            elif isinstance(value, (CustomOpDef, torch.jit.ScriptFunction)):  # kept as an attribute: shared, as a
+                memo[id(value)] = value  # function is (deepcopy cannot pickle either)
     return copy.deepcopy(model, memo)
 
 

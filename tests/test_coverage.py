@@ -828,3 +828,21 @@ def test_an_op_of_another_library_on_the_images_values_makes_the_coverage_unknow
         model, x = StoredMatrixHead(fused_head), torch.randn(8, 16)  # the op kept as an attribute: shared
     coverage = measure_coverage(quantize(model.eval(), x), x)
     assert coverage.uncounted == [f"hwfault_test.fused_head in <model>: {FOREIGN_OP}"] and not coverage.complete
+
+
+def _scripted_product(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return h @ w
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_a_torchscript_function_kept_as_an_attribute_runs_in_float_named() -> None:
+    """A `torch.jit.script`ed function kept as the model's attribute crashed quantization (deepcopy: "ScriptFunction
+    cannot be pickled", a bare error). The private copy shares it; TorchScript runs its calls below the modes
+    that make layers, so its matmul stays in float, counted and named, W a weight no fault reaches."""
+    with seeded(21):
+        model, x = StoredMatrixHead(torch.jit.script(_scripted_product)), torch.randn(8, 16)
+    qmodel = quantize(model.eval(), x)
+    coverage = measure_coverage(qmodel, x)
+    assert list(qmodel.layers) == ["stem"] and coverage.uncovered[0]["ops"] == ["aten.mm"]
+    assert coverage.macs == pytest.approx(16 * 32 / (16 * 32 + 32 * 10), rel=1e-9)
+    assert coverage.uncoded == [{"parameter": "w", "elements": 320, "how": "read by MACs in float"}]
