@@ -52,8 +52,17 @@ def _divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _mod(fmod: int) -> Function:
     def mod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if not fmod and not (_integer(a) and _integer(b)):  # onnxruntime refuses it too
+            raise ValueError("Mod with fmod=0 on floating-point inputs is not valid ONNX (fmod=1 is C's fmod)")
         return torch.fmod(a, b) if fmod else torch.remainder(a, b)
     return mod
+
+
+def _power(base: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    """ONNX Pow: the base's type; an integer base to a floating exponent is the C pow in double, cast (truncated)."""
+    if _integer(base) and not _integer(exponent):
+        return torch.pow(base.double(), exponent.double()).to(base.dtype)
+    return torch.pow(base, exponent)
 
 
 def _variadic(op: Function) -> Function:
@@ -66,7 +75,7 @@ def _variadic(op: Function) -> Function:
 
 
 BINARY: dict[str, Function] = {
-    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": _divide, "Pow": torch.pow,
+    "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": _divide, "Pow": _power,
     "Equal": torch.eq, "Less": torch.lt, "Greater": torch.gt, "LessOrEqual": torch.le, "GreaterOrEqual": torch.ge,
     "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
 }
@@ -100,7 +109,7 @@ UNARY: dict[str, Function] = {
     "Sqrt": _sqrt, "Erf": _erf, "Tanh": _tanh, "Sigmoid": torch.sigmoid, "Exp": torch.exp,
     "Log": torch.log, "Neg": torch.neg, "Abs": torch.abs, "Reciprocal": torch.reciprocal, "Floor": torch.floor,
     "Ceil": torch.ceil, "Not": torch.logical_not, "Sin": torch.sin, "Cos": torch.cos, "Softplus": F.softplus,
-    "Relu": torch.relu, "Identity": lambda x: x, "Dropout": lambda x, *_: x,
+    "Relu": torch.relu, "Identity": lambda x: x,
 }
 
 
@@ -166,7 +175,7 @@ def _squeeze(attrs: dict[str, Any], opset: int) -> Function:
         axes = _axes(attrs, opset, 13, axes_input)
         if axes is None:
             return x.squeeze()
-        return x.squeeze(tuple(a % x.dim() for a in axes)) if axes else x
+        return x.squeeze(tuple(a % x.dim() for a in axes)) if axes else x.squeeze()  # empty axes: all ones
     return squeeze
 
 
@@ -284,7 +293,16 @@ def _constant_of_shape(attrs: dict[str, Any], opset: int) -> Function:
 
 def _range(attrs: dict[str, Any], opset: int) -> Function:
     def range_(start: torch.Tensor, limit: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+        if _integer(start):
+            return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+        # onnxruntime's kernel: ceil((limit - start) / delta) values (the difference in the type, the quotient in
+        # double), each the previous one plus delta in the type (torch.arange multiplies, which rounds otherwise)
+        first, step = start.numpy().reshape(()), delta.numpy().reshape(())
+        count = max(math.ceil(float(limit.numpy().reshape(()) - first) / float(step)), 0)
+        steps = np.full(count, step, dtype=first.dtype)
+        if count:
+            steps[0] = first
+        return torch.from_numpy(np.add.accumulate(steps, dtype=first.dtype))
     return range_
 
 
@@ -486,8 +504,31 @@ def _hard_swish(attrs: dict[str, Any], opset: int) -> Function:
 
 
 def _elu(attrs: dict[str, Any], opset: int) -> Function:
-    alpha = float(attrs.get("alpha", 1.0))
-    return lambda x: F.elu(x, alpha)
+    alpha = float(attrs.get("alpha", 1.0))  # onnxruntime's alpha (exp(x) - 1), not torch's expm1
+    return lambda x: torch.where(x < 0, (torch.exp(x) - 1) * torch.tensor(alpha, dtype=x.dtype), x)
+
+
+def _dropout(attrs: dict[str, Any], opset: int) -> Function:
+    """Dropout in inference: the input, and (the node's second output) a mask of ones; in training mode (an input
+    from opset 12) it would draw a random mask, which no gate can reproduce."""
+    outputs = int(attrs.get("_outputs", 1))
+
+    def dropout(x: torch.Tensor, ratio: torch.Tensor | None = None,
+                training_mode: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        if training_mode is not None and bool(training_mode.reshape(-1)[0]):
+            raise ValueError("Dropout in training mode (training_mode true) draws a random mask at every run: export "
+                             "the model in eval mode")
+        return (x,) if outputs == 1 else (x, torch.ones_like(x, dtype=torch.bool))
+    return dropout
+
+
+def _is_inf(attrs: dict[str, Any], opset: int) -> Function:
+    negative, positive = bool(attrs.get("detect_negative", 1)), bool(attrs.get("detect_positive", 1))
+
+    def is_inf(x: torch.Tensor) -> torch.Tensor:
+        none = torch.zeros_like(x, dtype=torch.bool)
+        return (torch.isneginf(x) if negative else none) | (torch.isposinf(x) if positive else none)
+    return is_inf
 
 
 def _prelu(attrs: dict[str, Any], opset: int) -> Function:
@@ -498,34 +539,81 @@ def _text(value: Any, default: str) -> str:
     return (value.decode() if isinstance(value, bytes) else value) if value is not None else default
 
 
+def _resize_scales(x: torch.Tensor, scales: torch.Tensor | None, sizes: torch.Tensor | None
+                   ) -> tuple[list[int], list[float]]:
+    """onnxruntime's output lengths and float32 scales of a Resize over the spatial axes: the lengths given, each
+    scale their float32 ratio; or the scales given, each length int64(float32(length) x scale) in float32 (torch's
+    float64 product floors 10 x 1.3 to 12, onnxruntime's to 13). The batch and channel axes must stay."""
+    f32 = np.float32
+    if sizes is not None and sizes.numel():
+        lengths = _ints(sizes) or []
+        if lengths[:2] != list(x.shape[:2]):
+            raise ValueError(f"Resize to sizes {lengths} changes the batch or channel axes of {list(x.shape)}: only "
+                             "spatial axes are resized")
+        lengths = lengths[2:]
+        return lengths, [float(f32(n) / f32(m)) for n, m in zip(lengths, x.shape[2:])]
+    factors = [float(v) for v in (scales.reshape(-1).tolist() if scales is not None else [])]
+    if factors[:2] != [1.0, 1.0]:
+        raise ValueError(f"Resize by scales {factors} changes the batch or channel axes: only spatial axes are "
+                         "resized")
+    factors = [float(f32(v)) for v in factors[2:]]
+    return [int(f32(m) * f32(f)) for m, f in zip(x.shape[2:], factors)], factors
+
+
+def _nearest_floor(x: torch.Tensor, lengths: list[int], factors: list[float]) -> torch.Tensor:
+    """Resize nearest / asymmetric / floor as onnxruntime indexes it: source index floor(i / scale) in float32,
+    clamped to the input; it only picks values."""
+    for axis, (length, factor) in enumerate(zip(lengths, factors), start=2):
+        index = torch.floor(torch.arange(length, dtype=torch.float32) / torch.tensor(factor, dtype=torch.float32))
+        x = x.index_select(axis, index.clamp_(0, x.shape[axis] - 1).long().to(x.device))
+    return x
+
+
+_LINEAR = {1: torch.ops.aten.upsample_linear1d, 2: torch.ops.aten.upsample_bilinear2d,
+           3: torch.ops.aten.upsample_trilinear3d}
+
+
 def _resize(attrs: dict[str, Any], opset: int) -> Function:
-    """Resize as torch's interpolate computes it, for the modes torch's exporter writes: nearest with asymmetric
-    coordinates and floor rounding (interpolate's "nearest"), linear with pytorch_half_pixel / half_pixel
-    (align_corners=False) or align_corners coordinates, over the spatial dims; others are refused by name."""
+    """Resize in the modes torch's exporter writes: nearest with asymmetric coordinates and floor rounding (indexed
+    as onnxruntime does), linear with pytorch_half_pixel / half_pixel or align_corners coordinates (torch's
+    upsampling kernels on onnxruntime's output lengths and scales), over the spatial axes; others are refused by
+    name."""
+    if opset < 11:
+        raise ValueError(f"Resize of opset {opset} (inputs X and scales; its coordinates onnxruntime's opset-10 rules) "
+                         "is not supported: export with opset 11 or later")
     mode = _text(attrs.get("mode"), "nearest")
     transform = _text(attrs.get("coordinate_transformation_mode"), "half_pixel")
     nearest = _text(attrs.get("nearest_mode"), "round_prefer_floor")
-    if mode == "nearest" and (transform, nearest) == ("asymmetric", "floor"):
-        options: dict[str, Any] = {"mode": "nearest"}
-    elif mode == "linear" and transform in ("pytorch_half_pixel", "half_pixel", "align_corners"):
-        options = {"mode": "linear", "align_corners": transform == "align_corners"}
-    else:
+    if not (mode == "nearest" and (transform, nearest) == ("asymmetric", "floor")) and not (
+            mode == "linear" and transform in ("pytorch_half_pixel", "half_pixel", "align_corners")):
         raise ValueError(f"Resize with mode={mode!r}, coordinate_transformation_mode={transform!r}, "
                          f"nearest_mode={nearest!r} is not supported (torch's interpolate: nearest/asymmetric/floor, "
                          "linear/half_pixel or align_corners)")
     if attrs.get("antialias", 0) or attrs.get("axes") is not None:
         raise ValueError("Resize with antialias or axes is not supported")
+    policy = _text(attrs.get("keep_aspect_ratio_policy"), "stretch")
+    if policy != "stretch":
+        raise ValueError(f"Resize with keep_aspect_ratio_policy={policy!r} is not supported (stretch)")
 
     def resize(x: torch.Tensor, roi: torch.Tensor | None = None, scales: torch.Tensor | None = None,
                sizes: torch.Tensor | None = None) -> torch.Tensor:
-        spatial = x.dim() - 2
-        kind = options["mode"] if options["mode"] == "nearest" else \
-            {1: "linear", 2: "bilinear", 3: "trilinear"}[spatial]
-        extra = {} if kind == "nearest" else {"align_corners": options["align_corners"]}
-        if sizes is not None and sizes.numel():
-            return F.interpolate(x, size=(_ints(sizes) or [])[2:], mode=kind, **extra)
-        factors = [float(v) for v in (scales.reshape(-1).tolist() if scales is not None else [])][2:]
-        return F.interpolate(x, scale_factor=factors, mode=kind, recompute_scale_factor=False, **extra)
+        lengths, factors = _resize_scales(x, scales, sizes)
+        if lengths == list(x.shape[2:]):  # onnxruntime copies the input then, whatever the scales
+            return x
+        if 0 in lengths:  # a scale that rounds a length down to none: an empty output (torch's kernels refuse it)
+            return x.new_empty([*x.shape[:2], *lengths])
+        if mode == "nearest":
+            return _nearest_floor(x, lengths, factors)
+        if transform == "align_corners":  # coordinates from the lengths alone
+            return _LINEAR[len(lengths)](x, lengths, True, *([None] * len(lengths)))
+        # scales given: torch's kernels map coordinates by them, as onnxruntime does; sizes given: by the lengths'
+        # ratio, which torch computes as onnxruntime does
+        per_axis: list[float | None] = list(factors) if sizes is None or not sizes.numel() else [None] * len(lengths)
+        if transform == "pytorch_half_pixel":  # an output length of 1 reads the first input position
+            for axis, length in enumerate(lengths):
+                if length == 1:
+                    x, per_axis[axis] = x.narrow(axis + 2, 0, 1), None
+        return _LINEAR[len(lengths)](x, lengths, False, *per_axis)
     return resize
 
 
@@ -601,8 +689,8 @@ def _cumsum(attrs: dict[str, Any], opset: int) -> Function:
         dim = int(axis.reshape(-1)[0]) % x.dim()
         y = x.flip(dim) if reverse else x
         out = torch.cumsum(y, dim)
-        if exclusive:
-            out = out - y
+        if exclusive and y.shape[dim]:  # the sums of the elements before each: shifted by one, not out - y
+            out = torch.cat([torch.zeros_like(y.narrow(dim, 0, 1)), out.narrow(dim, 0, y.shape[dim] - 1)], dim)
         return out.flip(dim) if reverse else out
     return cumsum
 
@@ -671,15 +759,23 @@ def _gemm(attrs: dict[str, Any], opset: int) -> Function:
 
 
 def _dequantize(attrs: dict[str, Any], opset: int) -> Function:
-    axis = int(attrs.get("axis", 1))
+    """DequantizeLinear: (codes - zero point) x scale in float32, in the scale's type (float16 from opset 19); per
+    tensor, per axis, or in blocks of `block_size` codes along the axis (opset 21)."""
+    axis, block = int(attrs.get("axis", 1)), int(attrs.get("block_size", 0))
+
+    def expanded(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if t.numel() == 1:
+            return t.reshape([])
+        dim = axis % x.dim()
+        if block:
+            return t.repeat_interleave(block, dim).narrow(dim, 0, x.shape[dim])
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        return t.reshape(shape)
 
     def dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None) -> torch.Tensor:
-        shape = [1] * x.dim()
-        if scale.numel() > 1:
-            shape[axis % x.dim()] = -1
-        codes = x.to(torch.int32) if zero_point is None else x.to(torch.int32) - zero_point.to(torch.int32).reshape(
-            shape if zero_point.numel() > 1 else [])
-        return codes.to(torch.float32) * scale.to(torch.float32).reshape(shape if scale.numel() > 1 else [])
+        codes = x.to(torch.int32) if zero_point is None else x.to(torch.int32) - expanded(zero_point, x).to(torch.int32)
+        return (codes.to(torch.float32) * expanded(scale, x).to(torch.float32)).to(scale.dtype)
     return dequantize
 
 
@@ -703,8 +799,10 @@ OPS: dict[str, Callable[[dict[str, Any], int], Function]] = {
     "ConvTranspose": _conv_transpose, "ArgMax": _arg(largest=True), "ArgMin": _arg(largest=False),
     "Trilu": _trilu, "Tile": _tile, "CumSum": _cumsum, "Einsum": _einsum,
     "MatMul": _matmul, "Gemm": _gemm, "DequantizeLinear": _dequantize, "GatherElements": _gather(elements=True),
-    "GatherND": _gather_nd, "IsNaN": _simple(torch.isnan), "IsInf": _simple(torch.isinf),
+    "GatherND": _gather_nd, "IsNaN": _simple(torch.isnan), "IsInf": _is_inf, "Dropout": _dropout,
 }
+# ops whose function returns a tuple, one tensor per output of the node (told their count as attribute `_outputs`)
+MULTIPLE_OUTPUTS = frozenset({"Split", "Dropout"})
 # ops that move or pick values without computing new ones: a value on a quantization grid stays on it
 DATA_MOVEMENT = frozenset({"Identity", "Dropout", "Gather", "GatherElements", "GatherND", "Unsqueeze", "Squeeze",
                            "Reshape", "Transpose", "Slice", "Expand", "Split", "Flatten"})

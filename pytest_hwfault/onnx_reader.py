@@ -629,19 +629,27 @@ class _Grid:
 
 @dataclass
 class _Weight:
-    """A DequantizeLinear of an initializer: codes, per-channel scale and zero point along `axis`."""
+    """A DequantizeLinear of an initializer: codes, per-channel scale and zero point along `axis`; with a
+    `block_size` (opset 21's blocked quantization: a scale per block of `block_size` codes along `axis`, for each
+    index of the other axes) the scale and zero point have the codes' rank."""
 
     codes: np.ndarray
     scale: np.ndarray
     zero_point: np.ndarray
     axis: int
     name: str
+    block_size: int = 0
 
     def values(self) -> np.ndarray:
-        shape = [1] * self.codes.ndim
-        if self.scale.size > 1:
-            shape[self.axis] = -1
-        scale, zero = self.scale.reshape(shape), self.zero_point.reshape(shape)
+        if self.block_size:
+            length = self.codes.shape[self.axis]
+            scale, zero = (np.repeat(t.reshape(t.shape or (1,) * self.codes.ndim), self.block_size, self.axis)
+                           .take(range(length), self.axis) for t in (self.scale, self.zero_point))
+        else:
+            shape = [1] * self.codes.ndim
+            if self.scale.size > 1:
+                shape[self.axis] = -1
+            scale, zero = self.scale.reshape(shape), self.zero_point.reshape(shape)
         return ((self.codes.astype(np.int64) - zero) * scale.astype(np.float32)).astype(np.float32)
 
 
@@ -829,8 +837,11 @@ class _Builder:
         scale = self.const(node.input[1], node)
         if len(node.input) > 2 and node.input[2]:
             zero = self.const(node.input[2], node)
-        else:
-            zero = np.zeros((), dtype=np.uint8)
+        else:  # the codes' type is the output_dtype attribute's (opset 21), uint8 by default
+            import onnx
+
+            zero = np.zeros((), dtype=onnx.helper.tensor_dtype_to_np_dtype(
+                int(_attrs(node).get("output_dtype", 0)) or onnx.TensorProto.UINT8))
         if scale.size != 1 or zero.size != 1:
             raise self.error(node, "activations must be quantized per tensor")
         if zero.dtype not in (np.int8, np.uint8):
@@ -997,8 +1008,14 @@ class _Builder:
         shape arithmetic on constants, a transposed weight), else run by an `OnnxOp` module named after it. A
         value on a quantization grid stays on it through an op that only moves values."""
         attrs = _attrs(node)
-        if node.op_type == "Split":
+        if node.op_type in onnx_float.MULTIPLE_OUTPUTS:
             attrs["_outputs"] = len(node.output)
+        else:  # an optional output the function does not compute (LayerNormalization's Mean and InvStdDev)
+            graph_outputs = {o.name for o in self.graph.output}
+            for i, name in enumerate(node.output[1:], start=1):
+                if name and (self.consumers.get(name) or name in graph_outputs):
+                    raise self.error(node, f"its output {i} ({name!r}) is read, which the reader does not compute "
+                                           "(only the first output of this op)")
         if node.op_type == "MatMul":  # onnxruntime packs a constant B and sums its products otherwise
             attrs["_constant_b"] = len(node.input) > 1 and node.input[1] in self.consts
         try:
@@ -1016,15 +1033,15 @@ class _Builder:
                     result = fn(*args)
                 except Exception as exc:
                     raise self.error(node, f"could not evaluate it on its constant inputs: {exc}") from None
-            for name, value in zip(node.output, result if isinstance(result, tuple) else (result,)):
+            for name, value in zip(node.output, result if isinstance(result, (tuple, list)) else (result,)):
                 if name:
                     self.consts[name] = value.numpy()
             return
         self.float_nodes.append(node)
         op = onnx_float.OnnxOp(node.op_type, fn, [not name for name in node.input])
         out = self.add_module(op, node, index, tuple(self.value(name, node) for name in present))
-        outputs = [out] if len(node.output) == 1 else \
-            [self.fx.call_function(operator.getitem, (out, i)) for i in range(len(node.output))]
+        outputs = [self.fx.call_function(operator.getitem, (out, i)) for i in range(len(node.output))] if \
+            node.op_type in onnx_float.MULTIPLE_OUTPUTS else [out]
         keeps = onnx_float.keeps_grid(node.op_type, attrs)
         if node.op_type == "Pad" and len(node.input) > 2 and node.input[2]:  # the pad value, an input from opset 11
             value = self.consts.get(node.input[2])
@@ -1107,8 +1124,16 @@ class _Builder:
             scale = self.const(node.input[1], node)
             zero = self.const(node.input[2], node) if len(node.input) > 2 and node.input[2] else \
                 np.zeros_like(scale, dtype=codes.dtype)
-            axis = int(_attrs(node).get("axis", 1))
-            weight = _Weight(codes, scale.astype(np.float32), zero, axis % max(codes.ndim, 1), source)
+            attrs = _attrs(node)
+            axis, block_size = int(attrs.get("axis", 1)), int(attrs.get("block_size", 0))
+            if block_size and (scale.ndim != codes.ndim or zero.shape != scale.shape or any(
+                    s != (c if d != axis % codes.ndim else -(-c // block_size))
+                    for d, (s, c) in enumerate(zip(scale.shape, codes.shape)))):
+                raise self.error(node, f"blocked scales of shape {list(scale.shape)} (zero points "
+                                       f"{list(zero.shape)}) for codes of shape {list(codes.shape)}, block_size "
+                                       f"{block_size} along axis {axis}: the codes' shape with ceil(size / block_size) "
+                                       "along the axis expected")
+            weight = _Weight(codes, scale.astype(np.float32), zero, axis % max(codes.ndim, 1), source, block_size)
             self.weights[node.output[0]] = weight
             self.consts[node.output[0]] = weight.values()
             return
@@ -1117,7 +1142,25 @@ class _Builder:
             # float((q - zero point)) x scale, a float op outside the fault sites
             self.float_op(node, index)
             return
+        self.check_pair(node, self.grids[source])
         self.set_quantized(node.output[0], self.value(source, node), self.grids[source])
+
+    def check_pair(self, node: Any, grid: _Grid) -> None:
+        """Refuse a DequantizeLinear whose scale or zero point differ from those of the QuantizeLinear that made its
+        codes: the runtime reads the codes on the DequantizeLinear's grid (its fused kernels take that as their
+        input's), the view keeps values on the QuantizeLinear's."""
+        producer = self.producers.get(node.input[0])
+        if producer is None or producer.op_type != "QuantizeLinear" or producer.name in self.merged_qdq:
+            return  # a merged pair's grid is onnxruntime's rewrite of both (`removed_double_qdq`)
+        scale = self.const(node.input[1], node)
+        zero = self.const(node.input[2], node) if len(node.input) > 2 and node.input[2] else None
+        zero_point = 0 if zero is None or zero.size != 1 else int(zero.reshape(()))
+        if scale.size != 1 or float(scale.reshape(())) != grid.scale or zero_point != grid.zero_point or (
+                zero is not None and (zero.dtype == np.int8) != grid.signed):
+            raise self.error(node, f"reads the codes of QuantizeLinear {producer.name!r} (scale {grid.scale!r}, "
+                                   f"zero point {grid.zero_point}) with scale {scale.reshape(-1)[:4].tolist()} and "
+                                   f"zero point {None if zero is None else zero.reshape(-1)[:4].tolist()}: only a "
+                                   "DequantizeLinear on its QuantizeLinear's own scale and zero point is supported")
 
     def keep_grid(self, node: Any, out: fx.Node) -> None:
         self.values[node.output[0]] = out
@@ -1142,7 +1185,7 @@ class _Builder:
         if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or pads[:len(kernel)] != pads[len(kernel):] \
                 or len(kernel) != 2 or a.get("storage_order", 0) or len(node.output) > 1:
             raise self.error(node, "only 2-d MaxPool with symmetric explicit pads is supported")
-        pool = nn.MaxPool2d(tuple(kernel), tuple(a.get("strides", kernel)), tuple(pads[:2]),
+        pool = nn.MaxPool2d(tuple(kernel), tuple(a.get("strides", [1, 1])), tuple(pads[:2]),  # ONNX's default 1
                             tuple(a.get("dilations", [1, 1])),
                             ceil_mode=bool(a.get("ceil_mode", 0)))
         self.keep_grid(node, self.add_module(pool, node, index, (self.value(node.input[0], node),)))
@@ -1225,8 +1268,10 @@ class _Builder:
         kernel = list(a["kernel_shape"])
         pads = list(a.get("pads", [0] * 2 * len(kernel)))
         strides = list(a.get("strides", [1] * len(kernel)))
-        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or len(kernel) != 2 or a.get("ceil_mode", 0):
-            raise self.error(node, "only 2-d AveragePool with explicit pads and ceil_mode=0 is supported")
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or len(kernel) != 2 or a.get("ceil_mode", 0) \
+                or any(d != 1 for d in a.get("dilations", [1, 1])):
+            raise self.error(node, "only 2-d AveragePool with explicit pads, ceil_mode=0 and no dilations is "
+                                   "supported")
         include_pad = bool(a.get("count_include_pad", 0))
         source = node.input[0]
         x = self.value(source, node)
@@ -1481,14 +1526,13 @@ class _Builder:
         module.requires_grad_(False)
         target = self.output_grid(node.output[0])
         in_grid = self.grids.get(source)
-        if weight is None or in_grid is None or target is None or weight.codes.dtype != np.int8:
-            why = ("its weight is not a dequantized int8 initializer" if weight is None or weight.codes.dtype !=
-                   np.int8 else "its input is not a dequantized activation" if in_grid is None
-                   else "its output is not quantized")
+        why = _not_a_layer(weight, in_grid, target)
+        if why:
             self.notes.append(f"node {node.name!r} ({node.op_type}) runs in float, outside the fault sites: {why}")
             out = self.add_module(module, node, index, (x,))
             self.values[node.output[0]] = out
             return
+        assert weight is not None and in_grid is not None and target is not None
         grid, taken, relu = target
         if bool((weight.zero_point != 0).any()):
             raise self.error(node, "asymmetric weights (non-zero weight zero points) are not supported; quantize "
@@ -1544,6 +1588,21 @@ class _Builder:
             bias_mode=mode, input_signed=in_grid.signed, act_signed=grid.signed, relu=relu)
         self.skip.update(id(n) for n in taken)
         self.set_quantized(taken[-1].output[0], out, grid)
+
+
+def _not_a_layer(weight: _Weight | None, in_grid: _Grid | None, target: Any) -> str:
+    """Why a Conv/Gemm/MatMul is no layer of the engine (which holds int8 codes, one scale per output channel, between
+    quantized activations), or "" where it is one."""
+    if weight is None:
+        return "its weight is not a dequantized int8 initializer"
+    if weight.codes.dtype != np.int8:
+        return f"its weight is not a dequantized int8 initializer ({weight.codes.dtype} codes)"
+    if weight.block_size:
+        return (f"its weight is quantized in blocks ({weight.block_size} codes along axis {weight.axis} share a "
+                "scale), which the engine's layers, with one scale per output channel, do not compute")
+    if in_grid is None:
+        return "its input is not a dequantized activation"
+    return "" if target is not None else "its output is not quantized"
 
 
 def _by_kernel(nodes: list[tuple[str, str]]) -> str:

@@ -792,3 +792,179 @@ def test_a_graph_with_a_fixed_batch_size_is_checked_as_it_runs_or_refused_saying
                                                   r"\(RuntimeError: .*\): the engine runs images in batches\. "
                                                   r"To gate it, export the model with a dynamic batch dimension"):
         quantize(reshaped, calibration)
+
+
+def _two_matmuls(first_weight: onnx.TensorProto, scale: np.ndarray, attributes: dict[str, int]) -> Any:
+    """x (uint8 QDQ) -> MatMul(first_weight, DequantizeLinear with `attributes`) -> QDQ -> MatMul (per-tensor int8
+    weight) -> QDQ: opset 21."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    width = onnx.numpy_helper.to_array(first_weight).shape[1]
+    constants = [first_weight, numpy_helper.from_array(scale, "ws"),
+                 numpy_helper.from_array(rng.integers(-127, 128, size=(width, 4)).astype(np.int8), "W2"),
+                 numpy_helper.from_array(np.array(0.01, np.float32), "w2s"),
+                 numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
+                 numpy_helper.from_array(np.array(0.05, np.float32), "ys"),
+                 numpy_helper.from_array(np.array(128, np.uint8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "z"], ["xq"], name="qx"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "z"], ["xd"], name="dqx"),
+             helper.make_node("DequantizeLinear", ["W", "ws"], ["Wd"], name="dqw", **attributes),
+             helper.make_node("MatMul", ["xd", "Wd"], ["h"], name="first"),
+             helper.make_node("QuantizeLinear", ["h", "ys", "z"], ["hq"], name="qh"),
+             helper.make_node("DequantizeLinear", ["hq", "ys", "z"], ["hd"], name="dqh"),
+             helper.make_node("DequantizeLinear", ["W2", "w2s"], ["W2d"], name="dqw2"),
+             helper.make_node("MatMul", ["hd", "W2d"], ["y0"], name="second"),
+             helper.make_node("QuantizeLinear", ["y0", "ys", "z"], ["yq"], name="qy"),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "z"], ["y"], name="dqy")]
+    inputs = onnx.numpy_helper.to_array(first_weight).shape[0]
+    graph = helper.make_graph(nodes, "blocked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", inputs])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize(("axis", "block"), [(0, 4), (1, 3), (1, 16)])
+def test_blocked_and_int4_weights_run_in_float_as_onnxruntime_computes_them_named(axis: int, block: int) -> None:
+    """Opset 21's blocked quantization (a scale per `block_size` codes along an axis) was read as per-channel scales:
+    a 16x16 weight blocked along its output axis passed as a layer with the wrong scales (2% of outputs equal to
+    onnxruntime's, a DeployedMismatchWarning its only sign), other shapes died in a bare numpy broadcast error. The
+    engine's layers hold one scale per output channel: such a weight is dequantized as onnxruntime does and its
+    MatMul runs in float, named; so is an int4 weight."""
+    rng = np.random.default_rng(1)
+    codes = rng.integers(-127, 128, size=(16, 16)).astype(np.int8)
+    shape = [16, 16]
+    shape[axis] = -(-16 // block)
+    scale = (rng.random(shape) * 0.01 + 0.001).astype(np.float32)
+    blocked = _two_matmuls(onnx.numpy_helper.from_array(codes, "W"), scale, {"axis": axis, "block_size": block})
+    x = torch.from_numpy(rng.standard_normal((32, 16)).astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeployedMismatchWarning)
+        qmodel = quantize(blocked, x)
+    assert list(qmodel.layers) == ["second"]
+    assert f"node 'first' (MatMul) runs in float, outside the fault sites: its weight is quantized in blocks " \
+           f"({block} codes along axis {axis} share a scale)" in " ".join(qmodel.config["deployed_notes"])
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), torch.from_numpy(run_ort(blocked, {"x": x.numpy()})[0]))
+    report = measure_coverage(qmodel, x[:4])
+    assert report.macs == pytest.approx(64 / (16 * 16 + 64)) and report.uncovered[0]["module"] == "first", report
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    int4 = _two_matmuls(onnx.numpy_helper.from_array(rng.integers(-8, 8, size=(16, 16)).astype(ml_dtypes.int4), "W"),
+                        scale[:1].reshape(-1)[:1].reshape(()) if axis == 0 else np.full(16, 0.01, np.float32), {})
+    qmodel = quantize(int4, x)
+    assert "its weight is not a dequantized int8 initializer (int4 codes)" in " ".join(qmodel.config["deployed_notes"])
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), torch.from_numpy(run_ort(int4, {"x": x.numpy()})[0]))
+
+
+def test_blocked_scales_of_the_wrong_shape_are_refused_by_node() -> None:
+    codes = np.ones((16, 16), np.int8)
+    model = _two_matmuls(onnx.numpy_helper.from_array(codes, "W"), np.full((16, 4), 0.01, np.float32),
+                         {"axis": 0, "block_size": 4})
+    with pytest.raises(DeployedFormatError, match=r"onnx: node 'dqw' \(DequantizeLinear\): blocked scales of shape "
+                                                  r"\[16, 4\] .* for codes of shape \[16, 16\], block_size 4 along "
+                                                  r"axis 0"):
+        quantize(model, torch.zeros(4, 16))
+
+
+def test_codes_typed_by_output_dtype_without_a_zero_point_are_signed() -> None:
+    """A QuantizeLinear without a zero point takes its codes' type from `output_dtype` (opset 21): int8 codes were
+    read as uint8, clamping every negative activation to zero (2% of outputs equal to onnxruntime's, 9.75 apart; a
+    DeployedMismatchWarning its only sign)."""
+    rng = np.random.default_rng(2)
+    model = _two_matmuls(onnx.numpy_helper.from_array(rng.integers(-127, 128, size=(16, 8)).astype(np.int8), "W"),
+                         np.array(0.01, np.float32), {})
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[0] not in ("W", "W2"):
+            del node.input[2]
+            if node.op_type == "QuantizeLinear":
+                node.attribute.append(onnx.helper.make_attribute("output_dtype", onnx.TensorProto.INT8))
+    onnx.checker.check_model(model)
+    x = torch.from_numpy(rng.standard_normal((32, 16)).astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeployedMismatchWarning)  # onnxruntime runs such layers in float (named)
+        qmodel = quantize(model, x)
+    assert all(layer.signed_activations and layer.act_zero_point == 0 for layer in qmodel.layers.values())
+    theirs = torch.from_numpy(run_ort(model, {"x": x.numpy()})[0])
+    assert theirs.min() < 0
+    with torch.no_grad():
+        figures = agreement(theirs, qmodel(x), qmodel.layers["second"].act_scale)
+    assert figures["exact"] >= 0.99 and figures["max_codes"] < 1.001, figures
+    uint16 = copy.deepcopy(model)
+    for node in uint16.graph.node:
+        for attribute in node.attribute:
+            if attribute.name == "output_dtype":
+                attribute.i = onnx.TensorProto.UINT16
+    with pytest.raises(DeployedFormatError, match=r"node 'qx' \(QuantizeLinear\): activation codes of type uint16 "
+                                                  r"are not supported \(int8/uint8 only\)"):
+        quantize(uint16, x)
+
+
+def test_a_dequantize_linear_on_another_grid_than_its_quantize_linear_is_refused_by_node() -> None:
+    """A DequantizeLinear reading a QuantizeLinear's codes with another scale: the view kept the QuantizeLinear's
+    values (32% of outputs equal to onnxruntime's, 1.8 apart; a DeployedMismatchWarning its only sign)."""
+    rng = np.random.default_rng(3)
+    model = _two_matmuls(onnx.numpy_helper.from_array(rng.integers(-127, 128, size=(16, 8)).astype(np.int8), "W"),
+                         np.array(0.01, np.float32), {})
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.07, np.float32), "other"))
+    dequantize = next(node for node in model.graph.node if node.name == "dqh")
+    dequantize.input[1] = "other"
+    x = torch.from_numpy(rng.standard_normal((8, 16)).astype(np.float32))
+    with pytest.raises(DeployedFormatError, match=r"onnx: node 'dqh' \(DequantizeLinear\): reads the codes of "
+                                                  r"QuantizeLinear 'qh' \(scale 0.05.*, zero point 128\) with scale "
+                                                  r"\[0.07.*\] and zero point \[128\]: only a DequantizeLinear on "
+                                                  r"its QuantizeLinear's own scale and zero point is supported"):
+        quantize(model, x)
+
+
+def _pooled(pool: str, attributes: dict[str, Any]) -> Any:
+    """x (uint8 QDQ) -> Conv -> QDQ -> `pool` -> QDQ -> Conv -> QDQ, on 1 x 12 x 12 images (opset 19)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    constants = [numpy_helper.from_array(rng.integers(-127, 128, size=(4, 1, 3, 3)).astype(np.int8), "W"),
+                 numpy_helper.from_array(rng.integers(-127, 128, size=(4, 4, 3, 3)).astype(np.int8), "W2"),
+                 numpy_helper.from_array(np.array(0.01, np.float32), "ws"),
+                 numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
+                 numpy_helper.from_array(np.array(0.05, np.float32), "ys"),
+                 numpy_helper.from_array(np.array(128, np.uint8), "z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "z"], ["xq"], name="qx"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "z"], ["xd"], name="dqx"),
+             helper.make_node("DequantizeLinear", ["W", "ws"], ["Wd"], name="dqw"),
+             helper.make_node("Conv", ["xd", "Wd"], ["h"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("QuantizeLinear", ["h", "ys", "z"], ["hq"], name="qh"),
+             helper.make_node("DequantizeLinear", ["hq", "ys", "z"], ["hd"], name="dqh"),
+             helper.make_node(pool, ["hd"], ["p"], name="pool", **attributes),
+             helper.make_node("QuantizeLinear", ["p", "ys", "z"], ["pq"], name="qp"),
+             helper.make_node("DequantizeLinear", ["pq", "ys", "z"], ["pd"], name="dqp"),
+             helper.make_node("DequantizeLinear", ["W2", "ws"], ["W2d"], name="dqw2"),
+             helper.make_node("Conv", ["pd", "W2d"], ["y0"], name="c2"),
+             helper.make_node("QuantizeLinear", ["y0", "ys", "z"], ["yq"], name="qy"),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "z"], ["y"], name="dqy")]
+    graph = helper.make_graph(nodes, "pooled",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 12, 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, "h", "w"])], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_pool_attributes_are_read_as_onnx_defines_them_or_refused() -> None:
+    """ONNX's MaxPool strides default to 1, not to the kernel (PyTorch's default): a MaxPool without strides was
+    read with stride 2 (outputs 4 x 4 where onnxruntime's are 9 x 9, a DeployedMismatchWarning its only sign). An
+    AveragePool's dilations (opset 19) were ignored; onnxruntime's fused kernel has none (its session fails), so
+    the reader refuses them by name."""
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((16, 1, 12, 12)).astype(np.float32))
+    for attributes in ({"kernel_shape": [2, 2]}, {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "dilations": [2, 2]}):
+        model = _pooled("MaxPool", attributes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeployedMismatchWarning)
+            qmodel = quantize(model, x)
+        with torch.no_grad():
+            assert torch.equal(qmodel(x), torch.from_numpy(run_ort(model, {"x": x.numpy()})[0])), attributes
+    with pytest.raises(DeployedFormatError, match=r"node 'pool' \(AveragePool\): only 2-d AveragePool with explicit "
+                                                  r"pads, ceil_mode=0 and no dilations is supported"):
+        quantize(_pooled("AveragePool", {"kernel_shape": [2, 2], "dilations": [2, 2]}), x)
