@@ -794,6 +794,19 @@ def test_a_graph_with_a_fixed_batch_size_is_checked_as_it_runs_or_refused_saying
         quantize(reshaped, calibration)
 
 
+def _qdq(value: str, scale: str, name: str) -> list[Any]:
+    """QuantizeLinear -> DequantizeLinear of activation `value` on (`scale`, zero point "z"): `value`q, `value`d."""
+    return [onnx.helper.make_node("QuantizeLinear", [value, scale, "z"], [f"{value}q"], name=f"q{name}"),
+            onnx.helper.make_node("DequantizeLinear", [f"{value}q", scale, "z"], [f"{value}d"], name=f"dq{name}")]
+
+
+def _grid_constants() -> list[Any]:
+    """Input scale xs, activation scale ys, uint8 zero point z."""
+    return [onnx.numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
+            onnx.numpy_helper.from_array(np.array(0.05, np.float32), "ys"),
+            onnx.numpy_helper.from_array(np.array(128, np.uint8), "z")]
+
+
 def _two_matmuls(first_weight: onnx.TensorProto, scale: np.ndarray, attributes: dict[str, int]) -> Any:
     """x (uint8 QDQ) -> MatMul(first_weight, DequantizeLinear with `attributes`) -> QDQ -> MatMul (per-tensor int8
     weight) -> QDQ: opset 21."""
@@ -803,16 +816,11 @@ def _two_matmuls(first_weight: onnx.TensorProto, scale: np.ndarray, attributes: 
     width = onnx.numpy_helper.to_array(first_weight).shape[1]
     constants = [first_weight, numpy_helper.from_array(scale, "ws"),
                  numpy_helper.from_array(rng.integers(-127, 128, size=(width, 4)).astype(np.int8), "W2"),
-                 numpy_helper.from_array(np.array(0.01, np.float32), "w2s"),
-                 numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
-                 numpy_helper.from_array(np.array(0.05, np.float32), "ys"),
-                 numpy_helper.from_array(np.array(128, np.uint8), "z")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "z"], ["xq"], name="qx"),
-             helper.make_node("DequantizeLinear", ["xq", "xs", "z"], ["xd"], name="dqx"),
+                 numpy_helper.from_array(np.array(0.01, np.float32), "w2s"), *_grid_constants()]
+    nodes = [*_qdq("x", "xs", "x"),
              helper.make_node("DequantizeLinear", ["W", "ws"], ["Wd"], name="dqw", **attributes),
              helper.make_node("MatMul", ["xd", "Wd"], ["h"], name="first"),
-             helper.make_node("QuantizeLinear", ["h", "ys", "z"], ["hq"], name="qh"),
-             helper.make_node("DequantizeLinear", ["hq", "ys", "z"], ["hd"], name="dqh"),
+             *_qdq("h", "ys", "h"),
              helper.make_node("DequantizeLinear", ["W2", "w2s"], ["W2d"], name="dqw2"),
              helper.make_node("MatMul", ["hd", "W2d"], ["y0"], name="second"),
              helper.make_node("QuantizeLinear", ["y0", "ys", "z"], ["yq"], name="qy"),
@@ -926,19 +934,13 @@ def _pooled(pool: str, attributes: dict[str, Any]) -> Any:
     rng = np.random.default_rng(0)
     constants = [numpy_helper.from_array(rng.integers(-127, 128, size=(4, 1, 3, 3)).astype(np.int8), "W"),
                  numpy_helper.from_array(rng.integers(-127, 128, size=(4, 4, 3, 3)).astype(np.int8), "W2"),
-                 numpy_helper.from_array(np.array(0.01, np.float32), "ws"),
-                 numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
-                 numpy_helper.from_array(np.array(0.05, np.float32), "ys"),
-                 numpy_helper.from_array(np.array(128, np.uint8), "z")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "z"], ["xq"], name="qx"),
-             helper.make_node("DequantizeLinear", ["xq", "xs", "z"], ["xd"], name="dqx"),
+                 numpy_helper.from_array(np.array(0.01, np.float32), "ws"), *_grid_constants()]
+    nodes = [*_qdq("x", "xs", "x"),
              helper.make_node("DequantizeLinear", ["W", "ws"], ["Wd"], name="dqw"),
              helper.make_node("Conv", ["xd", "Wd"], ["h"], name="c1", pads=[1, 1, 1, 1]),
-             helper.make_node("QuantizeLinear", ["h", "ys", "z"], ["hq"], name="qh"),
-             helper.make_node("DequantizeLinear", ["hq", "ys", "z"], ["hd"], name="dqh"),
+             *_qdq("h", "ys", "h"),
              helper.make_node(pool, ["hd"], ["p"], name="pool", **attributes),
-             helper.make_node("QuantizeLinear", ["p", "ys", "z"], ["pq"], name="qp"),
-             helper.make_node("DequantizeLinear", ["pq", "ys", "z"], ["pd"], name="dqp"),
+             *_qdq("p", "ys", "p"),
              helper.make_node("DequantizeLinear", ["W2", "ws"], ["W2d"], name="dqw2"),
              helper.make_node("Conv", ["pd", "W2d"], ["y0"], name="c2"),
              helper.make_node("QuantizeLinear", ["y0", "ys", "z"], ["yq"], name="qy"),
