@@ -527,6 +527,13 @@ def quantize(
         deployed_notes[0:0] = notes
         if not notes[0].endswith(COMPILED_EQUAL):
             warnings.warn(f"{source_name}: {notes[0]}", DeployedMismatchWarning, stacklevel=2)
+    elif deployed is not None and deployed.source in AO_STATIC_SOURCES:
+        deployed_notes = config["deployed_notes"]
+        assert isinstance(deployed_notes, list)
+        note = ao_agreement(given, qmodel, first_batch[0][:COMPILED_CHECK_IMAGES])
+        deployed_notes.insert(0, note)
+        if not note.endswith(COMPILED_EQUAL):
+            warnings.warn(f"{source_name}: {note}", DeployedMismatchWarning, stacklevel=2)
     elif deployed is not None and deployed.source == "onnx":
         deployed_notes = config["deployed_notes"]
         assert isinstance(deployed_notes, list)
@@ -653,6 +660,67 @@ def onnx_agreement(run: Any, qmodel: QuantizedModel, images: Any) -> str:
     return (f"{where}: fault-free outputs differ ({_differ(theirs, ours)}): onnxruntime computes part of this model "
             "otherwise than the engine reproduces it (its float ops and any layer it runs in float, named in the "
             "notes, round as torch's float kernels do, not as onnxruntime's)")
+
+
+AO_STATIC_SOURCES = ("torch.ao eager", "torch.ao fx")
+
+
+def _dequantized(output: Any) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+
+    return [t.dequantize() if t.is_quantized else t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+def _first_module_apart(model: nn.Module, qmodel: QuantizedModel, images: Any) -> str:
+    """The first module (in the model's order of calls) whose output in the view differs from the model's own, both
+    run on `images` with forward hooks: the view keeps the model's module names."""
+    outputs: tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]] = ({}, {})
+
+    def keeper(name: str, kept: dict[str, list[torch.Tensor]]) -> Any:
+        def keep(module: nn.Module, args: Any, out: Any) -> None:  # returns None: the output stays
+            kept.setdefault(name, _dequantized(out))
+        return keep
+
+    handles = [module.register_forward_hook(keeper(name, kept)) for kept, root in zip(outputs, (model, qmodel.module))
+               for name, module in root.named_modules() if name]
+    try:
+        with torch.no_grad():
+            call_model(model, images)
+            qmodel(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    theirs, ours = outputs
+    kinds = dict(model.named_modules())
+    for name, out in theirs.items():  # in the order the model called them
+        mine = ours.get(name)
+        if mine is not None and [t.shape for t in mine] == [t.shape for t in out] and not _outputs_agree(out, mine):
+            return f"; the first module whose output differs: {name!r} ({type(kinds[name]).__name__})"
+    return ""
+
+
+def ao_agreement(model: nn.Module, qmodel: QuantizedModel, images: Any) -> str:
+    """The fault-free outputs of the view of a static torch.ao model (eager or FX) against the model's own, torch's
+    quantized kernels under the quantized engine set now, on `images`, in words: equal bit for bit, or how far apart
+    and the first module that computes otherwise (a float module the model runs on quantized tensors, such as a
+    bilinear Upsample, whose quantized kernel rounds where the view computes in float)."""
+    count = len(images)
+    reference = private_copy(model).eval()
+    where = (f"checked against the model (torch's quantized kernels, engine "
+             f"{torch.backends.quantized.engine!r}) on {count} calibration images")
+    with torch.no_grad():
+        try:
+            theirs = _dequantized(call_model(reference, images))
+        except Exception as error:  # noqa: BLE001 - the model's own failure, reported, not raised
+            return (f"could not run the model on {count} calibration images to check the engine against it "
+                    f"({type(error).__name__}): its arithmetic is not known to be the engine's")
+        ours = _dequantized(qmodel(images))
+    if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
+        return f"{where}: its outputs have other shapes than the view's"
+    if _outputs_agree(theirs, ours):
+        return f"{where}: {COMPILED_EQUAL}"
+    return (f"{where}: fault-free outputs differ ({_differ(theirs, ours)}): the model computes part of itself "
+            f"otherwise than the engine reproduces it{_first_module_apart(reference, qmodel, images[:4])}")
 
 
 def compiled_agreement(compiled: Any, qmodel: QuantizedModel, images: Any) -> str:
