@@ -286,26 +286,69 @@ def _batch_second(op: str, named: dict[str, Any], out: torch.Tensor, n: int, par
     return (BatchSecond(inner) if inner is not None else None), weight, reason
 
 
-def _linear_einsum(equation: str, operands: Any, parameters: Container[int]) -> int | None:
-    """For an einsum that is a linear map of its first operand's last dimension by a 2-D stored second operand
-    ("bld,dk->blk", "...d,kd->...k"): 1 where that operand is [in, out] (x @ W), 0 where it is [out, in]
-    (F.linear's layout); None for any other einsum."""
-    x, weight = operands
-    if not (isinstance(weight, torch.Tensor) and id(weight) in parameters and weight.dim() == 2
-            and isinstance(x, torch.Tensor)):
+def _holds_w(named: dict[str, Any], parameters: Container[int]) -> bool:
+    """Whether an einsum linear map holds its stored matrix as it is ([out, in], F.linear's layout)."""
+    plan = _einsum_linear(str(named["equation"]), named["operands"], parameters)
+    return plan is not None and plan.holds_w
+
+
+@dataclass(frozen=True)
+class _EinsumLinear:
+    """An einsum that is a linear map of one operand (`activation`, 0 or 1) by a 2-D stored other operand: the
+    activation's contracted dimension (`contracted`, counted from its end) moved last, F.linear by the matrix in
+    [out, in] layout (`holds_w`: the stored matrix is that layout as it is), and the result's trailing dimensions
+    put in the equation's order (`order`; None where they are in it)."""
+
+    activation: int
+    contracted: int
+    order: tuple[int, ...] | None
+    holds_w: bool
+
+
+def _einsum_linear(equation: str, operands: Any, parameters: Container[int]) -> _EinsumLinear | None:
+    """The plan of an einsum of one operand and a 2-D stored matrix sharing one contracted letter, the output the
+    operand's other letters and the matrix's other one, the operand's first letter (or a leading ellipsis) first in
+    the output too ("bld,dk->blk", "...d,kd->...k", "ok,nkl->nol", "nkl,ok->nlo"); None for any other einsum."""
+    inputs, arrow, out = equation.replace(" ", "").partition("->")
+    names = inputs.split(",")
+    if not arrow or len(names) != 2 or len(operands) != 2:
         return None
-    inputs, _, out = equation.replace(" ", "").partition("->")
-    first, _, second = inputs.partition(",")
-    if not out or len(second) != 2 or "." in second or not first or first.count(".") not in (0, 3):
-        return None
-    contracted = first[-1]
-    if contracted == "." or contracted not in second or second[0] == second[1]:
-        return None
-    produced = second[1] if second[0] == contracted else second[0]
-    letters = first.replace(".", "")
-    if produced in first or out != first[:-1] + produced or len(set(letters)) != len(letters):
-        return None
-    return 1 if second[0] == contracted else 0
+    for stored in (1, 0):
+        weight, x, letters, w = operands[stored], operands[1 - stored], names[1 - stored], names[stored]
+        if not (isinstance(weight, torch.Tensor) and id(weight) in parameters and weight.dim() == 2
+                and isinstance(x, torch.Tensor) and len(w) == 2 and w[0] != w[1] and "." not in w):
+            continue
+        lead = letters.startswith("...") and out.startswith("...")
+        own, result = (letters[3:], out[3:]) if lead else (letters, out)
+        shared = [c for c in w if c in own]
+        if "." in own + result or len(set(own)) != len(own) or len(shared) != 1 or not own:
+            continue
+        contracted = shared[0]
+        produced = w[1] if w[0] == contracted else w[0]
+        rest = own.replace(contracted, "")
+        if sorted(result) != sorted(rest + produced) or contracted in result or (
+                not lead and (own[0] == contracted or result[0] != own[0])):
+            continue
+        order = tuple((rest + produced).index(c) for c in result)
+        return _EinsumLinear(1 - stored, own.index(contracted) - len(own),
+                             None if order == tuple(range(len(order))) else order, w == produced + contracted)
+    return None
+
+
+class EinsumLinear(nn.Module):
+    """An einsum of a per-image operand and a stored matrix as a Linear (`_einsum_linear`): the contracted
+    dimension moved last, the layer, the result's dimensions in the equation's order."""
+
+    def __init__(self, layer: nn.Linear, plan: _EinsumLinear) -> None:
+        super().__init__()
+        self.layer, self.plan = layer, plan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(x.movedim(self.plan.contracted, -1))
+        if self.plan.order is None:
+            return y
+        lead = y.dim() - len(self.plan.order)
+        return y.permute(*range(lead), *(lead + i for i in self.plan.order)).contiguous()
 
 
 def _per_image(n: int, *tensors: Any, stored: Container[int] = ()) -> bool:
@@ -344,9 +387,9 @@ def _unfolded(module: nn.Module) -> nn.Module:
 
 
 def _layer_of(module: nn.Module) -> nn.Module:
-    """The quantized module inside a call's module (`Folded`, `LeftLinear`, `BaddBmm`, `BatchSecond`, `Interleaved`
-    wrap one)."""
-    while isinstance(module, (Folded, LeftLinear, BaddBmm, BatchSecond, Interleaved)):
+    """The quantized module inside a call's module (`Folded`, `LeftLinear`, `BaddBmm`, `BatchSecond`, `Interleaved`,
+    `EinsumLinear` wrap one)."""
+    while isinstance(module, (Folded, LeftLinear, BaddBmm, BatchSecond, Interleaved, EinsumLinear)):
         module = module.layer
     return module
 
@@ -500,14 +543,16 @@ def _module_for(op: str, named: dict[str, Any], out: Any, n: int, parameters: di
         operands = named["operands"]
         if len(operands) == 2 and _per_image(n, *operands, stored=stored):
             return Einsum(str(named["equation"]).replace(" ", "")), None, None
-        layout = _linear_einsum(str(named["equation"]), operands, parameters) if len(operands) == 2 else None
-        if layout is not None and _per_image(n, operands[0], stored=stored):
-            weight = operands[1]
-            linear = nn.Linear(weight.shape[1 - layout], weight.shape[layout], bias=False)
+        plan = _einsum_linear(str(named["equation"]), operands, parameters)
+        if plan is not None and _per_image(n, operands[plan.activation], stored=stored):
+            weight = operands[1 - plan.activation]
+            linear = nn.Linear(weight.shape[1] if plan.holds_w else weight.shape[0],
+                               weight.shape[0] if plan.holds_w else weight.shape[1], bias=False)
             with torch.no_grad():
-                linear.weight.copy_(weight.T if layout else weight)
-            return linear.to(weight.device), id(weight), None
-        return None, None, "einsum of other than two per-image operands"
+                linear.weight.copy_(weight if plan.holds_w else weight.T)
+            simple = plan.activation == 0 and plan.contracted == -1 and plan.order is None
+            return (linear if simple else EinsumLinear(linear, plan)).to(weight.device), id(weight), None
+        return None, None, "einsum of other than two per-image operands or one and a stored matrix"
     if op == "scaled_dot_product_attention":
         if float(named.get("dropout_p", 0.0)) != 0.0:
             return None, None, "dropout_p > 0"
@@ -571,11 +616,13 @@ def _invoke(call: Call, named: dict[str, Any]) -> Any:
             return module(named["b"] if left else named["a"])
         return module(named["a"], named["b"])
     if op == "einsum":
-        if call.weight is not None:  # a linear map by a stored matrix (`_linear_einsum`)
-            if id(named["operands"][1]) != call.weight:
+        if call.weight is not None:  # a linear map by a stored matrix (`_einsum_linear`)
+            inner = _unfolded(module)
+            activation = inner.plan.activation if isinstance(inner, EinsumLinear) else 0
+            if id(named["operands"][1 - activation]) != call.weight:
                 raise CallOrderError(f"functional call {call.name!r} was made with another weight than when the "
                                    "model was quantized")
-            return module(named["operands"][0])
+            return module(named["operands"][activation])
         return module(*named["operands"])
     if op == "baddbmm":
         added = named.get("input")
@@ -765,8 +812,7 @@ class _Discover(TorchFunctionMode):
             # x @ W holds W^T; W @ x, x @ W.t() and F.linear(x, W) hold W: one layout per key
             orientation = ("left" if isinstance(_unfolded(module), LeftLinear)
                            else op == "linear" or _transpose_of(named.get("b"), self.parameters) is not None
-                           or op == "einsum" and _linear_einsum(str(named["equation"]), named["operands"],
-                                                                self.parameters) == 0)
+                           or op == "einsum" and _holds_w(named, self.parameters))
             first = self.weight_holders.setdefault((weight, type(layer), orientation), layer)
             if first is not layer and first.weight.shape == layer.weight.shape:
                 layer.weight = first.weight  # `quantization` ties their codes (QuantLayer.weight_group)

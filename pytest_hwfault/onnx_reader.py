@@ -1888,6 +1888,13 @@ def load(model: Any) -> Any:
             raise
         except Exception as exc:  # protobuf's DecodeError and kin: the file is no ONNX model
             raise DeployedFormatError(f"onnx: {path!r} is not a readable ONNX model: {exc}") from exc
+    from onnx.external_data_helper import uses_external_data
+
+    unloaded = [t.name for t in model.graph.initializer if uses_external_data(t)]
+    if unloaded:  # the reader and the load check read every initializer's values
+        raise DeployedFormatError(
+            f"onnx: the ModelProto holds {len(unloaded)} initializer(s) as external data it did not load (e.g. "
+            f"{unloaded[0]!r}): pass the model's path, or onnx.load(path) with load_external_data=True")
     return model
 
 

@@ -970,3 +970,18 @@ def test_pool_attributes_are_read_as_onnx_defines_them_or_refused() -> None:
     with pytest.raises(DeployedFormatError, match=r"node 'pool' \(AveragePool\): only 2-d AveragePool with explicit "
                                                   r"pads, ceil_mode=0 and no dilations is supported"):
         quantize(_pooled("AveragePool", {"kernel_shape": [2, 2], "dilations": [2, 2]}), x)
+
+
+def test_a_model_with_external_data_is_read_from_its_path_or_refused_unloaded(qdq, digits, tmp_path) -> None:  # noqa: ANN001
+    """Initializers kept as external data (a large model's usual form): read from the path or a ModelProto that
+    loaded them; a ModelProto loaded without them died in onnx's ValidationError, naming a file, not what to do."""
+    saved = tmp_path / "external.onnx"
+    onnx.save_model(onnx.load(str(qdq["u8"])), str(saved), save_as_external_data=True, location="external.data",
+                    size_threshold=0)
+    x = images(digits.x_test[:16])
+    for given in (saved, onnx.load(str(saved))):
+        assert list(quantize(given, x).layers) == LAYERS
+    with pytest.raises(DeployedFormatError, match=r"onnx: the ModelProto holds \d+ initializer\(s\) as external data "
+                                                  r"it did not load .*: pass the model's path, or onnx.load\(path\) "
+                                                  r"with load_external_data=True"):
+        quantize(onnx.load(str(saved), load_external_data=False), x)
