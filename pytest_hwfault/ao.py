@@ -478,11 +478,25 @@ class AoFunctional(nn.Module):
         return self.requantize(torch.cat(x, dim=dim))
 
 
+class NeverRan(nn.Module):
+    """In the view, a quantized layer of the model that did not run on the calibration data (an auxiliary head
+    the model's eval forward skips): it has no input grid, so no view; should it run, the gate stops saying so."""
+
+    def __init__(self, name: str, source: str) -> None:
+        super().__init__()
+        self.name, self.source = name, source
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise DeployedFormatError(f"{self.source}: layer {self.name!r} ran, but did not run on the calibration data, "
+                                  "so the view holds no reading of it: calibrate on data that runs it")
+
+
 def replace_ao_modules(work: nn.Module, inputs: dict[str, Grid], functional: dict[str, dict[str, list[Grid | None]]],
-                       contiguous: dict[str, bool], source: str, ran: set[str] | None = None
-                       ) -> dict[str, DeployedLayer]:
+                       contiguous: dict[str, bool], source: str, ran: set[str] | None = None,
+                       never_ran: list[str] | None = None) -> dict[str, DeployedLayer]:
     """In place on `work` (a private copy): each ao module becomes its float equivalent with the runtime's
-    re-gridding; returns each conv/linear layer's codes and parameters."""
+    re-gridding; returns each conv/linear layer's codes and parameters. A layer that did not run on the
+    calibration data becomes a `NeverRan` (its name added to `never_ran`)."""
     types = _ao_types()
     found: dict[str, DeployedLayer] = {}
     replaced: list[str] = []
@@ -491,7 +505,12 @@ def replace_ao_modules(work: nn.Module, inputs: dict[str, Grid], functional: dic
             continue
         replacement: nn.Module | None = None
         ao: Any = module  # ao modules' attributes are untyped
-        if isinstance(module, types["dynamic"]):
+        dynamic = isinstance(module, (types["dynamic"], types["dynamic_recurrent"]))
+        if never_ran is not None and (name not in (ran or set()) if dynamic else  # a dynamic Linear is a Linear
+                                      isinstance(module, types["layer"]) and name not in inputs):
+            never_ran.append(name)
+            replacement = NeverRan(name, source)
+        elif isinstance(module, types["dynamic"]):
             replacement, found[f"{name}.linear"] = read_dynamic(module, name, ran or set(), source)
         elif isinstance(module, types["dynamic_recurrent"]):
             replacement, recurrent = read_dynamic_recurrent(module, name, ran or set(), source)
@@ -512,8 +531,8 @@ def replace_ao_modules(work: nn.Module, inputs: dict[str, Grid], functional: dic
         elif isinstance(module, types["quantize"]):
             replacement = Requantize(float(ao.scale), int(ao.zero_point), *_range(ao.dtype == torch.qint8),
                                      divide=False)
-        elif isinstance(module, types["dequantize"]):
-            replacement = nn.Identity()
+        elif isinstance(module, types["dequantize"]) or isinstance(module, torch.ao.nn.quantized.Dropout):
+            replacement = nn.Identity()  # a quantized Dropout is the identity in eval mode
         elif isinstance(module, types["functional"]):
             unsupported = sorted(set(functional.get(name, {})) - set(_SUPPORTED_FUNCTIONAL))
             if unsupported:
@@ -530,9 +549,9 @@ def replace_ao_modules(work: nn.Module, inputs: dict[str, Grid], functional: dic
                 f"{source}: module {name!r} of type {kind} is not supported" + (
                     " (dynamic quantization of this module type)" if dynamic else "") +
                 "; supported: quantized Conv1d/2d/3d, Linear (and their ReLU fusions), dynamic Linear and LinearReLU "
-                "(qint8), Quantize, DeQuantize, QFunctional, and float modules running on quantized tensors (ReLU, "
-                "pooling, reshapes)" + (": quantize_dynamic with {nn.Linear} only, or pass the float model, which "
-                                         "the engine quantizes itself" if dynamic else ""))
+                "(qint8), Quantize, DeQuantize, Dropout, QFunctional, and float modules running on quantized tensors "
+                "(ReLU, pooling, reshapes)" + (": quantize_dynamic with {nn.Linear} only, or pass the float model, "
+                                               "which the engine quantizes itself" if dynamic else ""))
         if replacement is not None:
             replaced.append(name)
             work.set_submodule(name, replacement)
@@ -543,9 +562,18 @@ def read_ao_eager(work: nn.Module, calibration_data: Any, batch_size: int, devic
     """`work`: a private eval-mode copy of a torch.ao eager model, modified in place."""
     work.to(device)
     inputs, functional, contiguous, ran = record_grids(work, calibration_data, batch_size, device)
-    layers = replace_ao_modules(work, inputs, functional, contiguous, "torch.ao eager", ran)
+    never_ran: list[str] = []
+    layers = replace_ao_modules(work, inputs, functional, contiguous, "torch.ao eager", ran, never_ran)
+    if not layers:
+        raise DeployedFormatError(f"torch.ao eager: no quantized layer ran on the calibration data (of "
+                                  f"{len(never_ran)}: {', '.join(map(repr, never_ran[:3]))})")
     notes = ["the float baseline is the float function of the int8 model (dequantized weights, unquantized "
              "activations), not the float model it was converted from"]
+    if never_ran:
+        notes.append(f"{len(never_ran)} quantized layer(s) did not run on the calibration data "
+                     f"({', '.join(map(repr, never_ran[:3]))}{', ...' if len(never_ran) > 3 else ''}): the eval "
+                     "forward skips them (an auxiliary head), so the gate does not test them; should one run, the "
+                     "gate stops with an error")
     dynamic = sorted(name.rpartition(".")[0] for name, layer in layers.items() if layer.raw_output)
     if dynamic:
         notes.append(

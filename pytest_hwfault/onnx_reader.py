@@ -1517,7 +1517,13 @@ class _Builder:
         bias_weight = self.weights.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         bias = None
         if len(node.input) > 2 and node.input[2]:
-            bias = self.const(node.input[2], node).astype(np.float32).reshape(-1)
+            given = self.const(node.input[2], node)
+            outputs = int(np.shape(w)[0])  # the weight as the layer holds it, [out, in, ...]
+            if any(size != 1 for size in given.shape[:-1]) or given.size not in (1, outputs):
+                raise self.error(node, f"a bias of shape {list(given.shape)} (not one value per output, or one for "
+                                       f"all: a Gemm's C broadcast over its rows): only a bias of shape [{outputs}] "
+                                       "or [1] is supported")
+            bias = given.astype(np.float32).reshape(-1)
         assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
         with torch.no_grad():
             module.weight.copy_(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)))

@@ -695,7 +695,8 @@ def _first_module_apart(model: nn.Module, qmodel: QuantizedModel, images: Any) -
     for name, out in theirs.items():  # in the order the model called them
         mine = ours.get(name)
         if mine is not None and [t.shape for t in mine] == [t.shape for t in out] and not _outputs_agree(out, mine):
-            return f"; the first module whose output differs: {name!r} ({type(kinds[name]).__name__})"
+            return (f"; the first module whose output differs: {name!r} ({type(kinds[name]).__name__}), or an op the "
+                    "model calls on its input")
     return ""
 
 

@@ -12,6 +12,7 @@ from deployed_models import ResNetStyle, agreement, ao_under_faults, images, to_
 from torch import nn
 
 from pytest_hwfault import FaultModel, FaultPattern, accuracy, quantize
+from pytest_hwfault.deployed import DeployedFormatError
 from pytest_hwfault.faults import sample_pattern
 from pytest_hwfault.quantization import DeployedMismatchWarning, state_checksum
 from pytest_hwfault.spec import Site
@@ -234,6 +235,51 @@ def test_the_view_is_checked_against_the_model_at_load_naming_the_module_that_co
             assert torch.equal(_run(converted, x), qmodel(x))
         else:
             assert "fault-free outputs differ" in note and note.endswith(
-                "the first module whose output differs: 'up' (Upsample)"), note
+                "the first module whose output differs: 'up' (Upsample), or an op the model calls on its input"), note
             assert mismatches == [f"_Upsampled (torch.ao eager): {note}"]
             assert not torch.equal(_run(converted, x), qmodel(x))
+
+
+class _AuxiliaryHead(nn.Module):
+    """An auxiliary classifier the eval forward skips (GoogLeNet's, Inception's): quantized, never run; and a
+    Dropout, which convert makes a quantized Dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv, self.aux, self.fc = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 2, 3), nn.Linear(144, 10)
+        self.drop = nn.Dropout(0.3)
+        self.use_aux = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.conv(self.quant(x)))
+        if self.use_aux:
+            h = self.aux(h)
+        return self.dequant(self.fc(h.flatten(1)))
+
+
+def test_a_quantized_layer_the_forward_never_runs_is_named_not_refused(digits) -> None:  # noqa: ANN001
+    """A converted model with an auxiliary head its eval forward skips was refused ("layer 'aux' did not run on the
+    calibration data"), and a quantized Dropout too (torchvision's quantizable GoogLeNet has both). It is gated on
+    what runs, the notes naming the layer left out; should it run, the view stops with an error saying so instead of
+    computing without it."""
+    x = images(digits.x_train[:64])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _AuxiliaryHead().eval()
+    model.qconfig = tq.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = tq.prepare(model)
+        prepared(x)
+        converted = tq.convert(prepared)
+    assert isinstance(converted.drop, torch.ao.nn.quantized.Dropout)
+    qmodel = quantize(converted, x)
+    assert list(qmodel.layers) == ["conv", "fc"]
+    assert torch.equal(_run(converted, x), qmodel(x))
+    assert any(note.startswith("1 quantized layer(s) did not run on the calibration data ('aux')")
+               for note in qmodel.config["deployed_notes"])
+    qmodel.module.use_aux = True
+    with pytest.raises(DeployedFormatError, match=r"torch.ao eager: layer 'aux' ran, but did not run on the "
+                                                  r"calibration data"):
+        qmodel(x)

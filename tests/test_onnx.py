@@ -985,3 +985,26 @@ def test_a_model_with_external_data_is_read_from_its_path_or_refused_unloaded(qd
                                                   r"it did not load .*: pass the model's path, or onnx.load\(path\) "
                                                   r"with load_external_data=True"):
         quantize(onnx.load(str(saved), load_external_data=False), x)
+
+
+def test_a_gemm_bias_per_row_is_refused_by_node() -> None:
+    """A Gemm's C broadcast over its rows ([M, N] or [M, 1]) is no bias per output: it died in a bare RuntimeError
+    ("The size of tensor a (8) must match the size of tensor b (256)")."""
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.standard_normal((4, 16)).astype(np.float32))
+    for shape, refused in (((8,), False), ((1, 8), False), ((1,), False), ((4, 8), True), ((4, 1), True)):
+        model = _two_matmuls(onnx.numpy_helper.from_array(rng.integers(-127, 128, size=(16, 8)).astype(np.int8),
+                                                          "W"), np.array(0.01, np.float32), {})
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.full(shape, 0.1, np.float32), "C"))
+        first = next(node for node in model.graph.node if node.name == "first")
+        first.op_type = "Gemm"
+        first.input.append("C")
+        if refused:
+            with pytest.raises(DeployedFormatError, match=rf"onnx: node 'first' \(Gemm\): a bias of shape "
+                                                          rf"\[{', '.join(map(str, shape))}\] \(not one value per "
+                                                          r"output.*only a bias of shape \[8\] or \[1\] is supported"):
+                quantize(model, x)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeployedMismatchWarning)  # a float bias: onnxruntime's float Gemm
+                assert list(quantize(model, x).layers) == ["first", "second"]
