@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -196,6 +197,19 @@ def test_ao_resnet_style_activation_fault_is_the_runtimes(ao_resnet, ao_resnet_q
     assert torch.equal(ao_resnet_q(x, pattern), runtime)
 
 
+def _converted(make: Any, x: torch.Tensor) -> nn.Module:
+    """The model `make()` builds (seeded), converted by torch.ao eager with the x86 qconfig, calibrated on `x`."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = make().eval()
+    model.qconfig = tq.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = tq.prepare(model)
+        prepared(x)
+        return tq.convert(prepared)
+
+
 class _Upsampled(nn.Module):
     def __init__(self, mode: str) -> None:
         super().__init__()
@@ -214,15 +228,7 @@ def test_the_view_is_checked_against_the_model_at_load_naming_the_module_that_co
     difference is a DeployedMismatchWarning naming the first module whose output differs."""
     x = images(digits.x_train[:64])
     for mode, equal in (("nearest", True), ("bilinear", False)):
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = _Upsampled(mode).eval()
-        model.qconfig = tq.get_default_qconfig("x86")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            prepared = tq.prepare(model)
-            prepared(x)
-            converted = tq.convert(prepared)
+        converted = _converted(lambda: _Upsampled(mode), x)  # noqa: B023 - called at once
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             qmodel = quantize(converted, x)
@@ -264,15 +270,7 @@ def test_a_quantized_layer_the_forward_never_runs_is_named_not_refused(digits) -
     what runs, the notes naming the layer left out; should it run, the view stops with an error saying so instead of
     computing without it."""
     x = images(digits.x_train[:64])
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = _AuxiliaryHead().eval()
-    model.qconfig = tq.get_default_qconfig("x86")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = tq.prepare(model)
-        prepared(x)
-        converted = tq.convert(prepared)
+    converted = _converted(_AuxiliaryHead, x)
     assert isinstance(converted.drop, torch.ao.nn.quantized.Dropout)
     qmodel = quantize(converted, x)
     assert list(qmodel.layers) == ["conv", "fc"]
