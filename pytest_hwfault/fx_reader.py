@@ -134,10 +134,11 @@ _POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool
 # ops that keep a quantized tensor on its grid (checked: their output has their input's grid)
 _KEEP_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
                  nn.AdaptiveMaxPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-                 nn.Dropout3d)
+                 nn.Dropout3d, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
 _KEEP_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
                    torch.relu, F.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
                    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, torch.chunk, torch.split,
+                   F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, torch.pixel_unshuffle,
                    operator.getitem, getattr, torch.nn.functional.max_pool2d_with_indices}
 _KEEP_METHODS = {"relu", "relu_", "flatten", "reshape", "view", "permute", "transpose", "contiguous", "squeeze",
                  "unsqueeze", "size", "dim", "chunk", "split", "max_pool2d"}
@@ -152,8 +153,8 @@ def _regridding_ops() -> dict[Any, tuple[Any, bool]]:
 
 
 SUPPORTED = ("quantize_per_tensor, dequantize, quantized Conv1d/2d/3d and Linear modules (and their ReLU fusions), "
-             "torch.ops.quantized add/add_relu/mul/mul_relu/cat, average pooling, and ReLU, max pooling, reshapes "
-             "and identities running on quantized tensors")
+             "torch.ops.quantized add/add_relu/mul/mul_relu/cat, average pooling, and ReLU, max pooling, reshapes, "
+             "pixel and channel shuffles and identities running on quantized tensors")
 
 
 def _unsupported(node: torch.fx.Node, why: str) -> DeployedFormatError:

@@ -31,7 +31,7 @@ from pytest_hwfault.ao import (
 from pytest_hwfault.cifar_resnet import recalibrate_bn
 from pytest_hwfault.deployed import CodeAvgPool, DeployedFormatError, Requantize
 from pytest_hwfault.faults import sample_pattern
-from pytest_hwfault.quantization import state_checksum
+from pytest_hwfault.quantization import DeployedMismatchWarning, state_checksum
 from pytest_hwfault.spec import Site
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -343,3 +343,32 @@ def test_fx_unsupported_quantized_op_is_a_clear_error(digits) -> None:  # noqa: 
     with pytest.raises(DeployedFormatError, match=r"torch\.ao fx: node 'act' .*Hardswish.* runs on a quantized "
                                                   r"tensor; supported: quantize_per_tensor"):
         quantize(fx, images(digits.x_train[:64]))
+
+
+class _Shuffled(nn.Module):
+    """Sub-pixel and channel shuffles between quantized convolutions (super-resolution and ShuffleNet blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.up, self.down = nn.Conv2d(1, 8, 3, padding=1), nn.PixelShuffle(2), nn.PixelUnshuffle(2)
+        self.shuffle, self.conv2 = nn.ChannelShuffle(2), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.shuffle(self.down(self.up(self.conv(x))))
+        return self.conv2(F.pixel_unshuffle(F.pixel_shuffle(h, 2), 2))
+
+
+def test_pixel_and_channel_shuffles_keep_the_codes(digits) -> None:  # noqa: ANN001
+    """PixelShuffle, PixelUnshuffle and ChannelShuffle move codes without computing: an FX model running them on
+    quantized tensors was refused ("runs on a quantized tensor"). They keep the grid, bit for bit."""
+    x = images(digits.x_train[:64])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _Shuffled().eval()
+    converted = to_ao_fx(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeployedMismatchWarning)
+        qmodel = quantize(converted, x)
+    assert list(qmodel.layers) == ["conv", "conv2"]
+    with torch.no_grad():
+        assert torch.equal(converted(x), qmodel(x))
