@@ -14,6 +14,9 @@ Measured against torch's own quantized kernels (x86 engine), and reproduced here
   scale and zero point (`deployed.Requantize`);
 - average pooling on a quantized tensor: the mean of integer codes rounded half to even onto the input's grid
   (`deployed.CodeAvgPool`); ReLU, max pooling and reshapes keep values on their grid and run as they are;
+- an activation module torch runs code by code on a quantized tensor (quantized Hardswish, ELU, LeakyReLU,
+  Sigmoid, ReLU6; float ReLU6, Hardtanh, Sigmoid, Tanh, Hardsigmoid, ... on quantized input): a `CodeTable`, the
+  output code of every input code measured from the kernel itself (`measured_table`);
 - `QuantStub` re-grids its float input (`Requantize`), `DeQuantStub` passes values through;
 - dynamic quantization (`quantize_dynamic`: `nn.quantized.dynamic.Linear`, `LinearReLU`), as fbgemm computes it
   (`DynamicLinear`): each call quantizes its float input on the input's own range (ATen's
@@ -28,14 +31,23 @@ Measured against torch's own quantized kernels (x86 engine), and reproduced here
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .data import call_model, iter_batches
-from .deployed import BiasMode, CodeAvgPool, Deployed, DeployedFormatError, DeployedLayer, Requantize, Scaling
+from .deployed import (
+    BiasMode,
+    CodeAvgPool,
+    CodeTable,
+    Deployed,
+    DeployedFormatError,
+    DeployedLayer,
+    Requantize,
+    Scaling,
+)
 from .onednn import fused_multiply_add
 
 _AVERAGING = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -216,6 +228,55 @@ def _range(signed: bool) -> tuple[int, int]:
 Grid = tuple[float, int, bool]  # scale, zero point, signed (qint8) codes
 
 
+# -- elementwise ops on quantized tensors: a table of the runtime's output code for every input code -------------
+def float_elementwise(module: nn.Module) -> nn.Module | None:
+    """The float op of a module that torch runs on a quantized tensor code by code (its output code a function of
+    the input code alone): a quantized activation module's float twin, a float activation module itself; None for
+    any other module."""
+    import torch.ao.nn.quantized as nnq
+
+    ao: Any = module  # ao modules' attributes are untyped
+    twins: dict[type, Any] = {nnq.Hardswish: lambda: nn.Hardswish(), nnq.ELU: lambda: nn.ELU(ao.alpha),
+                              nnq.LeakyReLU: lambda: nn.LeakyReLU(ao.negative_slope), nnq.Sigmoid: lambda: nn.Sigmoid(),
+                              nnq.ReLU6: lambda: nn.ReLU6()}
+    twin = twins.get(type(module))
+    if twin is not None:
+        return twin()
+    if _is_ao(module):  # e.g. a quantized Softmax or LayerNorm: not code by code
+        return None
+    if isinstance(module, (nn.Hardtanh, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.ELU, nn.CELU, nn.LeakyReLU, nn.GELU,
+                           nn.Hardswish, nn.Threshold)):  # nn.ReLU6 is a Hardtanh
+        return copy.deepcopy(module)
+    return None
+
+
+def measured_table(op: Any, grid: Grid, what: str, source: str) -> tuple[torch.Tensor, Grid, bool]:
+    """torch's output code for each of the 256 input codes (in order from the lowest) of an elementwise op on a
+    quantized tensor on `grid`, the grid of its output, and whether it wrote into its input: measured by running
+    `op` itself on one tensor that holds every code. Its kernels give a code the same output wherever it sits
+    (measured for ReLU6, Hardtanh, clamp, Hardswish, ELU, LeakyReLU, Sigmoid, Tanh, Hardsigmoid and GELU on 4M codes
+    each: contiguous and channels-last tensors, odd lengths, one and two threads), so the table is the kernel."""
+    scale, zero, signed = grid
+    low, high = _range(signed)
+    codes = torch.arange(low, high + 1).to(torch.int8 if signed else torch.uint8)
+    probe = torch._make_per_tensor_quantized_tensor(codes, scale, zero)
+    with torch.no_grad():
+        out = op(probe)
+    if not isinstance(out, torch.Tensor) or not out.is_quantized or out.shape != probe.shape or \
+            out.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        raise DeployedFormatError(f"{source}: {what} does not give a per-tensor quantized tensor of its input's shape "
+                                  "on a quantized tensor; only elementwise ops are read as tables")
+    out_grid = (float(out.q_scale()), int(out.q_zero_point()), out.dtype == torch.qint8)
+    return out.int_repr().long(), out_grid, out.data_ptr() == probe.data_ptr()
+
+
+def code_table(op: Any, float_op: nn.Module, grid: Grid, what: str, source: str) -> tuple[CodeTable, Grid]:
+    """`op`, run by torch on quantized tensors on `grid`, as a `CodeTable` (with its float op), and its output
+    grid."""
+    table, out, in_place = measured_table(op, grid, what, source)
+    return CodeTable(grid, out[:2], table, float_op, in_place), out
+
+
 # -- dynamic quantization: each input quantized on its own range, as fbgemm's dynamic linear does ------------------
 SMALL_SCALE = torch.tensor(6.1e-5, dtype=torch.float32)  # ATen's SMALL_SCALE_THRESHOLD: smaller scales are raised
 
@@ -391,22 +452,31 @@ def pool_adds_zero_point_first(tensor: torch.Tensor) -> bool:
     return bool(tensor.is_contiguous())
 
 
-def record_grids(work: nn.Module, calibration_data: Any, batch_size: int, device: torch.device | str
-                 ) -> tuple[dict[str, Grid], dict[str, dict[str, list[Grid | None]]], dict[str, bool], set[str]]:
-    """One forward pass of the ao model: the grid of the quantized input of every module that runs on one, for
-    each QFunctional the methods it ran with the grids of their tensor operands, for each module on a quantized
-    input whether that input was contiguous (NCHW: `pool_adds_zero_point_first`), and the modules that ran."""
+class Recorded(NamedTuple):
+    """What one forward pass of an ao model shows the reader (`record_grids`)."""
+
+    inputs: dict[str, Grid]  # the grid of the quantized input of every module that runs on one (its first call's)
+    functional: dict[str, dict[str, list[Grid | None]]]  # per QFunctional: its methods, their operands' grids
+    contiguous: dict[str, bool]  # per module on a quantized input: NCHW (`pool_adds_zero_point_first`)
+    ran: set[str]  # the modules that ran
+    several: set[str]  # the modules that ran on quantized inputs of more than one grid (called at several places)
+
+
+def record_grids(work: nn.Module, calibration_data: Any, batch_size: int, device: torch.device | str) -> Recorded:
+    """One forward pass of the ao model on the first calibration batch (see `Recorded`)."""
     inputs: dict[str, Grid] = {}
     functional: dict[str, dict[str, list[Grid | None]]] = {}
     contiguous: dict[str, bool] = {}
     ran: set[str] = set()
+    several: set[str] = set()
 
     def capture(name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             ran.add(name)
             grid = _grid(args[0]) if args else None
             if grid is not None:
-                inputs.setdefault(name, grid)
+                if inputs.setdefault(name, grid) != grid:
+                    several.add(name)
                 contiguous.setdefault(name, pool_adds_zero_point_first(args[0]))
 
         return hook
@@ -435,7 +505,7 @@ def record_grids(work: nn.Module, calibration_data: Any, batch_size: int, device
             handle.remove()
         for module, method in watched:
             delattr(module, method)  # the class's method again
-    return inputs, functional, contiguous, ran
+    return Recorded(inputs, functional, contiguous, ran, several)
 
 
 _FUNCTIONAL_METHODS = ("add", "add_relu", "mul", "mul_relu", "cat", "add_scalar", "mul_scalar", "matmul")
@@ -491,12 +561,13 @@ class NeverRan(nn.Module):
                                   "so the view holds no reading of it: calibrate on data that runs it")
 
 
-def replace_ao_modules(work: nn.Module, inputs: dict[str, Grid], functional: dict[str, dict[str, list[Grid | None]]],
-                       contiguous: dict[str, bool], source: str, ran: set[str] | None = None,
-                       never_ran: list[str] | None = None) -> dict[str, DeployedLayer]:
+def replace_ao_modules(work: nn.Module, recorded: Recorded, source: str, never_ran: list[str] | None = None
+                       ) -> dict[str, DeployedLayer]:
     """In place on `work` (a private copy): each ao module becomes its float equivalent with the runtime's
-    re-gridding; returns each conv/linear layer's codes and parameters. A layer that did not run on the
-    calibration data becomes a `NeverRan` (its name added to `never_ran`)."""
+    re-gridding, each module torch runs code by code on a quantized tensor a `CodeTable`; returns each conv/linear
+    layer's codes and parameters. A layer that did not run on the calibration data becomes a `NeverRan` (its name
+    added to `never_ran`)."""
+    inputs, functional, contiguous, ran, several = recorded
     types = _ao_types()
     found: dict[str, DeployedLayer] = {}
     replaced: list[str] = []
@@ -506,14 +577,14 @@ def replace_ao_modules(work: nn.Module, inputs: dict[str, Grid], functional: dic
         replacement: nn.Module | None = None
         ao: Any = module  # ao modules' attributes are untyped
         dynamic = isinstance(module, (types["dynamic"], types["dynamic_recurrent"]))
-        if never_ran is not None and (name not in (ran or set()) if dynamic else  # a dynamic Linear is a Linear
+        if never_ran is not None and (name not in ran if dynamic else  # a dynamic Linear is a Linear
                                       isinstance(module, types["layer"]) and name not in inputs):
             never_ran.append(name)
             replacement = NeverRan(name, source)
         elif isinstance(module, types["dynamic"]):
-            replacement, found[f"{name}.linear"] = read_dynamic(module, name, ran or set(), source)
+            replacement, found[f"{name}.linear"] = read_dynamic(module, name, ran, source)
         elif isinstance(module, types["dynamic_recurrent"]):
-            replacement, recurrent = read_dynamic_recurrent(module, name, ran or set(), source)
+            replacement, recurrent = read_dynamic_recurrent(module, name, ran, source)
             found.update(recurrent)
         elif isinstance(module, types["layer"]):
             if name not in inputs:
@@ -542,6 +613,13 @@ def replace_ao_modules(work: nn.Module, inputs: dict[str, Grid], functional: dic
         elif isinstance(module, _AVERAGING) and name in inputs:
             in_scale, in_zero, in_signed = inputs[name]
             replacement = CodeAvgPool(module, in_scale, in_zero, *_range(in_signed), contiguous[name])
+        elif name in inputs and (float_op := float_elementwise(module)) is not None:
+            what = f"module {name!r} ({type(module).__qualname__})"
+            if name in several:
+                raise DeployedFormatError(f"{source}: {what} runs on quantized tensors of several grids (one module "
+                                          "called at several places), and torch computes it on each grid's codes: "
+                                          "give each place its own module")
+            replacement, _ = code_table(module, float_op, inputs[name], what, source)
         elif _is_ao(module):
             kind = f"{type(module).__module__}.{type(module).__qualname__}"
             dynamic = ".dynamic." in kind
@@ -561,9 +639,9 @@ def replace_ao_modules(work: nn.Module, inputs: dict[str, Grid], functional: dic
 def read_ao_eager(work: nn.Module, calibration_data: Any, batch_size: int, device: torch.device | str) -> Deployed:
     """`work`: a private eval-mode copy of a torch.ao eager model, modified in place."""
     work.to(device)
-    inputs, functional, contiguous, ran = record_grids(work, calibration_data, batch_size, device)
     never_ran: list[str] = []
-    layers = replace_ao_modules(work, inputs, functional, contiguous, "torch.ao eager", ran, never_ran)
+    layers = replace_ao_modules(work, record_grids(work, calibration_data, batch_size, device), "torch.ao eager",
+                                never_ran)
     if not layers:
         raise DeployedFormatError(f"torch.ao eager: no quantized layer ran on the calibration data (of "
                                   f"{len(never_ran)}: {', '.join(map(repr, never_ran[:3]))})")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +182,54 @@ class CodeAvgPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale!r}, zero_point={self.zero_point}, zero_point_first={self.zero_point_first}"
+
+
+def stored_codes(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """Stored codes of values (code - zero point) x scale, recovered exactly. On a degenerate grid (an infinite
+    scale: its values are NaN at the zero point, -inf or +inf below or above it), the side of the zero point: -1, 0
+    or +1 from it, which is all a kernel's infinite ratios read of such a code."""
+    if not math.isfinite(scale):
+        return torch.sign(torch.nan_to_num(x, nan=0.0)).add_(zero_point)
+    return torch.div(x, torch.tensor(scale, dtype=torch.float32)).round_().add_(zero_point)
+
+
+def code_values(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """(code - zero point) x scale in float32: how the view carries a quantized value."""
+    return codes.sub(zero_point).float().mul_(torch.tensor(scale, dtype=torch.float32))
+
+
+class CodeTable(nn.Module):
+    """An elementwise kernel on a quantized tensor whose output code is a function of the input code alone, as a
+    table of the output code of each of the 256 input codes, measured from the runtime itself: onnxruntime's
+    QLinearSigmoid and QLinearLeakyRelu (`onnx_reader._runtime_table`); torch's quantized ReLU6, Hardtanh, clamp,
+    Hardswish, ELU, LeakyReLU, Sigmoid, Tanh, Hardsigmoid, GELU (`ao.measured_table`). Exact whatever the kernel's
+    float approximation, and under faults too: a flipped input code reads its own entry. Values (code - zero point)
+    x scale in and out; `table[i]` is the output code of input code i + (-128 if signed else 0). `float_op`: the
+    op in float, for the deployed model's float function (`float_function`). `in_place`: the kernel writes its
+    result into its input (``relu6(x, inplace=True)``), which later readers of that input then see."""
+
+    table: torch.Tensor
+
+    def __init__(self, inp: tuple[float, int, bool], out: tuple[float, int], table: torch.Tensor,
+                 float_op: nn.Module | None = None, in_place: bool = False) -> None:
+        super().__init__()
+        (self.si, self.zi, self.signed), (self.so, self.zo) = inp, out
+        self.register_buffer("table", table.float())
+        self.float_op, self.in_place = float_op, in_place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = stored_codes(x, self.si, self.zi)
+        index = torch.nan_to_num(codes + (128 if self.signed else 0), nan=0.0).clamp_(0, 255).long()
+        out = code_values(self.table[index], self.so, self.zo)
+        return x.copy_(out) if self.in_place else out
+
+    def float_function(self) -> nn.Module:
+        if self.float_op is None:
+            raise RuntimeError("this table was built without its float op; its reader gives the float module")
+        return self.float_op
+
+    def extra_repr(self) -> str:
+        return f"in=({self.si!r}, {self.zi}), out=({self.so!r}, {self.zo}), in_place={self.in_place}"
 
 
 class KernelSum(nn.Module):

@@ -19,6 +19,9 @@ x86 kernels (as for the eager reader, ao.py):
 - quantized conv/linear modules -> float twins (`ao.float_twin`) with their `DeployedLayer`; whether each layer's
   kernel is oneDNN's (output zero point added before rounding) or fbgemm's (after) is measured
   (`zero_point_before_rounding`), and the layer takes that kernel's float32 steps (`ao.kernel_scaling`);
+- an elementwise activation on a quantized tensor (a module, function, method or ``torch.ops.quantized`` op:
+  ReLU6, Hardtanh, clamp, Hardswish, ELU, LeakyReLU, Sigmoid, ...) -> a `CodeTable` measured from torch's kernel
+  (`ao.code_table`); a mean -> torch's kernel's own path (`code_mean`);
 - ReLU, max pooling, reshapes, flatten, identities on quantized tensors keep values on their grid and run as they
   are; anything else that runs on a quantized tensor is refused (`DeployedFormatError`, naming the node).
 
@@ -47,6 +50,8 @@ from .ao import (
     KernelDequantize,
     KernelProductRequantize,
     _ao_types,
+    code_table,
+    float_elementwise,
     float_twin,
     kernel_scaling,
     pool_adds_zero_point_first,
@@ -83,12 +88,21 @@ def _describe(node: torch.fx.Node) -> str:
     return f"{node.op} {target}"
 
 
+Layout = tuple[int, "torch.memory_format | None"]  # a tensor's number of dimensions and memory format (None: other)
+
+
+def _layout(value: torch.Tensor) -> Layout:
+    formats = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+    return value.dim(), next((f for f in formats if value.is_contiguous(memory_format=f)), None)
+
+
 def record_node_grids(work: torch.fx.GraphModule, calibration_data: Any, batch_size: int
-                      ) -> tuple[dict[str, Grid], dict[str, bool]]:
+                      ) -> tuple[dict[str, Grid], dict[str, bool], dict[str, Layout]]:
     """One forward pass of the graph on the first calibration batch: the grid of every node's quantized output,
-    and whether it is contiguous (NCHW: `ao.pool_adds_zero_point_first`)."""
+    whether it is contiguous (NCHW: `ao.pool_adds_zero_point_first`), and its layout."""
     grids: dict[str, Grid] = {}
     contiguous: dict[str, bool] = {}
+    layouts: dict[str, Layout] = {}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n: torch.fx.Node) -> Any:
@@ -99,6 +113,7 @@ def record_node_grids(work: torch.fx.GraphModule, calibration_data: Any, batch_s
                 if grid is not None:
                     grids.setdefault(n.name, grid)
                     contiguous.setdefault(n.name, pool_adds_zero_point_first(value))
+                    layouts.setdefault(n.name, _layout(value))
                     break
             return out
 
@@ -109,11 +124,12 @@ def record_node_grids(work: torch.fx.GraphModule, calibration_data: Any, batch_s
         break
     else:
         raise ValueError("calibration_data is empty: give at least one batch of inputs")
-    return grids, contiguous
+    return grids, contiguous, layouts
 
 
-class _FunctionalPool(nn.Module):
-    """A functional pooling call with its constant arguments, for `CodeAvgPool`."""
+class _FunctionCall(nn.Module):
+    """A function call with its constant arguments, as a module: a functional pooling for `CodeAvgPool`, the float
+    op of a `CodeTable`."""
 
     def __init__(self, function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         super().__init__()
@@ -124,6 +140,80 @@ class _FunctionalPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{getattr(self.function, '__name__', self.function)}, args={self.args}, kwargs={self.kwargs}"
+
+
+class _MethodCall(nn.Module):
+    """A tensor method call with its constant arguments, as a module: the float op of a `CodeTable`."""
+
+    def __init__(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.method, self.args, self.kwargs = method, args, kwargs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(x, self.method)(*self.args, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return f"{self.method}, args={self.args}, kwargs={self.kwargs}"
+
+
+class _LayoutMean(nn.Module):
+    """A float32 mean computed in a given memory format (torch's sum over a channels-last tensor adds in another
+    order than over a contiguous one)."""
+
+    def __init__(self, dims: tuple[int, ...], keepdim: bool, layout: torch.memory_format) -> None:
+        super().__init__()
+        self.dims, self.keepdim, self.layout = dims, keepdim, layout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == torch.contiguous_format or x.dim() == (4 if self.layout == torch.channels_last else 5):
+            x = x.contiguous(memory_format=self.layout)  # the model's layout, whichever the view computes in
+        return x.mean(self.dims, self.keepdim)
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}, keepdim={self.keepdim}, layout={self.layout}"
+
+
+# the float ops of torch's quantized elementwise functions, called with the same arguments (their schemas' names)
+def _float_hardswish(x: torch.Tensor, output_scale: float, output_zero_point: int) -> torch.Tensor:
+    return F.hardswish(x)
+
+
+def _float_elu(x: torch.Tensor, output_scale: float, output_zero_point: int, alpha: float = 1.0, scale: float = 1.0,
+               input_scale: float = 1.0) -> torch.Tensor:
+    return torch.ops.aten.elu(x, alpha, scale, input_scale)
+
+
+def _float_leaky_relu(x: torch.Tensor, negative_slope: float, inplace: bool, output_scale: float,
+                      output_zero_point: int) -> torch.Tensor:
+    return F.leaky_relu(x, negative_slope, inplace)
+
+
+def _float_sigmoid(x: torch.Tensor, output_scale: float, output_zero_point: int) -> torch.Tensor:
+    return torch.sigmoid(x)
+
+
+def _float_relu6(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return F.relu6(x, inplace)
+
+
+def _float_celu(x: torch.Tensor, output_scale: float, output_zero_point: int, alpha: float = 1.0) -> torch.Tensor:
+    return F.celu(x, alpha)
+
+
+def _elementwise_functions() -> dict[Any, Any]:
+    """Functions torch runs code by code on a quantized tensor (its output code a function of the input code alone),
+    each with its float op (called with the same arguments): read as `CodeTable`s."""
+    q = torch.ops.quantized
+    same = (F.relu6, F.hardtanh, F.hardtanh_, torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max,
+            F.hardsigmoid, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.elu, F.celu, F.leaky_relu, F.gelu,
+            F.threshold, torch.threshold)
+    return {**{function: function for function in same}, q.hardswish: _float_hardswish, q.elu: _float_elu,
+            q.leaky_relu: _float_leaky_relu, q.sigmoid: _float_sigmoid, q.relu6: _float_relu6, q.celu: _float_celu,
+            q.threshold: F.threshold, q.clamp: torch.clamp}
+
+
+_ELEMENTWISE_METHODS = {"sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "clip_", "clamp_min",
+                        "clamp_min_", "clamp_max", "clamp_max_"}
 
 
 _POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
@@ -153,16 +243,19 @@ def _regridding_ops() -> dict[Any, tuple[Any, bool]]:
 
 
 SUPPORTED = ("quantize_per_tensor, dequantize, quantized Conv1d/2d/3d and Linear modules (and their ReLU fusions), "
-             "torch.ops.quantized add/add_relu/mul/mul_relu/cat, average pooling, and ReLU, max pooling, reshapes, "
-             "pixel and channel shuffles and identities running on quantized tensors")
+             "torch.ops.quantized add/add_relu/mul/mul_relu/cat, average pooling, means over given dimensions, "
+             "elementwise activations (ReLU6, "
+             "Hardtanh, clamp, Hardswish, ELU, CELU, LeakyReLU, Sigmoid, Tanh, Hardsigmoid, GELU, Threshold: "
+             "modules, functions, methods and quantized ops), and ReLU, max pooling, reshapes, pixel and channel "
+             "shuffles and identities running on quantized tensors")
 
 
 def _unsupported(node: torch.fx.Node, why: str) -> DeployedFormatError:
     return DeployedFormatError(f"{SOURCE}: node {node.name!r} ({_describe(node)}) {why}; supported: {SUPPORTED}")
 
 
-def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict[str, bool]
-            ) -> dict[str, DeployedLayer]:
+def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict[str, bool],
+            layouts: dict[str, Layout]) -> dict[str, DeployedLayer]:
     """In place on `work` (a private copy): the graph in the engine's form; returns each conv/linear layer's codes
     and parameters, in graph order."""
     types = _ao_types()
@@ -176,6 +269,15 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
             name += "_"
         work.add_submodule(name, module)
         return name
+
+    def carry(node: torch.fx.Node, out: torch.fx.Node) -> None:
+        """What was recorded of `node` (its grid, layout, rank), for `out`, which replaces it with its value."""
+        if node.name in grids:
+            grids[out.name] = grids[node.name]
+        if node.name in contiguous:
+            contiguous[out.name] = contiguous[node.name]
+        if node.name in layouts:
+            layouts[out.name] = layouts[node.name]
 
     def input_grids(node: torch.fx.Node) -> list[Grid]:
         return [grids[arg.name] for arg in node.all_input_nodes if arg.name in grids]
@@ -202,10 +304,75 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
             value = graph.call_function(function, args)
             out = graph.call_module(regrid, (value,))
         node.replace_all_uses_with(out)
-        if node.name in grids:  # the replacement's value is on the replaced node's grid
-            grids[out.name] = grids[node.name]
+        carry(node, out)
         graph.erase_node(node)
 
+    def constant(node: torch.fx.Node, arg: Any) -> Any:
+        """An argument's value: a get_attr node's attribute (a quantized op's output scale and zero point)."""
+        if isinstance(arg, torch.fx.Node):
+            if arg.op != "get_attr":
+                raise _unsupported(node, "runs with a computed argument")
+            value: Any = work
+            for part in str(arg.target).split("."):
+                value = getattr(value, part)
+            return value
+        return arg
+
+    def table_instead(node: torch.fx.Node, op: Any, float_op: nn.Module, what: str) -> None:
+        """`node`, an elementwise op torch runs on the codes of its quantized input, as a `CodeTable`."""
+        source = node.args[0] if node.args else None
+        if not isinstance(source, torch.fx.Node) or source.name not in grids or len(inputs[node.name]) != 1:
+            raise _unsupported(node, "runs on a quantized tensor other than its first argument")
+        if node.name not in grids:
+            raise _unsupported(node, "did not give a quantized tensor on the calibration data")
+        table, grid = code_table(op, float_op, grids[source.name], f"node {node.name!r} ({what})", SOURCE)
+        if grid != grids[node.name]:
+            raise _unsupported(node, f"gives its output another grid on a tensor of every code ({grid}) than on the "
+                                     f"calibration data ({grids[node.name]})")
+        name = add_module(node, "table", table)
+        with graph.inserting_before(node):
+            out = graph.call_module(name, (source,))
+        node.replace_all_uses_with(out)
+        carry(node, out)
+        graph.erase_node(node)
+
+    def code_mean(node: torch.fx.Node) -> None:
+        """torch's quantized mean, as its kernel computes it: on a contiguous tensor over its innermost dimensions,
+        the mean of the codes (an integer sum over float32 N) rounded half to even on the input's grid
+        (`CodeAvgPool`); otherwise the float32 mean of the dequantized values ((code - zero point) x scale: the
+        view's values) in the tensor's own layout (a float32 sum's order follows it), quantized onto the input's
+        grid (`Requantize`). Each measured bit for bit on 150k-300k outputs, contiguous and channels-last, 1 and 2
+        threads."""
+        source = node.args[0]
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if not isinstance(source, torch.fx.Node) or source.name not in grids or node.name not in grids or \
+                len(node.args) > 3 or set(node.kwargs) - {"dim", "keepdim"}:
+            raise _unsupported(node, "averages a quantized tensor with arguments other than dim and keepdim")
+        listed = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (list, tuple)) else None
+        if not listed or not all(isinstance(dim, int) for dim in listed) or not isinstance(keepdim, bool):
+            raise _unsupported(node, "averages a quantized tensor over computed or all dimensions (torch's float "
+                                     "mean of a whole tensor splits its sum between threads)")
+        rank, layout = layouts[source.name]
+        if layout is None:
+            raise _unsupported(node, "averages a quantized tensor neither contiguous nor channels-last")
+        scale, zero, signed = grids[source.name]
+        inner = {dim % rank for dim in listed} == set(range(rank - len(listed), rank))
+        with graph.inserting_before(node):
+            if inner and layout == torch.contiguous_format:
+                pool = CodeAvgPool(_MethodCall("mean", (tuple(listed), keepdim), {}), scale, zero, *_range(signed),
+                                   zero_point_first=True)
+                out = graph.call_module(add_module(node, "codemean", pool), (source,))
+            else:
+                mean = graph.call_module(add_module(node, "floatmean", _LayoutMean(tuple(listed), keepdim, layout)),
+                                         (source,))
+                regrid = Requantize(scale, zero, *_range(signed), divide=False)
+                out = graph.call_module(add_module(node, "requantize", regrid), (mean,))
+        node.replace_all_uses_with(out)
+        carry(node, out)
+        graph.erase_node(node)
+
+    elementwise = _elementwise_functions()
     # the grids of each node's quantized inputs, from the graph as it was recorded (before any rewrite)
     inputs = {node.name: input_grids(node) for node in graph.nodes}
     for node in list(graph.nodes):
@@ -218,8 +385,7 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
             with graph.inserting_before(node):
                 out = graph.call_module(regrid, (node.args[0],))
             node.replace_all_uses_with(out)
-            if node.name in grids:  # the replacement's value is on the replaced node's grid
-                grids[out.name] = grids[node.name]
+            carry(node, out)
             graph.erase_node(node)
         elif (node.op == "call_method" and node.target == "dequantize") or (
                 node.op == "call_function" and node.target is torch.dequantize):
@@ -244,7 +410,7 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
                                             (operands[1],))
                 out = graph.call_module(product, (graph.call_function(torch.mul, (codes_a, codes_b)),))
             node.replace_all_uses_with(out)
-            grids[out.name] = grids[node.name]
+            carry(node, out)
             graph.erase_node(node)
         elif node.op == "call_function" and node.target in regridding:
             function, relu = regridding[node.target]
@@ -255,16 +421,28 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
         elif node.op == "call_function" and node.target is torch.cat and quantized_in:
             if any(grid != grids.get(node.name) for grid in quantized_in):  # torch.cat re-grids to its output's
                 requantize_after(node, torch.cat, tuple(node.args), False)
+        elif node.op == "call_function" and quantized_in and node.target in elementwise:
+            args = tuple(constant(node, arg) for arg in node.args[1:])
+            kwargs = {key: constant(node, value) for key, value in node.kwargs.items()}
+            table_instead(node, _FunctionCall(node.target, args, kwargs),
+                          _FunctionCall(elementwise[node.target], args, kwargs), _describe(node))
+        elif node.op == "call_method" and quantized_in and node.target in _ELEMENTWISE_METHODS:
+            args = tuple(constant(node, arg) for arg in node.args[1:])
+            kwargs = {key: constant(node, value) for key, value in node.kwargs.items()}
+            call = _MethodCall(str(node.target), args, kwargs)  # on quantized and float tensors alike
+            table_instead(node, call, copy.deepcopy(call), _describe(node))
+        elif quantized_in and ((node.op == "call_method" and node.target == "mean") or (
+                node.op == "call_function" and node.target is torch.mean)):
+            code_mean(node)
         elif node.op == "call_function" and node.target in _POOL_FUNCTIONS and quantized_in:
             if any(isinstance(arg, torch.fx.Node) for arg in [*node.args[1:], *node.kwargs.values()]):
                 raise _unsupported(node, "pools with computed arguments")
-            pool = _FunctionalPool(node.target, tuple(node.args[1:]), dict(node.kwargs))
+            pool = _FunctionCall(node.target, tuple(node.args[1:]), dict(node.kwargs))
             name = add_module(node, "codepool", _code_pool(pool, quantized_in[0], contiguous, node))
             with graph.inserting_before(node):
                 out = graph.call_module(name, (node.args[0],))
             node.replace_all_uses_with(out)
-            if node.name in grids:  # the replacement's value is on the replaced node's grid
-                grids[out.name] = grids[node.name]
+            carry(node, out)
             graph.erase_node(node)
         elif node.op == "call_module":
             module = work.get_submodule(str(node.target))
@@ -297,6 +475,8 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
                 graph.erase_node(node)
             elif isinstance(module, _AVERAGING) and quantized_in:
                 node.target = add_module(node, "codepool", _code_pool(module, quantized_in[0], contiguous, node))
+            elif quantized_in and (float_op := float_elementwise(module)) is not None:
+                table_instead(node, module, float_op, f"a {type(module).__qualname__}")
             elif quantized_in or type(module).__module__.startswith(("torch.ao.nn.quantized",
                                                                       "torch.ao.nn.intrinsic")):
                 if not isinstance(module, _KEEP_MODULES):

@@ -56,9 +56,9 @@ def _run(nodes: list[Node], feeds: dict[str, np.ndarray],
 
 def _as_values(codes: np.ndarray, scale: float, zero: int) -> torch.Tensor:
     """The view's input values (code - zero) x scale of stored codes."""
-    from .onnx_reader import _values
+    from .deployed import code_values
 
-    return _values(torch.from_numpy(codes.astype(np.int64)), scale, zero)
+    return code_values(torch.from_numpy(codes.astype(np.int64)), scale, zero)
 
 
 def _agree(theirs: np.ndarray, ours: torch.Tensor, scale: float, zero: int) -> bool:

@@ -59,12 +59,15 @@ from torch import fx, nn
 from . import onnx_float, onnx_probes
 from .deployed import (
     BiasMode,
+    CodeTable,
     Deployed,
     DeployedFormatError,
     DeployedLayer,
     Requantize,
     check_fixed_batch,
+    code_values,
     float32_multiplier,
+    stored_codes,
 )
 
 CONVOLUTIONS: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}  # by spatial dims
@@ -92,19 +95,6 @@ def _int32_converted(x: torch.Tensor) -> torch.Tensor:
     range, infinities and NaN included, becomes INT32_MIN, which then saturates to the lowest code (measured: a sum
     of 1.2e12 gives code 0, not 255)."""
     return torch.where((x >= -(2.0**31)) & (x < 2.0**31), x, torch.tensor(-(2.0**31), dtype=x.dtype))
-
-
-def _codes(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """Stored codes of values (code - zero point) x scale, recovered exactly. On a degenerate grid (an infinite
-    scale: its values are NaN at the zero point, -inf or +inf below or above it), the side of the zero point: -1, 0
-    or +1 from it, which is all a kernel's infinite ratios read of such a code."""
-    if not math.isfinite(scale):
-        return torch.sign(torch.nan_to_num(x, nan=0.0)).add_(zero_point)
-    return torch.div(x, torch.tensor(scale, dtype=torch.float32)).round_().add_(zero_point)
-
-
-def _values(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    return codes.sub(zero_point).float().mul_(torch.tensor(scale, dtype=torch.float32))
 
 
 def _fma32(a: torch.Tensor, b: float, c: torch.Tensor | float) -> torch.Tensor:
@@ -217,12 +207,12 @@ class QLinearAdd(nn.Module):
     def eager(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The kernel on torch's ops (the native pass's reference): fma(qA, rA, fma(qB, rB, fixed)), its operands
         swapped where onnxruntime hands A to it as the scalar one (`_scalar_first`)."""
-        qa, qb = _codes(a, self.sa, self.za), _codes(b, self.sb, self.zb)
+        qa, qb = stored_codes(a, self.sa, self.za), stored_codes(b, self.sb, self.zb)
         if _scalar_first(a.shape, b.shape):
             out = _fma32(qb, self.rb, _fma32(qa, self.ra, self.fixed_swapped))
         else:
             out = _fma32(qa, self.ra, _fma32(qb, self.rb, self.fixed))
-        return _values(_saturate(_int32_converted(out.round_()), self.low, self.high), self.sc, self.zc)
+        return code_values(_saturate(_int32_converted(out.round_()), self.low, self.high), self.sc, self.zc)
 
     def _params(self, swapped: bool = False) -> list[float] | None:
         """The native pass's parameters, for (A, B) or, `swapped`, for (B, A)."""
@@ -259,11 +249,11 @@ class QLinearMatMul(nn.Module):
             self.low = max(self.low, self.zy)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        qa = _codes(a, self.sa, self.za).sub_(self.za).double()
-        qb = _codes(b, self.sb, self.zb).sub_(self.zb).double()
+        qa = stored_codes(a, self.sa, self.za).sub_(self.za).double()
+        qb = stored_codes(b, self.sb, self.zb).sub_(self.zb).double()
         acc = torch.matmul(qa, qb).float()  # exact in float64 (|sum| < 2^53); int32 -> float32 rounds as this does
         out = acc.mul_(torch.tensor(self.multiplier, dtype=torch.float32)).round_().add_(self.zy)
-        return _values(_saturate(out, self.low, self.high), self.sy, self.zy)
+        return code_values(_saturate(out, self.low, self.high), self.sy, self.zy)
 
     def extra_repr(self) -> str:
         return f"a=({self.sa!r}, {self.za}), b=({self.sb!r}, {self.zb}), out=({self.sy!r}, {self.zy})"
@@ -289,10 +279,10 @@ class QLinearMul(nn.Module):
 
     def eager(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The kernel on torch's ops (the native pass's reference)."""
-        qa = _codes(a, self.sa, self.za).sub_(self.za)
-        qb = _codes(b, self.sb, self.zb).sub_(self.zb)
+        qa = stored_codes(a, self.sa, self.za).sub_(self.za)
+        qb = stored_codes(b, self.sb, self.zb).sub_(self.zb)
         out = torch.mul(qa, qb).mul_(torch.tensor(self.ratio, dtype=torch.float32)).add_(float(self.zc))
-        return _values(_saturate(_int32_converted(out.round_()), self.low, self.high), self.sc, self.zc)
+        return code_values(_saturate(_int32_converted(out.round_()), self.low, self.high), self.sc, self.zc)
 
     def _params(self) -> list[float] | None:
         scales = (self.sa, self.sb, self.sc)
@@ -372,31 +362,10 @@ class QLinearSoftmax(nn.Module):
         # it)
         out = out.round_().add_(self.zy).nan_to_num_(nan=float(self.nan_code)).clamp_(self.low, self.high).float()
         out = out.movedim(-1, axis) if self.opset >= 13 else out.reshape(shape)
-        return _values(out, self.sy, self.zy)
+        return code_values(out, self.sy, self.zy)
 
     def extra_repr(self) -> str:
         return f"x_scale={self.x_scale!r}, out=({self.sy!r}, {self.zy}), axis={self.axis}"
-
-
-class CodeTable(nn.Module):
-    """An elementwise QLinear kernel onnxruntime runs as a lookup table over the 256 input codes (QLinearSigmoid,
-    QLinearLeakyRelu): the table measured from onnxruntime itself (`_runtime_table`), so exact whatever its float
-    function's approximation; values (code - zero point) x scale in, out."""
-
-    table: torch.Tensor
-
-    def __init__(self, inp: tuple[float, int, bool], out: tuple[float, int], table: torch.Tensor) -> None:
-        super().__init__()
-        (self.si, self.zi, self.signed), (self.so, self.zo) = inp, out
-        self.register_buffer("table", table.float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = _codes(x, self.si, self.zi)
-        index = torch.nan_to_num(codes + (128 if self.signed else 0), nan=0.0).clamp_(0, 255).long()
-        return _values(self.table[index], self.so, self.zo)
-
-    def extra_repr(self) -> str:
-        return f"in=({self.si!r}, {self.zi}), out=({self.so!r}, {self.zo})"
 
 
 def _runtime_table(op_type: str, attrs: dict[str, Any], inp: _Grid, out: _Grid) -> torch.Tensor | None:
@@ -443,7 +412,7 @@ class QLinearGlobalAvgPool(nn.Module):
         f32 = np.float32
         size = int(np.prod(x.shape[2:]))
         scale = torch.tensor(f32(self.si) / (f32(self.so) * f32(size)), dtype=torch.float32)
-        acc = (_codes(x, self.si, self.zi) - self.zi).double().sum(dim=tuple(range(2, x.dim())), keepdim=True)
+        acc = (stored_codes(x, self.si, self.zi) - self.zi).double().sum(dim=tuple(range(2, x.dim())), keepdim=True)
         out = _saturate(acc.float().mul_(scale), self.low - self.zo, self.high - self.zo).round_()
         return out.mul_(torch.tensor(self.so, dtype=torch.float32))
 

@@ -416,7 +416,10 @@ def ao_under_faults(model: nn.Module, pattern: Any) -> nn.Module:
             codes = out.int_repr().contiguous().clone().view(len(out), -1)  # the runtime computes channels-last
             for image, index, mask in zip(group.image.tolist(), group.index.tolist(), masks.tolist()):
                 codes[image, index] ^= mask  # quint8 codes: bit 7 is worth 128 codes, no sign
-            return torch._make_per_tensor_quantized_tensor(codes.view(out.shape), out.q_scale(), out.q_zero_point())
+            edited = torch._make_per_tensor_quantized_tensor(codes.view(out.shape), out.q_scale(), out.q_zero_point())
+            if out.dim() == 4 and not out.is_contiguous():  # the layout the runtime gave it: kernels that follow
+                edited = edited.contiguous(memory_format=torch.channels_last)  # (a mean) compute by layout
+            return edited
 
         module.register_forward_hook(edit)
     return faulty

@@ -75,10 +75,10 @@ def test_a_probe_sees_a_rounding_the_view_gets_wrong(monkeypatch: pytest.MonkeyP
     grids = ((0.05, 3), (0.085, 0), (0.1, 7))
 
     def mul_rounding_first(self: onnx_reader.QLinearMul, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        qa = onnx_reader._codes(a, self.sa, self.za).sub_(self.za)
-        qb = onnx_reader._codes(b, self.sb, self.zb).sub_(self.zb)
+        qa = onnx_reader.stored_codes(a, self.sa, self.za).sub_(self.za)
+        qb = onnx_reader.stored_codes(b, self.sb, self.zb).sub_(self.zb)
         out = torch.mul(qa, qb).mul_(torch.tensor(self.ratio, dtype=torch.float32)).round_().add_(self.zc)
-        return onnx_reader._values(onnx_reader._saturate(out, self.low, self.high), self.sc, self.zc)
+        return onnx_reader.code_values(onnx_reader._saturate(out, self.low, self.high), self.sc, self.zc)
 
     assert _uncached(onnx_probes.binary_agrees)("QLinearMul", *grids, False)
     with monkeypatch.context() as patch:
