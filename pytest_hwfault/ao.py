@@ -2,7 +2,8 @@
 
 Measured against torch's own quantized kernels (x86 engine), and reproduced here exactly:
 
-- weights: signed qint8 codes with per-channel (or per-tensor) scales and zero point 0;
+- weights: signed qint8 codes with per-channel (or per-tensor) scales and zero point 0; a transposed convolution's
+  per-tensor (its layer checked against the exact sums of its codes: `refuse_defective_kernel`);
 - activations: unsigned quint8 codes q meaning (q - zero point) x scale, so a fault on bit 7 moves the value by
   +-128 x scale with no sign extension;
 - conv/linear: the int32 accumulator of input and weight codes in float32, scaled and biased in the kernel's own
@@ -64,7 +65,9 @@ def _ao_types() -> dict[str, tuple[type, ...]]:
         "dynamic": (nnqd.Linear,),  # nniqd.LinearReLU is one too
         "dynamic_relu": (nniqd.LinearReLU,),
         "dynamic_recurrent": (nnqd.LSTM, nnqd.GRU),
-        "layer": (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Linear),
+        "layer": (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d, nnq.Linear, nnq.ConvTranspose1d, nnq.ConvTranspose2d,
+                  nnq.ConvTranspose3d),
+        "transposed": (nnq.ConvTranspose1d, nnq.ConvTranspose2d, nnq.ConvTranspose3d),
         "fused_relu": (nniq.ConvReLU1d, nniq.ConvReLU2d, nniq.ConvReLU3d, nniq.LinearReLU),
         "quantize": (nnq.Quantize,),
         "dequantize": (nnq.DeQuantize,),
@@ -131,11 +134,14 @@ def zero_point_before_rounding(module: Any) -> bool:
     weight = module.weight()
     generator = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, weight.shape, generator=generator, dtype=torch.int8)
-    channels = weight.shape[0]
+    transposed = _is_transposed(module)
+    channels = module.out_channels if transposed else weight.shape[0]
     step, out_scale, zero = 2.0**-6, 2.0**-8, 77  # accumulators x 2^-4: one in 16 is x.5
-    probe.set_weight_bias(torch._make_per_channel_quantized_tensor(
-        codes, torch.full((channels,), step, dtype=torch.float64), torch.zeros(channels, dtype=torch.int64), 0),
-        torch.zeros(channels))
+    probe.set_weight_bias(torch._make_per_tensor_quantized_tensor(codes, step, 0) if transposed else
+                          torch._make_per_channel_quantized_tensor(codes, torch.full((channels,), step,
+                                                                                     dtype=torch.float64),
+                                                                   torch.zeros(channels, dtype=torch.int64), 0),
+                          torch.zeros(channels))
     probe.scale, probe.zero_point = out_scale, zero
     if isinstance(module, torch.ao.nn.quantized.Linear):
         shape: tuple[int, ...] = (256, module.in_features)
@@ -148,11 +154,7 @@ def zero_point_before_rounding(module: Any) -> bool:
     with torch.no_grad():
         out = probe(x).int_repr().double() - zero
         values = x_codes.double() - 3
-        if isinstance(module, torch.ao.nn.quantized.Linear):
-            acc = values @ codes.double().t()
-        else:
-            conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(module.kernel_size)]
-            acc = conv(values, codes.double(), None, module.stride, module.padding, module.dilation, module.groups)
+        acc = _accumulator(module, values, codes.double())
     scaled = acc * (step * step / out_scale)
     low, high = -zero, 255 - zero
     if isinstance(module, _ao_types()["fused_relu"]):
@@ -164,6 +166,59 @@ def zero_point_before_rounding(module: Any) -> bool:
     first = ((scaled + zero).round() - zero)[ties]
     after = scaled.round()[ties]
     return bool((out[ties] == first).all()) and not bool((out[ties] == after).all())
+
+
+def _is_transposed(module: Any) -> bool:
+    """A quantized transposed convolution (a function: an isinstance check would narrow `module` from Any)."""
+    return isinstance(module, _ao_types()["transposed"])
+
+
+def _accumulator(module: Any, values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The exact sums of an ao conv/linear over input codes minus their zero point (float64)."""
+    if isinstance(module, torch.ao.nn.quantized.Linear):
+        return values @ codes.t()
+    dims = len(module.kernel_size)
+    if _is_transposed(module):
+        transposed = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[dims]
+        return transposed(values, codes, None, module.stride, module.padding, module.output_padding, module.groups,
+                          module.dilation)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+    return conv(values, codes, None, module.stride, module.padding, module.dilation, module.groups)
+
+
+def refuse_defective_kernel(module: Any, name: str, grid: Grid, source: str) -> None:
+    """Refuse a quantized transposed convolution whose runtime kernel does not compute a transposed convolution of
+    its codes. torch 2.14's are defective on common shapes (measured: the x86 and onednn engines' put outputs 50-160
+    output steps away from it whenever in_channels != out_channels; fbgemm's, with a 2x2 kernel at stride 2,
+    repack other weights than those set), so the gate cannot stand for what such a model computes. Measured on the
+    layer itself: random input codes on its input grid, its codes against the exact sums' value (before rounding)."""
+    if not _is_transposed(module):
+        return
+    scale, zero, signed = grid
+    low, high = _range(signed)
+    generator = torch.Generator().manual_seed(0)
+    spatial = [k * d + 3 for k, d in zip(module.kernel_size, module.dilation)]
+    x_codes = torch.randint(low, high + 1, (2, module.in_channels, *spatial), generator=generator)
+    x = torch._make_per_tensor_quantized_tensor(x_codes.to(torch.int8 if signed else torch.uint8), scale, zero)
+    weight = module.weight()
+    with torch.no_grad():
+        out = module(x)
+        acc = _accumulator(module, x_codes.double() - zero, weight.int_repr().double())
+    bias = module.bias()
+    value = acc * (scale * weight.q_scale())
+    if bias is not None:
+        value = value + bias.double().reshape(1, -1, *[1] * len(spatial))
+    out_low, out_high = _range(out.dtype == torch.qint8)
+    expected = (value / out.q_scale() + out.q_zero_point()).clamp(out_low, out_high)
+    distance = float((out.int_repr().double() - expected).abs().max())
+    if distance > 1.0:  # a correct kernel is within half a step, plus float32 rounding
+        raise DeployedFormatError(
+            f"{source}: layer {name!r} ({type(module).__qualname__}, {module.in_channels} -> {module.out_channels} "
+            f"channels, kernel {tuple(module.kernel_size)}, stride {tuple(module.stride)}): torch's quantized kernel "
+            f"(engine {torch.backends.quantized.engine!r}) puts its outputs up to {distance:.0f} output steps away "
+            "from a transposed convolution of its codes (torch's quantized transposed convolutions are defective "
+            "there: measured), so no view can stand for what this model computes; the float model quantized by the "
+            "engine, or another export (ONNX), can be gated")
 
 
 def has_ao_modules(model: nn.Module) -> bool:
@@ -183,6 +238,11 @@ def float_twin(module: Any) -> nn.Module:  # an ao Conv/Linear: its attributes a
     """A float conv/linear with the ao module's geometry, dequantized weights and float bias."""
     if isinstance(module, torch.ao.nn.quantized.Linear):
         twin: Any = nn.Linear(module.in_features, module.out_features, bias=True)
+    elif _is_transposed(module):
+        transposed = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[len(module.kernel_size)]
+        twin = transposed(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                    module.output_padding, module.groups, bias=True, dilation=module.dilation,
+                    padding_mode=module.padding_mode)
     else:
         kind = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[len(module.kernel_size)]
         twin = kind(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
@@ -195,15 +255,23 @@ def float_twin(module: Any) -> nn.Module:  # an ao Conv/Linear: its attributes a
 
 
 def weight_codes(module: Any, name: str, source: str = "torch.ao eager") -> tuple[torch.Tensor, torch.Tensor]:
-    """An ao conv/linear's int8 weight codes and per-channel scales; asymmetric weights are refused."""
-    return _weight_codes_of(module.weight(), name, source)
+    """An ao conv/linear's int8 weight codes and per-output-channel scales; asymmetric weights are refused, and
+    per-channel ones on a transposed convolution (torch.ao's observers refuse them too)."""
+    weight = module.weight()
+    if _is_transposed(module):
+        if weight.qscheme() not in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            raise DeployedFormatError(f"{source}: layer {name!r} is a transposed convolution with per-channel "
+                                      "weights; only per-tensor weights are supported there (torch.ao's default)")
+        return _weight_codes_of(weight, name, source, module.out_channels)
+    return _weight_codes_of(weight, name, source)
 
 
-def _weight_codes_of(weight: torch.Tensor, name: str, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _weight_codes_of(weight: torch.Tensor, name: str, source: str, channels: int | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
         scale, zero = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
     else:
-        scale = torch.full((weight.shape[0],), weight.q_scale(), dtype=torch.float64)
+        scale = torch.full((channels or weight.shape[0],), weight.q_scale(), dtype=torch.float64)
         zero = torch.tensor([weight.q_zero_point()])
     if bool((zero != 0).any()):
         raise DeployedFormatError(f"{source}: layer {name!r} has asymmetric weights (non-zero zero points); only "
@@ -589,6 +657,7 @@ def replace_ao_modules(work: nn.Module, recorded: Recorded, source: str, never_r
         elif isinstance(module, types["layer"]):
             if name not in inputs:
                 raise DeployedFormatError(f"{source}: layer {name!r} did not run on the calibration data")
+            refuse_defective_kernel(module, name, inputs[name], source)
             codes, weight_scale = weight_codes(module, name, source)
             in_scale, in_zero, in_signed = inputs[name]
             bias = ao.bias()

@@ -55,6 +55,7 @@ from .ao import (
     float_twin,
     kernel_scaling,
     pool_adds_zero_point_first,
+    refuse_defective_kernel,
     weight_codes,
     zero_point_before_rounding,
 )
@@ -453,6 +454,7 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
                 if target in layers:
                     raise _unsupported(node, "calls a quantized layer a second time (shared layers are not "
                                              "supported)")
+                refuse_defective_kernel(module, target, quantized_in[0], SOURCE)
                 codes, w_scale = weight_codes(module, target, SOURCE)
                 layer: Any = module  # an ao Conv/Linear: its attributes are untyped
                 in_scale, in_zero, in_signed = quantized_in[0]
