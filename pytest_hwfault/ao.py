@@ -204,7 +204,7 @@ def refuse_defective_kernel(module: Any, name: str, grid: Grid, source: str) -> 
     with torch.no_grad():
         out = module(x)
         acc = _accumulator(module, x_codes.double() - zero, weight.int_repr().double())
-    bias = module.bias()
+    bias = module.bias().detach() if module.bias() is not None else None
     value = acc * (scale * weight.q_scale())
     if bias is not None:
         value = value + bias.double().reshape(1, -1, *[1] * len(spatial))
@@ -318,15 +318,37 @@ def float_elementwise(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def measured_table(op: Any, grid: Grid, what: str, source: str) -> tuple[torch.Tensor, Grid, bool]:
+def float_channelwise(module: nn.Module) -> nn.Module | None:
+    """The float op of a quantized module whose output code is a function of its input code and channel alone (a
+    quantized batch norm, and its ReLU fusion: a per-channel affine map, re-gridded); None for any other module."""
+    import torch.ao.nn.intrinsic.quantized as nniq
+    import torch.ao.nn.quantized as nnq
+
+    if not isinstance(module, (nnq.BatchNorm2d, nnq.BatchNorm3d)):  # BNReLU2d/3d are subclasses
+        return None
+    norm: Any = module
+    twin = (nn.BatchNorm2d if isinstance(module, nnq.BatchNorm2d) else nn.BatchNorm3d)(norm.num_features, norm.eps)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(twin, name).copy_(getattr(norm, name))
+    twin = twin.eval().requires_grad_(False)
+    return nn.Sequential(twin, nn.ReLU()) if isinstance(module, (nniq.BNReLU2d, nniq.BNReLU3d)) else twin
+
+
+def measured_table(op: Any, grid: Grid, what: str, source: str, channels: int | None = None, dims: int = 4
+                   ) -> tuple[torch.Tensor, Grid, bool]:
     """torch's output code for each of the 256 input codes (in order from the lowest) of an elementwise op on a
     quantized tensor on `grid`, the grid of its output, and whether it wrote into its input: measured by running
     `op` itself on one tensor that holds every code. Its kernels give a code the same output wherever it sits
     (measured for ReLU6, Hardtanh, clamp, Hardswish, ELU, LeakyReLU, Sigmoid, Tanh, Hardsigmoid and GELU on 4M codes
-    each: contiguous and channels-last tensors, odd lengths, one and two threads), so the table is the kernel."""
+    each: contiguous and channels-last tensors, odd lengths, one and two threads), so the table is the kernel.
+    With `channels`, a channelwise op on `dims`-dimensional tensors: a [channels, 256] table, measured on 256 images
+    each holding one code in every channel (a quantized batch norm: bit for bit on 4.8M codes, the same variety)."""
     scale, zero, signed = grid
     low, high = _range(signed)
     codes = torch.arange(low, high + 1).to(torch.int8 if signed else torch.uint8)
+    if channels is not None:
+        codes = codes.view(256, 1, *[1] * (dims - 2)).expand(256, channels, *[1] * (dims - 2)).contiguous()
     probe = torch._make_per_tensor_quantized_tensor(codes, scale, zero)
     with torch.no_grad():
         out = op(probe)
@@ -335,14 +357,32 @@ def measured_table(op: Any, grid: Grid, what: str, source: str) -> tuple[torch.T
         raise DeployedFormatError(f"{source}: {what} does not give a per-tensor quantized tensor of its input's shape "
                                   "on a quantized tensor; only elementwise ops are read as tables")
     out_grid = (float(out.q_scale()), int(out.q_zero_point()), out.dtype == torch.qint8)
-    return out.int_repr().long(), out_grid, out.data_ptr() == probe.data_ptr()
+    table = out.int_repr().long()
+    if channels is not None:
+        table = table.reshape(256, channels).t().contiguous()
+    return table, out_grid, out.data_ptr() == probe.data_ptr()
 
 
-def code_table(op: Any, float_op: nn.Module, grid: Grid, what: str, source: str) -> tuple[CodeTable, Grid]:
+def code_table(op: Any, float_op: nn.Module, grid: Grid, what: str, source: str, channels: int | None = None,
+               dims: int = 4) -> tuple[CodeTable, Grid]:
     """`op`, run by torch on quantized tensors on `grid`, as a `CodeTable` (with its float op), and its output
-    grid."""
-    table, out, in_place = measured_table(op, grid, what, source)
+    grid; with `channels`, a channelwise op on `dims`-dimensional tensors (see `measured_table`)."""
+    table, out, in_place = measured_table(op, grid, what, source, channels, dims)
     return CodeTable(grid, out[:2], table, float_op, in_place), out
+
+
+def module_table(module: nn.Module, grid: Grid, what: str, source: str) -> tuple[CodeTable, Grid] | None:
+    """A module torch runs code by code (an activation) or channel by channel (a batch norm) on a quantized
+    tensor on `grid`, as a `CodeTable`; None for any other module."""
+    float_op = float_elementwise(module)
+    if float_op is not None:
+        return code_table(module, float_op, grid, what, source)
+    float_op = float_channelwise(module)
+    if float_op is not None:
+        norm: Any = module
+        return code_table(module, float_op, grid, what, source, int(norm.num_features),
+                          5 if isinstance(module, torch.ao.nn.quantized.BatchNorm3d) else 4)
+    return None
 
 
 # -- dynamic quantization: each input quantized on its own range, as fbgemm's dynamic linear does ------------------
@@ -682,13 +722,15 @@ def replace_ao_modules(work: nn.Module, recorded: Recorded, source: str, never_r
         elif isinstance(module, _AVERAGING) and name in inputs:
             in_scale, in_zero, in_signed = inputs[name]
             replacement = CodeAvgPool(module, in_scale, in_zero, *_range(in_signed), contiguous[name])
-        elif name in inputs and (float_op := float_elementwise(module)) is not None:
+        elif name in inputs and (float_elementwise(module) or float_channelwise(module)) is not None:
             what = f"module {name!r} ({type(module).__qualname__})"
             if name in several:
                 raise DeployedFormatError(f"{source}: {what} runs on quantized tensors of several grids (one module "
                                           "called at several places), and torch computes it on each grid's codes: "
                                           "give each place its own module")
-            replacement, _ = code_table(module, float_op, inputs[name], what, source)
+            table = module_table(module, inputs[name], what, source)
+            assert table is not None
+            replacement = table[0]
         elif _is_ao(module):
             kind = f"{type(module).__module__}.{type(module).__qualname__}"
             dynamic = ".dynamic." in kind

@@ -204,7 +204,8 @@ class CodeTable(nn.Module):
     QLinearSigmoid and QLinearLeakyRelu (`onnx_reader._runtime_table`); torch's quantized ReLU6, Hardtanh, clamp,
     Hardswish, ELU, LeakyReLU, Sigmoid, Tanh, Hardsigmoid, GELU (`ao.measured_table`). Exact whatever the kernel's
     float approximation, and under faults too: a flipped input code reads its own entry. Values (code - zero point)
-    x scale in and out; `table[i]` is the output code of input code i + (-128 if signed else 0). `float_op`: the
+    x scale in and out; `table[i]` is the output code of input code i + (-128 if signed else 0); a [channels, 256]
+    table is channelwise (a quantized batch norm: `table[c, i]` for channel c, dimension 1). `float_op`: the
     op in float, for the deployed model's float function (`float_function`). `in_place`: the kernel writes its
     result into its input (``relu6(x, inplace=True)``), which later readers of that input then see."""
 
@@ -220,7 +221,10 @@ class CodeTable(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes = stored_codes(x, self.si, self.zi)
         index = torch.nan_to_num(codes + (128 if self.signed else 0), nan=0.0).clamp_(0, 255).long()
-        out = code_values(self.table[index], self.so, self.zo)
+        if self.table.dim() == 2:  # channelwise: each channel's own row of the flattened table
+            channels = torch.arange(0, self.table.numel(), 256, device=x.device)
+            index = index.add_(channels.view(1, -1, *[1] * (x.dim() - 2)))
+        out = code_values(self.table.view(-1)[index], self.so, self.zo)
         return x.copy_(out) if self.in_place else out
 
     def float_function(self) -> nn.Module:

@@ -51,9 +51,11 @@ from .ao import (
     KernelProductRequantize,
     _ao_types,
     code_table,
+    float_channelwise,
     float_elementwise,
     float_twin,
     kernel_scaling,
+    module_table,
     pool_adds_zero_point_first,
     refuse_defective_kernel,
     weight_codes,
@@ -93,8 +95,9 @@ Layout = tuple[int, "torch.memory_format | None"]  # a tensor's number of dimens
 
 
 def _layout(value: torch.Tensor) -> Layout:
-    formats = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
-    return value.dim(), next((f for f in formats if value.is_contiguous(memory_format=f)), None)
+    rank = value.dim()
+    formats = [torch.contiguous_format, *{4: [torch.channels_last], 5: [torch.channels_last_3d]}.get(rank, [])]
+    return rank, next((f for f in formats if value.is_contiguous(memory_format=f)), None)
 
 
 def record_node_grids(work: torch.fx.GraphModule, calibration_data: Any, batch_size: int
@@ -319,14 +322,18 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
             return value
         return arg
 
-    def table_instead(node: torch.fx.Node, op: Any, float_op: nn.Module, what: str) -> None:
-        """`node`, an elementwise op torch runs on the codes of its quantized input, as a `CodeTable`."""
+    def table_instead(node: torch.fx.Node, op: Any, what: str, float_op: nn.Module | None = None) -> None:
+        """`node`, an op torch runs on the codes of its quantized input one by one (an activation; a module's, or
+        a function's with its `float_op`) or channel by channel (a batch norm module), as a `CodeTable`."""
         source = node.args[0] if node.args else None
         if not isinstance(source, torch.fx.Node) or source.name not in grids or len(inputs[node.name]) != 1:
             raise _unsupported(node, "runs on a quantized tensor other than its first argument")
         if node.name not in grids:
             raise _unsupported(node, "did not give a quantized tensor on the calibration data")
-        table, grid = code_table(op, float_op, grids[source.name], f"node {node.name!r} ({what})", SOURCE)
+        found = code_table(op, float_op, grids[source.name], f"node {node.name!r} ({what})", SOURCE) \
+            if float_op is not None else module_table(op, grids[source.name], f"node {node.name!r} ({what})", SOURCE)
+        assert found is not None
+        table, grid = found
         if grid != grids[node.name]:
             raise _unsupported(node, f"gives its output another grid on a tensor of every code ({grid}) than on the "
                                      f"calibration data ({grids[node.name]})")
@@ -425,13 +432,13 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
         elif node.op == "call_function" and quantized_in and node.target in elementwise:
             args = tuple(constant(node, arg) for arg in node.args[1:])
             kwargs = {key: constant(node, value) for key, value in node.kwargs.items()}
-            table_instead(node, _FunctionCall(node.target, args, kwargs),
-                          _FunctionCall(elementwise[node.target], args, kwargs), _describe(node))
+            table_instead(node, _FunctionCall(node.target, args, kwargs), _describe(node),
+                          _FunctionCall(elementwise[node.target], args, kwargs))
         elif node.op == "call_method" and quantized_in and node.target in _ELEMENTWISE_METHODS:
             args = tuple(constant(node, arg) for arg in node.args[1:])
             kwargs = {key: constant(node, value) for key, value in node.kwargs.items()}
             call = _MethodCall(str(node.target), args, kwargs)  # on quantized and float tensors alike
-            table_instead(node, call, copy.deepcopy(call), _describe(node))
+            table_instead(node, call, _describe(node), copy.deepcopy(call))
         elif quantized_in and ((node.op == "call_method" and node.target == "mean") or (
                 node.op == "call_function" and node.target is torch.mean)):
             code_mean(node)
@@ -477,8 +484,8 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
                 graph.erase_node(node)
             elif isinstance(module, _AVERAGING) and quantized_in:
                 node.target = add_module(node, "codepool", _code_pool(module, quantized_in[0], contiguous, node))
-            elif quantized_in and (float_op := float_elementwise(module)) is not None:
-                table_instead(node, module, float_op, f"a {type(module).__qualname__}")
+            elif quantized_in and (float_elementwise(module) or float_channelwise(module)) is not None:
+                table_instead(node, module, f"a {type(module).__qualname__}")
             elif quantized_in or type(module).__module__.startswith(("torch.ao.nn.quantized",
                                                                       "torch.ao.nn.intrinsic")):
                 if not isinstance(module, _KEEP_MODULES):

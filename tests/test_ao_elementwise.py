@@ -19,6 +19,7 @@ from pytest_hwfault.ao import measured_table
 from pytest_hwfault.deployed import CodeAvgPool, CodeTable, DeployedFormatError
 from pytest_hwfault.faults import sample_pattern
 from pytest_hwfault.quantization import DeployedMismatchWarning
+from pytest_hwfault.spec import Site
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
 
@@ -282,7 +283,7 @@ def test_eager_activation_shared_between_grids_is_refused(digits) -> None:  # no
         quantize(model, x)
 
 
-def _torchvision_mobilenet(name: str, x: torch.Tensor) -> nn.Module:
+def _torchvision_model(name: str, x: torch.Tensor) -> nn.Module:
     import torchvision
     import torchvision.models.quantization as quantizable
 
@@ -295,14 +296,15 @@ def _torchvision_mobilenet(name: str, x: torch.Tensor) -> nn.Module:
         return to_ao_fx(getattr(torchvision.models, name)(num_classes=10).eval(), x)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "eager mobilenet_v3_large"])
-def test_torchvision_mobilenets_read_bit_for_bit_faults_included(name: str) -> None:
-    """torchvision's MobileNetV2 (ReLU6) and MobileNetV3 (Hardswish, a Hardsigmoid gate, a quantized multiply),
-    quantized by FX mode, and the quantizable MobileNetV3-Large by eager mode: the edge models torch.ao is used for,
-    each refused before. Read bit for bit, and under a trial of activation faults against torch's kernels."""
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mobilenet_v3_small", "eager mobilenet_v3_large", "densenet121"])
+def test_torchvision_models_read_bit_for_bit_faults_included(name: str) -> None:
+    """torchvision's MobileNetV2 (ReLU6), MobileNetV3 (Hardswish, a Hardsigmoid gate, a quantized multiply) and
+    DenseNet-121 (batch norms before convolutions: quantized BNReLU2d), quantized by FX mode, and the quantizable
+    MobileNetV3-Large by eager mode: each refused before. Read bit for bit, and under a trial of activation faults
+    against torch's kernels."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(32, 3, 32, 32, generator=generator)
-    model = _torchvision_mobilenet(name, x)
+    model = _torchvision_model(name, x)
     qmodel = exact_quantize(model, x)
     assert len(qmodel.layers) >= 50 and _tables(qmodel)
     test = torch.randn(8, 3, 32, 32, generator=generator)
@@ -313,3 +315,49 @@ def test_torchvision_mobilenets_read_bit_for_bit_faults_included(name: str) -> N
     ours = qmodel(test, pattern)
     assert not torch.equal(ours, qmodel(test))
     assert torch.equal(ours, run(ao_under_faults(model, pattern), test))
+
+
+class PreActivation(nn.Module):
+    """Batch norms torch.ao cannot fold into a convolution, so it runs them on quantized tensors (quantized
+    BatchNorm2d): a pre-activation block's (BN, ReLU, conv), and one after a residual sum; 1-d in `dims=1`."""
+
+    def __init__(self, eager: bool = False) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1)
+        self.norm1, self.norm2 = nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 64, 10)
+        self.eager = eager
+        self.quant, self.dequant = torch.ao.quantization.QuantStub(), torch.ao.quantization.DeQuantStub()
+        self.add = torch.ao.nn.quantized.FloatFunctional()
+        with torch.no_grad():  # statistics and affine parameters of a trained network, not the identity
+            for norm in (self.norm1, self.norm2):
+                norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.3, 0.3)
+                norm.running_mean.uniform_(-0.5, 0.5), norm.running_var.uniform_(0.2, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(self.quant(x) if self.eager else x)
+        y = self.conv(F.relu(self.norm1(h)))
+        s = self.add.add(h, y) if self.eager else h + y
+        out = self.fc(torch.flatten(F.relu(self.norm2(s)), 1))
+        return self.dequant(out) if self.eager else out
+
+
+@pytest.mark.parametrize("form", ["fx", "eager"])
+def test_batch_norm_on_quantized_tensors_reads_bit_for_bit(digits, form: str) -> None:  # noqa: ANN001
+    """A quantized batch norm is a per-channel table (each channel's output code a function of its input code:
+    measured from torch's kernel, bit for bit at any layout and thread count), faults included."""
+    x = images(digits.x_train[:256])
+    net = seeded(PreActivation, form == "eager")
+    model = to_ao_fx(net, x) if form == "fx" else to_ao_eager(net, x)
+    kinds = {f"{type(m).__module__}.{type(m).__name__}" for m in model.modules()}
+    # FX fuses the ReLU after each norm (BNReLU2d); eager keeps them apart
+    assert any(kind.startswith("torch.ao.nn") and kind.endswith(("BatchNorm2d", "BNReLU2d")) for kind in kinds)
+    qmodel = exact_quantize(model, x)
+    assert sum(m.table.dim() == 2 for m in _tables(qmodel)) == 2
+    test = images(digits.x_test)
+    assert torch.equal(qmodel(test), run(model, test))
+    pattern = sample_pattern(FaultModel("act", 1e-2), qmodel.targets(Site.ACT), 64, torch.Generator().manual_seed(5))
+    ours = qmodel(test[:64], pattern)
+    assert not torch.equal(ours, qmodel(test[:64]))
+    assert torch.equal(ours, run(ao_under_faults(model, pattern), test[:64]))
+
