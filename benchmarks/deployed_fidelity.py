@@ -35,7 +35,8 @@ each block in float, whose float32 sums round (the model's notes name them).
 `--torchvision` adds, for PT2E compiled by x86 Inductor, random-init torchvision models (and ResNet56), 16 random
 images each, their logits against the compiled model's own (a few minutes: each model is compiled); and six
 torchvision models (MobileNetV3, EfficientNet, ShuffleNet, MnasNet, SqueezeNet, RegNet) exported to ONNX and quantized
-by onnxruntime, against onnxruntime.
+by onnxruntime, against onnxruntime; and nine torchvision models quantized by torch.ao FX and five quantizable ones
+by eager mode, against torch's kernels, fault-free and under a trial of act faults.
 
     python benchmarks/deployed_fidelity.py [--torchvision] [--json fidelity.json]
 """
@@ -441,14 +442,63 @@ def _onnx_torchvision_rows() -> dict[str, dict[str, float]]:
     return rows
 
 
+# torch.ao FX (x86 qconfig mapping) on torchvision's constructors, and eager mode on its quantizable models
+AO_TORCHVISION = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
+                  "regnet_x_400mf", "squeezenet1_0", "googlenet", "resnet18")
+AO_EAGER_TORCHVISION = ("mobilenet_v2", "mobilenet_v3_large", "googlenet", "resnet18", "shufflenet_v2_x0_5")
+
+
+def _ao_torchvision_rows() -> dict[str, dict[str, float]]:
+    """Each model random-init (seeded, 10 classes), quantized by torch.ao (FX: `convert_fx` with the x86 mapping;
+    eager: torchvision's quantizable model, fused, the x86 qconfig) on 32 random 64 x 64 images and read by the
+    engine; logits on 16 other images against torch's kernels, the reader's tables (activations and batch norms
+    torch computes code by code), and one trial of act faults at BER 1e-3 against torch's kernels under the same
+    faults (`deployed_models.ao_under_faults`)."""
+    import warnings
+
+    import torchvision
+    import torchvision.models.quantization as quantizable
+
+    from pytest_hwfault import FaultModel
+    from pytest_hwfault.deployed import CodeTable
+    from pytest_hwfault.faults import sample_pattern
+
+    rows = {}
+    for form, names in (("fx", AO_TORCHVISION), ("eager", AO_EAGER_TORCHVISION)):
+        for name in names:
+            torch.manual_seed(0)
+            calibration, x = torch.randn(32, 3, 64, 64), torch.randn(16, 3, 64, 64)
+            if form == "fx":
+                model = dm.to_ao_fx(getattr(torchvision.models, name)(weights=None, num_classes=10).eval(),
+                                    calibration)
+            else:
+                net = getattr(quantizable, name)(weights=None, quantize=False, num_classes=10).eval()
+                net.fuse_model(is_qat=False)
+                model = dm.to_ao_eager(net, calibration)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the load check's mismatch warning: the row says how far apart
+                qmodel = quantize(model, calibration)
+            pattern = sample_pattern(FaultModel("act", 1e-3), qmodel.targets(FaultModel("act", 1e-3).site), len(x),
+                                     torch.Generator().manual_seed(1))
+            faulty = _run(dm.ao_under_faults(model, pattern), x)
+            ours = qmodel(x, pattern)
+            rows[f"torch.ao {form}, {name}"] = {
+                **_exact(_run(model, x), qmodel(x)), "layers": float(len(qmodel.layers)),
+                "tables": float(sum(isinstance(m, CodeTable) for m in qmodel.module.modules())),
+                "act_faults_logits_exactly_equal": float((faulty == ours).float().mean()),
+                "act_faults_logits_changed": float((ours != qmodel(x)).float().mean())}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--torchvision", action="store_true",
-                        help="add compiled PT2E torchvision models, and torchvision models through ONNX")
+                        help="add torchvision models through torch.ao, compiled PT2E and ONNX")
     parser.add_argument("--json", help="write the figures and the environment here")
     args = parser.parse_args()
     rows = measure()
     if args.torchvision:
+        rows.update(_ao_torchvision_rows())
         rows.update(_torchvision_rows())
         rows.update(_onnx_torchvision_rows())
     print(f"{'format':<44} agreement")

@@ -32,6 +32,7 @@ Measured against torch's own quantized kernels (x86 engine), and reproduced here
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, NamedTuple
 
 import torch
@@ -221,6 +222,104 @@ def refuse_defective_kernel(module: Any, name: str, grid: Grid, source: str) -> 
             "engine, or another export (ONNX), can be gated")
 
 
+class PairSaturatingConv2d(nn.Conv2d):
+    """A depthwise convolution as fbgemm's kernel computes it (torch's x86 engine runs depthwise convolutions of more
+    than 100 channels on fbgemm; the fbgemm engine, all): per channel, the products of the stored input codes (zero
+    point included) and the weight codes summed two kernel taps at a time, in row-major tap order, in int16 with
+    saturation (vpmaddubsw), then in int32 (measured: `pair_saturation`). Calibrated codes (a reduced range) do not
+    saturate; a fault's high bit can (MobileNetV2: 98 of 589,824 sums of one layer under a trial at BER 1e-3).
+    Computes on codes minus the zero point, as the engine's layers do; `float_function` is the plain convolution."""
+
+    pairs: torch.Tensor
+
+    def __init__(self, conv: Any, input_zero_point: int) -> None:  # an nn.Conv2d (its geometry is loosely typed)
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, bias=conv.bias is not None)
+        with torch.no_grad():
+            self.weight.copy_(conv.weight)
+            if conv.bias is not None and self.bias is not None:
+                self.bias.copy_(conv.bias)
+        self.requires_grad_(False)
+        self.input_zero_point = input_zero_point
+        taps = torch.arange(math.prod(self.kernel_size)).view(1, 1, *self.kernel_size)
+        self.register_buffer("pairs", torch.stack([(taps // 2 == pair).float()
+                                                   for pair in range((taps.numel() + 1) // 2)]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total: torch.Tensor | None = None
+        for mask in self.pairs:
+            weight = self.weight * mask.to(self.weight.dtype)
+            pair = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+            offset = (weight.sum((1, 2, 3)) * self.input_zero_point).view(1, -1, 1, 1)  # raw codes' share
+            pair = pair.add_(offset).clamp_(-32768, 32767).sub_(offset)
+            total = pair if total is None else total.add_(pair)
+        assert total is not None
+        return total if self.bias is None else total + self.bias.view(1, -1, 1, 1)
+
+    def float_function(self) -> nn.Module:
+        me: Any = self
+        plain = nn.Conv2d(me.in_channels, me.out_channels, me.kernel_size, me.stride, me.padding, me.dilation,
+                          me.groups, bias=me.bias is not None)
+        plain.load_state_dict({key: value for key, value in self.state_dict().items() if key != "pairs"})
+        return plain.requires_grad_(False)
+
+
+def pair_saturation(module: Any) -> bool | None:
+    """How torch's kernel for a quantized convolution sums its products, measured on a copy with random weight codes
+    and input codes over the whole uint8 range (the codes faults produce): None, exactly (oneDNN's VNNI kernels);
+    True, in saturating int16 pairs of kernel taps (fbgemm's depthwise kernels: `PairSaturatingConv2d` reproduces
+    them); False, otherwise (named in the notes)."""
+    if isinstance(module, torch.ao.nn.quantized.Linear) or _is_transposed(module):
+        return None
+    probe: Any = copy.deepcopy(module)
+    generator = torch.Generator().manual_seed(0)
+    weight = module.weight()
+    codes = torch.randint(-127, 128, weight.shape, generator=generator, dtype=torch.int8)
+    channels = weight.shape[0]
+    probe.set_weight_bias(torch._make_per_channel_quantized_tensor(
+        codes, torch.full((channels,), 2.0**-6, dtype=torch.float64), torch.zeros(channels, dtype=torch.int64), 0),
+        None)
+    probe.scale, probe.zero_point = 2.0**-1, 128  # sums / 2^11: saturated pairs move them by whole codes
+    zero = 37
+    spatial = [k * d + 6 for k, d in zip(module.kernel_size, module.dilation)]
+    x_codes = torch.randint(0, 256, (4, module.in_channels, *spatial), generator=generator, dtype=torch.uint8)
+    x = torch._make_per_tensor_quantized_tensor(x_codes, 2.0**-6, zero)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)  # as the model's own tensors
+    with torch.no_grad():
+        out = probe(x).int_repr().double() - 128
+        exact = _accumulator(module, x_codes.double() - zero, codes.double())
+    scale = 2.0**-12 / 2.0**-1
+    if float((out - (exact * scale).clamp(-128, 127)).abs().max()) <= 0.5:
+        return None
+    if x.dim() != 4 or module.groups != module.in_channels or module.in_channels != module.out_channels or \
+            module.padding_mode != "zeros":
+        return False
+    plain: Any = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                           module.dilation, module.groups, bias=False)
+    twin = PairSaturatingConv2d(plain, zero)
+    with torch.no_grad():
+        twin.weight.copy_(codes.double())
+        paired = twin.double()(x_codes.double() - zero)
+    return float((out - (paired * scale).clamp(-128, 127)).abs().max()) <= 0.5
+
+
+def saturation_notes(saturating: dict[str, bool]) -> list[str]:
+    """The notes on layers whose kernel saturates its sums (`pair_saturation`: True, reproduced; False, not)."""
+    paired = [name for name, known in saturating.items() if known]
+    other = [name for name, known in saturating.items() if not known]
+    notes = []
+    if paired:
+        notes.append(f"{len(paired)} depthwise layer(s) (e.g. {paired[0]!r}) sum as fbgemm's kernel does: two kernel "
+                     "taps at a time in int16, saturating on large codes (a fault's high bit), then in int32 "
+                     "(measured, reproduced)")
+    if other:
+        notes.append(f"{len(other)} layer(s) (e.g. {other[0]!r}) whose kernel saturates its sums otherwise than the "
+                     "engine reproduces (measured on codes over the whole uint8 range): exact fault-free on "
+                     "calibrated codes, but where faults produce large codes the runtime's sums differ from the view's")
+    return notes
+
+
 def has_ao_modules(model: nn.Module) -> bool:
     package = "torch.ao.nn.quantized"
     return any(type(m).__module__.startswith((package, "torch.ao.nn.intrinsic.quantized")) for m in model.modules())
@@ -234,8 +333,9 @@ def _is_ao(module: nn.Module) -> bool:
         not kind.startswith("torch.ao.nn.intrinsic.modules")
 
 
-def float_twin(module: Any) -> nn.Module:  # an ao Conv/Linear: its attributes are untyped
-    """A float conv/linear with the ao module's geometry, dequantized weights and float bias."""
+def float_twin(module: Any, saturating_zero_point: int | None = None) -> nn.Module:  # untyped ao attributes
+    """A float conv/linear with the ao module's geometry, dequantized weights and float bias; with
+    `saturating_zero_point` (the input's), a `PairSaturatingConv2d`."""
     if isinstance(module, torch.ao.nn.quantized.Linear):
         twin: Any = nn.Linear(module.in_features, module.out_features, bias=True)
     elif _is_transposed(module):
@@ -251,6 +351,8 @@ def float_twin(module: Any) -> nn.Module:  # an ao Conv/Linear: its attributes a
     with torch.no_grad():
         twin.bias.copy_(bias if bias is not None else torch.zeros_like(twin.bias))
         twin.weight.copy_(module.weight().dequantize())
+    if saturating_zero_point is not None:
+        return PairSaturatingConv2d(twin, saturating_zero_point)
     return twin.requires_grad_(False)
 
 
@@ -567,7 +669,8 @@ class Recorded(NamedTuple):
     functional: dict[str, dict[str, list[Grid | None]]]  # per QFunctional: its methods, their operands' grids
     contiguous: dict[str, bool]  # per module on a quantized input: NCHW (`pool_adds_zero_point_first`)
     ran: set[str]  # the modules that ran
-    several: set[str]  # the modules that ran on quantized inputs of more than one grid (called at several places)
+    several: set[str]  # the modules that ran on inputs of more than one grid (called at several places), or on
+    # quantized and float inputs both
 
 
 def record_grids(work: nn.Module, calibration_data: Any, batch_size: int, device: torch.device | str) -> Recorded:
@@ -577,14 +680,16 @@ def record_grids(work: nn.Module, calibration_data: Any, batch_size: int, device
     contiguous: dict[str, bool] = {}
     ran: set[str] = set()
     several: set[str] = set()
+    first: dict[str, Grid | None] = {}  # the first input's grid, None for a float one
 
     def capture(name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
             ran.add(name)
             grid = _grid(args[0]) if args else None
+            if first.setdefault(name, grid) != grid:
+                several.add(name)
             if grid is not None:
-                if inputs.setdefault(name, grid) != grid:
-                    several.add(name)
+                inputs.setdefault(name, grid)
                 contiguous.setdefault(name, pool_adds_zero_point_first(args[0]))
 
         return hook
@@ -669,12 +774,12 @@ class NeverRan(nn.Module):
                                   "so the view holds no reading of it: calibrate on data that runs it")
 
 
-def replace_ao_modules(work: nn.Module, recorded: Recorded, source: str, never_ran: list[str] | None = None
-                       ) -> dict[str, DeployedLayer]:
+def replace_ao_modules(work: nn.Module, recorded: Recorded, source: str, never_ran: list[str] | None = None,
+                       saturating: dict[str, bool] | None = None) -> dict[str, DeployedLayer]:
     """In place on `work` (a private copy): each ao module becomes its float equivalent with the runtime's
     re-gridding, each module torch runs code by code on a quantized tensor a `CodeTable`; returns each conv/linear
     layer's codes and parameters. A layer that did not run on the calibration data becomes a `NeverRan` (its name
-    added to `never_ran`)."""
+    added to `never_ran`). A layer whose kernel saturates its sums is added to `saturating` (`pair_saturation`)."""
     inputs, functional, contiguous, ran, several = recorded
     types = _ao_types()
     found: dict[str, DeployedLayer] = {}
@@ -707,7 +812,10 @@ def replace_ao_modules(work: nn.Module, recorded: Recorded, source: str, never_r
                                         bias_mode=BiasMode.FLOAT, input_signed=in_signed, act_signed=False,
                                         relu=isinstance(module, types["fused_relu"]),
                                         zero_point_before_rounding=onednn, scaling=kernel_scaling(onednn))
-            replacement = float_twin(module)
+            paired = pair_saturation(module)
+            if paired is not None and saturating is not None:
+                saturating[name] = paired
+            replacement = float_twin(module, in_zero if paired else None)
         elif isinstance(module, types["quantize"]):
             replacement = Requantize(float(ao.scale), int(ao.zero_point), *_range(ao.dtype == torch.qint8),
                                      divide=False)
@@ -725,9 +833,9 @@ def replace_ao_modules(work: nn.Module, recorded: Recorded, source: str, never_r
         elif name in inputs and (float_elementwise(module) or float_channelwise(module)) is not None:
             what = f"module {name!r} ({type(module).__qualname__})"
             if name in several:
-                raise DeployedFormatError(f"{source}: {what} runs on quantized tensors of several grids (one module "
-                                          "called at several places), and torch computes it on each grid's codes: "
-                                          "give each place its own module")
+                raise DeployedFormatError(f"{source}: {what} runs on tensors of several grids, or on quantized and "
+                                          "float tensors (one module called at several places), and torch computes "
+                                          "it on each grid's codes: give each place its own module")
             table = module_table(module, inputs[name], what, source)
             assert table is not None
             replacement = table[0]
@@ -751,8 +859,9 @@ def read_ao_eager(work: nn.Module, calibration_data: Any, batch_size: int, devic
     """`work`: a private eval-mode copy of a torch.ao eager model, modified in place."""
     work.to(device)
     never_ran: list[str] = []
+    saturating: dict[str, bool] = {}
     layers = replace_ao_modules(work, record_grids(work, calibration_data, batch_size, device), "torch.ao eager",
-                                never_ran)
+                                never_ran, saturating)
     if not layers:
         raise DeployedFormatError(f"torch.ao eager: no quantized layer ran on the calibration data (of "
                                   f"{len(never_ran)}: {', '.join(map(repr, never_ran[:3]))})")
@@ -763,6 +872,7 @@ def read_ao_eager(work: nn.Module, calibration_data: Any, batch_size: int, devic
                      f"({', '.join(map(repr, never_ran[:3]))}{', ...' if len(never_ran) > 3 else ''}): the eval "
                      "forward skips them (an auxiliary head), so the gate does not test them; should one run, the "
                      "gate stops with an error")
+    notes.extend(saturation_notes(saturating))
     dynamic = sorted(name.rpartition(".")[0] for name, layer in layers.items() if layer.raw_output)
     if dynamic:
         notes.append(

@@ -56,8 +56,10 @@ from .ao import (
     float_twin,
     kernel_scaling,
     module_table,
+    pair_saturation,
     pool_adds_zero_point_first,
     refuse_defective_kernel,
+    saturation_notes,
     weight_codes,
     zero_point_before_rounding,
 )
@@ -259,9 +261,10 @@ def _unsupported(node: torch.fx.Node, why: str) -> DeployedFormatError:
 
 
 def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict[str, bool],
-            layouts: dict[str, Layout]) -> dict[str, DeployedLayer]:
+            layouts: dict[str, Layout], saturating: dict[str, bool] | None = None) -> dict[str, DeployedLayer]:
     """In place on `work` (a private copy): the graph in the engine's form; returns each conv/linear layer's codes
-    and parameters, in graph order."""
+    and parameters, in graph order. A layer whose kernel saturates its sums is added to `saturating`
+    (`ao.pair_saturation`)."""
     types = _ao_types()
     graph = work.graph
     layers: dict[str, DeployedLayer] = {}
@@ -473,7 +476,10 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
                                                bias_mode=BiasMode.FLOAT, input_signed=in_signed,
                                                act_signed=act_signed, relu=isinstance(module, types["fused_relu"]),
                                                zero_point_before_rounding=onednn, scaling=kernel_scaling(onednn))
-                work.set_submodule(target, float_twin(module))
+                paired = pair_saturation(module)
+                if paired is not None and saturating is not None:
+                    saturating[target] = paired
+                work.set_submodule(target, float_twin(module, in_zero if paired else None))
             elif isinstance(module, types["quantize"]):
                 if node.name not in grids:
                     raise _unsupported(node, "did not run on the calibration data")
@@ -528,10 +534,11 @@ def read_ao_fx(model: Any, calibration_data: Any, batch_size: int, device: torch
     if not isinstance(model, torch.fx.GraphModule):
         raise TypeError(f"{SOURCE}: expected a torch.fx.GraphModule from convert_fx, got {type(model).__qualname__}")
     work = copy.deepcopy(model).eval().to("cpu")  # the quantized kernels run on the CPU
-    layers = rewrite(work, *record_node_grids(work, calibration_data, batch_size))
+    saturating: dict[str, bool] = {}
+    layers = rewrite(work, *record_node_grids(work, calibration_data, batch_size), saturating)
     if not layers:
         raise DeployedFormatError(f"{SOURCE}: no quantized conv/linear module in the graph")
     work.to(device)
     return Deployed(work, layers, SOURCE, notes=[
         "the float baseline is the float function of the int8 model (dequantized weights, unquantized "
-        "activations), not the float model it was converted from"])
+        "activations), not the float model it was converted from", *saturation_notes(saturating)])

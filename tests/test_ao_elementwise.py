@@ -278,8 +278,29 @@ def test_eager_activation_shared_between_grids_is_refused(digits) -> None:  # no
     stand for it; refused naming the module."""
     x = images(digits.x_train[:64])
     model = to_ao_eager(seeded(Shared), x)
-    with pytest.raises(DeployedFormatError, match=r"torch\.ao eager: module 'act' \(Sigmoid\) runs on quantized "
-                                                  r"tensors of several grids"):
+    with pytest.raises(DeployedFormatError, match=r"torch\.ao eager: module 'act' \(Sigmoid\) runs on tensors of "
+                                                  r"several grids, or on quantized and float tensors"):
+        quantize(model, x)
+
+
+class SharedWithFloat(nn.Module):
+    """One Sigmoid module on a quantized tensor and again on the float logits (after the DeQuantStub)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = torch.ao.quantization.QuantStub(), torch.ao.quantization.DeQuantStub()
+        self.a, self.act, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Sigmoid(), nn.Linear(4 * 64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dequant(self.fc(torch.flatten(self.act(self.a(self.quant(x))), 1))))
+
+
+def test_eager_activation_on_quantized_and_float_tensors_is_refused(digits) -> None:  # noqa: ANN001
+    """A table would stand for the module on its float call too (where torch runs the float op): refused."""
+    x = images(digits.x_train[:64])
+    model = to_ao_eager(seeded(SharedWithFloat), x)
+    with pytest.raises(DeployedFormatError, match=r"module 'act' \(Sigmoid\) runs on tensors of several grids, or "
+                                                  r"on quantized and float tensors"):
         quantize(model, x)
 
 
@@ -361,3 +382,75 @@ def test_batch_norm_on_quantized_tensors_reads_bit_for_bit(digits, form: str) ->
     assert not torch.equal(ours, qmodel(test[:64]))
     assert torch.equal(ours, run(ao_under_faults(model, pattern), test[:64]))
 
+
+
+class Depthwise(nn.Module):
+    """An inverted-residual-style block whose depthwise convolution has more than 100 channels: torch's x86 engine
+    runs it on fbgemm's depthwise kernel."""
+
+    def __init__(self, kernel: int = 3) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(1, 128, 1)
+        self.depthwise = nn.Conv2d(128, 128, kernel, padding=kernel // 2, groups=128)
+        self.project, self.fc = nn.Conv2d(128, 8, 1), nn.Linear(8 * 64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(F.relu6(self.depthwise(F.relu6(self.expand(x)))))
+        return self.fc(torch.flatten(y, 1))
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_depthwise_sums_saturate_as_fbgemms_kernel(digits, kernel: int) -> None:  # noqa: ANN001
+    """fbgemm's depthwise kernel sums two kernel taps at a time in int16, saturating: calibrated (reduced-range)
+    codes never reach it, a fault's high bit does. The view's layer sums so (`PairSaturatingConv2d`, found by
+    measuring the kernel), so a trial of act faults gives torch's logits bit for bit (exact sums gave 97.5% of a
+    MobileNetV2's logits under one trial at BER 1e-3)."""
+    from pytest_hwfault.ao import PairSaturatingConv2d
+
+    x = images(digits.x_train[:256])
+    model = to_ao_fx(seeded(Depthwise, kernel), x)
+    qmodel = exact_quantize(model, x)
+    assert isinstance(qmodel.layers["depthwise"].module, PairSaturatingConv2d)
+    assert any("sum as fbgemm's kernel does" in note for note in qmodel.config["deployed_notes"])
+    test = images(digits.x_test[:64])
+    assert torch.equal(qmodel(test), run(model, test))
+    for seed in range(2):
+        pattern = sample_pattern(FaultModel("act", 3e-2), qmodel.targets(Site.ACT), len(test),
+                                 torch.Generator().manual_seed(seed))
+        assert torch.equal(qmodel(test, pattern), run(ao_under_faults(model, pattern), test))
+    float_module = qmodel.float_module.get_submodule("depthwise")
+    assert type(float_module) is nn.Conv2d  # the float function sums exactly
+
+
+@settings(max_examples=25, deadline=None)
+@given(kernel=st.sampled_from([3, 5, 7]), stride=st.sampled_from([1, 2]), zero=st.integers(0, 255),
+       seed=st.integers(0, 2**16))
+def test_pair_saturating_conv_is_fbgemms_depthwise_kernel(kernel: int, stride: int, zero: int, seed: int) -> None:
+    """Differential, on the fbgemm engine (every depthwise convolution there): any codes, any weights."""
+    import torch.ao.nn.quantized as nnq
+
+    from pytest_hwfault.ao import PairSaturatingConv2d
+
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("torch built without fbgemm")
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "fbgemm"
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        conv = nnq.Conv2d(16, 16, kernel, stride=stride, padding=kernel // 2, groups=16)
+        codes = torch.randint(-127, 128, (16, 1, kernel, kernel), generator=generator, dtype=torch.int8)
+        conv.set_weight_bias(torch._make_per_channel_quantized_tensor(
+            codes, torch.full((16,), 2.0**-6, dtype=torch.float64), torch.zeros(16, dtype=torch.int64), 0), None)
+        conv.scale, conv.zero_point = 2.0**-1, 128
+        x_codes = torch.randint(0, 256, (2, 16, 11, 11), generator=generator, dtype=torch.uint8)
+        x = torch._make_per_tensor_quantized_tensor(x_codes, 2.0**-6, zero).contiguous(
+            memory_format=torch.channels_last)
+        kernel_out = conv(x).int_repr().double() - 128
+    finally:
+        torch.backends.quantized.engine = previous
+    plain = nn.Conv2d(16, 16, kernel, stride=stride, padding=kernel // 2, groups=16, bias=False)
+    view = PairSaturatingConv2d(plain, zero).double()
+    with torch.no_grad():
+        view.weight.copy_(codes.double())
+        sums = view(x_codes.double() - zero)
+    assert float((kernel_out - (sums * 2.0**-11).clamp(-128, 127)).abs().max()) <= 0.5
