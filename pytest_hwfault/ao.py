@@ -290,7 +290,8 @@ def pair_saturation(module: Any) -> bool | None:
         out = probe(x).int_repr().double() - 128
         exact = _accumulator(module, x_codes.double() - zero, codes.double())
     scale = 2.0**-12 / 2.0**-1
-    if float((out - (exact * scale).clamp(-128, 127)).abs().max()) <= 0.5:
+    low = 0 if isinstance(module, _ao_types()["fused_relu"]) else -128  # a fused ReLU clamps at the zero point
+    if float((out - (exact * scale).clamp(low, 127)).abs().max()) <= 0.5:
         return None
     if x.dim() != 4 or module.groups != module.in_channels or module.in_channels != module.out_channels or \
             module.padding_mode != "zeros":
@@ -301,7 +302,7 @@ def pair_saturation(module: Any) -> bool | None:
     with torch.no_grad():
         twin.weight.copy_(codes.double())
         paired = twin.double()(x_codes.double() - zero)
-    return float((out - (paired * scale).clamp(-128, 127)).abs().max()) <= 0.5
+    return float((out - (paired * scale).clamp(low, 127)).abs().max()) <= 0.5
 
 
 def saturation_notes(saturating: dict[str, bool]) -> list[str]:

@@ -388,19 +388,20 @@ class Depthwise(nn.Module):
     """An inverted-residual-style block whose depthwise convolution has more than 100 channels: torch's x86 engine
     runs it on fbgemm's depthwise kernel."""
 
-    def __init__(self, kernel: int = 3) -> None:
+    def __init__(self, kernel: int = 3, relu: bool = False) -> None:
         super().__init__()
         self.expand = nn.Conv2d(1, 128, 1)
         self.depthwise = nn.Conv2d(128, 128, kernel, padding=kernel // 2, groups=128)
         self.project, self.fc = nn.Conv2d(128, 8, 1), nn.Linear(8 * 64, 10)
+        self.act = F.relu if relu else F.relu6  # a ReLU fuses into the layer (ConvReLU2d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.project(F.relu6(self.depthwise(F.relu6(self.expand(x)))))
+        y = self.project(self.act(self.depthwise(F.relu6(self.expand(x)))))
         return self.fc(torch.flatten(y, 1))
 
 
-@pytest.mark.parametrize("kernel", [3, 5])
-def test_depthwise_sums_saturate_as_fbgemms_kernel(digits, kernel: int) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(("kernel", "relu"), [(3, False), (5, False), (3, True)])
+def test_depthwise_sums_saturate_as_fbgemms_kernel(digits, kernel: int, relu: bool) -> None:  # noqa: ANN001
     """fbgemm's depthwise kernel sums two kernel taps at a time in int16, saturating: calibrated (reduced-range)
     codes never reach it, a fault's high bit does. The view's layer sums so (`PairSaturatingConv2d`, found by
     measuring the kernel), so a trial of act faults gives torch's logits bit for bit (exact sums gave 97.5% of a
@@ -408,7 +409,7 @@ def test_depthwise_sums_saturate_as_fbgemms_kernel(digits, kernel: int) -> None:
     from pytest_hwfault.ao import PairSaturatingConv2d
 
     x = images(digits.x_train[:256])
-    model = to_ao_fx(seeded(Depthwise, kernel), x)
+    model = to_ao_fx(seeded(Depthwise, kernel, relu), x)
     qmodel = exact_quantize(model, x)
     assert isinstance(qmodel.layers["depthwise"].module, PairSaturatingConv2d)
     assert any("sum as fbgemm's kernel does" in note for note in qmodel.config["deployed_notes"])
@@ -419,6 +420,8 @@ def test_depthwise_sums_saturate_as_fbgemms_kernel(digits, kernel: int) -> None:
                                  torch.Generator().manual_seed(seed))
         assert torch.equal(qmodel(test, pattern), run(ao_under_faults(model, pattern), test))
     float_module = qmodel.float_module.get_submodule("depthwise")
+    if relu:  # the fused ReLU, explicit in the float function
+        float_module = float_module[0]
     assert type(float_module) is nn.Conv2d  # the float function sums exactly
 
 
