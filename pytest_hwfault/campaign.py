@@ -36,7 +36,7 @@ from .identity import state_checksum, tensor_fingerprint
 from .late_start import DEFAULT_CACHE_BYTES, LateStart
 from .mitigation import Mitigation
 from .qmodel import SiteUnreachableError
-from .quantization import QuantizedModel
+from .quantization import QuantizedModel, require_exact_view
 from .spec import CampaignSpec
 from .stats import Decision, SequentialPlan, Threshold, Verdict, clopper_pearson_interval
 
@@ -140,6 +140,9 @@ class CampaignResult:
     # what the reader of a deployed model knows it does not reproduce, or leaves outside the fault sites, in words
     # (`deployed.Deployed.notes`, and for a compiled model the load check against it)
     model_notes: list[str] = field(default_factory=list)
+    # the load checks' notes on a deployed model's view computing otherwise than the model, judged anyway
+    # (allow_inexact_view=True); empty when the view computes what the model does
+    inexact_view: list[str] = field(default_factory=list)
 
     # -- merging -------------------------------------------------------------------------------------------------
     def merge(self, other: CampaignResult) -> CampaignResult:
@@ -172,7 +175,8 @@ class CampaignResult:
                               self.quantized_accuracy, self.layers, dict(sorted(trials.items())),
                               max(self.seconds, other.seconds), self.identity or other.identity,
                               self.coverage or other.coverage, self.model_format,
-                              self.mitigation or other.mitigation, self.model_notes or other.model_notes)
+                              self.mitigation or other.mitigation, self.model_notes or other.model_notes,
+                              self.inexact_view or other.inexact_view)
 
     def trimmed(self) -> CampaignResult:
         """Only the trials the outcome is computed on: the same result however many extra trials ran."""
@@ -180,7 +184,7 @@ class CampaignResult:
         return CampaignResult(self.campaign_id, self.name, self.spec, self.images, self.float_accuracy,
                               self.quantized_accuracy, self.layers, {i: self.trials[i] for i in range(keep)},
                               self.seconds, self.identity, self.coverage, self.model_format, self.mitigation,
-                              self.model_notes)
+                              self.model_notes, self.inexact_view)
 
     def contiguous(self) -> int:
         """T such that trials 0..T-1 are all present."""
@@ -321,6 +325,7 @@ class CampaignResult:
             "model_format": self.model_format,
             **({"mitigation": self.mitigation} if self.mitigation else {}),
             **({"model_notes": self.model_notes} if self.model_notes else {}),
+            **({"inexact_view": self.inexact_view} if self.inexact_view else {}),
         }
 
     @classmethod
@@ -332,7 +337,8 @@ class CampaignResult:
                    data["float_accuracy"], data["quantized_accuracy"], list(data["layers"]), trials,
                    data.get("seconds", 0.0), dict(data.get("identity") or {}), dict(data.get("coverage") or {}),
                    str(data.get("model_format", "calibrated")), dict(data.get("mitigation") or {}),
-                   [str(note) for note in data.get("model_notes") or []])
+                   [str(note) for note in data.get("model_notes") or []],
+                   [str(note) for note in data.get("inexact_view") or []])
 
 
 def _first_persistent_layer(pattern: FaultPattern, layer_position: Mapping[str, int]) -> int | None:
@@ -398,6 +404,7 @@ class Campaign:
                                 f"images: give more data, or ask for samples={len(inputs)} or fewer")
             inputs, labels = inputs[: spec.samples], labels[: spec.samples]
         self.qmodel, self.inputs, self.labels, self.spec, self.name = qmodel, inputs, labels, spec, name
+        self.inexact_view = require_exact_view(qmodel, spec.allow_inexact_view)  # before any pass: it is known
         self.notes = list(notes)
         self.batch_size = batch_size
         self.drop_fault_free = drop_fault_free
@@ -451,7 +458,8 @@ class Campaign:
                               coverage=self.coverage.to_dict(), model_format=self.qmodel.config["source"],
                               mitigation=self.mitigation.describe() if self.mitigation is not None else {},
                               model_notes=[*self.notes,
-                                           *(str(n) for n in self.qmodel.config.get("deployed_notes") or [])])
+                                           *(str(n) for n in self.qmodel.config.get("deployed_notes") or [])],
+                              inexact_view=list(self.inexact_view))
 
     def pattern(self, trial: int) -> FaultPattern:
         """The exact faults of trial `trial`: replayable, exportable."""

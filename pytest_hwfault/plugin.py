@@ -532,8 +532,8 @@ class HwFault:
         try:
             yield
         except (DataError, EvaluationError, DeployedFormatError, NoQuantizableLayerError, UnsupportedModelError,
-                CallOrderError, SiteUnreachableError) as exc:
-            pytest.fail(f"{self._item.nodeid}: {call} refused: {exc}", pytrace=False)
+                CallOrderError, SiteUnreachableError) as exc:  # said once: not chained to the refusal's traceback
+            raise pytest.fail.Exception(f"{self._item.nodeid}: {call} refused: {exc}", pytrace=False) from None
 
     def _fail_gate(self, message: str) -> NoReturn:
         """Fail the test on its gate's verdict, noted on the item so that a test that catches the exception still
@@ -729,16 +729,21 @@ class HwFault:
             pytest.fail(f"{nodeid}: hwfault.search() argument {exc}", pytrace=False)
         from .coverage import require_coverage
         from .gate import prepare
+        from .quantization import require_exact_view
 
         with self._refusals("hwfault.search()"):
             prepared = prepare(model, data, samples=spec.samples, bits=spec.bits, cache=self._cache(),
                                device=self._device(), calibration_data=calibration_data,
                                quantize_options=quantize_options)
+            inexact_view = require_exact_view(prepared.qmodel, spec.allow_inexact_view)
             require_coverage(prepared.qmodel, prepared.inputs, spec.min_coverage, spec.site,
                              None if spec.site == "pe" else spec.layers)
             result = run_marker_search(prepared.qmodel, prepared.inputs, prepared.labels, spec, nodeid=nodeid,
                                        settings=settings)
-        self._item.stash[SEARCH_RECORDS_KEY].append(result.to_dict())
+        record = result.to_dict()
+        if inexact_view:
+            record["inexact_view"] = inexact_view
+        self._item.stash[SEARCH_RECORDS_KEY].append(record)
         if result.found:
             self._fail_gate(result.message)
         return result

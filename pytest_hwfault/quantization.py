@@ -503,6 +503,9 @@ def quantize(
         "kernel": kernel,
         # torch.compile wrappers the view left out: it runs the modules they compiled, eagerly, with its hooks
         "compiled": compiled,
+        # the load checks that found the view computing otherwise than the deployed model (or could not tell):
+        # a campaign refuses to judge such a view unless allow_inexact_view=True (`require_exact_view`)
+        "view_mismatch": [],
     }
     qmodel = QuantizedModel(work, float_module, layers, config, folded, bn_kept, fold_error, source_name, plan,
                             trace_error=trace_error)
@@ -513,7 +516,7 @@ def quantize(
         agreement = compiled_agreement(given, qmodel, first_batch[0][:COMPILED_CHECK_IMAGES])
         deployed_notes.insert(0, agreement)
         if not agreement.endswith(COMPILED_EQUAL):  # said where a passing gate shows it too: pytest's warnings
-            warnings.warn(f"{source_name}: {agreement}", CompiledMismatchWarning, stacklevel=2)
+            _mismatch(qmodel, agreement, CompiledMismatchWarning)
     raw = {name for name, layer in layers.items() if layer.raw_output}
     for module in work.modules():  # a module scaling a raw-output layer's accumulator reads its stored multiplier,
         scaled = getattr(module, "scales_layer", None)  # which qparams faults edit
@@ -526,21 +529,21 @@ def quantize(
         notes = dynamic_agreement(_runner(given, deployed.source), qmodel, first_batch[0][:DYNAMIC_CHECK_IMAGES])
         deployed_notes[0:0] = notes
         if not notes[0].endswith(COMPILED_EQUAL):
-            warnings.warn(f"{source_name}: {notes[0]}", DeployedMismatchWarning, stacklevel=2)
+            _mismatch(qmodel, notes[0])
     elif deployed is not None and deployed.source in AO_STATIC_SOURCES:
         deployed_notes = config["deployed_notes"]
         assert isinstance(deployed_notes, list)
         note = ao_agreement(given, qmodel, first_batch[0][:COMPILED_CHECK_IMAGES])
         deployed_notes.insert(0, note)
         if not note.endswith(COMPILED_EQUAL):
-            warnings.warn(f"{source_name}: {note}", DeployedMismatchWarning, stacklevel=2)
+            _mismatch(qmodel, note)
     elif deployed is not None and deployed.source == "onnx":
         deployed_notes = config["deployed_notes"]
         assert isinstance(deployed_notes, list)
         note = onnx_agreement(_runner(given, "onnx"), qmodel, first_batch[0][:COMPILED_CHECK_IMAGES])
         deployed_notes.insert(0, note)
         if not note.endswith(COMPILED_EQUAL):
-            warnings.warn(f"{source_name}: {note}", DeployedMismatchWarning, stacklevel=2)
+            _mismatch(qmodel, note)
         elif not note.startswith("not checked"):  # equal fault-free: then under faults, where values go further
             from .onnx_faults import agreement_under_faults
 
@@ -550,7 +553,7 @@ def quantize(
                                 f"({', '.join(deployed.inexact[:3])}{', ...' if len(deployed.inexact) > 3 else ''})")
             deployed_notes.insert(1, faulty_note)
             if equal is False and not deployed.inexact:
-                warnings.warn(f"{source_name}: {faulty_note}", DeployedMismatchWarning, stacklevel=2)
+                _mismatch(qmodel, faulty_note)
     return qmodel
 
 
@@ -558,6 +561,31 @@ COMPILED_CHECK_IMAGES = 64  # calibration images a compiled deployed model and i
 DYNAMIC_CHECK_IMAGES = 16  # calibration images a dynamically quantized model runs on one by one against its view
 FAULT_CHECK_IMAGES = 16  # calibration images a static ONNX model and its view run on under a trial of act faults
 COMPILED_EQUAL = "fault-free outputs equal bit for bit"
+
+
+def _mismatch(qmodel: QuantizedModel, note: str, category: type[Warning] | None = None) -> None:
+    """Say that the view computes otherwise than the deployed model (or could not be checked against it): a
+    warning for whoever quantizes, and a record that campaigns read (`require_exact_view`)."""
+    mismatches = qmodel.config["view_mismatch"]
+    assert isinstance(mismatches, list)
+    mismatches.append(note)
+    warnings.warn(f"{qmodel.source_name}: {note}", category or DeployedMismatchWarning, stacklevel=3)
+
+
+def require_exact_view(qmodel: QuantizedModel, allowed: bool) -> list[str]:
+    """The load checks' notes on how the view of a deployed model computes otherwise than the model (or could not
+    be checked against it), or EvaluationError when there are any and `allowed` is False: a verdict would be about
+    the view, not about the model deployed."""
+    from .evaluate import EvaluationError
+
+    mismatches = [str(note) for note in qmodel.config.get("view_mismatch") or []]
+    if mismatches and not allowed:
+        raise EvaluationError(
+            f"the view of the deployed model {qmodel.source_name} does not compute what the model computes: "
+            f"{mismatches[0]}. A verdict would be about the view, not about the model deployed: make the model "
+            "computable as its runtime computes it (what the note names), or pass allow_inexact_view=True to gate "
+            "on the view knowingly (the report then marks the verdict)")
+    return mismatches
 
 
 class DeployedMismatchWarning(UserWarning):

@@ -159,6 +159,12 @@ def check_min_coverage(value: Any) -> float:
     return float(value)
 
 
+def check_allow_inexact_view(value: Any) -> None:
+    if not isinstance(value, bool):
+        raise SpecError("allow_inexact_view", f"{value!r} must be True (judge a deployed model's view that its load "
+                        "check found computing otherwise than the model) or False")
+
+
 def one_threshold(overrides: dict[str, Any]) -> dict[str, Any]:
     """`overrides` where setting one of min_acc / max_drop clears the other: a spec holds exactly one."""
     if "min_acc" in overrides and "max_drop" not in overrides:
@@ -179,7 +185,8 @@ def _record(spec: CampaignSpec | SearchSpec) -> dict[str, Any]:
         if data.get(key) is not None:
             data[key] = list(data[key])
     # ids from before they existed: an unmitigated campaign keeps its id, and so its fault draws
-    for key, default in (("burst", 1), ("array", None), ("pe_register", "acc"), *MITIGATION_DEFAULTS.items()):
+    for key, default in (("burst", 1), ("array", None), ("pe_register", "acc"), ("allow_inexact_view", False),
+                         *MITIGATION_DEFAULTS.items()):
         if key in data and data[key] == default:
             del data[key]
     return data
@@ -276,6 +283,9 @@ class CampaignSpec:
     ecc: str | None = None  # "secded": weight memory words correct one faulty bit, detect two
     ecc_word_bits: int = DEFAULT_ECC_WORD_BITS  # data bits per ECC word
     protect: tuple[str, ...] | None = None  # layer globs whose faults are corrected (TMR)
+    # judge a deployed model whose view its load check found computing otherwise than the model (a float op its
+    # runtime rounds otherwise); the report marks such a verdict. Not part of the campaign's id or its faults
+    allow_inexact_view: bool = False
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
@@ -310,6 +320,7 @@ class CampaignSpec:
         object.__setattr__(self, "mitigation", check_mitigation(self.mitigation, self.site))
         check_ecc(self.ecc, self.ecc_word_bits, self.site, self.bits)
         object.__setattr__(self, "protect", check_protect(self.protect, self.site))
+        check_allow_inexact_view(self.allow_inexact_view)
 
     # -- derived -------------------------------------------------------------------------------------------------
     @property
@@ -371,7 +382,9 @@ class CampaignSpec:
 
     def campaign_id(self, name: str) -> str:
         """Stable across processes and runs: a hash of the caller's name (a test's nodeid) and the spec."""
-        payload = json.dumps({"name": name, "spec": self.to_dict()}, sort_keys=True)
+        spec = self.to_dict()
+        spec.pop("allow_inexact_view", None)  # whether a verdict may be drawn, not which campaign or faults
+        payload = json.dumps({"name": name, "spec": spec}, sort_keys=True)
         return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
 
 
@@ -423,6 +436,7 @@ class SearchSpec:
     min_coverage: float = 1.0
     array: tuple[int, int] | None = None  # site "pe": the systolic array's (rows, cols)
     pe_register: str = "acc"
+    allow_inexact_view: bool = False  # as CampaignSpec's
 
     def __post_init__(self) -> None:
         if self.site not in SEARCH_SITES:
@@ -453,6 +467,7 @@ class SearchSpec:
             raise SpecError("seed", f"{self.seed!r} must be a non-negative integer, or None for hypothesis's own "
                             "randomness (derandomized under its ci profile)")
         object.__setattr__(self, "min_coverage", check_min_coverage(self.min_coverage))
+        check_allow_inexact_view(self.allow_inexact_view)
 
     def label(self) -> str:
         """Readable id used in test ids: ``search-weight``."""

@@ -246,6 +246,48 @@ def test_the_view_is_checked_against_the_model_at_load_naming_the_module_that_co
             assert not torch.equal(_run(converted, x), qmodel(x))
 
 
+class _UpsampledClassifier(_Upsampled):
+    def __init__(self, mode: str) -> None:
+        super().__init__(mode)
+        self.fc = nn.Linear(2 * 14 * 14, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.fc(self.conv2(self.up(self.conv(self.quant(x)))).flatten(1)))
+
+
+def test_a_campaign_refuses_a_view_that_computes_otherwise_than_the_model_unless_allowed(digits) -> None:  # noqa: ANN001
+    """The load check's mismatch was a warning only, shown once per process: a gate judged the view of a bilinear
+    Upsample model (10% of outputs apart) and said PASS, a second gate on the cached view said nothing at all. A
+    campaign on such a view is now refused, naming the check's note, unless allow_inexact_view=True; then the
+    result carries the note (and the campaign its faults: the flag is not part of its id)."""
+    from pytest_hwfault.campaign import Campaign
+    from pytest_hwfault.evaluate import EvaluationError
+    from pytest_hwfault.spec import CampaignSpec
+
+    x = images(digits.x_train[:64])
+    for mode in ("bilinear", "nearest"):
+        converted = _converted(lambda: _UpsampledClassifier(mode), x)  # noqa: B023 - called at once
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeployedMismatchWarning)
+            qmodel = quantize(converted, x)
+        labels = qmodel(x).argmax(1)  # the view's own predictions: every fault-free image correct
+        strict, allowed = (CampaignSpec(site="act", ber=1e-3, min_acc=0.0, budget=2, first=2, **extra)
+                           for extra in ({}, {"allow_inexact_view": True}))
+        assert strict.campaign_id("t") == allowed.campaign_id("t")
+        if mode == "bilinear":
+            with pytest.raises(EvaluationError, match=r"does not compute what the model computes: checked against "
+                               r"the model .* fault-free outputs differ .* 'up' \(Upsample\).* "
+                               r"allow_inexact_view=True"):
+                Campaign(qmodel, x, labels, strict, "t")
+        else:
+            assert Campaign(qmodel, x, labels, strict, "t").run().inexact_view == []
+        result = Campaign(qmodel, x, labels, allowed, "t").run()
+        assert result.inexact_view == (qmodel.config["view_mismatch"] if mode == "bilinear" else [])
+        assert (mode == "bilinear") == bool(result.inexact_view)
+        assert type(result).from_dict(result.to_dict()).inexact_view == result.inexact_view
+        assert result.merge(result).inexact_view == result.inexact_view
+
+
 class _AuxiliaryHead(nn.Module):
     """An auxiliary classifier the eval forward skips (GoogLeNet's, Inception's): quantized, never run; and a
     Dropout, which convert makes a quantized Dropout."""

@@ -106,3 +106,120 @@ def test_a_gate_runs_on_each_deployed_format_at_every_site(pytester: pytest.Pyte
             assert sum("no act site" in note for note in record["model_notes"]) == 3, record["nodeid"]
             assert record["result"]["model_notes"] == record["model_notes"]
     assert "model note" in out and "no act site" in out
+
+
+INEXACT_CONFTEST = '''
+import warnings
+import pytest, torch
+import torch.ao.quantization as tq
+from torch import nn
+
+
+class Upsampled(nn.Module):
+    """A bilinear Upsample on quantized tensors: torch's quantized kernel rounds where the view computes in float."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.conv, self.up = nn.Conv2d(3, 8, 3, padding=1), nn.Upsample(scale_factor=2, mode=mode)
+        self.conv2, self.fc = nn.Conv2d(8, 8, 3, stride=2), nn.Linear(8 * 15 * 15, 10)
+
+    def forward(self, x):
+        return self.dequant(self.fc(self.conv2(self.up(self.conv(self.quant(x)))).flatten(1)))
+
+
+def converted(mode):
+    torch.manual_seed(0)
+    net = Upsampled(mode).eval()
+    net.qconfig = tq.get_default_qconfig("x86")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = tq.prepare(net)
+        prepared(torch.randn(64, 3, 16, 16))
+        return tq.convert(prepared)
+
+
+@pytest.fixture(scope="session", params=["bilinear", "nearest"])
+def model(request):
+    return converted(request.param)
+
+
+@pytest.fixture(scope="session")
+def val_data(model):
+    x = torch.randn(128, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return x, model(x).argmax(1)
+'''
+
+INEXACT_GATES = '''
+from pytest_hwfault import resilience
+
+
+@resilience(ber=1e-5, site="act", min_acc=0.5)
+def test_strict(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+
+
+@resilience(ber=1e-5, site="weight", min_acc=0.5)
+def test_strict_again(hwfault, model, val_data):  # the view is cached by now: no warning this time
+    hwfault.assess(model, val_data)
+
+
+@resilience(ber=1e-5, site="act", min_acc=0.5, allow_inexact_view=True)
+def test_allowed(hwfault, model, val_data):
+    hwfault.assess(model, val_data)
+
+
+@resilience(search="weight", min_acc=0.0, max_flips=1, examples=3)
+def test_search(hwfault, model, val_data):
+    hwfault.search(model, val_data)
+'''
+
+
+def test_a_gate_on_a_view_that_computes_otherwise_than_the_deployed_model_errors_unless_allowed(
+        pytester: pytest.Pytester) -> None:
+    """A torch.ao model with a bilinear Upsample computes 38% of its outputs otherwise than its view: the load
+    check warned once per process and every gate said PASS (the second on the cached view with no warning at all).
+    Now each gate and search on that model is refused, naming the check's note and allow_inexact_view=True; with
+    it the verdict is drawn and marked in the table and the JSON report; the same model with a nearest Upsample,
+    which the view computes bit for bit, passes unmarked. Run under xdist: each worker refuses on its own."""
+    pytester.makeconftest(INEXACT_CONFTEST)
+    pytester.makepyfile(test_inexact=INEXACT_GATES)
+    report = pytester.path / "report.json"
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--hwfault", f"--hwfault-report={report}",
+                                           "-n", "2", "-rA", "-W", "ignore::DeprecationWarning")
+    outcomes: dict[str, str] = {}  # each test's outcome on every xdist shard of its campaign
+    for line in result.outlines:
+        if line.startswith(("PASSED ", "FAILED ", "ERROR ")):
+            outcome, test = line.split()[:2]
+            test = test.replace("-shard1of2", "").replace("-shard2of2", "")
+            assert outcomes.setdefault(test, outcome) == outcome, (test, result.stdout.str()[-4000:])
+    assert outcomes == {
+        "test_inexact.py::test_strict[bilinear]": "FAILED", "test_inexact.py::test_strict_again[bilinear]": "FAILED",
+        "test_inexact.py::test_search[bilinear]": "FAILED", "test_inexact.py::test_allowed[bilinear]": "PASSED",
+        "test_inexact.py::test_strict[nearest]": "PASSED", "test_inexact.py::test_strict_again[nearest]": "PASSED",
+        "test_inexact.py::test_search[nearest]": "PASSED", "test_inexact.py::test_allowed[nearest]": "PASSED",
+    }, result.stdout.str()[-4000:]
+    refusal = ("refused: the view of the deployed model Upsampled (torch.ao eager) does not compute what the model "
+               "computes: checked against the model (torch's quantized kernels, engine 'x86') on 64 calibration "
+               "images: fault-free outputs differ")
+    text = result.stdout.str()
+    for test, call in (("test_strict", "assess"), ("test_strict_again", "assess"), ("test_search", "search")):
+        shards = ("",) if test == "test_search" else ("-shard1of2", "-shard2of2")
+        for shard in shards:
+            assert f"test_inexact.py::{test}[bilinear{shard}]: hwfault.{call}() {refusal}" in text
+    assert text.count("the first module whose output differs: 'up' (Upsample)") >= 3
+    assert "During handling of the above exception" not in text  # the cause is said once
+    rows = {line.split()[0]: line.split()[-2] for line in result.outlines if line.startswith("test_inexact.py::")
+            and line.split()[1:2] in (["act"], ["weight"])}
+    assert rows["test_inexact.py::test_allowed[bilinear]"] == "PASS*"
+    assert rows["test_inexact.py::test_allowed[nearest]"] == rows["test_inexact.py::test_strict[nearest]"] == "PASS"
+    result.stdout.fnmatch_lines(["* judged on a view of the deployed model that computes otherwise than the model "
+                                 "(allow_inexact_view=True)*"])
+    campaigns = {c["nodeid"]: c for c in json.loads(report.read_text())["campaigns"]}
+    allowed = campaigns["test_inexact.py::test_allowed[bilinear]"]
+    assert len(allowed["inexact_view"]) == 1 and "fault-free outputs differ" in allowed["inexact_view"][0]
+    assert allowed["result"]["spec"]["allow_inexact_view"] is True
+    assert campaigns["test_inexact.py::test_allowed[nearest]"]["inexact_view"] == []
+    assert "allow_inexact_view" not in campaigns["test_inexact.py::test_strict[nearest]"]["result"]["spec"]

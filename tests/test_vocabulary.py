@@ -96,3 +96,13 @@ def test_one_threshold_rule(min_acc: float | None, max_drop: float | None, ok: b
         return False
 
     assert {name: rejects(check) for name, check in checks.items()} == dict.fromkeys(checks, not ok)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_allow_inexact_view_takes_a_bool_only(value: object) -> None:
+    """A truthy string would have judged an inexact view without the user meaning it."""
+    for build in (spec.CampaignSpec, spec.SearchSpec):
+        with pytest.raises(spec.SpecError, match=r"allow_inexact_view: .* must be True .* or False"):
+            build(site="act", min_acc=0.5, allow_inexact_view=value,
+                  **({"ber": 1e-5} if build is spec.CampaignSpec else {}))
+    assert "allow_inexact_view" in spec.MARKER_ARGUMENTS

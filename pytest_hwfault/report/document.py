@@ -107,6 +107,7 @@ def campaign_record(result: CampaignResult, nodeid: str, problem: str | None = N
         "coverage": result.coverage or None,
         "model_format": result.model_format,
         "model_notes": list(result.model_notes),
+        "inexact_view": list(result.inexact_view),
         "result": result.to_dict(),
         "mitigation": None,
         "advice": None,  # the advisor's (--hwfault-advise) suggestion, added by the plugin
@@ -232,6 +233,11 @@ REPORT_JSON_SCHEMA: dict[str, Any] = {
                                 "description": "a deployed model's reader on what it does not reproduce bit for "
                                                "bit or leaves outside the fault sites (e.g. layers with no act "
                                                "site), and a compiled model's check against the view"},
+                "inexact_view": {"type": "array", "items": {"type": "string"},
+                                 "description": "the load checks' notes on how the view of a deployed model "
+                                                "computes otherwise than the model (or could not be checked "
+                                                "against it), judged because allow_inexact_view=True; empty when "
+                                                "the view computes what the model computes"},
                 "shard": {"type": "array", "items": {"type": "integer", "minimum": 1},
                           "description": "[index, count] of the xdist shard that reported the record"},
                 "shards_run": {"type": "array", "items": {"type": "integer", "minimum": 1},

@@ -96,6 +96,11 @@ def coverage_text(coverage: Mapping[str, Any]) -> str:
     return text
 
 
+INEXACT_MARK = "*"
+INEXACT_LEGEND = (f"{INEXACT_MARK} judged on a view of the deployed model that computes otherwise than the model "
+                  "(allow_inexact_view=True): see its inexact view notes")
+
+
 def format_table(records: list[dict[str, Any]]) -> list[str]:
     """Terminal summary, one aligned row per campaign, for the pytest summary and the CLI."""
     rows = [[
@@ -106,7 +111,7 @@ def format_table(records: list[dict[str, Any]]) -> list[str]:
         _accuracy_text(record),
         _threshold_text(record),
         _reach(record),
-        record["verdict"].upper(),
+        record["verdict"].upper() + (INEXACT_MARK if record.get("inexact_view") else ""),
         f"{record['seconds']:.1f}s",
     ] for record in records]
     header = [name for name, _ in _TABLE_COLUMNS]
@@ -116,7 +121,8 @@ def format_table(records: list[dict[str, Any]]) -> list[str]:
         return "  ".join(cell.rjust(width) if right else cell.ljust(width)
                          for cell, width, (_, right) in zip(cells, widths, _TABLE_COLUMNS)).rstrip()
 
-    return [line(header), line(["-" * width for width in widths]), *(line(row) for row in rows)]
+    legend = [INEXACT_LEGEND] if any(record.get("inexact_view") for record in records) else []
+    return [line(header), line(["-" * width for width in widths]), *(line(row) for row in rows), *legend]
 
 
 def _ranges(indices: Sequence[int]) -> str:
@@ -245,6 +251,8 @@ def failure_message(record: dict[str, Any], reproduce: str) -> str:
         row("model", f"deployed {record['model_format']} int8 model: its own codes, scales and arithmetic")
         for note in record.get("model_notes") or []:
             row("model note", printable(note))
+        for note in record.get("inexact_view") or []:
+            row("inexact view", printable(f"judged anyway (allow_inexact_view=True): {note}"))
     float_kind = "float function of its int8 weights" if deployed else "float"
     row("fault-free", f"{float_kind} {record['float_accuracy']:.4f}, quantized {record['quantized_accuracy']:.4f}")
     if record.get("coverage"):
