@@ -360,3 +360,16 @@ def test_page_renders_in_headless_chromium(tmp_path: Path, records: list[dict[st
     assert pixels.shape[:2] == (2000, 1280)
     colours = {tuple(p) for p in (pixels[::7, ::7, :3] * 255).astype(int).reshape(-1, 3).tolist()}
     assert len(colours) > 50  # text, plots and heat-map colours, not a blank page
+
+
+def test_a_verdict_on_an_inexact_view_is_marked_with_its_note(records: list[dict[str, Any]]) -> None:
+    """A deployed model judged with allow_inexact_view=True: the table's verdict carries a mark whose tooltip holds
+    the load check's note (escaped), and the note under the table says what the mark means."""
+    marked = copy.deepcopy(records[0])
+    marked["inexact_view"] = ["fault-free outputs differ (<b>394</b> of 640 values exactly equal)"]
+    table = _section(render_html([marked, records[0]], ENV), "campaigns")
+    assert table.count('<span class="inexact"') == 1
+    assert ('<span class="inexact" title="fault-free outputs differ (&lt;b&gt;394&lt;/b&gt; of 640 values exactly '
+            'equal)">*</span>') in table
+    assert "judged on a view of the deployed model that computes otherwise than the model" in table
+    assert "judged on a view" not in _section(render_html([records[0]], ENV), "campaigns")

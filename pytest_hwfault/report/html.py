@@ -26,7 +26,16 @@ from typing import Any
 from ..spec import SITES
 from .document import write_atomically
 from .plot import _MARKERS, _plot_curves, _test_function
-from .text import _accuracy_text, _reach, _short_nodeid, _threshold_text, failure_message, printable
+from .text import (
+    INEXACT_LEGEND,
+    INEXACT_MARK,
+    _accuracy_text,
+    _reach,
+    _short_nodeid,
+    _threshold_text,
+    failure_message,
+    printable,
+)
 
 MAX_PLOTS = 48  # accuracy-vs-BER figures drawn; more curves are listed, not drawn
 DETECTION_KEYS = ("silent", "detected", "due")  # counts another part of the plugin may add to records
@@ -123,6 +132,9 @@ def _table(records: Sequence[Mapping[str, Any]]) -> str:
         verdict = _verdict_badge(record["verdict"])
         if record["verdict"] != "pass":
             verdict = f'<a href="#{_anchor(index)}-details">{verdict}</a>'
+        if record.get("inexact_view"):
+            verdict += (f'<span class="inexact" title="{esc(" / ".join(map(str, record["inexact_view"])))}">'
+                        f"{INEXACT_MARK}</span>")
         budget = f"/{record['budget']}" if record.get("budget") is not None else ""
         conf = f' title="at {_num(record.get("confidence"), ".0%")} confidence, {esc(record.get("method", ""))}"'
         fault_free = (f"{_num(record.get('quantized_accuracy'))}"
@@ -141,6 +153,8 @@ def _table(records: Sequence[Mapping[str, Any]]) -> str:
     header = "".join(f"<th>{esc(h)}</th>" for h in head)
     note = ("accuracy: accuracy under faults with its confidence interval; reach: share of the MACs (weights, for "
             "site=weight) that faults can hit; fault-free: quantized (float) accuracy without faults.")
+    if any(record.get("inexact_view") for record in records):
+        note += f" {INEXACT_LEGEND} (the mark's tooltip)."
     return (f'<h2 id="campaigns">Campaigns</h2>\n<div class="wide"><table class="campaigns"><thead><tr>{header}'
             "</tr></thead><tbody>\n" + "\n".join(rows) + f'\n</tbody></table></div>\n<p class="note">{note}</p>')
 
