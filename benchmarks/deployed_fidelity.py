@@ -496,6 +496,53 @@ def _ao_torchvision_rows() -> dict[str, dict[str, float]]:
     return rows
 
 
+AO_QNNPACK_TORCHVISION = (("eager", "mobilenet_v2"), ("eager", "mobilenet_v3_large"), ("eager", "resnet18"),
+                          ("eager", "shufflenet_v2_x0_5"), ("fx", "mobilenet_v2"), ("fx", "resnet18"))
+
+
+def _ao_qnnpack_rows() -> dict[str, dict[str, float]]:
+    """As `_ao_torchvision_rows`, under torch's qnnpack engine (QNNPACK's kernels, as on ARM; the qnnpack qconfig):
+    fault-free logits, the lowest share equal under three act trials at BER 1e-2, and whether the load checks found
+    the view exact (`view_exact` 1) or an inexact view (0: a gate needs allow_inexact_view=True)."""
+    import warnings
+
+    import torchvision
+    import torchvision.models.quantization as quantizable
+
+    from pytest_hwfault import FaultModel
+    from pytest_hwfault.faults import sample_pattern
+
+    rows = {}
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "qnnpack"
+    try:
+        for form, name in AO_QNNPACK_TORCHVISION:
+            torch.manual_seed(0)
+            calibration, x = torch.randn(32, 3, 64, 64), torch.randn(16, 3, 64, 64)
+            if form == "fx":
+                model = dm.to_ao_fx(getattr(torchvision.models, name)(weights=None, num_classes=10).eval(),
+                                    calibration, engine="qnnpack")
+            else:
+                net = getattr(quantizable, name)(weights=None, quantize=False, num_classes=10).eval()
+                net.fuse_model(is_qat=False)
+                model = dm.to_ao_eager(net, calibration, engine="qnnpack")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the load check's mismatch warning: the row says it
+                qmodel = quantize(model, calibration)
+            equal = []
+            for trial in range(3):
+                fault_model = FaultModel("act", 1e-2)
+                pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x),
+                                         torch.Generator().manual_seed(trial))
+                equal.append(float((_run(dm.ao_under_faults(model, pattern), x) == qmodel(x, pattern)).float().mean()))
+            rows[f"torch.ao {form} qnnpack, {name}"] = {
+                **_exact(_run(model, x), qmodel(x)), "act_faults_logits_exactly_equal": min(equal),
+                "view_exact": float(not qmodel.config["view_mismatch"])}
+    finally:
+        torch.backends.quantized.engine = engine
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--torchvision", action="store_true",
@@ -505,6 +552,7 @@ def main() -> None:
     rows = measure()
     if args.torchvision:
         rows.update(_ao_torchvision_rows())
+        rows.update(_ao_qnnpack_rows())
         rows.update(_torchvision_rows())
         rows.update(_onnx_torchvision_rows())
     print(f"{'format':<44} agreement")

@@ -115,6 +115,51 @@ class KernelProductRequantize(Requantize):
         return codes.add_(self.zero_point).clamp_(self.low, self.high).sub_(self.zero_point).mul_(scale)
 
 
+def qnnpack_add_parameters(scale_a: float, scale_b: float, scale: float) -> tuple[int, int, int]:
+    """QNNPACK's fixed-point add (torch's qnnpack engine): each operand's ratio float32(scale_x / scale) times
+    2^shift, rounded half to even, where shift = 21 - the larger ratio's binary exponent: (multiplier a,
+    multiplier b, shift)."""
+    f32 = torch.float32
+    ratios = [torch.tensor(s, dtype=f32) / torch.tensor(scale, dtype=f32) for s in (scale_a, scale_b)]
+    shift = 21 - (math.frexp(float(max(ratios)))[1] - 1)
+    a, b = (int(torch.round(r * torch.tensor(2.0**shift, dtype=f32))) for r in ratios)
+    return a, b, shift
+
+
+class QnnpackAddOperand(Requantize):
+    """An operand of QNNPACK's add: its stored code (recovered exactly from (code - zero point) x scale) times its
+    fixed-point multiplier, an integer below 2^30, exact in float64. A `Requantize`, so that the float function
+    passes values through."""
+
+    def __init__(self, scale: float, zero_point: int, low: int, high: int, multiplier: int) -> None:
+        super().__init__(scale, zero_point, low, high)
+        self.multiplier = multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = torch.div(x, torch.tensor(self.scale, dtype=torch.float32)).round_().add_(self.zero_point)
+        return codes.double().mul_(self.multiplier)
+
+
+class QnnpackAddRequantize(Requantize):
+    """QNNPACK's add on the sum of its operands' `QnnpackAddOperand`s: plus the zero points' product
+    -(multiplier a x zero point a + multiplier b x zero point b), shifted right by `shift` rounding half away from
+    zero, plus the output zero point, clamped (at the zero point for add_relu); returns code x scale, as `Requantize`
+    does. Measured against the engine's kernel on every code pair of 40 random grids (2.6M outputs, add and
+    add_relu): equal; the x86 kernel's float arithmetic differs on ~1 pair in 65,536, more under faults."""
+
+    def __init__(self, scale: float, zero_point: int, low: int, high: int, product: int, shift: int) -> None:
+        super().__init__(scale, zero_point, low, high)
+        self.product, self.shift = product, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = x.long().add_(self.product)
+        mask = (1 << self.shift) - 1
+        remainder = (acc & mask) - (acc < 0).long()
+        codes = (acc >> self.shift).add_((remainder > (mask >> 1)).long()).add_(self.zero_point)
+        codes = codes.clamp_(self.low, self.high).sub_(self.zero_point).to(torch.float32)
+        return codes.mul_(torch.tensor(self.scale, dtype=torch.float32))
+
+
 def kernel_scaling(onednn: bool) -> Scaling:
     """The float32 steps of the kernel that runs a quantized conv/linear: oneDNN's where it adds the zero point
     before rounding (`zero_point_before_rounding`), fbgemm's otherwise. Measured on this machine's x86, onednn and
@@ -122,6 +167,20 @@ def kernel_scaling(onednn: bool) -> Scaling:
     a 64-channel 1x1 conv and linear with random scales and biases): each kernel's own steps gave every output
     code, the one-multiplier form missed 7-12 in 4M."""
     return Scaling.ONEDNN if onednn else Scaling.FBGEMM
+
+
+def qnnpack_bias_codes(bias: torch.Tensor | None, input_scale: float, weight_scale: torch.Tensor
+                       ) -> torch.Tensor | None:
+    """A conv/linear's float bias as QNNPACK (torch's qnnpack engine: ARM phones and boards) adds it: int32 codes at
+    the accumulator's scale, round_half_even(float32(bias) x float32(1 / float32(input scale x weight scale))), on
+    the int32 accumulator, which one float32 multiplier then takes to the output grid (`Scaling.COMBINED`). Measured
+    against the engine's kernels: every bias code on 2,416 near-ties, where dividing instead missed 285 (f32) and
+    782 (f64)."""
+    if bias is None:
+        return None
+    f32 = torch.float32
+    accumulator_scale = torch.tensor(input_scale, dtype=f32) * weight_scale.to(f32)
+    return torch.round(bias.detach().to(f32) * (1.0 / accumulator_scale)).to(torch.int32)
 
 
 def zero_point_before_rounding(module: Any) -> bool:
@@ -659,8 +718,18 @@ def read_dynamic_recurrent(module: Any, name: str, ran: set[str], source: str
 
 def pool_adds_zero_point_first(tensor: torch.Tensor) -> bool:
     """Whether torch's quantized average pools add the zero point before rounding on this input: on a contiguous
-    (NCHW) one, not on a channels-last one (see `deployed.CodeAvgPool`)."""
-    return bool(tensor.is_contiguous())
+    (NCHW) one, not on a channels-last one (see `deployed.CodeAvgPool`); never under the qnnpack engine, whose
+    pools (avg_pool2d, adaptive and global) round the exact mean of the codes, then add it (measured: 0 of 300k
+    outputs apart, 2x2 to 14x14 windows, both layouts)."""
+    return torch.backends.quantized.engine != "qnnpack" and bool(tensor.is_contiguous())
+
+
+def qnnpack_add(grids: list[Grid], scale: float) -> bool:
+    """Whether torch's quantized add of operands on `grids` runs QNNPACK's fixed-point kernel: under the qnnpack
+    engine, on two uint8 operands whose scale ratios it accepts ([2^-14, 2^8) of the output scale)."""
+    if torch.backends.quantized.engine != "qnnpack" or len(grids) != 2 or any(g[2] for g in grids):
+        return False
+    return all(2.0**-14 <= g[0] / scale < 2.0**8 for g in grids)
 
 
 class Recorded(NamedTuple):
@@ -736,10 +805,23 @@ class AoFunctional(nn.Module):
     def __init__(self, scale: float, zero_point: int, operands: dict[str, list[Grid | None]]) -> None:
         super().__init__()
         self.requantize = Requantize(scale, zero_point, 0, 255, divide=False)
-        self.requantize_relu = Requantize(scale, zero_point, zero_point, 255, divide=False)
-        self.dequantize = nn.ModuleList(
-            KernelDequantize(g[0], g[1], *_range(g[2])) if g is not None and g[1] else nn.Identity()
-            for g in operands.get("add", operands.get("add_relu", [None, None])))
+        added = operands.get("add", operands.get("add_relu", [None, None]))
+        grids = [g for g in added if g is not None]
+        if qnnpack_add(grids, scale):  # QNNPACK's fixed-point add (torch's qnnpack engine, uint8 operands)
+            (sa, za, _), (sb, zb, _) = grids
+            ma, mb, shift = qnnpack_add_parameters(sa, sb, scale)
+            product = -(ma * za + mb * zb)
+            self.add_requantize: nn.Module = QnnpackAddRequantize(scale, zero_point, 0, 255, product, shift)
+            self.add_requantize_relu: nn.Module = QnnpackAddRequantize(scale, zero_point, zero_point, 255, product,
+                                                                       shift)
+            self.dequantize = nn.ModuleList(QnnpackAddOperand(g[0], g[1], 0, 255, m)
+                                            for g, m in zip(grids, (ma, mb)))
+        else:
+            self.add_requantize = self.requantize
+            self.add_requantize_relu = Requantize(scale, zero_point, zero_point, 255, divide=False)
+            self.dequantize = nn.ModuleList(
+                KernelDequantize(g[0], g[1], *_range(g[2])) if g is not None and g[1] else nn.Identity()
+                for g in added)
         mul = operands.get("mul", [None, None])
         self.codes = nn.ModuleList(nn.Identity() if g is None else KernelCodes(g[0], g[1], *_range(g[2]))
                                    for g in mul)
@@ -750,10 +832,10 @@ class AoFunctional(nn.Module):
         return self.dequantize[0](x), self.dequantize[1](y)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.requantize(torch.add(*self._operands(x, y)))
+        return self.add_requantize(torch.add(*self._operands(x, y)))
 
-    def add_relu(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.requantize_relu(torch.relu(torch.add(*self._operands(x, y))))
+    def add_relu(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # QNNPACK's operands: >= 0, relu a no-op
+        return self.add_requantize_relu(torch.relu(torch.add(*self._operands(x, y))))
 
     def mul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.product(torch.mul(self.codes[0](x), self.codes[1](y)))
@@ -807,12 +889,19 @@ def replace_ao_modules(work: nn.Module, recorded: Recorded, source: str, never_r
             codes, weight_scale = weight_codes(module, name, source)
             in_scale, in_zero, in_signed = inputs[name]
             bias = ao.bias()
-            onednn = zero_point_before_rounding(module)
-            found[name] = DeployedLayer(codes, weight_scale, in_scale, in_zero, float(ao.scale), int(ao.zero_point),
-                                        bias=None if bias is None else bias.detach().float(),
-                                        bias_mode=BiasMode.FLOAT, input_signed=in_signed, act_signed=False,
-                                        relu=isinstance(module, types["fused_relu"]),
-                                        zero_point_before_rounding=onednn, scaling=kernel_scaling(onednn))
+            relu = isinstance(module, types["fused_relu"])
+            if torch.backends.quantized.engine == "qnnpack":
+                found[name] = DeployedLayer(codes, weight_scale, in_scale, in_zero, float(ao.scale),
+                                            int(ao.zero_point), bias=qnnpack_bias_codes(bias, in_scale, weight_scale),
+                                            bias_mode=BiasMode.INTEGER, input_signed=in_signed, act_signed=False,
+                                            relu=relu, scaling=Scaling.COMBINED)
+            else:
+                onednn = zero_point_before_rounding(module)
+                found[name] = DeployedLayer(codes, weight_scale, in_scale, in_zero, float(ao.scale),
+                                            int(ao.zero_point), bias=None if bias is None else bias.detach().float(),
+                                            bias_mode=BiasMode.FLOAT, input_signed=in_signed, act_signed=False,
+                                            relu=relu, zero_point_before_rounding=onednn,
+                                            scaling=kernel_scaling(onednn))
             paired = pair_saturation(module)
             if paired is not None and saturating is not None:
                 saturating[name] = paired

@@ -397,6 +397,38 @@ def check_fixed_batch(source: str, size: int, declared: str, module: nn.Module, 
     return f"{what}: {runtime}; the engine runs the same graph on larger batches, which it computes"
 
 
+def load_check_pattern(qmodel: Any, count: int, ber: float, check: str) -> Any:
+    """The act faults a load check under faults runs on `count` images (a fixed seed per `check`), or None where
+    the view has no act site."""
+    from .faults import FaultModel, sample_pattern, trial_generator
+    from .spec import Site
+
+    fault_model = FaultModel(Site.ACT, ber)
+    targets = qmodel.targets(fault_model.site)
+    return sample_pattern(fault_model, targets, count, trial_generator(0, check, 0)) if targets else None
+
+
+def trial_agreement(qmodel: Any, images: Any, pattern: Any, theirs: list[torch.Tensor], against: str, ber: float,
+                    cause: str = "") -> tuple[str, bool]:
+    """The view under `pattern` (a trial of act faults at `ber`) against a runtime's outputs `theirs` under the same
+    faults, in words, and whether they are equal bit for bit: the load checks under faults of `onnx_faults` and
+    `ao_faults`. `cause`: said after a difference."""
+    from torch.utils._pytree import tree_leaves
+
+    with torch.no_grad():
+        ours = [t for t in tree_leaves(qmodel(images, pattern)) if isinstance(t, torch.Tensor)]
+        clean = [t for t in tree_leaves(qmodel(images)) if isinstance(t, torch.Tensor)]
+    moved = sum(int((a != b).sum()) for a, b in zip(ours, clean)) / max(1, sum(a.numel() for a in ours))
+    where = (f"checked against {against} under a trial of act faults (BER {ber:g}: {len(pattern)} faults, which "
+             f"moved {moved:.0%} of the outputs) on {len(images)} calibration images")
+    if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
+        return f"{where}: its outputs have other shapes than the view's", False
+    if all(torch.equal(a, b.cpu()) for a, b in zip(theirs, ours)):
+        return f"{where}: outputs equal bit for bit", True
+    equal = sum(int((a == b.cpu()).sum()) for a, b in zip(theirs, ours))
+    return f"{where}: outputs differ ({equal} of {sum(a.numel() for a in theirs)} values exactly equal){cause}", False
+
+
 def float32_multiplier(input_scale: float, weight_scale: torch.Tensor, act_scale: float | None) -> torch.Tensor:
     """input_scale x weight_scale / act_scale per channel, in float32 arithmetic as the runtimes compute it (no
     division for a layer whose result stays float)."""

@@ -112,21 +112,16 @@ def agreement_under_faults(model: Any, qmodel: Any, images: Any, ber: float = 1e
     running the model under the same faults (`onnx_under_faults`), on `images`, in words, and whether the outputs
     are equal bit for bit (None: not checked, saying why). Faults move values where calibration never goes
     (saturated codes, sums far from the usual): a fault-free check does not show the arithmetic agrees there."""
-    from torch.utils._pytree import tree_leaves
-
-    from .faults import FaultModel, sample_pattern, trial_generator
+    from .deployed import load_check_pattern, trial_agreement
     from .onnx_reader import fixed_batch, load
-    from .spec import Site
 
     fixed = fixed_batch(load(model))
     if fixed is not None and fixed[0] < len(images):  # the graph runs that many images at a time: one call's worth
         images = images[: fixed[0]]
     count = len(images)
-    fault_model = FaultModel(Site.ACT, ber)
-    targets = qmodel.targets(fault_model.site)
-    if not targets:
+    pattern = load_check_pattern(qmodel, count, ber, "onnx load check under faults")
+    if pattern is None:
         return "not checked against onnxruntime under faults: the model has no act site", None
-    pattern = sample_pattern(fault_model, targets, count, trial_generator(0, "onnx load check under faults", 0))
     try:
         import onnxruntime as ort
 
@@ -142,15 +137,4 @@ def agreement_under_faults(model: Any, qmodel: Any, images: Any, ber: float = 1e
         reason = str(error).splitlines()[0][:200] if str(error) else ""
         return (f"not checked against onnxruntime under faults ({type(error).__name__}: {reason}): its arithmetic on "
                 "faulty values is known from the fault-free check and the kernels' probes only"), None
-    with torch.no_grad():
-        ours = [t for t in tree_leaves(qmodel(images, pattern)) if isinstance(t, torch.Tensor)]
-        clean = [t for t in tree_leaves(qmodel(images)) if isinstance(t, torch.Tensor)]
-    moved = sum(int((a != b).sum()) for a, b in zip(ours, clean)) / max(1, sum(a.numel() for a in ours))
-    where = (f"checked against onnxruntime under a trial of act faults (BER {ber:g}: {len(pattern)} faults, which "
-             f"moved {moved:.0%} of the outputs) on {count} calibration images")
-    if len(theirs) == len(ours) and all(a.shape == b.shape and torch.equal(a, b.cpu()) for a, b in zip(theirs, ours)):
-        return f"{where}: outputs equal bit for bit", True
-    if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
-        return f"{where}: its outputs have other shapes than the view's", False
-    equal = sum(int((a == b.cpu()).sum()) for a, b in zip(theirs, ours))
-    return f"{where}: outputs differ ({equal} of {sum(a.numel() for a in theirs)} values exactly equal)", False
+    return trial_agreement(qmodel, images, pattern, theirs, "onnxruntime", ber)

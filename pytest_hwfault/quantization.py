@@ -537,6 +537,13 @@ def quantize(
         deployed_notes.insert(0, note)
         if not note.endswith(COMPILED_EQUAL):
             _mismatch(qmodel, note)
+        elif not isinstance(first_batch[0], Inputs):  # equal fault-free: then under faults, where codes go further
+            from .ao_faults import agreement_under_faults as ao_under_faults_agreement
+
+            faulty_note, equal = ao_under_faults_agreement(given, qmodel, first_batch[0][:FAULT_CHECK_IMAGES])
+            deployed_notes.insert(1, faulty_note)
+            if equal is False:
+                _mismatch(qmodel, faulty_note)
     elif deployed is not None and deployed.source == "onnx":
         deployed_notes = config["deployed_notes"]
         assert isinstance(deployed_notes, list)
@@ -559,7 +566,7 @@ def quantize(
 
 COMPILED_CHECK_IMAGES = 64  # calibration images a compiled deployed model and its view are compared on
 DYNAMIC_CHECK_IMAGES = 16  # calibration images a dynamically quantized model runs on one by one against its view
-FAULT_CHECK_IMAGES = 16  # calibration images a static ONNX model and its view run on under a trial of act faults
+FAULT_CHECK_IMAGES = 16  # calibration images a static ONNX or torch.ao model and its view run on under act faults
 COMPILED_EQUAL = "fault-free outputs equal bit for bit"
 
 

@@ -7,7 +7,6 @@ FloatFunctional adds); the others trace it as it is (FX, torch.export, ONNX expo
 
 from __future__ import annotations
 
-import copy
 import math
 import pathlib
 import warnings
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pytest_hwfault.ao_faults import ao_under_faults  # noqa: F401 - the tests' helper too
 from pytest_hwfault.onnx_faults import onnx_under_faults  # noqa: F401 - the tests' helper too
 
 
@@ -94,9 +94,10 @@ def agreement(reference: torch.Tensor, ours: torch.Tensor, scale: float) -> dict
 
 
 # -- the four deployed formats, built the way their users build them ---------------------------------------------------
-def to_ao_eager(model: nn.Module, calibration: torch.Tensor, fusions: list[list[str]] | None = None) -> nn.Module:
-    """An eager-mode model (QuantStub/DeQuantStub, FloatFunctional adds) fused, prepared with the x86 qconfig,
-    calibrated on `calibration` and converted by torch.ao eager mode."""
+def to_ao_eager(model: nn.Module, calibration: torch.Tensor, fusions: list[list[str]] | None = None,
+                engine: str = "x86") -> nn.Module:
+    """An eager-mode model (QuantStub/DeQuantStub, FloatFunctional adds) fused, prepared with `engine`'s qconfig,
+    calibrated on `calibration` and converted by torch.ao eager mode (under the engine set now)."""
     import copy
     import warnings
 
@@ -107,15 +108,15 @@ def to_ao_eager(model: nn.Module, calibration: torch.Tensor, fusions: list[list[
         net = copy.deepcopy(model).eval()
         if fusions:
             net = tq.fuse_modules(net, fusions)
-        net.qconfig = tq.get_default_qconfig("x86")
+        net.qconfig = tq.get_default_qconfig(engine)
         prepared = tq.prepare(net)
         with torch.no_grad():
             prepared(calibration)
         return tq.convert(prepared)
 
 
-def to_ao_fx(model: nn.Module, calibration: torch.Tensor) -> torch.fx.GraphModule:
-    """`model` quantized with torch.ao FX mode (x86 default qconfig mapping), calibrated on `calibration`."""
+def to_ao_fx(model: nn.Module, calibration: torch.Tensor, engine: str = "x86") -> torch.fx.GraphModule:
+    """`model` quantized with torch.ao FX mode (`engine`'s default qconfig mapping), calibrated on `calibration`."""
     import copy
     import warnings
 
@@ -124,7 +125,7 @@ def to_ao_fx(model: nn.Module, calibration: torch.Tensor) -> torch.fx.GraphModul
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (calibration[:1],))
+        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(engine), (calibration[:1],))
         with torch.no_grad():
             prepared(calibration)
         return convert_fx(prepared)
@@ -384,50 +385,3 @@ def run_onnxruntime_ids(path: pathlib.Path, ids: torch.Tensor) -> torch.Tensor:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.cat([torch.from_numpy(session.run(None, {"ids": ids[i:i + 1].numpy()})[0]) for i in range(len(ids))])
-
-
-def ao_under_faults(model: nn.Module, pattern: Any) -> nn.Module:
-    """A copy of the torch.ao model (eager or FX) under the faults of `pattern`, computed by torch's own quantized
-    kernels: each faulted layer's output codes XORed with the pattern's masks by a forward hook (act), its int8
-    weight codes flipped and repacked (weight)."""
-    faulty = copy.deepcopy(model)
-    for (site, name), group in pattern.groups.items():
-        # a dynamic layer's view is named after the Linear inside the model's wrapper ("fc.linear" for "fc")
-        module = faulty.get_submodule(name if _has_submodule(faulty, name) else name.rsplit(".", 1)[0])
-        masks = (torch.ones_like(group.bit) << group.bit).to(torch.uint8)
-        if site.value == "weight":
-            weight = module.weight()
-            edited = weight.int_repr().clone().view(-1).view(torch.uint8)  # an int8 code's bits
-            for index, mask in zip(group.index.tolist(), masks.tolist()):
-                edited[index] ^= mask
-            codes = edited.view(torch.int8).view(weight.shape)
-            if weight.qscheme() == torch.per_channel_affine:
-                weight = torch._make_per_channel_quantized_tensor(codes, weight.q_per_channel_scales(),
-                                                                  weight.q_per_channel_zero_points(),
-                                                                  weight.q_per_channel_axis())
-            else:
-                weight = torch._make_per_tensor_quantized_tensor(codes, weight.q_scale(), weight.q_zero_point())
-            module.set_weight_bias(weight, module.bias())
-            continue
-        assert site.value == "act", site
-
-        def edit(module: nn.Module, args: tuple, out: torch.Tensor, group: Any = group,
-                 masks: torch.Tensor = masks) -> torch.Tensor:
-            codes = out.int_repr().contiguous().clone().view(len(out), -1)  # the runtime computes channels-last
-            for image, index, mask in zip(group.image.tolist(), group.index.tolist(), masks.tolist()):
-                codes[image, index] ^= mask  # quint8 codes: bit 7 is worth 128 codes, no sign
-            edited = torch._make_per_tensor_quantized_tensor(codes.view(out.shape), out.q_scale(), out.q_zero_point())
-            if out.dim() == 4 and not out.is_contiguous():  # the layout the runtime gave it: kernels that follow
-                edited = edited.contiguous(memory_format=torch.channels_last)  # (a mean) compute by layout
-            return edited
-
-        module.register_forward_hook(edit)
-    return faulty
-
-
-def _has_submodule(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True

@@ -1,0 +1,214 @@
+"""torch.ao models under the qnnpack engine (ARM phones and boards: QNNPACK's kernels), read as those kernels compute:
+a conv/linear's integer bias and one float32 multiplier, the fixed-point add, the pools' rounding; and the load
+check under faults, which every static torch.ao model now passes through."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.ao.quantization as tq
+import torch.nn.functional as F
+from deployed_models import ao_under_faults
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from pytest_hwfault import FaultModel, FaultPattern, quantize
+from pytest_hwfault.ao import (
+    QnnpackAddOperand,
+    QnnpackAddRequantize,
+    pool_adds_zero_point_first,
+    qnnpack_add_parameters,
+    qnnpack_bias_codes,
+)
+from pytest_hwfault.deployed import CodeAvgPool
+from pytest_hwfault.faults import sample_pattern
+from pytest_hwfault.quantization import DeployedMismatchWarning
+
+pytestmark = pytest.mark.skipif("qnnpack" not in torch.backends.quantized.supported_engines,
+                                reason="this torch build has no qnnpack engine")
+
+
+@pytest.fixture
+def qnnpack() -> Iterator[None]:
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "qnnpack"
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = engine
+
+
+def _every_pair(scale_a: float, zero_a: int, scale_b: float, zero_b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    a = torch.arange(256, dtype=torch.uint8).repeat_interleave(256)
+    b = torch.arange(256, dtype=torch.uint8).repeat(256)
+    return (torch._make_per_tensor_quantized_tensor(a, scale_a, zero_a),
+            torch._make_per_tensor_quantized_tensor(b, scale_b, zero_b))
+
+
+@settings(max_examples=12, deadline=None)
+@given(scales=st.tuples(*[st.floats(0.002, 0.2) for _ in range(3)]), zeros=st.tuples(*[st.integers(0, 255)] * 3),
+       relu=st.booleans())
+def test_the_fixed_point_add_is_qnnpacks_on_every_code_pair(scales: tuple[float, float, float],
+                                                            zeros: tuple[int, int, int], relu: bool) -> None:
+    """QNNPACK adds in fixed point (22-bit multipliers, a rounding shift); the float add of the x86 kernel differs on
+    about one pair in 65,536, and more often on the extreme codes faults make."""
+    (sa, sb, sc), (za, zb, zc) = scales, zeros
+    if not all(2.0**-14 <= s / sc < 2.0**8 for s in (sa, sb)) or relu and zc == 255:
+        return  # QNNPACK refuses these ratios, and an add_relu with nothing above its zero point, itself
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "qnnpack"
+    try:
+        qa, qb = _every_pair(sa, za, sb, zb)
+        kernel = (torch.ops.quantized.add_relu if relu else torch.ops.quantized.add)(qa, qb, sc, zc)
+    finally:
+        torch.backends.quantized.engine = engine
+    ma, mb, shift = qnnpack_add_parameters(sa, sb, sc)
+    regrid = QnnpackAddRequantize(sc, zc, zc if relu else 0, 255, -(ma * za + mb * zb), shift)
+    ours = regrid(QnnpackAddOperand(sa, za, 0, 255, ma)(qa.dequantize()) + QnnpackAddOperand(sb, zb, 0, 255, mb)(
+        qb.dequantize()))
+    assert torch.equal(ours, kernel.dequantize())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_qnnpack_pools_round_the_mean_then_add_the_zero_point(qnnpack: None, channels_last: bool) -> None:
+    """On x86 a contiguous input's pools add the zero point before rounding; QNNPACK's never do."""
+    codes = torch.randint(0, 256, (8, 16, 12, 12), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    x = torch._make_per_tensor_quantized_tensor(codes, 0.05, 3)  # an odd zero point: the two orders differ on ties
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert pool_adds_zero_point_first(x) is False
+    for pool in (nn.AvgPool2d(2), nn.AvgPool2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d(3)):
+        ours = CodeAvgPool(pool, 0.05, 3, 0, 255, zero_point_first=pool_adds_zero_point_first(x))
+        assert torch.equal(ours(x.dequantize()), pool(x).dequantize()), pool
+
+
+def test_qnnpack_bias_codes_are_the_kernels_on_near_ties(qnnpack: None) -> None:
+    """A linear layer whose multiplier is exactly 1 outputs its bias code (plus the zero point): read back on biases
+    a hair from half a code, where the order of QNNPACK's float32 steps decides the code."""
+    generator = torch.Generator().manual_seed(2)
+    read, missed = 0, 0
+    for _ in range(40):
+        layer = torch.ao.nn.quantized.Linear(4, 32)
+        weight = torch.quantize_per_tensor(torch.randn(32, 4, generator=generator) * 0.05,
+                                           float(torch.rand(1, generator=generator) * 0.02 + 0.002), 0, torch.qint8)
+        x_scale = float(torch.rand(1, generator=generator) * 0.05 + 0.005)
+        accumulator = torch.tensor(x_scale, dtype=torch.float32) * torch.tensor(weight.q_scale(), dtype=torch.float32)
+        near = (torch.randint(0, 200, (32,), generator=generator).double() + 0.5) * float(accumulator)
+        bias = (near * (1 + (torch.rand(32, generator=generator).double() - 0.5) * 1e-7)).float()
+        layer.set_weight_bias(weight, bias)
+        layer.scale, layer.zero_point = float(accumulator), 0
+        x = torch._make_per_tensor_quantized_tensor(torch.full((1, 4), 7, dtype=torch.uint8), x_scale, 7)
+        kernel = layer(x).int_repr().int()[0]
+        codes = qnnpack_bias_codes(bias, x_scale, torch.full((32,), weight.q_scale()))
+        assert codes is not None
+        readable = kernel < 255
+        read += int(readable.sum())
+        missed += int((codes != kernel)[readable].sum())
+    assert read > 1000 and missed == 0
+
+
+class _Block(nn.Module):
+    """A stem conv+ReLU, a depthwise conv, a residual add and add_relu, a 1x1 conv, an average pool and a linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+        self.stem, self.relu = nn.Conv2d(3, 16, 3, padding=1), nn.ReLU()
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.add = torch.ao.nn.quantized.FloatFunctional()
+        self.add_relu = torch.ao.nn.quantized.FloatFunctional()
+        self.pointwise = nn.Conv2d(16, 16, 1)
+        self.pool, self.fc = nn.AvgPool2d(2), nn.Linear(16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.stem(self.quant(x)))
+        h = self.add.add(h, self.depthwise(h))
+        h = self.add_relu.add_relu(h, self.pointwise(h))
+        return self.dequant(self.fc(self.pool(h).flatten(1)))
+
+
+def _converted() -> nn.Module:
+    torch.manual_seed(0)
+    model = _Block().eval()
+    model.qconfig = tq.get_default_qconfig("qnnpack")
+    tq.fuse_modules(model, [["stem", "relu"]], inplace=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = tq.prepare(model)
+        prepared(torch.randn(64, 3, 8, 8))
+        return tq.convert(prepared)
+
+
+def test_a_qnnpack_model_reads_bit_for_bit_with_faults(qnnpack: None) -> None:
+    """The view computed x86's arithmetic (a float bias on the float accumulator, the float add): 10% of this
+    model's outputs apart under qnnpack. Now fault-free, under act faults and under weight faults, its logits are
+    torch's own under the same faults; the load check says so, fault-free and under a trial of act faults."""
+    model = _converted()
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeployedMismatchWarning)
+        qmodel = quantize(model, x)
+    notes = qmodel.config["deployed_notes"]
+    assert notes[0].endswith("engine 'qnnpack') on 64 calibration images: fault-free outputs equal bit for bit")
+    assert "under a trial of act faults" in notes[1] and notes[1].endswith("outputs equal bit for bit"), notes[1]
+    with torch.no_grad():
+        assert torch.equal(model(x), qmodel(x))
+    for site in ("act", "weight"):
+        for trial in range(3):
+            fault_model = FaultModel(site, 1e-2)
+            pattern = sample_pattern(fault_model, qmodel.targets(fault_model.site), len(x),
+                                     torch.Generator().manual_seed(trial))
+            with torch.no_grad():
+                theirs = ao_under_faults(model, pattern)(x)
+            ours = qmodel(x, pattern)
+            assert not torch.equal(ours, qmodel(x))  # the faults moved the logits
+            assert torch.equal(theirs, ours), (site, trial, float((theirs == ours).float().mean()))
+
+
+def test_the_load_check_under_faults_makes_a_view_apart_an_inexact_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch.ao model equal to its view fault-free but not under faults (here the reference misses one layer's
+    faults) is a DeployedMismatchWarning and an inexact view, which campaigns refuse; a check that cannot run says
+    why, and no more."""
+    from pytest_hwfault import ao_faults
+    from pytest_hwfault.campaign import Campaign
+    from pytest_hwfault.evaluate import EvaluationError
+    from pytest_hwfault.spec import CampaignSpec
+
+    engine = torch.backends.quantized.engine
+    model = _converted()  # qnnpack's qconfig, read under the x86 engine here
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    real = ao_faults.ao_under_faults
+
+    def missing_a_layer(model: nn.Module, pattern: FaultPattern) -> nn.Module:
+        return real(model, FaultPattern({k: g for k, g in pattern.groups.items() if k[1] != "pointwise"}))
+
+    monkeypatch.setattr(ao_faults, "ao_under_faults", missing_a_layer)
+    with pytest.warns(DeployedMismatchWarning, match=f"engine '{engine}'.* under a trial of act faults .* outputs "
+                                                     "differ"):
+        qmodel = quantize(model, x)
+    assert qmodel.config["view_mismatch"] == [qmodel.config["deployed_notes"][1]]
+    spec = CampaignSpec(site="act", ber=1e-3, min_acc=0.0, budget=2, first=2)
+    with pytest.raises(EvaluationError, match="under a trial of act faults"):
+        Campaign(qmodel, x, qmodel(x).argmax(1), spec, "t")
+
+    def refused(model: nn.Module, pattern: FaultPattern) -> nn.Module:
+        raise ValueError("no such layer")
+
+    monkeypatch.setattr(ao_faults, "ao_under_faults", refused)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeployedMismatchWarning)
+        notes = quantize(model, x).config["deployed_notes"]
+    assert notes[1].startswith("not checked against the model under faults (ValueError: no such layer)"), notes[1]
+
+
+def test_a_qnnpack_pool_after_a_contiguous_input_is_read_as_qnnpack_rounds(qnnpack: None) -> None:
+    """F.avg_pool2d on a contiguous quantized tensor: the reader chose x86's order (zero point first) whatever the
+    engine."""
+    codes = torch.randint(0, 256, (4, 8, 6, 6), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    x = torch._make_per_tensor_quantized_tensor(codes, 0.05, 3)
+    assert torch.equal(CodeAvgPool(nn.AvgPool2d(2), 0.05, 3, 0, 255, zero_point_first=pool_adds_zero_point_first(x))(
+        x.dequantize()), F.avg_pool2d(x, 2).dequantize())
