@@ -537,7 +537,11 @@ def quantize(
         deployed_notes.insert(0, note)
         if not note.endswith(COMPILED_EQUAL):
             _mismatch(qmodel, note)
-        elif not isinstance(first_batch[0], Inputs):  # equal fault-free: then under faults, where codes go further
+        elif isinstance(first_batch[0], Inputs):
+            deployed_notes.insert(1, "not checked against the model under faults: the model takes several inputs; "
+                                     "its arithmetic on faulty codes is known from the fault-free check and the "
+                                     "kernels' probes only")
+        else:  # equal fault-free: then under faults, where codes go further
             from .ao_faults import agreement_under_faults as ao_under_faults_agreement
 
             faulty_note, equal = ao_under_faults_agreement(given, qmodel, first_batch[0][:FAULT_CHECK_IMAGES])
@@ -597,7 +601,8 @@ def require_exact_view(qmodel: QuantizedModel, allowed: bool) -> list[str]:
 
 class DeployedMismatchWarning(UserWarning):
     """The view of a deployed model does not compute what the deployed model computes (or could not be compared
-    with it): faults are injected into a model a little unlike the one deployed."""
+    with it): faults would be injected into a model a little unlike the one deployed, so campaigns on that view are
+    refused unless allow_inexact_view=True (`require_exact_view`)."""
 
 
 class CompiledMismatchWarning(DeployedMismatchWarning):

@@ -212,3 +212,34 @@ def test_a_qnnpack_pool_after_a_contiguous_input_is_read_as_qnnpack_rounds(qnnpa
     x = torch._make_per_tensor_quantized_tensor(codes, 0.05, 3)
     assert torch.equal(CodeAvgPool(nn.AvgPool2d(2), 0.05, 3, 0, 255, zero_point_first=pool_adds_zero_point_first(x))(
         x.dequantize()), F.avg_pool2d(x, 2).dequantize())
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant_a, self.quant_b, self.dequant = tq.QuantStub(), tq.QuantStub(), tq.DeQuantStub()
+        self.a, self.b, self.fc = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 4)
+        self.add = torch.ao.nn.quantized.FloatFunctional()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.fc(self.add.add(self.a(self.quant_a(x)), self.b(self.quant_b(y)))))
+
+
+def test_a_model_of_several_inputs_says_it_was_not_checked_under_faults() -> None:
+    """The check under faults runs a model of one input; one of several is said to be checked fault-free only, not
+    left without a word."""
+    from pytest_hwfault.data import Inputs
+
+    torch.manual_seed(0)
+    model = _TwoInputs().eval()
+    model.qconfig = tq.get_default_qconfig("x86")
+    x, y = torch.randn(64, 8), torch.randn(64, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = tq.prepare(model)
+        prepared(x, y)
+        converted = tq.convert(prepared)
+        qmodel = quantize(converted, Inputs((x, y)))
+    notes = qmodel.config["deployed_notes"]
+    assert notes[0].endswith("fault-free outputs equal bit for bit") and not qmodel.config["view_mismatch"]
+    assert notes[1].startswith("not checked against the model under faults: the model takes several inputs"), notes[1]
