@@ -183,6 +183,25 @@ def qnnpack_bias_codes(bias: torch.Tensor | None, input_scale: float, weight_sca
     return torch.round(bias.detach().to(f32) * (1.0 / accumulator_scale)).to(torch.int32)
 
 
+def static_layer(module: Any, codes: torch.Tensor, weight_scale: torch.Tensor, input_grid: Grid, output_grid: Grid,
+                 relu: bool) -> DeployedLayer:
+    """A static quantized conv/linear (eager or FX) as the engine set now runs it: QNNPACK's integer bias and one
+    float32 multiplier under the qnnpack engine (`qnnpack_bias_codes`), otherwise the x86 kernel's float32 steps,
+    oneDNN's or fbgemm's as measured on the layer (`zero_point_before_rounding`)."""
+    in_scale, in_zero, in_signed = input_grid
+    act_scale, act_zero, act_signed = output_grid
+    bias = module.bias()
+    if torch.backends.quantized.engine == "qnnpack":
+        return DeployedLayer(codes, weight_scale, in_scale, in_zero, act_scale, act_zero,
+                             bias=qnnpack_bias_codes(bias, in_scale, weight_scale), bias_mode=BiasMode.INTEGER,
+                             input_signed=in_signed, act_signed=act_signed, relu=relu, scaling=Scaling.COMBINED)
+    onednn = zero_point_before_rounding(module)
+    return DeployedLayer(codes, weight_scale, in_scale, in_zero, act_scale, act_zero,
+                         bias=None if bias is None else bias.detach().float(), bias_mode=BiasMode.FLOAT,
+                         input_signed=in_signed, act_signed=act_signed, relu=relu, zero_point_before_rounding=onednn,
+                         scaling=kernel_scaling(onednn))
+
+
 def zero_point_before_rounding(module: Any) -> bool:
     """Whether the kernel that runs the quantized conv/linear `module` adds its output zero point to the scaled
     float32 accumulator before rounding (oneDNN: torch's x86 engine's convolutions on CPUs with AVX512-VNNI, the
@@ -887,25 +906,13 @@ def replace_ao_modules(work: nn.Module, recorded: Recorded, source: str, never_r
                 raise DeployedFormatError(f"{source}: layer {name!r} did not run on the calibration data")
             refuse_defective_kernel(module, name, inputs[name], source)
             codes, weight_scale = weight_codes(module, name, source)
-            in_scale, in_zero, in_signed = inputs[name]
-            bias = ao.bias()
-            relu = isinstance(module, types["fused_relu"])
-            if torch.backends.quantized.engine == "qnnpack":
-                found[name] = DeployedLayer(codes, weight_scale, in_scale, in_zero, float(ao.scale),
-                                            int(ao.zero_point), bias=qnnpack_bias_codes(bias, in_scale, weight_scale),
-                                            bias_mode=BiasMode.INTEGER, input_signed=in_signed, act_signed=False,
-                                            relu=relu, scaling=Scaling.COMBINED)
-            else:
-                onednn = zero_point_before_rounding(module)
-                found[name] = DeployedLayer(codes, weight_scale, in_scale, in_zero, float(ao.scale),
-                                            int(ao.zero_point), bias=None if bias is None else bias.detach().float(),
-                                            bias_mode=BiasMode.FLOAT, input_signed=in_signed, act_signed=False,
-                                            relu=relu, zero_point_before_rounding=onednn,
-                                            scaling=kernel_scaling(onednn))
+            found[name] = static_layer(module, codes, weight_scale, inputs[name],
+                                       (float(ao.scale), int(ao.zero_point), False),
+                                       relu=isinstance(module, types["fused_relu"]))
             paired = pair_saturation(module)
             if paired is not None and saturating is not None:
                 saturating[name] = paired
-            replacement = float_twin(module, in_zero if paired else None)
+            replacement = float_twin(module, inputs[name][1] if paired else None)
         elif isinstance(module, types["quantize"]):
             replacement = Requantize(float(ao.scale), int(ao.zero_point), *_range(ao.dtype == torch.qint8),
                                      divide=False)

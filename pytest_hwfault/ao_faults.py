@@ -72,6 +72,8 @@ def agreement_under_faults(model: nn.Module, qmodel: Any, images: torch.Tensor, 
 
     from .data import call_model
     from .deployed import load_check_pattern, trial_agreement
+    from .layer_agreement import layer_agreement
+    from .quantization import LAYER_CHECK_IMAGES
 
     pattern = load_check_pattern(qmodel, len(images), ber, "torch.ao load check under faults")
     if pattern is None:
@@ -86,6 +88,15 @@ def agreement_under_faults(model: nn.Module, qmodel: Any, images: torch.Tensor, 
         reason = str(error).splitlines()[0][:200] if str(error) else ""
         return (f"not checked against the model under faults ({type(error).__name__}: {reason}): its arithmetic on "
                 "faulty codes is known from the fault-free check and the kernels' probes only"), None
-    return trial_agreement(qmodel, images, pattern, theirs,
-                           f"the model (torch's quantized kernels, engine {engine!r})", ber,
-                           ": the model's kernels compute faulty codes otherwise than the engine reproduces them")
+    against = f"the model (torch's quantized kernels, engine {engine!r})"
+    cause = ": the model's kernels compute faulty codes otherwise than the engine reproduces them"
+    note, equal = trial_agreement(qmodel, images, pattern, theirs, against, ber, cause)
+    few = images[:LAYER_CHECK_IMAGES]
+    restricted = pattern.restricted_to(torch.arange(len(few)))
+    with torch.no_grad():
+        faulty = ao_under_faults(model, restricted).eval()
+    layers_apart = layer_agreement(faulty, qmodel, lambda: call_model(faulty, few), lambda: qmodel(few, restricted))
+    if layers_apart.apart:
+        return f"{note}; layer by layer on {len(few)} of the images: {layers_apart.describe()}{cause}", False
+    layers = f"output codes of its {layers_apart.compared} quantized layers equal on {len(few)} of them, and"
+    return note.replace(": outputs equal bit for bit", f": {layers} outputs equal bit for bit"), equal

@@ -11,14 +11,16 @@ x86 kernels (as for the eager reader, ao.py):
   plus the zero point); ``dequantize`` -> nothing;
 - a quantized add/add_relu -> the float add of its operands as the kernel dequantizes them (`KernelDequantize`: one
   fused multiply-add, for operands with a zero point), re-gridded by `Requantize(divide=False)` (a fused ReLU clamps
-  at the zero point); a quantized cat -> float cat, then `Requantize(divide=False)`;
+  at the zero point); under the qnnpack engine, QNNPACK's fixed-point add (`QnnpackAddOperand`s, then
+  `QnnpackAddRequantize`), as the eager reader's; a quantized cat -> float cat, then `Requantize(divide=False)`;
 - a quantized mul/mul_relu -> the integer product of the operands' codes (`KernelCodes`) times the kernel's float32
   multiplier (`KernelProductRequantize`);
 - an average pooling (module or function) on a quantized tensor -> `CodeAvgPool` (the mean of integer codes plus
   the zero point, rounded half to even);
-- quantized conv/linear modules -> float twins (`ao.float_twin`) with their `DeployedLayer`; whether each layer's
-  kernel is oneDNN's (output zero point added before rounding) or fbgemm's (after) is measured
-  (`zero_point_before_rounding`), and the layer takes that kernel's float32 steps (`ao.kernel_scaling`);
+- quantized conv/linear modules -> float twins (`ao.float_twin`) with their `DeployedLayer` (`ao.static_layer`);
+  whether each layer's kernel is oneDNN's (output zero point added before rounding) or fbgemm's (after) is measured
+  (`zero_point_before_rounding`), and the layer takes that kernel's float32 steps (`ao.kernel_scaling`); under the
+  qnnpack engine, QNNPACK's integer bias and one float32 multiplier;
 - an elementwise activation on a quantized tensor (a module, function, method or ``torch.ops.quantized`` op:
   ReLU6, Hardtanh, clamp, Hardswish, ELU, LeakyReLU, Sigmoid, ...) -> a `CodeTable` measured from torch's kernel
   (`ao.code_table`); a mean -> torch's kernel's own path (`code_mean`);
@@ -49,22 +51,25 @@ from .ao import (
     KernelCodes,
     KernelDequantize,
     KernelProductRequantize,
+    QnnpackAddOperand,
+    QnnpackAddRequantize,
     _ao_types,
     code_table,
     float_channelwise,
     float_elementwise,
     float_twin,
-    kernel_scaling,
     module_table,
     pair_saturation,
     pool_adds_zero_point_first,
+    qnnpack_add,
+    qnnpack_add_parameters,
     refuse_defective_kernel,
     saturation_notes,
+    static_layer,
     weight_codes,
-    zero_point_before_rounding,
 )
 from .data import iter_batches
-from .deployed import BiasMode, CodeAvgPool, Deployed, DeployedFormatError, DeployedLayer, Requantize
+from .deployed import CodeAvgPool, Deployed, DeployedFormatError, DeployedLayer, Requantize
 
 SOURCE = "torch.ao fx"
 
@@ -295,6 +300,22 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
             raise _unsupported(node, "did not give a quantized tensor on the calibration data")
         scale, zero, signed = grids[node.name]
         low, high = _range(signed)
+        added = [grids[arg.name] for arg in args if isinstance(arg, torch.fx.Node) and arg.name in grids]
+        if fused_dequantize and qnnpack_add(added, scale):  # QNNPACK's fixed-point add (the qnnpack engine)
+            (scale_a, zero_a, _), (scale_b, zero_b, _) = added
+            multiplier_a, multiplier_b, shift = qnnpack_add_parameters(scale_a, scale_b, scale)
+            regrid = add_module(node, "requantize", QnnpackAddRequantize(
+                scale, zero, max(low, zero) if relu else low, high, -(multiplier_a * zero_a + multiplier_b * zero_b),
+                shift))
+            with graph.inserting_before(node):
+                fixed = [graph.call_module(add_module(node, f"operand{i}", QnnpackAddOperand(
+                    grid[0], grid[1], *_range(grid[2]), multiplier)), (arg,))
+                    for i, (arg, grid, multiplier) in enumerate(zip(args, added, (multiplier_a, multiplier_b)))]
+                out = graph.call_module(regrid, (graph.call_function(torch.add, tuple(fixed)),))
+            node.replace_all_uses_with(out)
+            carry(node, out)
+            graph.erase_node(node)
+            return
         regrid = add_module(node, "requantize",
                             Requantize(scale, zero, max(low, zero) if relu else low, high, divide=False))
         with graph.inserting_before(node):
@@ -466,20 +487,12 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
                                              "supported)")
                 refuse_defective_kernel(module, target, quantized_in[0], SOURCE)
                 codes, w_scale = weight_codes(module, target, SOURCE)
-                layer: Any = module  # an ao Conv/Linear: its attributes are untyped
-                in_scale, in_zero, in_signed = quantized_in[0]
-                act_scale, act_zero, act_signed = grids[node.name]
-                bias = layer.bias()
-                onednn = zero_point_before_rounding(module)
-                layers[target] = DeployedLayer(codes, w_scale, in_scale, in_zero, act_scale, act_zero,
-                                               bias=None if bias is None else bias.detach().float(),
-                                               bias_mode=BiasMode.FLOAT, input_signed=in_signed,
-                                               act_signed=act_signed, relu=isinstance(module, types["fused_relu"]),
-                                               zero_point_before_rounding=onednn, scaling=kernel_scaling(onednn))
+                layers[target] = static_layer(module, codes, w_scale, quantized_in[0], grids[node.name],
+                                              relu=isinstance(module, types["fused_relu"]))
                 paired = pair_saturation(module)
                 if paired is not None and saturating is not None:
                     saturating[target] = paired
-                work.set_submodule(target, float_twin(module, in_zero if paired else None))
+                work.set_submodule(target, float_twin(module, quantized_in[0][1] if paired else None))
             elif isinstance(module, types["quantize"]):
                 if node.name not in grids:
                     raise _unsupported(node, "did not run on the calibration data")

@@ -571,6 +571,7 @@ def quantize(
 COMPILED_CHECK_IMAGES = 64  # calibration images a compiled deployed model and its view are compared on
 DYNAMIC_CHECK_IMAGES = 16  # calibration images a dynamically quantized model runs on one by one against its view
 FAULT_CHECK_IMAGES = 16  # calibration images a static ONNX or torch.ao model and its view run on under act faults
+LAYER_CHECK_IMAGES = 4  # of those, the images a torch.ao model's quantized layers are compared on (their codes kept)
 COMPILED_EQUAL = "fault-free outputs equal bit for bit"
 
 
@@ -711,40 +712,15 @@ def _dequantized(output: Any) -> list[torch.Tensor]:
     return [t.dequantize() if t.is_quantized else t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
 
 
-def _first_module_apart(model: nn.Module, qmodel: QuantizedModel, images: Any) -> str:
-    """The first module (in the model's order of calls) whose output in the view differs from the model's own, both
-    run on `images` with forward hooks: the view keeps the model's module names."""
-    outputs: tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]] = ({}, {})
-
-    def keeper(name: str, kept: dict[str, list[torch.Tensor]]) -> Any:
-        def keep(module: nn.Module, args: Any, out: Any) -> None:  # returns None: the output stays
-            kept.setdefault(name, _dequantized(out))
-        return keep
-
-    handles = [module.register_forward_hook(keeper(name, kept)) for kept, root in zip(outputs, (model, qmodel.module))
-               for name, module in root.named_modules() if name]
-    try:
-        with torch.no_grad():
-            call_model(model, images)
-            qmodel(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-    theirs, ours = outputs
-    kinds = dict(model.named_modules())
-    for name, out in theirs.items():  # in the order the model called them
-        mine = ours.get(name)
-        if mine is not None and [t.shape for t in mine] == [t.shape for t in out] and not _outputs_agree(out, mine):
-            return (f"; the first module whose output differs: {name!r} ({type(kinds[name]).__name__}), or an op the "
-                    "model calls on its input")
-    return ""
-
-
 def ao_agreement(model: nn.Module, qmodel: QuantizedModel, images: Any) -> str:
     """The fault-free outputs of the view of a static torch.ao model (eager or FX) against the model's own, torch's
-    quantized kernels under the quantized engine set now, on `images`, in words: equal bit for bit, or how far apart
-    and the first module that computes otherwise (a float module the model runs on quantized tensors, such as a
-    bilinear Upsample, whose quantized kernel rounds where the view computes in float)."""
+    quantized kernels under the quantized engine set now, on `images`, and every quantized layer's output codes on the
+    first `LAYER_CHECK_IMAGES` (`layer_agreement`: outputs alone miss a part of the model whose output does not reach
+    them), in words: equal bit for bit, or how far apart and the first module that computes otherwise (a float
+    module the model runs on quantized tensors, such as a bilinear Upsample, whose quantized kernel rounds where the
+    view computes in float)."""
+    from .layer_agreement import layer_agreement
+
     count = len(images)
     reference = private_copy(model).eval()
     where = (f"checked against the model (torch's quantized kernels, engine "
@@ -758,10 +734,18 @@ def ao_agreement(model: nn.Module, qmodel: QuantizedModel, images: Any) -> str:
         ours = _dequantized(qmodel(images))
     if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
         return f"{where}: its outputs have other shapes than the view's"
-    if _outputs_agree(theirs, ours):
-        return f"{where}: {COMPILED_EQUAL}"
-    return (f"{where}: fault-free outputs differ ({_differ(theirs, ours)}): the model computes part of itself "
-            f"otherwise than the engine reproduces it{_first_module_apart(reference, qmodel, images[:4])}")
+    few = images[:LAYER_CHECK_IMAGES]
+    layers = layer_agreement(reference, qmodel, lambda: call_model(reference, few), lambda: qmodel(few))
+    if not _outputs_agree(theirs, ours):
+        apart = layers.describe()
+        return (f"{where}: fault-free outputs differ ({_differ(theirs, ours)}): the model computes part of itself "
+                f"otherwise than the engine reproduces it{f'; {apart}' if apart else ''}")
+    if layers.apart:
+        return (f"{where}: fault-free outputs equal, but not layer by layer on {len(few)} of them: "
+                f"{layers.describe()}: the model computes part of itself otherwise than the engine reproduces it, "
+                "where its outputs do not show it")
+    return (f"{where}: output codes of its {layers.compared} quantized layers equal on {len(few)} of them, and "
+            f"{COMPILED_EQUAL}")
 
 
 def compiled_agreement(compiled: Any, qmodel: QuantizedModel, images: Any) -> str:

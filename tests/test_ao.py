@@ -210,6 +210,14 @@ def _converted(make: Any, x: torch.Tensor) -> nn.Module:
         return tq.convert(prepared)
 
 
+def _quantized_warning(converted: nn.Module, x: torch.Tensor) -> tuple[Any, list[str]]:
+    """The view of `converted`, and the DeployedMismatchWarnings reading it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qmodel = quantize(converted, x)
+    return qmodel, [str(w.message) for w in caught if issubclass(w.category, DeployedMismatchWarning)]
+
+
 class _Upsampled(nn.Module):
     def __init__(self, mode: str) -> None:
         super().__init__()
@@ -229,10 +237,7 @@ def test_the_view_is_checked_against_the_model_at_load_naming_the_module_that_co
     x = images(digits.x_train[:64])
     for mode, equal in (("nearest", True), ("bilinear", False)):
         converted = _converted(lambda: _Upsampled(mode), x)  # noqa: B023 - called at once
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            qmodel = quantize(converted, x)
-        mismatches = [str(w.message) for w in caught if issubclass(w.category, DeployedMismatchWarning)]
+        qmodel, mismatches = _quantized_warning(converted, x)
         note = qmodel.config["deployed_notes"][0]
         assert note.startswith("checked against the model (torch's quantized kernels, engine 'x86') on 64 "
                                "calibration images: ")
@@ -240,10 +245,68 @@ def test_the_view_is_checked_against_the_model_at_load_naming_the_module_that_co
             assert note.endswith("fault-free outputs equal bit for bit") and not mismatches
             assert torch.equal(_run(converted, x), qmodel(x))
         else:
-            assert "fault-free outputs differ" in note and note.endswith(
-                "the first module whose output differs: 'up' (Upsample), or an op the model calls on its input"), note
+            assert "fault-free outputs differ" in note and (
+                "the first module whose output differs: 'up' (Upsample), or an op the model calls on its input (") \
+                in note, note
             assert mismatches == [f"_Upsampled (torch.ao eager): {note}"]
             assert not torch.equal(_run(converted, x), qmodel(x))
+
+
+class _UpsampledCollapsed(_Upsampled):
+    """`_Upsampled` with a last 1x1 conv of zero weights: its output, the model's, is its bias whatever the image
+    (as a random-init network's last layers can collapse to one code)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__(mode)
+        self.head = nn.Conv2d(2, 3, 1)
+        with torch.no_grad():
+            self.head.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.head(self.conv2(self.up(self.conv(self.quant(x))))))
+
+
+def test_the_load_check_compares_every_layer_not_only_the_outputs_a_collapsed_head_hides(digits) -> None:  # noqa: ANN001
+    """The load check compared outputs only: a model whose last layer hands every image the same codes agreed with
+    any view of its earlier layers, so a bilinear Upsample the view computes otherwise passed as exact. Each quantized
+    layer's output codes are now compared too (on the first 4 images), and the first module apart is named."""
+    x = images(digits.x_train[:64])
+    for mode in ("nearest", "bilinear"):
+        converted = _converted(lambda: _UpsampledCollapsed(mode), x)  # noqa: B023 - called at once
+        qmodel, mismatches = _quantized_warning(converted, x)
+        note = qmodel.config["deployed_notes"][0]
+        assert torch.equal(_run(converted, x), qmodel(x))  # the outputs agree either way
+        if mode == "nearest":
+            assert note.endswith("on 64 calibration images: output codes of its 3 quantized layers equal on 4 of them, "
+                                 "and fault-free outputs equal bit for bit"), note
+            assert not mismatches and not qmodel.config["view_mismatch"]
+        else:
+            assert "fault-free outputs equal, but not layer by layer on 4 of them: the first module whose output " \
+                   "differs: 'up' (Upsample), or an op the model calls on its input (" in note, note
+            assert "; 1 of 3 quantized layers' output codes differ)" in note, note
+            assert mismatches == [f"_UpsampledCollapsed (torch.ao eager): {note}"]
+            assert qmodel.config["view_mismatch"] == [note]
+
+
+def test_the_load_check_under_faults_compares_every_layer(digits, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Under a trial of act faults too, a collapsed head hides a layer computed otherwise (here the reference
+    misses the faults of the first conv): the outputs agree, the layers' codes do not, and the view is inexact."""
+    from pytest_hwfault import ao_faults
+
+    x = images(digits.x_train[:64])
+    converted = _converted(lambda: _UpsampledCollapsed("nearest"), x)
+    real = ao_faults.ao_under_faults
+
+    def missing_a_layer(model: nn.Module, pattern: FaultPattern) -> nn.Module:
+        return real(model, FaultPattern({k: g for k, g in pattern.groups.items() if k[1] != "conv"}))
+
+    monkeypatch.setattr(ao_faults, "ao_under_faults", missing_a_layer)
+    with pytest.warns(DeployedMismatchWarning, match="under a trial of act faults"):
+        qmodel = quantize(converted, x)
+    note = qmodel.config["deployed_notes"][1]
+    assert ": outputs equal bit for bit; layer by layer on 4 of the images: the first module whose output differs: " \
+           "'conv' (Conv2d)" in note, note
+    assert qmodel.config["view_mismatch"] == [note]
 
 
 class _UpsampledClassifier(_Upsampled):

@@ -143,17 +143,50 @@ def _converted() -> nn.Module:
         return tq.convert(prepared)
 
 
-def test_a_qnnpack_model_reads_bit_for_bit_with_faults(qnnpack: None) -> None:
+class _FxBlock(nn.Module):
+    """`_Block` as FX mode quantizes it: its adds are `torch.ops.quantized.add`/`add_relu` in the converted graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pointwise = nn.Conv2d(16, 16, 1)
+        self.pool, self.fc = nn.AvgPool2d(2), nn.Linear(16 * 16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + self.depthwise(h)
+        h = F.relu(h + self.pointwise(h))
+        return self.fc(self.pool(h).flatten(1))
+
+
+def _converted_fx() -> nn.Module:
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    calibration = torch.randn(64, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(_FxBlock().eval(), tq.get_default_qconfig_mapping("qnnpack"), (calibration[:1],))
+        prepared(calibration)
+        return convert_fx(prepared)
+
+
+@pytest.mark.parametrize("form", ["eager", "fx"])
+def test_a_qnnpack_model_reads_bit_for_bit_with_faults(qnnpack: None, form: str) -> None:
     """The view computed x86's arithmetic (a float bias on the float accumulator, the float add): 10% of this
     model's outputs apart under qnnpack. Now fault-free, under act faults and under weight faults, its logits are
-    torch's own under the same faults; the load check says so, fault-free and under a trial of act faults."""
-    model = _converted()
+    torch's own under the same faults; the load check says so, fault-free and under a trial of act faults. An FX
+    model's convolutions and `torch.ops.quantized.add`s kept x86's arithmetic until the thirty-fourth session (614 of
+    its 640 logits equal fault-free, every layer's codes apart)."""
+    model = _converted() if form == "eager" else _converted_fx()
     x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeployedMismatchWarning)
         qmodel = quantize(model, x)
     notes = qmodel.config["deployed_notes"]
-    assert notes[0].endswith("engine 'qnnpack') on 64 calibration images: fault-free outputs equal bit for bit")
+    assert notes[0].endswith("engine 'qnnpack') on 64 calibration images: output codes of its 4 quantized layers "
+                             "equal on 4 of them, and fault-free outputs equal bit for bit"), notes[0]
     assert "under a trial of act faults" in notes[1] and notes[1].endswith("outputs equal bit for bit"), notes[1]
     with torch.no_grad():
         assert torch.equal(model(x), qmodel(x))

@@ -1,0 +1,92 @@
+"""A view of a torch.ao model compared with the model layer by layer, not only at its outputs.
+
+Comparing outputs alone misses whatever does not reach them: a random-init or pruned model whose later layers
+collapse to one code (a scale of 2^-23) hands every image the same logits, so a view that computes its earlier
+layers otherwise still "agrees". The view keeps the model's module names, so each quantized layer (conv/linear)
+is compared on its first call by its output codes: the model's stored codes minus the zero point, and the view's
+as it hands them on (codes, or code x scale values: `QuantLayer.handed_on_scale`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LayerAgreement:
+    """How many quantized layers' first outputs both the model and the view computed, and the modules whose output
+    codes differ, in the model's order of calls: (name, type, equal codes, codes, a quantized layer)."""
+
+    compared: int
+    apart: tuple[tuple[str, str, int, int, bool], ...]
+
+    @property
+    def layers_apart(self) -> int:
+        return sum(1 for *_, layer in self.apart if layer)
+
+    def describe(self) -> str:
+        """The difference in words (empty when there is none)."""
+        if not self.apart:
+            return ""
+        name, kind, equal, total, _ = self.apart[0]
+        return (f"the first module whose output differs: {name!r} ({kind}), or an op the model calls on its input "
+                f"({equal} of {total} codes equal; {self.layers_apart} of {self.compared} quantized layers' output "
+                "codes differ)")
+
+
+def layer_agreement(model: nn.Module, qmodel: Any, run_model: Callable[[], Any], run_view: Callable[[], Any]
+                    ) -> LayerAgreement:
+    """Run `run_model()` and `run_view()` with forward hooks on the model's modules and the view's (`qmodel`, a
+    `QuantizedModel`) of the same names, and compare the first output codes of each quantized layer; and of every
+    other module the model runs on quantized tensors, whose output the view may hold as codes or as code x scale
+    values (either matches): the first module apart names where the view computes otherwise."""
+    theirs: dict[str, tuple[torch.Tensor, float]] = {}
+    ours: dict[str, torch.Tensor] = {}
+
+    def keep_theirs(name: str) -> Any:
+        def keep(module: nn.Module, args: Any, out: Any) -> None:  # returns None: the output stays
+            if name not in theirs and isinstance(out, torch.Tensor) and out.is_quantized \
+                    and out.qscheme() == torch.per_tensor_affine:
+                theirs[name] = (out.int_repr().long() - int(out.q_zero_point()), float(out.q_scale()))
+        return keep
+
+    def keep_ours(name: str) -> Any:
+        def keep(module: nn.Module, args: Any, out: Any) -> None:
+            if name not in ours and isinstance(out, torch.Tensor) and out.is_floating_point():
+                ours[name] = out.detach().float().clone()  # the view's later in-place ops may overwrite it
+        return keep
+
+    modules = dict(model.named_modules())
+    views = dict(qmodel.module.named_modules())
+    named = [name for name in modules if name and name in views]
+    handles = [modules[name].register_forward_hook(keep_theirs(name)) for name in named]
+    handles += [views[name].register_forward_hook(keep_ours(name)) for name in named]
+    try:
+        with torch.no_grad():
+            run_model()
+            run_view()
+    finally:
+        for handle in handles:
+            handle.remove()
+    compared, apart = 0, []
+    for name, (codes, scale) in theirs.items():  # in the order the model called them
+        mine = ours.get(name)
+        if mine is None or mine.shape != codes.shape:
+            continue
+        mine = mine.cpu()
+        layer = qmodel.layers.get(name)
+        if layer is not None:
+            compared += 1
+            mine = torch.div(mine, torch.tensor(layer.handed_on_scale, dtype=torch.float32)).round()
+            candidates = [mine]
+        else:  # codes, or values on the model's grid
+            candidates = [mine, torch.div(mine, torch.tensor(scale, dtype=torch.float32)).round()]
+        if not any(torch.equal(codes.float(), c) for c in candidates):
+            equal = max(int((codes.float() == c).sum()) for c in candidates)
+            apart.append((name, type(modules[name]).__name__, equal, codes.numel(), layer is not None))
+    return LayerAgreement(compared, tuple(apart))
