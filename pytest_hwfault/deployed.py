@@ -207,19 +207,25 @@ class CodeTable(nn.Module):
     x scale in and out; `table[i]` is the output code of input code i + (-128 if signed else 0); a [channels, 256]
     table is channelwise (a quantized batch norm: `table[c, i]` for channel c, dimension 1). `float_op`: the
     op in float, for the deployed model's float function (`float_function`). `in_place`: the kernel writes its
-    result into its input (``relu6(x, inplace=True)``), which later readers of that input then see."""
+    result into its input (``relu6(x, inplace=True)``), which later readers of that input then see.
+    `reads_channels_last_as_nchw`: the kernel reads the channels-last tensor the model hands it as if its memory
+    were NCHW (torch's qnnpack hardtanh/clamp: a defect, `ao.channels_last_defect`), so the view reads its input so
+    too (`ChannelsLastAsNchw`)."""
 
     table: torch.Tensor
 
     def __init__(self, inp: tuple[float, int, bool], out: tuple[float, int], table: torch.Tensor,
-                 float_op: nn.Module | None = None, in_place: bool = False) -> None:
+                 float_op: nn.Module | None = None, in_place: bool = False,
+                 reads_channels_last_as_nchw: bool = False) -> None:
         super().__init__()
         (self.si, self.zi, self.signed), (self.so, self.zo) = inp, out
         self.register_buffer("table", table.float())
         self.float_op, self.in_place = float_op, in_place
+        self.reads_channels_last_as_nchw = reads_channels_last_as_nchw
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = stored_codes(x, self.si, self.zi)
+        read = channels_last_as_nchw(x) if self.reads_channels_last_as_nchw else x
+        codes = stored_codes(read, self.si, self.zi)
         index = torch.nan_to_num(codes + (128 if self.signed else 0), nan=0.0).clamp_(0, 255).long()
         if self.table.dim() == 2:  # channelwise: each channel's own row of the flattened table
             channels = torch.arange(0, self.table.numel(), 256, device=x.device)
@@ -230,10 +236,28 @@ class CodeTable(nn.Module):
     def float_function(self) -> nn.Module:
         if self.float_op is None:
             raise RuntimeError("this table was built without its float op; its reader gives the float module")
-        return self.float_op
+        return ChannelsLastAsNchw(self.float_op) if self.reads_channels_last_as_nchw else self.float_op
 
     def extra_repr(self) -> str:
-        return f"in=({self.si!r}, {self.zi}), out=({self.so!r}, {self.zo}), in_place={self.in_place}"
+        return f"in=({self.si!r}, {self.zi}), out=({self.so!r}, {self.zo}), in_place={self.in_place}" + (
+            ", reads_channels_last_as_nchw=True" if self.reads_channels_last_as_nchw else "")
+
+
+def channels_last_as_nchw(x: torch.Tensor) -> torch.Tensor:
+    """A 4-d tensor's values in channels-last memory order, read as an NCHW tensor of the same shape."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape) if x.dim() == 4 else x
+
+
+class ChannelsLastAsNchw(nn.Module):
+    """`op` on its input read as `channels_last_as_nchw` does: a `CodeTable`'s float function where the kernel
+    reads so."""
+
+    def __init__(self, op: nn.Module) -> None:
+        super().__init__()
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(channels_last_as_nchw(x))
 
 
 class KernelSum(nn.Module):

@@ -54,6 +54,7 @@ from .ao import (
     QnnpackAddOperand,
     QnnpackAddRequantize,
     _ao_types,
+    channels_last_notes,
     code_table,
     float_channelwise,
     float_elementwise,
@@ -354,8 +355,10 @@ def rewrite(work: torch.fx.GraphModule, grids: dict[str, Grid], contiguous: dict
             raise _unsupported(node, "runs on a quantized tensor other than its first argument")
         if node.name not in grids:
             raise _unsupported(node, "did not give a quantized tensor on the calibration data")
-        found = code_table(op, float_op, grids[source.name], f"node {node.name!r} ({what})", SOURCE) \
-            if float_op is not None else module_table(op, grids[source.name], f"node {node.name!r} ({what})", SOURCE)
+        described = f"node {node.name!r} ({what})"
+        channels_last = layouts.get(source.name) == (4, torch.channels_last)  # the kernel's reading is measured
+        found = code_table(op, float_op, grids[source.name], described, SOURCE, channels_last=channels_last) \
+            if float_op is not None else module_table(op, grids[source.name], described, SOURCE, channels_last)
         assert found is not None
         table, grid = found
         if grid != grids[node.name]:
@@ -554,4 +557,5 @@ def read_ao_fx(model: Any, calibration_data: Any, batch_size: int, device: torch
     work.to(device)
     return Deployed(work, layers, SOURCE, notes=[
         "the float baseline is the float function of the int8 model (dequantized weights, unquantized "
-        "activations), not the float model it was converted from", *saturation_notes(saturating)])
+        "activations), not the float model it was converted from", *saturation_notes(saturating),
+        *channels_last_notes(work)])
