@@ -454,7 +454,8 @@ def _ao_torchvision_rows() -> dict[str, dict[str, float]]:
     engine; logits on 16 other images against torch's kernels, the reader's tables (activations and batch norms
     torch computes code by code) and saturating depthwise layers, and three trials of act faults at BER 1e-2 against
     torch's kernels under the same faults (`deployed_models.ao_under_faults`): the lowest share of logits exactly
-    equal, and of logits the faults changed."""
+    equal, and of logits the faults changed; whether the load checks (outputs and every layer's codes, fault-free
+    and under a trial of act faults) found the view exact."""
     import warnings
 
     import torchvision
@@ -492,7 +493,8 @@ def _ao_torchvision_rows() -> dict[str, dict[str, float]]:
                 "tables": float(sum(isinstance(m, CodeTable) for m in qmodel.module.modules())),
                 "saturating_layers": float(sum(type(m).__name__ == "PairSaturatingConv2d"
                                                for m in qmodel.module.modules())),
-                "act_faults_logits_exactly_equal": min(equal), "act_faults_logits_changed": min(changed)}
+                "act_faults_logits_exactly_equal": min(equal), "act_faults_logits_changed": min(changed),
+                "view_exact": float(not qmodel.config["view_mismatch"])}
     return rows
 
 

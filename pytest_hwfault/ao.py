@@ -175,7 +175,7 @@ def qnnpack_bias_codes(bias: torch.Tensor | None, input_scale: float, weight_sca
     """A conv/linear's float bias as QNNPACK (torch's qnnpack engine: ARM phones and boards) adds it: int32 codes at
     the accumulator's scale, round_half_even(float32(bias) x float32(1 / float32(input scale x weight scale))), the
     scales' product taken in float64 (`weight_scale`: the weight's stored scales, float64 as torch holds them), on
-    the int32 accumulator, which one float32 multiplier then takes to the output grid (`Scaling.COMBINED`). Measured
+    the int32 accumulator, which one float32 multiplier then takes to the output grid (`Scaling.QNNPACK`). Measured
     against the engine's kernels on biases within 1e-6 of half a code (conv and linear, per-tensor and per-channel
     weights): every code of 52,000. On scales a float32 holds (an observer's) a float32 product is the same; on others
     it missed 16% of these codes, dividing instead 25-34%."""
@@ -207,7 +207,7 @@ def static_layer(module: Any, codes: torch.Tensor, weight_scale: torch.Tensor, i
         bias_codes = qnnpack_bias_codes(bias, in_scale, stored_weight_scales(module))
         return DeployedLayer(codes, weight_scale, in_scale, in_zero, act_scale, act_zero, bias=bias_codes,
                              bias_mode=BiasMode.INTEGER, input_signed=in_signed, act_signed=act_signed, relu=relu,
-                             scaling=Scaling.COMBINED)
+                             scaling=Scaling.QNNPACK)
     onednn = zero_point_before_rounding(module)
     return DeployedLayer(codes, weight_scale, in_scale, in_zero, act_scale, act_zero,
                          bias=None if bias is None else bias.detach().float(), bias_mode=BiasMode.FLOAT,

@@ -63,9 +63,13 @@ class Scaling(str, enum.Enum):
     FBGEMM: plus the float bias / float32(input scale x weight scale), then times the multiplier (fbgemm's
     requantization: torch.ao's x86 engine's linear layers, and the fbgemm engine).
     INDUCTOR: oneDNN's steps as x86 Inductor's int8 ops call it (``onednn::qconv_pointwise``, ``qlinear_pointwise``
-    on a compiled PT2E model): the input scale as it is, then as ONEDNN (for a float result, no output step)."""
+    on a compiled PT2E model): the input scale as it is, then as ONEDNN (for a float result, no output step).
+    QNNPACK: as COMBINED, but the multiplier is float32(input scale x weight scale) x float32(1 / output scale)
+    (QNNPACK's requantization scales: torch's qnnpack engine, ARM; measured: 0 of 14.7M outputs apart on random
+    conv and depthwise layers, where the divided multiplier missed 10)."""
 
     COMBINED = "combined"
+    QNNPACK = "qnnpack"
     ONEDNN = "onednn"
     FBGEMM = "fbgemm"
     INDUCTOR = "inductor"
@@ -453,10 +457,15 @@ def trial_agreement(qmodel: Any, images: Any, pattern: Any, theirs: list[torch.T
     return f"{where}: outputs differ ({equal} of {sum(a.numel() for a in theirs)} values exactly equal){cause}", False
 
 
-def float32_multiplier(input_scale: float, weight_scale: torch.Tensor, act_scale: float | None) -> torch.Tensor:
+def float32_multiplier(input_scale: float, weight_scale: torch.Tensor, act_scale: float | None,
+                       inverse: bool = False) -> torch.Tensor:
     """input_scale x weight_scale / act_scale per channel, in float32 arithmetic as the runtimes compute it (no
-    division for a layer whose result stays float)."""
+    division for a layer whose result stays float); with `inverse`, times float32(1 / act_scale) instead
+    (`Scaling.QNNPACK`)."""
     f32 = torch.float32
     product = torch.tensor(input_scale, dtype=f32) * weight_scale.to(f32)
-    return product if act_scale is None else product / torch.tensor(act_scale, dtype=f32)
+    if act_scale is None:
+        return product
+    scale = torch.tensor(act_scale, dtype=f32)
+    return product * (1.0 / scale) if inverse else product / scale
 

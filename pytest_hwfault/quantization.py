@@ -410,7 +410,8 @@ def quantize(
                       "input_zero_point": ao.input_zero_point, "act_zero_point": ao.act_zero_point,
                       "signed_activations": ao.act_signed, "signed_inputs": ao.input_signed,
                       "multiplier": (ao.weight_scale.float() if ao.scaling in ONEDNN_STEPS else
-                                     float32_multiplier(ao.input_scale, ao.weight_scale, ao.act_scale)).to(device),
+                                     float32_multiplier(ao.input_scale, ao.weight_scale, ao.act_scale,
+                                                        inverse=ao.scaling is Scaling.QNNPACK)).to(device),
                       "step_scales": _onednn_steps(ao) if ao.scaling in ONEDNN_STEPS else None,
                       "float_output": ao.act_scale is None, "raw_output": ao.raw_output,
                       "zero_point_before_rounding": ao.zero_point_before_rounding}

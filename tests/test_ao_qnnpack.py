@@ -370,3 +370,42 @@ def test_torchs_qnnpack_relu6_reads_channels_last_as_nchw_and_the_view_does_too(
                 assert torch.equal(ao_under_faults(model, pattern)(calibration), qmodel(calibration, pattern)), site
     finally:
         torch.backends.quantized.engine = saved
+
+
+def test_qnnpack_requantizes_with_the_inverse_output_scale(qnnpack: None) -> None:
+    """QNNPACK's multiplier is float32(input scale x weight scale) x float32(1 / output scale), the float32 product
+    with the accumulator rounded half to even. The view divided by the output scale (one float32 rounding apart),
+    which put 10 of 14.7M outputs of random layers, and 1 in 131,072 of ResNet-18's, a code away. Checked here on
+    random full and depthwise 3x3 layers, the integer arithmetic done apart from the engine; the divided multiplier,
+    as a control, misses some of the same outputs."""
+    from pytest_hwfault.deployed import float32_multiplier
+
+    generator = torch.Generator().manual_seed(0)
+    missed, divided, outputs = 0, 0, 0
+    for trial in range(100):
+        channels, groups = 96, 96 if trial % 2 else 1
+        inputs = channels if groups > 1 else 16
+        layer: Any = torch.ao.nn.quantized.Conv2d(inputs, channels, 3, padding=1, groups=groups)
+        w_scale = float(torch.rand(1, generator=generator) * 0.05 + 1e-3)
+        codes = torch.randint(-127, 128, (channels, inputs // groups, 3, 3), generator=generator)
+        layer.set_weight_bias(torch.quantize_per_tensor(codes.float() * w_scale, w_scale, 0, torch.qint8),
+                              torch.randn(channels, generator=generator))
+        x_scale = float(torch.rand(1, generator=generator) * 0.05 + 1e-3)
+        x_zero = int(torch.randint(0, 256, (1,), generator=generator))
+        layer.scale, layer.zero_point = float(torch.rand(1, generator=generator) * 0.5 + 0.05), 128
+        x_codes = torch.randint(0, 256, (2, inputs, 16, 16), generator=generator, dtype=torch.uint8)
+        x = torch._make_per_tensor_quantized_tensor(x_codes, x_scale, x_zero).contiguous(
+            memory_format=torch.channels_last)
+        kernel = layer(x).int_repr().long()
+        stored = torch.full((channels,), layer.weight().q_scale(), dtype=torch.float64)
+        bias = qnnpack_bias_codes(layer.bias(), x_scale, stored)
+        assert bias is not None
+        acc = F.conv2d(x_codes.double() - x_zero, layer.weight().int_repr().double(), padding=1, groups=groups)
+        acc = (acc + bias.double().view(1, -1, 1, 1)).float()  # exact: |acc| < 2^24
+        for inverse in (True, False):
+            multiplier = float32_multiplier(x_scale, stored, layer.scale, inverse=inverse).view(1, -1, 1, 1)
+            ours = (acc * multiplier).round().add(128).clamp(0, 255).long()
+            apart = int((ours != kernel).sum())
+            missed, divided = (missed + apart, divided) if inverse else (missed, divided + apart)
+        outputs += kernel.numel()
+    assert outputs > 3_000_000 and missed == 0 and divided > 0, (outputs, missed, divided)
