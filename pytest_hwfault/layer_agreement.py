@@ -1,10 +1,12 @@
-"""A view of a torch.ao model compared with the model layer by layer, not only at its outputs.
+"""A view of a deployed model compared with the model layer by layer, not only at its outputs.
 
 Comparing outputs alone misses whatever does not reach them: a random-init or pruned model whose later layers
 collapse to one code (a scale of 2^-23) hands every image the same logits, so a view that computes its earlier
 layers otherwise still "agrees". The view keeps the model's module names, so each quantized layer (conv/linear)
 is compared on its first call by its output codes: the model's stored codes minus the zero point, and the view's
-as it hands them on (codes, or code x scale values: `QuantLayer.handed_on_scale`).
+as it hands them on (codes, or code x scale values: `QuantLayer.handed_on_scale`). An ONNX model's layers are
+compared by the codes onnxruntime stores for them (`view_layer_codes`, `codes_agreement`, and
+`onnx_faults.onnxruntime_layer_codes`).
 """
 
 from __future__ import annotations
@@ -89,4 +91,43 @@ def layer_agreement(model: nn.Module, qmodel: Any, run_model: Callable[[], Any],
         if not any(torch.equal(codes.float(), c) for c in candidates):
             equal = max(int((codes.float() == c).sum()) for c in candidates)
             apart.append((name, type(modules[name]).__name__, equal, codes.numel(), layer is not None))
+    return LayerAgreement(compared, tuple(apart))
+
+
+def view_layer_codes(qmodel: Any, run_view: Callable[[], Any]) -> dict[str, torch.Tensor]:
+    """Each quantized layer's first output codes (code - zero point, one row per image) as `run_view()` computes
+    them in the view."""
+    kept: dict[str, torch.Tensor] = {}
+
+    def keeper(name: str, scale: float) -> Any:
+        def keep(module: nn.Module, args: Any, out: Any) -> None:  # returns None: the output stays
+            if name not in kept and isinstance(out, torch.Tensor):
+                codes = torch.div(out.detach().float(), torch.tensor(scale, dtype=torch.float32)).round()
+                kept[name] = codes.long().cpu().reshape(len(codes), -1)
+        return keep
+
+    handles = [layer.module.register_forward_hook(keeper(name, layer.handed_on_scale))
+               for name, layer in qmodel.layers.items() if layer.act_scale is not None]
+    try:
+        with torch.no_grad():
+            run_view()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return kept
+
+
+def codes_agreement(theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], kind: str = "layer"
+                    ) -> LayerAgreement:
+    """The layers' codes a runtime gave (`theirs`, code - zero point, one row per image, in its order) against the
+    view's (`view_layer_codes`); layers of other sizes are left out."""
+    compared, apart = 0, []
+    for name, codes in theirs.items():
+        mine = ours.get(name)
+        if mine is None or mine.numel() != codes.numel():
+            continue
+        compared += 1
+        mine = mine.reshape(codes.shape)
+        if not torch.equal(codes, mine):
+            apart.append((name, kind, int((codes == mine).sum()), codes.numel(), True))
     return LayerAgreement(compared, tuple(apart))

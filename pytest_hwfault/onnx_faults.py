@@ -23,6 +23,81 @@ import torch
 ACT_MASK_SUFFIX = "__fault_mask"
 
 
+def merged_layers(qmodel: Any) -> dict[str, Any]:
+    """The layers an exporter ran on the batch merged with its rows (the view computes them on [images, k, ...]),
+    with the layout of their rows."""
+    from .merged_batch import to_images
+
+    return {node.target: node.args[0].args[1] for node in qmodel.module.graph.nodes
+            if node.op == "call_module" and node.target in qmodel.layers and node.args
+            and getattr(node.args[0], "target", None) is to_images}
+
+
+def onnxruntime_layer_codes(proto: Any, qmodel: Any, images: Any, masks: dict[str, np.ndarray] | None = None
+                            ) -> dict[str, torch.Tensor]:
+    """Each layer's stored output codes (its QuantizeLinear's output; after the fault's XOR where `proto` is
+    `onnx_under_faults`'s, fed `masks`) as onnxruntime computes them on `images`: code - zero point, one row per
+    image. The graph's tensors are made graph outputs; layers whose rows an exporter merged, or that store no codes,
+    are left out."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    graph = copy.graph
+    produced = {output for node in graph.node for output in node.output}
+    outputs = {output.name for output in graph.output}
+    merged = merged_layers(qmodel)
+    wanted: dict[str, str] = {}
+    for name, layer in qmodel.layers.items():
+        codes = getattr(layer.module, "onnx_codes", None)
+        if codes is None or name in merged or layer.act_scale is None:
+            continue
+        if f"{codes}__faulty" in produced:  # the codes as the layers after it read them
+            codes = f"{codes}__faulty"
+        if codes not in produced:
+            continue
+        wanted[name] = codes
+        if codes not in outputs:
+            element = onnx.TensorProto.INT8 if layer.signed_activations else onnx.TensorProto.UINT8
+            graph.output.append(helper.make_tensor_value_info(codes, element, None))
+            outputs.add(codes)
+    if not wanted:
+        return {}
+    initializers = {i.name for i in proto.graph.initializer}
+    names = [i.name for i in proto.graph.input if i.name not in initializers and not i.name.endswith(ACT_MASK_SUFFIX)]
+    tensors = images.tensors if hasattr(images, "tensors") else (images,)
+    feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
+    session = ort.InferenceSession(copy.SerializeToString(), providers=["CPUExecutionProvider"])
+    results = session.run(list(wanted.values()), {**feeds, **(masks or {})})
+    count = len(tensors[0])
+    return {name: torch.from_numpy(codes.astype(np.int64)).reshape(count, -1) - qmodel.layers[name].act_zero_point
+            for name, codes in zip(wanted, results)}
+
+
+def onnx_layer_agreement(model: Any, qmodel: Any, images: Any, pattern: Any = None) -> Any:
+    """The view's layers against onnxruntime's stored codes of them (`layer_agreement.codes_agreement`), fault-free
+    or under the act faults of `pattern` (drawn for `images`), on the first `LAYER_CHECK_IMAGES` of `images` (all of
+    them where the graph fixes its batch size)."""
+    from .layer_agreement import codes_agreement, view_layer_codes
+    from .onnx_reader import fixed_batch, load
+    from .quantization import LAYER_CHECK_IMAGES
+
+    original = load(model)
+    fixed = fixed_batch(original)
+    count = min(len(images), fixed[0] if fixed is not None else LAYER_CHECK_IMAGES)
+    few = images[:count]
+    if pattern is None:
+        proto, masks, faults = original, None, None
+    else:
+        faults = pattern.restricted_to(torch.arange(count))
+        proto, masks = onnx_under_faults(original, qmodel, faults, count)
+    theirs = onnxruntime_layer_codes(proto, qmodel, few, masks)
+    ours = view_layer_codes(qmodel, lambda: qmodel(few, faults))
+    return codes_agreement(theirs, ours, "a QuantizeLinear's codes")
+
+
 def onnx_under_faults(model: Any, qmodel: Any, pattern: Any, images: int) -> tuple[Any, dict[str, np.ndarray]]:
     """`model` (a ModelProto or an .onnx path, QDQ) under the act and weight faults of `pattern` for a batch of
     `images` inputs, read by `qmodel` (its layers know their graph nodes): the model, and the masks to feed with the
@@ -30,7 +105,7 @@ def onnx_under_faults(model: Any, qmodel: Any, pattern: Any, images: int) -> tup
     import onnx
     from onnx import helper, version_converter
 
-    from .merged_batch import from_images, to_images
+    from .merged_batch import from_images
     from .onnx_reader import load
 
     proto = onnx.ModelProto()
@@ -41,9 +116,7 @@ def onnx_under_faults(model: Any, qmodel: Any, pattern: Any, images: int) -> tup
     nodes = {n.name: n for n in graph.node}
     inits = {i.name: i for i in graph.initializer}
     # a layer an exporter ran on the batch merged with its rows computes on the view's [images, k, ...]
-    layouts = {node.target: node.args[0].args[1] for node in qmodel.module.graph.nodes
-               if node.op == "call_module" and node.target in qmodel.layers and node.args
-               and getattr(node.args[0], "target", None) is to_images}
+    layouts = merged_layers(qmodel)
 
     def readers(name: str) -> list[Any]:
         return [n for n in graph.node if name in n.input]
@@ -137,4 +210,15 @@ def agreement_under_faults(model: Any, qmodel: Any, images: Any, ber: float = 1e
         reason = str(error).splitlines()[0][:200] if str(error) else ""
         return (f"not checked against onnxruntime under faults ({type(error).__name__}: {reason}): its arithmetic on "
                 "faulty values is known from the fault-free check and the kernels' probes only"), None
-    return trial_agreement(qmodel, images, pattern, theirs, "onnxruntime", ber)
+    note, equal = trial_agreement(qmodel, images, pattern, theirs, "onnxruntime", ber)
+    try:
+        layers = onnx_layer_agreement(model, qmodel, images, pattern)
+    except Exception as error:  # noqa: BLE001 - the outputs' check stands alone, said so
+        reason = str(error).splitlines()[0][:200] if str(error) else ""
+        return f"{note} (its layers' codes not compared: {type(error).__name__}: {reason})", equal
+    if layers.apart:
+        return f"{note}; layer by layer: {layers.describe()}", False
+    if not layers.compared:
+        return note, equal
+    compared = f"output codes of its {layers.compared} quantized layers equal, and"
+    return note.replace(": outputs equal bit for bit", f": {compared} outputs equal bit for bit"), equal

@@ -552,7 +552,7 @@ def quantize(
     elif deployed is not None and deployed.source == "onnx":
         deployed_notes = config["deployed_notes"]
         assert isinstance(deployed_notes, list)
-        note = onnx_agreement(_runner(given, "onnx"), qmodel, first_batch[0][:COMPILED_CHECK_IMAGES])
+        note = onnx_agreement(_runner(given, "onnx"), qmodel, first_batch[0][:COMPILED_CHECK_IMAGES], given)
         deployed_notes.insert(0, note)
         if not note.endswith(COMPILED_EQUAL):
             _mismatch(qmodel, note)
@@ -678,9 +678,11 @@ def dynamic_agreement(run: Any, qmodel: QuantizedModel, images: Any) -> list[str
     return notes
 
 
-def onnx_agreement(run: Any, qmodel: QuantizedModel, images: Any) -> str:
+def onnx_agreement(run: Any, qmodel: QuantizedModel, images: Any, model: Any = None) -> str:
     """The fault-free outputs of the view of a static ONNX model against onnxruntime's on `images`, in words: equal
-    bit for bit, or how far apart (a layer onnxruntime leaves in float, or a float op, can round otherwise)."""
+    bit for bit, or how far apart (a layer onnxruntime leaves in float, or a float op, can round otherwise); with
+    the ONNX `model`, where the outputs agree, each layer's stored codes too (`onnx_faults.onnx_layer_agreement`:
+    outputs alone miss a part of the model whose output does not reach them)."""
     from torch.utils._pytree import tree_leaves
 
     count = len(images)
@@ -698,7 +700,22 @@ def onnx_agreement(run: Any, qmodel: QuantizedModel, images: Any) -> str:
     if len(theirs) != len(ours) or any(a.shape != b.shape for a, b in zip(theirs, ours)):
         return f"{where}: its outputs have other shapes than the view's"
     if _outputs_agree(theirs, ours):
-        return f"{where}: {COMPILED_EQUAL}"
+        if model is None:
+            return f"{where}: {COMPILED_EQUAL}"
+        from .onnx_faults import onnx_layer_agreement
+
+        try:
+            layers = onnx_layer_agreement(model, qmodel, images)
+        except Exception as error:  # noqa: BLE001 - the outputs' check stands alone, said so
+            reason = str(error).splitlines()[0][:200] if str(error) else ""
+            return f"{where} (its layers' codes not compared: {type(error).__name__}: {reason}): {COMPILED_EQUAL}"
+        if layers.apart:
+            return (f"{where}: fault-free outputs equal, but not layer by layer: {layers.describe()}: onnxruntime "
+                    "computes part of this model otherwise than the engine reproduces it, where its outputs do not "
+                    "show it")
+        if not layers.compared:
+            return f"{where}: {COMPILED_EQUAL}"
+        return f"{where}: output codes of its {layers.compared} quantized layers equal, and {COMPILED_EQUAL}"
     return (f"{where}: fault-free outputs differ ({_differ(theirs, ours)}): onnxruntime computes part of this model "
             "otherwise than the engine reproduces it (its float ops and any layer it runs in float, named in the "
             "notes, round as torch's float kernels do, not as onnxruntime's)")

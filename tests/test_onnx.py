@@ -193,6 +193,50 @@ def test_the_load_check_runs_the_model_under_faults_too(qdq, digits, monkeypatch
     assert notes[1].startswith("not checked against onnxruntime under faults (ValueError: no such layer)"), notes[1]
 
 
+def test_the_load_check_compares_every_layers_stored_codes_with_onnxruntimes(qdq, digits, monkeypatch) -> None:  # noqa: ANN001
+    """The load check compared outputs only, which a layer whose output does not reach them (a collapsed head) can
+    hide. Each layer's stored codes (its QuantizeLinear's output, made a graph output) are now compared with the
+    view's too, fault-free and under the trial of faults: equal on this model's layers; a difference the outputs do
+    not show (here onnxruntime's codes of one layer made to differ by one) is a DeployedMismatchWarning naming
+    the layer."""
+    from pytest_hwfault import onnx_faults
+
+    x = images(digits.x_test[:32])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeployedMismatchWarning)
+        qmodel = quantize(qdq["u8"], x)
+    notes, layers = qmodel.config["deployed_notes"], len(qmodel.layers)
+    assert notes[0] == (f"checked against onnxruntime on 32 calibration images: output codes of its {layers} "
+                        "quantized layers equal, and fault-free outputs equal bit for bit"), notes[0]
+    assert notes[1].endswith(f"output codes of its {layers} quantized layers equal, and outputs equal bit for bit")
+    real = onnx_faults.onnxruntime_layer_codes
+    first = next(iter(qmodel.layers))
+
+    def one_code_apart(*args):  # noqa: ANN002, ANN202
+        codes = real(*args)
+        codes[first][0, 0] += 1
+        return codes
+
+    monkeypatch.setattr(onnx_faults, "onnxruntime_layer_codes", one_code_apart)
+    with pytest.warns(DeployedMismatchWarning, match="fault-free outputs equal, but not layer by layer"):
+        qmodel = quantize(qdq["u8"], x)
+    note = qmodel.config["deployed_notes"][0]
+    assert f"the first module whose output differs: {first!r}" in note, note
+    assert qmodel.config["view_mismatch"] == [note]
+
+    def apart_under_faults(proto, qmodel, images, masks=None):  # noqa: ANN001, ANN202
+        codes = real(proto, qmodel, images, masks)
+        if masks:
+            codes[first][0, 0] += 1
+        return codes
+
+    monkeypatch.setattr(onnx_faults, "onnxruntime_layer_codes", apart_under_faults)
+    with pytest.warns(DeployedMismatchWarning, match="under a trial of act faults .* outputs equal bit for bit; "
+                                                     "layer by layer: the first module"):
+        qmodel = quantize(qdq["u8"], x)
+    assert qmodel.config["view_mismatch"] == [qmodel.config["deployed_notes"][1]]
+
+
 def test_every_site_runs_and_paths_and_protos_are_accepted(qdq, digits) -> None:  # noqa: ANN001
     path = qdq["u8"]
     x, y = images(digits.x_test[:16]), digits.y_test[:16]
@@ -779,9 +823,11 @@ def test_a_graph_with_a_fixed_batch_size_is_checked_as_it_runs_or_refused_saying
     flat = _fixed_batch_qdq(_Head(False), calibration, tmp_path)
     qmodel = quantize(flat, calibration)
     notes = qmodel.config["deployed_notes"]
-    assert notes[0] == "checked against onnxruntime on 32 calibration images: fault-free outputs equal bit for bit"
+    assert notes[0] == ("checked against onnxruntime on 32 calibration images: output codes of its 2 quantized layers "
+                        "equal, and fault-free outputs equal bit for bit")
     assert notes[1].startswith("checked against onnxruntime under a trial of act faults") and \
-        notes[1].endswith("on 1 calibration images: outputs equal bit for bit"), notes[1]
+        notes[1].endswith("on 1 calibration images: output codes of its 2 quantized layers equal, and outputs equal "
+                          "bit for bit"), notes[1]
     assert any(note.startswith("the graph fixes its batch size to 1 (inputs 'x' [1, 1, 8, 8])") for note in notes)
     theirs = torch.cat([torch.from_numpy(run_ort(flat, {"x": x[i:i + 1].numpy()})[0]) for i in range(len(x))])
     with torch.no_grad():
