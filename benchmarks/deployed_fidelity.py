@@ -416,8 +416,9 @@ def _onnx_torchvision_rows() -> dict[str, dict[str, float]]:
     """Each model random-init (seeded, 10 classes), exported and quantized by onnxruntime's quantize_static (QDQ,
     per-channel int8 weights, uint8 activations) on 32 random 64 x 64 images, read by the engine; logits on those
     images against onnxruntime's, and the share of the model's quantized layers onnxruntime's optimizer leaves as
-    float ops (named in the notes); its kernels' probes, whether the load check under faults found the outputs equal,
-    and one trial of act and of weight faults against onnxruntime running them."""
+    float ops (named in the notes); its kernels' probes, whether the load check under faults found the outputs equal
+    (and every layer's stored codes), whether the load checks found the view exact, and one trial of act and of
+    weight faults against onnxruntime running them."""
     import warnings
 
     import torchvision
@@ -438,6 +439,7 @@ def _onnx_torchvision_rows() -> dict[str, dict[str, float]]:
             rows[f"onnx (u8), {name}"] = {**_exact(_onnx(path, x), qmodel(x)), "layers": float(len(qmodel.layers)),
                                           "layers_onnxruntime_runs_in_float": float(in_float), **_probed(qmodel),
                                           "load_check_under_faults_equal": float(checked.endswith("bit for bit")),
+                                          "view_exact": float(not qmodel.config["view_mismatch"]),
                                           **_under_faults(path, qmodel, {"x": x}, trials=1)}
     return rows
 
