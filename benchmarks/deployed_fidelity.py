@@ -33,7 +33,9 @@ sums past 2^24, and near-ties that training smooths away; with int8 activations 
 each block in float, whose float32 sums round (the model's notes name them).
 
 `--torchvision` adds, for PT2E compiled by x86 Inductor, random-init torchvision models (and ResNet56), 16 random
-images each, their logits against the compiled model's own (a few minutes: each model is compiled); and six
+images each, their logits against the compiled model's own (a few minutes: each model is compiled), and the
+converted graph of each checked part by part at load (`graph_agreement`: the view exact or not, the codes one apart
+at the graph's float32 near-ties); and six
 torchvision models (MobileNetV3, EfficientNet, ShuffleNet, MnasNet, SqueezeNet, RegNet) exported to ONNX and quantized
 by onnxruntime, against onnxruntime; and nine torchvision models quantized by torch.ao FX and five quantizable ones
 by eager mode, against torch's kernels, fault-free and under three trials of act faults at BER 1e-2.
@@ -44,6 +46,7 @@ by eager mode, against torch's kernels, fault-free and under three trials of act
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import warnings
@@ -105,7 +108,8 @@ def measure() -> dict[str, dict[str, float]]:
     rows["pt2e (logits in float)"] = {
         "predictions": float((reference.argmax(1) == ours.argmax(1)).float().mean()),
         "logits_equal_to_float32_rounding": float(close.float().mean()),
-        "max_relative_logit_difference": float((reference - ours).abs().max() / reference.abs().max())}
+        "max_relative_logit_difference": float((reference - ours).abs().max() / reference.abs().max()),
+        "view_exact": float(not qmodel.config["view_mismatch"])}  # the load check, part by part
     rows["pt2e compiled (x86 Inductor)"] = _compiled(pt2e, calibration[:256], x)
     with tempfile.TemporaryDirectory() as folder:
         for activations in ("u8", "s8"):
@@ -405,7 +409,20 @@ def _torchvision_rows() -> dict[str, dict[str, float]]:
         pt2e = dm.to_pt2e(recalibrate_bn(net, calibration).eval(), calibration)
         torch._dynamo.reset()
         rows[f"pt2e compiled, {name}"] = _compiled(pt2e, calibration, x)
+        rows[f"pt2e graph, {name}"] = _graph_parts(pt2e, calibration)
     return rows
+
+
+def _graph_parts(pt2e: Any, calibration: torch.Tensor) -> dict[str, float]:
+    """The engine given the converted (not compiled) PT2E graph: whether the load check found every part of the
+    view computing the graph's arithmetic (`graph_agreement`), and the output codes it found one apart at a near-tie
+    of the graph's float32 sums, fault-free and under its act faults (per million codes)."""
+    qmodel = quantize(pt2e, calibration)
+    note = qmodel.config["deployed_notes"][0]
+    ties = re.search(r"(\d+) of (\d+) fault-free, (\d+) of (\d+) under faults", note)
+    clean, faulty = ((int(ties[1]) / int(ties[2]), int(ties[3]) / int(ties[4])) if ties else (0.0, 0.0))
+    return {"view_exact": float(not qmodel.config["view_mismatch"]),
+            "near_ties_per_million_fault_free": 1e6 * clean, "near_ties_per_million_under_faults": 1e6 * faulty}
 
 
 ONNX_TORCHVISION = ("mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "mnasnet0_5", "squeezenet1_0",

@@ -133,6 +133,9 @@ class Deployed:
     # the nodes or ops the reader knows may round otherwise than the runtime (named in `notes`): where there are
     # any, outputs a little apart under faults are what the notes say, not news
     inexact: list[str] = field(default_factory=list)
+    # each part of the view (module name) and where it comes from in the model's graph, for a check part by part
+    # (`graph_agreement.Origin`; read from a converted PT2E graph)
+    origins: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.source not in FORMATS:

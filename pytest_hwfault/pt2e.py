@@ -50,6 +50,7 @@ from .deployed import (
     Scaling,
     check_fixed_batch,
 )
+from .graph_agreement import Origin
 
 FORMAT = "pt2e"
 _CODE_DTYPES = {torch.uint8: (False, 0, 255), torch.int8: (True, -128, 127)}
@@ -384,6 +385,10 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
     input_grids: dict[fx.Node, tuple[float, int, int, int, bool]] = {}
     sums: dict[fx.Node, tuple[fx.Node, float, fx.Node | None, fx.Node]] = {}
     float_layers: list[fx.Node] = []
+    # where each part of the view comes from in the graph (`graph_agreement`): the copy's nodes keep their names
+    origins: dict[str, Origin] = {}
+    given: dict[fx.Node, str] = {}
+    copied = set(graph.nodes)
     for node in graph.nodes:
         if node.op == "call_function" and node.target in ops["layers"]:
             fused = _fused_sum(node, ops) if inductor else None
@@ -394,6 +399,7 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
                 float_layers.append(node)  # the quantizer left it in float: it stays so, outside the fault sites
                 continue
             input_grids[node] = _grid(source)
+            given[node] = source.name  # before a layer's rewrite hands its dequantize's users its own call
 
     for node in list(graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards_fn") and not node.users:
@@ -444,6 +450,7 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             if in_low != _CODE_DTYPES[torch.int8 if in_signed else torch.uint8][1]:
                 raise _error(node, f"has input codes from {in_low}: the engine's layers hold full-range uint8/int8 "
                                    "codes")
+            origins[name] = Origin(given[node], node.name, node.name, None, codes[0].numel(), node.name)
             layers[name] = DeployedLayer(codes, scales, in_scale, in_zero, None, 0,
                                          bias=None if bias is None else bias.detach().float().clone(),
                                          bias_mode=BiasMode.FLOAT, input_signed=in_signed, scaling=scaling)
@@ -458,6 +465,10 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             if (low, high) != _CODE_DTYPES[torch.int8 if signed else torch.uint8][1:]:
                 raise _error(node, f"has {what} codes in [{low}, {high}]: the engine's layers hold full-range "
                                    "uint8/int8 codes")
+        before = quant.args[0]
+        assert isinstance(before, fx.Node)
+        origins[name] = Origin(given[node], quant.name, before.name, (act_scale, act_zero), codes[0].numel(),
+                               node.name)
         layers[name] = DeployedLayer(codes, scales, in_scale, in_zero, act_scale, act_zero,
                                      bias=None if bias is None else bias.detach().float().clone(),
                                      bias_mode=BiasMode.FLOAT, input_signed=in_signed, act_signed=act_signed,
@@ -479,6 +490,9 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
         scale, zero, low, high, _ = _grid(node)
         name = unique(f"requantize_{node.args[0].name}" if isinstance(node.args[0], fx.Node) else "requantize")
         modules[name] = Requantize(scale, zero, low, high, divide=False, zero_first=node in zero_first)
+        value = node.args[0]
+        if isinstance(value, fx.Node) and value in copied:
+            origins[name] = Origin(value.name, node.name, value.name, (scale, zero), 0)
         dequantizes = _dequantize_users(node, ops)
         with graph.inserting_before(node):
             call = graph.call_module(name, (node.args[0],))
@@ -529,10 +543,6 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             modules[str(node.target)] = copy.deepcopy(_attr(model, node))
     graph.lint()
     module = fx.GraphModule(modules, graph, class_name="PT2EDeployed").to(device)
-    graph_sums = [] if inductor else [
-        "the PT2E graph computes each conv/linear in float32 on dequantized values; the engine computes its exact "
-        "integer sum and scales it, so an output within float32 rounding of a half code may be one code apart "
-        "from the graph's (3 codes in 406,528 on a trained ResNet-style model; more where sums are long)"]
     fixed = _fixed_batch(graph)
     if fixed is not None:
         size, declared = fixed
@@ -541,9 +551,9 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             runtime=f"the exported program accepts {size} image(s) per call",
             fix="export it with a dynamic batch dimension, torch.export.export(model, (x,), dynamic_shapes=({0: "
                 "torch.export.Dim('batch')},)), before prepare_pt2e and convert_pt2e"))
-    return Deployed(module, layers, FORMAT, float_module=None, notes=[
+    return Deployed(module, layers, FORMAT, float_module=None, origins={} if inductor else origins, notes=[
         "the float baseline is the float function of the int8 graph (dequantized weights, unquantized "
-        "activations), not the float model it was converted from", *graph_sums, *notes])
+        "activations), not the float model it was converted from", *notes])
 
 
 def _fixed_batch(graph: fx.Graph) -> tuple[int, str] | None:

@@ -518,6 +518,15 @@ def quantize(
         deployed_notes.insert(0, agreement)
         if not agreement.endswith(COMPILED_EQUAL):  # said where a passing gate shows it too: pytest's warnings
             _mismatch(qmodel, agreement, CompiledMismatchWarning)
+    elif deployed is not None and deployed.origins:  # a converted PT2E graph: its float sums round on their own,
+        from .graph_agreement import graph_agreement  # so each part is compared on the graph's own inputs
+
+        deployed_notes = config["deployed_notes"]
+        assert isinstance(deployed_notes, list)
+        note, parts_agree = graph_agreement(model, qmodel, first_batch[0][:FAULT_CHECK_IMAGES], deployed.origins)
+        deployed_notes.insert(0, note)
+        if not parts_agree:
+            _mismatch(qmodel, note)
     raw = {name for name, layer in layers.items() if layer.raw_output}
     for module in work.modules():  # a module scaling a raw-output layer's accumulator reads its stored multiplier,
         scaled = getattr(module, "scales_layer", None)  # which qparams faults edit

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -94,8 +95,14 @@ def test_pt2e_codes_and_scales_are_used_and_outputs_match(pt2e_model, pt2e_qmode
     float_out = [name for name, layer in qmodel.layers.items() if layer.float_output]
     assert float_out == ["block1.conv2", "block2.conv2", "fc"]
     assert sum("no act site" in note for note in qmodel.config["deployed_notes"]) == 3
-    # the graph's float32 conv sums, against the engine's exact integer ones: said, not hidden
-    assert any("computes each conv/linear in float32" in note for note in qmodel.config["deployed_notes"])
+    # the graph's float32 conv sums, against the engine's exact integer ones: each part compared on the graph's own
+    # input at load, fault-free and under act faults; codes apart only at near-ties of the float sums
+    check = qmodel.config["deployed_notes"][0]
+    assert check.startswith("checked part by part against the graph (torch running it) on 16 calibration images, "
+                            "fault-free and under act faults (BER 0.01 in every activation code the graph stores), "
+                            "each of its 6 quantized layers and 5 re-griddings given the graph's own input: every "
+                            "part computes the graph's arithmetic")
+    assert qmodel.config["view_mismatch"] == []
     assert all(qmodel.layers[name].numel(Site.ACT) == 0 for name in float_out)
     assert {t.layer for t in qmodel.targets(Site.ACC)} == set(qmodel.layers)
     stem = qmodel.layers["stem"]
@@ -191,6 +198,78 @@ def test_pt2e_model_is_not_modified_and_still_refuses_eval(pt2e_model, digits) -
     assert state_checksum(pt2e_model) == before and str(pt2e_model.graph) == graph_before
     with pytest.raises(NotImplementedError):
         pt2e_model.eval()  # convert_pt2e's own guard, left in place
+
+
+@pytest.mark.parametrize(("node", "layer", "outputs", "unit"), [
+    ("conv2d_1", "block1.conv1", 16384, "codes"),  # output codes
+    ("linear", "fc", 160, "times the float32 rounding allowed"),  # a float result: the logits
+])
+def test_a_view_computing_a_part_of_the_graph_otherwise_is_named_and_refused(pt2e_model, digits, monkeypatch,  # noqa: ANN001
+                                                                          node, layer, outputs, unit) -> None:  # noqa: ANN001
+    """A converted PT2E graph had no load check: its float32 sums round near-ties otherwise than the engine's exact
+    integer ones, so its outputs cannot be asked to equal the view's, and a view that misread the graph (here one
+    weight code of one layer) was gated silently. Each part of the view is now given the graph's own input and must
+    give the graph's output, up to the graph's float32 rounding: the misread layer is named, the view refused."""
+    import pytest_hwfault.pt2e as pt2e
+    from pytest_hwfault.campaign import Campaign
+    from pytest_hwfault.evaluate import EvaluationError
+    from pytest_hwfault.quantization import DeployedMismatchWarning
+    from pytest_hwfault.spec import CampaignSpec
+
+    read_weight = pt2e._weight
+
+    def misread(model: Any, weight: fx.Node, read: fx.Node, ops: Any) -> Any:
+        codes, scales, values = read_weight(model, weight, read, ops)
+        if read.name == node:
+            codes = codes.clone()
+            first = codes.view(-1)
+            first[0] += 1 if first[0] < 127 else -1
+        return codes, scales, values
+
+    x = images(digits.x_train[:64])
+    monkeypatch.setattr(pt2e, "_weight", misread)
+    with pytest.warns(DeployedMismatchWarning) as caught:
+        qmodel = quantize(pt2e_model, x)
+    note = qmodel.config["deployed_notes"][0]
+    assert [str(w.message).split(": ", 1)[1] for w in caught] == [note] == qmodel.config["view_mismatch"]
+    assert re.search(rf"fault-free, '{layer}' computes otherwise than the graph: \d+ of {outputs} outputs apart "
+                     rf"where the graph's float32 rounding does not explain it \(up to [\d.e+]+ {unit}; 1 of 11 "
+                     r"parts apart\)", note), note
+    spec = CampaignSpec(site="act", ber=1e-3, min_acc=0.0, budget=2, first=2)
+    with pytest.raises(EvaluationError, match=r"does not compute what the model computes: checked part by part"):
+        Campaign(qmodel, x, qmodel(x).argmax(1), spec, "t")
+
+
+def test_the_part_by_part_check_under_faults_finds_what_calibration_values_never_show(pt2e_model, digits  # noqa: ANN001
+                                                                                     ) -> None:
+    """Under act faults the parts compute on codes calibration never produced. A re-gridding that is wrong only on
+    inputs above anything fault-free passes the fault-free comparison and is named under faults."""
+    from pytest_hwfault.graph_agreement import part_agreement
+    from pytest_hwfault.pt2e import read_pt2e
+
+    x = images(digits.x_train[:64])
+    qmodel = quantize(pt2e_model, x)
+    origins = read_pt2e(pt2e_model, x, 64, "cpu").origins
+    name = "requantize_relu_2"  # the residual sum after its ReLU, re-gridded
+    assert name in origins
+    module = qmodel.module.get_submodule(name)
+    assert isinstance(module, Requantize)
+    seen: list[float] = []
+    handle = module.register_forward_hook(lambda m, args, out: seen.append(float(args[0].max())))
+    qmodel(x)
+    handle.remove()
+    threshold, regrid = seen[0] * 1.05, module.forward
+
+    def wrong_above(value: torch.Tensor) -> torch.Tensor:
+        out = regrid(value)
+        return torch.where(value > threshold, out + module.scale, out)
+
+    module.forward = wrong_above  # type: ignore[method-assign]
+    clean = part_agreement(pt2e_model, qmodel, x, origins)
+    faulty = part_agreement(pt2e_model, qmodel, x, origins, ber=1e-2)
+    assert clean.apart == () and clean.parts == 11
+    # the faults reach the graph (only under them is the wrong re-gridding found), and every other part agrees
+    assert [part[0] for part in faulty.apart] == [name] and faulty.apart[0][3] == 1.0
 
 
 def _edited(model: fx.GraphModule, edit: Any) -> fx.GraphModule:

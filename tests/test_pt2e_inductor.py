@@ -132,7 +132,9 @@ def test_without_freezing_the_compiled_model_is_read_as_its_graph(pt2e_model, di
     with inductor_config.patch(freezing=False):
         qmodel = quantize(torch.compile(pt2e_model), images(digits.x_train[:64]))
     assert qmodel.config["compiled"] == ["<model>"]
-    assert "without torch._inductor.config.freezing" in qmodel.config["deployed_notes"][0]
+    notes = qmodel.config["deployed_notes"]  # the load check first: the view against the graph Inductor runs
+    assert notes[0].startswith("checked part by part against the graph") and not qmodel.config["view_mismatch"]
+    assert "without torch._inductor.config.freezing" in notes[1]
     assert not any(isinstance(m, KernelSum) for m in qmodel.module.modules())
 
 
