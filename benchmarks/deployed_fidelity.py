@@ -358,7 +358,10 @@ def _compiled(pt2e: Any, calibration: torch.Tensor, x: torch.Tensor) -> dict[str
     return {"predictions": float((reference.argmax(1) == ours.argmax(1)).float().mean()),
             "logits_exactly_equal": float((reference == ours).float().mean()),
             "max_logit_difference": float((reference - ours).abs().max()),
-            "checked_at_load_equal": float("equal bit for bit" in qmodel.config["deployed_notes"][0])}
+            "checked_at_load_equal": float("equal bit for bit" in qmodel.config["deployed_notes"][0]),
+            # and part by part against the graph it compiled (`graph_agreement`)
+            "parts_agree_with_graph": float(any("every part computes the graph's arithmetic" in note
+                                                for note in qmodel.config["deployed_notes"][:2]))}
 
 
 def _random_wide(folder: str) -> dict[str, dict[str, float]]:

@@ -218,8 +218,9 @@ def part_agreement(model: fx.GraphModule, qmodel: Any, images: Any, origins: Map
             inverse = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(scale, dtype=torch.float32))
             half = torch.minimum(ours, stored) + 0.5  # the half code between the two
             graph_side, exact_side = graph_value * inverse - half, exact * inverse - half
-            # the view's float32 scaling of its exact sum rounds relative to its terms: a bias may cancel most of it
-            near = ROUNDING_STEPS * UNIT_ROUNDOFF * (size * inverse + half.abs() + 1)
+            # the view's float32 scaling of its exact sum rounds relative to its terms (a bias may cancel most of
+            # it), and a kernel that adds the zero point before rounding (oneDNN's) at the zero point's magnitude
+            near = ROUNDING_STEPS * UNIT_ROUNDOFF * (size * inverse + half.abs() + abs(zero) + 1)
             across = (graph_side * exact_side <= 0) | (graph_side.abs() <= near) | (exact_side.abs() <= near)
             tie = ((ours - stored).abs() == 1) & across & summed
         near_ties += int((differ & tie).sum())

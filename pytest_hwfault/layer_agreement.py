@@ -26,6 +26,7 @@ class LayerAgreement:
 
     compared: int
     apart: tuple[tuple[str, str, int, int, bool], ...]
+    unit: str = "codes"  # what is compared: output codes, or a dynamic module's float values
 
     @property
     def layers_apart(self) -> int:
@@ -37,8 +38,20 @@ class LayerAgreement:
             return ""
         name, kind, equal, total, _ = self.apart[0]
         return (f"the first module whose output differs: {name!r} ({kind}), or an op the model calls on its input "
-                f"({equal} of {total} codes equal; {self.layers_apart} of {self.compared} quantized layers' output "
-                "codes differ)")
+                f"({equal} of {total} {self.unit} equal; {self.layers_apart} of {self.compared} quantized layers' "
+                f"output {self.unit} differ)")
+
+
+def _run_hooked(hooks: list[tuple[nn.Module, Callable[..., None]]], *runs: Callable[[], Any]) -> None:
+    """Each run in turn, without gradients, with the forward hooks registered, then removed (also on an error)."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        with torch.no_grad():
+            for run in runs:
+                run()
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def layer_agreement(model: nn.Module, qmodel: Any, run_model: Callable[[], Any], run_view: Callable[[], Any]
@@ -66,15 +79,8 @@ def layer_agreement(model: nn.Module, qmodel: Any, run_model: Callable[[], Any],
     modules = dict(model.named_modules())
     views = dict(qmodel.module.named_modules())
     named = [name for name in modules if name and name in views]
-    handles = [modules[name].register_forward_hook(keep_theirs(name)) for name in named]
-    handles += [views[name].register_forward_hook(keep_ours(name)) for name in named]
-    try:
-        with torch.no_grad():
-            run_model()
-            run_view()
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_hooked([(modules[name], keep_theirs(name)) for name in named]
+                + [(views[name], keep_ours(name)) for name in named], run_model, run_view)
     compared, apart = 0, []
     for name, (codes, scale) in theirs.items():  # in the order the model called them
         mine = ours.get(name)
@@ -94,6 +100,40 @@ def layer_agreement(model: nn.Module, qmodel: Any, run_model: Callable[[], Any],
     return LayerAgreement(compared, tuple(apart))
 
 
+def dynamic_layer_agreement(model: nn.Module, qmodel: Any, run_model: Callable[[], Any], run_view: Callable[[], Any]
+                            ) -> LayerAgreement:
+    """A dynamically quantized torch.ao model against its view: the float outputs of each of the model's dynamic
+    modules (Linear, LinearReLU, LSTM, GRU: their input quantized per call) and of the view's module of the same
+    name, every call in order, must be equal bit for bit (the view computes fbgemm's arithmetic: no rounding is
+    left to tell apart). The first module apart is named, in the model's order of calls."""
+    from torch.utils._pytree import tree_leaves
+
+    theirs: dict[str, list[torch.Tensor]] = {}
+    ours: dict[str, list[torch.Tensor]] = {}
+
+    def keeper(kept: dict[str, list[torch.Tensor]], name: str) -> Any:
+        def keep(module: nn.Module, args: Any, out: Any) -> None:  # returns None: the output stays
+            kept.setdefault(name, []).extend(t.detach().float().cpu().clone() for t in tree_leaves(out)
+                                             if isinstance(t, torch.Tensor) and t.is_floating_point())
+        return keep
+
+    views = dict(qmodel.module.named_modules())
+    dynamic = [(name, module) for name, module in model.named_modules()
+               if name in views and ".quantized.dynamic." in f"{type(module).__module__}."]
+    _run_hooked([(module, keeper(theirs, name)) for name, module in dynamic]
+                + [(views[name], keeper(ours, name)) for name, _ in dynamic], run_model, run_view)
+    compared, apart = 0, []
+    for name, outputs in theirs.items():  # in the order the model first called them
+        mine = ours.get(name, [])
+        compared += 1
+        if len(mine) != len(outputs) or any(a.shape != b.shape for a, b in zip(outputs, mine)):
+            apart.append((name, type(dict(dynamic)[name]).__name__, 0, sum(t.numel() for t in outputs), True))
+        elif not all(torch.equal(a, b) for a, b in zip(outputs, mine)):
+            equal = sum(int((a == b).sum()) for a, b in zip(outputs, mine))
+            apart.append((name, type(dict(dynamic)[name]).__name__, equal, sum(t.numel() for t in outputs), True))
+    return LayerAgreement(compared, tuple(apart), "values")
+
+
 def view_layer_codes(qmodel: Any, run_view: Callable[[], Any]) -> dict[str, torch.Tensor]:
     """Each quantized layer's first output codes (code - zero point, one row per image) as `run_view()` computes
     them in the view."""
@@ -106,14 +146,8 @@ def view_layer_codes(qmodel: Any, run_view: Callable[[], Any]) -> dict[str, torc
                 kept[name] = codes.long().cpu().reshape(len(codes), -1)
         return keep
 
-    handles = [layer.module.register_forward_hook(keeper(name, layer.handed_on_scale))
-               for name, layer in qmodel.layers.items() if layer.act_scale is not None]
-    try:
-        with torch.no_grad():
-            run_view()
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_hooked([(layer.module, keeper(name, layer.handed_on_scale)) for name, layer in qmodel.layers.items()
+                 if layer.act_scale is not None], run_view)
     return kept
 
 

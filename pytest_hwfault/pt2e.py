@@ -551,7 +551,7 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             runtime=f"the exported program accepts {size} image(s) per call",
             fix="export it with a dynamic batch dimension, torch.export.export(model, (x,), dynamic_shapes=({0: "
                 "torch.export.Dim('batch')},)), before prepare_pt2e and convert_pt2e"))
-    return Deployed(module, layers, FORMAT, float_module=None, origins={} if inductor else origins, notes=[
+    return Deployed(module, layers, FORMAT, float_module=None, origins=origins, notes=[
         "the float baseline is the float function of the int8 graph (dequantized weights, unquantized "
         "activations), not the float model it was converted from", *notes])
 

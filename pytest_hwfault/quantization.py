@@ -39,6 +39,7 @@ What is quantized, and where (see also docs/architecture.md):
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any
@@ -518,13 +519,13 @@ def quantize(
         deployed_notes.insert(0, agreement)
         if not agreement.endswith(COMPILED_EQUAL):  # said where a passing gate shows it too: pytest's warnings
             _mismatch(qmodel, agreement, CompiledMismatchWarning)
-    elif deployed is not None and deployed.origins:  # a converted PT2E graph: its float sums round on their own,
-        from .graph_agreement import graph_agreement  # so each part is compared on the graph's own inputs
-
+    if deployed is not None and deployed.origins:  # a PT2E graph: its float sums round on their own, so each part
+        from .graph_agreement import graph_agreement  # is compared on the graph's own inputs (compiled: outputs
+        # alone miss a part whose output does not reach them, a collapsed head)
         deployed_notes = config["deployed_notes"]
         assert isinstance(deployed_notes, list)
         note, parts_agree = graph_agreement(model, qmodel, first_batch[0][:FAULT_CHECK_IMAGES], deployed.origins)
-        deployed_notes.insert(0, note)
+        deployed_notes.insert(1 if inductor else 0, note)
         if not parts_agree:
             _mismatch(qmodel, note)
     raw = {name for name, layer in layers.items() if layer.raw_output}
@@ -640,8 +641,7 @@ def _runner(model: Any, source: str | None) -> Any:
         from .onnx_reader import onnxruntime_runner
 
         return onnxruntime_runner(model)
-    reference = private_copy(model).eval()
-    return lambda images: call_model(reference, images)
+    return functools.partial(call_model, private_copy(model).eval())  # the module itself: its `args[0]`
 
 
 def _one_at_a_time(run: Any, images: Any) -> list[torch.Tensor]:
@@ -679,12 +679,32 @@ def dynamic_agreement(run: Any, qmodel: QuantizedModel, images: Any) -> list[str
                 "otherwise than the engine reproduces them (torch.ao: fbgemm's dynamic linear, under "
                 f"torch.backends.quantized.engine={torch.backends.quantized.engine!r} here; onnx: onnxruntime's CPU "
                 "kernels, and its float ops, named in the notes, which the view runs on torch's float kernels)"]
-    notes = [f"{where}: {COMPILED_EQUAL}"]
+    layers = _dynamic_layers(run, qmodel, images[:LAYER_CHECK_IMAGES])
+    if layers is not None and layers.apart:
+        return [f"{where}: fault-free outputs equal, but not layer by layer on {LAYER_CHECK_IMAGES} of them: "
+                f"{layers.describe()}: the model computes part of itself "
+                "otherwise than the engine reproduces it, where its outputs do not show it"]
+    notes = [f"{where}: {COMPILED_EQUAL}" if layers is None else
+             f"{where}: outputs of its {layers.compared} dynamic modules equal on {LAYER_CHECK_IMAGES} of them, "
+             f"and {COMPILED_EQUAL}"]
     if not _outputs_agree(ours, batch):
         notes.append(f"its float layers compute a batch of images a little otherwise than one image at a time (as "
                      f"torch's float kernels block their work by batch size): on {count} images, "
                      f"{_differ(ours, batch)}; trials run faulty images in batches of other sizes")
     return notes
+
+
+def _dynamic_layers(run: Any, qmodel: QuantizedModel, images: Any) -> Any:
+    """A torch.ao dynamic model (`run`, from `_runner`, calls the module) against the view module by module, one
+    image at a time (`layer_agreement.dynamic_layer_agreement`; outputs alone miss a part whose output does not reach
+    them); None for an ONNX model, whose dynamic layers store no codes to compare."""
+    from .layer_agreement import dynamic_layer_agreement
+
+    module = run.args[0] if isinstance(run, functools.partial) else None
+    if not isinstance(module, nn.Module):
+        return None
+    return dynamic_layer_agreement(module, qmodel, lambda: _one_at_a_time(run, images),
+                                   lambda: _one_at_a_time(qmodel, images))
 
 
 def onnx_agreement(run: Any, qmodel: QuantizedModel, images: Any, model: Any = None) -> str:

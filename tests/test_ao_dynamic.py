@@ -85,6 +85,41 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
+def test_a_misread_layer_the_outputs_do_not_show_is_found_module_by_module(monkeypatch) -> None:  # noqa: ANN001
+    """The load check compared a dynamic model's outputs only. A head with zero weights (and no bias) gives every
+    image the logits 0, so a view that misread an earlier layer agreed with the model bit for bit, and a gate judged
+    it. Each dynamic module's outputs are now compared too (one image at a time, as the outputs are): the misread
+    layer is named and the view refused."""
+    import pytest_hwfault.ao as ao
+    from pytest_hwfault.quantization import DeployedMismatchWarning
+
+    torch.manual_seed(3)
+    float_model = Fused()
+    with torch.no_grad():
+        float_model.head.weight.zero_()
+    model = _dynamic(float_model, fuse=["fc", "relu"])
+    x = _inputs((48, 37), seed=4)
+    read = ao.weight_codes
+
+    def misread(module, name, source):  # noqa: ANN001, ANN202
+        codes, scale = read(module, name, source)
+        if name == "fc":
+            codes = codes.clone()
+            codes[:, 0] //= 2  # the first input's weight in every output
+        return codes, scale
+
+    view = quantize(model, x)  # as read: equal layer by layer too
+    assert view.config["deployed_notes"][0].endswith(
+        "outputs of its 2 dynamic modules equal on 4 of them, and fault-free outputs equal bit for bit")
+    monkeypatch.setattr(ao, "weight_codes", misread)
+    with pytest.warns(DeployedMismatchWarning, match=r"fault-free outputs equal, but not layer by layer on 4 of "
+                                                     r"them: the first module whose output differs: 'fc' "
+                                                     r"\(LinearReLU\)"):
+        view = quantize(model, x)
+    assert torch.equal(view(x), model(x))  # the outputs cannot tell
+    assert len(view.config["view_mismatch"]) == 1
+
+
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
 @pytest.mark.parametrize("kind", ["encoder", "fused"])
 def test_the_view_is_the_model_run_one_image_at_a_time(kind: str, per_channel: bool) -> None:

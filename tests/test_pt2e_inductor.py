@@ -61,6 +61,10 @@ def test_compiled_pt2e_model_is_reproduced_bit_for_bit(compiled, inductor_qmodel
     assert len(sums) == 2 and all(m.relu for m in sums)
     notes = qmodel.config["deployed_notes"]
     assert "fault-free outputs equal bit for bit" in notes[0], notes
+    # and part by part against the graph Inductor compiled: each layer computes the graph's sum (oneDNN's float32
+    # steps around the exact integer sum round near-ties otherwise than the graph's float32 sum, and only those)
+    assert notes[1].startswith("checked part by part against the graph") and "every part computes" in notes[1]
+    assert qmodel.config["view_mismatch"] == []
     assert not any("computes each conv/linear in float32" in note for note in notes)
     with torch.no_grad():
         theirs = compiled(x)
@@ -277,6 +281,38 @@ class _PreActivation(torch.nn.Module):
         out = self.conv(torch.relu(self.norm(x)))
         out += x
         return self.head(torch.relu(self.last(out)).mean((2, 3)))
+
+
+def test_a_misread_layer_the_compiled_outputs_do_not_show_is_found_part_by_part(digits, freezing,  # noqa: ANN001
+                                                                                  monkeypatch) -> None:  # noqa: ANN001
+    """A compiled model was checked at its outputs only. A head that collapses (here a last linear with zero
+    weights: every image gets the logits of its bias) hides every earlier layer, so a view that misread one of them
+    agreed bit for bit with the compiled model, and a gate judged it. The part-by-part check against the graph
+    Inductor compiled names the misread layer and the view is refused."""
+    import pytest_hwfault.pt2e as pt2e
+    from pytest_hwfault.quantization import CompiledMismatchWarning, DeployedMismatchWarning
+
+    net = trained_resnet_style(digits)
+    with torch.no_grad():
+        net.fc.weight.zero_()
+    pt2e_model = to_pt2e(net, images(digits.x_train[:512]))
+    read_weight = pt2e._weight
+
+    def misread(model, weight, read, ops):  # noqa: ANN001, ANN202
+        codes, scales, values = read_weight(model, weight, read, ops)
+        if read.name == "conv2d_1":  # block1.conv1
+            codes = codes.clone()
+            codes.view(-1)[:8] //= 2
+        return codes, scales, values
+
+    monkeypatch.setattr(pt2e, "_weight", misread)
+    with pytest.warns(DeployedMismatchWarning) as caught:
+        qmodel = quantize(torch.compile(pt2e_model, dynamic=False), images(digits.x_train[:64]))
+    notes = qmodel.config["deployed_notes"]
+    assert "fault-free outputs equal bit for bit" in notes[0]  # the outputs cannot tell
+    assert not any(issubclass(w.category, CompiledMismatchWarning) for w in caught)
+    assert "fault-free, 'block1.conv1' computes otherwise than the graph" in notes[1], notes[1]
+    assert qmodel.config["view_mismatch"] == [notes[1]]
 
 
 def test_compiled_batch_norm_and_in_place_sum_are_reproduced(freezing) -> None:  # noqa: ANN001
