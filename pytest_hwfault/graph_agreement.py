@@ -13,7 +13,8 @@ float32 scaling. Anything else means the view computes part of the graph otherwi
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import operator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,9 +92,10 @@ class _Recording(fx.Interpreter):
             self.dequantized[node.name] = tuple(self.fetch_args_kwargs_from_env(node)[0])
         out = super().run_node(node)
         if node.name in self.kept and isinstance(out, torch.Tensor):  # a part's output: as computed, before a fault
-            self.values[node.name] = out.detach().clone()
+            self.values[node.name] = out.detach().to("cpu", copy=True)
         if node.name in self.exact:
-            self.exact_values[node.name] = self._exact(node)
+            exact, size, bound = self._exact(node)
+            self.exact_values[node.name] = (exact.cpu(), size.cpu(), bound.cpu())
         if self.ber and _stores_full_codes(node, out):  # what the next parts read: the stored codes, faulty
             flips = torch.rand((*out.shape, 8), generator=self.generator) < self.ber
             mask = (flips.to(torch.int32) << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
@@ -124,6 +126,15 @@ class _Recording(fx.Interpreter):
         return total + bias, total.abs() + bias.abs(), bound
 
 
+def _constants(model: fx.GraphModule) -> Iterator[torch.Tensor]:
+    """The tensors the graph reads by get_attr (a converted graph's int8 weights): where it runs."""
+    for node in model.graph.nodes:
+        if node.op == "get_attr":
+            value = operator.attrgetter(str(node.target))(model)
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
 def _stores_full_codes(node: fx.Node, out: Any) -> bool:
     """Whether `node` is a quantize_per_tensor whose codes span their whole 8-bit dtype (any flip stays a code)."""
     if node.op != "call_function" or "quantize_per_tensor" not in str(node.target) \
@@ -143,7 +154,8 @@ def part_agreement(model: fx.GraphModule, qmodel: Any, images: Any, origins: Map
     kept = {name for origin in origins.values() for name in (origin.given, origin.replaced, origin.before)}
     bounded = {origin.layer for origin in origins.values() if origin.layer is not None}
     recording = _Recording(model, kept, bounded, ber)
-    args, kwargs = as_args(images)
+    device = next((t.device for t in _constants(model)), torch.device("cpu"))
+    args, kwargs = as_args(images.to(device))
     with torch.no_grad():
         recording.run(*model.graph.process_inputs(*args, **kwargs))
     values = recording.values
@@ -195,11 +207,10 @@ def part_agreement(model: fx.GraphModule, qmodel: Any, images: Any, origins: Map
             if origin.before != origin.layer:  # the graph's ReLU between the sum and its quantization
                 exact = exact.clamp(min=0)
             graph_value = values[origin.before].double()
-            summed = (graph_value - exact).abs() <= bound + _tiny(exact)  # the graph's value: this sum, rounded
         if origin.codes_of is None:  # a float result: the view's exact sum, up to its own float32 scaling steps
             assert origin.layer is not None
-            allowed = size * (ROUNDING_STEPS * UNIT_ROUNDOFF) + _tiny(exact)
-            wrong = ((mine - exact).abs() > allowed) | ~summed
+            allowed = float_allowance(exact, size)
+            wrong = ~float_explained(mine, graph_value, exact, size, bound)
             if bool(wrong.any()):
                 apart.append((name, int(wrong.sum()), theirs.numel(), float(((mine - exact).abs() / allowed).max()),
                               "times the float32 rounding allowed"))
@@ -215,19 +226,41 @@ def part_agreement(model: fx.GraphModule, qmodel: Any, images: Any, origins: Map
         if origin.layer is None:  # a re-gridding the view computes as the graph does: no sum to round
             tie = torch.zeros_like(differ)
         else:
-            inverse = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(scale, dtype=torch.float32))
-            half = torch.minimum(ours, stored) + 0.5  # the half code between the two
-            graph_side, exact_side = graph_value * inverse - half, exact * inverse - half
-            # the view's float32 scaling of its exact sum rounds relative to its terms (a bias may cancel most of
-            # it), and a kernel that adds the zero point before rounding (oneDNN's) at the zero point's magnitude
-            near = ROUNDING_STEPS * UNIT_ROUNDOFF * (size * inverse + half.abs() + abs(zero) + 1)
-            across = (graph_side * exact_side <= 0) | (graph_side.abs() <= near) | (exact_side.abs() <= near)
-            tie = ((ours - stored).abs() == 1) & across & summed
+            tie = codes_explained(ours, stored, graph_value, exact, size, bound, scale, zero)
         near_ties += int((differ & tie).sum())
         wrong = differ & ~tie
         if bool(wrong.any()):
             apart.append((name, int(wrong.sum()), stored.numel(), float((ours - stored)[wrong].abs().max()), "codes"))
     return PartAgreement(parts, layers, codes, near_ties, tuple(apart))
+
+
+def codes_explained(ours: torch.Tensor, stored: torch.Tensor, graph_value: torch.Tensor, exact: torch.Tensor,
+                    size: torch.Tensor, bound: torch.Tensor, scale: float, zero: int) -> torch.Tensor:
+    """Where the view's codes (`ours`) and the graph's (`stored`), both code - zero point, may differ: by one code, at
+    a half code that the graph's float32 value (`graph_value`, before its quantization) and the `exact` value of the
+    same sum lie on either side of, or within a few float32 steps of (the view's scaling of the exact sum rounds at
+    the scale of its terms, `size`, and of a zero point added before rounding); and only where the graph's value is
+    this sum, within the `bound` on its float32 rounding."""
+    inverse = float(torch.tensor(1.0, dtype=torch.float32) / torch.tensor(scale, dtype=torch.float32))
+    half = torch.minimum(ours, stored) + 0.5  # the half code between the two
+    graph_side, exact_side = graph_value * inverse - half, exact * inverse - half
+    near = ROUNDING_STEPS * UNIT_ROUNDOFF * (size * inverse + half.abs() + abs(zero) + 1)
+    across = (graph_side * exact_side <= 0) | (graph_side.abs() <= near) | (exact_side.abs() <= near)
+    summed = (graph_value - exact).abs() <= bound + _tiny(exact)
+    return ((ours - stored).abs() == 1) & across & summed
+
+
+def float_allowance(exact: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """How far a view's float result may lie from the `exact` sum: its float32 scaling steps, at the terms' `size`."""
+    return size * (ROUNDING_STEPS * UNIT_ROUNDOFF) + _tiny(exact)
+
+
+def float_explained(mine: torch.Tensor, graph_value: torch.Tensor, exact: torch.Tensor, size: torch.Tensor,
+                    bound: torch.Tensor) -> torch.Tensor:
+    """Where the view's float result (`mine`) is the exact sum up to its float32 scaling, and the graph's is this
+    sum within the `bound` on its float32 rounding."""
+    summed = (graph_value - exact).abs() <= bound + _tiny(exact)
+    return ((mine - exact).abs() <= float_allowance(exact, size)) & summed
 
 
 def _tiny(values: torch.Tensor) -> torch.Tensor:
