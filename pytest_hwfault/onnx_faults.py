@@ -37,11 +37,13 @@ def onnxruntime_layer_codes(proto: Any, qmodel: Any, images: Any, masks: dict[st
                             ) -> dict[str, torch.Tensor]:
     """Each layer's stored output codes (its QuantizeLinear's output; after the fault's XOR where `proto` is
     `onnx_under_faults`'s, fed `masks`) as onnxruntime computes them on `images`: code - zero point, one row per
-    image. The graph's tensors are made graph outputs; layers whose rows an exporter merged, or that store no codes,
-    are left out."""
+    image (a layer whose rows an exporter merged with the batch: its rows taken back per image, as the view computes
+    it). The graph's tensors are made graph outputs; layers that store no codes are left out."""
     import onnx
     import onnxruntime as ort
     from onnx import helper
+
+    from .merged_batch import SECOND, to_images
 
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
@@ -52,7 +54,7 @@ def onnxruntime_layer_codes(proto: Any, qmodel: Any, images: Any, masks: dict[st
     wanted: dict[str, str] = {}
     for name, layer in qmodel.layers.items():
         codes = getattr(layer.module, "onnx_codes", None)
-        if codes is None or name in merged or layer.act_scale is None:
+        if codes is None or layer.act_scale is None:
             continue
         if f"{codes}__faulty" in produced:  # the codes as the layers after it read them
             codes = f"{codes}__faulty"
@@ -65,15 +67,75 @@ def onnxruntime_layer_codes(proto: Any, qmodel: Any, images: Any, masks: dict[st
             outputs.add(codes)
     if not wanted:
         return {}
+    session = ort.InferenceSession(copy.SerializeToString(), providers=["CPUExecutionProvider"])
+    results = session.run(list(wanted.values()), {**_feeds(proto, images), **(masks or {})})
+    count = len(images)
+    kept = {}
+    for name, codes in zip(wanted, results):
+        rows = torch.from_numpy(codes.astype(np.int64))
+        if name in merged:  # [images x k, ...] or [k, images, ...] as the graph holds them -> [images, k, ...]
+            rows = to_images(rows, merged[name], 0 if merged[name] == SECOND else len(rows) // count)
+        kept[name] = rows.reshape(count, -1) - qmodel.layers[name].act_zero_point
+    return kept
+
+
+def _feeds(proto: Any, images: Any) -> dict[str, np.ndarray]:
+    """The graph's inputs (its initializers and the fault masks left out) fed with `images`, an `Inputs` in order."""
     initializers = {i.name for i in proto.graph.initializer}
     names = [i.name for i in proto.graph.input if i.name not in initializers and not i.name.endswith(ACT_MASK_SUFFIX)]
     tensors = images.tensors if hasattr(images, "tensors") else (images,)
-    feeds = {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
+    return {name: t.detach().cpu().numpy() for name, t in zip(names, tensors)}
+
+
+def onnx_dynamic_layer_agreement(model: Any, qmodel: Any, images: Any) -> Any:
+    """A dynamically quantized ONNX model against its view layer by layer: the float result of each dynamic layer
+    (the tensor its MatMulInteger -> Cast -> Mul -> Add chain ends in, made a graph output, which onnxruntime's fused
+    DynamicQuantizeMatMul computes) and the view's (`onnx_reader.OrtDynamicOutput`), one input at a time as the
+    runtime quantizes each call's input on its own range, bit for bit. Outputs alone miss a layer whose result does
+    not reach them (a collapsed head)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from .layer_agreement import LayerAgreement, _run_hooked
+    from .onnx_reader import load
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(load(model))
+    graph = copy.graph
+    results = {name: module for name, module in qmodel.module.named_modules() if getattr(module, "onnx_output", "")}
+    outputs = {output.name for output in graph.output}
+    for module in results.values():
+        if module.onnx_output not in outputs:
+            graph.output.append(helper.make_tensor_value_info(module.onnx_output, onnx.TensorProto.FLOAT, None))
+            outputs.add(module.onnx_output)
+    theirs: dict[str, list[torch.Tensor]] = {name: [] for name in results}
+    ours: dict[str, list[torch.Tensor]] = {name: [] for name in results}
+    if not results:
+        return LayerAgreement(0, (), "values")
     session = ort.InferenceSession(copy.SerializeToString(), providers=["CPUExecutionProvider"])
-    results = session.run(list(wanted.values()), {**feeds, **(masks or {})})
-    count = len(tensors[0])
-    return {name: torch.from_numpy(codes.astype(np.int64)).reshape(count, -1) - qmodel.layers[name].act_zero_point
-            for name, codes in zip(wanted, results)}
+    tensors = [module.onnx_output for module in results.values()]
+    for i in range(len(images)):
+        for name, value in zip(results, session.run(tensors, _feeds(copy, images[i : i + 1]))):
+            theirs[name].append(torch.from_numpy(value).reshape(-1))
+
+    def keeper(name: str) -> Any:
+        def keep(module: Any, args: Any, out: Any) -> None:  # returns None: the output stays
+            ours[name].append(out.detach().float().cpu().reshape(-1).clone())
+        return keep
+
+    _run_hooked([(module, keeper(name)) for name, module in results.items()],
+                *[lambda i=i: qmodel(images[i : i + 1]) for i in range(len(images))])
+    apart = []
+    for name, module in results.items():  # in the graph's order of nodes
+        runtime, mine = theirs[name], ours[name]
+        total = sum(t.numel() for t in runtime)
+        if len(mine) != len(runtime) or any(a.shape != b.shape for a, b in zip(runtime, mine)):
+            apart.append((module.scales_layer, "a dynamic MatMulInteger's float result", 0, total, True))
+        elif not all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(runtime, mine)):
+            equal = sum(int((a.view(torch.int32) == b.view(torch.int32)).sum()) for a, b in zip(runtime, mine))
+            apart.append((module.scales_layer, "a dynamic MatMulInteger's float result", equal, total, True))
+    return LayerAgreement(len(results), tuple(apart), "values")
 
 
 def onnx_layer_agreement(model: Any, qmodel: Any, images: Any, pattern: Any = None) -> Any:

@@ -558,9 +558,11 @@ class OrtDynamicOutput(nn.Module):
     per_image = True  # scales each image's rows by its own input scale
     fx_leaf = True  # one node in a traced graph: its forward branches on how large the sums are
 
-    def __init__(self, layer: str, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, layer: str, weight_scale: torch.Tensor, bias: torch.Tensor | None, onnx_output: str = ""
+                 ) -> None:
         super().__init__()
         self.scales_layer = layer
+        self.onnx_output = onnx_output  # the graph's tensor of this result: the load check compares it, layer by layer
         self.register_buffer("weight_scale", weight_scale.float())
         self.register_buffer("bias", None if bias is None else bias.float())
 
@@ -1411,7 +1413,7 @@ class _Builder:
         acc = self.fx.call_module(name, (x,))
         weight = self.fx.get_attr(f"{name}.weight")  # after the layer: a late-start cut before it keeps images only
         scale, zero = (self.values[v] for v in self.dynamic[source])
-        output = OrtDynamicOutput(name, torch.from_numpy(weight_scale.copy()), bias)
+        output = OrtDynamicOutput(name, torch.from_numpy(weight_scale.copy()), bias, taken[-1].output[0])
         self.values[taken[-1].output[0]] = self.add_module(output, node, index, (acc, scale, zero, weight))
         self.layers[name] = DeployedLayer(
             weight_codes=torch.from_numpy(codes.T.astype(np.int32)).contiguous(),

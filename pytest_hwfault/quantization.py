@@ -537,7 +537,8 @@ def quantize(
         deployed_notes = config["deployed_notes"]
         assert isinstance(deployed_notes, list)
         assert deployed is not None  # raw-output layers come from a reader
-        notes = dynamic_agreement(_runner(given, deployed.source), qmodel, first_batch[0][:DYNAMIC_CHECK_IMAGES])
+        notes = dynamic_agreement(_runner(given, deployed.source), qmodel, first_batch[0][:DYNAMIC_CHECK_IMAGES],
+                                  given if deployed.source == "onnx" else None)
         deployed_notes[0:0] = notes
         if not notes[0].endswith(COMPILED_EQUAL):
             _mismatch(qmodel, notes[0])
@@ -651,11 +652,13 @@ def _one_at_a_time(run: Any, images: Any) -> list[torch.Tensor]:
     return [torch.cat(parts) for parts in zip(*each)]
 
 
-def dynamic_agreement(run: Any, qmodel: QuantizedModel, images: Any) -> list[str]:
+def dynamic_agreement(run: Any, qmodel: QuantizedModel, images: Any, onnx_model: Any = None) -> list[str]:
     """Notes on the view of a dynamically quantized model against the model itself (`run`), both one image at a
     time (each call's input range is then that image's, as the view computes it): equal bit for bit, or how far
-    apart. A second note where the view's float layers compute a batch a little otherwise than one image at a time
-    (torch's float kernels, e.g. a convolution left in float, block their work by batch size)."""
+    apart; and each dynamic layer's float results on the first `LAYER_CHECK_IMAGES` (torch.ao's modules, or with
+    `onnx_model` the graph's tensors onnxruntime computes). A second note where the view's float layers compute a
+    batch a little otherwise than one image at a time (torch's float kernels, e.g. a convolution left in float,
+    block their work by batch size)."""
     from torch.utils._pytree import tree_leaves
 
     count = len(images)
@@ -679,13 +682,19 @@ def dynamic_agreement(run: Any, qmodel: QuantizedModel, images: Any) -> list[str
                 "otherwise than the engine reproduces them (torch.ao: fbgemm's dynamic linear, under "
                 f"torch.backends.quantized.engine={torch.backends.quantized.engine!r} here; onnx: onnxruntime's CPU "
                 "kernels, and its float ops, named in the notes, which the view runs on torch's float kernels)"]
-    layers = _dynamic_layers(run, qmodel, images[:LAYER_CHECK_IMAGES])
+    few = images[:LAYER_CHECK_IMAGES]
+    unit = "layers" if onnx_model is not None else "modules"
+    try:
+        layers = _dynamic_layers(run, qmodel, few, onnx_model)
+    except Exception as error:  # noqa: BLE001 - the outputs' check stands alone, said so
+        reason = str(error).splitlines()[0][:200] if str(error) else ""
+        layers, where = None, f"{where} (its dynamic {unit} not compared: {type(error).__name__}: {reason})"
     if layers is not None and layers.apart:
-        return [f"{where}: fault-free outputs equal, but not layer by layer on {LAYER_CHECK_IMAGES} of them: "
+        return [f"{where}: fault-free outputs equal, but not layer by layer on {len(few)} of them: "
                 f"{layers.describe()}: the model computes part of itself "
                 "otherwise than the engine reproduces it, where its outputs do not show it"]
-    notes = [f"{where}: {COMPILED_EQUAL}" if layers is None else
-             f"{where}: outputs of its {layers.compared} dynamic modules equal on {LAYER_CHECK_IMAGES} of them, "
+    notes = [f"{where}: {COMPILED_EQUAL}" if layers is None or not layers.compared else
+             f"{where}: outputs of its {layers.compared} dynamic {unit} equal on {len(few)} of them, "
              f"and {COMPILED_EQUAL}"]
     if not _outputs_agree(ours, batch):
         notes.append(f"its float layers compute a batch of images a little otherwise than one image at a time (as "
@@ -694,12 +703,17 @@ def dynamic_agreement(run: Any, qmodel: QuantizedModel, images: Any) -> list[str
     return notes
 
 
-def _dynamic_layers(run: Any, qmodel: QuantizedModel, images: Any) -> Any:
-    """A torch.ao dynamic model (`run`, from `_runner`, calls the module) against the view module by module, one
-    image at a time (`layer_agreement.dynamic_layer_agreement`; outputs alone miss a part whose output does not reach
-    them); None for an ONNX model, whose dynamic layers store no codes to compare."""
+def _dynamic_layers(run: Any, qmodel: QuantizedModel, images: Any, onnx_model: Any) -> Any:
+    """A dynamic model against the view layer by layer, one image at a time (outputs alone miss a part whose output
+    does not reach them): a torch.ao model (`run`, from `_runner`, calls the module) module by module
+    (`layer_agreement.dynamic_layer_agreement`), an ONNX model by the tensors onnxruntime computes for its dynamic
+    layers (`onnx_faults.onnx_dynamic_layer_agreement`); None when neither."""
     from .layer_agreement import dynamic_layer_agreement
 
+    if onnx_model is not None:
+        from .onnx_faults import onnx_dynamic_layer_agreement
+
+        return onnx_dynamic_layer_agreement(onnx_model, qmodel, images)
     module = run.args[0] if isinstance(run, functools.partial) else None
     if not isinstance(module, nn.Module):
         return None

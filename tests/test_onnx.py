@@ -418,13 +418,16 @@ class Tokens(torch.nn.Module):
         return self.b(torch.relu(self.a(x)).flatten(1))
 
 
-def _dynamic_onnx(folder: pathlib.Path, per_channel: bool) -> pathlib.Path:
+def _dynamic_onnx(folder: pathlib.Path, per_channel: bool, zero_head: bool = False) -> pathlib.Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = Tokens().eval()
-    float_path, path = folder / "tokens.onnx", folder / f"tokens_dynamic_{per_channel}.onnx"
+    if zero_head:  # every input's logits its bias: the outputs cannot show a layer before it
+        with torch.no_grad():
+            model.b.weight.zero_()
+    float_path, path = folder / "tokens.onnx", folder / f"tokens_dynamic_{per_channel}_{zero_head}.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.zeros(1, 5, 67),), str(float_path), dynamo=False, input_names=["x"],
@@ -465,6 +468,36 @@ def test_a_dynamically_quantized_model_is_onnxruntimes_one_image_at_a_time(tmp_p
     ours, theirs = _view_each(qmodel, x), _ort_each(path, x)
     assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
     assert torch.equal(qmodel(x), ours)  # no float layer that blocks by batch size here
+
+
+def test_a_misread_dynamic_layer_the_outputs_do_not_show_is_found_layer_by_layer(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The load check compared a dynamically quantized ONNX model's outputs only (one input at a time). A head with
+    zero weights gives every input the same logits, so a view that misread the layer before it agreed with
+    onnxruntime bit for bit, and a gate judged it. Each dynamic layer's float result (its MatMulInteger chain's last
+    tensor, made a graph output) is now compared too: the misread layer is named and the view refused."""
+    from pytest_hwfault import onnx_reader
+
+    path, x = _dynamic_onnx(tmp_path, per_channel=False, zero_head=True), _tokens(20, seed=1)
+    qmodel = quantize(path, x)  # as read: equal layer by layer too
+    assert qmodel.config["deployed_notes"][0].endswith(
+        "outputs of its 2 dynamic layers equal on 4 of them, and fault-free outputs equal bit for bit")
+    first = next(n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulInteger")
+    read = onnx_reader._Builder.op_MatMulInteger
+
+    def misread(self, node, index):  # noqa: ANN001, ANN202
+        if node.name == first.name:
+            codes = self.consts[node.input[1]].copy()
+            codes[0] //= 2  # the first input's weight in every output
+            self.consts[node.input[1]] = codes
+        return read(self, node, index)
+
+    monkeypatch.setattr(onnx_reader._Builder, "op_MatMulInteger", misread)
+    with pytest.warns(DeployedMismatchWarning, match=r"fault-free outputs equal, but not layer by layer on 4 of "
+                                                     r"them: the first module whose output differs: '\w+' \(a "
+                                                     r"dynamic MatMulInteger's float result\)"):
+        qmodel = quantize(path, x)
+    assert torch.equal(_view_each(qmodel, x), _ort_each(path, x))  # the outputs cannot tell
+    assert len(qmodel.config["view_mismatch"]) == 1
 
 
 def test_dynamic_quantize_linear_is_onnxruntimes_division() -> None:

@@ -233,11 +233,44 @@ def test_layers_on_merged_rows_are_read_per_image_bit_for_bit(row_encoders) -> N
             warnings.simplefilter("error", DeployedMismatchWarning)
             qmodel = quantize(row_encoders[rows], x)
         notes = qmodel.config["deployed_notes"]
-        assert notes[0].endswith("fault-free outputs equal bit for bit")
+        # every layer's stored codes compared, the merged ones' rows taken back per image
+        assert notes[0].endswith("output codes of its 14 quantized layers equal, and fault-free outputs equal bit "
+                                 "for bit")
         assert any(note.startswith(f"13 layer(s) run on the batch merged with 8 rows per image, {how}")
                    for note in notes), notes
         assert len(qmodel.layers) == 14  # the head is batch first
         assert torch.equal(qmodel(x), run_onnxruntime(row_encoders[rows], x))
+
+
+@pytest.mark.parametrize("rows", ["merged", "sequence"])
+def test_a_misread_merged_layer_the_outputs_do_not_show_is_found_by_its_codes(tmp_path, monkeypatch, rows) -> None:  # noqa: ANN001
+    """The layer check compared the codes onnxruntime stores only for layers on batch-first rows: of a GPT-2-style
+    export (its layers on [batch x tokens, width]), the head alone. Behind a head with zero weights, a view that
+    misread an earlier layer agreed at the outputs and was judged. Each merged layer's codes are now taken back per
+    image (`merged_batch.to_images`) and compared: the misread layer is named and the view refused."""
+    from pytest_hwfault import onnx_reader
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Encoder(plain=True, rows=rows)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    path, x = encoder_static(export_encoder(model, tmp_path, rows)), encoder_inputs(16, seed=3)
+    mac = onnx_reader._Builder.mac
+
+    def misread(self, node, index, module, weight, w, channel_axis):  # noqa: ANN001, ANN202
+        if weight is not None and "blocks.0/q/" in node.name:
+            weight.codes = weight.codes.copy()
+            weight.codes[..., 0] //= 2  # the first input's weight in every output
+        return mac(self, node, index, module, weight, w, channel_axis)
+
+    monkeypatch.setattr(onnx_reader._Builder, "mac", misread)
+    with pytest.warns(DeployedMismatchWarning, match=r"fault-free outputs equal, but not layer by layer: the first "
+                                                     r"module whose output differs: 'blocks_blocks_0_q_\w+'"):
+        qmodel = quantize(path, x)
+    assert torch.equal(qmodel(x), run_onnxruntime(path, x))  # the outputs cannot tell
+    assert qmodel.config["view_mismatch"]
 
 
 def test_faults_in_merged_rows_land_in_their_own_image(row_encoders) -> None:  # noqa: ANN001
