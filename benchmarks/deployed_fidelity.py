@@ -361,7 +361,8 @@ def _compiled(pt2e: Any, calibration: torch.Tensor, x: torch.Tensor) -> dict[str
             "checked_at_load_equal": float("equal bit for bit" in qmodel.config["deployed_notes"][0]),
             # and part by part against the graph it compiled (`graph_agreement`)
             "parts_agree_with_graph": float(any("every part computes the graph's arithmetic" in note
-                                                for note in qmodel.config["deployed_notes"][:2]))}
+                                                for note in qmodel.config["deployed_notes"][:2])),
+            **_flow(next((note for note in qmodel.config["deployed_notes"][:2] if "part by part" in note), ""))}
 
 
 def _random_wide(folder: str) -> dict[str, dict[str, float]]:
@@ -425,7 +426,16 @@ def _graph_parts(pt2e: Any, calibration: torch.Tensor) -> dict[str, float]:
     ties = re.search(r"(\d+) of (\d+) fault-free, (\d+) of (\d+) under faults", note)
     clean, faulty = ((int(ties[1]) / int(ties[2]), int(ties[3]) / int(ties[4])) if ties else (0.0, 0.0))
     return {"view_exact": float(not qmodel.config["view_mismatch"]),
-            "near_ties_per_million_fault_free": 1e6 * clean, "near_ties_per_million_under_faults": 1e6 * faulty}
+            "near_ties_per_million_fault_free": 1e6 * clean, "near_ties_per_million_under_faults": 1e6 * faulty,
+            **_flow(note)}
+
+
+def _flow(note: str) -> dict[str, float]:
+    """From the part check's note: the share of the view's parts whose input was compared with the graph's, every
+    part before it given the graph's output (`graph_agreement.flow_agreement`; 0 where the note does not say)."""
+    flow = re.search(r"is the graph's \((\d+) parts(?:; (\d+) whose)?", note)
+    compared, left_out = (int(flow[1]), int(flow[2] or 0)) if flow else (0, 0)
+    return {"flow_inputs_compared_share": compared / max(compared + left_out, 1)}
 
 
 ONNX_TORCHVISION = ("mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x0_5", "mnasnet0_5", "squeezenet1_0",

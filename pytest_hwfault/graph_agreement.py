@@ -9,6 +9,10 @@ output is compared with the graph's. A code apart must be a near-tie that the gr
 graph's float32 value and the exact value of the same sum (its integer codes summed exactly, in float64) lie on
 either side of the half code between the two codes. A float result must be the exact value up to the view's own
 float32 scaling. Anything else means the view computes part of the graph otherwise.
+
+That proves each part's arithmetic, not how the view connects the parts: so the view runs once more with each
+part's output replaced by the graph's (forward hooks), and each part's input, which the view's copies of the graph's
+ops compute from those outputs, must be the graph's bit for bit (`flow_agreement`).
 """
 
 from __future__ import annotations
@@ -144,20 +148,26 @@ def _stores_full_codes(node: fx.Node, out: Any) -> bool:
     return full is not None and tuple(node.args[3:5]) == full
 
 
+def _record(model: fx.GraphModule, images: Any, kept: set[str], exact: set[str], ber: float = 0.0) -> _Recording:
+    """The graph run on `images` where its constants live, keeping the values of `kept` (see `_Recording`)."""
+    from .data import as_args
+
+    recording = _Recording(model, kept, exact, ber)
+    device = next((t.device for t in _constants(model)), torch.device("cpu"))
+    args, kwargs = as_args(images.to(device))
+    with torch.no_grad():
+        recording.run(*model.graph.process_inputs(*args, **kwargs))
+    return recording
+
+
 def part_agreement(model: fx.GraphModule, qmodel: Any, images: Any, origins: Mapping[str, Origin], ber: float = 0.0
                    ) -> PartAgreement:
     """Run `model` (the converted graph) on `images` (with activation faults at `ber`), keeping what each part of
     the view takes and gives there; run the view with each part's input replaced by the graph's, and compare each
     part's output (see the module docstring)."""
-    from .data import as_args
-
     kept = {name for origin in origins.values() for name in (origin.given, origin.replaced, origin.before)}
     bounded = {origin.layer for origin in origins.values() if origin.layer is not None}
-    recording = _Recording(model, kept, bounded, ber)
-    device = next((t.device for t in _constants(model)), torch.device("cpu"))
-    args, kwargs = as_args(images.to(device))
-    with torch.no_grad():
-        recording.run(*model.graph.process_inputs(*args, **kwargs))
+    recording = _record(model, images, kept, bounded, ber)
     values = recording.values
     views = dict(qmodel.module.named_modules())
     outputs: dict[str, torch.Tensor] = {}
@@ -268,12 +278,114 @@ def _tiny(values: torch.Tensor) -> torch.Tensor:
     return values.abs() * UNIT_ROUNDOFF + torch.finfo(torch.float32).tiny
 
 
+@dataclass(frozen=True)
+class FlowAgreement:
+    """The parts whose input the view computed from the graph's outputs of the parts before it, those left out (an
+    op between that the comparison does not replace lies before them), and the parts whose input differed: (name,
+    values apart, values, largest difference)."""
+
+    compared: int
+    left_out: int
+    apart: tuple[tuple[str, int, int, float], ...]
+
+    def first_apart(self) -> str:
+        """The first part handed another input than the graph's, in words (empty when none is)."""
+        if not self.apart:
+            return ""
+        name, count, total, largest = self.apart[0]
+        return (f"the view hands {name!r} another input than the graph does: {count} of {total} values apart (up to "
+                f"{largest:.3g}) where every part before it gave the graph's own output, so its data flow between "
+                f"parts is not the graph's ({len(self.apart)} of {self.compared} parts' inputs apart)")
+
+
+def _replaced_before(graph: fx.Graph, parts: set[str]) -> dict[str, bool]:
+    """For each part (a call_module of `parts`): whether everything its input is computed from, back to the graph's
+    inputs or to the outputs of other parts, is ops the view copied from the graph, so that no module between rounds
+    on its own (a module the comparison does not replace: the reader's rewrites for Inductor, a layer left in
+    float)."""
+    copied: dict[fx.Node, bool] = {}
+    for node in graph.nodes:  # in topological order
+        if node.op == "call_module":
+            copied[node] = str(node.target) in parts  # a part's output is replaced by the graph's; other modules not
+        else:
+            copied[node] = all(copied.get(arg, False) for arg in node.all_input_nodes)
+    return {str(node.target): all(copied.get(arg, False) for arg in node.all_input_nodes[:1])
+            for node in graph.nodes if node.op == "call_module" and str(node.target) in parts}
+
+
+def flow_agreement(model: fx.GraphModule, qmodel: Any, images: Any, origins: Mapping[str, Origin]) -> FlowAgreement:
+    """The view's data flow between its parts against the graph's: each part's output replaced by the graph's output
+    of the same part (forward hooks), every part's input as the view then computes it must be the graph's input of
+    that part, bit for bit (the ops between parts are the graph's own, run on the same values). `part_agreement`
+    gives each part the graph's input, which says nothing of how the view connects them: an edge or op between parts
+    read otherwise would show only at the outputs, which a converted graph's float32 sums keep from being compared."""
+    module = qmodel.module
+    if not isinstance(module, fx.GraphModule):
+        return FlowAgreement(0, 0, ())
+    kept = {name for origin in origins.values() for name in (origin.given, origin.replaced)}
+    values = _record(model, images, kept, set()).values
+    views = dict(module.named_modules())
+    present = {name for name, origin in origins.items()
+               if name in views and origin.given in values and origin.replaced in values}
+    replaced_before = _replaced_before(module.graph, present)
+    compared = [name for name in present if replaced_before.get(name, False)]
+    inputs: dict[str, torch.Tensor] = {}
+
+    def take(name: str) -> Any:
+        def keep_input(view: nn.Module, args: tuple[Any, ...]) -> None:
+            if name not in inputs and args and isinstance(args[0], torch.Tensor):
+                inputs[name] = args[0].detach().float().cpu().clone()
+        return keep_input
+
+    def give(name: str) -> Any:
+        def graph_output(view: nn.Module, args: Any, out: Any) -> Any:
+            if not isinstance(out, torch.Tensor):
+                return None
+            origin, layer = origins[name], qmodel.layers.get(name)
+            theirs = values[origin.replaced]
+            if origin.codes_of is None:  # a float result
+                value = theirs.to(torch.float32)
+            else:  # codes, handed on as the view hands them on
+                scale, zero = origin.codes_of
+                handed = layer.handed_on_scale if layer is not None else scale
+                value = (theirs.to(torch.int32) - zero).to(torch.float32) * torch.tensor(handed, dtype=torch.float32)
+            value = value.to(out.device, out.dtype).reshape(out.shape)
+            if out.dim() == 4 and out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
+                value = value.contiguous(memory_format=torch.channels_last)
+            return value
+        return graph_output
+
+    handles = [views[name].register_forward_pre_hook(take(name), prepend=True) for name in compared]
+    handles += [views[name].register_forward_hook(give(name)) for name in present]
+    try:
+        with torch.no_grad():
+            qmodel(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    apart = []
+    for name in (name for name in origins if name in compared):  # in the graph's order
+        layer, mine = qmodel.layers.get(name), inputs.get(name)
+        theirs = values[origins[name].given].float()
+        if layer is not None and layer.reads_codes:
+            theirs = torch.div(theirs, torch.tensor(layer.input_scale, dtype=theirs.dtype)).round()
+        if mine is None or mine.numel() != theirs.numel():
+            apart.append((name, theirs.numel(), theirs.numel(), float("inf")))
+            continue
+        mine = mine.reshape(theirs.shape)
+        differ = (mine != theirs) & ~(mine.isnan() & theirs.isnan())
+        if bool(differ.any()):
+            apart.append((name, int(differ.sum()), differ.numel(), float((mine - theirs)[differ].abs().max())))
+    return FlowAgreement(len(compared), len(present) - len(compared), tuple(apart))
+
+
 def graph_agreement(model: Any, qmodel: Any, images: Any, origins: Mapping[str, Origin]) -> tuple[str, bool]:
     """The view compared part by part with the converted graph, fault-free and with act faults at `FAULT_BER` in
     the graph, in words, and whether every part computes the graph's arithmetic."""
     try:
         clean = part_agreement(model, qmodel, images, origins)
         faulty = part_agreement(model, qmodel, images, origins, FAULT_BER)
+        flow = flow_agreement(model, qmodel, images, origins)
     except Exception as error:  # noqa: BLE001 - the graph's own failure, reported, not raised
         return (f"could not run the graph part by part on {len(images)} calibration images to check the engine "
                 f"against it ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): the "
@@ -287,9 +399,15 @@ def graph_agreement(model: Any, qmodel: Any, images: Any, origins: Mapping[str, 
     if clean.apart or faulty.apart:
         which, result = ("fault-free", clean) if clean.apart else ("under faults", faulty)
         return f"{where}: {which}, {result.first_apart()}", False
+    if flow.apart:
+        return f"{where}: every part computes the graph's arithmetic, but {flow.first_apart()}", False
+    left_out = (f"; {flow.left_out} whose input passes a module the comparison does not replace (the reader's "
+                "rewrites for Inductor, a layer left in float) left out" if flow.left_out else "")
+    connected = (f"; each part's input, computed by the view from the graph's outputs of the parts before it, is the "
+                 f"graph's ({flow.compared} parts{left_out})")
     if clean.near_ties or faulty.near_ties:
         return (f"{where}: every part computes the graph's arithmetic; output codes one apart at a near-tie the "
                 f"graph's float32 sum rounds across (the engine's integer sum is exact): {clean.near_ties} of "
-                f"{clean.codes} fault-free, {faulty.near_ties} of {faulty.codes} under faults", True)
+                f"{clean.codes} fault-free, {faulty.near_ties} of {faulty.codes} under faults{connected}", True)
     return (f"{where}: every part computes the graph's arithmetic, all output codes equal ({clean.codes} fault-free, "
-            f"{faulty.codes} under faults)", True)
+            f"{faulty.codes} under faults){connected}", True)

@@ -86,3 +86,25 @@ def test_a_float_result_must_be_the_exact_sum_up_to_float32_scaling(value: float
     assert not bool(float_explained(far, exact, exact, size, bound).any())
     # and the graph's value must be the sum: past its bound, even the exact result is not explained
     assert not bool(float_explained(exact, exact + 2 * bound + 1e-9, exact, size, bound).any())
+
+
+def test_the_flow_check_compares_a_part_only_where_every_module_before_it_is_a_replaced_part() -> None:
+    """`_replaced_before`: a part's input is compared only where what it is computed from, back to the graph's
+    inputs or to other parts' outputs (which the check replaces by the graph's), passes no other module (a module the
+    reader wrote for Inductor rounds on its own, so the view's input may differ from the graph's there by rounding);
+    ops the view copied from the graph (a ReLU, a sum of two parts) are followed through."""
+    from torch import fx
+
+    from pytest_hwfault.graph_agreement import _replaced_before
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    a = graph.call_module("a", (x,))
+    rewritten = graph.call_module("rewritten", (a,))
+    c = graph.call_module("c", (graph.call_function(torch.relu, (a,)),))
+    d = graph.call_module("d", (graph.call_function(torch.add, (a, c)),))
+    e = graph.call_module("e", (graph.call_function(torch.add, (c, rewritten)),))
+    f = graph.call_module("f", (rewritten,))
+    graph.output((d, e, f))
+    assert _replaced_before(graph, {"a", "c", "d", "e", "f"}) == {"a": True, "c": True, "d": True, "e": False,
+                                                                 "f": False}

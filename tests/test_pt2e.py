@@ -240,6 +240,38 @@ def test_a_view_computing_a_part_of_the_graph_otherwise_is_named_and_refused(pt2
         Campaign(qmodel, x, qmodel(x).argmax(1), spec, "t")
 
 
+def test_a_view_connecting_its_parts_otherwise_than_the_graph_is_named_and_refused(pt2e_model, digits,  # noqa: ANN001
+                                                                                  monkeypatch) -> None:  # noqa: ANN001
+    """Each part given the graph's own input proves each part's arithmetic, not how the view connects them: a view
+    whose residual ReLU went missing between two parts passed every part's comparison, and a converted graph has no
+    outputs' comparison (its float32 sums round near-ties otherwise). Each part's output is now also replaced by the
+    graph's, and each part's input, as the view computes it from them, must be the graph's: the part after the
+    missing op is named and the view refused."""
+    import pytest_hwfault.pt2e as pt2e
+    from pytest_hwfault.quantization import DeployedMismatchWarning
+
+    read = pt2e.read_pt2e
+
+    def without_a_relu(*args: Any, **kwargs: Any) -> Any:
+        deployed = read(*args, **kwargs)
+        graph = deployed.module.graph
+        relu = next(node for node in graph.nodes if node.name == "relu_2")  # after block1's residual sum
+        relu.replace_all_uses_with(relu.args[0])
+        graph.erase_node(relu)
+        deployed.module.recompile()
+        return deployed
+
+    x = images(digits.x_train[:64])
+    assert "each part's input, computed by the view from the graph's outputs of the parts before it, is the " \
+           "graph's (11 parts)" in quantize(pt2e_model, x).config["deployed_notes"][0]
+    monkeypatch.setattr(pt2e, "read_pt2e", without_a_relu)
+    with pytest.warns(DeployedMismatchWarning, match=r"every part computes the graph's arithmetic, but the view hands "
+                                                     r"'requantize_relu_2' another input than the graph does: \d+ of "
+                                                     r"\d+ values apart"):
+        qmodel = quantize(pt2e_model, x)
+    assert len(qmodel.config["view_mismatch"]) == 1
+
+
 def test_the_part_by_part_check_under_faults_finds_what_calibration_values_never_show(pt2e_model, digits  # noqa: ANN001
                                                                                      ) -> None:
     """Under act faults the parts compute on codes calibration never produced. A re-gridding that is wrong only on
