@@ -38,8 +38,8 @@ class Origin:
     quantization (`before`). `codes_of`: the grid of its output codes ((scale, zero point), None for a float
     result); `fan_in`: the number of products in each output's sum (0: a re-gridding, exact in the view)."""
 
-    given: str
-    replaced: str
+    given: str  # "" for a stand-in: a module with arithmetic of its own (Inductor's), not compared, whose output the
+    replaced: str  # data-flow check replaces by the graph's
     before: str
     codes_of: tuple[float, int] | None
     fan_in: int
@@ -300,9 +300,8 @@ class FlowAgreement:
 
 def _replaced_before(graph: fx.Graph, parts: set[str]) -> dict[str, bool]:
     """For each part (a call_module of `parts`): whether everything its input is computed from, back to the graph's
-    inputs or to the outputs of other parts, is ops the view copied from the graph, so that no module between rounds
-    on its own (a module the comparison does not replace: the reader's rewrites for Inductor, a layer left in
-    float)."""
+    inputs or to the outputs of other parts (and of stand-ins), is ops the view copied from the graph, so that no
+    module between rounds on its own."""
     copied: dict[fx.Node, bool] = {}
     for node in graph.nodes:  # in topological order
         if node.op == "call_module":
@@ -316,7 +315,9 @@ def _replaced_before(graph: fx.Graph, parts: set[str]) -> dict[str, bool]:
 def flow_agreement(model: fx.GraphModule, qmodel: Any, images: Any, origins: Mapping[str, Origin]) -> FlowAgreement:
     """The view's data flow between its parts against the graph's: each part's output replaced by the graph's output
     of the same part (forward hooks), every part's input as the view then computes it must be the graph's input of
-    that part, bit for bit (the ops between parts are the graph's own, run on the same values). `part_agreement`
+    that part, bit for bit (the ops between parts are the graph's own, run on the same values). A stand-in (an
+    `Origin` with no `given`: the reader's rewrite for Inductor's lowering, a layer left in float) has its output
+    replaced too, its own arithmetic compared by neither check. `part_agreement`
     gives each part the graph's input, which says nothing of how the view connects them: an edge or op between parts
     read otherwise would show only at the outputs, which a converted graph's float32 sums keep from being compared."""
     module = qmodel.module
@@ -325,10 +326,10 @@ def flow_agreement(model: fx.GraphModule, qmodel: Any, images: Any, origins: Map
     kept = {name for origin in origins.values() for name in (origin.given, origin.replaced)}
     values = _record(model, images, kept, set()).values
     views = dict(module.named_modules())
-    present = {name for name, origin in origins.items()
-               if name in views and origin.given in values and origin.replaced in values}
+    present = {name for name, origin in origins.items() if name in views and origin.replaced in values}
     replaced_before = _replaced_before(module.graph, present)
-    compared = [name for name in present if replaced_before.get(name, False)]
+    compared = [name for name in present if origins[name].given in values and replaced_before.get(name, False)]
+    parts = [name for name in present if origins[name].given]  # stand-ins replaced, neither compared nor counted
     inputs: dict[str, torch.Tensor] = {}
 
     def take(name: str) -> Any:
@@ -376,7 +377,7 @@ def flow_agreement(model: fx.GraphModule, qmodel: Any, images: Any, origins: Map
         differ = (mine != theirs) & ~(mine.isnan() & theirs.isnan())
         if bool(differ.any()):
             apart.append((name, int(differ.sum()), differ.numel(), float((mine - theirs)[differ].abs().max())))
-    return FlowAgreement(len(compared), len(present) - len(compared), tuple(apart))
+    return FlowAgreement(len(compared), len(parts) - len(compared), tuple(apart))
 
 
 def graph_agreement(model: Any, qmodel: Any, images: Any, origins: Mapping[str, Origin]) -> tuple[str, bool]:
@@ -401,8 +402,8 @@ def graph_agreement(model: Any, qmodel: Any, images: Any, origins: Mapping[str, 
         return f"{where}: {which}, {result.first_apart()}", False
     if flow.apart:
         return f"{where}: every part computes the graph's arithmetic, but {flow.first_apart()}", False
-    left_out = (f"; {flow.left_out} whose input passes a module the comparison does not replace (the reader's "
-                "rewrites for Inductor, a layer left in float) left out" if flow.left_out else "")
+    left_out = (f"; {flow.left_out} whose input passes a module the comparison does not replace left out"
+                if flow.left_out else "")
     connected = (f"; each part's input, computed by the view from the graph's outputs of the parts before it, is the "
                  f"graph's ({flow.compared} parts{left_out})")
     if clean.near_ties or faulty.near_ties:

@@ -310,8 +310,15 @@ def _replace(graph: fx.Graph, node: fx.Node, name: str, args: tuple[Any, ...]) -
     return call
 
 
+def _stand_in(node: fx.Node) -> Origin:
+    """A module standing for the graph's float `node`, with arithmetic of its own (Inductor's lowering) or none to
+    compare (a layer left in float): the part check leaves it out, its data-flow check hands on the graph's value in
+    its place (`graph_agreement`)."""
+    return Origin("", node.name, node.name, None, 0)
+
+
 def _inductor_post_ops(graph: fx.Graph, layers: dict[str, DeployedLayer], modules: dict[str, Any],
-                       unique: Callable[[str], str], ops: dict[str, Any]) -> set[fx.Node]:
+                       unique: Callable[[str], str], ops: dict[str, Any], origins: dict[str, Origin]) -> set[fx.Node]:
     """Inductor fuses a hard-swish or SiLU after a 2-d convolution's float result into its kernel (oneDNN's post-op,
     its own arithmetic: `KernelEltwise`), and a quantize right after it too; returns those quantize nodes (the zero
     point added before rounding). After a linear it stays generated code, torch's formula."""
@@ -324,13 +331,15 @@ def _inductor_post_ops(graph: fx.Graph, layers: dict[str, DeployedLayer], module
             continue
         name = unique(f"kernel_{node.name}")
         modules[name] = KernelEltwise(_POST_OPS[str(node.target)])
+        origins[name] = _stand_in(node)
         after = _single_user(_replace(graph, node, name, (source,)))
         if after is not None and after.target == ops["quantize"]:
             zero_first.add(after)
     return zero_first
 
 
-def _inductor_batch_norms(graph: fx.Graph, model: Any, modules: dict[str, Any], unique: Callable[[str], str]) -> None:
+def _inductor_batch_norms(graph: fx.Graph, model: Any, modules: dict[str, Any], unique: Callable[[str], str],
+                          origins: dict[str, Origin]) -> None:
     """Inference BatchNorms as Inductor decomposes them (`InductorBatchNorm`)."""
     for node in list(graph.nodes):
         if node.op != "call_function" or node.kwargs or node.target != torch.ops.aten.batch_norm.default or \
@@ -341,10 +350,12 @@ def _inductor_batch_norms(graph: fx.Graph, model: Any, modules: dict[str, Any], 
             continue
         name = unique(f"batch_norm_{node.name}")
         modules[name] = InductorBatchNorm(weight, bias, mean, var, float(node.args[7]))
+        origins[name] = _stand_in(node)
         _replace(graph, node, name, (node.args[0],))
 
 
-def _inductor_means(graph: fx.Graph, modules: dict[str, Any], unique: Callable[[str], str]) -> None:
+def _inductor_means(graph: fx.Graph, modules: dict[str, Any], unique: Callable[[str], str],
+                    origins: dict[str, Origin]) -> None:
     """Global averages as Inductor's generated code sums them (`RasterMean`)."""
     for node in list(graph.nodes):
         keepdim = _global_mean(node)
@@ -354,6 +365,7 @@ def _inductor_means(graph: fx.Graph, modules: dict[str, Any], unique: Callable[[
             continue  # not a global average of a batch of [C, H, W] values
         name = unique(f"mean_{node.name}")
         modules[name] = RasterMean(keepdim)
+        origins[name] = _stand_in(node)
         _replace(graph, node, name, (value,))
 
 
@@ -434,6 +446,7 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             sum_scale, sum_zero, sum_low, sum_high, _ = _grid(sum_quant)
             sum_name = unique(f"sum_{add.name}")
             modules[sum_name] = KernelSum(other_scale, sum_scale, sum_zero, sum_low, sum_high, sum_relu is not None)
+            origins[sum_name] = Origin("", sum_quant.name, sum_quant.name, (sum_scale, sum_zero), 0)  # a stand-in
             other = next(a for a in add.args if a is not node)  # the dequantize, or what replaced it by now
             with graph.inserting_before(add):
                 summed = graph.call_module(sum_name, (call, other))
@@ -482,7 +495,7 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             graph.erase_node(relu)
         graph.erase_node(node)
 
-    zero_first = _inductor_post_ops(graph, layers, modules, unique, ops) if inductor else set()
+    zero_first = _inductor_post_ops(graph, layers, modules, unique, ops, origins) if inductor else set()
     # every other quantize -> dequantize pair on an activation: the graph re-grids a float value
     for node in list(graph.nodes):
         if node.target != ops["quantize"]:
@@ -493,6 +506,8 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
         value = node.args[0]
         if isinstance(value, fx.Node) and value in copied:
             origins[name] = Origin(value.name, node.name, value.name, (scale, zero), 0)
+        else:  # of a value a rewrite for Inductor computes (a post-op): a stand-in, its input not the graph's node
+            origins[name] = Origin("", node.name, node.name, (scale, zero), 0)
         dequantizes = _dequantize_users(node, ops)
         with graph.inserting_before(node):
             call = graph.call_module(name, (node.args[0],))
@@ -515,6 +530,7 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
         if not isinstance(weight, torch.Tensor) or not (bias is None or isinstance(bias, torch.Tensor)) or node.kwargs:
             continue  # a weight computed in the graph: the call stays as it is
         modules[name] = _float_twin(kind, tuple(node.args), weight.float(), bias)
+        origins[name] = _stand_in(node)
         with graph.inserting_before(node):
             call = graph.call_module(name, (node.args[0],))
         call.meta = dict(node.meta)
@@ -525,8 +541,8 @@ def read_pt2e(model: Any, calibration_data: Any, batch_size: int, device: torch.
             graph.erase_node(node)
 
     if inductor:
-        _inductor_batch_norms(graph, model, modules, unique)
-        _inductor_means(graph, modules, unique)
+        _inductor_batch_norms(graph, model, modules, unique, origins)
+        _inductor_means(graph, modules, unique, origins)
     _in_graph_layout(graph, set(layers), modules)
     for node in graph.nodes:
         if _is_quantized_decomposed(node) or (node.op == "call_function" and any(

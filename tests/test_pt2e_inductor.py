@@ -64,6 +64,10 @@ def test_compiled_pt2e_model_is_reproduced_bit_for_bit(compiled, inductor_qmodel
     # and part by part against the graph Inductor compiled: each layer computes the graph's sum (oneDNN's float32
     # steps around the exact integer sum round near-ties otherwise than the graph's float32 sum, and only those)
     assert notes[1].startswith("checked part by part against the graph") and "every part computes" in notes[1]
+    # and the view's data flow: every part's input, each part's output and each fused sum's (the reader's stand-in
+    # for Inductor's lowering) replaced by the graph's, is the graph's; none left out after a fused sum
+    assert notes[1].endswith("each part's input, computed by the view from the graph's outputs of the parts before "
+                             "it, is the graph's (9 parts)"), notes[1]
     assert qmodel.config["view_mismatch"] == []
     assert not any("computes each conv/linear in float32" in note for note in notes)
     with torch.no_grad():
