@@ -457,7 +457,7 @@ class Campaign:
                               self.quantized_accuracy, layers, identity=dict(self.identity),
                               coverage=self.coverage.to_dict(), model_format=self.qmodel.config["source"],
                               mitigation=self.mitigation.describe() if self.mitigation is not None else {},
-                              model_notes=[*self.notes,
+                              model_notes=[*self.notes, *(str(n) for n in self.qmodel.config.get("notes") or []),
                                            *(str(n) for n in self.qmodel.config.get("deployed_notes") or [])],
                               inexact_view=list(self.inexact_view))
 

@@ -21,6 +21,7 @@ as they are: their MACs stay in float, and the view's coverage says so.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -211,26 +212,67 @@ class UnrolledRecurrent(nn.Module):
                     with torch.no_grad():
                         cell.proj.weight.copy_(getattr(rnn, "weight_hr" + suffix))
                 self.cells[suffix[1:]] = cell
+        # a packed batch runs the calibration data's longest sequence's steps (`packed_steps_for`)
+        self.packed_steps: int | None = None
+        self.packed_steps_fixed = False
+        self.packed_seen = [0, 0]  # calibration data: steps within the images' lengths, images
 
-    def forward(self, x: Any, hx: Any = None) -> tuple[torch.Tensor, Any]:
+    def forward(self, x: Any, hx: Any = None) -> tuple[Any, Any]:
         if isinstance(x, nn.utils.rnn.PackedSequence):
+            return self._forward_packed(x, hx)
+        unbatched = x.dim() == 2
+        x = x.unsqueeze(0) if unbatched else (x if self.batch_first else x.transpose(0, 1))  # [N, T, features]
+        if hx is not None and unbatched:
+            hx = tuple(h.unsqueeze(1) for h in hx) if self.mode == "LSTM" else hx.unsqueeze(1)
+        out, h_n, c_n = self._layers(x, hx, None)
+        out = out.squeeze(0) if unbatched else (out if self.batch_first else out.transpose(0, 1))
+        if unbatched:
+            h_n, c_n = h_n.squeeze(1), None if c_n is None else c_n.squeeze(1)
+        return out, ((h_n, c_n) if self.mode == "LSTM" else h_n)
+
+    def _forward_packed(self, x: nn.utils.rnn.PackedSequence, hx: Any) -> tuple[nn.utils.rnn.PackedSequence, Any]:
+        """A packed batch as torch's module runs it (each sequence stops at its length; a reverse direction starts at
+        its last step), computed one row per image on the padded batch: an image's steps past its length compute on
+        zeros (the hidden matmul's input and the input's padding), are discarded, and leave its state as it was."""
+        padded, lengths = nn.utils.rnn.pad_packed_sequence(x, batch_first=True)  # the batch's order; zero padding
+        longest = padded.shape[1]
+        steps = self.packed_steps_for(longest)
+        if steps > longest:
+            padded = torch.cat([padded, padded.new_zeros(padded.shape[0], steps - longest, *padded.shape[2:])], 1)
+        valid = torch.arange(steps, device=padded.device) < lengths.to(padded.device)[:, None]  # [N, steps]
+        if not self.packed_steps_fixed:  # calibration data: how many of the steps run are an image's own
+            self.packed_seen = [self.packed_seen[0] + int(lengths.sum()), self.packed_seen[1] + len(lengths)]
+        out, h_n, c_n = self._layers(padded, hx, valid)
+        rows = out[:, :longest] if x.sorted_indices is None else out[:, :longest].index_select(0, x.sorted_indices)
+        kept = torch.arange(len(rows), device=rows.device) < x.batch_sizes.to(rows.device)[:, None]  # [T, N]: packed
+        packed = nn.utils.rnn.PackedSequence(rows.transpose(0, 1)[kept], x.batch_sizes, x.sorted_indices,
+                                             x.unsorted_indices)
+        return packed, ((h_n, c_n) if self.mode == "LSTM" else h_n)
+
+    def packed_steps_for(self, longest: int) -> int:
+        """How many steps a packed batch whose longest sequence has `longest` runs: the longest of the calibration
+        data's (`fix_packed_steps`), so that every forward pass, a trial's few faulty images included, calls the
+        hidden matmul equally often (faults are placed per call)."""
+        if not self.packed_steps_fixed:
+            self.packed_steps = max(self.packed_steps or 0, longest)
+        assert self.packed_steps is not None
+        if longest > self.packed_steps:
             from .qmodel import UnsupportedModelError
 
             raise UnsupportedModelError(
-                f"the model passes a PackedSequence to an nn.{self.mode.split('_')[0]}: the "
-                "quantized view runs it step by step with one row per image in every step (a trial re-runs only "
-                "the images that hold faults, and packing sorts a batch by length and drops finished sequences, so "
-                "a packed step's rows are no fixed images). Pass it the padded batch instead (pad_packed_sequence, "
-                "or no packing) and read each sequence's output at its last valid step, as "
-                "out[torch.arange(n), lengths - 1] (a bidirectional one's reverse direction then reads the "
-                "padding first: a model to retrain or to mask)")
-        unbatched = x.dim() == 2
-        x = x.unsqueeze(0) if unbatched else (x if self.batch_first else x.transpose(0, 1))  # [N, T, features]
+                f"the model passes its nn.{self.mode.split('_')[0]} a packed sequence of {longest} steps, where the "
+                f"longest in the calibration data has {self.packed_steps}: the quantized view runs a packed batch "
+                "for as many steps as the calibration data's longest sequence, so that every forward pass runs the "
+                "hidden matmul equally often (faults are placed per call). Calibrate on data that holds the longest "
+                "sequence (calibration_data=...)")
+        return self.packed_steps
+
+    def _layers(self, x: torch.Tensor, hx: Any, valid: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Every layer and direction on x [N, T, features] -> (output [N, T, directions x width], h_n, c_n)."""
         n = x.shape[0]
         lstm = self.mode == "LSTM"
         h0, c0 = (hx if lstm else (hx, None)) if hx is not None else (None, None)
-        if h0 is not None and unbatched:
-            h0, c0 = h0.unsqueeze(1), None if c0 is None else c0.unsqueeze(1)
         last_h: list[torch.Tensor] = []
         last_c: list[torch.Tensor] = []
         for layer in range(self.num_layers):
@@ -241,35 +283,31 @@ class UnrolledRecurrent(nn.Module):
                 assert isinstance(cell, _Cell)
                 h = h0[index] if h0 is not None else x.new_zeros(n, self.proj_size or self.hidden_size)
                 c = (c0[index] if c0 is not None else x.new_zeros(n, self.hidden_size)) if lstm else None
-                h, c, out = self._run(cell, x, h, c, reverse=bool(direction))
+                h, c, out = self._run(cell, x, h, c, reverse=bool(direction), valid=valid)
                 outputs.append(out)
                 last_h.append(h)
                 if c is not None:
                     last_c.append(c)
             x = torch.cat(outputs, dim=-1) if self.directions == 2 else outputs[0]
-        h_n = torch.stack(last_h)
-        out = x.squeeze(0) if unbatched else (x if self.batch_first else x.transpose(0, 1))
-        if unbatched:
-            h_n = h_n.squeeze(1)
-        if lstm:
-            c_n = torch.stack(last_c)
-            return out, (h_n, c_n.squeeze(1) if unbatched else c_n)
-        return out, h_n
+        return x, torch.stack(last_h), torch.stack(last_c) if lstm else None
 
-    def _run(self, cell: _Cell, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, reverse: bool
-             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _run(self, cell: _Cell, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None, reverse: bool,
+             valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One layer and direction; `valid` [N, T]: which steps of each image run (a packed batch), None: all."""
         gi = cell.ih(x)  # [N, T, gates x hidden]: the input's share of every gate, one call for the sequence
         steps = range(x.shape[1] - 1, -1, -1) if reverse else range(x.shape[1])
         outputs: list[torch.Tensor] = []
         for t in steps:
-            gh = cell.hh(h)
+            live = None if valid is None else valid[:, t:t + 1]
+            h_before, c_before = h, c
+            gh = cell.hh(h if live is None else torch.where(live, h, 0.0))
             if self.mode == "LSTM":
                 i, f, g, o = (gi[:, t] + gh).chunk(4, dim=1)
                 assert c is not None
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                 h = torch.sigmoid(o) * torch.tanh(c)
                 if cell.proj is not None:
-                    h = cell.proj(h)
+                    h = cell.proj(h if live is None else torch.where(live, h, 0.0))
             elif self.mode == "GRU":
                 ir, iz, in_ = gi[:, t].chunk(3, dim=1)
                 hr, hz, hn = gh.chunk(3, dim=1)
@@ -278,10 +316,52 @@ class UnrolledRecurrent(nn.Module):
                 h = (h - n) * z + n  # (1 - z) n + z h in torch's own order of operations (ATen's GRU cell)
             else:
                 h = torch.tanh(gi[:, t] + gh) if self.mode == "RNN_TANH" else torch.relu(gi[:, t] + gh)
-            outputs.append(h)
+            if live is not None:  # an image past its length keeps its state and outputs zeros
+                outputs.append(torch.where(live, h, 0.0))
+                h = torch.where(live, h, h_before)
+                c = None if c is None or c_before is None else torch.where(live, c, c_before)
+            else:
+                outputs.append(h)
         if reverse:
             outputs.reverse()
         return h, c, torch.stack(outputs, dim=1)
+
+
+def fix_packed_steps(model: nn.Module, batches: Iterable[Any], run: Callable[[Any], Any], first_ran: bool
+                     ) -> list[str]:
+    """Fix the steps each recurrent module runs a packed batch for to the longest sequence in any of `batches` (the
+    calibration data, run in float where the first one gives a module a packed batch; `first_ran`: the model already
+    ran the first batch, so that none of its modules having seen one settles it): calibration and every later
+    forward pass then call its hidden matmul equally often, whichever images they hold. Returns a note per module
+    that ran packed batches: what share of its per-step codes are padding steps, where faults change nothing."""
+    recurrent = {name: m for name, m in model.named_modules() if isinstance(m, UnrolledRecurrent)}
+    if first_ran and not any(m.packed_steps is not None for m in recurrent.values()):
+        recurrent = {}
+    if not recurrent:
+        for module in model.modules():
+            if isinstance(module, UnrolledRecurrent):
+                module.packed_steps_fixed = True
+        return []
+    for module in recurrent.values():
+        module.packed_seen = [0, 0]
+    with torch.no_grad(), FusedAttentionOff():
+        for x in batches:
+            run(x)
+            if not any(m.packed_steps is not None for m in recurrent.values()):
+                break
+    notes = []
+    for name, module in recurrent.items():
+        module.packed_steps_fixed = True
+        steps, (valid, images) = module.packed_steps, module.packed_seen
+        if steps is None or not images:
+            continue
+        padding = 1 - valid / (images * steps)
+        notes.append(
+            f"{name or 'the model'} (nn.{module.mode.split('_')[0]}) runs packed batches one row per image for "
+            f"{steps} steps, the calibration data's longest sequence: an image's steps past its length compute on "
+            f"zeros and are discarded, so faults drawn at them ({padding:.1%} of its layers' per-step codes on the "
+            "calibration data) change nothing, as on hardware that skips those steps; fault counts include them")
+    return notes
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:

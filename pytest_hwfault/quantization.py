@@ -50,7 +50,7 @@ from torch.ao.quantization import MinMaxObserver, PerChannelMinMaxObserver
 from torch.overrides import TorchFunctionMode
 
 from .data import Batch, DataError, Inputs, call_model, check_stable, iter_batches
-from .decompose import Einsum, FusedAttentionOff, MatMul, decompose
+from .decompose import Einsum, FusedAttentionOff, MatMul, decompose, fix_packed_steps
 from .deployed import (
     ONEDNN_STEPS,
     BiasMode,
@@ -299,6 +299,9 @@ def quantize(
             f"conv/linear/matmul/einsum/attention calls; found only: {', '.join(kinds) or 'no submodules'}{left_out}"
         )
 
+    # a recurrent module fed packed batches runs the calibration data's longest sequence's steps in every pass
+    view_notes = fix_packed_steps(work, (x.to(device) for x, _ in iter_batches(calibration_data, batch_size)),
+                                  functools.partial(call_model, work), first_ran=not ao_layers)
     # asymmetric: unsigned codes with a zero point, except the two operands of a matmul of activations
     affine = {name: act_scheme == "asymmetric" and not isinstance(m, MatMul) for name, m in candidates.items()}
     stats_in = {name: _ActStats(calibration, bits, affine[name]) for name in candidates}
@@ -499,6 +502,8 @@ def quantize(
         "act_scheme": act_scheme if deployed is None else None,
         "source": deployed.source if deployed is not None else "calibrated",
         "deployed_notes": list(deployed.notes) if deployed is not None else [],
+        # what a report should say about how the view computes the model (e.g. a recurrent module's packed batches)
+        "notes": view_notes,
         "decomposed": decomposed,
         # modules whose weight or bias something else reads (name -> what): their calls are functional layers
         "not_layers": not_layers,

@@ -331,6 +331,46 @@ def test_a_dynamic_recurrent_model_is_the_model_run_one_sequence_at_a_time(mode:
     assert _bits_equal(_one_at_a_time(view, x), expected)  # weights and scales restored
 
 
+class PackedRecurrent(nn.Module):
+    """Packs its variable-length sequences (zero first feature: padding) before its recurrent module."""
+
+    def __init__(self, mode: str, **options: object) -> None:
+        super().__init__()
+        self.rnn = getattr(nn, mode)(8, 16, batch_first=True, **options)
+        self.fc = nn.Linear(16 * (2 if options.get("bidirectional") else 1), 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = (x[:, :, 0] != 0).sum(1).clamp(min=1)
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        return self.fc(padded[torch.arange(len(x)), lengths - 1])
+
+
+@pytest.mark.parametrize("options", [{}, {"num_layers": 2, "bidirectional": True}], ids=["one_layer", "stacked"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_a_dynamic_recurrent_model_fed_packed_batches_is_the_model_run_one_sequence_at_a_time(
+        mode: str, options: dict[str, object]) -> None:
+    """A packed batch (refused before) through torch.quantized_lstm / quantized_gru: torch's packed kernels stop each
+    sequence at its length; the view runs one row per image on the padded batch with the steps past an image's
+    length on zeros, discarded, whose per-image dynamic ranges include zero as torch's do. Bit for bit against the
+    model run one sequence at a time, and the load check says so."""
+    torch.manual_seed(9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tq.quantize_dynamic(PackedRecurrent(mode, **options).eval(), {nn.LSTM, nn.GRU, nn.Linear},
+                                    dtype=torch.qint8)
+    x = torch.randn(40, 7, 8) * torch.logspace(-3, 1, 40).reshape(-1, 1, 1)
+    x[:, :, 0] = x[:, :, 0].abs() + 1e-3
+    for image in range(40):
+        x[image, 1 + image % 7:] = 0
+    view = quantize(model, x)
+    assert view.config["deployed_notes"][0].endswith("fault-free outputs equal bit for bit")
+    assert view.layers["rnn.cells.l0.hh.linear"].calls == 7
+    assert view.config["notes"][0].startswith(f"rnn (nn.{mode}) runs packed batches one row per image for 7 steps")
+    assert _bits_equal(_one_at_a_time(view, x), _one_at_a_time(model, x))
+
+
 @pytest.mark.parametrize("module", ["fp16", "lstm_cell"])
 def test_dynamic_modules_without_integer_codes_or_support_are_refused_by_name(module: str) -> None:
     torch.manual_seed(7)

@@ -164,6 +164,7 @@ BUILDERS = {
     "transformer": lambda: (TextClassifier(), torch.randint(0, 40, (6, 9))),
     "lstm": lambda: (Recurrent(nn.LSTM, num_layers=2, bidirectional=True), torch.randn(6, 5, 6)),
     "gru": lambda: (Recurrent(nn.GRU), torch.randn(6, 5, 6)),
+    "packed": lambda: (Packed(nn.LSTM, bidirectional=True), _packed_inputs()),
     "functional": lambda: (FunctionalOnly(), torch.randn(6, 3, 8, 8)),
     "decoder": lambda: (Upsampler(), torch.randn(6, 3, 5, 5)),
     "windows": lambda: (WindowAttention(), torch.randn(6, 3, 4, 4)),
@@ -181,6 +182,7 @@ PROBED = {
                     "encoder.layers.0.self_attn.context"],
     "lstm": ["rnn.cells.l0.hh", "rnn.cells.l1_reverse.hh", "rnn.cells.l0.ih"],
     "gru": ["rnn.cells.l0.hh", "rnn.cells.l0.ih"],
+    "packed": ["rnn.cells.l0.hh", "rnn.cells.l0_reverse.hh", "rnn.cells.l0.ih"],
     "functional": ["conv2d()", "bmm()", "einsum()", "linear()", "matmul()"],
     "decoder": ["up", "grouped", "conv_transpose2d()"],
     "windows": ["linear()", "matmul()", "matmul_2()", "linear_2()"],
@@ -249,31 +251,117 @@ def test_a_recurrent_cell_runs_its_hidden_matmul_once_per_step() -> None:
 
 
 class Packed(nn.Module):
-    """A text classifier that packs its variable-length sequences before its LSTM, as torch's tutorials do."""
+    """A text classifier that packs its variable-length sequences before its recurrent module, as torch's tutorials
+    do: each sequence's length is where its first feature stops being above -5."""
 
-    def __init__(self) -> None:
+    def __init__(self, cell: type[nn.RNNBase] = nn.LSTM, **options: Any) -> None:
         super().__init__()
-        self.rnn, self.head = nn.LSTM(5, 12, batch_first=True), nn.Linear(12, 3)
+        self.rnn = cell(5, 12, batch_first=True, **options)
+        self.head = nn.Linear(12 * (2 if options.get("bidirectional") else 1), 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lengths = (x[:, :, 0] > -5).sum(1).clamp(min=1)
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        _, (h, _) = self.rnn(packed)
-        return self.head(h[-1])
+        out, _ = self.rnn(packed)
+        padded, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        return self.head(padded[torch.arange(len(x)), lengths - 1])  # each sequence's output at its last step
 
 
-def test_a_packed_sequence_is_refused_as_the_views_limit_not_the_models_failure() -> None:
-    """A PackedSequence fed to an LSTM was reported as "Packed fails in float on two calibration images": the model
-    runs in float; it is the view that runs a recurrent module one row per image per step. Refused saying so."""
+def _packed_inputs(lengths: tuple[int, ...] = (1, 3, 5, 2, 4, 7), steps: int = 7) -> torch.Tensor:
+    """Images of these lengths, padded with -10 (the longest one last: calibrated in batches of 4, the first batch's
+    longest sequence is shorter than the data's)."""
+    x = torch.randn(len(lengths), steps, 5)
+    for image, length in enumerate(lengths):
+        x[image, length:] = -10
+    return x
+
+
+RECURRENT = {"lstm": (nn.LSTM, {}), "gru_stacked_bidirectional": (nn.GRU, {"num_layers": 2, "bidirectional": True}),
+             "rnn_relu": (nn.RNN, {"nonlinearity": "relu"}),
+             "lstm_projected_bidirectional": (nn.LSTM, {"proj_size": 4, "bidirectional": True, "num_layers": 2})}
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "sequence_first"])
+@pytest.mark.parametrize("enforce_sorted", [False, True], ids=["unsorted", "sorted"])
+@pytest.mark.parametrize("kind", list(RECURRENT))
+def test_the_unrolled_module_runs_a_packed_batch_as_torchs_module(kind: str, enforce_sorted: bool,
+                                                                 batch_first: bool) -> None:
+    """A PackedSequence was refused ("a packed step's rows are no fixed images"). The unrolled module now runs it one
+    row per image on the padded batch, each image's steps past its length on zeros, discarded: torch's own packed
+    module (sorted and unsorted batches, both layouts, reverse directions starting at each sequence's last step,
+    an initial state in the batch's order) gives the same packed output and final states, to float rounding."""
+    from pytest_hwfault.decompose import UnrolledRecurrent
+
+    cell, options = RECURRENT[kind]
+    with seeded(3):
+        rnn = cell(5, 12, batch_first=batch_first, **options).eval()
+        lengths = torch.tensor([7, 5, 5, 3, 2, 1]) if enforce_sorted else torch.tensor([3, 7, 1, 5, 7, 2])
+        x = torch.randn(6, 7, 5)
+        layers = options.get("num_layers", 1) * (2 if options.get("bidirectional") else 1)
+        h0 = torch.randn(layers, 6, options.get("proj_size") or 12)
+        hx = (h0, torch.randn(layers, 6, 12)) if cell is nn.LSTM else h0
+    unrolled = UnrolledRecurrent(rnn)
+    packed = nn.utils.rnn.pack_padded_sequence(x if batch_first else x.transpose(0, 1), lengths,
+                                               batch_first=batch_first, enforce_sorted=enforce_sorted)
+    with torch.no_grad():
+        for state in (None, hx):
+            expected, expected_state = rnn(packed, state)
+            out, out_state = unrolled(packed, state)
+            assert isinstance(out, nn.utils.rnn.PackedSequence)
+            for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+                assert _same_or_none(getattr(out, field), getattr(expected, field)), field
+            torch.testing.assert_close(out.data, expected.data, rtol=1e-5, atol=1e-6)
+            for got, want in zip(*(s if isinstance(s, tuple) else (s,) for s in (out_state, expected_state))):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _same_or_none(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b is None or (a is not None and b is not None and torch.equal(a, b))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru_stacked_bidirectional"])
+def test_a_packed_batch_is_quantized_one_row_per_image_for_the_calibrations_longest_steps(kind: str) -> None:
+    """The view of a model that packs its batch: every forward pass calls the hidden matmuls once per step of the
+    calibration data's longest sequence (found over all calibration batches: the first one's is shorter), so a
+    trial's few faulty images run the same calls; each image's result is its own whatever the batch; a fault at a
+    step past an image's length changes nothing, one within it does; the report says what share of the per-step
+    codes are such padding steps."""
+    cell, options = RECURRENT[kind]
+    with seeded(5):
+        model, x = Packed(cell, **options).eval(), _packed_inputs()
+    qmodel = quantize(model, x, batch_size=4)  # the first batch's longest sequence has 5 steps, the data's 7
+    hh = qmodel.layers["rnn.cells.l0.hh"]
+    assert hh.calls == 7 and qmodel.layers["rnn.cells.l0.ih"].calls == 1
+    padding = 1 - (1 + 3 + 5 + 2 + 4 + 7) / (6 * 7)
+    assert qmodel.config["notes"] == [
+        f"rnn (nn.{cell.__name__}) runs packed batches one row per image for 7 steps, the calibration data's longest "
+        "sequence: an image's steps past its length compute on zeros and are discarded, so faults drawn at them "
+        f"({padding:.1%} of its layers' per-step codes on the calibration data) change nothing, as on hardware that "
+        "skips those steps; fault counts include them"]
+    clean = qmodel(x)
+    assert torch.equal(torch.cat([qmodel(x[i:i + 1]) for i in range(6)]), clean)
+    assert torch.equal(qmodel(x[:2]), clean[:2])  # a batch whose longest sequence is shorter: the same calls
+    per_step = hh.numel(Site.ACT) // hh.calls  # an image's act codes at one step
+    for step, moved in ((3, False), (0, True)):  # image 0 has one step: 1..6 are padding; unit 29: the cell input
+        pattern = FaultPattern.from_faults([("act", "rnn.cells.l0.hh", step * per_step + 29, 7, "flip", 0)])
+        faulty = qmodel(x, faults=pattern)
+        assert torch.equal(faulty[1:], clean[1:])
+        assert torch.equal(faulty[0], clean[0]) is not moved, step
+
+
+def test_a_packed_sequence_longer_than_the_calibrations_is_refused_saying_how_to_calibrate() -> None:
+    """Past the calibration data's longest sequence, a forward pass would call the hidden matmuls more often than
+    the faults are placed for: refused, naming both lengths and the fix."""
     from pytest_hwfault.qmodel import UnsupportedModelError
 
     with seeded(0):
-        model, x = Packed().eval(), torch.randn(16, 7, 5)
-    x[::3, 4:] = -10
-    assert model(x).shape == (16, 3)  # the model itself runs
-    with pytest.raises(UnsupportedModelError, match=r"^the model passes a PackedSequence to an nn\.LSTM: the "
-                                                    r"quantized view runs it step by step .*pad_packed_sequence"):
-        quantize(model, x)
+        model, x = Packed().eval(), _packed_inputs()
+    qmodel = quantize(model, x[:4])  # lengths 1, 3, 5, 2: the longest has 5 steps
+    assert qmodel(x[:5]).shape == (5, 3)  # the fifth image has 4
+    with pytest.raises(UnsupportedModelError, match=r"^the model passes its nn\.LSTM a packed sequence of 7 steps, "
+                                                    r"where the longest in the calibration data has 5: .*"
+                                                    r"\(calibration_data=\.\.\.\)$"):
+        qmodel(x)
 
 
 @pytest.mark.parametrize("core_aten", [False, True], ids=["exported", "core-aten"])

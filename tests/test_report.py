@@ -442,6 +442,17 @@ def test_failure_message_for_a_fail() -> None:
     assert text.rstrip().endswith("test_resilience[act-ber0.001]'")
 
 
+def test_a_calibrated_models_notes_are_printed_under_a_failing_gate() -> None:
+    """The model notes were printed for deployed models only: a calibrated model's (given in training mode, a
+    recurrent module's packed padding steps) were in the JSON record but not under the failing gate."""
+    record = {**_record("fail"), "model_notes": ["the model was given in training mode", "rnn runs packed batches"]}
+    assert record.get("model_format", "calibrated") == "calibrated"
+    text = rp.failure_message(record, "pytest x")
+    assert re.search(r"\n  model note +the model was given in training mode\n  model note +rnn runs packed batches\n",
+                     text)
+    assert "deployed" not in text
+
+
 def test_failure_message_for_max_drop_and_weight_site() -> None:
     record = rp.campaign_record(_result(WEIGHT_SPEC, [20, 30] * 32, quantized=0.9), "t.py::w")
     assert record["verdict"] == "fail"

@@ -249,8 +249,9 @@ def failure_message(record: dict[str, Any], reproduce: str) -> str:
     deployed = record.get("model_format", "calibrated") != "calibrated"
     if deployed:
         row("model", f"deployed {record['model_format']} int8 model: its own codes, scales and arithmetic")
-        for note in record.get("model_notes") or []:
-            row("model note", printable(note))
+    for note in record.get("model_notes") or []:
+        row("model note", printable(note))
+    if deployed:
         for note in record.get("inexact_view") or []:
             row("inexact view", printable(f"judged anyway (allow_inexact_view=True): {note}"))
     float_kind = "float function of its int8 weights" if deployed else "float"
