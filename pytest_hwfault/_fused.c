@@ -396,6 +396,26 @@ void hw_tanh_mlas(const float *x, float *y, int64_t n, const float *constants, i
         y[i] = tanh_mlas(x[i], constants);
 }
 
+/* onnxruntime's CPU Sigmoid (float32; MLAS's FMA3 logistic kernel, the rational approximation Eigen uses): x clamped
+ * to [-18, 18] (a NaN kept), p = x * P(x^2) and q = Q(x^2) by Horner steps each one fused multiply-add, p / q + 0.5,
+ * then raised to 0 where below it (the FMA3 kernel clamps at 0 only, not at 1; a NaN kept). The constants are MLAS's
+ * `MlasLogisticConstants`, in this order: alpha_9 .. alpha_1, beta_10 .. beta_0. */
+static inline float logistic_mlas(float v, const float *c) {
+    v = -18.0f > v ? -18.0f : v;
+    v = 18.0f < v ? 18.0f : v;
+    const float v2 = v * v;
+    const float p = horner_fma(c[0], v2, c + 1, 4) * v;
+    const float q = horner_fma(c[5], v2, c + 6, 5);
+    const float r = p / q + 0.5f;
+    return r < 0.0f ? 0.0f : r;
+}
+
+void hw_logistic_mlas(const float *x, float *y, int64_t n, const float *constants, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= PARALLEL_FROM)
+    for (int64_t i = 0; i < n; i++)
+        y[i] = logistic_mlas(x[i], constants);
+}
+
 /* onnxruntime's CPU Erf (float32) as measured on every one of the 2^32 float32 inputs on a CPU with AVX-512F (onnxruntime
  * 1.32; NaN in, NaN out): MLAS's erf (the faithfully rounded erff of Norbert Juffa's answer on Stack Overflow) with no
  * clamp of |x| above, each step one fused multiply-add. |x| below the split: x + x P(x^2); from the split on:

@@ -63,6 +63,7 @@ _SIGNATURES = {
     "hw_decode_faults": [_P, _I, _P, _P, _P, _C, _P, _P, _P, _P, _C],
     "hw_layer_norm_ort": [_P, _P, _P, _P, _I, _I, _F, _C],
     "hw_tanh_mlas": [_P, _P, _I, _P, _C],
+    "hw_logistic_mlas": [_P, _P, _I, _P, _C],
     "hw_erf_mlas": [_P, _P, _I, _P, _C],
     "hw_gelu_ort": [_P, _P, _P, _I, _I, _C, _P, _C],
     "hw_skip_layer_norm_ort": [_P, _P, _P, _P, _P, _P, _I, _I, _F, _C],
@@ -345,6 +346,30 @@ def eager_tanh_mlas(x: torch.Tensor) -> torch.Tensor:
     return (p * v) / q
 
 
+# MLAS's `MlasLogisticConstants` (the polynomial Eigen uses): alpha_9 .. alpha_1, beta_10 .. beta_0, as float32
+MLAS_LOGISTIC = torch.tensor([4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05, 8.51377133304701e-03,
+                              2.48287947061529e-01, 6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06,
+                              1.70198817374094e-03, 1.16817656904453e-01, 9.93151921023180e-01], dtype=torch.float32)
+
+
+def eager_logistic_mlas(x: torch.Tensor) -> torch.Tensor:
+    """`hw_logistic_mlas` on torch's ops: clamp to [-18, 18] (a NaN kept), Horner steps by exact fused multiply-adds,
+    p / q + 0.5 raised to 0 where below it (a NaN kept)."""
+    from .onednn import fused_multiply_add
+
+    v = x.clamp(-18.0, 18.0)
+    v2 = v * v
+    a9, a7, a5, a3, a1, b10, b8, b6, b4, b2, b0 = (torch.full_like(v, float(c)) for c in MLAS_LOGISTIC)
+    p = fused_multiply_add(v2, a9, a7)
+    for a in (a5, a3, a1):
+        p = fused_multiply_add(p, v2, a)
+    q = fused_multiply_add(v2, b10, b8)
+    for b in (b6, b4, b2, b0):
+        q = fused_multiply_add(q, v2, b)
+    r = (p * v) / q + 0.5
+    return torch.where(r < 0, 0.0, r)
+
+
 # MLAS's `MlasErfConstants` in `hw_erf_mlas`'s order: the split; the small branch's polynomial and the large one's,
 # from the highest degree down (each constant term minus one); the exponential's lower bound, 1 / ln 2, -ln 2 high
 # and low, its polynomial from the highest degree down; the rounding bias 1.5 x 2^23
@@ -553,8 +578,9 @@ def _self_check(lib: ctypes.CDLL) -> str | None:
         if not same_bits(got, want):
             return "add then ReLU"
     return (_check_edits(lib) or _check_requantize_edits(lib) or _check_requantize_wide(lib)
-            or _check_sampling(lib) or _check_layer_norm(lib) or _check_tanh(lib) or _check_erf(lib)
-            or _check_gelu(lib) or _check_skip_layer_norm(lib) or _check_matmul(lib) or _check_softmax(lib))
+            or _check_sampling(lib) or _check_layer_norm(lib) or _check_tanh(lib) or _check_logistic(lib)
+            or _check_erf(lib) or _check_gelu(lib) or _check_skip_layer_norm(lib) or _check_matmul(lib)
+            or _check_softmax(lib))
 
 
 def _check_softmax(lib: ctypes.CDLL) -> str | None:
@@ -607,6 +633,15 @@ def _check_tanh(lib: ctypes.CDLL) -> str | None:
     values = torch.cat([_special_values(torch.Generator().manual_seed(20)), torch.linspace(-12.0, 12.0, 200_001),
                         torch.tensor([-9.0, 9.0, -8.999999, 8.999999, 1e-30, -1e-30])])
     return None if _check_unary(lib.hw_tanh_mlas, MLAS_TANH, eager_tanh_mlas, values) else "MLAS's tanh"
+
+
+def _check_logistic(lib: ctypes.CDLL) -> str | None:
+    """hw_logistic_mlas against `eager_logistic_mlas`: the special values, the clamp's edges, a dense sweep of
+    -24..24."""
+    values = torch.cat([_special_values(torch.Generator().manual_seed(21)), torch.linspace(-24.0, 24.0, 200_001),
+                        torch.tensor([-18.0, 18.0, -17.999998, 17.999998, 1e-30, -1e-30])])
+    return None if _check_unary(lib.hw_logistic_mlas, MLAS_LOGISTIC, eager_logistic_mlas, values) \
+        else "MLAS's logistic"
 
 
 def _check_erf(lib: ctypes.CDLL) -> str | None:
@@ -1205,6 +1240,11 @@ def _unary(name: str, constants: torch.Tensor, eager: Any, x: torch.Tensor) -> t
 def tanh_mlas(x: torch.Tensor) -> torch.Tensor:
     """onnxruntime's CPU Tanh of float32 `x` (MLAS's FMA3 kernel): one native pass, or its eager chain."""
     return _unary("hw_tanh_mlas", MLAS_TANH, eager_tanh_mlas, x)
+
+
+def logistic_mlas(x: torch.Tensor) -> torch.Tensor:
+    """onnxruntime's CPU Sigmoid of float32 `x` (MLAS's FMA3 logistic kernel): one native pass, or its eager chain."""
+    return _unary("hw_logistic_mlas", MLAS_LOGISTIC, eager_logistic_mlas, x)
 
 
 def erf_mlas(x: torch.Tensor) -> torch.Tensor:

@@ -130,11 +130,12 @@ def onnx_dynamic_layer_agreement(model: Any, qmodel: Any, images: Any) -> Any:
     for name, module in results.items():  # in the graph's order of nodes
         runtime, mine = theirs[name], ours[name]
         total = sum(t.numel() for t in runtime)
+        what = f"a dynamic {'ConvInteger' if hasattr(module, 'window_sums') else 'MatMulInteger'}'s float result"
         if len(mine) != len(runtime) or any(a.shape != b.shape for a, b in zip(runtime, mine)):
-            apart.append((module.scales_layer, "a dynamic MatMulInteger's float result", 0, total, True))
+            apart.append((module.scales_layer, what, 0, total, True))
         elif not all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(runtime, mine)):
             equal = sum(int((a.view(torch.int32) == b.view(torch.int32)).sum()) for a, b in zip(runtime, mine))
-            apart.append((module.scales_layer, "a dynamic MatMulInteger's float result", equal, total, True))
+            apart.append((module.scales_layer, what, equal, total, True))
     return LayerAgreement(len(results), tuple(apart), "values")
 
 

@@ -96,6 +96,16 @@ def _tanh(x: torch.Tensor) -> torch.Tensor:
     return native.tanh_mlas(x) if x.dtype == torch.float32 else torch.tanh(x)
 
 
+def _sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """onnxruntime's Sigmoid on a CPU with FMA3 (MLAS's logistic kernel: a clamp to [-18, 18], a rational polynomial
+    by fused multiply-adds, + 0.5, raised to 0; torch.sigmoid agrees on about a third of values); the reader checks
+    the installed onnxruntime agrees at load (`onnx_reader.runtime_op_agrees`) and names the node where it does
+    not."""
+    from . import native
+
+    return native.logistic_mlas(x) if x.dtype == torch.float32 else torch.sigmoid(x)
+
+
 def _erf(x: torch.Tensor) -> torch.Tensor:
     """onnxruntime's Erf on a CPU with AVX-512F (MLAS's erf: bit for bit on all 2^32 float32 inputs, against 85-89% for
     torch.erf or a correctly rounded erf); the reader checks the installed onnxruntime agrees at load
@@ -106,7 +116,7 @@ def _erf(x: torch.Tensor) -> torch.Tensor:
 
 
 UNARY: dict[str, Function] = {
-    "Sqrt": _sqrt, "Erf": _erf, "Tanh": _tanh, "Sigmoid": torch.sigmoid, "Exp": torch.exp,
+    "Sqrt": _sqrt, "Erf": _erf, "Tanh": _tanh, "Sigmoid": _sigmoid, "Exp": torch.exp,
     "Log": torch.log, "Neg": torch.neg, "Abs": torch.abs, "Reciprocal": torch.reciprocal, "Floor": torch.floor,
     "Ceil": torch.ceil, "Not": torch.logical_not, "Sin": torch.sin, "Cos": torch.cos, "Softplus": F.softplus,
     "Relu": torch.relu, "Identity": lambda x: x,
@@ -400,6 +410,22 @@ def ort_skip_layer_norm(eps: float) -> Function:
     return skip_layer_norm
 
 
+def ort_quick_gelu(alpha: float) -> Function:
+    """onnxruntime's CPU QuickGelu (com.microsoft; x * sigmoid(alpha x), fused from a SiLU's or a QuickGELU's Sigmoid
+    and Mul), measured against it: at alpha 1, x times MLAS's logistic of x kept at or below 1; otherwise x times
+    MLAS's logistic of the float32 product x alpha, which may pass 1 (by an ulp, near x alpha = 17.8), as its
+    Sigmoid's does (`onnx_reader.runtime_quick_gelu_agrees`)."""
+    from . import native
+
+    def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            return x * torch.sigmoid(x * alpha)
+        if alpha == 1.0:
+            return x * native.logistic_mlas(x).clamp_(max=1.0)
+        return x * native.logistic_mlas(x * torch.tensor(alpha, dtype=torch.float32))
+    return quick_gelu
+
+
 def ort_fused(kernel: str, attrs: dict[str, Any]) -> Function:
     """The function of a kernel onnxruntime fused from exported ops (`ORT_FUSED`, and LayerNormalization), for the
     fused node's attributes."""
@@ -409,10 +435,12 @@ def ort_fused(kernel: str, attrs: dict[str, Any]) -> Function:
         return ort_skip_layer_norm(float(attrs.get("epsilon", 1e-12)))
     if kernel == "LayerNormalization":  # a LayerNorm it fused from an export's ReduceMean, Sub, Pow, ...
         return _layer_norm(attrs, 17)
+    if kernel == "QuickGelu":
+        return ort_quick_gelu(float(attrs.get("alpha", 1.702)))
     return ORT_GELUS[kernel]
 
 
-ORT_FUSED = frozenset({*ORT_GELUS, "FusedMatMul", "SkipLayerNormalization"})
+ORT_FUSED = frozenset({*ORT_GELUS, "FusedMatMul", "SkipLayerNormalization", "QuickGelu"})
 
 
 def ort_layer_norm_applies(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, axis: int) -> bool:
@@ -839,8 +867,8 @@ def function(op_type: str, attrs: dict[str, Any], opset: int) -> Function | None
 
 # ops computed as onnxruntime's kernels compute them, by branches on the values' dtype and shape and native passes:
 # a traced graph keeps their node whole (`graph.trace`), as it cannot trace into them
-RUNTIME_KERNELS = frozenset({"Sqrt", "Tanh", "Erf", "Softmax", "LayerNormalization", "MatMul", "FastGelu", "Gelu",
-                             "BiasGelu", "FusedMatMul", "SkipLayerNormalization"})
+RUNTIME_KERNELS = frozenset({"Sqrt", "Tanh", "Sigmoid", "Erf", "QuickGelu", "Softmax", "LayerNormalization", "MatMul",
+                             "FastGelu", "Gelu", "BiasGelu", "FusedMatMul", "SkipLayerNormalization"})
 
 
 class OnnxOp(nn.Module):

@@ -76,7 +76,7 @@ INTEGER_KERNELS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatM
                    "DynamicQuantizeMatMul")
 SUPPORTED = ("QuantizeLinear", "DequantizeLinear", "Conv", "Gemm", "MatMul", "Relu", "Add", "GlobalAveragePool",
              "AveragePool", "MaxPool", "Flatten", "Reshape", "Clip", "Identity", "Concat", "Constant",
-             "DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul -> Add (quantize_dynamic)")
+             "DynamicQuantizeLinear -> MatMulInteger or ConvInteger -> Cast -> Mul -> Add (quantize_dynamic)")
 
 
 def _code_range(signed: bool) -> tuple[int, int]:
@@ -495,6 +495,27 @@ class GlobalMean(nn.Module):
         return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
+class OrtGlobalAveragePool(GlobalMean):
+    """onnxruntime's float GlobalAveragePool (MLAS's global pooling kernel): each channel's values, in memory order,
+    summed in float32 into four lanes (value k into lane k mod 4) while four remain, the lanes added as (0 + 2) +
+    (1 + 3), the rest added one by one, then divided by the count (measured bit for bit against onnxruntime:
+    `runtime_global_pool_agrees`)."""
+
+    fx_leaf = True  # one node in a traced graph: its loop runs over the input's size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(*x.shape[:2], -1)
+        size = flat.shape[2]
+        lanes = flat.new_zeros(*x.shape[:2], 4)
+        for start in range(0, size - 3, 4):
+            lanes = lanes + flat[:, :, start:start + 4]
+        total = (lanes[..., 0] + lanes[..., 2]) + (lanes[..., 1] + lanes[..., 3])
+        for k in range(size // 4 * 4, size):
+            total = total + flat[:, :, k]
+        mean = total / torch.tensor(float(size), dtype=total.dtype)
+        return mean.reshape(*x.shape[:2], *([1] * (x.dim() - 2)))
+
+
 class Concat(nn.Module):
     def __init__(self, axis: int) -> None:
         super().__init__()
@@ -591,6 +612,50 @@ class OrtDynamicOutput(nn.Module):
         return out.movedim(-2, 0)
 
 
+class OrtDynamicConvOutput(OrtDynamicOutput):
+    """onnxruntime's float result of a dynamic ConvInteger -> Cast -> Mul -> Add chain: ConvInteger pads its codes with
+    their zero point, so each output is sum((code - zero point) x weight code) over the taps inside the image; the
+    layer's raw accumulator (zero-padded codes) minus the zero point x the sum of the weight codes over those taps
+    (`window_sums`), to float32, times the float32 product input scale x weight scale, plus the bias per channel."""
+
+    def __init__(self, layer: str, weight_scale: torch.Tensor, bias: torch.Tensor | None, onnx_output: str,
+                 conv: nn.modules.conv._ConvNd) -> None:
+        super().__init__(layer, weight_scale, bias, onnx_output)
+        self.stride, self.dilation = tuple(conv.stride), tuple(conv.dilation)
+        self.padding = tuple(int(p) for p in conv.padding)  # explicit pads (the reader's ConvInteger)
+        self.groups, self.dims = conv.groups, len(conv.stride)
+        self._windows: tuple[Any, tuple[int, ...], torch.Tensor] | None = None
+
+    def window_sums(self, weight: torch.Tensor, image: tuple[int, ...]) -> torch.Tensor:
+        """[1, out channels, *output size]: each output's sum of weight codes over the taps inside an image of
+        `image` ([channels, *size]) (exact in float64), kept until the codes change (weight faults)."""
+        from .kernels import _version
+
+        version = _version(weight)
+        if self._windows is None or self._windows[0] != version or self._windows[1] != image:
+            conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+            ones = torch.ones(1, *image, dtype=torch.float64, device=weight.device)
+            sums = conv(ones, weight.double(), None, self.stride, self.padding, self.dilation, self.groups)
+            self._windows = (version, image, sums)
+        return self._windows[2]
+
+    def forward(self, acc: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,  # type: ignore[override]
+                weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        per_image = (len(acc), *([1] * (acc.dim() - 1)))
+        per_channel = (1, -1, *([1] * (acc.dim() - 2)))
+        correction = zero.double().reshape(per_image) * self.window_sums(weight, tuple(x.shape[1:]))
+        low, high = torch.aminmax(acc) if acc.numel() else (torch.zeros(()), torch.zeros(()))
+        bound = max(-float(low), float(high)) + float(correction.abs().amax())
+        multiplier = (scale.unsqueeze(1) * self.weight_scale).reshape(len(acc), -1, *([1] * (acc.dim() - 2)))
+        if bound < 2.0**31 and acc.dtype in (torch.float32, torch.float64):
+            exact = acc if bound < 2.0**24 or acc.dtype == torch.float64 else acc.double()
+            out = torch.sub(exact, correction.to(exact.dtype)).float().mul_(multiplier)
+        else:  # in int64, wrapped to int32 as the kernel's sum wraps (an accumulator fault can take it there)
+            raw = acc.to(torch.int64) - correction.to(torch.int64)
+            out = (torch.bitwise_and(raw + 2**31, 2**32 - 1) - 2**31).float() * multiplier
+        return out if self.bias is None else out.add_(self.bias.reshape(per_channel))
+
+
 @dataclass
 class _Grid:
     scale: float
@@ -675,7 +740,9 @@ def _runtime_graph(model: Any) -> tuple[dict[str, tuple[str, list[tuple[int, boo
             value = consts.get(name)
             small = value is not None and value.size == 1 and value.dtype in (np.int8, np.uint8)
             zeros.append((int(value.reshape(())), value.dtype == np.int8) if small and value is not None else None)
-        kernels.setdefault(re.sub(r"_token_\d+$", "", node.name), (node.op_type, zeros))
+        # onnxruntime's NCHWc layout kernels (blocked channels) compute otherwise than the op of the same name
+        kernel = f"NCHWc {node.op_type}" if node.domain == "com.microsoft.nchwc" else node.op_type
+        kernels.setdefault(re.sub(r"_token_\d+$", "", node.name), (kernel, zeros))
     grids: dict[str, _Grid] = {}
     for node in optimized.graph.node:
         if node.op_type == "DequantizeLinear" and len(node.input) == 3:
@@ -942,6 +1009,9 @@ class _Builder:
             shapes = [self.inferred()[1].get(name) for name in listed[:2]]
             if not shapes[0] or shapes[0] != shapes[1]:  # a skip not of the input's (inferred) shape: named
                 self.uncertified.append(kernel)
+        elif kernel == "QuickGelu":
+            if not runtime_quick_gelu_agrees():
+                return
         elif not runtime_gelu_agrees(kernel, len(inputs) > 1):
             return
         op = onnx_float.OnnxOp(kernel, onnx_float.ort_fused(kernel, attrs), [not name for name in listed])
@@ -1232,7 +1302,9 @@ class _Builder:
             self.skip.update(id(n) for n in taken)
             self.set_quantized(taken[-1].output[0], self.add_module(pool, node, index, (x,)), grid)
             return
-        self.values[node.output[0]] = self.add_module(GlobalMean(), node, index, (x,))
+        self.float_nodes.append(node)  # named where onnxruntime runs it otherwise (`_reproduced`)
+        mean = OrtGlobalAveragePool() if self.exact else GlobalMean()
+        self.values[node.output[0]] = self.add_module(mean, node, index, (x,))
 
     def op_AveragePool(self, node: Any, index: int) -> None:
         a = _attrs(node)
@@ -1265,6 +1337,7 @@ class _Builder:
             raise self.error(node, "a float AveragePool needs symmetric pads")
         avg = nn.AvgPool2d((kernel[0], kernel[1]), (strides[0], strides[1]), (pads[0], pads[1]),
                            count_include_pad=include_pad)
+        self.float_nodes.append(node)  # torch's float sums, not MLAS's: named
         self.values[node.output[0]] = self.add_module(avg, node, index, (x,))
 
     # -- dynamic quantization (onnxruntime's quantize_dynamic) ----------------------------------------------------
@@ -1381,44 +1454,108 @@ class _Builder:
         if zeros[1] and bool((self.const(zeros[1], node) != 0).any()):
             raise self.error(node, "asymmetric weights (non-zero weight zero points) are not supported; quantize "
                                    "with weight_type=QuantType.QInt8")
-        cast = self.single_consumer(node.output[0], "Cast")
-        mul = self.single_consumer(cast.output[0], "Mul") if cast is not None else None
-        product = next((i for i in mul.input if i != cast.output[0]), "") \
-            if cast is not None and mul is not None else ""
-        if mul is None or self.scale_products.get(product, ("",))[0] != self.dynamic[source][0]:
-            raise self.error(node, "expected Cast -> Mul by (input scale x weight scale) after it, as onnxruntime's "
-                                   "quantize_dynamic writes it")
-        assert cast is not None
-        taken, bias = [cast, mul], None
-        add = self.single_consumer(mul.output[0], "Add")
-        other = next((i for i in add.input if i != mul.output[0]), "") if add is not None else ""
-        if add is not None and other in self.consts and self.consts[other].size == codes.shape[1]:
-            taken.append(add)
-            bias = torch.from_numpy(self.consts[other].astype(np.float32).reshape(-1))
         channels = codes.shape[1]
+        taken, product, bias = self.dynamic_chain(node, channels, ((channels,), (1, channels)))
         weight_scale = np.broadcast_to(self.scale_products[product][1].astype(np.float32).reshape(-1), (channels,))
         linear = nn.Linear(codes.shape[0], channels, bias=not self.exact and bias is not None).requires_grad_(False)
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy((codes.T * weight_scale[:, None]).astype(np.float32)))
             if linear.bias is not None and bias is not None:
                 linear.bias.copy_(bias)
+        self.dynamic_layer(node, index, linear, taken, codes.T, weight_scale, bias)
+
+    def dynamic_chain(self, node: Any, channels: int, bias_shapes: tuple[tuple[int, ...], ...]
+                      ) -> tuple[list[Any], str, torch.Tensor | None]:
+        """The Cast -> Mul by (input scale x weight scale) -> Add of a bias (optional) after a dynamic MatMulInteger or
+        ConvInteger: (those nodes, the scale product's name, the bias or None); a bias is a constant of one of
+        `bias_shapes`."""
+        cast = self.single_consumer(node.output[0], "Cast")
+        mul = self.single_consumer(cast.output[0], "Mul") if cast is not None else None
+        product = next((i for i in mul.input if i != cast.output[0]), "") \
+            if cast is not None and mul is not None else ""
+        if mul is None or self.scale_products.get(product, ("",))[0] != self.dynamic[node.input[0]][0]:
+            raise self.error(node, "expected Cast -> Mul by (input scale x weight scale) after it, as onnxruntime's "
+                                   "quantize_dynamic writes it")
+        assert cast is not None
+        taken, bias = [cast, mul], None
+        add = self.single_consumer(mul.output[0], "Add")
+        other = next((i for i in add.input if i != mul.output[0]), "") if add is not None else ""
+        if add is not None and other in self.consts and self.consts[other].size == channels \
+                and self.consts[other].shape in bias_shapes:
+            taken.append(add)
+            bias = torch.from_numpy(self.consts[other].astype(np.float32).reshape(-1))
+        return taken, product, bias
+
+    def dynamic_layer(self, node: Any, index: int, module: nn.Module, taken: list[Any], codes: np.ndarray,
+                      weight_scale: np.ndarray, bias: torch.Tensor | None) -> None:
+        """A dynamic MatMulInteger / ConvInteger as the raw-output layer `module` (its weight `codes` laid out as the
+        module's) and the float result of its chain (`OrtDynamicOutput`, `OrtDynamicConvOutput`); in the float
+        function, `module` itself on the float input."""
+        source = node.input[0]
         x = self.value(source, node)
         self.skip.update(id(n) for n in taken)
         if not self.exact:  # the float function: dequantized weights and the bias on the float input
-            self.values[taken[-1].output[0]] = self.add_module(linear, node, index, (x,))
+            self.values[taken[-1].output[0]] = self.add_module(module, node, index, (x,))
             return
         name = _module_name(node, index, self.taken)
-        setattr(linear, "onnx_node", node.name)  # noqa: B010 - where the layer's weight codes live in the graph
-        self.root.add_module(name, linear)
+        setattr(module, "onnx_node", node.name)  # noqa: B010 - where the layer's weight codes live in the graph
+        self.root.add_module(name, module)
         acc = self.fx.call_module(name, (x,))
         weight = self.fx.get_attr(f"{name}.weight")  # after the layer: a late-start cut before it keeps images only
         scale, zero = (self.values[v] for v in self.dynamic[source])
-        output = OrtDynamicOutput(name, torch.from_numpy(weight_scale.copy()), bias, taken[-1].output[0])
-        self.values[taken[-1].output[0]] = self.add_module(output, node, index, (acc, scale, zero, weight))
+        if isinstance(module, nn.modules.conv._ConvNd):
+            conv_output = OrtDynamicConvOutput(name, torch.from_numpy(weight_scale.copy()), bias,
+                                               taken[-1].output[0], module)
+            output = self.add_module(conv_output, node, index, (acc, scale, zero, weight, x))
+        else:
+            linear_output = OrtDynamicOutput(name, torch.from_numpy(weight_scale.copy()), bias, taken[-1].output[0])
+            output = self.add_module(linear_output, node, index, (acc, scale, zero, weight))
+        self.values[taken[-1].output[0]] = output
         self.layers[name] = DeployedLayer(
-            weight_codes=torch.from_numpy(codes.T.astype(np.int32)).contiguous(),
+            weight_codes=torch.from_numpy(codes.astype(np.int32)).contiguous(),
             weight_scale=torch.from_numpy(weight_scale.copy()), input_scale=1.0, input_zero_point=0, act_scale=None,
             act_zero_point=0, input_signed=False, raw_output=True)
+
+    def op_ConvInteger(self, node: Any, index: int) -> None:
+        """A dynamically quantized Conv, as quantize_dynamic writes it: DynamicQuantizeLinear's codes (padded with
+        their zero point) convolved with an int8 weight initializer of one scale, then Cast, Mul by the product of the
+        two scales, and Add of the bias as [1, channels, 1, ...] (`OrtDynamicConvOutput`)."""
+        source, weight_name = node.input[0], node.input[1]
+        zeros = [node.input[i] if i < len(node.input) else "" for i in (2, 3)]
+        if source not in self.dynamic or weight_name not in self.consts or zeros[0] != self.dynamic[source][1]:
+            raise self.error(node, "only a ConvInteger of a DynamicQuantizeLinear's codes (with its zero point) "
+                                   "and an int8 weight initializer is supported")
+        codes = self.consts[weight_name]
+        dims = codes.ndim - 2
+        if codes.dtype != np.int8 or dims not in CONVOLUTIONS:
+            raise self.error(node, f"weights of type {codes.dtype} and rank {codes.ndim}: int8 1-d, 2-d and 3-d "
+                                   "convolution kernels only")
+        if zeros[1] and bool((self.const(zeros[1], node) != 0).any()):
+            raise self.error(node, "asymmetric weights (non-zero weight zero points) are not supported; quantize "
+                                   "with weight_type=QuantType.QInt8")
+        a = _attrs(node)
+        if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise self.error(node, "only convolutions with explicit pads are supported")
+        pads = list(a.get("pads", [0] * 2 * dims))
+        if pads[:dims] != pads[dims:]:
+            raise self.error(node, f"asymmetric pads {pads} are not supported")
+        channels, groups = codes.shape[0], int(a.get("group", 1))
+        taken, product, bias = self.dynamic_chain(node, channels, ((channels,), (1, channels) + (1,) * dims,
+                                                                   (channels,) + (1,) * dims))
+        if self.scale_products[product][1].size != 1:
+            raise self.error(node, "a weight scale per channel: onnxruntime's quantize_dynamic writes one per "
+                                   "convolution")
+        weight_scale = np.broadcast_to(self.scale_products[product][1].astype(np.float32).reshape(-1), (channels,))
+        conv = CONVOLUTIONS[dims](codes.shape[1] * groups, channels, tuple(codes.shape[2:]),
+                                  tuple(a.get("strides", [1] * dims)), tuple(pads[:dims]),
+                                  tuple(a.get("dilations", [1] * dims)), groups,
+                                  bias=not self.exact and bias is not None).requires_grad_(False)
+        assert isinstance(conv, nn.modules.conv._ConvNd)
+        with torch.no_grad():
+            conv.weight.copy_(torch.from_numpy(codes.astype(np.float32) * weight_scale[0]))
+            if conv.bias is not None and bias is not None:
+                conv.bias.copy_(bias)
+        self.dynamic_layer(node, index, conv, taken, codes, weight_scale, bias)
 
     # -- multiply-accumulate layers --------------------------------------------------------------------------------
     def op_Conv(self, node: Any, index: int) -> None:
@@ -1647,6 +1784,9 @@ def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str,
     if node.op_type == "Softmax":
         return kernels is not None and bool(node.name) and kernels.get(node.name, ("",))[0] == "Softmax" \
             and runtime_softmax_agrees()
+    if node.op_type == "GlobalAveragePool":  # MLAS's kernel, not NCHWc's
+        return kernels is not None and bool(node.name) and \
+            kernels.get(node.name, ("",))[0] == "GlobalAveragePool" and runtime_global_pool_agrees()
     if node.op_type == "MatMul":
         return _matmul_reproduced(node, shapes, sizes, kernels)
     if node.op_type != "LayerNormalization" or kernels is None or not node.name:
@@ -1676,14 +1816,16 @@ def _layer_norm_certified(inputs: list[str], attrs: dict[str, Any], shapes: dict
 
 
 # elementwise float ops `onnx_float` computes as onnxruntime's CPU kernels do, certified per process by a probe
-RUNTIME_PROBED = frozenset({"Tanh", "Erf"})
+RUNTIME_PROBED = frozenset({"Tanh", "Sigmoid", "Erf"})
 
 
 def _one_node(op_type: str, inputs: dict[str, torch.Tensor], constants: dict[str, torch.Tensor],
-              domain: str = "", names: list[str] | None = None, opset: int = 17, **attrs: Any) -> torch.Tensor | None:
+              domain: str = "", names: list[str] | None = None, opset: int = 17, shapes_known: bool = True,
+              **attrs: Any) -> torch.Tensor | None:
     """The installed onnxruntime's output of one `op_type` node (of `domain`: com.microsoft for its own kernels; CPU
     provider, default optimizations) on float32 `inputs` and `constants` (initializers), in the order given (or as
-    `names` lists them, "" for an optional input left out); None without onnxruntime or where it fails."""
+    `names` lists them, "" for an optional input left out); None without onnxruntime or where it fails.
+    `shapes_known=False`: the inputs' shapes are not declared (a layout optimization that needs them stays off)."""
     try:
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
@@ -1692,7 +1834,8 @@ def _one_node(op_type: str, inputs: dict[str, torch.Tensor], constants: dict[str
     graph = helper.make_graph(
         [helper.make_node(op_type, names if names is not None else [*inputs, *constants], ["y"], domain=domain or None,
                           **attrs)], "probe",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(t.shape)) for name, t in inputs.items()],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, list(t.shape) if shapes_known else None)
+         for name, t in inputs.items()],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(t.numpy(), name) for name, t in constants.items()])
     opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
@@ -1706,6 +1849,38 @@ def _one_node(op_type: str, inputs: dict[str, torch.Tensor], constants: dict[str
 
 def _same_bits(theirs: torch.Tensor | None, ours: torch.Tensor) -> bool:
     return theirs is not None and bool(torch.equal(theirs.view(torch.int32), ours.view(torch.int32)))
+
+
+@functools.cache
+def runtime_quick_gelu_agrees() -> bool:
+    """Whether the installed onnxruntime's QuickGelu (com.microsoft: x * sigmoid(alpha x), which it fuses from a
+    SiLU's or a QuickGELU's Sigmoid and Mul) equals `onnx_float.ort_quick_gelu` bit for bit, for alpha 1, 1.702 and
+    0.5, on a dense sweep of -40..40 (where MLAS's logistic passes 1) and six decades of magnitudes; False without
+    onnxruntime."""
+    x = torch.cat([torch.linspace(-40.0, 40.0, 400_001), torch.logspace(-6, 6, 2_001), -torch.logspace(-6, 6, 2_001)])
+    for alpha in (1.0, 1.702, 0.5):
+        ours = onnx_float.ort_quick_gelu(alpha)(x)
+        if not _same_bits(_one_node("QuickGelu", {"x": x}, {}, domain="com.microsoft", alpha=alpha), ours):
+            return False
+    return True
+
+
+@functools.cache
+def runtime_global_pool_agrees() -> bool:
+    """Whether the installed onnxruntime's float GlobalAveragePool equals `OrtGlobalAveragePool` bit for bit on a
+    probe: 1-d, 2-d and 3-d inputs of 1 to 3136 values per channel (whole lanes and remainders), magnitudes over six
+    decades per channel, both signs; False without onnxruntime. Shapes undeclared: onnxruntime runs its NCHWc
+    kernel, which sums otherwise, where it knows the channels (a model's node is certified where its optimized
+    graph keeps the plain kernel: `_reproduced`)."""
+    generator = torch.Generator().manual_seed(0)
+    pool = OrtGlobalAveragePool()
+    for shape in ((2, 8, 1, 1), (2, 8, 3), (2, 8, 7, 7), (3, 16, 2, 2), (2, 5, 13, 11), (1, 16, 56, 56),
+                  (2, 4, 3, 5, 7)):
+        x = torch.randn(shape, generator=generator) * torch.logspace(-3, 3, shape[1]).reshape(
+            1, -1, *([1] * (len(shape) - 2)))
+        if not _same_bits(_one_node("GlobalAveragePool", {"x": x}, {}, shapes_known=False), pool(x)):
+            return False
+    return True
 
 
 @functools.cache
@@ -1959,8 +2134,10 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
         notes.append(fixed)
     dynamic = [name for name, layer in exact.layers.items() if layer.raw_output]
     if dynamic:
-        notes.append(f"dynamic quantization ({len(dynamic)} MatMul layer(s), e.g. {dynamic[0]!r}): each quantizes its "
-                     "input on the range of that image alone, as the model computes when it runs one input at a "
+        kinds = " or ".join(sorted({"Conv" if isinstance(module.get_submodule(name), nn.modules.conv._ConvNd)
+                                    else "MatMul" for name in dynamic}))
+        notes.append(f"dynamic quantization ({len(dynamic)} {kinds} layer(s), e.g. {dynamic[0]!r}): each quantizes "
+                     "its input on the range of that image alone, as the model computes when it runs one input at a "
                      "time (at a larger batch onnxruntime's range is the batch's, so an image's result would depend "
                      "on the others); no act site (their results stay float)")
     if exact.float_run:
@@ -1975,6 +2152,7 @@ def read_onnx(model: Any, calibration_data: Any, batch_size: int, device: torch.
                      f"pair(s) with the pair before them into one on a new grid (its DoubleQDQPairsRemover; {shown}): "
                      "the view quantizes to that grid, as onnxruntime computes it, not to the graph's two")
     for what, kernels_of in (("GELU(s)", onnx_float.ORT_GELUS),
+                             ("SiLU(s) or QuickGELU(s), x * sigmoid(alpha x),", ("QuickGelu",)),
                              ("MatMul(s) and the scalings around them", ("FusedMatMul",)),
                              ("residual Add(s) and the LayerNormalization after each", ("SkipLayerNormalization",)),
                              ("LayerNorm(s) exported as ReduceMean, Sub, Pow, Sqrt, Div, ...",

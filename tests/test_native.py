@@ -241,6 +241,20 @@ def test_mlas_tanh_equals_the_eager_chain(values: list[float], n_threads: int) -
 
 @needs_native
 @PROPERTY
+@given(values=st.lists(st.floats(width=32) | st.sampled_from([17.844, -18.0, 18.0, 17.999998]), min_size=1,
+                      max_size=300),
+       n_threads=st.sampled_from([1, 2]))
+def test_mlas_logistic_equals_the_eager_chain(values: list[float], n_threads: int) -> None:
+    """onnxruntime's Sigmoid (`native.logistic_mlas`) against its eager chain on any float32 values: the clamp's
+    edges, where it passes 1, subnormals, infinities, NaNs."""
+    x = torch.tensor(values, dtype=torch.float32)
+    with threads(n_threads):
+        got = native.logistic_mlas(x)
+    assert same_bits(got, native.eager_logistic_mlas(x))
+
+
+@needs_native
+@PROPERTY
 @given(values=st.lists(st.floats(width=32) | st.sampled_from([0.921875, -0.921875, 0.9218749, 3.725]), min_size=1,
                       max_size=300),
        n_threads=st.sampled_from([1, 2]))

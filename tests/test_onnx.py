@@ -545,13 +545,16 @@ def test_dynamic_weight_and_scale_faults_are_onnxruntimes_with_that_initializer(
         assert torch.equal(ours.view(torch.int32), reference.view(torch.int32)), site
 
 
+@pytest.mark.parametrize("model", ["tokens", "conv2d"])
 @pytest.mark.parametrize("site", ["input", "acc", "weight"])
-def test_dynamic_trials_resume_late_with_the_same_numbers(tmp_path, site) -> None:  # noqa: ANN001
+def test_dynamic_trials_resume_late_with_the_same_numbers(tmp_path, site, model) -> None:  # noqa: ANN001
     from pytest_hwfault.campaign import Campaign
     from pytest_hwfault.spec import CampaignSpec
 
-    path = _dynamic_onnx(tmp_path, per_channel=False)
-    x = _tokens(40, seed=3)
+    if model == "tokens":
+        path, x = _dynamic_onnx(tmp_path, per_channel=False), _tokens(40, seed=3)
+    else:
+        path, x = _dynamic_cnn_onnx(tmp_path, 2), _signals(40, 2, seed=3)
     qmodel = quantize(path, x)
     labels = qmodel(x).argmax(1)
     spec = CampaignSpec(site=site, ber=3e-3, min_acc=0.5, budget=4, first=4, seed=1)
@@ -560,6 +563,205 @@ def test_dynamic_trials_resume_late_with_the_same_numbers(tmp_path, site) -> Non
     late = Campaign(qmodel, x, labels, spec, "t", batch_size=8)
     assert late.late_start() is not None
     assert [late.trial(i) for i in range(4)] == expected
+
+
+# -- dynamic quantization of convolutions: ConvInteger ----------------------------------------------------------------
+class DynamicCNN(torch.nn.Module):
+    """Convolutions with padding, stride, dilation and groups, a residual sum, then (2-d) a float
+    GlobalAveragePool, or a flattened head; `dims`: 1, 2 or 3 spatial dimensions."""
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        conv = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)[dims - 1]
+        self.dims = dims
+        self.a = conv(3, 16, 3, padding=1)
+        self.depthwise = conv(16, 16, 3, padding=1, groups=16)
+        self.b = conv(16, 8, 3, stride=2, dilation=2, padding=2, groups=2)
+        self.fc = torch.nn.Linear(8 if dims == 2 else 8 * 3**dims, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        y = torch.relu(self.b(y + torch.relu(self.depthwise(y))))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(y, 1).flatten(1) if self.dims == 2 else y.flatten(1))
+
+
+DYNAMIC_CNN_SIZES = {1: (3, 6), 2: (3, 9, 10), 3: (3, 5, 6, 6)}
+
+
+def _dynamic_cnn_onnx(folder: pathlib.Path, dims: int) -> pathlib.Path:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with torch.random.fork_rng():
+        torch.manual_seed(dims)
+        model = DynamicCNN(dims).eval()
+    float_path, path = folder / f"cnn{dims}d.onnx", folder / f"cnn{dims}d_dynamic.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, *DYNAMIC_CNN_SIZES[dims]),), str(float_path), dynamo=False,
+                          input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+                          opset_version=17)
+        quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8)
+    return path
+
+
+def _signals(n: int, dims: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    shape = DYNAMIC_CNN_SIZES[dims]
+    x = torch.randn(n, *shape, generator=generator) * torch.logspace(-4, 3, n).reshape(-1, *([1] * len(shape)))
+    x[1::5] = x[1::5].abs()
+    x[2::5] = 0.0
+    return x
+
+
+class Gated(torch.nn.Module):
+    """A SiLU (x * sigmoid(x), which onnxruntime fuses into its QuickGelu) and a sigmoid gate (a plain Sigmoid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gate, self.b = torch.nn.Linear(67, 48), torch.nn.Linear(67, 48), torch.nn.Linear(5 * 48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.silu(self.a(x)) * torch.sigmoid(self.gate(x))
+        return self.b(y.flatten(1))
+
+
+def test_sigmoids_and_silus_are_onnxruntimes_bit_for_bit(tmp_path) -> None:  # noqa: ANN001
+    """A Sigmoid ran as torch.sigmoid (about a third of values equal to onnxruntime's) and was named; the SiLUs of
+    an EfficientNet made its dynamic view inexact. Now MLAS's logistic (certified by a probe), and a SiLU
+    onnxruntime fuses into its QuickGelu followed as that kernel computes it: the dynamic model's layers and logits
+    bit for bit, no float op named, the fusion said."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        model = Gated().eval()
+    float_path, path = tmp_path / "gated.onnx", tmp_path / "gated_dynamic.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 5, 67),), str(float_path), dynamo=False, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}}, opset_version=17)
+    quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8)
+    assert {n.op_type for n in _optimized(path).graph.node} >= {"QuickGelu", "Sigmoid"}
+    x = _tokens(60, seed=4) * 20  # past the logistic's clamp at 18 too
+    qmodel = quantize(path, x)
+    notes = qmodel.config["deployed_notes"]
+    assert notes[0].endswith("outputs of its 3 dynamic layers equal on 4 of them, and fault-free outputs equal bit "
+                             "for bit"), notes
+    assert any(note.startswith("onnxruntime fuses 1 SiLU(s) or QuickGELU(s)") for note in notes), notes
+    assert not any("not certified" in note for note in notes), notes
+    assert torch.equal(_view_each(qmodel, x).view(torch.int32), _ort_each(path, x).view(torch.int32))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3], ids=["conv1d", "conv2d", "conv3d"])
+def test_a_dynamically_quantized_cnn_is_onnxruntimes_one_image_at_a_time(tmp_path, dims: int) -> None:  # noqa: ANN001
+    """quantize_dynamic's convolutions (DynamicQuantizeLinear -> ConvInteger -> Cast -> Mul -> Add), refused before:
+    ConvInteger pads its codes with their zero point, which the view's exact sums take off over the taps inside the
+    image only. Bit for bit against onnxruntime on 40 inputs whose magnitudes span seven decades (zero and one-signed
+    ones too), each run alone, through padding, stride, dilation, groups, a residual sum and (2-d) onnxruntime's
+    float GlobalAveragePool (MLAS's four-lane sum, certified: not named); the same on the int8 kernels and the
+    emulated path; checked at load layer by layer."""
+    path = _dynamic_cnn_onnx(tmp_path, dims)
+    assert sum(n.op_type == "ConvInteger" for n in onnx.load(str(path)).graph.node) == 3
+    x = _signals(40, dims, seed=1)
+    qmodel = quantize(path, x)
+    notes = qmodel.config["deployed_notes"]
+    assert notes[0].endswith("outputs of its 4 dynamic layers equal on 4 of them, and fault-free outputs equal bit "
+                             "for bit"), notes
+    assert "dynamic quantization (4 Conv or MatMul layer(s)" in notes[1]
+    assert not any("not certified" in note for note in notes), notes
+    assert len(qmodel.layers) == 4 and all(layer.raw_output for layer in qmodel.layers.values())
+    assert qmodel.trace_error is None
+    ours, theirs = _view_each(qmodel, x), _ort_each(path, x)
+    assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
+    emulated = quantize(path, x, kernel="emulated")
+    assert torch.equal(_view_each(emulated, x).view(torch.int32), ours.view(torch.int32))
+
+
+def test_a_dynamic_conv_weight_fault_is_onnxruntimes_with_that_initializer(tmp_path) -> None:  # noqa: ANN001
+    """A flipped weight code of a ConvInteger (its kernel [out, in / groups, k, k] indexed as the layer's codes):
+    onnxruntime with that initializer edited, bit for bit, for a tap at the image's border and one inside."""
+    path = _dynamic_cnn_onnx(tmp_path, 2)
+    x = _signals(10, 2, seed=2)
+    qmodel = quantize(path, x)
+    proto = onnx.load(str(path))
+    conv = next(n for n in proto.graph.node if n.op_type == "ConvInteger")
+    layer = next(name for name in qmodel.layers if name.startswith("a_"))
+    for index, bit in ((5 * 27 + 0, 7), (11 * 27 + 2 * 9 + 4, 6)):  # [5, 0, 0, 0]: a corner tap; [11, 2, 1, 1]
+        edited = copy.deepcopy(proto)
+        init = next(i for i in edited.graph.initializer if i.name == conv.input[1])
+        values = onnx.numpy_helper.to_array(init).copy()
+        values.reshape(-1).view(np.uint8)[index] ^= 1 << bit
+        init.CopyFrom(onnx.numpy_helper.from_array(values, conv.input[1]))
+        reference = _ort_each(edited, x)
+        assert not torch.equal(reference, _ort_each(path, x))
+        ours = _view_each(qmodel, x, FaultPattern.from_faults([("weight", layer, index, bit, "flip")]))
+        assert torch.equal(ours.view(torch.int32), reference.view(torch.int32)), index
+
+
+@pytest.mark.parametrize("largest", [5000, 2**30, 2**31 - 1], ids=["float32", "float64", "wraps"])
+def test_dynamic_conv_output_takes_the_zero_point_off_the_taps_inside_the_image(largest: int) -> None:
+    """`OrtDynamicConvOutput` against plain integer arithmetic: sum((code - zero point) x weight) over the taps
+    inside the image (the view's accumulator pads with 0, ConvInteger with the zero point), wrapped to int32 (an
+    accumulator fault can take it past 2^31), to float32, times the float32 product of the scales, plus the bias."""
+    import torch.nn.functional as F
+
+    from pytest_hwfault.onnx_reader import OrtDynamicConvOutput
+
+    generator = torch.Generator().manual_seed(4)
+    conv = torch.nn.Conv2d(6, 4, 3, stride=2, padding=2, dilation=2, groups=2)
+    weight = torch.randint(-128, 128, (4, 3, 3, 3), generator=generator).double()
+    output = OrtDynamicConvOutput("layer", torch.full((4,), 3e-3), torch.randn(4, generator=generator), "y", conv)
+    codes = torch.randint(0, 256, (3, 6, 7, 8), generator=generator).double()
+    scale, zero = torch.rand(3, generator=generator) * 0.1, torch.tensor([0.0, 17.0, 255.0])
+    acc = F.conv2d(codes, weight, None, 2, 2, 2, 2)  # zero-padded codes
+    acc.view(-1)[5] = float(largest)  # an accumulator fault's value
+    ours = output(acc.float() if largest < 2**24 else acc, scale, zero, weight, codes)
+    centered = F.conv2d(codes - zero.reshape(-1, 1, 1, 1), weight, None, 2, 2, 2, 2)  # padded with the zero point
+    raw = centered.to(torch.int64)
+    fault_free = F.conv2d(codes, weight, None, 2, 2, 2, 2).view(-1)[5]
+    raw.view(-1)[5] = largest - (int(fault_free) - int(centered.view(-1)[5]))  # the faulty sum minus its correction
+    wrapped = (raw + 2**31) % 2**32 - 2**31
+    product = (scale.unsqueeze(1) * output.weight_scale).reshape(3, 4, 1, 1)  # float32 products
+    expected = wrapped.float() * product + output.bias.reshape(1, 4, 1, 1)
+    assert torch.equal(ours.view(torch.int32), expected.view(torch.int32))
+
+
+def test_onnxruntimes_float_global_average_pool_is_reproduced_and_its_nchwc_kernel_named() -> None:
+    """A float GlobalAveragePool ran as torch's mean and was not named: MLAS's kernel sums four lanes, then the rest,
+    and differs from torch's by an ulp on most channels. It is reproduced (certified by a probe against the installed
+    onnxruntime) where onnxruntime's optimized graph keeps it, and named where onnxruntime runs its NCHWc kernel
+    (blocked channels, another order: it does so where it knows the channels, as after a float convolution)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pytest_hwfault.onnx_reader import (
+        OrtGlobalAveragePool,
+        _reproduced,
+        _runtime_kernels,
+        runtime_global_pool_agrees,
+    )
+
+    assert runtime_global_pool_agrees()
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 13, 11, generator=generator) * torch.logspace(-3, 3, 8).reshape(1, -1, 1, 1)
+    node = helper.make_node("GlobalAveragePool", ["x"], ["y"], name="gap")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    theirs = torch.from_numpy(run_ort(model, {"x": x.numpy()})[0])
+    assert torch.equal(OrtGlobalAveragePool()(x).view(torch.int32), theirs.view(torch.int32))
+    assert not torch.equal(x.mean((2, 3), keepdim=True).view(torch.int32), theirs.view(torch.int32))
+    channels_last = x.contiguous(memory_format=torch.channels_last)  # the same values in another memory order
+    assert torch.equal(OrtGlobalAveragePool()(channels_last).view(torch.int32), theirs.view(torch.int32))
+    assert _reproduced(node, {}, {}, _runtime_kernels(model))
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 16, 3, 3)).astype(np.float32), "w")
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1])
+    after_conv = helper.make_node("GlobalAveragePool", ["c"], ["y"], name="gap")
+    graph = helper.make_graph([conv, after_conv], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight])
+    kernels = _runtime_kernels(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert kernels is not None and kernels["y_nchwc"][0] == "NCHWc GlobalAveragePool"  # renamed by its output
+    assert not _reproduced(after_conv, {}, {}, kernels)
 
 
 # -- 1-d and 3-d convolutions ----------------------------------------------------------------------------------------
@@ -656,9 +858,11 @@ def test_lookup_table_kernels_are_onnxruntimes(digits, tmp_path, activations) ->
     if activations == "u8":
         assert {"QLinearSigmoid", "QLinearLeakyRelu", "QLinearMul"} <= kernels and len(tables) == 2
         assert torch.equal(qmodel(x), torch.from_numpy(run_ort(path, {"x": x.numpy()})[0]))
-    else:  # with int8 activations onnxruntime leaves the first conv, its Sigmoid and the Mul in float: named
+    else:  # with int8 activations onnxruntime leaves the first conv, its Sigmoid and the Mul in float: the conv
+        # named (its float32 sums round), the Sigmoid computed as its kernel does (MLAS's logistic, certified)
         assert "QLinearLeakyRelu" in kernels and "Sigmoid" in kernels and len(tables) == 1
-        assert "('/c1/Conv')" in notes and "Sigmoid x1" in notes
+        assert "('/c1/Conv')" in notes and "not certified" not in notes
+        assert torch.equal(qmodel(x), torch.from_numpy(run_ort(path, {"x": x.numpy()})[0]))
     labels = qmodel(x).argmax(1)
     assert accuracy(qmodel, (x, labels), FaultModel("act", 1e-2), seed=1) < 1.0
 

@@ -745,20 +745,55 @@ def test_skip_layer_normalization_is_onnxruntimes_bit_for_bit(width: int, beta: 
     assert onnx_reader.runtime_skip_layer_norm_agrees(beta, bias)
 
 
+def _mlas_elementwise_is_onnxruntimes(op: str, x: np.ndarray) -> np.ndarray:
+    """`op` on `x` natively and on the eager chain, each against onnxruntime's node: bit for bit wherever the reader's
+    probe says so (and on a CPU with AVX2, where MLAS runs its FMA3 kernels), within a few ulps anyway; returns
+    onnxruntime's values."""
+    seen = []
+    for context in (contextlib.nullcontext(), native.disabled()):
+        with context:
+            theirs, ours = _against_onnxruntime(op, [x])
+        seen.append(np.array_equal(theirs[0].view(np.uint32), ours[0].view(np.uint32)))
+        np.testing.assert_allclose(ours[0], theirs[0], rtol=3e-6, atol=3e-7)
+    assert seen[0] == seen[1] == onnx_reader.runtime_op_agrees(op)
+    assert seen[0] or not MLAS_AVX2
+    return theirs[0]
+
+
 def test_tanh_is_onnxruntimes_bit_for_bit() -> None:
     """MLAS's FMA3 tanh (clamp to [-9, 9], Eigen's rational polynomial by fused multiply-adds): a dense sweep and
     random values of six decades, natively and on the eager chain; the reader's probe agrees with what is seen."""
     rng = np.random.default_rng(6)
     x = np.concatenate([np.linspace(-12, 12, 100_001), rng.standard_normal(50_000) * 10.0 ** rng.uniform(-6, 1, 50_000),
                         [0.0, -0.0, 9.0, -9.0, np.inf, -np.inf]]).astype(np.float32)
-    seen = []
+    _mlas_elementwise_is_onnxruntimes("Tanh", x)
+
+
+def test_sigmoid_is_onnxruntimes_bit_for_bit() -> None:
+    """MLAS's FMA3 logistic (clamp to [-18, 18], Eigen's rational polynomial by fused multiply-adds, + 0.5, raised to
+    0, never lowered to 1: it passes 1 by an ulp near 17.8): a dense sweep and random values of six decades,
+    natively and on the eager chain, against about a third of values for torch.sigmoid; the probe agrees."""
+    rng = np.random.default_rng(8)
+    x = np.concatenate([np.linspace(-40, 40, 200_001), rng.standard_normal(50_000) * 10.0 ** rng.uniform(-6, 1, 50_000),
+                        [0.0, -0.0, 18.0, -18.0, 17.844, np.inf, -np.inf]]).astype(np.float32)
+    theirs = _mlas_elementwise_is_onnxruntimes("Sigmoid", x)
+    assert float((torch.sigmoid(torch.from_numpy(x)).numpy() == theirs).mean()) < 0.6
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.702, 0.5])
+def test_quick_gelu_is_onnxruntimes_bit_for_bit(alpha: float) -> None:
+    """onnxruntime's QuickGelu (x * sigmoid(alpha x), which it fuses from a SiLU's or QuickGELU's Sigmoid and Mul):
+    at alpha 1 its logistic is kept at or below 1 (x = 17.844 tells: the Sigmoid op's passes 1 there), at other
+    alphas not (x alpha = 17.844); natively and on the eager chain; the reader's probe agrees."""
+    x = torch.from_numpy(np.concatenate([np.linspace(-40, 40, 400_001), [17.844, 17.844 / alpha, 0.0, -0.0, np.inf,
+                                                                          -np.inf]]).astype(np.float32))
+    theirs = onnx_reader._one_node("QuickGelu", {"x": x}, {}, domain="com.microsoft", alpha=alpha)
+    assert theirs is not None
     for context in (contextlib.nullcontext(), native.disabled()):
         with context:
-            theirs, ours = _against_onnxruntime("Tanh", [x])
-        seen.append(np.array_equal(theirs[0].view(np.uint32), ours[0].view(np.uint32)))
-        np.testing.assert_allclose(ours[0], theirs[0], rtol=3e-6, atol=3e-7)
-    assert seen[0] == seen[1] == onnx_reader.runtime_op_agrees("Tanh")
-    assert seen[0] or not MLAS_AVX2
+            ours = onnx_float.ort_quick_gelu(alpha)(x)
+        assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32)) or not MLAS_AVX2
+    assert onnx_reader.runtime_quick_gelu_agrees() or not MLAS_AVX2
 
 
 @pytest.mark.parametrize(("a_shape", "b_shape"), [((12, 8), (8, 12)), ((2, 3, 16, 64), (2, 3, 64, 16)),
