@@ -37,7 +37,8 @@ images each, their logits against the compiled model's own (a few minutes: each 
 converted graph of each checked part by part at load (`graph_agreement`: the view exact or not, the codes one apart
 at the graph's float32 near-ties); and six
 torchvision models (MobileNetV3, EfficientNet, ShuffleNet, MnasNet, SqueezeNet, RegNet) exported to ONNX and quantized
-by onnxruntime, against onnxruntime; and nine torchvision models quantized by torch.ao FX and five quantizable ones
+by onnxruntime, against onnxruntime; nine through onnxruntime's quantize_dynamic (ConvInteger), each run one image at
+a time; and nine torchvision models quantized by torch.ao FX and five quantizable ones
 by eager mode, against torch's kernels, fault-free and under three trials of act faults at BER 1e-2.
 
     python benchmarks/deployed_fidelity.py [--torchvision] [--json fidelity.json]
@@ -474,6 +475,57 @@ def _onnx_torchvision_rows() -> dict[str, dict[str, float]]:
     return rows
 
 
+# onnxruntime's quantize_dynamic on torchvision's constructors: ConvInteger and MatMulInteger layers, float ops between
+ONNX_DYNAMIC_TORCHVISION = ("resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "densenet121",
+                            "squeezenet1_0", "shufflenet_v2_x1_0", "mnasnet0_5", "regnet_x_400mf")
+
+
+def _onnx_dynamic_torchvision_rows() -> dict[str, dict[str, float]]:
+    """Each model random-init (seeded, 10 classes), exported and quantized by onnxruntime's quantize_dynamic (int8
+    weights; its convolutions as ConvInteger), read by the engine on 16 random 64 x 64 images; logits of the view
+    and of onnxruntime, each run one image at a time (dynamic quantization's ranges are the call's), compared
+    exactly; how many dynamic layers the load check compared and found equal; the float ops named as not certified;
+    whether the load checks found the view exact. A model the reader refuses is a row saying so."""
+    import logging
+    import warnings
+
+    import torchvision
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from pytest_hwfault.onnx_faults import onnx_dynamic_layer_agreement
+
+    rows = {}
+    logging.disable(logging.WARNING)  # quantize_dynamic's advice to pre-process
+    with tempfile.TemporaryDirectory() as folder:
+        for name in ONNX_DYNAMIC_TORCHVISION:
+            torch.manual_seed(0)
+            x = torch.randn(16, 3, 64, 64)
+            net = getattr(torchvision.models, name)(weights=None, num_classes=10).eval()
+            float_path, path = Path(folder) / f"{name}.onnx", Path(folder) / f"{name}_dynamic.onnx"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(net, (x[:1],), str(float_path), input_names=["x"], output_names=["y"],
+                                  dynamic_axes={"x": {0: "n"}}, dynamo=False, opset_version=17)
+                quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8)
+                try:
+                    qmodel = quantize(path, x)
+                except Exception as exc:  # noqa: BLE001 - the row says the reader refused it
+                    print(f"onnx dynamic, {name}: refused: {exc}"[:300])
+                    rows[f"onnx dynamic, {name}"] = {"refused": 1.0}
+                    continue
+            ours = torch.cat([qmodel(x[i : i + 1]) for i in range(len(x))])
+            theirs = torch.cat([_onnx(path, x[i : i + 1]) for i in range(len(x))])
+            layers = onnx_dynamic_layer_agreement(path, qmodel, x[:4])
+            named = [n for n in qmodel.config["deployed_notes"] if "not certified" in n]
+            rows[f"onnx dynamic, {name}"] = {
+                **_exact(theirs, ours), "layers": float(len(qmodel.layers)),
+                "layers_compared": float(layers.compared), "layers_apart": float(len(layers.apart)),
+                "float_ops_named": float(sum(int(m) for m in re.findall(r" x(\d+)", named[0])) if named else 0),
+                "view_exact": float(not qmodel.config["view_mismatch"])}
+    logging.disable(logging.NOTSET)
+    return rows
+
+
 # torch.ao FX (x86 qconfig mapping) on torchvision's constructors, and eager mode on its quantizable models
 AO_TORCHVISION = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "densenet121",
                   "regnet_x_400mf", "squeezenet1_0", "googlenet", "resnet18")
@@ -589,6 +641,7 @@ def main() -> None:
         rows.update(_ao_qnnpack_rows())
         rows.update(_torchvision_rows())
         rows.update(_onnx_torchvision_rows())
+        rows.update(_onnx_dynamic_torchvision_rows())
     print(f"{'format':<44} agreement")
     for name, row in rows.items():
         print(f"{name:<44} " + ", ".join(f"{k} {v:.6g}" for k, v in row.items()))

@@ -465,6 +465,27 @@ def ort_layer_norm(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | No
     return native.layer_norm_ort(rows, scale.reshape(width).contiguous(), flat_bias, eps).reshape(x.shape)
 
 
+def _batch_norm(attrs: dict[str, Any], opset: int) -> Function:
+    """BatchNormalization in inference (as an exporter leaves one no convolution precedes: DenseNet's), as
+    onnxruntime's CPU kernel computes it: per channel s = (1 / sqrt(var + eps)) x scale and b = bias - mean x s, then
+    x s + b, each step one float32 rounding (the square root correctly rounded); torch's batch_norm agrees on 50-75%
+    of values (measured; the reader's probe: `onnx_reader.runtime_batch_norm_agrees`)."""
+    if int(attrs.get("training_mode", 0)):
+        raise ValueError("BatchNormalization in training mode (training_mode=1) is not supported")
+    eps = float(np.float32(attrs.get("epsilon", 1e-5)))
+
+    def batch_norm(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor
+                   ) -> torch.Tensor:
+        shape = (1, -1, *([1] * (x.dim() - 2)))
+        if x.dtype != torch.float32 or x.dim() < 2:
+            return F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
+        inverse = torch.tensor(1.0) / (var + torch.tensor(eps)).double().sqrt().float()
+        s = inverse * scale
+        b = bias - mean * s
+        return x * s.reshape(shape) + b.reshape(shape)
+    return batch_norm
+
+
 def _layer_norm(attrs: dict[str, Any], opset: int) -> Function:
     axis, eps = int(attrs.get("axis", -1)), float(attrs.get("epsilon", 1e-5))
 
@@ -474,6 +495,35 @@ def _layer_norm(attrs: dict[str, Any], opset: int) -> Function:
         shape = tuple(x.shape[axis % x.dim():])
         return F.layer_norm(x, shape, scale.expand(shape), None if bias is None else bias.expand(shape), eps)
     return layer_norm
+
+
+def ort_reduce_mean_applies(x: torch.Tensor, dims: tuple[int, ...]) -> bool:
+    """Whether `ort_reduce_mean` computes this ReduceMean: float32 over the trailing dimensions, whose values per row
+    are a multiple of 4 (every row then starts 16-byte aligned in onnxruntime's buffer, whatever the batch, so
+    Eigen's sum takes no unaligned head)."""
+    width = math.prod(x.shape[d] for d in dims) if dims else 0
+    return x.dtype == torch.float32 and sorted(dims) == list(range(x.dim() - len(dims), x.dim())) and width > 0 \
+        and width % 4 == 0
+
+
+def ort_reduce_mean(x: torch.Tensor, dims: tuple[int, ...], keep: bool) -> torch.Tensor:
+    """onnxruntime's CPU ReduceMean over the trailing dimensions (`ort_reduce_mean_applies`), as measured: each row
+    summed by Eigen's vectorised sum with 16-byte packets (two accumulators of 4 lanes over packets 0, 2, 4, ... and
+    1, 3, 5, ..., added, then a last odd packet, then the lanes as (0 + 2) + (1 + 3)), divided by the count."""
+    width = math.prod(x.shape[d] for d in dims)
+    rows = x.reshape(-1, width)
+    first = rows[:, 0:4]
+    if width > 4:
+        second, paired_end = rows[:, 4:8], width // 8 * 8
+        for start in range(8, paired_end, 8):
+            first, second = first + rows[:, start:start + 4], second + rows[:, start + 4:start + 8]
+        first = first + second
+        if width > paired_end:
+            first = first + rows[:, paired_end:paired_end + 4]
+    total = (first[:, 0] + first[:, 2]) + (first[:, 1] + first[:, 3])
+    mean = total / torch.tensor(float(width))
+    kept = [1 if d in dims else n for d, n in enumerate(x.shape)]
+    return mean.reshape(kept) if keep else mean.reshape([n for d, n in enumerate(x.shape) if d not in dims])
 
 
 def _reduce(op: str) -> Callable[[dict[str, Any], int], Function]:
@@ -490,7 +540,8 @@ def _reduce(op: str) -> Callable[[dict[str, Any], int], Function]:
                 axes = list(range(x.dim()))
             dims = tuple(a % x.dim() for a in axes)
             if op == "ReduceMean":
-                return x.mean(dims, keepdim=keep)
+                return ort_reduce_mean(x, dims, keep) if ort_reduce_mean_applies(x, dims) else \
+                    x.mean(dims, keepdim=keep)
             if op == "ReduceSum":
                 return x.sum(dims, keepdim=keep)
             if op == "ReduceMax":
@@ -828,6 +879,7 @@ OPS: dict[str, Callable[[dict[str, Any], int], Function]] = {
     "Trilu": _trilu, "Tile": _tile, "CumSum": _cumsum, "Einsum": _einsum,
     "MatMul": _matmul, "Gemm": _gemm, "DequantizeLinear": _dequantize, "GatherElements": _gather(elements=True),
     "GatherND": _gather_nd, "IsNaN": _simple(torch.isnan), "IsInf": _is_inf, "Dropout": _dropout,
+    "BatchNormalization": _batch_norm,
 }
 # ops whose function returns a tuple, one tensor per output of the node (told their count as attribute `_outputs`)
 MULTIPLE_OUTPUTS = frozenset({"Split", "Dropout"})
@@ -868,6 +920,7 @@ def function(op_type: str, attrs: dict[str, Any], opset: int) -> Function | None
 # ops computed as onnxruntime's kernels compute them, by branches on the values' dtype and shape and native passes:
 # a traced graph keeps their node whole (`graph.trace`), as it cannot trace into them
 RUNTIME_KERNELS = frozenset({"Sqrt", "Tanh", "Sigmoid", "Erf", "QuickGelu", "Softmax", "LayerNormalization", "MatMul",
+                             "ReduceMean",
                              "FastGelu", "Gelu", "BiasGelu", "FusedMatMul", "SkipLayerNormalization"})
 
 

@@ -1741,8 +1741,31 @@ def _float_valued(model: Any, nodes: list[Any],
     sizes = {i.name: int(np.prod(i.dims)) for i in model.graph.initializer}
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     skip = onnx_float.SHAPE_OPS | onnx_float.CORRECTLY_ROUNDED
+    axes = _reduce_axes(model, [n for n in nodes if n.op_type == "ReduceMean"])
     return [n for n in nodes if n.op_type not in skip and not onnx_float.keeps_grid(n.op_type, _attrs(n))
-            and types.get(n.output[0], 1) in floats and not _reproduced(n, shapes, sizes, kernels)]
+            and types.get(n.output[0], 1) in floats and not _reproduced(n, shapes, sizes, kernels, axes)]
+
+
+def _reduce_axes(model: Any, nodes: list[Any]) -> dict[str, list[int] | None]:
+    """Each reduction's axes by node name: its attribute (before opset 18), or its second input where a constant
+    gives it; [] where it reduces every dimension; None where the graph does not say."""
+    from onnx import numpy_helper
+
+    constants = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and _attrs(node).get("value") is not None:
+            constants[node.output[0]] = numpy_helper.to_array(_attrs(node)["value"])
+    found: dict[str, list[int] | None] = {}
+    for node in nodes:
+        attrs = _attrs(node)
+        if "axes" in attrs:
+            found[node.name] = [int(a) for a in attrs["axes"]]
+        elif len(node.input) > 1 and node.input[1]:
+            value = constants.get(node.input[1])
+            found[node.name] = None if value is None else [int(a) for a in np.asarray(value).reshape(-1)]
+        else:
+            found[node.name] = None if int(attrs.get("noop_with_empty_axes", 0)) else []
+    return found
 
 
 def _inferred(model: Any) -> tuple[dict[str, int], dict[str, list[int | None]]]:
@@ -1766,7 +1789,8 @@ def _inferred(model: Any) -> tuple[dict[str, int], dict[str, list[int | None]]]:
 
 
 def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str, int],
-                kernels: dict[str, tuple[str, list[tuple[int, bool] | None]]] | None) -> bool:
+                kernels: dict[str, tuple[str, list[tuple[int, bool] | None]]] | None,
+                axes: dict[str, list[int] | None] | None = None) -> bool:
     """Whether the view computes this float node bit for bit as the installed onnxruntime does: an elementwise op of
     `RUNTIME_PROBED` on which a probe agrees (`runtime_op_agrees`; ONNX's Gelu: `runtime_gelu_op_agrees`), or a
     LayerNormalization that onnxruntime runs as such (not fused with the Add before it into its
@@ -1784,6 +1808,13 @@ def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str,
     if node.op_type == "Softmax":
         return kernels is not None and bool(node.name) and kernels.get(node.name, ("",))[0] == "Softmax" \
             and runtime_softmax_agrees()
+    if node.op_type == "ReduceMean":  # over trailing dimensions of a multiple of 4 values per row
+        return kernels is not None and bool(node.name) and kernels.get(node.name, ("",))[0] == "ReduceMean" \
+            and _trailing_mean_of_whole_packets(node, shapes, (axes or {}).get(node.name)) \
+            and runtime_reduce_mean_agrees()
+    if node.op_type == "BatchNormalization":  # as such: not fused into a convolution before it
+        return kernels is not None and bool(node.name) and \
+            kernels.get(node.name, ("",))[0] == "BatchNormalization" and runtime_batch_norm_agrees()
     if node.op_type == "GlobalAveragePool":  # MLAS's kernel, not NCHWc's
         return kernels is not None and bool(node.name) and \
             kernels.get(node.name, ("",))[0] == "GlobalAveragePool" and runtime_global_pool_agrees()
@@ -1794,6 +1825,18 @@ def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str,
     if kernels.get(node.name, ("",))[0] != "LayerNormalization":
         return False
     return _layer_norm_certified(list(node.input), _attrs(node), shapes, sizes)
+
+
+def _trailing_mean_of_whole_packets(node: Any, shapes: dict[str, list[int | None]], axes: list[int] | None) -> bool:
+    """Whether a ReduceMean reduces trailing dimensions (`axes`, [] for all) whose inferred sizes are known and hold a
+    multiple of 4 values per row (`onnx_float.ort_reduce_mean_applies`)."""
+    source = shapes.get(node.input[0])
+    if not source or axes is None:
+        return False
+    reduced = sorted({a % len(source) for a in axes}) if axes else list(range(len(source)))
+    sizes = [source[i] for i in reduced]
+    return reduced == list(range(len(source) - len(reduced), len(source))) and \
+        all(size is not None for size in sizes) and math.prod(s for s in sizes if s is not None) % 4 == 0
 
 
 def _layer_norm_certified(inputs: list[str], attrs: dict[str, Any], shapes: dict[str, list[int | None]],
@@ -1861,6 +1904,45 @@ def runtime_quick_gelu_agrees() -> bool:
     for alpha in (1.0, 1.702, 0.5):
         ours = onnx_float.ort_quick_gelu(alpha)(x)
         if not _same_bits(_one_node("QuickGelu", {"x": x}, {}, domain="com.microsoft", alpha=alpha), ours):
+            return False
+    return True
+
+
+@functools.cache
+def runtime_reduce_mean_agrees() -> bool:
+    """Whether the installed onnxruntime's ReduceMean over trailing dimensions of a multiple of 4 values per row equals
+    `onnx_float.ort_reduce_mean` bit for bit on a probe: rows of 4 to 196 values (one packet, pairs of packets, an
+    odd last packet, 4000 values), magnitudes over six decades, one and several rows, every dimension at once;
+    False without onnxruntime."""
+    generator = torch.Generator().manual_seed(2)
+    for shape, axes in (((2, 8, 2, 2), [2, 3]), ((3, 16, 8, 8), [2, 3]), ((2, 5, 12), [2]), ((4, 40), [1]),
+                        ((2, 6, 4, 5), [2, 3]), ((1, 7, 14, 14), [2, 3]), ((1, 4000), [1]), ((4, 40), [0, 1])):
+        x = torch.randn(shape, generator=generator) * torch.logspace(-3, 3, shape[1]).reshape(
+            1, -1, *([1] * (len(shape) - 2)))
+        theirs = _one_node("ReduceMean", {"x": x}, {}, shapes_known=False, keepdims=1, axes=axes)
+        if not _same_bits(theirs, onnx_float.ort_reduce_mean(x, tuple(axes), True)):
+            return False
+    return True
+
+
+@functools.cache
+def runtime_batch_norm_agrees() -> bool:
+    """Whether the installed onnxruntime's BatchNormalization (inference) equals `onnx_float`'s bit for bit on a
+    probe: 1-d to 3-d inputs and a [N, C] one, magnitudes over four decades, variances from 0.01 to 3, two epsilons;
+    False without onnxruntime."""
+    generator = torch.Generator().manual_seed(1)
+    for shape, eps in (((2, 8, 5, 5), 1e-5), ((3, 16, 7, 7), 1e-3), ((2, 5, 9), 1e-5), ((2, 4, 3, 5, 7), 1e-5),
+                       ((4, 32), 1e-5)):
+        channels = shape[1]
+        x = torch.randn(shape, generator=generator) * torch.logspace(-2, 2, channels).reshape(
+            1, -1, *([1] * (len(shape) - 2)))
+        scale, bias, mean = (torch.randn(channels, generator=generator) for _ in range(3))
+        var = torch.rand(channels, generator=generator) * 3 + 0.01
+        fn = onnx_float.function("BatchNormalization", {"epsilon": eps}, 17)
+        assert fn is not None
+        constants = {"scale": scale, "bias": bias, "mean": mean, "var": var}
+        theirs = _one_node("BatchNormalization", {"x": x}, constants, shapes_known=False, epsilon=eps)
+        if not _same_bits(theirs, fn(x, scale, bias, mean, var)):
             return False
     return True
 
