@@ -1808,6 +1808,10 @@ def _reproduced(node: Any, shapes: dict[str, list[int | None]], sizes: dict[str,
     if node.op_type == "Softmax":
         return kernels is not None and bool(node.name) and kernels.get(node.name, ("",))[0] == "Softmax" \
             and runtime_softmax_agrees()
+    if node.op_type in ("HardSigmoid", "HardSwish"):  # as such: not fused into a convolution's activation
+        attrs = _attrs(node)
+        return kernels is not None and bool(node.name) and kernels.get(node.name, ("",))[0] == node.op_type and \
+            runtime_hard_activation_agrees(node.op_type, float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5)))
     if node.op_type == "ReduceMean":  # over trailing dimensions of a multiple of 4 values per row
         return kernels is not None and bool(node.name) and kernels.get(node.name, ("",))[0] == "ReduceMean" \
             and _trailing_mean_of_whole_packets(node, shapes, (axes or {}).get(node.name)) \
@@ -1906,6 +1910,20 @@ def runtime_quick_gelu_agrees() -> bool:
         if not _same_bits(_one_node("QuickGelu", {"x": x}, {}, domain="com.microsoft", alpha=alpha), ours):
             return False
     return True
+
+
+@functools.cache
+def runtime_hard_activation_agrees(op_type: str, alpha: float, beta: float) -> bool:
+    """Whether the installed onnxruntime's HardSigmoid (of these `alpha` and `beta`) or HardSwish equals `onnx_float`'s
+    bit for bit (x alpha, + beta, clamped to [0, 1], each a float32 step; HardSwish: x times that at alpha 1/6, beta
+    1/2) on a dense sweep of -12..12, six decades of magnitudes, zeros and infinities; False without onnxruntime."""
+    magnitudes = torch.logspace(-6, 6, 4_001)
+    x = torch.cat([torch.linspace(-12.0, 12.0, 200_001), magnitudes, -magnitudes,
+                   torch.tensor([0.0, -0.0, float("inf"), float("-inf")])])
+    attrs: dict[str, Any] = {"alpha": alpha, "beta": beta} if op_type == "HardSigmoid" else {}
+    function = onnx_float.function(op_type, attrs, 17)
+    assert function is not None
+    return _same_bits(_one_node(op_type, {"x": x}, {}, **attrs), function(x))
 
 
 @functools.cache

@@ -722,6 +722,37 @@ def test_a_mean_over_middle_axes_is_never_taken_for_a_trailing_one() -> None:
     assert not _trailing_mean_of_whole_packets(last, {"x": [None, 16, 7]}, axes["last"])  # rows of 7 values
 
 
+class HardGated(torch.nn.Module):
+    """MobileNetV3's activations: a hard-swish, and a hard-sigmoid gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.gate, self.b = torch.nn.Linear(67, 48), torch.nn.Linear(67, 48), torch.nn.Linear(5 * 48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.hardswish(self.a(x)) * torch.nn.functional.hardsigmoid(self.gate(x))
+        return self.b(y.flatten(1))
+
+
+def test_hard_sigmoids_are_certified_and_a_decomposed_hard_swish_named(tmp_path) -> None:  # noqa: ANN001
+    """HardSigmoid (x alpha + beta, clamped, each a float32 step) was named though computed as onnxruntime does: a
+    probe of the node's own alpha and beta certifies it now. onnxruntime decomposes a HardSwish into a HardSigmoid
+    and a Mul of its own, with no name to follow them by: the same arithmetic here (the logits equal), but named."""
+    from pytest_hwfault.onnx_reader import runtime_hard_activation_agrees
+
+    assert runtime_hard_activation_agrees("HardSigmoid", 1 / 6, 0.5) and runtime_hard_activation_agrees("HardSwish",
+                                                                                                          0.2, 0.5)
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        model = HardGated().eval()
+    path = _exported_dynamic(model, tmp_path, "hard", (5, 67))
+    x = _tokens(40, seed=5)
+    qmodel = quantize(path, x)
+    named = [note for note in qmodel.config["deployed_notes"] if "not certified" in note]
+    assert len(named) == 1 and named[0].endswith("by an ulp: HardSwish x1"), named
+    assert torch.equal(_view_each(qmodel, x).view(torch.int32), _ort_each(path, x).view(torch.int32))
+
+
 class Gated(torch.nn.Module):
     """A SiLU (x * sigmoid(x), which onnxruntime fuses into its QuickGelu) and a sigmoid gate (a plain Sigmoid)."""
 
